@@ -1,0 +1,68 @@
+"""The ordered chain of settings sources, configured by ``sources:`` in pam_linkus.yaml.
+
+The chain moves to the next source only when a source says "not here". A source
+that could not be asked stops the chain with SourceUnavailable, unless the admin
+set ``on_source_unavailable: next`` -- and even then, if no later source knows
+the user, the answer is still "unavailable", never "not enrolled": an LDAP outage
+must not turn into "this extension has no 2FA".
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pam_linkus.errors import SourceUnavailable
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from nss_config.base import ExtensionSettings, SettingsSource
+    from pam_linkus.config import Config
+    from pam_linkus.state.base import StateStore
+
+
+class SourceChain:
+    """Ask sources in order; see the module docstring for the rules."""
+
+    __slots__ = ("sources", "skip_unavailable")
+
+    def __init__(self, sources: Sequence[SettingsSource], *, skip_unavailable: bool = False):
+        self.sources = list(sources)
+        self.skip_unavailable = skip_unavailable
+
+    def lookup(self, user: str) -> ExtensionSettings | None:
+        first_error: SourceUnavailable | None = None
+        for source in self.sources:
+            try:
+                found = source.lookup(user)
+            except SourceUnavailable as exc:
+                if not self.skip_unavailable:
+                    raise
+                first_error = first_error or exc
+                continue
+            if found is not None:
+                return found
+        if first_error is not None:
+            raise first_error
+        return None
+
+
+def build_chain(config: Config, state: StateStore | None = None) -> SourceChain:
+    """Build the configured chain; modules of unused sources are never imported.
+
+    ``state`` is handed to sources that keep an offline cache (LDAP's
+    ``cache_max_age``); it may be None when the caller has no store open.
+    """
+    sources: list[SettingsSource] = []
+    for name in config.sources:
+        if name == "yaml":
+            from nss_config.yaml_source import YamlSource
+
+            sources.append(YamlSource(config.yaml.path))
+        elif name == "ldap":
+            from nss_config.ldap_source import LdapSource
+
+            sources.append(LdapSource(config.ldap, state=state))
+        else:  # config.py validates names; this is a programming error
+            raise AssertionError(f"unknown source {name!r}")
+    return SourceChain(sources, skip_unavailable=config.on_source_unavailable == "next")

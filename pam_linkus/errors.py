@@ -1,0 +1,98 @@
+"""The one exception tree of pam-linkus.
+
+Every failure that decides a login is one of these; the PAM face maps them to a
+PAM code in exactly one place (``pam_face.to_pam_code``). Lower-layer errors
+(sqlite3, ldap3, redis, smtplib, OSError, yaml) are translated into this tree at
+the boundary of the component that met them, never further up.
+
+::
+
+    LinkusError                      outcome
+    +-- Denied                       denied        PAM_AUTH_ERR
+    |   +-- CodeRejected             wrong / replayed / expired / malformed code
+    |   +-- NotEnrolled              enforce: all and the extension has no 2FA
+    +-- Locked                       locked        PAM_MAXTRIES
+    +-- Unavailable                  unavailable   PAM_AUTHINFO_UNAVAIL
+    |   +-- ConfigError              bad option, bad or insecure file
+    |   +-- SourceUnavailable        a settings source could not be asked
+    |   +-- StateUnavailable         the state store could not be asked
+    |   +-- MailUnavailable          SMTP down, refused, TLS failure
+    +-- ConversationFailed           conversation  PAM_CONV_ERR
+
+Messages are written for the syslog line and the CLI: they say what is wrong and
+where, and never carry a code, a secret or a password.
+"""
+
+from __future__ import annotations
+
+from pam_linkus.outcome import Outcome
+
+
+class LinkusError(Exception):
+    """Root of the tree; ``outcome`` decides the PAM code."""
+
+    outcome: str = Outcome.UNAVAILABLE
+
+    @property
+    def reason(self) -> str:
+        """One-line reason for the log (the exception's message)."""
+        return str(self) or type(self).__name__
+
+
+class Denied(LinkusError):
+    """The login is refused: the user did not prove the second factor."""
+
+    outcome = Outcome.DENIED
+
+
+class CodeRejected(Denied):
+    """The code was wrong, replayed, expired or not a code at all."""
+
+
+class NotEnrolled(Denied):
+    """The extension has no second factor and the policy requires one."""
+
+
+class Locked(LinkusError):
+    """Too many consecutive failures; an admin unlock or the lock's expiry ends it."""
+
+    outcome = Outcome.LOCKED
+
+    def __init__(self, message: str = "extension is locked", locked_until: float | None = None):
+        super().__init__(message)
+        self.locked_until = locked_until
+
+
+class Unavailable(LinkusError):
+    """Something needed to decide could not be asked: fail closed."""
+
+    outcome = Outcome.UNAVAILABLE
+
+
+class ConfigError(Unavailable):
+    """An option, a config file or its permissions are wrong.
+
+    ``where`` is ``file:line:column`` (or the option name) when known.
+    """
+
+    def __init__(self, message: str, where: str | None = None):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+
+
+class SourceUnavailable(Unavailable):
+    """A settings source (YAML file, LDAP directory) could not answer."""
+
+
+class StateUnavailable(Unavailable):
+    """The state store (SQLite, Redis) could not be read or written."""
+
+
+class MailUnavailable(Unavailable):
+    """The code could not be handed to the SMTP server."""
+
+
+class ConversationFailed(LinkusError):
+    """The client hung up or gave no answer to a prompt."""
+
+    outcome = Outcome.CONVERSATION

@@ -1,0 +1,166 @@
+"""The decision of one login: settings -> policy -> challenge -> verify -> record.
+
+This module never touches ``pamh``. The PAM face (or the CLI, or a test) hands in
+a ``Context`` holding the config, a Prompter for the conversation, a clock, and
+factories for the settings chain and the state store, which are opened only when
+a login needs them (a user without 2FA under ``enforce: enrolled`` never opens
+the state store).
+
+``authenticate`` returns a Decision for success or skip and raises a LinkusError
+for everything else; the face maps both to a PAM code in one place.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NoReturn
+
+from pam_linkus.errors import CodeRejected, Locked, NotEnrolled
+from pam_linkus.outcome import Decision, Outcome
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    from nss_config.base import ExtensionSettings
+    from nss_config.chain import SourceChain
+    from pam_linkus.config import Config
+    from pam_linkus.state.base import StateStore
+
+    class Prompter(Protocol):
+        """The conversation with the person logging in."""
+
+        def ask(self, prompt: str, *, echo: bool = False) -> str:
+            """Ask and return the answer; raise ConversationFailed if there is none."""
+            ...
+
+        def info(self, text: str) -> None:
+            """Show a line of information (never raises)."""
+            ...
+
+
+class LoginRequest:
+    """Who is logging in, from where, through which service (PAM items)."""
+
+    __slots__ = ("user", "service", "rhost", "tty")
+
+    def __init__(self, user: str, service: str = "-", rhost: str | None = None, tty: str | None = None):
+        self.user = user
+        self.service = service
+        self.rhost = rhost
+        self.tty = tty
+
+
+class Context:
+    """Everything a login decision needs, injected.
+
+    ``method`` is filled in as soon as the extension's settings are known, so the
+    log line can name it even when the login ends in an exception.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        prompter: Prompter,
+        *,
+        clock: Callable[[], float],
+        open_chain: Callable[[Context], SourceChain] | None = None,
+        open_store: Callable[[Context], StateStore] | None = None,
+        totp_prompt: str | None = None,
+        echo_code: bool = False,
+    ):
+        self.config = config
+        self.prompter = prompter
+        self.clock = clock
+        self._open_chain = open_chain or _default_chain
+        self._open_store = open_store or _default_store
+        self._store: StateStore | None = None
+        self.totp_prompt = totp_prompt or config.prompts.totp
+        self.echo_code = echo_code
+        self.method = "-"
+
+    def store(self) -> StateStore:
+        if self._store is None:
+            self._store = self._open_store(self)
+        return self._store
+
+    def chain(self) -> SourceChain:
+        return self._open_chain(self)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+
+def _default_chain(ctx: Context) -> SourceChain:
+    from nss_config.chain import build_chain
+
+    return build_chain(ctx.config, state=None)
+
+
+def _default_store(ctx: Context) -> StateStore:
+    from pam_linkus.state import open_store
+
+    return open_store(ctx.config.state)
+
+
+def authenticate(req: LoginRequest, ctx: Context) -> Decision:
+    """Decide one login. Success and skip return; every other outcome raises."""
+    settings = ctx.chain().lookup(req.user)
+    if settings is None or not settings.enrolled:
+        ctx.method = settings.method if settings is not None else "-"
+        if ctx.config.enforce == "all":
+            raise NotEnrolled("no second factor enrolled and policy is enforce: all")
+        return Decision(Outcome.SKIP, "not enrolled", ctx.method)
+    ctx.method = settings.method
+
+    store = ctx.store()
+    now = ctx.clock()
+    status = store.lock_status(req.user, now)
+    if status.locked(now):
+        ctx.prompter.info(ctx.config.prompts.locked)
+        raise Locked(f"locked after {status.failures} consecutive failures", locked_until=status.locked_until)
+
+    if settings.method == "totp":
+        return _verify_totp(req, ctx, settings, store)
+    raise NotEnrolled(f"method {settings.method} is not available on this host")
+
+
+def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings, store: StateStore) -> Decision:
+    from pam_linkus.totp import decode_secret, match_totp
+
+    answer = ctx.prompter.ask(ctx.totp_prompt, echo=ctx.echo_code)
+    now = ctx.clock()
+    assert settings.secret is not None  # settings_from_mapping guarantees it for enrolled totp
+    try:
+        step = match_totp(
+            decode_secret(settings.secret),
+            answer,
+            now,
+            window=ctx.config.totp.window,
+            period=settings.period,
+            digits=settings.digits,
+            algorithm=settings.algorithm,
+        )
+    except CodeRejected as exc:
+        _count_failure(req, ctx, store, exc.reason)
+    if not store.accept_totp_step(req.user, step, now):
+        _count_failure(req, ctx, store, "replayed code")
+    return Decision(Outcome.SUCCESS, "code accepted", "totp")
+
+
+def _count_failure(req: LoginRequest, ctx: Context, store: StateStore, reason: str) -> NoReturn:
+    """Count a failed attempt; raise Locked if it was one too many, else CodeRejected."""
+    lockout = ctx.config.lockout
+    now = ctx.clock()
+    status = store.record_failure(
+        req.user,
+        now,
+        max_failures=lockout.max_failures,
+        duration=lockout.duration,
+        permanent_after=lockout.permanent_after,
+    )
+    if status.locked(now):
+        ctx.prompter.info(ctx.config.prompts.locked)
+        raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+    raise CodeRejected(f"{reason} ({status.failures} consecutive failures)")
