@@ -1,0 +1,53 @@
+# pam-linkus: the two README commands are `make demo` and `make test` (as root, Debian 12).
+SHELL := /bin/bash
+PYTHON := /usr/bin/python3
+PREFIX ?= /opt/pam-linkus
+SITE = $(PREFIX)/venv/lib/python3.11/site-packages
+TEST_VENV := .venv
+export DEBIAN_FRONTEND := noninteractive
+
+# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian).
+APT_RUNTIME := libpam-python python3-yaml python3-venv python3-ldap3 python3-redis python3-segno
+# What the tests start or drive.
+APT_TEST := pamtester openssh-server slapd ldap-utils redis-server libpam-google-authenticator \
+            libpam-oath oathtool openssl procps passwd login
+PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
+
+.PHONY: demo install deps-runtime deps-test test lint bench clean
+
+apt-updated:
+	apt-get update -qq
+	touch $@
+
+deps-runtime: apt-updated
+	apt-get install -y -qq $(APT_RUNTIME) >/dev/null
+
+deps-test: deps-runtime
+	apt-get install -y -qq $(APT_TEST) >/dev/null
+	test -x $(TEST_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(TEST_VENV)
+	$(TEST_VENV)/bin/pip install -q $(PIP_TEST)
+	$(TEST_VENV)/bin/pip install -q --no-deps -e .
+
+## install: the package into $(PREFIX)/venv, the loader into /lib/security, default config.
+install: deps-runtime
+	bash packaging/install.sh "$(PREFIX)"
+
+## demo: install, then one real login through PAM with a demo extension (touches no existing service).
+demo: install
+	$(PREFIX)/venv/bin/python packaging/demo.py
+
+## test: everything, against real PAM, sshd, slapd, SMTP and Redis on loopback.
+test: deps-test
+	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
+	$(TEST_VENV)/bin/mypy
+	$(TEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: deps-test
+	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
+	$(TEST_VENV)/bin/mypy
+
+bench: deps-test install
+	$(TEST_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(TEST_VENV) build dist *.egg-info apt-updated
