@@ -15,15 +15,11 @@ PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYA
 
 .PHONY: demo install deps-runtime deps-test test lint bench clean
 
-apt-updated:
-	apt-get update -qq
-	touch $@
-
-deps-runtime: apt-updated
-	apt-get install -y -qq $(APT_RUNTIME) >/dev/null
+deps-runtime:
+	bash packaging/apt-ensure.sh $(APT_RUNTIME)
 
 deps-test: deps-runtime
-	apt-get install -y -qq $(APT_TEST) >/dev/null
+	bash packaging/apt-ensure.sh $(APT_TEST)
 	test -x $(TEST_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(TEST_VENV)
 	$(TEST_VENV)/bin/pip install -q $(PIP_TEST)
 	$(TEST_VENV)/bin/pip install -q --no-deps -e .
@@ -34,7 +30,7 @@ install: deps-runtime
 
 ## demo: install, then one real login through PAM with a demo extension (touches no existing service).
 demo: install
-	$(PREFIX)/venv/bin/python packaging/demo.py
+	$(PREFIX)/venv/bin/python -P packaging/demo.py  # -P: packaging/pam_linkus.py must not shadow the package
 
 ## test: everything, against real PAM, sshd, slapd, SMTP and Redis on loopback.
 test: deps-test
@@ -50,4 +46,4 @@ bench: deps-test install
 	$(TEST_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(TEST_VENV) build dist *.egg-info apt-updated
+	rm -rf $(TEST_VENV) build dist *.egg-info

@@ -15,7 +15,7 @@ if _SITE and not _SITE.startswith("@") and _SITE not in sys.path:
     sys.path.insert(0, _SITE)
 
 try:
-    from pam_linkus.pam_face import (  # noqa: F401 - pam_python looks these up by name
+    from pam_linkus.pam_face import (
         pam_sm_acct_mgmt,
         pam_sm_authenticate,
         pam_sm_chauthtok,

@@ -127,7 +127,8 @@ def _child_main() -> None:
     def answer(text: str) -> str | None:
         if "password" in text.lower() and request["password"] is not None:
             return str(request["password"])
-        return request["code"]
+        code: str | None = request["code"]
+        return code
 
     def conversation(n: int, msgs: Any, resp: Any, _appdata: Any) -> int:
         block = libc.calloc(n, ctypes.sizeof(PamResponse))
