@@ -132,8 +132,6 @@ def authenticate(
     grace periods key on it. Raises ClientTimeout after ``timeout`` seconds (the
     child is killed), ClientError if the child failed, ValueError for a NUL byte.
     """
-    import signal
-
     if single_field:
         password = (password or "") + "".join((code or "").split())
         code = None
@@ -154,11 +152,11 @@ def authenticate(
     try:
         out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.communicate()
         raise ClientTimeout(f"PAM transaction did not finish within {timeout} s") from None
     except BaseException:
-        _kill_group(proc.pid, signal.SIGKILL)
+        _kill_tree(proc.pid)
         proc.wait()
         raise
     if proc.returncode != 0:
@@ -170,34 +168,80 @@ def authenticate(
         raise ClientError("PAM child gave no result") from None
 
 
-def _kill_group(pid: int, sig: int) -> None:
+def _kill_tree(root: int) -> None:
+    """SIGKILL the PAM child and everything it started.
+
+    Killing the process group is not enough: helpers such as pam_exec call
+    setsid(). So the tree is first frozen with SIGSTOP, level by level (a stopped
+    process neither forks nor exits, so no one is re-parented to init meanwhile),
+    then killed.
+    """
+    import signal
+
+    frozen: set[int] = set()
+    level = {root}
+    for _ in range(16):  # bounded: each round freezes one more generation
+        for pid in level:
+            _signal(pid, signal.SIGSTOP)
+        frozen |= level
+        level = _children_of(frozen) - frozen
+        if not level:
+            break
+    for pid in frozen:
+        _signal(pid, signal.SIGKILL)
     try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
+        os.killpg(root, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _children_of(parents: set[int]) -> set[int]:
+    """PIDs whose parent is in ``parents`` (from /proc/<pid>/stat)."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(b")")[2].split()  # the name in parentheses may hold spaces
+        if len(fields) > 1 and int(fields[1]) in parents:
+            children.add(int(entry))
+    return children
 
 
 class PamClient:
     """``authenticate`` for a threaded web app: one PAM service, a bound on how many
-    PAM transactions (child processes) run at once, and one timeout for waiting and
-    running, so a burst of logins cannot fork without limit."""
+    PAM transactions (child processes) run at once, how long a request may wait for
+    one (``wait``, default ``timeout``) and how long one may run (``timeout``), so a
+    burst of logins cannot fork without limit."""
 
     def __init__(self, service: str, *, max_concurrent: int = 4, timeout: float = 30.0,
-                 single_field: bool = False):
+                 wait: float | None = None, single_field: bool = False):
         import threading
 
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be at least 1")
         self.service = service
         self.timeout = timeout
+        self.wait = timeout if wait is None else wait
         self.single_field = single_field
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def authenticate(self, user: str, password: str, code: str | None = None,
                      rhost: str | None = None) -> ClientResult:
-        """See ``authenticate``; raises ClientBusy when no slot frees up within the timeout."""
-        if not self._slots.acquire(timeout=self.timeout):
-            raise ClientBusy(f"no free PAM slot within {self.timeout} s")
+        """See ``authenticate``; raises ClientBusy when no slot frees up within ``wait``."""
+        if not self._slots.acquire(timeout=self.wait):
+            raise ClientBusy(f"no free PAM slot within {self.wait} s")
         try:
             return authenticate(self.service, user, password, code, rhost, timeout=self.timeout,
                                 single_field=self.single_field)
