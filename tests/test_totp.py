@@ -70,7 +70,11 @@ def test_window_accepts_previous_and_next_step_only() -> None:
 
 @pytest.mark.parametrize(
     "answer",
-    ["", "12345", "1234567", "12345a", "+12345", "-12345", "12_345", "\u0661\u0662\u0663\u0664\u0665\u0666", "\uff11\uff12\uff13\uff14\uff15\uff16", "123456\n", "9" * 1000],
+    [
+        "", "12345", "1234567", "12345a", "+12345", "-12345", "12_345", "123456\n", "9" * 1000,
+        "\u0661\u0662\u0663\u0664\u0665\u0666",  # Arabic-Indic digits
+        "\uff11\uff12\uff13\uff14\uff15\uff16",  # full-width digits
+    ],
 )
 def test_malformed_codes_are_wrong_codes(answer: str) -> None:
     with pytest.raises(CodeRejected, match="malformed"):
