@@ -60,7 +60,7 @@ class SshServer:
     """One sshd process; ``stop()`` ends it and removes its directory."""
 
     def __init__(self, stack: PamStack, *, auth_lines: str, authentication_methods: str,
-                 login_grace_time: int = 60):
+                 login_grace_time: int = 60, password_authentication: bool = False):
         self.stack = stack
         self.dir = Path(f"/run/linkus-test-{secrets.token_hex(6)}")
         self.dir.mkdir(mode=0o755)
@@ -75,6 +75,7 @@ class SshServer:
         self.program.symlink_to(SSHD)
         self.authentication_methods = authentication_methods
         self.login_grace_time = login_grace_time
+        self.password_authentication = password_authentication
         self.log_path = self.dir / "sshd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -89,7 +90,7 @@ class SshServer:
             "PidFile none\n"
             "UsePAM yes\n"
             "KbdInteractiveAuthentication yes\n"
-            "PasswordAuthentication no\n"
+            f"PasswordAuthentication {'yes' if self.password_authentication else 'no'}\n"
             "PubkeyAuthentication yes\n"
             f"AuthenticationMethods {self.authentication_methods}\n"
             f"AuthorizedKeysFile {self.keys_dir}/%u\n"

@@ -7,6 +7,7 @@ public key + code with ``AuthenticationMethods publickey,keyboard-interactive``.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import paramiko
@@ -147,3 +148,26 @@ def test_login_grace_time_ends_an_unanswered_code_prompt(sshd_factory: object, p
     # sshd ended the login before an answer came: nothing was recorded, the code is still good
     assert not [line for line in pam_stack.log.lines if "outcome=success" in line]
     assert ssh_login(server, user, code=code).exit_status == 0
+
+
+# -- the "password" method must stay off --------------------------------------------
+
+
+def test_password_method_cannot_skip_the_code_but_counts_failures(sshd_factory: object,  # noqa: F811
+                                                                   pam_stack: PamStack, user: str) -> None:
+    """With PasswordAuthentication yes, sshd answers EVERY hidden PAM prompt with the
+    password, so the code prompt gets the password: always refused, and counted as a
+    wrong code (lockout). README: keep PasswordAuthentication no."""
+    server: SshServer = sshd_factory(PASSWORD_AND_CODE, "password",  # type: ignore[operator]
+                                     password_authentication=True)
+    pam_stack.enroll_totp(user)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=10)
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.auth_password(user, PASSWORD)
+    finally:
+        transport.close()
+    line = pam_stack.log.wait_for(f"user={user}")
+    assert "outcome=denied" in line and "malformed code (1 consecutive failures)" in line
