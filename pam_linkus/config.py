@@ -247,27 +247,57 @@ class LdapConfig:
 
 
 class RedisConfig:
-    """The Redis state store (pam_linkus.state.redis_store)."""
+    """The Redis state store (pam_linkus.state.redis_store) that hosts of a cluster share.
+
+    Either ``url`` (one server) or ``sentinels`` + ``service_name`` (Sentinel finds
+    the master; then ``tls`` and ``db`` say what the URL would have said). The
+    password lives in a root-only file, never in this world-readable config, so a
+    URL carrying one is refused.
+    """
 
     __slots__ = (
-        "url", "username", "password_file", "ca_file", "sentinels", "service_name",
-        "prefix", "connect_timeout", "timeout",
+        "url", "username", "password_file", "ca_file", "sentinels", "service_name", "tls", "db",
+        "prefix", "connect_timeout", "timeout", "failure_ttl",
     )
 
     def __init__(self, r: Reader):
-        self.url = r.string("url", "redis://127.0.0.1:6379/0")
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise r.fail("url", "must start with redis://, rediss:// or unix://")
+        self.sentinels = r.string_list("sentinels", [])
+        for entry in self.sentinels:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise r.fail("sentinels", "each entry must be host:port")
+        self.service_name = r.optional_string("service_name", max_len=200)
+        if self.sentinels:
+            if r.has("url"):
+                raise r.fail("url", "give either url or sentinels, not both")
+            if not self.service_name:
+                raise r.fail("service_name", "is required when sentinels are listed")
+            self.url = ""
+            self.tls = r.boolean("tls", False)
+            self.db = r.integer("db", 0, minimum=0, maximum=10000)
+        else:
+            if self.service_name is not None:
+                raise r.fail("service_name", "only means something with sentinels")
+            for key in ("tls", "db"):
+                if r.has(key):
+                    raise r.fail(key, "only means something with sentinels; put it in url")
+            self.url = r.string("url", "redis://127.0.0.1:6379/0", max_len=1000)
+            if not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise r.fail("url", "must start with redis://, rediss:// or unix://")
+            authority = self.url.partition("://")[2].partition("/")[0]
+            if ":" in authority.rpartition("@")[0] or "password=" in self.url:
+                raise r.fail("url", "must not carry a password; put it in password_file")
+            self.tls = self.url.startswith("rediss://")
+            self.db = 0
         self.username = r.optional_string("username", max_len=200)
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
-        self.sentinels = r.string_list("sentinels", [])
-        self.service_name = r.optional_string("service_name", max_len=200)
-        if self.sentinels and not self.service_name:
-            raise r.fail("service_name", "is required when sentinels are listed")
         self.prefix = r.string("prefix", "linkus:", max_len=100)
+        if any(c in self.prefix for c in "{} ") or any(ord(c) < 33 for c in self.prefix):
+            raise r.fail("prefix", "must not contain braces, spaces or control characters")
         self.connect_timeout = r.number("connect_timeout", 2.0, minimum=0.1, maximum=60)
         self.timeout = r.number("timeout", 2.0, minimum=0.1, maximum=60)
+        self.failure_ttl = r.integer("failure_ttl", 30 * 86400, minimum=86400, maximum=3650 * 86400)
         r.done()
 
 
