@@ -29,7 +29,7 @@ from pam_linkus.state import open_store
 from pam_linkus.state.redis_store import REPLAY_TTL
 
 #: What the README recommends for a cluster's ACL user (tested below as written there).
-ACL_RULES = "-@all +@read +@write +evalsha +eval +script|load +ping -@dangerous"
+ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
 
 
 def state_config(**redis: Any) -> StateConfig:

@@ -95,8 +95,7 @@ class RedisStore:
         self.prefix = config.prefix
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._client = self._connect(config)
-        self._accept_totp = self._client.register_script(_ACCEPT_TOTP)
-        self._record_failure = self._client.register_script(_RECORD_FAILURE)
+        self._failed = False
 
     @staticmethod
     def _connect(config: RedisConfig) -> Any:
@@ -145,11 +144,30 @@ class RedisStore:
         return f"{self.prefix}{{{user}}}:{kind}"
 
     def _call(self, what: str, body: Callable[[], T]) -> T:
-        """Run one Redis round trip; any client or socket error -> StateUnavailable."""
+        """Run one Redis round trip; any client or socket error -> StateUnavailable.
+
+        The redis exception is neither chained to ours nor kept with its
+        traceback (see ``_drop_tracebacks``); only its message goes on.
+        """
         try:
             return body()
         except self._errors as exc:
-            raise StateUnavailable(f"redis {what}: {type(exc).__name__}: {exc}") from None
+            reason = f"redis {what}: {type(exc).__name__}: {exc}"
+            _drop_tracebacks(exc)
+        self._failed = True
+        raise StateUnavailable(reason)
+
+    def _eval(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script with EVAL.
+
+        Not EVALSHA-then-load (redis-py's ``register_script``): on a fresh server
+        that path raises and catches NoScriptError inside redis-py, and the
+        exception's traceback keeps our callers' frames -- and with them
+        pam_python's handle -- in a reference cycle. Collected after pam_end has
+        unloaded pam_python, that crashes a host process that goes on running
+        Python (a web front end). The server caches the compiled script either way.
+        """
+        return self._call(what, lambda: self._client.eval(script, len(keys), *keys, *args))
 
     # -- the contract --------------------------------------------------------------
 
@@ -163,7 +181,7 @@ class RedisStore:
 
     def accept_totp_step(self, user: str, step: int, now: float) -> bool:
         keys = [self._key(user, "fail"), self._key(user, "totp")]
-        answer = self._call("accept code", lambda: self._accept_totp(keys=keys, args=[repr(now), step, REPLAY_TTL]))
+        answer = self._eval("accept code", _ACCEPT_TOTP, keys, [repr(now), step, REPLAY_TTL])
         if int(answer[0]) == 0:
             raise Locked(locked_until=float(answer[1]))
         return int(answer[0]) == 2
@@ -180,9 +198,7 @@ class RedisStore:
             _FOREVER,
             self.config.failure_ttl,
         ]
-        count, locked_until = self._call(
-            "record failure", lambda: self._record_failure(keys=[self._key(user, "fail")], args=args)
-        )
+        count, locked_until = self._eval("record failure", _RECORD_FAILURE, [self._key(user, "fail")], args)
         return LockStatus(int(count), float(locked_until))
 
     def unlock(self, user: str) -> None:
@@ -197,4 +213,28 @@ class RedisStore:
         try:
             self._client.connection_pool.disconnect()
         except self._errors:
-            pass
+            self._failed = True
+        if self._failed:
+            # redis-py's error paths leave exceptions whose tracebacks hold our
+            # callers' frames (and pam_python's handle) in reference cycles; free
+            # them now, while pam_python is still loaded (see _eval). Only after a
+            # failure, so a normal login does not pay for a collection.
+            import gc
+
+            gc.collect()
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut an exception chain loose from the frames it holds.
+
+    redis-py's exceptions sit in reference cycles with their tracebacks (a frame
+    holds the exception that holds the traceback that holds the frame), and the
+    frames reach up to pam_python's handle. Left to the garbage collector they
+    may be collected after pam_end has unloaded pam_python, which crashes a host
+    process that goes on running Python (a web front end using our client).
+    """
+    seen = 0
+    while exc is not None and seen < 20:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
