@@ -168,8 +168,10 @@ class RedisServer:
 class Sentinel:
     """redis-sentinel watching ``master_port`` as ``service``, quick to fail over."""
 
-    def __init__(self, directory: Path, master_port: int, service: str):
+    def __init__(self, directory: Path, master_port: int, service: str,
+                 tls: tuple[Path, Path, Path] | None = None):
         self.dir = directory
+        self.tls = tls
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.port = free_port()
         self.service = service
@@ -179,9 +181,15 @@ class Sentinel:
 
     def start(self) -> Sentinel:
         conf = self.dir / "sentinel.conf"  # sentinel rewrites its config, so it must be writable
+        if self.tls:
+            cert, key, ca = self.tls
+            listen = [f"tls-port {self.port}", "port 0", f"tls-cert-file {cert}", f"tls-key-file {key}",
+                      f"tls-ca-cert-file {ca}", "tls-auth-clients no", "tls-replication yes"]
+        else:
+            listen = [f"port {self.port}"]
         conf.write_text("\n".join([
             "bind 127.0.0.1",
-            f"port {self.port}",
+            *listen,
             f"dir {self.dir}",
             f"logfile {self.log}",
             "daemonize no",

@@ -315,3 +315,25 @@ def test_sentinel_that_knows_no_such_master_is_unavailable(sentinel_setup: Any) 
     store = open_store(fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name="nosuchmaster"))
     with pytest.raises(StateUnavailable):
         store.lock_status("1001", NOW)
+
+
+def test_sentinel_over_tls_verifies_sentinel_and_master(redis_dir: Path, tls_files: TlsFiles) -> None:
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    pki = (tls_files.server_cert, tls_files.server_key, tls_files.ca_cert)
+    master = RedisServer(redis_dir / "tls-master", tls=pki).start()
+    sentinel = Sentinel(redis_dir / "tls-sentinel", master.port, f"m{secrets.token_hex(3)}", tls=pki)
+    try:
+        sentinel.start()
+        options = {"sentinels": [f"127.0.0.1:{sentinel.port}"], "service_name": sentinel.service, "tls": True,
+                   "prefix": prefix()}
+        store = open_store(fast(ca_file=str(tls_files.ca_cert), **options))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        store.close()
+        rogue = open_store(fast(ca_file=str(tls_files.rogue_ca_cert), **options))
+        with pytest.raises(StateUnavailable):
+            rogue.lock_status("1001", NOW)
+    finally:
+        sentinel.stop()
+        master.stop()
