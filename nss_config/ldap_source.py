@@ -169,11 +169,13 @@ def _tls(config: LdapConfig) -> Any:
         # CERT_REQUIRED also makes ldap3 check the host name after the handshake.
         return Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
     except LDAPException as exc:
-        raise ConfigError(f"ldap.ca_file: {_describe(exc)}", config.ca_file) from None
+        problem = _describe(exc)
+        _drop_frames(exc)
+    raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
 
 
-def _connect(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
-    """An opened connection to ``uri``, TLS established and verified, not yet bound."""
+def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
+    """A connection object for ``uri``; no I/O yet (``_open`` does that)."""
     import ldap3
 
     server = ldap3.Server(
@@ -184,7 +186,7 @@ def _connect(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
         get_info=ldap3.NONE,  # no schema or root DSE reads: one bind + one search per login
         allowed_referral_hosts=[],  # and auto_referrals=False below: never follow one
     )
-    conn = ldap3.Connection(
+    return ldap3.Connection(
         server,
         user=config.bind_dn,
         password=password,
@@ -197,16 +199,19 @@ def _connect(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
         raise_exceptions=False,
         check_names=False,
     )
+
+
+def _open(conn: Any) -> None:
+    """Connect, and establish and verify TLS (ldaps:// handshake or StartTLS)."""
     conn.open(read_server_info=False)
     _no_delay(conn)
-    if not server.ssl:
+    if not conn.server.ssl:
         # start_tls raises on a refused StartTLS or a failed handshake or host
         # check; the explicit test guards the one thing that must never happen:
         # a bind on a connection that is not encrypted.
         conn.start_tls(read_server_info=False)
         if not conn.tls_started:
             raise _Failed("StartTLS did not start")
-    return conn
 
 
 def _no_delay(conn: Any) -> None:
@@ -256,18 +261,45 @@ def _search_one(config: LdapConfig, uri: str, password: str, search_filter: str)
     from ldap3.core.exceptions import LDAPException
 
     tls = _tls(config)
-    conn = None
+    conn = _connection(config, uri, password, tls)
     try:
-        conn = _connect(config, uri, password, tls)
+        _open(conn)
         _bind(config, conn)
         return _find(config, conn, search_filter)
     except _Failed as exc:
-        raise SourceUnavailable(f"{uri}: {exc}") from None
+        problem = str(exc)
     except (LDAPException, OSError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-        raise SourceUnavailable(f"{uri}: {_describe(exc)}") from None
+        problem = _describe(exc)
+        _drop_frames(exc)
     finally:
-        if conn is not None:
-            _close(conn)
+        _close(conn)
+    # Raised here, outside the except blocks, so it carries no ldap3 exception as context.
+    raise SourceUnavailable(f"{uri}: {problem}")
+
+
+def _drop_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames in ``exc``'s tracebacks.
+
+    ldap3 keeps the exception it raises in a local list of the frame that raised
+    it (``exception_history`` in ``open``): a reference cycle that only the
+    cyclic GC frees, together with every frame above it -- up to pam_python's
+    ``pamh``. If that collection happens after pam_end, pam_python's handle is
+    freed twice and the login process segfaults (seen through real PAM). Clearing
+    the frames breaks the cycle now, and reference counting frees it at once.
+    """
+    import traceback
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)  # skips frames still running
+        current.__traceback__ = None
+        todo.extend((current.__context__, current.__cause__))
+        todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
 
 
 def _close(conn: Any) -> None:
@@ -365,10 +397,10 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     say(True, "ca_file", config.ca_file or "system trust store")
     search_filter = build_filter(config.filter, sample_user) if sample_user else None
     for uri in config.uris:
-        conn = None
+        conn = _connection(config, uri, password, tls)
         step = "connect"
         try:
-            conn = _connect(config, uri, password, tls)
+            _open(conn)
             how = "ldaps" if conn.server.ssl else "StartTLS"
             say(True, uri, f"connected, TLS via {how}, certificate and host name verified")
             step = "bind"
@@ -385,9 +417,9 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
             say(False, uri, f"{step}: {exc}")
         except (LDAPException, OSError) as exc:
             say(False, uri, f"{step}: {_describe(exc)}")
+            _drop_frames(exc)
         finally:
-            if conn is not None:
-                _close(conn)
+            _close(conn)
     if sample_user:
         try:
             found = LdapSource(config).lookup(sample_user)
