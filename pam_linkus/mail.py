@@ -75,6 +75,10 @@ class SmtpMailer:
             raise MailUnavailable(f"{where}: authentication refused ({exc.smtp_code})") from None
         except smtplib.SMTPRecipientsRefused:
             raise MailUnavailable(f"{where}: recipient refused") from None
+        except smtplib.SMTPServerDisconnected as exc:
+            # smtplib turns a read timeout into "Connection unexpectedly closed: timed out"
+            what = f"timed out after {cfg.timeout:g} s" if "timed out" in str(exc) else "connection closed"
+            raise MailUnavailable(f"{where}: {what}") from None
         except smtplib.SMTPResponseException as exc:
             raise MailUnavailable(f"{where}: refused ({exc.smtp_code})") from None
         except smtplib.SMTPException as exc:
