@@ -452,3 +452,45 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         emailcode.load_key(str(path))
+
+
+# -- races: real processes, each with its own connection -------------------------
+
+
+def _race(path: str, body: Any, n: int = 6) -> list[Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n, timeout=30)
+    results = ctx.Queue()
+
+    def child() -> None:
+        store = SqliteStore(path)
+        try:
+            barrier.wait()
+            results.put(body(store))
+        except BaseException as exc:
+            results.put(f"error: {type(exc).__name__}: {exc}")
+        finally:
+            store.close()
+
+    procs = [ctx.Process(target=child) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        return [results.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+
+
+def test_parallel_logins_with_one_code_give_one_success(host: Harness) -> None:
+    host.store.issue_email_code("u", "h1", T0, EmailLimits(max_attempts=10))
+    results = _race(host.store.path, lambda s: s.verify_email_code("u", "h1", T0 + 1))
+    assert sorted(results) == [EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * 5
+
+
+def test_parallel_logins_send_one_mail(host: Harness) -> None:
+    results = _race(host.store.path, lambda s: s.issue_email_code(
+        "u", secrets.token_hex(8), T0, EmailLimits(send_interval=60)).issued)
+    assert sorted(results) == [False] * 5 + [True]
