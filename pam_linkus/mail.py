@@ -34,7 +34,6 @@ class SmtpMailer:
     def send(self, to: str, subject: str, body: str, *, now: float) -> None:
         """Hand one plain-text message for ``to`` to the SMTP server, or raise MailUnavailable."""
         import smtplib
-        import ssl
 
         from pam_linkus.emailcode import check_address
 
@@ -54,9 +53,8 @@ class SmtpMailer:
 
             assert cfg.password_file is not None  # SmtpConfig requires it with username
             password = read_secret_file(cfg.password_file, "SMTP password")
-        where = f"SMTP server {cfg.host}:{cfg.port}"
+        context = _tls_context(cfg) if cfg.security != "none" else None
         try:
-            context = _tls_context(cfg) if cfg.security != "none" else None
             conn = self._connect(context)
             try:
                 self._converse(conn, context, password, message, to)
@@ -67,26 +65,13 @@ class SmtpMailer:
                 conn.quit()
             except (smtplib.SMTPException, OSError):
                 conn.close()  # the message was accepted; a lost QUIT changes nothing
-        except ssl.SSLCertVerificationError as exc:
-            raise MailUnavailable(f"{where}: TLS certificate not trusted ({exc.verify_message})") from None
-        except ssl.SSLError as exc:
-            raise MailUnavailable(f"{where}: TLS failure ({exc.reason or type(exc).__name__})") from None
-        except smtplib.SMTPAuthenticationError as exc:
-            raise MailUnavailable(f"{where}: authentication refused ({exc.smtp_code})") from None
-        except smtplib.SMTPRecipientsRefused:
-            raise MailUnavailable(f"{where}: recipient refused") from None
-        except smtplib.SMTPServerDisconnected as exc:
-            # smtplib turns a read timeout into "Connection unexpectedly closed: timed out"
-            what = f"timed out after {cfg.timeout:g} s" if "timed out" in str(exc) else "connection closed"
-            raise MailUnavailable(f"{where}: {what}") from None
-        except smtplib.SMTPResponseException as exc:
-            raise MailUnavailable(f"{where}: refused ({exc.smtp_code})") from None
-        except smtplib.SMTPException as exc:
-            raise MailUnavailable(f"{where}: {type(exc).__name__}") from None
-        except TimeoutError:
-            raise MailUnavailable(f"{where}: timed out after {cfg.timeout:g} s") from None
-        except OSError as exc:
-            raise MailUnavailable(f"{where}: {exc.strerror or type(exc).__name__}") from None
+            return
+        except OSError as exc:  # smtplib's and ssl's errors, timeouts and refusals are all OSErrors
+            reason = _describe(exc, cfg.timeout)
+            _drop_tracebacks(exc)
+        # Raised outside the except block, unchained: the lower-layer exception and
+        # its frames (which reach pam_python's handle) must not outlive this call.
+        raise MailUnavailable(f"SMTP server {cfg.host}:{cfg.port}: {reason}")
 
     def _connect(self, context: ssl.SSLContext | None) -> smtplib.SMTP:
         import smtplib
@@ -115,6 +100,41 @@ class SmtpMailer:
         if cfg.username and password is not None:
             conn.login(cfg.username, password)
         conn.sendmail(cfg.sender, [to], message)
+
+
+def _describe(exc: OSError, timeout: float) -> str:
+    """What went wrong, for the log: the kind of failure, never a code or password."""
+    import smtplib
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failure ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return f"authentication refused ({exc.smtp_code})"
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "recipient refused"
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        # smtplib turns a read timeout into "Connection unexpectedly closed: timed out"
+        return f"timed out after {timeout:g} s" if "timed out" in str(exc) else "connection closed"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"refused ({exc.smtp_code})"
+    if isinstance(exc, smtplib.SMTPException):
+        return type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    return exc.strerror or type(exc).__name__
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut an exception chain loose from its frames (the Redis store does the same:
+    a cycle collected after pam_end has unloaded pam_python crashes the host process)."""
+    for _ in range(20):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:

@@ -51,7 +51,13 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
     )
     assert proc.stdin is not None and proc.stdout is not None
     lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()  # type: ignore[union-attr]
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put("")  # EOF: the child is gone
+
+    threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + timeout
     prompts: list[str] = []
     messages: list[str] = []
@@ -60,9 +66,13 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
         proc.stdin.flush()
         while True:
             try:
-                event = json.loads(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"PAM transaction did not finish within {timeout} s") from None
+            if not line:
+                proc.wait(5)
+                raise AssertionError(f"PAM child died (exit {proc.returncode}): {proc.stderr.read()[-500:]}")
+            event = json.loads(line)
             if "info" in event:
                 messages.append(event["info"])
             elif "prompt" in event:
@@ -71,6 +81,9 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
                 proc.stdin.write(json.dumps({"answer": reply}) + "\n")
                 proc.stdin.flush()
             else:
+                # The child collects garbage after pam_end: a reference cycle still holding
+                # pam_python objects would crash it there (as it would a web front end).
+                assert proc.wait(10) == 0, f"PAM child exited {proc.returncode}: {proc.stderr.read()[-500:]}"
                 return Conversation(event["auth"], event["account"], prompts, messages)
     finally:
         proc.kill()
@@ -146,6 +159,9 @@ def _child() -> None:
     rc = libpam.pam_authenticate(handle, 0)
     account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?") if rc == 0 else None
     libpam.pam_end(handle, rc)
+    import gc
+
+    gc.collect()
     emit({"auth": PAM_CODES.get(rc, str(rc)), "account": account})
 
 
