@@ -430,6 +430,22 @@ class EmailConfig:
         r.done()
 
 
+class SelfServiceConfig:
+    """``linkus-2fa self``: the PAM service that checks the user's account password.
+
+    It should hold the password modules only (e.g. ``auth required pam_unix.so``),
+    not pam-linkus: the CLI asks the current code itself, through the same flow.
+    """
+
+    __slots__ = ("pam_service",)
+
+    def __init__(self, r: Reader):
+        self.pam_service = r.string("pam_service", "linkus-2fa", max_len=100)
+        if not self.pam_service.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise r.fail("pam_service", "must be a PAM service name (letters, digits, - _ .)")
+        r.done()
+
+
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
@@ -462,7 +478,7 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes",
+        "recovery_codes", "self_service",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -487,6 +503,7 @@ class Config:
         self.exempt_networks = r.string_list("exempt_networks", [])
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
+        self.self_service = SelfServiceConfig(r.section("self_service"))
         r.done()
 
     @classmethod

@@ -165,6 +165,9 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings, s
             algorithm=settings.algorithm,
         )
     except CodeRejected as exc:
+        recovered = _try_recovery_code(req, ctx, store, answer)
+        if recovered is not None:
+            return recovered
         _count_failure(req, ctx, store, exc.reason)
     if not store.accept_totp_step(req.user, step, now):
         _count_failure(req, ctx, store, "replayed code")
@@ -181,8 +184,32 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings, 
     try:
         emailcode.verify(store, key, req.user, answer, ctx.clock())
     except CodeRejected as exc:
+        recovered = _try_recovery_code(req, ctx, store, answer)
+        if recovered is not None:
+            return recovered
         _count_failure(req, ctx, store, exc.reason)
     return Decision(Outcome.SUCCESS, "code accepted", "email")
+
+
+def _try_recovery_code(req: LoginRequest, ctx: Context, store: StateStore, answer: str) -> Decision | None:
+    """Accept a single-use recovery code typed in place of the TOTP/email code.
+
+    None when the answer cannot be a recovery code or the extension has none left
+    (the caller counts its own failure); a wrong recovery code counts one failure
+    here. A recovery code never has 6 characters, so a mistyped 6-digit code costs
+    no scrypt hash.
+    """
+    from pam_linkus.recovery import digest, normalize_recovery_code
+
+    code = normalize_recovery_code(answer)
+    if code is None:
+        return None
+    salt = store.recovery_salt(req.user)
+    if salt is None:
+        return None
+    if not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
+        _count_failure(req, ctx, store, "wrong recovery code")
+    return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
 def _count_failure(req: LoginRequest, ctx: Context, store: StateStore, reason: str) -> NoReturn:
