@@ -1,7 +1,8 @@
 """The decision of one login: settings -> policy -> challenge -> verify -> record.
 
 This module never touches ``pamh``. The PAM face (or the CLI, or a test) hands in
-a ``Context`` holding the config, a Prompter for the conversation, a clock, and
+a ``Context`` holding the config, a Prompter for the conversation, a clock, a
+Mailer for email codes (built from ``smtp`` only when a code is mailed), and
 factories for the settings chain and the state store, which are opened only when
 a login needs them (a user without 2FA under ``enforce: enrolled`` never opens
 the state store).
@@ -39,6 +40,13 @@ if TYPE_CHECKING:
             """Show a line of information (never raises)."""
             ...
 
+    class Mailer(Protocol):
+        """Hands one message to a mail server (pam_linkus.mail.SmtpMailer)."""
+
+        def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+            """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
+            ...
+
 
 class LoginRequest:
     """Who is logging in, from where, through which service (PAM items)."""
@@ -69,6 +77,7 @@ class Context:
         clock: Callable[[], float],
         open_chain: Callable[[Context], SourceChain] | None = None,
         open_store: Callable[[Context], StateStore] | None = None,
+        mailer: Mailer | None = None,
         totp_prompt: str | None = None,
         echo_code: bool = False,
         single_field: SingleField | None = None,
@@ -79,15 +88,25 @@ class Context:
         self._open_chain = open_chain or _default_chain
         self._open_store = open_store or _default_store
         self._store: StateStore | None = None
+        self._mailer = mailer
         self.totp_prompt = totp_prompt or config.prompts.totp
         self.echo_code = echo_code
         self.single_field = single_field
         self.method = "-"
+        #: Which source answered ("ldap-cache" when the LDAP offline cache did), for the log line.
+        self.source = "-"
 
     def store(self) -> StateStore:
         if self._store is None:
             self._store = self._open_store(self)
         return self._store
+
+    def mailer(self) -> Mailer:
+        if self._mailer is None:
+            from pam_linkus.mail import SmtpMailer
+
+            self._mailer = SmtpMailer(self.config.smtp)
+        return self._mailer
 
     def chain(self) -> SourceChain:
         return self._open_chain(self)
@@ -101,7 +120,7 @@ class Context:
 def _default_chain(ctx: Context) -> SourceChain:
     from nss_config.chain import build_chain
 
-    return build_chain(ctx.config, state=None)
+    return build_chain(ctx.config, state=ctx.store, clock=ctx.clock)
 
 
 def _default_store(ctx: Context) -> StateStore:
@@ -125,6 +144,7 @@ def authenticate(req: LoginRequest, ctx: Context) -> Decision:
 
 def _decide(req: LoginRequest, ctx: Context) -> Decision:
     settings = ctx.chain().lookup(req.user)
+    ctx.source = settings.source if settings is not None else "-"
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if ctx.config.enforce == "all":
@@ -145,6 +165,11 @@ def _decide(req: LoginRequest, ctx: Context) -> Decision:
 
     if settings.method == "totp":
         decision = _verify_totp(req, ctx, settings, store)
+    elif settings.method == "email" and ctx.single_field is None:
+        decision = _verify_email(req, ctx, settings, store)
+    elif settings.method == "email":
+        # the code must be mailed before it can be typed: email needs the two-step mode
+        raise NotEnrolled("email codes are not available in single-field mode (forward_pass)")
     else:
         raise NotEnrolled(f"method {settings.method} is not available on this host")
     policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
@@ -171,10 +196,51 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings, s
             algorithm=settings.algorithm,
         )
     except CodeRejected as exc:
+        recovered = _try_recovery_code(req, ctx, store, answer)
+        if recovered is not None:
+            return recovered
         _count_failure(req, ctx, store, exc.reason)
     if not store.accept_totp_step(req.user, step, now):
         _count_failure(req, ctx, store, "replayed code")
     return Decision(Outcome.SUCCESS, "code accepted", "totp")
+
+
+def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings, store: StateStore) -> Decision:
+    """Mail a code (only reached after the password step: see README, "Email codes"), ask, verify."""
+    from pam_linkus import emailcode
+
+    key = emailcode.load_key(ctx.config.email.key_file)
+    ctx.prompter.info(emailcode.deliver(req, ctx, settings.email, store, key))
+    answer = ctx.prompter.ask(ctx.config.prompts.email, echo=ctx.echo_code)
+    try:
+        emailcode.verify(store, key, req.user, answer, ctx.clock())
+    except CodeRejected as exc:
+        recovered = _try_recovery_code(req, ctx, store, answer)
+        if recovered is not None:
+            return recovered
+        _count_failure(req, ctx, store, exc.reason)
+    return Decision(Outcome.SUCCESS, "code accepted", "email")
+
+
+def _try_recovery_code(req: LoginRequest, ctx: Context, store: StateStore, answer: str) -> Decision | None:
+    """Accept a single-use recovery code typed in place of the TOTP/email code.
+
+    None when the answer cannot be a recovery code or the extension has none left
+    (the caller counts its own failure); a wrong recovery code counts one failure
+    here. A recovery code never has 6 characters, so a mistyped 6-digit code costs
+    no scrypt hash.
+    """
+    from pam_linkus.recovery import digest, normalize_recovery_code
+
+    code = normalize_recovery_code(answer)
+    if code is None:
+        return None
+    salt = store.recovery_salt(req.user)
+    if salt is None:
+        return None
+    if not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
+        _count_failure(req, ctx, store, "wrong recovery code")
+    return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
 def _count_failure(req: LoginRequest, ctx: Context, store: StateStore, reason: str) -> NoReturn:

@@ -239,22 +239,6 @@ def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
         login(config, store, clock, Prompter(), rhost="192.0.2.7")
 
 
-def test_store_grace_records(store: SqliteStore) -> None:
-    assert store.grace_active(USER, "192.0.2.7", T0) is False
-    store.start_grace(USER, "192.0.2.7", T0, 100)
-    store.start_grace(USER, "192.0.2.7", T0 - 50, 10)  # an earlier end never shortens it
-    assert store.grace_active(USER, "192.0.2.7", T0 + 99) is True
-    assert store.grace_active(USER, "192.0.2.7", T0 + 100) is False
-    assert store.grace_active(USER, "192.0.2.8", T0 + 1) is False
-    assert store.grace_active("1002", "192.0.2.7", T0 + 1) is False
-    store.forget(USER)
-    assert store.grace_active(USER, "192.0.2.7", T0 + 1) is False
-    store.start_grace(USER, "192.0.2.7", T0, 100)
-    store.start_grace(USER, "192.0.2.9", T0 + 200, 100)  # prunes the expired one
-    rows = store._db.execute("SELECT rhost FROM grace WHERE user = ?", (USER,)).fetchall()
-    assert rows == [("192.0.2.9",)]
-
-
 # -- single-field mode -------------------------------------------------------------
 
 
