@@ -286,3 +286,12 @@ def test_single_field_ignores_exempt_networks_and_grace_for_enrolled(store: Sqli
     prompter, tok = Prompter("pw" + wrong(code_at(SECRET, clock.now))), AuthTok()
     with pytest.raises(CodeRejected):
         login(config, store, clock, prompter, rhost="192.0.2.7", single=single(prompter, tok))
+
+
+def test_single_field_refuses_email_extensions_without_sending(store: SqliteStore) -> None:
+    """An email code must be mailed before it can be typed: two-step mode only."""
+    email = ExtensionSettings(USER, "email", email="alice@example.com", source="test")
+    prompter, tok = Prompter("pw123456"), AuthTok()
+    with pytest.raises(NotEnrolled, match="single-field"):
+        login(make_config(), store, Clock(), prompter, chain=Chain(email), single=single(prompter, tok))
+    assert prompter.asked == [] and prompter.infos == [] and tok.value is None
