@@ -172,7 +172,10 @@ def _decide(req: LoginRequest, ctx: Context) -> Decision:
         raise NotEnrolled("email codes are not available in single-field mode (forward_pass)")
     else:
         raise NotEnrolled(f"method {settings.method} is not available on this host")
-    policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
+    if ctx.single_field is None:
+        # In single-field mode the password is checked after us: this login is not
+        # known to succeed, so it must not start a grace period.
+        policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
     return decision
 
 

@@ -282,6 +282,8 @@ def test_single_field_ignores_exempt_networks_and_grace_for_enrolled(store: Sqli
     assert login(config, store, clock, prompter, rhost="192.0.2.7",
                  single=single(prompter, tok)).outcome == Outcome.SUCCESS
     assert tok.value == "pw"
+    # the password is checked after pam-linkus here: no grace period starts
+    assert store.grace_active(USER, "192.0.2.7", clock.now + 1) is False
     clock.now += 30
     prompter, tok = Prompter("pw" + wrong(code_at(SECRET, clock.now))), AuthTok()
     with pytest.raises(CodeRejected):
