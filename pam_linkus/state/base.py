@@ -237,12 +237,26 @@ if TYPE_CHECKING:
             """
             ...
 
+        def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+            """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
+            logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
+
+            An existing later end is kept (never shortened). ``rhost`` is a normalised
+            IP address; the caller never passes an empty one.
+            """
+            ...
+
+        def grace_active(self, user: str, rhost: str, now: float) -> bool:
+            """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
+            ...
+
         def unlock(self, user: str) -> None:
             """Clear failures and lock (admin action)."""
             ...
 
         def forget(self, user: str) -> None:
-            """Remove every record of ``user`` (2FA disabled, extension removed)."""
+            """Remove every record of ``user`` (2FA disabled, extension removed),
+            grace periods included."""
             ...
 
         def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:

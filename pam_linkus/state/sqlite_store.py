@@ -74,6 +74,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user, digest)
     ) WITHOUT ROWID;
     """,
+    # 5: grace periods per (extension, remote address); ``until`` is epoch seconds
+    """
+    CREATE TABLE grace (
+        user TEXT NOT NULL,
+        rhost TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (user, rhost)
+    ) WITHOUT ROWID;
+    """,
 )
 
 #: How long a login waits for another process's write lock before "unavailable".
@@ -263,6 +272,28 @@ class SqliteStore:
 
         return self._write(body)
 
+    def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            # Expired periods of this extension go in the same write, so the
+            # table holds at most the live (rhost) pairs of each extension.
+            db.execute("DELETE FROM grace WHERE user = ? AND until <= ?", (user, now))
+            db.execute(
+                "INSERT INTO grace (user, rhost, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (user, rhost) DO UPDATE SET until = max(grace.until, excluded.until)",
+                (user, rhost, now + duration),
+            )
+
+        self._write(body)
+
+    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+        try:
+            row = self._db.execute(
+                "SELECT 1 FROM grace WHERE user = ? AND rhost = ? AND until > ?", (user, rhost, now)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        return row is not None
+
     def unlock(self, user: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM failures WHERE user = ?", (user,)))
 
@@ -270,7 +301,7 @@ class SqliteStore:
         def body(db: sqlite3.Connection) -> None:
             for table in (
                 "totp_used", "failures", "settings_cache", "email_codes", "email_sends", "enrolment",
-                "recovery_codes",
+                "recovery_codes", "grace",
             ):
                 db.execute(f"DELETE FROM {table} WHERE user = ?", (user,))  # noqa: S608 - fixed names
 
