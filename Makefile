@@ -6,8 +6,9 @@ SITE = $(PREFIX)/venv/lib/python3.11/site-packages
 TEST_VENV := .venv
 export DEBIAN_FRONTEND := noninteractive
 
-# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian).
-APT_RUNTIME := libpam-python python3-yaml python3-venv python3-ldap3 python3-redis python3-segno
+# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian),
+# and what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI).
+APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-ldap3 python3-redis python3-segno
 # What building and linting the Debian package needs (`make deb`, tests/test_debian_package.py).
 APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools python3-wheel \
            pybuild-plugin-pyproject lintian

@@ -50,7 +50,7 @@ SHARED_LAYOUT = {
     "/var/lib/pam_linkus": ("dir", 0o700),
 }
 #: Saved, moved aside for the test and restored afterwards.
-MACHINE_PATHS = (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"))
+MACHINE_PATHS = (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkus-2fa"))
 #: Must be byte-identical after install and after purge.
 PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
 
@@ -250,6 +250,14 @@ def test_package_files(deb: Path) -> None:
     assert contents["/etc/pam_linkus/pam_linkus.yaml"] == (REPO / "packaging" / "pam_linkus.yaml").read_bytes()
 
 
+def test_package_version_is_the_python_version() -> None:
+    """debian/changelog names the version dpkg gives the package; it must follow pam_linkus.__version__."""
+    from pam_linkus import __version__
+
+    first = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"pam-linkus ({__version__}) "), first
+
+
 # -- the pam-auth-update profile, in a throwaway root -----------------------------------------
 
 
@@ -336,8 +344,29 @@ def machine() -> Iterator[dict[str, Snapshot]]:
             assert not changed, f"PAM files changed by the package test (restored): {changed}"
 
 
+def layout() -> dict[str, tuple[bool, int, int, int, bytes | None]]:
+    """SHARED_LAYOUT as found: is-dir, mode, owner, group, and the bytes of the config files."""
+    found = {}
+    for path in SHARED_LAYOUT:
+        st = os.lstat(path)
+        data = Path(path).read_bytes() if path.startswith("/etc/") and stat.S_ISREG(st.st_mode) else None
+        found[path] = (stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data)
+    return found
+
+
 @pytest.fixture(scope="module")
-def installed(deb: Path, machine: dict[str, Snapshot]) -> dict[str, Any]:
+def make_install_result(machine: dict[str, Snapshot], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What `make install` (packaging/install.sh) leaves, with a throwaway PREFIX and no index (offline)."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    run(["bash", str(REPO / "packaging" / "install.sh"), str(prefix)], env={**CLEAN_ENV, "PIP_NO_INDEX": "1"})
+    found = layout()
+    cli = run(["linkus-2fa", "--help"], env={**CLEAN_ENV, "PATH": "/usr/local/sbin:" + CLEAN_ENV["PATH"]}, cwd="/")
+    machine["saved"].remove()  # and back to a fresh machine for the package
+    return {"layout": found, "cli": cli}
+
+
+@pytest.fixture(scope="module")
+def installed(deb: Path, machine: dict[str, Snapshot], make_install_result: dict[str, Any]) -> dict[str, Any]:
     result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
                   "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300)
     seen = Path("/var/lib/pam/seen")
@@ -387,6 +416,12 @@ def test_install_leaves_the_make_install_layout(installed: dict[str, Any]) -> No
     assert Path("/usr/share/pam-configs/linkus").read_bytes() == PROFILE.read_bytes()
     seen_before = installed["seen_before"].decode().split()
     assert "linkus" not in seen_before and sorted(installed["seen"]) == sorted([*seen_before, "linkus"])
+
+
+def test_make_install_and_the_package_leave_the_same_layout(installed: dict[str, Any],
+                                                            make_install_result: dict[str, Any]) -> None:
+    assert layout() == make_install_result["layout"]
+    assert make_install_result["cli"].stdout == run(["linkus-2fa", "--help"], cwd="/").stdout
 
 
 def test_installed_command_and_package_come_from_dist_packages(installed: dict[str, Any]) -> None:
@@ -458,3 +493,4 @@ def test_purge_removes_the_loader_and_changes_no_pam_file(installed: dict[str, A
                  Path("/usr/share/pam-configs/linkus"), Path("/usr/lib/python3/dist-packages/pam_linkus")):
         assert not os.path.lexists(path), path
     assert machine["pam"].differences() == []
+
