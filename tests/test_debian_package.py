@@ -238,10 +238,13 @@ def test_package_files(deb: Path) -> None:
     for name in ("/usr/lib/python3/dist-packages/pam_linkus/pam_face.py",
                  "/usr/lib/python3/dist-packages/nss_config/chain.py",
                  "/usr/share/man/man8/pam_linkus.8.gz", "/usr/share/man/man8/linkus-2fa.8.gz",
-                 "/usr/share/libpam-linkus/extensions.yaml"):
+                 "/usr/share/pam-linkus/extensions.yaml"):
         assert name in members, name
-    for schema in sorted((REPO / "packaging" / "ldap").glob("*.*")):
-        assert f"/usr/share/libpam-linkus/ldap/{schema.name}" in members, schema
+    schemas = sorted((REPO / "packaging" / "ldap").glob("linkus-2fa.*"))
+    assert [s.name for s in schemas] == ["linkus-2fa.ldif", "linkus-2fa.schema"]
+    for schema in schemas:  # where the schema's own comments tell slapd to find it
+        assert contents[f"/usr/share/pam-linkus/ldap/{schema.name}"] == schema.read_bytes(), schema
+        assert f"/usr/share/pam-linkus/ldap/{schema.name}" in schemas[1].read_text()
     # The loader with an empty site directory: the package is on the embedded interpreter's path.
     loader = (REPO / "packaging" / "pam_linkus.py").read_text()
     assert contents["/lib/security/pam_linkus.py"].decode() == loader.replace("@SITE@", "")
