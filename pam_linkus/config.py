@@ -346,12 +346,20 @@ class StateConfig:
 
 
 class SmtpConfig:
-    """The SMTP server that carries email codes (pam_linkus.mail)."""
+    """The SMTP server that carries email codes (pam_linkus.mail).
+
+    ``security``: ``tls`` (implicit TLS, port 465), ``starttls`` (port 587; a
+    server that does not offer STARTTLS is an error, never a plaintext fallback)
+    or ``none`` -- accepted only for a relay on the loopback interface, and never
+    with AUTH, so a password or code never crosses a network in clear.
+    """
 
     __slots__ = (
         "host", "port", "security", "ca_file", "username", "password_file", "sender",
         "timeout", "helo",
     )
+
+    LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
     def __init__(self, r: Reader):
         self.host = r.string("host", "127.0.0.1", max_len=255)
@@ -363,14 +371,36 @@ class SmtpConfig:
         self.password_file = r.optional_path("password_file")
         if self.username and not self.password_file:
             raise r.fail("password_file", "is required when username is set")
-        self.sender = r.string("from", "pam-linkus@localhost", max_len=255)
+        if self.security == "none" and self.host not in self.LOOPBACK:
+            raise r.fail("security", "none (plaintext) is allowed only towards 127.0.0.1, ::1 or localhost")
+        if self.security == "none" and self.username:
+            raise r.fail("username", "AUTH is not sent over plaintext (security: none)")
+        self.sender = r.string("from", "pam-linkus@localhost", max_len=254)
+        if not _plain_address_ish(self.sender):
+            raise r.fail("from", "must be one plain address local@domain (no name, no comma, no spaces)")
         self.timeout = r.number("timeout", 10.0, minimum=0.1, maximum=60)
         self.helo = r.optional_string("helo", max_len=255)
+        if self.helo is not None and not _plain_address_ish("x@" + self.helo):
+            raise r.fail("helo", "must be a host name")
         r.done()
 
 
+def _plain_address_ish(text: str) -> bool:
+    """Cheap load-time check; pam_linkus.emailcode.check_address is the full one at send time."""
+    return text.count("@") == 1 and not any(c in text for c in ' ,;<>()"\\') and text.isprintable()
+
+
+#: Default mail subject; a changed one is checked for placeholders at load.
+DEFAULT_EMAIL_SUBJECT = "Login verification code for {user} on {host}"
+
+
 class EmailConfig:
-    """Lifetime, attempts and throttles of email codes, and the message text."""
+    """Lifetime, attempts and throttles of email codes, and the message text.
+
+    ``send_interval`` / ``max_per_hour`` throttle one extension,
+    ``global_max_per_minute`` the whole host (or the Redis cluster), so that
+    repeated logins cannot turn the PBX into a mail cannon.
+    """
 
     __slots__ = (
         "code_lifetime", "max_attempts", "send_interval", "max_per_hour", "global_max_per_minute",
@@ -383,9 +413,18 @@ class EmailConfig:
         self.send_interval = r.integer("send_interval", 60, minimum=0, maximum=3600)
         self.max_per_hour = r.integer("max_per_hour", 5, minimum=1, maximum=100)
         self.global_max_per_minute = r.integer("global_max_per_minute", 60, minimum=1, maximum=10000)
-        self.subject = r.string("subject", "Your login verification code", max_len=200)
-        if "\r" in self.subject or "\n" in self.subject:
-            raise r.fail("subject", "must be one line")
+        self.subject = r.string("subject", DEFAULT_EMAIL_SUBJECT, max_len=200)
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.subject):
+            raise r.fail("subject", "must be one line without control characters")
+        if self.subject != DEFAULT_EMAIL_SUBJECT:
+            from pam_linkus.emailcode import PLACEHOLDERS, fill
+
+            try:
+                fill(self.subject, {name: "" for name in PLACEHOLDERS if name != "code"})
+            except KeyError as exc:
+                name = exc.args[0]
+                raise r.fail("subject", "must not contain {code}" if name == "code"
+                             else f"unknown placeholder {{{name}}}") from None
         self.template_file = r.optional_path("template_file")
         self.key_file = r.path("key_file", f"{DEFAULT_STATE_DIR}/email.key")
         r.done()
@@ -394,12 +433,18 @@ class EmailConfig:
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent")
+    __slots__ = ("totp", "email", "locked", "email_sent", "email_pending", "email_throttled")
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")
         self.email = _prompt(r, "email", "Email code: ")
         self.email_sent = _prompt(r, "email_sent", "A verification code was sent to {address}.")
+        self.email_pending = _prompt(
+            r, "email_pending", "The code sent to {address} a moment ago is still valid; no new code was sent."
+        )
+        self.email_throttled = _prompt(
+            r, "email_throttled", "Too many codes were sent for this account; try again later."
+        )
         self.locked = _prompt(r, "locked", "Too many failed attempts; contact your administrator.")
         r.done()
 
