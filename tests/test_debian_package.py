@@ -261,6 +261,15 @@ def test_package_version_is_the_python_version() -> None:
     assert first.startswith(f"pam-linkus ({__version__}) "), first
 
 
+def test_man_page_documents_every_pam_option() -> None:
+    from pam_linkus.options import _KINDS
+
+    page = (REPO / "packaging" / "man" / "pam_linkus.8").read_text()
+    options = page[page.index("\n.SH OPTIONS\n"):page.index("\n.SH OUTCOMES\n")]
+    for key, kind in _KINDS.items():
+        assert (f"\n.B {key}\n" if kind == "flag" else f"\n.BI {key}= ") in options, key
+
+
 # -- the pam-auth-update profile, in a throwaway root -----------------------------------------
 
 
