@@ -176,9 +176,9 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if missing:
         pytest.fail(f"missing {missing}: `make deps-test` installs debhelper, dh-python, lintian & co.")
     out = tmp_path_factory.mktemp("deb")
-    before = run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], check=False).stdout
+    before = run(["git", "-C", str(REPO), "status", "--porcelain"], check=False).stdout
     run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
-    after = run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], check=False).stdout
+    after = run(["git", "-C", str(REPO), "status", "--porcelain"], check=False).stdout
     assert after == before, "building the package wrote into the checkout"
     debs = sorted(out.glob(f"{PACKAGE}_*_all.deb"))
     assert len(debs) == 1, debs
