@@ -489,6 +489,19 @@ def test_login_through_the_enabled_profile_of_the_installed_package(login_env: d
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
+def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, installed: dict[str, Any],
+                                                           machine: dict[str, Snapshot]) -> None:
+    config, extensions = Path("/etc/pam_linkus/pam_linkus.yaml"), Path("/etc/pam_linkus/extensions.yaml")
+    config.write_bytes(config.read_bytes() + b"# edited by the admin\n")
+    enroll({"1001": "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"})
+    before = {path: path.read_bytes() for path in (config, extensions)}
+    # No --force-conf*: an unchanged conffile in the package must not even ask.
+    run([*APT, "install", "--reinstall", str(deb)], timeout=300)
+    assert {path: path.read_bytes() for path in (config, extensions)} == before
+    assert [(stat.S_IMODE(p.stat().st_mode), p.stat().st_uid) for p in (config, extensions)] == [(0o600, 0)] * 2
+    assert machine["pam"].differences() in ([], [Path("/var/lib/pam/seen")])
+
+
 def test_purge_removes_the_loader_and_changes_no_pam_file(installed: dict[str, Any], login_env: dict[str, Any],
                                                          machine: dict[str, Snapshot]) -> None:
     """Last in this file: purges the package the tests above used."""
