@@ -450,7 +450,9 @@ class SelfServiceConfig:
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent", "email_pending", "email_throttled", "password_and_code")
+    __slots__ = (
+        "totp", "email", "locked", "email_sent", "email_pending", "email_throttled", "password_and_code",
+    )
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")

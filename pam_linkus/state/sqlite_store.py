@@ -74,7 +74,7 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user, digest)
     ) WITHOUT ROWID;
     """,
-    # 5: grace periods per (extension, remote address); ``until`` is epoch seconds.
+    # 5: grace periods per (extension, remote address); ``until`` is epoch seconds
     """
     CREATE TABLE grace (
         user TEXT NOT NULL,
