@@ -201,12 +201,18 @@ class YamlSourceConfig:
 
 class LdapConfig:
     """The LDAP source (see nss_config.ldap_source); parsed here so a typo is caught
-    at config load, without importing ldap3."""
+    at config load, without importing ldap3.
+
+    Checks that need no network run here: a plain ``ldap://`` URI without StartTLS
+    is refused (the bind password would cross the wire in clear), and a configured
+    directory needs a bind DN and password file, because the entries hold TOTP
+    secrets that no anonymous reader should see.
+    """
 
     __slots__ = (
-        "uris", "start_tls", "ca_file", "bind_dn", "bind_password_file", "base", "filter",
-        "scope", "attributes", "connect_timeout", "timeout", "cache_max_age",
-        "writer_bind_dn", "writer_password_file", "object_class",
+        "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
+        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "writer_bind_dn", "writer_password_file",
     )
 
     ATTRIBUTE_KEYS = ("enabled", "method", "secret", "algorithm", "digits", "period", "email")
@@ -219,55 +225,111 @@ class LdapConfig:
         "period": "linkusTotpPeriod",
         "email": "mail",
     }
+    DEFAULT_FILTER = "(&(objectClass=inetOrgPerson)(uid={user}))"
 
     def __init__(self, r: Reader):
         self.uris = r.string_list("uris", [])
-        for uri in self.uris:
-            if not uri.startswith(("ldap://", "ldaps://")):
-                raise r.fail("uris", "each URI must start with ldap:// or ldaps://")
         self.start_tls = r.boolean("start_tls", True)
+        for uri in self.uris:
+            scheme, sep, rest = uri.partition("://")
+            host = rest.split("/", 1)[0]
+            if not sep or scheme not in ("ldap", "ldaps") or not host or host.startswith(":"):
+                raise r.fail("uris", "each URI must be ldaps://host[:port] or ldap://host[:port]")
+            if scheme == "ldap" and not self.start_tls:
+                raise r.fail("start_tls", "must be true for ldap:// URIs (the bind password would travel in clear)")
         self.ca_file = r.optional_path("ca_file")
-        self.bind_dn = r.optional_string("bind_dn")
+        self.bind_dn = r.optional_string("bind_dn", max_len=1024)
         self.bind_password_file = r.optional_path("bind_password_file")
-        self.base = r.string("base", "")
-        self.filter = r.string("filter", "(&(objectClass=inetOrgPerson)(uid={user}))")
-        if self.filter.count("{user}") < 1:
+        self.base = r.string("base", "", max_len=1024)
+        self.filter = r.string("filter", self.DEFAULT_FILTER, max_len=1024)
+        if "{user}" not in self.filter:
             raise r.fail("filter", "must contain {user}")
+        if not (self.filter.startswith("(") and self.filter.endswith(")")):
+            raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}
+        for key, name in self.attributes.items():
+            if not _is_attribute_name(name):
+                raise attrs.fail(key, "must be an LDAP attribute name (letters, digits, '-') or an OID")
+        if len({n.lower() for n in self.attributes.values()}) != len(self.attributes):
+            raise r.fail("attributes", "maps two keys to the same LDAP attribute")
         attrs.done()
-        self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=60)
-        self.timeout = r.number("timeout", 5.0, minimum=0.1, maximum=60)
+        self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=30)
+        # ldap3 sets SO_RCVTIMEO from this value and needs whole seconds.
+        self.timeout = r.integer("timeout", 5, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
+        if self.uris:
+            for key in ("bind_dn", "bind_password_file", "base"):
+                if not getattr(self, key):
+                    raise r.fail(key, "is required when ldap.uris is set (no anonymous binds)")
         r.done()
 
 
+def _is_attribute_name(name: str) -> bool:
+    """RFC 4512 descr (``mail``) or numericoid (``0.9.2342.19200300.100.1.3``)."""
+    if not name or not name.isascii():
+        return False
+    if name[0].isdigit():
+        return all(part.isdigit() for part in name.split("."))
+    return name[0].isalpha() and all(c.isalnum() or c == "-" for c in name)
+
+
 class RedisConfig:
-    """The Redis state store (pam_linkus.state.redis_store)."""
+    """The Redis state store (pam_linkus.state.redis_store) that hosts of a cluster share.
+
+    Either ``url`` (one server) or ``sentinels`` + ``service_name`` (Sentinel finds
+    the master; then ``tls`` and ``db`` say what the URL would have said). The
+    password lives in a root-only file, never in this world-readable config, so a
+    URL carrying one is refused.
+    """
 
     __slots__ = (
-        "url", "username", "password_file", "ca_file", "sentinels", "service_name",
-        "prefix", "connect_timeout", "timeout",
+        "url", "username", "password_file", "ca_file", "sentinels", "service_name", "tls", "db",
+        "prefix", "connect_timeout", "timeout", "failure_ttl",
     )
 
     def __init__(self, r: Reader):
-        self.url = r.string("url", "redis://127.0.0.1:6379/0")
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise r.fail("url", "must start with redis://, rediss:// or unix://")
+        self.sentinels = r.string_list("sentinels", [])
+        for entry in self.sentinels:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise r.fail("sentinels", "each entry must be host:port")
+        self.service_name = r.optional_string("service_name", max_len=200)
+        if self.sentinels:
+            if r.has("url"):
+                raise r.fail("url", "give either url or sentinels, not both")
+            if not self.service_name:
+                raise r.fail("service_name", "is required when sentinels are listed")
+            self.url = ""
+            self.tls = r.boolean("tls", False)
+            self.db = r.integer("db", 0, minimum=0, maximum=10000)
+        else:
+            if self.service_name is not None:
+                raise r.fail("service_name", "only means something with sentinels")
+            for key in ("tls", "db"):
+                if r.has(key):
+                    raise r.fail(key, "only means something with sentinels; put it in url")
+            self.url = r.string("url", "redis://127.0.0.1:6379/0", max_len=1000)
+            if not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise r.fail("url", "must start with redis://, rediss:// or unix://")
+            authority = self.url.partition("://")[2].partition("/")[0]
+            if ":" in authority.rpartition("@")[0] or "password=" in self.url:
+                raise r.fail("url", "must not carry a password; put it in password_file")
+            self.tls = self.url.startswith("rediss://")
+            self.db = 0
         self.username = r.optional_string("username", max_len=200)
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
-        self.sentinels = r.string_list("sentinels", [])
-        self.service_name = r.optional_string("service_name", max_len=200)
-        if self.sentinels and not self.service_name:
-            raise r.fail("service_name", "is required when sentinels are listed")
         self.prefix = r.string("prefix", "linkus:", max_len=100)
+        if any(c in self.prefix for c in "{} ") or any(ord(c) < 33 for c in self.prefix):
+            raise r.fail("prefix", "must not contain braces, spaces or control characters")
         self.connect_timeout = r.number("connect_timeout", 2.0, minimum=0.1, maximum=60)
         self.timeout = r.number("timeout", 2.0, minimum=0.1, maximum=60)
+        self.failure_ttl = r.integer("failure_ttl", 30 * 86400, minimum=86400, maximum=3650 * 86400)
         r.done()
 
 

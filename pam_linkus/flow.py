@@ -87,6 +87,8 @@ class Context:
         self.totp_prompt = totp_prompt or config.prompts.totp
         self.echo_code = echo_code
         self.method = "-"
+        #: Which source answered ("ldap-cache" when the LDAP offline cache did), for the log line.
+        self.source = "-"
 
     def store(self) -> StateStore:
         if self._store is None:
@@ -112,7 +114,7 @@ class Context:
 def _default_chain(ctx: Context) -> SourceChain:
     from nss_config.chain import build_chain
 
-    return build_chain(ctx.config, state=None)
+    return build_chain(ctx.config, state=ctx.store, clock=ctx.clock)
 
 
 def _default_store(ctx: Context) -> StateStore:
@@ -124,6 +126,7 @@ def _default_store(ctx: Context) -> StateStore:
 def authenticate(req: LoginRequest, ctx: Context) -> Decision:
     """Decide one login. Success and skip return; every other outcome raises."""
     settings = ctx.chain().lookup(req.user)
+    ctx.source = settings.source if settings is not None else "-"
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if ctx.config.enforce == "all":

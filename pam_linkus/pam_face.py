@@ -63,7 +63,7 @@ class PamPrompter:
 class Attempt:
     """What the log line of this attempt will say; filled in as the login proceeds."""
 
-    __slots__ = ("service", "user", "rhost", "tty", "method", "started")
+    __slots__ = ("service", "user", "rhost", "tty", "method", "source", "started")
 
     def __init__(self, pamh: Any):
         self.service = _item(pamh, "service")
@@ -71,6 +71,7 @@ class Attempt:
         self.rhost = _item(pamh, "rhost")
         self.tty = _item(pamh, "tty")
         self.method = "-"
+        self.source = "-"
         self.started = time.monotonic()
 
     def fields(self, outcome: str, reason: str) -> dict[str, object]:
@@ -80,6 +81,7 @@ class Attempt:
             "rhost": self.rhost or "-",
             "tty": self.tty or "-",
             "method": self.method,
+            "source": self.source,
             "outcome": outcome,
             "reason": reason,
             "ms": int((time.monotonic() - self.started) * 1000),
@@ -138,6 +140,7 @@ def authenticate(pamh: Any, flags: int, argv: Sequence[str], *, clock: Callable[
             return decide(LoginRequest(user, attempt.service or "-", attempt.rhost, attempt.tty), ctx)
         finally:
             attempt.method = ctx.method
+            attempt.source = ctx.source
             ctx.close()
 
     return to_pam_code(pamh, run, attempt, sink)

@@ -189,5 +189,19 @@ if TYPE_CHECKING:
             """Remove every record of ``user`` (2FA disabled, extension removed)."""
             ...
 
+        def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+            """Remember ``data`` (opaque text, the source's serialised settings) as what
+            ``source`` last said about ``user`` at ``now``; None forgets it.
+
+            The LDAP source's offline cache (``ldap.cache_max_age``): one atomic write.
+            """
+            ...
+
+        def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+            """What ``cache_settings`` stored, if it was stored at most ``max_age``
+            seconds before ``now`` (and not after ``now``: a clock that went back
+            must not make an entry young again); else None."""
+            ...
+
         def close(self) -> None:
             ...

@@ -39,6 +39,15 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
     """
+    CREATE TABLE settings_cache (
+        source TEXT NOT NULL,
+        user TEXT NOT NULL,
+        data TEXT NOT NULL,
+        stored_at REAL NOT NULL,
+        PRIMARY KEY (source, user)
+    ) WITHOUT ROWID;
+    """,
+    """
     CREATE TABLE email_codes (
         user TEXT PRIMARY KEY,
         hash TEXT NOT NULL,
@@ -242,10 +251,32 @@ class SqliteStore:
 
     def forget(self, user: str) -> None:
         def body(db: sqlite3.Connection) -> None:
-            for table in ("totp_used", "failures", "email_codes", "email_sends"):
+            for table in ("totp_used", "failures", "settings_cache", "email_codes", "email_sends"):
                 db.execute(f"DELETE FROM {table} WHERE user = ?", (user,))  # noqa: S608 - fixed names
 
         self._write(body)
+
+    def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+        if data is None:
+            self._write(lambda db: db.execute(
+                "DELETE FROM settings_cache WHERE source = ? AND user = ?", (source, user)))
+            return
+        self._write(lambda db: db.execute(
+            "INSERT INTO settings_cache (source, user, data, stored_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (source, user) DO UPDATE SET data = excluded.data, stored_at = excluded.stored_at",
+            (source, user, data, now),
+        ))
+
+    def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+        try:
+            row = self._db.execute(
+                "SELECT data, stored_at FROM settings_cache WHERE source = ? AND user = ?", (source, user)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        if row is None or not 0 <= now - row[1] <= max_age:
+            return None
+        return str(row[0])
 
     def close(self) -> None:
         try:
