@@ -89,6 +89,25 @@ MIGRATIONS: tuple[str, ...] = (
 BUSY_TIMEOUT = 5.0
 
 
+def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
+    """Switch a new state file to WAL (readers then never wait for the writer).
+
+    Several first logins opening a fresh file at once make SQLite answer this
+    pragma "database is locked" at once, without its busy handler; so retry for a
+    bounded while (about 2 s), and go on in rollback-journal mode if it never
+    works: that mode is slower under load but just as correct, so it is no reason
+    to refuse a login.
+    """
+    import time
+
+    for _ in range(tries):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.01)
+
+
 class SqliteStore:
     """StateStore on one SQLite file; see pam_linkus.state.base for the contract."""
 
@@ -133,7 +152,7 @@ class SqliteStore:
         if version >= len(MIGRATIONS):
             return
         if version == 0:
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
         db.execute("BEGIN IMMEDIATE")
         try:
             (version,) = db.execute("PRAGMA user_version").fetchone()
