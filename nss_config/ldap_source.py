@@ -313,11 +313,15 @@ def _close(conn: Any) -> None:
 
 def _describe(exc: BaseException) -> str:
     """One short line about a lower-layer error (ldap3 puts whole certificates in some)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    import re
+
+    text = " ".join(str(exc).split())
     start = text.find("{'subject'")
     if start >= 0:  # "certificate {<the whole certificate>} doesn't match any name in [...]"
         end = text.rfind("}")
         text = text[:start] + text[end + 1:].lstrip() if end > start else text[:start]
+    # ldap3 wraps messages in tuple reprs ("('...',)"), and ssl names its C source lines.
+    text = re.sub(r"\s*\(?_ssl\.c:\d+\)?:?", "", text).strip("()\"', ") or type(exc).__name__
     return f"{type(exc).__name__}: {text[:200]}"
 
 

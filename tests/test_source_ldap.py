@@ -394,7 +394,7 @@ def test_config_defaults_are_safe() -> None:
     config = make_config({"uris": ["ldaps://h"], "bind_dn": "cn=x", "bind_password_file": "/p",
                           "base": "dc=x"})
     assert (config.start_tls, config.cache_max_age, config.scope) == (True, 0, "subtree")
-    assert config.connect_timeout == 3.0 and config.timeout == 5
+    assert config.connect_timeout == 3.0 and config.timeout == 3
 
 
 # -- cost --------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ from pam_linkus.config import Config
 import nss_config.ldap_source
 from nss_config.chain import build_chain
 config = Config.from_mapping({{"sources": ["yaml", "ldap"], "yaml": {{"path": {str(extensions)!r}}},
-    "ldap": {{"uris": ["ldaps://192.0.2.1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
+    "ldap": {{"uris": ["ldaps://127.0.0.1:1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
               "base": "dc=x"}}}})
 assert build_chain(config).lookup("1001").method == "none"
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("ldap3", "ssl", "json")))
