@@ -279,27 +279,57 @@ def _is_attribute_name(name: str) -> bool:
 
 
 class RedisConfig:
-    """The Redis state store (pam_linkus.state.redis_store)."""
+    """The Redis state store (pam_linkus.state.redis_store) that hosts of a cluster share.
+
+    Either ``url`` (one server) or ``sentinels`` + ``service_name`` (Sentinel finds
+    the master; then ``tls`` and ``db`` say what the URL would have said). The
+    password lives in a root-only file, never in this world-readable config, so a
+    URL carrying one is refused.
+    """
 
     __slots__ = (
-        "url", "username", "password_file", "ca_file", "sentinels", "service_name",
-        "prefix", "connect_timeout", "timeout",
+        "url", "username", "password_file", "ca_file", "sentinels", "service_name", "tls", "db",
+        "prefix", "connect_timeout", "timeout", "failure_ttl",
     )
 
     def __init__(self, r: Reader):
-        self.url = r.string("url", "redis://127.0.0.1:6379/0")
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise r.fail("url", "must start with redis://, rediss:// or unix://")
+        self.sentinels = r.string_list("sentinels", [])
+        for entry in self.sentinels:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise r.fail("sentinels", "each entry must be host:port")
+        self.service_name = r.optional_string("service_name", max_len=200)
+        if self.sentinels:
+            if r.has("url"):
+                raise r.fail("url", "give either url or sentinels, not both")
+            if not self.service_name:
+                raise r.fail("service_name", "is required when sentinels are listed")
+            self.url = ""
+            self.tls = r.boolean("tls", False)
+            self.db = r.integer("db", 0, minimum=0, maximum=10000)
+        else:
+            if self.service_name is not None:
+                raise r.fail("service_name", "only means something with sentinels")
+            for key in ("tls", "db"):
+                if r.has(key):
+                    raise r.fail(key, "only means something with sentinels; put it in url")
+            self.url = r.string("url", "redis://127.0.0.1:6379/0", max_len=1000)
+            if not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise r.fail("url", "must start with redis://, rediss:// or unix://")
+            authority = self.url.partition("://")[2].partition("/")[0]
+            if ":" in authority.rpartition("@")[0] or "password=" in self.url:
+                raise r.fail("url", "must not carry a password; put it in password_file")
+            self.tls = self.url.startswith("rediss://")
+            self.db = 0
         self.username = r.optional_string("username", max_len=200)
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
-        self.sentinels = r.string_list("sentinels", [])
-        self.service_name = r.optional_string("service_name", max_len=200)
-        if self.sentinels and not self.service_name:
-            raise r.fail("service_name", "is required when sentinels are listed")
         self.prefix = r.string("prefix", "linkus:", max_len=100)
+        if any(c in self.prefix for c in "{} ") or any(ord(c) < 33 for c in self.prefix):
+            raise r.fail("prefix", "must not contain braces, spaces or control characters")
         self.connect_timeout = r.number("connect_timeout", 2.0, minimum=0.1, maximum=60)
         self.timeout = r.number("timeout", 2.0, minimum=0.1, maximum=60)
+        self.failure_ttl = r.integer("failure_ttl", 30 * 86400, minimum=86400, maximum=3650 * 86400)
         r.done()
 
 
@@ -316,12 +346,20 @@ class StateConfig:
 
 
 class SmtpConfig:
-    """The SMTP server that carries email codes (pam_linkus.mail)."""
+    """The SMTP server that carries email codes (pam_linkus.mail).
+
+    ``security``: ``tls`` (implicit TLS, port 465), ``starttls`` (port 587; a
+    server that does not offer STARTTLS is an error, never a plaintext fallback)
+    or ``none`` -- accepted only for a relay on the loopback interface, and never
+    with AUTH, so a password or code never crosses a network in clear.
+    """
 
     __slots__ = (
         "host", "port", "security", "ca_file", "username", "password_file", "sender",
         "timeout", "helo",
     )
+
+    LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
     def __init__(self, r: Reader):
         self.host = r.string("host", "127.0.0.1", max_len=255)
@@ -333,14 +371,36 @@ class SmtpConfig:
         self.password_file = r.optional_path("password_file")
         if self.username and not self.password_file:
             raise r.fail("password_file", "is required when username is set")
-        self.sender = r.string("from", "pam-linkus@localhost", max_len=255)
+        if self.security == "none" and self.host not in self.LOOPBACK:
+            raise r.fail("security", "none (plaintext) is allowed only towards 127.0.0.1, ::1 or localhost")
+        if self.security == "none" and self.username:
+            raise r.fail("username", "AUTH is not sent over plaintext (security: none)")
+        self.sender = r.string("from", "pam-linkus@localhost", max_len=254)
+        if not _plain_address_ish(self.sender):
+            raise r.fail("from", "must be one plain address local@domain (no name, no comma, no spaces)")
         self.timeout = r.number("timeout", 10.0, minimum=0.1, maximum=60)
         self.helo = r.optional_string("helo", max_len=255)
+        if self.helo is not None and not _plain_address_ish("x@" + self.helo):
+            raise r.fail("helo", "must be a host name")
         r.done()
 
 
+def _plain_address_ish(text: str) -> bool:
+    """Cheap load-time check; pam_linkus.emailcode.check_address is the full one at send time."""
+    return text.count("@") == 1 and not any(c in text for c in ' ,;<>()"\\') and text.isprintable()
+
+
+#: Default mail subject; a changed one is checked for placeholders at load.
+DEFAULT_EMAIL_SUBJECT = "Login verification code for {user} on {host}"
+
+
 class EmailConfig:
-    """Lifetime, attempts and throttles of email codes, and the message text."""
+    """Lifetime, attempts and throttles of email codes, and the message text.
+
+    ``send_interval`` / ``max_per_hour`` throttle one extension,
+    ``global_max_per_minute`` the whole host (or the Redis cluster), so that
+    repeated logins cannot turn the PBX into a mail cannon.
+    """
 
     __slots__ = (
         "code_lifetime", "max_attempts", "send_interval", "max_per_hour", "global_max_per_minute",
@@ -353,9 +413,18 @@ class EmailConfig:
         self.send_interval = r.integer("send_interval", 60, minimum=0, maximum=3600)
         self.max_per_hour = r.integer("max_per_hour", 5, minimum=1, maximum=100)
         self.global_max_per_minute = r.integer("global_max_per_minute", 60, minimum=1, maximum=10000)
-        self.subject = r.string("subject", "Your login verification code", max_len=200)
-        if "\r" in self.subject or "\n" in self.subject:
-            raise r.fail("subject", "must be one line")
+        self.subject = r.string("subject", DEFAULT_EMAIL_SUBJECT, max_len=200)
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.subject):
+            raise r.fail("subject", "must be one line without control characters")
+        if self.subject != DEFAULT_EMAIL_SUBJECT:
+            from pam_linkus.emailcode import PLACEHOLDERS, fill
+
+            try:
+                fill(self.subject, {name: "" for name in PLACEHOLDERS if name != "code"})
+            except KeyError as exc:
+                name = exc.args[0]
+                raise r.fail("subject", "must not contain {code}" if name == "code"
+                             else f"unknown placeholder {{{name}}}") from None
         self.template_file = r.optional_path("template_file")
         self.key_file = r.path("key_file", f"{DEFAULT_STATE_DIR}/email.key")
         r.done()
@@ -364,12 +433,18 @@ class EmailConfig:
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent")
+    __slots__ = ("totp", "email", "locked", "email_sent", "email_pending", "email_throttled")
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")
         self.email = _prompt(r, "email", "Email code: ")
         self.email_sent = _prompt(r, "email_sent", "A verification code was sent to {address}.")
+        self.email_pending = _prompt(
+            r, "email_pending", "The code sent to {address} a moment ago is still valid; no new code was sent."
+        )
+        self.email_throttled = _prompt(
+            r, "email_throttled", "Too many codes were sent for this account; try again later."
+        )
         self.locked = _prompt(r, "locked", "Too many failed attempts; contact your administrator.")
         r.done()
 

@@ -1,7 +1,8 @@
 """The decision of one login: settings -> policy -> challenge -> verify -> record.
 
 This module never touches ``pamh``. The PAM face (or the CLI, or a test) hands in
-a ``Context`` holding the config, a Prompter for the conversation, a clock, and
+a ``Context`` holding the config, a Prompter for the conversation, a clock, a
+Mailer for email codes (built from ``smtp`` only when a code is mailed), and
 factories for the settings chain and the state store, which are opened only when
 a login needs them (a user without 2FA under ``enforce: enrolled`` never opens
 the state store).
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
             """Show a line of information (never raises)."""
             ...
 
+    class Mailer(Protocol):
+        """Hands one message to a mail server (pam_linkus.mail.SmtpMailer)."""
+
+        def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+            """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
+            ...
+
 
 class LoginRequest:
     """Who is logging in, from where, through which service (PAM items)."""
@@ -65,6 +73,7 @@ class Context:
         clock: Callable[[], float],
         open_chain: Callable[[Context], SourceChain] | None = None,
         open_store: Callable[[Context], StateStore] | None = None,
+        mailer: Mailer | None = None,
         totp_prompt: str | None = None,
         echo_code: bool = False,
     ):
@@ -74,6 +83,7 @@ class Context:
         self._open_chain = open_chain or _default_chain
         self._open_store = open_store or _default_store
         self._store: StateStore | None = None
+        self._mailer = mailer
         self.totp_prompt = totp_prompt or config.prompts.totp
         self.echo_code = echo_code
         self.method = "-"
@@ -84,6 +94,13 @@ class Context:
         if self._store is None:
             self._store = self._open_store(self)
         return self._store
+
+    def mailer(self) -> Mailer:
+        if self._mailer is None:
+            from pam_linkus.mail import SmtpMailer
+
+            self._mailer = SmtpMailer(self.config.smtp)
+        return self._mailer
 
     def chain(self) -> SourceChain:
         return self._open_chain(self)
@@ -126,6 +143,8 @@ def authenticate(req: LoginRequest, ctx: Context) -> Decision:
 
     if settings.method == "totp":
         return _verify_totp(req, ctx, settings, store)
+    if settings.method == "email":
+        return _verify_email(req, ctx, settings, store)
     raise NotEnrolled(f"method {settings.method} is not available on this host")
 
 
@@ -150,6 +169,20 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings, s
     if not store.accept_totp_step(req.user, step, now):
         _count_failure(req, ctx, store, "replayed code")
     return Decision(Outcome.SUCCESS, "code accepted", "totp")
+
+
+def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings, store: StateStore) -> Decision:
+    """Mail a code (only reached after the password step: see README, "Email codes"), ask, verify."""
+    from pam_linkus import emailcode
+
+    key = emailcode.load_key(ctx.config.email.key_file)
+    ctx.prompter.info(emailcode.deliver(req, ctx, settings.email, store, key))
+    answer = ctx.prompter.ask(ctx.config.prompts.email, echo=ctx.echo_code)
+    try:
+        emailcode.verify(store, key, req.user, answer, ctx.clock())
+    except CodeRejected as exc:
+        _count_failure(req, ctx, store, exc.reason)
+    return Decision(Outcome.SUCCESS, "code accepted", "email")
 
 
 def _count_failure(req: LoginRequest, ctx: Context, store: StateStore, reason: str) -> NoReturn:

@@ -17,11 +17,13 @@ import stat
 from typing import TYPE_CHECKING
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import LockStatus, next_lock
+from pam_linkus.state.base import EmailCheck, EmailIssue, LockStatus, email_retry_after, next_lock
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import TypeVar
+
+    from pam_linkus.state.base import EmailLimits
 
     T = TypeVar("T")
 
@@ -44,6 +46,17 @@ MIGRATIONS: tuple[str, ...] = (
         stored_at REAL NOT NULL,
         PRIMARY KEY (source, user)
     ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE email_codes (
+        user TEXT PRIMARY KEY,
+        hash TEXT NOT NULL,
+        expires REAL NOT NULL,
+        attempts_left INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE email_sends (user TEXT NOT NULL, at REAL NOT NULL, hash TEXT NOT NULL);
+    CREATE INDEX email_sends_at ON email_sends (at);
+    CREATE INDEX email_sends_user ON email_sends (user, at);
     """,
 )
 
@@ -178,12 +191,67 @@ class SqliteStore:
 
         return self._write(body)
 
+    def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+        def body(db: sqlite3.Connection) -> EmailIssue:
+            db.execute("DELETE FROM email_sends WHERE at <= ?", (now - 3600,))
+            mine = [r[0] for r in db.execute("SELECT at FROM email_sends WHERE user = ?", (user,))]
+            everyone = [r[0] for r in db.execute("SELECT at FROM email_sends WHERE at > ?", (now - 60,))]
+            retry_after = email_retry_after(mine, everyone, now, limits)
+            if retry_after > now:
+                row = db.execute(
+                    "SELECT 1 FROM email_codes WHERE user = ? AND expires > ? AND attempts_left > 0", (user, now)
+                ).fetchone()
+                return EmailIssue(False, pending=row is not None, retry_after=retry_after)
+            db.execute(
+                "INSERT INTO email_codes (user, hash, expires, attempts_left) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET hash = excluded.hash, expires = excluded.expires, "
+                "attempts_left = excluded.attempts_left",
+                (user, code_hash, now + limits.lifetime, limits.max_attempts),
+            )
+            db.execute("INSERT INTO email_sends (user, at, hash) VALUES (?, ?, ?)", (user, now, code_hash))
+            return EmailIssue(True)
+
+        return self._write(body)
+
+    def discard_email_code(self, user: str, code_hash: str) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM email_codes WHERE user = ? AND hash = ?", (user, code_hash))
+            db.execute("DELETE FROM email_sends WHERE user = ? AND hash = ?", (user, code_hash))
+
+        self._write(body)
+
+    def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+        import hmac
+
+        def body(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+            if row and row[0] > now:
+                raise Locked(locked_until=row[0])
+            code = db.execute("SELECT hash, expires, attempts_left FROM email_codes WHERE user = ?", (user,)).fetchone()
+            if code is None:
+                return EmailCheck.MISSING
+            stored, expires, attempts_left = code
+            if expires <= now:
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                return EmailCheck.EXPIRED
+            if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                return EmailCheck.ACCEPTED
+            if attempts_left <= 1:
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                return EmailCheck.EXHAUSTED
+            db.execute("UPDATE email_codes SET attempts_left = attempts_left - 1 WHERE user = ?", (user,))
+            return EmailCheck.WRONG
+
+        return self._write(body)
+
     def unlock(self, user: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM failures WHERE user = ?", (user,)))
 
     def forget(self, user: str) -> None:
         def body(db: sqlite3.Connection) -> None:
-            for table in ("totp_used", "failures", "settings_cache"):
+            for table in ("totp_used", "failures", "settings_cache", "email_codes", "email_sends"):
                 db.execute(f"DELETE FROM {table} WHERE user = ?", (user,))  # noqa: S608 - fixed names
 
         self._write(body)
