@@ -174,8 +174,10 @@ def _tls(config: LdapConfig) -> Any:
     raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
 
 
-def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
-    """A connection object for ``uri``; no I/O yet (``_open`` does that)."""
+def _connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
+                read_only: bool = True) -> Any:
+    """A connection object for ``uri`` (binding as ``bind_dn``, by default the
+    lookup's ``ldap.bind_dn``); no I/O yet (``_open`` does that)."""
     import ldap3
 
     server = ldap3.Server(
@@ -188,12 +190,12 @@ def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
     )
     return ldap3.Connection(
         server,
-        user=config.bind_dn,
+        user=bind_dn or config.bind_dn,
         password=password,
         authentication=ldap3.SIMPLE,
         auto_bind=ldap3.AUTO_BIND_NONE,
         client_strategy=ldap3.SYNC,
-        read_only=True,
+        read_only=read_only,
         receive_timeout=config.timeout,
         auto_referrals=False,
         raise_exceptions=False,
@@ -227,17 +229,17 @@ def _no_delay(conn: Any) -> None:
 
 def _bind(config: LdapConfig, conn: Any) -> None:
     if not conn.bind(read_server_info=False):
-        raise _Failed(f"bind as {config.bind_dn!r:.200} refused ({conn.result.get('description', '?')})")
+        raise _Failed(f"bind as {conn.user!r:.200} refused ({conn.result.get('description', '?')})")
 
 
-def _find(config: LdapConfig, conn: Any, search_filter: str) -> Entries:
+def _find(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
     import ldap3
 
     conn.search(
         config.base,
         search_filter,
         search_scope=getattr(ldap3, _SCOPES[config.scope]),
-        attributes=list(config.attributes.values()),
+        attributes=[*config.attributes.values(), *extra],
         size_limit=SIZE_LIMIT,
         time_limit=config.timeout,
     )
@@ -334,6 +336,14 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> Exte
         return None
     dn, raw = entries[0]
     where = f"LDAP entry {dn!r:.200}"
+    mapping = entry_mapping(config, user, where, raw)
+    if not any(key in mapping for key in PRESENCE_KEYS):
+        return None
+    return settings_from_mapping(user, mapping, where, "ldap")
+
+
+def entry_mapping(config: LdapConfig, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:
+    """An entry's mapped attributes in our keys and YAML types (not yet validated)."""
     mapping: dict[str, Any] = {}
     for key, attribute in config.attributes.items():
         values = raw.get(attribute.lower())
@@ -346,9 +356,7 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> Exte
         except UnicodeDecodeError:
             raise ConfigError(f"attribute {attribute} of {user!r:.60} is not UTF-8", where) from None
         mapping[key] = _convert(key, text)
-    if not any(key in mapping for key in PRESENCE_KEYS):
-        return None
-    return settings_from_mapping(user, mapping, where, "ldap")
+    return mapping
 
 
 def _convert(key: str, text: str) -> Any:
