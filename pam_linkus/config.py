@@ -17,6 +17,7 @@ from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from ipaddress import IPv4Network, IPv6Network
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -430,13 +431,32 @@ class EmailConfig:
         r.done()
 
 
+class SelfServiceConfig:
+    """``linkus-2fa self``: the PAM service that checks the user's account password.
+
+    It should hold the password modules only (e.g. ``auth required pam_unix.so``),
+    not pam-linkus: the CLI asks the current code itself, through the same flow.
+    """
+
+    __slots__ = ("pam_service",)
+
+    def __init__(self, r: Reader):
+        self.pam_service = r.string("pam_service", "linkus-2fa", max_len=100)
+        if not self.pam_service.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise r.fail("pam_service", "must be a PAM service name (letters, digits, - _ .)")
+        r.done()
+
+
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent", "email_pending", "email_throttled")
+    __slots__ = (
+        "totp", "email", "locked", "email_sent", "email_pending", "email_throttled", "password_and_code",
+    )
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")
+        self.password_and_code = _prompt(r, "password_and_code", "Password & verification code: ")
         self.email = _prompt(r, "email", "Email code: ")
         self.email_sent = _prompt(r, "email_sent", "A verification code was sent to {address}.")
         self.email_pending = _prompt(
@@ -456,13 +476,38 @@ def _prompt(r: Reader, key: str, default: str) -> str:
     return value
 
 
+def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
+    """A list of CIDR networks, parsed now so a typo refuses logins at config load
+    (and ``linkus-2fa doctor`` names it) instead of silently never matching.
+
+    Host bits set (``10.1.2.3/8``) and a zero-length prefix (every address: that is
+    2FA switched off, say so with ``enforce`` or by un-enrolling) are errors.
+    ``ipaddress`` is imported only when the list is not empty.
+    """
+    texts = r.string_list(key, [])
+    if not texts:
+        return []
+    import ipaddress
+
+    networks: list[IPv4Network | IPv6Network] = []
+    for text in texts:
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise r.fail(key, f"{text[:60]!r} is not a CIDR network ({exc})") from None
+        if network.prefixlen == 0:
+            raise r.fail(key, f"{text!r} would exempt every address")
+        networks.append(network)
+    return networks
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes",
+        "recovery_codes", "self_service",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -484,9 +529,10 @@ class Config:
         self.email = EmailConfig(r.section("email"))
         self.smtp = SmtpConfig(r.section("smtp"))
         self.prompts = PromptsConfig(r.section("prompts"))
-        self.exempt_networks = r.string_list("exempt_networks", [])
+        self.exempt_networks = _networks(r, "exempt_networks")
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
+        self.self_service = SelfServiceConfig(r.section("self_service"))
         r.done()
 
     @classmethod

@@ -39,6 +39,27 @@ class LockStatus:
         return f"LockStatus(failures={self.failures}, locked_until={self.locked_until})"
 
 
+class Enrolment:
+    """What the state store knows about an extension's enrolment (never a secret).
+
+    ``method`` and ``since`` are None for an extension enrolled by editing the
+    source by hand (the store first heard of it at a successful login);
+    ``last_success`` is None until the first successful login after enrolment.
+    """
+
+    __slots__ = ("method", "since", "last_success", "recovery_left")
+
+    def __init__(self, method: str | None, since: float | None, last_success: float | None, recovery_left: int = 0):
+        self.method = method
+        self.since = since
+        self.last_success = last_success
+        self.recovery_left = recovery_left
+
+    def __repr__(self) -> str:
+        return (f"Enrolment(method={self.method!r}, since={self.since}, last_success={self.last_success}, "
+                f"recovery_left={self.recovery_left})")
+
+
 def next_lock(failures: int, now: float, max_failures: int, duration: int, permanent_after: int) -> float:
     """``locked_until`` after the ``failures``-th consecutive failure (0 = not locked).
 
@@ -128,6 +149,7 @@ def email_retry_after(
 
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Protocol
 
     class StateStore(Protocol):
@@ -143,7 +165,8 @@ if TYPE_CHECKING:
             Raises Locked if the extension is locked at ``now``. Returns False if a
             step >= ``step`` was accepted before (replay, also of an older step).
             Otherwise records ``step`` as the last accepted one, clears the failure
-            count, and returns True -- all in one atomic write.
+            count, records the success (``Enrolment.last_success``), and returns
+            True -- all in one atomic write.
             """
             ...
 
@@ -181,12 +204,59 @@ if TYPE_CHECKING:
             """
             ...
 
+        def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+            """Atomically note a confirmed enrolment: ``since`` = ``now``, no last success yet.
+
+            ``totp_step`` is the step of the confirmation code, recorded as used so
+            the code typed at enrolment cannot be replayed at a login (the old
+            secret's record is replaced); None removes the TOTP replay record.
+            """
+            ...
+
+        def enrolment(self, user: str) -> Enrolment | None:
+            """Method, since, last success and recovery codes left; None if nothing is known."""
+            ...
+
+        def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+            """Atomically replace all recovery codes of ``user`` by these digests (one salt)."""
+            ...
+
+        def recovery_salt(self, user: str) -> str | None:
+            """The salt of ``user``'s recovery codes, None if none are left."""
+            ...
+
+        def recovery_codes_left(self, user: str) -> int:
+            ...
+
+        def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+            """Atomically spend the recovery code with ``digest``.
+
+            Raises Locked if the extension is locked at ``now``. Returns False if no
+            stored digest matches (compared in constant time). Otherwise deletes that
+            code, clears the failure count and records the success -- one atomic write.
+            """
+            ...
+
+        def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+            """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
+            logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
+
+            An existing later end is kept (never shortened). ``rhost`` is a normalised
+            IP address; the caller never passes an empty one.
+            """
+            ...
+
+        def grace_active(self, user: str, rhost: str, now: float) -> bool:
+            """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
+            ...
+
         def unlock(self, user: str) -> None:
             """Clear failures and lock (admin action)."""
             ...
 
         def forget(self, user: str) -> None:
-            """Remove every record of ``user`` (2FA disabled, extension removed)."""
+            """Remove every record of ``user`` (2FA disabled, extension removed),
+            grace periods included."""
             ...
 
         def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
