@@ -81,6 +81,7 @@ class LdapSource:
         except ValueError:
             return None  # no directory entry can carry such a name
         password = read_secret_file(_required(self.config.bind_password_file), "LDAP bind password")
+        _require_ldap3()
         try:
             entries = search(self.config, password, user)
         except SourceUnavailable:
@@ -125,6 +126,14 @@ class LdapSource:
             return settings_from_mapping(user, entry, "LDAP offline cache", "ldap-cache")
         except ConfigError:
             return None
+
+
+def _require_ldap3() -> None:
+    """A host configured for LDAP without python3-ldap3 is misconfigured, not broken."""
+    try:
+        import ldap3  # noqa: F401
+    except ImportError:
+        raise ConfigError("the LDAP source needs python3-ldap3 (apt-get install python3-ldap3)") from None
 
 
 def _required(value: str | None) -> str:
@@ -385,12 +394,17 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     ``sample_user``, the lookup a login would do (first answering server,
     entry validated, no cache). Never raises a LinkusError.
     """
-    from ldap3.core.exceptions import LDAPException
-
     lines: list[str] = []
 
     def say(ok: bool, what: str, detail: str) -> None:
         lines.append(f"{'ok  ' if ok else 'FAIL'} ldap {what}: {detail}")
+
+    try:
+        _require_ldap3()
+    except LinkusError as exc:
+        say(False, "ldap3", exc.reason)
+        return lines
+    from ldap3.core.exceptions import LDAPException
 
     if not config.uris:
         say(False, "uris", "no server configured (ldap.uris)")

@@ -496,3 +496,32 @@ def test_ldif_schema_loads_into_cn_config(tmp_path: Path) -> None:
     # Same definitions as the .schema file: every attribute name appears in both.
     for name in SCHEMA_ATTRIBUTES.values():
         assert name in loaded and name in SCHEMA.read_text()
+
+
+def test_linkus_2fa_doctor_prints_the_ldap_checks(
+    slapd: Slapd, password_file: Path, private_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from pam_linkus.doctor import run
+
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    (private_dir / "state").mkdir(mode=0o700)
+    config_path = private_dir / "pam_linkus.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "sources": ["ldap"], "state": {"path": str(private_dir / "state" / "state.db")},
+        "ldap": ldap_config(slapd, base, password_file),
+    }))
+    config_path.chmod(0o600)
+    pam_dir = private_dir / "pam.d"
+    pam_dir.mkdir()
+    run(str(config_path), user="alice", pam_dir=str(pam_dir), smtp=False, now=time.time())
+    out = capsys.readouterr().out
+    assert f"ok   ldap {slapd.ldaps_uri}: connected, TLS via ldaps, certificate and host name verified" in out
+    assert "ok   ldap lookup alice: method=totp enabled=yes" in out
+    assert "FAIL ldap" not in out
+    stopped = ldap_config(slapd, base, password_file, uris=[f"ldaps://127.0.0.1:{free_port()}"])
+    config_path.write_text(yaml.safe_dump({"sources": ["ldap"], "ldap": stopped,
+                                           "state": {"path": str(private_dir / "state" / "state.db")}}))
+    assert run(str(config_path), user=None, pam_dir=str(pam_dir), smtp=False, now=time.time()) == 1
+    assert "Connection refused" in capsys.readouterr().out
