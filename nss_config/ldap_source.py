@@ -168,7 +168,7 @@ def search(config: LdapConfig, password: str, user: str) -> Entries:
     raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
 
 
-def _tls(config: LdapConfig) -> Any:
+def make_tls(config: LdapConfig) -> Any:
     import ssl
 
     from ldap3 import Tls
@@ -178,15 +178,15 @@ def _tls(config: LdapConfig) -> Any:
         # CERT_REQUIRED also makes ldap3 check the host name after the handshake.
         return Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
     except LDAPException as exc:
-        problem = _describe(exc)
-        _drop_frames(exc)
+        problem = describe_error(exc)
+        drop_frames(exc)
     raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
 
 
-def _connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
+def new_connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
                 read_only: bool = True) -> Any:
     """A connection object for ``uri`` (binding as ``bind_dn``, by default the
-    lookup's ``ldap.bind_dn``); no I/O yet (``_open`` does that)."""
+    lookup's ``ldap.bind_dn``); no I/O yet (``open_secured`` does that)."""
     import ldap3
 
     server = ldap3.Server(
@@ -212,7 +212,7 @@ def _connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_d
     )
 
 
-def _open(conn: Any) -> None:
+def open_secured(conn: Any) -> None:
     """Connect, and establish and verify TLS (ldaps:// handshake or StartTLS)."""
     conn.open(read_server_info=False)
     _no_delay(conn)
@@ -222,7 +222,7 @@ def _open(conn: Any) -> None:
         # a bind on a connection that is not encrypted.
         conn.start_tls(read_server_info=False)
         if not conn.tls_started:
-            raise _Failed("StartTLS did not start")
+            raise StepFailed("StartTLS did not start")
 
 
 def _no_delay(conn: Any) -> None:
@@ -236,12 +236,12 @@ def _no_delay(conn: Any) -> None:
         pass  # only slower, never less safe
 
 
-def _bind(config: LdapConfig, conn: Any) -> None:
+def bind_or_fail(config: LdapConfig, conn: Any) -> None:
     if not conn.bind(read_server_info=False):
-        raise _Failed(f"bind as {conn.user!r:.200} refused ({conn.result.get('description', '?')})")
+        raise StepFailed(f"bind as {conn.user!r:.200} refused ({conn.result.get('description', '?')})")
 
 
-def _find(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
+def find_entries(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
     import ldap3
 
     conn.search(
@@ -254,7 +254,7 @@ def _find(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, .
     )
     result = conn.result.get("result")
     if result not in (0, 4):  # success, sizeLimitExceeded (more than SIZE_LIMIT entries)
-        raise _Failed(f"search failed ({conn.result.get('description', '?')})")
+        raise StepFailed(f"search failed ({conn.result.get('description', '?')})")
     entries = []
     for item in conn.response or []:
         if item.get("type") != "searchResEntry":
@@ -264,31 +264,33 @@ def _find(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, .
     return entries, result == 4
 
 
-class _Failed(Exception):
-    """A step of the conversation with one server failed (translated below)."""
+class StepFailed(Exception):
+    """A step of the conversation with one server failed; the callers here (and
+    in ldap_writer) turn it into SourceUnavailable naming the server, so it never
+    reaches the flow."""
 
 
 def _search_one(config: LdapConfig, uri: str, password: str, search_filter: str) -> Entries:
     from ldap3.core.exceptions import LDAPException
 
-    tls = _tls(config)
-    conn = _connection(config, uri, password, tls)
+    tls = make_tls(config)
+    conn = new_connection(config, uri, password, tls)
     try:
-        _open(conn)
-        _bind(config, conn)
-        return _find(config, conn, search_filter)
-    except _Failed as exc:
+        open_secured(conn)
+        bind_or_fail(config, conn)
+        return find_entries(config, conn, search_filter)
+    except StepFailed as exc:
         problem = str(exc)
     except (LDAPException, OSError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-        problem = _describe(exc)
-        _drop_frames(exc)
+        problem = describe_error(exc)
+        drop_frames(exc)
     finally:
-        _close(conn)
+        close_quietly(conn)
     # Raised here, outside the except blocks, so it carries no ldap3 exception as context.
     raise SourceUnavailable(f"{uri}: {problem}")
 
 
-def _drop_frames(exc: BaseException) -> None:
+def drop_frames(exc: BaseException) -> None:
     """Clear the locals of the finished frames in ``exc``'s tracebacks.
 
     ldap3 keeps the exception it raises in a local list of the frame that raised
@@ -313,7 +315,7 @@ def _drop_frames(exc: BaseException) -> None:
         todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
 
 
-def _close(conn: Any) -> None:
+def close_quietly(conn: Any) -> None:
     from ldap3.core.exceptions import LDAPException
 
     try:
@@ -322,7 +324,7 @@ def _close(conn: Any) -> None:
         pass  # the answer (or the failure) is already known; closing changes nothing
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One short line about a lower-layer error (ldap3 puts whole certificates in some)."""
     import re
 
@@ -416,36 +418,36 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
         return lines
     say(True, "bind password", f"{config.bind_password_file} readable, root-only")
     try:
-        tls = _tls(config)
+        tls = make_tls(config)
     except LinkusError as exc:
         say(False, "ca_file", exc.reason)
         return lines
     say(True, "ca_file", config.ca_file or "system trust store")
     search_filter = build_filter(config.filter, sample_user) if sample_user else None
     for uri in config.uris:
-        conn = _connection(config, uri, password, tls)
+        conn = new_connection(config, uri, password, tls)
         step = "connect"
         try:
-            _open(conn)
+            open_secured(conn)
             how = "ldaps" if conn.server.ssl else "StartTLS"
             say(True, uri, f"connected, TLS via {how}, certificate and host name verified")
             step = "bind"
-            _bind(config, conn)
+            bind_or_fail(config, conn)
             say(True, uri, f"bound as {config.bind_dn}")
             if search_filter is not None:
                 step = "search"
-                entries, truncated = _find(config, conn, search_filter)
+                entries, truncated = find_entries(config, conn, search_filter)
                 unique = len(entries) <= 1 and not truncated
                 count = f"more than {len(entries)}" if truncated else str(len(entries))
                 say(unique, uri, f"search {search_filter} under {config.base}: {count} entries"
                     + ("" if unique else " (ambiguous)"))
-        except _Failed as exc:
+        except StepFailed as exc:
             say(False, uri, f"{step}: {exc}")
         except (LDAPException, OSError) as exc:
-            say(False, uri, f"{step}: {_describe(exc)}")
-            _drop_frames(exc)
+            say(False, uri, f"{step}: {describe_error(exc)}")
+            drop_frames(exc)
         finally:
-            _close(conn)
+            close_quietly(conn)
     if sample_user:
         try:
             found = LdapSource(config).lookup(sample_user)

@@ -34,17 +34,17 @@ from typing import TYPE_CHECKING, Any
 from nss_config.base import ENTRY_KEYS, check_user_name, settings_from_mapping
 from nss_config.ldap_source import (
     PRESENCE_KEYS,
-    _bind,
-    _close,
-    _connection,
-    _describe,
-    _drop_frames,
-    _Failed,
-    _find,
-    _open,
-    _tls,
+    StepFailed,
+    bind_or_fail,
     build_filter,
+    close_quietly,
+    describe_error,
+    drop_frames,
     entry_mapping,
+    find_entries,
+    make_tls,
+    new_connection,
+    open_secured,
     settings_from_entries,
 )
 from pam_linkus.errors import ConfigError, SourceUnavailable
@@ -77,18 +77,18 @@ class LdapWriter:
         if not config.writer_bind_dn or not config.writer_password_file:
             raise ConfigError("ldap.writer_bind_dn and ldap.writer_password_file are needed to change the directory")
         password = read_secret_file(config.writer_password_file, "LDAP writer password")
-        tls = _tls(config)
+        tls = make_tls(config)
         search_filter = build_filter(config.filter, user)
         failures = []
         for uri in config.uris:
-            conn = _connection(config, uri, password, tls, bind_dn=config.writer_bind_dn, read_only=False)
+            conn = new_connection(config, uri, password, tls, bind_dn=config.writer_bind_dn, read_only=False)
             try:
                 problem = _connect_and_bind(config, conn)
                 if problem is None:
                     return self._apply(conn, uri, user, search_filter, change)
                 failures.append(f"{uri}: {problem}")
             finally:
-                _close(conn)
+                close_quietly(conn)
         raise SourceUnavailable("LDAP: no server accepted the writer's bind: " + "; ".join(failures))
 
     def _apply(self, conn: Any, uri: str, user: str, search_filter: str,
@@ -97,7 +97,7 @@ class LdapWriter:
 
         config = self.config
         try:
-            found = _find(config, conn, search_filter, ("objectClass",))
+            found = find_entries(config, conn, search_filter, ("objectClass",))
             entries, truncated = found
             if truncated or len(entries) > 1:
                 raise SourceUnavailable(f"LDAP: more than one entry matches {user!r:.60} (ambiguous)")
@@ -116,13 +116,13 @@ class LdapWriter:
                 expected = settings_from_mapping(user, new, f"{where}: new settings", "ldap")
             modifications = self._modifications(current, new, expected, raw)
             if modifications and not conn.modify(dn, modifications):
-                raise _Failed(f"change of {dn!r:.200} refused ({conn.result.get('description', '?')})")
-            after = settings_from_entries(config, user, _find(config, conn, search_filter))
-        except _Failed as exc:
+                raise StepFailed(f"change of {dn!r:.200} refused ({conn.result.get('description', '?')})")
+            after = settings_from_entries(config, user, find_entries(config, conn, search_filter))
+        except StepFailed as exc:
             problem = str(exc)
         except (LDAPException, OSError) as exc:
-            problem = _describe(exc)
-            _drop_frames(exc)
+            problem = describe_error(exc)
+            drop_frames(exc)
         else:
             if after != expected:
                 raise ConfigError(f"{where}: the settings read back are not the ones written (please report)")
@@ -154,13 +154,13 @@ def _connect_and_bind(config: LdapConfig, conn: Any) -> str | None:
     from ldap3.core.exceptions import LDAPException
 
     try:
-        _open(conn)
-        _bind(config, conn)
-    except _Failed as exc:
+        open_secured(conn)
+        bind_or_fail(config, conn)
+    except StepFailed as exc:
         return str(exc)
     except (LDAPException, OSError) as exc:
-        problem = _describe(exc)
-        _drop_frames(exc)
+        problem = describe_error(exc)
+        drop_frames(exc)
         return problem
     return None
 
