@@ -525,3 +525,23 @@ def test_linkus_2fa_doctor_prints_the_ldap_checks(
                                            "state": {"path": str(private_dir / "state" / "state.db")}}))
     assert run(str(config_path), user=None, pam_dir=str(pam_dir), smtp=False, now=time.time()) == 1
     assert "Connection refused" in capsys.readouterr().out
+
+
+def test_referrals_are_never_followed(slapd: Slapd, password_file: Path, black_hole: BlackHole) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    manage_dsa_it = ("2.16.840.1.113730.3.4.2", True, None)
+    elsewhere = f"ldap://127.0.0.1:{black_hole.port}/ou=people,dc=elsewhere"
+    conn = slapd.admin()
+    conn.add(f"ou=moved,{base}", ["referral", "extensibleObject"], {"ou": "moved", "ref": elsewhere},
+             controls=[manage_dsa_it])
+    conn.unbind()
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, timeout=2)))
+    started = time.monotonic()
+    found = source.lookup("alice")
+    assert found is not None and found.secret == SECRET
+    assert source.lookup("bob") is None  # a continuation reference is not chased into the black hole
+    assert time.monotonic() - started < 1.5
+    # A base that is itself a referral: the server answers "referral", which is no answer.
+    moved = LdapSource(make_config(ldap_config(slapd, f"ou=moved,{base}", password_file, timeout=2)))
+    with pytest.raises(SourceUnavailable, match="referral"):
+        moved.lookup("alice")
