@@ -119,15 +119,11 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
         except LinkusError as exc:
             doc.report("FAIL", "yaml source", exc.reason)
     if "ldap" in config.sources:
-        try:
-            from nss_config.writer import _open_source
+        from nss_config.ldap_source import check as check_ldap
 
-            _open_source(config, "ldap").lookup(PROBE_USER)
-            doc.report("ok", "ldap source", ", ".join(config.ldap.uris))
-        except LinkusError as exc:
-            doc.report("FAIL", "ldap source", exc.reason)
-        except ImportError:
-            doc.report("FAIL", "ldap source", "this installation has no LDAP source module")
+        # Connection, TLS, bind and (with a user) search, per server, each step named.
+        for line in check_ldap(config.ldap, user):
+            doc.report(line[:4].strip(), line[5:])
         if not config.ldap.writer_bind_dn:
             doc.report("ok", "ldap writes", "read-only (no ldap.writer_bind_dn): linkus-2fa cannot enroll there")
     if user:
