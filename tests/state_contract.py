@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.errors import Locked, StateUnavailable
 from pam_linkus.state.base import FOREVER, LockStatus, next_lock
@@ -75,7 +76,7 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-class StateContract:
+class StateContract(EnrolmentRecoveryContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``."""
 
     @pytest.fixture

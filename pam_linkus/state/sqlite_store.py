@@ -120,7 +120,7 @@ class SqliteStore:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 raise StateUnavailable(f"state file {path} must be a regular file owned by root, mode 0600")
             db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-            self._migrate(db)
+            self._migrate(db, busy_timeout)
             return db
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state file {path}: {exc}") from None
@@ -128,12 +128,12 @@ class SqliteStore:
             raise StateUnavailable(f"state file {path}: {exc.strerror}") from None
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
+    def _migrate(db: sqlite3.Connection, busy_timeout: float = BUSY_TIMEOUT) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version >= len(MIGRATIONS):
             return
         if version == 0:
-            db.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(db, busy_timeout)
         db.execute("BEGIN IMMEDIATE")
         try:
             (version,) = db.execute("PRAGMA user_version").fetchone()
@@ -263,6 +263,7 @@ class SqliteStore:
             if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
                 db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                _note_success(db, user, "email", now)
                 return EmailCheck.ACCEPTED
             if attempts_left <= 1:
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
@@ -425,3 +426,25 @@ def _note_success(db: sqlite3.Connection, user: str, method: str | None, now: fl
         "ON CONFLICT (user) DO UPDATE SET last_success = excluded.last_success",
         (user, method or "-", now),
     )
+
+
+def _switch_to_wal(db: sqlite3.Connection, busy_timeout: float) -> None:
+    """Turn on WAL on a new database, waiting for parallel first openers.
+
+    SQLite answers "database is locked" at once, without its busy handler, when
+    another connection holds the file while the journal mode changes -- which is
+    what several first logins on a fresh state file do (seen: 1 run in 40 of
+    8 processes opening a new file). So wait here, bounded by the same busy
+    timeout as every other write.
+    """
+    import time
+
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
