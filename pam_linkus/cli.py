@@ -234,8 +234,8 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     _send_and_confirm_email(adm, ext, target)
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
-        kept = {k: v for k, v in (old or {}).items() if k in ("secret", "algorithm", "digits", "period")}
-        return {**kept, "method": "email", "email": target, "enabled": True}
+        # A TOTP secret left behind would be one more copy of a key nobody uses.
+        return {"method": "email", "email": target, "enabled": True}
 
     writer.update(ext, change)
     adm.store().record_enrolment(ext, "email", time.time())
@@ -245,10 +245,8 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
 
 def _check_address(address: str) -> None:
-    try:
-        from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise ConfigError("email enrolment needs pam_linkus.emailcode, which this version lacks") from None
+    from pam_linkus import emailcode
+
     try:
         emailcode.check_address(address)
     except ValueError as exc:
@@ -257,7 +255,7 @@ def _check_address(address: str) -> None:
 
 def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     """Mail a code through the module's own email code path and check what is typed."""
-    from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
+    from pam_linkus import emailcode
     from pam_linkus.flow import Context, LoginRequest
 
     ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store())
