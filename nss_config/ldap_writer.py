@@ -91,7 +91,7 @@ class LdapWriter:
             expected = settings_from_mapping(user, new, f"LDAP entry {dn!r:.200} (new values)", "ldap")
         changes: dict[str, list[tuple[Any, list[str]]]] = {}
         for key, attribute in config.attributes.items():
-            present = attribute.lower() in raw
+            present = bool(raw.get(attribute.lower()))
             if new is not None and key in new:
                 changes[attribute] = [(ldap3.MODIFY_REPLACE, [_ldap_value(new[key])])]
             elif present and key != "email":

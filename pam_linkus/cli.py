@@ -396,9 +396,9 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
         except KeyError:
             raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
-    found = read_file(path)
     source, _current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    found = read_file(path)
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         kept = {k: v for k, v in (old or {}).items() if k == "email"}
