@@ -198,7 +198,11 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     if current is not None and current.enrolled:
         print(f"{ext} already has 2FA ({current.method}); it is replaced only once the new key is confirmed.")
     _show_totp(adm, ext, secret, issuer, qr=qr, qr_file=qr_file)
-    step = _confirm_totp(adm, secret) if confirm else None
+    try:
+        step = _confirm_totp(adm, secret) if confirm else None
+    except CodeRejected:
+        adm.audit("enroll", ext, method="totp", source=source, result="not-confirmed")
+        raise
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         kept = {k: v for k, v in (old or {}).items() if k == "email"}
@@ -231,7 +235,11 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
         adm.store().forget(ext)
         adm.audit("email-address-changed", ext, source=source, result="email-2fa-off-until-confirmed")
         print(f"Email 2FA for {ext} is off until the new address is confirmed.")
-    _send_and_confirm_email(adm, ext, target)
+    try:
+        _send_and_confirm_email(adm, ext, target)
+    except CodeRejected:
+        adm.audit("enroll", ext, method="email", source=source, result="not-confirmed")
+        raise
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         # A TOTP secret left behind would be one more copy of a key nobody uses.
@@ -468,13 +476,18 @@ def _prove_identity(adm: Admin, user: str) -> None:
         return
     from pam_linkus.flow import Context, LoginRequest
     from pam_linkus.flow import authenticate as decide
+    from pam_linkus.outcome import Outcome
 
     ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store(), echo_code=True)
     try:
-        decide(LoginRequest(user, service="linkus-2fa"), ctx)
+        decision = decide(LoginRequest(user, service="linkus-2fa"), ctx)
     except LinkusError:
         adm.audit("self-check", user, result="wrong-code")
         raise
+    if decision.outcome != Outcome.SUCCESS:
+        # No request address, so no exempt network or grace period applies; should a
+        # policy ever skip here anyway, self-service still wants a code it has seen.
+        raise Denied(f"a current code is required ({decision.reason})")
 
 
 # -- command line ------------------------------------------------------------------------

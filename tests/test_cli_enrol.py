@@ -73,6 +73,7 @@ def test_wrong_confirmation_code_saves_nothing(pam_stack: PamStack, user: str) -
     assert pam_stack.extensions_path.read_bytes() == before
     status = run_cli(pam_stack, "status", user)
     assert "method:       none" in status.stdout
+    assert "result=not-confirmed" in pam_stack.log.wait_for(f"action=enroll ext={user}")
 
 
 def test_re_enrolment_keeps_the_old_secret_until_the_new_one_is_confirmed(pam_stack: PamStack, user: str) -> None:
