@@ -193,6 +193,7 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
 
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret
+    adm.store()  # and a state store that cannot be opened
     secret = generate_secret(160)
     issuer = issuer or adm.config.totp.issuer or socket.gethostname()
     if current is not None and current.enrolled:
@@ -226,6 +227,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    adm.store()
     target = address or (current.email if current is not None else None)
     if not target:
         raise ConfigError(f"{ext} has no email address in the {source} source; give one with --address")
@@ -289,6 +291,7 @@ def disable(adm: Admin, ext: str) -> int:
     from nss_config.writer import writer_for
 
     source, current = adm.lookup(ext)
+    adm.store()  # fail before the source is changed, not after
     if current is not None:
         writer = writer_for(adm.config, source)
 
@@ -406,6 +409,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
     source, _current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    adm.store()
     found = read_file(path)
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:

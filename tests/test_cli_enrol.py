@@ -173,3 +173,19 @@ def test_invalid_extension_name_is_refused(pam_stack: PamStack) -> None:
     assert result.returncode == 1
     assert "invalid extension name" in result.stderr
     assert "bad" not in pam_stack.extensions_path.read_text()
+
+
+def test_an_unusable_state_store_stops_the_change_before_the_source_is_written(pam_stack: PamStack, user: str,
+                                                                               private_dir: Path) -> None:
+    shared = private_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(state={"path": str(shared / "state.db")})
+    before = pam_stack.extensions_path.read_bytes()
+    for args in (("enroll", user, "--no-confirm", "--no-qr"), ("disable", user)):
+        result = run_cli(pam_stack, *args)
+        assert result.returncode == 1, args
+        assert "must be owned by root and not writable by group or others" in result.stderr
+        assert "Key:" not in result.stdout
+    assert pam_stack.extensions_path.read_bytes() == before
