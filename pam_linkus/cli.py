@@ -234,7 +234,6 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     _check_address(target)
     if current is not None and current.enrolled and current.method == "email" and current.email != target:
         writer.update(ext, lambda old: {**(old or {}), "method": "email", "email": target, "enabled": False})
-        adm.store().forget(ext)
         adm.audit("email-address-changed", ext, source=source, result="email-2fa-off-until-confirmed")
         print(f"Email 2FA for {ext} is off until the new address is confirmed.")
     try:
