@@ -362,7 +362,9 @@ class StateContract(EnrolmentRecoveryContract):
     # -- unavailable -----------------------------------------------------------------
 
     @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
-                                           "issue_email_code", "discard_email_code", "verify_email_code"])
+                                           "issue_email_code", "discard_email_code", "verify_email_code",
+                                           "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt",
+                                           "recovery_codes_left", "use_recovery_code"])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -373,6 +375,12 @@ class StateContract(EnrolmentRecoveryContract):
             "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
             "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
+            "record_enrolment": lambda s: s.record_enrolment("1001", "totp", NOW, totp_step=STEP),
+            "enrolment": lambda s: s.enrolment("1001"),
+            "set_recovery_codes": lambda s: s.set_recovery_codes("1001", "00" * 16, ["d1", "d2"]),
+            "recovery_salt": lambda s: s.recovery_salt("1001"),
+            "recovery_codes_left": lambda s: s.recovery_codes_left("1001"),
+            "use_recovery_code": lambda s: s.use_recovery_code("1001", "d1", NOW),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()
