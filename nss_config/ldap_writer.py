@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     Entry = dict[str, Any]
 
 
+#: What ``preflight``'s change returns: look, do not touch.
+_NO_CHANGE: dict[str, Any] = {}
+
+
 class LdapWriter:
     """Writes 2FA attributes of one extension's directory entry (see the module docstring)."""
 
@@ -45,6 +49,10 @@ class LdapWriter:
             raise ConfigError("the LDAP source is read-only: ldap.writer_bind_dn and ldap.writer_password_file "
                               "are not set")
         self.config = config
+
+    def preflight(self, user: str) -> None:
+        """Bind as the writer and find the entry, before a secret is shown for it."""
+        self.update(user, lambda old: _NO_CHANGE)
 
     def update(self, user: str, change: Callable[[Entry | None], Entry | None]) -> ExtensionSettings | None:
         from ldap3.core.exceptions import LDAPException
@@ -82,6 +90,8 @@ class LdapWriter:
         dn, raw, classes = _the_entry(config, conn, user)
         old = _entry_from_raw(config, raw)
         new = change(old if any(k in old for k in ("method", "enabled", "secret")) else None)
+        if new is _NO_CHANGE:
+            return None
         expected = None
         if new is not None:
             unknown = set(new) - set(ENTRY_KEYS)

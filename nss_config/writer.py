@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     class SettingsWriter(Protocol):
         name: str
 
+        def preflight(self, user: str) -> None:
+            """Raise what ``update`` would raise before changing anything (no entry, no access)."""
+            ...
+
         def update(
             self, user: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
         ) -> ExtensionSettings | None: ...

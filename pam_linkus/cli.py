@@ -192,7 +192,8 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     from pam_linkus.totp import generate_secret
 
     source, current = adm.lookup(ext)
-    writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret
+    writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret,
+    writer.preflight(ext)  # one that cannot take the change,
     adm.store()  # and a state store that cannot be opened
     secret = generate_secret(160)
     issuer = issuer or adm.config.totp.issuer or socket.gethostname()
@@ -227,6 +228,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    writer.preflight(ext)
     adm.store()
     target = address or (current.email if current is not None else None)
     if not target:

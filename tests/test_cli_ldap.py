@@ -89,9 +89,10 @@ def test_a_read_only_ldap_source_is_refused_before_a_secret_is_shown(pam_stack: 
 def test_an_extension_without_a_directory_entry_is_not_created(pam_stack: PamStack, slapd: Slapd) -> None:
     base = slapd.tree({})
     use_ldap(pam_stack, slapd, base)
-    result = run_cli(pam_stack, "enroll", "nobody-here", "--no-confirm", "--no-qr")
+    result = run_cli(pam_stack, "enroll", "nobody-here", "--no-qr")
     assert result.returncode == 1
     assert "no directory entry for 'nobody-here'" in result.stderr
+    assert "Key:" not in result.stdout  # found out before a secret was shown and confirmed
     assert yaml.safe_load(pam_stack.extensions_path.read_text()) == {"extensions": {}}
 
 
