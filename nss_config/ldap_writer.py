@@ -59,6 +59,10 @@ if TYPE_CHECKING:
     Entry = dict[str, Any]
 
 
+class _EntryFound(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by ``preflight``'s change: bound and found, stop before modifying."""
+
+
 class LdapWriter:
     """Edits the 2FA attributes of one directory entry (see the module docstring)."""
 
@@ -66,6 +70,18 @@ class LdapWriter:
 
     def __init__(self, config: LdapConfig):
         self.config = config
+
+    def preflight(self, user: str) -> None:
+        """Bind as the writer and find the entry, changing nothing: ``linkus-2fa``
+        calls this before it shows a new secret, so a refusal comes first."""
+
+        def stop(_current: Entry | None) -> Entry | None:
+            raise _EntryFound
+
+        try:
+            self.update(user, stop)
+        except _EntryFound:
+            return
 
     def update(self, user: str, change: Callable[[Entry | None], Entry | None]) -> ExtensionSettings | None:
         """Replace ``user``'s 2FA settings by ``change(current)`` (None removes them)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.errors import Locked, StateUnavailable
 from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, next_lock
@@ -75,7 +76,7 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-class StateContract:
+class StateContract(EnrolmentRecoveryContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``."""
 
     @pytest.fixture
@@ -409,7 +410,9 @@ class StateContract:
 
     @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
                                            "issue_email_code", "discard_email_code", "verify_email_code",
-                                           "start_grace", "grace_active"])
+                                           "start_grace", "grace_active",
+                                           "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt",
+                                           "recovery_codes_left", "use_recovery_code"])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -422,6 +425,12 @@ class StateContract:
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
             "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 300),
             "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
+            "record_enrolment": lambda s: s.record_enrolment("1001", "totp", NOW, totp_step=STEP),
+            "enrolment": lambda s: s.enrolment("1001"),
+            "set_recovery_codes": lambda s: s.set_recovery_codes("1001", "00" * 16, ["d1", "d2"]),
+            "recovery_salt": lambda s: s.recovery_salt("1001"),
+            "recovery_codes_left": lambda s: s.recovery_codes_left("1001"),
+            "use_recovery_code": lambda s: s.use_recovery_code("1001", "d1", NOW),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()

@@ -139,7 +139,7 @@ class SqliteStore:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 raise StateUnavailable(f"state file {path} must be a regular file owned by root, mode 0600")
             db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-            self._migrate(db)
+            self._migrate(db, busy_timeout)
             return db
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state file {path}: {exc}") from None
@@ -147,7 +147,7 @@ class SqliteStore:
             raise StateUnavailable(f"state file {path}: {exc.strerror}") from None
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
+    def _migrate(db: sqlite3.Connection, busy_timeout: float = BUSY_TIMEOUT) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version >= len(MIGRATIONS):
             return
@@ -282,6 +282,7 @@ class SqliteStore:
             if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
                 db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                _note_success(db, user, "email", now)
                 return EmailCheck.ACCEPTED
             if attempts_left <= 1:
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
