@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     Entry = dict[str, Any]
 
 
-class _EntryFound(Exception):  # noqa: N818 - a signal, not an error
+class _EntryFound(Exception):
     """Raised by ``preflight``'s change: bound and found, stop before modifying."""
 
 

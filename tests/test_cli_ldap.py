@@ -91,7 +91,7 @@ def test_an_extension_without_a_directory_entry_is_not_created(pam_stack: PamSta
     use_ldap(pam_stack, slapd, base)
     result = run_cli(pam_stack, "enroll", "nobody-here", "--no-qr")
     assert result.returncode == 1
-    assert "no directory entry for 'nobody-here'" in result.stderr
+    assert "matches 'nobody-here'; create the account in the directory first" in result.stderr
     assert "Key:" not in result.stdout  # found out before a secret was shown and confirmed
     assert yaml.safe_load(pam_stack.extensions_path.read_text()) == {"extensions": {}}
 
