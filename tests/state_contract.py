@@ -231,6 +231,35 @@ class StateContract:
         finally:
             other.close()
 
+    # -- settings cache (the LDAP source's offline copy) ------------------------------
+
+    def test_cached_settings_are_returned_only_while_young_enough(self, store: Any) -> None:
+        text = '{"method": "totp", "secret": "JBSWY3DPEHPK3PXP", "note": "ü \\n"}'
+        assert store.cached_settings("ldap", "1001", NOW, 10) is None
+        store.cache_settings("ldap", "1001", text, NOW)
+        assert store.cached_settings("ldap", "1001", NOW + 10, 10) == text
+        assert store.cached_settings("ldap", "1001", NOW + 10.5, 10) is None
+        assert store.cached_settings("ldap", "1001", NOW - 1, 10) is None  # stored "in the future": clock went back
+        assert store.cached_settings("other", "1001", NOW, 10) is None
+        assert store.cached_settings("ldap", "1002", NOW, 10) is None
+
+    def test_caching_again_replaces_and_none_forgets(self, store: Any) -> None:
+        store.cache_settings("ldap", "1001", '{"method": "none"}', NOW)
+        store.cache_settings("other", "1001", "kept", NOW)
+        store.cache_settings("ldap", "1001", '{"method": "totp"}', NOW + 100)
+        assert store.cached_settings("ldap", "1001", NOW + 100, 10) == '{"method": "totp"}'
+        store.cache_settings("ldap", "1001", None, NOW + 101)
+        assert store.cached_settings("ldap", "1001", NOW + 101, 10) is None
+        assert store.cached_settings("other", "1001", NOW + 101, 1000) == "kept"
+        store.cache_settings("ldap", "nobody", None, NOW)  # forgetting nothing is harmless
+
+    def test_forget_removes_the_cached_settings(self, store: Any) -> None:
+        store.cache_settings("ldap", "1001", "x", NOW)
+        store.cache_settings("ldap", "1002", "y", NOW)
+        store.forget("1001")
+        assert store.cached_settings("ldap", "1001", NOW, 10) is None
+        assert store.cached_settings("ldap", "1002", NOW, 10) == "y"
+
     # -- races between processes -----------------------------------------------------
 
     def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
@@ -267,7 +296,8 @@ class StateContract:
 
     # -- unavailable -----------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget"])
+    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
+                                           "cache_settings", "cached_settings"])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -275,6 +305,8 @@ class StateContract:
             "record_failure": lambda s: self.fail(s, "1001", NOW),
             "unlock": lambda s: s.unlock("1001"),
             "forget": lambda s: s.forget("1001"),
+            "cache_settings": lambda s: s.cache_settings("ldap", "1001", "x", NOW),
+            "cached_settings": lambda s: s.cached_settings("ldap", "1001", NOW, 10),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()

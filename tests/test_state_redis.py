@@ -26,7 +26,7 @@ from state_contract import NOW, STEP, Opener, StateContract
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
 from pam_linkus.state import open_store
-from pam_linkus.state.redis_store import REPLAY_TTL
+from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
 #: What the README recommends for a cluster's ACL user (tested below as written there).
 ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
@@ -67,10 +67,12 @@ def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock(redis_server: R
     store.record_failure("1002", NOW, max_failures=3, duration=900, permanent_after=10)
     for _ in range(2):
         store.record_failure("1003", NOW, max_failures=1, duration=0, permanent_after=10)
+    store.cache_settings("ldap", "1004", "{}", NOW)
     store.close()
     r = redis_server.client()
     keys = sorted(r.keys("*"))
-    assert keys == [f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail"]
+    assert keys == [f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail", f"{p}{{1004}}:cache"]
+    assert CACHE_TTL - 5 <= r.ttl(f"{p}{{1004}}:cache") <= CACHE_TTL
     assert REPLAY_TTL - 5 <= r.ttl(f"{p}{{1001}}:totp") <= REPLAY_TTL
     assert 86400 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400
     assert r.ttl(f"{p}{{1003}}:fail") == -1  # only `linkus-2fa unlock` ends it

@@ -38,7 +38,14 @@ if TYPE_CHECKING:
 #: forgotten step can no longer be replayed. One day is far beyond that.
 REPLAY_TTL = 86400
 
+#: How long an offline copy of an extension's settings (``ldap.cache_max_age``,
+#: at most 30 days) is kept after it was last written.
+CACHE_TTL = 31 * 86400
+
 _FOREVER = repr(float(FOREVER))
+
+#: Every kind of key an extension can have; ``forget`` deletes them all at once.
+KINDS = ("totp", "fail", "cache")
 
 # KEYS: fail, totp   ARGV: now, step, replay_ttl
 # -> {0, locked_until} locked | {1} replay (a step >= step was accepted) | {2} accepted
@@ -82,6 +89,13 @@ else
   redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
 end
 return {count, lock}
+"""
+
+# KEYS: cache   ARGV: source, data, now, ttl   (data and its time in one step)
+_CACHE_SETTINGS = """
+redis.call('HSET', KEYS[1], 'data:' .. ARGV[1], ARGV[2], 'at:' .. ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
 """
 
 
@@ -206,8 +220,24 @@ class RedisStore:
 
     def forget(self, user: str) -> None:
         # One DEL of all keys: atomic, so no half-forgotten extension.
-        keys = [self._key(user, kind) for kind in ("totp", "fail")]
+        keys = [self._key(user, kind) for kind in KINDS]
         self._call("forget", lambda: self._client.delete(*keys))
+
+    # -- settings cache (the LDAP source's offline copy) -----------------------------
+
+    def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+        key = self._key(user, "cache")
+        if data is None:
+            self._call("cache settings", lambda: self._client.hdel(key, f"data:{source}", f"at:{source}"))
+            return
+        self._eval("cache settings", _CACHE_SETTINGS, [key], [source, data, repr(now), CACHE_TTL])
+
+    def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+        key = self._key(user, "cache")
+        data, at = self._call("cached settings", lambda: self._client.hmget(key, f"data:{source}", f"at:{source}"))
+        if data is None or at is None or not 0 <= now - float(at) <= max_age:
+            return None
+        return str(data)
 
     def close(self) -> None:
         try:
