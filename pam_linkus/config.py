@@ -17,6 +17,7 @@ from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from ipaddress import IPv4Network, IPv6Network
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -346,12 +347,20 @@ class StateConfig:
 
 
 class SmtpConfig:
-    """The SMTP server that carries email codes (pam_linkus.mail)."""
+    """The SMTP server that carries email codes (pam_linkus.mail).
+
+    ``security``: ``tls`` (implicit TLS, port 465), ``starttls`` (port 587; a
+    server that does not offer STARTTLS is an error, never a plaintext fallback)
+    or ``none`` -- accepted only for a relay on the loopback interface, and never
+    with AUTH, so a password or code never crosses a network in clear.
+    """
 
     __slots__ = (
         "host", "port", "security", "ca_file", "username", "password_file", "sender",
         "timeout", "helo",
     )
+
+    LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
     def __init__(self, r: Reader):
         self.host = r.string("host", "127.0.0.1", max_len=255)
@@ -363,14 +372,36 @@ class SmtpConfig:
         self.password_file = r.optional_path("password_file")
         if self.username and not self.password_file:
             raise r.fail("password_file", "is required when username is set")
-        self.sender = r.string("from", "pam-linkus@localhost", max_len=255)
+        if self.security == "none" and self.host not in self.LOOPBACK:
+            raise r.fail("security", "none (plaintext) is allowed only towards 127.0.0.1, ::1 or localhost")
+        if self.security == "none" and self.username:
+            raise r.fail("username", "AUTH is not sent over plaintext (security: none)")
+        self.sender = r.string("from", "pam-linkus@localhost", max_len=254)
+        if not _plain_address_ish(self.sender):
+            raise r.fail("from", "must be one plain address local@domain (no name, no comma, no spaces)")
         self.timeout = r.number("timeout", 10.0, minimum=0.1, maximum=60)
         self.helo = r.optional_string("helo", max_len=255)
+        if self.helo is not None and not _plain_address_ish("x@" + self.helo):
+            raise r.fail("helo", "must be a host name")
         r.done()
 
 
+def _plain_address_ish(text: str) -> bool:
+    """Cheap load-time check; pam_linkus.emailcode.check_address is the full one at send time."""
+    return text.count("@") == 1 and not any(c in text for c in ' ,;<>()"\\') and text.isprintable()
+
+
+#: Default mail subject; a changed one is checked for placeholders at load.
+DEFAULT_EMAIL_SUBJECT = "Login verification code for {user} on {host}"
+
+
 class EmailConfig:
-    """Lifetime, attempts and throttles of email codes, and the message text."""
+    """Lifetime, attempts and throttles of email codes, and the message text.
+
+    ``send_interval`` / ``max_per_hour`` throttle one extension,
+    ``global_max_per_minute`` the whole host (or the Redis cluster), so that
+    repeated logins cannot turn the PBX into a mail cannon.
+    """
 
     __slots__ = (
         "code_lifetime", "max_attempts", "send_interval", "max_per_hour", "global_max_per_minute",
@@ -383,23 +414,57 @@ class EmailConfig:
         self.send_interval = r.integer("send_interval", 60, minimum=0, maximum=3600)
         self.max_per_hour = r.integer("max_per_hour", 5, minimum=1, maximum=100)
         self.global_max_per_minute = r.integer("global_max_per_minute", 60, minimum=1, maximum=10000)
-        self.subject = r.string("subject", "Your login verification code", max_len=200)
-        if "\r" in self.subject or "\n" in self.subject:
-            raise r.fail("subject", "must be one line")
+        self.subject = r.string("subject", DEFAULT_EMAIL_SUBJECT, max_len=200)
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.subject):
+            raise r.fail("subject", "must be one line without control characters")
+        if self.subject != DEFAULT_EMAIL_SUBJECT:
+            from pam_linkus.emailcode import PLACEHOLDERS, fill
+
+            try:
+                fill(self.subject, {name: "" for name in PLACEHOLDERS if name != "code"})
+            except KeyError as exc:
+                name = exc.args[0]
+                raise r.fail("subject", "must not contain {code}" if name == "code"
+                             else f"unknown placeholder {{{name}}}") from None
         self.template_file = r.optional_path("template_file")
         self.key_file = r.path("key_file", f"{DEFAULT_STATE_DIR}/email.key")
+        r.done()
+
+
+class SelfServiceConfig:
+    """``linkus-2fa self``: the PAM service that checks the user's account password.
+
+    It should hold the password modules only (e.g. ``auth required pam_unix.so``),
+    not pam-linkus: the CLI asks the current code itself, through the same flow.
+    """
+
+    __slots__ = ("pam_service",)
+
+    def __init__(self, r: Reader):
+        self.pam_service = r.string("pam_service", "linkus-2fa", max_len=100)
+        if not self.pam_service.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise r.fail("pam_service", "must be a PAM service name (letters, digits, - _ .)")
         r.done()
 
 
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent")
+    __slots__ = (
+        "totp", "email", "locked", "email_sent", "email_pending", "email_throttled", "password_and_code",
+    )
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")
+        self.password_and_code = _prompt(r, "password_and_code", "Password & verification code: ")
         self.email = _prompt(r, "email", "Email code: ")
         self.email_sent = _prompt(r, "email_sent", "A verification code was sent to {address}.")
+        self.email_pending = _prompt(
+            r, "email_pending", "The code sent to {address} a moment ago is still valid; no new code was sent."
+        )
+        self.email_throttled = _prompt(
+            r, "email_throttled", "Too many codes were sent for this account; try again later."
+        )
         self.locked = _prompt(r, "locked", "Too many failed attempts; contact your administrator.")
         r.done()
 
@@ -411,13 +476,38 @@ def _prompt(r: Reader, key: str, default: str) -> str:
     return value
 
 
+def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
+    """A list of CIDR networks, parsed now so a typo refuses logins at config load
+    (and ``linkus-2fa doctor`` names it) instead of silently never matching.
+
+    Host bits set (``10.1.2.3/8``) and a zero-length prefix (every address: that is
+    2FA switched off, say so with ``enforce`` or by un-enrolling) are errors.
+    ``ipaddress`` is imported only when the list is not empty.
+    """
+    texts = r.string_list(key, [])
+    if not texts:
+        return []
+    import ipaddress
+
+    networks: list[IPv4Network | IPv6Network] = []
+    for text in texts:
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise r.fail(key, f"{text[:60]!r} is not a CIDR network ({exc})") from None
+        if network.prefixlen == 0:
+            raise r.fail(key, f"{text!r} would exempt every address")
+        networks.append(network)
+    return networks
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes",
+        "recovery_codes", "self_service",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -439,9 +529,10 @@ class Config:
         self.email = EmailConfig(r.section("email"))
         self.smtp = SmtpConfig(r.section("smtp"))
         self.prompts = PromptsConfig(r.section("prompts"))
-        self.exempt_networks = r.string_list("exempt_networks", [])
+        self.exempt_networks = _networks(r, "exempt_networks")
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
+        self.self_service = SelfServiceConfig(r.section("self_service"))
         r.done()
 
     @classmethod

@@ -60,6 +60,25 @@ class PamPrompter:
             pass  # an informational line that could not be shown changes nothing
 
 
+class PamAuthTok:
+    """PAM_AUTHTOK of the handle, for single-field mode (pam_linkus.single_field)."""
+
+    __slots__ = ("_pamh",)
+
+    def __init__(self, pamh: Any):
+        self._pamh = pamh
+
+    def get(self) -> str | None:
+        value = _item(self._pamh, "authtok")
+        return value if value else None
+
+    def set(self, value: str) -> None:
+        try:
+            self._pamh.authtok = value
+        except self._pamh.exception:
+            raise ConversationFailed("could not hand the password on (PAM_AUTHTOK)") from None
+
+
 class Attempt:
     """What the log line of this attempt will say; filled in as the login proceeds."""
 
@@ -129,12 +148,21 @@ def authenticate(pamh: Any, flags: int, argv: Sequence[str], *, clock: Callable[
         attempt.user = user
         config = load_config(options.config)
         silent = bool(flags & getattr(pamh, "PAM_SILENT", 0x8000))
+        prompter = PamPrompter(pamh, silent=silent)
+        single_field = None
+        if options.forward_pass:
+            from pam_linkus.single_field import SingleField
+
+            single_field = SingleField(
+                prompter, PamAuthTok(pamh), options.prompt or config.prompts.password_and_code
+            )
         ctx = Context(
             config,
-            PamPrompter(pamh, silent=silent),
+            prompter,
             clock=clock,
             totp_prompt=options.prompt,
             echo_code=options.echo_code,
+            single_field=single_field,
         )
         try:
             return decide(LoginRequest(user, attempt.service or "-", attempt.rhost, attempt.tty), ctx)
