@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, email_retry_after, next_lock
 
 NOW = 1_763_900_000.25
 STEP = int(NOW // 30)
@@ -260,6 +260,140 @@ class StateContract:
         assert store.cached_settings("ldap", "1001", NOW, 10) is None
         assert store.cached_settings("ldap", "1002", NOW, 10) == "y"
 
+    # -- grace periods ---------------------------------------------------------------
+
+    def test_a_grace_period_lasts_until_its_end_per_extension_and_address(self, store: Any) -> None:
+        assert store.grace_active("1001", "192.0.2.7", NOW) is False
+        store.start_grace("1001", "192.0.2.7", NOW, 100)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 99.5) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 100) is False
+        assert store.grace_active("1001", "192.0.2.8", NOW + 1) is False
+        assert store.grace_active("1001", "2001:db8::7", NOW + 1) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is False
+
+    def test_a_later_start_with_an_earlier_end_never_shortens_grace(self, store: Any) -> None:
+        store.start_grace("1001", "192.0.2.7", NOW, 100)
+        store.start_grace("1001", "192.0.2.7", NOW + 10, 10)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 99) is True
+        store.start_grace("1001", "192.0.2.7", NOW + 50, 100)  # a later end extends it
+        assert store.grace_active("1001", "192.0.2.7", NOW + 149) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 150) is False
+
+    def test_expired_grace_periods_do_not_come_back(self, store: Any) -> None:
+        store.start_grace("1001", "192.0.2.7", NOW, 100)
+        store.start_grace("1001", "192.0.2.9", NOW + 200, 100)  # the first one has expired
+        assert store.grace_active("1001", "192.0.2.7", NOW + 201) is False
+        assert store.grace_active("1001", "192.0.2.9", NOW + 201) is True
+
+    def test_forget_ends_grace_periods(self, store: Any) -> None:
+        store.start_grace("1001", "192.0.2.7", NOW, 100)
+        store.start_grace("1002", "192.0.2.7", NOW, 100)
+        store.forget("1001")
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is True
+
+    # -- email codes -----------------------------------------------------------------
+
+    def test_an_email_code_is_accepted_once(self, store: Any) -> None:
+        assert store.issue_email_code("1001", "h1", NOW, EmailLimits()).issued is True
+        assert store.verify_email_code("1001", "h2", NOW + 1) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.ACCEPTED
+        assert store.verify_email_code("1001", "h1", NOW + 3) == EmailCheck.MISSING
+        assert store.verify_email_code("1002", "h1", NOW + 3) == EmailCheck.MISSING
+
+    def test_an_email_code_expires_after_its_lifetime(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(lifetime=60))
+        assert store.verify_email_code("1001", "h1", NOW + 60) == EmailCheck.EXPIRED
+        assert store.verify_email_code("1001", "h1", NOW + 1) == EmailCheck.MISSING  # deleted on expiry
+        store.issue_email_code("1001", "h2", NOW + 200, EmailLimits(lifetime=60))
+        assert store.verify_email_code("1001", "h2", NOW + 259.5) == EmailCheck.ACCEPTED
+
+    def test_wrong_answers_use_up_the_attempts(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=3))
+        assert store.verify_email_code("1001", "x", NOW) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "", NOW) == EmailCheck.WRONG  # a malformed answer counts
+        assert store.verify_email_code("1001", "y", NOW) == EmailCheck.EXHAUSTED
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+
+    def test_an_empty_hash_never_matches(self, store: Any) -> None:
+        store.issue_email_code("1001", "", NOW, EmailLimits())
+        assert store.verify_email_code("1001", "", NOW) == EmailCheck.WRONG
+
+    def test_a_new_email_code_replaces_the_old_and_resets_no_failures(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        self.fail(store, "1001", NOW)
+        store.issue_email_code("1001", "h2", NOW + 1, limits)
+        assert store.lock_status("1001", NOW + 1).failures == 1
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h2", NOW + 2) == EmailCheck.ACCEPTED
+        assert store.lock_status("1001", NOW + 2).failures == 0  # success clears them
+
+    def test_a_locked_extension_cannot_use_an_email_code(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        for i in range(3):
+            self.fail(store, "1001", NOW + i, duration=60)
+        with pytest.raises(Locked) as info:
+            store.verify_email_code("1001", "h1", NOW + 3)
+        assert info.value.locked_until == NOW + 2 + 60
+        assert store.verify_email_code("1001", "h1", NOW + 63) == EmailCheck.ACCEPTED
+
+    def test_throttled_issue_changes_nothing_and_says_if_a_code_is_pending(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60)
+        assert store.issue_email_code("1001", "h1", NOW, limits).issued is True
+        again = store.issue_email_code("1001", "h2", NOW + 10, limits)
+        assert (again.issued, again.pending, again.retry_after) == (False, True, NOW + 60)
+        assert store.verify_email_code("1001", "h2", NOW + 11) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW + 12) == EmailCheck.ACCEPTED
+        used = store.issue_email_code("1001", "h3", NOW + 13, limits)
+        assert (used.issued, used.pending) == (False, False)
+        assert store.issue_email_code("1001", "h3", NOW + 60, limits).issued is True
+
+    @pytest.mark.parametrize(("interval", "per_hour", "per_minute"), [(60, 5, 60), (0, 3, 100), (10, 100, 4)])
+    def test_email_throttles_follow_email_retry_after(self, store: Any, interval: int, per_hour: int,
+                                                      per_minute: int) -> None:
+        limits = EmailLimits(send_interval=interval, max_per_hour=per_hour, global_max_per_minute=per_minute)
+        sends: list[tuple[str, float]] = []
+        for i in range(40):
+            user = ("1001", "1002", "1003")[i % 3]
+            now = NOW + i * 13.37
+            mine = [t for u, t in sends if u == user and t > now - 3600]
+            everyone = [t for _, t in sends if t > now - 60]
+            want = email_retry_after(mine, everyone, now, limits)
+            got = store.issue_email_code(user, f"h{i}", now, limits)
+            assert got.issued is (want <= now), i
+            if got.issued:
+                sends.append((user, now))
+            else:
+                assert got.retry_after == want, i
+
+    def test_the_global_throttle_counts_every_extension(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0, global_max_per_minute=3)
+        for i, user in enumerate(("1001", "1002", "1003")):
+            assert store.issue_email_code(user, f"h{i}", NOW + i, limits).issued is True
+        refused = store.issue_email_code("1004", "h4", NOW + 5, limits)
+        assert (refused.issued, refused.retry_after) == (False, NOW + 60)
+        assert store.issue_email_code("1004", "h4", NOW + 60.5, limits).issued is True
+
+    def test_a_discarded_code_leaves_no_code_and_no_send(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(send_interval=0))
+        store.discard_email_code("1001", "other")  # not the current code: nothing happens
+        pending = store.issue_email_code("1001", "h2", NOW + 1, EmailLimits(send_interval=60))
+        assert (pending.issued, pending.pending) == (False, True)
+        store.discard_email_code("1001", "h1")  # the mail never left: its send does not count
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.MISSING
+        assert store.issue_email_code("1001", "h3", NOW + 2, EmailLimits(send_interval=60)).issued is True
+
+    def test_forget_removes_email_codes_and_sends(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60, global_max_per_minute=2)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        store.issue_email_code("1002", "h2", NOW, limits)
+        store.forget("1001")
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+        assert store.verify_email_code("1002", "h2", NOW) == EmailCheck.ACCEPTED
+        # 1001's send left the global count too
+        assert store.issue_email_code("1001", "h3", NOW + 1, limits).issued is True
+
     # -- races between processes -----------------------------------------------------
 
     def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
@@ -275,6 +409,15 @@ class StateContract:
 
         wins = [step for step, ok in race(opener, body) if ok]
         assert wins.count(STEP + 1) == 1 and wins.count(STEP) <= 1
+
+    def test_parallel_logins_with_one_email_code_give_one_success(self, store: Any, opener: Opener) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=10))
+        results = race(opener, lambda s, _i: s.verify_email_code("1001", "h1", NOW + 1))
+        assert sorted(results) == [EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * (RACERS - 1)
+
+    def test_parallel_issues_send_one_mail(self, opener: Opener) -> None:
+        results = race(opener, lambda s, i: s.issue_email_code("1001", f"h{i}", NOW, EmailLimits()).issued)
+        assert sorted(results) == [False] * (RACERS - 1) + [True]
 
     def test_failures_from_parallel_processes_all_count(self, opener: Opener) -> None:
         per_process = 5
@@ -296,8 +439,10 @@ class StateContract:
 
     # -- unavailable -----------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
-                                           "cache_settings", "cached_settings"])
+    @pytest.mark.parametrize("operation", [
+        "lock_status", "accept_totp_step", "record_failure", "unlock", "forget", "cache_settings", "cached_settings",
+        "start_grace", "grace_active", "issue_email_code", "discard_email_code", "verify_email_code",
+    ])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -307,6 +452,11 @@ class StateContract:
             "forget": lambda s: s.forget("1001"),
             "cache_settings": lambda s: s.cache_settings("ldap", "1001", "x", NOW),
             "cached_settings": lambda s: s.cached_settings("ldap", "1001", NOW, 10),
+            "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 10),
+            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
+            "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
+            "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
+            "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()

@@ -22,10 +22,12 @@ from redis_server import (  # noqa: F401 - fixtures
     tls_files_fixture,
 )
 from state_contract import NOW, STEP, Opener, StateContract
+from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
 from pam_linkus.state import open_store
+from pam_linkus.state.base import EmailLimits
 from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
 #: What the README recommends for a cluster's ACL user (tested below as written there).
@@ -45,7 +47,7 @@ def prefix() -> str:
     return f"t{secrets.token_hex(4)}:"
 
 
-class TestRedisState(StateContract):
+class TestRedisState(StateContract, EnrolmentRecoveryContract):
     @pytest.fixture
     def opener(self, redis_server: RedisServer) -> Opener:
         config = state_config(url=redis_server.url, prefix=prefix())
@@ -60,22 +62,36 @@ class TestRedisState(StateContract):
 # -- keys, TTLs, prefix -------------------------------------------------------------
 
 
-def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock(redis_server: RedisServer) -> None:
+def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_server: RedisServer) -> None:
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
-    store.accept_totp_step("1001", STEP, NOW)
+    store.accept_totp_step("1001", STEP, NOW)  # also notes the success in the enrolment record
     store.record_failure("1002", NOW, max_failures=3, duration=900, permanent_after=10)
     for _ in range(2):
         store.record_failure("1003", NOW, max_failures=1, duration=0, permanent_after=10)
     store.cache_settings("ldap", "1004", "{}", NOW)
+    store.start_grace("1005", "192.0.2.7", NOW, 3600)
+    store.issue_email_code("1006", "h", NOW, EmailLimits(lifetime=300))
+    store.set_recovery_codes("1007", "salt", ["d1", "d2"])
     store.close()
     r = redis_server.client()
-    keys = sorted(r.keys("*"))
-    assert keys == [f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail", f"{p}{{1004}}:cache"]
-    assert CACHE_TTL - 5 <= r.ttl(f"{p}{{1004}}:cache") <= CACHE_TTL
-    assert REPLAY_TTL - 5 <= r.ttl(f"{p}{{1001}}:totp") <= REPLAY_TTL
-    assert 86400 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400
-    assert r.ttl(f"{p}{{1003}}:fail") == -1  # only `linkus-2fa unlock` ends it
+    ttls = {key.removeprefix(p): r.ttl(key) for key in r.keys("*")}
+    want = {
+        "{1001}:totp": REPLAY_TTL,
+        "{1001}:enrol": -1,  # when enrolled, last success: kept until `linkus-2fa disable`
+        "{1002}:fail": 86400,
+        "{1003}:fail": -1,  # only `linkus-2fa unlock` ends this lock
+        "{1004}:cache": CACHE_TTL,
+        "{1005}:grace": 3600 + 60,
+        "{1006}:email": 300 + 60,
+        "{1006}:email_sends": 3660,
+        "email_sends": 3660,
+        "{1007}:recovery": -1,  # recovery codes stay valid until used or replaced
+        "{1007}:recovery_salt": -1,
+    }
+    assert sorted(ttls) == sorted(want)
+    for key, ttl in want.items():
+        assert ttl - 5 <= ttls[key] <= ttl, key
 
 
 def test_a_temporary_lock_outlives_its_key_ttl(redis_server: RedisServer) -> None:

@@ -22,13 +22,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pam_linkus.errors import ConfigError, Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+from pam_linkus.state import redis_scripts as lua
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailIssue, Enrolment, LockStatus, next_lock
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import TypeVar
 
     from pam_linkus.config import RedisConfig
+    from pam_linkus.state.base import EmailLimits
 
     T = TypeVar("T")
 
@@ -45,58 +47,15 @@ CACHE_TTL = 31 * 86400
 _FOREVER = repr(float(FOREVER))
 
 #: Every kind of key an extension can have; ``forget`` deletes them all at once.
-KINDS = ("totp", "fail", "cache")
+#: ``email_sends`` must stay last: the FORGET script finds it there.
+KINDS = ("totp", "fail", "cache", "enrol", "recovery", "recovery_salt", "grace", "email", "email_sends")
 
-# KEYS: fail, totp   ARGV: now, step, replay_ttl
-# -> {0, locked_until} locked | {1} replay (a step >= step was accepted) | {2} accepted
-_ACCEPT_TOTP = """
-local locked_until = redis.call('HGET', KEYS[1], 'until')
-if locked_until and tonumber(locked_until) > tonumber(ARGV[1]) then
-  return {0, locked_until}
-end
-local last = redis.call('GET', KEYS[2])
-if last and tonumber(last) >= tonumber(ARGV[2]) then
-  return {1}
-end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[1])
-return {2}
-"""
+#: The host-wide (cluster-wide) record of email sends, for ``global_max_per_minute``.
+GLOBAL_SENDS = "email_sends"
 
-# KEYS: fail   ARGV: now, max_failures, lock_at_max, permanent_after, lock_at_permanent, forever, failure_ttl
-# The lock values come from base.next_lock (computed in Python for the two
-# thresholds), so the lockout rule stays written once; the script only picks
-# one by the count it has just incremented, and never shortens a running lock.
-# Lock values stay strings: Lua would print 2**62 with 14 digits, below FOREVER.
-# -> {count, locked_until}
-_RECORD_FAILURE = """
-local count = redis.call('HINCRBY', KEYS[1], 'count', 1)
-local lock = '0'
-if count >= tonumber(ARGV[4]) then
-  lock = ARGV[5]
-elseif count >= tonumber(ARGV[2]) then
-  lock = ARGV[3]
-end
-local old = redis.call('HGET', KEYS[1], 'until')
-if old and tonumber(old) > tonumber(lock) then
-  lock = old
-end
-redis.call('HSET', KEYS[1], 'until', lock, 'last', ARGV[1])
-if tonumber(lock) >= tonumber(ARGV[6]) then
-  redis.call('PERSIST', KEYS[1])
-else
-  local left = math.max(0, tonumber(lock) - tonumber(ARGV[1]))
-  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
-end
-return {count, lock}
-"""
-
-# KEYS: cache   ARGV: source, data, now, ttl   (data and its time in one step)
-_CACHE_SETTINGS = """
-redis.call('HSET', KEYS[1], 'data:' .. ARGV[1], ARGV[2], 'at:' .. ARGV[1], ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
+#: VERIFY_EMAIL_CODE's verdicts, in its numbering.
+_EMAIL_VERDICTS = (EmailCheck.MISSING, EmailCheck.EXPIRED, EmailCheck.ACCEPTED, EmailCheck.EXHAUSTED,
+                   EmailCheck.WRONG)
 
 
 class RedisStore:
@@ -194,8 +153,8 @@ class RedisStore:
         return LockStatus(int(count), float(locked_until or 0.0))
 
     def accept_totp_step(self, user: str, step: int, now: float) -> bool:
-        keys = [self._key(user, "fail"), self._key(user, "totp")]
-        answer = self._eval("accept code", _ACCEPT_TOTP, keys, [repr(now), step, REPLAY_TTL])
+        keys = [self._key(user, "fail"), self._key(user, "totp"), self._key(user, "enrol")]
+        answer = self._eval("accept code", lua.ACCEPT_TOTP, keys, [repr(now), step, REPLAY_TTL])
         if int(answer[0]) == 0:
             raise Locked(locked_until=float(answer[1]))
         return int(answer[0]) == 2
@@ -212,16 +171,17 @@ class RedisStore:
             _FOREVER,
             self.config.failure_ttl,
         ]
-        count, locked_until = self._eval("record failure", _RECORD_FAILURE, [self._key(user, "fail")], args)
+        count, locked_until = self._eval("record failure", lua.RECORD_FAILURE, [self._key(user, "fail")], args)
         return LockStatus(int(count), float(locked_until))
 
     def unlock(self, user: str) -> None:
         self._call("unlock", lambda: self._client.delete(self._key(user, "fail")))
 
     def forget(self, user: str) -> None:
-        # One DEL of all keys: atomic, so no half-forgotten extension.
-        keys = [self._key(user, kind) for kind in KINDS]
-        self._call("forget", lambda: self._client.delete(*keys))
+        # One script: no half-forgotten extension, and its email sends leave the
+        # host-wide throttle with it (as in SQLite).
+        keys = [self._key(user, kind) for kind in KINDS] + [self.prefix + GLOBAL_SENDS]
+        self._eval("forget", lua.FORGET, keys, [user])
 
     # -- settings cache (the LDAP source's offline copy) -----------------------------
 
@@ -230,7 +190,7 @@ class RedisStore:
         if data is None:
             self._call("cache settings", lambda: self._client.hdel(key, f"data:{source}", f"at:{source}"))
             return
-        self._eval("cache settings", _CACHE_SETTINGS, [key], [source, data, repr(now), CACHE_TTL])
+        self._eval("cache settings", lua.CACHE_SETTINGS, [key], [source, data, repr(now), CACHE_TTL])
 
     def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
         key = self._key(user, "cache")
@@ -238,6 +198,74 @@ class RedisStore:
         if data is None or at is None or not 0 <= now - float(at) <= max_age:
             return None
         return str(data)
+
+    # -- enrolment record and recovery codes -----------------------------------------
+
+    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+        keys = [self._key(user, "enrol"), self._key(user, "totp")]
+        step = "" if totp_step is None else totp_step
+        self._eval("record enrolment", lua.RECORD_ENROLMENT, keys, [method, repr(now), step, REPLAY_TTL])
+
+    def enrolment(self, user: str) -> Enrolment | None:
+        keys = [self._key(user, "enrol"), self._key(user, "recovery")]
+        method, since, last, left = self._eval("enrolment", lua.ENROLMENT, keys, [])
+        if method is None:
+            return Enrolment(None, None, None, int(left)) if left else None
+        return Enrolment(str(method), _float(since), _float(last), int(left))
+
+    def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+        keys = [self._key(user, "recovery"), self._key(user, "recovery_salt")]
+        self._eval("set recovery codes", lua.SET_RECOVERY_CODES, keys, [salt, *digests])
+
+    def recovery_salt(self, user: str) -> str | None:
+        salt = self._call("recovery salt", lambda: self._client.get(self._key(user, "recovery_salt")))
+        return None if salt is None else str(salt)
+
+    def recovery_codes_left(self, user: str) -> int:
+        return int(self._call("recovery codes left", lambda: self._client.scard(self._key(user, "recovery"))))
+
+    def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+        keys = [self._key(user, kind) for kind in ("fail", "recovery", "recovery_salt", "enrol")]
+        answer = self._eval("use recovery code", lua.USE_RECOVERY_CODE, keys, [repr(now), digest])
+        if int(answer[0]) == 0:
+            raise Locked(locked_until=float(answer[1]))
+        return int(answer[0]) == 2
+
+    # -- grace periods ---------------------------------------------------------------
+
+    def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+        args = [repr(now), rhost, repr(now + duration)]
+        self._eval("start grace", lua.START_GRACE, [self._key(user, "grace")], args)
+
+    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+        until = self._call("grace period", lambda: self._client.hget(self._key(user, "grace"), rhost))
+        return until is not None and float(until) > now
+
+    # -- email codes -----------------------------------------------------------------
+
+    def _email_keys(self, user: str) -> list[str]:
+        return [self._key(user, "email"), self._key(user, "email_sends"), self.prefix + GLOBAL_SENDS]
+
+    def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+        args = [
+            repr(now), code_hash, repr(now + limits.lifetime), limits.max_attempts, limits.send_interval,
+            limits.max_per_hour, limits.global_max_per_minute, repr(now - 3600), repr(now - 60), user,
+            limits.lifetime + 60,
+        ]
+        answer = self._eval("issue email code", lua.ISSUE_EMAIL_CODE, self._email_keys(user), args)
+        if int(answer[0]) == 1:
+            return EmailIssue(True)
+        return EmailIssue(False, pending=int(answer[1]) == 1, retry_after=float(answer[2]))
+
+    def discard_email_code(self, user: str, code_hash: str) -> None:
+        self._eval("discard email code", lua.DISCARD_EMAIL_CODE, self._email_keys(user), [code_hash, user])
+
+    def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+        keys = [self._key(user, "fail"), self._key(user, "email")]
+        answer = self._eval("verify email code", lua.VERIFY_EMAIL_CODE, keys, [repr(now), code_hash])
+        if int(answer[0]) == 0:
+            raise Locked(locked_until=float(answer[1]))
+        return _EMAIL_VERDICTS[int(answer[1])]
 
     def close(self) -> None:
         try:
@@ -252,6 +280,10 @@ class RedisStore:
             import gc
 
             gc.collect()
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
 
 
 def _drop_tracebacks(exc: BaseException | None) -> None:
