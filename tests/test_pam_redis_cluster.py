@@ -27,6 +27,7 @@ from redis_server import (  # noqa: F401 - fixtures
 )
 from smtp_server import SmtpServer, ca_fixture, code_in, smtp_server_fixture  # noqa: F401
 
+from pam_linkus.client import ClientOutcome
 from pam_linkus.config import Config
 from pam_linkus.recovery import digest, generate_codes, new_salt
 from pam_linkus.state import open_store
@@ -204,3 +205,14 @@ def test_an_email_code_sent_by_one_host_is_used_once_across_both(cluster: Cluste
     third = converse(cluster.a.service, user, PASSWORD, lambda p, m: code)
     assert third.auth == "PAM_AUTHINFO_UNAVAIL"  # no code pending, and no new mail for 60 s: throttled
     assert len(server.messages) == 1
+
+
+def test_a_grace_period_earned_on_one_host_holds_on_the_other(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    for host in cluster.hosts:
+        host.write_config(grace_period=600)
+    assert cluster.a.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7").auth == "PAM_SUCCESS"
+    result = cluster.b.login(user, None, rhost="192.0.2.7")
+    assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
+    assert 'reason="grace period"' in cluster.b.log.wait_for("grace period")
+    assert cluster.b.login(user, None, rhost="192.0.2.8").outcome == ClientOutcome.NEED_CODE
