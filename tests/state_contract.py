@@ -292,62 +292,123 @@ class StateContract:
         assert store.grace_active("1001", "192.0.2.7", NOW + 1) is False
         assert store.grace_active("1002", "192.0.2.7", NOW + 1) is True
 
+    # -- races between processes -----------------------------------------------------
+
+    def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
+        results = race(opener, lambda s, _i: s.accept_totp_step("1001", STEP, NOW))
+        assert sorted(results) == [False] * (RACERS - 1) + [True]
+
+    def test_parallel_old_and_new_steps_accept_the_new_one_once(self, opener: Opener) -> None:
+        # Half offer STEP, half STEP + 1. STEP + 1 wins exactly once whatever the order;
+        # STEP at most once, and only if it came before any STEP + 1.
+        def body(s: Any, i: int) -> tuple[int, bool]:
+            step = STEP + i % 2
+            return step, s.accept_totp_step("1001", step, NOW)
+
+        wins = [step for step, ok in race(opener, body) if ok]
+        assert wins.count(STEP + 1) == 1 and wins.count(STEP) <= 1
+
+    def test_failures_from_parallel_processes_all_count(self, opener: Opener) -> None:
+        per_process = 5
+
+        def body(s: Any, _i: int) -> list[int]:
+            return [self.fail(s, "1001", NOW, max_failures=30, duration=60, permanent_after=100).failures
+                    for _ in range(per_process)]
+
+        results = race(opener, body)
+        counts = sorted(c for chunk in results for c in chunk)
+        assert counts == list(range(1, RACERS * per_process + 1))  # each increment seen exactly once
+        check = opener()
+        try:
+            status = check.lock_status("1001", NOW)
+            assert status.failures == RACERS * per_process
+            assert status.locked_until == NOW + 60
+        finally:
+            check.close()
+
     # -- email codes -----------------------------------------------------------------
 
-    def test_an_email_code_is_accepted_once(self, store: Any) -> None:
+    def test_email_code_is_single_use(self, store: Any) -> None:
         assert store.issue_email_code("1001", "h1", NOW, EmailLimits()).issued is True
         assert store.verify_email_code("1001", "h2", NOW + 1) == EmailCheck.WRONG
         assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.ACCEPTED
         assert store.verify_email_code("1001", "h1", NOW + 3) == EmailCheck.MISSING
-        assert store.verify_email_code("1002", "h1", NOW + 3) == EmailCheck.MISSING
 
-    def test_an_email_code_expires_after_its_lifetime(self, store: Any) -> None:
-        store.issue_email_code("1001", "h1", NOW, EmailLimits(lifetime=60))
-        assert store.verify_email_code("1001", "h1", NOW + 60) == EmailCheck.EXPIRED
-        assert store.verify_email_code("1001", "h1", NOW + 1) == EmailCheck.MISSING  # deleted on expiry
-        store.issue_email_code("1001", "h2", NOW + 200, EmailLimits(lifetime=60))
-        assert store.verify_email_code("1001", "h2", NOW + 259.5) == EmailCheck.ACCEPTED
+    def test_email_code_expires(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(lifetime=300))
+        assert store.verify_email_code("1001", "h2", NOW + 299.5) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW + 300) == EmailCheck.EXPIRED
+        assert store.verify_email_code("1001", "h1", NOW + 301) == EmailCheck.MISSING
 
-    def test_wrong_answers_use_up_the_attempts(self, store: Any) -> None:
+    def test_email_attempts_run_out(self, store: Any) -> None:
         store.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=3))
-        assert store.verify_email_code("1001", "x", NOW) == EmailCheck.WRONG
-        assert store.verify_email_code("1001", "", NOW) == EmailCheck.WRONG  # a malformed answer counts
-        assert store.verify_email_code("1001", "y", NOW) == EmailCheck.EXHAUSTED
+        assert [store.verify_email_code("1001", "", NOW) for _ in range(4)] == [
+            EmailCheck.WRONG, EmailCheck.WRONG, EmailCheck.EXHAUSTED, EmailCheck.MISSING]
         assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+
+    def test_a_new_email_code_replaces_the_old_and_resets_no_failures(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0, max_attempts=2)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        assert store.verify_email_code("1001", "x", NOW) == EmailCheck.WRONG
+        self.fail(store, "1001", NOW)
+        assert store.issue_email_code("1001", "h2", NOW + 1, limits).issued is True
+        assert store.lock_status("1001", NOW + 1).failures == 1
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h2", NOW + 2) == EmailCheck.ACCEPTED  # fresh attempts
+        assert store.lock_status("1001", NOW + 2).failures == 0
+
+    def test_email_codes_are_per_extension(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        store.issue_email_code("1002", "h2", NOW, EmailLimits())
+        assert store.verify_email_code("1002", "h1", NOW) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.ACCEPTED
+
+    def test_email_verify_refuses_while_locked(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        for i in range(3):
+            self.fail(store, "1001", NOW + i, max_failures=3, duration=60)
+        with pytest.raises(Locked):
+            store.verify_email_code("1001", "h1", NOW + 3)
+        assert store.verify_email_code("1001", "h1", NOW + 63) == EmailCheck.ACCEPTED
+
+    def test_email_send_interval_and_pending_code(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60, max_attempts=1)
+        assert store.issue_email_code("1001", "h1", NOW, limits).issued is True
+        throttled = store.issue_email_code("1001", "h2", NOW + 10, limits)
+        assert (throttled.issued, throttled.pending, throttled.retry_after) == (False, True, NOW + 60)
+        assert store.verify_email_code("1001", "h1", NOW + 11) == EmailCheck.ACCEPTED  # the old code still works
+        assert store.issue_email_code("1001", "h3", NOW + 20, limits).pending is False
+        assert store.issue_email_code("1001", "h4", NOW + 60, limits).issued is True
+
+    def test_email_hourly_and_global_throttles(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0, max_per_hour=2, global_max_per_minute=3)
+        assert [store.issue_email_code("1001", f"a{i}", NOW + i, limits).issued for i in range(3)] == [
+            True, True, False]
+        assert store.issue_email_code("1001", "a9", NOW + 2, limits).retry_after == NOW + 3600
+        assert store.issue_email_code("1002", "b0", NOW + 3, limits).issued is True
+        blocked = store.issue_email_code("1003", "c0", NOW + 4, limits)
+        assert (blocked.issued, blocked.retry_after) == (False, NOW + 60)
+        assert store.issue_email_code("1003", "c1", NOW + 60, limits).issued is True
+        assert store.issue_email_code("1001", "a10", NOW + 3600, limits).issued is True
+
+    def test_a_discarded_email_code_is_gone_and_not_counted(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        store.discard_email_code("1001", "other")
+        assert store.issue_email_code("1001", "h2", NOW + 1, limits).pending is True
+        store.discard_email_code("1001", "h1")
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.MISSING
+        assert store.issue_email_code("1001", "h3", NOW + 2, limits).issued is True
+
+    def test_forget_removes_email_codes_and_sends(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(send_interval=60, global_max_per_minute=100))
+        store.forget("1001")
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+        assert store.issue_email_code("1001", "h2", NOW + 1, EmailLimits(send_interval=60)).issued is True
 
     def test_an_empty_hash_never_matches(self, store: Any) -> None:
         store.issue_email_code("1001", "", NOW, EmailLimits())
         assert store.verify_email_code("1001", "", NOW) == EmailCheck.WRONG
-
-    def test_a_new_email_code_replaces_the_old_and_resets_no_failures(self, store: Any) -> None:
-        limits = EmailLimits(send_interval=0)
-        store.issue_email_code("1001", "h1", NOW, limits)
-        self.fail(store, "1001", NOW)
-        store.issue_email_code("1001", "h2", NOW + 1, limits)
-        assert store.lock_status("1001", NOW + 1).failures == 1
-        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.WRONG
-        assert store.verify_email_code("1001", "h2", NOW + 2) == EmailCheck.ACCEPTED
-        assert store.lock_status("1001", NOW + 2).failures == 0  # success clears them
-
-    def test_a_locked_extension_cannot_use_an_email_code(self, store: Any) -> None:
-        store.issue_email_code("1001", "h1", NOW, EmailLimits())
-        for i in range(3):
-            self.fail(store, "1001", NOW + i, duration=60)
-        with pytest.raises(Locked) as info:
-            store.verify_email_code("1001", "h1", NOW + 3)
-        assert info.value.locked_until == NOW + 2 + 60
-        assert store.verify_email_code("1001", "h1", NOW + 63) == EmailCheck.ACCEPTED
-
-    def test_throttled_issue_changes_nothing_and_says_if_a_code_is_pending(self, store: Any) -> None:
-        limits = EmailLimits(send_interval=60)
-        assert store.issue_email_code("1001", "h1", NOW, limits).issued is True
-        again = store.issue_email_code("1001", "h2", NOW + 10, limits)
-        assert (again.issued, again.pending, again.retry_after) == (False, True, NOW + 60)
-        assert store.verify_email_code("1001", "h2", NOW + 11) == EmailCheck.WRONG
-        assert store.verify_email_code("1001", "h1", NOW + 12) == EmailCheck.ACCEPTED
-        used = store.issue_email_code("1001", "h3", NOW + 13, limits)
-        assert (used.issued, used.pending) == (False, False)
-        assert store.issue_email_code("1001", "h3", NOW + 60, limits).issued is True
 
     @pytest.mark.parametrize(("interval", "per_hour", "per_minute"), [(60, 5, 60), (0, 3, 100), (10, 100, 4)])
     def test_email_throttles_follow_email_retry_after(self, store: Any, interval: int, per_hour: int,
@@ -367,24 +428,7 @@ class StateContract:
             else:
                 assert got.retry_after == want, i
 
-    def test_the_global_throttle_counts_every_extension(self, store: Any) -> None:
-        limits = EmailLimits(send_interval=0, global_max_per_minute=3)
-        for i, user in enumerate(("1001", "1002", "1003")):
-            assert store.issue_email_code(user, f"h{i}", NOW + i, limits).issued is True
-        refused = store.issue_email_code("1004", "h4", NOW + 5, limits)
-        assert (refused.issued, refused.retry_after) == (False, NOW + 60)
-        assert store.issue_email_code("1004", "h4", NOW + 60.5, limits).issued is True
-
-    def test_a_discarded_code_leaves_no_code_and_no_send(self, store: Any) -> None:
-        store.issue_email_code("1001", "h1", NOW, EmailLimits(send_interval=0))
-        store.discard_email_code("1001", "other")  # not the current code: nothing happens
-        pending = store.issue_email_code("1001", "h2", NOW + 1, EmailLimits(send_interval=60))
-        assert (pending.issued, pending.pending) == (False, True)
-        store.discard_email_code("1001", "h1")  # the mail never left: its send does not count
-        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.MISSING
-        assert store.issue_email_code("1001", "h3", NOW + 2, EmailLimits(send_interval=60)).issued is True
-
-    def test_forget_removes_email_codes_and_sends(self, store: Any) -> None:
+    def test_forget_takes_the_sends_out_of_the_global_throttle(self, store: Any) -> None:
         limits = EmailLimits(send_interval=60, global_max_per_minute=2)
         store.issue_email_code("1001", "h1", NOW, limits)
         store.issue_email_code("1002", "h2", NOW, limits)
@@ -394,48 +438,18 @@ class StateContract:
         # 1001's send left the global count too
         assert store.issue_email_code("1001", "h3", NOW + 1, limits).issued is True
 
-    # -- races between processes -----------------------------------------------------
-
-    def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
-        results = race(opener, lambda s, _i: s.accept_totp_step("1001", STEP, NOW))
-        assert sorted(results) == [False] * (RACERS - 1) + [True]
-
-    def test_parallel_old_and_new_steps_accept_the_new_one_once(self, opener: Opener) -> None:
-        # Half offer STEP, half STEP + 1. STEP + 1 wins exactly once whatever the order;
-        # STEP at most once, and only if it came before any STEP + 1.
-        def body(s: Any, i: int) -> tuple[int, bool]:
-            step = STEP + i % 2
-            return step, s.accept_totp_step("1001", step, NOW)
-
-        wins = [step for step, ok in race(opener, body) if ok]
-        assert wins.count(STEP + 1) == 1 and wins.count(STEP) <= 1
-
-    def test_parallel_logins_with_one_email_code_give_one_success(self, store: Any, opener: Opener) -> None:
-        store.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=10))
+    def test_parallel_logins_with_one_email_code_give_one_success(self, opener: Opener) -> None:
+        setup = opener()
+        try:
+            setup.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=10))
+        finally:
+            setup.close()
         results = race(opener, lambda s, _i: s.verify_email_code("1001", "h1", NOW + 1))
-        assert sorted(results) == [EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * (RACERS - 1)
+        assert sorted(results) == sorted([EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * (RACERS - 1))
 
-    def test_parallel_issues_send_one_mail(self, opener: Opener) -> None:
+    def test_parallel_logins_send_one_email(self, opener: Opener) -> None:
         results = race(opener, lambda s, i: s.issue_email_code("1001", f"h{i}", NOW, EmailLimits()).issued)
         assert sorted(results) == [False] * (RACERS - 1) + [True]
-
-    def test_failures_from_parallel_processes_all_count(self, opener: Opener) -> None:
-        per_process = 5
-
-        def body(s: Any, _i: int) -> list[int]:
-            return [self.fail(s, "1001", NOW, max_failures=30, duration=60, permanent_after=100).failures
-                    for _ in range(per_process)]
-
-        results = race(opener, body)
-        counts = sorted(c for chunk in results for c in chunk)
-        assert counts == list(range(1, RACERS * per_process + 1))  # each increment seen exactly once
-        check = opener()
-        try:
-            status = check.lock_status("1001", NOW)
-            assert status.failures == RACERS * per_process
-            assert status.locked_until == NOW + 60
-        finally:
-            check.close()
 
     # -- unavailable -----------------------------------------------------------------
 
