@@ -85,7 +85,7 @@ def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_ser
         "{1005}:grace": 3600 + 60,
         "{1006}:email": 300 + 60,
         "{1006}:email_sends": 3660,
-        "email_sends": 3660,
+        "email_sends": 120,
         "{1007}:recovery": -1,  # recovery codes stay valid until used or replaced
         "{1007}:recovery_salt": -1,
     }

@@ -179,8 +179,9 @@ return 1
 
 # -- email codes ----------------------------------------------------------------------
 
-# KEYS: email, email_sends (this extension's, member "<at> <hash>"), the host-wide
-#       sends (member "<user> <at> <hash>")
+# KEYS: email, email_sends (this extension's, member "<at> <hash>", kept an hour),
+#       the host-wide sends (member "<user> <at> <hash>", kept a minute: only the
+#       last minute counts)
 # ARGV: now, hash, expires, max_attempts, send_interval, max_per_hour,
 #       global_max_per_minute, an hour ago, a minute ago, user, code_ttl
 # The throttle is base.email_retry_after, line by line.
@@ -188,7 +189,7 @@ return 1
 ISSUE_EMAIL_CODE = """
 local now = tonumber(ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[9])
 local mine = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
 local everyone = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[9], '+inf', 'WITHSCORES')
 local at = now
@@ -221,7 +222,7 @@ local member = ARGV[1] .. ' ' .. ARGV[2]
 redis.call('ZADD', KEYS[2], ARGV[1], member)
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[10] .. ' ' .. member)
 redis.call('EXPIRE', KEYS[2], 3660)
-redis.call('EXPIRE', KEYS[3], 3660)
+redis.call('EXPIRE', KEYS[3], 120)
 return {1}
 """
 
