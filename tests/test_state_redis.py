@@ -269,6 +269,7 @@ def test_a_password_in_the_url_is_refused() -> None:
     {"url": "http://127.0.0.1/"},
     {"prefix": "a{b}:"},
     {"failure_ttl": 60},
+    {"sentinel_password_file": "/etc/pam_linkus/sentinel.pw"},
 ])
 def test_inconsistent_redis_config_is_refused(redis: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -375,3 +376,24 @@ def test_email_keys_have_the_prefix_and_a_ttl(redis_server: RedisServer) -> None
     assert 300 < r.ttl(f"{p}{{1001}}:email") <= 360
     assert 3600 < r.ttl(f"{p}{{1001}}:email_sends") <= 3660
     assert 60 < r.ttl(f"{p}email_sends") <= 120
+
+
+def test_sentinels_with_a_password_need_sentinel_password_file(redis_dir: Path, private_dir: Path) -> None:
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    password = secrets.token_urlsafe(24)
+    master = RedisServer(redis_dir / "pw-master").start()
+    sentinel = Sentinel(redis_dir / "pw-sentinel", master.port, f"m{secrets.token_hex(3)}", requirepass=password)
+    try:
+        sentinel.start()
+        options = {"sentinels": [f"127.0.0.1:{sentinel.port}"], "service_name": sentinel.service, "prefix": prefix()}
+        without = open_store(fast(**options))
+        # redis-py tries each Sentinel and reports only that none named a master
+        with pytest.raises(StateUnavailable, match="MasterNotFoundError"):
+            without.lock_status("1001", NOW)
+        store = open_store(fast(sentinel_password_file=password_file(private_dir, password), **options))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        store.close()
+    finally:
+        sentinel.stop()
+        master.stop()

@@ -79,6 +79,8 @@ class RedisStore:
 
         try:
             password = read_secret_file(config.password_file, "Redis password") if config.password_file else None
+            sentinel_password = (read_secret_file(config.sentinel_password_file, "Redis Sentinel password")
+                                 if config.sentinel_password_file else None)
         except ConfigError as exc:
             raise StateUnavailable(f"redis: {exc}") from None
         options: dict[str, Any] = {
@@ -99,6 +101,8 @@ class RedisStore:
             from redis.sentinel import Sentinel
 
             sentinel_options: dict[str, Any] = {
+                "username": config.sentinel_username,
+                "password": sentinel_password,
                 "socket_connect_timeout": config.connect_timeout,
                 "socket_timeout": config.timeout,
             }
