@@ -397,3 +397,15 @@ def test_sentinels_with_a_password_need_sentinel_password_file(redis_dir: Path, 
     finally:
         sentinel.stop()
         master.stop()
+
+
+def test_a_unix_socket_url_works(redis_dir: Path) -> None:
+    sock = redis_dir / "unix" / "redis.sock"
+    server = RedisServer(redis_dir / "unix", config_lines=[f"unixsocket {sock}", "unixsocketperm 700"]).start()
+    try:
+        store = open_store(fast(url=f"unix://{sock}?db=0", prefix=prefix()))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        store.close()
+    finally:
+        server.stop()
