@@ -406,6 +406,9 @@ def test_a_unix_socket_url_works(redis_dir: Path) -> None:
         store = open_store(fast(url=f"unix://{sock}?db=0", prefix=prefix()))
         assert store.accept_totp_step("1001", STEP, NOW) is True
         assert store.accept_totp_step("1001", STEP, NOW) is False
+        server.stop()
+        with pytest.raises(StateUnavailable):
+            store.lock_status("1001", NOW)
         store.close()
     finally:
         server.stop()

@@ -97,6 +97,10 @@ class RedisStore:
             tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": config.ca_file}
         try:
             if not config.sentinels:
+                if config.url.startswith("unix://"):
+                    # redis-py's unix socket connection takes no connect timeout
+                    # (connecting to a local socket does not wait on the network).
+                    del options["socket_connect_timeout"]
                 return redis.Redis.from_url(config.url, **options, **tls)
             from redis.sentinel import Sentinel
 
