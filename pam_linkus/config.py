@@ -326,6 +326,8 @@ class RedisConfig:
             self.tls = self.url.startswith("rediss://")
             self.db = 0
         self.username = r.optional_string("username", max_len=200)
+        if self.username is not None and "@" in self.url.partition("://")[2].partition("/")[0]:
+            raise r.fail("username", "the url names a user already; give it in one place")
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
         self.prefix = r.string("prefix", "linkus:", max_len=100)

@@ -270,6 +270,7 @@ def test_a_password_in_the_url_is_refused() -> None:
     {"prefix": "a{b}:"},
     {"failure_ttl": 60},
     {"sentinel_password_file": "/etc/pam_linkus/sentinel.pw"},
+    {"url": "redis://pbx@127.0.0.1/0", "username": "other"},
 ])
 def test_inconsistent_redis_config_is_refused(redis: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
