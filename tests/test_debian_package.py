@@ -17,6 +17,8 @@ Tests run in file order against module-scoped fixtures: one build, one install, 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import shutil
@@ -51,6 +53,8 @@ SHARED_LAYOUT = {
 }
 #: Saved, moved aside for the test and restored afterwards.
 MACHINE_PATHS = (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkus-2fa"))
+#: Held while a run has the package installed (see machine_lock).
+LOCK_FILE = Path("/run/lock" if os.path.isdir("/run/lock") else "/tmp", "pam-linkus-package-test.lock")
 #: Must be byte-identical after install and after purge.
 PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
 
@@ -270,6 +274,20 @@ def test_man_page_documents_every_pam_option() -> None:
         assert (f"\n.B {key}\n" if kind == "flag" else f"\n.BI {key}= ") in options, key
 
 
+def test_man_page_documents_every_verb() -> None:
+    import argparse
+
+    from pam_linkus.cli import build_parser
+
+    page = (REPO / "packaging" / "man" / "linkus-2fa.8").read_text()
+    verbs_section = page[page.index("\n.SH VERBS\n"):page.index("\n.SH EXIT STATUS\n")].replace("\\-", "-")
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"enroll", "doctor"} <= set(subparsers.choices)
+    for verb in subparsers.choices:
+        assert f"\n.BR {verb} " in verbs_section or f"\n.BI {verb} " in verbs_section \
+            or f"\n.B {verb}\n" in verbs_section, verb
+
+
 # -- the pam-auth-update profile, in a throwaway root -----------------------------------------
 
 
@@ -333,10 +351,35 @@ def test_enabled_profile_runs_after_the_password_and_disable_restores(tmp_path: 
 # -- installed on this machine -----------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def machine_lock(timeout: float = 240) -> Iterator[None]:
+    """One package test per machine at a time: parallel test runs (other checkouts) would install
+    and purge the same package and save each other's state. Waits, bounded, for the other run."""
+    with open(LOCK_FILE, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another package test held {LOCK_FILE} for {timeout:.0f} s")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="module")
 def machine() -> Iterator[dict[str, Snapshot]]:
     """Save what `make install` may have put where the package installs; restore it afterwards."""
     require_root()
+    with machine_lock():
+        yield from _machine()
+
+
+def _machine() -> Iterator[dict[str, Snapshot]]:
     if installed_status() not in ("not known", "un", "pn"):
         pytest.fail(f"{PACKAGE} is installed on this machine ({installed_status()}); this test installs and "
                     f"purges it itself: `apt-get purge {PACKAGE}` first")
