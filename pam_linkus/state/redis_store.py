@@ -5,11 +5,15 @@ hosts, so every decision is ONE atomic step on the Redis server: a single comman
 or a Lua script (scripts run without interleaving). Nothing reads a value into
 Python and writes it back in a second command.
 
-Keys are ``<prefix>{<user>}:<kind>``. The hash tag keeps an extension's keys in
-one slot, so each script touches one slot only; the prefix lets several clusters
-share one server (and an ACL can confine a cluster to ``~<prefix>*``). Every key
-has a TTL except a lock that only an admin may open, so the server does not
-collect records of extensions that are long gone.
+Keys are ``<prefix>{<user>}:<kind>`` (plus ``<prefix>email_sends`` for the
+cluster-wide email throttle). The hash tag keeps an extension's keys in one
+slot; the prefix lets several clusters share one server (and an ACL can confine
+a cluster to ``~<prefix>*``). Records of passing events (replay steps, failures,
+codes, sends, grace periods, cached settings) have TTLs, so the server does not
+collect records of extensions that are long gone; what must outlive any TTL --
+a lock only an admin may open, the enrolment record, unused recovery codes --
+stays until ``forget`` (``linkus-2fa disable``). The scripts live in
+pam_linkus.state.redis_scripts.
 
 Redis down, timing out, refusing the password or the certificate: every method
 raises StateUnavailable (PAM_AUTHINFO_UNAVAIL). Never a success, never "no replay
