@@ -22,7 +22,6 @@ from redis_server import (  # noqa: F401 - fixtures
     tls_files_fixture,
 )
 from state_contract import NOW, STEP, Opener, StateContract
-from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
@@ -47,7 +46,7 @@ def prefix() -> str:
     return f"t{secrets.token_hex(4)}:"
 
 
-class TestRedisState(StateContract, EnrolmentRecoveryContract):
+class TestRedisState(StateContract):
     @pytest.fixture
     def opener(self, redis_server: RedisServer) -> Opener:
         config = state_config(url=redis_server.url, prefix=prefix())
@@ -82,7 +81,7 @@ def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_ser
         "{1002}:fail": 86400,
         "{1003}:fail": -1,  # only `linkus-2fa unlock` ends this lock
         "{1004}:cache": CACHE_TTL,
-        "{1005}:grace": 3600 + 60,
+        "{1005}:grace": 3600,
         "{1006}:email": 300 + 60,
         "{1006}:email_sends": 3660,
         "email_sends": 120,

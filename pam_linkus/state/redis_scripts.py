@@ -155,7 +155,8 @@ return {2}
 
 # KEYS: grace   ARGV: now, rhost, until
 # Drops the extension's expired periods in the same step, keeps a later end,
-# and lets the hash live as long as its latest period.
+# and lets the hash live exactly as long as its latest period (a host whose
+# clock is behind then asks for a code a little early: the safe side).
 START_GRACE = """
 local now = tonumber(ARGV[1])
 local new_until = ARGV[3]
@@ -173,7 +174,7 @@ for i = 1, #all, 2 do
   end
 end
 redis.call('HSET', KEYS[1], ARGV[2], new_until)
-redis.call('EXPIRE', KEYS[1], math.ceil(latest - now) + 60)
+redis.call('EXPIRE', KEYS[1], math.ceil(latest - now))
 return 1
 """
 
@@ -241,11 +242,11 @@ end
 return 1
 """
 
-# KEYS: fail, email   ARGV: now, hash
+# KEYS: fail, email, enrol   ARGV: now, hash
 # Lua strings are interned, so == compares two references, not their bytes.
 # -> {0, locked_until} | {1, verdict} with verdict: 0 missing, 1 expired,
 #    2 accepted, 3 exhausted, 4 wrong
-VERIFY_EMAIL_CODE = _LOCKED + """
+VERIFY_EMAIL_CODE = _LOCKED + _NOTE_SUCCESS + """
 local lock = locked(KEYS[1], ARGV[1])
 if lock then return {0, lock} end
 local code = redis.call('HMGET', KEYS[2], 'hash', 'expires', 'attempts')
@@ -257,6 +258,7 @@ end
 if ARGV[2] ~= '' and code[1] == ARGV[2] then
   redis.call('DEL', KEYS[2])
   redis.call('DEL', KEYS[1])
+  note_success(KEYS[3], 'email', ARGV[1])
   return {1, 2}
 end
 if tonumber(code[3]) <= 1 then

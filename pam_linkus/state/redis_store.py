@@ -273,7 +273,7 @@ class RedisStore:
         self._eval("discard email code", lua.DISCARD_EMAIL_CODE, self._email_keys(user), [code_hash, user])
 
     def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
-        keys = [self._key(user, "fail"), self._key(user, "email")]
+        keys = [self._key(user, "fail"), self._key(user, "email"), self._key(user, "enrol")]
         answer = self._eval("verify email code", lua.VERIFY_EMAIL_CODE, keys, [repr(now), code_hash])
         if int(answer[0]) == 0:
             raise Locked(locked_until=float(answer[1]))
