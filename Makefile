@@ -13,7 +13,7 @@ APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-lda
 APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools python3-wheel \
            pybuild-plugin-pyproject lintian
 # What the tests start or drive.
-APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server libpam-google-authenticator \
+APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server redis-sentinel libpam-google-authenticator \
             libpam-oath oathtool openssl procps passwd login
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
 

@@ -290,7 +290,7 @@ class RedisConfig:
 
     __slots__ = (
         "url", "username", "password_file", "ca_file", "sentinels", "service_name", "tls", "db",
-        "prefix", "connect_timeout", "timeout", "failure_ttl",
+        "sentinel_username", "sentinel_password_file", "prefix", "connect_timeout", "timeout", "failure_ttl",
     )
 
     def __init__(self, r: Reader):
@@ -308,10 +308,13 @@ class RedisConfig:
             self.url = ""
             self.tls = r.boolean("tls", False)
             self.db = r.integer("db", 0, minimum=0, maximum=10000)
+            self.sentinel_username = r.optional_string("sentinel_username", max_len=200)
+            self.sentinel_password_file = r.optional_path("sentinel_password_file")
         else:
             if self.service_name is not None:
                 raise r.fail("service_name", "only means something with sentinels")
-            for key in ("tls", "db"):
+            self.sentinel_username = self.sentinel_password_file = None
+            for key in ("tls", "db", "sentinel_username", "sentinel_password_file"):
                 if r.has(key):
                     raise r.fail(key, "only means something with sentinels; put it in url")
             self.url = r.string("url", "redis://127.0.0.1:6379/0", max_len=1000)
@@ -323,6 +326,8 @@ class RedisConfig:
             self.tls = self.url.startswith("rediss://")
             self.db = 0
         self.username = r.optional_string("username", max_len=200)
+        if self.username is not None and "@" in self.url.partition("://")[2].partition("/")[0]:
+            raise r.fail("username", "the url names a user already; give it in one place")
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
         self.prefix = r.string("prefix", "linkus:", max_len=100)

@@ -169,9 +169,10 @@ class Sentinel:
     """redis-sentinel watching ``master_port`` as ``service``, quick to fail over."""
 
     def __init__(self, directory: Path, master_port: int, service: str,
-                 tls: tuple[Path, Path, Path] | None = None):
+                 tls: tuple[Path, Path, Path] | None = None, requirepass: str | None = None):
         self.dir = directory
         self.tls = tls
+        self.requirepass = requirepass
         self.dir.mkdir(mode=0o700, exist_ok=True)
         self.port = free_port()
         self.service = service
@@ -197,6 +198,7 @@ class Sentinel:
             f"sentinel down-after-milliseconds {self.service} 1000",
             f"sentinel failover-timeout {self.service} 10000",
             f"sentinel parallel-syncs {self.service} 1",
+            *([f"requirepass {self.requirepass}"] if self.requirepass else []),
         ]) + "\n")
         os.chmod(conf, 0o600)
         self.proc = subprocess.Popen(["redis-sentinel", str(conf)], stdin=subprocess.DEVNULL,

@@ -22,7 +22,7 @@ import pytest
 from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, next_lock
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, email_retry_after, next_lock
 
 NOW = 1_763_900_000.25
 STEP = int(NOW // 30)
@@ -232,6 +232,35 @@ class StateContract(EnrolmentRecoveryContract):
         finally:
             other.close()
 
+    # -- settings cache (the LDAP source's offline copy) ------------------------------
+
+    def test_cached_settings_are_returned_only_while_young_enough(self, store: Any) -> None:
+        text = '{"method": "totp", "secret": "JBSWY3DPEHPK3PXP", "note": "ü \\n"}'
+        assert store.cached_settings("ldap", "1001", NOW, 10) is None
+        store.cache_settings("ldap", "1001", text, NOW)
+        assert store.cached_settings("ldap", "1001", NOW + 10, 10) == text
+        assert store.cached_settings("ldap", "1001", NOW + 10.5, 10) is None
+        assert store.cached_settings("ldap", "1001", NOW - 1, 10) is None  # stored "in the future": clock went back
+        assert store.cached_settings("other", "1001", NOW, 10) is None
+        assert store.cached_settings("ldap", "1002", NOW, 10) is None
+
+    def test_caching_again_replaces_and_none_forgets(self, store: Any) -> None:
+        store.cache_settings("ldap", "1001", '{"method": "none"}', NOW)
+        store.cache_settings("other", "1001", "kept", NOW)
+        store.cache_settings("ldap", "1001", '{"method": "totp"}', NOW + 100)
+        assert store.cached_settings("ldap", "1001", NOW + 100, 10) == '{"method": "totp"}'
+        store.cache_settings("ldap", "1001", None, NOW + 101)
+        assert store.cached_settings("ldap", "1001", NOW + 101, 10) is None
+        assert store.cached_settings("other", "1001", NOW + 101, 1000) == "kept"
+        store.cache_settings("ldap", "nobody", None, NOW)  # forgetting nothing is harmless
+
+    def test_forget_removes_the_cached_settings(self, store: Any) -> None:
+        store.cache_settings("ldap", "1001", "x", NOW)
+        store.cache_settings("ldap", "1002", "y", NOW)
+        store.forget("1001")
+        assert store.cached_settings("ldap", "1001", NOW, 10) is None
+        assert store.cached_settings("ldap", "1002", NOW, 10) == "y"
+
     # -- grace periods (pam_linkus.policy) ---------------------------------------------
 
     def test_a_grace_period_is_per_extension_and_address_and_ends(self, store: Any) -> None:
@@ -393,6 +422,38 @@ class StateContract(EnrolmentRecoveryContract):
         assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
         assert store.issue_email_code("1001", "h2", NOW + 1, EmailLimits(send_interval=60)).issued is True
 
+    def test_an_empty_hash_never_matches(self, store: Any) -> None:
+        store.issue_email_code("1001", "", NOW, EmailLimits())
+        assert store.verify_email_code("1001", "", NOW) == EmailCheck.WRONG
+
+    @pytest.mark.parametrize(("interval", "per_hour", "per_minute"), [(60, 5, 60), (0, 3, 100), (10, 100, 4)])
+    def test_email_throttles_follow_email_retry_after(self, store: Any, interval: int, per_hour: int,
+                                                      per_minute: int) -> None:
+        limits = EmailLimits(send_interval=interval, max_per_hour=per_hour, global_max_per_minute=per_minute)
+        sends: list[tuple[str, float]] = []
+        for i in range(40):
+            user = ("1001", "1002", "1003")[i % 3]
+            now = NOW + i * 13.37
+            mine = [t for u, t in sends if u == user and t > now - 3600]
+            everyone = [t for _, t in sends if t > now - 60]
+            want = email_retry_after(mine, everyone, now, limits)
+            got = store.issue_email_code(user, f"h{i}", now, limits)
+            assert got.issued is (want <= now), i
+            if got.issued:
+                sends.append((user, now))
+            else:
+                assert got.retry_after == want, i
+
+    def test_forget_takes_the_sends_out_of_the_global_throttle(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60, global_max_per_minute=2)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        store.issue_email_code("1002", "h2", NOW, limits)
+        store.forget("1001")
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+        assert store.verify_email_code("1002", "h2", NOW) == EmailCheck.ACCEPTED
+        # 1001's send left the global count too
+        assert store.issue_email_code("1001", "h3", NOW + 1, limits).issued is True
+
     def test_parallel_logins_with_one_email_code_give_one_success(self, opener: Opener) -> None:
         setup = opener()
         try:
@@ -408,11 +469,12 @@ class StateContract(EnrolmentRecoveryContract):
 
     # -- unavailable -----------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
-                                           "issue_email_code", "discard_email_code", "verify_email_code",
-                                           "start_grace", "grace_active",
-                                           "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt",
-                                           "recovery_codes_left", "use_recovery_code"])
+    @pytest.mark.parametrize("operation", [
+        "lock_status", "accept_totp_step", "record_failure", "unlock", "forget", "cache_settings", "cached_settings",
+        "start_grace", "grace_active", "issue_email_code", "discard_email_code", "verify_email_code",
+        "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt", "recovery_codes_left",
+        "use_recovery_code",
+    ])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -420,11 +482,13 @@ class StateContract(EnrolmentRecoveryContract):
             "record_failure": lambda s: self.fail(s, "1001", NOW),
             "unlock": lambda s: s.unlock("1001"),
             "forget": lambda s: s.forget("1001"),
+            "cache_settings": lambda s: s.cache_settings("ldap", "1001", "x", NOW),
+            "cached_settings": lambda s: s.cached_settings("ldap", "1001", NOW, 10),
+            "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 10),
+            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
             "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
             "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
-            "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 300),
-            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
             "record_enrolment": lambda s: s.record_enrolment("1001", "totp", NOW, totp_step=STEP),
             "enrolment": lambda s: s.enrolment("1001"),
             "set_recovery_codes": lambda s: s.set_recovery_codes("1001", "00" * 16, ["d1", "d2"]),

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, LogCatcher, PamStack, code_at, require_root
+from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
+from pam_conversation import converse
 from redis_server import (  # noqa: F401 - fixtures
     RedisServer,
     TlsFiles,
@@ -24,8 +25,14 @@ from redis_server import (  # noqa: F401 - fixtures
     redis_server_fixture,
     tls_files_fixture,
 )
+from smtp_server import SmtpServer, ca_fixture, code_in, smtp_server_fixture  # noqa: F401
 
-pytestmark = pytest.mark.pam
+from pam_linkus.client import ClientOutcome
+from pam_linkus.config import Config
+from pam_linkus.recovery import digest, generate_codes, new_salt
+from pam_linkus.state import open_store
+
+pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]
 
 
 class Cluster:
@@ -35,8 +42,13 @@ class Cluster:
         self.redis = redis
 
     def use_redis(self, **redis: Any) -> None:
+        self.redis_config = redis
         for host in self.hosts:
             host.write_config(state={"backend": "redis", "redis": redis})
+
+    def store(self) -> Any:
+        """A store on the cluster's Redis, as `linkus-2fa` on any host would open it."""
+        return open_store(Config.from_mapping({"state": {"backend": "redis", "redis": self.redis_config}}).state)
 
     def enroll(self, user: str) -> None:
         for host in self.hosts:
@@ -101,12 +113,16 @@ def test_parallel_logins_with_one_code_on_both_hosts_give_one_success(cluster: C
     assert sorted(results) == ["PAM_AUTH_ERR"] * (len(hosts) - 1) + ["PAM_SUCCESS"]
 
 
-def test_redis_down_is_unavailable_and_back_up_works_without_manual_steps(cluster: Cluster, user: str) -> None:
+def test_redis_down_is_unavailable_and_back_up_works_without_manual_steps(cluster: Cluster, user: str,
+                                                                           make_user: Any) -> None:
     cluster.enroll(user)
+    without_2fa = make_user()
     cluster.redis.stop()
     for host in cluster.hosts:
         assert host.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTHINFO_UNAVAIL"
         assert "outcome=unavailable" in host.log.wait_for(f"user={user}")
+        # an extension without 2FA never asks the store: Redis being down does not stop it
+        assert host.login(without_2fa, None).auth == "PAM_SUCCESS"
     cluster.redis.start()
     code = code_at(SECRET, time.time())
     assert cluster.b.login(user, code).auth == "PAM_SUCCESS"
@@ -153,3 +169,54 @@ def test_tls_and_acl_user_through_pam(cluster: Cluster, user: str, tls_files: Tl
         assert "certificate verify failed" in cluster.b.log.wait_for("outcome=unavailable")
     finally:
         server.stop()
+
+
+def test_a_recovery_code_spent_on_one_host_is_refused_on_the_other(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    salt, codes = new_salt(), generate_codes(2)
+    store = cluster.store()
+    store.set_recovery_codes(user, salt, [digest(c, salt) for c in codes])
+    store.close()
+    assert cluster.a.login(user, codes[0]).auth == "PAM_SUCCESS"
+    assert "recovery code accepted" in cluster.a.log.wait_for(f"user={user}")
+    assert cluster.b.login(user, codes[0]).auth == "PAM_AUTH_ERR"
+    assert cluster.b.login(user, codes[1]).auth == "PAM_SUCCESS"
+    store = cluster.store()
+    assert store.recovery_codes_left(user) == 0
+    store.close()
+
+
+def test_an_email_code_sent_by_one_host_is_used_once_across_both(cluster: Cluster, user: str, smtp_server: Any,
+                                                                 ca: Any) -> None:
+    """Host A mails a code; the next login lands on B, which is throttled (one mail per 60 s across the
+    cluster) and takes A's code; after that the code is gone on both. Needs the same email.key on both."""
+    server: SmtpServer = smtp_server(auth=False, security="none")
+    key = cluster.a.root / "email.key"
+    for host in cluster.hosts:
+        host.write_config(
+            smtp={"host": "127.0.0.1", "port": server.port, "security": "none", "from": "pbx@example.com",
+                  "timeout": 5},
+            email={"key_file": str(key)},
+        )
+        host.extensions[user] = {"method": "email", "email": "alice@example.com"}
+        host.write_extensions()
+    first = converse(cluster.a.service, user, PASSWORD, lambda p, m: None)  # hangs up at the code prompt
+    assert first.auth == "PAM_CONV_ERR"
+    code = code_in(server.wait_for_message())
+    second = converse(cluster.b.service, user, PASSWORD, lambda p, m: code)
+    assert second.auth == "PAM_SUCCESS"
+    assert second.messages == ["The code sent to a***@example.com a moment ago is still valid; no new code was sent."]
+    third = converse(cluster.a.service, user, PASSWORD, lambda p, m: code)
+    assert third.auth == "PAM_AUTHINFO_UNAVAIL"  # no code pending, and no new mail for 60 s: throttled
+    assert len(server.messages) == 1
+
+
+def test_a_grace_period_earned_on_one_host_holds_on_the_other(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    for host in cluster.hosts:
+        host.write_config(grace_period=600)
+    assert cluster.a.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7").auth == "PAM_SUCCESS"
+    result = cluster.b.login(user, None, rhost="192.0.2.7")
+    assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
+    assert 'reason="grace period"' in cluster.b.log.wait_for("grace period")
+    assert cluster.b.login(user, None, rhost="192.0.2.8").outcome == ClientOutcome.NEED_CODE

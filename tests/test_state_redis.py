@@ -26,7 +26,8 @@ from state_contract import NOW, STEP, Opener, StateContract
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
 from pam_linkus.state import open_store
-from pam_linkus.state.redis_store import REPLAY_TTL
+from pam_linkus.state.base import EmailLimits
+from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
 #: What the README recommends for a cluster's ACL user (tested below as written there).
 ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
@@ -60,21 +61,36 @@ class TestRedisState(StateContract):
 # -- keys, TTLs, prefix -------------------------------------------------------------
 
 
-def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock_and_enrolments(redis_server: RedisServer) -> None:
+def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_server: RedisServer) -> None:
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
-    store.accept_totp_step("1001", STEP, NOW)
+    store.accept_totp_step("1001", STEP, NOW)  # also notes the success in the enrolment record
     store.record_failure("1002", NOW, max_failures=3, duration=900, permanent_after=10)
     for _ in range(2):
         store.record_failure("1003", NOW, max_failures=1, duration=0, permanent_after=10)
+    store.cache_settings("ldap", "1004", "{}", NOW)
+    store.start_grace("1005", "192.0.2.7", NOW, 3600)
+    store.issue_email_code("1006", "h", NOW, EmailLimits(lifetime=300))
+    store.set_recovery_codes("1007", "salt", ["d1", "d2"])
     store.close()
     r = redis_server.client()
-    keys = sorted(r.keys("*"))
-    assert keys == [f"{p}{{1001}}:enrol", f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail"]
-    assert r.ttl(f"{p}{{1001}}:enrol") == -1  # last success: lives as long as the enrolment (forget removes it)
-    assert REPLAY_TTL - 5 <= r.ttl(f"{p}{{1001}}:totp") <= REPLAY_TTL
-    assert 86400 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400
-    assert r.ttl(f"{p}{{1003}}:fail") == -1  # only `linkus-2fa unlock` ends it
+    ttls = {key.removeprefix(p): r.ttl(key) for key in r.keys("*")}
+    want = {
+        "{1001}:totp": REPLAY_TTL,
+        "{1001}:enrol": -1,  # when enrolled, last success: kept until `linkus-2fa disable`
+        "{1002}:fail": 86400,
+        "{1003}:fail": -1,  # only `linkus-2fa unlock` ends this lock
+        "{1004}:cache": CACHE_TTL,
+        "{1005}:grace": 3600,
+        "{1006}:email": 300 + 60,
+        "{1006}:email_sends": 3660,
+        "email_sends": 120,
+        "{1007}:recovery": -1,  # recovery codes stay valid until used or replaced
+        "{1007}:recovery_salt": -1,
+    }
+    assert sorted(ttls) == sorted(want)
+    for key, ttl in want.items():
+        assert ttl - 5 <= ttls[key] <= ttl, key
 
 
 def test_a_temporary_lock_outlives_its_key_ttl(redis_server: RedisServer) -> None:
@@ -252,6 +268,8 @@ def test_a_password_in_the_url_is_refused() -> None:
     {"url": "http://127.0.0.1/"},
     {"prefix": "a{b}:"},
     {"failure_ttl": 60},
+    {"sentinel_password_file": "/etc/pam_linkus/sentinel.pw"},
+    {"url": "redis://pbx@127.0.0.1/0", "username": "other"},
 ])
 def test_inconsistent_redis_config_is_refused(redis: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
@@ -358,3 +376,39 @@ def test_email_keys_have_the_prefix_and_a_ttl(redis_server: RedisServer) -> None
     assert 300 < r.ttl(f"{p}{{1001}}:email") <= 360
     assert 3600 < r.ttl(f"{p}{{1001}}:email_sends") <= 3660
     assert 60 < r.ttl(f"{p}email_sends") <= 120
+
+
+def test_sentinels_with_a_password_need_sentinel_password_file(redis_dir: Path, private_dir: Path) -> None:
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    password = secrets.token_urlsafe(24)
+    master = RedisServer(redis_dir / "pw-master").start()
+    sentinel = Sentinel(redis_dir / "pw-sentinel", master.port, f"m{secrets.token_hex(3)}", requirepass=password)
+    try:
+        sentinel.start()
+        options = {"sentinels": [f"127.0.0.1:{sentinel.port}"], "service_name": sentinel.service, "prefix": prefix()}
+        without = open_store(fast(**options))
+        # redis-py tries each Sentinel and reports only that none named a master
+        with pytest.raises(StateUnavailable, match="MasterNotFoundError"):
+            without.lock_status("1001", NOW)
+        store = open_store(fast(sentinel_password_file=password_file(private_dir, password), **options))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        store.close()
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
+def test_a_unix_socket_url_works(redis_dir: Path) -> None:
+    sock = redis_dir / "unix" / "redis.sock"
+    server = RedisServer(redis_dir / "unix", config_lines=[f"unixsocket {sock}", "unixsocketperm 700"]).start()
+    try:
+        store = open_store(fast(url=f"unix://{sock}?db=0", prefix=prefix()))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        server.stop()
+        with pytest.raises(StateUnavailable):
+            store.lock_status("1001", NOW)
+        store.close()
+    finally:
+        server.stop()

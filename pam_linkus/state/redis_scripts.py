@@ -1,0 +1,270 @@
+"""The Lua scripts of the Redis state store, one per state decision.
+
+Redis runs a script without interleaving any other command, so each script is
+one atomic step, whichever host calls it. Conventions:
+
+- ``KEYS`` are the keys a script touches (all named by the caller, so an ACL
+  ``~<prefix>*`` covers them); ``ARGV`` carries ``now`` and limits.
+- Times come from the caller as Python ``repr`` strings and are stored as
+  given. A time the script computes itself is returned as ``%.17g`` (Lua's
+  ``tostring`` keeps only 14 digits, which would shorten ``FOREVER`` and the
+  fractions of ``now``). Lua's numbers are IEEE doubles, so ``+`` and ``<``
+  give exactly what Python gives.
+- TTLs are relative to the caller's ``now`` (``EXPIRE``), plus a margin.
+
+Rules that Python writes once in pam_linkus.state.base (``next_lock``,
+``email_retry_after``) are either fed in as computed values or re-stated here
+line by line; tests/state_contract.py checks the two against each other.
+"""
+
+from __future__ import annotations
+
+#: Shared by scripts that record a successful login on the enrolment hash:
+#: the method is kept if known (an extension enrolled by hand gets ``-``).
+_NOTE_SUCCESS = """
+local function note_success(key, method, now)
+  redis.call('HSETNX', key, 'method', method)
+  redis.call('HSET', key, 'last', now)
+end
+"""
+
+#: The lock check every accepting script starts with.
+_LOCKED = """
+local function locked(fail_key, now)
+  local locked_until = redis.call('HGET', fail_key, 'until')
+  if locked_until and tonumber(locked_until) > tonumber(now) then
+    return locked_until
+  end
+  return nil
+end
+"""
+
+# KEYS: fail, totp, enrol   ARGV: now, step, replay_ttl
+# -> {0, locked_until} | {1} replay (a step >= step was accepted) | {2} accepted
+ACCEPT_TOTP = _LOCKED + _NOTE_SUCCESS + """
+local lock = locked(KEYS[1], ARGV[1])
+if lock then return {0, lock} end
+local last = redis.call('GET', KEYS[2])
+if last and tonumber(last) >= tonumber(ARGV[2]) then
+  return {1}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('DEL', KEYS[1])
+note_success(KEYS[3], 'totp', ARGV[1])
+return {2}
+"""
+
+# KEYS: fail
+# ARGV: now, max_failures, lock_at_max, permanent_after, lock_at_permanent, forever, failure_ttl
+# The lock values are base.next_lock's for the two thresholds; the script only
+# picks one by the count it has just incremented, and never shortens a lock.
+# -> {count, locked_until}
+RECORD_FAILURE = """
+local count = redis.call('HINCRBY', KEYS[1], 'count', 1)
+local lock = '0'
+if count >= tonumber(ARGV[4]) then
+  lock = ARGV[5]
+elseif count >= tonumber(ARGV[2]) then
+  lock = ARGV[3]
+end
+local old = redis.call('HGET', KEYS[1], 'until')
+if old and tonumber(old) > tonumber(lock) then
+  lock = old
+end
+redis.call('HSET', KEYS[1], 'until', lock, 'last', ARGV[1])
+if tonumber(lock) >= tonumber(ARGV[6]) then
+  redis.call('PERSIST', KEYS[1])
+else
+  local left = math.max(0, tonumber(lock) - tonumber(ARGV[1]))
+  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
+end
+return {count, lock}
+"""
+
+# KEYS: cache   ARGV: source, data, now, ttl   (the text and its time in one step)
+CACHE_SETTINGS = """
+redis.call('HSET', KEYS[1], 'data:' .. ARGV[1], ARGV[2], 'at:' .. ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# KEYS: every key of the extension, then the host-wide email sends   ARGV: user
+# The extension's sends leave the host-wide throttle too, as in SQLite.
+FORGET = """
+local global = KEYS[#KEYS]
+local sends = KEYS[#KEYS - 1]
+for _, member in ipairs(redis.call('ZRANGE', sends, 0, -1)) do
+  redis.call('ZREM', global, ARGV[1] .. ' ' .. member)
+end
+for i = 1, #KEYS - 1 do
+  redis.call('DEL', KEYS[i])
+end
+return 1
+"""
+
+# -- enrolment record and recovery codes ----------------------------------------------
+
+# KEYS: enrol, totp   ARGV: method, now, step or '', replay_ttl
+# The confirmation code's step replaces the replay record (a new secret starts over).
+RECORD_ENROLMENT = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'method', ARGV[1], 'since', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+end
+return 1
+"""
+
+# KEYS: enrol, recovery   -> {method, since, last, codes left} (missing fields: nil)
+ENROLMENT = """
+local e = redis.call('HMGET', KEYS[1], 'method', 'since', 'last')
+return {e[1], e[2], e[3], redis.call('SCARD', KEYS[2])}
+"""
+
+# KEYS: recovery, recovery_salt   ARGV: salt, digest...
+SET_RECOVERY_CODES = """
+redis.call('DEL', KEYS[1], KEYS[2])
+if #ARGV > 1 then
+  redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: fail, recovery, recovery_salt, enrol   ARGV: now, digest
+# SREM finds the digest by the set's hash lookup: its time says nothing about
+# the code (the digest is a salted scrypt hash of it).
+# -> {0, locked_until} | {1} no such code | {2} spent
+USE_RECOVERY_CODE = _LOCKED + _NOTE_SUCCESS + """
+local lock = locked(KEYS[1], ARGV[1])
+if lock then return {0, lock} end
+if redis.call('SREM', KEYS[2], ARGV[2]) == 0 then
+  return {1}
+end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[3])
+end
+redis.call('DEL', KEYS[1])
+note_success(KEYS[4], '-', ARGV[1])
+return {2}
+"""
+
+# -- grace periods --------------------------------------------------------------------
+
+# KEYS: grace   ARGV: now, rhost, until
+# Drops the extension's expired periods in the same step, keeps a later end,
+# and lets the hash live exactly as long as its latest period (a host whose
+# clock is behind then asks for a code a little early: the safe side).
+START_GRACE = """
+local now = tonumber(ARGV[1])
+local new_until = ARGV[3]
+local latest = tonumber(new_until)
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local u = tonumber(all[i + 1])
+  if u <= now then
+    redis.call('HDEL', KEYS[1], all[i])
+  else
+    if all[i] == ARGV[2] and u > tonumber(new_until) then
+      new_until = all[i + 1]
+    end
+    if u > latest then latest = u end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[2], new_until)
+redis.call('EXPIRE', KEYS[1], math.ceil(latest - now))
+return 1
+"""
+
+# -- email codes ----------------------------------------------------------------------
+
+# KEYS: email, email_sends (this extension's, member "<at> <hash>", kept an hour),
+#       the host-wide sends (member "<user> <at> <hash>", kept a minute: only the
+#       last minute counts)
+# ARGV: now, hash, expires, max_attempts, send_interval, max_per_hour,
+#       global_max_per_minute, an hour ago, a minute ago, user, code_ttl
+# The throttle is base.email_retry_after, line by line.
+# -> {1} issued | {0, pending (0/1), retry_after}
+ISSUE_EMAIL_CODE = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[8])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[9])
+local mine = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local everyone = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. ARGV[9], '+inf', 'WITHSCORES')
+local at = now
+local n = #mine / 2
+local interval = tonumber(ARGV[5])
+if n > 0 and interval > 0 then
+  at = math.max(at, tonumber(mine[2 * n]) + interval)
+end
+local per_hour = tonumber(ARGV[6])
+if n >= per_hour then
+  at = math.max(at, tonumber(mine[2 * (n - per_hour + 1)]) + 3600)
+end
+local g = #everyone / 2
+local per_minute = tonumber(ARGV[7])
+if g >= per_minute then
+  at = math.max(at, tonumber(everyone[2 * (g - per_minute + 1)]) + 60)
+end
+if at > now then
+  local code = redis.call('HMGET', KEYS[1], 'expires', 'attempts')
+  local pending = 0
+  if code[1] and tonumber(code[1]) > now and tonumber(code[2]) > 0 then
+    pending = 1
+  end
+  return {0, pending, string.format('%.17g', at)}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'expires', ARGV[3], 'attempts', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[11])
+local member = ARGV[1] .. ' ' .. ARGV[2]
+redis.call('ZADD', KEYS[2], ARGV[1], member)
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[10] .. ' ' .. member)
+redis.call('EXPIRE', KEYS[2], 3660)
+redis.call('EXPIRE', KEYS[3], 120)
+return {1}
+"""
+
+# KEYS: email, email_sends, host-wide sends   ARGV: hash, user
+DISCARD_EMAIL_CODE = """
+if redis.call('HGET', KEYS[1], 'hash') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+local suffix = ' ' .. ARGV[1]
+for _, member in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if string.sub(member, -#suffix) == suffix then
+    redis.call('ZREM', KEYS[2], member)
+    redis.call('ZREM', KEYS[3], ARGV[2] .. ' ' .. member)
+  end
+end
+return 1
+"""
+
+# KEYS: fail, email, enrol   ARGV: now, hash
+# Lua strings are interned, so == compares two references, not their bytes.
+# -> {0, locked_until} | {1, verdict} with verdict: 0 missing, 1 expired,
+#    2 accepted, 3 exhausted, 4 wrong
+VERIFY_EMAIL_CODE = _LOCKED + _NOTE_SUCCESS + """
+local lock = locked(KEYS[1], ARGV[1])
+if lock then return {0, lock} end
+local code = redis.call('HMGET', KEYS[2], 'hash', 'expires', 'attempts')
+if not code[1] then return {1, 0} end
+if tonumber(code[2]) <= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return {1, 1}
+end
+if ARGV[2] ~= '' and code[1] == ARGV[2] then
+  redis.call('DEL', KEYS[2])
+  redis.call('DEL', KEYS[1])
+  note_success(KEYS[3], 'email', ARGV[1])
+  return {1, 2}
+end
+if tonumber(code[3]) <= 1 then
+  redis.call('DEL', KEYS[2])
+  return {1, 3}
+end
+redis.call('HINCRBY', KEYS[2], 'attempts', -1)
+return {1, 4}
+"""
