@@ -60,6 +60,15 @@ def _doctor(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _warm(args: argparse.Namespace) -> int:
+    """Compile the config and index extensions.yaml now (see pam_linkus.warm)."""
+    from pam_linkus.warm import warm
+
+    for line in warm(args.config, args.cache_dir):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linkus-2fa", description="Manage pam-linkus two-factor authentication.")
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="main config file (default: %(default)s)")
@@ -67,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = verbs.add_parser("doctor", help="check config, sources, state store and PAM lines")
     doctor.add_argument("user", nargs="?", help="also look this extension up")
     doctor.set_defaults(func=_doctor)
+    from pam_linkus.filecache import DEFAULT_CACHE_DIR
+
+    warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins")
+    warm.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+                      help="the PAM line's cache_dir= (default: %(default)s)")
+    warm.set_defaults(func=_warm)
     return parser
 
 
