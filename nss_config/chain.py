@@ -13,7 +13,7 @@ from pam_linkus.errors import SourceUnavailable
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from nss_config.base import ExtensionSettings, SettingsSource
     from pam_linkus.config import Config
@@ -46,11 +46,16 @@ class SourceChain:
         return None
 
 
-def build_chain(config: Config, state: StateStore | None = None) -> SourceChain:
+def build_chain(
+    config: Config,
+    state: Callable[[], StateStore] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> SourceChain:
     """Build the configured chain; modules of unused sources are never imported.
 
-    ``state`` is handed to sources that keep an offline cache (LDAP's
-    ``cache_max_age``); it may be None when the caller has no store open.
+    ``state`` returns the state store and is called only by sources that keep an
+    offline cache (LDAP's ``cache_max_age``) when they need it, so a login that
+    never touches the cache never opens the store; None means no cache.
     """
     sources: list[SettingsSource] = []
     for name in config.sources:
@@ -61,7 +66,10 @@ def build_chain(config: Config, state: StateStore | None = None) -> SourceChain:
         elif name == "ldap":
             from nss_config.ldap_source import LdapSource
 
-            sources.append(LdapSource(config.ldap, state=state))
+            if clock is None:
+                sources.append(LdapSource(config.ldap, state=state))
+            else:
+                sources.append(LdapSource(config.ldap, state=state, clock=clock))
         else:  # config.py validates names; this is a programming error
             raise AssertionError(f"unknown source {name!r}")
     return SourceChain(sources, skip_unavailable=config.on_source_unavailable == "next")

@@ -2,98 +2,584 @@
 
 ``main(argv) -> int``; errors print one line to stderr and exit non-zero. Verbs
 reuse pam_linkus/nss_config code: there is no second implementation of anything.
+TOTP codes are checked by ``totp.match_totp``, a user's current code by
+``flow.authenticate`` (the login decision itself, with lockout and replay),
+email codes by ``emailcode``, source writes go through ``nss_config.writer``.
+
+The Yeastar flow this follows: an extension turns 2FA on, adds the account to an
+authenticator app (QR code, or the key typed in: "Can't scan"), proves it works
+with a current code, and only then is it saved ("Edited successfully."). Every
+change leaves one audit line in syslog (who, which extension, what -- never a
+secret or code).
+
+``linkus-2fa self ...`` is the self-service entry, run through sudo: the
+extension is always the invoking user (SUDO_USER), who first re-enters their
+account password (checked through PAM) and, when already enrolled, a current code.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from pam_linkus.config import DEFAULT_CONFIG_PATH
-from pam_linkus.errors import LinkusError
+from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Denied, LinkusError, NotEnrolled
+from pam_linkus.logline import LOG_NOTICE, SyslogSink, format_fields
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from nss_config.base import ExtensionSettings
+    from pam_linkus.config import Config
+    from pam_linkus.state.base import StateStore
 
-def _doctor(args: argparse.Namespace) -> int:
-    """Check config, sources and state the way a login would, and say what is wrong."""
-    from nss_config.chain import build_chain
-    from pam_linkus.config import load_config
-    from pam_linkus.state import open_store
+#: Tries a person gets to type the confirmation code of a new enrolment.
+CONFIRM_TRIES = 3
+SAVED = "Edited successfully."
 
-    problems = 0
 
-    def report(ok: bool, what: str, detail: str = "") -> None:
-        nonlocal problems
-        problems += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {what}{': ' + detail if detail else ''}")
+class TerminalPrompter:
+    """The flow's Prompter on the terminal: hidden input for passwords, visible for codes."""
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        try:
+            if echo:
+                return input(prompt)
+            import getpass
+
+            return getpass.getpass(prompt)
+        except EOFError:
+            raise ConversationFailed("no answer") from None
+
+    def info(self, text: str) -> None:
+        print(text, flush=True)
+
+
+class Admin:
+    """One run of the command: config, store, audit log, and who is acting."""
+
+    def __init__(self, args: argparse.Namespace, *, actor: str, via: str):
+        from pam_linkus.config import load_config
+
+        self.config: Config = load_config(args.config)
+        self.sink = SyslogSink(args.log_socket, tag="linkus-2fa")
+        self.actor = actor
+        self.via = via
+        self.prompter = TerminalPrompter()
+        self._store: StateStore | None = None
+
+    def store(self) -> StateStore:
+        if self._store is None:
+            from pam_linkus.state import open_store
+
+            self._store = open_store(self.config.state)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def audit(self, action: str, ext: str, **fields: object) -> None:
+        """One syslog line per change; callers never pass a secret or a code."""
+        line = {"action": action, "ext": ext, "by": self.actor, "via": self.via, **fields}
+        self.sink.send(LOG_NOTICE, format_fields(line))
+
+    def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
+        from nss_config.writer import source_of
+
+        return source_of(self.config, ext)
+
+
+def _check_ext(ext: str) -> str:
+    from nss_config.base import check_user_name
 
     try:
-        config = load_config(args.config)
-    except LinkusError as exc:
-        report(False, "config", exc.reason)
-        return 1
-    report(True, "config", args.config)
-    if "yaml" in config.sources:
-        from nss_config.yaml_source import read_extensions
+        check_user_name(ext)
+    except ValueError:
+        raise ConfigError("invalid extension name") from None
+    return ext
 
-        try:
-            extensions = read_extensions(config.yaml.path)
-            enrolled = sum(1 for s in extensions.values() if s.enrolled)
-            report(True, "yaml source", f"{config.yaml.path}: {len(extensions)} extensions, {enrolled} enrolled")
-        except LinkusError as exc:
-            report(False, "yaml source", exc.reason)
+
+def _invoker() -> str:
+    import pwd
+
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user:
+        return sudo_user
     try:
-        store = open_store(config.state)
-        store.close()
-        report(True, "state store", config.state.backend)
-    except LinkusError as exc:
-        report(False, "state store", exc.reason)
-    if args.user:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid{os.getuid()}"
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return "unknown"
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+# -- enrolment ----------------------------------------------------------------------
+
+
+def _show_totp(adm: Admin, ext: str, secret: str, issuer: str, *, qr: bool, qr_file: str | None) -> None:
+    from pam_linkus.totp import provisioning_uri
+
+    uri = provisioning_uri(secret, ext, issuer)
+    if qr or qr_file:
+        code = _qr_code(uri)
+        if code is None:
+            print("(no QR code: install python3-segno; type the key below instead)")
+        else:
+            if qr:
+                print("Scan this QR code with your authenticator app:")
+                code.terminal(compact=True)
+            if qr_file:
+                _save_qr(code, qr_file)
+                print(f"QR code written to {qr_file} (it holds the secret: mode 0600; delete it after use)")
+    grouped = " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))
+    print("Can't scan? Add the account by hand:")
+    print(f"  Account:   {ext}")
+    print(f"  Issuer:    {issuer}")
+    print(f"  Key:       {grouped}")
+    print("  Type:      time-based (TOTP), algorithm SHA1, 6 digits, every 30 seconds")
+    print(f"  URI:       {uri}")
+    sys.stdout.flush()
+
+
+def _qr_code(uri: str) -> Any:
+    try:
+        import segno
+    except ImportError:
+        return None
+    return segno.make(uri, error="m")
+
+
+def _save_qr(code: Any, path: str) -> None:
+    kind = os.path.splitext(path)[1].lower().lstrip(".")
+    if kind not in ("png", "svg"):
+        raise ConfigError("the QR file must end in .png or .svg", path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the QR file: {exc.strerror}", path) from None
+    with os.fdopen(fd, "wb") as handle:
+        code.save(handle, kind=kind, scale=6, border=4)
+
+
+def _confirm_totp(adm: Admin, secret: str) -> int:
+    """Ask for a current code of the new secret; return its time step."""
+    from pam_linkus.totp import decode_secret, match_totp
+
+    key = decode_secret(secret)
+    for attempt in range(1, CONFIRM_TRIES + 1):
+        answer = adm.prompter.ask("Enter the 6-digit code the app shows now: ", echo=True)
         try:
-            found = build_chain(config).lookup(args.user)
-            report(True, f"lookup {args.user}", repr(found) if found else "not found (no 2FA)")
-        except LinkusError as exc:
-            report(False, f"lookup {args.user}", exc.reason)
-    return 1 if problems else 0
+            return match_totp(key, answer, time.time(), window=adm.config.totp.window)
+        except CodeRejected:
+            if attempt < CONFIRM_TRIES:
+                print("That code is not right; check the app's clock and try the next code.")
+    raise CodeRejected(f"confirmation code wrong {CONFIRM_TRIES} times; nothing was saved")
 
 
-def _warm(args: argparse.Namespace) -> int:
-    """Compile the config and index extensions.yaml now (see pam_linkus.warm)."""
-    from pam_linkus.warm import warm
+def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: bool, qr_file: str | None) -> int:
+    import socket
 
-    for line in warm(args.config, args.cache_dir):
-        print(line)
+    from nss_config.writer import writer_for
+    from pam_linkus.totp import generate_secret
+
+    source, current = adm.lookup(ext)
+    writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret
+    secret = generate_secret(160)
+    issuer = issuer or adm.config.totp.issuer or socket.gethostname()
+    if current is not None and current.enrolled:
+        print(f"{ext} already has 2FA ({current.method}); it is replaced only once the new key is confirmed.")
+    _show_totp(adm, ext, secret, issuer, qr=qr, qr_file=qr_file)
+    step = _confirm_totp(adm, secret) if confirm else None
+
+    def change(old: dict[str, Any] | None) -> dict[str, Any]:
+        kept = {k: v for k, v in (old or {}).items() if k == "email"}
+        return {**kept, "method": "totp", "secret": secret, "enabled": True}
+
+    writer.update(ext, change)
+    adm.store().record_enrolment(ext, "totp", time.time(), totp_step=step)
+    adm.audit("enroll", ext, method="totp", source=source, confirmed="yes" if confirm else "no")
+    print(SAVED)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="linkus-2fa", description="Manage pam-linkus two-factor authentication.")
-    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="main config file (default: %(default)s)")
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    doctor = verbs.add_parser("doctor", help="check config, sources, state store and PAM lines")
-    doctor.add_argument("user", nargs="?", help="also look this extension up")
-    doctor.set_defaults(func=_doctor)
-    from pam_linkus.filecache import DEFAULT_CACHE_DIR
+def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
+    """Send a code to the address and save only when it comes back.
 
-    warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins")
-    warm.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
+    An address different from the confirmed one first switches email 2FA off
+    for the extension (the old address no longer counts, the new one does not
+    yet), as the Yeastar UI does; the code entered turns it on again.
+    """
+    from nss_config.writer import writer_for
+
+    source, current = adm.lookup(ext)
+    writer = writer_for(adm.config, source)
+    target = address or (current.email if current is not None else None)
+    if not target:
+        raise ConfigError(f"{ext} has no email address in the {source} source; give one with --address")
+    _check_address(target)
+    if current is not None and current.enrolled and current.method == "email" and current.email != target:
+        writer.update(ext, lambda old: {**(old or {}), "method": "email", "email": target, "enabled": False})
+        adm.store().forget(ext)
+        adm.audit("email-address-changed", ext, source=source, result="email-2fa-off-until-confirmed")
+        print(f"Email 2FA for {ext} is off until the new address is confirmed.")
+    _send_and_confirm_email(adm, ext, target)
+
+    def change(old: dict[str, Any] | None) -> dict[str, Any]:
+        kept = {k: v for k, v in (old or {}).items() if k in ("secret", "algorithm", "digits", "period")}
+        return {**kept, "method": "email", "email": target, "enabled": True}
+
+    writer.update(ext, change)
+    adm.store().record_enrolment(ext, "email", time.time())
+    adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
+    print(SAVED)
+    return 0
+
+
+def _check_address(address: str) -> None:
+    try:
+        from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
+    except ImportError:
+        raise ConfigError("email enrolment needs pam_linkus.emailcode, which this version lacks") from None
+    try:
+        emailcode.check_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"the address {exc}") from None
+
+
+def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
+    """Mail a code through the module's own email code path and check what is typed."""
+    from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
+    from pam_linkus.flow import Context, LoginRequest
+
+    ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store())
+    req = LoginRequest(ext, service="linkus-2fa", rhost=None, tty=None)
+    key = emailcode.load_key(adm.config.email.key_file)
+    store = adm.store()
+    print(emailcode.deliver(req, ctx, address, store, key))
+    for attempt in range(1, CONFIRM_TRIES + 1):
+        answer = adm.prompter.ask("Enter the code from the email: ", echo=True)
+        try:
+            emailcode.verify(store, key, ext, answer, time.time())
+            return
+        except CodeRejected as exc:
+            if attempt == CONFIRM_TRIES or "expired" in exc.reason or "no code" in exc.reason:
+                raise CodeRejected(f"email confirmation failed ({exc.reason}); nothing was saved") from None
+            print("That code is not right; try again.")
+
+
+# -- the other verbs -----------------------------------------------------------------
+
+
+def disable(adm: Admin, ext: str) -> int:
+    from nss_config.writer import writer_for
+
+    source, current = adm.lookup(ext)
+    if current is not None:
+        writer = writer_for(adm.config, source)
+
+        def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
+            if old is None:
+                return None
+            # The secret went with the phone: drop it, so turning 2FA on again means a new enrolment.
+            kept = {k: v for k, v in old.items() if k in ("method", "email")}
+            return {**kept, "enabled": False}
+
+        writer.update(ext, change)
+    adm.store().forget(ext)
+    adm.audit("disable", ext, source=source if current is not None else "-")
+    if current is None or not current.enrolled:
+        print(f"{ext} had no 2FA enabled; its state (failures, lock, recovery codes) is cleared.")
+    else:
+        print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
+    print(SAVED)
+    return 0
+
+
+def unlock(adm: Admin, ext: str) -> int:
+    status = adm.store().lock_status(ext, time.time())
+    adm.store().unlock(ext)
+    adm.audit("unlock", ext, failures=status.failures)
+    print(f"{ext} unlocked ({status.failures} consecutive failures cleared).")
+    return 0
+
+
+def status(adm: Admin, ext: str) -> int:
+    from pam_linkus.state.base import FOREVER
+
+    _source, settings = adm.lookup(ext)
+    store = adm.store()
+    now = time.time()
+    info = store.enrolment(ext)
+    lock = store.lock_status(ext, now)
+    print(f"extension:    {ext}")
+    if settings is None:
+        print("method:       none (no source knows this extension)")
+    else:
+        state = "on" if settings.enrolled else "off"
+        print(f"method:       {settings.method} (2FA {state}, from the {settings.source} source)")
+        if settings.email:
+            print(f"email:        {settings.email}")
+    print(f"enrolled:     {_when(info.since) if info and info.since else 'unknown (not by linkus-2fa)'}")
+    print(f"last success: {_when(info.last_success) if info and info.last_success else 'never'}")
+    print(f"failures:     {lock.failures}")
+    if lock.locked_until >= FOREVER:
+        print("locked:       until an admin runs linkus-2fa unlock")
+    elif lock.locked(now):
+        print(f"locked:       until {_when(lock.locked_until)}")
+    else:
+        print("locked:       no")
+    print(f"recovery:     {info.recovery_left if info else 0} codes left")
+    return 0
+
+
+def list_extensions(adm: Admin) -> int:
+    from pam_linkus.state.base import FOREVER
+
+    if "yaml" not in adm.config.sources:
+        print("The YAML source is not configured; use 'status EXT' for extensions in LDAP.")
+        return 0
+    from nss_config.yaml_source import read_extensions
+
+    extensions = read_extensions(adm.config.yaml.path)
+    store = adm.store()
+    now = time.time()
+    print(f"{'EXTENSION':<16} {'METHOD':<6} {'2FA':<3} {'ENROLLED':<19} {'LAST SUCCESS':<19} FAIL LOCKED RECOVERY")
+    for ext, settings in sorted(extensions.items()):
+        info = store.enrolment(ext)
+        lock = store.lock_status(ext, now)
+        locked = "admin" if lock.locked_until >= FOREVER else "yes" if lock.locked(now) else "no"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.since)) if info and info.since else "-"
+        last = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.last_success))
+                if info and info.last_success else "-")
+        print(f"{ext:<16} {settings.method:<6} {'on' if settings.enrolled else 'off':<3} {since:<19} {last:<19} "
+              f"{lock.failures:>4} {locked:<6} {info.recovery_left if info else 0}")
+    if "ldap" in adm.config.sources:
+        print("(extensions in LDAP are not listed; use 'status EXT')")
+    return 0
+
+
+def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
+    from pam_linkus.recovery import digest, display, generate_codes, new_salt
+
+    _source, settings = adm.lookup(ext)
+    if settings is None or not settings.enrolled:
+        raise NotEnrolled(f"{ext} has no 2FA enabled; enroll it first")
+    count = count or adm.config.recovery_codes
+    codes = generate_codes(count)
+    salt = new_salt()
+    adm.store().set_recovery_codes(ext, salt, [digest(c, salt) for c in codes])
+    adm.audit("recovery-codes", ext, count=count)
+    print(f"Recovery codes for {ext}. Each works once, typed in place of the code from the app.")
+    print("They are shown only now; earlier recovery codes no longer work.")
+    for code in codes:
+        print(f"  {display(code)}")
+    print(SAVED)
+    return 0
+
+
+def import_google(adm: Admin, ext: str, path: str | None) -> int:
+    from nss_config.writer import writer_for
+    from pam_linkus.gauth import read_file
+    from pam_linkus.recovery import digest, new_salt, normalize_recovery_code
+
+    if path is None:
+        import pwd
+
+        try:
+            path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
+        except KeyError:
+            raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
+    found = read_file(path)
+    source, _current = adm.lookup(ext)
+    writer = writer_for(adm.config, source)
+
+    def change(old: dict[str, Any] | None) -> dict[str, Any]:
+        kept = {k: v for k, v in (old or {}).items() if k == "email"}
+        entry = {**kept, "method": "totp", "secret": found.secret, "enabled": True}
+        if found.period != 30:
+            entry["period"] = found.period
+        return entry
+
+    writer.update(ext, change)
+    store = adm.store()
+    store.record_enrolment(ext, "totp", time.time(), totp_step=found.used_step)
+    scratch = [c for c in (normalize_recovery_code(s) for s in found.scratch_codes) if c]
+    if scratch:
+        salt = new_salt()
+        store.set_recovery_codes(ext, salt, [digest(c, salt) for c in scratch])
+    adm.audit("import-google", ext, source=source, recovery_codes=len(scratch))
+    print(f"Imported {path}: the app keeps working; {len(scratch)} scratch codes are now recovery codes.")
+    if len(found.secret) * 5 < 128:
+        print("Note: this key has fewer than 128 bits; enroll again with a new key when convenient.")
+    print(SAVED)
+    return 0
+
+
+# -- self-service ----------------------------------------------------------------------
+
+
+def self_service(args: argparse.Namespace) -> int:
+    """``linkus-2fa self VERB`` through sudo: only the invoking user's own extension."""
+    if os.geteuid() != 0:
+        raise ConfigError("run it through sudo: sudo linkus-2fa self ...")
+    user = os.environ.get("SUDO_USER", "")
+    if not user or user == "root":
+        raise ConfigError("self-service is for users running it through sudo (SUDO_USER is not set)")
+    _check_ext(user)
+    adm = Admin(args, actor=user, via="self")
+    try:
+        if args.self_verb == "status":
+            return status(adm, user)
+        _prove_identity(adm, user)
+        if args.self_verb == "enroll":
+            if args.method == "email":
+                return enroll_email(adm, user, address=args.address)
+            return enroll_totp(adm, user, confirm=True, issuer=None, qr=not args.no_qr, qr_file=None)
+        if args.self_verb == "disable":
+            return disable(adm, user)
+        if args.self_verb == "recovery-codes":
+            return recovery_codes(adm, user, None)
+        raise AssertionError(args.self_verb)
+    finally:
+        adm.close()
+
+
+def _prove_identity(adm: Admin, user: str) -> None:
+    """The account password through PAM, then -- if enrolled -- a current code through the flow."""
+    from pam_linkus.client import ClientError, authenticate
+
+    password = adm.prompter.ask("Password: ")
+    try:
+        result = authenticate(adm.config.self_service.pam_service, user, password, None, timeout=60)
+    except ClientError as exc:
+        raise Denied(f"could not check the password: {exc}") from None
+    if result.auth != "PAM_SUCCESS":
+        adm.audit("self-check", user, result="wrong-password")
+        raise Denied(f"password not accepted ({result.auth})")
+    _source, settings = adm.lookup(user)
+    if settings is None or not settings.enrolled:
+        return
+    from pam_linkus.flow import Context, LoginRequest
+    from pam_linkus.flow import authenticate as decide
+
+    ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store(), echo_code=True)
+    try:
+        decide(LoginRequest(user, service="linkus-2fa"), ctx)
+    except LinkusError:
+        adm.audit("self-check", user, result="wrong-code")
+        raise
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linkus-2fa", allow_abbrev=False,
+                                     description="Manage pam-linkus two-factor authentication.")
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="main config file (default: %(default)s)")
+    parser.add_argument("--log-socket", default="/dev/log", help=argparse.SUPPRESS)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    enroll = verbs.add_parser("enroll", help="turn 2FA on for an extension (TOTP app or email)", allow_abbrev=False)
+    enroll.add_argument("ext", help="extension (login name)")
+    enroll.add_argument("--method", choices=("totp", "email"), default="totp")
+    enroll.add_argument("--no-confirm", action="store_true", help="TOTP: save without asking for a code (bulk)")
+    enroll.add_argument("--issuer", help="issuer shown in the app (default: totp.issuer or the host name)")
+    enroll.add_argument("--qr-file", help="also write the QR code to this new .png or .svg file")
+    enroll.add_argument("--no-qr", action="store_true", help="do not draw the QR code in the terminal")
+    enroll.add_argument("--address", help="email: the address (default: the extension's address in its source)")
+
+    for name, text in (("disable", "turn 2FA off (lost phone) and clear the extension's state"),
+                       ("unlock", "clear a lockout")):
+        verb = verbs.add_parser(name, help=text, allow_abbrev=False)
+        verb.add_argument("ext")
+    stat_p = verbs.add_parser("status", help="method, enrolment, last success, failures, lock", allow_abbrev=False)
+    stat_p.add_argument("ext", nargs="?")
+    verbs.add_parser("list", help="every extension of the YAML source with its state", allow_abbrev=False)
+    rec = verbs.add_parser("recovery-codes", help="make new single-use recovery codes", allow_abbrev=False)
+    rec.add_argument("ext")
+    rec.add_argument("--count", type=int, choices=range(1, 51), metavar="N", help="how many (default: config)")
+    imp = verbs.add_parser("import-google", help="take over a ~/.google_authenticator file", allow_abbrev=False)
+    imp.add_argument("ext")
+    imp.add_argument("--file", help="the file (default: ~EXT/.google_authenticator)")
+    doctor = verbs.add_parser("doctor", help="check config, permissions, sources, state, SMTP and PAM lines",
+                              allow_abbrev=False)
+    doctor.add_argument("user", nargs="?", help="also look this extension up")
+    doctor.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
+    doctor.add_argument("--smtp", action="store_true", help="check SMTP even if no extension uses email")
+    warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins",
+                            allow_abbrev=False)
+    warm.add_argument("--cache-dir", default="/var/lib/pam_linkus/cache",
                       help="the PAM line's cache_dir= (default: %(default)s)")
-    warm.set_defaults(func=_warm)
+
+    own = verbs.add_parser("self", help="self-service through sudo: your own extension only", allow_abbrev=False)
+    own_verbs = own.add_subparsers(dest="self_verb", required=True, metavar="VERB")
+    own_enroll = own_verbs.add_parser("enroll", help="turn 2FA on or change it", allow_abbrev=False)
+    own_enroll.add_argument("--method", choices=("totp", "email"), default="totp")
+    own_enroll.add_argument("--address", help="email: the address to confirm")
+    own_enroll.add_argument("--no-qr", action="store_true")
+    own_verbs.add_parser("disable", help="turn your 2FA off", allow_abbrev=False)
+    own_verbs.add_parser("recovery-codes", help="make new recovery codes", allow_abbrev=False)
+    own_verbs.add_parser("status", help="show your 2FA status", allow_abbrev=False)
     return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "doctor":
+        from pam_linkus.doctor import run
+
+        return run(args.config, user=args.user, pam_dir=args.pam_dir, smtp=args.smtp, now=time.time())
+    if args.verb == "self":
+        return self_service(args)
+    if args.verb == "warm":
+        from pam_linkus.warm import warm
+
+        for line in warm(args.config, args.cache_dir):
+            print(line)
+        return 0
+    adm = Admin(args, actor=_invoker(), via="admin")
+    try:
+        if args.verb == "list" or (args.verb == "status" and not args.ext):
+            return list_extensions(adm)
+        ext = _check_ext(args.ext)
+        if args.verb == "enroll":
+            if args.method == "email":
+                return enroll_email(adm, ext, address=args.address)
+            return enroll_totp(adm, ext, confirm=not args.no_confirm, issuer=args.issuer,
+                               qr=not args.no_qr, qr_file=args.qr_file)
+        if args.verb == "disable":
+            return disable(adm, ext)
+        if args.verb == "unlock":
+            return unlock(adm, ext)
+        if args.verb == "status":
+            return status(adm, ext)
+        if args.verb == "recovery-codes":
+            return recovery_codes(adm, ext, args.count)
+        if args.verb == "import-google":
+            return import_google(adm, ext, args.file)
+        raise AssertionError(args.verb)
+    finally:
+        adm.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        return int(_dispatch(args))
     except LinkusError as exc:
         print(f"linkus-2fa: {exc.reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("linkus-2fa: interrupted", file=sys.stderr)
+        print("\nlinkus-2fa: interrupted; nothing more was saved", file=sys.stderr)
         return 130
 
 

@@ -9,7 +9,10 @@ run as ``python3 -m pam_linkus.client`` -- answers each prompt by its kind
 and kills the child when the timeout expires.
 
 After PAM_SUCCESS from pam_authenticate the child also runs pam_acct_mgmt, as a
-real login would, and reports both.
+real login would, and reports both; ``ClientResult.outcome`` turns them into the
+one thing the app needs to know (ClientOutcome). ``PamClient`` bounds how many
+transactions a threaded app runs at once. Single-field mode (the stack runs
+pam_linkus with ``forward_pass``) sends password and code as one answer.
 """
 
 from __future__ import annotations
@@ -33,29 +36,76 @@ PAM_CODES = {
 }
 
 
+class ClientOutcome:
+    """What the web app should do with a ClientResult (``ClientResult.outcome``)."""
+
+    SUCCESS = "success"                  # authenticated and the account may log in now
+    NEED_CODE = "need_code"              # password right, a code is needed: ask for it, then call again
+    DENIED = "denied"                    # wrong password or code, unknown user, replayed code
+    LOCKED = "locked"                    # too many failures: only an admin (or the lock's expiry) helps
+    ACCOUNT_REFUSED = "account_refused"  # authenticated, but pam_acct_mgmt said no (expired, not allowed)
+    UNAVAILABLE = "unavailable"          # the PAM stack could not decide (config, directory, state store)
+
+
+_UNAVAILABLE_CODES = frozenset({
+    "PAM_OPEN_ERR", "PAM_SYMBOL_ERR", "PAM_SERVICE_ERR", "PAM_SYSTEM_ERR", "PAM_BUF_ERR",
+    "PAM_AUTHINFO_UNAVAIL", "PAM_ABORT",
+})
+
+
 class ClientResult:
     """How the transaction ended: ``auth`` and ``account`` are PAM code names
     (``account`` is None when authentication failed), ``prompts`` what PAM asked,
-    ``messages`` what it told the user."""
+    ``messages`` what it told the user, ``unanswered`` the prompt this client had
+    no answer for (None if every prompt was answered)."""
 
-    __slots__ = ("auth", "account", "prompts", "messages")
+    __slots__ = ("auth", "account", "prompts", "messages", "unanswered")
 
-    def __init__(self, auth: str, account: str | None, prompts: list[str], messages: list[str]):
+    def __init__(self, auth: str, account: str | None, prompts: list[str], messages: list[str],
+                 unanswered: str | None = None):
         self.auth = auth
         self.account = account
         self.prompts = prompts
         self.messages = messages
+        self.unanswered = unanswered
 
     @property
     def ok(self) -> bool:
+        """Only both PAM_SUCCESS lets the user in: authenticated AND account allowed."""
         return self.auth == "PAM_SUCCESS" and self.account == "PAM_SUCCESS"
 
+    @property
+    def outcome(self) -> str:
+        """One ClientOutcome value; anything not recognised is DENIED (fail closed)."""
+        if self.auth == "PAM_SUCCESS":
+            return ClientOutcome.SUCCESS if self.account == "PAM_SUCCESS" else ClientOutcome.ACCOUNT_REFUSED
+        if self.auth == "PAM_CONV_ERR" and self.unanswered is not None and not _is_password_prompt(self.unanswered):
+            return ClientOutcome.NEED_CODE
+        if self.auth == "PAM_MAXTRIES":
+            return ClientOutcome.LOCKED
+        if self.auth in _UNAVAILABLE_CODES:
+            return ClientOutcome.UNAVAILABLE
+        return ClientOutcome.DENIED
+
     def __repr__(self) -> str:
-        return f"ClientResult(auth={self.auth}, account={self.account}, prompts={self.prompts!r})"
+        return (f"ClientResult(auth={self.auth}, account={self.account}, outcome={self.outcome}, "
+                f"prompts={self.prompts!r})")
 
 
 class ClientError(Exception):
-    """The child could not run the transaction (timeout, crash)."""
+    """The child could not run the transaction (crash, bad input); treat as unavailable."""
+
+
+class ClientTimeout(ClientError):
+    """The transaction did not finish in time; the child (and its process group) was killed."""
+
+
+class ClientBusy(ClientError):
+    """PamClient: no free slot for another PAM transaction within the timeout."""
+
+
+def _is_password_prompt(text: str) -> bool:
+    return "password" in text.lower()
 
 
 def authenticate(
@@ -67,28 +117,136 @@ def authenticate(
     *,
     timeout: float = 30.0,
     tty: str | None = None,
+    single_field: bool = False,
 ) -> ClientResult:
-    """Run pam_authenticate (+ pam_acct_mgmt on success) for ``user`` in a child process."""
-    request = {"service": service, "user": user, "password": password, "code": code, "rhost": rhost, "tty": tty}
+    """Run pam_authenticate (+ pam_acct_mgmt on success) for ``user`` in a child process.
+
+    Two-step (default): a prompt that mentions "password" gets ``password``, any
+    other prompt gets ``code``; ``code=None`` and a code prompt end in
+    ClientOutcome.NEED_CODE, so an app can ask for the code only when needed.
+    ``single_field``: every prompt gets password + code in one answer (the stack
+    runs pam_linkus with ``forward_pass``); ``code=None`` sends the password alone.
+
+    ``rhost`` must be the client's IP address as the app saw it (never a
+    header the client can set unless a trusted proxy set it): exempt networks and
+    grace periods key on it. Raises ClientTimeout after ``timeout`` seconds (the
+    child is killed), ClientError if the child failed, ValueError for a NUL byte.
+    """
+    if single_field:
+        password = (password or "") + "".join((code or "").split())
+        code = None
+    request = {"service": service, "user": user, "password": password, "code": code, "rhost": rhost, "tty": tty,
+               "single_field": single_field}
+    for key, value in request.items():
+        if isinstance(value, str) and "\0" in value:
+            raise ValueError(f"{key} contains a NUL byte")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = here
+    # A session of its own, so a timeout kills helpers the stack started (unix_chkpwd) too.
+    proc = subprocess.Popen(
+        [CHILD_PYTHON, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+         "from pam_linkus.client import _child_main; _child_main()", here],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            [CHILD_PYTHON, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-             "from pam_linkus.client import _child_main; _child_main()", here],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
+        out, err = proc.communicate(json.dumps(request).encode(), timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ClientError(f"PAM transaction did not finish within {timeout} s") from None
+        _kill_tree(proc.pid)
+        proc.communicate()
+        raise ClientTimeout(f"PAM transaction did not finish within {timeout} s") from None
+    except BaseException:
+        _kill_tree(proc.pid)
+        proc.wait()
+        raise
     if proc.returncode != 0:
-        raise ClientError(f"PAM child exited {proc.returncode}: {proc.stderr.decode(errors='replace')[-500:]}")
-    data = json.loads(proc.stdout)
-    return ClientResult(data["auth"], data["account"], data["prompts"], data["messages"])
+        raise ClientError(f"PAM child exited {proc.returncode}: {err.decode(errors='replace')[-500:]}")
+    try:
+        data = json.loads(out.splitlines()[-1])
+        return ClientResult(data["auth"], data["account"], data["prompts"], data["messages"], data["unanswered"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        raise ClientError("PAM child gave no result") from None
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL the PAM child and everything it started.
+
+    Killing the process group is not enough: helpers such as pam_exec call
+    setsid(). So the tree is first frozen with SIGSTOP, level by level (a stopped
+    process neither forks nor exits, so no one is re-parented to init meanwhile),
+    then killed.
+    """
+    import signal
+
+    frozen: set[int] = set()
+    level = {root}
+    for _ in range(16):  # bounded: each round freezes one more generation
+        for pid in level:
+            _signal(pid, signal.SIGSTOP)
+        frozen |= level
+        level = _children_of(frozen) - frozen
+        if not level:
+            break
+    for pid in frozen:
+        _signal(pid, signal.SIGKILL)
+    try:
+        os.killpg(root, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _children_of(parents: set[int]) -> set[int]:
+    """PIDs whose parent is in ``parents`` (from /proc/<pid>/stat)."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rpartition(b")")[2].split()  # the name in parentheses may hold spaces
+        if len(fields) > 1 and int(fields[1]) in parents:
+            children.add(int(entry))
+    return children
+
+
+class PamClient:
+    """``authenticate`` for a threaded web app: one PAM service, a bound on how many
+    PAM transactions (child processes) run at once, how long a request may wait for
+    one (``wait``, default ``timeout``) and how long one may run (``timeout``), so a
+    burst of logins cannot fork without limit."""
+
+    def __init__(self, service: str, *, max_concurrent: int = 4, timeout: float = 30.0,
+                 wait: float | None = None, single_field: bool = False):
+        import threading
+
+        if max_concurrent < 1:
+            raise ValueError("max_concurrent must be at least 1")
+        self.service = service
+        self.timeout = timeout
+        self.wait = timeout if wait is None else wait
+        self.single_field = single_field
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def authenticate(self, user: str, password: str, code: str | None = None,
+                     rhost: str | None = None) -> ClientResult:
+        """See ``authenticate``; raises ClientBusy when no slot frees up within ``wait``."""
+        if not self._slots.acquire(timeout=self.wait):
+            raise ClientBusy(f"no free PAM slot within {self.wait} s")
+        try:
+            return authenticate(self.service, user, password, code, rhost, timeout=self.timeout,
+                                single_field=self.single_field)
+        finally:
+            self._slots.release()
 
 
 def _child_main() -> None:
@@ -124,9 +282,12 @@ def _child_main() -> None:
     messages: list[str] = []
     PROMPT_ECHO_OFF, PROMPT_ECHO_ON = 1, 2
 
+    unanswered: list[str] = []
+
     def answer(text: str) -> str | None:
-        if "password" in text.lower() and request["password"] is not None:
-            return str(request["password"])
+        if request.get("single_field") or ("password" in text.lower() and request["password"] is not None):
+            password: str | None = request["password"]
+            return password
         code: str | None = request["code"]
         return code
 
@@ -142,6 +303,7 @@ def _child_main() -> None:
                 prompts.append(text)
                 reply = answer(text)
                 if reply is None:
+                    unanswered.append(text)
                     return 19  # PAM_CONV_ERR: this client has no answer (libpam frees nothing yet)
                 responses[i].resp = libc.strdup(reply.encode())
             else:
@@ -160,7 +322,8 @@ def _child_main() -> None:
     rc = libpam.pam_start(request["service"].encode(), request["user"].encode(), ctypes.byref(conv),
                           ctypes.byref(handle))
     if rc != 0:
-        print(json.dumps({"auth": PAM_CODES.get(rc, str(rc)), "account": None, "prompts": [], "messages": []}))
+        print(json.dumps({"auth": PAM_CODES.get(rc, str(rc)), "account": None, "prompts": [], "messages": [],
+                          "unanswered": None}))
         return
     PAM_TTY, PAM_RHOST = 3, 4
     keep = []
@@ -175,7 +338,7 @@ def _child_main() -> None:
         account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?")
     libpam.pam_end(handle, rc)
     print(json.dumps({"auth": PAM_CODES.get(rc, str(rc)), "account": account, "prompts": prompts,
-                      "messages": messages}))
+                      "messages": messages, "unanswered": unanswered[0] if unanswered else None}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from ipaddress import IPv4Network, IPv6Network
     from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
@@ -201,12 +202,18 @@ class YamlSourceConfig:
 
 class LdapConfig:
     """The LDAP source (see nss_config.ldap_source); parsed here so a typo is caught
-    at config load, without importing ldap3."""
+    at config load, without importing ldap3.
+
+    Checks that need no network run here: a plain ``ldap://`` URI without StartTLS
+    is refused (the bind password would cross the wire in clear), and a configured
+    directory needs a bind DN and password file, because the entries hold TOTP
+    secrets that no anonymous reader should see.
+    """
 
     __slots__ = (
-        "uris", "start_tls", "ca_file", "bind_dn", "bind_password_file", "base", "filter",
-        "scope", "attributes", "connect_timeout", "timeout", "cache_max_age",
-        "writer_bind_dn", "writer_password_file", "object_class",
+        "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
+        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "writer_bind_dn", "writer_password_file",
     )
 
     ATTRIBUTE_KEYS = ("enabled", "method", "secret", "algorithm", "digits", "period", "email")
@@ -219,55 +226,111 @@ class LdapConfig:
         "period": "linkusTotpPeriod",
         "email": "mail",
     }
+    DEFAULT_FILTER = "(&(objectClass=inetOrgPerson)(uid={user}))"
 
     def __init__(self, r: Reader):
         self.uris = r.string_list("uris", [])
-        for uri in self.uris:
-            if not uri.startswith(("ldap://", "ldaps://")):
-                raise r.fail("uris", "each URI must start with ldap:// or ldaps://")
         self.start_tls = r.boolean("start_tls", True)
+        for uri in self.uris:
+            scheme, sep, rest = uri.partition("://")
+            host = rest.split("/", 1)[0]
+            if not sep or scheme not in ("ldap", "ldaps") or not host or host.startswith(":"):
+                raise r.fail("uris", "each URI must be ldaps://host[:port] or ldap://host[:port]")
+            if scheme == "ldap" and not self.start_tls:
+                raise r.fail("start_tls", "must be true for ldap:// URIs (the bind password would travel in clear)")
         self.ca_file = r.optional_path("ca_file")
-        self.bind_dn = r.optional_string("bind_dn")
+        self.bind_dn = r.optional_string("bind_dn", max_len=1024)
         self.bind_password_file = r.optional_path("bind_password_file")
-        self.base = r.string("base", "")
-        self.filter = r.string("filter", "(&(objectClass=inetOrgPerson)(uid={user}))")
-        if self.filter.count("{user}") < 1:
+        self.base = r.string("base", "", max_len=1024)
+        self.filter = r.string("filter", self.DEFAULT_FILTER, max_len=1024)
+        if "{user}" not in self.filter:
             raise r.fail("filter", "must contain {user}")
+        if not (self.filter.startswith("(") and self.filter.endswith(")")):
+            raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}
+        for key, name in self.attributes.items():
+            if not _is_attribute_name(name):
+                raise attrs.fail(key, "must be an LDAP attribute name (letters, digits, '-') or an OID")
+        if len({n.lower() for n in self.attributes.values()}) != len(self.attributes):
+            raise r.fail("attributes", "maps two keys to the same LDAP attribute")
         attrs.done()
-        self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=60)
-        self.timeout = r.number("timeout", 5.0, minimum=0.1, maximum=60)
+        self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=30)
+        # ldap3 sets SO_RCVTIMEO from this value and needs whole seconds.
+        self.timeout = r.integer("timeout", 5, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
+        if self.uris:
+            for key in ("bind_dn", "bind_password_file", "base"):
+                if not getattr(self, key):
+                    raise r.fail(key, "is required when ldap.uris is set (no anonymous binds)")
         r.done()
 
 
+def _is_attribute_name(name: str) -> bool:
+    """RFC 4512 descr (``mail``) or numericoid (``0.9.2342.19200300.100.1.3``)."""
+    if not name or not name.isascii():
+        return False
+    if name[0].isdigit():
+        return all(part.isdigit() for part in name.split("."))
+    return name[0].isalpha() and all(c.isalnum() or c == "-" for c in name)
+
+
 class RedisConfig:
-    """The Redis state store (pam_linkus.state.redis_store)."""
+    """The Redis state store (pam_linkus.state.redis_store) that hosts of a cluster share.
+
+    Either ``url`` (one server) or ``sentinels`` + ``service_name`` (Sentinel finds
+    the master; then ``tls`` and ``db`` say what the URL would have said). The
+    password lives in a root-only file, never in this world-readable config, so a
+    URL carrying one is refused.
+    """
 
     __slots__ = (
-        "url", "username", "password_file", "ca_file", "sentinels", "service_name",
-        "prefix", "connect_timeout", "timeout",
+        "url", "username", "password_file", "ca_file", "sentinels", "service_name", "tls", "db",
+        "prefix", "connect_timeout", "timeout", "failure_ttl",
     )
 
     def __init__(self, r: Reader):
-        self.url = r.string("url", "redis://127.0.0.1:6379/0")
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise r.fail("url", "must start with redis://, rediss:// or unix://")
+        self.sentinels = r.string_list("sentinels", [])
+        for entry in self.sentinels:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise r.fail("sentinels", "each entry must be host:port")
+        self.service_name = r.optional_string("service_name", max_len=200)
+        if self.sentinels:
+            if r.has("url"):
+                raise r.fail("url", "give either url or sentinels, not both")
+            if not self.service_name:
+                raise r.fail("service_name", "is required when sentinels are listed")
+            self.url = ""
+            self.tls = r.boolean("tls", False)
+            self.db = r.integer("db", 0, minimum=0, maximum=10000)
+        else:
+            if self.service_name is not None:
+                raise r.fail("service_name", "only means something with sentinels")
+            for key in ("tls", "db"):
+                if r.has(key):
+                    raise r.fail(key, "only means something with sentinels; put it in url")
+            self.url = r.string("url", "redis://127.0.0.1:6379/0", max_len=1000)
+            if not self.url.startswith(("redis://", "rediss://", "unix://")):
+                raise r.fail("url", "must start with redis://, rediss:// or unix://")
+            authority = self.url.partition("://")[2].partition("/")[0]
+            if ":" in authority.rpartition("@")[0] or "password=" in self.url:
+                raise r.fail("url", "must not carry a password; put it in password_file")
+            self.tls = self.url.startswith("rediss://")
+            self.db = 0
         self.username = r.optional_string("username", max_len=200)
         self.password_file = r.optional_path("password_file")
         self.ca_file = r.optional_path("ca_file")
-        self.sentinels = r.string_list("sentinels", [])
-        self.service_name = r.optional_string("service_name", max_len=200)
-        if self.sentinels and not self.service_name:
-            raise r.fail("service_name", "is required when sentinels are listed")
         self.prefix = r.string("prefix", "linkus:", max_len=100)
+        if any(c in self.prefix for c in "{} ") or any(ord(c) < 33 for c in self.prefix):
+            raise r.fail("prefix", "must not contain braces, spaces or control characters")
         self.connect_timeout = r.number("connect_timeout", 2.0, minimum=0.1, maximum=60)
         self.timeout = r.number("timeout", 2.0, minimum=0.1, maximum=60)
+        self.failure_ttl = r.integer("failure_ttl", 30 * 86400, minimum=86400, maximum=3650 * 86400)
         r.done()
 
 
@@ -284,12 +347,20 @@ class StateConfig:
 
 
 class SmtpConfig:
-    """The SMTP server that carries email codes (pam_linkus.mail)."""
+    """The SMTP server that carries email codes (pam_linkus.mail).
+
+    ``security``: ``tls`` (implicit TLS, port 465), ``starttls`` (port 587; a
+    server that does not offer STARTTLS is an error, never a plaintext fallback)
+    or ``none`` -- accepted only for a relay on the loopback interface, and never
+    with AUTH, so a password or code never crosses a network in clear.
+    """
 
     __slots__ = (
         "host", "port", "security", "ca_file", "username", "password_file", "sender",
         "timeout", "helo",
     )
+
+    LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
     def __init__(self, r: Reader):
         self.host = r.string("host", "127.0.0.1", max_len=255)
@@ -301,14 +372,36 @@ class SmtpConfig:
         self.password_file = r.optional_path("password_file")
         if self.username and not self.password_file:
             raise r.fail("password_file", "is required when username is set")
-        self.sender = r.string("from", "pam-linkus@localhost", max_len=255)
+        if self.security == "none" and self.host not in self.LOOPBACK:
+            raise r.fail("security", "none (plaintext) is allowed only towards 127.0.0.1, ::1 or localhost")
+        if self.security == "none" and self.username:
+            raise r.fail("username", "AUTH is not sent over plaintext (security: none)")
+        self.sender = r.string("from", "pam-linkus@localhost", max_len=254)
+        if not _plain_address_ish(self.sender):
+            raise r.fail("from", "must be one plain address local@domain (no name, no comma, no spaces)")
         self.timeout = r.number("timeout", 10.0, minimum=0.1, maximum=60)
         self.helo = r.optional_string("helo", max_len=255)
+        if self.helo is not None and not _plain_address_ish("x@" + self.helo):
+            raise r.fail("helo", "must be a host name")
         r.done()
 
 
+def _plain_address_ish(text: str) -> bool:
+    """Cheap load-time check; pam_linkus.emailcode.check_address is the full one at send time."""
+    return text.count("@") == 1 and not any(c in text for c in ' ,;<>()"\\') and text.isprintable()
+
+
+#: Default mail subject; a changed one is checked for placeholders at load.
+DEFAULT_EMAIL_SUBJECT = "Login verification code for {user} on {host}"
+
+
 class EmailConfig:
-    """Lifetime, attempts and throttles of email codes, and the message text."""
+    """Lifetime, attempts and throttles of email codes, and the message text.
+
+    ``send_interval`` / ``max_per_hour`` throttle one extension,
+    ``global_max_per_minute`` the whole host (or the Redis cluster), so that
+    repeated logins cannot turn the PBX into a mail cannon.
+    """
 
     __slots__ = (
         "code_lifetime", "max_attempts", "send_interval", "max_per_hour", "global_max_per_minute",
@@ -321,23 +414,57 @@ class EmailConfig:
         self.send_interval = r.integer("send_interval", 60, minimum=0, maximum=3600)
         self.max_per_hour = r.integer("max_per_hour", 5, minimum=1, maximum=100)
         self.global_max_per_minute = r.integer("global_max_per_minute", 60, minimum=1, maximum=10000)
-        self.subject = r.string("subject", "Your login verification code", max_len=200)
-        if "\r" in self.subject or "\n" in self.subject:
-            raise r.fail("subject", "must be one line")
+        self.subject = r.string("subject", DEFAULT_EMAIL_SUBJECT, max_len=200)
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.subject):
+            raise r.fail("subject", "must be one line without control characters")
+        if self.subject != DEFAULT_EMAIL_SUBJECT:
+            from pam_linkus.emailcode import PLACEHOLDERS, fill
+
+            try:
+                fill(self.subject, {name: "" for name in PLACEHOLDERS if name != "code"})
+            except KeyError as exc:
+                name = exc.args[0]
+                raise r.fail("subject", "must not contain {code}" if name == "code"
+                             else f"unknown placeholder {{{name}}}") from None
         self.template_file = r.optional_path("template_file")
         self.key_file = r.path("key_file", f"{DEFAULT_STATE_DIR}/email.key")
+        r.done()
+
+
+class SelfServiceConfig:
+    """``linkus-2fa self``: the PAM service that checks the user's account password.
+
+    It should hold the password modules only (e.g. ``auth required pam_unix.so``),
+    not pam-linkus: the CLI asks the current code itself, through the same flow.
+    """
+
+    __slots__ = ("pam_service",)
+
+    def __init__(self, r: Reader):
+        self.pam_service = r.string("pam_service", "linkus-2fa", max_len=100)
+        if not self.pam_service.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise r.fail("pam_service", "must be a PAM service name (letters, digits, - _ .)")
         r.done()
 
 
 class PromptsConfig:
     """The texts the user sees; the PAM line's prompt= overrides ``totp``."""
 
-    __slots__ = ("totp", "email", "locked", "email_sent")
+    __slots__ = (
+        "totp", "email", "locked", "email_sent", "email_pending", "email_throttled", "password_and_code",
+    )
 
     def __init__(self, r: Reader):
         self.totp = _prompt(r, "totp", "Authentication code: ")
+        self.password_and_code = _prompt(r, "password_and_code", "Password & verification code: ")
         self.email = _prompt(r, "email", "Email code: ")
         self.email_sent = _prompt(r, "email_sent", "A verification code was sent to {address}.")
+        self.email_pending = _prompt(
+            r, "email_pending", "The code sent to {address} a moment ago is still valid; no new code was sent."
+        )
+        self.email_throttled = _prompt(
+            r, "email_throttled", "Too many codes were sent for this account; try again later."
+        )
         self.locked = _prompt(r, "locked", "Too many failed attempts; contact your administrator.")
         r.done()
 
@@ -349,13 +476,38 @@ def _prompt(r: Reader, key: str, default: str) -> str:
     return value
 
 
+def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
+    """A list of CIDR networks, parsed now so a typo refuses logins at config load
+    (and ``linkus-2fa doctor`` names it) instead of silently never matching.
+
+    Host bits set (``10.1.2.3/8``) and a zero-length prefix (every address: that is
+    2FA switched off, say so with ``enforce`` or by un-enrolling) are errors.
+    ``ipaddress`` is imported only when the list is not empty.
+    """
+    texts = r.string_list(key, [])
+    if not texts:
+        return []
+    import ipaddress
+
+    networks: list[IPv4Network | IPv6Network] = []
+    for text in texts:
+        try:
+            network = ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            raise r.fail(key, f"{text[:60]!r} is not a CIDR network ({exc})") from None
+        if network.prefixlen == 0:
+            raise r.fail(key, f"{text!r} would exempt every address")
+        networks.append(network)
+    return networks
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "cache_dir",
+        "recovery_codes", "self_service", "cache_dir",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -377,9 +529,10 @@ class Config:
         self.email = EmailConfig(r.section("email"))
         self.smtp = SmtpConfig(r.section("smtp"))
         self.prompts = PromptsConfig(r.section("prompts"))
-        self.exempt_networks = r.string_list("exempt_networks", [])
+        self.exempt_networks = _networks(r, "exempt_networks")
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
+        self.self_service = SelfServiceConfig(r.section("self_service"))
         r.done()
         #: Not a config key: where this process may keep compiled caches (the PAM
         #: option cache_dir=); None (the CLI, tests) means read the YAML files directly.

@@ -61,10 +61,29 @@ class PamPrompter:
             pass  # an informational line that could not be shown changes nothing
 
 
+class PamAuthTok:
+    """PAM_AUTHTOK of the handle, for single-field mode (pam_linkus.single_field)."""
+
+    __slots__ = ("_pamh",)
+
+    def __init__(self, pamh: Any):
+        self._pamh = pamh
+
+    def get(self) -> str | None:
+        value = _item(self._pamh, "authtok")
+        return value if value else None
+
+    def set(self, value: str) -> None:
+        try:
+            self._pamh.authtok = value
+        except self._pamh.exception:
+            raise ConversationFailed("could not hand the password on (PAM_AUTHTOK)") from None
+
+
 class Attempt:
     """What the log line of this attempt will say; filled in as the login proceeds."""
 
-    __slots__ = ("service", "user", "rhost", "tty", "method", "started")
+    __slots__ = ("service", "user", "rhost", "tty", "method", "source", "started")
 
     def __init__(self, pamh: Any):
         self.service = _item(pamh, "service")
@@ -72,6 +91,7 @@ class Attempt:
         self.rhost = _item(pamh, "rhost")
         self.tty = _item(pamh, "tty")
         self.method = "-"
+        self.source = "-"
         self.started = time.monotonic()
 
     def fields(self, outcome: str, reason: str) -> dict[str, object]:
@@ -81,6 +101,7 @@ class Attempt:
             "rhost": self.rhost or "-",
             "tty": self.tty or "-",
             "method": self.method,
+            "source": self.source,
             "outcome": outcome,
             "reason": reason,
             "ms": int((time.monotonic() - self.started) * 1000),
@@ -128,17 +149,27 @@ def authenticate(pamh: Any, flags: int, argv: Sequence[str], *, clock: Callable[
         attempt.user = user
         config = load_config(options.config, cache_dir=options.cache_dir)
         silent = bool(flags & getattr(pamh, "PAM_SILENT", 0x8000))
+        prompter = PamPrompter(pamh, silent=silent)
+        single_field = None
+        if options.forward_pass:
+            from pam_linkus.single_field import SingleField
+
+            single_field = SingleField(
+                prompter, PamAuthTok(pamh), options.prompt or config.prompts.password_and_code
+            )
         ctx = Context(
             config,
-            PamPrompter(pamh, silent=silent),
+            prompter,
             clock=clock,
             totp_prompt=options.prompt,
             echo_code=options.echo_code,
+            single_field=single_field,
         )
         try:
             return decide(LoginRequest(user, attempt.service or "-", attempt.rhost, attempt.tty), ctx)
         finally:
             attempt.method = ctx.method
+            attempt.source = ctx.source
             ctx.close()
 
     return to_pam_code(pamh, run, attempt, sink)

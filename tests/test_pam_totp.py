@@ -44,3 +44,85 @@ def test_pamtester_answers_on_stdin(pam_stack: PamStack, user: str) -> None:
     ok = pam_stack.pamtester(user, PASSWORD, code_at(SECRET, time.time()))
     assert ok.returncode == 0, ok.stderr
     assert "Authentication code:" in ok.stdout + ok.stderr
+
+
+def test_previous_and_next_step_accepted(pam_stack: PamStack, make_user: object) -> None:
+    now = time.time()
+    for offset in (-30, 30):
+        u = make_user()  # type: ignore[operator]
+        pam_stack.enroll_totp(u)
+        assert pam_stack.login(u, code_at(SECRET, now + offset)).auth == "PAM_SUCCESS"
+    u = make_user()  # type: ignore[operator]
+    pam_stack.enroll_totp(u)
+    assert pam_stack.login(u, code_at(SECRET, now + 120)).auth == "PAM_AUTH_ERR"
+
+
+def test_parallel_logins_with_one_code_give_exactly_one_success(pam_stack: PamStack, user: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pam_stack.write_config(lockout={"max_failures": 20})
+    pam_stack.enroll_totp(user)
+    # Stay clear of a step boundary so every login sees the same step.
+    if time.time() % 30 > 22:
+        time.sleep(30 - time.time() % 30 + 0.5)
+    code = code_at(SECRET, time.time())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: pam_stack.login(user, code, timeout=60).auth, range(8)))
+    assert sorted(results) == ["PAM_AUTH_ERR"] * 7 + ["PAM_SUCCESS"]
+    # Each replay counted as a failure, across the 8 processes.
+    assert len([line for line in pam_stack.log.lines if "replayed code" in line]) == 7
+
+
+def test_lockout_through_pam_and_its_expiry(pam_stack: PamStack, user: str) -> None:
+    pam_stack.write_config(lockout={"max_failures": 3, "duration": 3})
+    pam_stack.enroll_totp(user)
+    wrong = f"{(int(code_at(SECRET, time.time())) + 7) % 1_000_000:06d}"
+    assert [pam_stack.login(user, wrong).auth for _ in range(3)] == ["PAM_AUTH_ERR", "PAM_AUTH_ERR", "PAM_MAXTRIES"]
+    locked = pam_stack.login(user, code_at(SECRET, time.time()))
+    assert locked.auth == "PAM_MAXTRIES"
+    assert locked.prompts == ["Password: "], "a locked extension is not asked for a code"
+    assert any("contact your administrator" in m for m in locked.messages)
+    time.sleep(3.5)
+    assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"
+
+
+def test_not_enrolled_skips_under_enforce_enrolled(pam_stack: PamStack, user: str) -> None:
+    result = pam_stack.login(user, None)
+    assert result.auth == "PAM_SUCCESS", "pam_unix decides; pam_linkus returned PAM_IGNORE"
+    assert result.prompts == ["Password: "]
+    assert "outcome=skip" in pam_stack.log.wait_for(f"user={user}")
+
+
+def test_skip_is_ignore_never_success(pam_stack: PamStack, user: str) -> None:
+    # With pam_linkus alone in the stack, a skip must not authenticate anybody.
+    pam_stack.set_pam(auth_lines=f"auth [success=ok ignore=ignore default=die] {pam_stack.module_line}\n")
+    assert pam_stack.login(user, None).auth != "PAM_SUCCESS"
+    assert "outcome=skip" in pam_stack.log.wait_for(f"user={user}")
+
+
+def test_not_enrolled_denied_under_enforce_all(pam_stack: PamStack, user: str) -> None:
+    pam_stack.write_config(enforce="all")
+    pam_stack.extensions[user] = {"method": "none"}
+    pam_stack.write_extensions()
+    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+    assert "outcome=denied" in pam_stack.log.wait_for(f"user={user}")
+
+
+def test_disabled_extension_is_not_enrolled(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user, enabled=False)
+    assert pam_stack.login(user, None).auth == "PAM_SUCCESS"
+    pam_stack.write_config(enforce="all")
+    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+
+
+def test_8_digit_sha256_extension(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user, algorithm="SHA256", digits=8, period=60)
+    code = code_at(SECRET, time.time(), digits=8, period=60, algorithm="SHA256")
+    assert pam_stack.login(user, code).auth == "PAM_SUCCESS"
+
+
+def test_custom_prompt_option(pam_stack: PamStack, user: str) -> None:
+    pam_stack.set_pam(options="[prompt=Code from your app: ]")
+    pam_stack.enroll_totp(user)
+    result = pam_stack.login(user, code_at(SECRET, time.time()))
+    assert result.auth == "PAM_SUCCESS" and result.prompts[-1] == "Code from your app: "

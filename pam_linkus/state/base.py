@@ -37,6 +37,27 @@ class LockStatus:
         return f"LockStatus(failures={self.failures}, locked_until={self.locked_until})"
 
 
+class Enrolment:
+    """What the state store knows about an extension's enrolment (never a secret).
+
+    ``method`` and ``since`` are None for an extension enrolled by editing the
+    source by hand (the store first heard of it at a successful login);
+    ``last_success`` is None until the first successful login after enrolment.
+    """
+
+    __slots__ = ("method", "since", "last_success", "recovery_left")
+
+    def __init__(self, method: str | None, since: float | None, last_success: float | None, recovery_left: int = 0):
+        self.method = method
+        self.since = since
+        self.last_success = last_success
+        self.recovery_left = recovery_left
+
+    def __repr__(self) -> str:
+        return (f"Enrolment(method={self.method!r}, since={self.since}, last_success={self.last_success}, "
+                f"recovery_left={self.recovery_left})")
+
+
 def next_lock(failures: int, now: float, max_failures: int, duration: int, permanent_after: int) -> float:
     """``locked_until`` after the ``failures``-th consecutive failure (0 = not locked).
 
@@ -52,8 +73,82 @@ def next_lock(failures: int, now: float, max_failures: int, duration: int, perma
     return 0.0
 
 
+class EmailCheck:
+    """What ``verify_email_code`` found; values are what the log reason says."""
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong code"
+    EXHAUSTED = "wrong code, no attempts left on this code"
+    EXPIRED = "expired code"
+    MISSING = "no code pending (used, replaced or never sent)"
+
+
+class EmailIssue:
+    """What ``issue_email_code`` did.
+
+    ``issued``: the new code was stored and its mail must now be sent.
+    Otherwise the extension (or the host) is throttled and nothing changed:
+    ``pending`` says whether an earlier code is still usable (unexpired, attempts
+    left), and ``retry_after`` (epoch s) when a new one may be sent.
+    """
+
+    __slots__ = ("issued", "pending", "retry_after")
+
+    def __init__(self, issued: bool, pending: bool = False, retry_after: float = 0.0):
+        self.issued = issued
+        self.pending = pending
+        self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"EmailIssue(issued={self.issued}, pending={self.pending}, retry_after={self.retry_after})"
+
+
+class EmailLimits:
+    """Lifetime, attempts and send throttles of email codes (from ``EmailConfig``).
+
+    Passed to the store as one object so every backend applies the same rule:
+    per extension at most one send per ``send_interval`` s and ``max_per_hour``
+    per hour; per host (or cluster, with Redis) ``global_max_per_minute``.
+    """
+
+    __slots__ = ("lifetime", "max_attempts", "send_interval", "max_per_hour", "global_max_per_minute")
+
+    def __init__(
+        self,
+        lifetime: int = 300,
+        max_attempts: int = 3,
+        send_interval: int = 60,
+        max_per_hour: int = 5,
+        global_max_per_minute: int = 60,
+    ):
+        self.lifetime = lifetime
+        self.max_attempts = max_attempts
+        self.send_interval = send_interval
+        self.max_per_hour = max_per_hour
+        self.global_max_per_minute = global_max_per_minute
+
+
+def email_retry_after(
+    user_sends: list[float], all_sends_last_minute: list[float], now: float, limits: EmailLimits
+) -> float:
+    """When the next send is allowed (<= ``now``: allowed now); the throttle rule, written once.
+
+    ``user_sends`` are this extension's send times within the last hour,
+    ``all_sends_last_minute`` everybody's within the last minute.
+    """
+    at = now
+    if user_sends and limits.send_interval > 0:
+        at = max(at, max(user_sends) + limits.send_interval)
+    if len(user_sends) >= limits.max_per_hour:
+        at = max(at, sorted(user_sends)[len(user_sends) - limits.max_per_hour] + 3600)
+    if len(all_sends_last_minute) >= limits.global_max_per_minute:
+        at = max(at, sorted(all_sends_last_minute)[len(all_sends_last_minute) - limits.global_max_per_minute] + 60)
+    return at
+
+
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Protocol
 
     class StateStore(Protocol):
@@ -69,7 +164,8 @@ if TYPE_CHECKING:
             Raises Locked if the extension is locked at ``now``. Returns False if a
             step >= ``step`` was accepted before (replay, also of an older step).
             Otherwise records ``step`` as the last accepted one, clears the failure
-            count, and returns True -- all in one atomic write.
+            count, records the success (``Enrolment.last_success``), and returns
+            True -- all in one atomic write.
             """
             ...
 
@@ -79,12 +175,101 @@ if TYPE_CHECKING:
             """Atomically count one more consecutive failure and lock per ``next_lock``."""
             ...
 
+        def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+            """Atomically store a new email code for ``user`` unless throttled.
+
+            Throttled (see ``email_retry_after``): nothing changes; report whether
+            the earlier code is still usable. Otherwise: replace ``user``'s code
+            with ``code_hash`` (expiring at ``now + limits.lifetime``, with
+            ``limits.max_attempts`` attempts) and record one send -- one atomic
+            write. Failure counts are never touched: a new code resets nothing.
+            """
+            ...
+
+        def discard_email_code(self, user: str, code_hash: str) -> None:
+            """The mail with ``code_hash`` could not be sent: delete that code (if it
+            is still the current one) and its send record, atomically."""
+            ...
+
+        def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+            """Atomically use one attempt on ``user``'s email code; return an EmailCheck.
+
+            Raises Locked if the extension is locked at ``now``. ACCEPTED: the hash
+            matched (constant-time compare where the backend allows), the code is
+            deleted (single use) and the failure count cleared. WRONG: one attempt
+            used; EXHAUSTED: that was the last, the code is deleted. EXPIRED: the
+            code is deleted. MISSING: no code. An empty ``code_hash`` never matches
+            (a malformed answer still uses an attempt).
+            """
+            ...
+
+        def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+            """Atomically note a confirmed enrolment: ``since`` = ``now``, no last success yet.
+
+            ``totp_step`` is the step of the confirmation code, recorded as used so
+            the code typed at enrolment cannot be replayed at a login (the old
+            secret's record is replaced); None removes the TOTP replay record.
+            """
+            ...
+
+        def enrolment(self, user: str) -> Enrolment | None:
+            """Method, since, last success and recovery codes left; None if nothing is known."""
+            ...
+
+        def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+            """Atomically replace all recovery codes of ``user`` by these digests (one salt)."""
+            ...
+
+        def recovery_salt(self, user: str) -> str | None:
+            """The salt of ``user``'s recovery codes, None if none are left."""
+            ...
+
+        def recovery_codes_left(self, user: str) -> int:
+            ...
+
+        def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+            """Atomically spend the recovery code with ``digest``.
+
+            Raises Locked if the extension is locked at ``now``. Returns False if no
+            stored digest matches (compared in constant time). Otherwise deletes that
+            code, clears the failure count and records the success -- one atomic write.
+            """
+            ...
+
+        def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+            """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
+            logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
+
+            An existing later end is kept (never shortened). ``rhost`` is a normalised
+            IP address; the caller never passes an empty one.
+            """
+            ...
+
+        def grace_active(self, user: str, rhost: str, now: float) -> bool:
+            """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
+            ...
+
         def unlock(self, user: str) -> None:
             """Clear failures and lock (admin action)."""
             ...
 
         def forget(self, user: str) -> None:
-            """Remove every record of ``user`` (2FA disabled, extension removed)."""
+            """Remove every record of ``user`` (2FA disabled, extension removed),
+            grace periods included."""
+            ...
+
+        def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+            """Remember ``data`` (opaque text, the source's serialised settings) as what
+            ``source`` last said about ``user`` at ``now``; None forgets it.
+
+            The LDAP source's offline cache (``ldap.cache_max_age``): one atomic write.
+            """
+            ...
+
+        def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+            """What ``cache_settings`` stored, if it was stored at most ``max_age``
+            seconds before ``now`` (and not after ``now``: a clock that went back
+            must not make an entry young again); else None."""
             ...
 
         def close(self) -> None:

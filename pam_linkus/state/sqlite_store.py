@@ -16,12 +16,14 @@ import sqlite3
 import stat
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import LockStatus, next_lock
+from pam_linkus.state.base import EmailCheck, EmailIssue, Enrolment, LockStatus, email_retry_after, next_lock
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import TypeVar
+
+    from pam_linkus.state.base import EmailLimits
 
     T = TypeVar("T")
 
@@ -34,6 +36,50 @@ MIGRATIONS: tuple[str, ...] = (
         count INTEGER NOT NULL,
         locked_until REAL NOT NULL,
         last_failure REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE settings_cache (
+        source TEXT NOT NULL,
+        user TEXT NOT NULL,
+        data TEXT NOT NULL,
+        stored_at REAL NOT NULL,
+        PRIMARY KEY (source, user)
+    ) WITHOUT ROWID;
+    """,
+    """
+    CREATE TABLE email_codes (
+        user TEXT PRIMARY KEY,
+        hash TEXT NOT NULL,
+        expires REAL NOT NULL,
+        attempts_left INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE email_sends (user TEXT NOT NULL, at REAL NOT NULL, hash TEXT NOT NULL);
+    CREATE INDEX email_sends_at ON email_sends (at);
+    CREATE INDEX email_sends_user ON email_sends (user, at);
+    """,
+    # 4: enrolment record (since / last success) and hashed single-use recovery codes.
+    """
+    CREATE TABLE enrolment (
+        user TEXT PRIMARY KEY,
+        method TEXT NOT NULL,
+        since REAL,
+        last_success REAL
+    ) WITHOUT ROWID;
+    CREATE TABLE recovery_codes (
+        user TEXT NOT NULL,
+        salt TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (user, digest)
+    ) WITHOUT ROWID;
+    """,
+    # 5: grace periods per (extension, remote address); ``until`` is epoch seconds
+    """
+    CREATE TABLE grace (
+        user TEXT NOT NULL,
+        rhost TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (user, rhost)
     ) WITHOUT ROWID;
     """,
 )
@@ -148,6 +194,7 @@ class SqliteStore:
             if cur.rowcount != 1:
                 return False
             db.execute("DELETE FROM failures WHERE user = ?", (user,))
+            _note_success(db, user, "totp", now)
             return True
 
         return self._write(body)
@@ -169,18 +216,213 @@ class SqliteStore:
 
         return self._write(body)
 
+    def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+        def body(db: sqlite3.Connection) -> EmailIssue:
+            db.execute("DELETE FROM email_sends WHERE at <= ?", (now - 3600,))
+            mine = [r[0] for r in db.execute("SELECT at FROM email_sends WHERE user = ?", (user,))]
+            everyone = [r[0] for r in db.execute("SELECT at FROM email_sends WHERE at > ?", (now - 60,))]
+            retry_after = email_retry_after(mine, everyone, now, limits)
+            if retry_after > now:
+                row = db.execute(
+                    "SELECT 1 FROM email_codes WHERE user = ? AND expires > ? AND attempts_left > 0", (user, now)
+                ).fetchone()
+                return EmailIssue(False, pending=row is not None, retry_after=retry_after)
+            db.execute(
+                "INSERT INTO email_codes (user, hash, expires, attempts_left) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET hash = excluded.hash, expires = excluded.expires, "
+                "attempts_left = excluded.attempts_left",
+                (user, code_hash, now + limits.lifetime, limits.max_attempts),
+            )
+            db.execute("INSERT INTO email_sends (user, at, hash) VALUES (?, ?, ?)", (user, now, code_hash))
+            return EmailIssue(True)
+
+        return self._write(body)
+
+    def discard_email_code(self, user: str, code_hash: str) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM email_codes WHERE user = ? AND hash = ?", (user, code_hash))
+            db.execute("DELETE FROM email_sends WHERE user = ? AND hash = ?", (user, code_hash))
+
+        self._write(body)
+
+    def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+        import hmac
+
+        def body(db: sqlite3.Connection) -> str:
+            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+            if row and row[0] > now:
+                raise Locked(locked_until=row[0])
+            code = db.execute("SELECT hash, expires, attempts_left FROM email_codes WHERE user = ?", (user,)).fetchone()
+            if code is None:
+                return EmailCheck.MISSING
+            stored, expires, attempts_left = code
+            if expires <= now:
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                return EmailCheck.EXPIRED
+            if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                return EmailCheck.ACCEPTED
+            if attempts_left <= 1:
+                db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
+                return EmailCheck.EXHAUSTED
+            db.execute("UPDATE email_codes SET attempts_left = attempts_left - 1 WHERE user = ?", (user,))
+            return EmailCheck.WRONG
+
+        return self._write(body)
+
+    def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            # Expired periods of this extension go in the same write, so the
+            # table holds at most the live (rhost) pairs of each extension.
+            db.execute("DELETE FROM grace WHERE user = ? AND until <= ?", (user, now))
+            db.execute(
+                "INSERT INTO grace (user, rhost, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (user, rhost) DO UPDATE SET until = max(grace.until, excluded.until)",
+                (user, rhost, now + duration),
+            )
+
+        self._write(body)
+
+    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+        try:
+            row = self._db.execute(
+                "SELECT 1 FROM grace WHERE user = ? AND rhost = ? AND until > ?", (user, rhost, now)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        return row is not None
+
     def unlock(self, user: str) -> None:
         self._write(lambda db: db.execute("DELETE FROM failures WHERE user = ?", (user,)))
 
     def forget(self, user: str) -> None:
         def body(db: sqlite3.Connection) -> None:
-            for table in ("totp_used", "failures"):
+            for table in (
+                "totp_used", "failures", "settings_cache", "email_codes", "email_sends", "enrolment",
+                "recovery_codes", "grace",
+            ):
                 db.execute(f"DELETE FROM {table} WHERE user = ?", (user,))  # noqa: S608 - fixed names
 
         self._write(body)
+
+    def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+        if data is None:
+            self._write(lambda db: db.execute(
+                "DELETE FROM settings_cache WHERE source = ? AND user = ?", (source, user)))
+            return
+        self._write(lambda db: db.execute(
+            "INSERT INTO settings_cache (source, user, data, stored_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (source, user) DO UPDATE SET data = excluded.data, stored_at = excluded.stored_at",
+            (source, user, data, now),
+        ))
+
+    def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+        try:
+            row = self._db.execute(
+                "SELECT data, stored_at FROM settings_cache WHERE source = ? AND user = ?", (source, user)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        if row is None or not 0 <= now - row[1] <= max_age:
+            return None
+        return str(row[0])
+
+    # -- enrolment record and recovery codes ---------------------------------------
+
+    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO enrolment (user, method, since, last_success) VALUES (?, ?, ?, NULL) "
+                "ON CONFLICT (user) DO UPDATE SET method = excluded.method, since = excluded.since, "
+                "last_success = NULL",
+                (user, method, now),
+            )
+            if totp_step is None:
+                db.execute("DELETE FROM totp_used WHERE user = ?", (user,))
+            else:
+                db.execute(
+                    "INSERT INTO totp_used (user, step) VALUES (?, ?) "
+                    "ON CONFLICT (user) DO UPDATE SET step = excluded.step",
+                    (user, totp_step),
+                )
+
+        self._write(body)
+
+    def enrolment(self, user: str) -> Enrolment | None:
+        try:
+            row = self._db.execute(
+                "SELECT method, since, last_success FROM enrolment WHERE user = ?", (user,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        left = self.recovery_codes_left(user)
+        if row is None and not left:
+            return None
+        if row is None:
+            return Enrolment(None, None, None, left)
+        return Enrolment(row[0], row[1], row[2], left)
+
+    def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM recovery_codes WHERE user = ?", (user,))
+            db.executemany(
+                "INSERT OR IGNORE INTO recovery_codes (user, salt, digest) VALUES (?, ?, ?)",
+                [(user, salt, digest) for digest in digests],
+            )
+
+        self._write(body)
+
+    def recovery_salt(self, user: str) -> str | None:
+        try:
+            row = self._db.execute("SELECT salt FROM recovery_codes WHERE user = ? LIMIT 1", (user,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        return str(row[0]) if row else None
+
+    def recovery_codes_left(self, user: str) -> int:
+        try:
+            (count,) = self._db.execute("SELECT count(*) FROM recovery_codes WHERE user = ?", (user,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"state file {self.path}: {exc}") from None
+        return int(count)
+
+    def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+        import hmac  # here, not at the top: hashlib/OpenSSL cost milliseconds on every TOTP login
+
+        def body(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+            if row and row[0] > now:
+                raise Locked(locked_until=row[0])
+            matched = None
+            # Compare every stored digest in constant time, whichever matches.
+            for (stored,) in db.execute("SELECT digest FROM recovery_codes WHERE user = ?", (user,)).fetchall():
+                if hmac.compare_digest(str(stored).encode(), digest.encode()) and matched is None:
+                    matched = stored
+            if matched is None:
+                return False
+            db.execute("DELETE FROM recovery_codes WHERE user = ? AND digest = ?", (user, matched))
+            db.execute("DELETE FROM failures WHERE user = ?", (user,))
+            _note_success(db, user, None, now)
+            return True
+
+        return self._write(body)
 
     def close(self) -> None:
         try:
             self._db.close()
         except sqlite3.Error:
             pass
+
+
+def _note_success(db: sqlite3.Connection, user: str, method: str | None, now: float) -> None:
+    """Record the last successful login inside the caller's transaction.
+
+    An extension enrolled by editing the source by hand has no enrolment row yet;
+    it gets one with an unknown ``since``.
+    """
+    db.execute(
+        "INSERT INTO enrolment (user, method, since, last_success) VALUES (?, ?, NULL, ?) "
+        "ON CONFLICT (user) DO UPDATE SET last_success = excluded.last_success",
+        (user, method or "-", now),
+    )

@@ -1,0 +1,164 @@
+"""The SMTP sender that carries email codes (``smtp`` config section).
+
+``smtplib``, ``ssl`` and ``email`` are imported inside ``send``: a TOTP login
+never pays for them. Every failure -- connection refused, timeout, TLS
+handshake or certificate, refused AUTH, refused sender or recipient -- becomes
+MailUnavailable here, the boundary of this component, with a message that names
+the server and the kind of failure (never the code or the password).
+
+TLS is verified against the system trust store or ``smtp.ca_file``, with the
+host name checked. STARTTLS that the server does not offer is an error, never
+a silent fallback to plaintext; plaintext (``security: none``) is accepted only
+towards a local relay on the loopback interface, and never with AUTH.
+"""
+
+from __future__ import annotations
+
+from pam_linkus.errors import ConfigError, MailUnavailable
+
+TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+if TYPE_CHECKING:
+    import smtplib
+    import ssl
+
+    from pam_linkus.config import SmtpConfig
+
+
+class SmtpMailer:
+    """Sends one message per call over a fresh connection (one login, one mail)."""
+
+    def __init__(self, config: SmtpConfig):
+        self.config = config
+
+    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+        """Hand one plain-text message for ``to`` to the SMTP server, or raise MailUnavailable."""
+        import smtplib
+
+        from pam_linkus.emailcode import check_address
+
+        cfg = self.config
+        try:
+            check_address(cfg.sender)
+        except ValueError as exc:
+            raise ConfigError(f"smtp.from {exc}") from None
+        try:
+            check_address(to)
+        except ValueError as exc:
+            raise ConfigError(f"recipient address {exc}") from None
+        message = _message(cfg.sender, to, subject, body, now)
+        password = None
+        if cfg.username:
+            from pam_linkus.strictyaml import read_secret_file
+
+            assert cfg.password_file is not None  # SmtpConfig requires it with username
+            password = read_secret_file(cfg.password_file, "SMTP password")
+        context = _tls_context(cfg) if cfg.security != "none" else None
+        try:
+            conn = self._connect(context)
+            try:
+                self._converse(conn, context, password, message, to)
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                conn.quit()
+            except (smtplib.SMTPException, OSError):
+                conn.close()  # the message was accepted; a lost QUIT changes nothing
+            return
+        except OSError as exc:  # smtplib's and ssl's errors, timeouts and refusals are all OSErrors
+            reason = _describe(exc, cfg.timeout)
+            _drop_tracebacks(exc)
+        # Raised outside the except block, unchained: the lower-layer exception and
+        # its frames (which reach pam_python's handle) must not outlive this call.
+        raise MailUnavailable(f"SMTP server {cfg.host}:{cfg.port}: {reason}")
+
+    def _connect(self, context: ssl.SSLContext | None) -> smtplib.SMTP:
+        import smtplib
+        import socket
+
+        cfg = self.config
+        # An explicit HELO name: smtplib's default asks the resolver for our FQDN,
+        # a DNS round trip that can hang a login.
+        helo = cfg.helo or socket.gethostname()
+        if cfg.security == "tls":
+            return smtplib.SMTP_SSL(cfg.host, cfg.port, local_hostname=helo, timeout=cfg.timeout, context=context)
+        return smtplib.SMTP(cfg.host, cfg.port, local_hostname=helo, timeout=cfg.timeout)
+
+    def _converse(
+        self, conn: smtplib.SMTP, context: ssl.SSLContext | None, password: str | None, message: bytes, to: str
+    ) -> None:
+        cfg = self.config
+        conn.ehlo()
+        if cfg.security == "starttls":
+            if not conn.has_extn("starttls"):
+                raise MailUnavailable(
+                    f"SMTP server {cfg.host}:{cfg.port} does not offer STARTTLS; refusing to send in plaintext"
+                )
+            conn.starttls(context=context)
+            conn.ehlo()
+        if cfg.username and password is not None:
+            conn.login(cfg.username, password)
+        conn.sendmail(cfg.sender, [to], message)
+
+
+def _describe(exc: OSError, timeout: float) -> str:
+    """What went wrong, for the log: the kind of failure, never a code or password."""
+    import smtplib
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failure ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return f"authentication refused ({exc.smtp_code})"
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "recipient refused"
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        # smtplib turns a read timeout into "Connection unexpectedly closed: timed out"
+        return f"timed out after {timeout:g} s" if "timed out" in str(exc) else "connection closed"
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return f"refused ({exc.smtp_code})"
+    if isinstance(exc, smtplib.SMTPException):
+        return type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g} s"
+    return exc.strerror or type(exc).__name__
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut an exception chain loose from its frames (the Redis store does the same:
+    a cycle collected after pam_end has unloaded pam_python crashes the host process)."""
+    for _ in range(20):
+        if exc is None:
+            return
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
+def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=cfg.ca_file)
+    except FileNotFoundError:
+        raise ConfigError("smtp.ca_file does not exist", cfg.ca_file) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _message(sender: str, to: str, subject: str, body: str, now: float) -> bytes:
+    from email.message import EmailMessage
+    from email.policy import SMTP
+    from email.utils import formatdate, make_msgid
+
+    message = EmailMessage(policy=SMTP)
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Date"] = formatdate(now, localtime=True)
+    # The sender's domain, not make_msgid's default getfqdn() (a DNS lookup).
+    message["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2])
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(body)
+    return message.as_bytes()

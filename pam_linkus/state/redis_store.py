@@ -1,0 +1,239 @@
+"""Redis state store: one state for several PBX hosts (an HA pair, a cluster).
+
+A code used on host A must be refused on host B, and failures must add up across
+hosts, so every decision is ONE atomic step on the Redis server: a single command
+or a Lua script (scripts run without interleaving). Nothing reads a value into
+Python and writes it back in a second command.
+
+Keys are ``<prefix>{<user>}:<kind>``. The hash tag keeps an extension's keys in
+one slot, so each script touches one slot only; the prefix lets several clusters
+share one server (and an ACL can confine a cluster to ``~<prefix>*``). Every key
+has a TTL except a lock that only an admin may open, so the server does not
+collect records of extensions that are long gone.
+
+Redis down, timing out, refusing the password or the certificate: every method
+raises StateUnavailable (PAM_AUTHINFO_UNAVAIL). Never a success, never "no replay
+record". ``redis`` is imported only here, and this module only when the config
+says ``state: {backend: redis}``.
+"""
+
+from __future__ import annotations
+
+from pam_linkus.errors import ConfigError, Locked, StateUnavailable
+from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+
+TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar
+
+    from pam_linkus.config import RedisConfig
+
+    T = TypeVar("T")
+
+#: How long the last accepted TOTP step of an extension is kept. A step can only
+#: match while it lies within ``totp.window`` (at most 10) steps of now, and a
+#: period is at most 300 s: after 3,300 s (plus clock skew between hosts) a
+#: forgotten step can no longer be replayed. One day is far beyond that.
+REPLAY_TTL = 86400
+
+_FOREVER = repr(float(FOREVER))
+
+# KEYS: fail, totp   ARGV: now, step, replay_ttl
+# -> {0, locked_until} locked | {1} replay (a step >= step was accepted) | {2} accepted
+_ACCEPT_TOTP = """
+local locked_until = redis.call('HGET', KEYS[1], 'until')
+if locked_until and tonumber(locked_until) > tonumber(ARGV[1]) then
+  return {0, locked_until}
+end
+local last = redis.call('GET', KEYS[2])
+if last and tonumber(last) >= tonumber(ARGV[2]) then
+  return {1}
+end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('DEL', KEYS[1])
+return {2}
+"""
+
+# KEYS: fail   ARGV: now, max_failures, lock_at_max, permanent_after, lock_at_permanent, forever, failure_ttl
+# The lock values come from base.next_lock (computed in Python for the two
+# thresholds), so the lockout rule stays written once; the script only picks
+# one by the count it has just incremented, and never shortens a running lock.
+# Lock values stay strings: Lua would print 2**62 with 14 digits, below FOREVER.
+# -> {count, locked_until}
+_RECORD_FAILURE = """
+local count = redis.call('HINCRBY', KEYS[1], 'count', 1)
+local lock = '0'
+if count >= tonumber(ARGV[4]) then
+  lock = ARGV[5]
+elseif count >= tonumber(ARGV[2]) then
+  lock = ARGV[3]
+end
+local old = redis.call('HGET', KEYS[1], 'until')
+if old and tonumber(old) > tonumber(lock) then
+  lock = old
+end
+redis.call('HSET', KEYS[1], 'until', lock, 'last', ARGV[1])
+if tonumber(lock) >= tonumber(ARGV[6]) then
+  redis.call('PERSIST', KEYS[1])
+else
+  local left = math.max(0, tonumber(lock) - tonumber(ARGV[1]))
+  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
+end
+return {count, lock}
+"""
+
+
+class RedisStore:
+    """StateStore on a Redis server (or a Sentinel-managed master); see state.base."""
+
+    def __init__(self, config: RedisConfig):
+        import redis
+
+        self.config = config
+        self.prefix = config.prefix
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._client = self._connect(config)
+        self._failed = False
+
+    @staticmethod
+    def _connect(config: RedisConfig) -> Any:
+        """Build the client; it connects on the first command (errors surface there)."""
+        import redis
+
+        from pam_linkus.strictyaml import read_secret_file
+
+        try:
+            password = read_secret_file(config.password_file, "Redis password") if config.password_file else None
+        except ConfigError as exc:
+            raise StateUnavailable(f"redis: {exc}") from None
+        options: dict[str, Any] = {
+            "username": config.username,
+            "password": password,
+            "socket_connect_timeout": config.connect_timeout,
+            "socket_timeout": config.timeout,
+            "retry_on_timeout": False,
+            "decode_responses": True,
+        }
+        tls: dict[str, Any] = {}
+        if config.tls:
+            # redis-py checks the chain by default but not the host name; we want both.
+            tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": config.ca_file}
+        try:
+            if not config.sentinels:
+                return redis.Redis.from_url(config.url, **options, **tls)
+            from redis.sentinel import Sentinel
+
+            sentinel_options: dict[str, Any] = {
+                "socket_connect_timeout": config.connect_timeout,
+                "socket_timeout": config.timeout,
+            }
+            if config.tls:
+                sentinel_options.update(ssl=True, **tls)
+            sentinels = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in config.sentinels)]
+            sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)
+            assert config.service_name is not None  # RedisConfig requires it with sentinels
+            return sentinel.master_for(config.service_name, db=config.db, ssl=config.tls, **options, **tls)
+        except (redis.RedisError, ValueError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from None
+
+    # -- keys and calls ------------------------------------------------------------
+
+    def _key(self, user: str, kind: str) -> str:
+        return f"{self.prefix}{{{user}}}:{kind}"
+
+    def _call(self, what: str, body: Callable[[], T]) -> T:
+        """Run one Redis round trip; any client or socket error -> StateUnavailable.
+
+        The redis exception is neither chained to ours nor kept with its
+        traceback (see ``_drop_tracebacks``); only its message goes on.
+        """
+        try:
+            return body()
+        except self._errors as exc:
+            reason = f"redis {what}: {type(exc).__name__}: {exc}"
+            _drop_tracebacks(exc)
+        self._failed = True
+        raise StateUnavailable(reason)
+
+    def _eval(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script with EVAL.
+
+        Not EVALSHA-then-load (redis-py's ``register_script``): on a fresh server
+        that path raises and catches NoScriptError inside redis-py, and the
+        exception's traceback keeps our callers' frames -- and with them
+        pam_python's handle -- in a reference cycle. Collected after pam_end has
+        unloaded pam_python, that crashes a host process that goes on running
+        Python (a web front end). The server caches the compiled script either way.
+        """
+        return self._call(what, lambda: self._client.eval(script, len(keys), *keys, *args))
+
+    # -- the contract --------------------------------------------------------------
+
+    def lock_status(self, user: str, now: float) -> LockStatus:
+        count, locked_until = self._call(
+            "lock status", lambda: self._client.hmget(self._key(user, "fail"), "count", "until")
+        )
+        if count is None:
+            return LockStatus()
+        return LockStatus(int(count), float(locked_until or 0.0))
+
+    def accept_totp_step(self, user: str, step: int, now: float) -> bool:
+        keys = [self._key(user, "fail"), self._key(user, "totp")]
+        answer = self._eval("accept code", _ACCEPT_TOTP, keys, [repr(now), step, REPLAY_TTL])
+        if int(answer[0]) == 0:
+            raise Locked(locked_until=float(answer[1]))
+        return int(answer[0]) == 2
+
+    def record_failure(
+        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+    ) -> LockStatus:
+        args = [
+            repr(now),
+            max_failures,
+            repr(next_lock(max_failures, now, max_failures, duration, permanent_after)),
+            permanent_after,
+            repr(next_lock(permanent_after, now, max_failures, duration, permanent_after)),
+            _FOREVER,
+            self.config.failure_ttl,
+        ]
+        count, locked_until = self._eval("record failure", _RECORD_FAILURE, [self._key(user, "fail")], args)
+        return LockStatus(int(count), float(locked_until))
+
+    def unlock(self, user: str) -> None:
+        self._call("unlock", lambda: self._client.delete(self._key(user, "fail")))
+
+    def forget(self, user: str) -> None:
+        # One DEL of all keys: atomic, so no half-forgotten extension.
+        keys = [self._key(user, kind) for kind in ("totp", "fail")]
+        self._call("forget", lambda: self._client.delete(*keys))
+
+    def close(self) -> None:
+        try:
+            self._client.connection_pool.disconnect()
+        except self._errors:
+            self._failed = True
+        if self._failed:
+            # redis-py's error paths leave exceptions whose tracebacks hold our
+            # callers' frames (and pam_python's handle) in reference cycles; free
+            # them now, while pam_python is still loaded (see _eval). Only after a
+            # failure, so a normal login does not pay for a collection.
+            import gc
+
+            gc.collect()
+
+
+def _drop_tracebacks(exc: BaseException | None) -> None:
+    """Cut an exception chain loose from the frames it holds.
+
+    redis-py's exceptions sit in reference cycles with their tracebacks (a frame
+    holds the exception that holds the traceback that holds the frame), and the
+    frames reach up to pam_python's handle. Left to the garbage collector they
+    may be collected after pam_end has unloaded pam_python, which crashes a host
+    process that goes on running Python (a web front end using our client).
+    """
+    seen = 0
+    while exc is not None and seen < 20:
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+        seen += 1

@@ -1,0 +1,169 @@
+"""An interactive PAM client for tests whose answer is only known mid-conversation.
+
+pam_linkus.client answers every code prompt with a code given in advance; an
+email code exists only after the module has sent it. Here the PAM transaction
+runs in a child process (libpam through ctypes.PyDLL, as in pam_linkus.client,
+because pam_python shares the interpreter) and forwards every prompt to the
+parent as a JSON line; the parent's ``answer(prompt, messages)`` callback replies
+-- e.g. after reading the mail from the SMTP test server.
+
+Run as a script, this file is the child.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+Answer = Callable[[str, list[str]], "str | None"]
+
+
+class Conversation:
+    """How one transaction went: PAM code names, prompts asked, messages shown."""
+
+    def __init__(self, auth: str, account: str | None, prompts: list[str], messages: list[str]):
+        self.auth = auth
+        self.account = account
+        self.prompts = prompts
+        self.messages = messages
+
+    def __repr__(self) -> str:
+        return f"Conversation(auth={self.auth}, prompts={self.prompts!r}, messages={self.messages!r})"
+
+
+def converse(service: str, user: str, password: str, answer: Answer, *, rhost: str | None = None,
+             timeout: float = 30.0) -> Conversation:
+    """Run pam_authenticate (+ acct_mgmt on success); the password prompt gets ``password``,
+    every other prompt ``answer(prompt, messages so far)`` (None: hang up)."""
+    proc = subprocess.Popen(
+        ["/usr/bin/python3", "-I", str(Path(__file__).resolve())],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put("")  # EOF: the child is gone
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    prompts: list[str] = []
+    messages: list[str] = []
+    try:
+        proc.stdin.write(json.dumps({"service": service, "user": user, "rhost": rhost}) + "\n")
+        proc.stdin.flush()
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"PAM transaction did not finish within {timeout} s") from None
+            if not line:
+                proc.wait(5)
+                raise AssertionError(f"PAM child died (exit {proc.returncode}): {proc.stderr.read()[-500:]}")
+            event = json.loads(line)
+            if "info" in event:
+                messages.append(event["info"])
+            elif "prompt" in event:
+                prompts.append(event["prompt"])
+                reply = password if "password" in event["prompt"].lower() else answer(event["prompt"], messages)
+                proc.stdin.write(json.dumps({"answer": reply}) + "\n")
+                proc.stdin.flush()
+            else:
+                # The child collects garbage after pam_end: a reference cycle still holding
+                # pam_python objects would crash it there (as it would a web front end).
+                assert proc.wait(10) == 0, f"PAM child exited {proc.returncode}: {proc.stderr.read()[-500:]}"
+                return Conversation(event["auth"], event["account"], prompts, messages)
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+def _child() -> None:
+    import ctypes
+    import ctypes.util
+
+    sys.path.insert(0, str(REPO))
+    from pam_linkus.client import PAM_CODES
+
+    request: dict[str, Any] = json.loads(sys.stdin.readline())
+    libpam = ctypes.PyDLL(ctypes.util.find_library("pam") or "libpam.so.0")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.calloc.restype = ctypes.c_void_p
+    libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+    libc.strdup.restype = ctypes.c_void_p
+    libc.strdup.argtypes = [ctypes.c_char_p]
+
+    class PamMessage(ctypes.Structure):
+        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
+
+    class PamResponse(ctypes.Structure):
+        _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
+
+    conv_func = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(PamMessage)),
+                                 ctypes.POINTER(ctypes.POINTER(PamResponse)), ctypes.c_void_p)
+
+    class PamConv(ctypes.Structure):
+        _fields_ = [("conv", conv_func), ("appdata_ptr", ctypes.c_void_p)]
+
+    def emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    def conversation(n: int, msgs: Any, resp: Any, _appdata: Any) -> int:
+        block = libc.calloc(n, ctypes.sizeof(PamResponse))
+        if not block:
+            return 5  # PAM_BUF_ERR
+        responses = ctypes.cast(block, ctypes.POINTER(PamResponse))
+        for i in range(n):
+            style = msgs[i].contents.msg_style
+            text = (msgs[i].contents.msg or b"").decode(errors="replace")
+            if style in (1, 2):  # PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON
+                emit({"prompt": text})
+                reply = json.loads(sys.stdin.readline())["answer"]
+                if reply is None:
+                    return 19  # PAM_CONV_ERR
+                responses[i].resp = libc.strdup(reply.encode())
+            else:
+                emit({"info": text})
+        resp[0] = responses
+        return 0
+
+    conv = PamConv(conv_func(conversation), None)
+    handle = ctypes.c_void_p()
+    libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
+                                 ctypes.POINTER(ctypes.c_void_p)]
+    libpam.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    libpam.pam_authenticate.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libpam.pam_acct_mgmt.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    libpam.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    rc = libpam.pam_start(request["service"].encode(), request["user"].encode(), ctypes.byref(conv),
+                          ctypes.byref(handle))
+    if rc != 0:
+        emit({"auth": PAM_CODES.get(rc, str(rc)), "account": None})
+        return
+    rhost = ctypes.c_char_p(request["rhost"].encode()) if request.get("rhost") else None
+    if rhost is not None:
+        libpam.pam_set_item(handle, 4, ctypes.cast(rhost, ctypes.c_void_p))  # PAM_RHOST
+    rc = libpam.pam_authenticate(handle, 0)
+    account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?") if rc == 0 else None
+    libpam.pam_end(handle, rc)
+    import gc
+
+    gc.collect()
+    emit({"auth": PAM_CODES.get(rc, str(rc)), "account": account})
+
+
+if __name__ == "__main__":
+    _child()

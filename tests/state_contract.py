@@ -1,0 +1,284 @@
+"""The StateStore contract (pam_linkus/state/base.py), written once for every backend.
+
+A backend's test module subclasses ``StateContract`` and overrides two fixtures:
+``opener`` (a zero-argument callable that opens a NEW store on this test's own,
+empty state -- called again in child processes) and ``unavailable_opener`` (one
+that opens a store that cannot be reached: every operation, or the opening
+itself, must raise StateUnavailable). Races run in real processes
+(multiprocessing, fork), each with its own store, bounded in count and time.
+
+Times are injected (``now``), never taken from the wall clock, except that
+Redis TTLs run in real time, which no test here waits for.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from pam_linkus.errors import Locked, StateUnavailable
+from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+
+NOW = 1_763_900_000.25
+STEP = int(NOW // 30)
+#: Processes per race; the machine has 2 cores, more would only queue.
+RACERS = 8
+RACE_TIMEOUT = 60.0
+
+Opener = Callable[[], Any]
+
+
+def _race_child(opener: Opener, barrier: Any, results: Any, body: Callable[[Any, int], Any], index: int) -> None:
+    try:
+        store = opener()
+        try:
+            barrier.wait()
+            results.put(("ok", body(store, index)))
+        finally:
+            store.close()
+    except BaseException as exc:  # report anything to the parent
+        results.put(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def race(opener: Opener, body: Callable[[Any, int], Any], n: int = RACERS) -> list[Any]:
+    """Run ``body(store, index)`` in ``n`` processes released at once; return their results."""
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n, timeout=RACE_TIMEOUT)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_race_child, args=(opener, barrier, results, body, i)) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        out = [results.get(timeout=RACE_TIMEOUT) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(RACE_TIMEOUT)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = [value for kind, value in out if kind == "error"]
+    assert not errors, errors[0]
+    return [value for _, value in out]
+
+
+def expected_locks(counts: int, times: list[float], max_failures: int, duration: int,
+                   permanent_after: int) -> list[float]:
+    """What the contract says ``locked_until`` is after each failure: next_lock, never shortened."""
+    out, current = [], 0.0
+    for count, when in zip(range(1, counts + 1), times, strict=True):
+        current = max(current, next_lock(count, when, max_failures, duration, permanent_after))
+        out.append(current)
+    return out
+
+
+class StateContract:
+    """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``."""
+
+    @pytest.fixture
+    def opener(self) -> Opener:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def unavailable_opener(self) -> Opener:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def store(self, opener: Opener) -> Iterator[Any]:
+        store = opener()
+        yield store
+        store.close()
+
+    def fail(self, store: Any, user: str, now: float, *, max_failures: int = 3, duration: int = 900,
+             permanent_after: int = 10) -> LockStatus:
+        status: LockStatus = store.record_failure(
+            user, now, max_failures=max_failures, duration=duration, permanent_after=permanent_after
+        )
+        return status
+
+    # -- replay ----------------------------------------------------------------------
+
+    def test_unknown_extension_has_no_failures_and_no_lock(self, store: Any) -> None:
+        status = store.lock_status("1001", NOW)
+        assert (status.failures, status.locked_until) == (0, 0.0)
+        assert not status.locked(NOW)
+
+    def test_a_step_is_accepted_once(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        assert store.accept_totp_step("1001", STEP, NOW + 1) is False
+
+    def test_an_older_step_after_a_newer_one_is_a_replay(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP + 1, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        assert store.accept_totp_step("1001", STEP - 1, NOW) is False
+        assert store.accept_totp_step("1001", STEP + 2, NOW + 30) is True
+
+    def test_steps_are_kept_per_extension(self, store: Any) -> None:
+        users = ["1001", "1002", "a}:totp", "{1001}", "ü-ext", "x" * 200]
+        for user in users:
+            assert store.accept_totp_step(user, STEP, NOW) is True, user
+        for user in users:
+            assert store.accept_totp_step(user, STEP, NOW) is False, user
+
+    def test_acceptance_clears_the_failure_count(self, store: Any) -> None:
+        self.fail(store, "1001", NOW)
+        self.fail(store, "1001", NOW + 1)
+        assert store.lock_status("1001", NOW + 2).failures == 2
+        assert store.accept_totp_step("1001", STEP, NOW + 2) is True
+        status = store.lock_status("1001", NOW + 2)
+        assert (status.failures, status.locked_until) == (0, 0.0)
+
+    def test_a_replay_does_not_clear_the_failure_count(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        self.fail(store, "1001", NOW + 1)
+        assert store.accept_totp_step("1001", STEP, NOW + 2) is False
+        assert store.lock_status("1001", NOW + 2).failures == 1
+
+    # -- failures and lockout --------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        ("max_failures", "duration", "permanent_after"),
+        [(3, 900, 7), (1, 0, 4), (5, 60, 5), (2, 30, 100)],
+    )
+    def test_failures_lock_as_next_lock_says(self, store: Any, max_failures: int, duration: int,
+                                             permanent_after: int) -> None:
+        n = min(permanent_after + 2, 12)
+        times = [NOW + 7.5 * i for i in range(n)]
+        want = expected_locks(n, times, max_failures, duration, permanent_after)
+        for i, when in enumerate(times):
+            status = self.fail(store, "1001", when, max_failures=max_failures, duration=duration,
+                               permanent_after=permanent_after)
+            assert (status.failures, status.locked_until) == (i + 1, want[i]), i
+            seen = store.lock_status("1001", when)
+            assert (seen.failures, seen.locked_until) == (i + 1, want[i]), i
+
+    def test_a_locked_extension_refuses_even_a_fresh_step(self, store: Any) -> None:
+        for i in range(3):
+            status = self.fail(store, "1001", NOW + i)
+        assert status.locked_until == NOW + 2 + 900
+        with pytest.raises(Locked) as info:
+            store.accept_totp_step("1001", STEP + 5, NOW + 10)
+        assert info.value.locked_until == NOW + 2 + 900
+        # the refused step was not recorded: after the lock it is still good
+        assert store.accept_totp_step("1001", STEP + 5, NOW + 903) is True
+
+    def test_a_lock_expires_but_the_count_stays(self, store: Any) -> None:
+        for i in range(3):
+            self.fail(store, "1001", NOW + i)
+        later = NOW + 2 + 900 + 1
+        status = store.lock_status("1001", later)
+        assert status.failures == 3 and not status.locked(later)
+        # the next failure locks again at once
+        again = self.fail(store, "1001", later)
+        assert (again.failures, again.locked_until) == (4, later + 900)
+
+    def test_permanent_after_locks_until_unlock(self, store: Any) -> None:
+        for i in range(4):
+            status = self.fail(store, "1001", NOW + i, max_failures=2, duration=60, permanent_after=4)
+        assert status.permanent and status.locked_until == float(FOREVER)
+        far = NOW + 10 * 365 * 86400
+        assert store.lock_status("1001", far).locked(far)
+        with pytest.raises(Locked):
+            store.accept_totp_step("1001", STEP + 10**6, far)
+
+    def test_duration_zero_locks_until_unlock(self, store: Any) -> None:
+        status = self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        assert status.permanent
+        assert store.lock_status("1001", NOW + 10**8).locked(NOW + 10**8)
+
+    def test_unlock_clears_count_and_lock_but_not_the_replay_record(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        for i in range(4):
+            self.fail(store, "1001", NOW + i, max_failures=2, duration=0, permanent_after=4)
+        store.unlock("1001")
+        status = store.lock_status("1001", NOW + 5)
+        assert (status.failures, status.locked_until) == (0, 0.0)
+        assert store.accept_totp_step("1001", STEP, NOW + 5) is False
+        assert store.accept_totp_step("1001", STEP + 1, NOW + 30) is True
+
+    def test_unlock_of_an_unknown_extension_is_harmless(self, store: Any) -> None:
+        store.unlock("nobody")
+        assert store.lock_status("nobody", NOW).failures == 0
+
+    def test_forget_removes_every_record_of_one_extension(self, store: Any) -> None:
+        for user in ("1001", "1002"):
+            assert store.accept_totp_step(user, STEP, NOW) is True
+            self.fail(store, user, NOW + 1)
+        store.forget("1001")
+        assert store.lock_status("1001", NOW + 2).failures == 0
+        assert store.accept_totp_step("1001", STEP, NOW + 2) is True
+        assert store.lock_status("1002", NOW + 2).failures == 1
+        assert store.accept_totp_step("1002", STEP, NOW + 2) is False
+
+    def test_failures_are_per_extension(self, store: Any) -> None:
+        for i in range(3):
+            self.fail(store, "1001", NOW + i)
+        assert store.lock_status("1001", NOW + 3).locked(NOW + 3)
+        assert not store.lock_status("1002", NOW + 3).locked(NOW + 3)
+        assert store.accept_totp_step("1002", STEP, NOW + 3) is True
+
+    def test_a_second_store_sees_what_the_first_wrote(self, store: Any, opener: Opener) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        self.fail(store, "1002", NOW)
+        other = opener()
+        try:
+            assert other.accept_totp_step("1001", STEP, NOW) is False
+            assert other.lock_status("1002", NOW).failures == 1
+        finally:
+            other.close()
+
+    # -- races between processes -----------------------------------------------------
+
+    def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
+        results = race(opener, lambda s, _i: s.accept_totp_step("1001", STEP, NOW))
+        assert sorted(results) == [False] * (RACERS - 1) + [True]
+
+    def test_parallel_old_and_new_steps_accept_the_new_one_once(self, opener: Opener) -> None:
+        # Half offer STEP, half STEP + 1. STEP + 1 wins exactly once whatever the order;
+        # STEP at most once, and only if it came before any STEP + 1.
+        def body(s: Any, i: int) -> tuple[int, bool]:
+            step = STEP + i % 2
+            return step, s.accept_totp_step("1001", step, NOW)
+
+        wins = [step for step, ok in race(opener, body) if ok]
+        assert wins.count(STEP + 1) == 1 and wins.count(STEP) <= 1
+
+    def test_failures_from_parallel_processes_all_count(self, opener: Opener) -> None:
+        per_process = 5
+
+        def body(s: Any, _i: int) -> list[int]:
+            return [self.fail(s, "1001", NOW, max_failures=30, duration=60, permanent_after=100).failures
+                    for _ in range(per_process)]
+
+        results = race(opener, body)
+        counts = sorted(c for chunk in results for c in chunk)
+        assert counts == list(range(1, RACERS * per_process + 1))  # each increment seen exactly once
+        check = opener()
+        try:
+            status = check.lock_status("1001", NOW)
+            assert status.failures == RACERS * per_process
+            assert status.locked_until == NOW + 60
+        finally:
+            check.close()
+
+    # -- unavailable -----------------------------------------------------------------
+
+    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget"])
+    def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
+        calls: dict[str, Callable[[Any], Any]] = {
+            "lock_status": lambda s: s.lock_status("1001", NOW),
+            "accept_totp_step": lambda s: s.accept_totp_step("1001", STEP, NOW),
+            "record_failure": lambda s: self.fail(s, "1001", NOW),
+            "unlock": lambda s: s.unlock("1001"),
+            "forget": lambda s: s.forget("1001"),
+        }
+        with pytest.raises(StateUnavailable):
+            store = unavailable_opener()
+            try:
+                calls[operation](store)
+            finally:
+                store.close()

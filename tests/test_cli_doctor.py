@@ -1,0 +1,96 @@
+"""`linkus-2fa doctor` says what a login would log: which file, line and column is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO, PamStack
+
+
+def doctor(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pam_linkus.cli", "--config", str(config), "doctor", *extra],
+        capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+    )
+
+
+def test_doctor_passes_on_a_good_setup(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user)
+    pam_dir = pam_stack.root / "pam.d"
+    pam_dir.mkdir()
+    (pam_dir / "sshd").write_text(Path("/etc/pam.d", pam_stack.service).read_text())
+    result = doctor(pam_stack.config_path, user, "--pam-dir", str(pam_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+
+
+def test_doctor_names_file_line_column_of_a_broken_extensions_file(pam_stack: PamStack) -> None:
+    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n')
+    result = doctor(pam_stack.config_path)
+    assert result.returncode != 0
+    assert f"{pam_stack.extensions_path}:2:3" in result.stdout + result.stderr
+    assert "needs a secret" in result.stdout + result.stderr
+
+
+def test_doctor_names_a_bad_config_key(pam_stack: PamStack) -> None:
+    pam_stack.config_path.write_text(pam_stack.config_path.read_text() + "enforse: all\n")
+    result = doctor(pam_stack.config_path)
+    assert result.returncode != 0
+    assert "enforse: unknown key" in result.stdout + result.stderr
+
+
+def test_doctor_flags_pam_lines_that_let_a_failure_through(pam_stack: PamStack) -> None:
+    pam_dir = pam_stack.root / "pam.d"
+    pam_dir.mkdir()
+    (pam_dir / "good").write_text("@include common-auth\n"
+                                  "auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py\n")
+    (pam_dir / "sshd").write_text("# sshd\nauth requisite pam_unix.so\nauth sufficient pam_python.so pam_linkus.py\n")
+    (pam_dir / "login").write_text("auth required pam_unix.so\n"
+                                   "auth [success=ok default=ignore] pam_python.so \\\n  pam_linkus.py debug\n")
+    (pam_dir / "su").write_text("auth required pam_python.so pam_linkus.py\nauth required pam_unix.so\n")
+    (pam_dir / "other").write_text("auth sufficient pam_rootok.so\n")
+    result = doctor(pam_stack.config_path, "--pam-dir", str(pam_dir))
+    out = result.stdout
+    assert result.returncode == 1
+    assert f"ok   pam: {pam_dir}/good:2: auth [success=ok ignore=ignore default=die] (fails closed)" in out
+    assert f"FAIL pam: {pam_dir}/sshd:3: 'sufficient'" in out
+    assert f"FAIL pam: {pam_dir}/login:2: auth_err=ignore maxtries=ignore" in out
+    assert f"WARN pam: {pam_dir}/su:1: no password module" in out
+    assert "pam.d/other" not in out
+
+
+def test_doctor_checks_smtp_when_an_extension_uses_email(pam_stack: PamStack) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    pam_stack.write_config(smtp={"host": "127.0.0.1", "port": closed_port, "security": "none", "timeout": 3})
+    pam_stack.extensions_path.write_text('extensions:\n  "2001":\n    method: email\n    email: a@example.com\n')
+    result = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root))
+    assert result.returncode == 1
+    assert f"FAIL smtp: 127.0.0.1:{closed_port} (none): ConnectionRefusedError" in result.stdout
+
+
+def test_doctor_smtp_ok_against_a_real_server(pam_stack: PamStack) -> None:
+    import socket
+
+    from aiosmtpd.controller import Controller
+
+    class Sink:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            raise AssertionError("doctor must not send mail")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(Sink(), hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        pam_stack.write_config(smtp={"host": "127.0.0.1", "port": port, "security": "none", "timeout": 5})
+        result = doctor(pam_stack.config_path, "--smtp", "--pam-dir", str(pam_stack.root))
+        assert f"ok   smtp: 127.0.0.1:{port} (none)" in result.stdout, result.stdout
+    finally:
+        controller.stop()

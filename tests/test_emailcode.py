@@ -1,0 +1,496 @@
+"""Email codes without SMTP: the flow with an injected clock and mailer, the
+SQLite store's email operations, address checks, templates and the key file."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nss_config.base import ExtensionSettings
+from nss_config.chain import SourceChain
+from pam_linkus import emailcode
+from pam_linkus.config import Config
+from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
+from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.outcome import Outcome
+from pam_linkus.state.base import EmailCheck, EmailLimits, email_retry_after
+from pam_linkus.state.sqlite_store import SqliteStore
+
+T0 = 1_800_000_000.0
+ADDRESS = "alice@example.com"
+
+
+class Clock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeMailer:
+    """Records messages; ``fail`` makes the next sends raise like an SMTP outage."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+        self.fail = False
+
+    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+        if self.fail:
+            raise MailUnavailable("SMTP server 127.0.0.1:1: Connection refused")
+        self.sent.append((to, subject, body))
+
+    def last_code(self) -> str:
+        match = re.search(r"^    (\d{6})$", self.sent[-1][2], re.M)
+        assert match is not None, self.sent[-1][2]
+        return match.group(1)
+
+
+class Prompter:
+    """Answers the code prompt with whatever ``answer`` returns at that moment."""
+
+    def __init__(self, answer: Any):
+        self.answer = answer
+        self.prompts: list[str] = []
+        self.infos: list[str] = []
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        self.prompts.append(prompt)
+        return str(self.answer() if callable(self.answer) else self.answer)
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+
+class Source:
+    name = "test"
+
+    def __init__(self, entries: dict[str, ExtensionSettings]):
+        self.entries = entries
+
+    def lookup(self, user: str) -> ExtensionSettings | None:
+        return self.entries.get(user)
+
+
+class Harness:
+    """One host: a config, a SQLite store, a fake mailer and a clock, shared by its logins."""
+
+    def __init__(self, root: Path, **email: Any):
+        os.chmod(root, 0o700)
+        self.root = root
+        self.config = Config.from_mapping({
+            "state": {"path": str(root / "state.db")},
+            "email": {"key_file": str(root / "email.key"), **email},
+            "lockout": {"max_failures": 5, "duration": 900},
+        })
+        self.clock = Clock()
+        self.mailer = FakeMailer()
+        self.store = SqliteStore(str(root / "state.db"))
+        self.entries: dict[str, ExtensionSettings] = {}
+
+    def add(self, user: str, address: str = ADDRESS) -> None:
+        self.entries[user] = ExtensionSettings(user, "email", email=address, source="test")
+
+    def login(self, user: str, answer: Any, rhost: str | None = "192.0.2.9") -> tuple[str, str, Prompter]:
+        prompter = Prompter(answer)
+        ctx = Context(
+            self.config, prompter, clock=self.clock, mailer=self.mailer,
+            open_chain=lambda c: SourceChain([Source(self.entries)]), open_store=lambda c: self.store,
+        )
+        try:
+            decision = authenticate(LoginRequest(user, "sshd", rhost), ctx)
+            return decision.outcome, decision.reason, prompter
+        except (CodeRejected, Locked, MailUnavailable, ConfigError) as exc:
+            return exc.outcome, exc.reason, prompter
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Any:
+    harness = Harness(tmp_path)
+    harness.add("1002")
+    yield harness
+    harness.close()
+
+
+def make_host(tmp_path: Path, name: str, **email: Any) -> Harness:
+    root = tmp_path / name
+    root.mkdir()
+    harness = Harness(root, **email)
+    harness.add("1002")
+    return harness
+
+
+# -- the flow ------------------------------------------------------------------
+
+
+def test_code_arrives_and_logs_in_once(host: Harness) -> None:
+    outcome, reason, prompter = host.login("1002", lambda: host.mailer.last_code())
+    assert (outcome, reason) == (Outcome.SUCCESS, "code accepted")
+    assert prompter.prompts == ["Email code: "]
+    assert prompter.infos == ["A verification code was sent to a***@example.com."]
+    to, subject, body = host.mailer.sent[0]
+    code = host.mailer.last_code()
+    assert to == ADDRESS and code not in subject and "1002" in subject
+    assert "192.0.2.9" in body and "sshd" in body and "5 minutes" in body
+
+
+def test_reused_code_is_refused(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", send_interval=0)
+    assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
+    used = host.mailer.last_code()
+    host.clock.now += 1
+    outcome, reason, _ = host.login("1002", used)
+    assert len(host.mailer.sent) == 2
+    if used != host.mailer.last_code():  # one in a million: the new code equals the old one
+        assert (outcome, reason) == (Outcome.DENIED, "wrong code (1 consecutive failures)")
+
+
+def test_expired_code_is_refused(host: Harness) -> None:
+    def late() -> str:
+        host.clock.now += 300  # the code lives exactly 300 s: at +300 it is gone
+        return host.mailer.last_code()
+
+    outcome, reason, _ = host.login("1002", late)
+    assert (outcome, reason) == (Outcome.DENIED, "expired code (1 consecutive failures)")
+
+
+def test_code_just_before_expiry_is_accepted(host: Harness) -> None:
+    def in_time() -> str:
+        host.clock.now += 299
+        return host.mailer.last_code()
+
+    assert host.login("1002", in_time)[0] == Outcome.SUCCESS
+
+
+def test_expiry_is_configurable(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", code_lifetime=60)
+
+    def late() -> str:
+        host.clock.now += 61
+        return host.mailer.last_code()
+
+    assert host.login("1002", late)[1].startswith("expired code")
+    assert "1 minutes" in host.mailer.sent[0][2]
+
+
+def test_code_of_another_extension_is_refused(host: Harness) -> None:
+    host.add("1003", "bob@example.org")
+    assert host.login("1002", "000000")[0] == Outcome.DENIED  # 1002 now has a pending code
+    code_for_1002 = host.mailer.last_code()
+    outcome, reason, prompter = host.login("1003", code_for_1002)
+    assert prompter.infos == ["A verification code was sent to b***@example.org."]
+    if code_for_1002 != host.mailer.last_code():
+        assert (outcome, reason) == (Outcome.DENIED, "wrong code (1 consecutive failures)")
+
+
+def test_too_many_attempts_kill_the_code(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", max_attempts=3)
+    results = [host.login("1002", "abc") for _ in range(3)]
+    assert [r[1] for r in results] == [
+        "malformed code (1 consecutive failures)",
+        "malformed code (2 consecutive failures)",
+        "malformed code, no attempts left on this code (3 consecutive failures)",
+    ]
+    assert len(host.mailer.sent) == 1  # the 2nd and 3rd login were throttled and used the pending code
+    assert results[1][2].infos == [
+        "The code sent to a***@example.com a moment ago is still valid; no new code was sent."
+    ]
+    outcome, reason, prompter = host.login("1002", "123456")
+    assert (outcome, reason) == (Outcome.UNAVAILABLE, "email code throttled, next send in 60 s")
+    assert prompter.prompts == [] and prompter.infos == ["Too many codes were sent for this account; try again later."]
+
+
+def test_failures_count_toward_the_lockout_and_a_new_code_does_not_reset_them(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", send_interval=0, max_per_hour=100)
+    for i in range(1, 5):
+        assert host.login("1002", "x")[1].endswith(
+            f"({i} consecutive failures)"
+        )
+        host.clock.now += 1
+    assert len(host.mailer.sent) == 4  # each login sent a new code, and the count went on
+    outcome, reason, _ = host.login("1002", "bad")
+    assert outcome == Outcome.LOCKED and "locked after 5" in reason
+    assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.LOCKED
+    assert len(host.mailer.sent) == 5  # a locked extension gets no mail
+
+
+def test_success_clears_the_failure_count(host: Harness) -> None:
+    host.store.record_failure("1002", T0, max_failures=5, duration=900, permanent_after=100)
+    assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
+    assert host.store.lock_status("1002", T0).failures == 0
+
+
+def test_throttled_login_still_accepts_the_last_unexpired_code(host: Harness) -> None:
+    assert host.login("1002", "000000x")[0] == Outcome.DENIED
+    first = host.mailer.last_code()
+    host.clock.now += 30
+    outcome, _, prompter = host.login("1002", first)
+    assert outcome == Outcome.SUCCESS and len(host.mailer.sent) == 1
+    assert "still valid" in prompter.infos[0]
+
+
+def test_send_interval_and_hourly_limit(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", send_interval=60, max_per_hour=3)
+    sends = []
+    for _ in range(12):
+        host.login("1002", lambda: host.mailer.last_code())
+        sends.append(len(host.mailer.sent))
+        host.clock.now += 30
+    # a send at 0, 60, 120 s, then nothing until an hour after the first
+    assert sends == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3]
+    host.clock.now = T0 + 3600
+    host.login("1002", "1")
+    assert len(host.mailer.sent) == 4
+
+
+def test_global_throttle(tmp_path: Path) -> None:
+    host = make_host(tmp_path, "h", global_max_per_minute=2)
+    for user in ("2001", "2002", "2003"):
+        host.add(user)
+    results = [host.login(user, "x")[1] for user in ("2001", "2002", "2003")]
+    assert results[:2] == ["malformed code (1 consecutive failures)"] * 2
+    assert results[2] == "email code throttled, next send in 60 s"
+    host.clock.now += 60
+    assert host.login("2003", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
+
+
+def test_smtp_down_is_unavailable_and_leaves_no_code(host: Harness) -> None:
+    host.mailer.fail = True
+    outcome, reason, prompter = host.login("1002", "123456")
+    assert (outcome, reason) == (Outcome.UNAVAILABLE, "SMTP server 127.0.0.1:1: Connection refused")
+    assert prompter.prompts == []
+    assert host.store.verify_email_code("1002", "x", host.clock()) == EmailCheck.MISSING
+    # the failed send does not count toward the throttle: the next login sends at once
+    host.mailer.fail = False
+    assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
+
+
+def test_header_injection_address_sends_nothing(host: Harness) -> None:
+    for bad in ("a@example.com\r\nBcc: x@evil.test", "a@example.com,x@evil.test", "A <a@example.com>",
+                "a@example.com x@evil.test", "a@@example.com", "@example.com", "a@", "a@exa mple.com",
+                "ä@example.com", "a..b@example.com", "a@-example.com", "a@example..com"):
+        host.add("1009", bad)
+        outcome, reason, prompter = host.login("1009", "123456")
+        assert outcome == Outcome.UNAVAILABLE and reason.startswith("extension '1009': email address"), bad
+        assert bad not in reason and prompter.prompts == []
+    assert host.mailer.sent == []
+
+
+def test_lookalike_digits_and_spaces(host: Harness) -> None:
+    def fancy() -> str:
+        return host.mailer.last_code().translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"))
+
+    assert host.login("1002", fancy)[1] == "malformed code (1 consecutive failures)"
+    code = host.mailer.last_code()
+    assert host.login("1002", f"{code[:3]} {code[3:]}")[0] == Outcome.SUCCESS
+
+
+def test_a_totp_login_does_not_import_smtp() -> None:
+    import subprocess
+
+    probe = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import pam_linkus.pam_face, pam_linkus.flow, pam_linkus.config, pam_linkus.state.sqlite_store;"
+        "from pam_linkus.config import Config; Config.from_mapping({});"
+        "bad = [m for m in ('smtplib', 'ssl', 'email', 'pam_linkus.mail', 'pam_linkus.emailcode') if m in sys.modules];"
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-I", "-c", probe, str(Path(__file__).parent.parent)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- store operations with an injected clock -------------------------------------
+
+
+def test_store_issue_verify_single_use(host: Harness) -> None:
+    limits = EmailLimits(send_interval=0)
+    assert host.store.issue_email_code("u", "h1", T0, limits).issued
+    assert host.store.verify_email_code("u", "h2", T0) == EmailCheck.WRONG
+    assert host.store.verify_email_code("u", "h1", T0) == EmailCheck.ACCEPTED
+    assert host.store.verify_email_code("u", "h1", T0) == EmailCheck.MISSING
+
+
+def test_store_new_code_replaces_the_old(host: Harness) -> None:
+    limits = EmailLimits(send_interval=0)
+    host.store.issue_email_code("u", "h1", T0, limits)
+    host.store.issue_email_code("u", "h2", T0 + 1, limits)
+    assert host.store.verify_email_code("u", "h1", T0 + 2) == EmailCheck.WRONG
+    assert host.store.verify_email_code("u", "h2", T0 + 2) == EmailCheck.ACCEPTED
+
+
+def test_store_empty_hash_never_matches(host: Harness) -> None:
+    host.store.issue_email_code("u", "", T0, EmailLimits())  # even a (bogus) empty stored hash
+    assert host.store.verify_email_code("u", "", T0) == EmailCheck.WRONG
+
+
+def test_store_verify_refuses_while_locked(host: Harness) -> None:
+    host.store.issue_email_code("u", "h1", T0, EmailLimits())
+    for _ in range(2):
+        host.store.record_failure("u", T0, max_failures=2, duration=60, permanent_after=100)
+    with pytest.raises(Locked):
+        host.store.verify_email_code("u", "h1", T0 + 1)
+    assert host.store.verify_email_code("u", "h1", T0 + 61) == EmailCheck.ACCEPTED
+
+
+def test_store_discard_only_removes_that_code(host: Harness) -> None:
+    limits = EmailLimits(send_interval=0)
+    host.store.issue_email_code("u", "h1", T0, limits)
+    host.store.discard_email_code("u", "other")
+    assert host.store.issue_email_code("u", "h2", T0 + 1, EmailLimits(send_interval=60)).pending is True
+    host.store.discard_email_code("u", "h1")  # its send record goes too: a mail that never left
+    assert host.store.verify_email_code("u", "h1", T0 + 2) == EmailCheck.MISSING
+    assert host.store.issue_email_code("u", "h3", T0 + 2, EmailLimits(send_interval=60)).issued
+
+
+def test_store_forget_removes_codes_and_sends(host: Harness) -> None:
+    host.store.issue_email_code("u", "h1", T0, EmailLimits())
+    host.store.forget("u")
+    assert host.store.verify_email_code("u", "h1", T0) == EmailCheck.MISSING
+    assert host.store.issue_email_code("u", "h2", T0 + 1, EmailLimits()).issued
+
+
+def test_retry_after_rule() -> None:
+    limits = EmailLimits(send_interval=60, max_per_hour=2, global_max_per_minute=3)
+    assert email_retry_after([], [], T0, limits) == T0
+    assert email_retry_after([T0 - 10], [T0 - 10], T0, limits) == T0 + 50
+    assert email_retry_after([T0 - 1000, T0 - 500], [], T0, limits) == T0 - 1000 + 3600
+    assert email_retry_after([], [T0 - 50, T0 - 20, T0 - 10], T0, limits) == T0 + 10
+
+
+# -- addresses, templates, key ---------------------------------------------------
+
+
+def test_mask_address() -> None:
+    assert emailcode.mask_address("alice@example.com") == "a***@example.com"
+    assert emailcode.mask_address("x@y.example") == "x***@y.example"
+
+
+def test_good_addresses_pass() -> None:
+    for good in ("alice@example.com", "a.b+tag@sub.example.org", "o'brien@example.ie", "x@localhost"):
+        assert emailcode.check_address(good) == good
+
+
+def test_new_codes_are_six_digits_and_vary() -> None:
+    codes = {emailcode.new_code() for _ in range(50)}
+    assert all(len(c) == 6 and c.isascii() and c.isdigit() for c in codes) and len(codes) > 40
+
+
+def test_hash_binds_the_extension() -> None:
+    key = secrets.token_bytes(32)
+    assert emailcode.code_hash(key, "1002", "123456") != emailcode.code_hash(key, "1003", "123456")
+    assert emailcode.code_hash(key, "1002", "123456") != emailcode.code_hash(b"k" * 32, "1002", "123456")
+
+
+def test_fill_template() -> None:
+    assert emailcode.fill("{{x}} {code} }", {"code": "1"}) == "{x} 1 }"
+    with pytest.raises(KeyError):
+        emailcode.fill("{code.__class__}", {"code": "1"})
+
+
+def test_subject_must_not_hold_the_code() -> None:
+    with pytest.raises(ConfigError, match=r"email\.subject: must not contain \{code\}"):
+        Config.from_mapping({"email": {"subject": "Your code {code}"}})
+    with pytest.raises(ConfigError, match=r"unknown placeholder \{nope\}"):
+        Config.from_mapping({"email": {"subject": "Hi {nope}"}})
+    assert Config.from_mapping({"email": {"subject": "Login at {host} for {user}"}}).email.subject
+
+
+def test_smtp_config_refuses_plaintext_off_loopback() -> None:
+    with pytest.raises(ConfigError, match=r"smtp\.security"):
+        Config.from_mapping({"smtp": {"host": "mail.example.com", "security": "none"}})
+    with pytest.raises(ConfigError, match=r"smtp\.username"):
+        Config.from_mapping({"smtp": {"security": "none", "username": "u", "password_file": "/x"}})
+    with pytest.raises(ConfigError, match=r"smtp\.from"):
+        Config.from_mapping({"smtp": {"from": "PBX <pbx@example.com>"}})
+    assert Config.from_mapping({"smtp": {"security": "none"}}).smtp.port == 25
+
+
+def test_template_file(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o700)
+    template = tmp_path / "mail.txt"
+    template.write_text("Code {code} for {user} from {rhost} at {time} on {host}, {minutes} min, to {address}\n")
+    os.chmod(template, 0o644)
+    host = Harness(tmp_path, template_file=str(template))
+    host.add("1002")
+    assert host.login("1002", "1", rhost=None)[0] == Outcome.DENIED
+    body = host.mailer.sent[0][2]
+    assert body.startswith("Code ") and "from an unknown address" in body and "to alice@example.com" in body
+    template.write_text("no code here\n")
+    host.add("1004")
+    outcome, reason, _ = host.login("1004", "1")
+    assert outcome == Outcome.UNAVAILABLE and "must contain {code}" in reason
+    host.close()
+
+
+def test_key_file_is_created_once_root_only(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o700)
+    path = str(tmp_path / "email.key")
+    key = emailcode.load_key(path)
+    assert len(key) == 32 and emailcode.load_key(path) == key
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    assert [p.name for p in tmp_path.iterdir()] == ["email.key"]  # no temporary file left
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("open_secure wants root-owned files")
+    os.chmod(tmp_path, 0o700)
+    path = tmp_path / "email.key"
+    path.write_text(secrets.token_hex(32))
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        emailcode.load_key(str(path))
+
+
+# -- races: real processes, each with its own connection -------------------------
+
+
+def _race(path: str, body: Any, n: int = 6) -> list[Any]:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(n, timeout=30)
+    results = ctx.Queue()
+
+    def child() -> None:
+        store = SqliteStore(path)
+        try:
+            barrier.wait()
+            results.put(body(store))
+        except BaseException as exc:
+            results.put(f"error: {type(exc).__name__}: {exc}")
+        finally:
+            store.close()
+
+    procs = [ctx.Process(target=child) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        return [results.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+
+
+def test_parallel_logins_with_one_code_give_one_success(host: Harness) -> None:
+    host.store.issue_email_code("u", "h1", T0, EmailLimits(max_attempts=10))
+    results = _race(host.store.path, lambda s: s.verify_email_code("u", "h1", T0 + 1))
+    assert sorted(results) == [EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * 5
+
+
+def test_parallel_logins_send_one_mail(host: Harness) -> None:
+    results = _race(host.store.path, lambda s: s.issue_email_code(
+        "u", secrets.token_hex(8), T0, EmailLimits(send_interval=60)).issued)
+    assert sorted(results) == [False] * 5 + [True]

@@ -1,0 +1,191 @@
+"""The login decision without PAM: injected clock, scripted prompter, real SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nss_config.base import ExtensionSettings
+from nss_config.chain import SourceChain
+from pam_linkus.config import Config
+from pam_linkus.errors import CodeRejected, ConversationFailed, Locked, NotEnrolled, SourceUnavailable
+from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.outcome import Outcome
+from pam_linkus.state.sqlite_store import SqliteStore
+from pam_linkus.totp import decode_secret, totp
+
+SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedPrompter:
+    def __init__(self, *answers: str | None):
+        self.answers = list(answers)
+        self.prompts: list[str] = []
+        self.infos: list[str] = []
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        self.prompts.append(prompt)
+        answer = self.answers.pop(0)
+        if answer is None:
+            raise ConversationFailed("no answer")
+        return answer
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+
+class StaticSource:
+    name = "static"
+
+    def __init__(self, entries: dict[str, ExtensionSettings], *, down: bool = False):
+        self.entries = entries
+        self.down = down
+
+    def lookup(self, user: str) -> ExtensionSettings | None:
+        if self.down:
+            raise SourceUnavailable("static source is down")
+        return self.entries.get(user)
+
+
+@pytest.fixture
+def store(private_dir: Path) -> SqliteStore:
+    return SqliteStore(str(private_dir / "state.db"))
+
+
+def code(when: float, secret: str = SECRET) -> str:
+    return totp(decode_secret(secret), when)
+
+
+def run(
+    store: SqliteStore,
+    clock: Clock,
+    *answers: str | None,
+    entries: dict[str, ExtensionSettings] | None = None,
+    config: dict[str, object] | None = None,
+    user: str = "1001",
+) -> tuple[str, ScriptedPrompter]:
+    if entries is None:
+        entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET)}
+    prompter = ScriptedPrompter(*answers)
+    ctx = Context(
+        Config.from_mapping(config or {}),
+        prompter,
+        clock=clock,
+        open_chain=lambda _ctx: SourceChain([StaticSource(entries)]),
+        open_store=lambda _ctx: store,
+    )
+    return authenticate(LoginRequest(user), ctx).outcome, prompter
+
+
+def test_right_code_succeeds_once(store: SqliteStore) -> None:
+    clock = Clock()
+    assert run(store, clock, code(T0))[0] == Outcome.SUCCESS
+    with pytest.raises(CodeRejected, match="replayed"):
+        run(store, clock, code(T0))
+
+
+def test_older_step_after_newer_is_a_replay(store: SqliteStore) -> None:
+    clock = Clock()
+    assert run(store, clock, code(T0 + 30))[0] == Outcome.SUCCESS
+    with pytest.raises(CodeRejected, match="replayed"):
+        run(store, clock, code(T0))
+
+
+def test_previous_and_next_step_within_window(store: SqliteStore) -> None:
+    clock = Clock()
+    assert run(store, clock, code(T0 - 30))[0] == Outcome.SUCCESS
+    assert run(store, clock, code(T0 + 30))[0] == Outcome.SUCCESS
+    with pytest.raises(CodeRejected, match="wrong code"):
+        run(store, clock, code(T0 + 60))
+
+
+def test_lockout_after_max_failures_then_expiry(store: SqliteStore) -> None:
+    clock = Clock()
+    config = {"lockout": {"max_failures": 3, "duration": 60}}
+    for _ in range(2):
+        with pytest.raises(CodeRejected):
+            run(store, clock, "000000", config=config)
+    with pytest.raises(Locked):
+        run(store, clock, "000000", config=config)
+    # Locked: even the right code is not asked for.
+    prompter = ScriptedPrompter(code(T0))
+    ctx = Context(Config.from_mapping(config), prompter, clock=clock,
+                  open_chain=lambda _c: SourceChain([StaticSource({"1001": ExtensionSettings("1001", "totp",
+                                                                                             secret=SECRET)})]),
+                  open_store=lambda _c: store)
+    with pytest.raises(Locked):
+        authenticate(LoginRequest("1001"), ctx)
+    assert prompter.prompts == [] and prompter.infos
+    clock.now += 61
+    assert run(store, clock, code(clock.now), config=config)[0] == Outcome.SUCCESS
+    assert store.lock_status("1001", clock.now).failures == 0
+
+
+def test_each_failure_after_expiry_locks_again_and_permanent_after(store: SqliteStore) -> None:
+    clock = Clock()
+    config = {"lockout": {"max_failures": 2, "duration": 10, "permanent_after": 4}}
+    outcomes = []
+    for _ in range(4):
+        try:
+            run(store, clock, "000000", config=config)
+        except (CodeRejected, Locked) as exc:
+            outcomes.append(type(exc).__name__)
+        clock.now += 11
+    assert outcomes == ["CodeRejected", "Locked", "Locked", "Locked"]
+    assert store.lock_status("1001", clock.now + 10**6).locked(clock.now + 10**6)
+    store.unlock("1001")
+    assert run(store, clock, code(clock.now), config=config)[0] == Outcome.SUCCESS
+
+
+def test_not_enrolled_skips_or_is_denied_by_policy(store: SqliteStore) -> None:
+    clock = Clock()
+    entries = {"1002": ExtensionSettings("1002", "totp", secret=SECRET, enabled=False),
+               "1003": ExtensionSettings("1003", "none")}
+    for user in ("1002", "1003", "nobody"):
+        assert run(store, clock, entries=entries, user=user)[0] == Outcome.SKIP
+        with pytest.raises(NotEnrolled):
+            run(store, clock, entries=entries, user=user, config={"enforce": "all"})
+
+
+def test_skip_never_opens_the_state_store(private_dir: Path) -> None:
+    def no_store(_ctx: Context) -> SqliteStore:
+        raise AssertionError("state store opened for a skip")
+
+    ctx = Context(Config.from_mapping({}), ScriptedPrompter(), clock=Clock(),
+                  open_chain=lambda _c: SourceChain([StaticSource({})]), open_store=no_store)
+    assert authenticate(LoginRequest("x"), ctx).outcome == Outcome.SKIP
+
+
+def test_hang_up_is_a_conversation_failure_and_not_counted(store: SqliteStore) -> None:
+    with pytest.raises(ConversationFailed):
+        run(store, Clock(), None)
+    assert store.lock_status("1001", T0).failures == 0
+
+
+def test_unavailable_source_is_never_a_skip(store: SqliteStore) -> None:
+    ctx = Context(Config.from_mapping({}), ScriptedPrompter(), clock=Clock(),
+                  open_chain=lambda _c: SourceChain([StaticSource({}, down=True)]),
+                  open_store=lambda _c: store)
+    with pytest.raises(SourceUnavailable):
+        authenticate(LoginRequest("1001"), ctx)
+
+
+def test_chain_next_on_unavailable_still_refuses_unknown_users() -> None:
+    settings = ExtensionSettings("1001", "totp", secret=SECRET)
+    down, up = StaticSource({}, down=True), StaticSource({"1001": settings})
+    assert SourceChain([down, up], skip_unavailable=True).lookup("1001") is settings
+    with pytest.raises(SourceUnavailable):
+        SourceChain([down, up], skip_unavailable=True).lookup("nobody")
+    with pytest.raises(SourceUnavailable):
+        SourceChain([down, up]).lookup("1001")
+    assert SourceChain([StaticSource({}), up]).lookup("1001") is settings

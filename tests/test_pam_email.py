@@ -1,0 +1,191 @@
+"""Email codes through real libpam + pam_python (pam_unix requisite, then pam_linkus),
+delivered by a real aiosmtpd server on 127.0.0.1 with STARTTLS / implicit TLS and AUTH."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSWORD, PamStack
+from pam_conversation import Conversation, converse
+from smtp_server import SmtpServer, ca_fixture, closed_port, code_in, smtp_server_fixture  # noqa: F401
+
+pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]
+
+ADDRESS = "alice@example.com"
+
+
+def setup_email(stack: PamStack, server: SmtpServer | None, ca: Any, *, port: int | None = None,
+                security: str = "starttls", auth: bool = True, **email: Any) -> None:
+    """Point the stack's config at ``server`` (with AUTH from a root-only password file)."""
+    smtp: dict[str, Any] = {"host": "127.0.0.1", "port": port or (server.port if server else 0),
+                            "security": security, "from": "pbx@example.com", "timeout": 5, "helo": "pbx.test"}
+    if security != "none":
+        smtp["ca_file"] = str(ca.ca_file)
+    if auth and server is not None:
+        pw = stack.root / "smtp.pw"
+        pw.write_text(server.password + "\n")
+        os.chmod(pw, 0o600)
+        smtp.update(username="pbx-mailer", password_file=str(pw))
+    stack.write_config(smtp=smtp, email={"key_file": str(stack.root / "email.key"), **email},
+                       lockout={"max_failures": 10, "duration": 900})
+
+
+def enroll_email(stack: PamStack, user: str, address: str = ADDRESS) -> None:
+    stack.extensions[user] = {"method": "email", "email": address}
+    stack.write_extensions()
+
+
+def login(stack: PamStack, user: str, answer: Any, *, password: str = PASSWORD) -> Conversation:
+    return converse(stack.service, user, password, answer, rhost="192.0.2.44")
+
+
+def mailed_code(server: SmtpServer, count: int = 1) -> Any:
+    """An answer callback: the code from the ``count``-th mail (waited for)."""
+    return lambda prompt, messages: code_in(server.wait_for_message(count))
+
+
+@pytest.mark.parametrize("security", ["starttls", "tls"])
+def test_code_arrives_and_logs_in(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any,
+                                  security: str) -> None:
+    server = smtp_server(security=security, auth=True)
+    setup_email(pam_stack, server, ca, security=security)
+    enroll_email(pam_stack, user)
+    result = login(pam_stack, user, mailed_code(server))
+    assert (result.auth, result.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
+    assert result.prompts == ["Password: ", "Email code: "]
+    assert result.messages == ["A verification code was sent to a***@example.com."]
+    mail = server.wait_for_message()
+    code = code_in(mail)
+    assert mail["to"] == [ADDRESS] and mail["tls"] is True and mail["auth"] == b"pbx-mailer"
+    assert mail["message"]["Subject"] == f"Login verification code for {user} on {os.uname().nodename}"
+    body = mail["message"].get_content()
+    assert "192.0.2.44" in body and user in body and code not in mail["message"]["Subject"]
+    line = pam_stack.log.wait_for(f"user={user}")
+    assert "outcome=success" in line and "method=email" in line and code not in line
+
+
+def test_reused_code_is_refused(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca, send_interval=0)
+    enroll_email(pam_stack, user)
+    assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+    used = code_in(server.wait_for_message(1))
+    second = login(pam_stack, user, lambda p, m: used)
+    if code_in(server.wait_for_message(2)) != used:  # a new code was mailed; the old one is spent
+        assert second.auth == "PAM_AUTH_ERR"
+        assert 'reason="wrong code (1 consecutive failures)"' in pam_stack.log.wait_for("outcome=denied")
+
+
+def test_code_of_another_extension_is_refused(pam_stack: PamStack, make_user: Any, smtp_server: Any,
+                                              ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)
+    alice, bob = make_user(), make_user()
+    enroll_email(pam_stack, alice)
+    enroll_email(pam_stack, bob, "bob@example.org")
+    assert login(pam_stack, alice, lambda p, m: None).auth == "PAM_CONV_ERR"  # alice's code stays pending
+    alice_code = code_in(server.wait_for_message(1))
+    result = login(pam_stack, bob, lambda p, m: alice_code)
+    assert server.wait_for_message(2)["to"] == ["bob@example.org"]
+    if code_in(server.wait_for_message(2)) != alice_code:
+        assert result.auth == "PAM_AUTH_ERR"
+
+
+def test_too_many_attempts_kill_the_code(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca, max_attempts=2)
+    enroll_email(pam_stack, user)
+    assert login(pam_stack, user, lambda p, m: "wrong").auth == "PAM_AUTH_ERR"
+    second = login(pam_stack, user, lambda p, m: "wrong")  # throttled: the pending code, second attempt
+    assert second.auth == "PAM_AUTH_ERR" and "still valid" in second.messages[0]
+    third = login(pam_stack, user, mailed_code(server))  # the right code, too late: it is gone
+    assert third.auth == "PAM_AUTHINFO_UNAVAIL" and third.prompts == ["Password: "]
+    assert len(server.messages) == 1
+
+
+def test_throttle_keeps_the_last_code_working(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)  # default: one mail per 60 s
+    enroll_email(pam_stack, user)
+    assert login(pam_stack, user, lambda p, m: "000000x").auth == "PAM_AUTH_ERR"
+    again = login(pam_stack, user, mailed_code(server))
+    assert again.auth == "PAM_SUCCESS"
+    assert again.messages == ["The code sent to a***@example.com a moment ago is still valid; no new code was sent."]
+    third = login(pam_stack, user, lambda p, m: "123456")
+    assert third.auth == "PAM_AUTHINFO_UNAVAIL" and third.prompts == ["Password: "]
+    assert third.messages == ["Too many codes were sent for this account; try again later."]
+    assert "email code throttled" in pam_stack.log.wait_for("throttled")
+    time.sleep(0.3)
+    assert len(server.messages) == 1
+
+
+def test_failures_lock_the_extension(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca, send_interval=0)
+    pam_stack.write_config(lockout={"max_failures": 2, "duration": 900})
+    enroll_email(pam_stack, user)
+    assert [login(pam_stack, user, lambda p, m: "999999x").auth for _ in range(2)] == ["PAM_AUTH_ERR",
+                                                                                       "PAM_MAXTRIES"]
+    assert login(pam_stack, user, mailed_code(server, 2)).auth == "PAM_MAXTRIES"
+    assert len(server.messages) == 2  # a locked extension gets no mail
+
+
+def test_smtp_down_is_unavailable_and_leaves_no_code(pam_stack: PamStack, user: str, smtp_server: Any,
+                                                     ca: Any) -> None:
+    setup_email(pam_stack, None, ca, port=closed_port())
+    enroll_email(pam_stack, user)
+    result = login(pam_stack, user, lambda p, m: "123456")
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL" and result.prompts == ["Password: "]
+    line = pam_stack.log.wait_for("outcome=unavailable")
+    assert "Connection refused" in line and line.startswith("<83>")  # authpriv.err
+    # The failed send counted toward no throttle and left no code: once SMTP is back, a login works.
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)
+    assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+
+
+def test_untrusted_certificate_sends_nothing(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True, cert="untrusted")
+    setup_email(pam_stack, server, ca)
+    enroll_email(pam_stack, user)
+    result = login(pam_stack, user, lambda p, m: "123456")
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL" and result.prompts == ["Password: "]
+    assert "TLS certificate not trusted" in pam_stack.log.wait_for("outcome=unavailable")
+    assert server.messages == [] and server.auth_attempts == 0
+
+
+def test_header_injection_address_sends_nothing(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)
+    enroll_email(pam_stack, user, "alice@example.com\r\nBcc: eve@evil.test")
+    result = login(pam_stack, user, lambda p, m: "123456")
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL" and result.prompts == ["Password: "]
+    line = pam_stack.log.wait_for("outcome=unavailable")
+    assert "email address" in line and "evil" not in line
+    time.sleep(0.3)
+    assert server.messages == []
+
+
+def test_wrong_password_sends_no_mail(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)
+    enroll_email(pam_stack, user)
+    result = login(pam_stack, user, lambda p, m: "123456", password="not-the-password")
+    assert result.auth == "PAM_AUTH_ERR" and result.prompts == ["Password: "]
+    time.sleep(0.5)
+    assert server.messages == [] and pam_stack.log.lines == []  # pam_linkus never ran
+    # and the throttle was not touched: the right password right after gets a mail at once
+    assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+
+
+def test_email_key_is_created_root_only(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)
+    enroll_email(pam_stack, user)
+    assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+    st = Path(pam_stack.root / "email.key").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)

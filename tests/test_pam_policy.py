@@ -1,0 +1,152 @@
+"""Exempt networks, grace periods, single-field mode and the console break-glass line,
+through real libpam + pam_python (the child-process client and pamtester on a pty)."""
+
+from __future__ import annotations
+
+import time
+
+import pexpect
+import pytest
+from conftest import PASSWORD, SECRET, PamStack, code_at
+
+from pam_linkus import client
+from pam_linkus.client import ClientOutcome
+
+pytestmark = pytest.mark.pam
+
+
+def wrong(code: str) -> str:
+    return f"{(int(code) + 1) % 1_000_000:06d}"
+
+
+# -- exempt networks and grace periods ---------------------------------------------
+
+
+def test_exempt_network_skips_the_code_but_not_the_password(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(exempt_networks=["192.0.2.0/24"])
+    result = pam_stack.login(user, None, rhost="192.0.2.7")
+    assert (result.auth, result.account, result.prompts) == ("PAM_SUCCESS", "PAM_SUCCESS", ["Password: "])
+    line = pam_stack.log.wait_for(f"user={user}")
+    assert "outcome=skip" in line and 'reason="exempt network 192.0.2.0/24"' in line
+    assert pam_stack.login(user, None, rhost="192.0.2.7", password="wrong").auth == "PAM_AUTH_ERR"
+    for rhost in ("198.51.100.1", None):
+        assert pam_stack.login(user, None, rhost=rhost).outcome == ClientOutcome.NEED_CODE
+
+
+def test_bad_exempt_network_refuses_logins_and_names_the_key(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(exempt_networks=["192.0.2.0/33"])
+    result = pam_stack.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7")
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL"
+    assert "exempt_networks" in pam_stack.log.wait_for("outcome=unavailable")
+
+
+def test_grace_period_after_a_right_code_from_the_same_host(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(grace_period=600)
+    assert pam_stack.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7").auth == "PAM_SUCCESS"
+    result = pam_stack.login(user, None, rhost="192.0.2.7")
+    assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
+    assert 'reason="grace period"' in pam_stack.log.wait_for("grace period")
+    assert pam_stack.login(user, None, rhost="192.0.2.7", password="wrong").auth == "PAM_AUTH_ERR"
+    for rhost in ("192.0.2.8", None):
+        assert pam_stack.login(user, None, rhost=rhost).outcome == ClientOutcome.NEED_CODE
+
+
+# -- single-field mode (forward_pass) ------------------------------------------------
+
+
+def single_field_stack(stack: PamStack) -> None:
+    stack.set_pam(auth_lines=(
+        f"auth [success=ok ignore=ignore default=die] {stack.module_line} forward_pass\n"
+        "auth requisite pam_unix.so use_first_pass nodelay\n"
+    ))
+
+
+def test_single_field_password_and_code_in_one_answer(pam_stack: PamStack, make_user: object) -> None:
+    single_field_stack(pam_stack)
+    enrolled, plain = make_user(), make_user()  # type: ignore[operator]
+    pam_stack.enroll_totp(enrolled)
+    code = code_at(SECRET, time.time())
+
+    result = pam_stack_single(pam_stack, enrolled, PASSWORD, code)
+    assert (result.auth, result.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
+    assert result.prompts == ["Password & verification code: "]  # one prompt: pam_unix took PAM_AUTHTOK
+    assert pam_stack_single(pam_stack, enrolled, PASSWORD, code).auth == "PAM_AUTH_ERR"  # replayed
+    next_code = code_at(SECRET, time.time() + 30)
+    assert pam_stack_single(pam_stack, enrolled, "wrong", next_code).auth == "PAM_AUTH_ERR"
+    assert pam_stack_single(pam_stack, enrolled, PASSWORD, wrong(next_code)).auth == "PAM_AUTH_ERR"
+    assert pam_stack_single(pam_stack, enrolled, PASSWORD, None).auth == "PAM_AUTH_ERR"
+
+    # no 2FA: the whole answer is the password
+    assert pam_stack_single(pam_stack, plain, PASSWORD, None).auth == "PAM_SUCCESS"
+    assert pam_stack_single(pam_stack, plain, PASSWORD, "123456").auth == "PAM_AUTH_ERR"
+
+
+def pam_stack_single(stack: PamStack, user: str, password: str, code: str | None) -> client.ClientResult:
+    return client.authenticate(stack.service, user, password, code, "192.0.2.7", single_field=True, timeout=30)
+
+
+def test_single_field_with_pamtester(pam_stack: PamStack, user: str) -> None:
+    single_field_stack(pam_stack)
+    pam_stack.enroll_totp(user)
+    ok = pam_stack.pamtester(user, PASSWORD + code_at(SECRET, time.time()))
+    assert ok.returncode == 0, ok.stderr
+    assert "Password & verification code:" in ok.stdout + ok.stderr
+
+
+# -- console: a pty, and the break-glass line -----------------------------------------
+
+
+def console_stack(stack: PamStack) -> None:
+    """What README shows for /etc/pam.d/login: the local console skips pam-linkus."""
+    stack.set_pam(auth_lines=(
+        "auth requisite pam_unix.so nodelay\n"
+        "auth [success=1 default=ignore] pam_succeed_if.so quiet tty =~ tty[0-9]*\n"
+        f"auth [success=ok ignore=ignore default=die] {stack.module_line}\n"
+        "auth required pam_permit.so\n"
+    ))
+
+
+def pty_login(stack: PamStack, user: str, tty: str, *answers: str) -> tuple[int, str]:
+    """pamtester on a pty (prompts read with echo off, as login and su do)."""
+    child = pexpect.spawn("pamtester", ["-I", f"tty={tty}", stack.service, user, "authenticate"],
+                          timeout=20, encoding="utf-8")
+    transcript = ""
+    for answer in answers:
+        child.expect(r"(?i)(password|code): ")
+        transcript += str(child.before) + str(child.after)
+        child.sendline(answer)
+    child.expect(pexpect.EOF)
+    transcript += str(child.before)
+    child.close()
+    return int(child.exitstatus if child.exitstatus is not None else -1), transcript
+
+
+def test_console_login_on_a_pty_asks_password_then_code_without_echo(pam_stack: PamStack, user: str) -> None:
+    console_stack(pam_stack)
+    pam_stack.enroll_totp(user)
+    code = code_at(SECRET, time.time())
+    status, transcript = pty_login(pam_stack, user, "pts/7", PASSWORD, code)
+    assert status == 0, transcript
+    assert "Password: " in transcript and "Authentication code: " in transcript
+    assert PASSWORD not in transcript and code not in transcript  # echo off
+    status, transcript = pty_login(pam_stack, user, "pts/7", PASSWORD, code)
+    assert status != 0 and "Authentication failure" in transcript  # replayed
+
+
+def test_break_glass_console_works_while_the_config_is_broken(pam_stack: PamStack, user: str) -> None:
+    console_stack(pam_stack)
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(enforce="sometimes")  # a broken config refuses every 2FA login...
+    status, transcript = pty_login(pam_stack, user, "tty1", PASSWORD)
+    assert status == 0, transcript  # ...but the local console (tty1) still logs in with the password
+    status, transcript = pty_login(pam_stack, user, "tty1", "wrong")
+    assert status != 0  # and the password is still checked
+    status, transcript = pty_login(pam_stack, user, "pts/0", PASSWORD)
+    assert status != 0 and "cannot retrieve authentication info" in transcript
+    # what sshd, su from an ssh session, a full device path or no tty at all set: not the console
+    for tty in ("ssh", "pts/1", "/dev/tty1", "xtty1", None):
+        result = client.authenticate(pam_stack.service, user, PASSWORD, None, tty=tty, timeout=30)
+        assert result.auth == "PAM_AUTHINFO_UNAVAIL", tty

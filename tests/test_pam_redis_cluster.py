@@ -1,0 +1,155 @@
+"""Two PBX "hosts" sharing one Redis, through real libpam + pam_python.
+
+Each host is its own PAM service with its own pam_linkus.yaml and state
+directory; only ``state: {backend: redis}`` points both at the same redis-server.
+What one host records, the other must see: a used code, failures, a lock.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SECRET, LogCatcher, PamStack, code_at, require_root
+from redis_server import (  # noqa: F401 - fixtures
+    RedisServer,
+    TlsFiles,
+    redis_dir_fixture,
+    redis_server_fixture,
+    tls_files_fixture,
+)
+
+pytestmark = pytest.mark.pam
+
+
+class Cluster:
+    def __init__(self, hosts: list[PamStack], redis: RedisServer):
+        self.a, self.b = hosts
+        self.hosts = hosts
+        self.redis = redis
+
+    def use_redis(self, **redis: Any) -> None:
+        for host in self.hosts:
+            host.write_config(state={"backend": "redis", "redis": redis})
+
+    def enroll(self, user: str) -> None:
+        for host in self.hosts:
+            host.enroll_totp(user)
+
+
+@pytest.fixture
+def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
+    require_root()
+    made: list[tuple[Path, LogCatcher, PamStack]] = []
+    for _ in range(2):
+        root = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
+        root.mkdir(mode=0o700)
+        log = LogCatcher(root / "log.sock")
+        made.append((root, log, PamStack(root, log)))
+    c = Cluster([stack for _, _, stack in made], redis_server)
+    c.use_redis(url=redis_server.url, prefix=f"pbx{secrets.token_hex(3)}:", connect_timeout=1.0, timeout=1.0)
+    yield c
+    for root, log, stack in made:
+        stack.remove()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def wrong(code: str) -> str:
+    return f"{(int(code) + 500_000) % 1_000_000:06d}"
+
+
+def test_a_code_used_on_one_host_is_refused_on_the_other(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    code = code_at(SECRET, time.time())
+    assert cluster.a.login(user, code).auth == "PAM_SUCCESS"
+    assert cluster.b.login(user, code).auth == "PAM_AUTH_ERR"
+    line = cluster.b.log.wait_for(f"user={user}")
+    assert "outcome=denied" in line and "replayed code" in line
+    # each host keeps nothing locally: the SQLite path of the skeleton config is not used
+    assert not cluster.a.state_path.exists() and not cluster.b.state_path.exists()
+
+
+def test_failures_on_both_hosts_add_up_to_one_lockout(cluster: Cluster, user: str) -> None:
+    for host in cluster.hosts:
+        host.write_config(lockout={"max_failures": 4, "duration": 600})
+    cluster.enroll(user)
+    bad = wrong(code_at(SECRET, time.time()))
+    results = [host.login(user, bad).auth for host in (cluster.a, cluster.b, cluster.a, cluster.b)]
+    assert results == ["PAM_AUTH_ERR", "PAM_AUTH_ERR", "PAM_AUTH_ERR", "PAM_MAXTRIES"]
+    # the right code no longer helps, on either host
+    good = code_at(SECRET, time.time())
+    assert cluster.a.login(user, good).auth == "PAM_MAXTRIES"
+    assert cluster.b.login(user, good).auth == "PAM_MAXTRIES"
+    assert "outcome=locked" in cluster.a.log.wait_for("outcome=locked")
+
+
+def test_parallel_logins_with_one_code_on_both_hosts_give_one_success(cluster: Cluster, user: str) -> None:
+    for host in cluster.hosts:  # the losers' failures must not lock the extension in this test
+        host.write_config(lockout={"max_failures": 20})
+    cluster.enroll(user)
+    code = code_at(SECRET, time.time())
+    hosts = [cluster.a, cluster.b] * 4
+    with ThreadPoolExecutor(len(hosts)) as pool:
+        results = list(pool.map(lambda host: host.login(user, code, timeout=60).auth, hosts))
+    assert sorted(results) == ["PAM_AUTH_ERR"] * (len(hosts) - 1) + ["PAM_SUCCESS"]
+
+
+def test_redis_down_is_unavailable_and_back_up_works_without_manual_steps(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    cluster.redis.stop()
+    for host in cluster.hosts:
+        assert host.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTHINFO_UNAVAIL"
+        assert "outcome=unavailable" in host.log.wait_for(f"user={user}")
+    cluster.redis.start()
+    code = code_at(SECRET, time.time())
+    assert cluster.b.login(user, code).auth == "PAM_SUCCESS"
+    assert cluster.a.login(user, code).auth == "PAM_AUTH_ERR"
+
+
+def test_a_hanging_redis_is_unavailable_within_the_timeout(cluster: Cluster, user: str) -> None:
+    cluster.enroll(user)
+    cluster.redis.pause()
+    try:
+        started = time.monotonic()
+        result = cluster.a.login(user, code_at(SECRET, time.time()))
+        elapsed = time.monotonic() - started
+    finally:
+        cluster.redis.resume()
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL"
+    assert elapsed < 15  # connect_timeout/timeout 1 s, plus pam_unix and interpreter start
+    assert "Timeout" in cluster.a.log.wait_for("outcome=unavailable")
+
+
+def test_tls_and_acl_user_through_pam(cluster: Cluster, user: str, tls_files: TlsFiles, redis_dir: Path) -> None:
+    password = secrets.token_urlsafe(24)
+    server = RedisServer(redis_dir / "tls-acl", tls=(tls_files.server_cert, tls_files.server_key, tls_files.ca_cert),
+                         config_lines=["user default off", f"user pbx on >{password} ~site7:* +@all"]).start()
+    try:
+        for host in cluster.hosts:
+            pw = host.root / "redis.pw"
+            pw.write_text(password + "\n")
+            pw.chmod(0o600)
+            host.write_config(state={"backend": "redis", "redis": {
+                "url": server.url, "ca_file": str(tls_files.ca_cert), "username": "pbx",
+                "password_file": str(pw), "prefix": "site7:", "connect_timeout": 2.0, "timeout": 2.0,
+            }})
+        cluster.enroll(user)
+        code = code_at(SECRET, time.time())
+        assert cluster.a.login(user, code).auth == "PAM_SUCCESS"
+        assert cluster.b.login(user, code).auth == "PAM_AUTH_ERR"
+        # a server whose certificate our CA did not sign is refused
+        cluster.b.write_config(state={"backend": "redis", "redis": {
+            "url": server.url, "ca_file": str(tls_files.rogue_ca_cert), "username": "pbx",
+            "password_file": str(cluster.b.root / "redis.pw"), "prefix": "site7:",
+        }})
+        assert cluster.b.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTHINFO_UNAVAIL"
+        assert "certificate verify failed" in cluster.b.log.wait_for("outcome=unavailable")
+    finally:
+        server.stop()

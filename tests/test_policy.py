@@ -1,0 +1,304 @@
+"""Exempt networks, grace periods and single-field mode, decided by the flow without PAM.
+
+A real SqliteStore in a private directory, a fake settings chain and prompter, and
+an injected clock (no global time patching). The same features go through real
+PAM in test_pam_policy.py and test_ssh.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SECRET, code_at
+
+from nss_config.base import ExtensionSettings
+from pam_linkus import policy
+from pam_linkus.config import Config
+from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Locked, NotEnrolled, SourceUnavailable
+from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.outcome import Outcome
+from pam_linkus.single_field import SingleField
+from pam_linkus.state.sqlite_store import SqliteStore
+
+T0 = 1_700_000_000.0
+USER = "1001"
+
+
+class Clock:
+    def __init__(self, now: float = T0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Prompter:
+    """Answers prompts from a list; records what was asked."""
+
+    def __init__(self, *answers: str):
+        self.answers = list(answers)
+        self.asked: list[str] = []
+        self.infos: list[str] = []
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        self.asked.append(prompt)
+        if not self.answers:
+            raise ConversationFailed("no answer")
+        return self.answers.pop(0)
+
+    def info(self, text: str) -> None:
+        self.infos.append(text)
+
+
+class Chain:
+    def __init__(self, settings: ExtensionSettings | None = None, *, down: bool = False):
+        self.settings = settings
+        self.down = down
+        self.lookups = 0
+
+    def lookup(self, user: str) -> ExtensionSettings | None:
+        self.lookups += 1
+        if self.down:
+            raise SourceUnavailable("ldap://192.0.2.1: timed out")
+        return self.settings
+
+
+class AuthTok:
+    def __init__(self, value: str | None = None):
+        self.value = value
+
+    def get(self) -> str | None:
+        return self.value
+
+    def set(self, value: str) -> None:
+        self.value = value
+
+
+TOTP = ExtensionSettings(USER, "totp", secret=SECRET, source="test")
+NONE = ExtensionSettings(USER, "none", source="test")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    s = SqliteStore(str(tmp_path / "state.db"))
+    yield s
+    s.close()
+
+
+def make_config(**keys: Any) -> Config:
+    return Config.from_mapping({"sources": ["yaml"], **keys})
+
+
+def login(config: Config, store: SqliteStore, clock: Clock, prompter: Prompter, *, rhost: str | None = None,
+          chain: Chain | None = None, single: SingleField | None = None) -> Any:
+    chain = chain or Chain(TOTP)
+    ctx = Context(config, prompter, clock=clock, open_chain=lambda _c: chain,  # type: ignore[arg-type,return-value]
+                  open_store=lambda _c: store, single_field=single)
+    return authenticate(LoginRequest(USER, "test", rhost), ctx)
+
+
+def wrong(code: str) -> str:
+    return f"{(int(code) + 1) % 1_000_000:06d}"
+
+
+# -- config ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["10.0.0.0/33", "10.1.2.3/8", "not-a-net", "0.0.0.0/0", "::/0", "fe80::/129", ""])
+def test_a_bad_exempt_network_is_a_config_error_naming_the_key(bad: str) -> None:
+    with pytest.raises(ConfigError, match="exempt_networks"):
+        make_config(exempt_networks=["192.0.2.0/24", bad])
+
+
+def test_exempt_networks_are_parsed_at_load() -> None:
+    config = make_config(exempt_networks=["192.0.2.0/24", "2001:db8::/32", "198.51.100.9"])
+    assert [str(n) for n in config.exempt_networks] == ["192.0.2.0/24", "2001:db8::/32", "198.51.100.9/32"]
+    assert make_config().exempt_networks == []
+
+
+def test_grace_period_must_be_a_non_negative_integer() -> None:
+    with pytest.raises(ConfigError, match="grace_period"):
+        make_config(grace_period=-1)
+    with pytest.raises(ConfigError, match="grace_period"):
+        make_config(grace_period="1h")
+
+
+# -- exempt networks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rhost", "exempt"),
+    [
+        ("192.0.2.7", True),
+        ("::ffff:192.0.2.7", True),      # dual-stack socket spelling of the same client
+        ("2001:db8::5", True),
+        ("192.0.3.7", False),
+        ("2001:db9::5", False),
+        (None, False),
+        ("", False),
+        ("192.0.2.7.attacker.example", False),
+        ("host.example", False),
+        (" 192.0.2.7", False),
+        ("192.0.2.7:22", False),
+    ],
+)
+def test_exempt_network_matches_ip_addresses_only(rhost: str | None, exempt: bool) -> None:
+    config = make_config(exempt_networks=["192.0.2.0/24", "2001:db8::/32"])
+    decision = policy.exempt_network(rhost, config)
+    if exempt:
+        assert decision is not None and decision.outcome == Outcome.SKIP and "exempt network" in decision.reason
+    else:
+        assert decision is None
+
+
+def test_exempt_network_skips_without_reading_settings_or_state(store: SqliteStore) -> None:
+    config = make_config(exempt_networks=["192.0.2.0/24"])
+    chain = Chain(down=True)  # even an LDAP outage does not matter: break-glass from the LAN
+    prompter = Prompter()
+    decision = login(config, store, Clock(), prompter, rhost="192.0.2.7", chain=chain)
+    assert decision.outcome == Outcome.SKIP and chain.lookups == 0 and prompter.asked == []
+
+
+def test_outside_the_exempt_network_the_code_is_asked(store: SqliteStore) -> None:
+    config = make_config(exempt_networks=["192.0.2.0/24"])
+    clock = Clock()
+    for rhost in ("198.51.100.1", None, ""):
+        prompter = Prompter(wrong(code_at(SECRET, clock.now)))
+        with pytest.raises(CodeRejected):
+            login(config, store, clock, prompter, rhost=rhost)
+        assert prompter.asked == ["Authentication code: "]
+
+
+def test_exempt_network_is_a_skip_even_under_enforce_all(store: SqliteStore) -> None:
+    config = make_config(exempt_networks=["192.0.2.0/24"], enforce="all")
+    assert login(config, store, Clock(), Prompter(), rhost="192.0.2.9", chain=Chain(NONE)).outcome == Outcome.SKIP
+    with pytest.raises(NotEnrolled):
+        login(config, store, Clock(), Prompter(), rhost="198.51.100.1", chain=Chain(NONE))
+
+
+# -- grace periods -----------------------------------------------------------------
+
+
+def test_grace_period_is_off_by_default(store: SqliteStore) -> None:
+    config, clock = make_config(), Clock()
+    assert login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7").outcome == "success"
+    clock.now += 60
+    prompter = Prompter()
+    with pytest.raises(ConversationFailed):
+        login(config, store, clock, prompter, rhost="192.0.2.7")
+    assert prompter.asked == ["Authentication code: "]
+
+
+def test_grace_starts_after_a_right_code_for_that_extension_and_host_only(store: SqliteStore) -> None:
+    config, clock = make_config(grace_period=300), Clock()
+    assert login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7").outcome == "success"
+    clock.now += 60
+    prompter = Prompter()
+    decision = login(config, store, clock, prompter, rhost="192.0.2.7")
+    assert decision.outcome == Outcome.SKIP and decision.reason == "grace period" and prompter.asked == []
+    # the same client through a dual-stack socket is the same host
+    assert login(config, store, clock, Prompter(), rhost="::ffff:192.0.2.7").outcome == Outcome.SKIP
+    for other in ("192.0.2.8", None, "", "host.example"):
+        prompter = Prompter()
+        with pytest.raises(ConversationFailed):
+            login(config, store, clock, prompter, rhost=other)
+        assert prompter.asked == ["Authentication code: "], other
+
+
+def test_grace_ends_and_a_skip_does_not_extend_it(store: SqliteStore) -> None:
+    config, clock = make_config(grace_period=300), Clock()
+    login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7")
+    clock.now += 299
+    assert login(config, store, clock, Prompter(), rhost="192.0.2.7").outcome == Outcome.SKIP
+    clock.now += 1
+    with pytest.raises(ConversationFailed):
+        login(config, store, clock, Prompter(), rhost="192.0.2.7")
+
+
+def test_no_grace_without_rhost_or_after_a_wrong_code(store: SqliteStore) -> None:
+    config, clock = make_config(grace_period=300), Clock()
+    assert login(config, store, clock, Prompter(code_at(SECRET, clock.now))).outcome == "success"
+    with pytest.raises(CodeRejected):
+        login(config, store, clock, Prompter(wrong(code_at(SECRET, clock.now + 60))), rhost="192.0.2.7")
+    clock.now += 60
+    for rhost in (None, "192.0.2.7"):
+        with pytest.raises(ConversationFailed):
+            login(config, store, clock, Prompter(), rhost=rhost)
+
+
+def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
+    config, clock = make_config(grace_period=3600, lockout={"max_failures": 2}), Clock()
+    login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7")
+    for _ in range(2):
+        clock.now += 31
+        with pytest.raises((CodeRejected, Locked)):
+            login(config, store, clock, Prompter("000000"), rhost="198.51.100.1")
+    with pytest.raises(Locked):
+        login(config, store, clock, Prompter(), rhost="192.0.2.7")
+
+
+def test_store_grace_records(store: SqliteStore) -> None:
+    assert store.grace_active(USER, "192.0.2.7", T0) is False
+    store.start_grace(USER, "192.0.2.7", T0, 100)
+    store.start_grace(USER, "192.0.2.7", T0 - 50, 10)  # an earlier end never shortens it
+    assert store.grace_active(USER, "192.0.2.7", T0 + 99) is True
+    assert store.grace_active(USER, "192.0.2.7", T0 + 100) is False
+    assert store.grace_active(USER, "192.0.2.8", T0 + 1) is False
+    assert store.grace_active("1002", "192.0.2.7", T0 + 1) is False
+    store.forget(USER)
+    assert store.grace_active(USER, "192.0.2.7", T0 + 1) is False
+    store.start_grace(USER, "192.0.2.7", T0, 100)
+    store.start_grace(USER, "192.0.2.9", T0 + 200, 100)  # prunes the expired one
+    rows = store._db.execute("SELECT rhost FROM grace WHERE user = ?", (USER,)).fetchall()
+    assert rows == [("192.0.2.9",)]
+
+
+# -- single-field mode -------------------------------------------------------------
+
+
+def single(prompter: Prompter, authtok: AuthTok) -> SingleField:
+    return SingleField(prompter, authtok, "Password & verification code: ")
+
+
+def test_single_field_splits_password_and_code(store: SqliteStore) -> None:
+    clock, prompter, tok = Clock(), Prompter(), AuthTok()
+    prompter.answers = ["pass 123" + code_at(SECRET, T0)]
+    decision = login(make_config(), store, clock, prompter, single=single(prompter, tok))
+    assert decision.outcome == Outcome.SUCCESS and tok.value == "pass 123"
+    assert prompter.asked == ["Password & verification code: "]
+
+
+def test_single_field_without_2fa_forwards_the_whole_answer(store: SqliteStore) -> None:
+    prompter, tok = Prompter("secret123456"), AuthTok()
+    decision = login(make_config(), store, Clock(), prompter, chain=Chain(NONE), single=single(prompter, tok))
+    assert decision.outcome == Outcome.SKIP and tok.value == "secret123456"
+
+
+def test_single_field_uses_an_existing_authtok(store: SqliteStore) -> None:
+    prompter, tok = Prompter(), AuthTok("pw" + code_at(SECRET, T0))
+    assert login(make_config(), store, Clock(), prompter, single=single(prompter, tok)).outcome == Outcome.SUCCESS
+    assert prompter.asked == [] and tok.value == "pw"
+
+
+def test_single_field_wrong_or_short_code_is_rejected_and_counted(store: SqliteStore) -> None:
+    clock = Clock()
+    for answer in ("pw" + wrong(code_at(SECRET, T0)), "12345", ""):
+        prompter, tok = Prompter(answer), AuthTok()
+        with pytest.raises(CodeRejected):
+            login(make_config(), store, clock, prompter, single=single(prompter, tok))
+    assert store.lock_status(USER, clock.now).failures == 3
+
+
+def test_single_field_ignores_exempt_networks_and_grace_for_enrolled(store: SqliteStore) -> None:
+    """The user cannot know whether to append a code, so an enrolled extension always gives one."""
+    config, clock = make_config(exempt_networks=["192.0.2.0/24"], grace_period=300), Clock()
+    prompter, tok = Prompter("pw" + code_at(SECRET, T0)), AuthTok()
+    assert login(config, store, clock, prompter, rhost="192.0.2.7",
+                 single=single(prompter, tok)).outcome == Outcome.SUCCESS
+    assert tok.value == "pw"
+    clock.now += 30
+    prompter, tok = Prompter("pw" + wrong(code_at(SECRET, clock.now))), AuthTok()
+    with pytest.raises(CodeRejected):
+        login(config, store, clock, prompter, rhost="192.0.2.7", single=single(prompter, tok))

@@ -1,0 +1,498 @@
+"""The LDAP source against a real slapd (tests/ldap_server.py): the shared source
+contract, then what only a directory can get wrong -- TLS, binds, timeouts,
+failover, duplicates, the offline cache, and ``check`` for linkus-2fa doctor."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ldap_server import (  # noqa: F401 - fixtures
+    PAM_DN,
+    SCHEMA,
+    SCHEMA_ATTRIBUTES,
+    SERVER_NAME,
+    BlackHole,
+    Slapd,
+    black_hole_fixture,
+    free_port,
+    ldap_config,
+    ldap_root_fixture,
+    own_slapd_fixture,
+    pki_fixture,
+    slapd_fixture,
+    write_password,
+)
+from source_contract import SECRET, MakeSource, SourceContract
+
+from nss_config.base import ExtensionSettings
+from nss_config.ldap_source import LdapSource, build_filter, check
+from pam_linkus.config import Config, LdapConfig
+from pam_linkus.errors import ConfigError, SourceUnavailable
+from pam_linkus.state.sqlite_store import SqliteStore
+
+pytestmark = pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")
+
+REPO = Path(__file__).resolve().parent.parent
+#: Seconds of scheduling slack on a busy 2-core machine, on top of the configured timeouts.
+SLACK = 3.0
+
+
+@pytest.fixture
+def password_file(private_dir: Path, slapd: Slapd) -> Path:
+    return write_password(private_dir / f"bind-{secrets.token_hex(3)}.pw", slapd.pam_password)
+
+
+def make_config(section: dict[str, Any]) -> LdapConfig:
+    return Config.from_mapping({"sources": ["ldap"], "ldap": section}).ldap
+
+
+class TestLdapSource(SourceContract):
+    source_name = "ldap"
+
+    @pytest.fixture
+    def make_source(self, slapd: Slapd, password_file: Path) -> MakeSource:
+        def make(entries: dict[str, dict[str, Any]]) -> LdapSource:
+            base = slapd.tree(entries)
+            return LdapSource(make_config(ldap_config(slapd, base, password_file)))
+
+        return make
+
+
+# -- what the directory answers ---------------------------------------------------------
+
+
+def test_two_matching_entries_are_ambiguous_not_a_pick(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"dup": {"method": "totp", "secret": SECRET}})
+    conn = slapd.admin()
+    slapd.add_entry(conn, base, "second", "dup", {"method": "none"})
+    conn.unbind()
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file)))
+    with pytest.raises(SourceUnavailable, match="more than one entry"):
+        source.lookup("dup")
+
+
+def test_three_matching_entries_are_ambiguous_too(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree()
+    conn = slapd.admin()
+    for i in range(3):
+        slapd.add_entry(conn, base, f"d{i}", "trip", {"method": "none"})
+    conn.unbind()
+    with pytest.raises(SourceUnavailable, match="more than one entry"):
+        LdapSource(make_config(ldap_config(slapd, base, password_file))).lookup("trip")
+
+
+def test_entry_without_2fa_attributes_is_not_here(slapd: Slapd, password_file: Path) -> None:
+    # A directory user with only an address: the next source may know them.
+    attrs = dict(SCHEMA_ATTRIBUTES, email="mail")
+    base = slapd.tree({"plain": {"email": "plain@example.com"}}, attributes=attrs)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, attributes=attrs)))
+    assert source.lookup("plain") is None
+
+
+def test_existing_attributes_can_be_mapped(slapd: Slapd, password_file: Path) -> None:
+    # mail for the address, employeeType for the method: no schema change at all.
+    attrs = dict(SCHEMA_ATTRIBUTES, email="mail", method="employeeType")
+    base = slapd.tree({"mapped": {"method": "email", "email": "mapped@example.com"}}, attributes=attrs)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, attributes=attrs)))
+    assert source.lookup("mapped") == ExtensionSettings("mapped", "email", email="mapped@example.com",
+                                                        source="ldap")
+
+
+def test_multi_valued_attribute_is_malformed(slapd: Slapd, password_file: Path) -> None:
+    attrs = dict(SCHEMA_ATTRIBUTES, email="mail")
+    base = slapd.tree({"multi": {"method": "email", "email": ["a@example.com", "b@example.com"]}},
+                      attributes=attrs)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, attributes=attrs)))
+    with pytest.raises(ConfigError, match="has 2 values"):
+        source.lookup("multi")
+
+
+def test_filter_template_is_combined_with_the_escaped_name(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    section = ldap_config(slapd, base, password_file,
+                          filter="(&(objectClass=linkusTwoFactorAccount)(|(uid={user})(mail={user})))")
+    source = LdapSource(make_config(section))
+    assert source.lookup("alice") is not None
+    assert source.lookup("*") is None
+
+
+def test_build_filter_escapes_per_rfc_4515() -> None:
+    assert build_filter("(uid={user})", "*)(uid=*") == "(uid=\\2a\\29\\28uid=\\2a)"
+    assert build_filter("(uid={user})", "a\\b") == "(uid=a\\5cb)"
+    assert build_filter("(|(uid={user})(cn={user}))", "x*") == "(|(uid=x\\2a)(cn=x\\2a))"
+    assert build_filter("(uid={user})", "{user}") == "(uid={user})"  # inserted once, never re-expanded
+
+
+def test_wrong_base_is_unavailable_not_absent(slapd: Slapd, password_file: Path) -> None:
+    source = LdapSource(make_config(ldap_config(slapd, "ou=nowhere,dc=linkus,dc=test", password_file)))
+    with pytest.raises(SourceUnavailable, match="search failed"):
+        source.lookup("anyone")
+
+
+# -- binds and TLS ------------------------------------------------------------------------
+
+
+def test_wrong_bind_password_is_unavailable(slapd: Slapd, private_dir: Path) -> None:
+    wrong = write_password(private_dir / "wrong.pw", "not-the-password")
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    source = LdapSource(make_config(ldap_config(slapd, base, wrong)))
+    with pytest.raises(SourceUnavailable, match="invalidCredentials"):
+        source.lookup("alice")
+
+
+def test_password_file_readable_by_others_is_refused(slapd: Slapd, private_dir: Path) -> None:
+    loose = write_password(private_dir / "loose.pw", slapd.pam_password)
+    loose.chmod(0o644)
+    source = LdapSource(make_config(ldap_config(slapd, slapd.tree(), loose)))
+    with pytest.raises(ConfigError, match="readable by others"):
+        source.lookup("alice")
+
+
+@pytest.mark.parametrize("scheme", ["ldaps", "starttls"])
+def test_untrusted_certificate_is_unavailable_and_no_bind_is_sent(
+    slapd: Slapd, private_dir: Path, scheme: str
+) -> None:
+    # A bind DN of this test alone, so the shared server's log can be searched for it.
+    probe_dn = f"cn=probe-{secrets.token_hex(4)},dc=linkus,dc=test"
+    pw = write_password(private_dir / "probe.pw", "probe-password")
+    uri = slapd.ldaps_uri if scheme == "ldaps" else slapd.ldap_uri
+    section = ldap_config(slapd, slapd.tree(), pw, uris=[uri], bind_dn=probe_dn,
+                          ca_file=str(slapd.pki.other_ca_file))
+    with pytest.raises(SourceUnavailable, match=r"(?i)certificate"):
+        LdapSource(make_config(section)).lookup("alice")
+    time.sleep(0.2)  # slapd writes its log asynchronously
+    assert probe_dn not in slapd.log_text()
+    # The control: with the right CA the same bind reaches the server (and is refused).
+    section["ca_file"] = str(slapd.pki.ca_file)
+    with pytest.raises(SourceUnavailable, match="invalidCredentials"):
+        LdapSource(make_config(section)).lookup("alice")
+    deadline = time.monotonic() + 5
+    while probe_dn not in slapd.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f'BIND dn="{probe_dn}"' in slapd.log_text()
+
+
+def test_host_name_is_verified(slapd: Slapd, password_file: Path) -> None:
+    # The certificate names 127.0.0.1 and linkus-ldap.test, not "localhost".
+    section = ldap_config(slapd, slapd.tree(), password_file,
+                          uris=[f"ldaps://localhost:{slapd.tls_port}"])
+    with pytest.raises(SourceUnavailable, match="doesn't match any name"):
+        LdapSource(make_config(section)).lookup("alice")
+    assert SERVER_NAME  # the name that would match, for whoever reads this test
+
+
+def test_system_trust_store_does_not_trust_the_test_ca(slapd: Slapd, password_file: Path) -> None:
+    section = ldap_config(slapd, slapd.tree(), password_file)
+    del section["ca_file"]
+    with pytest.raises(SourceUnavailable, match=r"(?i)certificate"):
+        LdapSource(make_config(section)).lookup("alice")
+
+
+# -- unreachable servers, timeouts, failover --------------------------------------------
+
+
+def test_server_stopped_is_unavailable_quickly(own_slapd: Slapd, private_dir: Path) -> None:
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    source = LdapSource(make_config(ldap_config(
+        own_slapd, own_slapd.tree({"alice": {"method": "totp", "secret": SECRET}}), pw)))
+    assert source.lookup("alice") is not None
+    own_slapd.stop()
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="no server answered"):
+        source.lookup("alice")
+    assert time.monotonic() - started < 2 + SLACK
+
+
+@pytest.mark.parametrize("scheme", ["ldaps", "ldap"])
+def test_server_that_never_answers_is_unavailable_within_the_timeout(
+    black_hole: BlackHole, private_dir: Path, slapd: Slapd, scheme: str
+) -> None:
+    pw = write_password(private_dir / "hole.pw", "whatever")
+    section = ldap_config(slapd, "dc=linkus,dc=test", pw, uris=[f"{scheme}://127.0.0.1:{black_hole.port}"],
+                          connect_timeout=1, timeout=1)
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="no server answered"):
+        LdapSource(make_config(section)).lookup("alice")
+    elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed < 2 + SLACK, elapsed
+
+
+def test_failover_to_the_second_uri(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    closed = f"ldaps://127.0.0.1:{free_port()}"
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[closed, slapd.ldaps_uri])))
+    found = source.lookup("alice")
+    assert found is not None and found.secret == SECRET
+
+
+def test_failover_past_a_server_that_never_answers(
+    slapd: Slapd, password_file: Path, black_hole: BlackHole
+) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    uris = [f"ldaps://127.0.0.1:{black_hole.port}", slapd.ldap_uri]
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=uris, connect_timeout=1,
+                                                timeout=1)))
+    started = time.monotonic()
+    assert source.lookup("alice") is not None
+    assert time.monotonic() - started < 2 + SLACK
+
+
+def test_every_failure_is_named(slapd: Slapd, password_file: Path, black_hole: BlackHole) -> None:
+    closed = f"ldaps://127.0.0.1:{free_port()}"
+    hole = f"ldap://127.0.0.1:{black_hole.port}"
+    source = LdapSource(make_config(ldap_config(slapd, slapd.tree(), password_file, uris=[closed, hole],
+                                                connect_timeout=1, timeout=1)))
+    with pytest.raises(SourceUnavailable) as caught:
+        source.lookup("alice")
+    assert closed in caught.value.reason and hole in caught.value.reason
+    assert slapd.pam_password not in caught.value.reason
+
+
+# -- the offline cache ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(private_dir: Path) -> Any:
+    state_dir = private_dir / "state"
+    state_dir.mkdir(mode=0o700)
+    opened = SqliteStore(str(state_dir / "state.db"))
+    yield opened
+    opened.close()
+
+
+def test_cache_off_server_down_is_unavailable_and_store_never_opened(
+    own_slapd: Slapd, private_dir: Path
+) -> None:
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+
+    def no_store() -> Any:
+        raise AssertionError("the store was opened with the cache off")
+
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw)), state=no_store)
+    assert source.lookup("alice") is not None
+    own_slapd.stop()
+    with pytest.raises(SourceUnavailable):
+        source.lookup("alice")
+
+
+def test_cache_on_serves_last_read_settings_up_to_max_age(
+    own_slapd: Slapd, private_dir: Path, store: SqliteStore
+) -> None:
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET, "digits": 8},
+                           "bob": {"method": "none"}})
+    clock = Clock()
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
+                        state=lambda: store, clock=clock)
+    live = source.lookup("alice")
+    assert live is not None and live.source == "ldap"
+    own_slapd.stop()
+    clock.now += 3600
+    cached = source.lookup("alice")
+    assert cached is not None and cached.source == "ldap-cache"
+    assert (cached.method, cached.secret, cached.digits) == ("totp", SECRET, 8)
+    clock.now += 1
+    with pytest.raises(SourceUnavailable):
+        source.lookup("alice")  # too old
+    with pytest.raises(SourceUnavailable):
+        source.lookup("carol")  # never read: never "not enrolled" because the server is down
+    with pytest.raises(SourceUnavailable):
+        source.lookup("bob")  # not read while the server was up
+
+
+def test_cache_forgets_a_user_the_directory_no_longer_has(
+    own_slapd: Slapd, private_dir: Path, store: SqliteStore
+) -> None:
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    clock = Clock()
+    section = ldap_config(own_slapd, base, pw, cache_max_age=3600)
+    source = LdapSource(make_config(section), state=lambda: store, clock=clock)
+    assert source.lookup("alice") is not None
+    conn = own_slapd.admin()
+    conn.delete(f"cn=e0,{base}")
+    conn.unbind()
+    assert source.lookup("alice") is None
+    own_slapd.stop()
+    with pytest.raises(SourceUnavailable):
+        source.lookup("alice")
+
+
+def test_cache_is_not_used_for_ambiguous_answers(
+    slapd: Slapd, password_file: Path, store: SqliteStore
+) -> None:
+    base = slapd.tree({"dup": {"method": "totp", "secret": SECRET}})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, cache_max_age=3600)),
+                        state=lambda: store, clock=Clock())
+    assert source.lookup("dup") is not None
+    conn = slapd.admin()
+    slapd.add_entry(conn, base, "second", "dup", {"method": "none"})
+    conn.unbind()
+    with pytest.raises(SourceUnavailable, match="more than one"):
+        source.lookup("dup")
+
+
+def test_sqlite_settings_cache_methods(store: SqliteStore) -> None:
+    assert store.cached_settings("ldap", "u", 100.0, 10) is None
+    store.cache_settings("ldap", "u", '{"method": "none"}', 100.0)
+    assert store.cached_settings("ldap", "u", 110.0, 10) == '{"method": "none"}'
+    assert store.cached_settings("ldap", "u", 110.1, 10) is None
+    assert store.cached_settings("ldap", "u", 99.0, 10) is None  # stored "in the future": clock went back
+    assert store.cached_settings("other", "u", 100.0, 10) is None
+    store.cache_settings("ldap", "u", '{"method": "totp"}', 200.0)
+    assert store.cached_settings("ldap", "u", 200.0, 10) == '{"method": "totp"}'
+    store.cache_settings("ldap", "u", None, 201.0)
+    assert store.cached_settings("ldap", "u", 201.0, 10) is None
+    store.cache_settings("ldap", "u", "{}", 300.0)
+    store.forget("u")
+    assert store.cached_settings("ldap", "u", 300.0, 10) is None
+
+
+# -- config ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"uris": ["ldap://h"], "start_tls": False}, "start_tls: must be true"),
+    ({"uris": ["http://h"]}, "ldaps://host"),
+    ({"uris": ["ldaps://"]}, "ldaps://host"),
+    ({"bind_dn": None}, "bind_dn: is required"),
+    ({"bind_password_file": None}, "bind_password_file: is required"),
+    ({"base": None}, "base: is required"),
+    ({"filter": "uid={user}"}, "parenthesised"),
+    ({"filter": "(uid=alice)"}, "must contain {user}"),
+    ({"attributes": {"email": "mail; x"}}, "attribute name"),
+    ({"attributes": {"email": "linkusTotpSecret"}}, "same LDAP attribute"),
+    ({"attributes": {"phone": "x"}}, "unknown key"),
+    ({"timeout": 2.5}, "timeout: must be an integer"),
+    ({"referrals": True}, "unknown key"),
+])
+def test_config_refuses(change: dict[str, Any], message: str) -> None:
+    section: dict[str, Any] = {"uris": ["ldaps://h"], "bind_dn": "cn=x", "bind_password_file": "/p",
+                               "base": "dc=x"}
+    section.update(change)
+    section = {k: v for k, v in section.items() if v is not None}
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace("{", "\\{")):
+        make_config(section)
+
+
+def test_config_defaults_are_safe() -> None:
+    config = make_config({"uris": ["ldaps://h"], "bind_dn": "cn=x", "bind_password_file": "/p",
+                          "base": "dc=x"})
+    assert (config.start_tls, config.cache_max_age, config.scope) == (True, 0, "subtree")
+    assert config.connect_timeout == 3.0 and config.timeout == 5
+
+
+# -- cost --------------------------------------------------------------------------------------
+
+
+def test_ldap3_is_imported_only_when_the_directory_is_asked(private_dir: Path) -> None:
+    extensions = private_dir / "extensions.yaml"
+    extensions.write_text('extensions:\n  "1001": {method: none}\n')
+    extensions.chmod(0o600)
+    program = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from pam_linkus.config import Config
+import nss_config.ldap_source
+from nss_config.chain import build_chain
+config = Config.from_mapping({{"sources": ["yaml", "ldap"], "yaml": {{"path": {str(extensions)!r}}},
+    "ldap": {{"uris": ["ldaps://192.0.2.1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
+              "base": "dc=x"}}}})
+assert build_chain(config).lookup("1001").method == "none"
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("ldap3", "ssl", "json")))
+"""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"counted": {"method": "totp", "secret": SECRET}})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file)))
+    assert source.lookup("counted") is not None
+    deadline = time.monotonic() + 5
+    needle = f'base="{base}"'
+    while needle not in slapd.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = slapd.log_text()
+    conn_ids = {line.split("conn=")[1].split()[0] for line in log.splitlines() if needle in line}
+    assert len(conn_ids) == 1
+    (conn_id,) = conn_ids
+    ops = [line for line in log.splitlines() if f"conn={conn_id} op=" in line]
+    assert sum(" BIND dn=" in line and "method=" in line for line in ops) == 1
+    assert sum(" SRCH base=" in line for line in ops) == 1
+    assert not any("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops)
+
+
+# -- doctor ------------------------------------------------------------------------------------
+
+
+def test_check_says_ok_for_every_step(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    lines = check(make_config(ldap_config(slapd, base, password_file, uris=[slapd.ldaps_uri, slapd.ldap_uri])),
+                  "alice")
+    assert [line for line in lines if line.startswith("FAIL")] == []
+    text = "\n".join(lines)
+    assert "TLS via ldaps, certificate and host name verified" in text
+    assert "TLS via StartTLS" in text
+    assert f"bound as {PAM_DN}" in text
+    assert "lookup alice: method=totp enabled=yes" in text
+    assert SECRET not in text and slapd.pam_password not in text
+
+
+def test_check_names_what_fails(slapd: Slapd, private_dir: Path, black_hole: BlackHole) -> None:
+    wrong = write_password(private_dir / "wrong.pw", "nope")
+    closed = f"ldaps://127.0.0.1:{free_port()}"
+    section = ldap_config(slapd, slapd.tree(), wrong, uris=[closed, slapd.ldaps_uri], timeout=1,
+                          connect_timeout=1)
+    fails = [line for line in check(make_config(section), "alice") if line.startswith("FAIL")]
+    assert any(closed in line and "connect:" in line for line in fails), fails
+    assert any(slapd.ldaps_uri in line and "bind:" in line and "invalidCredentials" in line for line in fails)
+    assert any("lookup alice" in line for line in fails)
+    section = ldap_config(slapd, slapd.tree(), wrong, ca_file=str(slapd.pki.other_ca_file))
+    fails = [line for line in check(make_config(section)) if line.startswith("FAIL")]
+    assert len(fails) == 1 and "connect:" in fails[0] and "certificate" in fails[0].lower()
+    missing = ldap_config(slapd, slapd.tree(), private_dir / "missing.pw")
+    assert check(make_config(missing))[0].startswith("FAIL ldap bind password:")
+
+
+def test_check_reports_ambiguous_sample(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"dup": {"method": "none"}})
+    conn = slapd.admin()
+    slapd.add_entry(conn, base, "again", "dup", {"method": "none"})
+    conn.unbind()
+    fails = [x for x in check(make_config(ldap_config(slapd, base, password_file)), "dup") if x.startswith("FAIL")]
+    assert len(fails) == 2 and "2 entries (ambiguous)" in fails[0] and "more than one" in fails[1]
+
+
+# -- the shipped schema -----------------------------------------------------------------------
+
+
+def test_ldif_schema_loads_into_cn_config(tmp_path: Path) -> None:
+    conf = tmp_path / "base.conf"
+    conf.write_text("include /etc/ldap/schema/core.schema\n")
+    out = tmp_path / "slapd.d"
+    out.mkdir()
+    subprocess.run(["slaptest", "-f", str(conf), "-F", str(out)], check=True, capture_output=True, timeout=30)
+    subprocess.run(["slapadd", "-n", "0", "-F", str(out), "-l", str(SCHEMA.with_suffix(".ldif"))], check=True,
+                   capture_output=True, timeout=30)
+    loaded = (out / "cn=config" / "cn=schema" / "cn={1}linkus-2fa.ldif").read_text()
+    assert "NAME 'linkusTwoFactorAccount'" in loaded
+    # Same definitions as the .schema file: every attribute name appears in both.
+    for name in SCHEMA_ATTRIBUTES.values():
+        assert name in loaded and name in SCHEMA.read_text()

@@ -1,0 +1,339 @@
+"""The Redis store: the StateStore contract, plus what only a network store has --
+TTLs, key prefix, a server that stops or hangs, TLS, ACL users, Sentinel."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis_server import (  # noqa: F401 - fixtures
+    RedisServer,
+    Sentinel,
+    TlsFiles,
+    free_port,
+    redis_dir_fixture,
+    redis_server_fixture,
+    tls_files_fixture,
+)
+from state_contract import NOW, STEP, Opener, StateContract
+
+from pam_linkus.config import Config, StateConfig
+from pam_linkus.errors import ConfigError, StateUnavailable
+from pam_linkus.state import open_store
+from pam_linkus.state.redis_store import REPLAY_TTL
+
+#: What the README recommends for a cluster's ACL user (tested below as written there).
+ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
+
+
+def state_config(**redis: Any) -> StateConfig:
+    return Config.from_mapping({"state": {"backend": "redis", "redis": redis}}).state
+
+
+def fast(**redis: Any) -> StateConfig:
+    """Short timeouts: these tests wait for failures on purpose."""
+    return state_config(connect_timeout=1.0, timeout=1.0, **redis)
+
+
+def prefix() -> str:
+    return f"t{secrets.token_hex(4)}:"
+
+
+class TestRedisState(StateContract):
+    @pytest.fixture
+    def opener(self, redis_server: RedisServer) -> Opener:
+        config = state_config(url=redis_server.url, prefix=prefix())
+        return lambda: open_store(config)
+
+    @pytest.fixture
+    def unavailable_opener(self) -> Opener:
+        config = fast(url=f"redis://127.0.0.1:{free_port()}/0")  # nobody listens there
+        return lambda: open_store(config)
+
+
+# -- keys, TTLs, prefix -------------------------------------------------------------
+
+
+def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock(redis_server: RedisServer) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
+    store.accept_totp_step("1001", STEP, NOW)
+    store.record_failure("1002", NOW, max_failures=3, duration=900, permanent_after=10)
+    for _ in range(2):
+        store.record_failure("1003", NOW, max_failures=1, duration=0, permanent_after=10)
+    store.close()
+    r = redis_server.client()
+    keys = sorted(r.keys("*"))
+    assert keys == [f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail"]
+    assert REPLAY_TTL - 5 <= r.ttl(f"{p}{{1001}}:totp") <= REPLAY_TTL
+    assert 86400 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400
+    assert r.ttl(f"{p}{{1003}}:fail") == -1  # only `linkus-2fa unlock` ends it
+
+
+def test_a_temporary_lock_outlives_its_key_ttl(redis_server: RedisServer) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
+    now = time.time()
+    status = store.record_failure("1001", now, max_failures=1, duration=5 * 86400, permanent_after=10)
+    assert status.locked_until == now + 5 * 86400
+    ttl = redis_server.client().ttl(f"{p}{{1001}}:fail")
+    assert 6 * 86400 - 10 <= ttl <= 6 * 86400 + 1
+    store.close()
+
+
+def test_a_prefix_separates_clusters_on_one_server(redis_server: RedisServer) -> None:
+    a = open_store(state_config(url=redis_server.url, prefix=prefix()))
+    b = open_store(state_config(url=redis_server.url, prefix=prefix()))
+    assert a.accept_totp_step("1001", STEP, NOW) is True
+    assert b.accept_totp_step("1001", STEP, NOW) is True
+    a.record_failure("1001", NOW, max_failures=3, duration=900, permanent_after=10)
+    assert b.lock_status("1001", NOW).failures == 0
+    a.close()
+    b.close()
+
+
+# -- Redis goes away ----------------------------------------------------------------
+
+
+def test_a_stopped_server_is_unavailable_and_a_restarted_one_works_again(redis_server: RedisServer) -> None:
+    store = open_store(fast(url=redis_server.url, prefix=prefix()))
+    assert store.accept_totp_step("1001", STEP, NOW) is True
+    redis_server.stop()
+    with pytest.raises(StateUnavailable):
+        store.accept_totp_step("1001", STEP + 1, NOW)
+    with pytest.raises(StateUnavailable):
+        store.lock_status("1001", NOW)
+    with pytest.raises(StateUnavailable):
+        store.record_failure("1001", NOW, max_failures=3, duration=900, permanent_after=10)
+    redis_server.start()  # same port, empty (no persistence in tests): scripts must be loaded again
+    assert store.accept_totp_step("1001", STEP + 1, NOW) is True
+    assert store.accept_totp_step("1001", STEP + 1, NOW) is False
+    store.close()
+
+
+def test_a_hanging_server_times_out_as_unavailable(redis_server: RedisServer) -> None:
+    store = open_store(fast(url=redis_server.url, prefix=prefix()))
+    assert store.lock_status("1001", NOW).failures == 0  # connected
+    redis_server.pause()
+    try:
+        for call in (
+            lambda: store.accept_totp_step("1001", STEP, NOW),
+            lambda: open_store(fast(url=redis_server.url)).lock_status("1001", NOW),  # a new connection
+        ):
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable) as info:
+                call()
+            assert time.monotonic() - started < 5.0
+            assert "Timeout" in str(info.value)
+    finally:
+        redis_server.resume()
+    store.close()
+
+
+# -- TLS ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(redis_dir: Path, tls_files: TlsFiles) -> Any:
+    servers: list[RedisServer] = []
+
+    def start(cert: Path, key: Path) -> RedisServer:
+        server = RedisServer(redis_dir / f"tls{len(servers)}", tls=(cert, key, tls_files.ca_cert)).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_tls_with_the_right_ca_works(tls_server: Any, tls_files: TlsFiles) -> None:
+    server = tls_server(tls_files.server_cert, tls_files.server_key)
+    assert server.url.startswith("rediss://127.0.0.1:")
+    store = open_store(fast(url=server.url, ca_file=str(tls_files.ca_cert), prefix=prefix()))
+    assert store.accept_totp_step("1001", STEP, NOW) is True
+    assert store.accept_totp_step("1001", STEP, NOW) is False
+    store.close()
+
+
+@pytest.mark.parametrize("which", ["rogue", "wrong_name", "system_cas"])
+def test_tls_refuses_a_certificate_it_cannot_verify(tls_server: Any, tls_files: TlsFiles, which: str) -> None:
+    cert, key, ca = {
+        "rogue": (tls_files.rogue_cert, tls_files.rogue_key, tls_files.ca_cert),  # signed by another CA
+        "wrong_name": (tls_files.wrong_name_cert, tls_files.wrong_name_key, tls_files.ca_cert),  # not 127.0.0.1
+        "system_cas": (tls_files.server_cert, tls_files.server_key, None),  # our CA is not a system CA
+    }[which]
+    server = tls_server(cert, key)
+    options = {"url": server.url, "prefix": prefix()}
+    if ca is not None:
+        options["ca_file"] = str(ca)
+    store = open_store(fast(**options))
+    with pytest.raises(StateUnavailable) as info:
+        store.accept_totp_step("1001", STEP, NOW)
+    assert "certificate" in str(info.value).lower() or "ssl" in str(info.value).lower()
+
+
+# -- ACL user and password file ------------------------------------------------------
+
+
+@pytest.fixture
+def acl_server(redis_dir: Path) -> Any:
+    password = secrets.token_urlsafe(24)
+    server = RedisServer(redis_dir / "acl", config_lines=[
+        "user default off",
+        f"user pbx on >{password} ~cluster1:* {ACL_RULES}",
+    ]).start()
+    yield server, password
+    server.stop()
+
+
+def password_file(directory: Path, text: str, mode: int = 0o600) -> str:
+    path = directory / f"redis-{secrets.token_hex(3)}.pw"
+    path.write_text(text + "\n")
+    os.chmod(path, mode)
+    return str(path)
+
+
+def test_acl_user_with_password_file_works(acl_server: Any, private_dir: Path) -> None:
+    server, password = acl_server
+    store = open_store(fast(url=server.url, username="pbx", password_file=password_file(private_dir, password),
+                            prefix="cluster1:"))
+    assert store.accept_totp_step("1001", STEP, NOW) is True
+    assert store.accept_totp_step("1001", STEP, NOW) is False
+    status = store.record_failure("1002", NOW, max_failures=1, duration=60, permanent_after=3)
+    assert status.locked_until == NOW + 60
+    store.unlock("1002")
+    store.forget("1001")
+    assert store.lock_status("1002", NOW).failures == 0
+    store.close()
+
+
+@pytest.mark.parametrize("problem", ["wrong_password", "no_password", "other_prefix", "readable_file"])
+def test_acl_refusals_are_unavailable(acl_server: Any, private_dir: Path, problem: str) -> None:
+    server, password = acl_server
+    options: dict[str, Any] = {"url": server.url, "username": "pbx", "prefix": "cluster1:"}
+    if problem == "wrong_password":
+        options["password_file"] = password_file(private_dir, password + "x")
+    elif problem == "other_prefix":
+        options.update(password_file=password_file(private_dir, password), prefix="cluster2:")
+    elif problem == "readable_file":
+        options["password_file"] = password_file(private_dir, password, 0o644)
+    with pytest.raises(StateUnavailable) as info:
+        store = open_store(fast(**options))
+        store.accept_totp_step("1001", STEP, NOW)
+    assert password not in str(info.value)
+
+
+def test_a_password_in_the_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match="password_file"):
+        state_config(url="redis://pbx:secret@127.0.0.1:6379/0")
+    state_config(url="redis://pbx@127.0.0.1:6379/0")  # a user name alone is fine
+
+
+@pytest.mark.parametrize("redis", [
+    {"url": "redis://127.0.0.1/0", "sentinels": ["127.0.0.1:26379"], "service_name": "m"},
+    {"sentinels": ["127.0.0.1:26379"]},
+    {"sentinels": ["127.0.0.1"], "service_name": "m"},
+    {"tls": True},
+    {"service_name": "m"},
+    {"url": "http://127.0.0.1/"},
+    {"prefix": "a{b}:"},
+    {"failure_ttl": 60},
+])
+def test_inconsistent_redis_config_is_refused(redis: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        state_config(**redis)
+
+
+# -- import cost ----------------------------------------------------------------------
+
+
+def test_redis_is_imported_only_when_configured(private_dir: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from pam_linkus.config import Config\n"
+        "from pam_linkus.state import open_store\n"
+        "s = open_store(Config.from_mapping({'state': {'path': sys.argv[2]}}).state)\n"
+        "s.lock_status('1001', 0.0); s.close()\n"
+        "print('redis' in sys.modules)\n"
+        "open_store(Config.from_mapping({'state': {'backend': 'redis'}}).state).close()\n"
+        "print('redis' in sys.modules)\n"
+    )
+    out = subprocess.run(["/usr/bin/python3", "-I", "-c", script, str(repo), str(private_dir / "s.db")],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True"]
+
+
+# -- Sentinel -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel_setup(redis_dir: Path) -> Any:
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    service = f"m{secrets.token_hex(3)}"
+    master = RedisServer(redis_dir / "master").start()
+    replica = RedisServer(redis_dir / "replica", replica_of=master.port).start()
+    sentinel = Sentinel(redis_dir / "sentinel", master.port, service).start()
+    yield master, replica, sentinel
+    sentinel.stop()
+    replica.stop()
+    master.stop()
+
+
+def test_sentinel_finds_the_master_and_follows_a_failover(sentinel_setup: Any) -> None:
+    master, replica, sentinel = sentinel_setup
+    config = fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name=sentinel.service, prefix=prefix())
+    store = open_store(config)
+    assert store.accept_totp_step("1001", STEP, NOW) is True
+    assert master.client().wait(1, 5000) == 1  # the replica has the replay record
+    master.stop()
+    deadline = time.monotonic() + 60
+    while True:  # bounded: Sentinel notices after 1 s and promotes the replica
+        try:
+            answer = store.accept_totp_step("1001", STEP, NOW)
+            break
+        except StateUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    assert answer is False  # the record survived the failover: still a replay
+    assert replica.client().role()[0] == "master"
+    assert store.accept_totp_step("1001", STEP + 1, NOW) is True
+    store.close()
+
+
+def test_sentinel_that_knows_no_such_master_is_unavailable(sentinel_setup: Any) -> None:
+    _master, _replica, sentinel = sentinel_setup
+    store = open_store(fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name="nosuchmaster"))
+    with pytest.raises(StateUnavailable):
+        store.lock_status("1001", NOW)
+
+
+def test_sentinel_over_tls_verifies_sentinel_and_master(redis_dir: Path, tls_files: TlsFiles) -> None:
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    pki = (tls_files.server_cert, tls_files.server_key, tls_files.ca_cert)
+    master = RedisServer(redis_dir / "tls-master", tls=pki).start()
+    sentinel = Sentinel(redis_dir / "tls-sentinel", master.port, f"m{secrets.token_hex(3)}", tls=pki)
+    try:
+        sentinel.start()
+        options = {"sentinels": [f"127.0.0.1:{sentinel.port}"], "service_name": sentinel.service, "tls": True,
+                   "prefix": prefix()}
+        store = open_store(fast(ca_file=str(tls_files.ca_cert), **options))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        store.close()
+        rogue = open_store(fast(ca_file=str(tls_files.rogue_ca_cert), **options))
+        with pytest.raises(StateUnavailable):
+            rogue.lock_status("1001", NOW)
+    finally:
+        sentinel.stop()
+        master.stop()
