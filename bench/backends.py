@@ -51,7 +51,7 @@ class Servers:
     def _start_ldap(self, user: str, sizes: list[int]) -> None:
         from ldap_server import SCHEMA_ATTRIBUTES, SUFFIX, Pki, Slapd, write_password
 
-        root = self.ws.root / "ldap"
+        root = self.ws.root / "slapd"
         root.mkdir(mode=0o700)
         slapd = Slapd(root, Pki(root / "pki"))
         conf = slapd.conf.read_text().replace("maxsize 67108864", "maxsize 2147483648")

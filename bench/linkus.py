@@ -39,7 +39,7 @@ class LinkusSetup:
         self.ws = ws
         self.name = name
         self.users = users
-        self.dir = ws.root / name
+        self.dir = ws.root / f"setup-{name}"
         self.dir.mkdir(mode=0o700)
         self.config_path = self.dir / "pam_linkus.yaml"
         self.extensions_path = self.dir / "extensions.yaml"

@@ -43,7 +43,8 @@ from linkus import LinkusSetup
 #: Modules a YAML+SQLite login with warm caches must not import (tests/test_lazy_imports.py asserts it).
 FORBIDDEN = ("yaml", "ldap3", "redis", "smtplib", "ssl", "_ssl", "segno", "email", "dataclasses", "typing",
              "enum", "re", "socket", "hashlib", "_hashlib", "hmac", "base64", "json", "secrets", "random",
-             "logging", "subprocess", "threading", "argparse", "pathlib", "urllib", "inspect", "ctypes")
+             "logging", "subprocess", "threading", "argparse", "pathlib", "urllib", "inspect", "ctypes",
+             "sqlite3", "datetime", "syslog")
 
 
 class Case:

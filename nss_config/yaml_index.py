@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
 
 KIND = "extensions"
+#: How long a login waits for another process's rebuild before parsing the YAML itself.
+REBUILD_WAIT = 30.0
 #: Extensions per bucket on average: a bucket is a few KiB, read and unmarshalled in microseconds.
 PER_BUCKET = 16
 _SLOT = 16
@@ -72,9 +74,15 @@ def lookup(
             hit, found = _lookup(cache, name, path, st, user)
             if hit:
                 return found
-            extensions = _parse(fd, path)
-            _store(cache, name, path, fd, st, build_ns, extensions)
-            return extensions.get(user)
+            if not cache.usable or not settled(st, build_ns):
+                return _parse(fd, path).get(user)  # no index can be written: nothing to wait for
+            with cache.rebuild_lock(name, REBUILD_WAIT):
+                hit, found = _lookup(cache, name, path, st, user)  # rebuilt by whoever held the lock?
+                if hit:
+                    return found
+                extensions = _parse(fd, path)
+                _store(cache, name, path, fd, st, build_ns, extensions)
+                return extensions.get(user)
     finally:
         os.close(fd)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, PamStack, code_at, write_yaml
+from conftest import REPO, SECRET, PamStack, code_at, write_yaml
 
 from nss_config import yaml_index
 from nss_config.yaml_source import YamlSource, read_extensions
@@ -62,6 +62,11 @@ def index_file(files: dict[str, Path]) -> Path:
     return files["cache"] / filecache.cache_name(yaml_index.KIND, str(files["ext"]))
 
 
+def cache_files(files: dict[str, Path]) -> list[str]:
+    """The cache directory's files, without the rebuild locks (which stay, by design)."""
+    return sorted(p.name for p in files["cache"].iterdir() if not p.name.endswith(".lock"))
+
+
 def look(files: dict[str, Path], user: str, clock: Any = later) -> Any:
     return yaml_index.lookup(str(files["ext"]), user, str(files["cache"]), clock_ns=clock)
 
@@ -83,7 +88,7 @@ def test_index_is_written_and_answers_like_the_yaml(files: dict[str, Path]) -> N
     assert files["cache"].stat().st_mode & 0o777 == 0o700
     same_as_yaml(files, [f"{1000 + i}" for i in range(100)] + ["999", "nobody", "1000 ", ""])
     assert idx.stat().st_ino == st.st_ino  # the lookups used it and did not rewrite it
-    assert [p.name for p in files["cache"].iterdir()] == [idx.name]  # no temporary files left
+    assert cache_files(files) == [idx.name]  # no temporary files left
 
 
 def test_a_just_written_file_is_not_indexed_yet(files: dict[str, Path]) -> None:
@@ -291,7 +296,59 @@ def test_parallel_rebuilds_never_give_a_wrong_answer(files: dict[str, Path]) -> 
     assert errors == []
     assert lookups[0] > 10
     assert look(files, "1000").secret == OTHER
-    assert [p.name for p in files["cache"].iterdir()] == [index_file(files).name]
+    assert cache_files(files) == [index_file(files).name]
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from nss_config import yaml_index
+from pam_linkus.filecache import CacheDir, cache_name
+path, cache_dir, ready = sys.argv[2], sys.argv[3], sys.argv[4]
+with CacheDir.open(cache_dir) as cache, cache.rebuild_lock(cache_name(yaml_index.KIND, path), 10) as locked:
+    assert locked
+    open(ready, "w").close()
+    time.sleep(1.5)
+    yaml_index.build(path, cache_dir, clock_ns=lambda: time.time_ns() + 10**10)
+"""
+
+
+def test_a_rebuild_in_progress_is_awaited_not_repeated(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another process rebuilds (holds the lock), a lookup waits and then reads its index."""
+    files["cache"].mkdir(mode=0o700)
+    ready = files["dir"] / "ready"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(REPO), str(files["ext"]), str(files["cache"]),
+                               str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        calls: list[str] = []
+        original = yaml_index._parse
+
+        def spy(fd: int, path: str) -> Any:
+            calls.append(path)
+            return original(fd, path)
+
+        monkeypatch.setattr(yaml_index, "_parse", spy)
+        assert look(files, "1001").email == "u1@example.com"
+        assert calls == []  # it waited for the holder's index instead of parsing
+    finally:
+        assert holder.wait(30) == 0
+
+
+def test_a_stuck_lock_only_delays_the_lookup(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    files["cache"].mkdir(mode=0o700)
+    monkeypatch.setattr(yaml_index, "REBUILD_WAIT", 0.5)
+    name = filecache.cache_name(yaml_index.KIND, str(files["ext"]))
+    with filecache.CacheDir.open(str(files["cache"])) as cache, cache.rebuild_lock(name, 1) as locked:
+        assert locked
+        started = time.monotonic()
+        assert look(files, "1001").email == "u1@example.com"  # parsed on its own after the wait
+        assert 0.4 < time.monotonic() - started < 10
 
 
 def test_lookup_reads_one_bucket_not_the_file(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,8 +11,11 @@ many have run.
 
 from __future__ import annotations
 
+# ``_sqlite3`` is the C module behind ``sqlite3`` (same connect, Connection and
+# Error). The ``sqlite3`` package on top of it adds datetime and the type adapters
+# this store never uses: ~1.5 ms in every login process.
+import _sqlite3 as sqlite3
 import os
-import sqlite3
 import stat
 
 from pam_linkus.errors import Locked, StateUnavailable
