@@ -292,6 +292,23 @@ def import_profile(setup: LinkusSetup, user: str, runs: int) -> dict[str, Any]:
     return profile
 
 
+def backend_profiles(named: list[tuple[str, LinkusSetup]], user: str, runs: int) -> list[dict[str, Any]]:
+    """The LDAP and Redis logins under the same microscope: where their extra time goes."""
+    out = []
+    for name, setup in named:
+        times = []
+        for _ in range(runs):
+            setup.forget(user)
+            result, _ = fake_login(setup, user, [code_at(time.time())], site=True)
+            times.append(result["login_ms"] / 1000)
+        setup.forget(user)
+        result, err = fake_login(setup, user, [code_at(time.time())], site=True, importtime=True)
+        top = _importtime_top(err)
+        out.append({"case": name, "code": result["code"], "login_ms_median": round(median_ms(times), 2),
+                    "import_us_total": sum(us for _, us in top), "top": top[:6]})
+    return out
+
+
 def _importtime_top(stderr: str) -> list[tuple[str, int]]:
     """Top-level imports of the login from -X importtime: (module, cumulative us), largest first."""
     rows = []
@@ -404,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. Import profile of one login.
         results["imports"] = import_profile(yaml_setup, main_user, 5 if args.quick else 15)
+        results["backend_imports"] = backend_profiles(extra, main_user, 3 if args.quick else 7)
         results["pam_python_honours_PYTHONPROFILEIMPORTTIME"] = pam_python_env_check(
             ws, cases[1].service, main_user)
         results["machine_after"] = machine()
@@ -528,16 +546,20 @@ def render(results: dict[str, Any]) -> str:
         lines += [f"Replay (Redis): {_exact_text(results['replay_redis'])}.",
                   f"Lockout (Redis, max_failures 5): {_exact_text(results['lockout_redis'])}."]
     lines.append("")
-    lines += ["### Imports and start-up of one login (YAML, SQLite, warm caches; fake pamh in /usr/bin/python3)", "",
-              "| interpreter | login ms (import + run) | imports (us) | largest imports |",
+    lines += ["### Imports and start-up of one login (warm caches; fake pamh in /usr/bin/python3)", "",
+              "| login | login ms (import + run) | imports (us) | largest imports |",
               "| --- | ---: | ---: | --- |"]
     for key in ("with site (as pam_python)", "without site (-S)"):
         p = results["imports"][key]
         top = ", ".join(f"{name} {us / 1000:.1f} ms" for name, us in p["top"][:5])
-        lines.append(f"| {key} | {p['login_ms_median']:.1f} | {p['import_us_total']} | {top} |")
+        lines.append(f"| YAML, SQLite, {key} | {p['login_ms_median']:.1f} | {p['import_us_total']} | {top} |")
     cold = results["imports"]["cold caches (with site)"]
-    lines.append(f"| no caches (parses YAML, imports yaml: {cold['yaml_imported']}) | "
+    lines.append(f"| YAML, SQLite, no caches (parses YAML, imports yaml: {cold['yaml_imported']}) | "
                  f"{cold['login_ms_median']:.1f} | | |")
+    for p in results.get("backend_imports", []):
+        top = ", ".join(f"{name} {us / 1000:.1f} ms" for name, us in p["top"][:5])
+        lines.append(f"| {p['case'].split('(')[1].rstrip(')')} (with site) | {p['login_ms_median']:.1f} | "
+                     f"{p['import_us_total']} | {top} |")
     honours = results["pam_python_honours_PYTHONPROFILEIMPORTTIME"]
     lines += ["", f"pam_python honours PYTHONPROFILEIMPORTTIME: {'yes' if honours else 'no'} "
               "(it sets Py_IgnoreEnvironmentFlag), hence the fake pamh above.", "",

@@ -518,7 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--smtp", action="store_true", help="check SMTP even if no extension uses email")
     warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins",
                             allow_abbrev=False)
-    warm.add_argument("--cache-dir", default="/var/lib/pam_linkus/cache",
+    from pam_linkus.filecache import DEFAULT_CACHE_DIR
+
+    warm.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
                       help="the PAM line's cache_dir= (default: %(default)s)")
 
     own = verbs.add_parser("self", help="self-service through sudo: your own extension only", allow_abbrev=False)
