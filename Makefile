@@ -6,14 +6,18 @@ SITE = $(PREFIX)/venv/lib/python3.11/site-packages
 TEST_VENV := .venv
 export DEBIAN_FRONTEND := noninteractive
 
-# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian).
-APT_RUNTIME := libpam-python python3-yaml python3-venv python3-ldap3 python3-redis python3-segno
+# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian),
+# and what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI).
+APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-ldap3 python3-redis python3-segno
+# What building and linting the Debian package needs (`make deb`, tests/test_debian_package.py).
+APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools python3-wheel \
+           pybuild-plugin-pyproject lintian
 # What the tests start or drive.
-APT_TEST := pamtester openssh-server slapd ldap-utils redis-server libpam-google-authenticator \
+APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server libpam-google-authenticator \
             libpam-oath oathtool openssl procps passwd login
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
 
-.PHONY: demo install deps-runtime deps-test test lint bench clean
+.PHONY: demo install deb deps-runtime deps-test test lint bench clean
 
 deps-runtime:
 	bash packaging/apt-ensure.sh $(APT_RUNTIME)
@@ -31,6 +35,11 @@ install: deps-runtime
 ## demo: install, then one real login through PAM with a demo extension (touches no existing service).
 demo: install
 	$(PREFIX)/venv/bin/python -P packaging/demo.py  # -P: packaging/pam_linkus.py must not shadow the package
+
+## deb: build the Debian package into dist/ from packaging/debian, and lint it (README: "Debian package").
+deb:
+	bash packaging/apt-ensure.sh $(APT_DEB)
+	deb=$$(bash packaging/build-deb.sh dist | tail -n 1) && lintian --fail-on error,warning "$$deb" && echo "built $$deb"
 
 ## test: everything, against real PAM, sshd, slapd, SMTP and Redis on loopback.
 test: deps-test

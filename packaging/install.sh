@@ -11,7 +11,9 @@ SITE=$VENV/lib/python3.11/site-packages
 
 [ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
-"$VENV/bin/pip" install -q --no-deps --upgrade "$SRC"
+# Built with the venv's setuptools and Debian's python3-wheel, as the Debian package is:
+# nothing is downloaded (no isolated build environment from PyPI).
+"$VENV/bin/pip" install -q --no-deps --no-build-isolation --upgrade "$SRC"
 
 sed "s|@SITE@|$SITE|" "$SRC/packaging/pam_linkus.py" > /lib/security/pam_linkus.py.new
 chmod 0644 /lib/security/pam_linkus.py.new

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, next_lock
 
 NOW = 1_763_900_000.25
 STEP = int(NOW // 30)
@@ -265,9 +265,103 @@ class StateContract:
         finally:
             check.close()
 
+    # -- email codes -----------------------------------------------------------------
+
+    def test_email_code_is_single_use(self, store: Any) -> None:
+        assert store.issue_email_code("1001", "h1", NOW, EmailLimits()).issued is True
+        assert store.verify_email_code("1001", "h2", NOW + 1) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.ACCEPTED
+        assert store.verify_email_code("1001", "h1", NOW + 3) == EmailCheck.MISSING
+
+    def test_email_code_expires(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(lifetime=300))
+        assert store.verify_email_code("1001", "h2", NOW + 299.5) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW + 300) == EmailCheck.EXPIRED
+        assert store.verify_email_code("1001", "h1", NOW + 301) == EmailCheck.MISSING
+
+    def test_email_attempts_run_out(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=3))
+        assert [store.verify_email_code("1001", "", NOW) for _ in range(4)] == [
+            EmailCheck.WRONG, EmailCheck.WRONG, EmailCheck.EXHAUSTED, EmailCheck.MISSING]
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+
+    def test_a_new_email_code_replaces_the_old_and_resets_no_failures(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0, max_attempts=2)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        assert store.verify_email_code("1001", "x", NOW) == EmailCheck.WRONG
+        self.fail(store, "1001", NOW)
+        assert store.issue_email_code("1001", "h2", NOW + 1, limits).issued is True
+        assert store.lock_status("1001", NOW + 1).failures == 1
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h2", NOW + 2) == EmailCheck.ACCEPTED  # fresh attempts
+        assert store.lock_status("1001", NOW + 2).failures == 0
+
+    def test_email_codes_are_per_extension(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        store.issue_email_code("1002", "h2", NOW, EmailLimits())
+        assert store.verify_email_code("1002", "h1", NOW) == EmailCheck.WRONG
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.ACCEPTED
+
+    def test_email_verify_refuses_while_locked(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        for i in range(3):
+            self.fail(store, "1001", NOW + i, max_failures=3, duration=60)
+        with pytest.raises(Locked):
+            store.verify_email_code("1001", "h1", NOW + 3)
+        assert store.verify_email_code("1001", "h1", NOW + 63) == EmailCheck.ACCEPTED
+
+    def test_email_send_interval_and_pending_code(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60, max_attempts=1)
+        assert store.issue_email_code("1001", "h1", NOW, limits).issued is True
+        throttled = store.issue_email_code("1001", "h2", NOW + 10, limits)
+        assert (throttled.issued, throttled.pending, throttled.retry_after) == (False, True, NOW + 60)
+        assert store.verify_email_code("1001", "h1", NOW + 11) == EmailCheck.ACCEPTED  # the old code still works
+        assert store.issue_email_code("1001", "h3", NOW + 20, limits).pending is False
+        assert store.issue_email_code("1001", "h4", NOW + 60, limits).issued is True
+
+    def test_email_hourly_and_global_throttles(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=0, max_per_hour=2, global_max_per_minute=3)
+        assert [store.issue_email_code("1001", f"a{i}", NOW + i, limits).issued for i in range(3)] == [
+            True, True, False]
+        assert store.issue_email_code("1001", "a9", NOW + 2, limits).retry_after == NOW + 3600
+        assert store.issue_email_code("1002", "b0", NOW + 3, limits).issued is True
+        blocked = store.issue_email_code("1003", "c0", NOW + 4, limits)
+        assert (blocked.issued, blocked.retry_after) == (False, NOW + 60)
+        assert store.issue_email_code("1003", "c1", NOW + 60, limits).issued is True
+        assert store.issue_email_code("1001", "a10", NOW + 3600, limits).issued is True
+
+    def test_a_discarded_email_code_is_gone_and_not_counted(self, store: Any) -> None:
+        limits = EmailLimits(send_interval=60)
+        store.issue_email_code("1001", "h1", NOW, limits)
+        store.discard_email_code("1001", "other")
+        assert store.issue_email_code("1001", "h2", NOW + 1, limits).pending is True
+        store.discard_email_code("1001", "h1")
+        assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.MISSING
+        assert store.issue_email_code("1001", "h3", NOW + 2, limits).issued is True
+
+    def test_forget_removes_email_codes_and_sends(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits(send_interval=60, global_max_per_minute=100))
+        store.forget("1001")
+        assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.MISSING
+        assert store.issue_email_code("1001", "h2", NOW + 1, EmailLimits(send_interval=60)).issued is True
+
+    def test_parallel_logins_with_one_email_code_give_one_success(self, opener: Opener) -> None:
+        setup = opener()
+        try:
+            setup.issue_email_code("1001", "h1", NOW, EmailLimits(max_attempts=10))
+        finally:
+            setup.close()
+        results = race(opener, lambda s, _i: s.verify_email_code("1001", "h1", NOW + 1))
+        assert sorted(results) == sorted([EmailCheck.ACCEPTED] + [EmailCheck.MISSING] * (RACERS - 1))
+
+    def test_parallel_logins_send_one_email(self, opener: Opener) -> None:
+        results = race(opener, lambda s, i: s.issue_email_code("1001", f"h{i}", NOW, EmailLimits()).issued)
+        assert sorted(results) == [False] * (RACERS - 1) + [True]
+
     # -- unavailable -----------------------------------------------------------------
 
-    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget"])
+    @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
+                                           "issue_email_code", "discard_email_code", "verify_email_code"])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -275,6 +369,9 @@ class StateContract:
             "record_failure": lambda s: self.fail(s, "1001", NOW),
             "unlock": lambda s: s.unlock("1001"),
             "forget": lambda s: s.forget("1001"),
+            "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
+            "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
+            "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()

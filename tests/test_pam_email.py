@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, PamStack
 from pam_conversation import Conversation, converse
+from redis_server import redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
 from smtp_server import SmtpServer, ca_fixture, closed_port, code_in, smtp_server_fixture  # noqa: F401
 
 pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]
@@ -189,3 +190,39 @@ def test_email_key_is_created_root_only(pam_stack: PamStack, user: str, smtp_ser
     assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
     st = Path(pam_stack.root / "email.key").stat()
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)
+
+
+def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_server: Any, ca: Any,
+                                                           redis_server: Any) -> None:
+    """Host A mails a code; at host B (throttled cluster-wide) that code logs in, once."""
+    import secrets
+    import shutil
+
+    from conftest import LogCatcher, require_root
+
+    require_root()
+    server = smtp_server(auth=True)
+    user = make_user()
+    made = []
+    try:
+        for _ in range(2):
+            root = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
+            root.mkdir(mode=0o700)
+            log = LogCatcher(root / "log.sock")
+            stack = PamStack(root, log)
+            made.append((root, log, stack))
+            setup_email(stack, server, ca)
+            stack.write_config(state={"backend": "redis", "redis": {"url": redis_server.url, "prefix": "pbx:"}})
+            enroll_email(stack, user)
+        a, b = (stack for _, _, stack in made)
+        assert login(a, user, lambda p, m: "000000x").auth == "PAM_AUTH_ERR"
+        shutil.copy2(a.root / "email.key", b.root / "email.key")  # as the README says: one key for the cluster
+        at_b = login(b, user, mailed_code(server))
+        assert at_b.auth == "PAM_SUCCESS" and "still valid" in at_b.messages[0]
+        assert login(a, user, mailed_code(server)).auth == "PAM_AUTHINFO_UNAVAIL"  # spent, and throttled
+        assert len(server.messages) == 1
+    finally:
+        for root, log, stack in made:
+            stack.remove()
+            log.close()
+            shutil.rmtree(root, ignore_errors=True)

@@ -211,6 +211,12 @@ def test_acl_user_with_password_file_works(acl_server: Any, private_dir: Path) -
     store.unlock("1002")
     store.forget("1001")
     assert store.lock_status("1002", NOW).failures == 0
+    from pam_linkus.state.base import EmailCheck, EmailLimits  # the email scripts run under the same ACL
+
+    assert store.issue_email_code("1003", "h1", NOW, EmailLimits()).issued is True
+    store.discard_email_code("1003", "h1")
+    assert store.issue_email_code("1003", "h2", NOW, EmailLimits()).issued is True
+    assert store.verify_email_code("1003", "h2", NOW) == EmailCheck.ACCEPTED
     store.close()
 
 
@@ -337,3 +343,17 @@ def test_sentinel_over_tls_verifies_sentinel_and_master(redis_dir: Path, tls_fil
     finally:
         sentinel.stop()
         master.stop()
+
+
+def test_email_keys_have_the_prefix_and_a_ttl(redis_server: RedisServer) -> None:
+    from pam_linkus.state.base import EmailLimits
+
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    assert store.issue_email_code("1001", "h1", NOW, EmailLimits(lifetime=300)).issued
+    store.close()
+    r = redis_server.client()
+    assert sorted(r.keys("*")) == [f"{p}email_sends", f"{p}{{1001}}:email", f"{p}{{1001}}:email_sends"]
+    assert 300 < r.ttl(f"{p}{{1001}}:email") <= 360
+    assert 3600 < r.ttl(f"{p}{{1001}}:email_sends") <= 3660
+    assert 60 < r.ttl(f"{p}email_sends") <= 120

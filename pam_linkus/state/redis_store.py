@@ -20,7 +20,7 @@ says ``state: {backend: redis}``.
 from __future__ import annotations
 
 from pam_linkus.errors import ConfigError, Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, LockStatus, next_lock
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailIssue, LockStatus, next_lock
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from pam_linkus.config import RedisConfig
+    from pam_linkus.state.base import EmailLimits
 
     T = TypeVar("T")
 
@@ -82,6 +83,101 @@ else
 end
 return {count, lock}
 """
+
+
+# Email codes. Keys: code = <prefix>{user}:email (hash: hash, expires, left),
+# sends = <prefix>{user}:email_sends (sorted set: code hash scored by send time),
+# all_sends = <prefix>email_sends (the same, for every extension: the global
+# throttle). The throttle rule is base.email_retry_after, mirrored here because
+# it must run inside the script; the contract suite holds both to one behaviour.
+# The issue and discard scripts touch two slots (the global key has no user tag):
+# fine on a single server or Sentinel master, which is what RedisStore supports.
+
+# KEYS: code, sends, all_sends
+# ARGV: now, hash, expires, max_attempts, send_interval, max_per_hour, global_max_per_minute, code_ttl
+# -> {1} issued | {0, pending (0/1), retry_after}
+_ISSUE_EMAIL = """
+local now = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 3600)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 60)
+local retry = now
+local interval = tonumber(ARGV[5])
+if interval > 0 then
+  local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+  if last[2] then retry = math.max(retry, tonumber(last[2]) + interval) end
+end
+local per_hour = tonumber(ARGV[6])
+local mine = redis.call('ZCARD', KEYS[2])
+if mine >= per_hour then
+  local oldest = redis.call('ZRANGE', KEYS[2], mine - per_hour, mine - per_hour, 'WITHSCORES')
+  retry = math.max(retry, tonumber(oldest[2]) + 3600)
+end
+local global_max = tonumber(ARGV[7])
+local everyone = redis.call('ZCARD', KEYS[3])
+if everyone >= global_max then
+  local oldest = redis.call('ZRANGE', KEYS[3], everyone - global_max, everyone - global_max, 'WITHSCORES')
+  retry = math.max(retry, tonumber(oldest[2]) + 60)
+end
+if retry > now then
+  local code = redis.call('HMGET', KEYS[1], 'expires', 'left')
+  local pending = 0
+  if code[1] and tonumber(code[1]) > now and tonumber(code[2]) > 0 then pending = 1 end
+  return {0, pending, string.format('%.6f', retry)}
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'expires', ARGV[3], 'left', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], 3660)
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[3], 120)
+return {1}
+"""
+
+# KEYS: code, sends, all_sends   ARGV: hash
+_DISCARD_EMAIL = """
+if redis.call('HGET', KEYS[1], 'hash') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: fail, code   ARGV: now, hash
+# The stored value is an HMAC under a key Redis never sees, so the timing of
+# Lua's string comparison tells an attacker nothing they could steer.
+# -> {0, locked_until} locked | {1, verdict}
+_VERIFY_EMAIL = """
+local locked_until = redis.call('HGET', KEYS[1], 'until')
+if locked_until and tonumber(locked_until) > tonumber(ARGV[1]) then
+  return {0, locked_until}
+end
+local code = redis.call('HMGET', KEYS[2], 'hash', 'expires', 'left')
+if not code[1] then return {1, 'missing'} end
+if tonumber(code[2]) <= tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return {1, 'expired'}
+end
+if ARGV[2] ~= '' and code[1] == ARGV[2] then
+  redis.call('DEL', KEYS[2], KEYS[1])
+  return {1, 'accepted'}
+end
+if tonumber(code[3]) <= 1 then
+  redis.call('DEL', KEYS[2])
+  return {1, 'exhausted'}
+end
+redis.call('HINCRBY', KEYS[2], 'left', -1)
+return {1, 'wrong'}
+"""
+
+_VERDICTS = {
+    "accepted": EmailCheck.ACCEPTED,
+    "wrong": EmailCheck.WRONG,
+    "exhausted": EmailCheck.EXHAUSTED,
+    "expired": EmailCheck.EXPIRED,
+    "missing": EmailCheck.MISSING,
+}
 
 
 class RedisStore:
@@ -200,12 +296,37 @@ class RedisStore:
         count, locked_until = self._eval("record failure", _RECORD_FAILURE, [self._key(user, "fail")], args)
         return LockStatus(int(count), float(locked_until))
 
+    def _email_keys(self, user: str) -> list[str]:
+        return [self._key(user, "email"), self._key(user, "email_sends"), f"{self.prefix}email_sends"]
+
+    def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+        args = [
+            repr(now), code_hash, repr(now + limits.lifetime), limits.max_attempts, limits.send_interval,
+            limits.max_per_hour, limits.global_max_per_minute, limits.lifetime + 60,
+        ]
+        keys = self._email_keys(user)
+        answer = self._eval("issue email code", _ISSUE_EMAIL, keys, args)
+        if int(answer[0]) == 1:
+            return EmailIssue(True)
+        return EmailIssue(False, pending=int(answer[1]) == 1, retry_after=float(answer[2]))
+
+    def discard_email_code(self, user: str, code_hash: str) -> None:
+        keys = self._email_keys(user)
+        self._eval("discard email code", _DISCARD_EMAIL, keys, [code_hash])
+
+    def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+        keys = [self._key(user, "fail"), self._key(user, "email")]
+        answer = self._eval("verify email code", _VERIFY_EMAIL, keys, [repr(now), code_hash])
+        if int(answer[0]) == 0:
+            raise Locked(locked_until=float(answer[1]))
+        return _VERDICTS[str(answer[1])]
+
     def unlock(self, user: str) -> None:
         self._call("unlock", lambda: self._client.delete(self._key(user, "fail")))
 
     def forget(self, user: str) -> None:
         # One DEL of all keys: atomic, so no half-forgotten extension.
-        keys = [self._key(user, kind) for kind in ("totp", "fail")]
+        keys = [self._key(user, kind) for kind in ("totp", "fail", "email", "email_sends")]
         self._call("forget", lambda: self._client.delete(*keys))
 
     def close(self) -> None:

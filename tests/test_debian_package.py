@@ -1,0 +1,564 @@
+"""The Debian package, end to end: build it (dpkg-buildpackage), lint it (lintian), install it,
+log in through the installed module, purge it.
+
+The package must leave the same result as ``make install`` (SHARED_LAYOUT), never enable
+its pam-auth-update profile by itself, and leave no loader behind when purged.
+
+This machine may have pam-linkus installed by ``make install``/``make demo``: the paths the
+package owns are saved (bytes, modes, owners), moved aside so the package installs as on a
+fresh machine, and put back afterwards byte for byte. /etc/pam.d/common-* and /var/lib/pam
+are compared byte for byte after install and after purge. pam-auth-update is only ever
+pointed at a throwaway root (``--root``) with a throwaway debconf database, except for the
+package's own ``pam-auth-update --package`` calls, which must change nothing.
+
+Tests run in file order against module-scoped fixtures: one build, one install, one purge
+(the purge test is last and says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import PASSWORD, REPO, LogCatcher, code_at, require_root, write_yaml
+
+pytestmark = [pytest.mark.pam, pytest.mark.timeout(300)]
+
+PACKAGE = "libpam-linkus"
+LOADER = Path("/lib/security/pam_linkus.py")
+PROFILE = REPO / "packaging" / "pam-configs" / "linkus"
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
+APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
+MODULE_LINE = "auth\t[success=ok ignore=ignore default=die]\tpam_python.so pam_linkus.py"
+TOOLS = ("dpkg-buildpackage", "dh", "dh_python3", "pybuild", "lintian", "pamtester", "pam-auth-update")
+
+#: What `make install` (packaging/install.sh) leaves, and so must the package: (kind, mode), owner root.
+SHARED_LAYOUT = {
+    "/lib/security/pam_linkus.py": ("file", 0o644),
+    "/etc/pam_linkus": ("dir", 0o755),
+    "/etc/pam_linkus/pam_linkus.yaml": ("file", 0o600),
+    "/etc/pam_linkus/extensions.yaml": ("file", 0o600),
+    "/var/lib/pam_linkus": ("dir", 0o700),
+}
+#: Saved, moved aside for the test and restored afterwards.
+MACHINE_PATHS = (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkus-2fa"))
+#: Held while a run has the package installed (see machine_lock).
+LOCK_FILE = Path("/run/lock" if os.path.isdir("/run/lock") else "/tmp", "pam-linkus-package-test.lock")
+#: Must be byte-identical after install and after purge.
+PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
+
+
+def run(cmd: list[str], *, timeout: float = 240, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", CLEAN_ENV),
+                            stdin=subprocess.DEVNULL, check=False, **kw)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+class Snapshot:
+    """An exact copy of some paths (file bytes, symlink targets, modes, owners), to compare and put back."""
+
+    def __init__(self, roots: tuple[Path, ...]):
+        self.roots = roots
+        self.entries = self._take()
+
+    def _take(self) -> dict[Path, tuple[str, int, int, int, bytes | str | None]]:
+        entries: dict[Path, tuple[str, int, int, int, bytes | str | None]] = {}
+
+        def walk(path: Path) -> None:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                entries[path] = ("link", mode, st.st_uid, st.st_gid, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                entries[path] = ("dir", mode, st.st_uid, st.st_gid, None)
+                for child in sorted(path.iterdir()):
+                    walk(child)
+            elif stat.S_ISREG(st.st_mode):
+                entries[path] = ("file", mode, st.st_uid, st.st_gid, path.read_bytes())
+            else:
+                raise AssertionError(f"{path}: not a file, directory or symlink; not touching it")
+
+        for root in self.roots:
+            walk(root)
+        return entries
+
+    def differences(self) -> list[Path]:
+        now = self._take()
+        return sorted(p for p in set(now) | set(self.entries) if now.get(p) != self.entries.get(p))
+
+    def remove(self) -> None:
+        for root in self.roots:
+            if root.is_dir() and not root.is_symlink():
+                shutil.rmtree(root)
+            elif root.exists() or root.is_symlink():
+                root.unlink()
+
+    def restore(self) -> None:
+        if not self.differences():
+            return
+        self.remove()
+        for path, (kind, mode, uid, gid, data) in sorted(self.entries.items()):
+            if kind == "dir":
+                path.mkdir()
+            elif kind == "link":
+                assert isinstance(data, str)
+                os.symlink(data, path)
+                continue
+            else:
+                assert isinstance(data, bytes)
+                path.write_bytes(data)
+            os.chown(path, uid, gid)
+            os.chmod(path, mode)
+        assert not self.differences()
+
+
+def installed_status() -> str:
+    result = run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], check=False)
+    return result.stdout.strip() if result.returncode == 0 else "not known"
+
+
+def pam_auth_update(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """pam-auth-update on a throwaway root, with a throwaway debconf database (never the machine's)."""
+    return run(["pam-auth-update", "--root", str(root), *args],
+               env={**CLEAN_ENV, "DEBCONF_SYSTEMRC": str(root / "debconf.conf")})
+
+
+def throwaway_root(base: Path, profiles: Path) -> Path:
+    """A copy of this machine's PAM config, pam-auth-update state and profiles, plus debconf.conf."""
+    root = base / f"root-{secrets.token_hex(4)}"
+    (root / "etc" / "pam.d").mkdir(parents=True)
+    for common in Path("/etc/pam.d").glob("common-*"):
+        shutil.copy2(common, root / "etc" / "pam.d")
+    shutil.copytree("/var/lib/pam", root / "var" / "lib" / "pam")
+    shutil.copytree(profiles, root / "usr" / "share" / "pam-configs")
+    (root / "debconf.conf").write_text(
+        f"Config: configdb\nTemplates: templatedb\n\n"
+        f"Name: configdb\nDriver: File\nFilename: {root}/config.dat\n\n"
+        f"Name: templatedb\nDriver: File\nMode: 644\nFilename: {root}/templates.dat\n"
+    )
+    return root
+
+
+def auth_lines(common_auth: str) -> list[str]:
+    return [line.rstrip() for line in common_auth.splitlines() if line.startswith("auth")]
+
+
+def pamtester(service: str, user: str, *answers: str) -> subprocess.CompletedProcess[str]:
+    """pamtester with a clean environment from /: nothing but the installed files is importable."""
+    return subprocess.run(["pamtester", service, user, "authenticate"], input="".join(a + "\n" for a in answers),
+                          capture_output=True, text=True, timeout=60, env=CLEAN_ENV, cwd="/", check=False)
+
+
+def wrong(code: str) -> str:
+    return f"{(int(code) + 500_000) % 1_000_000:06d}"
+
+
+# -- build and lint ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """packaging/build-deb.sh: dpkg-buildpackage -us -uc -b in a copy of the checkout."""
+    require_root()
+    missing = [tool for tool in TOOLS if not shutil.which(tool, path=CLEAN_ENV["PATH"])]
+    if missing:
+        pytest.fail(f"missing {missing}: `make deps-test` installs debhelper, dh-python, lintian & co.")
+    out = tmp_path_factory.mktemp("deb")
+    before = run(["git", "-C", str(REPO), "status", "--porcelain"], check=False).stdout
+    run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
+    after = run(["git", "-C", str(REPO), "status", "--porcelain"], check=False).stdout
+    assert after == before, "building the package wrote into the checkout"
+    debs = sorted(out.glob(f"{PACKAGE}_*_all.deb"))
+    assert len(debs) == 1, debs
+    return debs[0]
+
+
+def test_lintian_reports_no_error_and_no_warning(deb: Path) -> None:
+    result = run(["lintian", "--fail-on", "error,warning", "--display-info", "--pedantic", str(deb)], check=False)
+    tags = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:", "I:", "P:")]
+    assert result.returncode == 0 and tags == [], result.stdout + result.stderr
+
+
+def test_every_lintian_override_says_why() -> None:
+    lines = (REPO / "packaging" / "debian" / f"{PACKAGE}.lintian-overrides").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line and not line.startswith("#"):
+            assert line.startswith(f"{PACKAGE}: ") and i > 0 and lines[i - 1].startswith("#"), line
+
+
+def test_control_fields(deb: Path) -> None:
+    def field(name: str) -> str:
+        return run(["dpkg-deb", "-f", str(deb), name]).stdout.strip()
+
+    depends = {d.strip().split()[0] for d in field("Depends").split(",")}
+    assert {"libpam-python", "python3-yaml"} <= depends
+    assert {d.strip() for d in field("Recommends").split(",")} == {"python3-ldap3", "python3-segno"}
+    assert "python3-redis" in field("Suggests")
+    assert field("Architecture") == "all"
+    control = Path(run(["mktemp", "-d"]).stdout.strip())
+    try:
+        run(["dpkg-deb", "-e", str(deb), str(control)])
+        # extensions.yaml is enrolment data made by postinst, not a conffile (see the postinst).
+        assert (control / "conffiles").read_text().split() == ["/etc/pam_linkus/pam_linkus.yaml"]
+    finally:
+        shutil.rmtree(control)
+
+
+def test_package_files(deb: Path) -> None:
+    members: dict[str, tarfile.TarInfo] = {}
+    contents: dict[str, bytes] = {}
+    with subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                name = member.name.removeprefix(".")
+                members[name] = member
+                if member.isfile() and not name.startswith("/usr/lib/python3/"):
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    contents[name] = extracted.read()
+    assert proc.returncode == 0
+    modes = {name: (m.mode, m.uname, m.gname) for name, m in members.items()}
+    assert modes["/etc/pam_linkus/pam_linkus.yaml"] == (0o600, "root", "root")
+    assert modes["/lib/security/pam_linkus.py"] == (0o644, "root", "root")
+    assert modes["/usr/sbin/linkus-2fa"] == (0o755, "root", "root")
+    assert "/usr/bin/linkus-2fa" not in members
+    for name in ("/usr/lib/python3/dist-packages/pam_linkus/pam_face.py",
+                 "/usr/lib/python3/dist-packages/nss_config/chain.py",
+                 "/usr/share/man/man8/pam_linkus.8.gz", "/usr/share/man/man8/linkus-2fa.8.gz",
+                 "/usr/share/pam-linkus/extensions.yaml"):
+        assert name in members, name
+    schemas = sorted((REPO / "packaging" / "ldap").glob("linkus-2fa.*"))
+    assert [s.name for s in schemas] == ["linkus-2fa.ldif", "linkus-2fa.schema"]
+    for schema in schemas:  # where the schema's own comments tell slapd to find it
+        assert contents[f"/usr/share/pam-linkus/ldap/{schema.name}"] == schema.read_bytes(), schema
+        assert f"/usr/share/pam-linkus/ldap/{schema.name}" in schemas[1].read_text()
+    # The loader with an empty site directory: the package is on the embedded interpreter's path.
+    loader = (REPO / "packaging" / "pam_linkus.py").read_text()
+    assert contents["/lib/security/pam_linkus.py"].decode() == loader.replace("@SITE@", "")
+    assert '_SITE = ""' in contents["/lib/security/pam_linkus.py"].decode()
+    assert contents["/usr/share/pam-configs/linkus"] == PROFILE.read_bytes()
+    assert contents["/etc/pam_linkus/pam_linkus.yaml"] == (REPO / "packaging" / "pam_linkus.yaml").read_bytes()
+
+
+def test_package_version_is_the_python_version() -> None:
+    """debian/changelog names the version dpkg gives the package; it must follow pam_linkus.__version__."""
+    from pam_linkus import __version__
+
+    first = (REPO / "packaging" / "debian" / "changelog").read_text().splitlines()[0]
+    assert first.startswith(f"pam-linkus ({__version__}) "), first
+
+
+def test_man_page_documents_every_pam_option() -> None:
+    from pam_linkus.options import _KINDS
+
+    page = (REPO / "packaging" / "man" / "pam_linkus.8").read_text()
+    options = page[page.index("\n.SH OPTIONS\n"):page.index("\n.SH OUTCOMES\n")]
+    for key, kind in _KINDS.items():
+        assert (f"\n.B {key}\n" if kind == "flag" else f"\n.BI {key}= ") in options, key
+
+
+def test_man_page_documents_every_verb() -> None:
+    import argparse
+
+    from pam_linkus.cli import build_parser
+
+    page = (REPO / "packaging" / "man" / "linkus-2fa.8").read_text()
+    verbs_section = page[page.index("\n.SH VERBS\n"):page.index("\n.SH EXIT STATUS\n")].replace("\\-", "-")
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"enroll", "doctor"} <= set(subparsers.choices)
+    for verb in subparsers.choices:
+        assert f"\n.BR {verb} " in verbs_section or f"\n.BI {verb} " in verbs_section \
+            or f"\n.B {verb}\n" in verbs_section, verb
+
+
+# -- the pam-auth-update profile, in a throwaway root -----------------------------------------
+
+
+@pytest.fixture
+def checkout_profiles(tmp_path: Path) -> Path:
+    profiles = tmp_path / "pam-configs"
+    shutil.copytree("/usr/share/pam-configs", profiles)
+    (profiles / "linkus").unlink(missing_ok=True)  # the installed package's, if any: test the checkout's
+    shutil.copy2(PROFILE, profiles / "linkus")
+    return profiles
+
+
+def test_profile_has_the_reviewed_fields() -> None:
+    """packaging/pam-configs/README.md gives the reasons; the format has no comments."""
+    fields: dict[str, str] = {}
+    last = ""
+    for line in PROFILE.read_text().splitlines():
+        assert not line.startswith("#"), "pam-auth-update profiles have no comment syntax"
+        if line[:1].isspace():
+            fields[last] = " ".join([*fields[last].split(), *line.split()])
+        else:
+            last, _, value = line.partition(":")
+            fields[last] = value.strip()
+    assert fields == {
+        "Name": "pam-linkus second factor (TOTP or email code after the password)",
+        "Default": "no",
+        "Priority": "192",  # below pam_unix's 256
+        "Auth-Type": "Additional",
+        "Auth": "[success=ok ignore=ignore default=die] pam_python.so pam_linkus.py",
+    }
+
+
+def test_profile_is_not_enabled_by_package_registration(tmp_path: Path, checkout_profiles: Path) -> None:
+    root = throwaway_root(tmp_path, checkout_profiles)
+    before = {p.name: p.read_bytes() for p in (root / "etc" / "pam.d").iterdir()}
+    result = pam_auth_update(root, "--package")
+    assert result.stderr == ""  # e.g. no perl warnings from a profile it cannot parse
+    assert {p.name: p.read_bytes() for p in (root / "etc" / "pam.d").iterdir()} == before
+    assert "linkus" in (root / "var" / "lib" / "pam" / "seen").read_text().split()
+
+
+def test_enabled_profile_runs_after_the_password_and_disable_restores(tmp_path: Path,
+                                                                      checkout_profiles: Path) -> None:
+    root = throwaway_root(tmp_path, checkout_profiles)
+    common_auth = root / "etc" / "pam.d" / "common-auth"
+    before = common_auth.read_bytes()
+    pam_auth_update(root, "--package")
+    pam_auth_update(root, "--enable", "linkus")
+    lines = auth_lines(common_auth.read_text())
+    assert MODULE_LINE in lines
+    position = lines.index(MODULE_LINE)
+    # After the fallback deny and the permit that primes success: reached only when a
+    # password module succeeded, and not a Primary alternative to pam_unix.
+    assert [line.split()[-1] for line in lines[position - 2:position]] == ["pam_deny.so", "pam_permit.so"]
+    assert any("pam_unix.so" in line for line in lines[:position])
+    assert [line for line in lines if line != MODULE_LINE] == auth_lines(before.decode())
+    pam_auth_update(root, "--disable", "linkus")
+    assert common_auth.read_bytes() == before
+
+
+# -- installed on this machine -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def machine_lock(timeout: float = 240) -> Iterator[None]:
+    """One package test per machine at a time: parallel test runs (other checkouts) would install
+    and purge the same package and save each other's state. Waits, bounded, for the other run."""
+    with open(LOCK_FILE, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another package test held {LOCK_FILE} for {timeout:.0f} s")
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="module")
+def machine() -> Iterator[dict[str, Snapshot]]:
+    """Save what `make install` may have put where the package installs; restore it afterwards."""
+    require_root()
+    with machine_lock():
+        yield from _machine()
+
+
+def _machine() -> Iterator[dict[str, Snapshot]]:
+    if installed_status() not in ("not known", "un", "pn"):
+        pytest.fail(f"{PACKAGE} is installed on this machine ({installed_status()}); this test installs and "
+                    f"purges it itself: `apt-get purge {PACKAGE}` first")
+    saved = Snapshot(MACHINE_PATHS)
+    pam = Snapshot(PAM_PATHS)
+    saved.remove()  # install as on a fresh machine
+    try:
+        yield {"saved": saved, "pam": pam}
+    finally:
+        try:
+            if installed_status() not in ("not known", "un", "pn"):
+                run([*APT, "purge", PACKAGE], check=False)
+        finally:
+            saved.restore()
+            changed = pam.differences()
+            pam.restore()
+            assert not changed, f"PAM files changed by the package test (restored): {changed}"
+
+
+def layout() -> dict[str, tuple[bool, int, int, int, bytes | None]]:
+    """SHARED_LAYOUT as found: is-dir, mode, owner, group, and the bytes of the config files."""
+    found = {}
+    for path in SHARED_LAYOUT:
+        st = os.lstat(path)
+        data = Path(path).read_bytes() if path.startswith("/etc/") and stat.S_ISREG(st.st_mode) else None
+        found[path] = (stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data)
+    return found
+
+
+@pytest.fixture(scope="module")
+def make_install_result(machine: dict[str, Snapshot], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What `make install` (packaging/install.sh) leaves, with a throwaway PREFIX and no index (offline)."""
+    prefix = tmp_path_factory.mktemp("prefix")
+    run(["bash", str(REPO / "packaging" / "install.sh"), str(prefix)], env={**CLEAN_ENV, "PIP_NO_INDEX": "1"})
+    found = layout()
+    cli = run(["linkus-2fa", "--help"], env={**CLEAN_ENV, "PATH": "/usr/local/sbin:" + CLEAN_ENV["PATH"]}, cwd="/")
+    machine["saved"].remove()  # and back to a fresh machine for the package
+    return {"layout": found, "cli": cli}
+
+
+@pytest.fixture(scope="module")
+def installed(deb: Path, machine: dict[str, Snapshot], make_install_result: dict[str, Any]) -> dict[str, Any]:
+    result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
+                  "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300)
+    seen = Path("/var/lib/pam/seen")
+    return {"apt": result, "pam_changed": machine["pam"].differences(), "seen": seen.read_text().split(),
+            "seen_before": machine["pam"].entries[seen][4]}
+
+
+@pytest.fixture(scope="module")
+def login_env(installed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A syslog catcher and a list of throwaway /etc/pam.d services (removed afterwards)."""
+    base = tmp_path_factory.mktemp("login")
+    base.chmod(0o700)
+    log = LogCatcher(base / "log.sock")
+    services: list[Path] = []
+    yield {"base": base, "log": log, "services": services}
+    for service in services:
+        service.unlink(missing_ok=True)
+    log.close()
+
+
+def add_service(env: dict[str, Any], auth: str) -> str:
+    name = f"linkus-test-{secrets.token_hex(4)}"
+    path = Path("/etc/pam.d", name)
+    env["services"].append(path)
+    path.write_text(auth + "account required pam_permit.so\n")
+    return name
+
+
+def enroll(users: dict[str, str]) -> None:
+    """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml."""
+    write_yaml(Path("/etc/pam_linkus/extensions.yaml"),
+               {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}})
+
+
+def test_install_leaves_the_make_install_layout(installed: dict[str, Any]) -> None:
+    for path, (kind, mode) in SHARED_LAYOUT.items():
+        st = os.lstat(path)
+        assert (stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)), path
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, 0), path
+    assert Path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == (REPO / "packaging/pam_linkus.yaml").read_bytes()
+    assert Path("/etc/pam_linkus/extensions.yaml").read_bytes() == (REPO / "packaging/extensions.yaml").read_bytes()
+    assert os.access("/usr/sbin/linkus-2fa", os.X_OK)
+    assert run(["dpkg", "-S", str(LOADER)]).stdout.startswith(f"{PACKAGE}: ")
+    # Registered (pam-auth-update --package) so that it is offered, but with "Default: no"
+    # nothing but the list of profiles seen changes: common-* are byte-identical.
+    assert installed["pam_changed"] in ([], [Path("/var/lib/pam/seen")]), installed["pam_changed"]
+    assert Path("/usr/share/pam-configs/linkus").read_bytes() == PROFILE.read_bytes()
+    seen_before = installed["seen_before"].decode().split()
+    assert "linkus" not in seen_before and sorted(installed["seen"]) == sorted([*seen_before, "linkus"])
+
+
+def test_make_install_and_the_package_leave_the_same_layout(installed: dict[str, Any],
+                                                            make_install_result: dict[str, Any]) -> None:
+    assert layout() == make_install_result["layout"]
+    assert make_install_result["cli"].stdout == run(["linkus-2fa", "--help"], cwd="/").stdout
+
+
+def test_installed_command_and_package_come_from_dist_packages(installed: dict[str, Any]) -> None:
+    where = run(["/usr/bin/python3", "-c", "import pam_linkus, nss_config; print(pam_linkus.__file__)"], cwd="/")
+    assert where.stdout.strip() == "/usr/lib/python3/dist-packages/pam_linkus/__init__.py"
+    doctor = run(["/usr/sbin/linkus-2fa", "doctor"], cwd="/", check=False)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    assert "ok   config: /etc/pam_linkus/pam_linkus.yaml" in doctor.stdout
+    man = run(["man", "-w", "pam_linkus"], check=False)
+    assert man.stdout.strip() == "/usr/share/man/man8/pam_linkus.8.gz", man.stderr
+
+
+def test_login_through_the_installed_module_and_default_config(login_env: dict[str, Any], make_user: Any) -> None:
+    user, other = make_user(), make_user()
+    secret = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
+    enroll({user: secret})
+    service = add_service(login_env, "auth requisite pam_unix.so nodelay\n"
+                                     f"{MODULE_LINE} log_socket={login_env['log'].path}\n")
+    code = code_at(secret, time.time())
+    ok = pamtester(service, user, PASSWORD, code)
+    assert ok.returncode == 0 and "Authentication code:" in ok.stdout + ok.stderr, ok.stdout + ok.stderr
+    assert "outcome=success" in login_env["log"].wait_for(f"user={user}")
+    replay = pamtester(service, user, PASSWORD, code)
+    assert replay.returncode != 0 and "Authentication failure" in replay.stderr
+    # Not enrolled under the default `enforce: enrolled`: the password alone, logged as a skip.
+    skip = pamtester(service, other, PASSWORD)
+    assert skip.returncode == 0, skip.stdout + skip.stderr
+    assert "outcome=skip" in login_env["log"].wait_for(f"user={other}")
+    assert Path("/var/lib/pam_linkus/state.db").is_file()
+
+
+def test_login_through_the_enabled_profile_of_the_installed_package(login_env: dict[str, Any],
+                                                                    make_user: Any) -> None:
+    root = throwaway_root(login_env["base"], Path("/usr/share/pam-configs"))
+    pam_auth_update(root, "--package")
+    pam_auth_update(root, "--enable", "linkus")
+    generated = auth_lines((root / "etc" / "pam.d" / "common-auth").read_text())
+    assert MODULE_LINE in generated
+    stack = "".join(f"{line} log_socket={login_env['log'].path}\n" if line == MODULE_LINE else f"{line}\n"
+                    for line in generated)
+    service = add_service(login_env, stack)
+    user = make_user()
+    secret = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+    enroll({user: secret})
+    code = code_at(secret, time.time())
+    bad_password = pamtester(service, user, "not-" + PASSWORD, code)
+    assert bad_password.returncode != 0 and "Authentication failure" in bad_password.stderr
+    assert "Authentication code:" not in bad_password.stdout + bad_password.stderr  # never asked
+    bad_code = pamtester(service, user, PASSWORD, wrong(code))
+    assert bad_code.returncode != 0 and "Authentication failure" in bad_code.stderr
+    assert "outcome=denied" in login_env["log"].wait_for(f"user={user}")
+    ok = pamtester(service, user, PASSWORD, code)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, installed: dict[str, Any],
+                                                           machine: dict[str, Snapshot]) -> None:
+    config, extensions = Path("/etc/pam_linkus/pam_linkus.yaml"), Path("/etc/pam_linkus/extensions.yaml")
+    config.write_bytes(config.read_bytes() + b"# edited by the admin\n")
+    enroll({"1001": "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"})
+    before = {path: path.read_bytes() for path in (config, extensions)}
+    # No --force-conf*: an unchanged conffile in the package must not even ask.
+    run([*APT, "install", "--reinstall", str(deb)], timeout=300)
+    assert {path: path.read_bytes() for path in (config, extensions)} == before
+    assert [(stat.S_IMODE(p.stat().st_mode), p.stat().st_uid) for p in (config, extensions)] == [(0o600, 0)] * 2
+    assert machine["pam"].differences() in ([], [Path("/var/lib/pam/seen")])
+
+
+def test_purge_removes_the_loader_and_changes_no_pam_file(installed: dict[str, Any], login_env: dict[str, Any],
+                                                         machine: dict[str, Snapshot]) -> None:
+    """Last in this file: purges the package the tests above used."""
+    # One service still naming the module: prerm must warn that it will refuse every login.
+    kept = Path("/etc/pam.d", add_service(login_env, f"{MODULE_LINE}\n"))
+    for service in login_env["services"]:
+        if service != kept:
+            service.unlink(missing_ok=True)
+    result = run([*APT, "purge", PACKAGE], timeout=300)
+    kept.unlink()
+    assert f"libpam-linkus:   {kept}" in result.stdout + result.stderr, result.stdout  # apt merges them
+    assert installed_status() in ("not known", "un", "pn")
+    for path in (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/sbin/linkus-2fa"),
+                 Path("/usr/share/pam-configs/linkus"), Path("/usr/lib/python3/dist-packages/pam_linkus")):
+        assert not os.path.lexists(path), path
+    assert machine["pam"].differences() == []
+
