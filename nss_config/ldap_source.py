@@ -82,6 +82,7 @@ class LdapSource:
         except ValueError:
             return None  # no directory entry can carry such a name
         password = read_secret_file(_required(self.config.bind_password_file), "LDAP bind password")
+        _require_ldap3()
         try:
             entries = search(self.config, password, user)
         except SourceUnavailable:
@@ -128,6 +129,14 @@ class LdapSource:
             return None
 
 
+def _require_ldap3() -> None:
+    """A host configured for LDAP without python3-ldap3 is misconfigured, not broken."""
+    try:
+        import ldap3  # noqa: F401
+    except ImportError:
+        raise ConfigError("the LDAP source needs python3-ldap3 (apt-get install python3-ldap3)") from None
+
+
 def _required(value: str | None) -> str:
     if not value:  # LdapConfig refuses this already; kept for callers that build configs by hand
         raise ConfigError("ldap.bind_password_file is required")
@@ -160,7 +169,7 @@ def search(config: LdapConfig, password: str, user: str) -> Entries:
     raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
 
 
-def _tls(config: LdapConfig) -> Any:
+def make_tls(config: LdapConfig) -> Any:
     import ssl
 
     from ldap3 import Tls
@@ -170,13 +179,15 @@ def _tls(config: LdapConfig) -> Any:
         # CERT_REQUIRED also makes ldap3 check the host name after the handshake.
         return Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
     except LDAPException as exc:
-        problem = _describe(exc)
-        _drop_frames(exc)
+        problem = describe_error(exc)
+        drop_frames(exc)
     raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
 
 
-def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
-    """A connection object for ``uri``; no I/O yet (``_open`` does that)."""
+def new_connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
+                read_only: bool = True) -> Any:
+    """A connection object for ``uri`` (binding as ``bind_dn``, by default the
+    lookup's ``ldap.bind_dn``); no I/O yet (``open_secured`` does that)."""
     import ldap3
 
     server = ldap3.Server(
@@ -189,12 +200,12 @@ def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
     )
     return ldap3.Connection(
         server,
-        user=config.bind_dn,
+        user=bind_dn or config.bind_dn,
         password=password,
         authentication=ldap3.SIMPLE,
         auto_bind=ldap3.AUTO_BIND_NONE,
         client_strategy=ldap3.SYNC,
-        read_only=True,
+        read_only=read_only,
         receive_timeout=config.timeout,
         auto_referrals=False,
         raise_exceptions=False,
@@ -202,7 +213,7 @@ def _connection(config: LdapConfig, uri: str, password: str, tls: Any) -> Any:
     )
 
 
-def _open(conn: Any) -> None:
+def open_secured(conn: Any) -> None:
     """Connect, and establish and verify TLS (ldaps:// handshake or StartTLS)."""
     conn.open(read_server_info=False)
     _no_delay(conn)
@@ -212,7 +223,7 @@ def _open(conn: Any) -> None:
         # a bind on a connection that is not encrypted.
         conn.start_tls(read_server_info=False)
         if not conn.tls_started:
-            raise _Failed("StartTLS did not start")
+            raise StepFailed("StartTLS did not start")
 
 
 def _no_delay(conn: Any) -> None:
@@ -226,25 +237,25 @@ def _no_delay(conn: Any) -> None:
         pass  # only slower, never less safe
 
 
-def _bind(config: LdapConfig, conn: Any) -> None:
+def bind_or_fail(config: LdapConfig, conn: Any) -> None:
     if not conn.bind(read_server_info=False):
-        raise _Failed(f"bind as {config.bind_dn!r:.200} refused ({conn.result.get('description', '?')})")
+        raise StepFailed(f"bind as {conn.user!r:.200} refused ({conn.result.get('description', '?')})")
 
 
-def _find(config: LdapConfig, conn: Any, search_filter: str) -> Entries:
+def find_entries(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
     import ldap3
 
     conn.search(
         config.base,
         search_filter,
         search_scope=getattr(ldap3, _SCOPES[config.scope]),
-        attributes=list(config.attributes.values()),
+        attributes=[*config.attributes.values(), *extra],
         size_limit=SIZE_LIMIT,
         time_limit=config.timeout,
     )
     result = conn.result.get("result")
     if result not in (0, 4):  # success, sizeLimitExceeded (more than SIZE_LIMIT entries)
-        raise _Failed(f"search failed ({conn.result.get('description', '?')})")
+        raise StepFailed(f"search failed ({conn.result.get('description', '?')})")
     entries = []
     for item in conn.response or []:
         if item.get("type") != "searchResEntry":
@@ -254,31 +265,33 @@ def _find(config: LdapConfig, conn: Any, search_filter: str) -> Entries:
     return entries, result == 4
 
 
-class _Failed(Exception):
-    """A step of the conversation with one server failed (translated below)."""
+class StepFailed(Exception):
+    """A step of the conversation with one server failed; the callers here (and
+    in ldap_writer) turn it into SourceUnavailable naming the server, so it never
+    reaches the flow."""
 
 
 def _search_one(config: LdapConfig, uri: str, password: str, search_filter: str) -> Entries:
     from ldap3.core.exceptions import LDAPException
 
-    tls = _tls(config)
-    conn = _connection(config, uri, password, tls)
+    tls = make_tls(config)
+    conn = new_connection(config, uri, password, tls)
     try:
-        _open(conn)
-        _bind(config, conn)
-        return _find(config, conn, search_filter)
-    except _Failed as exc:
+        open_secured(conn)
+        bind_or_fail(config, conn)
+        return find_entries(config, conn, search_filter)
+    except StepFailed as exc:
         problem = str(exc)
     except (LDAPException, OSError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-        problem = _describe(exc)
-        _drop_frames(exc)
+        problem = describe_error(exc)
+        drop_frames(exc)
     finally:
-        _close(conn)
+        close_quietly(conn)
     # Raised here, outside the except blocks, so it carries no ldap3 exception as context.
     raise SourceUnavailable(f"{uri}: {problem}")
 
 
-def _drop_frames(exc: BaseException) -> None:
+def drop_frames(exc: BaseException) -> None:
     """Clear the locals of the finished frames in ``exc``'s tracebacks.
 
     ldap3 keeps the exception it raises in a local list of the frame that raised
@@ -303,7 +316,7 @@ def _drop_frames(exc: BaseException) -> None:
         todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
 
 
-def _close(conn: Any) -> None:
+def close_quietly(conn: Any) -> None:
     from ldap3.core.exceptions import LDAPException
 
     try:
@@ -312,13 +325,17 @@ def _close(conn: Any) -> None:
         pass  # the answer (or the failure) is already known; closing changes nothing
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One short line about a lower-layer error (ldap3 puts whole certificates in some)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    import re
+
+    text = " ".join(str(exc).split())
     start = text.find("{'subject'")
     if start >= 0:  # "certificate {<the whole certificate>} doesn't match any name in [...]"
         end = text.rfind("}")
         text = text[:start] + text[end + 1:].lstrip() if end > start else text[:start]
+    # ldap3 wraps messages in tuple reprs ("('...',)"), and ssl names its C source lines.
+    text = re.sub(r"\s*\(?_ssl\.c:\d+\)?:?", "", text).strip("()\"', ") or type(exc).__name__
     return f"{type(exc).__name__}: {text[:200]}"
 
 
@@ -331,6 +348,14 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> Exte
         return None
     dn, raw = entries[0]
     where = f"LDAP entry {dn!r:.200}"
+    mapping = entry_mapping(config, user, where, raw)
+    if not any(key in mapping for key in PRESENCE_KEYS):
+        return None
+    return settings_from_mapping(user, mapping, where, "ldap")
+
+
+def entry_mapping(config: LdapConfig, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:
+    """An entry's mapped attributes in our keys and YAML types (not yet validated)."""
     mapping: dict[str, Any] = {}
     for key, attribute in config.attributes.items():
         values = raw.get(attribute.lower())
@@ -343,9 +368,7 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> Exte
         except UnicodeDecodeError:
             raise ConfigError(f"attribute {attribute} of {user!r:.60} is not UTF-8", where) from None
         mapping[key] = _convert(key, text)
-    if not any(key in mapping for key in PRESENCE_KEYS):
-        return None
-    return settings_from_mapping(user, mapping, where, "ldap")
+    return mapping
 
 
 def _convert(key: str, text: str) -> Any:
@@ -374,12 +397,17 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     ``sample_user``, the lookup a login would do (first answering server,
     entry validated, no cache). Never raises a LinkusError.
     """
-    from ldap3.core.exceptions import LDAPException
-
     lines: list[str] = []
 
     def say(ok: bool, what: str, detail: str) -> None:
         lines.append(f"{'ok  ' if ok else 'FAIL'} ldap {what}: {detail}")
+
+    try:
+        _require_ldap3()
+    except LinkusError as exc:
+        say(False, "ldap3", exc.reason)
+        return lines
+    from ldap3.core.exceptions import LDAPException
 
     if not config.uris:
         say(False, "uris", "no server configured (ldap.uris)")
@@ -391,36 +419,36 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
         return lines
     say(True, "bind password", f"{config.bind_password_file} readable, root-only")
     try:
-        tls = _tls(config)
+        tls = make_tls(config)
     except LinkusError as exc:
         say(False, "ca_file", exc.reason)
         return lines
     say(True, "ca_file", config.ca_file or "system trust store")
     search_filter = build_filter(config.filter, sample_user) if sample_user else None
     for uri in config.uris:
-        conn = _connection(config, uri, password, tls)
+        conn = new_connection(config, uri, password, tls)
         step = "connect"
         try:
-            _open(conn)
+            open_secured(conn)
             how = "ldaps" if conn.server.ssl else "StartTLS"
             say(True, uri, f"connected, TLS via {how}, certificate and host name verified")
             step = "bind"
-            _bind(config, conn)
+            bind_or_fail(config, conn)
             say(True, uri, f"bound as {config.bind_dn}")
             if search_filter is not None:
                 step = "search"
-                entries, truncated = _find(config, conn, search_filter)
+                entries, truncated = find_entries(config, conn, search_filter)
                 unique = len(entries) <= 1 and not truncated
                 count = f"more than {len(entries)}" if truncated else str(len(entries))
                 say(unique, uri, f"search {search_filter} under {config.base}: {count} entries"
                     + ("" if unique else " (ambiguous)"))
-        except _Failed as exc:
+        except StepFailed as exc:
             say(False, uri, f"{step}: {exc}")
         except (LDAPException, OSError) as exc:
-            say(False, uri, f"{step}: {_describe(exc)}")
-            _drop_frames(exc)
+            say(False, uri, f"{step}: {describe_error(exc)}")
+            drop_frames(exc)
         finally:
-            _close(conn)
+            close_quietly(conn)
     if sample_user:
         try:
             found = LdapSource(config).lookup(sample_user)

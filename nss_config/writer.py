@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pam_linkus.errors import ConfigError, SourceUnavailable
+from pam_linkus.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
     class SettingsWriter(Protocol):
         name: str
+
+        def preflight(self, user: str) -> None:
+            """Raise what ``update`` would raise before changing anything (no entry, no access)."""
+            ...
 
         def update(
             self, user: str, change: Callable[[dict[str, Any] | None], dict[str, Any] | None]
@@ -53,11 +57,8 @@ def writer_for(config: Config, source: str) -> SettingsWriter:
                 "the LDAP source is read-only here: set ldap.writer_bind_dn and ldap.writer_password_file "
                 "to let linkus-2fa change 2FA attributes, or change them in the directory itself"
             )
-        try:
-            from nss_config.ldap_writer import LdapWriter  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise SourceUnavailable("this version of pam-linkus cannot write to LDAP yet; "
-                                    "change the 2FA attributes in the directory") from None
+        from nss_config.ldap_writer import LdapWriter
+
         writer: SettingsWriter = LdapWriter(ldap)
         return writer
     raise AssertionError(f"unknown source {source!r}")
@@ -69,7 +70,7 @@ def _open_source(config: Config, name: str) -> Any:
 
         return YamlSource(config.yaml.path)
     if name == "ldap":
-        from nss_config.ldap_source import LdapSource  # type: ignore[import-not-found,unused-ignore]
+        from nss_config.ldap_source import LdapSource
 
         return LdapSource(config.ldap, state=None)
     raise AssertionError(f"unknown source {name!r}")

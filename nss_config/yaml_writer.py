@@ -67,6 +67,11 @@ class YamlWriter:
         parse_extensions(document, self.path)
         return _entry_of(document, user)
 
+    def preflight(self, user: str) -> None:
+        """Check, before a secret is shown, that the file can be read, parsed and locked."""
+        os.close(self._lock())
+        self.current(user)
+
     def update(self, user: str, change: Callable[[Entry | None], Entry | None]) -> ExtensionSettings | None:
         """Replace ``user``'s entry by ``change(old entry)`` (None removes it), atomically.
 

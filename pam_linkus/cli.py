@@ -192,13 +192,19 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     from pam_linkus.totp import generate_secret
 
     source, current = adm.lookup(ext)
-    writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret
+    writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret,
+    writer.preflight(ext)  # one that cannot take the change,
+    adm.store()  # and a state store that cannot be opened
     secret = generate_secret(160)
     issuer = issuer or adm.config.totp.issuer or socket.gethostname()
     if current is not None and current.enrolled:
         print(f"{ext} already has 2FA ({current.method}); it is replaced only once the new key is confirmed.")
     _show_totp(adm, ext, secret, issuer, qr=qr, qr_file=qr_file)
-    step = _confirm_totp(adm, secret) if confirm else None
+    try:
+        step = _confirm_totp(adm, secret) if confirm else None
+    except CodeRejected:
+        adm.audit("enroll", ext, method="totp", source=source, result="not-confirmed")
+        raise
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         kept = {k: v for k, v in (old or {}).items() if k == "email"}
@@ -222,20 +228,25 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    writer.preflight(ext)
+    adm.store()
     target = address or (current.email if current is not None else None)
     if not target:
         raise ConfigError(f"{ext} has no email address in the {source} source; give one with --address")
     _check_address(target)
     if current is not None and current.enrolled and current.method == "email" and current.email != target:
         writer.update(ext, lambda old: {**(old or {}), "method": "email", "email": target, "enabled": False})
-        adm.store().forget(ext)
         adm.audit("email-address-changed", ext, source=source, result="email-2fa-off-until-confirmed")
         print(f"Email 2FA for {ext} is off until the new address is confirmed.")
-    _send_and_confirm_email(adm, ext, target)
+    try:
+        _send_and_confirm_email(adm, ext, target)
+    except CodeRejected:
+        adm.audit("enroll", ext, method="email", source=source, result="not-confirmed")
+        raise
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
-        kept = {k: v for k, v in (old or {}).items() if k in ("secret", "algorithm", "digits", "period")}
-        return {**kept, "method": "email", "email": target, "enabled": True}
+        # A TOTP secret left behind would be one more copy of a key nobody uses.
+        return {"method": "email", "email": target, "enabled": True}
 
     writer.update(ext, change)
     adm.store().record_enrolment(ext, "email", time.time())
@@ -245,10 +256,8 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
 
 def _check_address(address: str) -> None:
-    try:
-        from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        raise ConfigError("email enrolment needs pam_linkus.emailcode, which this version lacks") from None
+    from pam_linkus import emailcode
+
     try:
         emailcode.check_address(address)
     except ValueError as exc:
@@ -257,7 +266,7 @@ def _check_address(address: str) -> None:
 
 def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     """Mail a code through the module's own email code path and check what is typed."""
-    from pam_linkus import emailcode  # type: ignore[attr-defined,unused-ignore]
+    from pam_linkus import emailcode
     from pam_linkus.flow import Context, LoginRequest
 
     ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store())
@@ -283,6 +292,7 @@ def disable(adm: Admin, ext: str) -> int:
     from nss_config.writer import writer_for
 
     source, current = adm.lookup(ext)
+    adm.store()  # fail before the source is changed, not after
     if current is not None:
         writer = writer_for(adm.config, source)
 
@@ -398,9 +408,10 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
         except KeyError:
             raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
-    found = read_file(path)
     source, _current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
+    adm.store()
+    found = read_file(path)
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         kept = {k: v for k, v in (old or {}).items() if k == "email"}
@@ -470,13 +481,18 @@ def _prove_identity(adm: Admin, user: str) -> None:
         return
     from pam_linkus.flow import Context, LoginRequest
     from pam_linkus.flow import authenticate as decide
+    from pam_linkus.outcome import Outcome
 
     ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store(), echo_code=True)
     try:
-        decide(LoginRequest(user, service="linkus-2fa"), ctx)
+        decision = decide(LoginRequest(user, service="linkus-2fa"), ctx)
     except LinkusError:
         adm.audit("self-check", user, result="wrong-code")
         raise
+    if decision.outcome != Outcome.SUCCESS:
+        # No request address, so no exempt network or grace period applies; should a
+        # policy ever skip here anyway, self-service still wants a code it has seen.
+        raise Denied(f"a current code is required ({decision.reason})")
 
 
 # -- command line ------------------------------------------------------------------------

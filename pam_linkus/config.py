@@ -258,7 +258,7 @@ class LdapConfig:
         attrs.done()
         self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=30)
         # ldap3 sets SO_RCVTIMEO from this value and needs whole seconds.
-        self.timeout = r.integer("timeout", 5, minimum=1, maximum=30)
+        self.timeout = r.integer("timeout", 3, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")

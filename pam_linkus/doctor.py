@@ -119,17 +119,17 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
         except LinkusError as exc:
             doc.report("FAIL", "yaml source", exc.reason)
     if "ldap" in config.sources:
-        try:
-            from nss_config.writer import _open_source
+        from nss_config.ldap_source import check
 
-            _open_source(config, "ldap").lookup(PROBE_USER)
-            doc.report("ok", "ldap source", ", ".join(config.ldap.uris))
-        except LinkusError as exc:
-            doc.report("FAIL", "ldap source", exc.reason)
-        except ImportError:
-            doc.report("FAIL", "ldap source", "this installation has no LDAP source module")
+        # The LDAP source's own step-by-step check (TLS, bind, search, lookup per server).
+        for line in check(config.ldap, user):
+            level, _, rest = line.partition(" ")
+            what, _, detail = rest.strip().partition(": ")
+            doc.report("FAIL" if level == "FAIL" else "ok", what, detail)
         if not config.ldap.writer_bind_dn:
             doc.report("ok", "ldap writes", "read-only (no ldap.writer_bind_dn): linkus-2fa cannot enroll there")
+        else:
+            doc.report("ok", "ldap writes", f"linkus-2fa binds as {config.ldap.writer_bind_dn}")
     if user:
         try:
             found = build_chain(config).lookup(user)

@@ -164,11 +164,17 @@ def _decide(req: LoginRequest, ctx: Context) -> Decision:
 
     if settings.method == "totp":
         decision = _verify_totp(req, ctx, settings, store)
-    elif settings.method == "email":
+    elif settings.method == "email" and ctx.single_field is None:
         decision = _verify_email(req, ctx, settings, store)
+    elif settings.method == "email":
+        # the code must be mailed before it can be typed: email needs the two-step mode
+        raise NotEnrolled("email codes are not available in single-field mode (forward_pass)")
     else:
         raise NotEnrolled(f"method {settings.method} is not available on this host")
-    policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
+    if ctx.single_field is None:
+        # In single-field mode the password is checked after us: this login is not
+        # known to succeed, so it must not start a grace period.
+        policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
     return decision
 
 

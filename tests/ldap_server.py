@@ -39,6 +39,7 @@ SLAPD = "/usr/sbin/slapd"
 SUFFIX = "dc=linkus,dc=test"
 ADMIN_DN = f"cn=admin,{SUFFIX}"
 PAM_DN = f"cn=pam,{SUFFIX}"
+WRITER_DN = f"cn=writer,{SUFFIX}"
 SERVER_NAME = "linkus-ldap.test"
 
 #: Our keys -> attributes of the shipped schema (the source's default map, with
@@ -161,6 +162,7 @@ class Slapd:
         self.pki = pki
         self.admin_password = secrets.token_urlsafe(12)
         self.pam_password = secrets.token_urlsafe(12)
+        self.writer_password = secrets.token_urlsafe(12)
         self.log_path = root / "slapd.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = self.tls_port = 0
@@ -200,7 +202,7 @@ rootdn "{ADMIN_DN}"
 rootpw {self.admin_password}
 directory {self.root}/db
 access to attrs=userPassword by anonymous auth by * none
-access to * by dn.exact="{PAM_DN}" read by * none
+access to * by dn.exact="{PAM_DN}" read by dn.exact="{WRITER_DN}" write by * none
 """
 
     def _load_base(self) -> None:
@@ -215,6 +217,12 @@ objectClass: organizationalRole
 objectClass: simpleSecurityObject
 cn: pam
 userPassword: {self.pam_password}
+
+dn: {WRITER_DN}
+objectClass: organizationalRole
+objectClass: simpleSecurityObject
+cn: writer
+userPassword: {self.writer_password}
 """
         subprocess.run(["slapadd", "-q", "-f", str(self.conf)], input=ldif.encode(), check=True,
                        capture_output=True, timeout=30)

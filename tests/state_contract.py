@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.errors import Locked, StateUnavailable
 from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, next_lock
@@ -75,7 +76,7 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-class StateContract:
+class StateContract(EnrolmentRecoveryContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``."""
 
     @pytest.fixture
@@ -231,6 +232,53 @@ class StateContract:
         finally:
             other.close()
 
+    # -- grace periods (pam_linkus.policy) ---------------------------------------------
+
+    def test_a_grace_period_is_per_extension_and_address_and_ends(self, store: Any) -> None:
+        assert store.grace_active("1001", "192.0.2.7", NOW) is False
+        store.start_grace("1001", "192.0.2.7", NOW, 300)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 299) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 300) is False
+        assert store.grace_active("1001", "192.0.2.8", NOW + 1) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is False
+        store.start_grace("1001", "2001:db8::7", NOW, 60)
+        assert store.grace_active("1001", "2001:db8::7", NOW + 59) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 59) is True
+
+    def test_a_grace_period_is_never_shortened(self, store: Any) -> None:
+        store.start_grace("1001", "192.0.2.7", NOW, 600)
+        store.start_grace("1001", "192.0.2.7", NOW + 10, 60)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 599) is True
+        store.start_grace("1001", "192.0.2.7", NOW + 500, 600)  # a later right code extends it
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1099) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1100) is False
+
+    def test_an_expired_grace_period_can_start_again(self, store: Any) -> None:
+        store.start_grace("1001", "192.0.2.7", NOW, 60)
+        store.start_grace("1001", "192.0.2.8", NOW + 100, 60)  # drops the expired one
+        assert store.grace_active("1001", "192.0.2.7", NOW + 101) is False
+        store.start_grace("1001", "192.0.2.7", NOW + 200, 60)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 201) is True
+
+    def test_forget_and_unlock_and_grace(self, store: Any) -> None:
+        for user in ("1001", "1002"):
+            store.start_grace(user, "192.0.2.7", NOW, 300)
+        store.unlock("1001")
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1) is True  # unlock is about failures only
+        store.forget("1001")
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is True
+
+    def test_parallel_grace_periods_from_many_addresses_all_count(self, opener: Opener) -> None:
+        race(opener, lambda s, i: s.start_grace("1001", f"192.0.2.{i + 1}", NOW + i, 300))
+        check = opener()
+        try:
+            for i in range(RACERS):
+                assert check.grace_active("1001", f"192.0.2.{i + 1}", NOW + 299) is True
+            assert check.grace_active("1001", "192.0.2.200", NOW + 10) is False
+        finally:
+            check.close()
+
     # -- races between processes -----------------------------------------------------
 
     def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
@@ -361,7 +409,10 @@ class StateContract:
     # -- unavailable -----------------------------------------------------------------
 
     @pytest.mark.parametrize("operation", ["lock_status", "accept_totp_step", "record_failure", "unlock", "forget",
-                                           "issue_email_code", "discard_email_code", "verify_email_code"])
+                                           "issue_email_code", "discard_email_code", "verify_email_code",
+                                           "start_grace", "grace_active",
+                                           "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt",
+                                           "recovery_codes_left", "use_recovery_code"])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
@@ -372,6 +423,14 @@ class StateContract:
             "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
             "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
+            "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 300),
+            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
+            "record_enrolment": lambda s: s.record_enrolment("1001", "totp", NOW, totp_step=STEP),
+            "enrolment": lambda s: s.enrolment("1001"),
+            "set_recovery_codes": lambda s: s.set_recovery_codes("1001", "00" * 16, ["d1", "d2"]),
+            "recovery_salt": lambda s: s.recovery_salt("1001"),
+            "recovery_codes_left": lambda s: s.recovery_codes_left("1001"),
+            "use_recovery_code": lambda s: s.use_recovery_code("1001", "d1", NOW),
         }
         with pytest.raises(StateUnavailable):
             store = unavailable_opener()

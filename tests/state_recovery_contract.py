@@ -58,6 +58,14 @@ class EnrolmentRecoveryContract:
         info = store.enrolment("1002")
         assert (info.since, info.last_success) == (None, NOW)
 
+    def test_an_accepted_email_code_records_the_success(self, opener: Callable[[], Any]) -> None:
+        from pam_linkus.state.base import EmailCheck, EmailLimits
+
+        store = opener()
+        store.issue_email_code("1003", "h" * 64, NOW, EmailLimits())
+        assert store.verify_email_code("1003", "h" * 64, NOW + 5) == EmailCheck.ACCEPTED
+        assert store.enrolment("1003").last_success == NOW + 5
+
     def test_recovery_code_works_once_and_clears_failures(self, opener: Callable[[], Any]) -> None:
         store = opener()
         salt = new_salt()

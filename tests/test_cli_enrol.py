@@ -73,6 +73,7 @@ def test_wrong_confirmation_code_saves_nothing(pam_stack: PamStack, user: str) -
     assert pam_stack.extensions_path.read_bytes() == before
     status = run_cli(pam_stack, "status", user)
     assert "method:       none" in status.stdout
+    assert "result=not-confirmed" in pam_stack.log.wait_for(f"action=enroll ext={user}")
 
 
 def test_re_enrolment_keeps_the_old_secret_until_the_new_one_is_confirmed(pam_stack: PamStack, user: str) -> None:
@@ -172,3 +173,27 @@ def test_invalid_extension_name_is_refused(pam_stack: PamStack) -> None:
     assert result.returncode == 1
     assert "invalid extension name" in result.stderr
     assert "bad" not in pam_stack.extensions_path.read_text()
+
+
+def test_an_unusable_state_store_stops_the_change_before_the_source_is_written(pam_stack: PamStack, user: str,
+                                                                               private_dir: Path) -> None:
+    shared = private_dir / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    pam_stack.enroll_totp(user)
+    pam_stack.write_config(state={"path": str(shared / "state.db")})
+    before = pam_stack.extensions_path.read_bytes()
+    for args in (("enroll", user, "--no-confirm", "--no-qr"), ("disable", user)):
+        result = run_cli(pam_stack, *args)
+        assert result.returncode == 1, args
+        assert "must be owned by root and not writable by group or others" in result.stderr
+        assert "Key:" not in result.stdout
+    assert pam_stack.extensions_path.read_bytes() == before
+
+
+def test_a_broken_extensions_file_is_reported_before_a_secret_is_shown(pam_stack: PamStack, user: str) -> None:
+    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n')
+    result = run_cli(pam_stack, "enroll", user, "--no-qr")
+    assert result.returncode == 1
+    assert f"{pam_stack.extensions_path}:2:3" in result.stderr and "needs a secret" in result.stderr
+    assert "Key:" not in result.stdout

@@ -155,3 +155,25 @@ def test_import_refuses_a_counter_based_file(pam_stack: PamStack, user: str, pri
     result = run_cli(pam_stack, "import-google", user, "--file", str(path))
     assert result.returncode == 1 and "counter-based (HOTP)" in result.stderr
     assert pam_stack.extensions_path.read_bytes() == before
+
+
+def test_self_service_recovery_codes_after_password_and_a_recovery_code(pam_stack: PamStack, user: str,
+                                                                        password_service: str) -> None:
+    pam_stack.write_config(self_service={"pam_service": password_service})
+    pam_stack.enroll_totp(user)
+    first = run_cli(pam_stack, "recovery-codes", user, "--count", "2")
+    old_codes = [line.strip() for line in first.stdout.splitlines() if line.startswith("  ")]
+    child = spawn_cli(pam_stack, "self", "recovery-codes", env={"SUDO_USER": user})
+    child.expect("Password: ")
+    child.sendline(PASSWORD)
+    child.expect("Authentication code: ")
+    child.sendline(old_codes[0])  # the phone is gone: a recovery code proves the second factor
+    child.expect("Edited successfully.")
+    printed = str(child.before)
+    assert finish(child)[0] == 0
+    new_codes = [line.strip() for line in printed.splitlines() if line.startswith("  ")]
+    assert len(new_codes) == 10 and not set(new_codes) & set(old_codes)
+    assert pam_stack.login(user, old_codes[1]).auth == "PAM_AUTH_ERR"  # replaced
+    assert pam_stack.login(user, new_codes[0]).auth == "PAM_SUCCESS"
+    status = run_cli(pam_stack, "self", "status", env={"SUDO_USER": user})
+    assert status.returncode == 0 and "recovery:     9 codes left" in status.stdout

@@ -239,22 +239,6 @@ def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
         login(config, store, clock, Prompter(), rhost="192.0.2.7")
 
 
-def test_store_grace_records(store: SqliteStore) -> None:
-    assert store.grace_active(USER, "192.0.2.7", T0) is False
-    store.start_grace(USER, "192.0.2.7", T0, 100)
-    store.start_grace(USER, "192.0.2.7", T0 - 50, 10)  # an earlier end never shortens it
-    assert store.grace_active(USER, "192.0.2.7", T0 + 99) is True
-    assert store.grace_active(USER, "192.0.2.7", T0 + 100) is False
-    assert store.grace_active(USER, "192.0.2.8", T0 + 1) is False
-    assert store.grace_active("1002", "192.0.2.7", T0 + 1) is False
-    store.forget(USER)
-    assert store.grace_active(USER, "192.0.2.7", T0 + 1) is False
-    store.start_grace(USER, "192.0.2.7", T0, 100)
-    store.start_grace(USER, "192.0.2.9", T0 + 200, 100)  # prunes the expired one
-    rows = store._db.execute("SELECT rhost FROM grace WHERE user = ?", (USER,)).fetchall()
-    assert rows == [("192.0.2.9",)]
-
-
 # -- single-field mode -------------------------------------------------------------
 
 
@@ -298,7 +282,18 @@ def test_single_field_ignores_exempt_networks_and_grace_for_enrolled(store: Sqli
     assert login(config, store, clock, prompter, rhost="192.0.2.7",
                  single=single(prompter, tok)).outcome == Outcome.SUCCESS
     assert tok.value == "pw"
+    # the password is checked after pam-linkus here: no grace period starts
+    assert store.grace_active(USER, "192.0.2.7", clock.now + 1) is False
     clock.now += 30
     prompter, tok = Prompter("pw" + wrong(code_at(SECRET, clock.now))), AuthTok()
     with pytest.raises(CodeRejected):
         login(config, store, clock, prompter, rhost="192.0.2.7", single=single(prompter, tok))
+
+
+def test_single_field_refuses_email_extensions_without_sending(store: SqliteStore) -> None:
+    """An email code must be mailed before it can be typed: two-step mode only."""
+    email = ExtensionSettings(USER, "email", email="alice@example.com", source="test")
+    prompter, tok = Prompter("pw123456"), AuthTok()
+    with pytest.raises(NotEnrolled, match="single-field"):
+        login(make_config(), store, Clock(), prompter, chain=Chain(email), single=single(prompter, tok))
+    assert prompter.asked == [] and prompter.infos == [] and tok.value is None

@@ -394,7 +394,7 @@ def test_config_defaults_are_safe() -> None:
     config = make_config({"uris": ["ldaps://h"], "bind_dn": "cn=x", "bind_password_file": "/p",
                           "base": "dc=x"})
     assert (config.start_tls, config.cache_max_age, config.scope) == (True, 0, "subtree")
-    assert config.connect_timeout == 3.0 and config.timeout == 5
+    assert config.connect_timeout == 3.0 and config.timeout == 3
 
 
 # -- cost --------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ from pam_linkus.config import Config
 import nss_config.ldap_source
 from nss_config.chain import build_chain
 config = Config.from_mapping({{"sources": ["yaml", "ldap"], "yaml": {{"path": {str(extensions)!r}}},
-    "ldap": {{"uris": ["ldaps://192.0.2.1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
+    "ldap": {{"uris": ["ldaps://127.0.0.1:1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
               "base": "dc=x"}}}})
 assert build_chain(config).lookup("1001").method == "none"
 print(sorted(m for m in sys.modules if m.split(".")[0] in ("ldap3", "ssl", "json")))
@@ -496,3 +496,52 @@ def test_ldif_schema_loads_into_cn_config(tmp_path: Path) -> None:
     # Same definitions as the .schema file: every attribute name appears in both.
     for name in SCHEMA_ATTRIBUTES.values():
         assert name in loaded and name in SCHEMA.read_text()
+
+
+def test_linkus_2fa_doctor_prints_the_ldap_checks(
+    slapd: Slapd, password_file: Path, private_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from pam_linkus.doctor import run
+
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    (private_dir / "state").mkdir(mode=0o700)
+    config_path = private_dir / "pam_linkus.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "sources": ["ldap"], "state": {"path": str(private_dir / "state" / "state.db")},
+        "ldap": ldap_config(slapd, base, password_file),
+    }))
+    config_path.chmod(0o600)
+    pam_dir = private_dir / "pam.d"
+    pam_dir.mkdir()
+    run(str(config_path), user="alice", pam_dir=str(pam_dir), smtp=False, now=time.time())
+    out = capsys.readouterr().out
+    assert f"ok   ldap {slapd.ldaps_uri}: connected, TLS via ldaps, certificate and host name verified" in out
+    assert "ok   ldap lookup alice: method=totp enabled=yes" in out
+    assert "FAIL ldap" not in out
+    stopped = ldap_config(slapd, base, password_file, uris=[f"ldaps://127.0.0.1:{free_port()}"])
+    config_path.write_text(yaml.safe_dump({"sources": ["ldap"], "ldap": stopped,
+                                           "state": {"path": str(private_dir / "state" / "state.db")}}))
+    assert run(str(config_path), user=None, pam_dir=str(pam_dir), smtp=False, now=time.time()) == 1
+    assert "Connection refused" in capsys.readouterr().out
+
+
+def test_referrals_are_never_followed(slapd: Slapd, password_file: Path, black_hole: BlackHole) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    manage_dsa_it = ("2.16.840.1.113730.3.4.2", True, None)
+    elsewhere = f"ldap://127.0.0.1:{black_hole.port}/ou=people,dc=elsewhere"
+    conn = slapd.admin()
+    conn.add(f"ou=moved,{base}", ["referral", "extensibleObject"], {"ou": "moved", "ref": elsewhere},
+             controls=[manage_dsa_it])
+    conn.unbind()
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, timeout=2)))
+    started = time.monotonic()
+    found = source.lookup("alice")
+    assert found is not None and found.secret == SECRET
+    assert source.lookup("bob") is None  # a continuation reference is not chased into the black hole
+    assert time.monotonic() - started < 1.5
+    # A base that is itself a referral: the server answers "referral", which is no answer.
+    moved = LdapSource(make_config(ldap_config(slapd, f"ou=moved,{base}", password_file, timeout=2)))
+    with pytest.raises(SourceUnavailable, match="referral"):
+        moved.lookup("alice")

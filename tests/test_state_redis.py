@@ -60,7 +60,7 @@ class TestRedisState(StateContract):
 # -- keys, TTLs, prefix -------------------------------------------------------------
 
 
-def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock(redis_server: RedisServer) -> None:
+def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock_and_enrolments(redis_server: RedisServer) -> None:
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
     store.accept_totp_step("1001", STEP, NOW)
@@ -70,7 +70,8 @@ def test_every_key_has_the_prefix_and_a_ttl_except_an_admin_lock(redis_server: R
     store.close()
     r = redis_server.client()
     keys = sorted(r.keys("*"))
-    assert keys == [f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail"]
+    assert keys == [f"{p}{{1001}}:enrol", f"{p}{{1001}}:totp", f"{p}{{1002}}:fail", f"{p}{{1003}}:fail"]
+    assert r.ttl(f"{p}{{1001}}:enrol") == -1  # last success: lives as long as the enrolment (forget removes it)
     assert REPLAY_TTL - 5 <= r.ttl(f"{p}{{1001}}:totp") <= REPLAY_TTL
     assert 86400 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400
     assert r.ttl(f"{p}{{1003}}:fail") == -1  # only `linkus-2fa unlock` ends it

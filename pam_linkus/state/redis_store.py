@@ -20,11 +20,11 @@ says ``state: {backend: redis}``.
 from __future__ import annotations
 
 from pam_linkus.errors import ConfigError, Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, EmailCheck, EmailIssue, LockStatus, next_lock
+from pam_linkus.state.base import FOREVER, EmailCheck, EmailIssue, Enrolment, LockStatus, next_lock
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import Any, TypeVar
 
     from pam_linkus.config import RedisConfig
@@ -40,7 +40,7 @@ REPLAY_TTL = 86400
 
 _FOREVER = repr(float(FOREVER))
 
-# KEYS: fail, totp   ARGV: now, step, replay_ttl
+# KEYS: fail, totp, enrol   ARGV: now, step, replay_ttl
 # -> {0, locked_until} locked | {1} replay (a step >= step was accepted) | {2} accepted
 _ACCEPT_TOTP = """
 local locked_until = redis.call('HGET', KEYS[1], 'until')
@@ -53,6 +53,51 @@ if last and tonumber(last) >= tonumber(ARGV[2]) then
 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[3], 'last', ARGV[1])
+redis.call('HSETNX', KEYS[3], 'method', 'totp')
+return {2}
+"""
+
+# KEYS: enrol, totp   ARGV: method, now, step ('' = none), replay_ttl
+_RECORD_ENROLMENT = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'method', ARGV[1], 'since', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[2])
+else
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+end
+return 1
+"""
+
+# KEYS: rc   ARGV: salt, digest...
+_SET_RECOVERY = """
+redis.call('DEL', KEYS[1])
+for i = 2, #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], '1')
+end
+if #ARGV > 1 then
+  redis.call('HSET', KEYS[1], '_salt', ARGV[1])
+end
+return 1
+"""
+
+# KEYS: fail, rc, enrol   ARGV: now, digest
+# -> {0, locked_until} locked | {1} no such code | {2} spent
+_USE_RECOVERY = """
+local locked_until = redis.call('HGET', KEYS[1], 'until')
+if locked_until and tonumber(locked_until) > tonumber(ARGV[1]) then
+  return {0, locked_until}
+end
+if ARGV[2] == '_salt' or redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then
+  return {1}
+end
+if redis.call('HLEN', KEYS[2]) <= 1 then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[3], 'last', ARGV[1])
+redis.call('HSETNX', KEYS[3], 'method', '-')
 return {2}
 """
 
@@ -144,7 +189,7 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 """
 
-# KEYS: fail, code   ARGV: now, hash
+# KEYS: fail, code, enrol   ARGV: now, hash
 # The stored value is an HMAC under a key Redis never sees, so the timing of
 # Lua's string comparison tells an attacker nothing they could steer.
 # -> {0, locked_until} locked | {1, verdict}
@@ -161,6 +206,8 @@ if tonumber(code[2]) <= tonumber(ARGV[1]) then
 end
 if ARGV[2] ~= '' and code[1] == ARGV[2] then
   redis.call('DEL', KEYS[2], KEYS[1])
+  redis.call('HSET', KEYS[3], 'last', ARGV[1])
+  redis.call('HSETNX', KEYS[3], 'method', 'email')
   return {1, 'accepted'}
 end
 if tonumber(code[3]) <= 1 then
@@ -178,6 +225,29 @@ _VERDICTS = {
     "expired": EmailCheck.EXPIRED,
     "missing": EmailCheck.MISSING,
 }
+
+# KEYS: grace (a hash: rhost -> until)   ARGV: now, rhost, until
+# Drops this extension's expired periods, keeps the later end for ``rhost``, and
+# lets the key expire with its last period.
+_START_GRACE = """
+local now = tonumber(ARGV[1])
+local latest = tonumber(ARGV[3])
+local fields = redis.call('HGETALL', KEYS[1])
+for i = 1, #fields, 2 do
+  local until_ = tonumber(fields[i + 1])
+  if until_ <= now then
+    redis.call('HDEL', KEYS[1], fields[i])
+  elseif until_ > latest then
+    latest = until_
+  end
+end
+local old = redis.call('HGET', KEYS[1], ARGV[2])
+if not old or tonumber(old) < tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[1], math.max(1, math.ceil(latest - now)))
+return 1
+"""
 
 
 class RedisStore:
@@ -275,7 +345,7 @@ class RedisStore:
         return LockStatus(int(count), float(locked_until or 0.0))
 
     def accept_totp_step(self, user: str, step: int, now: float) -> bool:
-        keys = [self._key(user, "fail"), self._key(user, "totp")]
+        keys = [self._key(user, "fail"), self._key(user, "totp"), self._key(user, "enrol")]
         answer = self._eval("accept code", _ACCEPT_TOTP, keys, [repr(now), step, REPLAY_TTL])
         if int(answer[0]) == 0:
             raise Locked(locked_until=float(answer[1]))
@@ -315,19 +385,72 @@ class RedisStore:
         self._eval("discard email code", _DISCARD_EMAIL, keys, [code_hash])
 
     def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
-        keys = [self._key(user, "fail"), self._key(user, "email")]
+        keys = [self._key(user, "fail"), self._key(user, "email"), self._key(user, "enrol")]
         answer = self._eval("verify email code", _VERIFY_EMAIL, keys, [repr(now), code_hash])
         if int(answer[0]) == 0:
             raise Locked(locked_until=float(answer[1]))
         return _VERDICTS[str(answer[1])]
+
+    def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+        self._eval("start grace period", _START_GRACE, [self._key(user, "grace")], [repr(now), rhost,
+                                                                                     repr(now + duration)])
+
+    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+        until = self._call("grace period", lambda: self._client.hget(self._key(user, "grace"), rhost))
+        return until is not None and float(until) > now
 
     def unlock(self, user: str) -> None:
         self._call("unlock", lambda: self._client.delete(self._key(user, "fail")))
 
     def forget(self, user: str) -> None:
         # One DEL of all keys: atomic, so no half-forgotten extension.
-        keys = [self._key(user, kind) for kind in ("totp", "fail", "email", "email_sends")]
+        keys = [self._key(user, kind) for kind in ("totp", "fail", "email", "email_sends", "grace", "enrol", "rc")]
         self._call("forget", lambda: self._client.delete(*keys))
+
+    # -- enrolment record and recovery codes ------------------------------------------
+    # ``enrol`` (hash: method, since, last) and ``rc`` (hash: digest -> 1, plus
+    # ``_salt``) have no TTL: they live as long as the enrolment, and ``disable``
+    # (forget) removes them. A recovery code must never expire silently.
+
+    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+        keys = [self._key(user, "enrol"), self._key(user, "totp")]
+        step = "" if totp_step is None else str(totp_step)
+        self._eval("record enrolment", _RECORD_ENROLMENT, keys, [method, repr(now), step, REPLAY_TTL])
+
+    def enrolment(self, user: str) -> Enrolment | None:
+        method, since, last = self._call(
+            "enrolment", lambda: self._client.hmget(self._key(user, "enrol"), "method", "since", "last")
+        )
+        left = self.recovery_codes_left(user)
+        if method is None and last is None and not left:
+            return None
+        return Enrolment(
+            method if method not in (None, "-") else None,
+            float(since) if since is not None else None,
+            float(last) if last is not None else None,
+            left,
+        )
+
+    def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+        self._eval("set recovery codes", _SET_RECOVERY, [self._key(user, "rc")], [salt, *digests])
+
+    def recovery_salt(self, user: str) -> str | None:
+        salt = self._call("recovery salt", lambda: self._client.hget(self._key(user, "rc"), "_salt"))
+        return str(salt) if salt is not None else None
+
+    def recovery_codes_left(self, user: str) -> int:
+        count = int(self._call("recovery codes", lambda: self._client.hlen(self._key(user, "rc"))))
+        return max(0, count - 1)
+
+    def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+        # The digest is looked up by HDEL (a hash-table lookup), not compared byte
+        # by byte in Python: its timing depends on the scrypt output of a guess
+        # under a per-extension salt, which tells an attacker nothing usable.
+        keys = [self._key(user, "fail"), self._key(user, "rc"), self._key(user, "enrol")]
+        answer = self._eval("use recovery code", _USE_RECOVERY, keys, [repr(now), digest])
+        if int(answer[0]) == 0:
+            raise Locked(locked_until=float(answer[1]))
+        return int(answer[0]) == 2
 
     def close(self) -> None:
         try:

@@ -91,6 +91,25 @@ MIGRATIONS: tuple[str, ...] = (
 BUSY_TIMEOUT = 5.0
 
 
+def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
+    """Switch a new state file to WAL (readers then never wait for the writer).
+
+    Several first logins opening a fresh file at once make SQLite answer this
+    pragma "database is locked" at once, without its busy handler; so retry for a
+    bounded while (about 2 s), and go on in rollback-journal mode if it never
+    works: that mode is slower under load but just as correct, so it is no reason
+    to refuse a login.
+    """
+    import time
+
+    for _ in range(tries):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            time.sleep(0.01)
+
+
 class SqliteStore:
     """StateStore on one SQLite file; see pam_linkus.state.base for the contract."""
 
@@ -122,7 +141,7 @@ class SqliteStore:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 raise StateUnavailable(f"state file {path} must be a regular file owned by root, mode 0600")
             db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
-            self._migrate(db)
+            self._migrate(db, busy_timeout)
             return db
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state file {path}: {exc}") from None
@@ -130,12 +149,12 @@ class SqliteStore:
             raise StateUnavailable(f"state file {path}: {exc.strerror}") from None
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection) -> None:
+    def _migrate(db: sqlite3.Connection, busy_timeout: float = BUSY_TIMEOUT) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
         if version >= len(MIGRATIONS):
             return
         if version == 0:
-            db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(db)
         db.execute("BEGIN IMMEDIATE")
         try:
             (version,) = db.execute("PRAGMA user_version").fetchone()
@@ -265,6 +284,7 @@ class SqliteStore:
             if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
                 db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                _note_success(db, user, "email", now)
                 return EmailCheck.ACCEPTED
             if attempts_left <= 1:
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
