@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pam_linkus"), str(REPO / "nss_config")],
                    check=True)  # pam_python never writes .pyc: without them every login compiles the package
     started = time.monotonic()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below (users, pam.d, servers)
     ws = Workspace()
     results: dict[str, Any] = {"machine_before": machine(), "rounds": rounds}
     setups: list[LinkusSetup] = []
