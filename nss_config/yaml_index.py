@@ -31,7 +31,7 @@ import time
 
 from nss_config.base import settings_from_mapping
 from pam_linkus.errors import ConfigError
-from pam_linkus.filecache import CacheDir, cache_name, crc, identity, pack, read_header, settled
+from pam_linkus.filecache import RACY_NS, CacheDir, cache_name, crc, identity, pack, read_header, settled
 from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_checked
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 KIND = "extensions"
 #: How long a login waits for another process's rebuild before parsing the YAML itself.
 REBUILD_WAIT = 30.0
+#: A file at least this large (about 5,000 extensions) that changed less than
+#: filecache.RACY_NS ago is waited for (at most that long) rather than parsed
+#: unindexed: parsing it costs more than the wait, and after the wait one login
+#: rebuilds the index while the others wait for it, instead of every login that
+#: starts right after an edit parsing the whole file at once.
+SETTLE_WAIT_BYTES = 256 << 10
 #: Extensions per bucket on average: a bucket is a few KiB, read and unmarshalled in microseconds.
 PER_BUCKET = 16
 _SLOT = 16
@@ -60,7 +66,8 @@ def bucket_of(user: str, buckets: int) -> int:
 
 
 def lookup(
-    path: str, user: str, cache_dir: str, *, clock_ns: Callable[[], int] = time.time_ns
+    path: str, user: str, cache_dir: str, *, clock_ns: Callable[[], int] = time.time_ns,
+    sleep: Callable[[float], object] = time.sleep,
 ) -> ExtensionSettings | None:
     """The settings of ``user`` from the YAML file at ``path``, through the index in ``cache_dir``.
 
@@ -74,6 +81,11 @@ def lookup(
             hit, found = _lookup(cache, name, path, st, user)
             if hit:
                 return found
+            if cache.usable and not settled(st, build_ns) and st.st_size >= SETTLE_WAIT_BYTES:
+                wait_ns = max(st.st_mtime_ns, st.st_ctime_ns) + RACY_NS - build_ns
+                if 0 < wait_ns <= RACY_NS:
+                    sleep(wait_ns / 1e9 + 0.01)
+                    build_ns = clock_ns()  # the content is read after this: the racy rule holds
             if not cache.usable or not settled(st, build_ns):
                 return _parse(fd, path).get(user)  # no index can be written: nothing to wait for
             with cache.rebuild_lock(name, REBUILD_WAIT):

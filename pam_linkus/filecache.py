@@ -29,7 +29,9 @@ Racy files: file system timestamps are coarser than the clock (a kernel tick,
 or one second on some file systems), so a file edited twice within one tick
 can keep the same identity. A cache is therefore written only when the source
 was last changed more than ``RACY_NS`` before the build started (the rule git
-uses for its index); until then every login parses the YAML. A writer that
+uses for its index); until then a login parses the YAML (or, for a large
+extensions file, waits out the rest of ``RACY_NS`` and then builds the index:
+see nss_config.yaml_index.SETTLE_WAIT_BYTES). A writer that
 edits the file after the build began gives it a ctime past ``built - RACY_NS``,
 which differs from the recorded one.
 

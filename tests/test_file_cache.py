@@ -351,6 +351,32 @@ def test_a_stuck_lock_only_delays_the_lookup(files: dict[str, Path], monkeypatch
         assert 0.4 < time.monotonic() - started < 10
 
 
+def test_a_large_fresh_file_is_waited_for_then_indexed(files: dict[str, Path]) -> None:
+    """Right after an edit of a large file a login waits (at most RACY_NS) for the file to settle
+    and builds the index, instead of parsing unindexed; a small file is just parsed."""
+    offset = [0]
+    slept: list[float] = []
+
+    def clock() -> int:
+        return time.time_ns() + offset[0]
+
+    def sleep(seconds: float) -> None:  # the injected clock moves instead of the test waiting
+        slept.append(seconds)
+        offset[0] += int(seconds * 1e9)
+
+    assert files["ext"].stat().st_size < yaml_index.SETTLE_WAIT_BYTES
+    assert yaml_index.lookup(str(files["ext"]), "1001", str(files["cache"]), clock_ns=clock,
+                             sleep=sleep).email == "u1@example.com"
+    assert slept == [] and not index_file(files).exists()
+
+    _replace(files, {"extensions": extensions(5000)})
+    assert files["ext"].stat().st_size >= yaml_index.SETTLE_WAIT_BYTES
+    assert yaml_index.lookup(str(files["ext"]), "1001", str(files["cache"]), clock_ns=clock,
+                             sleep=sleep).email == "u1@example.com"
+    assert len(slept) == 1 and 0 < slept[0] <= filecache.RACY_NS / 1e9 + 0.02
+    assert index_file(files).exists()
+
+
 def test_lookup_reads_one_bucket_not_the_file(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Flatness: with a warm index a lookup never parses the YAML (yaml_index._parse)."""
     write_yaml(files["ext"], {"extensions": extensions(5000)})
