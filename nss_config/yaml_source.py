@@ -18,15 +18,23 @@ File format (every key documented in README.md, "Extension settings")::
 
 The whole file is validated on every read, so one broken entry is reported (and
 refuses logins) at once instead of on the day that extension logs in.
+
+In the PAM module the file is read through a compiled index (nss_config.yaml_index,
+rebuilt whenever the file changes), so a login costs the same with 10 or 100,000
+extensions and never imports ``yaml`` while the index is current.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from nss_config.base import ExtensionSettings, settings_from_mapping
+from nss_config.base import settings_from_mapping
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
+
+TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+if TYPE_CHECKING:
+    from typing import Any
+
+    from nss_config.base import ExtensionSettings
 
 TOP_KEYS = ("extensions", "version")
 
@@ -65,12 +73,21 @@ def read_extensions(path: str) -> dict[str, ExtensionSettings]:
 
 
 class YamlSource:
-    """Settings from a root-only YAML file; a broken file is a ConfigError (unavailable)."""
+    """Settings from a root-only YAML file; a broken file is a ConfigError (unavailable).
+
+    With ``cache_dir`` (the PAM module) lookups go through the compiled index;
+    without (the CLI, tests) the file is parsed on every lookup.
+    """
 
     name = "yaml"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, cache_dir: str | None = None):
         self.path = path
+        self.cache_dir = cache_dir
 
     def lookup(self, user: str) -> ExtensionSettings | None:
+        if self.cache_dir is not None:
+            from nss_config.yaml_index import lookup
+
+            return lookup(self.path, user, self.cache_dir)
         return read_extensions(self.path).get(user)

@@ -10,14 +10,14 @@ costs more than the whole budget of a login inside pam_python.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 
+TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from ipaddress import IPv4Network, IPv6Network
+    from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -512,7 +512,7 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service",
+        "recovery_codes", "self_service", "cache_dir",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -539,13 +539,24 @@ class Config:
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
         r.done()
+        #: Not a config key: where this process may keep compiled caches (the PAM
+        #: option cache_dir=); None (the CLI, tests) means read the YAML files directly.
+        self.cache_dir: str | None = None
 
     @classmethod
     def from_mapping(cls, data: Any, path: str = "<config>") -> Config:
         return cls(Reader(data, path), path)
 
 
-def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
-    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col."""
+def load_config(path: str = DEFAULT_CONFIG_PATH, *, cache_dir: str | None = None) -> Config:
+    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col.
+
+    With ``cache_dir`` (the PAM module), a valid compiled cache is used instead of
+    parsing the YAML (pam_linkus.config_cache), and the sources use theirs.
+    """
+    if cache_dir is not None:
+        from pam_linkus.config_cache import load_config_cached
+
+        return load_config_cached(path, cache_dir)
     data, _ = open_secure(path, secret=False, max_bytes=MAX_CONFIG_BYTES)
     return Config.from_mapping(load_yaml(data, path), path)

@@ -44,17 +44,25 @@ class SyslogSink:
         self.tag = tag
 
     def send(self, severity: int, message: str) -> None:
-        import socket
+        # ``_socket`` (the C module) rather than ``socket``: the Python wrapper
+        # imports enum, selectors and more -- milliseconds in every login process
+        # -- for nothing a single datagram needs.
+        import _socket
 
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
         ident = f"{IDENT}({self.tag})" if self.tag else IDENT
         datagram = f"<{LOG_AUTHPRIV | severity}>{stamp} {ident}[{os.getpid()}]: {message}"
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.settimeout(1.0)
-                sock.sendto(datagram.encode("utf-8", "replace")[:8192], self.socket_path)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+        except OSError:
+            return
+        try:
+            sock.settimeout(1.0)
+            sock.sendto(datagram.encode("utf-8", "replace")[:8192], self.socket_path)
         except OSError:
             pass  # no syslog daemon: nothing we can do without changing the outcome
+        finally:
+            sock.close()
 
     def attempt(self, severity: int, fields: dict[str, object]) -> None:
         self.send(severity, format_fields(fields))

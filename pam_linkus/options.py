@@ -9,11 +9,11 @@ libpam removes before we see it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pam_linkus.config import DEFAULT_CONFIG_PATH
 from pam_linkus.errors import ConfigError
+from pam_linkus.filecache import DEFAULT_CACHE_DIR
 
+TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -22,6 +22,7 @@ DEFAULT_LOG_SOCKET = "/dev/log"
 #: option -> "path" | "text" | "flag"
 _KINDS = {
     "config": "path",
+    "cache_dir": "path",
     "log_socket": "path",
     "prompt": "text",
     "debug": "flag",
@@ -33,11 +34,12 @@ _KINDS = {
 class PamOptions:
     """What the PAM line asked for. ``prompt`` None means: the config's prompt."""
 
-    __slots__ = ("config", "log_socket", "prompt", "debug", "echo_code", "forward_pass")
+    __slots__ = ("config", "cache_dir", "log_socket", "prompt", "debug", "echo_code", "forward_pass")
 
     def __init__(
         self,
         config: str = DEFAULT_CONFIG_PATH,
+        cache_dir: str = DEFAULT_CACHE_DIR,
         log_socket: str = DEFAULT_LOG_SOCKET,
         prompt: str | None = None,
         debug: bool = False,
@@ -45,6 +47,8 @@ class PamOptions:
         forward_pass: bool = False,
     ):
         self.config = config
+        #: root-only directory for the compiled config and extensions index (pam_linkus.filecache)
+        self.cache_dir = cache_dir
         self.log_socket = log_socket
         self.prompt = prompt
         self.debug = debug

@@ -7,19 +7,23 @@ name "1001", or a duplicate key where the second silently wins, would each turn 
 typo into a bypass. Everything here refuses such input with a message that says
 file, line and column, and never echoes a value (it could be a secret).
 
-``yaml`` is imported lazily: the hot login path reads compiled caches instead.
+``yaml`` is imported lazily: a login reads compiled caches (pam_linkus.filecache)
+and parses YAML only when a source file changed. The checks of ``open_checked``
+run on every login all the same, cache or not.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING, Any
 
 from pam_linkus.errors import ConfigError
 
+#: ``typing`` costs milliseconds to import on every login; mypy reads this name as True.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 #: Upper bound on a main config file; a larger file is an error, not a slow login.
 MAX_CONFIG_BYTES = 1 << 20
@@ -55,12 +59,15 @@ def check_owner_and_mode(st: os.stat_result, name: str, *, secret: bool, owner: 
         )
 
 
-def open_secure(path: str, *, secret: bool, max_bytes: int) -> tuple[bytes, os.stat_result]:
-    """Read a whole root-owned regular file without following symlinks.
+def open_checked(path: str, *, secret: bool, max_bytes: int) -> tuple[int, os.stat_result]:
+    """Open a root-owned regular file without following symlinks; return (fd, fstat).
 
-    The checks run on the opened descriptor (fstat), so the file that is checked is
-    the file that is read. The directory holding it must not be writable by anyone
-    but root either, or the file could be swapped between two logins.
+    Every check runs on every call (they are a few system calls): the directory
+    holding the file must not be writable by anyone but root, or the file could be
+    swapped between two logins; the file is checked on the opened descriptor
+    (fstat), so the file that is checked is the file that is read. Callers that
+    find a valid compiled cache for this fstat identity close the descriptor
+    without reading; the caller owns ``fd`` and must close it.
     """
     try:
         dir_st = os.stat(os.path.dirname(os.path.abspath(path)) or "/")
@@ -83,18 +90,38 @@ def open_secure(path: str, *, secret: bool, max_bytes: int) -> tuple[bytes, os.s
         check_owner_and_mode(st, path, secret=secret)
         if st.st_size > max_bytes:
             raise ConfigError(f"is {st.st_size} bytes, larger than the limit of {max_bytes}", path)
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
-        if len(data) > max_bytes:
-            raise ConfigError(f"grew beyond the limit of {max_bytes} bytes while being read", path)
-        return data, st
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_checked(fd: int, path: str, *, max_bytes: int) -> bytes:
+    """Read the whole file behind ``fd`` (from ``open_checked``), at most ``max_bytes``."""
+    chunks = []
+    remaining = max_bytes + 1
+    offset = 0
+    while remaining > 0:
+        try:
+            chunk = os.pread(fd, min(remaining, 1 << 20), offset)
+        except OSError as exc:
+            raise ConfigError(f"cannot read: {exc.strerror}", path) from None
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+        offset += len(chunk)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise ConfigError(f"grew beyond the limit of {max_bytes} bytes while being read", path)
+    return data
+
+
+def open_secure(path: str, *, secret: bool, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """Read a whole root-owned regular file without following symlinks (see ``open_checked``)."""
+    fd, st = open_checked(path, secret=secret, max_bytes=max_bytes)
+    try:
+        return read_checked(fd, path, max_bytes=max_bytes), st
     finally:
         os.close(fd)
 
@@ -174,9 +201,6 @@ def _make_loader() -> type:
     return StrictLoader
 
 
-_loader_cache: list[type] = []
-
-
 def load_yaml(data: bytes, name: str) -> Any:
     """Parse ``data`` strictly; errors become ConfigError("file:line:col: problem").
 
@@ -184,9 +208,9 @@ def load_yaml(data: bytes, name: str) -> Any:
     """
     import yaml
 
-    if not _loader_cache:
-        _loader_cache.append(_make_loader())
-    loader_cls: Callable[[bytes], Any] = _loader_cache[0]
+    # Built per call, not kept in a module-level cache: only a cold cache parses
+    # YAML in a login process, once, and building the class costs microseconds.
+    loader_cls: Callable[[bytes], Any] = _make_loader()
     loader = loader_cls(data)
     try:
         return loader.get_single_data()

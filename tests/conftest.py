@@ -98,6 +98,7 @@ class PamStack:
         self.extensions_path = root / "extensions.yaml"
         self.state_path = root / "state" / "state.db"
         self.state_path.parent.mkdir(mode=0o700)
+        self.cache_dir = root / "cache"  # compiled config/index (pam_linkus.filecache); made on first login
         self.loader = root / "pam_linkus_loader.py"
         self.loader.write_text((REPO / "packaging" / "pam_linkus.py").read_text().replace("@SITE@", str(REPO)))
         self.config: dict[str, Any] = {
@@ -112,7 +113,8 @@ class PamStack:
 
     @property
     def module_line(self) -> str:
-        return (f"pam_python.so {self.loader} config={self.config_path} log_socket={self.log.path}")
+        return (f"pam_python.so {self.loader} config={self.config_path} log_socket={self.log.path}"
+                f" cache_dir={self.cache_dir}")
 
     def set_pam(self, *, options: str = "", auth_lines: str | None = None) -> None:
         """(Re)write /etc/pam.d/<service>; ``auth_lines`` replaces the whole auth part."""
