@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, SECRET, code_at, write_yaml
+from redis_server import RedisServer, redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
 
 from pam_linkus.warm import warm
 
@@ -91,3 +92,24 @@ def test_login_without_second_factor_does_not_open_the_state_store(files: dict[s
     result = fake_login(files, "1002", [])
     assert result["code"] == "PAM_IGNORE" and result["prompts"] == []
     assert top_level(result) & (NEVER_WARM | {"sqlite3", "_sqlite3"}) == set()
+
+
+#: Never on a Redis login (plain TCP): redis-py alone cost ~100 ms per login; the RESP client
+#: uses ``_socket``, so not even ``socket`` (with ``enum``) or the idna codec (with ``re``).
+NEVER_REDIS = NEVER_WARM - {"socket"} | {"asyncio", "importlib", "socket", "encodings.idna", "sqlite3", "_sqlite3"}
+
+
+def test_redis_login_imports_no_redis_package(files: dict[str, Any], redis_server: RedisServer) -> None:
+    config = {"sources": ["yaml"], "yaml": {"path": str(files["config"].parent / "extensions.yaml")},
+              "state": {"backend": "redis", "redis": {"url": redis_server.url, "prefix": "lazy:"}}}
+    write_yaml(files["config"], config, 0o600)
+    warm(str(files["config"]), str(files["cache"]))
+    code = code_at(SECRET, time.time())
+    result = fake_login(files, "1001", [code])
+    assert result["code"] == "PAM_SUCCESS"
+    assert "pam_linkus.state.resp" in result["imported"] and "pam_linkus.state.redis_store" in result["imported"]
+    names = top_level(result) | set(result["imported"])
+    assert names & NEVER_REDIS == set()
+    again = fake_login(files, "1001", [code])  # the same code again: the store said "replay"
+    assert again["code"] == "PAM_AUTH_ERR"
+    assert (top_level(again) | set(again["imported"])) & NEVER_REDIS == set()

@@ -17,8 +17,9 @@ pam_linkus.state.redis_scripts.
 
 Redis down, timing out, refusing the password or the certificate: every method
 raises StateUnavailable (PAM_AUTHINFO_UNAVAIL). Never a success, never "no replay
-record". ``redis`` is imported only here, and this module only when the config
-says ``state: {backend: redis}``.
+record". The client is pam_linkus.state.resp (a minimal RESP2 client: redis-py
+cost ~100 ms of imports per login); this module is imported only when the
+config says ``state: {backend: redis}``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from typing import Any, TypeVar
 
     from pam_linkus.config import RedisConfig
+    from pam_linkus.state import resp
     from pam_linkus.state.base import EmailLimits
 
     T = TypeVar("T")
@@ -65,19 +67,18 @@ class RedisStore:
     """StateStore on a Redis server (or a Sentinel-managed master); see state.base."""
 
     def __init__(self, config: RedisConfig):
-        import redis
+        from pam_linkus.state import resp
 
         self.config = config
         self.prefix = config.prefix
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._errors: tuple[type[BaseException], ...] = (resp.RedisError, OSError)
         self._client = self._connect(config)
         self._failed = False
 
     @staticmethod
-    def _connect(config: RedisConfig) -> Any:
+    def _connect(config: RedisConfig) -> resp.Client:
         """Build the client; it connects on the first command (errors surface there)."""
-        import redis
-
+        from pam_linkus.state import resp
         from pam_linkus.strictyaml import read_secret_file
 
         try:
@@ -86,40 +87,26 @@ class RedisStore:
                                  if config.sentinel_password_file else None)
         except ConfigError as exc:
             raise StateUnavailable(f"redis: {exc}") from None
-        options: dict[str, Any] = {
-            "username": config.username,
-            "password": password,
-            "socket_connect_timeout": config.connect_timeout,
-            "socket_timeout": config.timeout,
-            "retry_on_timeout": False,
-            "decode_responses": True,
-        }
-        tls: dict[str, Any] = {}
-        if config.tls:
-            # redis-py checks the chain by default but not the host name; we want both.
-            tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True, "ssl_ca_certs": config.ca_file}
         try:
+            # Verify the chain (ca_file, else the system CAs) AND the host name.
+            context = resp.tls_context(config.ca_file) if config.tls else None
             if not config.sentinels:
-                if config.url.startswith("unix://"):
-                    # redis-py's unix socket connection takes no connect timeout
-                    # (connecting to a local socket does not wait on the network).
-                    del options["socket_connect_timeout"]
-                return redis.Redis.from_url(config.url, **options, **tls)
-            from redis.sentinel import Sentinel
-
-            sentinel_options: dict[str, Any] = {
-                "username": config.sentinel_username,
-                "password": sentinel_password,
-                "socket_connect_timeout": config.connect_timeout,
-                "socket_timeout": config.timeout,
-            }
-            if config.tls:
-                sentinel_options.update(ssl=True, **tls)
-            sentinels = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in config.sentinels)]
-            sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_options)
+                host, port, path, url_user, db, _ = resp.parse_url(config.url)
+                endpoint = resp.Endpoint(host=host, port=port, path=path, ssl_context=context,
+                                         username=config.username or url_user, password=password, db=db)
+                return resp.Client(endpoint=endpoint, connect_timeout=config.connect_timeout,
+                                   timeout=config.timeout)
+            sentinels = []
+            for entry in config.sentinels:
+                host, _, port_text = entry.rpartition(":")
+                sentinels.append(resp.Endpoint(host=host.removeprefix("[").removesuffix("]"), port=int(port_text),
+                                               ssl_context=context, username=config.sentinel_username,
+                                               password=sentinel_password))
+            master = resp.Endpoint(ssl_context=context, username=config.username, password=password, db=config.db)
             assert config.service_name is not None  # RedisConfig requires it with sentinels
-            return sentinel.master_for(config.service_name, db=config.db, ssl=config.tls, **options, **tls)
-        except (redis.RedisError, ValueError) as exc:
+            return resp.Client(sentinels=sentinels, service_name=config.service_name, master=master,
+                               connect_timeout=config.connect_timeout, timeout=config.timeout)
+        except (OSError, ValueError) as exc:
             raise StateUnavailable(f"redis: {exc}") from None
 
     # -- keys and calls ------------------------------------------------------------
@@ -130,8 +117,10 @@ class RedisStore:
     def _call(self, what: str, body: Callable[[], T]) -> T:
         """Run one Redis round trip; any client or socket error -> StateUnavailable.
 
-        The redis exception is neither chained to ours nor kept with its
-        traceback (see ``_drop_tracebacks``); only its message goes on.
+        An error reply (``-ERR``, ``-NOPERM``, a failing script) is an error
+        here too: never a success, never "no record". The client's exception is
+        neither chained to ours nor kept with its traceback (see
+        ``_drop_tracebacks``); only its message goes on.
         """
         try:
             return body()
@@ -144,20 +133,20 @@ class RedisStore:
     def _eval(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script with EVAL.
 
-        Not EVALSHA-then-load (redis-py's ``register_script``): on a fresh server
-        that path raises and catches NoScriptError inside redis-py, and the
-        exception's traceback keeps our callers' frames -- and with them
-        pam_python's handle -- in a reference cycle. Collected after pam_end has
-        unloaded pam_python, that crashes a host process that goes on running
-        Python (a web front end). The server caches the compiled script either way.
+        Not EVALSHA-then-load: on a fresh server that path raises and catches
+        NOSCRIPT, and a caught exception's traceback keeps our callers' frames --
+        and with them pam_python's handle -- in a reference cycle. Collected after
+        pam_end has unloaded pam_python, that crashes a host process that goes on
+        running Python (a web front end). The server caches the compiled script
+        either way, and one round trip is what a login wants.
         """
-        return self._call(what, lambda: self._client.eval(script, len(keys), *keys, *args))
+        return self._call(what, lambda: self._client.call("EVAL", script, len(keys), *keys, *args))
 
     # -- the contract --------------------------------------------------------------
 
     def lock_status(self, user: str, now: float) -> LockStatus:
         count, locked_until = self._call(
-            "lock status", lambda: self._client.hmget(self._key(user, "fail"), "count", "until")
+            "lock status", lambda: self._client.call("HMGET", self._key(user, "fail"), "count", "until")
         )
         if count is None:
             return LockStatus()
@@ -186,7 +175,7 @@ class RedisStore:
         return LockStatus(int(count), float(locked_until))
 
     def unlock(self, user: str) -> None:
-        self._call("unlock", lambda: self._client.delete(self._key(user, "fail")))
+        self._call("unlock", lambda: self._client.call("DEL", self._key(user, "fail")))
 
     def forget(self, user: str) -> None:
         # One script: no half-forgotten extension, and its email sends leave the
@@ -199,13 +188,14 @@ class RedisStore:
     def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
         key = self._key(user, "cache")
         if data is None:
-            self._call("cache settings", lambda: self._client.hdel(key, f"data:{source}", f"at:{source}"))
+            self._call("cache settings", lambda: self._client.call("HDEL", key, f"data:{source}", f"at:{source}"))
             return
         self._eval("cache settings", lua.CACHE_SETTINGS, [key], [source, data, repr(now), CACHE_TTL])
 
     def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
         key = self._key(user, "cache")
-        data, at = self._call("cached settings", lambda: self._client.hmget(key, f"data:{source}", f"at:{source}"))
+        data, at = self._call("cached settings",
+                              lambda: self._client.call("HMGET", key, f"data:{source}", f"at:{source}"))
         if data is None or at is None or not 0 <= now - float(at) <= max_age:
             return None
         return str(data)
@@ -229,11 +219,11 @@ class RedisStore:
         self._eval("set recovery codes", lua.SET_RECOVERY_CODES, keys, [salt, *digests])
 
     def recovery_salt(self, user: str) -> str | None:
-        salt = self._call("recovery salt", lambda: self._client.get(self._key(user, "recovery_salt")))
+        salt = self._call("recovery salt", lambda: self._client.call("GET", self._key(user, "recovery_salt")))
         return None if salt is None else str(salt)
 
     def recovery_codes_left(self, user: str) -> int:
-        return int(self._call("recovery codes left", lambda: self._client.scard(self._key(user, "recovery"))))
+        return int(self._call("recovery codes left", lambda: self._client.call("SCARD", self._key(user, "recovery"))))
 
     def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
         keys = [self._key(user, kind) for kind in ("fail", "recovery", "recovery_salt", "enrol")]
@@ -249,7 +239,7 @@ class RedisStore:
         self._eval("start grace", lua.START_GRACE, [self._key(user, "grace")], args)
 
     def grace_active(self, user: str, rhost: str, now: float) -> bool:
-        until = self._call("grace period", lambda: self._client.hget(self._key(user, "grace"), rhost))
+        until = self._call("grace period", lambda: self._client.call("HGET", self._key(user, "grace"), rhost))
         return until is not None and float(until) > now
 
     # -- email codes -----------------------------------------------------------------
@@ -279,12 +269,9 @@ class RedisStore:
         return _EMAIL_VERDICTS[int(answer[1])]
 
     def close(self) -> None:
-        try:
-            self._client.connection_pool.disconnect()
-        except self._errors:
-            self._failed = True
+        self._client.close()
         if self._failed:
-            # redis-py's error paths leave exceptions whose tracebacks hold our
+            # Error paths can leave exceptions whose tracebacks hold our
             # callers' frames (and pam_python's handle) in reference cycles; free
             # them now, while pam_python is still loaded (see _eval). Only after a
             # failure, so a normal login does not pay for a collection.
@@ -300,7 +287,7 @@ def _float(value: str | None) -> float | None:
 def _drop_tracebacks(exc: BaseException | None) -> None:
     """Cut an exception chain loose from the frames it holds.
 
-    redis-py's exceptions sit in reference cycles with their tracebacks (a frame
+    Exceptions sit in reference cycles with their tracebacks (a frame
     holds the exception that holds the traceback that holds the frame), and the
     frames reach up to pam_python's handle. Left to the garbage collector they
     may be collected after pam_end has unloaded pam_python, which crashes a host
