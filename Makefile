@@ -8,12 +8,14 @@ export DEBIAN_FRONTEND := noninteractive
 
 # What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian),
 # and what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI).
-APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-ldap3 python3-redis python3-segno
+APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-ldap3 python3-segno
 # What building and linting the Debian package needs (`make deb`, tests/test_debian_package.py).
 APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools python3-wheel \
            pybuild-plugin-pyproject lintian
-# What the tests start or drive.
-APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server redis-sentinel libpam-google-authenticator \
+# What the tests start or drive (python3-redis: the tests look at the server with redis-py;
+# the Redis state store itself speaks RESP with pam_linkus.state.resp).
+APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server redis-sentinel python3-redis \
+            libpam-google-authenticator \
             libpam-oath oathtool openssl procps passwd login
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
 

@@ -324,24 +324,26 @@ def sentinel_answering(master_port: int | None) -> Callable[[list[str]], bytes |
 
 
 def node(role: str) -> Callable[[list[str]], bytes | None]:
-    return lambda args: b"*1\r\n$%d\r\n%s\r\n" % (len(role), role.encode()) if args == ["ROLE"] else b"+PONG\r\n"
+    hello = b"*6\r\n$6\r\nserver\r\n$5\r\nredis\r\n$5\r\nproto\r\n:2\r\n$4\r\nrole\r\n$%d\r\n%s\r\n" % (
+        len(role), role.encode())
+    return lambda args: hello if args == ["HELLO", "2"] else b"+PONG\r\n"
 
 
 def test_sentinels_are_asked_in_order_until_one_names_a_real_master(fake: Any) -> None:
-    master, replica = fake(node("master")), fake(node("slave"))
+    master, replica = fake(node("master")), fake(node("replica"))
     down = Endpoint(host="127.0.0.1", port=free_port())
     unknown, stale, good = fake(sentinel_answering(None)), fake(sentinel_answering(replica.port)), \
         fake(sentinel_answering(master.port))
     client = Client(sentinels=[down, unknown.endpoint(), stale.endpoint(), good.endpoint()], service_name="m",
                     master=Endpoint(), connect_timeout=1, timeout=1)
     assert client.call("PING") == "PONG"
-    assert master.commands == [["ROLE"], ["PING"]]
-    assert replica.commands == [["ROLE"]]  # asked, refused: it is not the master
+    assert master.commands == [["HELLO", "2"], ["PING"]]
+    assert replica.commands == [["HELLO", "2"]]  # asked, refused: it is not the master
     assert unknown.commands == stale.commands == good.commands == [["SENTINEL", "get-master-addr-by-name", "m"]]
 
 
 def test_no_sentinel_naming_a_master_is_master_not_found(fake: Any) -> None:
-    replica, silent = fake(node("slave")), fake(lambda args: None)
+    replica, silent = fake(node("replica")), fake(lambda args: None)
     client = Client(sentinels=[fake(sentinel_answering(replica.port)).endpoint(), silent.endpoint()],
                     service_name="m", master=Endpoint(), connect_timeout=1, timeout=0.5)
     started = time.monotonic()

@@ -336,6 +336,27 @@ def test_sentinel_finds_the_master_and_follows_a_failover(sentinel_setup: Any) -
     store.close()
 
 
+def test_sentinel_with_the_recommended_acl_user(redis_dir: Path, private_dir: Path) -> None:
+    """The master check must work under the README's ACL (which denies @dangerous, e.g. ROLE)."""
+    if not shutil.which("redis-sentinel"):
+        pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
+    password = secrets.token_urlsafe(24)
+    master = RedisServer(redis_dir / "acl-master", config_lines=[
+        f"user pbx on >{password} ~cluster1:* {ACL_RULES}"]).start()
+    sentinel = Sentinel(redis_dir / "acl-sentinel", master.port, f"m{secrets.token_hex(3)}")
+    try:
+        sentinel.start()
+        store = open_store(fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name=sentinel.service,
+                                username="pbx", password_file=password_file(private_dir, password),
+                                prefix="cluster1:"))
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert store.accept_totp_step("1001", STEP, NOW) is False
+        store.close()
+    finally:
+        sentinel.stop()
+        master.stop()
+
+
 def test_sentinel_that_knows_no_such_master_is_unavailable(sentinel_setup: Any) -> None:
     _master, _replica, sentinel = sentinel_setup
     store = open_store(fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name="nosuchmaster"))

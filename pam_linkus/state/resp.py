@@ -390,8 +390,25 @@ def _is_hex(pair: bytes) -> bool:
     return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
+def _role(hello: Any) -> str | None:
+    """The ``role`` field of a RESP2 HELLO reply (a flat list of names and values).
+
+    HELLO rather than ROLE: ROLE is in ``@dangerous``, which the ACL the README
+    recommends for a cluster's user denies; HELLO is allowed to every user.
+    """
+    if not isinstance(hello, list) or len(hello) % 2:
+        return None
+    fields = dict(zip(hello[::2], hello[1::2], strict=True))
+    role = fields.get("role")
+    return role if isinstance(role, str) else None
+
+
 class Client:
-    """Connects lazily, reconnects after a broken connection, finds the master via Sentinel."""
+    """Connects lazily, reconnects after a broken connection, finds the master via Sentinel.
+
+    One connection, no pool, no locking: a login process (or one ``linkus-2fa``
+    run) owns its store; a threaded program opens one store per thread.
+    """
 
     def __init__(self, *, endpoint: Endpoint | None = None, sentinels: Sequence[Endpoint] = (),
                  service_name: str = "", master: Endpoint | None = None,
@@ -415,7 +432,8 @@ class Client:
         return self._conn
 
     def _discover(self) -> Connection:
-        """Ask each Sentinel in order for the master; use it only if it says it IS the master."""
+        """Ask each Sentinel in order for the master; use it only if it says it IS the master
+        (a Sentinel may still name a demoted master for a while after a failover)."""
         assert self._master is not None
         reasons: list[str] = []
         for sentinel in self._sentinels:
@@ -434,11 +452,11 @@ class Client:
                                  username=m.username, password=m.password, db=m.db)
                 conn = Connection(where, self.connect_timeout, self.timeout)
                 try:
-                    role = conn.call(["ROLE"])
+                    role = _role(conn.call(["HELLO", "2"]))
                 except RedisError:
                     conn.close()
                     raise
-                if isinstance(role, list) and role and role[0] == "master":
+                if role == "master":
                     return conn
                 conn.close()
                 reasons.append(f"{where!r} is not a master")
