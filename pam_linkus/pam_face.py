@@ -182,8 +182,32 @@ def authenticate(pamh: Any, flags: int, argv: Sequence[str], *, clock: Callable[
             attempt.method = ctx.method
             attempt.source = ctx.source
             ctx.close()
+            if options.debug:
+                _debug_line(sink, attempt, config, options.cache_dir)
 
     return to_pam_code(pamh, run, attempt, sink)
+
+
+def _debug_line(sink: SyslogSink, attempt: Attempt, config: Any, cache_dir: str) -> None:
+    """With ``debug`` on the PAM line: one more line saying which settings decided.
+
+    Names files, policy and the answering source -- the questions an admin has
+    when a login ends unexpectedly -- and, like every line, no code or secret.
+    """
+    from pam_linkus.logline import LOG_DEBUG, format_fields
+
+    sink.send(LOG_DEBUG, "debug " + format_fields({
+        "user": attempt.user or "-",
+        "config": config.path,
+        "cache_dir": cache_dir,
+        "enforce": config.enforce,
+        "sources": ",".join(config.sources),
+        "answered_by": attempt.source,
+        "method": attempt.method,
+        "state": config.state.backend,
+        "totp_window": config.totp.window,
+        "max_failures": config.lockout.max_failures,
+    }))
 
 
 def _log_socket_hint(argv: Sequence[str]) -> str | None:
