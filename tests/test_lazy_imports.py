@@ -18,6 +18,14 @@ from typing import Any
 
 import pytest
 from conftest import REPO, SECRET, code_at, write_yaml
+from ldap_server import (  # noqa: F401 - fixtures
+    Slapd,
+    ldap_config,
+    ldap_root_fixture,
+    pki_fixture,
+    slapd_fixture,
+    write_password,
+)
 
 from pam_linkus.warm import warm
 
@@ -91,3 +99,20 @@ def test_login_without_second_factor_does_not_open_the_state_store(files: dict[s
     result = fake_login(files, "1002", [])
     assert result["code"] == "PAM_IGNORE" and result["prompts"] == []
     assert top_level(result) & (NEVER_WARM | {"sqlite3", "_sqlite3"}) == set()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")  # the fixture's ldap3 admin
+def test_ldap_login_imports_no_ldap3(files: dict[str, Any], slapd: Slapd, private_dir: Path) -> None:
+    """The login path speaks LDAP through nss_config.ldap_wire: importing ldap3
+    alone cost about 60 ms of every LDAP login."""
+    user = f"lz{os.getpid()}"
+    pw = write_password(private_dir / "bind.pw", slapd.pam_password)
+    write_yaml(files["config"], {"sources": ["ldap"],
+                                 "ldap": ldap_config(slapd, slapd.tree({user: {"method": "totp", "secret": SECRET}}),
+                                                     pw),
+                                 "state": {"path": str(private_dir / "state" / "state.db")}}, 0o600)
+    warm(str(files["config"]), str(files["cache"]))
+    result = fake_login(files, user, [code_at(SECRET, time.time())])
+    assert result["code"] == "PAM_SUCCESS"
+    assert "nss_config.ldap_wire" in result["imported"] and "ssl" in top_level(result)
+    assert top_level(result) & {"ldap3", "pyasn1", "redis", "smtplib", "segno", "email", "yaml", "typing"} == set()
