@@ -176,11 +176,13 @@ def search(config: LdapConfig, password: str, user: str) -> Entries:
     from nss_config import ldap_wire
 
     filter_ber = encoded_filter(config.filter, user)
+    context = None
     try:
         context = ldap_wire.tls_context(config.ca_file)
-    except OSError as exc:  # ssl.SSLError is an OSError
+    except OSError as exc:  # _ssl.SSLError is an OSError
         problem = describe_error(exc)
-        raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file) from None
+    if context is None:  # raised here, outside the except block: no exception as context (see drop_frames)
+        raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
     failures = []
     for uri in config.uris:
         try:

@@ -21,16 +21,31 @@ Every failure is raised as ``LdapWireError`` (the caller names the server and
 turns it into SourceUnavailable); no other exception leaves ``search``, except
 ``ConfigError``-worthy problems reported as ``FilterError`` by ``encode_filter``.
 
-``socket`` and ``ssl`` are imported inside the functions that talk to a server:
-``encode_filter`` runs at config load and must stay cheap.
+It talks through the C modules ``_socket`` and ``_ssl`` rather than ``socket``
+and ``ssl``: those two Python wrappers import ``enum``, ``selectors``,
+``collections``, ``re``, ``base64`` ... -- about 10 ms of every login for
+conveniences this client does not use. The TLS settings are those of
+``ssl.create_default_context`` (which is ``_ssl._SSLContext`` with
+PROTOCOL_TLS_CLIENT, CERT_REQUIRED, host name checking, and the CA file or the
+system store), plus TLS >= 1.2; the host name is checked by OpenSSL during the
+handshake, as with ``ssl``. Both are imported inside the functions that talk to
+a server: ``encode_filter`` runs at config load and must stay cheap.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    import socket
-    import ssl
+    import _socket
+    import _ssl
+    from typing import Protocol
+
+    class TlsObject(Protocol):
+        """What ``_ssl._SSLContext._wrap_socket`` returns (untyped in typeshed)."""
+
+        def do_handshake(self) -> None: ...
+        def read(self, size: int, /) -> bytes: ...
+        def write(self, data: bytes, /) -> int: ...
 
     #: One search answer: (DN, attribute name lower-cased -> raw values) per entry,
     #: and whether the server stopped at (or went past) the size limit.
@@ -423,17 +438,25 @@ def split_uri(uri: str) -> tuple[bool, str, int]:
     try:
         port = int(port_text) if port_text else default
     except ValueError:
-        raise LdapWireError(f"bad port in {uri!r:.100}") from None
+        port = -1
     if not host or not 0 < port < 65536:
         raise LdapWireError(f"bad URI {uri!r:.100}")
+    if not host.isascii():  # an internationalised name: its ASCII form, as ssl would send it
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            host = ""
+        if not host:
+            raise LdapWireError(f"bad host name in {uri!r:.100}")
     return ldaps, host, port
 
 
 class Connection:
     """One LDAP conversation over TCP + TLS; every read waits at most ``timeout`` seconds."""
 
-    def __init__(self, sock: socket.socket | ssl.SSLSocket, timeout: float):
+    def __init__(self, sock: _socket.socket, timeout: float):
         self.sock = sock
+        self.tls: TlsObject | None = None
         self.timeout = timeout
         self.buffer = bytearray()
         self.next_id = 1
@@ -441,9 +464,24 @@ class Connection:
     def send(self, op: bytes) -> int:
         message_id = self.next_id
         self.next_id += 1
-        self.sock.settimeout(self.timeout)
-        self.sock.sendall(message(message_id, op))
+        self.write(message(message_id, op))
         return message_id
+
+    def write(self, data: bytes) -> None:
+        self.sock.settimeout(self.timeout)  # also the TLS layer's timeout
+        if self.tls is None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            view = view[self.tls.write(view.tobytes()):]
+
+    def secure(self, context: _ssl._SSLContext, host: str) -> None:
+        """The TLS handshake (certificate and host name verified by OpenSSL)."""
+        self.sock.settimeout(self.timeout)
+        tls: TlsObject = context._wrap_socket(self.sock, False, host)  # type: ignore[attr-defined]
+        tls.do_handshake()
+        self.tls = tls
 
     def receive(self, expected_id: int) -> tuple[int, Ber]:
         """The next message, which must answer ``expected_id`` (a notice of
@@ -459,7 +497,7 @@ class Connection:
             if remaining <= 0:
                 raise TimeoutError("timed out waiting for the server")
             self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
+            chunk = self.sock.recv(65536) if self.tls is None else self.tls.read(65536)
             if not chunk:
                 raise LdapWireError("the server closed the connection")
             self.buffer += chunk
@@ -476,9 +514,9 @@ class Connection:
     def close(self) -> None:
         """Unbind (best effort: the answer is known already) and close."""
         try:
-            self.sock.settimeout(min(self.timeout, 1.0))
-            self.sock.sendall(message(self.next_id, unbind_request()))
-        except OSError:
+            self.timeout = min(self.timeout, 1.0)
+            self.write(message(self.next_id, unbind_request()))
+        except OSError:  # _ssl's errors are OSErrors too
             pass
         try:
             self.sock.close()
@@ -486,38 +524,79 @@ class Connection:
             pass
 
 
-def tls_context(ca_file: str | None) -> ssl.SSLContext:
-    """Verified client context: CA file (or the system store), host name, TLS >= 1.2.
+#: ssl.TLSVersion.TLSv1_2
+TLS_1_2 = 0x0303
 
-    Raises OSError / ssl.SSLError for an unreadable or invalid CA file."""
-    import ssl
 
-    context = ssl.create_default_context(cafile=ca_file)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+def tls_context(ca_file: str | None) -> _ssl._SSLContext:
+    """Verified client context: CA file (or the system store), host name, TLS >= 1.2 --
+    what ``ssl.create_default_context(cafile=ca_file)`` builds, without importing ``ssl``.
+
+    Raises OSError (``_ssl.SSLError`` is one) for an unreadable or invalid CA file."""
+    import _ssl
+
+    context = _ssl._SSLContext(_ssl.PROTOCOL_TLS_CLIENT)
+    context.verify_mode = _ssl.CERT_REQUIRED
     context.check_hostname = True
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = TLS_1_2
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.set_default_verify_paths()
     return context
 
 
-def search(uri: str, context: ssl.SSLContext, *, start_tls: bool, connect_timeout: float, timeout: float,
+def connect(host: str, port: int, timeout: float) -> _socket.socket:
+    """``socket.create_connection`` over ``_socket``: each address in turn.
+
+    No exception object is kept in a local: one would form a cycle with this
+    frame, freed only by the cyclic GC, perhaps after pam_end (see
+    ldap_source.drop_frames for the crash that causes)."""
+    import _socket
+
+    class Socket(_socket.socket):
+        """_ssl keeps a weak reference to the socket it wraps; _socket.socket has no slot for one."""
+
+        __slots__ = ("__weakref__",)
+
+    problem = f"no address for {host!r:.100}"
+    try:
+        # Bytes: a str host name goes through the "idna" codec, which imports re and enum.
+        addresses = _socket.getaddrinfo(host.encode("ascii"), port, 0, _socket.SOCK_STREAM)
+    except OSError as exc:
+        addresses = []
+        problem = describe(exc)
+    for family, kind, proto, _, address in addresses:
+        sock = Socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            problem = describe(exc)
+            continue
+        return sock
+    raise LdapWireError(problem)
+
+
+def search(uri: str, context: _ssl._SSLContext, *, start_tls: bool, connect_timeout: float, timeout: float,
            bind_dn: str, password: str, base: str, scope: str, filter_ber: bytes, attributes: list[str],
            size_limit: int) -> Entries:
     """Connect to ``uri``, secure, bind, search once, unbind.
 
     Raises LdapWireError for every failure (socket and TLS errors included)."""
-    import socket
-    import ssl
+    import _socket
+    import _ssl
 
     if not bind_dn or not password:
         raise LdapWireError("a bind DN and a password are required (no anonymous binds)")
     ldaps, host, port = split_uri(uri)
-    try:
-        raw = socket.create_connection((host, port), timeout=connect_timeout)
-    except OSError as exc:
-        raise LdapWireError(describe(exc)) from None
+    raw = connect(host, port, connect_timeout)
     conn = Connection(raw, timeout)
     try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Send each request at once: with Nagle's algorithm the bind, written right after
+        # the TLS handshake, waits for a delayed ACK -- 40 ms of every login.
+        raw.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
         if not ldaps:
             if not start_tls:
                 raise LdapWireError("refusing to bind without TLS")
@@ -529,8 +608,7 @@ def search(uri: str, context: ssl.SSLContext, *, start_tls: bool, connect_timeou
                 raise LdapWireError(f"StartTLS refused ({result_name(code)}: {diagnostic[:100]})")
             if conn.buffer:
                 raise LdapWireError("StartTLS: data after the response")
-        raw.settimeout(timeout)
-        conn.sock = context.wrap_socket(raw, server_hostname=host)
+        conn.secure(context, host)
         tag, op = conn.receive(conn.send(bind_request(bind_dn, password)))
         if tag != _BIND_RESPONSE:
             raise LdapWireError(f"bind: unexpected answer 0x{tag:02x}")
@@ -556,7 +634,7 @@ def search(uri: str, context: ssl.SSLContext, *, start_tls: bool, connect_timeou
                 return entries, code == 4
             else:
                 raise LdapWireError(f"search: unexpected answer 0x{tag:02x}")
-    except ssl.SSLCertVerificationError as exc:
+    except _ssl.SSLCertVerificationError as exc:
         if exc.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
             problem = f"certificate doesn't match any name for {host!r:.100} ({exc.verify_message})"
         else:
@@ -571,8 +649,9 @@ def search(uri: str, context: ssl.SSLContext, *, start_tls: bool, connect_timeou
 def describe(exc: BaseException) -> str:
     """One short line about a socket or TLS error (ssl names its C source lines)."""
     text = " ".join(str(exc).split())
-    for marker in (" (_ssl.c:", "(_ssl.c:"):
-        cut = text.find(marker)
-        if cut >= 0:
-            text = text[:cut].rstrip()
+    if text.startswith("_ssl.c:"):  # "_ssl.c:980: The handshake operation timed out"
+        text = text.partition(": ")[2]
+    cut = text.find("(_ssl.c:")
+    if cut >= 0:
+        text = text[:cut].rstrip()
     return f"{type(exc).__name__}: {(text or 'no detail')[:200]}"

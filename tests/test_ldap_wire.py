@@ -281,3 +281,16 @@ def test_uris_split() -> None:
     for bad in ["ldap://h:x", "ldap://h:0", "ldap://:1"]:
         with pytest.raises(LdapWireError):
             ldap_wire.split_uri(bad)
+
+
+def test_tls_context_is_the_default_context_plus_tls_1_2() -> None:
+    import ssl
+
+    ours = ldap_wire.tls_context(None)
+    theirs = ssl.create_default_context()
+    assert (ours.verify_mode, ours.check_hostname, ours.minimum_version) == (
+        ssl.CERT_REQUIRED, True, ssl.TLSVersion.TLSv1_2)
+    assert (ours.options, ours.verify_flags, ours.protocol) == (theirs.options, theirs.verify_flags, theirs.protocol)
+    assert ours.get_ciphers() == theirs.get_ciphers()
+    with pytest.raises(OSError):
+        ldap_wire.tls_context("/nonexistent/ca.pem")
