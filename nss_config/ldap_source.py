@@ -400,9 +400,10 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     Returns lines in the doctor's format: ``"ok   ldap <what>: <detail>"`` or
     ``"FAIL ldap <what>: <detail>"``; the check failed if any line starts with
     ``"FAIL"``. Each server of ``uris`` is tried on its own (connect + TLS, bind,
-    and the sample search when ``sample_user`` is given); then, for
-    ``sample_user``, the lookup a login would do (first answering server,
-    entry validated, no cache). Never raises a LinkusError.
+    and the sample search when ``sample_user`` is given), with ldap3; then, for
+    ``sample_user``, the lookup a login would do, through the login's own client
+    (nss_config.ldap_wire: first answering server, entry validated, no cache), so
+    doctor tests what logins use. Never raises a LinkusError.
     """
     lines: list[str] = []
 

@@ -446,8 +446,8 @@ def split_uri(uri: str) -> tuple[bool, str, int]:
             host = host.encode("idna").decode("ascii")
         except UnicodeError:
             host = ""
-        if not host:
-            raise LdapWireError(f"bad host name in {uri!r:.100}")
+    if not host or not all(c.isalnum() or c in ".-:" for c in host):
+        raise LdapWireError(f"bad host name in {uri!r:.100}")
     return ldaps, host, port
 
 
@@ -591,6 +591,15 @@ def search(uri: str, context: _ssl._SSLContext, *, start_tls: bool, connect_time
     if not bind_dn or not password:
         raise LdapWireError("a bind DN and a password are required (no anonymous binds)")
     ldaps, host, port = split_uri(uri)
+    bind_op = search_op = b""
+    try:
+        bind_op = bind_request(bind_dn, password)
+        search_op = search_request(base, scope, filter_ber, attributes, size_limit=size_limit,
+                                   time_limit=max(1, int(timeout)))
+    except (UnicodeError, KeyError):  # a lone surrogate in the password file, say
+        pass
+    if not (bind_op and search_op):
+        raise LdapWireError("bind DN, password, base or attributes cannot be encoded")
     raw = connect(host, port, connect_timeout)
     conn = Connection(raw, timeout)
     try:
@@ -609,15 +618,13 @@ def search(uri: str, context: _ssl._SSLContext, *, start_tls: bool, connect_time
             if conn.buffer:
                 raise LdapWireError("StartTLS: data after the response")
         conn.secure(context, host)
-        tag, op = conn.receive(conn.send(bind_request(bind_dn, password)))
+        tag, op = conn.receive(conn.send(bind_op))
         if tag != _BIND_RESPONSE:
             raise LdapWireError(f"bind: unexpected answer 0x{tag:02x}")
         code, diagnostic = decode_result(op)
         if code != 0:
             raise LdapWireError(f"bind as {bind_dn!r:.200} refused ({result_name(code)})")
-        request = search_request(base, scope, filter_ber, attributes, size_limit=size_limit,
-                                 time_limit=max(1, int(timeout)))
-        search_id = conn.send(request)
+        search_id = conn.send(search_op)
         entries: list[tuple[str, dict[str, list[bytes]]]] = []
         while True:
             tag, op = conn.receive(search_id)

@@ -278,7 +278,8 @@ def test_uris_split() -> None:
     assert ldap_wire.split_uri("ldaps://h") == (True, "h", 636)
     assert ldap_wire.split_uri("ldap://h:1389/") == (False, "h", 1389)
     assert ldap_wire.split_uri("ldaps://[::1]:7636") == (True, "::1", 7636)
-    for bad in ["ldap://h:x", "ldap://h:0", "ldap://:1"]:
+    assert ldap_wire.split_uri("ldaps://bücher.example") == (True, "xn--bcher-kva.example", 636)
+    for bad in ["ldap://h:x", "ldap://h:0", "ldap://:1", "ldap://h\x00x", "ldap://a b", "ldaps://h%2f"]:
         with pytest.raises(LdapWireError):
             ldap_wire.split_uri(bad)
 
