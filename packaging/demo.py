@@ -46,6 +46,7 @@ def main() -> int:
         subprocess.run(["chpasswd"], input=f"{USER}:{password}\n", text=True, check=True)
         secret = generate_secret()
         (workdir / "state").mkdir(mode=0o700)
+        (workdir / "cache").mkdir(mode=0o700)
         config = workdir / "pam_linkus.yaml"
         extensions = workdir / "extensions.yaml"
         config.write_text(
@@ -56,7 +57,8 @@ def main() -> int:
             path.chmod(0o600)
         pam_file.write_text(
             "auth requisite pam_unix.so\n"
-            f"auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py config={config}\n"
+            f"auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py config={config} "
+            f"cache_dir={workdir}/cache\n"
             "account required pam_permit.so\n"
         )
         print(f"Demo extension {USER!r} enrolled with TOTP (SHA1, 6 digits, 30 s).")

@@ -21,7 +21,10 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: The interpreter that runs the child; pam_python embeds the system Python 3.
 CHILD_PYTHON = "/usr/bin/python3"
@@ -249,14 +252,28 @@ class PamClient:
             self._slots.release()
 
 
-def _child_main() -> None:
-    """In the child: run the transaction with libpam through ctypes, print JSON."""
+def run_transaction(
+    service: str,
+    user: str,
+    answer: Callable[[str], str | None],
+    *,
+    rhost: str | None = None,
+    tty: str | None = None,
+    on_message: Callable[[str], None] | None = None,
+) -> tuple[str, str | None]:
+    """Run pam_authenticate (+ pam_acct_mgmt on success) through libpam in THIS process.
+
+    Only for a process of its own (the child of ``authenticate``, a test's
+    conversation child): libpam is loaded with ctypes.PyDLL so the GIL stays held
+    across the calls, which pam_python, loaded by libpam into this same
+    interpreter, needs. ``answer(prompt)`` gives each reply (None: hang up,
+    PAM_CONV_ERR); informational lines go to ``on_message``. Returns the code
+    names of authentication and account management (None when not reached).
+    """
     import ctypes
     import ctypes.util
+    import gc
 
-    request: dict[str, Any] = json.loads(sys.stdin.buffer.read())
-    # PyDLL keeps the GIL across libpam calls: pam_python, loaded by libpam into
-    # this same interpreter, must find it held.
     libpam = ctypes.PyDLL(ctypes.util.find_library("pam") or "libpam.so.0")
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.calloc.restype = ctypes.c_void_p
@@ -278,18 +295,7 @@ def _child_main() -> None:
     class PamConv(ctypes.Structure):
         _fields_ = [("conv", conv_func), ("appdata_ptr", ctypes.c_void_p)]
 
-    prompts: list[str] = []
-    messages: list[str] = []
-    PROMPT_ECHO_OFF, PROMPT_ECHO_ON = 1, 2
-
-    unanswered: list[str] = []
-
-    def answer(text: str) -> str | None:
-        if request.get("single_field") or ("password" in text.lower() and request["password"] is not None):
-            password: str | None = request["password"]
-            return password
-        code: str | None = request["code"]
-        return code
+    prompt_echo_off, prompt_echo_on = 1, 2
 
     def conversation(n: int, msgs: Any, resp: Any, _appdata: Any) -> int:
         block = libc.calloc(n, ctypes.sizeof(PamResponse))
@@ -299,15 +305,13 @@ def _child_main() -> None:
         for i in range(n):
             style = msgs[i].contents.msg_style
             text = (msgs[i].contents.msg or b"").decode(errors="replace")
-            if style in (PROMPT_ECHO_OFF, PROMPT_ECHO_ON):
-                prompts.append(text)
+            if style in (prompt_echo_off, prompt_echo_on):
                 reply = answer(text)
                 if reply is None:
-                    unanswered.append(text)
-                    return 19  # PAM_CONV_ERR: this client has no answer (libpam frees nothing yet)
+                    return 19  # PAM_CONV_ERR: no answer (libpam frees nothing yet)
                 responses[i].resp = libc.strdup(reply.encode())
-            else:
-                messages.append(text)
+            elif on_message is not None:
+                on_message(text)
         resp[0] = responses
         return 0
 
@@ -319,26 +323,47 @@ def _child_main() -> None:
     libpam.pam_authenticate.argtypes = [ctypes.c_void_p, ctypes.c_int]
     libpam.pam_acct_mgmt.argtypes = [ctypes.c_void_p, ctypes.c_int]
     libpam.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    rc = libpam.pam_start(request["service"].encode(), request["user"].encode(), ctypes.byref(conv),
-                          ctypes.byref(handle))
+    rc = libpam.pam_start(service.encode(), user.encode(), ctypes.byref(conv), ctypes.byref(handle))
     if rc != 0:
-        print(json.dumps({"auth": PAM_CODES.get(rc, str(rc)), "account": None, "prompts": [], "messages": [],
-                          "unanswered": None}))
-        return
-    PAM_TTY, PAM_RHOST = 3, 4
+        return PAM_CODES.get(rc, str(rc)), None
+    pam_tty, pam_rhost = 3, 4
     keep = []
-    for item, value in ((PAM_RHOST, request.get("rhost")), (PAM_TTY, request.get("tty"))):
+    for item, value in ((pam_rhost, rhost), (pam_tty, tty)):
         if value:
             buf = ctypes.c_char_p(value.encode())
             keep.append(buf)
             libpam.pam_set_item(handle, item, ctypes.cast(buf, ctypes.c_void_p))
     rc = libpam.pam_authenticate(handle, 0)
-    account = None
-    if rc == 0:
-        account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?")
+    account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?") if rc == 0 else None
     libpam.pam_end(handle, rc)
-    print(json.dumps({"auth": PAM_CODES.get(rc, str(rc)), "account": account, "prompts": prompts,
-                      "messages": messages, "unanswered": unanswered[0] if unanswered else None}))
+    # A reference cycle still holding pam_python objects would crash us here,
+    # after pam_end -- as it would a web front end: make it happen (in tests) now.
+    gc.collect()
+    return PAM_CODES.get(rc, str(rc)), account
+
+
+def _child_main() -> None:
+    """In the child: one transaction for ``authenticate``, answers by prompt kind, JSON out."""
+    request: dict[str, Any] = json.loads(sys.stdin.buffer.read())
+    prompts: list[str] = []
+    messages: list[str] = []
+    unanswered: list[str] = []
+
+    def answer(text: str) -> str | None:
+        prompts.append(text)
+        reply: str | None
+        if request.get("single_field") or ("password" in text.lower() and request["password"] is not None):
+            reply = request["password"]
+        else:
+            reply = request["code"]
+        if reply is None:
+            unanswered.append(text)
+        return reply
+
+    auth, account = run_transaction(request["service"], request["user"], answer, rhost=request.get("rhost"),
+                                    tty=request.get("tty"), on_message=messages.append)
+    print(json.dumps({"auth": auth, "account": account, "prompts": prompts, "messages": messages,
+                      "unanswered": unanswered[0] if unanswered else None}))
 
 
 if __name__ == "__main__":

@@ -118,9 +118,11 @@ def _item(pamh: Any, name: str) -> str | None:
 
 def to_pam_code(pamh: Any, run: Callable[[], Decision], attempt: Attempt, sink: SyslogSink) -> int:
     """Run one login and map its end to a PAM code; the only such mapping."""
+    raised = True
     try:
         decision = run()
         outcome, reason = decision.outcome, decision.reason
+        raised = False
     except LinkusError as exc:
         outcome, reason = exc.outcome, exc.reason
     except Exception as exc:  # noqa: BLE001 - the one broad except: an internal error is a refusal
@@ -129,6 +131,15 @@ def to_pam_code(pamh: Any, run: Callable[[], Decision], attempt: Attempt, sink: 
     if outcome not in PAM_CODE_NAMES:  # defence in depth: an unknown outcome is a refusal
         outcome, reason = Outcome.DENIED, f"unknown outcome {outcome!r}"
     sink.attempt(_SEVERITY[outcome], attempt.fields(outcome, reason))
+    if raised:
+        # An exception's traceback can sit in a reference cycle with frames that
+        # hold pamh (ldap3 and redis-py both made such cycles). Collected later --
+        # after pam_end has unloaded pam_python -- it crashes the host process
+        # (seen: exit -11). Collect now, while pam_python is alive; success and
+        # skip do not raise, so only refusals pay for it.
+        import gc
+
+        gc.collect()
     return int(getattr(pamh, PAM_CODE_NAMES[outcome]))
 
 
@@ -171,8 +182,32 @@ def authenticate(pamh: Any, flags: int, argv: Sequence[str], *, clock: Callable[
             attempt.method = ctx.method
             attempt.source = ctx.source
             ctx.close()
+            if options.debug:
+                _debug_line(sink, attempt, config, options.cache_dir)
 
     return to_pam_code(pamh, run, attempt, sink)
+
+
+def _debug_line(sink: SyslogSink, attempt: Attempt, config: Any, cache_dir: str) -> None:
+    """With ``debug`` on the PAM line: one more line saying which settings decided.
+
+    Names files, policy and the answering source -- the questions an admin has
+    when a login ends unexpectedly -- and, like every line, no code or secret.
+    """
+    from pam_linkus.logline import LOG_DEBUG, format_fields
+
+    sink.send(LOG_DEBUG, "debug " + format_fields({
+        "user": attempt.user or "-",
+        "config": config.path,
+        "cache_dir": cache_dir,
+        "enforce": config.enforce,
+        "sources": ",".join(config.sources),
+        "answered_by": attempt.source,
+        "method": attempt.method,
+        "state": config.state.backend,
+        "totp_window": config.totp.window,
+        "max_failures": config.lockout.max_failures,
+    }))
 
 
 def _log_socket_hint(argv: Sequence[str]) -> str | None:

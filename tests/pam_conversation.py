@@ -91,78 +91,23 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
 
 
 def _child() -> None:
-    import ctypes
-    import ctypes.util
-
     sys.path.insert(0, str(REPO))
-    from pam_linkus.client import PAM_CODES
+    from pam_linkus.client import run_transaction
 
     request: dict[str, Any] = json.loads(sys.stdin.readline())
-    libpam = ctypes.PyDLL(ctypes.util.find_library("pam") or "libpam.so.0")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.calloc.restype = ctypes.c_void_p
-    libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
-    libc.strdup.restype = ctypes.c_void_p
-    libc.strdup.argtypes = [ctypes.c_char_p]
-
-    class PamMessage(ctypes.Structure):
-        _fields_ = [("msg_style", ctypes.c_int), ("msg", ctypes.c_char_p)]
-
-    class PamResponse(ctypes.Structure):
-        _fields_ = [("resp", ctypes.c_void_p), ("resp_retcode", ctypes.c_int)]
-
-    conv_func = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.POINTER(PamMessage)),
-                                 ctypes.POINTER(ctypes.POINTER(PamResponse)), ctypes.c_void_p)
-
-    class PamConv(ctypes.Structure):
-        _fields_ = [("conv", conv_func), ("appdata_ptr", ctypes.c_void_p)]
 
     def emit(event: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(event) + "\n")
         sys.stdout.flush()
 
-    def conversation(n: int, msgs: Any, resp: Any, _appdata: Any) -> int:
-        block = libc.calloc(n, ctypes.sizeof(PamResponse))
-        if not block:
-            return 5  # PAM_BUF_ERR
-        responses = ctypes.cast(block, ctypes.POINTER(PamResponse))
-        for i in range(n):
-            style = msgs[i].contents.msg_style
-            text = (msgs[i].contents.msg or b"").decode(errors="replace")
-            if style in (1, 2):  # PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON
-                emit({"prompt": text})
-                reply = json.loads(sys.stdin.readline())["answer"]
-                if reply is None:
-                    return 19  # PAM_CONV_ERR
-                responses[i].resp = libc.strdup(reply.encode())
-            else:
-                emit({"info": text})
-        resp[0] = responses
-        return 0
+    def answer(text: str) -> str | None:
+        emit({"prompt": text})
+        reply: str | None = json.loads(sys.stdin.readline())["answer"]
+        return reply
 
-    conv = PamConv(conv_func(conversation), None)
-    handle = ctypes.c_void_p()
-    libpam.pam_start.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(PamConv),
-                                 ctypes.POINTER(ctypes.c_void_p)]
-    libpam.pam_set_item.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-    libpam.pam_authenticate.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    libpam.pam_acct_mgmt.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    libpam.pam_end.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    rc = libpam.pam_start(request["service"].encode(), request["user"].encode(), ctypes.byref(conv),
-                          ctypes.byref(handle))
-    if rc != 0:
-        emit({"auth": PAM_CODES.get(rc, str(rc)), "account": None})
-        return
-    rhost = ctypes.c_char_p(request["rhost"].encode()) if request.get("rhost") else None
-    if rhost is not None:
-        libpam.pam_set_item(handle, 4, ctypes.cast(rhost, ctypes.c_void_p))  # PAM_RHOST
-    rc = libpam.pam_authenticate(handle, 0)
-    account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?") if rc == 0 else None
-    libpam.pam_end(handle, rc)
-    import gc
-
-    gc.collect()
-    emit({"auth": PAM_CODES.get(rc, str(rc)), "account": account})
+    auth, account = run_transaction(request["service"], request["user"], answer, rhost=request.get("rhost"),
+                                    on_message=lambda text: emit({"info": text}))
+    emit({"auth": auth, "account": account})
 
 
 if __name__ == "__main__":

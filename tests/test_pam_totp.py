@@ -126,3 +126,14 @@ def test_custom_prompt_option(pam_stack: PamStack, user: str) -> None:
     pam_stack.enroll_totp(user)
     result = pam_stack.login(user, code_at(SECRET, time.time()))
     assert result.auth == "PAM_SUCCESS" and result.prompts[-1] == "Code from your app: "
+
+
+def test_debug_option_adds_a_line_without_secrets(pam_stack: PamStack, user: str) -> None:
+    pam_stack.set_pam(options="debug")
+    pam_stack.enroll_totp(user)
+    code = code_at(SECRET, time.time())
+    assert pam_stack.login(user, code).auth == "PAM_SUCCESS"
+    line = pam_stack.log.wait_for("debug user=")
+    assert f"user={user}" in line and "answered_by=yaml" in line and "enforce=enrolled" in line
+    assert line.startswith("<87>"), "authpriv.debug"
+    assert code not in line and SECRET not in line
