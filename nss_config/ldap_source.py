@@ -1,9 +1,11 @@
 """The LDAP source: extension settings from a directory (README.md, "LDAP directory").
 
 One login costs at most one connection, one bind and one search, on the first
-server of ``ldap.uris`` that answers. ``ldap3`` (about 40 ms to import) and
-``ssl`` are imported inside the functions that talk to the directory, so a host
-whose chain stops at an earlier source never pays for them.
+server of ``ldap.uris`` that answers. A login speaks LDAP through the small
+client in nss_config.ldap_wire (importing ``ldap3`` alone cost about 60 ms of
+every login); ``ldap3`` remains for doctor's step-by-step check and the writer.
+``ssl`` and ``socket`` are imported inside the functions that talk to the
+directory, so a host whose chain stops at an earlier source never pays for them.
 
 What the directory says, and what the login makes of it:
 
@@ -82,7 +84,6 @@ class LdapSource:
         except ValueError:
             return None  # no directory entry can carry such a name
         password = read_secret_file(_required(self.config.bind_password_file), "LDAP bind password")
-        _require_ldap3()
         try:
             entries = search(self.config, password, user)
         except SourceUnavailable:
@@ -149,23 +150,49 @@ def build_filter(template: str, user: str) -> str:
     Plain ``replace`` rather than ``str.format``: a template with other braces
     must not be interpreted, and the user name is only ever inserted escaped.
     """
-    from ldap3.utils.conv import escape_filter_chars
+    from nss_config.ldap_wire import escape_value
 
-    return template.replace("{user}", escape_filter_chars(user))
+    return template.replace("{user}", escape_value(user))
+
+
+def encoded_filter(template: str, user: str) -> bytes:
+    """``build_filter`` encoded to BER; a template the encoder refuses is a ConfigError
+    (LdapConfig checks the template at config load, so this is only a safety net)."""
+    from nss_config.ldap_wire import FilterError, encode_filter
+
+    try:
+        return encode_filter(build_filter(template, user))
+    except FilterError as exc:
+        problem = str(exc)
+    raise ConfigError(f"ldap.filter: {problem}")
 
 
 def search(config: LdapConfig, password: str, user: str) -> Entries:
-    """Ask the servers of ``config.uris`` in order; the first that answers decides.
+    """Ask the servers of ``config.uris`` in order (through nss_config.ldap_wire);
+    the first that answers decides.
 
     Raises SourceUnavailable naming each server's failure when none answers.
     """
-    search_filter = build_filter(config.filter, user)
+    from nss_config import ldap_wire
+
+    filter_ber = encoded_filter(config.filter, user)
+    context = None
+    try:
+        context = ldap_wire.tls_context(config.ca_file)
+    except OSError as exc:  # _ssl.SSLError is an OSError
+        problem = describe_error(exc)
+    if context is None:  # raised here, outside the except block: no exception as context (see drop_frames)
+        raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
     failures = []
     for uri in config.uris:
         try:
-            return _search_one(config, uri, password, search_filter)
-        except SourceUnavailable as exc:
-            failures.append(exc.reason)
+            return ldap_wire.search(
+                uri, context, start_tls=config.start_tls, connect_timeout=config.connect_timeout,
+                timeout=config.timeout, bind_dn=config.bind_dn or "", password=password, base=config.base,
+                scope=config.scope, filter_ber=filter_ber, attributes=list(config.attributes.values()),
+                size_limit=SIZE_LIMIT)
+        except ldap_wire.LdapWireError as exc:
+            failures.append(f"{uri}: {exc}")
     raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
 
 
@@ -271,26 +298,6 @@ class StepFailed(Exception):
     reaches the flow."""
 
 
-def _search_one(config: LdapConfig, uri: str, password: str, search_filter: str) -> Entries:
-    from ldap3.core.exceptions import LDAPException
-
-    tls = make_tls(config)
-    conn = new_connection(config, uri, password, tls)
-    try:
-        open_secured(conn)
-        bind_or_fail(config, conn)
-        return find_entries(config, conn, search_filter)
-    except StepFailed as exc:
-        problem = str(exc)
-    except (LDAPException, OSError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-        problem = describe_error(exc)
-        drop_frames(exc)
-    finally:
-        close_quietly(conn)
-    # Raised here, outside the except blocks, so it carries no ldap3 exception as context.
-    raise SourceUnavailable(f"{uri}: {problem}")
-
-
 def drop_frames(exc: BaseException) -> None:
     """Clear the locals of the finished frames in ``exc``'s tracebacks.
 
@@ -393,9 +400,10 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     Returns lines in the doctor's format: ``"ok   ldap <what>: <detail>"`` or
     ``"FAIL ldap <what>: <detail>"``; the check failed if any line starts with
     ``"FAIL"``. Each server of ``uris`` is tried on its own (connect + TLS, bind,
-    and the sample search when ``sample_user`` is given); then, for
-    ``sample_user``, the lookup a login would do (first answering server,
-    entry validated, no cache). Never raises a LinkusError.
+    and the sample search when ``sample_user`` is given), with ldap3; then, for
+    ``sample_user``, the lookup a login would do, through the login's own client
+    (nss_config.ldap_wire: first answering server, entry validated, no cache), so
+    doctor tests what logins use. Never raises a LinkusError.
     """
     lines: list[str] = []
 

@@ -247,6 +247,15 @@ class LdapConfig:
             raise r.fail("filter", "must contain {user}")
         if not (self.filter.startswith("(") and self.filter.endswith(")")):
             raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
+        if self.uris:
+            # The login encodes the filter itself (nss_config.ldap_wire): what it cannot
+            # encode is refused here, never sent as something else.
+            from nss_config.ldap_wire import FilterError, encode_filter, escape_value
+
+            try:
+                encode_filter(self.filter.replace("{user}", escape_value("x")))
+            except FilterError as exc:
+                raise r.fail("filter", f"not an LDAP filter this module can send: {exc}") from None
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}
@@ -257,7 +266,7 @@ class LdapConfig:
             raise r.fail("attributes", "maps two keys to the same LDAP attribute")
         attrs.done()
         self.connect_timeout = r.number("connect_timeout", 3.0, minimum=0.1, maximum=30)
-        # ldap3 sets SO_RCVTIMEO from this value and needs whole seconds.
+        # Whole seconds: it is also the search's timeLimit (and ldap3's SO_RCVTIMEO for the writer).
         self.timeout = r.integer("timeout", 3, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")

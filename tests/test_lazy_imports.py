@@ -18,6 +18,14 @@ from typing import Any
 
 import pytest
 from conftest import REPO, SECRET, code_at, write_yaml
+from ldap_server import (  # noqa: F401 - fixtures
+    Slapd,
+    ldap_config,
+    ldap_root_fixture,
+    pki_fixture,
+    slapd_fixture,
+    write_password,
+)
 from redis_server import RedisServer, redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
 
 from pam_linkus.warm import warm
@@ -113,3 +121,22 @@ def test_redis_login_imports_no_redis_package(files: dict[str, Any], redis_serve
     again = fake_login(files, "1001", [code])  # the same code again: the store said "replay"
     assert again["code"] == "PAM_AUTH_ERR"
     assert (top_level(again) | set(again["imported"])) & NEVER_REDIS == set()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")  # the fixture's ldap3 admin
+def test_ldap_login_imports_no_ldap3(files: dict[str, Any], slapd: Slapd, private_dir: Path) -> None:
+    """The login path speaks LDAP through nss_config.ldap_wire: importing ldap3
+    alone cost about 60 ms of every LDAP login."""
+    user = f"lz{os.getpid()}"
+    pw = write_password(private_dir / "bind.pw", slapd.pam_password)
+    write_yaml(files["config"], {"sources": ["ldap"],
+                                 "ldap": ldap_config(slapd, slapd.tree({user: {"method": "totp", "secret": SECRET}}),
+                                                     pw),
+                                 "state": {"path": str(private_dir / "state" / "state.db")}}, 0o600)
+    warm(str(files["config"]), str(files["cache"]))
+    result = fake_login(files, user, [code_at(SECRET, time.time())])
+    assert result["code"] == "PAM_SUCCESS"
+    assert {"nss_config.ldap_wire", "_ssl", "_socket"} <= set(result["imported"])
+    # Nor the Python wrappers ssl and socket (enum, selectors, re, base64 ...: about 10 ms).
+    assert top_level(result) & {"ldap3", "pyasn1", "ssl", "socket", "enum", "selectors", "re", "base64", "redis",
+                                "smtplib", "segno", "email", "yaml", "typing", "dataclasses"} == set()
