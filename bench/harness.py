@@ -11,17 +11,18 @@ import ctypes
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import LogCatcher  # noqa: E402 - the tests' syslog stand-in
 
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
@@ -43,43 +44,6 @@ def pam_messages() -> dict[str, str]:
              7: "PAM_AUTH_ERR", 9: "PAM_AUTHINFO_UNAVAIL", 10: "PAM_USER_UNKNOWN", 11: "PAM_MAXTRIES",
              19: "PAM_CONV_ERR", 25: "PAM_IGNORE", 26: "PAM_ABORT"}
     return {lib.pam_strerror(None, code).decode(): name for code, name in names.items()}
-
-
-class LogCatcher:
-    """A datagram socket standing in for /dev/log (the module's log_socket= option)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.lines.append(data.decode("utf-8", "replace"))
-
-    def take(self) -> list[str]:
-        time.sleep(0.3)  # datagrams in flight
-        with self._lock:
-            lines, self.lines = self.lines, []
-        return lines
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
 
 
 class Workspace:

@@ -45,11 +45,15 @@ def code_at(secret: str, when: float, *, digits: int = 6, period: int = 30, algo
 
 
 class LogCatcher:
-    """A datagram socket standing in for /dev/log; collects the module's syslog lines."""
+    """A datagram socket standing in for /dev/log; collects the module's syslog lines.
+
+    Shared with bench/harness.py, which drains it between timed logins with ``take``.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.lines: list[str] = []
+        self._lock = threading.Lock()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(path))
         self._sock.settimeout(0.2)
@@ -65,16 +69,25 @@ class LogCatcher:
                 continue
             except OSError:
                 return
-            self.lines.append(data.decode("utf-8", "replace"))
+            with self._lock:
+                self.lines.append(data.decode("utf-8", "replace"))
 
     def wait_for(self, needle: str, timeout: float = 5.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.lines:
-                if needle in line:
-                    return line
+            with self._lock:
+                found = [line for line in self.lines if needle in line]
+            if found:
+                return found[0]
             time.sleep(0.02)
         raise AssertionError(f"no log line with {needle!r}; got {self.lines!r}")
+
+    def take(self) -> list[str]:
+        """All lines so far (after the datagrams in flight arrived), emptying the list."""
+        time.sleep(0.3)
+        with self._lock:
+            lines, self.lines = self.lines, []
+        return lines
 
     def close(self) -> None:
         self._stop.set()
