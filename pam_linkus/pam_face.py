@@ -242,9 +242,9 @@ def pam_sm_authenticate(pamh: Any, flags: int, argv: Sequence[str]) -> int:
 
 
 def pam_sm_setcred(pamh: Any, flags: int, argv: Sequence[str]) -> int:
-    # We establish no credentials; success keeps stacks where we are the last
-    # auth module working, as pam_google_authenticator does.
-    return int(pamh.PAM_SUCCESS)
+    # We establish no credentials, so we have no say: PAM_SUCCESS comes only from
+    # to_pam_code. The password module before us (pam_unix) answers setcred.
+    return int(pamh.PAM_IGNORE)
 
 
 def pam_sm_acct_mgmt(pamh: Any, flags: int, argv: Sequence[str]) -> int:

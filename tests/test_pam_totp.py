@@ -137,3 +137,22 @@ def test_debug_option_adds_a_line_without_secrets(pam_stack: PamStack, user: str
     assert f"user={user}" in line and "answered_by=yaml" in line and "enforce=enrolled" in line
     assert line.startswith("<87>"), "authpriv.debug"
     assert code not in line and SECRET not in line
+
+
+def test_setcred_is_decided_by_the_password_module(pam_stack: PamStack, user: str) -> None:
+    """pam_linkus answers setcred with PAM_IGNORE: PAM_SUCCESS comes only from a right code."""
+    import subprocess
+
+    from conftest import PASSWORD
+
+    pam_stack.enroll_totp(user)
+    code = code_at(SECRET, time.time())
+    ok = subprocess.run(["pamtester", pam_stack.service, user, "authenticate", "setcred"],
+                        input=f"{PASSWORD}\n{code}\n", capture_output=True, text=True, timeout=30, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "credential info has successfully been set" in ok.stdout
+    # Alone in the stack, the module grants no credentials.
+    pam_stack.set_pam(auth_lines=f"auth [success=ok ignore=ignore default=die] {pam_stack.module_line}\n")
+    alone = subprocess.run(["pamtester", pam_stack.service, user, "setcred"],
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert alone.returncode != 0, alone.stdout + alone.stderr
