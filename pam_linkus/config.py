@@ -216,7 +216,6 @@ class LdapConfig:
         "writer_bind_dn", "writer_password_file",
     )
 
-    ATTRIBUTE_KEYS = ("enabled", "method", "secret", "algorithm", "digits", "period", "email")
     DEFAULT_ATTRIBUTES = {
         "enabled": "linkusTwoFactorEnabled",
         "method": "linkusTwoFactorMethod",

@@ -33,6 +33,8 @@ from typing import Any
 
 import pytest
 
+from pam_linkus.config import LdapConfig
+
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO / "packaging" / "ldap" / "linkus-2fa.schema"
 SLAPD = "/usr/sbin/slapd"
@@ -44,15 +46,7 @@ SERVER_NAME = "linkus-ldap.test"
 
 #: Our keys -> attributes of the shipped schema (the source's default map, with
 #: the schema's own email attribute rather than ``mail``).
-SCHEMA_ATTRIBUTES = {
-    "enabled": "linkusTwoFactorEnabled",
-    "method": "linkusTwoFactorMethod",
-    "secret": "linkusTotpSecret",
-    "algorithm": "linkusTotpAlgorithm",
-    "digits": "linkusTotpDigits",
-    "period": "linkusTotpPeriod",
-    "email": "linkusTwoFactorEmail",
-}
+SCHEMA_ATTRIBUTES = {**LdapConfig.DEFAULT_ATTRIBUTES, "email": "linkusTwoFactorEmail"}
 
 
 # -- PKI ------------------------------------------------------------------------------
