@@ -11,7 +11,7 @@ import yaml
 from cli_helpers import finish, spawn_cli
 from conftest import PASSWORD, PamStack
 from pam_conversation import converse
-from smtp_server import ca_fixture, code_in, smtp_server_fixture  # noqa: F401
+from smtp_server import code_in
 from test_pam_email import setup_email
 
 pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]

@@ -10,14 +10,11 @@ import pytest
 import yaml
 from cli_helpers import finish, read_key, run_cli, spawn_cli
 from conftest import SECRET, PamStack, code_at
-from ldap_server import (  # noqa: F401 - fixtures
+from ldap_server import (
     ADMIN_DN,
     SCHEMA_ATTRIBUTES,
     Slapd,
     ldap_config,
-    ldap_root_fixture,
-    pki_fixture,
-    slapd_fixture,
     write_password,
 )
 

@@ -18,15 +18,8 @@ from typing import Any
 
 import pytest
 from conftest import REPO, SECRET, code_at, write_yaml
-from ldap_server import (  # noqa: F401 - fixtures
-    Slapd,
-    ldap_config,
-    ldap_root_fixture,
-    pki_fixture,
-    slapd_fixture,
-    write_password,
-)
-from redis_server import RedisServer, redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
+from ldap_server import Slapd, ldap_config, write_password
+from redis_server import RedisServer
 
 from pam_linkus.warm import warm
 

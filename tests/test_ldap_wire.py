@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ldap_server import Slapd, free_port, ldap_config, ldap_root_fixture, pki_fixture, slapd_fixture  # noqa: F401
+from ldap_server import Slapd, free_port, ldap_config
 
 from nss_config import ldap_wire
 from nss_config.ldap_source import LdapSource

@@ -7,15 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ldap_server import (  # noqa: F401 - fixtures
+from ldap_server import (
     SCHEMA_ATTRIBUTES,
     WRITER_DN,
     Slapd,
     free_port,
     ldap_config,
-    ldap_root_fixture,
-    pki_fixture,
-    slapd_fixture,
     write_password,
 )
 from source_contract import SECRET

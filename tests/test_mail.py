@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from smtp_server import SMTP_USER, SmtpServer, ca_fixture, closed_port, smtp_server_fixture  # noqa: F401
+from smtp_server import SMTP_USER, SmtpServer, closed_port
 
 from pam_linkus.config import Config
 from pam_linkus.errors import ConfigError, MailUnavailable

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, PamStack
 from pam_conversation import Conversation, converse
-from redis_server import redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
-from smtp_server import SmtpServer, ca_fixture, closed_port, code_in, smtp_server_fixture  # noqa: F401
+from smtp_server import SmtpServer, closed_port, code_in
 
 pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]
 

@@ -16,16 +16,11 @@ from typing import Any
 
 import pytest
 from conftest import SECRET, PamStack, code_at
-from ldap_server import (  # noqa: F401 - fixtures
+from ldap_server import (
     BlackHole,
     Slapd,
-    black_hole_fixture,
     free_port,
     ldap_config,
-    ldap_root_fixture,
-    own_slapd_fixture,
-    pki_fixture,
-    slapd_fixture,
     write_password,
 )
 

@@ -18,14 +18,8 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
 from pam_conversation import converse
-from redis_server import (  # noqa: F401 - fixtures
-    RedisServer,
-    TlsFiles,
-    redis_dir_fixture,
-    redis_server_fixture,
-    tls_files_fixture,
-)
-from smtp_server import SmtpServer, ca_fixture, code_in, smtp_server_fixture  # noqa: F401
+from redis_server import RedisServer, TlsFiles
+from smtp_server import SmtpServer, code_in
 
 from pam_linkus.client import ClientOutcome
 from pam_linkus.config import Config

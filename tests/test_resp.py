@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from redis_server import RedisServer, free_port, redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
+from redis_server import RedisServer, free_port
 
 from pam_linkus.config import Config
 from pam_linkus.errors import StateUnavailable

@@ -12,20 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ldap_server import (  # noqa: F401 - fixtures
+from ldap_server import (
     PAM_DN,
     SCHEMA,
     SCHEMA_ATTRIBUTES,
     SERVER_NAME,
     BlackHole,
     Slapd,
-    black_hole_fixture,
     free_port,
     ldap_config,
-    ldap_root_fixture,
-    own_slapd_fixture,
-    pki_fixture,
-    slapd_fixture,
     write_password,
 )
 from source_contract import SECRET, MakeSource, SourceContract

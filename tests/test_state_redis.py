@@ -12,14 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import (  # noqa: F401 - fixtures
+from redis_server import (
     RedisServer,
     Sentinel,
     TlsFiles,
     free_port,
-    redis_dir_fixture,
-    redis_server_fixture,
-    tls_files_fixture,
 )
 from state_contract import NOW, STEP, Opener, StateContract
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 
-from redis_server import RedisServer, redis_dir_fixture, redis_server_fixture  # noqa: F401 - fixtures
+from redis_server import RedisServer
 from state_contract import NOW
 
 from pam_linkus.config import Config
