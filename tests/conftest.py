@@ -98,6 +98,18 @@ class LogCatcher:
         self._sock.close()
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
+    """Stop a server a fixture started: SIGTERM, then SIGKILL if it does not exit in time."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def write_yaml(path: Path, data: Any, mode: int = 0o600) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
     os.chmod(path, mode)

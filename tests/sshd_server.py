@@ -23,7 +23,7 @@ from typing import Any
 
 import paramiko
 import pytest
-from conftest import PASSWORD, PamStack
+from conftest import PASSWORD, PamStack, stop_process
 
 SSHD = "/usr/sbin/sshd"
 
@@ -151,13 +151,7 @@ class SshServer:
         return self.log_path.read_text(errors="replace")
 
     def _stop_proc(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 5.0)
         self.proc = None
 
     def stop(self) -> None:
