@@ -62,7 +62,7 @@ def build_chain(
         if name == "yaml":
             from nss_config.yaml_source import YamlSource
 
-            sources.append(YamlSource(config.yaml.path, cache_dir=config.cache_dir))
+            sources.append(YamlSource(config.yaml.path))
         elif name == "ldap":
             from nss_config.ldap_source import LdapSource
 

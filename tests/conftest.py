@@ -156,7 +156,7 @@ class PamStack:
 
     def write_config(self, **changes: Any) -> None:
         self.config.update(changes)
-        write_yaml(self.config_path, self.config, 0o644)
+        write_yaml(self.config_path, self.config, 0o600)
 
     def write_extensions(self, extensions: dict[str, Any] | None = None) -> None:
         if extensions is not None:
@@ -207,8 +207,12 @@ def user(make_user: Any) -> str:
 
 @pytest.fixture
 def private_dir() -> Iterator[Path]:
-    """A root-owned 0700 directory (config files must live in one)."""
-    path = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
+    """A root-owned 0700 directory (config files must live in one).
+
+    Under /run, not /tmp: every directory above a config file must be writable by
+    root alone, and /tmp (1777) is not (pam_linkus.strictyaml.check_parent_dirs).
+    """
+    path = Path(f"/run/linkus-test-{secrets.token_hex(6)}")
     path.mkdir(mode=0o700)
     yield path
     shutil.rmtree(path, ignore_errors=True)
