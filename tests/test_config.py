@@ -267,7 +267,21 @@ def test_config_errors_name_key_and_place(private_dir: Path, text: str, message:
         (f"{{method: totp, secret: {SECRET}, period: 5}}", "period must be"),
         (f"{{method: totp, secret: {SECRET}, enabled: 'no'}}", "enabled must be true or false"),
         ("{method: email}", "needs an email address"),
-        (f"{{method: totp, secret: {SECRET}, colour: red}}", "unknown key 'colour'"),
+        (f"{{method: totp, secret: {SECRET}, colour: red}}", r"unknown key \(known: method, "),
+        ("{method: totp, secret: JBSWY3DPEHPK3PXP}", "shorter than 128 bits"),
+        ("{method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3A}", "shorter than 128 bits"),
+        ("{method: totp, secret: JBSWY3DPEHPK3PXP, legacy_short_secret: 'yes'}", "must be true or false"),
+        ("{method: totp, secret: JBSWY3DP, legacy_short_secret: true}", "shorter than 80 bits"),
+        ("{method: email, email: 'a@example.com\\r\\nBcc: x@evil.test'}", "email (has|is not one plain)"),
+        ("{method: email, email: 'a@example.com, b@example.com'}", "email (has|is not one plain)"),
+        ("{method: email, email: 'Alice <a@example.com>'}", "email has characters"),
+        ("{method: email, email: 'a b@example.com'}", "email has characters"),
+        ("{method: email, email: 'a@b@example.com'}", "email (has|is not one plain)"),
+        ("{method: email, email: 'a@localhost'}", "email has a domain"),
+        ("{method: email, email: 'a@-x.example.com'}", "email has a domain"),
+        (f"{{method: email, email: '{'a' * 65}@example.com'}}", "email is not one plain address"),
+        (f"{{method: email, email: 'a@{'b' * 250}.com'}}", "email is not one plain address .length"),
+        ("{method: none, email: 'not-an-address'}", "email is not one plain address"),
     ],
 )
 def test_bad_extension_entries(private_dir: Path, entry: str, message: str) -> None:
@@ -275,6 +289,29 @@ def test_bad_extension_entries(private_dir: Path, entry: str, message: str) -> N
     with pytest.raises(ConfigError, match=message) as info:
         read_extensions(str(path))
     assert f"{path}:2:3" in str(info.value)
+
+
+def test_entry_errors_never_name_the_extension_or_an_unknown_key(private_dir: Path) -> None:
+    path = write(private_dir / "ext.yaml", f"extensions:\n  {SECRET}: {SECRET}\n  x:\n    {SECRET}: 1\n")
+    with pytest.raises(ConfigError) as info:
+        read_extensions(str(path))
+    assert SECRET not in str(info.value) and f"{path}:2:" in str(info.value)
+    write(path, f"extensions:\n  x:\n    method: totp\n    secret: {SECRET}\n    {SECRET}: 1\n")
+    with pytest.raises(ConfigError) as info:
+        read_extensions(str(path))
+    assert SECRET not in str(info.value) and f"{path}:" in str(info.value)
+
+
+def test_short_secret_needs_the_migration_flag(private_dir: Path) -> None:
+    short = "JBSWY3DPEHPK3PXP"  # 80 bits, as google-authenticator writes them
+    path = write(private_dir / "ext.yaml", f'extensions:\n  "1001": {{method: totp, secret: {short}}}\n')
+    with pytest.raises(ConfigError, match="shorter than 128 bits"):
+        read_extensions(str(path))
+    write(path, f'extensions:\n  "1001": {{method: totp, secret: {short}, legacy_short_secret: true}}\n')
+    found = read_extensions(str(path))["1001"]
+    assert found.secret == short and found.legacy_short_secret
+    write(path, f'extensions:\n  "1001": {{method: totp, secret: {SECRET}}}\n')
+    assert not read_extensions(str(path))["1001"].legacy_short_secret
 
 
 def test_extension_entries_parse(private_dir: Path) -> None:
