@@ -345,7 +345,7 @@ def judge_options(args: list[str]) -> list[tuple[str, str]]:
             problems.append(("FAIL", "an unknown option: pam_linkus.so refuses every login through this line "
                              f"(known: {', '.join(MODULE_OPTIONS)})"))
         elif MODULE_OPTIONS[name] != bool(sep):
-            problems.append(("FAIL", f"option {name} {'needs' if MODULE_OPTIONS[name] else 'takes no'} a value; "
+            problems.append(("FAIL", f"option {name} {'needs a' if MODULE_OPTIONS[name] else 'takes no'} value; "
                              "pam_linkus.so refuses every login through this line"))
     return problems
 
@@ -412,6 +412,9 @@ def check_pam_text(text: str) -> list[tuple[int, str, str]]:
             continue
         forward = "forward_pass" in rule.args
         problems = judge_options(rule.args)
+        if rule.dash:
+            problems.append(("FAIL", "'-auth': if pam_linkus.so is missing, libpam skips the line silently and "
+                             "logins go on without a second factor; write 'auth'"))
         problems += judge_control(rule, password_before=password_seen or forward)
         if forward:
             later = rules[index + 1:]
