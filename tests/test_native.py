@@ -22,10 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import PASSWORD, REPO, LogCatcher, require_root
-from fake_daemon import (ANSWER, INFO, PROMPT, RESULT, SPLIT, START, FakeDaemon, encode_field, encode_frame, info,
-                         prompt, result)
+from fake_daemon import (
+    ANSWER,
+    RESULT,
+    SPLIT,
+    START,
+    FakeDaemon,
+    encode_frame,
+    info,
+    prompt,
+    result,
+)
 
 NATIVE = REPO / "native"
 SO = NATIVE / "pam_linkus.so"
@@ -292,7 +300,8 @@ def test_hostile_daemon_is_unavailable(native: Native, case: str) -> None:
     assert_message(run, "PAM_AUTHINFO_UNAVAIL")
     assert time.monotonic() - started < 10
     line = native.log.wait_for(needle)
-    assert f"pam_linkus({native.service}:auth)[" in line and line.startswith(f"<{syslog.LOG_AUTHPRIV | syslog.LOG_ERR}>")
+    assert f"pam_linkus({native.service}:auth)[" in line
+    assert line.startswith(f"<{syslog.LOG_AUTHPRIV | syslog.LOG_ERR}>")
 
 
 def make_socket_dir(native: Native) -> Path:
@@ -387,7 +396,8 @@ def test_peer_not_root(native: Native) -> None:
     ("profile=" + "p" * 65, "option profile= needs 1..64"),
     ("prompt=" + "p" * 201, "option prompt= is longer than 200 bytes"),
     ("debug debug", "option debug given twice"),
-    ("config=/etc/pam_linkus/pam_linkus.yaml", "config belongs to the old pam_python module: run linkus-2fa migrate-pam"),
+    ("config=/etc/pam_linkus/pam_linkus.yaml",
+     "config belongs to the old pam_python module: run linkus-2fa migrate-pam"),
     ("cache_dir=/var/cache/x", "cache_dir belongs to the old pam_python module"),
 ])
 def test_bad_option_refuses_the_login(native: Native, args: str, needle: str) -> None:
@@ -451,7 +461,6 @@ def test_forward_pass_wrong_password_never_reaches_the_code_check(native: Native
     native.start({"kind": "good", "code": CODE, "digits": 6})
     single_field_stack(native)
     assert_message(native.pamtester(user, "not-the-password" + CODE), "PAM_AUTH_ERR")
-    conns = native.connections(1)
     time.sleep(0.3)  # the daemon records a connection when it closes; no second one may come
     conns = native.connections(1)
     assert len(conns) == 1 and conns[0]["frames"][0].fields["MODE"] == b"\x02"
@@ -481,7 +490,7 @@ def test_forward_pass_zero_digits_whole_answer_is_the_password(native: Native, u
     single_field_stack(native)
     run = native.pamtester(user, PASSWORD, CODE)  # the second line prompts: nothing was kept
     assert_message(run, "PAM_SUCCESS")
-    first, second = native.connections(2)
+    second = native.connections(2)[1]
     assert "KEPT" not in second["frames"][0].fields
     assert [f.type for f in second["frames"]] == [START, ANSWER]
     assert PASSWORD.encode() not in all_client_bytes(native, 2)
