@@ -215,6 +215,22 @@ def test_info_skipped_under_pam_silent_and_error_style(native: Native) -> None:
     assert native.connections(2)[1]["frames"][0].fields["FLAGS"] == b"\x00\x00\x00\x01"
 
 
+def test_timeout_never_applies_to_the_person(native: Native) -> None:
+    """timeout= bounds each frame from the daemon; a person may take longer than that to answer."""
+    native.start({"kind": "good", "code": CODE})
+    native.configure(timeout=1)
+    proc = subprocess.Popen(["pamtester", native.service, "root", "authenticate"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.5)  # a real process and a real person: nothing to inject a clock into
+        out, err = proc.communicate(CODE + "\n", timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and MESSAGES["PAM_SUCCESS"] in out, (out, err)
+
+
 def test_answer_over_256_bytes_is_cut_to_257(native: Native) -> None:
     native.start({"kind": "good", "code": CODE})
     native.configure()
