@@ -629,15 +629,16 @@ def test_sanitizer_catches_the_canary(native: Native) -> None:
 # ------------------------------------------------------------------ the local-root hole of pam_python
 
 
-def test_setuid_caller_cannot_run_code_from_its_path(native: Native, user: str, private_dir: Path) -> None:
+def test_setuid_caller_cannot_run_code_from_its_path(native: Native, user: str) -> None:
     """The pam_python hole: a setuid program's CPython found its stdlib through the caller's PATH.
 
-    An unprivileged user runs a setuid-root pamtester with a PATH (and PYTHON* variables) leading to a
-    bin/python3 and a sitecustomize.py that would create a marker file. With the native module nothing
-    of it runs, and only the one code the daemon accepts logs in.
+    An unprivileged user runs a setuid-root pamtester with a PATH leading to a bin/python3 whose
+    lib/python3.11 holds a sitecustomize.py that creates a marker file (and, in a second run, hostile
+    PYTHON*/LD_* variables too). With pam_python on the stack (the control, while libpam-python is still
+    installed) the marker appears, created by root; with the native module nothing of it runs, and only
+    the one code the daemon accepts logs in.
     """
     native.start({"kind": "good", "code": CODE})
-    native.configure()
     base = Path(f"/tmp/linkus-suid-{secrets.token_hex(6)}")
     if "nosuid" in subprocess.run(["findmnt", "-no", "OPTIONS", "-T", "/tmp"], capture_output=True, text=True,
                                   check=False).stdout:
@@ -649,32 +650,45 @@ def test_setuid_caller_cannot_run_code_from_its_path(native: Native, user: str, 
         os.chown(tester, 0, 0)
         os.chmod(tester, 0o4755)
         marker_dir = base / "marker"
-        marker_dir.mkdir(mode=0o777)
+        marker_dir.mkdir()
         os.chmod(marker_dir, 0o1777)
         marker = marker_dir / "pwned"
         evil = base / "evil"
+        stdlib = evil / "lib" / "python3.11"
         (evil / "bin").mkdir(parents=True)
-        (evil / "lib" / "python3.11").mkdir(parents=True)
-        (evil / "bin" / "python3").write_text(f"#!/bin/sh\ntouch {marker}\n")
-        os.chmod(evil / "bin" / "python3", 0o755)
-        (evil / "lib" / "python3.11" / "os.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-        (evil / "lib" / "python3.11" / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-        env = {"PATH": f"{evil / 'bin'}:/usr/bin:/bin", "PYTHONPATH": str(evil / "lib" / "python3.11"),
-               "PYTHONHOME": str(evil), "PYTHONSTARTUP": str(evil / "lib" / "python3.11" / "sitecustomize.py"),
-               "LD_LIBRARY_PATH": str(evil / "lib"), "LD_PRELOAD": str(evil / "lib" / "evil.so"),
-               "HOME": str(evil)}
+        stdlib.mkdir(parents=True)
+        shutil.copy2("/usr/bin/python3", evil / "bin" / "python3")
+        for entry in Path("/usr/lib/python3.11").iterdir():
+            (stdlib / entry.name).symlink_to(entry)
+        (stdlib / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        path_only = {"PATH": f"{evil / 'bin'}:/usr/bin:/bin"}
+        hostile = {**path_only, "PYTHONPATH": str(stdlib), "PYTHONHOME": str(evil),
+                   "PYTHONSTARTUP": str(stdlib / "sitecustomize.py"), "LD_LIBRARY_PATH": str(evil / "lib"),
+                   "LD_PRELOAD": str(evil / "lib" / "evil.so"), "HOME": str(evil)}
         uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True, check=True).stdout)
         gid = int(subprocess.run(["id", "-g", user], capture_output=True, text=True, check=True).stdout)
 
-        def login(answer: str) -> subprocess.CompletedProcess[str]:
+        def login(answer: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             return subprocess.run([str(tester), native.service, user, "authenticate"], input=answer + "\n",
                                   capture_output=True, text=True, env=env, user=uid, group=gid,
                                   extra_groups=[], timeout=60, check=False)
 
-        assert_message(login("000000"), "PAM_AUTH_ERR")
-        assert_message(login(CODE), "PAM_SUCCESS")
-        starts = [c["frames"][0].fields for c in native.connections(2)]
-        assert [s["USER"] for s in starts] == [user.encode()] * 2  # it really went through the module
+        control = Path("/lib/security/pam_python.so").exists()
+        if control:
+            module = base / "noop.py"
+            module.write_text("def pam_sm_authenticate(pamh, flags, argv):\n    return pamh.PAM_IGNORE\n")
+            native.write(f"auth optional pam_python.so {module}\n"
+                         f"auth [success=ok ignore=ignore default=die] {native.module()}\n")
+            assert_message(login(CODE, path_only), "PAM_SUCCESS")
+            assert marker.exists() and marker.stat().st_uid == 0, "control: the pam_python hole did not reproduce"
+            marker.unlink()
+
+        native.configure()
+        for env in (path_only, hostile):
+            assert_message(login("000000", env), "PAM_AUTH_ERR")
+            assert_message(login(CODE, env), "PAM_SUCCESS")
+        starts = [c["frames"][0].fields for c in native.connections(4 + control)]
+        assert [s["USER"] for s in starts] == [user.encode()] * (4 + control)  # it went through the module
         assert not marker.exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
