@@ -249,12 +249,16 @@ def serve(config: dict[str, Any]) -> None:
         os.setgid(int(config["peer_uid"]))
         os.setgroups([])
         os.setuid(int(config["peer_uid"]))
-    listener.listen(64)
+    behaviour = config["behaviour"]
+    listener.listen(0 if behaviour["kind"] == "no_accept" else 64)
     print("ready", flush=True)
+    if behaviour["kind"] == "no_accept":  # a hung daemon: connections queue up, none is served
+        time.sleep(float(behaviour.get("hold", 60)))
+        return
     while True:
         conn, _ = listener.accept()
-        session = Session(conn, config["behaviour"])
-        conn.settimeout(float(config["behaviour"].get("read_timeout", 30)))
+        session = Session(conn, behaviour)
+        conn.settimeout(float(behaviour.get("read_timeout", 30)))
         try:
             session.play()
         except ProtocolError as exc:

@@ -155,6 +155,20 @@ def test_outcome_maps_to_pam_code(native: Native, outcome: str, code: str) -> No
     assert [c["frames"][0].type for c in native.connections(2)] == [START, START]
 
 
+@pytest.mark.parametrize(("outcome", "code"), [
+    ("success", "PAM_SUCCESS"), ("skip", "PAM_PERM_DENIED"), ("denied", "PAM_AUTH_ERR"),
+    ("locked", "PAM_MAXTRIES"), ("unavailable", "PAM_AUTHINFO_UNAVAIL"), ("conversation", "PAM_CONV_ERR"),
+])
+def test_outcome_in_process_python_pam(native: Native, outcome: str, code: str) -> None:
+    """The same mapping through python-pam (ctypes, in this process); skip is PERM_DENIED alone on the stack."""
+    pam = pytest.importorskip("pam")
+    native.start({"kind": "outcome", "outcome": outcome})
+    native.configure()
+    auth = pam.pam()
+    assert auth.authenticate("root", CODE, service=native.service, resetcreds=False) is (code == "PAM_SUCCESS")
+    assert auth.code == PAM[code]
+
+
 def test_skip_is_ignore_not_success(native: Native) -> None:
     """With a module after it, skip lets the stack decide: PAM_IGNORE, never PAM_SUCCESS on its own."""
     native.start({"kind": "outcome", "outcome": "skip"})
@@ -339,6 +353,25 @@ def test_nobody_listening(native: Native) -> None:
     native.configure()
     assert_message(native.pamtester("root", CODE), "PAM_AUTHINFO_UNAVAIL")
     native.log.wait_for("Connection refused")
+
+
+def test_hung_daemon_that_never_accepts(native: Native) -> None:
+    """One connection waits in the backlog (no frame comes), the next finds it full: both time out."""
+    native.start({"kind": "no_accept"})
+    native.configure(timeout=1)
+    started = time.monotonic()
+    assert driver_codes(native.driver("root", CODE, count=2)) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 2}
+    assert time.monotonic() - started < 8
+    native.log.wait_for("no whole frame within the timeout")
+    native.log.wait_for("Resource temporarily unavailable")
+
+
+def test_overlong_user_name_is_refused(native: Native) -> None:
+    native.start({"kind": "good", "code": CODE})
+    native.configure()
+    assert driver_codes(native.driver("u" * 300, CODE)) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 1}
+    native.log.wait_for("is empty or too long")
+    assert [c["frames"] for c in native.connections(1)] == [[]]  # nothing was sent
 
 
 def test_socket_not_owned_by_root(native: Native) -> None:
@@ -658,9 +691,13 @@ def test_setuid_caller_cannot_run_code_from_its_path(native: Native, user: str) 
         (evil / "bin").mkdir(parents=True)
         stdlib.mkdir(parents=True)
         shutil.copy2("/usr/bin/python3", evil / "bin" / "python3")
+        # The stdlib by symlinks, except Debian's sitecustomize.py (a symlink into /etc) and __pycache__
+        # (a root CPython would write there): the fake one is created anew, never written through a link.
         for entry in Path("/usr/lib/python3.11").iterdir():
-            (stdlib / entry.name).symlink_to(entry)
-        (stdlib / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+            if entry.name not in ("sitecustomize.py", "usercustomize.py", "__pycache__"):
+                (stdlib / entry.name).symlink_to(entry)
+        with open(stdlib / "sitecustomize.py", "x") as fake:
+            fake.write(f"open({str(marker)!r}, 'w').close()\n")
         path_only = {"PATH": f"{evil / 'bin'}:/usr/bin:/bin"}
         hostile = {**path_only, "PYTHONPATH": str(stdlib), "PYTHONHOME": str(evil),
                    "PYTHONSTARTUP": str(stdlib / "sitecustomize.py"), "LD_LIBRARY_PATH": str(evil / "lib"),
