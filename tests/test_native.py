@@ -87,6 +87,13 @@ class Native:
         self.daemons.append(self.daemon)
         return self.daemon
 
+    def restart(self, behaviour: dict[str, Any]) -> FakeDaemon:
+        """Replace the running fake daemon (if any) by one with another behaviour."""
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.sock.unlink(missing_ok=True)
+        return self.start(behaviour)
+
     def module(self, options: str = "", *, so: Path = SO, timeout: int = 2) -> str:
         return f"{so} socket={self.sock} log_socket={self.log.path} timeout={timeout} {options}".strip()
 
@@ -584,13 +591,7 @@ def test_valgrind_many_transactions(native: Native, user: str) -> None:
         assert done.returncode == 0, done.stderr[-3000:]
         return driver_codes(done)
 
-    def restart(behaviour: dict[str, Any]) -> None:
-        if native.daemon is not None:
-            native.daemon.stop()
-            native.sock.unlink()
-        native.start(behaviour)
-
-    restart({"kind": "good", "code": CODE, "infos": [[4, "info"]]})
+    native.restart({"kind": "good", "code": CODE, "infos": [[4, "info"]]})
     native.configure()
     assert run(CODE, count=60) == {PAM["PAM_SUCCESS"]: 60}
     assert run("1" * 300, count=20) == {PAM["PAM_AUTH_ERR"]: 20}
@@ -598,12 +599,12 @@ def test_valgrind_many_transactions(native: Native, user: str) -> None:
     assert run(CODE, count=10, silent=True) == {PAM["PAM_SUCCESS"]: 10}
     for case in ("garbage", "too many prompts", "duplicate field", "huge text", "close mid-conversation",
                  "truncated frame"):
-        restart(HOSTILE[case][0])
+        native.restart(HOSTILE[case][0])
         assert run(CODE, count=10) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 10}, case
-    restart(HOSTILE["silence"][0])
+    native.restart(HOSTILE["silence"][0])
     native.configure(timeout=1)
     assert run(CODE, count=2) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 2}
-    restart({"kind": "good", "code": CODE, "digits": 6})
+    native.restart({"kind": "good", "code": CODE, "digits": 6})
     single_field_stack(native)
     assert run(PASSWORD + CODE, count=20) == {PAM["PAM_SUCCESS"]: 20}
     assert run("wrong" + CODE, count=10) == {PAM["PAM_AUTH_ERR"]: 10}
@@ -729,3 +730,36 @@ def test_setuid_caller_cannot_run_code_from_its_path(native: Native, user: str) 
         assert not marker.exists()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the shared examples (tests/protocol_examples.py)
+
+
+def shared_examples() -> Any:
+    return pytest.importorskip("protocol_examples", reason="tests/protocol_examples.py (the lead's) not here")
+
+
+def test_shared_hostile_daemon_frames(native: Native) -> None:
+    """Every hostile daemon->client frame of the shared examples ends in PAM_AUTHINFO_UNAVAIL."""
+    examples = shared_examples()
+    native.configure()
+    for name, data in examples.HOSTILE_DAEMON:
+        native.restart(raw(data, "hold"))
+        assert driver_codes(native.driver("root", CODE)) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 1}, name
+
+
+def test_shared_good_daemon_frames(native: Native) -> None:
+    """The shared good frames: each RESULT, a PROMPT and an INFO before one, and SPLIT for forward_pass."""
+    examples = shared_examples()
+    expected = {"success": "PAM_SUCCESS", "skip": "PAM_PERM_DENIED", "denied": "PAM_AUTH_ERR",
+                "locked": "PAM_MAXTRIES", "unavailable": "PAM_AUTHINFO_UNAVAIL", "conversation": "PAM_CONV_ERR"}
+    scripts = [(examples.RESULT[name], expected[name]) for name in examples.RESULT]
+    scripts.append((examples.INFO + examples.PROMPT + examples.RESULT["success"], "PAM_SUCCESS"))
+    native.configure()
+    for data, code in scripts:
+        native.restart(raw(data, "hold"))
+        assert driver_codes(native.driver("root", CODE)) == {PAM[code]: 1}, data
+    native.restart(raw(examples.SPLIT, "hold"))
+    native.configure("forward_pass")
+    # PAM_IGNORE alone on the stack: PERM_DENIED; the split itself is checked in the single-field tests.
+    assert driver_codes(native.driver("root", "pw" + CODE)) == {PAM["PAM_PERM_DENIED"]: 1}
