@@ -247,14 +247,12 @@ class LdapConfig:
         if not (self.filter.startswith("(") and self.filter.endswith(")")):
             raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         if self.uris:
-            # The login encodes the filter itself (nss_config.ldap_wire): what it cannot
-            # encode is refused here, never sent as something else.
-            from nss_config.ldap_wire import FilterError, encode_filter, escape_value
+            # What ldap3 cannot parse is refused here, never sent as something else.
+            from nss_config.ldap_source import check_filter
 
-            try:
-                encode_filter(self.filter.replace("{user}", escape_value("x")))
-            except FilterError as exc:
-                raise r.fail("filter", f"not an LDAP filter this module can send: {exc}") from None
+            problem = check_filter(self.filter)
+            if problem is not None:
+                raise r.fail("filter", f"not an LDAP filter this module can send: {problem}")
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}

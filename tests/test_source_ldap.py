@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -393,27 +392,6 @@ def test_config_defaults_are_safe() -> None:
 
 
 # -- cost --------------------------------------------------------------------------------------
-
-
-def test_ldap3_is_imported_only_when_the_directory_is_asked(private_dir: Path) -> None:
-    extensions = private_dir / "extensions.yaml"
-    extensions.write_text('extensions:\n  "1001": {method: none}\n')
-    extensions.chmod(0o600)
-    program = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-from pam_linkus.config import Config
-import nss_config.ldap_source
-from nss_config.chain import build_chain
-config = Config.from_mapping({{"sources": ["yaml", "ldap"], "yaml": {{"path": {str(extensions)!r}}},
-    "ldap": {{"uris": ["ldaps://127.0.0.1:1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
-              "base": "dc=x"}}}})
-assert build_chain(config).lookup("1001").method == "none"
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("ldap3", "ssl", "json")))
-"""
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30,
-                         check=True)
-    assert out.stdout.strip() == "[]"
 
 
 def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -> None:
