@@ -518,3 +518,27 @@ def test_referrals_are_never_followed(slapd: Slapd, password_file: Path, black_h
     moved = LdapSource(make_config(ldap_config(slapd, f"ou=moved,{base}", password_file, timeout=2)))
     with pytest.raises(SourceUnavailable, match="referral"):
         moved.lookup("alice")
+
+
+def test_ldaps_uri_at_a_plain_server_fails_over_to_the_next(slapd: Slapd, password_file: Path) -> None:
+    """Issue 12 item 9: a plain server behind ldaps:// is an ordinary failure, then failover."""
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    plain_as_ldaps = slapd.ldap_uri.replace("ldap://", "ldaps://", 1)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[plain_as_ldaps, slapd.ldaps_uri],
+                                                connect_timeout=1, timeout=2)))
+    found = source.lookup("alice")
+    assert found is not None and found.account == "alice"
+
+
+def test_warm_connections_are_shared_by_threads_and_reused(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({f"u{i}": {"method": "totp", "secret": SECRET} for i in range(4)})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[slapd.ldaps_uri])))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: source.lookup(f"U{i % 4}"), range(40), timeout=60))
+    assert [r.account if r else None for r in results] == [f"u{i % 4}" for i in range(40)]
+    idle = sum(len(v) for v in source._idle.values())
+    assert 1 <= idle <= 4  # at most one connection per thread was ever opened, and kept
+    source.close()
+    assert sum(len(v) for v in source._idle.values()) == 0
