@@ -33,7 +33,7 @@ so worker threads read it without a lock.
 Measured (this machine: Debian 12, 2 cores, Python 3.11, PyYAML 6 with libyaml,
 the strict loader of pam_linkus.strictyaml as of this commit): 100,000 TOTP
 extensions (a 7.4 MB file) load in 8.9 s with a peak RSS of 378 MB (260 MB
-still held by the allocator afterwards); the snapshot itself holds ~39 MB
+still held by the allocator afterwards); the snapshot itself holds ~40 MB
 (tracemalloc); a lookup costs ~1.2 us. Nearly all of the load is the strict
 loader's node-based parse (being rewritten on libyaml events by another change):
 load in a child process or on events to meet linkusd's reload budget.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,40 @@ def test_header_injection_address_sends_nothing(smtp_server: Any, to: str) -> No
     with pytest.raises(ConfigError, match="recipient address"):
         mailer(server.port, security="none").send(to, "s", "123456\n", now=NOW)
     assert server.messages == []
+
+
+def test_a_greeting_that_never_ends_fails_within_the_overall_deadline() -> None:
+    """Issue 12 item 10: ``220-`` continuation lines, each well within the per-read
+    timeout, must not hold the message past its deadline."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(10)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            for _ in range(100):  # bounded: 20 s at most
+                try:
+                    conn.sendall(b"220-still greeting\r\n")
+                except OSError:
+                    return
+                if stop.wait(0.2):
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        m = mailer(port, security="none", timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(MailUnavailable) as caught:
+            m.send(TO, "subject", "body", now=NOW)
+        assert time.monotonic() - started < 2.0
+        assert "timed out after 1 s" in caught.value.reason
+    finally:
+        stop.set()
+        thread.join(30)
+        listener.close()
