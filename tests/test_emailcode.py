@@ -434,8 +434,9 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
         emailcode.load_key(str(path))
 
 
-@pytest.mark.parametrize("answer", [b"\xff\xfe", "\udcff\udcfe", b"12345\xff", "\uff11\uff12\uff13\uff14\uff15\uff16", "12345\x00", b"abcdef"],
-                         ids=repr)
+@pytest.mark.parametrize("answer", [
+    b"\xff\xfe", "\udcff\udcfe", b"12345\xff", "\uff11\uff12\uff13\uff14\uff15\uff16", "12345\x00", b"abcdef",
+], ids=repr)
 def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(private_dir: Path, answer: Any) -> None:
     """Issue 12 item 3: never an internal error, always counted."""
     assert normalize_code(answer, 6) is None
