@@ -532,12 +532,6 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("user", nargs="?", help="also look this extension up")
     doctor.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
     doctor.add_argument("--smtp", action="store_true", help="check SMTP even if no extension uses email")
-    warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins",
-                            allow_abbrev=False)
-    from pam_linkus.filecache import DEFAULT_CACHE_DIR
-
-    warm.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                      help="the PAM line's cache_dir= (default: %(default)s)")
 
     own = verbs.add_parser("self", help="self-service through sudo: your own extension only", allow_abbrev=False)
     own_verbs = own.add_subparsers(dest="self_verb", required=True, metavar="VERB")
@@ -558,12 +552,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run(args.config, user=args.user, pam_dir=args.pam_dir, smtp=args.smtp, now=time.time())
     if args.verb == "self":
         return self_service(args)
-    if args.verb == "warm":
-        from pam_linkus.warm import warm
-
-        for line in warm(args.config, args.cache_dir):
-            print(line)
-        return 0
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
         if args.verb == "list" or (args.verb == "status" and not args.ext):
