@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from smtp_server import SMTP_USER, SmtpServer, closed_port
+from smtp_server import SMTP_USER, EndlessGreeting, SmtpServer, closed_port
 
 from pam_linkus.config import Config
 from pam_linkus.errors import ConfigError, MailUnavailable
@@ -151,35 +150,14 @@ def test_header_injection_address_sends_nothing(smtp_server: Any, to: str) -> No
 def test_a_greeting_that_never_ends_fails_within_the_overall_deadline() -> None:
     """Issue 12 item 10: ``220-`` continuation lines, each well within the per-read
     timeout, must not hold the message past its deadline."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    stop = threading.Event()
-
-    def serve() -> None:
-        listener.settimeout(10)
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            for _ in range(100):  # bounded: 20 s at most
-                try:
-                    conn.sendall(b"220-still greeting\r\n")
-                except OSError:
-                    return
-                if stop.wait(0.2):
-                    return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    server = EndlessGreeting()
     try:
-        m = mailer(port, security="none", timeout=1.0)
+        m = mailer(server.port, security="none", timeout=1.0)
         started = time.monotonic()
         with pytest.raises(MailUnavailable) as caught:
             m.send(TO, "subject", "body", now=NOW)
         assert time.monotonic() - started < 2.0
         assert "timed out after 1 s" in caught.value.reason
+        assert server.lines_sent >= 3  # the greeting really was still going
     finally:
-        stop.set()
-        thread.join(30)
-        listener.close()
+        server.close()
