@@ -51,6 +51,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
+from pyasn1.error import PyAsn1Error
 
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from pam_linkus.errors import ConfigError, LinkusError, SourceUnavailable
@@ -79,6 +80,11 @@ _SCOPES = {"base": ldap3.BASE, "one": ldap3.LEVEL, "subtree": ldap3.SUBTREE}
 _NAME_ATTRIBUTE = re.compile(r"\(([A-Za-z][A-Za-z0-9-]*|[0-9][0-9.]*)=\{user\}\)")
 
 
+#: What ldap3's BER decoder raises on a malformed reply (seen with hostile
+#: frames: a truncated bindResponse gives IndexError), besides LDAPException.
+_MALFORMED_REPLY: tuple[type[BaseException], ...] = (IndexError, KeyError, ValueError, TypeError, PyAsn1Error)
+
+
 @contextmanager
 def ldap_errors(server: str) -> Iterator[None]:
     """The one translation of lower-layer errors for a server: SourceUnavailable
@@ -87,6 +93,10 @@ def ldap_errors(server: str) -> Iterator[None]:
         yield
     except StepFailed as exc:
         raise SourceUnavailable(f"{server}: {exc}") from None
+    except _MALFORMED_REPLY as exc:
+        kind = type(exc).__name__
+        drop_frames(exc)
+        raise SourceUnavailable(f"{server}: malformed reply ({kind})") from None
     except (LDAPException, OSError) as exc:  # ssl.SSLError, ConnectionResetError, BrokenPipeError...
         problem = describe_error(exc)
         drop_frames(exc)

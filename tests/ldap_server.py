@@ -448,3 +448,40 @@ class EndlessReferences:
         self.stop.set()
         self.thread.join(30)
         self.sock.close()
+
+
+class GarbageLdap:
+    """An ldaps server (the test CA's certificate) that answers the first request
+    of each connection with ``reply`` (malformed BER) and then waits; bounded:
+    it serves until closed, each connection for at most 3 s."""
+
+    def __init__(self, pki: Any, reply: bytes):
+        self.reply = reply
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(3)
+                    conn.recv(4096)
+                    conn.sendall(self.reply)
+                    conn.recv(4096)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.sock.close()

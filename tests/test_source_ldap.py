@@ -19,6 +19,7 @@ from ldap_server import (
     SERVER_NAME,
     BlackHole,
     EndlessReferences,
+    GarbageLdap,
     Slapd,
     free_port,
     ldap_config,
@@ -572,3 +573,26 @@ def test_a_broken_warm_connection_is_replaced(slapd: Slapd, password_file: Path)
     assert source.lookup("alice") is not None  # the dead warm connection failed; a fresh one answered
     assert source._idle[slapd.ldaps_uri] and source._idle[slapd.ldaps_uri][0] is not warm
     source.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"\x30\x03\x02\x01\x01",              # a message with no operation
+    b"\x30\x05\x02\x01\x01\x61\x00",      # an empty bindResponse
+    b"\x30\x80\x02\x01\x01",              # indefinite length, truncated
+    b"\x30\x84\xff\xff\xff\xff",          # a 4 GB length
+    b"garbage!" * 10,
+], ids=["no-op", "empty-bind-response", "indefinite", "huge-length", "text"])
+def test_a_malformed_reply_is_unavailable_then_failover(slapd: Slapd, password_file: Path, reply: bytes) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    server = GarbageLdap(slapd.pki, reply)
+    try:
+        bad = f"ldaps://127.0.0.1:{server.port}"
+        alone = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[bad],
+                                                   connect_timeout=1, timeout=1)))
+        with pytest.raises(SourceUnavailable, match="no server answered"):
+            alone.lookup("alice")
+        both = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[bad, slapd.ldaps_uri],
+                                                  connect_timeout=1, timeout=1)))
+        assert both.lookup("alice") is not None
+    finally:
+        server.close()
