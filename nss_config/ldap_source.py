@@ -51,7 +51,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
-from pyasn1.error import PyAsn1Error
+from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from pam_linkus.errors import ConfigError, LinkusError, SourceUnavailable
@@ -93,14 +93,14 @@ def ldap_errors(server: str) -> Iterator[None]:
         yield
     except StepFailed as exc:
         raise SourceUnavailable(f"{server}: {exc}") from None
-    except _MALFORMED_REPLY as exc:
-        kind = type(exc).__name__
-        drop_frames(exc)
-        raise SourceUnavailable(f"{server}: malformed reply ({kind})") from None
     except (LDAPException, OSError) as exc:  # ssl.SSLError, ConnectionResetError, BrokenPipeError...
         problem = describe_error(exc)
         drop_frames(exc)
         raise SourceUnavailable(f"{server}: {problem}") from None
+    except _MALFORMED_REPLY as exc:  # after LDAPException: some of ldap3's are ValueErrors too
+        kind = type(exc).__name__
+        drop_frames(exc)
+        raise SourceUnavailable(f"{server}: malformed reply ({kind})") from None
 
 
 def name_attribute(template: str) -> str | None:
