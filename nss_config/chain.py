@@ -45,6 +45,14 @@ class SourceChain:
             raise first_error
         return None
 
+    def close(self) -> None:
+        """Release what the sources hold (LDAP's warm connections) when linkusd
+        replaces this snapshot; lookups still running finish on their own."""
+        for source in self.sources:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
 
 def build_chain(
     config: Config,
