@@ -142,6 +142,7 @@ class LdapSource:
         self._password: str | None = None
         self._idle: dict[str, list[Any]] = {uri: [] for uri in config.uris}
         self._lock = threading.Lock()
+        self._closed = False
         self._name_attribute = name_attribute(config.filter)
 
     @property
@@ -181,7 +182,7 @@ class LdapSource:
     def _give_back(self, uri: str, conn: Any) -> None:
         with self._lock:
             idle = self._idle.setdefault(uri, [])
-            if len(idle) < IDLE_PER_SERVER:
+            if not self._closed and len(idle) < IDLE_PER_SERVER:
                 idle.append(conn)
                 return
         close_quietly(conn)
@@ -189,6 +190,7 @@ class LdapSource:
     def close(self) -> None:
         """Unbind every warm connection (config snapshot replaced, daemon stopping)."""
         with self._lock:
+            self._closed = True  # connections in use are closed when they come back
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle = {uri: [] for uri in self.config.uris}
         for conn in conns:
