@@ -562,12 +562,15 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
         finally:
             close_quietly(conn)
     if sample_user:
+        source = LdapSource(config)
         try:
-            found = LdapSource(config).lookup(sample_user)
+            found = source.lookup(sample_user)
         except LinkusError as exc:
             say(False, f"lookup {sample_user}", exc.reason)
         else:
             detail = "not here (no 2FA attributes or no entry)" if found is None else (
-                f"method={found.method} enabled={'yes' if found.enabled else 'no'}")
+                f"account {found.account!r:.60}, method={found.method} enabled={'yes' if found.enabled else 'no'}")
             say(True, f"lookup {sample_user}", detail)
+        finally:
+            source.close()
     return lines
