@@ -569,7 +569,7 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
             say(False, f"lookup {sample_user}", exc.reason)
         else:
             detail = "not here (no 2FA attributes or no entry)" if found is None else (
-                f"account {found.account!r:.60}, method={found.method} enabled={'yes' if found.enabled else 'no'}")
+                f"method={found.method} enabled={'yes' if found.enabled else 'no'} account={found.account!r:.60}")
             say(True, f"lookup {sample_user}", detail)
         finally:
             source.close()
