@@ -9,9 +9,10 @@ must not turn into "this extension has no 2FA".
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pam_linkus.errors import SourceUnavailable
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
