@@ -16,10 +16,12 @@ import pytest
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
 from pam_linkus import emailcode
+from pam_linkus.codes import normalize_code
 from pam_linkus.config import Config
 from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
 from pam_linkus.flow import Context, LoginRequest, authenticate
 from pam_linkus.outcome import Outcome
+from pam_linkus.recovery import normalize_recovery_code
 from pam_linkus.state.base import EmailCheck, EmailLimits, email_retry_after
 from pam_linkus.state.sqlite_store import SqliteStore
 
@@ -430,3 +432,30 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         emailcode.load_key(str(path))
+
+
+@pytest.mark.parametrize("answer", [
+    b"\xff\xfe", "\udcff\udcfe", b"12345\xff", "\uff11\uff12\uff13\uff14\uff15\uff16", "12345\x00", b"abcdef",
+], ids=repr)
+def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(private_dir: Path, answer: Any) -> None:
+    """Issue 12 item 3: never an internal error, always counted."""
+    assert normalize_code(answer, 6) is None
+    store = SqliteStore(str(private_dir / "state.db"))
+    try:
+        key = b"k" * 32
+        store.issue_email_code("1001", emailcode.code_hash(key, "1001", "123456"), 100.0, EmailLimits(max_attempts=2))
+        with pytest.raises(CodeRejected) as caught:
+            emailcode.verify(store, key, "1001", answer, 101.0)
+        assert "malformed" in caught.value.reason
+        with pytest.raises(CodeRejected):  # the malformed answer used the first of two attempts
+            emailcode.verify(store, key, "1001", "000000", 102.0)
+        with pytest.raises(CodeRejected):
+            emailcode.verify(store, key, "1001", "123456", 103.0)  # the code is gone: attempts exhausted
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfeabcdefgh", "abcd\udcffefgh", "\u212aabcdefgh"], ids=repr)
+def test_recovery_codes_refuse_non_ascii_before_lowercasing(raw: Any) -> None:
+    assert normalize_recovery_code(raw) is None
+    assert normalize_recovery_code("kabc-defgh") == "kabcdefgh"
