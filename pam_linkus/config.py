@@ -514,13 +514,50 @@ def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
     return networks
 
 
+class DaemonConfig:
+    """linkusd's sockets, who may use them, deadlines and caps (interim; see docs)."""
+
+    __slots__ = ("pam_socket", "web_socket", "allowed_groups", "trusted_groups", "web_group", "work_timeout",
+                 "answer_timeout", "workers", "web_workers", "max_connections", "max_per_caller",
+                 "max_per_caller_root", "max_per_account")
+
+    def __init__(self, r: Reader):
+        self.pam_socket = r.path("pam_socket", "/run/linkusd/pam.sock")
+        self.web_socket = r.path("web_socket", "/run/linkusd/web.sock")
+        self.allowed_groups = r.string_list("allowed_groups", [])
+        self.trusted_groups = r.string_list("trusted_groups", [])
+        self.web_group = r.string("web_group", "linkus-web", max_len=64)
+        self.work_timeout = r.number("work_timeout", 10.0, minimum=1.0, maximum=120.0)
+        self.answer_timeout = r.number("answer_timeout", 180.0, minimum=10.0, maximum=3600.0)
+        self.workers = r.integer("workers", 8, minimum=1, maximum=128)
+        self.web_workers = r.integer("web_workers", 2, minimum=1, maximum=32)
+        self.max_connections = r.integer("max_connections", 512, minimum=8, maximum=65536)
+        self.max_per_caller = r.integer("max_per_caller", 16, minimum=1, maximum=4096)
+        self.max_per_caller_root = r.integer("max_per_caller_root", 256, minimum=1, maximum=65536)
+        self.max_per_account = r.integer("max_per_account", 8, minimum=1, maximum=1024)
+        r.done()
+
+
+class Profile:
+    """The policy one login runs under: the top level, or a per-service profile."""
+
+    __slots__ = ("enforce", "exempt_networks", "grace_period", "methods")
+
+    def __init__(self, enforce: str, exempt_networks: list[IPv4Network | IPv6Network], grace_period: int,
+                 methods: tuple[str, ...]):
+        self.enforce = enforce
+        self.exempt_networks = exempt_networks
+        self.grace_period = grace_period
+        self.methods = methods
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "cache_dir",
+        "recovery_codes", "self_service", "cache_dir", "daemon",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -546,10 +583,17 @@ class Config:
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
+        self.daemon = DaemonConfig(r.section("daemon"))
         r.done()
         #: Not a config key: where this process may keep compiled caches (the PAM
         #: option cache_dir=); None (the CLI, tests) means read the YAML files directly.
         self.cache_dir: str | None = None
+
+    def profile(self, name: str, *, explicit: bool) -> Profile:
+        """The policy of a profile (interim: only the top-level policy exists)."""
+        if explicit:
+            raise ConfigError(f"unknown profile {name[:64]!r}", "profile=")
+        return Profile(self.enforce, self.exempt_networks, self.grace_period, ("totp", "email"))
 
     @classmethod
     def from_mapping(cls, data: Any, path: str = "<config>") -> Config:

@@ -1,262 +1,372 @@
 """The decision of one login: settings -> policy -> challenge -> verify -> record.
 
-This module never touches ``pamh``. The PAM face (or the CLI, or a test) hands in
-a ``Context`` holding the config, a Prompter for the conversation, a clock, a
-Mailer for email codes (built from ``smtp`` only when a code is mailed), and
-factories for the settings chain and the state store, which are opened only when
-a login needs them (a user without 2FA under ``enforce: enrolled`` never opens
-the state store).
+The flow is a generator: it yields ``Ask`` when it needs the person's answer and
+``Info`` for a line to show, and returns a ``Decision`` (success or skip) or
+raises a LinkusError for every other outcome. Whoever drives it owns the
+conversation: linkusd relays each step over the PAM client's socket and runs the
+work between two steps in its worker pool, so a login waiting for a person holds
+no worker (DESIGN.md, "Capacity"); the web self-service keeps a suspended
+generator in its session; the CLI and tests drive it with ``authenticate`` and
+a Prompter. The flow never touches a socket or a PAM handle.
 
-``authenticate`` returns a Decision for success or skip and raises a LinkusError
-for everything else; the face maps both to a PAM code in one place.
+Every state key is the account's canonical name as its source returned it
+(``ExtensionSettings.account``), so name variants share one record.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
 from pam_linkus import policy
-from pam_linkus.errors import CodeRejected, Locked, NotEnrolled
+from pam_linkus.errors import CodeRejected, ConversationFailed, Denied, LinkusError, Locked, NotEnrolled
 from pam_linkus.outcome import Decision, Outcome
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import NoReturn, Protocol
-
     from nss_config.base import ExtensionSettings
     from nss_config.chain import SourceChain
-    from pam_linkus.config import Config
-    from pam_linkus.single_field import SingleField
+    from pam_linkus.config import Config, Profile
     from pam_linkus.state.base import StateStore
 
-    class Prompter(Protocol):
-        """The conversation with the person logging in."""
 
-        def ask(self, prompt: str, *, echo: bool = False) -> str:
-            """Ask and return the answer; raise ConversationFailed if there is none."""
-            ...
+@dataclass(frozen=True)
+class Ask:
+    """The flow needs an answer: the driver sends back the text, or None when there is none."""
 
-        def info(self, text: str) -> None:
-            """Show a line of information (never raises)."""
-            ...
-
-    class Mailer(Protocol):
-        """Hands one message to a mail server (pam_linkus.mail.SmtpMailer)."""
-
-        def send(self, to: str, subject: str, body: str, *, now: float) -> None:
-            """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
-            ...
+    prompt: str
+    echo: bool = False
 
 
+@dataclass(frozen=True)
+class Info:
+    """A line to show the person; ``error`` shows it as an error message."""
+
+    text: str
+    error: bool = False
+
+
+Steps = Generator["Ask | Info", "str | None", Decision]
+
+
+class Prompter(Protocol):
+    """A conversation the CLI and tests drive the flow with (``authenticate``)."""
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        """Return the answer; raise ConversationFailed when there is none."""
+        ...
+
+    def info(self, text: str) -> None:
+        """Show a line (never raises)."""
+        ...
+
+
+class Mailer(Protocol):
+    """Hands one message to a mail server (pam_linkus.mail.SmtpMailer)."""
+
+    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+        """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
+        ...
+
+
+@dataclass(frozen=True)
 class LoginRequest:
-    """Who is logging in, from where, through which service (PAM items)."""
+    """Who is logging in, from where, through which service (the PAM items).
 
-    __slots__ = ("user", "service", "rhost", "tty")
-
-    def __init__(self, user: str, service: str = "-", rhost: str | None = None, tty: str | None = None):
-        self.user = user
-        self.service = service
-        self.rhost = rhost
-        self.tty = tty
-
-
-class Context:
-    """Everything a login decision needs, injected.
-
-    ``single_field`` is set in single-field mode (PAM option ``forward_pass``):
-    the code then comes from the combined answer, not from its own prompt.
-    ``method`` is filled in as soon as the extension's settings are known, so the
-    log line can name it even when the login ends in an exception.
+    ``kept`` is set on the second line of single-field mode: the code the first
+    line split off the password (possibly empty); the flow then asks nothing.
+    ``rhost_trusted`` is False when the PAM items come from a caller whose
+    rhost must not grant an exemption or a grace period (DESIGN.md).
     """
 
-    def __init__(
-        self,
-        config: Config,
-        prompter: Prompter,
-        *,
-        clock: Callable[[], float],
-        open_chain: Callable[[Context], SourceChain] | None = None,
-        open_store: Callable[[Context], StateStore] | None = None,
-        mailer: Mailer | None = None,
-        totp_prompt: str | None = None,
-        echo_code: bool = False,
-        single_field: SingleField | None = None,
-    ):
-        self.config = config
-        self.prompter = prompter
-        self.clock = clock
-        self._open_chain = open_chain or _default_chain
-        self._open_store = open_store or _default_store
-        self._store: StateStore | None = None
-        self._mailer = mailer
-        self.totp_prompt = totp_prompt or config.prompts.totp
-        self.echo_code = echo_code
-        self.single_field = single_field
-        self.method = "-"
-        #: Which source answered ("ldap-cache" when the LDAP offline cache did), for the log line.
-        self.source = "-"
+    user: str
+    service: str = "-"
+    rhost: str | None = None
+    tty: str | None = None
+    ruser: str | None = None
+    profile: str | None = None
+    kept: str | None = None
+    rhost_trusted: bool = True
 
-    def store(self) -> StateStore:
-        if self._store is None:
-            self._store = self._open_store(self)
-        return self._store
+    def for_account(self, account: str) -> LoginRequest:
+        return replace(self, user=account)
+
+
+class _Notices:
+    """Collects ``info`` lines from helpers written against a Prompter (emailcode.deliver);
+    the flow yields them as Info steps."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, text: str) -> None:
+        self.lines.append(text)
+
+    def ask(self, prompt: str, *, echo: bool = False) -> str:
+        raise ConversationFailed("no conversation here")
+
+
+@dataclass
+class Context:
+    """Everything a login decision needs, injected (one per login).
+
+    ``method``, ``source`` and ``account`` are filled in as the login goes, so the
+    log line can name them even when it ends in an exception.
+    """
+
+    config: Config
+    clock: Callable[[], float]
+    chain: SourceChain
+    store: StateStore
+    mailer_factory: Callable[[], Mailer] | None = None
+    totp_prompt: str | None = None
+    echo_code: bool = False
+    method: str = "-"
+    source: str = "-"
+    account: str = "-"
+    prompter: _Notices = field(default_factory=_Notices)
 
     def mailer(self) -> Mailer:
-        if self._mailer is None:
+        if self.mailer_factory is None:
             from pam_linkus.mail import SmtpMailer
 
-            self._mailer = SmtpMailer(self.config.smtp)
-        return self._mailer
-
-    def chain(self) -> SourceChain:
-        return self._open_chain(self)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+            return SmtpMailer(self.config.smtp)
+        return self.mailer_factory()
 
 
-def _default_chain(ctx: Context) -> SourceChain:
-    from nss_config.chain import build_chain
-
-    return build_chain(ctx.config, state=ctx.store, clock=ctx.clock)
-
-
-def _default_store(ctx: Context) -> StateStore:
-    from pam_linkus.state import open_store
-
-    return open_store(ctx.config.state)
+def profile_for(req: LoginRequest, config: Config) -> Profile:
+    """The policy for this login: the PAM line's ``profile=``, else the service's profile if one
+    is configured, else the top-level policy. An unknown explicit profile is a ConfigError."""
+    if req.profile is not None:
+        return config.profile(req.profile, explicit=True)
+    return config.profile(req.service, explicit=False)
 
 
-def authenticate(req: LoginRequest, ctx: Context) -> Decision:
-    """Decide one login. Success and skip return; every other outcome raises."""
-    single = ctx.single_field
-    # Exempt networks need no I/O and keep working while sources or the store are
-    # down; single-field mode never skips an enrolled extension (pam_linkus.single_field).
-    decision = policy.exempt_network(req.rhost, ctx.config) if single is None else None
-    if decision is None:
-        decision = _decide(req, ctx)
-    if single is not None and decision.outcome == Outcome.SKIP:
-        single.forward_whole()
-    return decision
+def _check_name(user: str) -> None:
+    from nss_config.base import check_user_name
+
+    try:
+        check_user_name(user)
+    except ValueError:
+        raise Denied("invalid user name") from None
 
 
-def _decide(req: LoginRequest, ctx: Context) -> Decision:
-    settings = ctx.chain().lookup(req.user)
+def _lookup(req: LoginRequest, ctx: Context) -> ExtensionSettings | None:
+    settings = ctx.chain.lookup(req.user)
     ctx.source = settings.source if settings is not None else "-"
+    return settings
+
+
+def split_digits(req: LoginRequest, ctx: Context) -> int:
+    """Single-field mode, first line: how many trailing characters of the answer are the code.
+
+    An enrolled TOTP extension has its digits; a name that is unknown or not enrolled
+    has 0 under ``enforce: enrolled`` (the whole answer is the password) and the usual
+    6 under ``enforce: all``, where the login is refused later anyway. So the answer
+    depends on nothing an outsider could not already see from the login's result.
+    """
+    _check_name(req.user)
+    profile = profile_for(req, ctx.config)
+    settings = _lookup(req, ctx)
+    if settings is not None and settings.enrolled and settings.method == "totp":
+        ctx.account = settings.account
+        ctx.method = settings.method
+        return int(settings.digits)
+    return 6 if profile.enforce == "all" else 0
+
+
+def login(req: LoginRequest, ctx: Context) -> Steps:
+    """Decide one login. Success and skip return a Decision; every other outcome raises."""
+    _check_name(req.user)
+    profile = profile_for(req, ctx.config)
+    single = req.kept is not None
+    rhost = req.rhost if req.rhost_trusted else None
+    # Exempt networks need no I/O and keep working while sources or the store are
+    # down; single-field mode never skips an enrolled extension: the user could not
+    # know whether to append a code.
+    if not single:
+        exempt = policy.exempt_network(rhost, profile)
+        if exempt is not None:
+            return exempt
+    settings = _lookup(req, ctx)
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
-        if ctx.config.enforce == "all":
+        if profile.enforce == "all":
             raise NotEnrolled("no second factor enrolled and policy is enforce: all")
+        if single and req.kept:
+            # The first line split a code off for an extension that has none now
+            # (enrolment changed in between): the password it forwarded was cut short.
+            raise Denied("single-field code given for an extension without 2FA")
         return Decision(Outcome.SKIP, "not enrolled", ctx.method)
     ctx.method = settings.method
+    ctx.account = settings.account
+    req = req.for_account(settings.account)
+    if settings.method not in profile.methods:
+        raise NotEnrolled(f"method {settings.method} is not allowed for this service")
 
-    store = ctx.store()
+    store = ctx.store
     now = ctx.clock()
     status = store.lock_status(req.user, now)
     if status.locked(now):
-        ctx.prompter.info(ctx.config.prompts.locked)
+        yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"locked after {status.failures} consecutive failures", locked_until=status.locked_until)
-    if ctx.single_field is None:
-        grace = policy.in_grace(req.user, req.rhost, ctx.config, store, now, settings.method)
+    if not single:
+        grace = policy.in_grace(req.user, rhost, profile, store, now, settings.method)
         if grace is not None:
             return grace
 
     if settings.method == "totp":
-        decision = _verify_totp(req, ctx, settings, store)
-    elif settings.method == "email" and ctx.single_field is None:
-        decision = _verify_email(req, ctx, settings, store)
+        decision = yield from _verify_totp(req, ctx, settings)
+    elif settings.method == "email" and not single:
+        decision = yield from _verify_email(req, ctx, settings)
     elif settings.method == "email":
-        # the code must be mailed before it can be typed: email needs the two-step mode
         raise NotEnrolled("email codes are not available in single-field mode (forward_pass)")
     else:
         raise NotEnrolled(f"method {settings.method} is not available on this host")
-    if ctx.single_field is None:
-        # In single-field mode the password is checked after us: this login is not
-        # known to succeed, so it must not start a grace period.
-        policy.start_grace(req.user, req.rhost, ctx.config, store, ctx.clock())
+    if not single:
+        policy.start_grace(req.user, rhost, profile, store, ctx.clock())
     return decision
 
 
-def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings, store: StateStore) -> Decision:
+def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info, str | None, str]:
+    if req.kept is not None:
+        return req.kept
+    answer = yield Ask(prompt, echo)
+    if answer is None:
+        raise ConversationFailed("no answer to the code prompt")
+    return answer
+
+
+def _reserve(req: LoginRequest, ctx: Context) -> Generator[Ask | Info, str | None, None]:
+    """Count this attempt as a failure before any code is checked (atomic in the store), so
+    parallel guesses can never check more than ``max_failures`` codes before the lock."""
+    lockout = ctx.config.lockout
+    now = ctx.clock()
+    status = ctx.store.reserve_attempt(
+        req.user, now,
+        max_failures=lockout.max_failures, duration=lockout.duration, permanent_after=lockout.permanent_after,
+    )
+    if status.locked(now):
+        yield Info(ctx.config.prompts.locked, error=True)
+        raise Locked(f"locked after {status.failures} consecutive failures", status.locked_until)
+
+
+def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -> Steps:
     from pam_linkus.totp import decode_secret, match_totp
 
-    if ctx.single_field is not None:
-        answer = ctx.single_field.split(settings.digits)
-    else:
-        answer = ctx.prompter.ask(ctx.totp_prompt, echo=ctx.echo_code)
+    answer = yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
+    yield from _reserve(req, ctx)
     now = ctx.clock()
     assert settings.secret is not None  # settings_from_mapping guarantees it for enrolled totp
+    secret = decode_secret(settings.secret)
     try:
         step = match_totp(
-            decode_secret(settings.secret),
-            answer,
-            now,
-            window=ctx.config.totp.window,
-            period=settings.period,
-            digits=settings.digits,
-            algorithm=settings.algorithm,
+            secret, answer, now,
+            window=ctx.config.totp.window, period=settings.period,
+            digits=settings.digits, algorithm=settings.algorithm,
         )
     except CodeRejected as exc:
-        recovered = _try_recovery_code(req, ctx, store, answer)
+        recovered = _try_recovery_code(req, ctx, answer)
         if recovered is not None:
             return recovered
-        _count_failure(req, ctx, store, exc.reason)
-    if not store.accept_totp_step(req.user, step, now):
-        _count_failure(req, ctx, store, "replayed code")
+        yield from _settle_failure(req, ctx, exc.reason + _skew_note(secret, answer, now, ctx, settings))
+    if not ctx.store.accept_totp_step(req.user, step, now):
+        yield from _settle_failure(req, ctx, "replayed code")
     return Decision(Outcome.SUCCESS, "code accepted", "totp")
 
 
-def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings, store: StateStore) -> Decision:
-    """Mail a code (only reached after the password step: see README, "Email codes"), ask, verify."""
+def _skew_note(secret: bytes, answer: str, now: float, ctx: Context, settings: ExtensionSettings) -> str:
+    """', clock off by about N steps' when the code belongs to a step just outside the window
+    (a host or phone with a wrong clock locks everyone out otherwise without a hint)."""
+    from pam_linkus import totp
+
+    skew = getattr(totp, "clock_skew_steps", None)
+    if skew is None:
+        return ""
+    steps = skew(secret, answer, now, window=ctx.config.totp.window, period=settings.period,
+                 digits=settings.digits, algorithm=settings.algorithm)
+    return "" if steps is None else f", clock off by about {steps} steps"
+
+
+def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -> Steps:
+    """Mail a code (only reached after the password step: the PAM line comes after it), ask, verify."""
     from pam_linkus import emailcode
 
     key = emailcode.load_key(ctx.config.email.key_file)
-    ctx.prompter.info(emailcode.deliver(req, ctx, settings.email, store, key))
-    answer = ctx.prompter.ask(ctx.config.prompts.email, echo=ctx.echo_code)
     try:
-        emailcode.verify(store, key, req.user, answer, ctx.clock())
+        sent = emailcode.deliver(req, ctx, settings.email, ctx.store, key)  # type: ignore[arg-type]
+    except LinkusError:
+        yield from _notices(ctx)
+        raise
+    yield from _notices(ctx)
+    yield Info(sent)
+    answer = yield from _answer(req, ctx.config.prompts.email, ctx.echo_code)
+    yield from _reserve(req, ctx)
+    try:
+        emailcode.verify(ctx.store, key, req.user, answer, ctx.clock())
     except CodeRejected as exc:
-        recovered = _try_recovery_code(req, ctx, store, answer)
+        recovered = _try_recovery_code(req, ctx, answer)
         if recovered is not None:
             return recovered
-        _count_failure(req, ctx, store, exc.reason)
+        yield from _settle_failure(req, ctx, exc.reason)
+    ctx.store.settle_success(req.user, ctx.clock())
     return Decision(Outcome.SUCCESS, "code accepted", "email")
 
 
-def _try_recovery_code(req: LoginRequest, ctx: Context, store: StateStore, answer: str) -> Decision | None:
+def _notices(ctx: Context) -> Generator[Ask | Info, str | None, None]:
+    lines, ctx.prompter.lines = ctx.prompter.lines, []
+    for line in lines:
+        yield Info(line)
+
+
+def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision | None:
     """Accept a single-use recovery code typed in place of the TOTP/email code.
 
     None when the answer cannot be a recovery code or the extension has none left
-    (the caller counts its own failure); a wrong recovery code counts one failure
-    here. A recovery code never has 6 characters, so a mistyped 6-digit code costs
-    no scrypt hash.
+    (the caller settles its failure). A recovery code never has 6 characters, so a
+    mistyped 6-digit code costs no scrypt hash.
     """
     from pam_linkus.recovery import digest, normalize_recovery_code
 
     code = normalize_recovery_code(answer)
     if code is None:
         return None
+    store = ctx.store
     salt = store.recovery_salt(req.user)
-    if salt is None:
+    if salt is None or not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
         return None
-    if not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
-        _count_failure(req, ctx, store, "wrong recovery code")
+    store.settle_success(req.user, ctx.clock())
     return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
-def _count_failure(req: LoginRequest, ctx: Context, store: StateStore, reason: str) -> NoReturn:
-    """Count a failed attempt; raise Locked if it was one too many, else CodeRejected."""
+def _settle_failure(req: LoginRequest, ctx: Context, reason: str) -> Generator[Ask | Info, str | None, NoReturn]:
+    """The reserved attempt failed: raise Locked if it was one too many, else CodeRejected."""
     lockout = ctx.config.lockout
     now = ctx.clock()
-    status = store.record_failure(
-        req.user,
-        now,
-        max_failures=lockout.max_failures,
-        duration=lockout.duration,
-        permanent_after=lockout.permanent_after,
+    status = ctx.store.settle_failure(
+        req.user, now,
+        max_failures=lockout.max_failures, duration=lockout.duration, permanent_after=lockout.permanent_after,
     )
     if status.locked(now):
-        ctx.prompter.info(ctx.config.prompts.locked)
+        yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
     raise CodeRejected(f"{reason} ({status.failures} consecutive failures)")
+
+
+def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter) -> Decision:
+    """Drive ``login`` with a Prompter (the CLI, tests): the synchronous way to decide a login."""
+    steps = login(req, ctx)
+    reply: str | None = None
+    try:
+        while True:
+            step = steps.send(reply)
+            reply = None
+            if isinstance(step, Ask):
+                reply = prompter.ask(step.prompt, echo=step.echo)
+            else:
+                prompter.info(step.text)
+    except StopIteration as done:
+        decision: Decision = done.value
+        return decision
+    finally:
+        steps.close()

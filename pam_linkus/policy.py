@@ -26,7 +26,7 @@ TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads thi
 if TYPE_CHECKING:
     from ipaddress import IPv4Address, IPv6Address
 
-    from pam_linkus.config import Config
+    from pam_linkus.config import Profile
     from pam_linkus.state.base import StateStore
 
 
@@ -50,37 +50,37 @@ def client_address(rhost: str | None) -> IPv4Address | IPv6Address | None:
     return address
 
 
-def exempt_network(rhost: str | None, config: Config) -> Decision | None:
+def exempt_network(rhost: str | None, profile: Profile) -> Decision | None:
     """A skip when ``rhost`` lies in one of ``exempt_networks``, else None."""
-    if not config.exempt_networks:
+    if not profile.exempt_networks:
         return None
     address = client_address(rhost)
     if address is None:
         return None
-    for network in config.exempt_networks:
+    for network in profile.exempt_networks:
         if address.version == network.version and address in network:
             return Decision(Outcome.SKIP, f"exempt network {network}")
     return None
 
 
-def _grace_host(rhost: str | None, config: Config) -> str | None:
-    if config.grace_period <= 0:
+def _grace_host(rhost: str | None, profile: Profile) -> str | None:
+    if profile.grace_period <= 0:
         return None
     address = client_address(rhost)
     return None if address is None else str(address)
 
 
-def in_grace(user: str, rhost: str | None, config: Config, store: StateStore, now: float,
+def in_grace(user: str, rhost: str | None, profile: Profile, store: StateStore, now: float,
              method: str) -> Decision | None:
     """A skip while ``user`` has a grace period from ``rhost``, else None."""
-    host = _grace_host(rhost, config)
+    host = _grace_host(rhost, profile)
     if host is None or not store.grace_active(user, host, now):
         return None
     return Decision(Outcome.SKIP, "grace period", method)
 
 
-def start_grace(user: str, rhost: str | None, config: Config, store: StateStore, now: float) -> None:
+def start_grace(user: str, rhost: str | None, profile: Profile, store: StateStore, now: float) -> None:
     """After a right code: open (or extend) the grace period of (``user``, ``rhost``)."""
-    host = _grace_host(rhost, config)
+    host = _grace_host(rhost, profile)
     if host is not None:
-        store.start_grace(user, host, now, config.grace_period)
+        store.start_grace(user, host, now, profile.grace_period)

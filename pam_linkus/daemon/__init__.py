@@ -1,0 +1,7 @@
+"""linkusd: the long-running daemon that decides every pam-linkus login.
+
+``main`` starts it (sockets, systemd, signals), ``server`` serves the PAM and web
+sockets (peers, caps, one transaction per connection), ``engine`` holds the
+config snapshot, reloads it aside and runs work in bounded pools. The login
+process runs only pam_linkus.so (native/), which relays the conversation.
+"""

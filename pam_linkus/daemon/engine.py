@@ -1,0 +1,335 @@
+"""linkusd's engine: the current config snapshot, its reload, and the worker pools.
+
+A Snapshot is everything a login decides with: the parsed config, the settings
+chain (YAML held in memory, LDAP with warm connections) and the state store. It
+is built aside -- in its own thread, never in a worker -- and swapped in with
+one assignment, so no login waits for a reload and none parses YAML. A config
+that fails to load keeps the last good snapshot serving and says so (syslog,
+``status()``, which ``linkus-2fa doctor`` reads); with no good snapshot at all,
+every login is refused as unavailable. The strict YAML loader works on libyaml's
+event stream, so a 100,000-extension reload in that thread never holds the GIL
+for long (pam_linkus.strictyaml).
+
+Work runs in thread pools under a deadline (``run``): the PAM pool and the web
+pool are separate, and each calling uid has its own small share of the PAM pool,
+so one local user's flood of `su` logins cannot delay anyone else's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from pam_linkus.errors import ConfigError, LinkusError, Unavailable
+from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, SyslogSink
+
+if TYPE_CHECKING:
+    from nss_config.chain import SourceChain
+    from pam_linkus.config import Config
+    from pam_linkus.flow import Mailer
+    from pam_linkus.state.base import StateStore
+
+T = TypeVar("T")
+
+#: How often the watcher looks at the files a snapshot was built from.
+WATCH_INTERVAL = 1.0
+#: How often expired state is pruned.
+PRUNE_INTERVAL = 600.0
+
+
+def _signature(path: str) -> tuple[int, int, int, int, int] | None:
+    """What changes when a file is replaced or edited (None: it is gone)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class Snapshot:
+    """One loaded config and what was built from it; immutable once published."""
+
+    config: Config
+    chain: SourceChain
+    store: StateStore
+    loaded_at: float
+    files: dict[str, tuple[int, int, int, int, int] | None]
+    allowed_gids: frozenset[int]
+    trusted_gids: frozenset[int]
+    web_gid: int | None
+    users: int = 0  # logins using it right now (event loop thread only)
+    retired: bool = False
+
+    def close(self) -> None:
+        self.store.close()
+        closer = getattr(self.chain, "close", None)
+        if callable(closer):
+            closer()
+
+
+def _gids(names: list[str], key: str) -> frozenset[int]:
+    gids = set()
+    for name in names:
+        try:
+            gids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            raise ConfigError(f"group {name[:64]!r} does not exist", f"daemon.{key}") from None
+    return frozenset(gids)
+
+
+def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
+    """Load and check everything a login needs; raise a LinkusError naming what is wrong."""
+    from nss_config.chain import build_chain
+    from pam_linkus.config import load_config
+    from pam_linkus.state import open_store
+
+    before = _signature(config_path)
+    config = load_config(config_path)
+    files = {config_path: before}
+    if "yaml" in config.sources:
+        files[config.yaml.path] = _signature(config.yaml.path)
+    daemon = config.daemon
+    allowed = _gids(daemon.allowed_groups, "allowed_groups")
+    trusted = _gids(daemon.trusted_groups, "trusted_groups")
+    try:
+        web_gid: int | None = grp.getgrnam(daemon.web_group).gr_gid
+    except KeyError:
+        web_gid = None  # linkus-web not installed: the web socket serves root only
+    store = open_store(config.state)
+    try:
+        chain = build_chain(config, state=lambda: store, clock=clock)
+    except BaseException:
+        store.close()
+        raise
+    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid)
+
+
+@dataclass
+class Health:
+    """What ``status()`` reports."""
+
+    started: float = field(default_factory=time.time)
+    last_reload: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    outcomes: dict[str, int] = field(default_factory=dict)
+    refused_peers: int = 0
+    over_capacity: int = 0
+
+
+class Engine:
+    """Holds the current snapshot and runs work; one per linkusd process."""
+
+    def __init__(self, config_path: str, sink: SyslogSink, *, clock: Callable[[], float] = time.time,
+                 workers: int = 8, web_workers: int = 2) -> None:
+        self.config_path = config_path
+        self.sink = sink
+        self.clock = clock
+        self.health = Health()
+        self._current: Snapshot | None = None
+        self._retired: list[Snapshot] = []
+        self._pam_pool = ThreadPoolExecutor(workers, thread_name_prefix="linkusd-pam")
+        self._web_pool = ThreadPoolExecutor(web_workers, thread_name_prefix="linkusd-web")
+        self._reload_lock = asyncio.Lock()
+        self._caller_slots: dict[int, asyncio.Semaphore] = {}
+        self.active: dict[str, int] = {"pam": 0, "web": 0, "parked": 0}
+
+    # -- snapshots -------------------------------------------------------------
+
+    @property
+    def current(self) -> Snapshot | None:
+        return self._current
+
+    def snapshot(self) -> Snapshot:
+        """The snapshot to decide with; Unavailable when no config ever loaded."""
+        if self._current is None:
+            raise Unavailable(self.health.last_error or "no valid configuration loaded")
+        return self._current
+
+    def acquire(self) -> Snapshot:
+        snap = self.snapshot()
+        snap.users += 1
+        return snap
+
+    def release(self, snap: Snapshot) -> None:
+        snap.users -= 1
+        if snap.retired and snap.users == 0:
+            self._close_retired(snap)
+
+    def _close_retired(self, snap: Snapshot) -> None:
+        if snap in self._retired:
+            self._retired.remove(snap)
+            # closing may block (Redis, LDAP): not in the event loop
+            threading.Thread(target=snap.close, name="linkusd-close", daemon=True).start()
+
+    async def reload(self, reason: str) -> bool:
+        """Build a new snapshot aside and swap it in; keep the old one on failure."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            result: asyncio.Future[Snapshot] = loop.create_future()
+
+            def build() -> None:
+                try:
+                    snap = build_snapshot(self.config_path, self.clock)
+                except BaseException as exc:  # noqa: BLE001 - reported below, never kills the daemon
+                    loop.call_soon_threadsafe(_settle, result, None, exc)
+                else:
+                    loop.call_soon_threadsafe(_settle, result, snap, None)
+
+            threading.Thread(target=build, name="linkusd-reload", daemon=True).start()
+            started = time.monotonic()
+            try:
+                snap = await result
+            except LinkusError as exc:
+                return self._reload_failed(reason, exc.reason)
+            except Exception as exc:  # noqa: BLE001 - any loader bug keeps the last good config
+                return self._reload_failed(reason, f"internal error: {type(exc).__name__}")
+            old, self._current = self._current, snap
+            self.health.last_reload = time.time()
+            self.health.last_error = None
+            self.health.last_error_at = None
+            self.sink.send(LOG_INFO, f"linkusd: configuration loaded ({reason}) from {self.config_path} "
+                                     f"in {int((time.monotonic() - started) * 1000)} ms")
+            if old is not None:
+                old.retired = True
+                self._retired.append(old)
+                if old.users == 0:
+                    self._close_retired(old)
+            return True
+
+    def _reload_failed(self, reason: str, message: str) -> bool:
+        self.health.last_error = message
+        self.health.last_error_at = time.time()
+        keeping = "keeping the last good configuration" if self._current else "refusing every login"
+        self.sink.send(LOG_ERR, f"linkusd: configuration not loaded ({reason}): {message}; {keeping}")
+        return False
+
+    def changed(self) -> bool:
+        """Did a file the current snapshot was built from change (or was the config never loaded)?"""
+        snap = self._current
+        if snap is None:
+            return _signature(self.config_path) is not None
+        return any(_signature(path) != sig for path, sig in snap.files.items())
+
+    async def watch(self) -> None:
+        """Reload when the config or the extensions file changes; prune state now and then.
+
+        A failed load is retried only when a file changes again, so a broken file
+        costs one syslog line, not one a second.
+        """
+        last_failed: dict[str, tuple[int, int, int, int, int] | None] | None = None
+        next_prune = time.monotonic() + PRUNE_INTERVAL
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if self.changed():
+                files = self._watched_now()
+                if files != last_failed:
+                    ok = await self.reload("file changed")
+                    last_failed = None if ok else files
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
+                await self._prune()
+
+    def _watched_now(self) -> dict[str, tuple[int, int, int, int, int] | None]:
+        paths = [self.config_path] + ([] if self._current is None else list(self._current.files))
+        return {path: _signature(path) for path in paths}
+
+    async def _prune(self) -> None:
+        snap = self._current
+        if snap is None or not hasattr(snap.store, "prune"):
+            return
+        snap.users += 1
+        try:
+            removed = await self.run(lambda: snap.store.prune(self.clock()), timeout=60.0)
+            if removed:
+                self.sink.send(LOG_INFO, f"linkusd: pruned {removed} expired state records")
+        except LinkusError as exc:
+            self.sink.send(LOG_NOTICE, f"linkusd: pruning state failed: {exc.reason}")
+        finally:
+            self.release(snap)
+
+    # -- work ------------------------------------------------------------------
+
+    def caller_slots(self, ruid: int) -> asyncio.Semaphore:
+        """How much of the PAM pool one calling real uid may use at once (root: all of it)."""
+        slots = self._caller_slots.get(ruid)
+        if slots is None:
+            workers = self._pam_pool._max_workers  # noqa: SLF001 - set by us in __init__
+            slots = asyncio.Semaphore(workers if ruid == 0 else max(1, workers // 4))
+            self._caller_slots[ruid] = slots
+        return slots
+
+    async def run(self, fn: Callable[[], T], *, pool: str = "pam", timeout: float | None = None,
+                  ruid: int = 0) -> T:
+        """Run blocking ``fn`` in a worker thread under the work deadline.
+
+        A timeout is Unavailable; the thread then finishes on its own (every outside
+        call has its own deadline), but nobody waits for it.
+        """
+        if timeout is None:
+            snap = self._current
+            timeout = snap.config.daemon.work_timeout if snap is not None else 10.0
+        loop = asyncio.get_running_loop()
+        executor = self._web_pool if pool == "web" else self._pam_pool
+        slots = self.caller_slots(ruid) if pool == "pam" else None
+        try:
+            async with asyncio.timeout(timeout):
+                if slots is not None:
+                    async with slots:
+                        return await loop.run_in_executor(executor, fn)
+                return await loop.run_in_executor(executor, fn)
+        except TimeoutError:
+            raise Unavailable(f"daemon work took longer than {timeout:g} s") from None
+
+    def mailer(self, config: Config) -> Mailer:
+        from pam_linkus.mail import SmtpMailer
+
+        return SmtpMailer(config.smtp)
+
+    def status(self) -> dict[str, object]:
+        snap = self._current
+        return {
+            "version": _version(),
+            "pid": os.getpid(),
+            "started": self.health.started,
+            "config": self.config_path,
+            "loaded": snap is not None,
+            "loaded_at": snap.loaded_at if snap else None,
+            "last_reload": self.health.last_reload,
+            "last_error": self.health.last_error,
+            "last_error_at": self.health.last_error_at,
+            "active": dict(self.active),
+            "outcomes": dict(self.health.outcomes),
+            "refused_peers": self.health.refused_peers,
+            "over_capacity": self.health.over_capacity,
+        }
+
+    def shutdown(self) -> None:
+        self._pam_pool.shutdown(wait=False, cancel_futures=True)
+        self._web_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(future: asyncio.Future[Snapshot], snap: Snapshot | None, exc: BaseException | None) -> None:
+    if future.done():
+        if snap is not None:
+            snap.close()
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        assert snap is not None
+        future.set_result(snap)
+
+
+def _version() -> str:
+    from pam_linkus import __version__
+
+    return __version__

@@ -1,0 +1,250 @@
+"""`linkusd`: start-up, sockets, systemd integration, signals.
+
+Under systemd (linkusd.socket + linkusd.service, Type=notify) the sockets come
+by socket activation (LISTEN_FDS, named "pam" and "web") and readiness, reloads
+and the watchdog go through $NOTIFY_SOCKET. Without systemd, `linkusd` binds the
+sockets itself and goes to the background once it is ready; `linkusd
+--foreground` stays attached (containers, tests, the demo).
+
+linkusd never exits because of a bad config: socket activation would give up
+after a few restarts and leave every login unavailable with no hint. It keeps the
+last good config, or with none refuses every login, and says why in syslog and
+in `linkus-2fa doctor`. One instance only: a lock file next to the sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import grp
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Sequence
+
+from pam_linkus.daemon.engine import Engine
+from pam_linkus.daemon.server import Server
+from pam_linkus.logline import LOG_ERR, LOG_INFO, SyslogSink
+
+DEFAULT_CONFIG = "/etc/pam_linkus/pam_linkus.yaml"
+DEFAULT_PAM_SOCKET = "/run/linkusd/pam.sock"
+DEFAULT_WEB_SOCKET = "/run/linkusd/web.sock"
+SD_LISTEN_FDS_START = 3
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="linkusd", description="The pam-linkus daemon (see linkusd(8)).")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="main config file (default: %(default)s)")
+    parser.add_argument("--foreground", action="store_true", help="stay in the foreground, log also to stderr")
+    parser.add_argument("--pam-socket", help="PAM socket path (default: daemon.pam_socket of the config)")
+    parser.add_argument("--web-socket", help="web socket path (default: daemon.web_socket of the config)")
+    parser.add_argument("--log-socket", default="/dev/log", help="syslog socket (default: %(default)s)")
+    parser.add_argument("--no-web", action="store_true", help="do not open the web socket")
+    return parser.parse_args(argv)
+
+
+class Notifier:
+    """sd_notify(3) over $NOTIFY_SOCKET, without libsystemd; silent when there is none."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.pop("NOTIFY_SOCKET", None)
+        usec = os.environ.pop("WATCHDOG_USEC", None)
+        pid = os.environ.pop("WATCHDOG_PID", None)
+        self.watchdog: float | None = None
+        if usec and usec.isdigit() and (pid is None or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
+
+    def __call__(self, message: str) -> None:
+        if not self.path:
+            return
+        address = "\0" + self.path[1:] if self.path.startswith("@") else self.path
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(message.encode(), address)
+
+
+def activated_sockets() -> dict[str, socket.socket]:
+    """Sockets passed by systemd, by their FileDescriptorName ("pam", "web")."""
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if pid != str(os.getpid()) or not count or not count.isdigit():
+        return {}
+    labels = names.split(":") if names else []
+    found = {}
+    for index in range(int(count)):
+        fd = SD_LISTEN_FDS_START + index
+        os.set_inheritable(fd, False)
+        label = labels[index] if index < len(labels) else ("pam" if index == 0 else "web")
+        found[label] = socket.socket(fileno=fd)
+    return found
+
+
+def _safe_socket_dir(path: str) -> None:
+    """The socket's directory: made root-owned 0755 if absent; refused if anyone else could write it
+    (pam_linkus.so refuses such a socket anyway)."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+        raise SystemExit(f"linkusd: {directory} must be a directory owned by root, not writable by others")
+
+
+def bind_socket(path: str, mode: int, group: int | None = None) -> socket.socket:
+    _safe_socket_dir(path)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # stale, from a linkusd that is gone (we hold the instance lock)
+        else:
+            raise SystemExit(f"linkusd: {path} exists and is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if group is not None:
+        os.chown(path, 0, group)
+    os.chmod(path, mode)
+    sock.listen(128)
+    return sock
+
+
+def instance_lock(pam_socket: str) -> int:
+    """Hold an exclusive lock for this socket directory; a second linkusd exits."""
+    _safe_socket_dir(pam_socket)
+    lock_path = os.path.join(os.path.dirname(pam_socket), "linkusd.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"linkusd: another linkusd is running ({lock_path} is locked)") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _socket_paths(args: argparse.Namespace) -> tuple[str, str, str]:
+    """Socket paths and web group: the command line, else the config if it loads, else the defaults."""
+    pam, web, group = DEFAULT_PAM_SOCKET, DEFAULT_WEB_SOCKET, "linkus-web"
+    with contextlib.suppress(Exception):
+        from pam_linkus.config import load_config
+
+        daemon = load_config(args.config).daemon
+        pam, web, group = daemon.pam_socket, daemon.web_socket, daemon.web_group
+    return args.pam_socket or pam, args.web_socket or web, group
+
+
+def _group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, ready_fd: int | None) -> None:
+    activated = activated_sockets()
+    pam_path, web_path, web_group = _socket_paths(args)
+    lock_fd = instance_lock(pam_path)  # noqa: F841 - held for the life of the process
+    pam_sock = activated.get("pam") or bind_socket(pam_path, 0o666)
+    web_sock = activated.get("web")
+    if web_sock is None and not args.no_web:
+        gid = _group_id(web_group)
+        web_sock = bind_socket(web_path, 0o660 if gid is not None else 0o600, gid)
+
+    engine = Engine(args.config, sink)
+    await engine.reload("start")
+    server = Server(engine)
+    pam_server = await asyncio.start_unix_server(server.handle_pam, sock=pam_sock)
+    web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def on_hup() -> None:
+        async def again() -> None:
+            notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            await engine.reload("SIGHUP")
+            notify("READY=1")
+        loop.create_task(again())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    tasks = [loop.create_task(engine.watch())]
+    if notify.watchdog:
+        tasks.append(loop.create_task(_watchdog(notify, notify.watchdog)))
+    state = "serving" if engine.current else "refusing every login: no valid configuration"
+    notify(f"READY=1\nSTATUS={state}")
+    sink.send(LOG_INFO, f"linkusd: ready on {pam_path}" + (f" and {web_path}" if web_sock else "") + f", {state}")
+    if ready_fd is not None:
+        os.write(ready_fd, b"ok")
+        os.close(ready_fd)
+    await stop.wait()
+    notify("STOPPING=1")
+    sink.send(LOG_INFO, "linkusd: stopping")
+    for task in tasks:
+        task.cancel()
+    pam_server.close()
+    if web_server:
+        web_server.close()
+    engine.shutdown()
+
+
+async def _watchdog(notify: Notifier, every: float) -> None:
+    """Ping the watchdog from the event loop itself: a stuck loop stops the pings."""
+    while True:
+        notify("WATCHDOG=1")
+        await asyncio.sleep(every / 2)
+
+
+def _daemonize() -> int:
+    """Fork into the background; the parent exits 0 once the child says it is ready."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        ok = os.read(read_fd, 2) == b"ok"
+        os._exit(0 if ok else 1)
+    os.close(read_fd)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os.chdir("/")
+    return write_fd
+
+
+class _TeeSink(SyslogSink):
+    """In the foreground, every line also goes to stderr."""
+
+    def send(self, severity: int, message: str) -> None:
+        super().send(severity, message)
+        print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        print("linkusd: must run as root (it reads root-only config and answers for PAM)", file=sys.stderr)
+        return 1
+    os.umask(0o077)
+    notify = Notifier()
+    under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
+    sink: SyslogSink = (_TeeSink if args.foreground else SyslogSink)(args.log_socket, tag="linkusd")
+    ready_fd = None if args.foreground or under_systemd else _daemonize()
+    try:
+        asyncio.run(serve(args, sink, notify, ready_fd))
+    except SystemExit as exc:
+        sink.send(LOG_ERR, str(exc.code))
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
