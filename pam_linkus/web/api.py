@@ -59,7 +59,7 @@ import hmac
 import secrets
 from typing import TYPE_CHECKING, Any
 
-from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Locked, Unavailable
+from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 
 if TYPE_CHECKING:
@@ -197,7 +197,9 @@ class SelfService:
         self.engine.sink.send(severity, format_fields(line))
 
     def _audit(self, action: str, ext: str, client: str | None, **fields: object) -> None:
-        self._log(LOG_NOTICE, action, ext=ext, by=ext, client=client, **fields)
+        """One line per change, like the CLI's (``action ext by via``); never a secret, code or password."""
+        line = {"action": action, "ext": ext, "by": ext, "via": "web", "client": client, **fields}
+        self.engine.sink.send(LOG_NOTICE, format_fields(line))
 
     def _session(self, fields: dict[str, str], *, csrf: bool = True, state: str = "in") -> _Session:
         now = self.engine.clock()
@@ -325,14 +327,11 @@ class SelfService:
         from pam_linkus import flow
 
         snapshot = self.engine.snapshot()
-        login = getattr(flow, "login", None)
-        if login is None:
-            raise Unavailable("the login flow of this linkusd cannot be driven step by step")
         # rhost stays None: the address comes from the web process, which we do not trust,
         # so no exempt network or grace period applies here.
-        req = flow.LoginRequest(ext, service=SERVICE, rhost=None, tty=None)
+        req = flow.LoginRequest(ext, service=SERVICE, rhost=None, rhost_trusted=False)
         ctx = _flow_context(flow, snapshot, self.engine)
-        gen: Generator[Any, str | None, Any] = login(req, ctx)
+        gen: Generator[Any, str | None, Any] = flow.login(req, ctx)
         return gen
 
     def _login_step(self, token: str, sess: _Session, kind: str, payload: Any, infos: list[str],
@@ -626,25 +625,26 @@ def _is_system_account(name: str) -> bool:
 
 def _advance(gen: Generator[Any, str | None, Any], answer: str | None) -> tuple[str, Any, list[str]]:
     """Run the login generator to its next Ask (("ask", prompt, infos)) or its end (("done", decision, infos))."""
+    from pam_linkus.flow import Ask
+
     infos: list[str] = []
     value = answer
     try:
         while True:
             item = gen.send(value)
             value = None
-            if hasattr(item, "prompt"):
+            if isinstance(item, Ask):
                 return "ask", item.prompt, infos
-            infos.append(str(getattr(item, "text", "")))
+            infos.append(item.text)
     except StopIteration as stop:
         return "done", stop.value, infos
 
 
 def _flow_context(flow: Any, snapshot: Any, engine: Any) -> Any:
-    """The flow's Context for a web sign-in, built from the daemon's snapshot (the lead's Engine)."""
-    store = snapshot.store
-    chain = snapshot.chain
-    return flow.Context(snapshot.config, clock=engine.clock, open_chain=lambda _ctx: chain,
-                        open_store=lambda _ctx: store, mailer=engine.mailer(snapshot.config), echo_code=True)
+    """The flow's Context for a web sign-in, built from the daemon's snapshot."""
+    config = snapshot.config
+    return flow.Context(config=config, clock=engine.clock, chain=snapshot.chain, store=snapshot.store,
+                        mailer_factory=lambda: engine.mailer(config), echo_code=True)
 
 
 class _MailContext:

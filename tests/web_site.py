@@ -1,0 +1,247 @@
+"""One helper for the self-service tests: a site (config, extensions, a password-only PAM
+service, the web group), the real Engine + SelfService driven in-process with an injected
+clock, and real linkusd + linkus-web processes for the browser tests.
+
+Everything is random-named and removed afterwards; the web process runs as a throwaway
+non-root user in the throwaway web group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import PASSWORD, REPO, LogCatcher, stop_process, write_yaml
+
+PYTHON = "/usr/bin/python3"
+
+
+class Site:
+    """Config dir (root-only), extensions, state, a password-only PAM service and a web group."""
+
+    def __init__(self, root: Path, log: LogCatcher, smtp_port: int):
+        self.root = root
+        self.log = log
+        self.service = f"linkus-test-{secrets.token_hex(4)}"
+        self.group = f"lkwg{secrets.token_hex(3)}"
+        subprocess.run(["groupadd", self.group], check=True)
+        Path("/etc/pam.d", self.service).write_text(
+            "auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
+        self.config_path = root / "pam_linkus.yaml"
+        self.extensions_path = root / "extensions.yaml"
+        (root / "state").mkdir(mode=0o700)
+        self.run_dir = Path(f"/tmp/linkus-run-{secrets.token_hex(5)}")  # 0755: the web user reaches web.sock
+        self.run_dir.mkdir(mode=0o755)
+        self.pam_socket = self.run_dir / "pam.sock"
+        self.web_socket = self.run_dir / "web.sock"
+        self.config: dict[str, Any] = {
+            "sources": ["yaml"],
+            "yaml": {"path": str(self.extensions_path)},
+            "state": {"path": str(root / "state" / "state.db")},
+            "self_service": {"pam_service": self.service},
+            "daemon": {"web_group": self.group, "pam_socket": str(self.pam_socket),
+                       "web_socket": str(self.web_socket)},
+            "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "none", "from": "pbx@example.com",
+                     "timeout": 5},
+            "email": {"key_file": str(root / "email.key"), "send_interval": 0},
+            "lockout": {"max_failures": 5, "duration": 900},
+        }
+        self.extensions: dict[str, Any] = {}
+        self.write_config()
+        self.write_extensions()
+
+    def write_config(self) -> None:
+        write_yaml(self.config_path, self.config)
+
+    def write_extensions(self) -> None:
+        write_yaml(self.extensions_path, {"extensions": self.extensions})
+
+    def add(self, user: str, **entry: Any) -> None:
+        """An extension without 2FA unless ``entry`` says otherwise."""
+        self.extensions[user] = {"method": "none", **entry}
+        self.write_extensions()
+
+    def entry(self, user: str) -> Any:
+        return yaml.safe_load(self.extensions_path.read_text())["extensions"].get(user)
+
+    def remove(self) -> None:
+        Path("/etc/pam.d", self.service).unlink(missing_ok=True)
+        subprocess.run(["groupdel", self.group], check=False, capture_output=True)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Api:
+    """The real Engine and SelfService in this process, on their own event loop, with a clock."""
+
+    def __init__(self, site: Site, *, fail_delay: float = 0.0):
+        from pam_linkus.daemon.engine import Engine
+        from pam_linkus.logline import SyslogSink
+        from pam_linkus.web.api import SelfService
+
+        self.site = site
+        self.clock = Clock()
+        self.loop = asyncio.new_event_loop()
+        self.engine = Engine(str(site.config_path), SyslogSink(str(site.log.path), tag="linkusd"), clock=self.clock)
+        assert self.loop.run_until_complete(self.engine.reload("test")), site.log.lines
+        self.service = SelfService(self.engine, fail_delay=fail_delay)
+
+    def __call__(self, op: str, **fields: Any) -> dict[str, Any]:
+        return self.loop.run_until_complete(self.service.call({"op": op, **fields}, 0))
+
+    def store(self) -> Any:
+        return self.engine.snapshot().store
+
+    def reload(self) -> None:
+        assert self.loop.run_until_complete(self.engine.reload("test"))
+
+    def close(self) -> None:
+        snap = self.engine.current
+        if snap is not None:
+            snap.close()
+        self.loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Any, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not ready within {timeout} s")
+
+
+class Linkusd:
+    def __init__(self, site: Site):
+        self.site = site
+        self.stderr = site.root / "linkusd.err"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.stderr, "ab") as err:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.site.config_path),
+                 "--log-socket", str(self.site.log.path)],
+                cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)},
+                stdout=subprocess.DEVNULL, stderr=err)
+        wait_for(lambda: self.site.web_socket.exists() or self.proc.poll() is not None, "linkusd")
+        assert self.proc.poll() is None, self.stderr.read_text()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.site.web_socket.unlink(missing_ok=True)
+
+
+class WebServer:
+    """linkus-web as a throwaway non-root user in the web group, on a random loopback port."""
+
+    def __init__(self, site: Site):
+        self.site = site
+        self.user = f"lkweb{secrets.token_hex(3)}"
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        "-G", site.group, self.user], check=True)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = site.run_dir / "web.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def as_user(self) -> list[str]:
+        return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--reset-env"]
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 -- the child keeps it
+        self.proc = subprocess.Popen(
+            [*self.as_user(), "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "pam_linkus.web.app",
+             "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.site.web_socket), "--timeout", "10"],
+            cwd="/", stdout=log, stderr=log)
+        log.close()
+
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log_text()
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(up, "linkus-web")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        subprocess.run(["userdel", self.user], check=False, capture_output=True)
+
+
+@pytest.fixture
+def site(private_dir: Path, log_catcher: LogCatcher, smtp_server: Any) -> Iterator[tuple[Site, Any]]:
+    server = smtp_server(security="none")
+    made = Site(private_dir, log_catcher, server.port)
+    yield made, server
+    made.remove()
+
+
+@pytest.fixture
+def api(site: tuple[Site, Any]) -> Iterator[Api]:
+    driver = Api(site[0])
+    yield driver
+    driver.close()
+
+
+@pytest.fixture
+def web(site: tuple[Site, Any]) -> Iterator[tuple[Site, Linkusd, WebServer]]:
+    daemon = Linkusd(site[0])
+    daemon.start()
+    server = WebServer(site[0])
+    try:
+        server.start()
+        yield site[0], daemon, server
+    finally:
+        server.stop()
+        daemon.stop()
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def password() -> str:
+    return PASSWORD
+
+
+__all__ = ["Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "sys", "web"]
