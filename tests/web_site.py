@@ -159,14 +159,14 @@ class Linkusd:
 class WebServer:
     """linkus-web as a throwaway non-root user in the web group, on a random loopback port."""
 
-    def __init__(self, site: Site):
+    def __init__(self, site: Site, log_dir: Path):
         self.site = site
         self.user = f"lkweb{secrets.token_hex(3)}"
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
                         "-G", site.group, self.user], check=True)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = site.run_dir / "web.log"
+        self.log_path = log_dir / "linkus-web.log"  # kept with the test's tmp dir
         self.proc: subprocess.Popen[bytes] | None = None
 
     def as_user(self) -> list[str]:
@@ -211,10 +211,10 @@ def api(site: tuple[Site, Any]) -> Iterator[Api]:
 
 
 @pytest.fixture
-def web(site: tuple[Site, Any]) -> Iterator[tuple[Site, Linkusd, WebServer]]:
+def web(site: tuple[Site, Any], tmp_path: Path) -> Iterator[tuple[Site, Linkusd, WebServer]]:
     daemon = Linkusd(site[0])
     daemon.start()
-    server = WebServer(site[0])
+    server = WebServer(site[0], tmp_path)
     try:
         server.start()
         yield site[0], daemon, server

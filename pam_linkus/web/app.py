@@ -105,6 +105,7 @@ class _Headers:
             await self.app(scope, receive, send)
             return
         status = [0]
+        method, path = scope.get("method", "-"), _printable(scope.get("path", "-"))
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -114,7 +115,7 @@ class _Headers:
                          ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
                          ("cross-origin-opener-policy", "same-origin"),
                          ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
-                if not scope["path"].startswith("/static/"):
+                if not path.startswith("/static/"):
                     extra.append(("cache-control", "no-store"))
                 if self.settings.secure_cookies:
                     extra.append(("strict-transport-security", "max-age=31536000"))
@@ -126,7 +127,7 @@ class _Headers:
             await self.app(scope, receive, send_with_headers)
         finally:
             # the path only: never the query string, a header or a body
-            log.info("%s %s %s", scope.get("method", "-"), _printable(scope.get("path", "-")), status[0])
+            log.info("%s %s %s", method, path, status[0])
 
 
 def _printable(text: str) -> str:
@@ -135,7 +136,7 @@ def _printable(text: str) -> str:
 
 class _Pages:
     def __init__(self, settings: Settings, env: Any):
-        self.settings = settings
+        self.conf = settings
         self.env = env
 
     # -- plumbing ---------------------------------------------------------------------
@@ -146,8 +147,8 @@ class _Pages:
         from pam_linkus import protocol
 
         try:
-            reply = await run_in_threadpool(protocol.call_web, self.settings.socket_path, request,
-                                            timeout=self.settings.timeout)
+            reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
+                                            timeout=self.conf.timeout)
         except (OSError, protocol.ProtocolError, ValueError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
             raise Unreachable from None
@@ -157,7 +158,7 @@ class _Pages:
 
     def client(self, request: Request) -> str:
         peer = request.client.host if request.client is not None else "unix"
-        if self.settings.trust_proxy and (peer in ("127.0.0.1", "::1", "unix")):
+        if self.conf.trust_proxy and (peer in ("127.0.0.1", "::1", "unix")):
             forwarded = request.headers.get("x-forwarded-for", "")
             last = forwarded.rsplit(",", 1)[-1].strip()
             if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
@@ -181,7 +182,7 @@ class _Pages:
 
     def set_cookie(self, response: Response, name: str, value: str) -> None:
         response.set_cookie(name, value, path="/", httponly=True, samesite="strict",
-                            secure=self.settings.secure_cookies)
+                            secure=self.conf.secure_cookies)
 
     async def form(self, request: Request, *names: str) -> dict[str, str]:
         """A urlencoded body of at most MAX_BODY bytes, only the named fields, one value each."""
@@ -488,7 +489,7 @@ def _qr_svg(uri: str) -> Any:
     from markupsafe import Markup
 
     out = io.BytesIO()
-    segno.make(uri, error="m").save(out, kind="svg", scale=5, border=4, xmldecl=False, svgns=True,
+    segno.make(uri, error="m").save(out, kind="svg", scale=5, border=4, xmldecl=False, svgns=True, omitsize=True,
                                     title=strings.QR_LABEL, svgclass="qr", lineclass=None)
     svg = out.getvalue().decode("ascii")
     return Markup(svg.replace("<svg ", f'<svg role="img" aria-label="{html.escape(strings.QR_LABEL)}" ', 1))
