@@ -1,10 +1,10 @@
 """Fixtures that start real components for the tests and clean up after them.
 
 PAM: each ``pam_stack`` gets a throwaway /etc/pam.d/linkus-test-<random> service
-(removed afterwards; the machine's own PAM files are never touched), a private
-root-only directory with pam_linkus.yaml / extensions.yaml / state, a loader that
-imports pam_linkus from this checkout, and a syslog socket whose lines the test
-can read. Test users are created with a random name and deleted afterwards.
+(removed afterwards; the machine's own PAM files are never touched) that loads
+native/pam_linkus.so, a private root-only directory with pam_linkus.yaml /
+extensions.yaml / state / sockets, its own linkusd started from this checkout,
+and a syslog socket whose lines the module and linkusd write and the test reads. Test users are created with a random name and deleted afterwards.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
-from pam_linkus import client  # noqa: E402
+import pam_client  # noqa: E402
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
 #: Fixtures of the real servers (slapd, redis-server, aiosmtpd), for every test module.
@@ -115,10 +116,76 @@ def write_yaml(path: Path, data: Any, mode: int = 0o600) -> None:
     os.chmod(path, mode)
 
 
-class PamStack:
-    """A throwaway PAM service running pam_unix then pam_linkus from this checkout."""
+#: The PAM module under test, built by `make native` (the test target builds it first).
+NATIVE_SO = REPO / "native" / "pam_linkus.so"
+#: The Python that runs linkusd in tests (the Debian one, as in production).
+DAEMON_PYTHON = "/usr/bin/python3"
 
-    def __init__(self, root: Path, log: LogCatcher, *, options: str = "", auth_lines: str | None = None):
+
+class Linkusd:
+    """A real linkusd for one test: its own config, sockets and syslog catcher.
+
+    Started in the foreground from this checkout with a clean environment;
+    ``reload()`` asks it over the socket to load edited files now instead of
+    waiting for its watcher.
+    """
+
+    def __init__(self, config_path: Path, run_dir: Path, log: LogCatcher, *, extra_env: dict[str, str] | None = None):
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.pam_socket = run_dir / "pam.sock"
+        self.web_socket = run_dir / "web.sock"
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env = extra_env or {}
+
+    def start(self, *, wait: bool = True) -> None:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
+               **self.extra_env}
+        self.proc = subprocess.Popen(
+            [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.config_path),
+             "--pam-socket", str(self.pam_socket), "--web-socket", str(self.web_socket),
+             "--log-socket", str(self.log.path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        )
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        from pam_linkus.protocol import call_control
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise AssertionError(f"linkusd exited {self.proc.returncode}: {err[-2000:]}")
+            try:
+                return call_control(str(self.pam_socket), timeout=2)
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("linkusd did not become ready")
+
+    def status(self) -> dict[str, Any]:
+        from pam_linkus.protocol import call_control
+
+        return call_control(str(self.pam_socket))
+
+    def reload(self) -> dict[str, Any]:
+        from pam_linkus.protocol import Msg, call_control
+
+        return call_control(str(self.pam_socket), Msg.RELOAD, timeout=30)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+class PamStack:
+    """A throwaway PAM service running pam_unix then pam_linkus.so, and the linkusd it asks."""
+
+    def __init__(self, root: Path, log: LogCatcher, *, options: str = "", auth_lines: str | None = None,
+                 start: bool = True):
         self.root = root
         self.log = log
         self.service = f"linkus-test-{secrets.token_hex(4)}"
@@ -126,23 +193,25 @@ class PamStack:
         self.extensions_path = root / "extensions.yaml"
         self.state_path = root / "state" / "state.db"
         self.state_path.parent.mkdir(mode=0o700)
-        self.cache_dir = root / "cache"  # compiled config/index (pam_linkus.filecache); made on first login
-        self.loader = root / "pam_linkus_loader.py"
-        self.loader.write_text((REPO / "packaging" / "pam_linkus.py").read_text().replace("@SITE@", str(REPO)))
+        run_dir = root / "run"
+        run_dir.mkdir(mode=0o755)
+        self.daemon = Linkusd(self.config_path, run_dir, log)
         self.config: dict[str, Any] = {
             "sources": ["yaml"],
             "yaml": {"path": str(self.extensions_path)},
             "state": {"path": str(self.state_path)},
+            "email": {"key_file": str(root / "state" / "email.key")},
         }
         self.extensions: dict[str, Any] = {}
-        self.write_config()
-        self.write_extensions()
+        self._write_config()
+        self._write_extensions()
         self.set_pam(options=options, auth_lines=auth_lines)
+        if start:
+            self.daemon.start()
 
     @property
     def module_line(self) -> str:
-        return (f"pam_python.so {self.loader} config={self.config_path} log_socket={self.log.path}"
-                f" cache_dir={self.cache_dir}")
+        return f"{NATIVE_SO} socket={self.daemon.pam_socket} log_socket={self.log.path}"
 
     def set_pam(self, *, options: str = "", auth_lines: str | None = None) -> None:
         """(Re)write /etc/pam.d/<service>; ``auth_lines`` replaces the whole auth part."""
@@ -154,22 +223,36 @@ class PamStack:
             )
         Path("/etc/pam.d", self.service).write_text(auth_lines + "account required pam_permit.so\n")
 
+    def _write_config(self) -> None:
+        write_yaml(self.config_path, self.config)
+
+    def _write_extensions(self) -> None:
+        write_yaml(self.extensions_path, {"extensions": self.extensions})
+
+    def _reload(self) -> None:
+        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+            status = self.daemon.reload()
+            assert status["last_error"] is None, status["last_error"]
+
     def write_config(self, **changes: Any) -> None:
+        """Change top-level keys of pam_linkus.yaml and have linkusd load it now."""
         self.config.update(changes)
-        write_yaml(self.config_path, self.config, 0o644)
+        self._write_config()
+        self._reload()
 
     def write_extensions(self, extensions: dict[str, Any] | None = None) -> None:
         if extensions is not None:
             self.extensions = extensions
-        write_yaml(self.extensions_path, {"extensions": self.extensions})
+        self._write_extensions()
+        self._reload()
 
     def enroll_totp(self, user: str, secret: str = SECRET, **extra: Any) -> None:
         self.extensions[user] = {"method": "totp", "secret": secret, **extra}
         self.write_extensions()
 
     def login(self, user: str, code: str | None, *, password: str = PASSWORD, rhost: str | None = None,
-              timeout: float = 30.0) -> client.ClientResult:
-        return client.authenticate(self.service, user, password, code, rhost, timeout=timeout)
+              timeout: float = 30.0) -> pam_client.ClientResult:
+        return pam_client.authenticate(self.service, user, password, code, rhost, timeout=timeout)
 
     def pamtester(self, user: str, *answers: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -179,6 +262,7 @@ class PamStack:
         )
 
     def remove(self) -> None:
+        self.daemon.stop()
         Path("/etc/pam.d", self.service).unlink(missing_ok=True)
 
 
@@ -205,11 +289,18 @@ def user(make_user: Any) -> str:
     return str(make_user())
 
 
+#: Where tests keep their config, state and sockets: config files must sit in directories that
+#: are root-owned and not writable by others all the way up, which rules out /tmp (1777).
+TEST_BASE = Path("/run/linkus-tests")
+
+
 @pytest.fixture
 def private_dir() -> Iterator[Path]:
-    """A root-owned 0700 directory (config files must live in one)."""
-    path = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
-    path.mkdir(mode=0o700)
+    """A root-owned directory, 0711: others may pass through to a socket, never list or write."""
+    require_root()
+    TEST_BASE.mkdir(mode=0o755, exist_ok=True)
+    path = TEST_BASE / secrets.token_hex(6)
+    path.mkdir(mode=0o711)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -224,8 +315,8 @@ def log_catcher(private_dir: Path) -> Iterator[LogCatcher]:
 @pytest.fixture
 def pam_stack(private_dir: Path, log_catcher: LogCatcher) -> Iterator[PamStack]:
     require_root()
-    if not Path("/lib/security/pam_python.so").exists() and not shutil.which("pamtester"):
-        pytest.fail("libpam-python and pamtester must be installed (make test installs them)")
+    if not NATIVE_SO.exists() or not shutil.which("pamtester"):
+        pytest.fail("native/pam_linkus.so and pamtester must exist (make test builds and installs them)")
     stack = PamStack(private_dir, log_catcher)
     yield stack
     stack.remove()

@@ -2,8 +2,7 @@
 
 pam_linkus.client answers every code prompt with a code given in advance; an
 email code exists only after the module has sent it. Here the PAM transaction
-runs in a child process (libpam through ctypes.PyDLL, as in pam_linkus.client,
-because pam_python shares the interpreter) and forwards every prompt to the
+runs in a child process (libpam through ctypes, tests/pam_client.py) and forwards every prompt to the
 parent as a JSON line; the parent's ``answer(prompt, messages)`` callback replies
 -- e.g. after reading the mail from the SMTP test server.
 
@@ -81,8 +80,6 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
                 proc.stdin.write(json.dumps({"answer": reply}) + "\n")
                 proc.stdin.flush()
             else:
-                # The child collects garbage after pam_end: a reference cycle still holding
-                # pam_python objects would crash it there (as it would a web front end).
                 assert proc.wait(10) == 0, f"PAM child exited {proc.returncode}: {proc.stderr.read()[-500:]}"
                 return Conversation(event["auth"], event["account"], prompts, messages)
     finally:
@@ -91,8 +88,8 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
 
 
 def _child() -> None:
-    sys.path.insert(0, str(REPO))
-    from pam_linkus.client import run_transaction
+    sys.path.insert(0, str(REPO / "tests"))
+    from pam_client import run_transaction
 
     request: dict[str, Any] = json.loads(sys.stdin.readline())
 

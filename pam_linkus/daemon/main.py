@@ -163,6 +163,13 @@ async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, re
     web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
 
     loop = asyncio.get_running_loop()
+
+    def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        what = type(exc).__name__ if isinstance(exc, BaseException) else "error"
+        sink.send(LOG_ERR, f"linkusd: internal {what} in the event loop: {str(context.get('message'))[:120]}")
+
+    loop.set_exception_handler(on_error)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -18,6 +18,7 @@ import struct
 import time
 from collections import Counter
 from functools import partial
+from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -294,9 +295,10 @@ class Transaction:
             digits = await self.engine.run(lambda: split_digits(self.req, ctx), ruid=self.peer.ruid,
                                            timeout=self.work_timeout)
         except LinkusError as exc:
-            # a refusal here is decided again, and logged, by the second line; but an
-            # unavailable daemon must end the login now
             await self._end(exc.outcome, exc.reason, ctx)
+            return
+        except Exception as exc:  # noqa: BLE001 - an internal error refuses the login
+            await self._end(Outcome.UNAVAILABLE, internal_error(self.engine, exc), ctx)
             return
         fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: snap.config.prompts.password_and_code}
         self.writer.write(protocol.encode(Msg.SPLIT, fields))
@@ -327,9 +329,8 @@ class Transaction:
             return exc.outcome, exc.reason
         except (ConnectionError, ProtocolError) as exc:
             return Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
-        except Exception as exc:  # noqa: BLE001 - the one broad except: an internal error refuses the login
-            self.engine.sink.send(LOG_ERR, f"linkusd: internal error {type(exc).__name__} in a login (refused)")
-            return Outcome.UNAVAILABLE, f"internal error: {type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001 - an internal error refuses the login
+            return Outcome.UNAVAILABLE, internal_error(self.engine, exc)
         finally:
             # never leave a flow suspended in a thread: close it in the pool as well
             try:
@@ -365,6 +366,17 @@ class Transaction:
             await _drain(self.writer)
         except (ConnectionError, OSError):
             pass  # the client is gone; its login ended as whatever its module decided
+
+
+def internal_error(engine: Engine, exc: BaseException) -> str:
+    """Log a bug without its message (it could carry a value) but with where it happened."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    reason = f"internal error: {type(exc).__name__}{where}"
+    engine.sink.send(LOG_ERR, f"linkusd: {reason} (login refused)")
+    return reason
 
 
 def _advance(steps: Steps, reply: str | None) -> Ask | Info | Decision:

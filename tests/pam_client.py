@@ -1,10 +1,8 @@
-"""Run one PAM transaction for a web front end (or a test): ``authenticate``.
+"""The tests' PAM client: one PAM transaction in a child process, ``authenticate``.
 
-A web app that calls libpam through ctypes in its own process crashes once the
-stack loads pam_python (pam_python and the app share one interpreter and the GIL
-handling collides), and would hold a worker through pam_unix's failure delay.
-So ``authenticate`` runs the transaction in a child process -- this same module
-run as ``python3 -m pam_linkus.client`` -- answers each prompt by its kind
+A child process, so a test can kill a transaction that hangs and a crash in
+libpam or a module shows as the child's exit status. ``authenticate`` runs the
+transaction in a child -- this same module -- answers each prompt by its kind
 (password prompt: the password; any other hidden or visible prompt: the code),
 and kills the child when the timeout expires.
 
@@ -26,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-#: The interpreter that runs the child; pam_python embeds the system Python 3.
+#: The interpreter that runs the child.
 CHILD_PYTHON = "/usr/bin/python3"
 
 PAM_CODES = {
@@ -144,11 +142,11 @@ def authenticate(
         if isinstance(value, str) and "\0" in value:
             raise ValueError(f"{key} contains a NUL byte")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.abspath(__file__))
     # A session of its own, so a timeout kills helpers the stack started (unix_chkpwd) too.
     proc = subprocess.Popen(
         [CHILD_PYTHON, "-I", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-         "from pam_linkus.client import _child_main; _child_main()", here],
+         "from pam_client import _child_main; _child_main()", here],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=env, start_new_session=True,
     )
@@ -264,9 +262,7 @@ def run_transaction(
     """Run pam_authenticate (+ pam_acct_mgmt on success) through libpam in THIS process.
 
     Only for a process of its own (the child of ``authenticate``, a test's
-    conversation child): libpam is loaded with ctypes.PyDLL so the GIL stays held
-    across the calls, which pam_python, loaded by libpam into this same
-    interpreter, needs. ``answer(prompt)`` gives each reply (None: hang up,
+    conversation child). ``answer(prompt)`` gives each reply (None: hang up,
     PAM_CONV_ERR); informational lines go to ``on_message``. Returns the code
     names of authentication and account management (None when not reached).
     """
@@ -336,9 +332,7 @@ def run_transaction(
     rc = libpam.pam_authenticate(handle, 0)
     account = PAM_CODES.get(libpam.pam_acct_mgmt(handle, 0), "?") if rc == 0 else None
     libpam.pam_end(handle, rc)
-    # A reference cycle still holding pam_python objects would crash us here,
-    # after pam_end -- as it would a web front end: make it happen (in tests) now.
-    gc.collect()
+    gc.collect()  # anything left of the conversation must not outlive pam_end badly
     return PAM_CODES.get(rc, str(rc)), account
 
 

@@ -1,0 +1,401 @@
+"""linkusd itself: config loading and reload, peers, caps, hostile clients, restarts, systemd.
+
+These tests talk to the daemon's socket with tests/daemon_client.py (what the C
+module does, in Python) where they need control the module does not give; the
+same features pass through real PAM in test_pam_*.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import daemon_client as dc
+import pytest
+from conftest import DAEMON_PYTHON, REPO, SECRET, LogCatcher, PamStack, code_at, require_root
+
+from pam_linkus import protocol
+from pam_linkus.protocol import Msg
+
+
+@pytest.fixture
+def stack(private_dir: Path, log_catcher: LogCatcher) -> Iterator[PamStack]:
+    require_root()
+    s = PamStack(private_dir, log_catcher)
+    yield s
+    s.remove()
+
+
+def sock(stack: PamStack) -> str:
+    return str(stack.daemon.pam_socket)
+
+
+def login(stack: PamStack, user: str, *answers: str | None, **start: Any) -> dc.Result:
+    return dc.converse(sock(stack), user, list(answers), **start)
+
+
+# -- logins over the socket ----------------------------------------------------------
+
+
+def test_totp_login_right_wrong_replayed(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    now = time.time()
+    code = code_at(SECRET, now)
+    assert login(stack, "alice", code).outcome == "success"
+    assert login(stack, "alice", code).outcome == "denied"  # replay
+    wrong = f"{(int(code) + 1) % 1000000:06d}"
+    result = login(stack, "alice", wrong)
+    assert result.outcome == "denied" and result.prompts == ["Authentication code: "]
+    stack.log.wait_for("reason=\"replayed code")
+    stack.log.wait_for("outcome=success")
+
+
+def test_name_variants_share_one_record(stack: PamStack) -> None:
+    """Issue 12.1: a code accepted as `alice` is a replay as `ALICE`; the log names the canonical account."""
+    stack.enroll_totp("alice")
+    code = code_at(SECRET, time.time())
+    assert login(stack, "alice", code).outcome == "success"
+    assert login(stack, "ALICE", code).outcome == "denied"
+    stack.log.wait_for("user=ALICE account=alice")
+    for bad in (" alice", "alice ", "ali\nce", "\udcffalice"):
+        assert login(stack, bad, code).outcome == "denied"
+
+
+def test_invalid_utf8_answer_is_a_counted_wrong_code(stack: PamStack) -> None:
+    """Issue 12.3: bytes that are not UTF-8 at the code prompt are a wrong code, counted, never an error."""
+    stack.enroll_totp("alice")
+    assert login(stack, "alice", "\udcff\udcfe").outcome == "denied"
+    stack.log.wait_for("(1 consecutive failures)")
+
+
+def test_no_answer_is_a_conversation_error(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    assert login(stack, "alice", None).outcome == "conversation"
+
+
+def test_unknown_and_unenrolled_users_look_the_same(stack: PamStack) -> None:
+    stack.extensions["bob"] = {"method": "totp", "secret": SECRET, "enabled": False}
+    stack.write_extensions()
+    a = login(stack, "nobody-here")
+    b = login(stack, "bob")
+    assert (a.outcome, a.prompts) == (b.outcome, b.prompts) == ("skip", [])
+
+
+def test_split_answers_do_not_tell_names_apart(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    split = protocol.MODE_SPLIT
+    assert login(stack, "alice", mode=split).digits == 6
+    assert login(stack, "ALICE", mode=split).digits == 6
+    assert login(stack, "ghost", mode=split).digits == 0
+    stack.write_config(enforce="all")
+    assert login(stack, "ghost", mode=split).digits == 6
+    assert login(stack, "ghost", kept="123456").outcome == "denied"
+
+
+def test_kept_code_is_checked_without_a_prompt(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    code = code_at(SECRET, time.time())
+    result = login(stack, "alice", kept=code)
+    assert (result.outcome, result.prompts) == ("success", [])
+    assert login(stack, "alice", kept=code).outcome == "denied"  # replay
+    assert login(stack, "alice", kept="").outcome == "denied"
+
+
+def test_unknown_explicit_profile_is_unavailable(stack: PamStack) -> None:
+    assert login(stack, "alice", profile="no-such-profile").outcome == "unavailable"
+    stack.log.wait_for("unknown profile")
+
+
+def test_lockout_is_exact_under_parallel_guesses(stack: PamStack) -> None:
+    """Issue 12.2: 60 wrong codes in parallel (20 at a time), max_failures 5: exactly 5 are checked."""
+    stack.write_config(lockout={"max_failures": 5, "duration": 900})
+    stack.enroll_totp("alice")
+    code = code_at(SECRET, time.time())
+    wrong = f"{(int(code) + 500000) % 1000000:06d}"
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def guess() -> None:
+        outcome = login(stack, "alice", wrong).outcome
+        with lock:
+            outcomes.append(outcome)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=guess) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert len(outcomes) == 60
+    assert outcomes.count("denied") == 4, outcomes
+    assert outcomes.count("locked") == 56
+    checked = [line for line in stack.log.lines if "wrong code" in line or "malformed" in line]
+    assert len(checked) == 5, checked
+    assert login(stack, "alice", code).outcome == "locked"
+
+
+# -- config loading ----------------------------------------------------------------
+
+
+def test_broken_config_keeps_the_last_good_one(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    stack.config_path.write_text("enforce: [unclosed\n")
+    os.chmod(stack.config_path, 0o600)
+    status = stack.daemon.reload()
+    assert status["loaded"] is True and "pam_linkus.yaml" in str(status["last_error"])
+    line = stack.log.wait_for("configuration not loaded")
+    assert "keeping the last good configuration" in line and ":1:" in line
+    assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
+
+
+def test_watcher_reloads_when_the_file_changes(stack: PamStack) -> None:
+    code = code_at(SECRET, time.time())
+    stack.extensions = {"carol": {"method": "totp", "secret": SECRET}}
+    stack._write_extensions()  # no explicit reload: the watcher must see it
+    deadline = time.monotonic() + 10
+    while login(stack, "carol").outcome == "skip" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert login(stack, "carol", code).outcome == "success"
+
+
+def test_start_without_a_good_config_refuses_every_login(private_dir: Path, log_catcher: LogCatcher) -> None:
+    require_root()
+    stack = PamStack(private_dir, log_catcher, start=False)
+    try:
+        stack.config_path.write_text("sources: [nope]\n")
+        os.chmod(stack.config_path, 0o600)
+        stack.daemon.start()
+        assert stack.daemon.status()["loaded"] is False
+        assert login(stack, "alice", "123456").outcome == "unavailable"
+        log_catcher.wait_for("refusing every login")
+        # fixed, it serves without a restart
+        stack._write_config()
+        assert stack.daemon.reload()["loaded"] is True
+        assert login(stack, "alice").outcome == "skip"
+    finally:
+        stack.remove()
+
+
+def test_second_instance_refuses_to_start(stack: PamStack) -> None:
+    proc = subprocess.run(
+        [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(stack.config_path),
+         "--pam-socket", str(stack.daemon.pam_socket), "--log-socket", str(stack.log.path)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode != 0 and "another linkusd is running" in proc.stderr
+    assert stack.daemon.status()["loaded"] is True
+
+
+# -- peers and capacity --------------------------------------------------------------
+
+
+def _as(uid: int, gid: int, groups: list[int], code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DAEMON_PYTHON, "-c", code], env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+        user=uid, group=gid, extra_groups=groups, capture_output=True, text=True, timeout=30,
+    )
+
+
+def test_non_root_peer_is_refused_unless_its_group_is_allowed(stack: PamStack) -> None:
+    group = f"lkg{os.getpid() % 100000}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        gid = int(subprocess.run(["getent", "group", group], capture_output=True, text=True,
+                                 check=True).stdout.split(":")[2])
+        probe = (f"import daemon_client as dc; print(dc.converse({sock(stack)!r}, 'alice', "
+                 f"rhost='192.0.2.9').outcome)")
+        refused = _as(65534, 65534, [], probe)
+        assert refused.stdout.strip() == "unavailable", refused.stderr
+        stack.log.wait_for("refused a PAM peer")
+        stack.write_config(daemon={"allowed_groups": [group]}, exempt_networks=["192.0.2.0/24"])
+        stack.enroll_totp("alice")
+        # allowed, but its rhost is not trusted: no exemption, the code is asked
+        allowed = _as(65534, 65534, [gid], probe.replace(".outcome)", ".prompts)"))
+        assert "Authentication code" in allowed.stdout, allowed.stderr
+        stack.write_config(daemon={"allowed_groups": [group], "trusted_groups": [group]})
+        trusted = _as(65534, 65534, [gid], probe)
+        assert trusted.stdout.strip() == "skip", trusted.stderr
+        control = _as(65534, 65534, [gid], f"from pam_linkus import protocol; protocol.call_control({sock(stack)!r})")
+        assert control.returncode != 0
+    finally:
+        subprocess.run(["groupdel", group], check=False)
+
+
+def test_parked_conversations_of_one_user_do_not_delay_another_login(stack: PamStack) -> None:
+    """200 `su`-style logins (euid 0, a user's real uid) parked at the code prompt: at most
+    max_per_caller are served at once, and a root login (sshd) goes through at once."""
+    stack.write_config(daemon={"max_per_caller": 16})
+    stack.enroll_totp("alice")
+    stack.enroll_totp("bob")
+    script = f"""
+import os, sys, time
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+os.setresuid(4242, 0, 0)   # what a setuid su run by uid 4242 looks like
+import daemon_client as dc
+held, outcomes = [], []
+for _ in range(200):
+    try:
+        s, first = dc.park({sock(stack)!r}, 'alice')
+    except OSError as exc:
+        first = type(exc).__name__
+    else:
+        held.append(s)
+    outcomes.append(first)
+print(outcomes.count('prompt'), outcomes.count('unavailable'), flush=True)
+sys.stdin.read()
+"""
+    proc = subprocess.Popen([DAEMON_PYTHON, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        parked, refused = map(int, proc.stdout.readline().split())
+        assert (parked, refused) == (16, 184)
+        started = time.monotonic()
+        assert login(stack, "bob", code_at(SECRET, time.time())).outcome == "success"
+        assert time.monotonic() - started < 2.0
+        assert stack.daemon.status()["active"]["parked"] == 16
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_answer_deadline_ends_a_parked_login(stack: PamStack) -> None:
+    stack.write_config(daemon={"answer_timeout": 10})
+    stack.enroll_totp("alice")
+    s, first = dc.park(sock(stack), "alice")
+    with s:
+        assert first == "prompt"
+        s.settimeout(20)
+        msg = protocol.recv_message(s, {Msg.RESULT}, deadline=time.monotonic() + 20)
+        assert dc.OUTCOMES[msg.byte(protocol.F.OUTCOME)] == "conversation"
+
+
+@pytest.mark.parametrize("name,frame,says", [h for h in __import__("protocol_examples").HOSTILE_CLIENT],
+                         ids=[h[0] for h in __import__("protocol_examples").HOSTILE_CLIENT])
+def test_hostile_client_costs_only_its_connection(stack: PamStack, name: str, frame: bytes, says: str) -> None:
+    with dc.connect(sock(stack)) as s:
+        s.sendall(frame)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""  # dropped, nothing answered
+    stack.log.wait_for("dropped a connection")
+    assert login(stack, "someone").outcome == "skip"
+
+
+def test_slow_drip_client_is_dropped_at_the_work_deadline(stack: PamStack) -> None:
+    stack.write_config(daemon={"work_timeout": 2})
+    frame = dc.start_frame("alice")
+    started = time.monotonic()
+    with dc.connect(sock(stack)) as s:
+        try:
+            for byte in frame:
+                s.sendall(bytes([byte]))
+                time.sleep(0.5)
+        except OSError:
+            pass
+        s.settimeout(10)
+        try:
+            data = s.recv(100)
+        except OSError:
+            data = b""
+    assert data == b"" and time.monotonic() - started < 8
+    stack.log.wait_for("timed out")
+
+
+def test_killed_mid_login_then_restarted(stack: PamStack) -> None:
+    stack.enroll_totp("alice")
+    code = code_at(SECRET, time.time())
+    assert login(stack, "alice", code).outcome == "success"
+    s, first = dc.park(sock(stack), "alice")
+    assert first == "prompt"
+    assert stack.daemon.proc is not None
+    stack.daemon.proc.send_signal(signal.SIGKILL)
+    stack.daemon.proc.wait(10)
+    with s:
+        s.settimeout(5)
+        assert s.recv(100) == b""
+    stack.daemon.start()
+    assert login(stack, "alice", code).outcome == "denied"  # the replay record survived
+    assert login(stack, "alice", code_at(SECRET, time.time() + 30)).outcome == "success"
+
+
+def test_reload_of_100k_extensions_while_32_clients_log_in(stack: PamStack) -> None:
+    """No login waits for a reload: 32 parallel clients keep logging in while 100,000
+    extensions load aside; none fails and none is slower than 2 s."""
+    lines = ["extensions:"]
+    lines += [f"  ext{i:06d}: {{method: totp, secret: {SECRET}}}" for i in range(100_000)]
+    lines.append(f"  alice: {{method: totp, secret: {SECRET}}}")
+    stop = threading.Event()
+    results: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            outcome = login(stack, "someone").outcome
+            with lock:
+                results.append((outcome, time.monotonic() - started))
+
+    threads = [threading.Thread(target=client) for _ in range(32)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        stack.extensions_path.write_text("\n".join(lines) + "\n")
+        started = time.monotonic()
+        status = stack.daemon.reload()
+        reload_s = time.monotonic() - started
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert status["last_error"] is None
+    assert reload_s < 30
+    assert results and all(outcome == "skip" for outcome, _ in results)
+    assert max(seconds for _, seconds in results) < 2.0
+    assert login(stack, "ext099999", code_at(SECRET, time.time())).outcome == "success"
+
+
+# -- systemd -------------------------------------------------------------------------
+
+
+def test_socket_activation_and_readiness(private_dir: Path, log_catcher: LogCatcher) -> None:
+    """Under systemd-socket-activate the daemon takes the passed socket and says READY=1."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.fail("systemd-socket-activate is missing (Debian's systemd package has it)")
+    stack = PamStack(private_dir, log_catcher, start=False)
+    notify_path = private_dir / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    proc = subprocess.Popen(
+        [activate, "-l", str(stack.daemon.pam_socket), "--fdname=pam", "-E", f"NOTIFY_SOCKET={notify_path}",
+         "-E", f"PYTHONPATH={REPO}", DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--no-web",
+         "--config", str(stack.config_path), "--pam-socket", str(stack.daemon.pam_socket),
+         "--log-socket", str(log_catcher.path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        time.sleep(0.5)
+        # the first connection starts linkusd (socket activation)
+        result = login(stack, "someone")
+        assert result.outcome == "skip"
+        messages = notify.recv(4096).decode()
+        assert "READY=1" in messages
+        assert protocol.call_control(str(stack.daemon.pam_socket))["loaded"] is True
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        notify.close()
+        stack.remove()
+    assert sys.platform.startswith("linux")
