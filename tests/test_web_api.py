@@ -7,10 +7,11 @@ from typing import Any
 
 from conftest import PASSWORD, code_at
 from smtp_server import code_in
-from web_site import Api, Site, api, site  # noqa: F401 -- fixtures
+from web_site import Api, Site
 
 from pam_linkus.web import api as web_api
 
+pytest_plugins = ["web_site"]
 CLIENT = "192.0.2.10"
 
 

@@ -23,8 +23,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from smtp_server import code_in
-from web_site import Linkusd, Site, WebServer, browser, site, web  # noqa: F401 -- fixtures
+from web_site import Linkusd, Site, WebServer
 
+pytest_plugins = ["web_site"]
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -99,7 +100,7 @@ def enrol_authenticator(driver: Any, server: WebServer, site_: Site, user: str, 
     uri = subprocess.run(["zbarimg", "--raw", "-q", str(qr_png)], capture_output=True, text=True,
                          check=True).stdout.strip()
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query)
-    assert uri.startswith(f"otpauth://totp/") and f":{user}?" in uri
+    assert uri.startswith("otpauth://totp/") and f":{user}?" in uri
     assert query["secret"] == [secret] and query["digits"] == ["6"] and query["period"] == ["30"]
     assert query["algorithm"] == ["SHA1"]
 

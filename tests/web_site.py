@@ -9,7 +9,6 @@ non-root user in the throwaway web group.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import shutil
 import socket
@@ -173,7 +172,7 @@ class WebServer:
         return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--reset-env"]
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 -- the child keeps it
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.as_user(), "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "pam_linkus.web.app",
              "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.site.web_socket), "--timeout", "10"],

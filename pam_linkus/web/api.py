@@ -277,7 +277,8 @@ class SelfService:
         if refusal is not None:
             await self._fail("denied", name, client, "web-refused", result=refusal)
         assert settings is not None
-        return settings
+        found: ExtensionSettings = settings
+        return found
 
     async def _password(self, ext: str, password: str, client: str, why: str) -> None:
         """Check the account password through the configured PAM service; ``denied`` after a delay."""
