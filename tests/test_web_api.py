@@ -157,6 +157,7 @@ def test_email_enrolment_disable_and_recovery_codes(api: Api, site: tuple[Site, 
 def test_a_pam_service_that_loads_pam_linkus_is_refused(api: Api, site: tuple[Site, Any], user: str) -> None:
     s, _smtp = site
     s.add(user)
+    api.reload()
     from pathlib import Path
 
     Path("/etc/pam.d", s.service).write_text("auth required pam_unix.so\nauth required pam_linkus.so\n")

@@ -129,6 +129,15 @@ def test_authenticator_flow_switch_off_and_logs(web: tuple[Site, Linkusd, WebSer
     shots("01-sign-in")
     secret, code = enrol_authenticator(browser, server, site_, user, shots)
 
+    # a real login through PAM (pam_unix + pam_linkus.so + linkusd): the page's code is spent
+    import time
+
+    replay = site_.stack.pamtester(user, PASSWORD, code)
+    assert replay.returncode != 0, replay
+    assert "replayed code" in site_.log.wait_for(f"user={user}")
+    fresh = site_.stack.pamtester(user, PASSWORD, code_at(secret, time.time() + 30))  # next step, in the window
+    assert fresh.returncode == 0, fresh
+
     # a wrong password in the Password window changes nothing
     browser.find_element(By.CSS_SELECTOR, "#enabled").click()
     wait_path(browser, "/settings/password")

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,63 +20,49 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import PASSWORD, REPO, LogCatcher, stop_process, write_yaml
+from conftest import NATIVE_SO, PASSWORD, REPO, Linkusd, LogCatcher, PamStack, stop_process
 
 PYTHON = "/usr/bin/python3"
 
 
 class Site:
-    """Config dir (root-only), extensions, state, a password-only PAM service and a web group."""
+    """The lead's PamStack (config dir, extensions, state, pam_linkus.so + linkusd, not yet started)
+    plus what the self-service page needs: a password-only PAM service, a web group, SMTP."""
 
-    def __init__(self, root: Path, log: LogCatcher, smtp_port: int):
-        self.root = root
-        self.log = log
+    def __init__(self, stack: PamStack, smtp_port: int):
+        self.stack = stack
+        self.root = stack.root
+        self.log = stack.log
         self.service = f"linkus-test-{secrets.token_hex(4)}"
         self.group = f"lkwg{secrets.token_hex(3)}"
         subprocess.run(["groupadd", self.group], check=True)
         Path("/etc/pam.d", self.service).write_text(
             "auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
-        self.config_path = root / "pam_linkus.yaml"
-        self.extensions_path = root / "extensions.yaml"
-        (root / "state").mkdir(mode=0o700)
-        self.run_dir = Path(f"/tmp/linkus-run-{secrets.token_hex(5)}")  # 0755: the web user reaches web.sock
-        self.run_dir.mkdir(mode=0o755)
-        self.pam_socket = self.run_dir / "pam.sock"
-        self.web_socket = self.run_dir / "web.sock"
-        self.config: dict[str, Any] = {
-            "sources": ["yaml"],
-            "yaml": {"path": str(self.extensions_path)},
-            "state": {"path": str(root / "state" / "state.db")},
+        self.config_path = stack.config_path
+        self.extensions_path = stack.extensions_path
+        self.web_socket = stack.daemon.web_socket
+        stack.config.update({
             "self_service": {"pam_service": self.service},
-            "daemon": {"web_group": self.group, "pam_socket": str(self.pam_socket),
-                       "web_socket": str(self.web_socket)},
+            "daemon": {"web_group": self.group},
             "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "none", "from": "pbx@example.com",
                      "timeout": 5},
-            "email": {"key_file": str(root / "email.key"), "send_interval": 0},
+            "email": {**stack.config["email"], "send_interval": 0},
             "lockout": {"max_failures": 5, "duration": 900},
-        }
-        self.extensions: dict[str, Any] = {}
-        self.write_config()
-        self.write_extensions()
-
-    def write_config(self) -> None:
-        write_yaml(self.config_path, self.config)
-
-    def write_extensions(self) -> None:
-        write_yaml(self.extensions_path, {"extensions": self.extensions})
+        })
+        stack.write_config()
 
     def add(self, user: str, **entry: Any) -> None:
-        """An extension without 2FA unless ``entry`` says otherwise."""
-        self.extensions[user] = {"method": "none", **entry}
-        self.write_extensions()
+        """An extension without 2FA unless ``entry`` says otherwise (linkusd reloads it if running)."""
+        self.stack.extensions[user] = {"method": "none", **entry}
+        self.stack.write_extensions()
 
     def entry(self, user: str) -> Any:
         return yaml.safe_load(self.extensions_path.read_text())["extensions"].get(user)
 
     def remove(self) -> None:
+        self.stack.remove()
         Path("/etc/pam.d", self.service).unlink(missing_ok=True)
         subprocess.run(["groupdel", self.group], check=False, capture_output=True)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 class Clock:
@@ -134,27 +119,6 @@ def wait_for(check: Any, what: str, timeout: float = 15.0) -> None:
     raise AssertionError(f"{what} not ready within {timeout} s")
 
 
-class Linkusd:
-    def __init__(self, site: Site):
-        self.site = site
-        self.stderr = site.root / "linkusd.err"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.stderr, "ab") as err:
-            self.proc = subprocess.Popen(
-                [PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.site.config_path),
-                 "--log-socket", str(self.site.log.path)],
-                cwd=REPO, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO)},
-                stdout=subprocess.DEVNULL, stderr=err)
-        wait_for(lambda: self.site.web_socket.exists() or self.proc.poll() is not None, "linkusd")
-        assert self.proc.poll() is None, self.stderr.read_text()
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.site.web_socket.unlink(missing_ok=True)
-
-
 class WebServer:
     """linkus-web as a throwaway non-root user in the web group, on a random loopback port."""
 
@@ -197,7 +161,7 @@ class WebServer:
 @pytest.fixture
 def site(private_dir: Path, log_catcher: LogCatcher, smtp_server: Any) -> Iterator[tuple[Site, Any]]:
     server = smtp_server(security="none")
-    made = Site(private_dir, log_catcher, server.port)
+    made = Site(PamStack(private_dir, log_catcher, start=False), server.port)
     yield made, server
     made.remove()
 
@@ -211,7 +175,9 @@ def api(site: tuple[Site, Any]) -> Iterator[Api]:
 
 @pytest.fixture
 def web(site: tuple[Site, Any], tmp_path: Path) -> Iterator[tuple[Site, Linkusd, WebServer]]:
-    daemon = Linkusd(site[0])
+    if not NATIVE_SO.exists() or not shutil.which("pamtester"):
+        pytest.fail("native/pam_linkus.so and pamtester must exist (make test builds and installs them)")
+    daemon = site[0].stack.daemon
     daemon.start()
     server = WebServer(site[0], tmp_path)
     try:
@@ -219,7 +185,6 @@ def web(site: tuple[Site, Any], tmp_path: Path) -> Iterator[tuple[Site, Linkusd,
         yield site[0], daemon, server
     finally:
         server.stop()
-        daemon.stop()
 
 
 @pytest.fixture
@@ -243,4 +208,4 @@ def password() -> str:
     return PASSWORD
 
 
-__all__ = ["Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "sys", "web"]
+__all__ = ["Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "web"]

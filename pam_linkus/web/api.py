@@ -297,6 +297,12 @@ class SelfService:
         if not await self.engine.run(check, pool="web"):
             await self._fail("denied", ext, client, "self-check", result="wrong-password", step=why)
 
+    async def _changed(self, what: str) -> None:
+        """Reload after a write, so the page and the next login see it now, not at the next file poll."""
+        reload = getattr(self.engine, "reload", None)
+        if reload is not None and not await reload(f"self-service {what}"):
+            self._log(LOG_WARNING, "reload-failed", step=what)
+
     def _issuer(self) -> str:
         import socket
 
@@ -541,6 +547,7 @@ class SelfService:
             raise
         sess.pending = None
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
+        await self._changed("enrolment")
         return {"method": method}
 
     async def _op_enrol_cancel(self, f: dict[str, str]) -> dict[str, object]:
@@ -560,6 +567,7 @@ class SelfService:
         source, address = await self.engine.run(lambda: enrolment.switch_off(config, store, ext), pool="web")
         sess.pending = None
         self._audit("disable", ext, f["client"], source=source)
+        await self._changed("disable")
         if address:
             mailer = self.engine.mailer(config)
             now = self.engine.clock()
