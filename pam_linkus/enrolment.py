@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
     from pam_linkus.flow import Mailer
     from pam_linkus.state.base import StateStore
@@ -46,10 +47,10 @@ def save_email(config: Config, store: StateStore, ext: str, address: str, now: f
     return source
 
 
-def switch_off(config: Config, store: StateStore, ext: str) -> tuple[str, str | None]:
+def switch_off(config: Config, store: StateStore, ext: str) -> tuple[str, ExtensionSettings | None]:
     """Turn 2FA off and drop the secret (it went with the phone); clear failures, lock, recovery codes.
 
-    Returns the source and the extension's email address (to tell its owner), if any.
+    Returns the source and the settings before the change (None: no source knows the extension).
     """
     from nss_config.writer import source_of, writer_for
 
@@ -63,7 +64,7 @@ def switch_off(config: Config, store: StateStore, ext: str) -> tuple[str, str | 
 
         writer_for(config, source).update(ext, change)
     store.forget(ext)
-    return source, current.email if current is not None else None
+    return source, current
 
 
 def new_recovery_codes(store: StateStore, ext: str, count: int) -> list[str]:

@@ -564,7 +564,8 @@ class SelfService:
         await self._password(sess.ext, f["password"], f["client"], "disable")
         snapshot = self.engine.snapshot()
         config, store, ext = snapshot.config, snapshot.store, sess.ext
-        source, address = await self.engine.run(lambda: enrolment.switch_off(config, store, ext), pool="web")
+        source, before = await self.engine.run(lambda: enrolment.switch_off(config, store, ext), pool="web")
+        address = before.email if before is not None and before.enrolled else None
         sess.pending = None
         self._audit("disable", ext, f["client"], source=source)
         await self._changed("disable")
