@@ -9,6 +9,7 @@ non-root user in the throwaway web group.
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import shutil
 import socket
@@ -63,6 +64,27 @@ class Site:
         self.stack.remove()
         Path("/etc/pam.d", self.service).unlink(missing_ok=True)
         subprocess.run(["groupdel", self.group], check=False, capture_output=True)
+
+
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def fields(line: str) -> dict[str, str]:
+    """The key=value pairs of one syslog line, quoted or not."""
+    return {k: v[1:-1] if v.startswith('"') else v for k, v in _FIELD.findall(line)}
+
+
+def logged(log: LogCatcher, timeout: float = 5.0, **want: str) -> dict[str, str]:
+    """Wait for a line with all of ``want`` among its fields; return its fields."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in list(log.lines):
+            got = fields(line)
+            if all(got.get(k) == v for k, v in want.items()):
+                return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log line with {want}; got {log.lines!r}")
+        time.sleep(0.05)
 
 
 class Clock:
@@ -208,4 +230,4 @@ def password() -> str:
     return PASSWORD
 
 
-__all__ = ["Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "web"]
+__all__ = ["fields", "logged", "Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "web"]
