@@ -224,10 +224,3 @@ def browser(tmp_path: Path) -> Iterator[Any]:
     driver.set_page_load_timeout(30)
     yield driver
     driver.quit()
-
-
-def password() -> str:
-    return PASSWORD
-
-
-__all__ = ["fields", "logged", "Api", "Linkusd", "Site", "WebServer", "api", "browser", "free_port", "password", "site", "web"]
