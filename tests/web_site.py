@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import NATIVE_SO, PASSWORD, REPO, Linkusd, LogCatcher, PamStack, stop_process
+from conftest import NATIVE_SO, REPO, Linkusd, LogCatcher, PamStack, stop_process
 
 PYTHON = "/usr/bin/python3"
 
