@@ -163,3 +163,13 @@ def test_a_pam_service_that_loads_pam_linkus_is_refused(api: Api, site: tuple[Si
     Path("/etc/pam.d", s.service).write_text("auth required pam_unix.so\nauth required pam_linkus.so\n")
     assert api("sign_in", ext=user, password=PASSWORD, client=CLIENT) == {"ok": False, "error": "unavailable"}
     assert "pam_linkus" in logged(s.log, action="unavailable")["reason"]
+
+
+def test_the_client_address_is_throttled_across_extensions(api: Api, site: tuple[Site, Any], user: str) -> None:
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    for n in range(web_api.MAX_FAILURES_PER_CLIENT):
+        assert api("sign_in", ext=f"nobody{n}", password="x", client="203.0.113.9")["error"] == "denied"
+    assert api("sign_in", ext=user, password=PASSWORD, client="203.0.113.9")["error"] == "throttled"
+    assert api("sign_in", ext=user, password=PASSWORD, client=CLIENT)["state"] == "in"  # others are not

@@ -309,3 +309,38 @@ def test_web_runs_unprivileged_and_shows_unavailable(web: tuple[Site, Linkusd, W
     Shots(browser, tmp_path / "shots")("13-unavailable")
     assert browser.find_element(By.ID, "message").get_attribute("data-kind") == "unavailable"
     assert "cannot be reached" in text(browser, "#message")
+
+
+def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebServer], browser: Any, user: str,
+                                                 tmp_path: Path) -> None:
+    import time
+
+    site_, _daemon, server = web
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    site_.stack.write_config(lockout={"max_failures": 2, "duration": 900})
+    site_.add(user, method="totp", secret=secret)
+    shots = Shots(browser, tmp_path / "shots")
+    sign_in(browser, server, user)
+    wait_path(browser, "/sign-in/code")
+    shots("14-sign-in-code")
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=code]").text == "Authentication Code"
+    fill(browser, "#code", code_at(secret, time.time()))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")
+    assert text(browser, "#status-method") == "Authenticated by Authenticator"
+    assert text(browser, "#status-last") != "never"  # the page's sign-in was a successful login
+
+    wrong = "000000" if code_at(secret, time.time()) != "000000" else "111111"
+    for attempt in range(2):
+        sign_in(browser, server, user)
+        wait_path(browser, "/sign-in/code")
+        fill(browser, "#code", wrong)
+        browser.find_element(By.CSS_SELECTOR, "#verify").click()
+        if attempt == 0:
+            WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "form-error"))
+            assert text(browser, "#form-error") == "That code is not correct. Sign in again."
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "message"))
+    shots("15-locked")
+    assert browser.find_element(By.ID, "message").get_attribute("data-kind") == "locked"
+    assert "locked" in text(browser, "#message")
+    assert site_.stack.pamtester(user, PASSWORD, code_at(secret, time.time() + 30)).returncode != 0  # everywhere
