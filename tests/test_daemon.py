@@ -112,7 +112,7 @@ def test_kept_code_is_checked_without_a_prompt(stack: PamStack) -> None:
 
 def test_unknown_explicit_profile_is_unavailable(stack: PamStack) -> None:
     assert login(stack, "alice", profile="no-such-profile").outcome == "unavailable"
-    stack.log.wait_for("unknown profile")
+    stack.log.wait_for("is not defined in profiles")
 
 
 def test_lockout_is_exact_under_parallel_guesses(stack: PamStack) -> None:
