@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from conftest import PASSWORD, code_at
 from smtp_server import code_in
 from web_site import Api, Site, logged
@@ -173,3 +174,17 @@ def test_the_client_address_is_throttled_across_extensions(api: Api, site: tuple
         assert api("sign_in", ext=f"nobody{n}", password="x", client="203.0.113.9")["error"] == "denied"
     assert api("sign_in", ext=user, password=PASSWORD, client="203.0.113.9")["error"] == "throttled"
     assert api("sign_in", ext=user, password=PASSWORD, client=CLIENT)["state"] == "in"  # others are not
+
+
+def test_included_pam_files_are_followed(tmp_path: Any) -> None:
+    from pam_linkus.web.password import ServiceRefused, check_service
+
+    (tmp_path / "svc").write_text("@include common-pw\nauth required pam_permit.so\n")
+    (tmp_path / "common-pw").write_text("auth required pam_unix.so  # not pam_linkus, a comment\n")
+    check_service("svc", str(tmp_path))
+    (tmp_path / "common-pw").write_text("auth substack deeper\n")
+    (tmp_path / "deeper").write_text("auth [default=die] pam_linkus.so\n")
+    with pytest.raises(ServiceRefused, match="pam_linkus"):
+        check_service("svc", str(tmp_path))
+    with pytest.raises(ServiceRefused):
+        check_service("absent", str(tmp_path))  # libpam would fall back to "other"

@@ -253,6 +253,14 @@ def test_csrf_expired_session_other_extensions_and_headers(web: tuple[Site, Link
                         {"for": "enable", "password": PASSWORD, "csrf": "A" * 43})
     assert status == 400
     assert http(server, "GET", "/settings/method", cookie)[0] == 409  # no enrolment was opened
+    # only small urlencoded bodies are parsed (no multipart parser: CVE-2024-24762 in bookworm's)
+    assert http(server, "POST", "/settings/password", cookie, {"for": "enable", "pad": "x" * 9000})[0] == 400
+    multipart = urllib.request.Request(server.base + "/settings/password", method="POST",
+                                       data=b"--b\r\nContent-Disposition: form-data; name=for\r\n\r\nenable\r\n--b--",
+                                       headers={"Cookie": cookie, "Content-Type": "multipart/form-data; boundary=b"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(multipart, timeout=20)
+    assert refused.value.code == 400
     assert logged(site_.log, action="csrf-refused")["ext"] == user
 
     # another user's extension: not with this user's password, and never root or a system account
