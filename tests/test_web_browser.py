@@ -352,3 +352,31 @@ def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebSe
     assert browser.find_element(By.ID, "message").get_attribute("data-kind") == "locked"
     assert "locked" in text(browser, "#message")
     assert site_.stack.pamtester(user, PASSWORD, code_at(secret, time.time() + 30)).returncode != 0  # everywhere
+
+
+def test_keyboard_only_and_without_javascript(web: tuple[Site, Linkusd, WebServer], browser_without_js: Any,
+                                              user: str) -> None:
+    import time
+
+    from selenium.webdriver.common.keys import Keys
+
+    site_, _daemon, server = web
+    site_.add(user)
+    driver = browser_without_js
+    driver.get(server.base + "/sign-in")
+    driver.switch_to.active_element.send_keys(user, Keys.TAB, PASSWORD, Keys.ENTER)  # the extension has focus
+    wait_path(driver, "/settings")
+    driver.find_element(By.CSS_SELECTOR, "#enabled").send_keys(Keys.SPACE)  # ticked; no script submits it
+    assert urllib.parse.urlsplit(driver.current_url).path == "/settings"
+    driver.find_element(By.CSS_SELECTOR, "#edit-2fa").send_keys(Keys.ENTER)
+    wait_path(driver, "/settings/password")
+    driver.switch_to.active_element.send_keys(PASSWORD, Keys.ENTER)  # the password field has focus
+    wait_path(driver, "/settings/method")
+    driver.find_element(By.CSS_SELECTOR, "#next").send_keys(Keys.ENTER)  # Authenticator is preselected
+    wait_path(driver, "/settings/authenticator")
+    driver.find_element(By.CSS_SELECTOR, "#cant-scan summary").send_keys(Keys.ENTER)
+    secret = text(driver, "#secret").replace(" ", "")
+    driver.find_element(By.CSS_SELECTOR, "#code").send_keys(code_at(secret, time.time()), Keys.ENTER)
+    wait_path(driver, "/settings")
+    assert text(driver, "#notice") == "Edited successfully."
+    assert site_.entry(user)["secret"] == secret

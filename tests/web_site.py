@@ -211,16 +211,30 @@ def web(site: tuple[Site, Any], tmp_path: Path) -> Iterator[tuple[Site, Linkusd,
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
+    driver = start_browser(tmp_path / "chromium")
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser_without_js(tmp_path: Path) -> Iterator[Any]:
+    driver = start_browser(tmp_path / "chromium-nojs", javascript=False)
+    yield driver
+    driver.quit()
+
+
+def start_browser(profile: Path, *, javascript: bool = True) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1100,900"):
+                 f"--user-data-dir={profile}", "--window-size=1100,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     driver.set_page_load_timeout(30)
-    yield driver
-    driver.quit()
+    return driver
