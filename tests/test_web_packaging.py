@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from conftest import REPO
 
@@ -36,3 +38,28 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
     text = (REPO / "packaging" / "systemd" / "linkus-web.service").read_text()
     assert "User=linkus-web" in text and "NoNewPrivileges=yes" in text
     assert "InaccessiblePaths=-/etc/pam_linkus" in text
+
+
+def test_doctor_checks_the_pam_service_and_the_web_group(tmp_path: Path, make_user: Any) -> None:
+    import secrets
+
+    from pam_linkus.web.checks import check_web
+
+    group = f"lkwg{secrets.token_hex(3)}"
+    config = SimpleNamespace(self_service=SimpleNamespace(pam_service="svc"),
+                             daemon=SimpleNamespace(web_group=group))
+    (tmp_path / "svc").write_text("auth required pam_unix.so\n")
+    assert [(f.level, f.what) for f in check_web(config, str(tmp_path))] == [  # type: ignore[arg-type]
+        ("ok", "self-service PAM service"), ("ok", "web group")]
+    (tmp_path / "svc").write_text("@include common-auth\n")
+    (tmp_path / "common-auth").write_text("auth [default=die] pam_linkus.so\n")
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        for member in (make_user(), make_user()):
+            subprocess.run(["usermod", "-a", "-G", group, member], check=True)
+        found = {f.what: f for f in check_web(config, str(tmp_path))}  # type: ignore[arg-type]
+        assert found["self-service PAM service"].level == "FAIL" and "pam_linkus" in found[
+            "self-service PAM service"].detail
+        assert found["web group"].level == "WARN" and "several members" in found["web group"].detail
+    finally:
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
