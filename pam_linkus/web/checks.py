@@ -8,6 +8,7 @@ live in one place. Returns doctor's Findings; never raises.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 from typing import TYPE_CHECKING
 
@@ -20,17 +21,22 @@ if TYPE_CHECKING:
 
 def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
     findings = []
+    name = config.daemon.web_group
+    try:
+        group: grp.struct_group | None = grp.getgrnam(name)
+    except KeyError:
+        group = None
     service = config.self_service.pam_service
     try:
         check_service(service, pam_dir)
         findings.append(Finding("ok", "self-service PAM service", f"{service} (password modules only)"))
     except ServiceRefused as exc:
-        findings.append(Finding("FAIL", "self-service PAM service",
-                                f"{exc}; the web page and `linkus-2fa self` refuse to check passwords"))
-    name = config.daemon.web_group
-    try:
-        group = grp.getgrnam(name)
-    except KeyError:
+        # absent: password checks are refused (fail closed), nothing is exposed; loading pam_linkus is wrong
+        absent = not os.path.exists(os.path.join(pam_dir, service))
+        level = "WARN" if absent else "FAIL"
+        findings.append(Finding(level, "self-service PAM service",
+                                f"{exc}; the web page and `linkus-2fa self` cannot check passwords"))
+    if group is None:
         findings.append(Finding("ok", "web group", f"{name} does not exist: the web page is not installed, "
                                                    "linkusd's web socket serves root only"))
         return findings
