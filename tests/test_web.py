@@ -26,8 +26,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import pytest
 from conftest import PASSWORD, SECRET, PamStack, code_at
-
-from pam_linkus.client import (
+from pam_client import (
     ClientBusy,
     ClientError,
     ClientOutcome,
