@@ -237,15 +237,45 @@ def check_smtp(doc: Doctor, config: Config) -> None:
 # -- the daemon -------------------------------------------------------------------------
 
 
-def check_daemon(config: Config) -> list[Finding]:
-    """LEAD: FILL IN -- ask linkusd's STATUS over ``config.daemon.pam_socket`` (docs/protocol.md).
+def check_daemon(config: Config, socket_path: str | None = None) -> list[Finding]:
+    """Ask linkusd's STATUS over its PAM socket (docs/protocol.md).
 
-    Expected findings: FAIL when the socket is missing, not root-owned, or nobody
-    answers (every login is refused); FAIL when linkusd runs on an old config
-    because the current one does not load (it says why); ok with its version,
-    uptime and config generation otherwise.
+    FAIL when the socket is missing, unsafe (pam_linkus.so would refuse it) or
+    nobody answers: every login is refused. FAIL when linkusd has no valid config,
+    WARN when it serves an older config because the current file does not load
+    (with its reason). ok with version, uptime and counters otherwise.
     """
-    return [Finding("WARN", "linkusd", f"not checked by this version of doctor ({config.daemon.pam_socket})")]
+    import os
+    import stat
+    import time
+
+    from pam_linkus import protocol
+
+    path = socket_path or config.daemon.pam_socket
+    try:
+        st = os.lstat(path)
+        parent = os.lstat(os.path.dirname(path))
+    except OSError as exc:
+        return [Finding("FAIL", "linkusd", f"{path}: {exc.strerror}: linkusd is not running, every login is "
+                                           "refused (start it: systemctl start linkusd.socket, or linkusd)")]
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or parent.st_uid != 0 or parent.st_mode & 0o022:
+        return [Finding("FAIL", "linkusd", f"{path} is not a root-owned socket in a root-only directory: "
+                                           "pam_linkus.so refuses it")]
+    try:
+        status = protocol.call_control(path, timeout=5)
+    except (OSError, protocol.ProtocolError) as exc:
+        return [Finding("FAIL", "linkusd", f"{path}: no answer ({type(exc).__name__}): every login is refused")]
+    if not status.get("loaded"):
+        return [Finding("FAIL", "linkusd", f"running without a valid configuration, refusing every login: "
+                                           f"{status.get('last_error')}")]
+    findings = []
+    if status.get("last_error"):
+        findings.append(Finding("WARN", "linkusd", f"serving the last good configuration; the current file does "
+                                                   f"not load: {status.get('last_error')}"))
+    uptime = int(time.time() - float(str(status.get("started", time.time()))))
+    findings.append(Finding("ok", "linkusd", f"version {status.get('version')}, pid {status.get('pid')}, "
+                                             f"up {uptime} s, outcomes {status.get('outcomes')}"))
+    return findings
 
 
 # -- the clock --------------------------------------------------------------------------

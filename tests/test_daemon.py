@@ -186,6 +186,24 @@ def test_start_without_a_good_config_refuses_every_login(private_dir: Path, log_
         stack.remove()
 
 
+def test_doctor_reports_the_daemon(stack: PamStack) -> None:
+    from pam_linkus.config import load_config
+    from pam_linkus.doctor import check_daemon
+
+    config = load_config(str(stack.config_path))
+    path = str(stack.daemon.pam_socket)
+    [ok] = check_daemon(config, path)
+    assert ok.level == "ok" and "version" in ok.detail
+    stack.config_path.write_text("enforce: sometimes\n")
+    os.chmod(stack.config_path, 0o600)
+    stack.daemon.reload()
+    assert [f.level for f in check_daemon(config, path)] == ["WARN", "ok"]
+    assert "enforce" in check_daemon(config, path)[0].detail
+    stack.daemon.stop()
+    [down] = check_daemon(config, path)
+    assert down.level == "FAIL" and "every login is refused" in down.detail
+
+
 def test_second_instance_refuses_to_start(stack: PamStack) -> None:
     proc = subprocess.run(
         [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(stack.config_path),
