@@ -76,6 +76,9 @@ struct options {
 };
 
 /* One authentication: the handle, its options and items, the connection. */
+/* What the person sees when no decision could be had (docs/break-glass.md): fixed, so it tells nothing. */
+#define UNAVAILABLE_MESSAGE "Two-factor authentication is unavailable; contact your administrator."
+
 struct login {
     pam_handle_t *pamh;
     struct options opt;
@@ -934,6 +937,8 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
     rc = lg.opt.forward_pass ? first_line(&lg) : second_line(&lg);
     if (lg.fd >= 0)
         (void)close(lg.fd);
+    if (rc == PAM_AUTHINFO_UNAVAIL && (flags & (int)PAM_SILENT) == 0)
+        (void)converse(&lg, PAM_ERROR_MSG, UNAVAILABLE_MESSAGE, NULL, 0);
     return rc;
 }
 

@@ -60,8 +60,10 @@ def quote(value: object) -> str:
         text = text[:MAX_VALUE_CHARS]
     out = []
     for c in text:
-        if c == '"' or c == "\\":
-            out.append("\\" + c)
+        if c in '"\\=':
+            # Written as \xNN, not \", so no quote or '=' ever stands inside a value: even a
+            # naive grep for `outcome=success` cannot be fooled by a forged rhost.
+            out.append(f"\\x{ord(c):02x}")
         elif " " <= c <= "~":
             out.append(c)
         else:

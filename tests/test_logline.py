@@ -52,11 +52,17 @@ def test_every_string_field_is_quoted_the_same_way() -> None:
 
 
 def test_escapes() -> None:
-    assert quote('a"b') == r'"a\"b"' and quote("a\\b") == r'"a\\b"'
+    assert quote('a"b') == r'"a\x22b"' and quote("a\\b") == r'"a\x5cb"' and quote("k=v") == r'"k\x3dv"'
     assert quote("a\nb") == r'"a\x0ab"' and quote("ü") == r'"\xfc"' and quote("\u2028") == r'"\u2028"'
     assert quote(b"\xff\xfe") == r'"\xff\xfe"' and quote("\udcff") == r'"\xff"'
     assert quote("\U0001f600") == r'"\U0001f600"'
     assert quote("x" * 500) == '"' + "x" * 200 + '..."'
+
+
+def test_no_quote_or_equals_sign_inside_a_value() -> None:
+    line = format_fields({"rhost": 'evil" outcome=success', "outcome": "denied"})
+    assert line.count("=") == 2 and line.count('"') == 4
+    assert "outcome=success" not in line
 
 
 def test_field_names_are_checked() -> None:
