@@ -806,7 +806,6 @@ static int split_secret(struct login *lg, unsigned digits, const char *daemon_pr
     char asked[SECRET_MAX + 1];
     char password[SECRET_MAX + 1];
     const char *secret = NULL;
-    bool did_ask = false;
     int rc = PAM_AUTHINFO_UNAVAIL;
 
     if (pam_get_item(lg->pamh, PAM_AUTHTOK, (const void **)&secret) != PAM_SUCCESS || secret == NULL) {
@@ -817,18 +816,15 @@ static int split_secret(struct login *lg, unsigned digits, const char *daemon_pr
             return PAM_CONV_ERR;
         }
         secret = asked;
-        did_ask = true;
     }
     size_t len = strnlen(secret, SECRET_MAX);
     if (len >= SECRET_MAX) {
         lk_log(lg, LOG_ERR, "refusing: password and code longer than %d bytes", SECRET_MAX - 1);
         goto out;
     }
-    if (digits == 0) {
-        rc = (!did_ask || pam_set_item(lg->pamh, PAM_AUTHTOK, secret) == PAM_SUCCESS) ? PAM_IGNORE
-                                                                                      : PAM_AUTHINFO_UNAVAIL;
-        goto out;
-    }
+    /* With 0 digits the whole answer is the password, and an empty code is kept all the same: it tells
+     * the second line that this is a single-field login, which must not prompt (an email extension is
+     * refused there without a mail being sent, instead of having its code prompt answered blindly). */
     struct kept_code *kept = calloc(1, sizeof *kept);
     if (kept == NULL) {
         lk_log(lg, LOG_ERR, "out of memory");

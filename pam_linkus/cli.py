@@ -91,6 +91,27 @@ class Admin:
             # The change is made; its audit trail must not vanish without a word.
             print(f"linkus-2fa: warning: syslog ({self.sink.socket_path}) did not take the audit line: {line}",
                   file=sys.stderr, flush=True)
+        self.reload_daemon()
+
+    def reload_daemon(self) -> None:
+        """Have linkusd load the changed settings now, so the next login sees them.
+
+        Its watcher would notice within a second; asking makes the change take
+        effect before this command returns. linkusd not running is said, not fatal:
+        the change is saved either way.
+        """
+        from pam_linkus.protocol import Msg, ProtocolError, call_control
+
+        path = self.config.daemon.pam_socket
+        try:
+            status = call_control(path, Msg.RELOAD, timeout=30)
+        except (OSError, ProtocolError) as exc:
+            print(f"linkus-2fa: note: linkusd did not answer on {path} ({type(exc).__name__}); it loads the "
+                  "change when it starts", file=sys.stderr, flush=True)
+            return
+        if status.get("last_error"):
+            print(f"linkus-2fa: warning: linkusd did not load the new settings: {status['last_error']}",
+                  file=sys.stderr, flush=True)
 
     def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
         from nss_config.writer import source_of

@@ -204,6 +204,7 @@ class PamStack:
             "yaml": {"path": str(self.extensions_path)},
             "state": {"path": str(self.state_path)},
             "email": {"key_file": str(root / "state" / "email.key")},
+            "daemon": self.socket_settings(),
         }
         self.extensions: dict[str, Any] = {}
         self._write_config()
@@ -237,8 +238,14 @@ class PamStack:
             status = self.daemon.reload()
             assert status["last_error"] is None, status["last_error"]
 
+    def socket_settings(self) -> dict[str, str]:
+        return {"pam_socket": str(self.daemon.pam_socket), "web_socket": str(self.daemon.web_socket)}
+
     def write_config(self, **changes: Any) -> None:
-        """Change top-level keys of pam_linkus.yaml and have linkusd load it now."""
+        """Change top-level keys of pam_linkus.yaml and have linkusd load it now
+        (``daemon`` keys are added to the socket paths, which stay)."""
+        if "daemon" in changes:
+            changes["daemon"] = {**self.socket_settings(), **changes["daemon"]}
         self.config.update(changes)
         self._write_config()
         self._reload()

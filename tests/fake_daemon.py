@@ -224,7 +224,11 @@ class Session:
             self.conn.sendall(split(int(self.b.get("digits", 6)), self.b.get("split_text")))
             return
         if "KEPT" in start.fields:
-            self.conn.sendall(result("success" if start.fields["KEPT"] == code.encode() else "denied"))
+            kept = start.fields["KEPT"]
+            # an empty code after a 0-digit split: the extension has no 2FA, as linkusd would say
+            verdict = "success" if kept == code.encode() else "skip" if kept == b"" and self.b.get("digits") == 0 \
+                else "denied"
+            self.conn.sendall(result(verdict))
             return
         for style, text in self.b.get("infos", []):
             self.conn.sendall(info(text, style))
