@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from smtp_server import code_in
-from web_site import Linkusd, Site, WebServer, logged
+from web_site import Linkusd, Site, WebServer, logged, wait_for
 
 pytest_plugins = ["web_site"]
 pytestmark = pytest.mark.timeout(180)
@@ -380,3 +380,49 @@ def test_keyboard_only_and_without_javascript(web: tuple[Site, Linkusd, WebServe
     wait_path(driver, "/settings")
     assert text(driver, "#notice") == "Edited successfully."
     assert site_.entry(user)["secret"] == secret
+
+
+def test_tls_and_unix_socket(web: tuple[Site, Linkusd, WebServer], ca: Any, tmp_path: Path) -> None:
+    import http.client
+    import socket
+    import ssl
+
+    site_, _daemon, _plain = web
+    tls = WebServer(site_, tmp_path / "tls")
+    (tmp_path / "tls").mkdir()
+    try:
+        pem = site_.root / "run" / "web-tls.pem"  # readable by the web user only
+        pem.write_bytes(Path(ca.pems["good"]).read_bytes())
+        shutil.chown(pem, tls.user)
+        pem.chmod(0o400)
+        tls.start("--tls-cert", str(pem), "--tls-key", str(pem))
+        context = ssl.create_default_context(cafile=str(ca.ca_file))
+        with urllib.request.urlopen(f"https://localhost:{tls.port}/sign-in", context=context, timeout=20) as response:
+            assert response.status == 200
+            assert "Secure" in response.headers["Set-Cookie"] and "HttpOnly" in response.headers["Set-Cookie"]
+            assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    finally:
+        tls.stop()
+
+    unix = WebServer(site_, tmp_path / "unix")
+    (tmp_path / "unix").mkdir()
+    sock_dir = site_.root / "run" / "http"
+    sock_dir.mkdir()
+    shutil.chown(sock_dir, unix.user)
+    try:
+        unix.start("--unix", str(sock_dir / "http.sock"), "--trust-proxy")
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(sock_dir / "http.sock"))
+
+        conn = UnixConnection("localhost", timeout=20)
+        conn.request("GET", "/sign-in?expired=1", headers={"X-Forwarded-For": "198.51.100.23"})
+        response = conn.getresponse()
+        assert response.status == 200 and "Your session has ended" in response.read().decode()
+        conn.close()
+        wait_for(lambda: "GET /sign-in 200" in unix.log_text(), "the access line")  # without the query string
+        assert "expired" not in unix.log_text()
+    finally:
+        unix.stop()
