@@ -12,7 +12,6 @@ from web_site import Api, Site, logged
 
 from pam_linkus.web import api as web_api
 
-pytest_plugins = ["web_site"]
 CLIENT = "192.0.2.10"
 
 

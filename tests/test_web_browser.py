@@ -25,7 +25,6 @@ from selenium.webdriver.support.ui import WebDriverWait
 from smtp_server import code_in
 from web_site import Linkusd, Site, WebServer, logged, wait_for
 
-pytest_plugins = ["web_site"]
 pytestmark = pytest.mark.timeout(180)
 
 
