@@ -198,6 +198,9 @@ def test_one_answer_per_code_prompt_even_in_parallel(api: Api, site: tuple[Site,
     api.reload()
     first = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
     request = {"op": "sign_in_code", "code": code_at(secret, api.clock.now), **sess(first)}
-    both = api.loop.run_until_complete(asyncio.gather(api.service.call(dict(request), 0),
-                                                      api.service.call(dict(request), 0)))
+
+    async def twice() -> list[dict[str, object]]:
+        return list(await asyncio.gather(api.service.call(dict(request), 0), api.service.call(dict(request), 0)))
+
+    both = api.loop.run_until_complete(twice())
     assert sorted(str(r.get("state") or r.get("error")) for r in both) == ["in", "step"]
