@@ -16,10 +16,11 @@ APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools py
 # the Redis state store itself speaks RESP with pam_linkus.state.resp).
 APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server redis-sentinel python3-redis \
             libpam-google-authenticator \
-            libpam-oath oathtool openssl procps passwd login
-PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
+            libpam-oath oathtool openssl procps passwd login \
+            libpam0g-dev build-essential valgrind
+PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis python-pam
 
-.PHONY: demo install deb deps-runtime deps-test test lint bench clean
+.PHONY: demo install deb deps-runtime deps-test native test lint bench clean
 
 deps-runtime:
 	bash packaging/apt-ensure.sh $(APT_RUNTIME)
@@ -43,8 +44,12 @@ deb:
 	bash packaging/apt-ensure.sh $(APT_DEB)
 	deb=$$(bash packaging/build-deb.sh dist | tail -n 1) && lintian --fail-on error,warning "$$deb" && echo "built $$deb"
 
+## native: pam_linkus.so, its ASan/UBSan and canary builds and the test driver (native/Makefile).
+native: deps-test
+	$(MAKE) -C native all
+
 ## test: everything, against real PAM, sshd, slapd, SMTP and Redis on loopback.
-test: deps-test
+test: deps-test native
 	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
 	$(TEST_VENV)/bin/mypy
 	$(TEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
@@ -58,3 +63,4 @@ bench: deps-test install
 
 clean:
 	rm -rf $(TEST_VENV) build dist *.egg-info
+	$(MAKE) -C native clean

@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
-    from pam_linkus.state.base import StateStore
     from pam_linkus.flow import Context
+    from pam_linkus.state.base import StateStore
 
 #: Tries a person gets to type the confirmation code of a new enrolment.
 CONFIRM_TRIES = 3
