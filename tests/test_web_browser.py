@@ -204,10 +204,19 @@ def test_email_flow(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any]
     assert text(browser, "#notice") == "Edited successfully."
     assert text(browser, "#status-method") == "Authenticated by Email"
     assert site_.entry(user) == {"method": "email", "email": "owner@example.com"}
+    # signing in again: the login flow mails a code and the page says where it went
+    browser.find_element(By.CSS_SELECTOR, "header button.link").click()
+    wait_path(browser, "/sign-in")
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    assert "o***@example.com" in text(browser, "#info-1")
+    fill(browser, "#code", code_in(smtp.wait_for_message(2)))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")
     # switching off mails the owner
     tick_and_confirm(browser)
     wait_path(browser, "/settings")
-    notice = smtp.wait_for_message(2)
+    notice = smtp.wait_for_message(3)
     assert notice["to"] == ["owner@example.com"] and "switched off" in notice["message"]["Subject"]
 
 
@@ -328,7 +337,7 @@ def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebSe
     site_.add(user, method="totp", secret=secret)
     shots = Shots(browser, tmp_path / "shots")
     sign_in(browser, server, user)
-    wait_path(browser, "/sign-in/code")
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
     shots("14-sign-in-code")
     assert browser.find_element(By.CSS_SELECTOR, "label[for=code]").text == "Authentication Code"
     fill(browser, "#code", code_at(secret, time.time()))
@@ -340,7 +349,7 @@ def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebSe
     wrong = "000000" if code_at(secret, time.time()) != "000000" else "111111"
     for attempt in range(2):
         sign_in(browser, server, user)
-        wait_path(browser, "/sign-in/code")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
         fill(browser, "#code", wrong)
         browser.find_element(By.CSS_SELECTOR, "#verify").click()
         if attempt == 0:
