@@ -34,7 +34,7 @@ import pam_client  # noqa: E402
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
 #: Fixtures of the real servers (slapd, redis-server, aiosmtpd), for every test module.
-pytest_plugins = ["ldap_server", "redis_server", "smtp_server"]
+pytest_plugins = ["ldap_server", "redis_server", "smtp_server", "web_site"]
 
 #: A 160-bit demo secret; every test that needs one more makes its own.
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"

@@ -12,7 +12,6 @@ from web_site import Api, Site, logged
 
 from pam_linkus.web import api as web_api
 
-pytest_plugins = ["web_site"]
 CLIENT = "192.0.2.10"
 
 
@@ -188,3 +187,20 @@ def test_included_pam_files_are_followed(tmp_path: Any) -> None:
         check_service("svc", str(tmp_path))
     with pytest.raises(ServiceRefused):
         check_service("absent", str(tmp_path))  # libpam would fall back to "other"
+
+
+def test_one_answer_per_code_prompt_even_in_parallel(api: Api, site: tuple[Site, Any], user: str) -> None:
+    import asyncio
+
+    s, _smtp = site
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    s.add(user, method="totp", secret=secret)
+    api.reload()
+    first = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    request = {"op": "sign_in_code", "code": code_at(secret, api.clock.now), **sess(first)}
+
+    async def twice() -> list[dict[str, object]]:
+        return list(await asyncio.gather(api.service.call(dict(request), 0), api.service.call(dict(request), 0)))
+
+    both = api.loop.run_until_complete(twice())
+    assert sorted(str(r.get("state") or r.get("error")) for r in both) == ["in", "step"]

@@ -23,9 +23,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 from smtp_server import code_in
-from web_site import Linkusd, Site, WebServer, logged
+from web_site import Linkusd, Site, WebServer, logged, wait_for
 
-pytest_plugins = ["web_site"]
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -205,10 +204,19 @@ def test_email_flow(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any]
     assert text(browser, "#notice") == "Edited successfully."
     assert text(browser, "#status-method") == "Authenticated by Email"
     assert site_.entry(user) == {"method": "email", "email": "owner@example.com"}
+    # signing in again: the login flow mails a code and the page says where it went
+    browser.find_element(By.CSS_SELECTOR, "header button.link").click()
+    wait_path(browser, "/sign-in")
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    assert "o***@example.com" in text(browser, "#info-1")
+    fill(browser, "#code", code_in(smtp.wait_for_message(2)))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")
     # switching off mails the owner
     tick_and_confirm(browser)
     wait_path(browser, "/settings")
-    notice = smtp.wait_for_message(2)
+    notice = smtp.wait_for_message(3)
     assert notice["to"] == ["owner@example.com"] and "switched off" in notice["message"]["Subject"]
 
 
@@ -329,7 +337,7 @@ def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebSe
     site_.add(user, method="totp", secret=secret)
     shots = Shots(browser, tmp_path / "shots")
     sign_in(browser, server, user)
-    wait_path(browser, "/sign-in/code")
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
     shots("14-sign-in-code")
     assert browser.find_element(By.CSS_SELECTOR, "label[for=code]").text == "Authentication Code"
     fill(browser, "#code", code_at(secret, time.time()))
@@ -341,7 +349,7 @@ def test_sign_in_with_a_code_and_the_locked_page(web: tuple[Site, Linkusd, WebSe
     wrong = "000000" if code_at(secret, time.time()) != "000000" else "111111"
     for attempt in range(2):
         sign_in(browser, server, user)
-        wait_path(browser, "/sign-in/code")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
         fill(browser, "#code", wrong)
         browser.find_element(By.CSS_SELECTOR, "#verify").click()
         if attempt == 0:
@@ -380,3 +388,49 @@ def test_keyboard_only_and_without_javascript(web: tuple[Site, Linkusd, WebServe
     wait_path(driver, "/settings")
     assert text(driver, "#notice") == "Edited successfully."
     assert site_.entry(user)["secret"] == secret
+
+
+def test_tls_and_unix_socket(web: tuple[Site, Linkusd, WebServer], ca: Any, tmp_path: Path) -> None:
+    import http.client
+    import socket
+    import ssl
+
+    site_, _daemon, _plain = web
+    tls = WebServer(site_, tmp_path / "tls")
+    (tmp_path / "tls").mkdir()
+    try:
+        pem = site_.root / "run" / "web-tls.pem"  # readable by the web user only
+        pem.write_bytes(Path(ca.pems["good"]).read_bytes())
+        shutil.chown(pem, tls.user)
+        pem.chmod(0o400)
+        tls.start("--tls-cert", str(pem), "--tls-key", str(pem))
+        context = ssl.create_default_context(cafile=str(ca.ca_file))
+        with urllib.request.urlopen(f"https://localhost:{tls.port}/sign-in", context=context, timeout=20) as response:
+            assert response.status == 200
+            assert "Secure" in response.headers["Set-Cookie"] and "HttpOnly" in response.headers["Set-Cookie"]
+            assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    finally:
+        tls.stop()
+
+    unix = WebServer(site_, tmp_path / "unix")
+    (tmp_path / "unix").mkdir()
+    sock_dir = site_.root / "run" / "http"
+    sock_dir.mkdir()
+    shutil.chown(sock_dir, unix.user)
+    try:
+        unix.start("--unix", str(sock_dir / "http.sock"), "--trust-proxy")
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(sock_dir / "http.sock"))
+
+        conn = UnixConnection("localhost", timeout=20)
+        conn.request("GET", "/sign-in?expired=1", headers={"X-Forwarded-For": "198.51.100.23"})
+        response = conn.getresponse()
+        assert response.status == 200 and "Your session has ended" in response.read().decode()
+        conn.close()
+        wait_for(lambda: "GET /sign-in 200" in unix.log_text(), "the access line")  # without the query string
+        assert "expired" not in unix.log_text()
+    finally:
+        unix.stop()

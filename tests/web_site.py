@@ -157,16 +157,20 @@ class WebServer:
     def as_user(self) -> list[str]:
         return ["setpriv", f"--reuid={self.user}", f"--regid={self.user}", "--init-groups", "--reset-env"]
 
-    def start(self) -> None:
+    def start(self, *args: str) -> None:
+        """Start it; ``args`` replace ``--listen`` (e.g. ``--unix PATH``) or add to it (TLS)."""
+        where = [] if "--unix" in args else ["--listen", f"127.0.0.1:{self.port}"]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [*self.as_user(), "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "pam_linkus.web.app",
-             "--listen", f"127.0.0.1:{self.port}", "--socket", str(self.site.web_socket), "--timeout", "10"],
+             *where, "--socket", str(self.site.web_socket), "--timeout", "10", *args],
             cwd="/", stdout=log, stderr=log)
         log.close()
 
         def up() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log_text()
+            if "--unix" in args:
+                return Path(args[args.index("--unix") + 1]).exists()
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", self.port)) == 0
 

@@ -322,13 +322,13 @@ class SelfService:
             self._audit("web-sign-in", ext, client, factor="password")
             return {"state": "in", "session": token, "csrf": sess.csrf}
         sess.state = "code"
-        sess.login = self._start_login(ext)
+        gen = self._start_login(ext)
         try:
-            kind, payload, infos = await self.engine.run(lambda: _advance(sess.login, None), pool="web")
+            kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
         except BaseException:
-            self._forget_session(token)
+            self._forget_session(token)  # the generator has ended, or a worker still runs it: just drop it
             raise
-        return self._login_step(token, sess, kind, payload, infos, client)
+        return self._login_step(token, sess, gen, kind, payload, infos, client)
 
     def _start_login(self, ext: str) -> Generator[Any, str | None, Any]:
         from pam_linkus import flow
@@ -341,11 +341,11 @@ class SelfService:
         gen: Generator[Any, str | None, Any] = flow.login(req, ctx)
         return gen
 
-    def _login_step(self, token: str, sess: _Session, kind: str, payload: Any, infos: list[str],
-                    client: str) -> dict[str, object]:
+    def _login_step(self, token: str, sess: _Session, gen: Generator[Any, str | None, Any], kind: str,
+                    payload: Any, infos: list[str], client: str) -> dict[str, object]:
         if kind == "ask":
+            sess.login = gen  # parked until the next call brings the answer; no worker is held
             return {"state": "code", "session": token, "csrf": sess.csrf, "prompt": payload, "info": infos}
-        sess.login = None
         from pam_linkus.outcome import Outcome
 
         if getattr(payload, "outcome", None) != Outcome.SUCCESS:
@@ -361,7 +361,8 @@ class SelfService:
         token = f["session"]
         gen = sess.login
         if gen is None:
-            raise WebError("step")
+            raise WebError("step")  # no code asked, or another request is answering it right now
+        sess.login = None  # taken: a parallel request cannot drive the same generator
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, f["code"]), pool="web")
         except Denied:
@@ -371,7 +372,7 @@ class SelfService:
         except BaseException:
             self._forget_session(token)
             raise
-        return self._login_step(token, sess, kind, payload, infos, f["client"])
+        return self._login_step(token, sess, gen, kind, payload, infos, f["client"])
 
     def _forget_session(self, token: str) -> None:
         sess = self._sessions.pop(_key(token), None)

@@ -283,7 +283,12 @@ class _Pages:
                 if reply.get("error") in ("denied", "bad-request"):
                     return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401)
                 return self.error_page(reply)
-            response = self.redirect("/settings" if reply["state"] == "in" else "/sign-in/code")
+            if reply["state"] == "in":
+                response = self.redirect("/settings")
+            else:
+                # shown here, not after a redirect: the flow's lines ("a code was sent to a***@...") go with it
+                infos = [str(i) for i in reply.get("info", []) if isinstance(i, str)][:4]
+                response = self.render("code.html", csrf=str(reply["csrf"]), error=None, infos=infos)
             self.set_cookie(response, SESSION_COOKIE, str(reply["session"]))
             response.delete_cookie(PRE_COOKIE, path="/")
             if reply["state"] == "code":
@@ -296,7 +301,7 @@ class _Pages:
         csrf = request.cookies.get("linkus_code_csrf", "")
         if not request.cookies.get(SESSION_COOKIE) or not csrf:
             return self.redirect("/sign-in")
-        return self.render("code.html", 200 if error is None else 401, csrf=csrf, error=error)
+        return self.render("code.html", 200 if error is None else 401, csrf=csrf, error=error, infos=[])
 
     async def code(self, request: Request) -> Response:
         async def run() -> Response:
