@@ -35,7 +35,8 @@ class Setup:
 
     def run(self, *args: str, log_socket: str = "/nonexistent/log.sock") -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "pam_linkus.cli", "--log-socket", log_socket, *args],
-                              capture_output=True, text=True, cwd=REPO, timeout=60, check=False, stdin=subprocess.DEVNULL)
+                              capture_output=True, text=True, cwd=REPO, timeout=60, check=False,
+                              stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture
