@@ -115,3 +115,20 @@ def test_import_google_marks_a_short_key_and_doctor_flags_it_until_reenrolment(s
     assert "legacy_short_secret" not in setup.entry("1003")
     doctor = setup.run("--config", str(setup.config), "doctor", "--pam-dir", str(pam_dir))
     assert "extension 1003" not in doctor.stdout
+
+
+def test_doctor_names_unsafe_files_and_directories(setup: Setup) -> None:
+    pam_dir = setup.root / "pam.d"
+    pam_dir.mkdir()
+    os.chmod(setup.extensions, 0o644)
+    doctor = setup.run("--config", str(setup.config), "doctor", "--pam-dir", str(pam_dir))
+    assert doctor.returncode == 1
+    assert f"FAIL extensions file: {setup.extensions}: is mode 0644" in doctor.stdout, doctor.stdout
+    os.chmod(setup.extensions, 0o600)
+    os.chmod(setup.root, 0o1777)
+    try:
+        doctor = setup.run("--config", str(setup.config), "doctor", "--pam-dir", str(pam_dir))
+    finally:
+        os.chmod(setup.root, 0o700)
+    assert doctor.returncode == 1
+    assert f"FAIL config: {setup.config}: the directory {setup.root} is writable by group or others" in doctor.stdout

@@ -43,7 +43,7 @@ def test_self_service_needs_the_right_password(pam_stack: PamStack, user: str, p
     child.expect("Edited successfully.")
     assert finish(child)[0] == 0
     audit = pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
-    assert f"by={user}" in audit and "via=self" in audit
+    assert f'by="{user}"' in audit and 'via="self"' in audit
 
     # Enrolled now: disabling also needs a current code, checked by the login flow itself.
     child = spawn_cli(pam_stack, "self", "disable", env=env)
