@@ -549,20 +549,23 @@ def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     not overwritten by the verb's default.
     """
     parser.add_argument("--config", default=DEFAULT_CONFIG_PATH if top else argparse.SUPPRESS,
-                        help=f"main config file (default: {DEFAULT_CONFIG_PATH}); before or after the verb")
+                        help=f"main config file (default: {DEFAULT_CONFIG_PATH}); before or after the verb "
+                        "(not after `self`)")
     parser.add_argument("--log-socket", default="/dev/log" if top else argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linkus-2fa", allow_abbrev=False,
                                      description="Manage pam-linkus two-factor authentication.",
-                                     epilog="--config FILE may be given before or after the verb.")
+                                     epilog="--config FILE may be given before or after the verb "
+                                            "(self-service: never after `self`).")
     _common_options(parser, top=True)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, text: str, sub: Any = verbs) -> argparse.ArgumentParser:
+    def verb(name: str, text: str, sub: Any = verbs, *, options: bool = True) -> argparse.ArgumentParser:
         made: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
-        _common_options(made, top=False)
+        if options:
+            _common_options(made, top=False)
         return made
 
     enroll = verb("enroll", "turn 2FA on for an extension (TOTP app or email)")
@@ -595,15 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--check", action="store_true",
                          help="only report; exit 1 when something needs migrating")
 
-    own = verb("self", "self-service through sudo: your own extension only")
+    # No --config after `self`: a sudoers rule allows `linkus-2fa self *`, and the
+    # user must not choose which config (and so which sources) their change goes to.
+    own = verb("self", "self-service through sudo: your own extension only", options=False)
     own_verbs = own.add_subparsers(dest="self_verb", required=True, metavar="VERB")
-    own_enroll = verb("enroll", "turn 2FA on or change it", own_verbs)
+    own_enroll = verb("enroll", "turn 2FA on or change it", own_verbs, options=False)
     own_enroll.add_argument("--method", choices=("totp", "email"), default="totp")
     own_enroll.add_argument("--address", help="email: the address to confirm")
     own_enroll.add_argument("--no-qr", action="store_true")
-    verb("disable", "turn your 2FA off", own_verbs)
-    verb("recovery-codes", "make new recovery codes", own_verbs)
-    verb("status", "show your 2FA status", own_verbs)
+    verb("disable", "turn your 2FA off", own_verbs, options=False)
+    verb("recovery-codes", "make new recovery codes", own_verbs, options=False)
+    verb("status", "show your 2FA status", own_verbs, options=False)
     return parser
 
 

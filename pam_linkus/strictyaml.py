@@ -15,8 +15,12 @@ Measured on this project's Debian 12 host (PyYAML 6.0.3 with libyaml, Python
 100,000 extensions (5 keys each, 12.3 MB) loads here in 2.2 s with a peak RSS of
 139 MB (+87 MB over the interpreter and the input bytes; the result itself is
 most of that); ``yaml.load`` with CSafeLoader took 10.6 s and 519 MB (+467 MB)
-for the same file. The loop takes the GIL one event at a time, so other threads
-keep running during a reload; key positions are kept packed (``MarkedDict``).
+for the same file. The loop is Python code between short C calls, so other
+threads get the GIL every switch interval: a thread ticking every 1 ms saw gaps of
+at most ~100 ms during the load (the cyclic GC walking the new objects; ~40 ms
+with the GC off), against 1.7 s during ``yaml.load``. Key positions are kept
+packed (``MarkedDict``). A long-running caller may ``gc.freeze()`` after a
+reload, so later collections do not walk 100,000 settings again and again.
 """
 
 from __future__ import annotations
