@@ -45,8 +45,8 @@ def test_enroll_by_typed_key_then_login_through_pam(pam_stack: PamStack, user: s
     assert pam_stack.login(user, confirm).auth == "PAM_AUTH_ERR"
     result = pam_stack.login(user, code_at(secret, now + 30))
     assert (result.auth, result.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
-    audit = pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
-    assert 'method="totp"' in audit and 'confirmed="yes"' in audit
+    audit = pam_stack.log.wait_for(f'action=enroll ext={user}')
+    assert 'method=totp' in audit and 'confirmed=yes' in audit
     assert all(secret not in line and confirm not in line for line in pam_stack.log.lines)
 
 
@@ -73,7 +73,7 @@ def test_wrong_confirmation_code_saves_nothing(pam_stack: PamStack, user: str) -
     assert pam_stack.extensions_path.read_bytes() == before
     status = run_cli(pam_stack, "status", user)
     assert "method:       none" in status.stdout
-    assert 'result="not-confirmed"' in pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
+    assert 'result=not-confirmed' in pam_stack.log.wait_for(f'action=enroll ext={user}')
 
 
 def test_re_enrolment_keeps_the_old_secret_until_the_new_one_is_confirmed(pam_stack: PamStack, user: str) -> None:
@@ -106,7 +106,7 @@ def test_disable_lost_phone_then_login_without_code(pam_stack: PamStack, user: s
     login = pam_stack.login(user, None)
     assert (login.auth, login.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
     assert login.prompts == ["Password: "]
-    assert f'action="disable" ext="{user}"' in pam_stack.log.wait_for('action="disable"')
+    assert f'action=disable ext={user}' in pam_stack.log.wait_for('action=disable')
 
 
 def test_recovery_code_works_once_through_pam(pam_stack: PamStack, user: str) -> None:
@@ -117,7 +117,7 @@ def test_recovery_code_works_once_through_pam(pam_stack: PamStack, user: str) ->
     assert len(codes) == 3 and all(len(c) == 11 and c[5] == "-" for c in codes)
     first = pam_stack.login(user, codes[0])
     assert (first.auth, first.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
-    assert 'reason="recovery code accepted"' in pam_stack.log.wait_for("recovery code accepted")
+    assert 'reason=recovery code accepted' in pam_stack.log.wait_for("recovery code accepted")
     assert pam_stack.login(user, codes[0]).auth == "PAM_AUTH_ERR"
     assert pam_stack.login(user, codes[1].upper().replace("-", " ")).auth == "PAM_SUCCESS"
     # A wrong recovery code is one failure (not one for TOTP and one for recovery).
@@ -127,8 +127,8 @@ def test_recovery_code_works_once_through_pam(pam_stack: PamStack, user: str) ->
     assert "failures:     1" in status.stdout
     assert "last success: never" not in status.stdout
     assert all(c not in line for c in codes for line in pam_stack.log.lines)
-    audit = pam_stack.log.wait_for('action="recovery-codes"')
-    assert f'ext="{user}"' in audit and "count=3" in audit
+    audit = pam_stack.log.wait_for('action=recovery-codes')
+    assert f'ext={user}' in audit and "count=3" in audit
 
 
 def test_unlock_clears_a_lockout(pam_stack: PamStack, user: str) -> None:
@@ -143,7 +143,7 @@ def test_unlock_clears_a_lockout(pam_stack: PamStack, user: str) -> None:
     result = run_cli(pam_stack, "unlock", user)
     assert result.returncode == 0 and "2 consecutive failures cleared" in result.stdout
     assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"
-    assert f'action="unlock" ext="{user}"' in pam_stack.log.wait_for('action="unlock"')
+    assert f'action=unlock ext={user}' in pam_stack.log.wait_for('action=unlock')
 
 
 def test_status_and_list_never_show_the_secret(pam_stack: PamStack, user: str) -> None:
@@ -165,7 +165,7 @@ def test_scripted_bulk_enrolment_with_no_confirm(pam_stack: PamStack, user: str)
     secret = yaml.safe_load(pam_stack.extensions_path.read_text())["extensions"][user]["secret"]
     assert " ".join(secret[i:i + 4] for i in range(0, 32, 4)) in result.stdout
     assert pam_stack.login(user, code_at(secret, time.time())).auth == "PAM_SUCCESS"
-    assert 'confirmed="no"' in pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
+    assert 'confirmed=no' in pam_stack.log.wait_for(f'action=enroll ext={user}')
 
 
 def test_invalid_extension_name_is_refused(pam_stack: PamStack) -> None:
@@ -181,7 +181,8 @@ def test_an_unusable_state_store_stops_the_change_before_the_source_is_written(p
     shared.mkdir()
     os.chmod(shared, 0o777)
     pam_stack.enroll_totp(user)
-    pam_stack.write_config(state={"path": str(shared / "state.db")})
+    pam_stack.config["state"] = {"path": str(shared / "state.db")}
+    pam_stack._write_config()  # linkusd would refuse it too; only the CLI is asked here
     before = pam_stack.extensions_path.read_bytes()
     for args in (("enroll", user, "--no-confirm", "--no-qr"), ("disable", user)):
         result = run_cli(pam_stack, *args)

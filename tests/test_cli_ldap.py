@@ -59,7 +59,7 @@ def test_enroll_into_ldap_then_login_and_disable(pam_stack: PamStack, slapd: Sla
     assert attrs[SCHEMA_ATTRIBUTES["enabled"]] == ["TRUE"]
     assert "linkusTwoFactorAccount" in attrs["objectClass"]
     assert attrs["mail"] == [f"{user}@example.com"]
-    assert 'source="ldap"' in pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
+    assert 'source=ldap' in pam_stack.log.wait_for(f'action=enroll ext={user}')
     assert pam_stack.login(user, code_at(secret, now + 30)).auth == "PAM_SUCCESS"
 
     result = run_cli(pam_stack, "disable", user)

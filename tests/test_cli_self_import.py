@@ -28,9 +28,9 @@ def test_self_service_needs_the_right_password(pam_stack: PamStack, user: str, p
     child.sendline("not-" + PASSWORD)
     rc, output = finish(child)
     assert rc == 1
-    assert "password not accepted (PAM_AUTH_ERR)" in output
+    assert "password not accepted" in output
     assert pam_stack.extensions_path.read_bytes() == before
-    assert 'result="wrong-password"' in pam_stack.log.wait_for(f'action="self-check" ext="{user}"')
+    assert 'result=wrong-password' in pam_stack.log.wait_for(f'action=self-check ext={user}')
 
     child = spawn_cli(pam_stack, "self", "enroll", "--no-qr", env=env)
     child.expect("Password: ")
@@ -41,8 +41,8 @@ def test_self_service_needs_the_right_password(pam_stack: PamStack, user: str, p
     child.sendline(code_at(secret, now))
     child.expect("Edited successfully.")
     assert finish(child)[0] == 0
-    audit = pam_stack.log.wait_for(f'action="enroll" ext="{user}"')
-    assert f'by="{user}"' in audit and 'via="self"' in audit
+    audit = pam_stack.log.wait_for(f'action=enroll ext={user}')
+    assert f'by={user}' in audit and 'via=self' in audit
 
     # Enrolled now: disabling also needs a current code, checked by the login flow itself.
     child = spawn_cli(pam_stack, "self", "disable", env=env)
@@ -141,7 +141,7 @@ def test_import_from_google_authenticator_accepts_the_same_codes(pam_stack: PamS
         assert pam_stack.login(user, scratch[2]).auth == "PAM_AUTH_ERR"
         status = run_cli(pam_stack, "status", user)
         assert "recovery:     4 codes left" in status.stdout
-        assert "recovery_codes=5" in pam_stack.log.wait_for(f'action="import-google" ext="{user}"')
+        assert "recovery_codes=5" in pam_stack.log.wait_for(f'action=import-google ext={user}')
         assert all(secret not in line for line in pam_stack.log.lines)
     finally:
         Path("/etc/pam.d", ga_service).unlink(missing_ok=True)

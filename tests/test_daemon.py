@@ -55,7 +55,7 @@ def test_totp_login_right_wrong_replayed(stack: PamStack) -> None:
     wrong = f"{(int(code) + 1) % 1000000:06d}"
     result = login(stack, "alice", wrong)
     assert result.outcome == "denied" and result.prompts == ["Authentication code: "]
-    stack.log.wait_for("reason=\"replayed code")
+    stack.log.wait_for("reason=replayed code")
     stack.log.wait_for("outcome=success")
 
 

@@ -77,7 +77,7 @@ def test_reused_code_is_refused(pam_stack: PamStack, user: str, smtp_server: Any
     second = login(pam_stack, user, lambda p, m: used)
     if code_in(server.wait_for_message(2)) != used:  # a new code was mailed; the old one is spent
         assert second.auth == "PAM_AUTH_ERR"
-        assert 'reason="wrong code (1 consecutive failures)"' in pam_stack.log.wait_for("outcome=denied")
+        assert 'reason=wrong code (1 consecutive failures)' in pam_stack.log.wait_for("outcome=denied")
 
 
 def test_code_of_another_extension_is_refused(pam_stack: PamStack, make_user: Any, smtp_server: Any,

@@ -47,7 +47,7 @@ def test_grace_period_after_a_right_code_from_the_same_host(pam_stack: PamStack,
     assert pam_stack.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7").auth == "PAM_SUCCESS"
     result = pam_stack.login(user, None, rhost="192.0.2.7")
     assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
-    assert 'reason="grace period"' in pam_stack.log.wait_for("grace period")
+    assert 'reason=grace period' in pam_stack.log.wait_for("grace period")
     assert pam_stack.login(user, None, rhost="192.0.2.7", password="wrong").auth == "PAM_AUTH_ERR"
     for rhost in ("192.0.2.8", None):
         assert pam_stack.login(user, None, rhost=rhost).outcome == ClientOutcome.NEED_CODE

@@ -212,5 +212,5 @@ def test_a_grace_period_earned_on_one_host_holds_on_the_other(cluster: Cluster, 
     assert cluster.a.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7").auth == "PAM_SUCCESS"
     result = cluster.b.login(user, None, rhost="192.0.2.7")
     assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
-    assert 'reason="grace period"' in cluster.b.log.wait_for("grace period")
+    assert 'reason=grace period' in cluster.b.log.wait_for("grace period")
     assert cluster.b.login(user, None, rhost="192.0.2.8").outcome == ClientOutcome.NEED_CODE
