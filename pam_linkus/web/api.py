@@ -513,24 +513,30 @@ class SelfService:
 
         def confirm() -> str:
             now = self.engine.clock()
-            status = store.lock_status(ext, now)
+            lockout = config.lockout
+            limits = {"max_failures": lockout.max_failures, "duration": lockout.duration,
+                      "permanent_after": lockout.permanent_after}
+            # Reserved before the code is checked, as at a login: parallel confirmations can
+            # never check more than max_failures codes before the lock.
+            status = store.reserve_attempt(ext, now, **limits)
             if status.locked(now):
                 raise Locked("extension is locked", status.locked_until)
             try:
                 if method == "totp":
                     assert secret is not None
                     step = match_totp(decode_secret(secret), f["code"], now, window=config.totp.window)
-                    return enrolment.save_totp(config, store, ext, secret, step, now)
-                assert address is not None
-                emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now)
-                return enrolment.save_email(config, store, ext, address, now)
+                    saved = enrolment.save_totp(config, store, ext, secret, step, now)
+                else:
+                    assert address is not None
+                    emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now)
+                    saved = enrolment.save_email(config, store, ext, address, now)
             except CodeRejected:
-                lockout = config.lockout
-                after = store.record_failure(ext, now, max_failures=lockout.max_failures,
-                                             duration=lockout.duration, permanent_after=lockout.permanent_after)
+                after = store.settle_failure(ext, now, **limits)
                 if after.locked(now):
                     raise Locked("locked after a wrong confirmation code", after.locked_until) from None
                 raise
+            store.settle_success(ext, now)
+            return saved
 
         try:
             source = await self.engine.run(confirm, pool="web")
