@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import secrets
 
-import pytest
-from conftest import NATIVE_SO, SECRET, PamStack
-
 import pam_client
+import pytest
+from conftest import NATIVE_SO, PamStack
 
 pytestmark = pytest.mark.pam
 
