@@ -126,6 +126,7 @@ class Engine:
         self.health = Health()
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
+        self._workers = workers
         self._pam_pool = ThreadPoolExecutor(workers, thread_name_prefix="linkusd-pam")
         self._web_pool = ThreadPoolExecutor(web_workers, thread_name_prefix="linkusd-web")
         self._reload_lock = asyncio.Lock()

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
 from pam_linkus.daemon.server import Server
 from pam_linkus.logline import LOG_ERR, LOG_INFO, SyslogSink
@@ -128,15 +129,16 @@ def instance_lock(pam_socket: str) -> int:
     return fd
 
 
-def _socket_paths(args: argparse.Namespace) -> tuple[str, str, str]:
-    """Socket paths and web group: the command line, else the config if it loads, else the defaults."""
-    pam, web, group = DEFAULT_PAM_SOCKET, DEFAULT_WEB_SOCKET, "linkus-web"
-    with contextlib.suppress(Exception):
-        from pam_linkus.config import load_config
+def _start_settings(args: argparse.Namespace) -> DaemonConfig | None:
+    """The daemon section of the config as it is at start (None if the file does not load: then the
+    defaults serve, and every login is refused until a good config loads)."""
+    from pam_linkus.config import load_config
+    from pam_linkus.errors import LinkusError
 
-        daemon = load_config(args.config).daemon
-        pam, web, group = daemon.pam_socket, daemon.web_socket, daemon.web_group
-    return args.pam_socket or pam, args.web_socket or web, group
+    try:
+        return load_config(args.config).daemon
+    except LinkusError:
+        return None
 
 
 def _group_id(name: str) -> int | None:
@@ -148,7 +150,10 @@ def _group_id(name: str) -> int | None:
 
 async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, ready_fd: int | None) -> None:
     activated = activated_sockets()
-    pam_path, web_path, web_group = _socket_paths(args)
+    settings = _start_settings(args)
+    pam_path = args.pam_socket or (settings.pam_socket if settings else DEFAULT_PAM_SOCKET)
+    web_path = args.web_socket or (settings.web_socket if settings else DEFAULT_WEB_SOCKET)
+    web_group = settings.web_group if settings else "linkus-web"
     lock_fd = instance_lock(pam_path)  # noqa: F841 - held for the life of the process
     pam_sock = activated.get("pam") or bind_socket(pam_path, 0o666)
     web_sock = activated.get("web")
@@ -156,7 +161,9 @@ async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, re
         gid = _group_id(web_group)
         web_sock = bind_socket(web_path, 0o660 if gid is not None else 0o600, gid)
 
-    engine = Engine(args.config, sink)
+    # Pool sizes are fixed at start; a reload changes everything else.
+    engine = Engine(args.config, sink, workers=settings.workers if settings else 8,
+                    web_workers=settings.web_workers if settings else 2)
     await engine.reload("start")
     server = Server(engine)
     pam_server = await asyncio.start_unix_server(server.handle_pam, sock=pam_sock)
