@@ -27,18 +27,24 @@ def test_exempt_network_skips_the_code_but_not_the_password(pam_stack: PamStack,
     result = pam_stack.login(user, None, rhost="192.0.2.7")
     assert (result.auth, result.account, result.prompts) == ("PAM_SUCCESS", "PAM_SUCCESS", ["Password: "])
     line = pam_stack.log.wait_for(f"user={user}")
-    assert "outcome=skip" in line and 'reason="exempt network 192.0.2.0/24"' in line
+    assert "outcome=skip" in line and 'reason=exempt network 192.0.2.0/24' in line
     assert pam_stack.login(user, None, rhost="192.0.2.7", password="wrong").auth == "PAM_AUTH_ERR"
     for rhost in ("198.51.100.1", None):
         assert pam_stack.login(user, None, rhost=rhost).outcome == ClientOutcome.NEED_CODE
 
 
 def test_bad_exempt_network_refuses_logins_and_names_the_key(pam_stack: PamStack, user: str) -> None:
+    """A typo in exempt_networks is refused at load: linkusd keeps the last good config while
+    running, and with no good one (a restart) refuses every login, naming the key."""
     pam_stack.enroll_totp(user)
-    pam_stack.write_config(exempt_networks=["192.0.2.0/33"])
+    pam_stack.config["exempt_networks"] = ["192.0.2.0/33"]
+    pam_stack._write_config()
+    assert "exempt_networks" in str(pam_stack.daemon.reload()["last_error"])
+    pam_stack.daemon.stop()
+    pam_stack.daemon.start()
     result = pam_stack.login(user, code_at(SECRET, time.time()), rhost="192.0.2.7")
     assert result.auth == "PAM_AUTHINFO_UNAVAIL"
-    assert "exempt_networks" in pam_stack.log.wait_for("outcome=unavailable")
+    assert "exempt_networks" in pam_stack.log.wait_for("configuration not loaded")
 
 
 def test_grace_period_after_a_right_code_from_the_same_host(pam_stack: PamStack, user: str) -> None:
@@ -57,9 +63,12 @@ def test_grace_period_after_a_right_code_from_the_same_host(pam_stack: PamStack,
 
 
 def single_field_stack(stack: PamStack) -> None:
+    """The three lines of docs/protocol.md: split, password, then the kept code."""
     stack.set_pam(auth_lines=(
         f"auth [success=ok ignore=ignore default=die] {stack.module_line} forward_pass\n"
         "auth requisite pam_unix.so use_first_pass nodelay\n"
+        f"auth [success=ok ignore=ignore default=die] {stack.module_line}\n"
+        "auth required pam_permit.so\n"
     ))
 
 
@@ -99,10 +108,12 @@ def test_single_field_with_pamtester(pam_stack: PamStack, user: str) -> None:
 
 
 def console_stack(stack: PamStack) -> None:
-    """What README shows for /etc/pam.d/login: the local console skips pam-linkus."""
+    """docs/break-glass.md's line for /etc/pam.d/login: the local console skips pam-linkus.
+    Debian's login sets PAM_TTY to the full path (/dev/tty1), tested with the real login in
+    test_break_glass.py."""
     stack.set_pam(auth_lines=(
         "auth requisite pam_unix.so nodelay\n"
-        "auth [success=1 default=ignore] pam_succeed_if.so quiet tty =~ tty[0-9]*\n"
+        "auth [success=1 default=ignore] pam_succeed_if.so quiet tty =~ /dev/tty[1-9]*\n"
         f"auth [success=ok ignore=ignore default=die] {stack.module_line}\n"
         "auth required pam_permit.so\n"
     ))
@@ -135,17 +146,19 @@ def test_console_login_on_a_pty_asks_password_then_code_without_echo(pam_stack: 
     assert status != 0 and "Authentication failure" in transcript  # replayed
 
 
-def test_break_glass_console_works_while_the_config_is_broken(pam_stack: PamStack, user: str) -> None:
+def test_break_glass_console_works_while_linkusd_is_down(pam_stack: PamStack, user: str) -> None:
     console_stack(pam_stack)
     pam_stack.enroll_totp(user)
-    pam_stack.write_config(enforce="sometimes")  # a broken config refuses every 2FA login...
-    status, transcript = pty_login(pam_stack, user, "tty1", PASSWORD)
-    assert status == 0, transcript  # ...but the local console (tty1) still logs in with the password
-    status, transcript = pty_login(pam_stack, user, "tty1", "wrong")
+    pam_stack.daemon.stop()  # every 2FA login is refused now...
+    status, transcript = pty_login(pam_stack, user, "/dev/tty1", PASSWORD)
+    assert status == 0, transcript  # ...but the local console still logs in with the password
+    status, transcript = pty_login(pam_stack, user, "/dev/tty1", "wrong")
     assert status != 0  # and the password is still checked
-    status, transcript = pty_login(pam_stack, user, "pts/0", PASSWORD)
-    assert status != 0 and "cannot retrieve authentication info" in transcript
-    # what sshd, su from an ssh session, a full device path or no tty at all set: not the console
-    for tty in ("ssh", "pts/1", "/dev/tty1", "xtty1", None):
+    status, transcript = pty_login(pam_stack, user, "/dev/pts/0", PASSWORD)
+    assert status != 0 and "Two-factor authentication is unavailable" in transcript
+    # what sshd, su from an ssh session, a short name or no tty at all set: not the console
+    assert client.authenticate(pam_stack.service, user, PASSWORD, None, tty="/dev/tty2").auth == "PAM_SUCCESS"
+    for tty in ("ssh", "/dev/pts/1", "tty1", "/dev/ttyS0", "x/dev/tty1", None):
         result = client.authenticate(pam_stack.service, user, PASSWORD, None, tty=tty, timeout=30)
         assert result.auth == "PAM_AUTHINFO_UNAVAIL", tty
+

@@ -73,7 +73,7 @@ def test_exempt_network_and_grace_period_over_ssh(password_server: SshServer, pa
     assert ssh_login(password_server, user, code=code_at(SECRET, time.time())).exit_status == 0
     login = ssh_login(password_server, user, code=None)  # within the grace period: password only
     assert login.prompts == ["Password: "] and login.exit_status == 0
-    assert 'reason="grace period"' in pam_stack.log.wait_for("grace period")
+    assert 'reason=grace period' in pam_stack.log.wait_for("grace period")
 
     pam_stack.write_config(grace_period=0, exempt_networks=["127.0.0.0/8"])
     login = ssh_login(password_server, user, code=None)
