@@ -89,6 +89,7 @@ struct login {
     const char *rhost;
     const char *tty;
     const char *ruser;
+    bool decided;  /* linkusd gave its final word (it tells the person itself what went wrong) */
 };
 
 struct frame_out {
@@ -718,7 +719,7 @@ static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *k
     return out_send(lg, &f, "START");
 }
 
-static int map_outcome(const struct login *lg, const struct frame_in *fr)
+static int map_outcome(struct login *lg, const struct frame_in *fr)
 {
     static const int codes[] = {PAM_SUCCESS, PAM_IGNORE, PAM_AUTH_ERR, PAM_MAXTRIES, PAM_AUTHINFO_UNAVAIL,
                                 PAM_CONV_ERR};
@@ -728,6 +729,7 @@ static int map_outcome(const struct login *lg, const struct frame_in *fr)
         return PAM_AUTHINFO_UNAVAIL;
     }
     DEBUG(lg, "outcome %u", outcome);
+    lg->decided = true;
     return codes[outcome];
 }
 
@@ -933,7 +935,7 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
     rc = lg.opt.forward_pass ? first_line(&lg) : second_line(&lg);
     if (lg.fd >= 0)
         (void)close(lg.fd);
-    if (rc == PAM_AUTHINFO_UNAVAIL && (flags & (int)PAM_SILENT) == 0)
+    if (rc == PAM_AUTHINFO_UNAVAIL && !lg.decided && (flags & (int)PAM_SILENT) == 0)
         (void)converse(&lg, PAM_ERROR_MSG, UNAVAILABLE_MESSAGE, NULL, 0);
     return rc;
 }

@@ -314,9 +314,10 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
 
 
 def _notices(ctx: Context) -> Generator[Ask | Info, str | None, None]:
+    # Only refusals (the throttle) come this way: shown as errors.
     lines, ctx.prompter.lines = ctx.prompter.lines, []
     for line in lines:
-        yield Info(line)
+        yield Info(line, error=True)
 
 
 def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision | None:

@@ -304,13 +304,18 @@ def user(make_user: Any) -> str:
 TEST_BASE = Path("/run/linkus-tests")
 
 
-@pytest.fixture
-def private_dir() -> Iterator[Path]:
+def make_private_dir() -> Path:
     """A root-owned directory, 0711: others may pass through to a socket, never list or write."""
-    require_root()
     TEST_BASE.mkdir(mode=0o755, exist_ok=True)
     path = TEST_BASE / secrets.token_hex(6)
     path.mkdir(mode=0o711)
+    return path
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    require_root()
+    path = make_private_dir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 

@@ -112,7 +112,7 @@ def test_password_file_must_be_root_only(smtp_server: Any, ca: Any, private_dir:
     server = smtp_server(security="starttls", auth=True)
     pw = password_file(private_dir, server)
     os.chmod(pw, 0o644)
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match="readable by group or others"):
         mailer(server.port, security="starttls", ca_file=ca.ca_file, password_file=pw).send(TO, "s", "1", now=NOW)
     assert server.auth_attempts == 0
 

@@ -161,11 +161,15 @@ def test_untrusted_certificate_sends_nothing(pam_stack: PamStack, user: str, smt
 def test_header_injection_address_sends_nothing(pam_stack: PamStack, user: str, smtp_server: Any, ca: Any) -> None:
     server = smtp_server(auth=True)
     setup_email(pam_stack, server, ca)
-    enroll_email(pam_stack, user, "alice@example.com\r\nBcc: eve@evil.test")
-    result = login(pam_stack, user, lambda p, m: "123456")
-    assert result.auth == "PAM_AUTHINFO_UNAVAIL" and result.prompts == ["Password: "]
-    line = pam_stack.log.wait_for("outcome=unavailable")
-    assert "email address" in line and "evil" not in line
+    # Refused when the file is loaded (issue 12.8), naming file:line:col and never the value:
+    # linkusd keeps the last good settings, where the extension has no email 2FA yet.
+    pam_stack.extensions[user] = {"method": "email", "email": "alice@example.com\r\nBcc: eve@evil.test"}
+    pam_stack._write_extensions()
+    error = str(pam_stack.daemon.reload()["last_error"])
+    assert f"{pam_stack.extensions_path}:" in error and "email" in error and "evil" not in error
+    line = pam_stack.log.wait_for("configuration not loaded")
+    assert "evil" not in line
+    login(pam_stack, user, lambda p, m: "123456")
     time.sleep(0.3)
     assert server.messages == []
 
@@ -177,7 +181,8 @@ def test_wrong_password_sends_no_mail(pam_stack: PamStack, user: str, smtp_serve
     result = login(pam_stack, user, lambda p, m: "123456", password="not-the-password")
     assert result.auth == "PAM_AUTH_ERR" and result.prompts == ["Password: "]
     time.sleep(0.5)
-    assert server.messages == [] and pam_stack.log.lines == []  # pam_linkus never ran
+    assert server.messages == []  # pam_linkus never ran: no attempt line
+    assert not [line for line in pam_stack.log.lines if f'user="{user}"' in line]
     # and the throttle was not touched: the right password right after gets a mail at once
     assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
 
@@ -194,10 +199,9 @@ def test_email_key_is_created_root_only(pam_stack: PamStack, user: str, smtp_ser
 def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_server: Any, ca: Any,
                                                            redis_server: Any) -> None:
     """Host A mails a code; at host B (throttled cluster-wide) that code logs in, once."""
-    import secrets
     import shutil
 
-    from conftest import LogCatcher, require_root
+    from conftest import LogCatcher, make_private_dir, require_root
 
     require_root()
     server = smtp_server(auth=True)
@@ -205,8 +209,7 @@ def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_
     made = []
     try:
         for _ in range(2):
-            root = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
-            root.mkdir(mode=0o700)
+            root = make_private_dir()
             log = LogCatcher(root / "log.sock")
             stack = PamStack(root, log)
             made.append((root, log, stack))

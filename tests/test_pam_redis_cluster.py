@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
+from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, make_private_dir, require_root
 from pam_client import ClientOutcome
 from pam_conversation import converse
 from redis_server import RedisServer, TlsFiles
@@ -54,12 +54,13 @@ def cluster(redis_server: RedisServer) -> Iterator[Cluster]:
     require_root()
     made: list[tuple[Path, LogCatcher, PamStack]] = []
     for _ in range(2):
-        root = Path(f"/tmp/linkus-test-{secrets.token_hex(6)}")
-        root.mkdir(mode=0o700)
+        root = make_private_dir()
         log = LogCatcher(root / "log.sock")
-        made.append((root, log, PamStack(root, log)))
+        made.append((root, log, PamStack(root, log, start=False)))
     c = Cluster([stack for _, _, stack in made], redis_server)
     c.use_redis(url=redis_server.url, prefix=f"pbx{secrets.token_hex(3)}:", connect_timeout=1.0, timeout=1.0)
+    for _, _, stack in made:
+        stack.daemon.start()  # on the Redis config from the start: no SQLite file is ever made
     yield c
     for root, log, stack in made:
         stack.remove()

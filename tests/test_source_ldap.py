@@ -147,7 +147,7 @@ def test_password_file_readable_by_others_is_refused(slapd: Slapd, private_dir: 
     loose = write_password(private_dir / "loose.pw", slapd.pam_password)
     loose.chmod(0o644)
     source = LdapSource(make_config(ldap_config(slapd, slapd.tree(), loose)))
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match="readable by group or others"):
         source.lookup("alice")
 
 

@@ -45,6 +45,10 @@ _SEVERITY = {
     Outcome.CONVERSATION: LOG_NOTICE,
 }
 
+#: What the person sees when no decision could be had; the same text as pam_linkus.so's own
+#: (native/pam_linkus.c, UNAVAILABLE_MESSAGE), which it shows when linkusd cannot be asked at all.
+UNAVAILABLE_TEXT = "Two-factor authentication is unavailable; contact your administrator."
+
 #: Defaults while no config is loaded (every login is refused then anyway).
 _FALLBACK_WORK_TIMEOUT = 10.0
 
@@ -264,6 +268,7 @@ class Transaction:
         self.answer_timeout = answer_timeout
         self.began = time.monotonic()
         self.exchanges = 0
+        self.told_error = False
 
     async def run(self) -> None:
         from pam_linkus.flow import Context
@@ -322,9 +327,7 @@ class Transaction:
                 if isinstance(step, Ask):
                     reply = await self._ask(step.prompt, step.echo)
                 else:
-                    style = protocol.STYLE_ERROR if step.error else protocol.STYLE_INFO
-                    self.writer.write(protocol.encode(Msg.INFO, {F.STYLE: style, F.TEXT: _cut(step.text)}))
-                    await _drain(self.writer)
+                    await self._info(step.text, error=step.error)
         except LinkusError as exc:
             return exc.outcome, exc.reason
         except (ConnectionError, ProtocolError) as exc:
@@ -357,7 +360,18 @@ class Transaction:
         # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
         return raw.decode("utf-8", "surrogateescape")
 
+    async def _info(self, text: str, *, error: bool) -> None:
+        style = protocol.STYLE_ERROR if error else protocol.STYLE_INFO
+        self.told_error = self.told_error or error
+        self.writer.write(protocol.encode(Msg.INFO, {F.STYLE: style, F.TEXT: _cut(text)}))
+        await _drain(self.writer)
+
     async def _end(self, outcome: str, reason: str, ctx: Context | None) -> None:
+        if outcome == Outcome.UNAVAILABLE and not self.told_error:
+            try:
+                await self._info(UNAVAILABLE_TEXT, error=True)
+            except (ConnectionError, OSError):
+                pass
         health = self.engine.health
         health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
         self.engine.sink.attempt(_SEVERITY[outcome], _field_map(self, ctx, outcome, reason))
