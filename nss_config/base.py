@@ -41,7 +41,8 @@ class ExtensionSettings:
     ``__repr__`` never shows it.
     """
 
-    __slots__ = ("user", "method", "enabled", "secret", "algorithm", "digits", "period", "email", "source")
+    __slots__ = ("user", "method", "enabled", "secret", "algorithm", "digits", "period", "email", "source",
+                 "account")
 
     def __init__(
         self,
@@ -55,8 +56,13 @@ class ExtensionSettings:
         period: int = 30,
         email: str | None = None,
         source: str = "?",
+        account: str | None = None,
     ):
         self.user = user
+        #: The canonical name as the source holds it (YAML: the key as written;
+        #: LDAP: the entry's uid value). All state is keyed by it, so name
+        #: variants that the source matches to one entry share one record.
+        self.account = user if account is None else account
         self.method = method
         self.enabled = enabled
         self.secret = secret
@@ -110,51 +116,62 @@ def normalize_secret(text: str) -> str:
 
 
 def check_user_name(user: str) -> None:
-    """Refuse names no source should ever be asked about (control chars, huge)."""
-    if not user or len(user) > MAX_USER_LEN or any(ord(c) < 32 or ord(c) == 127 for c in user):
+    """Refuse names no source should ever be asked about; ValueError (never echoing the name).
+
+    Empty or huge; leading or trailing whitespace (a directory would ignore it and
+    match another spelling of an account); control characters (C0, DEL, C1) and
+    line or paragraph separators (log forging); surrogate escapes, i.e. bytes
+    that were not UTF-8. The flow turns this into a denial before any lookup.
+    """
+    if not user or len(user) > MAX_USER_LEN or user != user.strip():
         raise ValueError("invalid user name")
+    for c in user:
+        code = ord(c)
+        if code < 32 or 127 <= code < 160 or code in (0x2028, 0x2029) or 0xD800 <= code <= 0xDFFF:
+            raise ValueError("invalid user name")
 
 
-def settings_from_mapping(user: str, entry: Any, where: str, source: str) -> ExtensionSettings:
+def settings_from_mapping(user: str, entry: Any, where: str, source: str,
+                          account: str | None = None) -> ExtensionSettings:
     """Validate one entry (YAML mapping or LDAP attributes mapped to our keys).
 
     Raises ConfigError naming ``where`` and the key, never a value.
     """
     if not isinstance(entry, dict):
-        raise ConfigError(f"extension {user!r:.60} must be a mapping", where)
+        raise ConfigError("an extension's settings must be a mapping", where)
     for key in entry:
         if key not in ENTRY_KEYS:
-            raise ConfigError(f"extension {user!r:.60}: unknown key {key!r:.40}", where)
+            raise ConfigError("unknown key in an extension's settings (expected: " + ", ".join(ENTRY_KEYS) + ")", where)
     method = entry.get("method")
     if method not in METHODS:
-        raise ConfigError(f"extension {user!r:.60}: method must be one of {', '.join(METHODS)}", where)
+        raise ConfigError(f"extension: method must be one of {', '.join(METHODS)}", where)
     enabled = entry.get("enabled", True)
     if not isinstance(enabled, bool):
-        raise ConfigError(f"extension {user!r:.60}: enabled must be true or false", where)
+        raise ConfigError("extension: enabled must be true or false", where)
     algorithm = entry.get("algorithm", "SHA1")
     if not isinstance(algorithm, str) or algorithm.upper() not in ALGORITHMS:
-        raise ConfigError(f"extension {user!r:.60}: algorithm must be one of {', '.join(ALGORITHMS)}", where)
+        raise ConfigError(f"extension: algorithm must be one of {', '.join(ALGORITHMS)}", where)
     digits = entry.get("digits", 6)
     if isinstance(digits, bool) or digits not in DIGITS:
-        raise ConfigError(f"extension {user!r:.60}: digits must be 6 or 8", where)
+        raise ConfigError("extension: digits must be 6 or 8", where)
     period = entry.get("period", 30)
     if isinstance(period, bool) or not isinstance(period, int) or not 10 <= period <= 300:
-        raise ConfigError(f"extension {user!r:.60}: period must be an integer from 10 to 300 seconds", where)
+        raise ConfigError("extension: period must be an integer from 10 to 300 seconds", where)
     secret = entry.get("secret")
     if secret is not None:
         if not isinstance(secret, str):
-            raise ConfigError(f"extension {user!r:.60}: secret must be a base32 string", where)
+            raise ConfigError("extension: secret must be a base32 string", where)
         try:
             secret = normalize_secret(secret)
         except ValueError as exc:
-            raise ConfigError(f"extension {user!r:.60}: {exc}", where) from None
+            raise ConfigError(f"extension: {exc}", where) from None
     email = entry.get("email")
     if email is not None and not isinstance(email, str):
-        raise ConfigError(f"extension {user!r:.60}: email must be a string", where)
+        raise ConfigError("extension: email must be a string", where)
     if method == "totp" and enabled and not secret:
-        raise ConfigError(f"extension {user!r:.60}: method totp needs a secret", where)
+        raise ConfigError("extension: method totp needs a secret", where)
     if method == "email" and enabled and not email:
-        raise ConfigError(f"extension {user!r:.60}: method email needs an email address", where)
+        raise ConfigError("extension: method email needs an email address", where)
     return ExtensionSettings(
         user,
         method,
@@ -165,4 +182,5 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str) -> Ext
         period=period,
         email=email,
         source=source,
+        account=account,
     )

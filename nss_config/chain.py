@@ -51,7 +51,10 @@ def build_chain(
     state: Callable[[], StateStore] | None = None,
     clock: Callable[[], float] | None = None,
 ) -> SourceChain:
-    """Build the configured chain; modules of unused sources are never imported.
+    """Build the configured chain, once per config snapshot (linkusd), not per login.
+
+    The YAML source is loaded here (ConfigError on a bad file); the LDAP source
+    opens its connections on first use and keeps them warm.
 
     ``state`` returns the state store and is called only by sources that keep an
     offline cache (LDAP's ``cache_max_age``) when they need it, so a login that
@@ -62,7 +65,7 @@ def build_chain(
         if name == "yaml":
             from nss_config.yaml_source import YamlSource
 
-            sources.append(YamlSource(config.yaml.path, cache_dir=config.cache_dir))
+            sources.append(YamlSource.load(config.yaml.path))
         elif name == "ldap":
             from nss_config.ldap_source import LdapSource
 

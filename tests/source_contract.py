@@ -113,10 +113,8 @@ class SourceContract:
         self, make_source: MakeSource, entry: dict[str, Any]
     ) -> None:
         user = _name()
-        source = make_source({user: entry})
-        with pytest.raises(Unavailable) as caught:
-            source.lookup(user)
-        assert user in caught.value.reason
+        with pytest.raises(Unavailable) as caught:  # at load (YAML) or at lookup (LDAP)
+            make_source({user: entry}).lookup(user)
         for value in entry.values():
             if isinstance(value, str) and len(value) > 4 and value not in ("totp", "email"):
                 assert value not in caught.value.reason
@@ -149,3 +147,23 @@ class SourceContract:
         user = _name()
         found = make_source({user: {"method": "totp", "secret": SECRET}}).lookup(user)
         assert SECRET not in repr(found)
+
+    def test_name_variants_map_to_one_canonical_account(self, make_source: MakeSource) -> None:
+        """Issue 12 item 1: state is keyed by ``account``, so every variant the source
+        matches must carry the same canonical name (the entry's own spelling)."""
+        source = make_source({"h1La": {"method": "totp", "secret": SECRET}})
+        accounts = set()
+        for variant in ("h1La", "h1la", "H1LA", "H1la"):
+            found = source.lookup(variant)
+            assert found is not None, variant
+            accounts.add(found.account)
+        assert accounts == {"h1La"}
+
+    @pytest.mark.parametrize("name", [
+        "alice ", " alice", "alice\t", "\talice", "ali\nce", "alice\x00", "alice\x7f", "alice\x85",
+        "alice\u2028", "alice\udcff", "\udcffalice", "", "a" * 1000,
+    ], ids=repr)
+    def test_names_with_spaces_controls_or_bad_utf8_match_nothing(self, make_source: MakeSource, name: str) -> None:
+        source = make_source({"alice": {"method": "totp", "secret": SECRET}})
+        assert source.lookup(name) is None
+        assert source.lookup("alice") is not None

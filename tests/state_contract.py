@@ -14,8 +14,10 @@ Redis TTLs run in real time, which no test here waits for.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -93,6 +95,13 @@ class StateContract(EnrolmentRecoveryContract):
         yield store
         store.close()
 
+    def reserve(self, store: Any, user: str, now: float, *, max_failures: int = 3, duration: int = 900,
+                permanent_after: int = 10) -> LockStatus:
+        status: LockStatus = store.reserve_attempt(
+            user, now, max_failures=max_failures, duration=duration, permanent_after=permanent_after
+        )
+        return status
+
     def fail(self, store: Any, user: str, now: float, *, max_failures: int = 3, duration: int = 900,
              permanent_after: int = 10) -> LockStatus:
         status: LockStatus = store.record_failure(
@@ -157,15 +166,28 @@ class StateContract(EnrolmentRecoveryContract):
             seen = store.lock_status("1001", when)
             assert (seen.failures, seen.locked_until) == (i + 1, want[i]), i
 
-    def test_a_locked_extension_refuses_even_a_fresh_step(self, store: Any) -> None:
+    def test_a_locked_extension_reserves_no_attempt_even_for_a_fresh_step(self, store: Any) -> None:
         for i in range(3):
             status = self.fail(store, "1001", NOW + i)
         assert status.locked_until == NOW + 2 + 900
-        with pytest.raises(Locked) as info:
-            store.accept_totp_step("1001", STEP + 5, NOW + 10)
-        assert info.value.locked_until == NOW + 2 + 900
-        # the refused step was not recorded: after the lock it is still good
+        refused = self.reserve(store, "1001", NOW + 10)
+        assert refused.locked(NOW + 10) and refused.locked_until == NOW + 2 + 900
+        assert store.lock_status("1001", NOW + 10).failures == 3  # nothing reserved
+        # after the lock one attempt is free again, and a right code clears it all
+        assert not self.reserve(store, "1001", NOW + 903).locked(NOW + 903)
         assert store.accept_totp_step("1001", STEP + 5, NOW + 903) is True
+        assert store.lock_status("1001", NOW + 903).failures == 0
+
+    def test_a_permanent_lock_refuses_even_a_right_code(self, store: Any) -> None:
+        store.issue_email_code("1001", "h1", NOW, EmailLimits())
+        self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        with pytest.raises(Locked):
+            store.accept_totp_step("1001", STEP + 5, NOW + 10)
+        with pytest.raises(Locked):
+            store.verify_email_code("1001", "h1", NOW + 10)
+        assert store.lock_status("1001", NOW + 10).permanent
+        store.unlock("1001")
+        assert store.accept_totp_step("1001", STEP + 5, NOW + 11) is True
 
     def test_a_lock_expires_but_the_count_stays(self, store: Any) -> None:
         for i in range(3):
@@ -308,6 +330,105 @@ class StateContract(EnrolmentRecoveryContract):
         finally:
             check.close()
 
+    # -- exact lockout: reserve, then settle --------------------------------------------
+
+    LOCKOUT = {"max_failures": 5, "duration": 900, "permanent_after": 1000}
+
+    def test_a_reservation_counts_a_failure_before_any_code_is_checked(self, store: Any) -> None:
+        status = store.reserve_attempt("1001", NOW, **self.LOCKOUT)
+        assert (status.failures, status.locked(NOW)) == (1, False)
+        assert store.lock_status("1001", NOW).failures == 1
+        # a wrong code settles without counting again
+        assert store.settle_failure("1001", NOW, **self.LOCKOUT).failures == 1
+
+    def test_settling_the_max_failures_th_wrong_code_locks(self, store: Any) -> None:
+        for i in range(5):
+            assert not store.reserve_attempt("1001", NOW + i, **self.LOCKOUT).locked(NOW + i)
+            status = store.settle_failure("1001", NOW + i, **self.LOCKOUT)
+        assert status.failures == 5 and status.locked_until == NOW + 4 + 900
+        locked = store.reserve_attempt("1001", NOW + 5, **self.LOCKOUT)
+        assert locked.locked(NOW + 5) and locked.failures == 5
+
+    def test_when_parallel_attempts_took_every_slot_the_next_locks_without_reserving(self, store: Any) -> None:
+        for _ in range(5):
+            assert not store.reserve_attempt("1001", NOW, **self.LOCKOUT).locked(NOW)
+        sixth = store.reserve_attempt("1001", NOW, **self.LOCKOUT)
+        assert sixth.locked(NOW) and sixth.failures == 5 and sixth.locked_until == NOW + 900
+
+    def test_after_a_lock_expires_exactly_one_attempt_is_free(self, store: Any) -> None:
+        for _ in range(5):
+            store.reserve_attempt("1001", NOW, **self.LOCKOUT)
+            store.settle_failure("1001", NOW, **self.LOCKOUT)
+        later = NOW + 901
+        assert not store.reserve_attempt("1001", later, **self.LOCKOUT).locked(later)
+        second = store.reserve_attempt("1001", later, **self.LOCKOUT)  # a parallel one
+        assert second.locked(later) and second.failures == 6
+        again = store.settle_failure("1001", later, **self.LOCKOUT)  # the first was wrong too
+        assert again.locked_until == later + 900
+
+    def test_a_replayed_step_settles_as_a_failure(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        store.reserve_attempt("1001", NOW + 1, **self.LOCKOUT)
+        assert store.accept_totp_step("1001", STEP, NOW + 1) is False
+        assert store.settle_failure("1001", NOW + 1, **self.LOCKOUT).failures == 1
+
+    def test_settle_success_clears_failures_and_a_temporary_lock(self, store: Any) -> None:
+        for _ in range(5):
+            store.reserve_attempt("1001", NOW, **self.LOCKOUT)
+        store.settle_failure("1001", NOW, **self.LOCKOUT)
+        store.settle_success("1001", NOW + 1)
+        status = store.lock_status("1001", NOW + 1)
+        assert (status.failures, status.locked(NOW + 1)) == (0, False)
+
+    def test_settle_success_keeps_a_permanent_lock(self, store: Any) -> None:
+        self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        store.settle_success("1001", NOW + 1)
+        assert store.lock_status("1001", NOW + 1).permanent
+
+    def test_200_wrong_codes_from_20_threads_check_exactly_max_failures(self, store: Any) -> None:
+        """Issue 12 item 2: one shared store (linkusd's worker threads), 200 wrong codes."""
+        checked: list[int] = []
+        start = threading.Barrier(20, timeout=RACE_TIMEOUT)
+
+        def attempt(i: int) -> None:
+            if i < 20:
+                start.wait()
+            if store.reserve_attempt("1001", NOW, **self.LOCKOUT).locked(NOW):
+                return
+            checked.append(i)  # here a login would check its (wrong) code
+            store.settle_failure("1001", NOW, **self.LOCKOUT)
+
+        with ThreadPoolExecutor(20) as pool:
+            list(pool.map(attempt, range(200), timeout=RACE_TIMEOUT))
+        assert len(checked) == 5
+        status = store.lock_status("1001", NOW)
+        assert status.failures == 5 and status.locked(NOW)
+
+    def test_wrong_codes_from_parallel_processes_check_exactly_max_failures(self, opener: Opener) -> None:
+        lockout = self.LOCKOUT
+
+        def body(s: Any, _i: int) -> int:
+            checked = 0
+            for _ in range(25):
+                if not s.reserve_attempt("1001", NOW, **lockout).locked(NOW):
+                    checked += 1
+                    s.settle_failure("1001", NOW, **lockout)
+            return checked
+
+        assert sum(race(opener, body)) == 5
+
+    def test_prune_keeps_what_still_decides(self, store: Any) -> None:
+        far = NOW + 400 * 86400
+        self.fail(store, "locked", NOW, max_failures=1, duration=0, permanent_after=5)
+        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)
+        store.issue_email_code("1002", "h1", far - 10, EmailLimits())
+        store.start_grace("1003", "192.0.2.1", far - 10, 300)
+        assert isinstance(store.prune(far), int)
+        assert store.lock_status("locked", far).permanent
+        assert store.enrolment("1001") is not None
+        assert store.verify_email_code("1002", "h1", far) == EmailCheck.ACCEPTED
+        assert store.grace_active("1003", "192.0.2.1", far) is True
+
     # -- races between processes -----------------------------------------------------
 
     def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
@@ -379,13 +500,17 @@ class StateContract(EnrolmentRecoveryContract):
         assert store.verify_email_code("1002", "h1", NOW) == EmailCheck.WRONG
         assert store.verify_email_code("1001", "h1", NOW) == EmailCheck.ACCEPTED
 
-    def test_email_verify_refuses_while_locked(self, store: Any) -> None:
+    def test_a_temporary_lock_set_after_the_reservation_does_not_void_it(self, store: Any) -> None:
         store.issue_email_code("1001", "h1", NOW, EmailLimits())
-        for i in range(3):
-            self.fail(store, "1001", NOW + i, max_failures=3, duration=60)
-        with pytest.raises(Locked):
-            store.verify_email_code("1001", "h1", NOW + 3)
-        assert store.verify_email_code("1001", "h1", NOW + 63) == EmailCheck.ACCEPTED
+        kw = {"max_failures": 3, "duration": 60, "permanent_after": 10}
+        for _ in range(3):
+            assert not store.reserve_attempt("1001", NOW, **kw).locked(NOW)
+        # two parallel attempts were wrong and lock the extension ...
+        assert store.settle_failure("1001", NOW, **kw).locked(NOW)
+        # ... the third, reserved before, carried the right code
+        assert store.verify_email_code("1001", "h1", NOW + 1) == EmailCheck.ACCEPTED
+        status = store.lock_status("1001", NOW + 1)
+        assert (status.failures, status.locked(NOW + 1)) == (0, False)
 
     def test_email_send_interval_and_pending_code(self, store: Any) -> None:
         limits = EmailLimits(send_interval=60, max_attempts=1)

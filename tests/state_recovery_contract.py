@@ -92,11 +92,11 @@ class EnrolmentRecoveryContract:
         assert store.use_recovery_code("1001", digest("abcdefghij", salt2), NOW) is False
         assert store.recovery_codes_left("1001") == 2
 
-    def test_a_locked_extension_cannot_spend_a_recovery_code(self, opener: Callable[[], Any]) -> None:
+    def test_a_permanently_locked_extension_cannot_spend_a_recovery_code(self, opener: Callable[[], Any]) -> None:
         store = opener()
         salt = new_salt()
         store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
-        store.record_failure("1001", NOW, max_failures=1, duration=60, permanent_after=100)
+        store.record_failure("1001", NOW, max_failures=1, duration=0, permanent_after=100)
         with pytest.raises(Locked):
             store.use_recovery_code("1001", digest("abcdefghij", salt), NOW + 1)
         assert store.recovery_codes_left("1001") == 1

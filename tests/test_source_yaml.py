@@ -11,6 +11,7 @@ from conftest import write_yaml
 from source_contract import MakeSource, SourceContract
 
 from nss_config.yaml_source import YamlSource
+from pam_linkus.errors import ConfigError
 
 
 class TestYamlSource(SourceContract):
@@ -24,3 +25,30 @@ class TestYamlSource(SourceContract):
             return YamlSource(str(path))
 
         return make
+
+
+def test_two_keys_differing_only_by_case_refuse_the_file_with_its_position(private_dir: Path) -> None:
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, {"extensions": {"h1a": {"method": "none"}, "H1A": {"method": "none"}}})
+    with pytest.raises(ConfigError) as caught:
+        YamlSource.load(str(path))
+    assert f"{path}:4:3" in caught.value.reason and "case" in caught.value.reason
+
+
+def test_a_key_with_surrounding_spaces_refuses_the_file(private_dir: Path) -> None:
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, {"extensions": {" 1001": {"method": "none"}}})
+    with pytest.raises(ConfigError) as caught:
+        YamlSource.load(str(path))
+    assert f"{path}:2:3" in caught.value.reason
+
+
+def test_a_loaded_source_does_not_see_later_edits(private_dir: Path) -> None:
+    """linkusd builds a new snapshot aside; the old one answers unchanged meanwhile."""
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, {"extensions": {"1001": {"method": "none"}}})
+    old = YamlSource.load(str(path))
+    write_yaml(path, {"extensions": {"1002": {"method": "none"}}})
+    new = YamlSource.load(str(path))
+    assert old.lookup("1001") is not None and old.lookup("1002") is None
+    assert new.lookup("1002") is not None and new.lookup("1001") is None

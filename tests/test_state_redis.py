@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -273,27 +274,6 @@ def test_inconsistent_redis_config_is_refused(redis: dict[str, Any]) -> None:
         state_config(**redis)
 
 
-# -- import cost ----------------------------------------------------------------------
-
-
-def test_redis_is_imported_only_when_configured(private_dir: Path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    script = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "from pam_linkus.config import Config\n"
-        "from pam_linkus.state import open_store\n"
-        "s = open_store(Config.from_mapping({'state': {'path': sys.argv[2]}}).state)\n"
-        "s.lock_status('1001', 0.0); s.close()\n"
-        "print('redis' in sys.modules, 'pam_linkus.state.resp' in sys.modules)\n"
-        "open_store(Config.from_mapping({'state': {'backend': 'redis'}}).state).close()\n"
-        "print('redis' in sys.modules, 'pam_linkus.state.resp' in sys.modules)\n"
-    )
-    out = subprocess.run(["/usr/bin/python3", "-I", "-c", script, str(repo), str(private_dir / "s.db")],
-                         capture_output=True, text=True, timeout=60, check=True)
-    # our RESP client only with Redis state, and redis-py never (it costs ~100 ms per login)
-    assert out.stdout.split() == ["False", "False", "False", "True"]
-
-
 # -- Sentinel -------------------------------------------------------------------------
 
 
@@ -431,3 +411,104 @@ def test_a_unix_socket_url_works(redis_dir: Path) -> None:
         store.close()
     finally:
         server.stop()
+
+
+# -- wrongly shaped data and hostile servers (issue 12 items 10, 11) -------------------
+
+
+@pytest.mark.parametrize("field, value", [("count", "abc"), ("until", "soon"), ("lockc", "x")])
+def test_wrongly_shaped_failure_data_is_unavailable(redis_server: RedisServer, field: str, value: str) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    redis_server.client().hset(f"{p}{{1001}}:fail", mapping={"count": "1", "until": "0", field: value})
+    lockout = {"max_failures": 5, "duration": 900, "permanent_after": 10}
+    for call in (
+        lambda: store.reserve_attempt("1001", NOW, **lockout),
+        lambda: store.settle_failure("1001", NOW, **lockout),
+        lambda: store.record_failure("1001", NOW, **lockout),
+    ):
+        with pytest.raises(StateUnavailable):
+            call()
+    if field != "lockc":
+        with pytest.raises(StateUnavailable):
+            store.lock_status("1001", NOW)
+    store.close()
+
+
+def test_a_wrongly_shaped_grace_record_is_unavailable(redis_server: RedisServer) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    redis_server.client().hset(f"{p}{{1001}}:grace", "192.0.2.1", "later")
+    with pytest.raises(StateUnavailable):
+        store.grace_active("1001", "192.0.2.1", NOW)
+    store.close()
+
+
+class HostileRedis:
+    """A loopback 'Redis' that answers every command with ``reply`` (bytes), then,
+    if ``drip``, one more byte every 0.2 s until the client leaves."""
+
+    def __init__(self, reply: bytes, drip: bool = False):
+        self.reply, self.drip = reply, drip
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    conn.recv(65536)
+                    conn.sendall(self.reply)
+                    for _ in range(100):  # bounded: 20 s at most
+                        if not self.drip or self.stop.wait(0.2):
+                            break
+                        conn.sendall(b"x")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("reply, drip", [
+    (b"$100000000\r\n", True),          # a bulk string far larger than any record
+    (b"*10000000\r\n" + b":1\r\n" * 300000, False),  # an endless array
+    (b"+OK", True),                     # a status line that never ends, a byte at a time
+])
+def test_a_hostile_server_is_unavailable_within_the_deadline(reply: bytes, drip: bool) -> None:
+    server = HostileRedis(reply, drip)
+    try:
+        store = open_store(fast(url=f"redis://127.0.0.1:{server.port}/0", prefix=prefix()))
+        start = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            store.lock_status("1001", NOW)
+        assert time.monotonic() - start < 3.0  # timeout 1.0 s: one overall deadline, not one per read
+        store.close()
+    finally:
+        server.close()
+
+
+def test_every_new_failure_record_has_a_ttl(redis_server: RedisServer) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
+    lockout = {"max_failures": 5, "duration": 900, "permanent_after": 10}
+    store.reserve_attempt("1001", time.time(), **lockout)
+    for _ in range(5):
+        store.reserve_attempt("1002", time.time(), **lockout)
+    store.settle_failure("1002", time.time(), **lockout)
+    r = redis_server.client()
+    assert 86400 - 5 <= r.ttl(f"{p}{{1001}}:fail") <= 86400
+    assert 86400 + 900 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400 + 900
+    assert store.prune(time.time()) == 0
+    store.close()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 from state_contract import Opener, StateContract
 
-from pam_linkus.state.sqlite_store import SqliteStore
+from pam_linkus.errors import StateUnavailable
+from pam_linkus.state.base import EmailLimits
+from pam_linkus.state.sqlite_store import MIGRATIONS, SqliteStore
 
 
 class TestSqliteState(StateContract):
@@ -25,3 +29,75 @@ class TestSqliteState(StateContract):
         os.chmod(shared, 0o777)
         path = str(shared / "state.db")
         return lambda: SqliteStore(path)
+
+
+def test_state_does_not_grow_with_the_number_of_logins(private_dir: Path) -> None:
+    """Issue 12 item 16: 90 simulated days of logins by ever new extensions, pruned hourly."""
+    store = SqliteStore(str(private_dir / "state.db"))
+    lockout = {"max_failures": 5, "duration": 900, "permanent_after": 1000}
+    limits = EmailLimits(lifetime=300)
+    now = 1_763_900_000.0
+    peak: dict[str, int] = {}
+    try:
+        for hour in range(90 * 24):
+            for i in range(3):
+                user = f"ext{hour}-{i}"  # never the same extension twice: the worst case for growth
+                store.reserve_attempt(user, now, **lockout)
+                store.settle_failure(user, now, **lockout)
+                store.reserve_attempt(user, now + 1, **lockout)
+                assert store.accept_totp_step(user, int(now // 30), now + 1) is True
+                store.start_grace(user, "192.0.2.1", now + 1, 600)
+                store.issue_email_code(user, f"h{i}", now + 2, limits)
+                store.cache_settings("ldap", user, "{}", now)
+            now += 3600
+            store.prune(now)
+            for table, rows in store.counts().items():
+                peak[table] = max(peak.get(table, 0), rows)
+        # one day of replay records, 30 days of idle failure counts (here none: all cleared), no more
+        assert peak["totp_used"] <= 3 * 25
+        assert peak["failures"] <= 3
+        assert peak["email_codes"] <= 3 and peak["email_sends"] <= 3 * 2 and peak["grace"] <= 3
+        assert peak["settings_cache"] <= 3 * 24 * 32
+        assert store.counts()["totp_used"] <= 3 * 25
+    finally:
+        store.close()
+
+
+def test_each_thread_gets_its_own_connection_and_close_closes_all(private_dir: Path) -> None:
+    store = SqliteStore(str(private_dir / "state.db"))
+    seen: list[object] = []
+
+    def work() -> None:
+        seen.append(store._db)
+        store.record_failure("1001", 1.0, max_failures=5, duration=60, permanent_after=10)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len({id(db) for db in seen}) == 4
+    assert store.lock_status("1001", 1.0).failures == 4
+    store.close()
+    with pytest.raises(StateUnavailable):
+        threading.Thread(target=lambda: store.lock_status("1001", 1.0)).run()
+
+
+def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
+    path = str(private_dir / "state.db")
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:5]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 5")
+    db.execute("INSERT INTO failures VALUES ('1001', 5, 100.0, 50.0)")
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+    store = SqliteStore(path)
+    try:
+        # the lock set at count 5 has expired: exactly one attempt is free again
+        lockout = {"max_failures": 5, "duration": 900, "permanent_after": 1000}
+        assert not store.reserve_attempt("1001", 200.0, **lockout).locked(200.0)
+        assert store.reserve_attempt("1001", 200.0, **lockout).locked(200.0)
+    finally:
+        store.close()

@@ -16,6 +16,20 @@ from __future__ import annotations
 #: representable as a 64-bit integer in SQLite and as a Redis integer).
 FOREVER = 2**62
 
+#: How long the last accepted TOTP step of an extension is kept. A step can only
+#: match while it lies within ``totp.window`` (at most 10) steps of now, and a
+#: period is at most 300 s: after 3,300 s (plus clock skew between hosts) a
+#: forgotten step can no longer be replayed. One day is far beyond that.
+REPLAY_TTL = 86400
+
+#: How long an offline copy of an extension's settings (``ldap.cache_max_age``,
+#: at most 30 days) is kept after it was last written.
+CACHE_TTL = 31 * 86400
+
+#: How long an unlocked failure count is kept after its last failure (Redis:
+#: ``state.redis.failure_ttl``; the same default for SQLite's ``prune``).
+FAILURE_TTL = 30 * 86400
+
 
 class LockStatus:
     """Consecutive failures of an extension and until when it is locked (epoch s)."""
@@ -146,33 +160,86 @@ def email_retry_after(
     return at
 
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Protocol
 
     class StateStore(Protocol):
-        """See the module docstring; ``now`` is always passed in (injected clock)."""
+        """See the module docstring; ``now`` is always passed in (injected clock).
+
+        A login checks a code like this (``user`` is ``settings.account``, the
+        canonical name the source returned)::
+
+            status = store.reserve_attempt(user, now, **lockout)
+            if status.locked(now): refuse as locked, check no code
+            <check the code>
+            right TOTP:  store.accept_totp_step(...)  False -> replay: settle_failure
+            right email / recovery code: verify_email_code / use_recovery_code
+                         (they reset the failures themselves; settle_success is the same reset alone)
+            wrong:       store.settle_failure(user, now, **lockout)
+
+        The reservation counts the attempt as a failure before any code is
+        checked, so at most ``max_failures`` codes are ever checked before the
+        lock, whatever the number of parallel logins. The checks below refuse
+        (Locked) only a lock that needs an admin: a temporary lock that parallel
+        wrong attempts set after this attempt was reserved does not void it.
+        """
 
         def lock_status(self, user: str, now: float) -> LockStatus:
             """Failures and lock of ``user`` as of ``now``."""
             ...
 
+        def reserve_attempt(
+            self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+        ) -> LockStatus:
+            """ONE atomic step before a code is checked.
+
+            Locked at ``now``: nothing changes; the status says locked. Else, when
+            the failures already counted leave no free slot (``>= max_failures``
+            and not exactly the count at which the last lock was set -- after a
+            lock expires one attempt is free, as before), the lock is set per
+            ``next_lock`` and the locked status returned, nothing reserved.
+            Otherwise one failure is counted now and the (unlocked) status returned.
+            """
+            ...
+
+        def settle_failure(
+            self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+        ) -> LockStatus:
+            """The reserved attempt was wrong (or a replay): count nothing more; if the
+            consecutive failures reached ``max_failures``, lock per ``next_lock``
+            (never shortening a lock). One atomic step."""
+            ...
+
+        def settle_success(self, user: str, now: float) -> None:
+            """A right code: clear the consecutive failures and a temporary lock
+            (a lock that needs an admin stays). One atomic step."""
+            ...
+
         def accept_totp_step(self, user: str, step: int, now: float) -> bool:
             """Atomically accept TOTP time step ``step`` for ``user``.
 
-            Raises Locked if the extension is locked at ``now``. Returns False if a
-            step >= ``step`` was accepted before (replay, also of an older step).
-            Otherwise records ``step`` as the last accepted one, clears the failure
-            count, records the success (``Enrolment.last_success``), and returns
-            True -- all in one atomic write.
+            Raises Locked if the extension is locked until an admin unlocks it.
+            Returns False if a step >= ``step`` was accepted before (replay, also
+            of an older step). Otherwise records ``step`` as the last accepted
+            one, clears the failure count and a temporary lock, records the
+            success (``Enrolment.last_success``), and returns True -- all in one
+            atomic write.
             """
             ...
 
         def record_failure(
             self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
         ) -> LockStatus:
-            """Atomically count one more consecutive failure and lock per ``next_lock``."""
+            """Atomically count one more consecutive failure and lock per ``next_lock``
+            (reserve + settle in one step, for callers that checked nothing)."""
+            ...
+
+        def prune(self, now: float) -> int:
+            """Delete records that can no longer change a decision at ``now``; return
+            how many (SQLite rows; Redis: 0, its keys expire by TTL). Kept: locks,
+            failure counts younger than the failure TTL, enrolments, recovery codes."""
             ...
 
         def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
@@ -194,7 +261,7 @@ if TYPE_CHECKING:
         def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
             """Atomically use one attempt on ``user``'s email code; return an EmailCheck.
 
-            Raises Locked if the extension is locked at ``now``. ACCEPTED: the hash
+            Raises Locked if the extension is locked until an admin unlocks it. ACCEPTED: the hash
             matched (constant-time compare where the backend allows), the code is
             deleted (single use) and the failure count cleared. WRONG: one attempt
             used; EXHAUSTED: that was the last, the code is deleted. EXPIRED: the
@@ -230,7 +297,7 @@ if TYPE_CHECKING:
         def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
             """Atomically spend the recovery code with ``digest``.
 
-            Raises Locked if the extension is locked at ``now``. Returns False if no
+            Raises Locked if the extension is locked until an admin unlocks it. Returns False if no
             stored digest matches (compared in constant time). Otherwise deletes that
             code, clears the failure count and records the success -- one atomic write.
             """

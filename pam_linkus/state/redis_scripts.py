@@ -28,11 +28,14 @@ local function note_success(key, method, now)
 end
 """
 
-#: The lock check every accepting script starts with.
+#: The lock check every accepting script starts with: only a lock that needs
+#: an admin refuses a right code (the attempt was reserved before a temporary
+#: lock was set by parallel attempts; see state.base.StateStore).
 _LOCKED = """
+local FOREVER = 4.611686018427388e+18
 local function locked(fail_key, now)
   local locked_until = redis.call('HGET', fail_key, 'until')
-  if locked_until and tonumber(locked_until) > tonumber(now) then
+  if locked_until and tonumber(locked_until) >= FOREVER and tonumber(locked_until) > tonumber(now) then
     return locked_until
   end
   return nil
@@ -54,31 +57,88 @@ note_success(KEYS[3], 'totp', ARGV[1])
 return {2}
 """
 
-# KEYS: fail
-# ARGV: now, max_failures, lock_at_max, permanent_after, lock_at_permanent, forever, failure_ttl
-# The lock values are base.next_lock's for the two thresholds; the script only
-# picks one by the count it has just incremented, and never shortens a lock.
+#: The failure hash ``fail``: count, until (locked_until), lockc (the count at
+#: which the last lock was set: after it expires one attempt is free), last.
+#: KEYS: fail
+#: ARGV: now, max_failures, lock_at_max, permanent_after, lock_at_permanent, forever, failure_ttl
+#: The lock values are base.next_lock's for the two thresholds; the scripts only
+#: pick one by the count, and never shorten a lock. A field that is not a number
+#: (data written by hand) makes the script fail: StateUnavailable, never a guess.
+_FAILURES = """
+local function lock_for(count)
+  if count >= tonumber(ARGV[4]) then return ARGV[5] end
+  if count >= tonumber(ARGV[2]) then return ARGV[3] end
+  return '0'
+end
+local function later(a, b)
+  if tonumber(a) >= tonumber(b) then return a end
+  return b
+end
+local function current()
+  local f = redis.call('HMGET', KEYS[1], 'count', 'until', 'lockc')
+  local count = tonumber(f[1] or '0')
+  local lockc = tonumber(f[3] or '0')
+  if count == nil or lockc == nil or tonumber(f[2] or '0') == nil then
+    return redis.error_reply('malformed failure record')
+  end
+  return count, (f[2] or '0'), lockc
+end
+local function save(count, lock, lockc)
+  redis.call('HSET', KEYS[1], 'count', count, 'until', lock, 'lockc', lockc, 'last', ARGV[1])
+  if tonumber(lock) >= tonumber(ARGV[6]) then
+    redis.call('PERSIST', KEYS[1])
+  else
+    local left = math.max(0, tonumber(lock) - tonumber(ARGV[1]))
+    redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
+  end
+end
+"""
+
 # -> {count, locked_until}
-RECORD_FAILURE = """
-local count = redis.call('HINCRBY', KEYS[1], 'count', 1)
-local lock = '0'
-if count >= tonumber(ARGV[4]) then
-  lock = ARGV[5]
-elseif count >= tonumber(ARGV[2]) then
-  lock = ARGV[3]
+RECORD_FAILURE = _FAILURES + """
+local count, lock, lockc = current()
+if type(count) == 'table' then return count end
+count = count + 1
+local new = lock_for(count)
+if tonumber(new) > 0 then lockc = count end
+lock = later(new, lock)
+save(count, lock, lockc)
+return {count, lock}
+"""
+
+# -> {count, locked_until}; see StateStore.reserve_attempt
+RESERVE_ATTEMPT = _FAILURES + """
+local count, lock, lockc = current()
+if type(count) == 'table' then return count end
+if tonumber(lock) > tonumber(ARGV[1]) then return {count, lock} end
+if count >= tonumber(ARGV[2]) and count ~= lockc then
+  lock = later(lock_for(count), lock)
+  save(count, lock, count)
+  return {count, lock}
 end
-local old = redis.call('HGET', KEYS[1], 'until')
-if old and tonumber(old) > tonumber(lock) then
-  lock = old
-end
-redis.call('HSET', KEYS[1], 'until', lock, 'last', ARGV[1])
-if tonumber(lock) >= tonumber(ARGV[6]) then
-  redis.call('PERSIST', KEYS[1])
-else
-  local left = math.max(0, tonumber(lock) - tonumber(ARGV[1]))
-  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[7]) + left))
+save(count + 1, lock, lockc)
+return {count + 1, lock}
+"""
+
+# -> {count, locked_until}; see StateStore.settle_failure
+SETTLE_FAILURE = _FAILURES + """
+local count, lock, lockc = current()
+if type(count) == 'table' then return count end
+if count >= tonumber(ARGV[2]) then
+  lock = later(lock_for(count), lock)
+  save(count, lock, count)
 end
 return {count, lock}
+"""
+
+# KEYS: fail   ARGV: forever   -> 1
+SETTLE_SUCCESS = """
+local lock = redis.call('HGET', KEYS[1], 'until')
+if lock and tonumber(lock) == nil then return redis.error_reply('malformed failure record') end
+if not lock or tonumber(lock) < tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+end
+return 1
 """
 
 # KEYS: cache   ARGV: source, data, now, ttl   (the text and its time in one step)

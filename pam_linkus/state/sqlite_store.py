@@ -1,9 +1,19 @@
-"""SQLite state store: the default, one file shared by every login process of a host.
+"""SQLite state store: the default, one file on one host (linkusd and the admin tools).
 
 Each decision is one short transaction that takes the write lock before it reads
 (``BEGIN IMMEDIATE``), so parallel logins serialise on the database lock and a
 replayed code can never be accepted twice. WAL mode keeps readers from blocking
-on writers. The file is created 0600 in a root-only directory.
+on writers; ``synchronous=FULL`` makes a committed replay record survive a power
+cut. The file is created 0600 in a root-only directory.
+
+Threads: linkusd's worker threads share one ``SqliteStore``; each thread gets
+its own connection (``threading.local``), since a sqlite3 connection must not
+run two transactions at once. ``close`` closes every connection the store opened.
+
+Growth: ``prune(now)`` deletes records that can no longer change a decision
+(old replay steps, used or expired email codes, sends older than an hour, ended
+grace periods, failure counts long idle and not locked, stale cached settings),
+so the file does not grow with the number of logins.
 
 Schema changes are appended to ``MIGRATIONS``; ``PRAGMA user_version`` says how
 many have run.
@@ -11,20 +21,31 @@ many have run.
 
 from __future__ import annotations
 
-# ``_sqlite3`` is the C module behind ``sqlite3`` (same connect, Connection and
-# Error). The ``sqlite3`` package on top of it adds datetime and the type adapters
-# this store never uses: ~1.5 ms in every login process.
-import _sqlite3 as sqlite3
+import hmac
 import os
+import sqlite3
 import stat
+import threading
+import time
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import EmailCheck, EmailIssue, Enrolment, LockStatus, email_retry_after, next_lock
+from pam_linkus.state.base import (
+    CACHE_TTL,
+    FAILURE_TTL,
+    FOREVER,
+    REPLAY_TTL,
+    EmailCheck,
+    EmailIssue,
+    Enrolment,
+    LockStatus,
+    email_retry_after,
+    next_lock,
+)
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from typing import TypeVar
+    from typing import Any, TypeVar
 
     from pam_linkus.state.base import EmailLimits
 
@@ -85,6 +106,18 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (user, rhost)
     ) WITHOUT ROWID;
     """,
+    # 6: exact lockout under parallel attempts (``lock_count``: the count at which
+    # the last lock was set, so after it expires exactly one attempt is free), and
+    # the time a replay step was accepted (``prune`` drops steps a day old).
+    # Existing rows: locks count as set at their count; steps as accepted now.
+    """
+    ALTER TABLE failures ADD COLUMN lock_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE failures SET lock_count = count WHERE locked_until > 0;
+    ALTER TABLE totp_used ADD COLUMN at REAL NOT NULL DEFAULT 0;
+    UPDATE totp_used SET at = CAST(strftime('%s', 'now') AS REAL);
+    CREATE INDEX grace_until ON grace (until);
+    CREATE INDEX email_codes_expires ON email_codes (expires);
+    """,
 )
 
 #: How long a login waits for another process's write lock before "unavailable".
@@ -100,8 +133,6 @@ def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
     works: that mode is slower under load but just as correct, so it is no reason
     to refuse a login.
     """
-    import time
-
     for _ in range(tries):
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -113,9 +144,31 @@ def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
 class SqliteStore:
     """StateStore on one SQLite file; see pam_linkus.state.base for the contract."""
 
-    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT):
+    def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT, failure_ttl: int = FAILURE_TTL):
         self.path = path
-        self._db = self._connect(path, busy_timeout)
+        self.busy_timeout = busy_timeout
+        self.failure_ttl = failure_ttl
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._local.db = self._register(self._connect(path, busy_timeout))
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on its first use in the thread."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            if self._closed:
+                raise StateUnavailable(f"state file {self.path}: store closed")
+            db = self._register(self._connect(self.path, self.busy_timeout))
+            self._local.db = db
+        return db
+
+    def _register(self, db: sqlite3.Connection) -> sqlite3.Connection:
+        with self._all_lock:
+            self._all.append(db)
+        return db
 
     # -- opening -----------------------------------------------------------------
 
@@ -140,7 +193,8 @@ class SqliteStore:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
                 raise StateUnavailable(f"state file {path} must be a regular file owned by root, mode 0600")
-            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+            db.execute("PRAGMA synchronous=FULL")
             self._migrate(db, busy_timeout)
             return db
         except sqlite3.Error as exc:
@@ -196,26 +250,65 @@ class SqliteStore:
 
     # -- the contract ------------------------------------------------------------
 
-    def lock_status(self, user: str, now: float) -> LockStatus:
+    def _read(self, sql: str, args: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        """One read statement (no transaction needed); errors -> StateUnavailable."""
         try:
-            row = self._db.execute("SELECT count, locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+            return list(self._db.execute(sql, args).fetchall())
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state file {self.path}: {exc}") from None
-        return LockStatus(row[0], row[1]) if row else LockStatus()
+
+    def lock_status(self, user: str, now: float) -> LockStatus:
+        rows = self._read("SELECT count, locked_until FROM failures WHERE user = ?", (user,))
+        return LockStatus(int(rows[0][0]), float(rows[0][1])) if rows else LockStatus()
+
+    def reserve_attempt(
+        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+    ) -> LockStatus:
+        def body(db: sqlite3.Connection) -> LockStatus:
+            count, locked_until, lock_count = _failures(db, user)
+            if locked_until > now:
+                return LockStatus(count, locked_until)
+            if count >= max_failures and count != lock_count:
+                # Parallel attempts took every slot (or the one slot after a lock
+                # expired): lock now, reserve nothing.
+                locked_until = max(next_lock(count, now, max_failures, duration, permanent_after), locked_until)
+                _set_failures(db, user, count, locked_until, count, now)
+                return LockStatus(count, locked_until)
+            _set_failures(db, user, count + 1, locked_until, lock_count, now)
+            return LockStatus(count + 1, locked_until)
+
+        return self._write(body)
+
+    def settle_failure(
+        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+    ) -> LockStatus:
+        def body(db: sqlite3.Connection) -> LockStatus:
+            count, locked_until, _ = _failures(db, user)
+            if count >= max_failures:
+                locked_until = max(next_lock(count, now, max_failures, duration, permanent_after), locked_until)
+                _set_failures(db, user, count, locked_until, count, now)
+            return LockStatus(count, locked_until)
+
+        return self._write(body)
+
+    def settle_success(self, user: str, now: float) -> None:
+        def body(db: sqlite3.Connection) -> None:
+            _clear_failures(db, user, now)
+
+        self._write(body)
 
     def accept_totp_step(self, user: str, step: int, now: float) -> bool:
         def body(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
-            if row and row[0] > now:
-                raise Locked(locked_until=row[0])
+            _refuse_permanent_lock(db, user, now)
             cur = db.execute(
-                "INSERT INTO totp_used (user, step) VALUES (?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET step = excluded.step WHERE excluded.step > totp_used.step",
-                (user, step),
+                "INSERT INTO totp_used (user, step, at) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET step = excluded.step, at = excluded.at "
+                "WHERE excluded.step > totp_used.step",
+                (user, step, now),
             )
             if cur.rowcount != 1:
                 return False
-            db.execute("DELETE FROM failures WHERE user = ?", (user,))
+            _clear_failures(db, user, now)
             _note_success(db, user, "totp", now)
             return True
 
@@ -225,16 +318,30 @@ class SqliteStore:
         self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
     ) -> LockStatus:
         def body(db: sqlite3.Connection) -> LockStatus:
-            row = db.execute("SELECT count, locked_until FROM failures WHERE user = ?", (user,)).fetchone()
-            count = (row[0] if row else 0) + 1
-            locked_until = max(next_lock(count, now, max_failures, duration, permanent_after), row[1] if row else 0.0)
-            db.execute(
-                "INSERT INTO failures (user, count, locked_until, last_failure) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET count = excluded.count, "
-                "locked_until = excluded.locked_until, last_failure = excluded.last_failure",
-                (user, count, locked_until, now),
-            )
+            count, locked_until, lock_count = _failures(db, user)
+            count += 1
+            lock = next_lock(count, now, max_failures, duration, permanent_after)
+            if lock:
+                lock_count = count
+            locked_until = max(lock, locked_until)
+            _set_failures(db, user, count, locked_until, lock_count, now)
             return LockStatus(count, locked_until)
+
+        return self._write(body)
+
+    def prune(self, now: float) -> int:
+        def body(db: sqlite3.Connection) -> int:
+            deleted = 0
+            for sql, args in (
+                ("DELETE FROM totp_used WHERE at <= ?", (now - REPLAY_TTL,)),
+                ("DELETE FROM failures WHERE locked_until <= ? AND last_failure <= ?", (now, now - self.failure_ttl)),
+                ("DELETE FROM email_codes WHERE expires <= ?", (now,)),
+                ("DELETE FROM email_sends WHERE at <= ?", (now - 3600,)),
+                ("DELETE FROM grace WHERE until <= ?", (now,)),
+                ("DELETE FROM settings_cache WHERE stored_at <= ?", (now - CACHE_TTL,)),
+            ):
+                deleted += db.execute(sql, args).rowcount
+            return deleted
 
         return self._write(body)
 
@@ -268,12 +375,8 @@ class SqliteStore:
         self._write(body)
 
     def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
-        import hmac
-
         def body(db: sqlite3.Connection) -> str:
-            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
-            if row and row[0] > now:
-                raise Locked(locked_until=row[0])
+            _refuse_permanent_lock(db, user, now)
             code = db.execute("SELECT hash, expires, attempts_left FROM email_codes WHERE user = ?", (user,)).fetchone()
             if code is None:
                 return EmailCheck.MISSING
@@ -283,7 +386,7 @@ class SqliteStore:
                 return EmailCheck.EXPIRED
             if code_hash and hmac.compare_digest(stored.encode(), code_hash.encode()):
                 db.execute("DELETE FROM email_codes WHERE user = ?", (user,))
-                db.execute("DELETE FROM failures WHERE user = ?", (user,))
+                _clear_failures(db, user, now)
                 _note_success(db, user, "email", now)
                 return EmailCheck.ACCEPTED
             if attempts_left <= 1:
@@ -365,9 +468,9 @@ class SqliteStore:
                 db.execute("DELETE FROM totp_used WHERE user = ?", (user,))
             else:
                 db.execute(
-                    "INSERT INTO totp_used (user, step) VALUES (?, ?) "
-                    "ON CONFLICT (user) DO UPDATE SET step = excluded.step",
-                    (user, totp_step),
+                    "INSERT INTO totp_used (user, step, at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user) DO UPDATE SET step = excluded.step, at = excluded.at",
+                    (user, totp_step, now),
                 )
 
         self._write(body)
@@ -411,12 +514,8 @@ class SqliteStore:
         return int(count)
 
     def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
-        import hmac  # here, not at the top: hashlib/OpenSSL cost milliseconds on every TOTP login
-
         def body(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
-            if row and row[0] > now:
-                raise Locked(locked_until=row[0])
+            _refuse_permanent_lock(db, user, now)
             matched = None
             # Compare every stored digest in constant time, whichever matches.
             for (stored,) in db.execute("SELECT digest FROM recovery_codes WHERE user = ?", (user,)).fetchall():
@@ -425,17 +524,32 @@ class SqliteStore:
             if matched is None:
                 return False
             db.execute("DELETE FROM recovery_codes WHERE user = ? AND digest = ?", (user, matched))
-            db.execute("DELETE FROM failures WHERE user = ?", (user,))
+            _clear_failures(db, user, now)
             _note_success(db, user, None, now)
             return True
 
         return self._write(body)
 
     def close(self) -> None:
-        try:
-            self._db.close()
-        except sqlite3.Error:
-            pass
+        """Close every thread's connection; later use from any thread is unavailable."""
+        self._closed = True
+        with self._all_lock:
+            connections, self._all = self._all, []
+        for db in connections:
+            try:
+                db.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table (tests and ``doctor``: state must not grow with logins)."""
+        out: dict[str, int] = {}
+        for table in ("totp_used", "failures", "settings_cache", "email_codes", "email_sends", "enrolment",
+                      "recovery_codes", "grace"):
+            rows = self._read(f"SELECT count(*) FROM {table}", ())  # noqa: S608 - fixed names
+            out[table] = int(rows[0][0])
+        return out
 
 
 def _note_success(db: sqlite3.Connection, user: str, method: str | None, now: float) -> None:
@@ -449,3 +563,37 @@ def _note_success(db: sqlite3.Connection, user: str, method: str | None, now: fl
         "ON CONFLICT (user) DO UPDATE SET last_success = excluded.last_success",
         (user, method or "-", now),
     )
+
+
+def _failures(db: sqlite3.Connection, user: str) -> tuple[int, float, int]:
+    """(count, locked_until, lock_count) of ``user`` inside the caller's transaction."""
+    row = db.execute("SELECT count, locked_until, lock_count FROM failures WHERE user = ?", (user,)).fetchone()
+    return (int(row[0]), float(row[1]), int(row[2])) if row else (0, 0.0, 0)
+
+
+def _set_failures(db: sqlite3.Connection, user: str, count: int, locked_until: float, lock_count: int,
+                  now: float) -> None:
+    db.execute(
+        "INSERT INTO failures (user, count, locked_until, last_failure, lock_count) VALUES (?, ?, ?, ?, ?) "
+        "ON CONFLICT (user) DO UPDATE SET count = excluded.count, locked_until = excluded.locked_until, "
+        "last_failure = excluded.last_failure, lock_count = excluded.lock_count",
+        (user, count, locked_until, now, lock_count),
+    )
+
+
+def _clear_failures(db: sqlite3.Connection, user: str, now: float) -> None:
+    """A right code: the consecutive failures and a temporary lock end; a lock
+    only an admin may open stays (``_refuse_permanent_lock`` ran before)."""
+    db.execute("DELETE FROM failures WHERE user = ? AND locked_until < ?", (user, float(FOREVER)))
+
+
+def _refuse_permanent_lock(db: sqlite3.Connection, user: str, now: float) -> None:
+    """Raise Locked for a lock only an admin may open.
+
+    A temporary lock does not stop a check here: the caller reserved this
+    attempt (``reserve_attempt``) before the lock was set by parallel attempts,
+    so the attempt is one of the ``max_failures`` allowed.
+    """
+    row = db.execute("SELECT locked_until FROM failures WHERE user = ?", (user,)).fetchone()
+    if row and row[0] >= FOREVER and row[0] > now:
+        raise Locked(locked_until=float(row[0]))
