@@ -22,7 +22,6 @@ Tests run in file order against module-scoped fixtures: one build, one install, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -39,6 +38,7 @@ from typing import Any
 
 import pytest
 from conftest import PASSWORD, REPO, TEST_BASE, LogCatcher, code_at, require_root, write_yaml
+from machine_state import Snapshot, machine_lock
 
 pytestmark = [pytest.mark.pam, pytest.mark.timeout(300)]
 
@@ -65,8 +65,6 @@ LAYOUT = {
 }
 #: Saved, moved aside for the test and restored afterwards (`make install` puts these there too).
 MACHINE_PATHS = (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"))
-#: Held while a run has the package installed (see machine_lock).
-LOCK_FILE = Path("/run/lock" if os.path.isdir("/run/lock") else "/tmp", "pam-linkus-package-test.lock")
 #: Must be byte-identical after install and after purge.
 PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
 
@@ -77,67 +75,6 @@ def run(cmd: list[str], *, timeout: float = 240, check: bool = True, **kw: Any) 
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
-
-
-class Snapshot:
-    """An exact copy of some paths (file bytes, symlink targets, modes, owners), to compare and put back."""
-
-    def __init__(self, roots: tuple[Path, ...]):
-        self.roots = roots
-        self.entries = self._take()
-
-    def _take(self) -> dict[Path, tuple[str, int, int, int, bytes | str | None]]:
-        entries: dict[Path, tuple[str, int, int, int, bytes | str | None]] = {}
-
-        def walk(path: Path) -> None:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                entries[path] = ("link", mode, st.st_uid, st.st_gid, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                entries[path] = ("dir", mode, st.st_uid, st.st_gid, None)
-                for child in sorted(path.iterdir()):
-                    walk(child)
-            elif stat.S_ISREG(st.st_mode):
-                entries[path] = ("file", mode, st.st_uid, st.st_gid, path.read_bytes())
-            else:
-                raise AssertionError(f"{path}: not a file, directory or symlink; not touching it")
-
-        for root in self.roots:
-            walk(root)
-        return entries
-
-    def differences(self) -> list[Path]:
-        now = self._take()
-        return sorted(p for p in set(now) | set(self.entries) if now.get(p) != self.entries.get(p))
-
-    def remove(self) -> None:
-        for root in self.roots:
-            if root.is_dir() and not root.is_symlink():
-                shutil.rmtree(root)
-            elif root.exists() or root.is_symlink():
-                root.unlink()
-
-    def restore(self) -> None:
-        if not self.differences():
-            return
-        self.remove()
-        for path, (kind, mode, uid, gid, data) in sorted(self.entries.items()):
-            if kind == "dir":
-                path.mkdir()
-            elif kind == "link":
-                assert isinstance(data, str)
-                os.symlink(data, path)
-                continue
-            else:
-                assert isinstance(data, bytes)
-                path.write_bytes(data)
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
-        assert not self.differences()
 
 
 def installed_status() -> str:
@@ -395,26 +332,6 @@ def test_enabled_profile_runs_after_the_password_and_disable_restores(tmp_path: 
 
 
 # -- installed on this machine -----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def machine_lock(timeout: float = 240) -> Iterator[None]:
-    """One package test per machine at a time: parallel test runs (other checkouts) would install
-    and purge the same package and save each other's state. Waits, bounded, for the other run."""
-    with open(LOCK_FILE, "a") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another package test held {LOCK_FILE} for {timeout:.0f} s")
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")
