@@ -12,7 +12,6 @@ set -euo pipefail
 PREFIX=${1:-/opt/pam-linkus}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$PREFIX/venv
-UNITS="linkusd.socket linkusd-web.socket linkusd.service"
 RUN_DIR=/run/linkusd
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -72,8 +71,11 @@ done
 
 # --- linkusd.
 if [ -d /run/systemd/system ]; then
-    for unit in $UNITS; do
-        sed "s|^ExecStart=/usr/sbin/linkusd|ExecStart=$VENV/bin/linkusd|" "$SRC/packaging/systemd/$unit" \
+    # Every unit of packaging/systemd (linkus-web's too, enabled only by the administrator),
+    # with the commands where this venv has them.
+    for path in "$SRC"/packaging/systemd/*.socket "$SRC"/packaging/systemd/*.service; do
+        unit=$(basename "$path")
+        sed -E "s|^ExecStart=/usr/s?bin/(linkusd\|linkus-web)\b|ExecStart=$VENV/bin/\1|" "$path" \
             > "/etc/systemd/system/$unit.new"
         chmod 0644 "/etc/systemd/system/$unit.new"
         mv -f "/etc/systemd/system/$unit.new" "/etc/systemd/system/$unit"
