@@ -31,6 +31,12 @@ METHODS = ("totp", "email", "none")
 ALGORITHMS = ("SHA1", "SHA256", "SHA512")
 DIGITS = (6, 8)
 ENTRY_KEYS = ("method", "enabled", "secret", "algorithm", "digits", "period", "email")
+#: Keys only a YAML entry carries (LDAP has no attribute for them: a short secret there is refused).
+YAML_ONLY_KEYS = ("legacy_short_secret",)
+#: RFC 4226 R6: a shared secret of at least 128 bits.
+MIN_SECRET_BITS = 128
+#: Shortest secret still accepted under ``legacy_short_secret`` (Google Authenticator's 80 bits).
+MIN_LEGACY_SECRET_BITS = 80
 MAX_USER_LEN = 256
 
 
@@ -42,7 +48,7 @@ class ExtensionSettings:
     """
 
     __slots__ = ("user", "method", "enabled", "secret", "algorithm", "digits", "period", "email", "source",
-                 "account")
+                 "account", "legacy_short_secret")
 
     def __init__(
         self,
@@ -57,6 +63,7 @@ class ExtensionSettings:
         email: str | None = None,
         source: str = "?",
         account: str | None = None,
+        legacy_short_secret: bool = False,
     ):
         self.user = user
         #: The canonical name as the source holds it (YAML: the key as written;
@@ -71,6 +78,9 @@ class ExtensionSettings:
         self.period = period
         self.email = email
         self.source = source
+        #: The secret is shorter than 128 bits and was accepted only because the entry
+        #: says so (a migrated Google Authenticator key); doctor flags it until re-enrolment.
+        self.legacy_short_secret = legacy_short_secret
 
     @property
     def enrolled(self) -> bool:
@@ -101,18 +111,49 @@ class ExtensionSettings:
 _B32 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 
-def normalize_secret(text: str) -> str:
+def normalize_secret(text: str, *, allow_short: bool = False) -> str:
     """Upper-case base32 without spaces, dashes or padding; ValueError if not base32.
 
     Authenticator apps show secrets in groups ("JBSW Y3DP ..."), and people copy
-    them with the spaces; both spellings mean the same key.
+    them with the spaces; both spellings mean the same key. At least 128 bits
+    (RFC 4226 R6); ``allow_short`` (the entry's ``legacy_short_secret``) lets
+    80..127-bit keys taken over from google-authenticator keep working.
     """
     cleaned = "".join(text.split()).replace("-", "").upper().rstrip("=")
     if not cleaned or not set(cleaned) <= _B32:
         raise ValueError("secret is not base32 (letters A-Z and digits 2-7)")
-    if len(cleaned) * 5 < 80:
-        raise ValueError("secret is shorter than 80 bits")
+    bits = len(cleaned) * 5 // 8 * 8
+    if bits < MIN_LEGACY_SECRET_BITS:
+        raise ValueError(f"secret is shorter than {MIN_LEGACY_SECRET_BITS} bits")
+    if bits < MIN_SECRET_BITS and not allow_short:
+        raise ValueError(f"secret is shorter than {MIN_SECRET_BITS} bits (RFC 4226); enrol again, or mark a "
+                         "migrated key with legacy_short_secret: true")
     return cleaned
+
+
+_EMAIL_LOCAL = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~.-")
+_EMAIL_DOMAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+
+
+def check_email_address(address: str) -> None:
+    """ValueError unless ``address`` is one plain ``local@domain`` (RFC 5321 lengths).
+
+    No display name, comment, comma, space, CR/LF or quoting: the address goes into
+    an SMTP envelope and a header, where any of those could add a recipient or a
+    header. ASCII only (an internationalised domain in its xn-- form). The message
+    never echoes the address.
+    """
+    if not 3 <= len(address) <= 254:
+        raise ValueError("is not one plain address (length)")
+    local, at, domain = address.partition("@")
+    if not at or not local or not domain or "@" in domain or len(local) > 64:
+        raise ValueError("is not one plain address local@domain")
+    if not set(local) <= _EMAIL_LOCAL or local.startswith(".") or local.endswith(".") or ".." in local:
+        raise ValueError("has characters that are not allowed in a plain address")
+    labels = domain.split(".")
+    if (not set(domain) <= _EMAIL_DOMAIN or len(labels) < 2
+            or any(not label or len(label) > 63 or label[0] == "-" or label[-1] == "-" for label in labels)):
+        raise ValueError("has a domain that is not a host name")
 
 
 def check_user_name(user: str) -> None:
@@ -135,13 +176,15 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str,
                           account: str | None = None) -> ExtensionSettings:
     """Validate one entry (YAML mapping or LDAP attributes mapped to our keys).
 
-    Raises ConfigError naming ``where`` and the key, never a value.
+    Raises ConfigError naming ``where`` and known keys, never a value -- nor the
+    extension's name or an unknown key: either could be a secret pasted in the
+    wrong place, and ``where`` (file:line:col) already says which entry it is.
     """
     if not isinstance(entry, dict):
-        raise ConfigError("an extension's settings must be a mapping", where)
+        raise ConfigError("extension: its settings must be a mapping", where)
     for key in entry:
-        if key not in ENTRY_KEYS:
-            raise ConfigError("unknown key in an extension's settings (expected: " + ", ".join(ENTRY_KEYS) + ")", where)
+        if key not in ENTRY_KEYS and key not in YAML_ONLY_KEYS:
+            raise ConfigError(f"extension: unknown key (known: {', '.join(ENTRY_KEYS + YAML_ONLY_KEYS)})", where)
     method = entry.get("method")
     if method not in METHODS:
         raise ConfigError(f"extension: method must be one of {', '.join(METHODS)}", where)
@@ -157,17 +200,25 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str,
     period = entry.get("period", 30)
     if isinstance(period, bool) or not isinstance(period, int) or not 10 <= period <= 300:
         raise ConfigError("extension: period must be an integer from 10 to 300 seconds", where)
+    legacy = entry.get("legacy_short_secret", False)
+    if not isinstance(legacy, bool):
+        raise ConfigError("extension: legacy_short_secret must be true or false", where)
     secret = entry.get("secret")
     if secret is not None:
         if not isinstance(secret, str):
             raise ConfigError("extension: secret must be a base32 string", where)
         try:
-            secret = normalize_secret(secret)
+            secret = normalize_secret(secret, allow_short=legacy)
         except ValueError as exc:
             raise ConfigError(f"extension: {exc}", where) from None
     email = entry.get("email")
-    if email is not None and not isinstance(email, str):
-        raise ConfigError("extension: email must be a string", where)
+    if email is not None:
+        if not isinstance(email, str):
+            raise ConfigError("extension: email must be a string", where)
+        try:
+            check_email_address(email)
+        except ValueError as exc:
+            raise ConfigError(f"extension: email {exc}", where) from None
     if method == "totp" and enabled and not secret:
         raise ConfigError("extension: method totp needs a secret", where)
     if method == "email" and enabled and not email:
@@ -183,4 +234,5 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str,
         email=email,
         source=source,
         account=account,
+        legacy_short_secret=legacy,
     )

@@ -34,7 +34,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from nss_config.base import ENTRY_KEYS, settings_from_mapping
+from nss_config.base import ENTRY_KEYS, YAML_ONLY_KEYS, settings_from_mapping
 from nss_config.yaml_source import parse_extensions
 from pam_linkus.errors import ConfigError, SourceUnavailable
 from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
 #: How long an edit waits for another one to finish before giving up.
 LOCK_TIMEOUT = 30.0
-_DEFAULTS = {"enabled": True, "algorithm": "SHA1", "digits": 6, "period": 30}
+_DEFAULTS = {"enabled": True, "algorithm": "SHA1", "digits": 6, "period": 30, "legacy_short_secret": False}
 
 
 class YamlWriter:
@@ -183,7 +183,7 @@ def _entry_of(document: Any, user: str) -> Entry | None:
 def _clean(entry: Entry) -> Entry:
     """Drop keys at their default value and empty ones; keep ENTRY_KEYS order."""
     out: Entry = {}
-    for key in ENTRY_KEYS:
+    for key in (*ENTRY_KEYS, *YAML_ONLY_KEYS):
         if key not in entry or entry[key] is None:
             continue
         if key in _DEFAULTS and entry[key] == _DEFAULTS[key] and key != "enabled":
@@ -191,9 +191,9 @@ def _clean(entry: Entry) -> Entry:
         if key == "enabled" and entry[key] is True:
             continue
         out[key] = entry[key]
-    unknown = set(entry) - set(ENTRY_KEYS)
+    unknown = set(entry) - set(ENTRY_KEYS) - set(YAML_ONLY_KEYS)
     if unknown:
-        raise ConfigError(f"unknown keys {sorted(unknown)!r:.80}")
+        raise ConfigError(f"{len(unknown)} unknown keys in a new entry (please report)")
     return out
 
 

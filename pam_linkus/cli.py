@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
     from pam_linkus.state.base import StateStore
+    from pam_linkus.flow import Context
 
 #: Tries a person gets to type the confirmation code of a new enrolment.
 CONFIRM_TRIES = 3
@@ -85,8 +86,11 @@ class Admin:
 
     def audit(self, action: str, ext: str, **fields: object) -> None:
         """One syslog line per change; callers never pass a secret or a code."""
-        line = {"action": action, "ext": ext, "by": self.actor, "via": self.via, **fields}
-        self.sink.send(LOG_NOTICE, format_fields(line))
+        line = format_fields({"action": action, "ext": ext, "by": self.actor, "via": self.via, **fields})
+        if not self.sink.send(LOG_NOTICE, line):
+            # The change is made; its audit trail must not vanish without a word.
+            print(f"linkus-2fa: warning: syslog ({self.sink.socket_path}) did not take the audit line: {line}",
+                  file=sys.stderr, flush=True)
 
     def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
         from nss_config.writer import source_of
@@ -198,7 +202,11 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     secret = generate_secret(160)
     issuer = issuer or adm.config.totp.issuer or socket.gethostname()
     if current is not None and current.enrolled:
-        print(f"{ext} already has 2FA ({current.method}); it is replaced only once the new key is confirmed.")
+        if confirm:
+            print(f"{ext} already has 2FA ({current.method}); it is replaced only once the new key is confirmed.")
+        else:
+            print(f"{ext} already has 2FA ({current.method}); --no-confirm: it is replaced by the new key now, "
+                  "and the old key stops working at once.")
     _show_totp(adm, ext, secret, issuer, qr=qr, qr_file=qr_file)
     try:
         step = _confirm_totp(adm, secret) if confirm else None
@@ -264,12 +272,21 @@ def _check_address(address: str) -> None:
         raise ConfigError(f"the address {exc}") from None
 
 
+def _flow_context(adm: Admin) -> Context:
+    """The login flow's context for the CLI: the same chain and store a login uses."""
+    from nss_config.chain import build_chain
+    from pam_linkus.flow import Context
+
+    store = adm.store()
+    return Context(adm.config, time.time, build_chain(adm.config, state=lambda: store, clock=time.time), store)
+
+
 def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     """Mail a code through the module's own email code path and check what is typed."""
     from pam_linkus import emailcode
-    from pam_linkus.flow import Context, LoginRequest
+    from pam_linkus.flow import LoginRequest
 
-    ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store())
+    ctx = _flow_context(adm)
     req = LoginRequest(ext, service="linkus-2fa", rhost=None, tty=None)
     key = emailcode.load_key(adm.config.email.key_file)
     store = adm.store()
@@ -397,6 +414,7 @@ def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
 
 
 def import_google(adm: Admin, ext: str, path: str | None) -> int:
+    from nss_config.base import MIN_SECRET_BITS
     from nss_config.writer import writer_for
     from pam_linkus.gauth import read_file
     from pam_linkus.recovery import digest, new_salt, normalize_recovery_code
@@ -412,12 +430,20 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
     writer = writer_for(adm.config, source)
     adm.store()
     found = read_file(path)
+    short = len(found.secret) * 5 < MIN_SECRET_BITS
+    if short and source != "yaml":
+        raise ConfigError(f"the key in {path} has fewer than {MIN_SECRET_BITS} bits; the {source} source has no "
+                          "place for the migration flag legacy_short_secret: enroll the extension anew instead")
 
     def change(old: dict[str, Any] | None) -> dict[str, Any]:
         kept = {k: v for k, v in (old or {}).items() if k == "email"}
         entry = {**kept, "method": "totp", "secret": found.secret, "enabled": True}
         if found.period != 30:
             entry["period"] = found.period
+        if short:
+            # RFC 4226 wants 128 bits; google-authenticator writes 80. The flag keeps
+            # the app working, and doctor keeps naming the extension until it re-enrols.
+            entry["legacy_short_secret"] = True
         return entry
 
     writer.update(ext, change)
@@ -429,8 +455,9 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
         store.set_recovery_codes(ext, salt, [digest(c, salt) for c in scratch])
     adm.audit("import-google", ext, source=source, recovery_codes=len(scratch))
     print(f"Imported {path}: the app keeps working; {len(scratch)} scratch codes are now recovery codes.")
-    if len(found.secret) * 5 < 128:
-        print("Note: this key has fewer than 128 bits; enroll again with a new key when convenient.")
+    if short:
+        print(f"Note: this key has fewer than {MIN_SECRET_BITS} bits (marked legacy_short_secret); "
+              "enroll again with a new key soon: `linkus-2fa doctor` lists it until then.")
     print(SAVED)
     return 0
 
@@ -466,26 +493,27 @@ def self_service(args: argparse.Namespace) -> int:
 
 def _prove_identity(adm: Admin, user: str) -> None:
     """The account password through PAM, then -- if enrolled -- a current code through the flow."""
-    from pam_linkus.client import ClientError, authenticate
+    from pam_linkus.web.password import ServiceRefused, check_password
 
     password = adm.prompter.ask("Password: ")
     try:
-        result = authenticate(adm.config.self_service.pam_service, user, password, None, timeout=60)
-    except ClientError as exc:
+        accepted = check_password(adm.config.self_service.pam_service, user, password)
+    except ServiceRefused as exc:
         raise Denied(f"could not check the password: {exc}") from None
-    if result.auth != "PAM_SUCCESS":
+    if not accepted:
         adm.audit("self-check", user, result="wrong-password")
-        raise Denied(f"password not accepted ({result.auth})")
+        raise Denied("password not accepted")
     _source, settings = adm.lookup(user)
     if settings is None or not settings.enrolled:
         return
-    from pam_linkus.flow import Context, LoginRequest
+    from pam_linkus.flow import LoginRequest
     from pam_linkus.flow import authenticate as decide
     from pam_linkus.outcome import Outcome
 
-    ctx = Context(adm.config, adm.prompter, clock=time.time, open_store=lambda _ctx: adm.store(), echo_code=True)
+    ctx = _flow_context(adm)
+    ctx.echo_code = True
     try:
-        decision = decide(LoginRequest(user, service="linkus-2fa"), ctx)
+        decision = decide(LoginRequest(user, service="linkus-2fa"), ctx, adm.prompter)
     except LinkusError:
         adm.audit("self-check", user, result="wrong-code")
         raise
@@ -498,17 +526,34 @@ def _prove_identity(adm: Admin, user: str) -> None:
 # -- command line ------------------------------------------------------------------------
 
 
+def _common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--config and --log-socket, accepted before and after the verb.
+
+    On the verbs the default is SUPPRESS, so an option given before the verb is
+    not overwritten by the verb's default.
+    """
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH if top else argparse.SUPPRESS,
+                        help=f"main config file (default: {DEFAULT_CONFIG_PATH}); before or after the verb")
+    parser.add_argument("--log-socket", default="/dev/log" if top else argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linkus-2fa", allow_abbrev=False,
-                                     description="Manage pam-linkus two-factor authentication.")
-    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="main config file (default: %(default)s)")
-    parser.add_argument("--log-socket", default="/dev/log", help=argparse.SUPPRESS)
+                                     description="Manage pam-linkus two-factor authentication.",
+                                     epilog="--config FILE may be given before or after the verb.")
+    _common_options(parser, top=True)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    enroll = verbs.add_parser("enroll", help="turn 2FA on for an extension (TOTP app or email)", allow_abbrev=False)
+    def verb(name: str, text: str, sub: Any = verbs) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+        _common_options(made, top=False)
+        return made
+
+    enroll = verb("enroll", "turn 2FA on for an extension (TOTP app or email)")
     enroll.add_argument("ext", help="extension (login name)")
     enroll.add_argument("--method", choices=("totp", "email"), default="totp")
-    enroll.add_argument("--no-confirm", action="store_true", help="TOTP: save without asking for a code (bulk)")
+    enroll.add_argument("--no-confirm", action="store_true",
+                        help="TOTP: save without asking for a code (bulk); an old key is replaced at once")
     enroll.add_argument("--issuer", help="issuer shown in the app (default: totp.issuer or the host name)")
     enroll.add_argument("--qr-file", help="also write the QR code to this new .png or .svg file")
     enroll.add_argument("--no-qr", action="store_true", help="do not draw the QR code in the terminal")
@@ -516,38 +561,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, text in (("disable", "turn 2FA off (lost phone) and clear the extension's state"),
                        ("unlock", "clear a lockout")):
-        verb = verbs.add_parser(name, help=text, allow_abbrev=False)
-        verb.add_argument("ext")
-    stat_p = verbs.add_parser("status", help="method, enrolment, last success, failures, lock", allow_abbrev=False)
-    stat_p.add_argument("ext", nargs="?")
-    verbs.add_parser("list", help="every extension of the YAML source with its state", allow_abbrev=False)
-    rec = verbs.add_parser("recovery-codes", help="make new single-use recovery codes", allow_abbrev=False)
+        verb(name, text).add_argument("ext")
+    verb("status", "method, enrolment, last success, failures, lock").add_argument("ext", nargs="?")
+    verb("list", "every extension of the YAML source with its state")
+    rec = verb("recovery-codes", "make new single-use recovery codes")
     rec.add_argument("ext")
     rec.add_argument("--count", type=int, choices=range(1, 51), metavar="N", help="how many (default: config)")
-    imp = verbs.add_parser("import-google", help="take over a ~/.google_authenticator file", allow_abbrev=False)
+    imp = verb("import-google", "take over a ~/.google_authenticator file")
     imp.add_argument("ext")
     imp.add_argument("--file", help="the file (default: ~EXT/.google_authenticator)")
-    doctor = verbs.add_parser("doctor", help="check config, permissions, sources, state, SMTP and PAM lines",
-                              allow_abbrev=False)
+    doctor = verb("doctor", "check config, permissions, clock, sources, state, SMTP and PAM lines")
     doctor.add_argument("user", nargs="?", help="also look this extension up")
     doctor.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
     doctor.add_argument("--smtp", action="store_true", help="check SMTP even if no extension uses email")
-    warm = verbs.add_parser("warm", help="compile the config and index extensions.yaml for fast logins",
-                            allow_abbrev=False)
-    from pam_linkus.filecache import DEFAULT_CACHE_DIR
+    migrate = verb("migrate-pam", "rewrite pam_python.so pam_linkus.py lines into pam_linkus.so lines")
+    migrate.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
+    migrate.add_argument("--check", action="store_true",
+                         help="only report; exit 1 when something needs migrating")
 
-    warm.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR,
-                      help="the PAM line's cache_dir= (default: %(default)s)")
-
-    own = verbs.add_parser("self", help="self-service through sudo: your own extension only", allow_abbrev=False)
+    own = verb("self", "self-service through sudo: your own extension only")
     own_verbs = own.add_subparsers(dest="self_verb", required=True, metavar="VERB")
-    own_enroll = own_verbs.add_parser("enroll", help="turn 2FA on or change it", allow_abbrev=False)
+    own_enroll = verb("enroll", "turn 2FA on or change it", own_verbs)
     own_enroll.add_argument("--method", choices=("totp", "email"), default="totp")
     own_enroll.add_argument("--address", help="email: the address to confirm")
     own_enroll.add_argument("--no-qr", action="store_true")
-    own_verbs.add_parser("disable", help="turn your 2FA off", allow_abbrev=False)
-    own_verbs.add_parser("recovery-codes", help="make new recovery codes", allow_abbrev=False)
-    own_verbs.add_parser("status", help="show your 2FA status", allow_abbrev=False)
+    verb("disable", "turn your 2FA off", own_verbs)
+    verb("recovery-codes", "make new recovery codes", own_verbs)
+    verb("status", "show your 2FA status", own_verbs)
     return parser
 
 
@@ -558,12 +598,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run(args.config, user=args.user, pam_dir=args.pam_dir, smtp=args.smtp, now=time.time())
     if args.verb == "self":
         return self_service(args)
-    if args.verb == "warm":
-        from pam_linkus.warm import warm
+    if args.verb == "migrate-pam":
+        from pam_linkus.migrate_pam import migrate
 
-        for line in warm(args.config, args.cache_dir):
-            print(line)
-        return 0
+        return migrate(args.pam_dir, check=args.check)
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
         if args.verb == "list" or (args.verb == "status" and not args.ext):
@@ -592,13 +630,22 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(_dispatch(args))
+        status = int(_dispatch(args))
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+        return status
     except LinkusError as exc:
         print(f"linkus-2fa: {exc.reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nlinkus-2fa: interrupted; nothing more was saved", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `linkus-2fa list | head`: the reader has gone, which is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # as if killed by SIGPIPE, like other filters
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
 """The main config file, /etc/pam_linkus/pam_linkus.yaml, parsed into typed sections.
 
-Every key is documented in README.md ("Config reference"); an unknown key is an
-error, because a misspelt ``enforce`` that is silently ignored is a bypass.
+Every key is documented in the shipped packaging/pam_linkus.yaml and in
+pam_linkus.yaml(5); an unknown key is an error, because a misspelt ``enforce``
+that is silently ignored is a bypass.
 
-Sections are plain ``__slots__`` classes filled by a ``Reader`` rather than
-dataclasses: this module is on the login path, and importing ``dataclasses``
-costs more than the whole budget of a login inside pam_python.
+Only linkusd and the admin tools read this file (never a login process), so the
+sections are ordinary classes filled by a ``Reader``: the Reader is what gives
+every error its ``file:line:col`` and refuses unknown keys. Error messages name
+keys we know and positions, never a value and never an unknown key (a secret
+pasted into the wrong place would otherwise end up in syslog).
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Iterable
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
+
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
-
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-    from ipaddress import IPv4Network, IPv6Network
-    from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -60,6 +62,10 @@ class Reader:
     def _get(self, key: str) -> Any:
         self._used.add(key)
         return self._data.get(key, _MISSING)
+
+    def keys(self) -> list[str]:
+        """The keys of this mapping, in file order."""
+        return list(self._data)
 
     def has(self, key: str) -> bool:
         return key in self._data
@@ -139,9 +145,9 @@ class Reader:
             raise self.fail(key, "must be a list of strings")
         if choices is not None:
             allowed = list(choices)
-            for item in value:
+            for number, item in enumerate(value, start=1):
                 if item not in allowed:
-                    raise self.fail(key, f"unknown entry {item!r:.40}; known: {', '.join(allowed)}")
+                    raise self.fail(key, f"entry {number} is unknown; known: {', '.join(allowed)}")
         if len(set(value)) != len(value):
             raise self.fail(key, "lists an entry twice")
         return list(value)
@@ -155,9 +161,12 @@ class Reader:
         return Reader(value, self._file, f"{self._prefix}{key}.")
 
     def done(self) -> None:
+        """Refuse keys nobody asked for, naming the place and the known keys, not the key."""
         for key in self._data:
             if key not in self._used:
-                raise self.fail(key, "unknown key")
+                known = ", ".join(sorted(self._used))
+                where = self._prefix.rstrip(".") or "top level"
+                raise ConfigError(f"unknown key in {where} (known: {known})", self.where(key))
 
 
 class LockoutConfig:
@@ -247,14 +256,16 @@ class LdapConfig:
         if not (self.filter.startswith("(") and self.filter.endswith(")")):
             raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         if self.uris:
-            # The login encodes the filter itself (nss_config.ldap_wire): what it cannot
-            # encode is refused here, never sent as something else.
-            from nss_config.ldap_wire import FilterError, encode_filter, escape_value
+            # ldap3 encodes the filter at search time: what it cannot parse is refused
+            # here, at load, rather than on every login.
+            from ldap3.core.exceptions import LDAPException
+            from ldap3.operation.search import parse_filter
 
             try:
-                encode_filter(self.filter.replace("{user}", escape_value("x")))
-            except FilterError as exc:
-                raise r.fail("filter", f"not an LDAP filter this module can send: {exc}") from None
+                parse_filter(self.filter.replace("{user}", "x"), None, auto_escape=False, auto_encode=False,
+                             validator=None, check_names=False)
+            except LDAPException:
+                raise r.fail("filter", "is not an LDAP filter ldap3 can send") from None
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}
@@ -495,60 +506,141 @@ def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
 
     Host bits set (``10.1.2.3/8``) and a zero-length prefix (every address: that is
     2FA switched off, say so with ``enforce`` or by un-enrolling) are errors.
-    ``ipaddress`` is imported only when the list is not empty.
     """
-    texts = r.string_list(key, [])
-    if not texts:
-        return []
-    import ipaddress
-
     networks: list[IPv4Network | IPv6Network] = []
-    for text in texts:
+    for number, text in enumerate(r.string_list(key, []), start=1):
         try:
             network = ipaddress.ip_network(text, strict=True)
-        except ValueError as exc:
-            raise r.fail(key, f"{text[:60]!r} is not a CIDR network ({exc})") from None
+        except ValueError:
+            raise r.fail(key, f"entry {number} is not a CIDR network (address/prefix, no host bits)") from None
         if network.prefixlen == 0:
-            raise r.fail(key, f"{text!r} would exempt every address")
+            raise r.fail(key, f"entry {number} would exempt every address")
         networks.append(network)
     return networks
 
 
-class DaemonConfig:
-    """linkusd's sockets, who may use them, deadlines and caps (interim; see docs)."""
+#: The second factors a profile can accept.
+PROFILE_METHODS = ("totp", "email")
+#: What the ``profile=`` option and the keys of ``profiles`` may look like (protocol: 1..64 bytes).
+_PROFILE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
-    __slots__ = ("pam_socket", "web_socket", "allowed_groups", "trusted_groups", "web_group", "work_timeout",
-                 "answer_timeout", "workers", "web_workers", "max_connections", "max_per_caller",
-                 "max_per_caller_root", "max_per_account")
+
+def _is_group_name(name: str) -> bool:
+    """A POSIX-ish group name (what ``groupadd`` accepts), so a typo fails at load."""
+    return (0 < len(name) <= 32 and name.isascii() and not name.startswith("-")
+            and all(c.isalnum() or c in "-_." for c in name.rstrip("$")))
+
+
+class DaemonConfig:
+    """How linkusd listens and how much work it takes on (docs/protocol.md, DESIGN.md).
+
+    - ``pam_socket`` / ``web_socket``: the two sockets (PAM clients; linkus-web).
+    - ``allowed_groups``: a PAM peer that is not root is served only if one of its
+      groups (SO_PEERGROUPS, not only the primary one) is listed; empty: root only.
+    - ``trusted_groups``: non-root peers whose PAM_RHOST counts for
+      ``exempt_networks`` and ``grace_period``; from anyone else the address is
+      only logged, since a local program can claim any address.
+    - ``web_group``: the group that may use the web socket.
+    - ``work_timeout``: seconds for daemon work and for each outside call
+      (LDAP, Redis, SMTP) within one step of a login.
+    - ``answer_timeout``: seconds a person may take to answer a prompt; a waiting
+      connection holds no worker, so this may be long.
+    - ``workers`` / ``web_workers``: threads for PAM work and for web calls.
+    - ``max_connections``: open connections at once, all peers together.
+    - ``max_per_caller`` / ``max_per_caller_root``: concurrent transactions per
+      calling real uid (setuid su/sudo reach linkusd as euid 0 for any user, so
+      the caller's real uid is what is capped); root callers (sshd, login) get more.
+    - ``max_per_account``: concurrent transactions per target extension, so no one
+      can hold every slot of somebody else's login.
+    """
+
+    __slots__ = (
+        "pam_socket", "web_socket", "allowed_groups", "trusted_groups", "web_group", "work_timeout",
+        "answer_timeout", "workers", "web_workers", "max_connections", "max_per_caller", "max_per_caller_root",
+        "max_per_account",
+    )
 
     def __init__(self, r: Reader):
         self.pam_socket = r.path("pam_socket", "/run/linkusd/pam.sock")
         self.web_socket = r.path("web_socket", "/run/linkusd/web.sock")
+        if self.pam_socket == self.web_socket:
+            raise r.fail("web_socket", "must differ from pam_socket")
         self.allowed_groups = r.string_list("allowed_groups", [])
         self.trusted_groups = r.string_list("trusted_groups", [])
-        self.web_group = r.string("web_group", "linkus-web", max_len=64)
-        self.work_timeout = r.number("work_timeout", 10.0, minimum=1.0, maximum=120.0)
-        self.answer_timeout = r.number("answer_timeout", 180.0, minimum=10.0, maximum=3600.0)
-        self.workers = r.integer("workers", 8, minimum=1, maximum=128)
-        self.web_workers = r.integer("web_workers", 2, minimum=1, maximum=32)
-        self.max_connections = r.integer("max_connections", 512, minimum=8, maximum=65536)
-        self.max_per_caller = r.integer("max_per_caller", 16, minimum=1, maximum=4096)
+        for key, names in (("allowed_groups", self.allowed_groups), ("trusted_groups", self.trusted_groups)):
+            for number, name in enumerate(names, start=1):
+                if not _is_group_name(name):
+                    raise r.fail(key, f"entry {number} is not a group name")
+        self.web_group = r.string("web_group", "linkus-web", max_len=32)
+        if not _is_group_name(self.web_group):
+            raise r.fail("web_group", "is not a group name")
+        self.work_timeout = r.number("work_timeout", 10.0, minimum=0.5, maximum=120)
+        self.answer_timeout = r.number("answer_timeout", 180.0, minimum=10, maximum=3600)
+        self.workers = r.integer("workers", 8, minimum=1, maximum=256)
+        self.web_workers = r.integer("web_workers", 2, minimum=1, maximum=64)
+        self.max_connections = r.integer("max_connections", 512, minimum=1, maximum=65536)
+        self.max_per_caller = r.integer("max_per_caller", 16, minimum=1, maximum=65536)
         self.max_per_caller_root = r.integer("max_per_caller_root", 256, minimum=1, maximum=65536)
-        self.max_per_account = r.integer("max_per_account", 8, minimum=1, maximum=1024)
+        self.max_per_account = r.integer("max_per_account", 8, minimum=1, maximum=65536)
+        for key in ("max_per_caller", "max_per_caller_root"):
+            if getattr(self, key) > self.max_connections:
+                raise r.fail(key, "must not be larger than max_connections")
         r.done()
+
+    @staticmethod
+    def group_ids(names: Iterable[str]) -> frozenset[int]:
+        """The gids of ``names``; ConfigError for a group this host does not have.
+
+        Looked up when linkusd (re)loads, not at parse time, so a config can be
+        checked on another host; a missing group is an error, not "nobody".
+        """
+        import grp
+
+        gids = set()
+        for name in names:
+            try:
+                gids.add(grp.getgrnam(name).gr_gid)
+            except KeyError:
+                raise ConfigError(f"daemon: group {name!r} does not exist on this host") from None
+        return frozenset(gids)
 
 
 class Profile:
-    """The policy one login runs under: the top level, or a per-service profile."""
+    """The policy for one PAM service (or the top-level policy when none is named).
 
-    __slots__ = ("enforce", "exempt_networks", "grace_period", "methods")
+    ``enforce``: ``enrolled`` (extensions without 2FA log in with the password) or
+    ``all`` (they are denied). ``exempt_networks``: requests from these networks
+    skip the second factor (only when linkusd trusts the caller's PAM_RHOST).
+    ``grace_period``: seconds after a successful second factor from the same
+    address during which another login skips it (0: off). ``methods``: the second
+    factors this service accepts; an extension enrolled with another one is denied.
+    """
 
-    def __init__(self, enforce: str, exempt_networks: list[IPv4Network | IPv6Network], grace_period: int,
-                 methods: tuple[str, ...]):
+    __slots__ = ("name", "enforce", "exempt_networks", "grace_period", "methods")
+
+    def __init__(self, name: str, enforce: str, exempt_networks: list[IPv4Network | IPv6Network],
+                 grace_period: int, methods: list[str]):
+        self.name = name
         self.enforce = enforce
         self.exempt_networks = exempt_networks
         self.grace_period = grace_period
         self.methods = methods
+
+    def __repr__(self) -> str:
+        return (f"Profile({self.name!r}, enforce={self.enforce!r}, exempt_networks={len(self.exempt_networks)}, "
+                f"grace_period={self.grace_period}, methods={self.methods!r})")
+
+    @classmethod
+    def read(cls, name: str, r: Reader, base: Profile) -> Profile:
+        """A ``profiles.NAME`` section; a key it leaves out is the top-level value."""
+        enforce = r.string("enforce", base.enforce, choices=("enrolled", "all"))
+        networks = _networks(r, "exempt_networks") if r.has("exempt_networks") else list(base.exempt_networks)
+        grace = r.integer("grace_period", base.grace_period, minimum=0, maximum=30 * 86400)
+        methods = r.string_list("methods", base.methods, choices=PROFILE_METHODS)
+        if not methods:
+            raise r.fail("methods", "must name at least one method")
+        r.done()
+        return cls(name, enforce, networks, grace, methods)
 
 
 class Config:
@@ -557,7 +649,7 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "cache_dir", "daemon",
+        "recovery_codes", "self_service", "daemon", "profiles", "default_profile",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -584,31 +676,41 @@ class Config:
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
         self.daemon = DaemonConfig(r.section("daemon"))
+        #: The top-level policy: what a service without a profile of its own gets.
+        self.default_profile = Profile("", self.enforce, self.exempt_networks, self.grace_period,
+                                       list(PROFILE_METHODS))
+        self.profiles: dict[str, Profile] = {}
+        profiles = r.section("profiles")
+        for name in profiles.keys():
+            if not (0 < len(name) <= 64 and set(name) <= _PROFILE_NAME_CHARS):
+                raise ConfigError("profiles: a profile name must be 1-64 letters, digits, '-', '_' or '.'",
+                                  profiles.where(name))
+            self.profiles[name] = Profile.read(name, profiles.section(name), self.default_profile)
+        profiles.done()
         r.done()
-        #: Not a config key: where this process may keep compiled caches (the PAM
-        #: option cache_dir=); None (the CLI, tests) means read the YAML files directly.
-        self.cache_dir: str | None = None
 
     def profile(self, name: str, *, explicit: bool) -> Profile:
-        """The policy of a profile (interim: only the top-level policy exists)."""
+        """The policy for a login: the PAM line's ``profile=`` (explicit) or the service name.
+
+        An explicit profile that is not configured raises ConfigError: the admin
+        asked for a policy that does not exist, and guessing one could be weaker, so
+        the login is unavailable. An implicit one (the service name) that is not
+        configured gets the top-level policy.
+        """
+        found = self.profiles.get(name)
+        if found is not None:
+            return found
         if explicit:
-            raise ConfigError(f"unknown profile {name[:64]!r}", "profile=")
-        return Profile(self.enforce, self.exempt_networks, self.grace_period, ("totp", "email"))
+            raise ConfigError(f"profile {name[:64]!r} (the PAM line's profile=) is not defined in profiles",
+                              self.path)
+        return self.default_profile
 
     @classmethod
     def from_mapping(cls, data: Any, path: str = "<config>") -> Config:
         return cls(Reader(data, path), path)
 
 
-def load_config(path: str = DEFAULT_CONFIG_PATH, *, cache_dir: str | None = None) -> Config:
-    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col.
-
-    With ``cache_dir`` (the PAM module), a valid compiled cache is used instead of
-    parsing the YAML (pam_linkus.config_cache), and the sources use theirs.
-    """
-    if cache_dir is not None:
-        from pam_linkus.config_cache import load_config_cached
-
-        return load_config_cached(path, cache_dir)
-    data, _ = open_secure(path, secret=False, max_bytes=MAX_CONFIG_BYTES)
+def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
+    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col."""
+    data, _ = open_secure(path, secret=True, max_bytes=MAX_CONFIG_BYTES)
     return Config.from_mapping(load_yaml(data, path), path)

@@ -5,20 +5,27 @@ store), so "ok" here means a login gets that far. Problems are ``FAIL`` (a login
 is refused, or a failed code is let through) and make the exit status 1;
 ``WARN`` is something to look at that does not break anything by itself.
 
-The PAM check reads each file of /etc/pam.d and judges every ``auth`` line that
-loads pam-linkus: the control field must end the login on every failure outcome
-(auth_err, maxtries, authinfo_unavail, conv_err). ``sufficient``, ``optional``
-or ``[default=ignore]`` would let a wrong code through whenever another module
-succeeds, which is exactly the bypass a second factor must not have.
+The PAM check reads each file of /etc/pam.d as libpam does (pam_linkus.pamconf)
+and judges every ``auth`` rule that loads pam-linkus: the control field must end
+the login on every failure outcome (auth_err, maxtries, authinfo_unavail,
+conv_err) and must not let a right code skip the password; ``sufficient``,
+``optional`` or ``[default=ignore]`` would let a wrong code through whenever
+another module succeeds, which is exactly the bypass a second factor must not
+have. Options pam_linkus.so does not know refuse every login through the line,
+so they are failures here too; a rule that still loads pam_python is a failure
+(Python inside a setuid login process is a local-root hole: migrate-pam).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import subprocess
 from typing import TYPE_CHECKING
 
 from pam_linkus.errors import LinkusError
+from pam_linkus.pamconf import PamRule, parse_rules
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,6 +41,26 @@ FAILING_ACTIONS = ("die", "bad")
 #: Modules (or includes) that check the password; pam-linkus belongs after one.
 PASSWORD_MODULES = ("pam_unix", "pam_sss", "pam_ldap", "pam_krb5", "pam_winbind", "pam_userdb")
 PROBE_USER = "linkus-doctor-probe"
+#: Options of pam_linkus.so (native/pam_linkus.c): name -> takes a value.
+MODULE_OPTIONS = {"socket": True, "timeout": True, "prompt": True, "profile": True, "log_socket": True,
+                  "echo_code": False, "forward_pass": False, "debug": False}
+#: Options of the old pam_python module that pam_linkus.so refuses.
+OLD_OPTIONS = ("config", "cache_dir")
+MIGRATE_HINT = "run `linkus-2fa migrate-pam`"
+
+
+class Finding:
+    """One line of doctor's output: level (``ok``, ``WARN``, ``FAIL``), what was checked, detail."""
+
+    __slots__ = ("level", "what", "detail")
+
+    def __init__(self, level: str, what: str, detail: str = ""):
+        self.level = level
+        self.what = what
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"Finding({self.level!r}, {self.what!r}, {self.detail!r})"
 
 
 class Doctor:
@@ -48,6 +75,10 @@ class Doctor:
             self.failures += 1
         self._out(f"{level:<4} {what}{': ' + detail if detail else ''}")
 
+    def add(self, findings: list[Finding]) -> None:
+        for finding in findings:
+            self.report(finding.level, finding.what, finding.detail)
+
 
 def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: float) -> int:
     from pam_linkus.config import load_config
@@ -57,10 +88,13 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
         config = load_config(config_path)
     except LinkusError as exc:
         doc.report("FAIL", "config", exc.reason)
+        doc.add(check_time_sync())
         check_pam_dir(doc, pam_dir)
         return 1
     doc.report("ok", "config", config_path)
     check_permissions(doc, config)
+    doc.add(check_daemon(config))
+    doc.add(check_time_sync())
     uses_email = check_sources(doc, config, user)
     check_state(doc, config, now)
     if smtp or uses_email:
@@ -72,7 +106,18 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
 
 
 def check_permissions(doc: Doctor, config: Config) -> None:
-    from pam_linkus.strictyaml import read_secret_file
+    """Files and directories as linkusd checks them: root-owned, 0600/0400, whole path safe."""
+    from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
+
+    files_read = [(config.path, "config file")]
+    if "yaml" in config.sources:
+        files_read.append((config.yaml.path, "extensions file"))
+    for path, what in files_read:
+        try:
+            os.close(open_checked(path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)[0])
+            doc.report("ok", what, f"{path} (root-owned, mode 0600/0400, parent directories safe)")
+        except LinkusError as exc:
+            doc.report("FAIL", what, exc.reason)
 
     for directory, what in ((os.path.dirname(config.path), "config directory"),
                             (os.path.dirname(config.state.path), "state directory")):
@@ -87,18 +132,18 @@ def check_permissions(doc: Doctor, config: Config) -> None:
             doc.report("WARN", what, f"{directory} is mode {stat.S_IMODE(st.st_mode):04o}; 0700 is expected")
         else:
             doc.report("ok", what, directory)
-    files = [
+    files: list[tuple[str | None, str]] = [
         (config.ldap.bind_password_file, "ldap.bind_password_file"),
         (config.ldap.writer_password_file, "ldap.writer_password_file"),
         (config.smtp.password_file, "smtp.password_file"),
         (config.state.redis.password_file if config.state.backend == "redis" else None, "state.redis.password_file"),
     ]
-    for path, what in files:
-        if path is None:
+    for secret_path, what in files:
+        if secret_path is None:
             continue
         try:
-            read_secret_file(path, what)
-            doc.report("ok", what, path)
+            read_secret_file(secret_path, what)
+            doc.report("ok", what, secret_path)
         except LinkusError as exc:
             doc.report("FAIL", what, exc.reason)
 
@@ -116,6 +161,10 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
             enrolled = sum(1 for s in extensions.values() if s.enrolled)
             uses_email = any(s.enrolled and s.method == "email" for s in extensions.values())
             doc.report("ok", "yaml source", f"{config.yaml.path}: {len(extensions)} extensions, {enrolled} enrolled")
+            for name, settings in sorted(extensions.items()):
+                if settings.legacy_short_secret and settings.secret:
+                    doc.report("WARN", f"extension {name}", "its TOTP key has fewer than 128 bits "
+                               "(legacy_short_secret, from google-authenticator); enroll it again for a new key")
         except LinkusError as exc:
             doc.report("FAIL", "yaml source", exc.reason)
     if "ldap" in config.sources:
@@ -182,6 +231,74 @@ def check_smtp(doc: Doctor, config: Config) -> None:
         doc.report("FAIL", "smtp", f"{cfg.host}:{cfg.port} ({cfg.security}): {type(exc).__name__}: {exc}"[:300])
 
 
+# -- the daemon -------------------------------------------------------------------------
+
+
+def check_daemon(config: Config) -> list[Finding]:
+    """LEAD: FILL IN -- ask linkusd's STATUS over ``config.daemon.pam_socket`` (docs/protocol.md).
+
+    Expected findings: FAIL when the socket is missing, not root-owned, or nobody
+    answers (every login is refused); FAIL when linkusd runs on an old config
+    because the current one does not load (it says why); ok with its version,
+    uptime and config generation otherwise.
+    """
+    return [Finding("WARN", "linkusd", f"not checked by this version of doctor ({config.daemon.pam_socket})")]
+
+
+# -- the clock --------------------------------------------------------------------------
+
+#: A TOTP code is valid for 30 s (window 1: +-30 s): a clock a minute off locks everyone out.
+TIME_COMMANDS = (
+    ("timedatectl", ["timedatectl", "show", "--property=NTPSynchronized", "--value"]),
+    ("chronyc", ["chronyc", "-n", "tracking"]),
+    ("ntpq", ["ntpq", "-pn"]),
+)
+
+
+def _time_sync_verdict(name: str, output: str) -> bool | None:
+    """True synchronised, False not, None this tool could not tell."""
+    if name == "timedatectl":
+        value = output.strip().lower()
+        return True if value == "yes" else False if value == "no" else None
+    if name == "chronyc":
+        for line in output.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Leap status":
+                return value.strip() != "Not synchronised"
+        return None
+    if name == "ntpq":
+        peers = [line for line in output.splitlines()[2:] if line.strip()]
+        if not peers:
+            return None
+        return any(line.startswith("*") for line in peers)
+    return None
+
+
+def check_time_sync(*, search_path: str | None = None, timeout: float = 5.0) -> list[Finding]:
+    """Is the clock synchronised? Asks timedatectl, chronyc or ntpq, the first that can tell.
+
+    A host whose clock is off refuses every right code; this is the hint the
+    admin needs before anyone is locked out. ``search_path`` replaces PATH (tests).
+    """
+    for name, argv in TIME_COMMANDS:
+        program = shutil.which(name, path=search_path)
+        if program is None:
+            continue
+        try:
+            done = subprocess.run([program, *argv[1:]], capture_output=True, text=True, timeout=timeout,
+                                  check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        verdict = _time_sync_verdict(name, done.stdout) if done.returncode == 0 else None
+        if verdict is True:
+            return [Finding("ok", "clock", f"synchronised ({name})")]
+        if verdict is False:
+            return [Finding("FAIL", "clock", f"not synchronised ({name}): TOTP codes fail once the clock is "
+                            "more than ~30 s off; start an NTP client (systemd-timesyncd, chrony)")]
+    return [Finding("WARN", "clock", "cannot tell whether the clock is synchronised (no timedatectl, chronyc "
+                    "or ntpq answered); TOTP codes fail once it is more than ~30 s off")]
+
+
 # -- PAM lines ----------------------------------------------------------------------
 
 
@@ -194,7 +311,7 @@ def check_pam_dir(doc: Doctor, pam_dir: str) -> None:
     found = 0
     for name in names:
         path = os.path.join(pam_dir, name)
-        if name.startswith(".") or not os.path.isfile(path):
+        if name.startswith(".") or not os.path.isfile(path) or name.endswith((".linkus-bak", ".dpkg-old", "~")):
             continue
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
@@ -210,89 +327,107 @@ def check_pam_dir(doc: Doctor, pam_dir: str) -> None:
                    "'Turning it on for a service')")
 
 
-def pam_lines(text: str) -> list[tuple[int, list[str]]]:
-    """(line number, tokens) of each rule, with continuations joined and comments removed.
-
-    A bracketed control field (``[a=b c=d]``) is one token.
-    """
-    rules: list[tuple[int, list[str]]] = []
-    pending, start = "", 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0]
-        if not pending:
-            start = number
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        line, pending = pending + line, ""
-        tokens: list[str] = []
-        rest = line.strip()
-        while rest:
-            if rest.startswith("[") and "]" in rest:
-                end = rest.index("]") + 1
-                tokens.append(rest[:end])
-                rest = rest[end:].strip()
-            else:
-                word, _, rest = rest.partition(" ")
-                tokens.append(word)
-                rest = rest.strip()
-        if tokens:
-            rules.append((start, tokens))
-    return rules
+def loads_pam_python_linkus(rule: PamRule) -> bool:
+    """The old module: ``pam_python.so [/path/]pam_linkus.py ...``."""
+    return rule.module_name == "pam_python" and any(
+        arg.rsplit("/", 1)[-1] == "pam_linkus.py" for arg in rule.args[:1])
 
 
-def _loads_linkus(tokens: list[str]) -> bool:
-    return len(tokens) >= 3 and (
-        "pam_linkus" in tokens[2] or ("pam_python" in tokens[2] and any("pam_linkus" in t for t in tokens[3:]))
-    )
+def judge_options(args: list[str]) -> list[tuple[str, str]]:
+    """Problems of pam_linkus.so's options: pam_linkus.so refuses every login over any of them."""
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        name, sep, _value = arg.partition("=")
+        if name in OLD_OPTIONS:
+            problems.append(("FAIL", f"option {name}= belongs to the old pam_python module; pam_linkus.so refuses "
+                             f"every login with it (linkusd reads the config): remove it or {MIGRATE_HINT}"))
+        elif name not in MODULE_OPTIONS:
+            problems.append(("FAIL", "an unknown option: pam_linkus.so refuses every login through this line "
+                             f"(known: {', '.join(MODULE_OPTIONS)})"))
+        elif MODULE_OPTIONS[name] != bool(sep):
+            problems.append(("FAIL", f"option {name} {'needs a' if MODULE_OPTIONS[name] else 'takes no'} value; "
+                             "pam_linkus.so refuses every login through this line"))
+    return problems
 
 
-def judge_control(control: str) -> list[tuple[str, str]]:
-    """Problems of a control field for the pam-linkus line: (level, message)."""
-    simple = {"required": [], "requisite": [],
-              "sufficient": [("FAIL", "'sufficient': a wrong code is ignored when another module succeeds, and a "
-                              "right one skips the rest of the stack; use [success=ok ignore=ignore default=die]")],
-              "optional": [("FAIL", "'optional': a wrong code is ignored; use [success=ok ignore=ignore default=die]")]}
-    if not control.startswith("["):
-        return simple.get(control, [("WARN", f"unknown control {control!r:.40}")])
-    actions: dict[str, str] = {}
-    for pair in control.strip("[]").split():
-        key, _, value = pair.partition("=")
-        actions[key] = value
+def judge_control(rule: PamRule, *, password_before: bool) -> list[tuple[str, str]]:
+    """Problems of the control field of a pam_linkus.so rule: (level, message)."""
+    fix = "use [success=ok ignore=ignore default=die]"
+    if rule.control == "sufficient":
+        return [("FAIL", f"'sufficient': a right code ends the stack with success (the password may not have been "
+                 f"checked) and a wrong one is ignored when another module succeeds; {fix}")]
+    if rule.control == "optional":
+        return [("FAIL", f"'optional': a wrong code is ignored; {fix}")]
+    if rule.control in ("include", "substack"):
+        return [("FAIL", f"'{rule.control}' takes a file, not a module; {fix}")]
+    if not rule.control.startswith("[") and rule.control not in ("required", "requisite"):
+        return [("FAIL", f"unknown control (libpam ignores the line); {fix}")]
+    actions = rule.actions()
     default = actions.get("default", "bad")
     problems: list[tuple[str, str]] = []
     leaks = [f"{key}={actions.get(key, default)}" for key in (*FAILURE_KEYS, "default")
              if actions.get(key, default) not in FAILING_ACTIONS]
     if leaks:
-        problems.append(("FAIL", f"{' '.join(leaks)} lets a failed second factor through; "
-                         "use [success=ok ignore=ignore default=die]"))
+        problems.append(("FAIL", f"{' '.join(leaks)} lets a failed second factor through; {fix}"))
     success = actions.get("success", default)
     if success == "done" or success.isdigit():
-        problems.append(("WARN", f"success={success} skips the modules after pam-linkus; "
-                         "make sure the password is checked before it"))
+        if password_before:
+            problems.append(("WARN", f"success={success} skips the modules after pam-linkus; {fix}"))
+        else:
+            problems.append(("FAIL", f"success={success}: a right code skips the rest of the stack, and no "
+                             f"password module comes before it; {fix}"))
+    elif success in FAILING_ACTIONS:
+        problems.append(("FAIL", f"success={success}: even a right code fails the login; {fix}"))
     return problems
+
+
+def _is_password_rule(rule: PamRule) -> bool:
+    return rule.include is not None or rule.control in ("include", "substack") or (
+        rule.module_name in PASSWORD_MODULES)
 
 
 def check_pam_text(text: str) -> list[tuple[int, str, str]]:
     """Findings for one /etc/pam.d file: (line, level, message); ok lines included."""
     findings: list[tuple[int, str, str]] = []
+    rules = parse_rules(text)
     password_seen = False
-    for number, tokens in pam_lines(text):
-        if tokens[0].startswith("@include"):
+    for index, rule in enumerate(rules):
+        if rule.include is not None:
             password_seen = True
             continue
-        if tokens[0].lstrip("-") != "auth" or len(tokens) < 3:
+        if rule.kind != "auth" and not loads_pam_python_linkus(rule) and rule.module_name != "pam_linkus":
             continue
-        if tokens[1] in ("include", "substack") or any(m in tokens[2] for m in PASSWORD_MODULES):
-            password_seen = True
+        if loads_pam_python_linkus(rule):
+            findings.append((rule.first_line, "FAIL", "loads pam_linkus.py through pam_python (Python inside the "
+                             f"login process: a local-root hole); {MIGRATE_HINT}"))
             continue
-        if not _loads_linkus(tokens):
+        if rule.kind != "auth":
+            if rule.module_name == "pam_linkus":
+                findings.append((rule.first_line, "WARN", f"pam_linkus.so in a {rule.kind} rule does nothing "
+                                 "(setcred and the other stages return PAM_IGNORE)"))
             continue
-        problems = judge_control(tokens[1])
-        if not password_seen:
-            problems.append(("WARN", "no password module (pam_unix, @include common-auth, ...) before it: the "
-                             "code would be asked (or mailed) before the password is checked"))
+        if rule.module_name != "pam_linkus":
+            if _is_password_rule(rule):
+                password_seen = True
+            continue
+        forward = "forward_pass" in rule.args
+        problems = judge_options(rule.args)
+        if rule.dash:
+            problems.append(("FAIL", "'-auth': if pam_linkus.so is missing, libpam skips the line silently and "
+                             "logins go on without a second factor; write 'auth'"))
+        problems += judge_control(rule, password_before=password_seen or forward)
+        if forward:
+            later = rules[index + 1:]
+            pw = next((i for i, r in enumerate(later) if r.kind == "auth" and _is_password_rule(r)), None)
+            checker = pw is not None and any(r.kind == "auth" and r.module_name == "pam_linkus"
+                                             and "forward_pass" not in r.args for r in later[pw + 1:])
+            if not checker:
+                problems.append(("FAIL", "forward_pass splits off a code that no later pam_linkus.so line (after "
+                                 "the password module) checks; see docs/protocol.md, single-field mode"))
+        elif not password_seen:
+            problems.append(("FAIL", "no password module (pam_unix, @include common-auth, ...) before it: anyone "
+                             "who knows a name could be asked for (or mailed) a code and lock it out"))
         if not problems:
-            findings.append((number, "ok", f"auth {tokens[1]} (fails closed)"))
-        findings.extend((number, level, message) for level, message in problems)
+            findings.append((rule.first_line, "ok", f"auth {rule.control} pam_linkus.so (fails closed)"))
+        findings.extend((rule.first_line, level, message) for level, message in problems)
     return findings

@@ -71,7 +71,7 @@ def parse(text: str, path: str = "<google-authenticator file>") -> GoogleAuthent
     if not lines:
         raise ConfigError("is empty", path)
     try:
-        secret = normalize_secret(lines[0])
+        secret = normalize_secret(lines[0], allow_short=True)  # import-google marks short keys legacy_short_secret
     except ValueError as exc:
         raise ConfigError(f"line 1: {exc}", path) from None
     period, used, window, totp_mode = 30, None, None, False

@@ -1,68 +1,119 @@
 """One syslog line per authentication attempt, facility authpriv.
 
 We write RFC 3164 datagrams to the syslog socket ourselves instead of calling
-``syslog.openlog``: openlog would change the ident and facility of the host
-program (sshd, login, a web server) for the rest of its life. The socket path is
-a PAM option so tests can read the lines.
+``syslog.openlog``: openlog is process-wide state (ident, facility) shared by every
+thread of linkusd and by the host program of the CLI, and the socket path must be
+configurable so tests can read the lines.
 
-Every value is passed through ``_field``: a user name comes from the client and
-could carry newlines or quotes to forge log lines. Codes, secrets and passwords
-are never handed to this module.
+Every value goes through ``quote``: a user name, a remote host, a tty, a service
+name and a reason all come from outside (a PAM client, a directory, a file), and a
+value carrying ``"``, ``=``, a space or a newline must not be able to forge another
+field or another line. So every string value is written the same way -- in double
+quotes, with ``"`` and ``\\`` escaped and everything outside printable ASCII as
+``\\xNN`` / ``\\uNNNN`` (bytes that were not UTF-8, given as bytes or as
+surrogate escapes, come out as the ``\\xNN`` of the original byte). Codes, secrets
+and passwords are never handed to this module.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+from collections.abc import Mapping
 
 LOG_AUTHPRIV = 10 << 3
 LOG_ALERT, LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 1, 3, 4, 5, 6, 7
 IDENT = "pam_linkus"
+#: Characters of a value kept beyond this are cut (with ``...`` inside the quotes).
+MAX_VALUE_CHARS = 200
+#: A datagram longer than this is cut; rsyslog and journald take at least 8 KiB.
+MAX_DATAGRAM = 8192
 
 
-def _field(value: object) -> str:
-    text = str(value)
-    if len(text) > 200:
-        text = text[:200] + "..."
-    safe = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else f"\\x{ord(c):02x}" for c in text)
-    if not safe or " " in safe or "=" in safe:
-        return f'"{safe}"'
-    return safe
+def _escape_char(c: str) -> str:
+    code = ord(c)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
 
 
-def format_fields(fields: dict[str, object]) -> str:
-    """``key=value`` pairs, values escaped and quoted where needed."""
-    return " ".join(f"{k}={_field(v)}" for k, v in fields.items())
+def quote(value: object) -> str:
+    """``value`` as one double-quoted, escaped token; the only way a value reaches a line.
+
+    Integers and booleans are ours, never outside input, and are written bare.
+    """
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("utf-8", "surrogateescape")
+    else:
+        text = str(value)
+    cut = len(text) > MAX_VALUE_CHARS
+    if cut:
+        text = text[:MAX_VALUE_CHARS]
+    out = []
+    for c in text:
+        if c == '"' or c == "\\":
+            out.append("\\" + c)
+        elif " " <= c <= "~":
+            out.append(c)
+        else:
+            out.append(_escape_char(c))
+    return '"' + "".join(out) + ('..."' if cut else '"')
+
+
+def _check_key(key: str) -> str:
+    # Keys are ours (literals in the code); refuse rather than escape, so a bug that
+    # passes outside input as a key is found in tests, not in a forged line.
+    if not key or not all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
+        raise ValueError("log field names are [A-Za-z0-9_-]+")
+    return key
+
+
+def format_fields(fields: Mapping[str, object]) -> str:
+    """``key="value"`` pairs, every value through ``quote``."""
+    return " ".join(f"{_check_key(k)}={quote(v)}" for k, v in fields.items())
 
 
 class SyslogSink:
-    """Sends lines to a syslog datagram socket; never raises (logging must not
-    change a login's outcome), and falls back to stderr only when told to."""
+    """Sends lines to a syslog datagram socket.
+
+    Thread-safe (each call uses its own socket; nothing is shared but two
+    immutable attributes) and never blocking: a datagram is sent with
+    ``MSG_DONTWAIT``, so a stalled syslog daemon costs a lost line, never a
+    waiting login. ``send`` never raises (logging must not change a login's
+    outcome); it returns whether the line was handed to syslog, so a command run
+    by a person can say on stderr that its audit line was lost.
+    """
 
     def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None):
         self.socket_path = socket_path
         self.tag = tag
 
-    def send(self, severity: int, message: str) -> None:
-        # ``_socket`` (the C module) rather than ``socket``: the Python wrapper
-        # imports enum, selectors and more -- milliseconds in every login process
-        # -- for nothing a single datagram needs.
-        import _socket
-
+    def send(self, severity: int, message: str) -> bool:
         stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
         ident = f"{IDENT}({self.tag})" if self.tag else IDENT
         datagram = f"<{LOG_AUTHPRIV | severity}>{stamp} {ident}[{os.getpid()}]: {message}"
+        data = datagram.encode("utf-8", "backslashreplace")[:MAX_DATAGRAM]
         try:
-            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError:
-            return
+            return False
         try:
-            sock.settimeout(1.0)
-            sock.sendto(datagram.encode("utf-8", "replace")[:8192], self.socket_path)
+            sock.sendto(data, socket.MSG_DONTWAIT, self.socket_path)
         except OSError:
-            pass  # no syslog daemon: nothing we can do without changing the outcome
+            return False  # no syslog daemon, or its queue is full: never wait for it
         finally:
             sock.close()
+        return True
 
-    def attempt(self, severity: int, fields: dict[str, object]) -> None:
-        self.send(severity, format_fields(fields))
+    def attempt(self, severity: int, fields: Mapping[str, object]) -> bool:
+        """One structured line (``format_fields``); True if syslog took it."""
+        return self.send(severity, format_fields(fields))

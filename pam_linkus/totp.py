@@ -1,67 +1,38 @@
 """TOTP (RFC 6238) over HOTP (RFC 4226), implemented directly.
 
 No I/O and no clock of its own: callers pass ``now`` (seconds since the epoch),
-so tests inject time instead of patching it. The time step is computed here from
-UNIX time, never through local time (pyotp <= 2.10 goes through local time and is
-an hour off around DST changes).
+so tests inject time instead of patching it. HMAC is the standard library's
+(``hmac.digest``): this runs in linkusd, where import time no longer matters.
+The time step is computed from UNIX time, never through local time (pyotp <= 2.10
+goes through local time and is an hour off around DST changes).
 """
 
 from __future__ import annotations
 
-from _operator import _compare_digest as compare_digest
+import hashlib
+import hmac
 
 from pam_linkus.codes import normalize_code
 from pam_linkus.errors import CodeRejected
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any
-
 _B32_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
 _B32_VALUES = {c: i for i, c in enumerate(_B32_ALPHABET)}
-
-
-def _digest(algorithm: str) -> tuple[Callable[[bytes], Any], int]:
-    """The hash constructor and block size for ``algorithm``.
-
-    Why not ``hashlib``/``hmac``: they load OpenSSL's libcrypto, several
-    milliseconds in every login process (pam_python starts a fresh interpreter
-    each time). CPython's builtin ``_sha1``/``_sha256``/``_sha512`` are the same
-    hash functions, compiled in and free to import; HMAC over them is RFC 2104,
-    checked against the RFC 4226/6238 vectors in the tests.
-    """
-    if algorithm == "SHA1":
-        from _sha1 import sha1  # type: ignore[import-not-found]
-
-        return sha1, 64  # type: ignore[no-any-return]
-    if algorithm == "SHA256":
-        from _sha256 import sha256  # type: ignore[import-not-found]
-
-        return sha256, 64
-    if algorithm == "SHA512":
-        from _sha512 import sha512  # type: ignore[import-not-found]
-
-        return sha512, 128
-    raise ValueError(f"unknown algorithm {algorithm!r}")
+_ALGORITHMS = {"SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
+#: How far outside the window ``clock_skew_steps`` looks (10 steps: 5 minutes at 30 s).
+SKEW_SEARCH_STEPS = 10
 
 
 def hmac_digest(key: bytes, message: bytes, algorithm: str) -> bytes:
-    """RFC 2104 HMAC of ``message`` under ``key``."""
-    new, block = _digest(algorithm)
-    if len(key) > block:
-        key = new(key).digest()
-    key = key.ljust(block, b"\0")
-    inner = new(bytes(b ^ 0x36 for b in key) + message).digest()
-    return bytes(new(bytes(b ^ 0x5C for b in key) + inner).digest())
+    """RFC 2104 HMAC of ``message`` under ``key`` with SHA1, SHA256 or SHA512."""
+    try:
+        name = _ALGORITHMS[algorithm]
+    except KeyError:
+        raise ValueError("unknown algorithm") from None
+    return hmac.digest(key, message, getattr(hashlib, name))
 
 
 def decode_secret(secret: str) -> bytes:
-    """Base32 text (spaces, dashes, lower case and missing padding allowed) to key bytes.
-
-    Decoded here rather than by ``base64.b32decode``: ``base64`` imports ``re``,
-    milliseconds per login.
-    """
+    """Base32 text (spaces, dashes, lower case and missing padding allowed) to key bytes."""
     cleaned = "".join(secret.split()).replace("-", "").upper().rstrip("=")
     if not cleaned or any(c not in _B32_VALUES for c in cleaned):
         raise ValueError("secret is not base32")
@@ -120,11 +91,45 @@ def match_totp(
         if step < 0:
             continue
         candidate = hotp(key, step, digits=digits, algorithm=algorithm)
-        if compare_digest(candidate.encode(), normalized.encode()) and matched < 0:
+        if hmac.compare_digest(candidate.encode(), normalized.encode()) and matched < 0:
             matched = step
     if matched < 0:
         raise CodeRejected("wrong code")
     return matched
+
+
+def clock_skew_steps(
+    key: bytes,
+    code: str,
+    now: float,
+    *,
+    window: int = 1,
+    period: int = 30,
+    digits: int = 6,
+    algorithm: str = "SHA1",
+    search: int = SKEW_SEARCH_STEPS,
+) -> int | None:
+    """For a code ``match_totp`` refused: how many steps off the clock seems to be.
+
+    Looks at the steps just outside the window (``window + 1`` to ``search`` steps
+    either side of ``now``) and returns the signed offset of the nearest one the
+    code belongs to (negative: the app's clock is behind the host's), or None.
+    The login is still denied; the caller only logs "clock off by about N steps",
+    so a host whose clock drifted is found before everyone is locked out. A random
+    wrong code matches one of these ~2*search steps with probability ~2*search/10**digits,
+    so one such line is a hint, many for many extensions a diagnosis.
+    """
+    normalized = normalize_code(code, digits)
+    if normalized is None:
+        return None
+    current = time_step(now, period)
+    for distance in range(window + 1, search + 1):
+        for offset in (-distance, distance):
+            step = current + offset
+            if step >= 0 and hmac.compare_digest(hotp(key, step, digits=digits, algorithm=algorithm).encode(),
+                                                 normalized.encode()):
+                return offset
+    return None
 
 
 def generate_secret(bits: int = 160) -> str:
@@ -149,6 +154,8 @@ def provisioning_uri(
     """The otpauth:// URI an authenticator app scans (Key Uri Format)."""
     from urllib.parse import quote, urlencode
 
-    label = quote(f"{issuer}:{account}", safe="@:")
+    # The label is "issuer:account" with one literal colon; a colon inside the issuer
+    # (or the account) is percent-encoded, or apps would split the label there.
+    label = f"{quote(issuer, safe='@')}:{quote(account, safe='@')}"
     params = {"secret": secret, "issuer": issuer, "algorithm": algorithm, "digits": digits, "period": period}
-    return f"otpauth://totp/{label}?{urlencode(params, quote_via=quote)}"
+    return f"otpauth://totp/{label}?{urlencode(params, quote_via=quote, safe='')}"

@@ -80,9 +80,10 @@ class LogCatcher:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                found = [line for line in self.lines if needle in line]
+                # every text value is quoted in the log (logline); tests may name it bare
+                found = [line for line in self.lines if needle in line or needle in line.replace('"', "")]
             if found:
-                return found[0]
+                return found[0].replace('"', "")
             time.sleep(0.02)
         raise AssertionError(f"no log line with {needle!r}; got {self.lines!r}")
 

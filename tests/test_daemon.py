@@ -112,12 +112,12 @@ def test_kept_code_is_checked_without_a_prompt(stack: PamStack) -> None:
 
 def test_unknown_explicit_profile_is_unavailable(stack: PamStack) -> None:
     assert login(stack, "alice", profile="no-such-profile").outcome == "unavailable"
-    stack.log.wait_for("unknown profile")
+    stack.log.wait_for("is not defined in profiles")
 
 
 def test_lockout_is_exact_under_parallel_guesses(stack: PamStack) -> None:
     """Issue 12.2: 60 wrong codes in parallel (20 at a time), max_failures 5: exactly 5 are checked."""
-    stack.write_config(lockout={"max_failures": 5, "duration": 900})
+    stack.write_config(lockout={"max_failures": 5, "duration": 900}, daemon={"max_per_account": 32})
     stack.enroll_totp("alice")
     code = code_at(SECRET, time.time())
     wrong = f"{(int(code) + 500000) % 1000000:06d}"
@@ -136,8 +136,9 @@ def test_lockout_is_exact_under_parallel_guesses(stack: PamStack) -> None:
         for t in threads:
             t.join(60)
     assert len(outcomes) == 60
-    assert outcomes.count("denied") == 4, outcomes
-    assert outcomes.count("locked") == 56
+    # A checked code ends denied, or locked when a parallel guess applied the lock first.
+    assert outcomes.count("denied") + outcomes.count("locked") == 60, outcomes
+    assert outcomes.count("denied") <= 4
     checked = [line for line in stack.log.lines if "wrong code" in line or "malformed" in line]
     assert len(checked) == 5, checked
     assert login(stack, "alice", code).outcome == "locked"
@@ -233,7 +234,7 @@ def test_non_root_peer_is_refused_unless_its_group_is_allowed(stack: PamStack) -
 def test_parked_conversations_of_one_user_do_not_delay_another_login(stack: PamStack) -> None:
     """200 `su`-style logins (euid 0, a user's real uid) parked at the code prompt: at most
     max_per_caller are served at once, and a root login (sshd) goes through at once."""
-    stack.write_config(daemon={"max_per_caller": 16})
+    stack.write_config(daemon={"max_per_caller": 16, "max_per_account": 500})
     stack.enroll_totp("alice")
     stack.enroll_totp("bob")
     script = f"""
@@ -250,15 +251,16 @@ for _ in range(200):
     else:
         held.append(s)
     outcomes.append(first)
-print(outcomes.count('prompt'), outcomes.count('unavailable'), flush=True)
+print(outcomes.count('prompt'), len(outcomes) - outcomes.count('prompt'), sorted(set(outcomes)), flush=True)
 sys.stdin.read()
 """
     proc = subprocess.Popen([DAEMON_PYTHON, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     try:
         assert proc.stdout is not None
-        parked, refused = map(int, proc.stdout.readline().split())
-        assert (parked, refused) == (16, 184)
+        first_line = proc.stdout.readline()
+        parked, refused = map(int, first_line.split()[:2])  # refused: RESULT unavailable or closed at once
+        assert (parked, refused) == (16, 184), first_line
         started = time.monotonic()
         assert login(stack, "bob", code_at(SECRET, time.time())).outcome == "success"
         assert time.monotonic() - started < 2.0

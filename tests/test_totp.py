@@ -8,6 +8,7 @@ import pytest
 
 from pam_linkus.errors import CodeRejected
 from pam_linkus.totp import (
+    clock_skew_steps,
     decode_secret,
     generate_secret,
     hotp,
@@ -109,3 +110,37 @@ def test_provisioning_uri_names_issuer_and_parameters() -> None:
     assert uri.startswith("otpauth://totp/PBX%20Main:1001?")
     assert "secret=JBSWY3DPEHPK3PXP" in uri and "issuer=PBX%20Main" in uri
     assert "algorithm=SHA1" in uri and "digits=6" in uri and "period=30" in uri
+
+
+def test_issuer_with_a_colon_is_percent_encoded() -> None:
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    uri = provisioning_uri("JBSWY3DPEHPK3PXP", "1001", "PBX: Main & Co")
+    parts = urlsplit(uri)
+    label = parts.path.lstrip("/").removeprefix("totp/")
+    assert label.count(":") == 1 and label == "PBX%3A%20Main%20%26%20Co:1001"
+    issuer, account = (unquote(p) for p in label.split(":"))
+    assert (issuer, account) == ("PBX: Main & Co", "1001")
+    assert "issuer=PBX%3A%20Main%20%26%20Co" in parts.query
+    assert parse_qs(parts.query)["issuer"] == ["PBX: Main & Co"]
+
+
+@pytest.mark.parametrize("offset", [-10, -5, -2, 2, 3, 7, 10])
+def test_clock_skew_steps_reports_codes_just_outside_the_window(offset: int) -> None:
+    key = RFC6238_SEEDS["SHA1"]
+    now = 1_700_000_000.0
+    code = totp(key, now + 30 * offset)
+    with pytest.raises(CodeRejected):
+        match_totp(key, code, now, window=1)
+    assert clock_skew_steps(key, code, now, window=1) == offset
+
+
+def test_clock_skew_steps_is_none_inside_the_window_far_away_or_malformed() -> None:
+    key = RFC6238_SEEDS["SHA1"]
+    now = 1_700_000_000.0
+    assert clock_skew_steps(key, totp(key, now + 30), now, window=1) is None  # matched: not skew
+    far = totp(key, now + 30 * 11)
+    nearby = {totp(key, now + 30 * d) for d in range(-10, 11)}
+    assert far not in nearby and clock_skew_steps(key, far, now, window=1) is None
+    assert clock_skew_steps(key, "12ab56", now) is None
+    assert clock_skew_steps(key, totp(key, now - 30 * 8), now, window=1, search=5) is None

@@ -35,7 +35,7 @@ extensions:
 def ext_file(private_dir: Path) -> Path:
     path = private_dir / "extensions.yaml"
     path.write_text(ORIGINAL)
-    os.chmod(path, 0o640)
+    os.chmod(path, 0o400)
     os.chown(path, 0, 4)
     return path
 
@@ -56,7 +56,7 @@ def test_only_the_one_entry_changes_and_comments_mode_owner_stay(ext_file: Path)
         f'  "1001":  # alice\n    # her old phone\n    # set 2024\n    method: totp\n    secret: {OTHER}\n',
     )
     st = ext_file.stat()
-    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o640, 0, 4)
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o400, 0, 4)
     assert read_extensions(str(ext_file))["1001"].secret == OTHER
     assert leftovers(ext_file) == []
 

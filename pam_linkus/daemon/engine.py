@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from pam_linkus.errors import ConfigError, LinkusError, Unavailable
+from pam_linkus.errors import LinkusError, Unavailable
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, SyslogSink
 
 if TYPE_CHECKING:
@@ -75,16 +75,6 @@ class Snapshot:
             closer()
 
 
-def _gids(names: list[str], key: str) -> frozenset[int]:
-    gids = set()
-    for name in names:
-        try:
-            gids.add(grp.getgrnam(name).gr_gid)
-        except KeyError:
-            raise ConfigError(f"group {name[:64]!r} does not exist", f"daemon.{key}") from None
-    return frozenset(gids)
-
-
 def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
     """Load and check everything a login needs; raise a LinkusError naming what is wrong."""
     from nss_config.chain import build_chain
@@ -97,8 +87,8 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
     if "yaml" in config.sources:
         files[config.yaml.path] = _signature(config.yaml.path)
     daemon = config.daemon
-    allowed = _gids(daemon.allowed_groups, "allowed_groups")
-    trusted = _gids(daemon.trusted_groups, "trusted_groups")
+    allowed = daemon.group_ids(daemon.allowed_groups)
+    trusted = daemon.group_ids(daemon.trusted_groups)
     try:
         web_gid: int | None = grp.getgrnam(daemon.web_group).gr_gid
     except KeyError:
@@ -262,7 +252,7 @@ class Engine:
         """How much of the PAM pool one calling real uid may use at once (root: all of it)."""
         slots = self._caller_slots.get(ruid)
         if slots is None:
-            workers = self._pam_pool._max_workers  # noqa: SLF001 - set by us in __init__
+            workers = self._pam_pool._max_workers
             slots = asyncio.Semaphore(workers if ruid == 0 else max(1, workers // 4))
             self._caller_slots[ruid] = slots
         return slots

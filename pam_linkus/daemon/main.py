@@ -179,8 +179,10 @@ async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, re
             notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
             await engine.reload("SIGHUP")
             notify("READY=1")
-        loop.create_task(again())
+        reloads.add(task := loop.create_task(again()))
+        task.add_done_callback(reloads.discard)
 
+    reloads: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     tasks = [loop.create_task(engine.watch())]
     if notify.watchdog:
@@ -230,9 +232,9 @@ def _daemonize() -> int:
 class _TeeSink(SyslogSink):
     """In the foreground, every line also goes to stderr."""
 
-    def send(self, severity: int, message: str) -> None:
-        super().send(severity, message)
+    def send(self, severity: int, message: str) -> bool:
         print(message, file=sys.stderr, flush=True)
+        return super().send(severity, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,9 @@ import socket
 import struct
 import time
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pam_linkus import protocol
@@ -31,6 +31,7 @@ from pam_linkus.protocol import F, Msg, ProtocolError
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
     from pam_linkus.flow import Ask, Context, Info, LoginRequest, Steps
+    from pam_linkus.web.api import SelfService
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("3i")
@@ -94,7 +95,7 @@ class Server:
         self.per_caller: Counter[int] = Counter()
         self.per_account: Counter[str] = Counter()
         self.connections = 0
-        self._web_service: object | None = None
+        self._web_service: SelfService | None = None
 
     # -- limits ----------------------------------------------------------------
 
@@ -238,8 +239,7 @@ class Server:
             self._web_service = SelfService(self.engine)
         try:
             async with asyncio.timeout(timeout):
-                reply: dict[str, object] = await self._web_service.call(request, peer.uid)  # type: ignore[attr-defined]
-                return reply
+                return await self._web_service.call(request, peer.uid)
         except TimeoutError:
             return {"ok": False, "error": "unavailable"}
         except LinkusError as exc:
