@@ -22,7 +22,8 @@ APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools py
 APT_TEST := $(APT_DEB) $(APT_DEMO) openssh-server slapd ldap-utils redis-server redis-sentinel \
             libpam-google-authenticator libpam-oath oathtool openssl procps passwd login \
             valgrind systemd man-db
-PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis
+# python-pam: web logins in-process against a stack with pam_linkus.so (tests/test_native.py).
+PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis python-pam
 
 .PHONY: demo install native deb deps-runtime deps-test test lint bench clean
 

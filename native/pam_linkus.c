@@ -905,11 +905,12 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
     int rc;
 
 #ifdef LINKUS_CANARY
-    {   /* Planted bug for the sanitizer tests: one byte past a stack buffer. */
-        char probe[8];
-        volatile size_t at = sizeof probe;
-        probe[at] = 1;
-        (void)probe;
+    {   /* Planted bug for the sanitizer tests: one byte past a heap buffer. */
+        volatile size_t at = 8;
+        char *probe = malloc(8);
+        if (probe != NULL)
+            probe[at] = 1;
+        free(probe);
     }
 #endif
     (void)pam_get_item(pamh, PAM_SERVICE, (const void **)&lg.service);
