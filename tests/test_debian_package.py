@@ -252,7 +252,7 @@ def test_config_page_names_every_daemon_and_top_level_key() -> None:
     from pam_linkus.config import Config, DaemonConfig
 
     page = (REPO / "packaging" / "man" / "pam_linkus.yaml.5").read_text().replace("\\-", "-")
-    not_keys = {"path", "cache_dir"}  # attributes, not keys of the file
+    not_keys = {"path", "cache_dir", "default_profile"}  # attributes, not keys of the file
     for key in [k for k in Config.__slots__ if k not in not_keys] + [f"daemon.{k}" for k in DaemonConfig.__slots__]:
         assert f"\n.B {key}\n" in page or f"\n.SS {key}" in page, key
 
@@ -373,12 +373,21 @@ def installed(deb: Path, machine: dict[str, Snapshot]) -> dict[str, Any]:
     finally:
         old.unlink()
     status_after_refusal = installed_status()
-    result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
-                  "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300)
+    # Again, with the administrator's consent: postinst rewrites the line (linkus-2fa migrate-pam).
+    old.write_text(OLD_LINE)
+    backup = old.with_name(old.name + ".linkus-bak")
+    try:
+        result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
+                      "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300,
+                     env={**CLEAN_ENV, "LINKUS_MIGRATE_PAM": "yes"})
+        migrated = old.read_text()
+    finally:
+        old.unlink()
+        backup.unlink(missing_ok=True)
     seen = Path("/var/lib/pam/seen")
     return {"apt": result, "pam_changed": machine["pam"].differences(), "seen": seen.read_text().split(),
             "seen_before": machine["pam"].entries[seen][4], "refused": refused, "old": old,
-            "status_after_refusal": status_after_refusal}
+            "status_after_refusal": status_after_refusal, "migrated": migrated}
 
 
 class InstalledLinkusd:
@@ -453,6 +462,10 @@ def test_upgrade_from_pam_python_stacks_is_refused_before_unpacking(installed: d
     assert installed["status_after_refusal"] in ("not known", "un", "pn", "in")  # in: selected, not installed
     said = refused.stdout + refused.stderr
     assert f"libpam-linkus:   {installed['old']}" in said and "LINKUS_MIGRATE_PAM=yes" in said, said
+
+
+def test_upgrade_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
+    assert installed["migrated"] == "auth [success=ok ignore=ignore default=die] pam_linkus.so\n"
 
 
 def test_install_leaves_the_layout(installed: dict[str, Any]) -> None:

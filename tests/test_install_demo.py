@@ -99,13 +99,29 @@ def test_install_refuses_stacks_that_load_the_pam_python_module(fresh_machine: d
 
 
 @pytest.fixture(scope="module")
-def installed(fresh_machine: dict[str, Any]) -> dict[str, Any]:
-    first = install(fresh_machine["prefix"])
+def installed(fresh_machine: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    # The first install is an upgrade whose admin agreed to the rewrite of the old PAM lines.
+    old = Path("/etc/pam.d", f"linkus-test-{os.urandom(4).hex()}")
+    old.write_text("auth requisite pam_unix.so\n" + OLD_LINE)
+    backup = old.with_name(old.name + ".linkus-bak")
+    try:
+        first = install(fresh_machine["prefix"], LINKUS_MIGRATE_PAM="yes")
+        migrated, kept = old.read_text(), backup.read_text() if backup.exists() else None
+    finally:
+        old.unlink()
+        backup.unlink(missing_ok=True)
     assert first.returncode == 0, first.stdout + first.stderr
     pid = running_pid()
     again = install(fresh_machine["prefix"])
     assert again.returncode == 0, again.stdout + again.stderr
-    return {"first": first, "again": again, "pid": pid, "prefix": fresh_machine["prefix"]}
+    yield {"first": first, "again": again, "pid": pid, "prefix": fresh_machine["prefix"], "migrated": migrated,
+           "kept": kept}
+
+
+def test_install_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
+    assert installed["migrated"] == ("auth requisite pam_unix.so\n"
+                                     "auth [success=ok ignore=ignore default=die] pam_linkus.so\n")
+    assert installed["kept"] == "auth requisite pam_unix.so\n" + OLD_LINE
 
 
 def test_install_layout(installed: dict[str, Any]) -> None:
