@@ -248,10 +248,18 @@ def test_man_pages_have_no_warnings() -> None:
         assert result.stderr == "", f"{page.name}: {result.stderr}"
 
 
-def test_config_page_names_every_daemon_and_top_level_key() -> None:
+def test_config_page_names_every_key_the_config_reads() -> None:
+    """Every key pam_linkus/config.py reads (r.string("key", ...) & co.) is in pam_linkus.yaml(5)."""
     from pam_linkus.config import Config, DaemonConfig
 
+    source = (REPO / "pam_linkus" / "config.py").read_text()
+    keys = set(re.findall(r"\b(?:r|attrs)\.(?:string|integer|number|boolean|path|optional_path|optional_string|"
+                          r"string_list|section)\(\"(\w+)\"", source))
+    keys |= set(re.findall(r"_prompt\(r, \"(\w+)\"", source))
+    assert {"enforce", "max_failures", "bind_password_file", "answer_timeout", "totp"} <= keys
     page = (REPO / "packaging" / "man" / "pam_linkus.yaml.5").read_text().replace("\\-", "-")
+    documented = set(re.findall(r"\n\.(?:B|SS) (?:[\w.]+\.)?(\w+)\n", page))
+    assert sorted(keys - documented) == []
     not_keys = {"path", "cache_dir", "default_profile"}  # attributes, not keys of the file
     for key in [k for k in Config.__slots__ if k not in not_keys] + [f"daemon.{k}" for k in DaemonConfig.__slots__]:
         assert f"\n.B {key}\n" in page or f"\n.SS {key}" in page, key
