@@ -1,16 +1,20 @@
 """The systemd units in packaging/systemd: verified, hardened, and in agreement with linkusd.
 
 CI has no systemd as PID 1, so what can be checked here is checked with systemd's own offline
-tools (``systemd-analyze verify`` and ``security --offline=yes``), with
-``systemd-socket-activate`` standing in for the socket units, and with the kernel's
-PR_SET_MDWE standing in for MemoryDenyWriteExecute=. The sandbox itself (ProtectSystem=,
-SystemCallFilter=, the empty capability set...) only a real systemd host exercises; the
-linkusd(8) page lists which.
+tools (``systemd-analyze verify`` and ``security --offline=yes``), and the daemon is run in
+stand-ins for the unit: ``systemd-socket-activate`` for the socket units (descriptor names,
+sd_notify), ``setpriv`` for CapabilityBoundingSet= (empty) and NoNewPrivileges=, the kernel's
+PR_SET_MDWE for MemoryDenyWriteExecute=, and a libseccomp filter built from the unit's own
+SystemCallFilter= lines (expanded by systemd-analyze) for the system call filter. The mount
+namespace settings (ProtectSystem=strict and ReadWritePaths=, ProtectHome=, PrivateTmp=,
+PrivateDevices=, StateDirectory=), RestrictAddressFamilies=, RestrictNamespaces=, the Protect*
+kernel settings and the watchdog's restart only a real systemd host exercises.
 """
 
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shutil
@@ -141,15 +145,51 @@ class _Notify:
         return seen
 
 
-#: Run linkusd with the kernel refusing writable+executable memory for the process and its
-#: children, as MemoryDenyWriteExecute= does (PR_SET_MDWE, Linux >= 6.3, inherited over exec).
-MDWE_WRAPPER = """
-import ctypes, runpy, sys
+#: Run linkusd as linkusd.service would: the kernel refusing writable+executable memory for the
+#: process and its children, as MemoryDenyWriteExecute= does (PR_SET_MDWE, Linux >= 6.3,
+#: inherited over exec), and a seccomp filter built from the unit's SystemCallFilter= lines
+#: (allowed: @system-service minus @privileged and @resources, as systemd-analyze expands
+#: them; anything else fails with SystemCallErrorNumber=EPERM). argv[1]: the allowed names.
+SANDBOX_WRAPPER = """
+import ctypes, errno, json, runpy, sys
+import seccomp
 if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
     sys.exit("PR_SET_MDWE failed")
-sys.argv = ["linkusd", *sys.argv[1:]]
+allowed = json.load(open(sys.argv[1]))
+rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
+for name in allowed:
+    try:
+        rules.add_rule(seccomp.ALLOW, name)
+    except (RuntimeError, ValueError):
+        pass  # not a system call of this architecture
+rules.load()
+sys.argv = ["linkusd", *sys.argv[2:]]
 runpy.run_module("pam_linkus.daemon", run_name="__main__")
 """
+
+
+def syscall_group(name: str) -> set[str]:
+    """A systemd system call group (e.g. @system-service) expanded to names, nested groups included."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
+                         timeout=30, check=True, env=CLEAN_ENV).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        names |= syscall_group(item) if item.startswith("@") else {item}
+    return names
+
+
+def unit_syscall_allowlist() -> set[str]:
+    """What linkusd.service's SystemCallFilter= lines allow."""
+    allowed: set[str] = set()
+    for value in values("linkusd.service", "SystemCallFilter"):
+        deny = value.startswith("~")
+        names = set().union(*(syscall_group(g) if g.startswith("@") else {g} for g in value.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    assert "execve" in allowed and "setuid" not in allowed and "setrlimit" not in allowed
+    return allowed
 
 
 def _mdwe_available() -> bool:
@@ -157,17 +197,47 @@ def _mdwe_available() -> bool:
     return (int(release[0]), int(re.sub(r"\D.*", "", release[1]) or 0)) >= (6, 3)
 
 
-def test_daemon_under_the_units_socket_names_and_without_wx_memory(private_dir: Path, log_catcher: LogCatcher,
-                                                                   user: str) -> None:
+#: What CapabilityBoundingSet= (empty) and NoNewPrivileges=yes leave a root service: uid 0 with no
+#: capability at all (exec recomputes root's capabilities from the empty bounding set).
+NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+
+
+def test_pam_password_check_needs_no_capability(private_dir: Path, log_catcher: LogCatcher, user: str) -> None:
+    """linkusd checks self-service passwords through PAM (pam_unix) with no capability: pam_unix reads
+    /etc/shadow as its owner, root. A wrong password is still refused, so the check is real."""
+    require_root()
+    stack = PamStack(private_dir, log_catcher, start=False,
+                     auth_lines="auth required pam_unix.so nodelay\n")
+    try:
+        def check(password: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*NO_CAPS, "pamtester", stack.service, user, "authenticate"],
+                                  input=password + "\n", capture_output=True, text=True, timeout=30, check=False,
+                                  env=CLEAN_ENV)
+
+        right, wrong = check(PASSWORD), check("not-" + PASSWORD)
+        assert right.returncode == 0, right.stdout + right.stderr
+        assert wrong.returncode != 0 and "Authentication failure" in wrong.stderr
+    finally:
+        stack.remove()
+
+
+def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
+        private_dir: Path, log_catcher: LogCatcher, user: str) -> None:
     """systemd-socket-activate passes both sockets with the units' FileDescriptorName=s; linkusd,
-    unable to map writable+executable memory, says READY=1, serves a real login through
-    pam_linkus.so, reloads on SIGHUP (RELOADING=1 then READY=1) and says STOPPING=1 on SIGTERM."""
+    with no capability, no_new_privs, unable to map writable+executable memory, and only the
+    system calls the unit allows, says READY=1,
+    serves a real login through pam_linkus.so, reloads on SIGHUP (RELOADING=1 then READY=1) and
+    says STOPPING=1 on SIGTERM."""
     require_root()
     if not _mdwe_available():
         pytest.fail(f"kernel {os.uname().release} has no PR_SET_MDWE (6.3+); cannot stand in for the unit")
     activate = shutil.which("systemd-socket-activate")
     if activate is None:
         pytest.fail("systemd-socket-activate is missing (Debian's systemd package has it)")
+    if subprocess.run([DAEMON_PYTHON, "-c", "import seccomp"], capture_output=True, check=False).returncode != 0:
+        pytest.fail("python3-seccomp is missing (make deps-test installs it)")
+    allowlist = private_dir / "syscalls.json"
+    allowlist.write_text(json.dumps(sorted(unit_syscall_allowlist())))
     stack = PamStack(private_dir, log_catcher, start=False)
     notify = _Notify(private_dir / "notify.sock")
     pam_sock, web_sock = stack.daemon.pam_socket, stack.daemon.web_socket
@@ -176,7 +246,7 @@ def test_daemon_under_the_units_socket_names_and_without_wx_memory(private_dir: 
     proc = subprocess.Popen(
         [activate, "-l", str(pam_sock), "-l", str(web_sock), f"--fdname={names}",
          "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}", "-E", "WATCHDOG_USEC=2000000",
-         DAEMON_PYTHON, "-c", MDWE_WRAPPER, "--config", str(stack.config_path),
+         *NO_CAPS, DAEMON_PYTHON, "-c", SANDBOX_WRAPPER, str(allowlist), "--config", str(stack.config_path),
          "--pam-socket", str(pam_sock), "--web-socket", str(web_sock), "--log-socket", str(log_catcher.path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CLEAN_ENV,
     )
@@ -194,6 +264,9 @@ def test_daemon_under_the_units_socket_names_and_without_wx_memory(private_dir: 
         replay = stack.pamtester(user, PASSWORD, code)
         assert replay.returncode != 0 and "Authentication failure" in replay.stderr
         daemon_pid = int((pam_sock.parent / "linkusd.lock").read_text())
+        status = Path(f"/proc/{daemon_pid}/status").read_text()
+        assert "\nCapEff:\t0000000000000000\n" in status and "\nNoNewPrivs:\t1\n" in status, status
+        assert "\nSeccomp:\t2\n" in status, status  # filter mode
         os.kill(daemon_pid, signal.SIGHUP)
         notify.wait_for("RELOADING=1")
         notify.wait_for("READY=1")
@@ -208,3 +281,23 @@ def test_daemon_under_the_units_socket_names_and_without_wx_memory(private_dir: 
             proc.stderr.close()
         notify.sock.close()
         stack.remove()
+
+
+def test_the_syscall_emulation_has_teeth(tmp_path: Path) -> None:
+    """Under the same filter, a call the unit denies (setuid, from @privileged; setpriority, from
+    @resources) fails with EPERM while an allowed one works: the test above means something."""
+    allowlist = tmp_path / "syscalls.json"
+    allowlist.write_text(json.dumps(sorted(unit_syscall_allowlist())))
+    probe = SANDBOX_WRAPPER.split("sys.argv = ")[0] + (
+        "import os\n"
+        "for call in (lambda: os.setuid(0), lambda: os.setpriority(os.PRIO_PROCESS, 0, 1)):\n"
+        "    try:\n"
+        "        call()\n"
+        "        print('allowed')\n"
+        "    except PermissionError:\n"
+        "        print('EPERM')\n"
+        "print(len(os.listdir('/')) > 0)\n"
+    )
+    result = subprocess.run([*NO_CAPS, DAEMON_PYTHON, "-c", probe, str(allowlist)], capture_output=True, text=True,
+                            timeout=30, check=False, env=CLEAN_ENV)
+    assert result.stdout.split() == ["EPERM", "EPERM", "True"], result.stdout + result.stderr
