@@ -5,10 +5,11 @@ tools (``systemd-analyze verify`` and ``security --offline=yes``), and the daemo
 stand-ins for the unit: ``systemd-socket-activate`` for the socket units (descriptor names,
 sd_notify), ``setpriv`` for CapabilityBoundingSet= (empty) and NoNewPrivileges=, the kernel's
 PR_SET_MDWE for MemoryDenyWriteExecute=, and a libseccomp filter built from the unit's own
-SystemCallFilter= lines (expanded by systemd-analyze) for the system call filter. The mount
-namespace settings (ProtectSystem=strict and ReadWritePaths=, ProtectHome=, PrivateTmp=,
-PrivateDevices=, StateDirectory=), RestrictAddressFamilies=, RestrictNamespaces=, the Protect*
-kernel settings and the watchdog's restart only a real systemd host exercises.
+SystemCallFilter= lines (expanded by systemd-analyze) and RestrictAddressFamilies= for the system
+call filter. The mount namespace settings (ProtectSystem=strict and ReadWritePaths=,
+ProtectHome=, PrivateTmp=, PrivateDevices=, PrivateMounts=, StateDirectory=, ProcSubset=),
+RestrictNamespaces=, the Protect* kernel settings, LockPersonality=, RestrictRealtime=,
+RestrictSUIDSGID=, and the watchdog's restart only a real systemd host exercises.
 """
 
 from __future__ import annotations
@@ -149,21 +150,30 @@ class _Notify:
 #: process and its children, as MemoryDenyWriteExecute= does (PR_SET_MDWE, Linux >= 6.3,
 #: inherited over exec), and a seccomp filter built from the unit's SystemCallFilter= lines
 #: (allowed: @system-service minus @privileged and @resources, as systemd-analyze expands
-#: them; anything else fails with SystemCallErrorNumber=EPERM). argv[1]: the allowed names.
+#: them; anything else fails with SystemCallErrorNumber=EPERM), with socket() allowed only for the
+#: families of RestrictAddressFamilies= (others fail with EAFNOSUPPORT, as under systemd).
+#: argv[1]: the allowed names; argv[2]: the allowed address families.
 SANDBOX_WRAPPER = """
 import ctypes, errno, json, runpy, sys
 import seccomp
 if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
     sys.exit("PR_SET_MDWE failed")
 allowed = json.load(open(sys.argv[1]))
+families = json.loads(sys.argv[2])
 rules = seccomp.SyscallFilter(defaction=seccomp.ERRNO(errno.EPERM))
 for name in allowed:
+    if name == "socket":
+        continue
     try:
         rules.add_rule(seccomp.ALLOW, name)
     except (RuntimeError, ValueError):
         pass  # not a system call of this architecture
+for family in families:
+    rules.add_rule(seccomp.ALLOW, "socket", seccomp.Arg(0, seccomp.EQ, family))
+for family in set(range(46)) - set(families):
+    rules.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), "socket", seccomp.Arg(0, seccomp.EQ, family))
 rules.load()
-sys.argv = ["linkusd", *sys.argv[2:]]
+sys.argv = ["linkusd", *sys.argv[3:]]
 runpy.run_module("pam_linkus.daemon", run_name="__main__")
 """
 
@@ -179,6 +189,14 @@ def syscall_group(name: str) -> set[str]:
             continue
         names |= syscall_group(item) if item.startswith("@") else {item}
     return names
+
+
+def unit_address_families() -> str:
+    """RestrictAddressFamilies= of linkusd.service as a JSON list of numbers, for the wrapper."""
+    import socket as sockets
+
+    names = unit("linkusd.service")["Service"]["RestrictAddressFamilies"].split()
+    return json.dumps([int(getattr(sockets, name)) for name in names])
 
 
 def unit_syscall_allowlist() -> set[str]:
@@ -246,7 +264,8 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
     proc = subprocess.Popen(
         [activate, "-l", str(pam_sock), "-l", str(web_sock), f"--fdname={names}",
          "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}", "-E", "WATCHDOG_USEC=2000000",
-         *NO_CAPS, DAEMON_PYTHON, "-c", SANDBOX_WRAPPER, str(allowlist), "--config", str(stack.config_path),
+         *NO_CAPS, DAEMON_PYTHON, "-c", SANDBOX_WRAPPER, str(allowlist), unit_address_families(),
+         "--config", str(stack.config_path),
          "--pam-socket", str(pam_sock), "--web-socket", str(web_sock), "--log-socket", str(log_catcher.path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=CLEAN_ENV,
     )
@@ -285,7 +304,8 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
 
 def test_the_syscall_emulation_has_teeth(tmp_path: Path) -> None:
     """Under the same filter, a call the unit denies (setuid, from @privileged; setpriority, from
-    @resources) fails with EPERM while an allowed one works: the test above means something."""
+    @resources) fails with EPERM, a netlink socket with EAFNOSUPPORT, while allowed ones work:
+    the test above means something."""
     allowlist = tmp_path / "syscalls.json"
     allowlist.write_text(json.dumps(sorted(unit_syscall_allowlist())))
     probe = SANDBOX_WRAPPER.split("sys.argv = ")[0] + (
@@ -296,8 +316,15 @@ def test_the_syscall_emulation_has_teeth(tmp_path: Path) -> None:
         "        print('allowed')\n"
         "    except PermissionError:\n"
         "        print('EPERM')\n"
+        "import socket\n"
+        "try:\n"
+        "    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\n"
+        "    print('allowed')\n"
+        "except OSError as exc:\n"
+        "    print(errno.errorcode[exc.errno])\n"
+        "socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()\n"
         "print(len(os.listdir('/')) > 0)\n"
     )
-    result = subprocess.run([*NO_CAPS, DAEMON_PYTHON, "-c", probe, str(allowlist)], capture_output=True, text=True,
-                            timeout=30, check=False, env=CLEAN_ENV)
-    assert result.stdout.split() == ["EPERM", "EPERM", "True"], result.stdout + result.stderr
+    result = subprocess.run([*NO_CAPS, DAEMON_PYTHON, "-c", probe, str(allowlist), unit_address_families()],
+                            capture_output=True, text=True, timeout=30, check=False, env=CLEAN_ENV)
+    assert result.stdout.split() == ["EPERM", "EPERM", "EAFNOSUPPORT", "True"], result.stdout + result.stderr
