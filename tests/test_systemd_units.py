@@ -6,8 +6,9 @@ stand-ins for the unit: ``systemd-socket-activate`` for the socket units (descri
 sd_notify), ``setpriv`` for CapabilityBoundingSet= (empty) and NoNewPrivileges=, the kernel's
 PR_SET_MDWE for MemoryDenyWriteExecute=, and a libseccomp filter built from the unit's own
 SystemCallFilter= lines (expanded by systemd-analyze) and RestrictAddressFamilies= for the system
-call filter. The mount namespace settings (ProtectSystem=strict and ReadWritePaths=,
-ProtectHome=, PrivateTmp=, PrivateDevices=, PrivateMounts=, StateDirectory=, ProcSubset=),
+call filter, and a private mount namespace for ProtectSystem=strict + ReadWritePaths= +
+PrivateTmp= (roughly: every mount read-only, the state and socket directories read-write).
+PrivateDevices=, ProtectHome= as systemd sets it up, StateDirectory=, ProcSubset=,
 RestrictNamespaces=, the Protect* kernel settings, LockPersonality=, RestrictRealtime=,
 RestrictSUIDSGID=, and the watchdog's restart only a real systemd host exercises.
 """
@@ -178,6 +179,26 @@ runpy.run_module("pam_linkus.daemon", run_name="__main__")
 """
 
 
+#: The mount namespace of linkusd.service, roughly: ProtectSystem=strict (every mount read-only but
+#: the API file systems), ReadWritePaths= (the arguments before "--", bound read-write again),
+#: PrivateTmp= (fresh /tmp and /var/tmp). Runs as root before capabilities are dropped, in its own
+#: mount namespace (unshare --mount, private propagation): nothing leaks to the host.
+NAMESPACE_WRAPPER = r"""
+set -e
+rw=()
+while [ "$1" != -- ]; do rw+=("$1"); shift; done
+shift
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
+    case "$m" in /dev|/dev/*|/proc|/proc/*|/sys|/sys/*) continue ;; esac
+    mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+for p in "${rw[@]}"; do mount --bind "$p" "$p"; mount -o remount,bind,rw "$p"; done
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+exec "$@"
+"""
+
+
 def syscall_group(name: str) -> set[str]:
     """A systemd system call group (e.g. @system-service) expanded to names, nested groups included."""
     out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True,
@@ -242,8 +263,8 @@ def test_pam_password_check_needs_no_capability(private_dir: Path, log_catcher: 
 def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
         private_dir: Path, log_catcher: LogCatcher, user: str) -> None:
     """systemd-socket-activate passes both sockets with the units' FileDescriptorName=s; linkusd,
-    with no capability, no_new_privs, unable to map writable+executable memory, and only the
-    system calls the unit allows, says READY=1,
+    with no capability, no_new_privs, unable to map writable+executable memory, only the system
+    calls the unit allows, and nothing writable but its state and socket directories, says READY=1,
     serves a real login through pam_linkus.so, reloads on SIGHUP (RELOADING=1 then READY=1) and
     says STOPPING=1 on SIGTERM."""
     require_root()
@@ -264,6 +285,8 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
     proc = subprocess.Popen(
         [activate, "-l", str(pam_sock), "-l", str(web_sock), f"--fdname={names}",
          "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}", "-E", "WATCHDOG_USEC=2000000",
+         "unshare", "--mount", "--propagation", "private", "--", "bash", "-c", NAMESPACE_WRAPPER, "linkusd-ns",
+         str(stack.state_path.parent), str(pam_sock.parent), "--",
          *NO_CAPS, DAEMON_PYTHON, "-c", SANDBOX_WRAPPER, str(allowlist), unit_address_families(),
          "--config", str(stack.config_path),
          "--pam-socket", str(pam_sock), "--web-socket", str(web_sock), "--log-socket", str(log_catcher.path)],
@@ -286,6 +309,9 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
         status = Path(f"/proc/{daemon_pid}/status").read_text()
         assert "\nCapEff:\t0000000000000000\n" in status and "\nNoNewPrivs:\t1\n" in status, status
         assert "\nSeccomp:\t2\n" in status, status  # filter mode
+        mounts = {line.split()[4]: line.split()[5].split(",") for line in
+                  Path(f"/proc/{daemon_pid}/mountinfo").read_text().splitlines()}
+        assert "ro" in mounts["/"] and "rw" in mounts[str(stack.state_path.parent)], mounts
         os.kill(daemon_pid, signal.SIGHUP)
         notify.wait_for("RELOADING=1")
         notify.wait_for("READY=1")
