@@ -1,48 +1,69 @@
 """The LDAP source: extension settings from a directory (README.md, "LDAP directory").
 
-One login costs at most one connection, one bind and one search, on the first
-server of ``ldap.uris`` that answers. A login speaks LDAP through the small
-client in nss_config.ldap_wire (importing ``ldap3`` alone cost about 60 ms of
-every login); ``ldap3`` remains for doctor's step-by-step check and the writer.
-``ssl`` and ``socket`` are imported inside the functions that talk to the
-directory, so a host whose chain stops at an earlier source never pays for them.
+One ``LdapSource`` lives as long as a config snapshot in linkusd and is shared by
+the worker threads: it keeps a few bound connections per server warm (each used
+by one thread at a time, taken from and returned to a small idle list under a
+lock), so a login normally costs one search round trip. A connection that fails
+is closed and replaced; a warm one that fails is retried once fresh.
 
 What the directory says, and what the login makes of it:
 
-* exactly one entry, with 2FA attributes   -> found (validated by ``settings_from_mapping``)
+* exactly one entry, with 2FA attributes   -> found (validated by ``settings_from_mapping``);
+  ``account`` is the entry's own value of the filter's name attribute (``uid``),
+  so every spelling the directory matches (case, spaces) shares one state record
 * one entry without any of method / enabled / secret, or no entry -> not here (None)
 * two or more entries                      -> SourceUnavailable (ambiguous; never "pick one")
 * an entry whose attributes do not validate -> ConfigError (unavailable, names the DN)
-* no server could be asked (refused, timeout, TLS or certificate failure, bind
-  refused, search error)                   -> SourceUnavailable, or, only when
-  ``cache_max_age`` is set, the settings last read for that extension if they
-  are young enough. A directory that is down is never "not enrolled".
+* no server could be asked (refused, reset, closed, timeout, TLS or certificate
+  failure -- also a plain server behind ldaps://, bind refused, search error,
+  too many responses) -> the next server of ``uris``; when none answers,
+  SourceUnavailable, or, only when ``cache_max_age`` is set, the settings last
+  read for that extension if they are young enough. A directory that is down is
+  never "not enrolled".
+
+Deadlines: each server gets at most ``timeout`` seconds for everything (connect,
+TLS, bind, search), one lookup at most ``timeout`` x the number of ``uris``
+overall: a watchdog shuts the socket down when a server's time runs out,
+so a server that drips or sends endless references cannot hold a worker; at most
+``MAX_RESPONSES`` search responses are accepted.
 
 Safety choices that are not configurable: the certificate and host name are
-always verified; referrals are never followed; the bind is never retried
-anonymously; the user name is escaped per RFC 4515 before it enters the filter.
+always verified (TLS 1.2 or later); referrals are never followed; the bind is
+never retried anonymously; the user name is escaped per RFC 4515 before it
+enters the filter. Every ldap3 / socket / ssl exception is translated once, in
+``ldap_errors``.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import socket
+import ssl
+import threading
 import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
-from nss_config.base import ENTRY_KEYS, check_user_name, settings_from_mapping
+import ldap3
+from ldap3.core.exceptions import LDAPException
+from ldap3.operation.search import parse_filter
+from ldap3.utils.conv import escape_filter_chars
+from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
+
+from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from pam_linkus.errors import ConfigError, LinkusError, SourceUnavailable
 from pam_linkus.strictyaml import read_secret_file
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any
-
-    from nss_config.base import ExtensionSettings
     from pam_linkus.config import LdapConfig
     from pam_linkus.state.base import StateStore
 
-    #: One search answer: (DN, attribute name lower-cased -> raw values) per entry,
-    #: and whether the server stopped at the size limit.
-    Entries = tuple[list[tuple[str, dict[str, list[bytes]]]], bool]
+#: One search answer: (DN, attribute name lower-cased -> raw values) per entry,
+#: and whether the server stopped at the size limit.
+Entries = tuple[list[tuple[str, dict[str, list[bytes]]]], bool]
 
 #: Key of the offline cache in the state store.
 CACHE_SOURCE = "ldap"
@@ -51,14 +72,58 @@ CACHE_SOURCE = "ldap"
 PRESENCE_KEYS = ("method", "enabled", "secret")
 #: More than one match is ambiguous; asking for two is enough to know.
 SIZE_LIMIT = 2
-_SCOPES = {"base": "BASE", "one": "LEVEL", "subtree": "SUBTREE"}
+#: Entries + references + done accepted from one search; more is a broken or hostile server.
+MAX_RESPONSES = 16
+#: Warm connections kept per server.
+IDLE_PER_SERVER = 8
+_SCOPES = {"base": ldap3.BASE, "one": ldap3.LEVEL, "subtree": ldap3.SUBTREE}
+_NAME_ATTRIBUTE = re.compile(r"\(([A-Za-z][A-Za-z0-9-]*|[0-9][0-9.]*)=\{user\}\)")
+
+
+#: What ldap3's BER decoder raises on a malformed reply (seen with hostile
+#: frames: a truncated bindResponse gives IndexError), besides LDAPException.
+_MALFORMED_REPLY: tuple[type[BaseException], ...] = (IndexError, KeyError, ValueError, TypeError, PyAsn1Error)
+
+
+@contextmanager
+def ldap_errors(server: str) -> Iterator[None]:
+    """The one translation of lower-layer errors for a server: SourceUnavailable
+    naming the server and the error's kind, no traceback kept."""
+    try:
+        yield
+    except StepFailed as exc:
+        raise SourceUnavailable(f"{server}: {exc}") from None
+    except (LDAPException, OSError) as exc:  # ssl.SSLError, ConnectionResetError, BrokenPipeError...
+        problem = describe_error(exc)
+        drop_frames(exc)
+        raise SourceUnavailable(f"{server}: {problem}") from None
+    except _MALFORMED_REPLY as exc:  # after LDAPException: some of ldap3's are ValueErrors too
+        kind = type(exc).__name__
+        drop_frames(exc)
+        raise SourceUnavailable(f"{server}: malformed reply ({kind})") from None
+
+
+def name_attribute(template: str) -> str | None:
+    """The attribute the filter compares with the name (``uid`` in ``(uid={user})``)."""
+    found = _NAME_ATTRIBUTE.search(template)
+    return found.group(1) if found else None
+
+
+def check_filter(template: str) -> str | None:
+    """None if ``template`` with an escaped name is a filter ldap3 can send, else the problem."""
+    try:
+        parse_filter(build_filter(template, "x"), None, auto_escape=False, auto_encode=True,
+                     validator=None, check_names=False)
+    except LDAPException as exc:
+        return describe_error(exc)
+    return None
 
 
 class LdapSource:
     """Settings from an LDAP directory; see the module docstring for the answers.
 
     ``state`` is a callable returning the state store, called only when the
-    offline cache is on, so a login that does not need the cache never opens it.
+    offline cache is on.
     """
 
     name = "ldap"
@@ -73,6 +138,12 @@ class LdapSource:
         self.config = config
         self._state = state
         self._clock = clock
+        self._tls: Any = None
+        self._password: str | None = None
+        self._idle: dict[str, list[Any]] = {uri: [] for uri in config.uris}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._name_attribute = name_attribute(config.filter)
 
     @property
     def _caching(self) -> bool:
@@ -83,59 +154,137 @@ class LdapSource:
             check_user_name(user)
         except ValueError:
             return None  # no directory entry can carry such a name
-        password = read_secret_file(_required(self.config.bind_password_file), "LDAP bind password")
         try:
-            entries = search(self.config, password, user)
+            entries = self.search(user)
         except SourceUnavailable:
             cached = self._cached(user)
             if cached is None:
                 raise
             return cached
-        settings = settings_from_entries(self.config, user, entries)
+        settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute)
         if self._caching:
             self._remember(user, settings)
         return settings
+
+    # -- connections ------------------------------------------------------------------
+
+    def _setup(self) -> tuple[Any, str]:
+        if self._tls is None or self._password is None:
+            self._password = read_secret_file(_required(self.config.bind_password_file), "LDAP bind password")
+            self._tls = make_tls(self.config)
+        return self._tls, self._password
+
+    def _take(self, uri: str) -> Any | None:
+        with self._lock:
+            idle = self._idle.setdefault(uri, [])
+            return idle.pop() if idle else None
+
+    def _give_back(self, uri: str, conn: Any) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(uri, [])
+            if not self._closed and len(idle) < IDLE_PER_SERVER:
+                idle.append(conn)
+                return
+        close_quietly(conn)
+
+    def close(self) -> None:
+        """Unbind every warm connection (config snapshot replaced, daemon stopping)."""
+        with self._lock:
+            self._closed = True  # connections in use are closed when they come back
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle = {uri: [] for uri in self.config.uris}
+        for conn in conns:
+            close_quietly(conn)
+
+    def search(self, user: str) -> Entries:
+        """Ask the servers of ``uris`` in order within one overall deadline; the
+        first that answers decides. SourceUnavailable names each failure."""
+        tls, password = self._setup()
+        search_filter = build_filter(self.config.filter, user)
+        extra = (self._name_attribute,) if self._name_attribute else ()
+        deadline = time.monotonic() + self.config.timeout * len(self.config.uris)
+        failures = []
+        for uri in self.config.uris:
+            warm = self._take(uri)
+            server_deadline = min(deadline, time.monotonic() + self.config.timeout)
+            for conn in ([warm] if warm is not None else []) + [None]:
+                remaining = server_deadline - time.monotonic()
+                if remaining <= 0:
+                    failures.append(f"{uri}: no answer within ldap.timeout ({self.config.timeout} s)")
+                    break
+                try:
+                    with ldap_errors(uri):
+                        return self._search_on(uri, conn, tls, password, search_filter, extra, remaining)
+                except SourceUnavailable as exc:
+                    if conn is None:  # a fresh connection failed too: next server
+                        failures.append(exc.reason)
+        raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
+
+    def _search_on(self, uri: str, conn: Any, tls: Any, password: str, search_filter: str,
+                   extra: tuple[str, ...], remaining: float) -> Entries:
+        fresh = conn is None
+        if fresh:
+            conn = new_connection(self.config, uri, password, tls,
+                                  connect_timeout=min(self.config.connect_timeout, remaining))
+        watchdog = threading.Timer(remaining, _abort, (conn,))
+        watchdog.daemon = True
+        watchdog.start()
+        ok = False
+        try:
+            if fresh:
+                open_secured(conn)
+                bind_or_fail(self.config, conn)
+            found = find_entries(self.config, conn, search_filter, extra)
+            ok = True
+            return found
+        finally:
+            watchdog.cancel()
+            if ok:
+                self._give_back(uri, conn)
+            else:
+                close_quietly(conn)
 
     # -- the offline cache --------------------------------------------------------
 
     def _remember(self, user: str, settings: ExtensionSettings | None) -> None:
         """Keep what the directory said; forget the user when it says "not here"."""
-        import json
-
         assert self._state is not None
         data = None
         if settings is not None:
-            data = json.dumps({k: getattr(settings, k) for k in ENTRY_KEYS}, sort_keys=True)
-        self._state().cache_settings(CACHE_SOURCE, user, data, self._clock())
+            mapping: dict[str, Any] = {k: getattr(settings, k) for k in ENTRY_KEYS}
+            mapping["account"] = settings.account
+            data = json.dumps(mapping, sort_keys=True)
+        self._state().cache_settings(CACHE_SOURCE, user.casefold(), data, self._clock())
 
     def _cached(self, user: str) -> ExtensionSettings | None:
         if not self._caching:
             return None
-        import json
-
         assert self._state is not None
         try:
-            text = self._state().cached_settings(CACHE_SOURCE, user, self._clock(), self.config.cache_max_age)
+            text = self._state().cached_settings(CACHE_SOURCE, user.casefold(), self._clock(),
+                                                 self.config.cache_max_age)
         except LinkusError:
             return None  # the directory's failure is the one to report
         if text is None:
             return None
         try:
             entry = json.loads(text)
-        except ValueError:
+            account = entry.pop("account", user)
+            if not isinstance(account, str):
+                return None
+            return settings_from_mapping(user, entry, "LDAP offline cache", "ldap-cache", account=account)
+        except (ValueError, AttributeError, ConfigError):
             return None
+
+
+def _abort(conn: Any) -> None:
+    """The lookup's deadline passed: wake the thread blocked on this connection."""
+    sock = getattr(conn, "socket", None)
+    if sock is not None:
         try:
-            return settings_from_mapping(user, entry, "LDAP offline cache", "ldap-cache")
-        except ConfigError:
-            return None
-
-
-def _require_ldap3() -> None:
-    """A host configured for LDAP without python3-ldap3 is misconfigured, not broken."""
-    try:
-        import ldap3  # noqa: F401
-    except ImportError:
-        raise ConfigError("the LDAP source needs python3-ldap3 (apt-get install python3-ldap3)") from None
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _required(value: str | None) -> str:
@@ -150,61 +299,16 @@ def build_filter(template: str, user: str) -> str:
     Plain ``replace`` rather than ``str.format``: a template with other braces
     must not be interpreted, and the user name is only ever inserted escaped.
     """
-    from nss_config.ldap_wire import escape_value
-
-    return template.replace("{user}", escape_value(user))
-
-
-def encoded_filter(template: str, user: str) -> bytes:
-    """``build_filter`` encoded to BER; a template the encoder refuses is a ConfigError
-    (LdapConfig checks the template at config load, so this is only a safety net)."""
-    from nss_config.ldap_wire import FilterError, encode_filter
-
-    try:
-        return encode_filter(build_filter(template, user))
-    except FilterError as exc:
-        problem = str(exc)
-    raise ConfigError(f"ldap.filter: {problem}")
-
-
-def search(config: LdapConfig, password: str, user: str) -> Entries:
-    """Ask the servers of ``config.uris`` in order (through nss_config.ldap_wire);
-    the first that answers decides.
-
-    Raises SourceUnavailable naming each server's failure when none answers.
-    """
-    from nss_config import ldap_wire
-
-    filter_ber = encoded_filter(config.filter, user)
-    context = None
-    try:
-        context = ldap_wire.tls_context(config.ca_file)
-    except OSError as exc:  # _ssl.SSLError is an OSError
-        problem = describe_error(exc)
-    if context is None:  # raised here, outside the except block: no exception as context (see drop_frames)
-        raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
-    failures = []
-    for uri in config.uris:
-        try:
-            return ldap_wire.search(
-                uri, context, start_tls=config.start_tls, connect_timeout=config.connect_timeout,
-                timeout=config.timeout, bind_dn=config.bind_dn or "", password=password, base=config.base,
-                scope=config.scope, filter_ber=filter_ber, attributes=list(config.attributes.values()),
-                size_limit=SIZE_LIMIT)
-        except ldap_wire.LdapWireError as exc:
-            failures.append(f"{uri}: {exc}")
-    raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
+    return template.replace("{user}", escape_filter_chars(user))
 
 
 def make_tls(config: LdapConfig) -> Any:
-    import ssl
-
-    from ldap3 import Tls
-    from ldap3.core.exceptions import LDAPException
-
+    """Verified TLS: chain (``ca_file``, else the system CAs), host name, TLS >= 1.2."""
     try:
         # CERT_REQUIRED also makes ldap3 check the host name after the handshake.
-        return Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
+        # ldap3 builds its context with ssl.create_default_context: TLS 1.2 at least
+        # since Python 3.10.
+        return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
     except LDAPException as exc:
         problem = describe_error(exc)
         drop_frames(exc)
@@ -212,17 +316,15 @@ def make_tls(config: LdapConfig) -> Any:
 
 
 def new_connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
-                read_only: bool = True) -> Any:
+                   read_only: bool = True, connect_timeout: float | None = None) -> Any:
     """A connection object for ``uri`` (binding as ``bind_dn``, by default the
     lookup's ``ldap.bind_dn``); no I/O yet (``open_secured`` does that)."""
-    import ldap3
-
     server = ldap3.Server(
         uri,
         use_ssl=uri.lower().startswith("ldaps://"),
         tls=tls,
-        connect_timeout=config.connect_timeout,
-        get_info=ldap3.NONE,  # no schema or root DSE reads: one bind + one search per login
+        connect_timeout=connect_timeout or config.connect_timeout,
+        get_info=ldap3.NONE,  # no schema or root DSE reads: one bind + one search
         allowed_referral_hosts=[],  # and auto_referrals=False below: never follow one
     )
     return ldap3.Connection(
@@ -256,8 +358,6 @@ def open_secured(conn: Any) -> None:
 def _no_delay(conn: Any) -> None:
     """Send each request at once: with Nagle's algorithm the bind, written right
     after the TLS handshake, waits for a delayed ACK -- 40 ms of every login."""
-    import socket
-
     try:
         conn.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (AttributeError, OSError):
@@ -270,12 +370,10 @@ def bind_or_fail(config: LdapConfig, conn: Any) -> None:
 
 
 def find_entries(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
-    import ldap3
-
     conn.search(
         config.base,
         search_filter,
-        search_scope=getattr(ldap3, _SCOPES[config.scope]),
+        search_scope=_SCOPES[config.scope],
         attributes=[*config.attributes.values(), *extra],
         size_limit=SIZE_LIMIT,
         time_limit=config.timeout,
@@ -283,6 +381,8 @@ def find_entries(config: LdapConfig, conn: Any, search_filter: str, extra: tuple
     result = conn.result.get("result")
     if result not in (0, 4):  # success, sizeLimitExceeded (more than SIZE_LIMIT entries)
         raise StepFailed(f"search failed ({conn.result.get('description', '?')})")
+    if len(conn.response or []) > MAX_RESPONSES:
+        raise StepFailed(f"search answered with more than {MAX_RESPONSES} responses")
     entries = []
     for item in conn.response or []:
         if item.get("type") != "searchResEntry":
@@ -308,8 +408,6 @@ def drop_frames(exc: BaseException) -> None:
     freed twice and the login process segfaults (seen through real PAM). Clearing
     the frames breaks the cycle now, and reference counting frees it at once.
     """
-    import traceback
-
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
     while todo:
@@ -324,8 +422,6 @@ def drop_frames(exc: BaseException) -> None:
 
 
 def close_quietly(conn: Any) -> None:
-    from ldap3.core.exceptions import LDAPException
-
     try:
         conn.unbind()
     except (LDAPException, OSError):
@@ -334,8 +430,6 @@ def close_quietly(conn: Any) -> None:
 
 def describe_error(exc: BaseException) -> str:
     """One short line about a lower-layer error (ldap3 puts whole certificates in some)."""
-    import re
-
     text = " ".join(str(exc).split())
     start = text.find("{'subject'")
     if start >= 0:  # "certificate {<the whole certificate>} doesn't match any name in [...]"
@@ -346,8 +440,11 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> ExtensionSettings | None:
-    """Interpret a search answer (see the module docstring)."""
+def settings_from_entries(config: LdapConfig, user: str, found: Entries, *,
+                          name_attribute: str | None = None) -> ExtensionSettings | None:
+    """Interpret a search answer (see the module docstring); ``account`` is the
+    entry's value of ``name_attribute`` (the one equal to ``user`` ignoring case
+    when it has several), else ``user``."""
     entries, truncated = found
     if truncated or len(entries) > 1:
         raise SourceUnavailable(f"LDAP: more than one entry matches {user!r:.60} (ambiguous; fix the directory)")
@@ -358,7 +455,21 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries) -> Exte
     mapping = entry_mapping(config, user, where, raw)
     if not any(key in mapping for key in PRESENCE_KEYS):
         return None
-    return settings_from_mapping(user, mapping, where, "ldap")
+    account = user
+    if name_attribute:
+        values = [v.decode("utf-8", "replace") for v in raw.get(name_attribute.lower(), [])]
+        same = [v for v in values if v.casefold() == user.casefold()]
+        if len(same) == 1:
+            account = same[0]
+        elif len(values) == 1:
+            account = values[0]
+        else:
+            raise SourceUnavailable(f"LDAP: {where}: cannot tell the account's own name from {name_attribute}")
+        try:
+            check_user_name(account)
+        except ValueError:
+            raise ConfigError(f"{name_attribute} is not a usable account name", where) from None
+    return settings_from_mapping(user, mapping, where, "ldap", account=account)
 
 
 def entry_mapping(config: LdapConfig, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:
@@ -402,20 +513,13 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
     ``"FAIL"``. Each server of ``uris`` is tried on its own (connect + TLS, bind,
     and the sample search when ``sample_user`` is given), with ldap3; then, for
     ``sample_user``, the lookup a login would do, through the login's own client
-    (nss_config.ldap_wire: first answering server, entry validated, no cache), so
+    (``LdapSource``: first answering server, entry validated, no cache), so
     doctor tests what logins use. Never raises a LinkusError.
     """
     lines: list[str] = []
 
     def say(ok: bool, what: str, detail: str) -> None:
         lines.append(f"{'ok  ' if ok else 'FAIL'} ldap {what}: {detail}")
-
-    try:
-        _require_ldap3()
-    except LinkusError as exc:
-        say(False, "ldap3", exc.reason)
-        return lines
-    from ldap3.core.exceptions import LDAPException
 
     if not config.uris:
         say(False, "uris", "no server configured (ldap.uris)")
@@ -458,12 +562,15 @@ def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
         finally:
             close_quietly(conn)
     if sample_user:
+        source = LdapSource(config)
         try:
-            found = LdapSource(config).lookup(sample_user)
+            found = source.lookup(sample_user)
         except LinkusError as exc:
             say(False, f"lookup {sample_user}", exc.reason)
         else:
             detail = "not here (no 2FA attributes or no entry)" if found is None else (
-                f"method={found.method} enabled={'yes' if found.enabled else 'no'}")
+                f"method={found.method} enabled={'yes' if found.enabled else 'no'} account={found.account!r:.60}")
             say(True, f"lookup {sample_user}", detail)
+        finally:
+            source.close()
     return lines

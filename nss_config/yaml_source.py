@@ -30,11 +30,13 @@ linkusd builds a new ``YamlSource`` with ``YamlSource.load(path)`` aside when th
 file changes and swaps it in; a ``YamlSource`` never changes after it is built,
 so worker threads read it without a lock.
 
-Measured (Debian 12, Python 3.11, PyYAML 6 with libyaml; strict loader of
-pam_linkus.strictyaml as of this commit): 100,000 TOTP extensions (a 9.6 MB
-file) load in 6.2 s and raise RSS by ~330 MB while loading; the held snapshot
-itself is ~60 MB. A lookup is one dict access (~1 us). The load time is the
-strict loader's (being rewritten on libyaml events); this module adds ~0.4 s.
+Measured (this machine: Debian 12, 2 cores, Python 3.11, PyYAML 6 with libyaml,
+the strict loader of pam_linkus.strictyaml as of this commit): 100,000 TOTP
+extensions (a 7.4 MB file) load in 8.9 s with a peak RSS of 378 MB (260 MB
+still held by the allocator afterwards); the snapshot itself holds ~40 MB
+(tracemalloc); a lookup costs ~1.2 us. Nearly all of the load is the strict
+loader's node-based parse (being rewritten on libyaml events by another change):
+load in a child process or on events to meet linkusd's reload budget.
 """
 
 from __future__ import annotations

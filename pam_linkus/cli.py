@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
     from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
-    from pam_linkus.state.base import StateStore
     from pam_linkus.flow import Context
+    from pam_linkus.state.base import StateStore
 
 #: Tries a person gets to type the confirmation code of a new enrolment.
 CONFIRM_TRIES = 3
@@ -306,27 +306,22 @@ def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
 
 
 def disable(adm: Admin, ext: str) -> int:
-    from nss_config.writer import writer_for
+    from pam_linkus import enrolment
 
-    source, current = adm.lookup(ext)
-    adm.store()  # fail before the source is changed, not after
-    if current is not None:
-        writer = writer_for(adm.config, source)
-
-        def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
-            if old is None:
-                return None
-            # The secret went with the phone: drop it, so turning 2FA on again means a new enrolment.
-            kept = {k: v for k, v in old.items() if k in ("method", "email")}
-            return {**kept, "enabled": False}
-
-        writer.update(ext, change)
-    adm.store().forget(ext)
+    source, current = enrolment.switch_off(adm.config, adm.store(), ext)
     adm.audit("disable", ext, source=source if current is not None else "-")
     if current is None or not current.enrolled:
         print(f"{ext} had no 2FA enabled; its state (failures, lock, recovery codes) is cleared.")
     else:
         print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
+        if current.email:  # tell the owner, so a disable they did not ask for is noticed
+            from pam_linkus.mail import SmtpMailer
+
+            try:
+                enrolment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
+                                              time.time())
+            except LinkusError as exc:
+                print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
     print(SAVED)
     return 0
 

@@ -256,16 +256,12 @@ class LdapConfig:
         if not (self.filter.startswith("(") and self.filter.endswith(")")):
             raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         if self.uris:
-            # ldap3 encodes the filter at search time: what it cannot parse is refused
-            # here, at load, rather than on every login.
-            from ldap3.core.exceptions import LDAPException
-            from ldap3.operation.search import parse_filter
+            # What ldap3 cannot parse is refused here, never sent as something else.
+            from nss_config.ldap_source import check_filter
 
-            try:
-                parse_filter(self.filter.replace("{user}", "x"), None, auto_escape=False, auto_encode=False,
-                             validator=None, check_names=False)
-            except LDAPException:
-                raise r.fail("filter", "is not an LDAP filter ldap3 can send") from None
+            problem = check_filter(self.filter)
+            if problem is not None:
+                raise r.fail("filter", f"not an LDAP filter this module can send: {problem}")
         self.scope = r.string("scope", "subtree", choices=("base", "one", "subtree"))
         attrs = r.section("attributes")
         self.attributes = {k: attrs.string(k, v, max_len=100) for k, v in self.DEFAULT_ATTRIBUTES.items()}

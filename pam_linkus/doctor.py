@@ -102,6 +102,9 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
     else:
         doc.report("ok", "smtp", "not checked (no extension in the YAML source uses email; --smtp checks it)")
     check_pam_dir(doc, pam_dir)
+    from pam_linkus.web.checks import check_web
+
+    doc.add(check_web(config, pam_dir))
     return 1 if doc.failures else 0
 
 

@@ -264,7 +264,7 @@ def deliver(req: LoginRequest, ctx: Context, address: str | None, store: StateSt
     return prompts.email_sent.replace("{address}", masked)
 
 
-def verify(store: StateStore, key: bytes, user: str, answer: str, now: float) -> None:
+def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: float) -> None:
     """Use one attempt of ``user``'s pending code; return on success, else CodeRejected.
 
     A malformed answer (not 6 ASCII digits) still uses an attempt.

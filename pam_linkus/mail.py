@@ -1,7 +1,9 @@
 """The SMTP sender that carries email codes (``smtp`` config section).
 
-``smtplib``, ``ssl`` and ``email`` are imported inside ``send``: a TOTP login
-never pays for them. Every failure -- connection refused, timeout, TLS
+One message costs at most ``smtp.timeout`` seconds in all (connect, greeting,
+TLS, AUTH, data): smtplib's timeout is per read, so a server that drips a
+``220-`` greeting one line a second would never trip it; a watchdog shuts the
+socket down when the message's deadline passes. Every failure -- connection refused, timeout, TLS
 handshake or certificate, refused AUTH, refused sender or recipient -- becomes
 MailUnavailable here, the boundary of this component, with a message that names
 the server and the kind of failure (never the code or the password).
@@ -14,14 +16,48 @@ towards a local relay on the loopback interface, and never with AUTH.
 
 from __future__ import annotations
 
+import smtplib
+import socket
+import ssl
+import threading
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formatdate, make_msgid
+from typing import TYPE_CHECKING
+
 from pam_linkus.errors import ConfigError, MailUnavailable
+from pam_linkus.strictyaml import read_secret_file
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    import smtplib
-    import ssl
-
     from pam_linkus.config import SmtpConfig
+
+
+class _Watchdog:
+    """Shuts a connection's socket down when the message's deadline passes, waking
+    whichever read or write is blocked (smtplib then raises SMTPServerDisconnected
+    or OSError)."""
+
+    def __init__(self, conn: smtplib.SMTP, seconds: float):
+        self.conn = conn
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def _fire(self) -> None:
+        self.fired = True
+        sock = getattr(self.conn, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class SmtpMailer:
@@ -31,9 +67,8 @@ class SmtpMailer:
         self.config = config
 
     def send(self, to: str, subject: str, body: str, *, now: float) -> None:
-        """Hand one plain-text message for ``to`` to the SMTP server, or raise MailUnavailable."""
-        import smtplib
-
+        """Hand one plain-text message for ``to`` to the SMTP server within
+        ``smtp.timeout`` seconds overall, or raise MailUnavailable."""
         from pam_linkus.emailcode import check_address
 
         cfg = self.config
@@ -48,41 +83,44 @@ class SmtpMailer:
         message = _message(cfg.sender, to, subject, body, now)
         password = None
         if cfg.username:
-            from pam_linkus.strictyaml import read_secret_file
-
             assert cfg.password_file is not None  # SmtpConfig requires it with username
             password = read_secret_file(cfg.password_file, "SMTP password")
         context = _tls_context(cfg) if cfg.security != "none" else None
+        conn = self._new(context)
+        watchdog = _Watchdog(conn, cfg.timeout)
         try:
-            conn = self._connect(context)
+            with watchdog:
+                try:
+                    conn.connect(cfg.host, cfg.port)
+                    self._converse(conn, context, password, message, to)
+                except BaseException:
+                    conn.close()
+                    raise
             try:
-                self._converse(conn, context, password, message, to)
-            except BaseException:
-                conn.close()
-                raise
-            try:
-                conn.quit()
+                conn.quit()  # after the deadline's watchdog: QUIT has its own per-read timeout
             except (smtplib.SMTPException, OSError):
                 conn.close()  # the message was accepted; a lost QUIT changes nothing
             return
         except OSError as exc:  # smtplib's and ssl's errors, timeouts and refusals are all OSErrors
-            reason = _describe(exc, cfg.timeout)
+            reason = f"timed out after {cfg.timeout:g} s" if watchdog.fired else _describe(exc, cfg.timeout)
             _drop_tracebacks(exc)
         # Raised outside the except block, unchained: the lower-layer exception and
         # its frames (which reach pam_python's handle) must not outlive this call.
         raise MailUnavailable(f"SMTP server {cfg.host}:{cfg.port}: {reason}")
 
-    def _connect(self, context: ssl.SSLContext | None) -> smtplib.SMTP:
-        import smtplib
-        import socket
-
+    def _new(self, context: ssl.SSLContext | None) -> smtplib.SMTP:
+        """An unconnected client (no host given: nothing happens until ``connect``,
+        which runs under the watchdog)."""
         cfg = self.config
         # An explicit HELO name: smtplib's default asks the resolver for our FQDN,
         # a DNS round trip that can hang a login.
         helo = cfg.helo or socket.gethostname()
-        if cfg.security == "tls":
-            return smtplib.SMTP_SSL(cfg.host, cfg.port, local_hostname=helo, timeout=cfg.timeout, context=context)
-        return smtplib.SMTP(cfg.host, cfg.port, local_hostname=helo, timeout=cfg.timeout)
+        conn = (smtplib.SMTP_SSL(local_hostname=helo, timeout=cfg.timeout, context=context)
+                if cfg.security == "tls" else smtplib.SMTP(local_hostname=helo, timeout=cfg.timeout))
+        # The name TLS checks the certificate against (implicit TLS and STARTTLS);
+        # smtplib sets it only when the constructor connects.
+        conn._host = cfg.host  # type: ignore[attr-defined]
+        return conn
 
     def _converse(
         self, conn: smtplib.SMTP, context: ssl.SSLContext | None, password: str | None, message: bytes, to: str
@@ -103,9 +141,6 @@ class SmtpMailer:
 
 def _describe(exc: OSError, timeout: float) -> str:
     """What went wrong, for the log: the kind of failure, never a code or password."""
-    import smtplib
-    import ssl
-
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
@@ -127,8 +162,8 @@ def _describe(exc: OSError, timeout: float) -> str:
 
 
 def _drop_tracebacks(exc: BaseException | None) -> None:
-    """Cut an exception chain loose from its frames (the Redis store does the same:
-    a cycle collected after pam_end has unloaded pam_python crashes the host process)."""
+    """Cut an exception chain loose from its frames: no lower-layer traceback
+    outlives the call (STYLE.md: translated once, tracebacks not kept)."""
     for _ in range(20):
         if exc is None:
             return
@@ -137,8 +172,6 @@ def _drop_tracebacks(exc: BaseException | None) -> None:
 
 
 def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:
-    import ssl
-
     try:
         context = ssl.create_default_context(cafile=cfg.ca_file)
     except FileNotFoundError:
@@ -148,10 +181,6 @@ def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:
 
 
 def _message(sender: str, to: str, subject: str, body: str, now: float) -> bytes:
-    from email.message import EmailMessage
-    from email.policy import SMTP
-    from email.utils import formatdate, make_msgid
-
     message = EmailMessage(policy=SMTP)
     message["From"] = sender
     message["To"] = to

@@ -24,11 +24,17 @@ _ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
 _SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 1 << 14, 8, 1
 
 
-def normalize_recovery_code(raw: str | None) -> str | None:
+def normalize_recovery_code(raw: str | bytes | None) -> str | None:
     """Lower-case ASCII letters and digits without spaces or dashes, or None if the
-    answer cannot be a recovery code (so no hash is computed for a typo'd TOTP code)."""
-    if raw is None or len(raw) > 64:
+    answer cannot be a recovery code (so no hash is computed for a typo'd TOTP code).
+
+    Non-ASCII input is refused before ``lower``: the Kelvin sign lower-cases to
+    an ASCII ``k``; invalid UTF-8 (bytes, or surrogate escapes) is no code either.
+    """
+    if raw is None or len(raw) > 64 or not raw.isascii():
         return None
+    if isinstance(raw, bytes):
+        raw = raw.decode("ascii")
     code = raw.replace(" ", "").replace("-", "").lower()
     if not MIN_LENGTH <= len(code) <= MAX_LENGTH or not set(code) <= _ALLOWED:
         return None

@@ -4,7 +4,8 @@ PAM: each ``pam_stack`` gets a throwaway /etc/pam.d/linkus-test-<random> service
 (removed afterwards; the machine's own PAM files are never touched) that loads
 native/pam_linkus.so, a private root-only directory with pam_linkus.yaml /
 extensions.yaml / state / sockets, its own linkusd started from this checkout,
-and a syslog socket whose lines the module and linkusd write and the test reads. Test users are created with a random name and deleted afterwards.
+and a syslog socket whose lines the module and linkusd write and the test reads.
+Test users are created with a random name and deleted afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import pam_client  # noqa: E402
+
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
 #: Fixtures of the real servers (slapd, redis-server, aiosmtpd), for every test module.

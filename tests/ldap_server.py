@@ -24,7 +24,9 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -387,3 +389,99 @@ def black_hole_fixture() -> Iterator[BlackHole]:
     hole = BlackHole()
     yield hole
     hole.close()
+
+
+def _ber(tag: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([tag, len(body)]) + body
+
+
+class EndlessReferences:
+    """An ldaps server (the test CA's certificate) that accepts any bind and answers
+    a search with search references and never a searchResDone (issue 12 item 10):
+    ``pause`` seconds between references (0: a flood). Bounded: 3,000 references."""
+
+    def __init__(self, pki: Any, pause: float):
+        self.pause = pause
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(5)
+                    self.talk(conn)
+            except OSError:
+                pass
+
+    def talk(self, conn: Any) -> None:
+        while not self.stop.is_set():
+            request = conn.recv(4096)
+            if not request:
+                return
+            msg_id = request[4]  # 30 LL 02 01 <id>: our client's ids are small
+            op = request[5]
+            if op == 0x60:  # bindRequest -> bindResponse success
+                conn.sendall(_ber(0x30, _ber(0x02, bytes([msg_id])) + _ber(0x61, b"\x0a\x01\x00\x04\x00\x04\x00")))
+            elif op == 0x63:  # searchRequest -> references, forever
+                ref = _ber(0x30, _ber(0x02, bytes([msg_id])) + _ber(0x73, _ber(0x04, b"ldap://elsewhere.test/")))
+                for _ in range(3000):
+                    conn.sendall(ref)
+                    if self.pause and self.stop.wait(self.pause):
+                        return
+                return
+            else:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.sock.close()
+
+
+class GarbageLdap:
+    """An ldaps server (the test CA's certificate) that answers the first request
+    of each connection with ``reply`` (malformed BER) and then waits; bounded:
+    it serves until closed, each connection for at most 3 s."""
+
+    def __init__(self, pki: Any, reply: bytes):
+        self.reply = reply
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.settimeout(3)
+                    conn.recv(4096)
+                    conn.sendall(self.reply)
+                    conn.recv(4096)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.sock.close()

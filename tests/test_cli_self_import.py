@@ -9,12 +9,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import pam_client as client
 import pytest
 import yaml
 from cli_helpers import cli_argv, finish, password_service, read_key, run_cli, spawn_cli
 from conftest import PASSWORD, REPO, SECRET, PamStack, code_at
-
-from pam_linkus import client
 
 pytestmark = pytest.mark.pam
 __all__ = ["password_service"]  # the fixture, re-exported for pytest

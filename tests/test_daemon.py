@@ -330,40 +330,41 @@ def test_killed_mid_login_then_restarted(stack: PamStack) -> None:
 
 
 def test_reload_of_100k_extensions_while_32_clients_log_in(stack: PamStack) -> None:
-    """No login waits for a reload: 32 parallel clients keep logging in while 100,000
+    """No login waits for a reload: 32 client processes keep logging in while 100,000
     extensions load aside; none fails and none is slower than 2 s."""
     lines = ["extensions:"]
     lines += [f"  ext{i:06d}: {{method: totp, secret: {SECRET}}}" for i in range(100_000)]
-    lines.append(f"  alice: {{method: totp, secret: {SECRET}}}")
-    stop = threading.Event()
-    results: list[tuple[str, float]] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            outcome = login(stack, "someone").outcome
-            with lock:
-                results.append((outcome, time.monotonic() - started))
-
-    threads = [threading.Thread(target=client) for _ in range(32)]
-    for t in threads:
-        t.start()
+    stop_file = stack.root / "stop-clients"
+    script = f"""
+import os, sys, time
+sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
+import daemon_client as dc
+worst, outcomes = 0.0, set()
+for _ in range(2000):                      # bounded; the test stops us much earlier
+    if os.path.exists({str(stop_file)!r}):
+        break
+    started = time.monotonic()
+    outcomes.add(dc.converse({sock(stack)!r}, 'someone').outcome)
+    worst = max(worst, time.monotonic() - started)
+    time.sleep(0.02)
+print(worst, ','.join(sorted(outcomes)))
+"""
+    clients = [subprocess.Popen([DAEMON_PYTHON, "-c", script], stdout=subprocess.PIPE, text=True)
+               for _ in range(32)]
     try:
-        time.sleep(0.5)
+        time.sleep(1.0)
         stack.extensions_path.write_text("\n".join(lines) + "\n")
         started = time.monotonic()
         status = stack.daemon.reload()
         reload_s = time.monotonic() - started
         time.sleep(0.5)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        stop_file.touch()
+        reports = [proc.communicate(timeout=60)[0].split() for proc in clients]
     assert status["last_error"] is None
     assert reload_s < 30
-    assert results and all(outcome == "skip" for outcome, _ in results)
-    assert max(seconds for _, seconds in results) < 2.0
+    assert all(outcomes == "skip" for _, outcomes in reports), reports
+    assert max(float(worst) for worst, _ in reports) < 2.0, reports
     assert login(stack, "ext099999", code_at(SECRET, time.time())).outcome == "success"
 
 

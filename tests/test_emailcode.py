@@ -7,7 +7,6 @@ import os
 import re
 import secrets
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,12 @@ import pytest
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
 from pam_linkus import emailcode
+from pam_linkus.codes import normalize_code
 from pam_linkus.config import Config
 from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
 from pam_linkus.flow import Context, LoginRequest, authenticate
 from pam_linkus.outcome import Outcome
+from pam_linkus.recovery import normalize_recovery_code
 from pam_linkus.state.base import EmailCheck, EmailLimits, email_retry_after
 from pam_linkus.state.sqlite_store import SqliteStore
 
@@ -100,12 +101,10 @@ class Harness:
 
     def login(self, user: str, answer: Any, rhost: str | None = "192.0.2.9") -> tuple[str, str, Prompter]:
         prompter = Prompter(answer)
-        ctx = Context(
-            self.config, prompter, clock=self.clock, mailer=self.mailer,
-            open_chain=lambda c: SourceChain([Source(self.entries)]), open_store=lambda c: self.store,
-        )
+        ctx = Context(self.config, self.clock, SourceChain([Source(self.entries)]), self.store,
+                      mailer_factory=lambda: self.mailer)
         try:
-            decision = authenticate(LoginRequest(user, "sshd", rhost), ctx)
+            decision = authenticate(LoginRequest(user, "sshd", rhost), ctx, prompter)
             return decision.outcome, decision.reason, prompter
         except (CodeRejected, Locked, MailUnavailable, ConfigError) as exc:
             return exc.outcome, exc.reason, prompter
@@ -115,15 +114,15 @@ class Harness:
 
 
 @pytest.fixture
-def host(tmp_path: Path) -> Any:
-    harness = Harness(tmp_path)
+def host(private_dir: Path) -> Any:
+    harness = Harness(private_dir)
     harness.add("1002")
     yield harness
     harness.close()
 
 
-def make_host(tmp_path: Path, name: str, **email: Any) -> Harness:
-    root = tmp_path / name
+def make_host(private_dir: Path, name: str, **email: Any) -> Harness:
+    root = private_dir / name
     root.mkdir()
     harness = Harness(root, **email)
     harness.add("1002")
@@ -144,8 +143,8 @@ def test_code_arrives_and_logs_in_once(host: Harness) -> None:
     assert "192.0.2.9" in body and "sshd" in body and "5 minutes" in body
 
 
-def test_reused_code_is_refused(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", send_interval=0)
+def test_reused_code_is_refused(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", send_interval=0)
     assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
     used = host.mailer.last_code()
     host.clock.now += 1
@@ -172,8 +171,8 @@ def test_code_just_before_expiry_is_accepted(host: Harness) -> None:
     assert host.login("1002", in_time)[0] == Outcome.SUCCESS
 
 
-def test_expiry_is_configurable(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", code_lifetime=60)
+def test_expiry_is_configurable(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", code_lifetime=60)
 
     def late() -> str:
         host.clock.now += 61
@@ -193,8 +192,8 @@ def test_code_of_another_extension_is_refused(host: Harness) -> None:
         assert (outcome, reason) == (Outcome.DENIED, "wrong code (1 consecutive failures)")
 
 
-def test_too_many_attempts_kill_the_code(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", max_attempts=3)
+def test_too_many_attempts_kill_the_code(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", max_attempts=3)
     results = [host.login("1002", "abc") for _ in range(3)]
     assert [r[1] for r in results] == [
         "malformed code (1 consecutive failures)",
@@ -210,8 +209,8 @@ def test_too_many_attempts_kill_the_code(tmp_path: Path) -> None:
     assert prompter.prompts == [] and prompter.infos == ["Too many codes were sent for this account; try again later."]
 
 
-def test_failures_count_toward_the_lockout_and_a_new_code_does_not_reset_them(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", send_interval=0, max_per_hour=100)
+def test_failures_count_toward_the_lockout_and_a_new_code_does_not_reset_them(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", send_interval=0, max_per_hour=100)
     for i in range(1, 5):
         assert host.login("1002", "x")[1].endswith(
             f"({i} consecutive failures)"
@@ -239,8 +238,8 @@ def test_throttled_login_still_accepts_the_last_unexpired_code(host: Harness) ->
     assert "still valid" in prompter.infos[0]
 
 
-def test_send_interval_and_hourly_limit(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", send_interval=60, max_per_hour=3)
+def test_send_interval_and_hourly_limit(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", send_interval=60, max_per_hour=3)
     sends = []
     for _ in range(12):
         host.login("1002", lambda: host.mailer.last_code())
@@ -253,8 +252,8 @@ def test_send_interval_and_hourly_limit(tmp_path: Path) -> None:
     assert len(host.mailer.sent) == 4
 
 
-def test_global_throttle(tmp_path: Path) -> None:
-    host = make_host(tmp_path, "h", global_max_per_minute=2)
+def test_global_throttle(private_dir: Path) -> None:
+    host = make_host(private_dir, "h", global_max_per_minute=2)
     for user in ("2001", "2002", "2003"):
         host.add(user)
     results = [host.login(user, "x")[1] for user in ("2001", "2002", "2003")]
@@ -293,44 +292,6 @@ def test_lookalike_digits_and_spaces(host: Harness) -> None:
     assert host.login("1002", fancy)[1] == "malformed code (1 consecutive failures)"
     code = host.mailer.last_code()
     assert host.login("1002", f"{code[:3]} {code[3:]}")[0] == Outcome.SUCCESS
-
-
-PROBE = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
-from nss_config.base import ExtensionSettings
-from nss_config.chain import SourceChain
-from pam_linkus.config import Config
-from pam_linkus.flow import Context, LoginRequest, authenticate
-from pam_linkus.state.sqlite_store import SqliteStore
-from pam_linkus.totp import decode_secret, totp
-
-SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
-class Source:
-    name = "probe"
-    def lookup(self, user):
-        return ExtensionSettings(user, "totp", secret=SECRET)
-class Prompter:
-    def ask(self, prompt, echo=False):
-        return totp(decode_secret(SECRET), 1_800_000_000.0)
-    def info(self, text):
-        pass
-ctx = Context(Config.from_mapping({}), Prompter(), clock=lambda: 1_800_000_000.0,
-              open_chain=lambda c: SourceChain([Source()]), open_store=lambda c: SqliteStore(sys.argv[2]))
-print(authenticate(LoginRequest("1001"), ctx).outcome)
-print([m for m in ("smtplib", "ssl", "email", "pam_linkus.mail", "pam_linkus.emailcode") if m in sys.modules])
-"""
-
-
-def test_a_totp_login_does_not_import_smtp(tmp_path: Path) -> None:
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-I", "-c", PROBE, str(Path(__file__).parent.parent),
-                          str(tmp_path / "state.db")], capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[:2] == ["success", "[]"]
-
-
-# -- store operations (the rest is in the StateStore contract, tests/state_contract.py) --
 
 
 def test_store_empty_hash_never_matches(host: Harness) -> None:
@@ -394,12 +355,12 @@ def test_smtp_config_refuses_plaintext_off_loopback() -> None:
     assert Config.from_mapping({"smtp": {"security": "none"}}).smtp.port == 25
 
 
-def test_template_file(tmp_path: Path) -> None:
-    os.chmod(tmp_path, 0o700)
-    template = tmp_path / "mail.txt"
+def test_template_file(private_dir: Path) -> None:
+    os.chmod(private_dir, 0o700)
+    template = private_dir / "mail.txt"
     template.write_text("Code {code} for {user} from {rhost} at {time} on {host}, {minutes} min, to {address}\n")
-    os.chmod(template, 0o644)
-    host = Harness(tmp_path, template_file=str(template))
+    os.chmod(template, 0o600)  # config files: root-only, 0600 or 0400
+    host = Harness(private_dir, template_file=str(template))
     host.add("1002")
     assert host.login("1002", "1", rhost=None)[0] == Outcome.DENIED
     body = host.mailer.sent[0][2]
@@ -411,22 +372,49 @@ def test_template_file(tmp_path: Path) -> None:
     host.close()
 
 
-def test_key_file_is_created_once_root_only(tmp_path: Path) -> None:
-    os.chmod(tmp_path, 0o700)
-    path = str(tmp_path / "email.key")
+def test_key_file_is_created_once_root_only(private_dir: Path) -> None:
+    os.chmod(private_dir, 0o700)
+    path = str(private_dir / "email.key")
     key = emailcode.load_key(path)
     assert len(key) == 32 and emailcode.load_key(path) == key
     st = os.stat(path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
-    assert [p.name for p in tmp_path.iterdir()] == ["email.key"]  # no temporary file left
+    assert [p.name for p in private_dir.iterdir()] == ["email.key"]  # no temporary file left
 
 
-def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+def test_key_file_readable_by_others_is_refused(private_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("open_secure wants root-owned files")
-    os.chmod(tmp_path, 0o700)
-    path = tmp_path / "email.key"
+    os.chmod(private_dir, 0o700)
+    path = private_dir / "email.key"
     path.write_text(secrets.token_hex(32))
     os.chmod(path, 0o644)
-    with pytest.raises(ConfigError, match="readable by others"):
+    with pytest.raises(ConfigError, match="readable by group or others"):
         emailcode.load_key(str(path))
+
+
+@pytest.mark.parametrize("answer", [
+    b"\xff\xfe", "\udcff\udcfe", b"12345\xff", "\uff11\uff12\uff13\uff14\uff15\uff16", "12345\x00", b"abcdef",
+], ids=repr)
+def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(private_dir: Path, answer: Any) -> None:
+    """Issue 12 item 3: never an internal error, always counted."""
+    assert normalize_code(answer, 6) is None
+    store = SqliteStore(str(private_dir / "state.db"))
+    try:
+        key = b"k" * 32
+        store.issue_email_code("1001", emailcode.code_hash(key, "1001", "123456"), 100.0, EmailLimits(max_attempts=2))
+        with pytest.raises(CodeRejected) as caught:
+            emailcode.verify(store, key, "1001", answer, 101.0)
+        assert "malformed" in caught.value.reason
+        with pytest.raises(CodeRejected):  # the malformed answer used the first of two attempts
+            emailcode.verify(store, key, "1001", "000000", 102.0)
+        with pytest.raises(CodeRejected):
+            emailcode.verify(store, key, "1001", "123456", 103.0)  # the code is gone: attempts exhausted
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfeabcdefgh", "abcd\udcffefgh", "\u212aabcdefgh"], ids=repr)
+def test_recovery_codes_refuse_non_ascii_before_lowercasing(raw: Any) -> None:
+    assert normalize_recovery_code(raw) is None
+    assert normalize_recovery_code("kabc-defgh") == "kabcdefgh"

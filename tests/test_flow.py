@@ -77,14 +77,8 @@ def run(
     if entries is None:
         entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET)}
     prompter = ScriptedPrompter(*answers)
-    ctx = Context(
-        Config.from_mapping(config or {}),
-        prompter,
-        clock=clock,
-        open_chain=lambda _ctx: SourceChain([StaticSource(entries)]),
-        open_store=lambda _ctx: store,
-    )
-    return authenticate(LoginRequest(user), ctx).outcome, prompter
+    ctx = Context(Config.from_mapping(config or {}), clock, SourceChain([StaticSource(entries)]), store)
+    return authenticate(LoginRequest(user), ctx, prompter).outcome, prompter
 
 
 def test_right_code_succeeds_once(store: SqliteStore) -> None:
@@ -119,12 +113,10 @@ def test_lockout_after_max_failures_then_expiry(store: SqliteStore) -> None:
         run(store, clock, "000000", config=config)
     # Locked: even the right code is not asked for.
     prompter = ScriptedPrompter(code(T0))
-    ctx = Context(Config.from_mapping(config), prompter, clock=clock,
-                  open_chain=lambda _c: SourceChain([StaticSource({"1001": ExtensionSettings("1001", "totp",
-                                                                                             secret=SECRET)})]),
-                  open_store=lambda _c: store)
+    chain = SourceChain([StaticSource({"1001": ExtensionSettings("1001", "totp", secret=SECRET)})])
+    ctx = Context(Config.from_mapping(config), clock, chain, store)
     with pytest.raises(Locked):
-        authenticate(LoginRequest("1001"), ctx)
+        authenticate(LoginRequest("1001"), ctx, prompter)
     assert prompter.prompts == [] and prompter.infos
     clock.now += 61
     assert run(store, clock, code(clock.now), config=config)[0] == Outcome.SUCCESS
@@ -157,13 +149,16 @@ def test_not_enrolled_skips_or_is_denied_by_policy(store: SqliteStore) -> None:
             run(store, clock, entries=entries, user=user, config={"enforce": "all"})
 
 
-def test_skip_never_opens_the_state_store(private_dir: Path) -> None:
-    def no_store(_ctx: Context) -> SqliteStore:
-        raise AssertionError("state store opened for a skip")
+class NoStore:
+    """A state store that must not be used."""
 
-    ctx = Context(Config.from_mapping({}), ScriptedPrompter(), clock=Clock(),
-                  open_chain=lambda _c: SourceChain([StaticSource({})]), open_store=no_store)
-    assert authenticate(LoginRequest("x"), ctx).outcome == Outcome.SKIP
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"state store used for a skip ({name})")
+
+
+def test_skip_never_touches_the_state_store() -> None:
+    ctx = Context(Config.from_mapping({}), Clock(), SourceChain([StaticSource({})]), NoStore())  # type: ignore[arg-type]
+    assert authenticate(LoginRequest("x"), ctx, ScriptedPrompter()).outcome == Outcome.SKIP
 
 
 def test_hang_up_is_a_conversation_failure_and_not_counted(store: SqliteStore) -> None:
@@ -173,11 +168,9 @@ def test_hang_up_is_a_conversation_failure_and_not_counted(store: SqliteStore) -
 
 
 def test_unavailable_source_is_never_a_skip(store: SqliteStore) -> None:
-    ctx = Context(Config.from_mapping({}), ScriptedPrompter(), clock=Clock(),
-                  open_chain=lambda _c: SourceChain([StaticSource({}, down=True)]),
-                  open_store=lambda _c: store)
+    ctx = Context(Config.from_mapping({}), Clock(), SourceChain([StaticSource({}, down=True)]), store)
     with pytest.raises(SourceUnavailable):
-        authenticate(LoginRequest("1001"), ctx)
+        authenticate(LoginRequest("1001"), ctx, ScriptedPrompter())
 
 
 def test_chain_next_on_unavailable_still_refuses_unknown_users() -> None:

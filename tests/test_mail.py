@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from smtp_server import SMTP_USER, SmtpServer, closed_port
+from smtp_server import SMTP_USER, EndlessGreeting, SmtpServer, closed_port
 
 from pam_linkus.config import Config
 from pam_linkus.errors import ConfigError, MailUnavailable
@@ -145,3 +145,19 @@ def test_header_injection_address_sends_nothing(smtp_server: Any, to: str) -> No
     with pytest.raises(ConfigError, match="recipient address"):
         mailer(server.port, security="none").send(to, "s", "123456\n", now=NOW)
     assert server.messages == []
+
+
+def test_a_greeting_that_never_ends_fails_within_the_overall_deadline() -> None:
+    """Issue 12 item 10: ``220-`` continuation lines, each well within the per-read
+    timeout, must not hold the message past its deadline."""
+    server = EndlessGreeting()
+    try:
+        m = mailer(server.port, security="none", timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(MailUnavailable) as caught:
+            m.send(TO, "subject", "body", now=NOW)
+        assert time.monotonic() - started < 2.0
+        assert "timed out after 1 s" in caught.value.reason
+        assert server.lines_sent >= 3  # the greeting really was still going
+    finally:
+        server.close()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import time
 
+import pam_client as client
 import pexpect
 import pytest
 from conftest import PASSWORD, SECRET, PamStack, code_at
-
-from pam_linkus import client
-from pam_linkus.client import ClientOutcome
+from pam_client import ClientOutcome
 
 pytestmark = pytest.mark.pam
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
+from pam_client import ClientOutcome
 from pam_conversation import converse
 from redis_server import RedisServer, TlsFiles
 from smtp_server import SmtpServer, code_in
 
-from pam_linkus.client import ClientOutcome
 from pam_linkus.config import Config
 from pam_linkus.recovery import digest, generate_codes, new_salt
 from pam_linkus.state import open_store

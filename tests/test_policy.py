@@ -17,9 +17,8 @@ from nss_config.base import ExtensionSettings
 from pam_linkus import policy
 from pam_linkus.config import Config
 from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Locked, NotEnrolled, SourceUnavailable
-from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.flow import Context, LoginRequest, authenticate, split_digits
 from pam_linkus.outcome import Outcome
-from pam_linkus.single_field import SingleField
 from pam_linkus.state.sqlite_store import SqliteStore
 
 T0 = 1_700_000_000.0
@@ -65,17 +64,6 @@ class Chain:
         return self.settings
 
 
-class AuthTok:
-    def __init__(self, value: str | None = None):
-        self.value = value
-
-    def get(self) -> str | None:
-        return self.value
-
-    def set(self, value: str) -> None:
-        self.value = value
-
-
 TOTP = ExtensionSettings(USER, "totp", secret=SECRET, source="test")
 NONE = ExtensionSettings(USER, "none", source="test")
 
@@ -92,11 +80,10 @@ def make_config(**keys: Any) -> Config:
 
 
 def login(config: Config, store: SqliteStore, clock: Clock, prompter: Prompter, *, rhost: str | None = None,
-          chain: Chain | None = None, single: SingleField | None = None) -> Any:
+          chain: Chain | None = None, kept: str | None = None) -> Any:
     chain = chain or Chain(TOTP)
-    ctx = Context(config, prompter, clock=clock, open_chain=lambda _c: chain,  # type: ignore[arg-type,return-value]
-                  open_store=lambda _c: store, single_field=single)
-    return authenticate(LoginRequest(USER, "test", rhost), ctx)
+    ctx = Context(config, clock, chain, store)  # type: ignore[arg-type]
+    return authenticate(LoginRequest(USER, "test", rhost, kept=kept), ctx, prompter)
 
 
 def wrong(code: str) -> str:
@@ -242,58 +229,45 @@ def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
 # -- single-field mode -------------------------------------------------------------
 
 
-def single(prompter: Prompter, authtok: AuthTok) -> SingleField:
-    return SingleField(prompter, authtok, "Password & verification code: ")
+def test_split_tells_the_module_how_many_characters_are_the_code(store: SqliteStore) -> None:
+    config = make_config()
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(TOTP), store)) == 6  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(NONE), store)) == 0  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(None), store)) == 0  # type: ignore[arg-type]
+    # under enforce: all an unknown name gets the same answer as an enrolled one
+    strict = make_config(enforce="all")
+    assert split_digits(LoginRequest(USER, "test"), Context(strict, Clock(), Chain(None), store)) == 6  # type: ignore[arg-type]
 
 
-def test_single_field_splits_password_and_code(store: SqliteStore) -> None:
-    clock, prompter, tok = Clock(), Prompter(), AuthTok()
-    prompter.answers = ["pass 123" + code_at(SECRET, T0)]
-    decision = login(make_config(), store, clock, prompter, single=single(prompter, tok))
-    assert decision.outcome == Outcome.SUCCESS and tok.value == "pass 123"
-    assert prompter.asked == ["Password & verification code: "]
+def test_kept_code_is_checked_without_asking(store: SqliteStore) -> None:
+    prompter = Prompter()
+    decision = login(make_config(), store, Clock(), prompter, kept=code_at(SECRET, T0))
+    assert decision.outcome == Outcome.SUCCESS and prompter.asked == []
 
 
-def test_single_field_without_2fa_forwards_the_whole_answer(store: SqliteStore) -> None:
-    prompter, tok = Prompter("secret123456"), AuthTok()
-    decision = login(make_config(), store, Clock(), prompter, chain=Chain(NONE), single=single(prompter, tok))
-    assert decision.outcome == Outcome.SKIP and tok.value == "secret123456"
-
-
-def test_single_field_uses_an_existing_authtok(store: SqliteStore) -> None:
-    prompter, tok = Prompter(), AuthTok("pw" + code_at(SECRET, T0))
-    assert login(make_config(), store, Clock(), prompter, single=single(prompter, tok)).outcome == Outcome.SUCCESS
-    assert prompter.asked == [] and tok.value == "pw"
-
-
-def test_single_field_wrong_or_short_code_is_rejected_and_counted(store: SqliteStore) -> None:
+def test_kept_wrong_short_or_empty_code_is_rejected_and_counted(store: SqliteStore) -> None:
     clock = Clock()
-    for answer in ("pw" + wrong(code_at(SECRET, T0)), "12345", ""):
-        prompter, tok = Prompter(answer), AuthTok()
+    for kept in (wrong(code_at(SECRET, T0)), "12345", ""):
         with pytest.raises(CodeRejected):
-            login(make_config(), store, clock, prompter, single=single(prompter, tok))
+            login(make_config(), store, clock, Prompter(), kept=kept)
     assert store.lock_status(USER, clock.now).failures == 3
 
 
-def test_single_field_ignores_exempt_networks_and_grace_for_enrolled(store: SqliteStore) -> None:
+def test_kept_code_ignores_exempt_networks_and_grace_for_enrolled(store: SqliteStore) -> None:
     """The user cannot know whether to append a code, so an enrolled extension always gives one."""
     config, clock = make_config(exempt_networks=["192.0.2.0/24"], grace_period=300), Clock()
-    prompter, tok = Prompter("pw" + code_at(SECRET, T0)), AuthTok()
-    assert login(config, store, clock, prompter, rhost="192.0.2.7",
-                 single=single(prompter, tok)).outcome == Outcome.SUCCESS
-    assert tok.value == "pw"
-    # the password is checked after pam-linkus here: no grace period starts
+    assert login(config, store, clock, Prompter(), rhost="192.0.2.7",
+                 kept=code_at(SECRET, T0)).outcome == Outcome.SUCCESS
     assert store.grace_active(USER, "192.0.2.7", clock.now + 1) is False
     clock.now += 30
-    prompter, tok = Prompter("pw" + wrong(code_at(SECRET, clock.now))), AuthTok()
     with pytest.raises(CodeRejected):
-        login(config, store, clock, prompter, rhost="192.0.2.7", single=single(prompter, tok))
+        login(config, store, clock, Prompter(), rhost="192.0.2.7", kept=wrong(code_at(SECRET, clock.now)))
 
 
-def test_single_field_refuses_email_extensions_without_sending(store: SqliteStore) -> None:
+def test_kept_code_for_an_email_extension_is_refused_without_sending(store: SqliteStore) -> None:
     """An email code must be mailed before it can be typed: two-step mode only."""
     email = ExtensionSettings(USER, "email", email="alice@example.com", source="test")
-    prompter, tok = Prompter("pw123456"), AuthTok()
+    prompter = Prompter()
     with pytest.raises(NotEnrolled, match="single-field"):
-        login(make_config(), store, Clock(), prompter, chain=Chain(email), single=single(prompter, tok))
-    assert prompter.asked == [] and prompter.infos == [] and tok.value is None
+        login(make_config(), store, Clock(), prompter, chain=Chain(email), kept="123456")
+    assert prompter.asked == [] and prompter.infos == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 
-import pytest
 import protocol_examples as ex
+import pytest
 
 from pam_linkus import protocol
 from pam_linkus.protocol import F, Msg, ProtocolError

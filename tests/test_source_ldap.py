@@ -5,8 +5,8 @@ failover, duplicates, the offline cache, and ``check`` for linkus-2fa doctor."""
 from __future__ import annotations
 
 import secrets
+import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from ldap_server import (
     SCHEMA_ATTRIBUTES,
     SERVER_NAME,
     BlackHole,
+    EndlessReferences,
+    GarbageLdap,
     Slapd,
     free_port,
     ldap_config,
@@ -395,27 +397,6 @@ def test_config_defaults_are_safe() -> None:
 # -- cost --------------------------------------------------------------------------------------
 
 
-def test_ldap3_is_imported_only_when_the_directory_is_asked(private_dir: Path) -> None:
-    extensions = private_dir / "extensions.yaml"
-    extensions.write_text('extensions:\n  "1001": {method: none}\n')
-    extensions.chmod(0o600)
-    program = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-from pam_linkus.config import Config
-import nss_config.ldap_source
-from nss_config.chain import build_chain
-config = Config.from_mapping({{"sources": ["yaml", "ldap"], "yaml": {{"path": {str(extensions)!r}}},
-    "ldap": {{"uris": ["ldaps://127.0.0.1:1"], "bind_dn": "cn=x", "bind_password_file": "/nonexistent",
-              "base": "dc=x"}}}})
-assert build_chain(config).lookup("1001").method == "none"
-print(sorted(m for m in sys.modules if m.split(".")[0] in ("ldap3", "ssl", "json")))
-"""
-    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=30,
-                         check=True)
-    assert out.stdout.strip() == "[]"
-
-
 def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -> None:
     base = slapd.tree({"counted": {"method": "totp", "secret": SECRET}})
     source = LdapSource(make_config(ldap_config(slapd, base, password_file)))
@@ -540,3 +521,78 @@ def test_referrals_are_never_followed(slapd: Slapd, password_file: Path, black_h
     moved = LdapSource(make_config(ldap_config(slapd, f"ou=moved,{base}", password_file, timeout=2)))
     with pytest.raises(SourceUnavailable, match="referral"):
         moved.lookup("alice")
+
+
+def test_ldaps_uri_at_a_plain_server_fails_over_to_the_next(slapd: Slapd, password_file: Path) -> None:
+    """Issue 12 item 9: a plain server behind ldaps:// is an ordinary failure, then failover."""
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    plain_as_ldaps = slapd.ldap_uri.replace("ldap://", "ldaps://", 1)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[plain_as_ldaps, slapd.ldaps_uri],
+                                                connect_timeout=1, timeout=2)))
+    found = source.lookup("alice")
+    assert found is not None and found.account == "alice"
+
+
+def test_warm_connections_are_shared_by_threads_and_reused(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({f"u{i}": {"method": "totp", "secret": SECRET} for i in range(4)})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[slapd.ldaps_uri])))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: source.lookup(f"U{i % 4}"), range(40), timeout=60))
+    assert [r.account if r else None for r in results] == [f"u{i % 4}" for i in range(40)]
+    idle = sum(len(v) for v in source._idle.values())
+    assert 1 <= idle <= 4  # at most one connection per thread was ever opened, and kept
+    source.close()
+    assert sum(len(v) for v in source._idle.values()) == 0
+
+
+@pytest.mark.parametrize("pause", [0.1, 0.0], ids=["drip", "flood"])
+def test_endless_search_references_are_unavailable_within_the_deadline(
+    slapd: Slapd, password_file: Path, pause: float
+) -> None:
+    server = EndlessReferences(slapd.pki, pause)
+    try:
+        uris = [f"ldaps://127.0.0.1:{server.port}"]
+        source = LdapSource(make_config(ldap_config(slapd, "dc=linkus,dc=test", password_file, uris=uris,
+                                                    connect_timeout=1, timeout=1)))
+        started = time.monotonic()
+        with pytest.raises(SourceUnavailable, match="no server answered"):
+            source.lookup("alice")
+        assert time.monotonic() - started < 1 + SLACK
+    finally:
+        server.close()
+
+
+def test_a_broken_warm_connection_is_replaced(slapd: Slapd, password_file: Path) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[slapd.ldaps_uri])))
+    assert source.lookup("alice") is not None
+    warm = source._idle[slapd.ldaps_uri][0]
+    warm.socket.shutdown(socket.SHUT_RDWR)  # as a server restart or an idle timeout would leave it
+    assert source.lookup("alice") is not None  # the dead warm connection failed; a fresh one answered
+    assert source._idle[slapd.ldaps_uri] and source._idle[slapd.ldaps_uri][0] is not warm
+    source.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"\x30\x03\x02\x01\x01",              # a message with no operation
+    b"\x30\x05\x02\x01\x01\x61\x00",      # an empty bindResponse
+    b"\x30\x80\x02\x01\x01",              # indefinite length, truncated
+    b"\x30\x84\xff\xff\xff\xff",          # a 4 GB length
+    b"garbage!" * 10,
+], ids=["no-op", "empty-bind-response", "indefinite", "huge-length", "text"])
+def test_a_malformed_reply_is_unavailable_then_failover(slapd: Slapd, password_file: Path, reply: bytes) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    server = GarbageLdap(slapd.pki, reply)
+    try:
+        bad = f"ldaps://127.0.0.1:{server.port}"
+        alone = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[bad],
+                                                   connect_timeout=1, timeout=1)))
+        with pytest.raises(SourceUnavailable, match="no server answered"):
+            alone.lookup("alice")
+        both = LdapSource(make_config(ldap_config(slapd, base, password_file, uris=[bad, slapd.ldaps_uri],
+                                                  connect_timeout=1, timeout=1)))
+        assert both.lookup("alice") is not None
+    finally:
+        server.close()

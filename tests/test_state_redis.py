@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis_server import (
+    HostileRedis,
     RedisServer,
     Sentinel,
     TlsFiles,
@@ -442,43 +441,6 @@ def test_a_wrongly_shaped_grace_record_is_unavailable(redis_server: RedisServer)
     with pytest.raises(StateUnavailable):
         store.grace_active("1001", "192.0.2.1", NOW)
     store.close()
-
-
-class HostileRedis:
-    """A loopback 'Redis' that answers every command with ``reply`` (bytes), then,
-    if ``drip``, one more byte every 0.2 s until the client leaves."""
-
-    def __init__(self, reply: bytes, drip: bool = False):
-        self.reply, self.drip = reply, drip
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                try:
-                    conn.settimeout(5)
-                    conn.recv(65536)
-                    conn.sendall(self.reply)
-                    for _ in range(100):  # bounded: 20 s at most
-                        if not self.drip or self.stop.wait(0.2):
-                            break
-                        conn.sendall(b"x")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.sock.close()
 
 
 @pytest.mark.parametrize("reply, drip", [

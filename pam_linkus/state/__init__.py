@@ -1,12 +1,14 @@
 """State stores: SQLite (default, one host) and Redis (a cluster of hosts).
 
-``open_store`` imports only the configured backend: ``redis`` is never imported
-on a host that keeps its state in SQLite, nor ``sqlite3`` on a Redis host.
+``open_store`` imports only the configured backend, so a SQLite host needs no
+python3-redis. One store serves all of linkusd's worker threads (see each
+backend's docstring for how); the contract is in ``state.base``.
 """
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
+from typing import TYPE_CHECKING
+
 if TYPE_CHECKING:
     from pam_linkus.config import StateConfig
     from pam_linkus.state.base import StateStore

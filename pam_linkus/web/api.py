@@ -1,0 +1,673 @@
+"""linkusd's side of the self-service page: the web message set (docs/protocol.md, "Web messages").
+
+linkus-web is untrusted: it may be compromised, so it gets nothing it could not
+get by typing into the page. Every request names an ``op``; a request with an
+unknown op, an unknown field, or a field of the wrong type or size is refused
+(``bad-request``). Every reply is ``{"ok": true, ...}`` or
+``{"ok": false, "error": WORD, ...}`` where WORD is one of:
+
+    bad-request   the request is malformed (a bug or a hostile web process)
+    denied        wrong password, wrong code, or not an extension this page serves
+                  (the same answer and delay for each, so names cannot be probed)
+    expired       no such session, idle too long, or too old: sign in again
+    step          the op does not fit the session's state (e.g. Save before Send);
+                  a pending enrolment older than PENDING_LIFETIME also ends here
+    throttled     too many failures for this extension or client address; ``retry_after`` seconds
+    locked        the extension is locked (too many wrong codes); ``until`` epoch or null (admin unlock)
+    unavailable   settings, state store, SMTP or PAM could not be asked, or no good config is loaded
+
+Ops (``client`` is the browser's address as the web app saw it: used for logging
+and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
+
+    sign_in        ext, password, client
+                   -> state "in", session, csrf   (2FA off: the password is enough, so the user can enrol)
+                   -> state "code", session, csrf, prompt, info[]   (2FA on: the login flow asks for a code)
+    sign_in_code   session, csrf, code, client    -> state "in" (a wrong code ends the sign-in: start again)
+    sign_out       session, csrf                  -> {}
+    status         session                        -> ext, enabled, method, email (masked), since,
+                                                     last_success, recovery_left, locked, locked_until,
+                                                     csrf, idle_timeout, pending (see enrol_method) or null
+    enrol_start    session, csrf, password, client -> {}   opens a pending enrolment (the Password window)
+    enrol_method   session, csrf, method ("totp"|"email")
+                   -> totp: secret, uri, issuer, account   (shown only while pending; never after Save)
+                   -> email: email (masked, or null when the extension has no address)
+    email_send     session, csrf, address?, client -> sent_to (masked)   (address: a new one to confirm)
+    enrol_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before)
+    enrol_cancel   session, csrf                  -> {}
+    disable        session, csrf, password, client -> {}   (mails the extension's address when it has one)
+    recovery_codes session, csrf, password, client -> codes[]  (shown once; older codes stop working)
+
+Rules: only extensions found in the settings chain, never root or a system account
+(uid < UID_MIN in the passwd database); the password goes to
+``self_service.pam_service`` (refused if it loads pam_linkus), every change needs
+it again; a failure waits ``fail_delay`` seconds with ``asyncio.sleep`` (no worker
+held). Wrong codes -- at sign-in (through the login flow) and when confirming a new
+secret -- count towards the extension's lockout; wrong passwords are throttled and
+logged but never lock the extension (else anyone could lock a colleague out of SSH).
+
+Sessions and pending enrolments live in this object's memory: a restart of linkusd
+signs everybody out and drops pending enrolments (nothing half-saved: nothing is
+written before a right code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import secrets
+from typing import TYPE_CHECKING, Any
+
+from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Locked
+from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
+    from nss_config.base import ExtensionSettings
+
+SERVICE = "linkus-web"
+#: Seconds a session may sit idle, and its whole life.
+SESSION_IDLE, SESSION_MAX = 600.0, 8 * 3600.0
+#: Seconds between the Password window and Save of an enrolment.
+PENDING_LIFETIME = 600.0
+#: Wrong confirmation codes a pending enrolment takes before it is dropped.
+CONFIRM_TRIES = 3
+MAX_SESSIONS, MAX_SESSIONS_PER_EXT = 2000, 5
+#: Sliding window for failures: per extension and per client address.
+FAILURE_WINDOW = 900.0
+MAX_FAILURES_PER_EXT, MAX_FAILURES_PER_CLIENT = 10, 30
+FAIL_DELAY = 2.0
+UID_MIN = 1000
+RECOVERY_DEFAULT = 10
+
+_TEXT_LIMITS = {"op": 32, "ext": 256, "password": 512, "client": 64, "session": 64, "csrf": 64,
+                "code": 64, "method": 8, "address": 254}
+_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    # op: (required fields, optional fields)
+    "sign_in": (frozenset({"ext", "password", "client"}), frozenset()),
+    "sign_in_code": (frozenset({"session", "csrf", "code", "client"}), frozenset()),
+    "sign_out": (frozenset({"session", "csrf"}), frozenset({"client"})),
+    "status": (frozenset({"session"}), frozenset({"client"})),
+    "enrol_start": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
+    "enrol_method": (frozenset({"session", "csrf", "method"}), frozenset({"client"})),
+    "email_send": (frozenset({"session", "csrf", "client"}), frozenset({"address"})),
+    "enrol_confirm": (frozenset({"session", "csrf", "code", "client"}), frozenset()),
+    "enrol_cancel": (frozenset({"session", "csrf"}), frozenset({"client"})),
+    "disable": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
+    "recovery_codes": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
+}
+
+
+class WebError(Exception):
+    """An answer other than ok; ``word`` is the reply's ``error``."""
+
+    def __init__(self, word: str, reason: str = "", **extra: object):
+        super().__init__(reason or word)
+        self.word = word
+        self.extra = extra
+
+
+class _Pending:
+    __slots__ = ("since", "method", "secret", "address", "tries")
+
+    def __init__(self, since: float):
+        self.since = since
+        self.method: str | None = None
+        self.secret: str | None = None
+        self.address: str | None = None
+        self.tries = 0
+
+
+class _Session:
+    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending")
+
+    def __init__(self, ext: str, now: float):
+        self.ext = ext
+        self.csrf = secrets.token_urlsafe(32)
+        self.created = now
+        self.seen = now
+        self.state = "in"
+        self.login: Generator[Any, str | None, Any] | None = None
+        self.pending: _Pending | None = None
+
+    def drop_login(self) -> None:
+        if self.login is not None:
+            self.login.close()
+            self.login = None
+
+
+class SelfService:
+    """The web ops above, for linkusd's web socket; one instance per daemon."""
+
+    def __init__(self, engine: Any, *, fail_delay: float = FAIL_DELAY, pam_dir: str | None = None) -> None:
+        self.engine = engine
+        self.fail_delay = fail_delay
+        self.pam_dir = pam_dir
+        # keyed by sha256(token): a timing leak of the dict lookup tells nothing about a token
+        self._sessions: dict[str, _Session] = {}
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    # -- entry ------------------------------------------------------------------------
+
+    async def call(self, request: dict[str, object], peer_uid: int) -> dict[str, object]:
+        """Answer one WEB_CALL; never raises (a bug answers ``unavailable`` and is logged)."""
+        op = request.get("op") if isinstance(request, dict) else None
+        try:
+            fields = self._validate(request)
+            handler = getattr(self, "_op_" + str(op))
+            reply: dict[str, object] = await handler(fields)
+            return {"ok": True, **reply}
+        except WebError as exc:
+            return {"ok": False, "error": exc.word, **exc.extra}
+        except Locked as exc:
+            return {"ok": False, "error": "locked", "until": _until(exc.locked_until)}
+        except Denied:
+            return {"ok": False, "error": "denied"}
+        except LinkusError as exc:
+            self._log(LOG_WARNING, "unavailable", op=op, reason=exc.reason, peer_uid=peer_uid)
+            return {"ok": False, "error": "unavailable"}
+        except Exception as exc:  # noqa: BLE001 -- the daemon must answer, not die; logged with its type only
+            self._log(LOG_WARNING, "web-error", op=op, reason=type(exc).__name__, peer_uid=peer_uid)
+            return {"ok": False, "error": "unavailable"}
+
+    def _validate(self, request: dict[str, object]) -> dict[str, str]:
+        op = request.get("op")
+        if not isinstance(op, str) or op not in _OPS:
+            raise WebError("bad-request", "unknown op")
+        required, optional = _OPS[op]
+        fields: dict[str, str] = {}
+        for key, value in request.items():
+            if key == "op":
+                continue
+            if key not in required and key not in optional:
+                raise WebError("bad-request", f"unknown field {key!r:.40}")
+            if not isinstance(value, str) or len(value) > _TEXT_LIMITS[key] or "\x00" in value:
+                raise WebError("bad-request", f"bad field {key}")
+            fields[key] = value
+        if required - fields.keys():
+            raise WebError("bad-request", "missing field")
+        return fields
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _log(self, severity: int, action: str, **fields: object) -> None:
+        line = {"action": action, "via": "web", **{k: v for k, v in fields.items() if v is not None}}
+        self.engine.sink.send(severity, format_fields(line))
+
+    def _audit(self, action: str, ext: str, client: str | None, **fields: object) -> None:
+        """One line per change, like the CLI's (``action ext by via``); never a secret, code or password."""
+        line = {"action": action, "ext": ext, "by": ext, "via": "web", "client": client, **fields}
+        self.engine.sink.send(LOG_NOTICE, format_fields(line))
+
+    def _session(self, fields: dict[str, str], *, csrf: bool = True, state: str = "in") -> _Session:
+        now = self.engine.clock()
+        self._expire(now)
+        key = _key(fields["session"])
+        sess = self._sessions.get(key)
+        if sess is None:
+            raise WebError("expired")
+        if csrf and not hmac.compare_digest(sess.csrf.encode(), fields.get("csrf", "").encode()):
+            self._log(LOG_WARNING, "csrf-refused", ext=sess.ext, client=fields.get("client"))
+            raise WebError("bad-request", "csrf")
+        if sess.state != state:
+            raise WebError("step")
+        sess.seen = now
+        return sess
+
+    def _expire(self, now: float) -> None:
+        for key, sess in list(self._sessions.items()):
+            if now - sess.seen > SESSION_IDLE or now - sess.created > SESSION_MAX:
+                sess.drop_login()
+                del self._sessions[key]
+
+    def _new_session(self, ext: str, now: float) -> tuple[str, _Session]:
+        self._expire(now)
+        mine = sorted((s.seen, k) for k, s in self._sessions.items() if s.ext == ext)
+        for _seen, key in mine[: max(0, len(mine) - MAX_SESSIONS_PER_EXT + 1)]:
+            self._sessions.pop(key).drop_login()
+        if len(self._sessions) >= MAX_SESSIONS:
+            raise WebError("throttled", "too many sessions", retry_after=60)
+        token = secrets.token_urlsafe(32)
+        sess = _Session(ext, now)
+        self._sessions[_key(token)] = sess
+        return token, sess
+
+    def _throttle(self, ext: str | None, client: str | None) -> None:
+        now = self.engine.clock()
+        for key, limit in ((f"ext:{ext}", MAX_FAILURES_PER_EXT), (f"ip:{client}", MAX_FAILURES_PER_CLIENT)):
+            times = self._failures.get(key)
+            if times is None:
+                continue
+            while times and now - times[0] > FAILURE_WINDOW:
+                times.popleft()
+            if len(times) >= limit:
+                raise WebError("throttled", retry_after=int(FAILURE_WINDOW - (now - times[0])) + 1)
+
+    def _count(self, ext: str | None, client: str | None) -> None:
+        now = self.engine.clock()
+        if len(self._failures) > 10000:
+            self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] <= FAILURE_WINDOW}
+        for key in (f"ext:{ext}", f"ip:{client}"):
+            self._failures.setdefault(key, collections.deque(maxlen=64)).append(now)
+
+    async def _fail(self, word: str, ext: str | None, client: str | None, action: str, **fields: object) -> None:
+        """Count, log, wait (without a worker), then answer ``word``."""
+        self._count(ext, client)
+        self._log(LOG_WARNING, action, ext=ext, client=client, **fields)
+        await asyncio.sleep(self.fail_delay)
+        raise WebError(word)
+
+    async def _extension(self, name: str, client: str) -> ExtensionSettings:
+        """The extension's settings, or ``denied`` for anything this page does not serve."""
+        from nss_config.base import check_user_name
+
+        try:
+            check_user_name(name)
+        except ValueError:
+            raise WebError("bad-request", "invalid extension name") from None
+        snapshot = self.engine.snapshot()
+        settings = await self.engine.run(lambda: snapshot.chain.lookup(name), pool="web")
+        refusal = None
+        if settings is None:
+            refusal = "not-an-extension"
+        elif _is_system_account(_account(settings)):
+            refusal = "system-account"
+        if refusal is not None:
+            await self._fail("denied", name, client, "web-refused", result=refusal)
+        assert settings is not None
+        found: ExtensionSettings = settings
+        return found
+
+    async def _password(self, ext: str, password: str, client: str, why: str) -> None:
+        """Check the account password through the configured PAM service; ``denied`` after a delay."""
+        from pam_linkus.web.password import PAM_DIR, ServiceRefused, check_password
+
+        self._throttle(ext, client)
+        service = self.engine.snapshot().config.self_service.pam_service
+        pam_dir = self.pam_dir or PAM_DIR
+
+        def check() -> bool:
+            try:
+                return check_password(service, ext, password, pam_dir)
+            except ServiceRefused as exc:
+                raise ConfigError(str(exc)) from None
+
+        if not await self.engine.run(check, pool="web"):
+            await self._fail("denied", ext, client, "self-check", result="wrong-password", step=why)
+
+    async def _changed(self, what: str) -> None:
+        """Reload after a write, so the page and the next login see it now, not at the next file poll."""
+        reload = getattr(self.engine, "reload", None)
+        if reload is not None and not await reload(f"self-service {what}"):
+            self._log(LOG_WARNING, "reload-failed", step=what)
+
+    def _issuer(self) -> str:
+        import socket
+
+        return self.engine.snapshot().config.totp.issuer or socket.gethostname()
+
+    # -- sign-in ----------------------------------------------------------------------
+
+    async def _op_sign_in(self, f: dict[str, str]) -> dict[str, object]:
+        client = f["client"]
+        self._throttle(None, client)
+        settings = await self._extension(f["ext"], client)
+        ext = _account(settings)
+        await self._password(ext, f["password"], client, "sign-in")
+        now = self.engine.clock()
+        token, sess = self._new_session(ext, now)
+        if not settings.enrolled:
+            self._audit("web-sign-in", ext, client, factor="password")
+            return {"state": "in", "session": token, "csrf": sess.csrf}
+        sess.state = "code"
+        sess.login = self._start_login(ext)
+        try:
+            kind, payload, infos = await self.engine.run(lambda: _advance(sess.login, None), pool="web")
+        except BaseException:
+            self._forget_session(token)
+            raise
+        return self._login_step(token, sess, kind, payload, infos, client)
+
+    def _start_login(self, ext: str) -> Generator[Any, str | None, Any]:
+        from pam_linkus import flow
+
+        snapshot = self.engine.snapshot()
+        # rhost stays None: the address comes from the web process, which we do not trust,
+        # so no exempt network or grace period applies here.
+        req = flow.LoginRequest(ext, service=SERVICE, rhost=None, rhost_trusted=False)
+        ctx = _flow_context(flow, snapshot, self.engine)
+        gen: Generator[Any, str | None, Any] = flow.login(req, ctx)
+        return gen
+
+    def _login_step(self, token: str, sess: _Session, kind: str, payload: Any, infos: list[str],
+                    client: str) -> dict[str, object]:
+        if kind == "ask":
+            return {"state": "code", "session": token, "csrf": sess.csrf, "prompt": payload, "info": infos}
+        sess.login = None
+        from pam_linkus.outcome import Outcome
+
+        if getattr(payload, "outcome", None) != Outcome.SUCCESS:
+            # a policy skip (exempt network, grace) is not proof: the page wants a code it has seen
+            self._forget_session(token)
+            raise WebError("denied")
+        sess.state = "in"
+        self._audit("web-sign-in", sess.ext, client, factor="code")
+        return {"state": "in", "session": token, "csrf": sess.csrf, "info": infos}
+
+    async def _op_sign_in_code(self, f: dict[str, str]) -> dict[str, object]:
+        sess = self._session(f, state="code")
+        token = f["session"]
+        gen = sess.login
+        if gen is None:
+            raise WebError("step")
+        try:
+            kind, payload, infos = await self.engine.run(lambda: _advance(gen, f["code"]), pool="web")
+        except Denied:
+            self._forget_session(token)
+            await self._fail("denied", sess.ext, f["client"], "web-sign-in", result="wrong-code")
+            raise
+        except BaseException:
+            self._forget_session(token)
+            raise
+        return self._login_step(token, sess, kind, payload, infos, f["client"])
+
+    def _forget_session(self, token: str) -> None:
+        sess = self._sessions.pop(_key(token), None)
+        if sess is not None:
+            sess.drop_login()
+
+    async def _op_sign_out(self, f: dict[str, str]) -> dict[str, object]:
+        try:
+            self._session(f, state="in")
+        except WebError as exc:
+            if exc.word != "step":
+                raise
+        self._forget_session(f["session"])
+        return {}
+
+    # -- status -----------------------------------------------------------------------
+
+    async def _op_status(self, f: dict[str, str]) -> dict[str, object]:
+        sess = self._session(f, csrf=False)
+        snapshot = self.engine.snapshot()
+        now = self.engine.clock()
+
+        def read() -> tuple[Any, Any, Any]:
+            store = snapshot.store
+            return snapshot.chain.lookup(sess.ext), store.enrolment(sess.ext), store.lock_status(sess.ext, now)
+
+        settings, info, lock = await self.engine.run(read, pool="web")
+        pending = self._pending_view(sess, now)
+        return {
+            "ext": sess.ext,
+            "enabled": bool(settings is not None and settings.enrolled),
+            "method": settings.method if settings is not None and settings.enrolled else None,
+            "email": _masked(settings.email) if settings is not None else None,
+            "since": info.since if info is not None else None,
+            "last_success": info.last_success if info is not None else None,
+            "recovery_left": info.recovery_left if info is not None else 0,
+            "locked": bool(lock.locked(now)),
+            "locked_until": _until(lock.locked_until) if lock.locked(now) else None,
+            "csrf": sess.csrf,
+            "idle_timeout": int(SESSION_IDLE),
+            "pending": pending,
+        }
+
+    def _pending_view(self, sess: _Session, now: float) -> dict[str, object] | None:
+        pend = sess.pending
+        if pend is None or now - pend.since > PENDING_LIFETIME:
+            sess.pending = None
+            return None
+        view: dict[str, object] = {"method": pend.method, "tries_left": CONFIRM_TRIES - pend.tries}
+        if pend.method == "totp" and pend.secret is not None:
+            view.update(self._totp_view(sess.ext, pend.secret))
+        if pend.method == "email":
+            view["sent_to"] = _masked(pend.address) if pend.address else None
+        return view
+
+    def _totp_view(self, ext: str, secret: str) -> dict[str, object]:
+        from pam_linkus.totp import provisioning_uri
+
+        issuer = self._issuer()
+        return {"secret": secret, "uri": provisioning_uri(secret, ext, issuer), "issuer": issuer, "account": ext}
+
+    # -- enrolment --------------------------------------------------------------------
+
+    def _pending(self, sess: _Session, method: str | None = None) -> _Pending:
+        pend = sess.pending
+        if pend is None or self.engine.clock() - pend.since > PENDING_LIFETIME:
+            sess.pending = None
+            raise WebError("step", "no pending enrolment")
+        if method is not None and pend.method != method:
+            raise WebError("step", "another method is pending")
+        return pend
+
+    async def _op_enrol_start(self, f: dict[str, str]) -> dict[str, object]:
+        sess = self._session(f)
+        await self._password(sess.ext, f["password"], f["client"], "enrol")
+        sess.pending = _Pending(self.engine.clock())
+        return {}
+
+    async def _op_enrol_method(self, f: dict[str, str]) -> dict[str, object]:
+        from pam_linkus.totp import generate_secret
+
+        sess = self._session(f)
+        pend = self._pending(sess)
+        if f["method"] not in ("totp", "email"):
+            raise WebError("bad-request", "method")
+        pend.method = f["method"]
+        pend.tries = 0
+        if pend.method == "totp":
+            pend.secret = pend.secret or generate_secret(160)
+            pend.address = None
+            return self._totp_view(sess.ext, pend.secret)
+        pend.secret = None
+        snapshot = self.engine.snapshot()
+        settings = await self.engine.run(lambda: snapshot.chain.lookup(sess.ext), pool="web")
+        return {"email": _masked(settings.email) if settings is not None else None}
+
+    async def _op_email_send(self, f: dict[str, str]) -> dict[str, object]:
+        from pam_linkus import emailcode
+
+        sess = self._session(f)
+        pend = self._pending(sess, "email")
+        snapshot = self.engine.snapshot()
+        config = snapshot.config
+        if f.get("address"):
+            target = f["address"]
+        else:
+            settings = await self.engine.run(lambda: snapshot.chain.lookup(sess.ext), pool="web")
+            target = (settings.email if settings is not None else None) or ""
+        try:
+            target = emailcode.check_address(target)
+        except ValueError:
+            raise WebError("bad-request", "address") from None
+        ctx = _MailContext(config, self.engine)
+
+        def send() -> str:
+            from pam_linkus.flow import LoginRequest
+
+            key = emailcode.load_key(config.email.key_file)
+            req = LoginRequest(sess.ext, service=SERVICE, rhost=None, tty=None)
+            return emailcode.deliver(req, ctx, target, snapshot.store, key)  # type: ignore[arg-type]
+
+        await self.engine.run(send, pool="web")
+        pend.address = target
+        self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
+        return {"sent_to": _masked(target)}
+
+    async def _op_enrol_confirm(self, f: dict[str, str]) -> dict[str, object]:
+        from pam_linkus import emailcode, enrolment
+        from pam_linkus.totp import decode_secret, match_totp
+
+        sess = self._session(f)
+        pend = self._pending(sess)
+        if pend.method is None or (pend.method == "email" and pend.address is None):
+            raise WebError("step", "nothing to confirm yet")
+        snapshot = self.engine.snapshot()
+        config, store, ext, client = snapshot.config, snapshot.store, sess.ext, f["client"]
+        method, secret, address = pend.method, pend.secret, pend.address
+
+        def confirm() -> str:
+            now = self.engine.clock()
+            status = store.lock_status(ext, now)
+            if status.locked(now):
+                raise Locked("extension is locked", status.locked_until)
+            try:
+                if method == "totp":
+                    assert secret is not None
+                    step = match_totp(decode_secret(secret), f["code"], now, window=config.totp.window)
+                    return enrolment.save_totp(config, store, ext, secret, step, now)
+                assert address is not None
+                emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now)
+                return enrolment.save_email(config, store, ext, address, now)
+            except CodeRejected:
+                lockout = config.lockout
+                after = store.record_failure(ext, now, max_failures=lockout.max_failures,
+                                             duration=lockout.duration, permanent_after=lockout.permanent_after)
+                if after.locked(now):
+                    raise Locked("locked after a wrong confirmation code", after.locked_until) from None
+                raise
+
+        try:
+            source = await self.engine.run(confirm, pool="web")
+        except CodeRejected:
+            pend.tries += 1
+            left = CONFIRM_TRIES - pend.tries
+            if left <= 0:
+                sess.pending = None
+            self._audit("enroll", ext, client, method=method, result="wrong-code")
+            await asyncio.sleep(self.fail_delay)
+            raise WebError("denied", tries_left=max(left, 0)) from None
+        except Locked:
+            sess.pending = None
+            self._audit("enroll", ext, client, method=method, result="locked")
+            raise
+        sess.pending = None
+        self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
+        await self._changed("enrolment")
+        return {"method": method}
+
+    async def _op_enrol_cancel(self, f: dict[str, str]) -> dict[str, object]:
+        sess = self._session(f)
+        sess.pending = None
+        return {}
+
+    # -- other changes ----------------------------------------------------------------
+
+    async def _op_disable(self, f: dict[str, str]) -> dict[str, object]:
+        from pam_linkus import enrolment
+
+        sess = self._session(f)
+        await self._password(sess.ext, f["password"], f["client"], "disable")
+        snapshot = self.engine.snapshot()
+        config, store, ext = snapshot.config, snapshot.store, sess.ext
+        source, before = await self.engine.run(lambda: enrolment.switch_off(config, store, ext), pool="web")
+        address = before.email if before is not None and before.enrolled else None
+        sess.pending = None
+        self._audit("disable", ext, f["client"], source=source)
+        await self._changed("disable")
+        if address:
+            mailer = self.engine.mailer(config)
+            now = self.engine.clock()
+            try:
+                await self.engine.run(lambda: enrolment.notify_switched_off(mailer, ext, address, ext, now),
+                                      pool="web")
+            except LinkusError as exc:
+                self._log(LOG_WARNING, "disable-notice-failed", ext=ext, reason=exc.reason)
+        return {}
+
+    async def _op_recovery_codes(self, f: dict[str, str]) -> dict[str, object]:
+        from pam_linkus import enrolment
+        from pam_linkus.recovery import display
+
+        sess = self._session(f)
+        await self._password(sess.ext, f["password"], f["client"], "recovery-codes")
+        snapshot = self.engine.snapshot()
+        store, ext = snapshot.store, sess.ext
+        count = getattr(snapshot.config, "recovery_codes", RECOVERY_DEFAULT) or RECOVERY_DEFAULT
+        settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+        if settings is None or not settings.enrolled:
+            raise WebError("step", "2FA is off")
+        codes = await self.engine.run(lambda: enrolment.new_recovery_codes(store, ext, count), pool="web")
+        self._audit("recovery-codes", ext, f["client"], count=count)
+        return {"codes": [display(c) for c in codes]}
+
+
+# -- module helpers ----------------------------------------------------------------------
+
+
+def _key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _account(settings: ExtensionSettings) -> str:
+    return str(getattr(settings, "account", None) or settings.user)
+
+
+def _masked(address: str | None) -> str | None:
+    from pam_linkus.emailcode import mask_address
+
+    return mask_address(address) if address else None
+
+
+def _until(locked_until: float | None) -> float | None:
+    from pam_linkus.state.base import FOREVER
+
+    if locked_until is None or locked_until >= FOREVER:
+        return None
+    return locked_until
+
+
+def _is_system_account(name: str) -> bool:
+    """root, or an account the passwd database (NSS: files, LDAP, sssd) gives a uid below UID_MIN."""
+    import pwd
+
+    if name == "root":
+        return True
+    try:
+        return pwd.getpwnam(name).pw_uid < UID_MIN
+    except KeyError:
+        return False  # an extension without a local account: PAM decides whether its password is right
+
+
+def _advance(gen: Generator[Any, str | None, Any], answer: str | None) -> tuple[str, Any, list[str]]:
+    """Run the login generator to its next Ask (("ask", prompt, infos)) or its end (("done", decision, infos))."""
+    from pam_linkus.flow import Ask
+
+    infos: list[str] = []
+    value = answer
+    try:
+        while True:
+            item = gen.send(value)
+            value = None
+            if isinstance(item, Ask):
+                return "ask", item.prompt, infos
+            infos.append(item.text)
+    except StopIteration as stop:
+        return "done", stop.value, infos
+
+
+def _flow_context(flow: Any, snapshot: Any, engine: Any) -> Any:
+    """The flow's Context for a web sign-in, built from the daemon's snapshot."""
+    config = snapshot.config
+    return flow.Context(config=config, clock=engine.clock, chain=snapshot.chain, store=snapshot.store,
+                        mailer_factory=lambda: engine.mailer(config), echo_code=True)
+
+
+class _MailContext:
+    """What ``emailcode.deliver`` reads from a flow Context, for codes sent outside a login."""
+
+    def __init__(self, config: Any, engine: Any):
+        self.config = config
+        self.clock: Callable[[], float] = engine.clock
+        self._engine = engine
+        self.prompter = self
+
+    def mailer(self) -> Any:
+        return self._engine.mailer(self.config)
+
+    def info(self, text: str) -> None:
+        return None

@@ -1,0 +1,548 @@
+"""linkus-web: the Security Settings pages for extension users (docs/web.md).
+
+A separate, unprivileged process (system user ``linkus-web``; it refuses to run
+as root). It holds no secret store and decides nothing: every check and change
+is one WEB_CALL to linkusd over its web socket (pam_linkus/web/api.py lists the
+ops); this process only turns pages into calls and replies into pages.
+
+Why Starlette + uvicorn (Debian's python3-starlette / python3-uvicorn): uvicorn
+serves TLS and unix sockets itself, Starlette is small and typed; templates are
+Jinja2 with autoescape on. Starlette's ``request.form()`` is never used (bookworm's
+python3-multipart predates the fix for CVE-2024-24762): ``_form`` reads a
+size-capped urlencoded body itself. Nothing here logs a body, a query string or a
+header: the access log is method, path, status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import logging
+import os
+import secrets
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pam_linkus.web import strings
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_SOCKET = "/run/linkusd/web.sock"
+MAX_BODY = 8192
+SESSION_COOKIE = "linkus_session"
+PRE_COOKIE = "linkus_pre"
+CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
+       "frame-ancestors 'none'; base-uri 'none'")
+log = logging.getLogger("linkus-web")
+
+
+class Settings:
+    """How this process was started (command line; no config file, no secrets)."""
+
+    def __init__(self, socket_path: str = DEFAULT_SOCKET, *, secure_cookies: bool = False,
+                 trust_proxy: bool = False, timeout: float = 20.0):
+        self.socket_path = socket_path
+        self.secure_cookies = secure_cookies
+        self.trust_proxy = trust_proxy
+        self.timeout = timeout
+
+
+class Unreachable(Exception):
+    """linkusd could not be asked (absent, too slow, garbage): the "unavailable" page."""
+
+
+def create_app(settings: Settings) -> Any:
+    """The ASGI app."""
+    import jinja2
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    pages = _Pages(settings, env)
+    routes = [
+        Route("/", pages.index, methods=["GET"]),
+        Route("/sign-in", pages.sign_in_form, methods=["GET"]),
+        Route("/sign-in", pages.sign_in, methods=["POST"]),
+        Route("/sign-in/code", pages.code_form, methods=["GET"]),
+        Route("/sign-in/code", pages.code, methods=["POST"]),
+        Route("/sign-out", pages.sign_out, methods=["POST"]),
+        Route("/settings", pages.settings, methods=["GET"]),
+        Route("/settings/2fa", pages.toggle, methods=["POST"]),
+        Route("/settings/password", pages.password_form, methods=["GET"]),
+        Route("/settings/password", pages.password, methods=["POST"]),
+        Route("/settings/method", pages.method_form, methods=["GET"]),
+        Route("/settings/method", pages.method, methods=["POST"]),
+        Route("/settings/authenticator", pages.authenticator, methods=["GET"]),
+        Route("/settings/email", pages.email, methods=["GET"]),
+        Route("/settings/email/send", pages.email_send, methods=["POST"]),
+        Route("/settings/confirm", pages.confirm, methods=["POST"]),
+        Route("/settings/cancel", pages.cancel, methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: pages.not_found, 405: pages.not_found})
+    return _Headers(app, settings)
+
+
+class _Headers:
+    """Security headers on every response, and the only access log: method, path, status."""
+
+    def __init__(self, app: Any, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [0]
+        method, path = scope.get("method", "-"), _printable(scope.get("path", "-"))
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                headers = list(message.get("headers", []))
+                extra = [("content-security-policy", CSP), ("x-frame-options", "DENY"),
+                         ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
+                         ("cross-origin-opener-policy", "same-origin"),
+                         ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
+                if not path.startswith("/static/"):
+                    extra.append(("cache-control", "no-store"))
+                if self.settings.secure_cookies:
+                    extra.append(("strict-transport-security", "max-age=31536000"))
+                headers += [(k.encode(), v.encode()) for k, v in extra]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            # the path only: never the query string, a header or a body
+            log.info("%s %s %s", method, path, status[0])
+
+
+def _printable(text: str) -> str:
+    return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:200])
+
+
+class _Pages:
+    def __init__(self, settings: Settings, env: Any):
+        self.conf = settings
+        self.env = env
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def call(self, request: dict[str, object]) -> dict[str, Any]:
+        from starlette.concurrency import run_in_threadpool
+
+        from pam_linkus import protocol
+
+        try:
+            reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
+                                            timeout=self.conf.timeout)
+        except (OSError, protocol.ProtocolError, ValueError) as exc:
+            log.warning("linkusd unreachable: %s", type(exc).__name__)
+            raise Unreachable from None
+        if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+            raise Unreachable
+        return reply
+
+    def client(self, request: Request) -> str:
+        peer = request.client.host if request.client is not None else "unix"
+        if self.conf.trust_proxy and (peer in ("127.0.0.1", "::1", "unix")):
+            forwarded = request.headers.get("x-forwarded-for", "")
+            last = forwarded.rsplit(",", 1)[-1].strip()
+            if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
+                return last
+        return peer[:64]
+
+    def render(self, name: str, status: int = 200, **context: Any) -> Response:
+        from starlette.responses import HTMLResponse
+
+        text = self.env.get_template(name).render(t=strings, **context)
+        return HTMLResponse(text, status_code=status)
+
+    def redirect(self, path: str, *, clear: bool = False) -> Response:
+        from starlette.responses import RedirectResponse
+
+        # relative paths only: never built from request.url (CVE-2026-54282 class of bugs)
+        response = RedirectResponse(path, status_code=303)
+        if clear:
+            response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    def set_cookie(self, response: Response, name: str, value: str) -> None:
+        response.set_cookie(name, value, path="/", httponly=True, samesite="strict",
+                            secure=self.conf.secure_cookies)
+
+    async def form(self, request: Request, *names: str) -> dict[str, str]:
+        """A urlencoded body of at most MAX_BODY bytes, only the named fields, one value each."""
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            raise _Refused("bad-request")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise _Refused("bad-request")
+        try:
+            pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20,
+                                           strict_parsing=False)
+        except (UnicodeDecodeError, ValueError):
+            raise _Refused("bad-request") from None
+        found: dict[str, str] = {}
+        for key, value in pairs:
+            if key in names:
+                if key in found:
+                    raise _Refused("bad-request")
+                found[key] = value
+        return found
+
+    def error_page(self, reply: dict[str, Any]) -> Response:
+        """The page for an error that ends the current step."""
+        word = reply.get("error")
+        if word == "expired":
+            return self.redirect("/sign-in?expired=1", clear=True)
+        if word == "locked":
+            until = reply.get("until")
+            text = (strings.LOCKED.format(until=time.strftime("%H:%M", time.localtime(until)))
+                    if isinstance(until, (int, float)) else strings.LOCKED_ADMIN)
+            return self.render("message.html", 403, title=strings.LOCKED_TITLE, text=text, kind="locked")
+        if word == "throttled":
+            minutes = max(1, int(reply.get("retry_after", 60)) // 60 + 1)
+            return self.render("message.html", 429, title=strings.TITLE,
+                               text=strings.THROTTLED.format(minutes=minutes), kind="throttled")
+        if word == "step":
+            return self.render("message.html", 409, title=strings.TITLE, text=strings.STEP, kind="step")
+        if word == "bad-request":
+            return self.render("message.html", 400, title=strings.TITLE, text=strings.BAD_REQUEST,
+                               kind="bad-request")
+        return self.unavailable()
+
+    def unavailable(self) -> Response:
+        return self.render("message.html", 503, title=strings.UNAVAILABLE_TITLE, text=strings.UNAVAILABLE,
+                           kind="unavailable")
+
+    async def guarded(self, request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await handler()
+        except Unreachable:
+            return self.unavailable()
+        except _Refused as refused:
+            return self.error_page({"error": refused.word})
+
+    def token(self, request: Request) -> str:
+        token = request.cookies.get(SESSION_COOKIE, "")
+        if not token or len(token) > 64:
+            raise _Refused("expired")
+        return token
+
+    async def status(self, request: Request) -> dict[str, Any]:
+        reply = await self.call({"op": "status", "session": self.token(request), "client": self.client(request)})
+        if not reply["ok"]:
+            raise _Refused(str(reply.get("error")))
+        return reply
+
+    async def changed(self, request: Request, op: str, **fields: str) -> dict[str, Any]:
+        """A call that carries the session and the form's CSRF token."""
+        return await self.call({"op": op, "session": self.token(request), "client": self.client(request),
+                                **fields})
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def not_found(self, request: Request, exc: Exception) -> Response:
+        return self.render("message.html", 404, title=strings.TITLE, text=strings.NOT_FOUND, kind="not-found")
+
+    async def index(self, request: Request) -> Response:
+        return self.redirect("/settings" if request.cookies.get(SESSION_COOKIE) else "/sign-in")
+
+    async def sign_in_form(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+        pre = secrets.token_urlsafe(24)
+        notice = strings.EXPIRED if request.query_params.get("expired") else None
+        response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice)
+        self.set_cookie(response, PRE_COOKIE, pre)
+        return response
+
+    async def sign_in(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "ext", "password", "csrf")
+            pre = request.cookies.get(PRE_COOKIE, "")
+            if not pre or not secrets.compare_digest(pre.encode(), f.get("csrf", "").encode()):
+                raise _Refused("bad-request")
+            reply = await self.call({"op": "sign_in", "ext": f.get("ext", "").strip(),
+                                     "password": f.get("password", ""), "client": self.client(request)})
+            if not reply["ok"]:
+                if reply.get("error") in ("denied", "bad-request"):
+                    return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401)
+                return self.error_page(reply)
+            response = self.redirect("/settings" if reply["state"] == "in" else "/sign-in/code")
+            self.set_cookie(response, SESSION_COOKIE, str(reply["session"]))
+            response.delete_cookie(PRE_COOKIE, path="/")
+            if reply["state"] == "code":
+                self.set_cookie(response, "linkus_code_csrf", str(reply["csrf"]))
+            return response
+
+        return await self.guarded(request, run)
+
+    async def code_form(self, request: Request, error: str | None = None) -> Response:
+        csrf = request.cookies.get("linkus_code_csrf", "")
+        if not request.cookies.get(SESSION_COOKIE) or not csrf:
+            return self.redirect("/sign-in")
+        return self.render("code.html", 200 if error is None else 401, csrf=csrf, error=error)
+
+    async def code(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "code", "csrf")
+            reply = await self.changed(request, "sign_in_code", code=f.get("code", ""), csrf=f.get("csrf", ""))
+            if not reply["ok"]:
+                if reply.get("error") == "denied":
+                    response = await self.sign_in_form(request, strings.WRONG_SIGN_IN_CODE, 401)
+                    response.delete_cookie(SESSION_COOKIE, path="/")
+                    return response
+                return self.error_page(reply)
+            response = self.redirect("/settings")
+            response.delete_cookie("linkus_code_csrf", path="/")
+            return response
+
+        return await self.guarded(request, run)
+
+    async def sign_out(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf")
+            await self.changed(request, "sign_out", csrf=f.get("csrf", ""))
+            return self.redirect("/sign-in", clear=True)
+
+        return await self.guarded(request, run)
+
+    async def settings(self, request: Request) -> Response:
+        async def run() -> Response:
+            st = await self.status(request)
+            notice = {"saved": strings.EDITED, "off": strings.DISABLED_DONE,
+                      "unchanged": strings.NOTHING_CHANGED}.get(request.query_params.get("done", ""))
+            return self.render("settings.html", st=st, notice=notice, when=_when)
+
+        return await self.guarded(request, run)
+
+    async def toggle(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf", "enabled")
+            st = await self.status(request)
+            if not secrets.compare_digest(st["csrf"].encode(), f.get("csrf", "").encode()):
+                raise _Refused("bad-request")
+            want = f.get("enabled") == "on"
+            if want and not st["enabled"]:
+                return self.redirect("/settings/password?for=enable")
+            if not want and st["enabled"]:
+                return self.redirect("/settings/password?for=disable")
+            return self.redirect("/settings?done=unchanged")
+
+        return await self.guarded(request, run)
+
+    async def password_form(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+        async def run() -> Response:
+            purpose = request.query_params.get("for", "enable")
+            if purpose not in ("enable", "disable", "recovery"):
+                raise _Refused("bad-request")
+            st = await self.status(request)
+            return self.render("password.html", status, st=st, purpose=purpose, error=error)
+
+        return await self.guarded(request, run)
+
+    async def password(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf", "password", "for")
+            purpose = f.get("for", "")
+            op = {"enable": "enrol_start", "disable": "disable", "recovery": "recovery_codes"}.get(purpose)
+            if op is None:
+                raise _Refused("bad-request")
+            reply = await self.changed(request, op, csrf=f.get("csrf", ""), password=f.get("password", ""))
+            if not reply["ok"]:
+                if reply.get("error") == "denied":
+                    request.scope["query_string"] = urllib.parse.urlencode({"for": purpose}).encode()
+                    return await self.password_form(request, strings.WRONG_PASSWORD, 401)
+                return self.error_page(reply)
+            if purpose == "enable":
+                return self.redirect("/settings/method")
+            if purpose == "disable":
+                return self.redirect("/settings?done=off")
+            st = await self.status(request)
+            return self.render("recovery.html", st=st, codes=reply["codes"])
+
+        return await self.guarded(request, run)
+
+    async def method_form(self, request: Request) -> Response:
+        async def run() -> Response:
+            st = await self.status(request)
+            if st["pending"] is None:
+                raise _Refused("step")
+            return self.render("method.html", st=st)
+
+        return await self.guarded(request, run)
+
+    async def method(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf", "method")
+            reply = await self.changed(request, "enrol_method", csrf=f.get("csrf", ""),
+                                       method=f.get("method", ""))
+            if not reply["ok"]:
+                return self.error_page(reply)
+            return self.redirect("/settings/authenticator" if f.get("method") == "totp" else "/settings/email")
+
+        return await self.guarded(request, run)
+
+    async def authenticator(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+        async def run() -> Response:
+            st = await self.status(request)
+            pending = st["pending"]
+            if pending is None or pending.get("method") != "totp":
+                raise _Refused("step")
+            return self.render("authenticator.html", status, st=st, p=pending, qr=_qr_svg(pending["uri"]),
+                               grouped=_grouped(pending["secret"]), error=error)
+
+        return await self.guarded(request, run)
+
+    async def email(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+        async def run() -> Response:
+            st = await self.status(request)
+            pending = st["pending"]
+            if pending is None or pending.get("method") != "email":
+                raise _Refused("step")
+            return self.render("email.html", status, st=st, p=pending, error=error)
+
+        return await self.guarded(request, run)
+
+    async def email_send(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf", "address")
+            fields = {"csrf": f.get("csrf", "")}
+            if f.get("address", "").strip():
+                fields["address"] = f["address"].strip()
+            reply = await self.changed(request, "email_send", **fields)
+            if not reply["ok"]:
+                if reply.get("error") == "bad-request" and "address" in fields:
+                    return await self.email(request, strings.BAD_ADDRESS, 400)
+                return self.error_page(reply)
+            return self.redirect("/settings/email")
+
+        return await self.guarded(request, run)
+
+    async def confirm(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf", "code")
+            st = await self.status(request)
+            method = (st["pending"] or {}).get("method")
+            reply = await self.changed(request, "enrol_confirm", csrf=f.get("csrf", ""), code=f.get("code", ""))
+            if reply["ok"]:
+                return self.redirect("/settings?done=saved")
+            if reply.get("error") == "denied":
+                left = int(reply.get("tries_left", 0))
+                if left <= 0:
+                    return self.render("message.html", 401, title=strings.TITLE, text=strings.WRONG_CODE_ENDED,
+                                       kind="denied")
+                text = strings.WRONG_CODE_LEFT.format(left=left)
+                page = self.authenticator if method == "totp" else self.email
+                return await page(request, text, 401)
+            return self.error_page(reply)
+
+        return await self.guarded(request, run)
+
+    async def cancel(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.form(request, "csrf")
+            reply = await self.changed(request, "enrol_cancel", csrf=f.get("csrf", ""))
+            if not reply["ok"]:
+                return self.error_page(reply)
+            return self.redirect("/settings?done=unchanged")
+
+        return await self.guarded(request, run)
+
+
+class _Refused(Exception):
+    def __init__(self, word: str):
+        super().__init__(word)
+        self.word = word
+
+
+def _when(epoch: object) -> str:
+    if not isinstance(epoch, (int, float)) or not epoch:
+        return ""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
+
+
+def _grouped(secret: str) -> str:
+    return " ".join(secret[i:i + 4] for i in range(0, len(secret), 4))
+
+
+def _qr_svg(uri: str) -> Any:
+    """The otpauth URI as an inline SVG (segno; made here, so the secret never leaves in a URL)."""
+    import io
+
+    import segno
+    from markupsafe import Markup
+
+    out = io.BytesIO()
+    segno.make(uri, error="m").save(out, kind="svg", scale=5, border=4, xmldecl=False, svgns=True, omitsize=True,
+                                    title=strings.QR_LABEL, svgclass="qr", lineclass=None)
+    svg = out.getvalue().decode("ascii")
+    # segno's SVG holds only rect/path elements and our escaped label: safe to embed as markup
+    return Markup(svg.replace("<svg ", f'<svg role="img" aria-label="{html.escape(strings.QR_LABEL)}" ', 1))  # noqa: S704
+
+
+# -- command ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="linkus-web", allow_abbrev=False,
+                                     description="Security Settings pages for extension users (asks linkusd).")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--listen", default="127.0.0.1:8089", help="HOST:PORT (default: %(default)s)")
+    where.add_argument("--unix", help="listen on this unix socket instead (behind a reverse proxy)")
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help="linkusd's web socket (default: %(default)s)")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="and this key (PEM)")
+    parser.add_argument("--trust-proxy", action="store_true",
+                        help="take the client address from X-Forwarded-For of a proxy on 127.0.0.1/unix socket")
+    parser.add_argument("--secure-cookies", action="store_true",
+                        help="mark cookies Secure (behind a TLS proxy; implied by --tls-cert)")
+    parser.add_argument("--timeout", type=float, default=20.0, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if os.geteuid() == 0 or os.getuid() == 0:
+        print("linkus-web: refusing to run as root; run it as the linkus-web user", file=sys.stderr)
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("linkus-web: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="linkus-web: %(message)s", stream=sys.stderr)
+    import uvicorn  # type: ignore[import-untyped]
+
+    settings = Settings(args.socket, secure_cookies=bool(args.secure_cookies or args.tls_cert),
+                        trust_proxy=args.trust_proxy, timeout=args.timeout)
+    options: dict[str, Any] = {"access_log": False, "log_level": "warning", "server_header": False,
+                               "proxy_headers": False, "limit_concurrency": 200, "timeout_keep_alive": 5}
+    if args.unix:
+        options["uds"] = args.unix
+    else:
+        host, _, port = args.listen.rpartition(":")
+        options["host"] = host.strip("[]") or "127.0.0.1"
+        options["port"] = int(port)
+    if args.tls_cert:
+        options["ssl_certfile"] = args.tls_cert
+        options["ssl_keyfile"] = args.tls_key
+    uvicorn.run(create_app(settings), **options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
