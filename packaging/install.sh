@@ -58,9 +58,13 @@ mv -f "$PAM_DIR/pam_linkus.so.new" "$PAM_DIR/pam_linkus.so"
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation --upgrade "$SRC"
 ln -sfn "$VENV/bin/linkus-2fa" /usr/local/sbin/linkus-2fa
 ln -sfn "$VENV/bin/linkusd" /usr/local/sbin/linkusd
+ln -sfn "$VENV/bin/linkus-web" /usr/local/bin/linkus-web
 
 # --- Config, state, the web socket's group.
+# linkus-web: the group opens linkusd's web socket; the user runs linkus-web.service.
 getent group linkus-web >/dev/null || groupadd --system linkus-web
+getent passwd linkus-web >/dev/null ||
+    useradd --system --gid linkus-web --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin linkus-web
 install -d -o root -g root -m 0755 /etc/pam_linkus
 install -d -o root -g root -m 0700 /var/lib/pam_linkus
 for file in pam_linkus.yaml extensions.yaml; do
@@ -104,6 +108,6 @@ fi
 rm -rf /var/lib/pam_linkus/cache
 rm -f /lib/security/pam_linkus.py
 
-say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /etc/pam_linkus/"
+say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /usr/local/bin/linkus-web, /etc/pam_linkus/"
 say "next: linkus-2fa doctor; then add to a service, after the password module:"
 say "  auth [success=ok ignore=ignore default=die] pam_linkus.so"

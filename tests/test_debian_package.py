@@ -158,7 +158,9 @@ def test_control_fields(deb: Path) -> None:
     depends = {d.strip().split()[0] for d in field("Depends").split(",")}
     assert {"python3-yaml", "python3-ldap3", "python3-segno", "libpam-runtime", "adduser", "libpam0g",
             "libc6"} <= depends, depends
-    assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis"}
+    # Redis state and the self-service pages are optional parts.
+    assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis", "python3-starlette",
+                                                                   "python3-uvicorn", "python3-jinja2"}
     # The pam_python version is gone for good: nothing may pull it in again.
     assert "libpam-python" not in field("Depends") + field("Recommends") + field("Suggests")
     assert field("Architecture") == run(["dpkg", "--print-architecture"]).stdout.strip()
@@ -195,6 +197,7 @@ def test_package_files(deb: Path) -> None:
                  "/usr/lib/python3/dist-packages/nss_config/chain.py",
                  "/usr/share/man/man8/pam_linkus.8.gz", "/usr/share/man/man8/linkus-2fa.8.gz",
                  "/usr/share/man/man8/linkusd.8.gz", "/usr/share/man/man5/pam_linkus.yaml.5.gz",
+                 "/usr/share/man/man8/linkus-web.8.gz", "/usr/bin/linkus-web", "/lib/systemd/system/linkus-web.service",
                  "/usr/share/pam-linkus/extensions.yaml"):
         assert name in members, name
     for unit in ("linkusd.socket", "linkusd-web.socket", "linkusd.service"):
@@ -485,6 +488,7 @@ def test_install_leaves_the_layout(installed: dict[str, Any]) -> None:
     assert Path("/etc/pam_linkus/extensions.yaml").read_bytes() == (REPO / "packaging/extensions.yaml").read_bytes()
     assert run(["dpkg", "-S", str(MODULE)]).stdout.startswith(f"{PACKAGE}: ")
     assert run(["getent", "group", "linkus-web"], check=False).returncode == 0
+    assert run(["id", "-gn", "linkus-web"], check=False).stdout.strip() == "linkus-web"
     # Registered (pam-auth-update --package) so that it is offered, but with "Default: no"
     # nothing but the list of profiles seen changes: common-* are byte-identical.
     assert installed["pam_changed"] in ([], [Path("/var/lib/pam/seen")]), installed["pam_changed"]

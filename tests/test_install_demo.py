@@ -34,7 +34,8 @@ MODULE = Path(f"/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu
 RUN_DIR = Path("/run/linkusd")
 LOCK = RUN_DIR / "linkusd.lock"
 MACHINE_PATHS = (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkusd"),
-                 Path("/usr/local/sbin/linkus-2fa"), Path("/lib/security/pam_linkus.py"))
+                 Path("/usr/local/sbin/linkus-2fa"), Path("/usr/local/bin/linkus-web"),
+                 Path("/lib/security/pam_linkus.py"))
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PIP_NO_INDEX": "1"}
 OLD_LINE = "auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py config=/etc/pam_linkus/x.yaml\n"
 
@@ -137,7 +138,9 @@ def test_install_layout(installed: dict[str, Any]) -> None:
     assert os.readlink("/usr/local/sbin/linkusd") == str(venv / "bin" / "linkusd")
     assert os.readlink("/usr/local/sbin/linkus-2fa") == str(venv / "bin" / "linkus-2fa")
     assert Path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == (REPO / "packaging/pam_linkus.yaml").read_bytes()
-    assert subprocess.run(["getent", "group", "linkus-web"], check=False).returncode == 0
+    assert subprocess.run(["id", "-gn", "linkus-web"], capture_output=True, text=True, check=False).stdout == \
+        "linkus-web\n"
+    assert os.readlink("/usr/local/bin/linkus-web") == str(venv / "bin" / "linkus-web")
 
 
 def test_install_started_linkusd_and_a_second_install_reloads_it(installed: dict[str, Any]) -> None:
