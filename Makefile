@@ -2,25 +2,31 @@
 SHELL := /bin/bash
 PYTHON := /usr/bin/python3
 PREFIX ?= /opt/pam-linkus
-SITE = $(PREFIX)/venv/lib/python3.11/site-packages
 TEST_VENV := .venv
+# The whole suite must stay under this many seconds (the CI budget); over it, the run fails.
+TEST_BUDGET ?= 900
 export DEBIAN_FRONTEND := noninteractive
 
-# What a login needs (pam_python embeds /usr/bin/python3, so these come from Debian),
-# and what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI).
-APT_RUNTIME := libpam-python python3-yaml python3-venv python3-wheel python3-ldap3 python3-segno
+# What linkusd needs at run time (from Debian, seen by the venv through system site packages),
+# what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI),
+# what builds native/pam_linkus.so, and what linkus-web runs on (Starlette, uvicorn, Jinja2).
+APT_RUNTIME := python3-yaml python3-ldap3 python3-redis python3-segno python3-venv python3-wheel \
+               libpam0g-dev build-essential python3-starlette python3-uvicorn python3-jinja2
+# What `make demo` drives: real PAM logins through pamtester.
+APT_DEMO := pamtester
 # What building and linting the Debian package needs (`make deb`, tests/test_debian_package.py).
 APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools python3-wheel \
-           pybuild-plugin-pyproject lintian
-# What the tests start or drive (python3-redis: the tests look at the server with redis-py;
-# the Redis state store itself speaks RESP with pam_linkus.state.resp).
-APT_TEST := $(APT_DEB) pamtester openssh-server slapd ldap-utils redis-server redis-sentinel python3-redis \
-            libpam-google-authenticator \
-            libpam-oath oathtool openssl procps passwd login \
-            libpam0g-dev build-essential valgrind
+           pybuild-plugin-pyproject libpam0g-dev lintian
+# What the tests start or drive: servers on loopback, the C module's checkers (valgrind, ASan
+# comes with gcc), systemd's offline tools (systemd-analyze, systemd-socket-activate), and what stands
+# in for linkusd.service's sandbox where systemd is not PID 1 (python3-seccomp, setpriv).
+APT_TEST := $(APT_DEB) $(APT_DEMO) openssh-server slapd ldap-utils redis-server redis-sentinel \
+            libpam-google-authenticator libpam-oath oathtool openssl procps passwd login \
+            valgrind systemd man-db python3-seccomp util-linux
+# python-pam: web logins in-process against a stack with pam_linkus.so (tests/test_native.py).
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis python-pam
 
-.PHONY: demo install deb deps-runtime deps-test native test lint bench clean
+.PHONY: demo install native deb deps-runtime deps-test test lint bench clean
 
 deps-runtime:
 	bash packaging/apt-ensure.sh $(APT_RUNTIME)
@@ -31,34 +37,38 @@ deps-test: deps-runtime
 	$(TEST_VENV)/bin/pip install -q $(PIP_TEST)
 	$(TEST_VENV)/bin/pip install -q --no-deps -e .
 
-## install: the package into $(PREFIX)/venv, the loader into /lib/security, default config.
+## native: pam_linkus.so and the builds its tests use (ASan/UBSan, canary, driver).
+native: deps-runtime
+	$(MAKE) -C native
+
+## install: pam_linkus.so into the PAM module directory, linkusd + linkus-2fa into $(PREFIX)/venv,
+## config, state, and linkusd started (systemd socket activation when systemd is PID 1).
 install: deps-runtime
 	bash packaging/install.sh "$(PREFIX)"
 
-## demo: install, then one real login through PAM with a demo extension (touches no existing service).
+## demo: install, then real logins through PAM with a demo extension (touches no existing service).
 demo: install
-	$(PREFIX)/venv/bin/python -P packaging/demo.py  # -P: packaging/pam_linkus.py must not shadow the package
+	bash packaging/apt-ensure.sh $(APT_DEMO)
+	$(PREFIX)/venv/bin/python packaging/demo.py
 
-## deb: build the Debian package into dist/ from packaging/debian, and lint it (README: "Debian package").
+## deb: build the Debian package into dist/ from packaging/debian, and lint it.
 deb:
 	bash packaging/apt-ensure.sh $(APT_DEB)
 	deb=$$(bash packaging/build-deb.sh dist | tail -n 1) && lintian --fail-on error,warning "$$deb" && echo "built $$deb"
 
-## native: pam_linkus.so, its ASan/UBSan and canary builds and the test driver (native/Makefile).
-native: deps-test
-	$(MAKE) -C native all
-
 ## test: everything, against real PAM, sshd, slapd, SMTP and Redis on loopback.
+## pytest exits 5 when it collected no test: that fails the run like any other non-zero exit.
 test: deps-test native
 	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
 	$(TEST_VENV)/bin/mypy
-	$(TEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	timeout --signal=INT --kill-after=60 $(TEST_BUDGET) \
+	    $(TEST_VENV)/bin/pytest -q -p no:cacheprovider --durations=10 $(PYTEST_ARGS)
 
 lint: deps-test
 	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
 	$(TEST_VENV)/bin/mypy
 
-bench: deps-test install
+bench: deps-test native install
 	$(TEST_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Build the Debian package (libpam-linkus_VERSION_all.deb) into OUTDIR (default: dist).
+# Build the Debian package (libpam-linkus_VERSION_ARCH.deb) into OUTDIR (default: dist).
 # The project keeps its Debian files in packaging/debian; dpkg-buildpackage wants them
 # at the top of the source tree, so the build runs in a copy of the checkout in a
 # temporary directory: the checkout itself is never written to (except OUTDIR).

@@ -1,32 +1,113 @@
 #!/bin/bash
-# Install pam-linkus from this checkout: the package into PREFIX/venv (on /usr/bin/python3, the
-# interpreter pam_python embeds, with Debian's python3-yaml & co. visible), the file pam_python loads
-# into /lib/security, the linkus-2fa command on PATH, default config and the state directory.
-# Existing config files are never overwritten. No /etc/pam.d file is touched.
+# Install pam-linkus from this checkout (`make install`, after `make deps-runtime`):
+#   - native/pam_linkus.so, built here, into the PAM module directory of this architecture;
+#   - the Python package into PREFIX/venv (on /usr/bin/python3, with Debian's python3-yaml,
+#     -ldap3, -redis, -segno visible), and linkusd / linkus-2fa on PATH in /usr/local/sbin;
+#   - /etc/pam_linkus (config files made once, never overwritten), /var/lib/pam_linkus;
+#   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
+#     background (it daemonizes once ready); a running one is told to reload.
+# No /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
+# pam_python version asks for it (LINKUS_MIGRATE_PAM=yes).
 set -euo pipefail
 PREFIX=${1:-/opt/pam-linkus}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$PREFIX/venv
-SITE=$VENV/lib/python3.11/site-packages
+RUN_DIR=/run/linkusd
+say() { echo "install.sh: $*"; }
+die() { echo "install.sh: $*" >&2; exit 1; }
 
-[ "$(id -u)" = 0 ] || { echo "install.sh: run as root" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root"
+
+# --- Upgrade from the pam_python version: its PAM lines start Python inside every login
+# (a local-root hole through su/sudo). They must become pam_linkus.so lines first; refusing
+# here, before anything changes, leaves the machine as it was.
+old_lines() {
+    grep -lsE '^[[:space:]]*-?(auth|account|password|session)[[:space:]].*pam_python\.so[[:space:]]+([^[:space:]]*/)?pam_linkus\.py' \
+        /etc/pam.d/* 2>/dev/null | grep -vE '\.(linkus-bak|dpkg-[a-z]+|ucf-[a-z]+)$' || true
+}
+OLD=$(old_lines)
+if [ -n "$OLD" ] && [ "${LINKUS_MIGRATE_PAM:-}" != yes ]; then
+    {
+        echo "install.sh: these PAM services still load the old pam_python module (pam_linkus.py):"
+        echo "$OLD" | sed 's/^/install.sh:   /'
+        echo "install.sh: it runs Python inside every login (a local-root hole through su/sudo) and will"
+        echo "install.sh: stop working. Nothing has been changed. Either let this script install the new"
+        echo "install.sh: module and linkusd and then rewrite those lines (linkus-2fa migrate-pam, which keeps"
+        echo "install.sh: each file's old text as FILE.linkus-bak):"
+        echo "install.sh:   LINKUS_MIGRATE_PAM=yes make install"
+        echo "install.sh: or replace each of those lines yourself (keep a root shell open) with:"
+        echo "install.sh:   auth [success=ok ignore=ignore default=die] pam_linkus.so"
+    } >&2
+    exit 1
+fi
+
+# --- The C module, into the directory where this system's pam_unix.so lives.
+make -s -C "$SRC/native" pam_linkus.so
+MULTIARCH=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
+PAM_DIR=
+for dir in "/lib/$MULTIARCH/security" "/usr/lib/$MULTIARCH/security" /lib/security /usr/lib/security; do
+    if [ -e "$dir/pam_unix.so" ]; then PAM_DIR=$dir; break; fi
+done
+[ -n "$PAM_DIR" ] || die "cannot find the PAM module directory (no pam_unix.so)"
+install -o root -g root -m 0644 "$SRC/native/pam_linkus.so" "$PAM_DIR/pam_linkus.so.new"
+mv -f "$PAM_DIR/pam_linkus.so.new" "$PAM_DIR/pam_linkus.so"
+
+# --- The engine: a venv on Debian's interpreter. Built with the venv's setuptools and Debian's
+# python3-wheel, as the Debian package is: nothing is downloaded (no isolated build from PyPI).
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
-# Built with the venv's setuptools and Debian's python3-wheel, as the Debian package is:
-# nothing is downloaded (no isolated build environment from PyPI).
 "$VENV/bin/pip" install -q --no-deps --no-build-isolation --upgrade "$SRC"
-
-sed "s|@SITE@|$SITE|" "$SRC/packaging/pam_linkus.py" > /lib/security/pam_linkus.py.new
-chmod 0644 /lib/security/pam_linkus.py.new
-mv -f /lib/security/pam_linkus.py.new /lib/security/pam_linkus.py
 ln -sfn "$VENV/bin/linkus-2fa" /usr/local/sbin/linkus-2fa
+ln -sfn "$VENV/bin/linkusd" /usr/local/sbin/linkusd
+ln -sfn "$VENV/bin/linkus-web" /usr/local/bin/linkus-web
 
+# --- Config, state, the web socket's group.
+# linkus-web: the group opens linkusd's web socket; the user runs linkus-web.service.
+getent group linkus-web >/dev/null || groupadd --system linkus-web
+getent passwd linkus-web >/dev/null ||
+    useradd --system --gid linkus-web --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin linkus-web
 install -d -o root -g root -m 0755 /etc/pam_linkus
 install -d -o root -g root -m 0700 /var/lib/pam_linkus
-if [ ! -e /etc/pam_linkus/pam_linkus.yaml ]; then
-    install -o root -g root -m 0600 "$SRC/packaging/pam_linkus.yaml" /etc/pam_linkus/pam_linkus.yaml
+for file in pam_linkus.yaml extensions.yaml; do
+    if [ ! -e "/etc/pam_linkus/$file" ] && [ ! -L "/etc/pam_linkus/$file" ]; then
+        install -o root -g root -m 0600 "$SRC/packaging/$file" "/etc/pam_linkus/$file"
+    fi
+done
+
+# --- linkusd.
+if [ -d /run/systemd/system ]; then
+    # Every unit of packaging/systemd (linkus-web's too, enabled only by the administrator),
+    # with the commands where this venv has them.
+    for path in "$SRC"/packaging/systemd/*.socket "$SRC"/packaging/systemd/*.service; do
+        unit=$(basename "$path")
+        sed -E "s|^ExecStart=/usr/s?bin/(linkusd\|linkus-web)\b|ExecStart=$VENV/bin/\1|" "$path" \
+            > "/etc/systemd/system/$unit.new"
+        chmod 0644 "/etc/systemd/system/$unit.new"
+        mv -f "/etc/systemd/system/$unit.new" "/etc/systemd/system/$unit"
+    done
+    systemctl daemon-reload
+    systemctl enable --now linkusd.socket linkusd-web.socket
+    # An upgrade: the running daemon gets the new code (logins in progress end as unavailable).
+    systemctl try-restart linkusd.service
+    say "linkusd: systemd socket activation (linkusd.socket, linkusd-web.socket)"
+elif [ -e "$RUN_DIR/linkusd.lock" ] && ! flock -n "$RUN_DIR/linkusd.lock" true; then
+    pid=$(head -n 1 "$RUN_DIR/linkusd.lock")
+    [[ "$pid" =~ ^[0-9]+$ ]] || die "$RUN_DIR/linkusd.lock is held but names no pid"
+    kill -HUP "$pid"
+    say "linkusd is running (pid $pid): told to reload its config; restart it to run new code"
+else
+    /usr/local/sbin/linkusd || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"
+    say "linkusd started in the background (no systemd): pid $(head -n 1 "$RUN_DIR/linkusd.lock")"
 fi
-if [ ! -e /etc/pam_linkus/extensions.yaml ]; then
-    install -o root -g root -m 0600 "$SRC/packaging/extensions.yaml" /etc/pam_linkus/extensions.yaml
+
+# --- The rest of the upgrade, now that pam_linkus.so and linkusd are in place.
+if [ -n "$OLD" ]; then
+    say "LINKUS_MIGRATE_PAM=yes: rewriting the old PAM lines (backups: FILE.linkus-bak)"
+    /usr/local/sbin/linkus-2fa migrate-pam || die "linkus-2fa migrate-pam failed; the files it names are unchanged"
+    [ -z "$(old_lines)" ] || die "some PAM services still load pam_linkus.py (see above); rewrite them by hand"
 fi
-echo "pam-linkus installed: /lib/security/pam_linkus.py, $VENV, /usr/local/sbin/linkus-2fa, /etc/pam_linkus/"
-echo "Next: linkus-2fa doctor; then add the PAM line to a service (see README.md)."
+rm -rf /var/lib/pam_linkus/cache
+rm -f /lib/security/pam_linkus.py
+
+say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /usr/local/bin/linkus-web, /etc/pam_linkus/"
+say "next: linkus-2fa doctor; then add to a service, after the password module:"
+say "  auth [success=ok ignore=ignore default=die] pam_linkus.so"

@@ -1,15 +1,19 @@
 """The Debian package, end to end: build it (dpkg-buildpackage), lint it (lintian), install it,
-log in through the installed module, purge it.
+start the installed linkusd by hand (no systemd here), log in through the installed
+pam_linkus.so, purge it.
 
-The package must leave the same result as ``make install`` (SHARED_LAYOUT), never enable
-its pam-auth-update profile by itself, and leave no loader behind when purged.
+The package must install the C module where this architecture's libpam looks (next to
+pam_unix.so), never enable its pam-auth-update profile by itself, refuse to upgrade a machine
+whose PAM stacks still load the pam_python module, and leave nothing behind when purged.
 
 This machine may have pam-linkus installed by ``make install``/``make demo``: the paths the
 package owns are saved (bytes, modes, owners), moved aside so the package installs as on a
 fresh machine, and put back afterwards byte for byte. /etc/pam.d/common-* and /var/lib/pam
 are compared byte for byte after install and after purge. pam-auth-update is only ever
 pointed at a throwaway root (``--root``) with a throwaway debconf database, except for the
-package's own ``pam-auth-update --package`` calls, which must change nothing.
+package's own ``pam-auth-update --package`` calls, which must change nothing. The installed
+linkusd listens on a private socket (``socket=`` in the test services), so a linkusd that
+``make install`` started on /run/linkusd is left alone.
 
 Tests run in file order against module-scoped fixtures: one build, one install, one purge
 (the purge test is last and says so).
@@ -18,12 +22,14 @@ Tests run in file order against module-scoped fixtures: one build, one install, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
+import re
 import secrets
 import shutil
+import signal
 import stat
 import subprocess
+import sysconfig
 import tarfile
 import time
 from collections.abc import Iterator
@@ -31,30 +37,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, REPO, LogCatcher, code_at, require_root, write_yaml
+from conftest import PASSWORD, REPO, TEST_BASE, LogCatcher, code_at, require_root, write_yaml
+from machine_state import Snapshot, machine_lock
 
 pytestmark = [pytest.mark.pam, pytest.mark.timeout(300)]
 
 PACKAGE = "libpam-linkus"
-LOADER = Path("/lib/security/pam_linkus.py")
+MULTIARCH = sysconfig.get_config_var("MULTIARCH") or "x86_64-linux-gnu"
+#: Where Debian 12's libpam-modules puts pam_unix.so, and so where a PAM module belongs.
+MODULE = Path(f"/lib/{MULTIARCH}/security/pam_linkus.so")
 PROFILE = REPO / "packaging" / "pam-configs" / "linkus"
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=300"]
-MODULE_LINE = "auth\t[success=ok ignore=ignore default=die]\tpam_python.so pam_linkus.py"
-TOOLS = ("dpkg-buildpackage", "dh", "dh_python3", "pybuild", "lintian", "pamtester", "pam-auth-update")
+MODULE_LINE = "auth\t[success=ok ignore=ignore default=die]\tpam_linkus.so"
+OLD_LINE = "auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py\n"
+TOOLS = ("dpkg-buildpackage", "dh", "dh_python3", "pybuild", "lintian", "pamtester", "pam-auth-update", "gcc")
 
-#: What `make install` (packaging/install.sh) leaves, and so must the package: (kind, mode), owner root.
-SHARED_LAYOUT = {
-    "/lib/security/pam_linkus.py": ("file", 0o644),
+#: What the package leaves besides its own files: (kind, mode), owner root.
+LAYOUT = {
+    str(MODULE): ("file", 0o644),
+    "/usr/sbin/linkusd": ("file", 0o755),
+    "/usr/sbin/linkus-2fa": ("file", 0o755),
     "/etc/pam_linkus": ("dir", 0o755),
     "/etc/pam_linkus/pam_linkus.yaml": ("file", 0o600),
     "/etc/pam_linkus/extensions.yaml": ("file", 0o600),
     "/var/lib/pam_linkus": ("dir", 0o700),
 }
-#: Saved, moved aside for the test and restored afterwards.
-MACHINE_PATHS = (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkus-2fa"))
-#: Held while a run has the package installed (see machine_lock).
-LOCK_FILE = Path("/run/lock" if os.path.isdir("/run/lock") else "/tmp", "pam-linkus-package-test.lock")
+#: Saved, moved aside for the test and restored afterwards (`make install` puts these there too).
+MACHINE_PATHS = (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"))
 #: Must be byte-identical after install and after purge.
 PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
 
@@ -65,67 +75,6 @@ def run(cmd: list[str], *, timeout: float = 240, check: bool = True, **kw: Any) 
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
-
-
-class Snapshot:
-    """An exact copy of some paths (file bytes, symlink targets, modes, owners), to compare and put back."""
-
-    def __init__(self, roots: tuple[Path, ...]):
-        self.roots = roots
-        self.entries = self._take()
-
-    def _take(self) -> dict[Path, tuple[str, int, int, int, bytes | str | None]]:
-        entries: dict[Path, tuple[str, int, int, int, bytes | str | None]] = {}
-
-        def walk(path: Path) -> None:
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                return
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                entries[path] = ("link", mode, st.st_uid, st.st_gid, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                entries[path] = ("dir", mode, st.st_uid, st.st_gid, None)
-                for child in sorted(path.iterdir()):
-                    walk(child)
-            elif stat.S_ISREG(st.st_mode):
-                entries[path] = ("file", mode, st.st_uid, st.st_gid, path.read_bytes())
-            else:
-                raise AssertionError(f"{path}: not a file, directory or symlink; not touching it")
-
-        for root in self.roots:
-            walk(root)
-        return entries
-
-    def differences(self) -> list[Path]:
-        now = self._take()
-        return sorted(p for p in set(now) | set(self.entries) if now.get(p) != self.entries.get(p))
-
-    def remove(self) -> None:
-        for root in self.roots:
-            if root.is_dir() and not root.is_symlink():
-                shutil.rmtree(root)
-            elif root.exists() or root.is_symlink():
-                root.unlink()
-
-    def restore(self) -> None:
-        if not self.differences():
-            return
-        self.remove()
-        for path, (kind, mode, uid, gid, data) in sorted(self.entries.items()):
-            if kind == "dir":
-                path.mkdir()
-            elif kind == "link":
-                assert isinstance(data, str)
-                os.symlink(data, path)
-                continue
-            else:
-                assert isinstance(data, bytes)
-                path.write_bytes(data)
-            os.chown(path, uid, gid)
-            os.chmod(path, mode)
-        assert not self.differences()
 
 
 def installed_status() -> str:
@@ -184,7 +133,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(["bash", str(REPO / "packaging" / "build-deb.sh"), str(out)], timeout=300)
     after = run(["git", "-C", str(REPO), "status", "--porcelain"], check=False).stdout
     assert after == before, "building the package wrote into the checkout"
-    debs = sorted(out.glob(f"{PACKAGE}_*_all.deb"))
+    debs = sorted(out.glob(f"{PACKAGE}_*_{run(['dpkg', '--print-architecture']).stdout.strip()}.deb"))
     assert len(debs) == 1, debs
     return debs[0]
 
@@ -207,11 +156,14 @@ def test_control_fields(deb: Path) -> None:
         return run(["dpkg-deb", "-f", str(deb), name]).stdout.strip()
 
     depends = {d.strip().split()[0] for d in field("Depends").split(",")}
-    assert {"libpam-python", "python3-yaml"} <= depends
-    assert {d.strip() for d in field("Recommends").split(",")} == {"python3-ldap3", "python3-segno"}
-    # Redis state speaks RESP itself (pam_linkus.state.resp): no client library on the login path.
-    assert "python3-redis" not in field("Depends") + field("Recommends") + field("Suggests")
-    assert field("Architecture") == "all"
+    assert {"python3-yaml", "python3-ldap3", "python3-segno", "libpam-runtime", "adduser", "libpam0g",
+            "libc6"} <= depends, depends
+    # Redis state and the self-service pages are optional parts.
+    assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis", "python3-starlette",
+                                                                   "python3-uvicorn", "python3-jinja2"}
+    # The pam_python version is gone for good: nothing may pull it in again.
+    assert "libpam-python" not in field("Depends") + field("Recommends") + field("Suggests")
+    assert field("Architecture") == run(["dpkg", "--print-architecture"]).stdout.strip()
     control = Path(run(["mktemp", "-d"]).stdout.strip())
     try:
         run(["dpkg-deb", "-e", str(deb), str(control)])
@@ -237,23 +189,24 @@ def test_package_files(deb: Path) -> None:
     assert proc.returncode == 0
     modes = {name: (m.mode, m.uname, m.gname) for name, m in members.items()}
     assert modes["/etc/pam_linkus/pam_linkus.yaml"] == (0o600, "root", "root")
-    assert modes["/lib/security/pam_linkus.py"] == (0o644, "root", "root")
-    assert modes["/usr/sbin/linkus-2fa"] == (0o755, "root", "root")
-    assert "/usr/bin/linkus-2fa" not in members
-    for name in ("/usr/lib/python3/dist-packages/pam_linkus/pam_face.py",
+    assert modes[str(MODULE)] == (0o644, "root", "root")
+    assert modes["/usr/sbin/linkus-2fa"] == modes["/usr/sbin/linkusd"] == (0o755, "root", "root")
+    assert "/usr/bin/linkus-2fa" not in members and "/usr/bin/linkusd" not in members
+    assert not any(name.startswith("/lib/security") for name in members)  # the pam_python loader
+    for name in ("/usr/lib/python3/dist-packages/pam_linkus/daemon/main.py",
                  "/usr/lib/python3/dist-packages/nss_config/chain.py",
                  "/usr/share/man/man8/pam_linkus.8.gz", "/usr/share/man/man8/linkus-2fa.8.gz",
+                 "/usr/share/man/man8/linkusd.8.gz", "/usr/share/man/man5/pam_linkus.yaml.5.gz",
+                 "/usr/share/man/man8/linkus-web.8.gz", "/usr/bin/linkus-web", "/lib/systemd/system/linkus-web.service",
                  "/usr/share/pam-linkus/extensions.yaml"):
         assert name in members, name
+    for unit in ("linkusd.socket", "linkusd-web.socket", "linkusd.service"):
+        assert contents[f"/lib/systemd/system/{unit}"] == (REPO / "packaging" / "systemd" / unit).read_bytes()
     schemas = sorted((REPO / "packaging" / "ldap").glob("linkus-2fa.*"))
     assert [s.name for s in schemas] == ["linkus-2fa.ldif", "linkus-2fa.schema"]
     for schema in schemas:  # where the schema's own comments tell slapd to find it
         assert contents[f"/usr/share/pam-linkus/ldap/{schema.name}"] == schema.read_bytes(), schema
         assert f"/usr/share/pam-linkus/ldap/{schema.name}" in schemas[1].read_text()
-    # The loader with an empty site directory: the package is on the embedded interpreter's path.
-    loader = (REPO / "packaging" / "pam_linkus.py").read_text()
-    assert contents["/lib/security/pam_linkus.py"].decode() == loader.replace("@SITE@", "")
-    assert '_SITE = ""' in contents["/lib/security/pam_linkus.py"].decode()
     assert contents["/usr/share/pam-configs/linkus"] == PROFILE.read_bytes()
     assert contents["/etc/pam_linkus/pam_linkus.yaml"] == (REPO / "packaging" / "pam_linkus.yaml").read_bytes()
 
@@ -266,13 +219,53 @@ def test_package_version_is_the_python_version() -> None:
     assert first.startswith(f"pam-linkus ({__version__}) "), first
 
 
-def test_man_page_documents_every_pam_option() -> None:
-    from pam_linkus.options import _KINDS
+def test_module_is_built_hardened(deb: Path, tmp_path: Path) -> None:
+    """dpkg-buildflags' hardening (full RELRO, bind now, fortify, stack protector) reached the module."""
+    run(["dpkg-deb", "-x", str(deb), str(tmp_path)])
+    module = tmp_path / str(MODULE).lstrip("/")
+    dynamic = run(["readelf", "-d", "-W", str(module)]).stdout
+    headers = run(["readelf", "-l", "-W", str(module)]).stdout
+    symbols = run(["readelf", "--dyn-syms", "-W", str(module)]).stdout
+    assert "BIND_NOW" in dynamic or re.search(r"FLAGS.*\bNOW\b", dynamic), dynamic
+    assert "GNU_RELRO" in headers
+    assert re.search(r"GNU_STACK\s.*\sRW\s", headers), headers  # not executable
+    assert "__stack_chk_fail" in symbols
+    assert re.search(r"__\w+_chk\b", symbols.replace("__stack_chk_fail", "")), "no _FORTIFY_SOURCE call"
 
+
+def test_man_page_documents_every_pam_option() -> None:
+    """Every option the C module parses (its OPTION_DEFS table) has an entry in pam_linkus(8)."""
+    source = (REPO / "native" / "pam_linkus.c").read_text()
+    options = dict(re.findall(r'\[O_\w+\] = \{"(\w+)", (true|false)\}', source))
+    assert {"socket", "timeout", "prompt", "profile", "log_socket", "echo_code", "forward_pass", "debug"} \
+        <= set(options)
     page = (REPO / "packaging" / "man" / "pam_linkus.8").read_text()
-    options = page[page.index("\n.SH OPTIONS\n"):page.index("\n.SH OUTCOMES\n")]
-    for key, kind in _KINDS.items():
-        assert (f"\n.B {key}\n" if kind == "flag" else f"\n.BI {key}= ") in options, key
+    section = page[page.index("\n.SH OPTIONS\n"):page.index("\n.SH SINGLE-FIELD MODE\n")]
+    for key, has_value in options.items():
+        assert (f"\n.BI {key}= " if has_value == "true" else f"\n.B {key}\n") in section, key
+
+
+def test_man_pages_have_no_warnings() -> None:
+    for page in sorted((REPO / "packaging" / "man").iterdir()):
+        result = run(["man", "--warnings", "-l", str(page)], env={**CLEAN_ENV, "MANWIDTH": "80"})
+        assert result.stderr == "", f"{page.name}: {result.stderr}"
+
+
+def test_config_page_names_every_key_the_config_reads() -> None:
+    """Every key pam_linkus/config.py reads (r.string("key", ...) & co.) is in pam_linkus.yaml(5)."""
+    from pam_linkus.config import Config, DaemonConfig
+
+    source = (REPO / "pam_linkus" / "config.py").read_text()
+    keys = set(re.findall(r"\b(?:r|attrs)\.(?:string|integer|number|boolean|path|optional_path|optional_string|"
+                          r"string_list|section)\(\"(\w+)\"", source))
+    keys |= set(re.findall(r"_prompt\(r, \"(\w+)\"", source))
+    assert {"enforce", "max_failures", "bind_password_file", "answer_timeout", "totp"} <= keys
+    page = (REPO / "packaging" / "man" / "pam_linkus.yaml.5").read_text().replace("\\-", "-")
+    documented = set(re.findall(r"\n\.(?:B|SS) (?:[\w.]+\.)?(\w+)\n", page))
+    assert sorted(keys - documented) == []
+    not_keys = {"path", "cache_dir", "default_profile"}  # attributes, not keys of the file
+    for key in [k for k in Config.__slots__ if k not in not_keys] + [f"daemon.{k}" for k in DaemonConfig.__slots__]:
+        assert f"\n.B {key}\n" in page or f"\n.SS {key}" in page, key
 
 
 def test_man_page_documents_every_verb() -> None:
@@ -317,7 +310,7 @@ def test_profile_has_the_reviewed_fields() -> None:
         "Default": "no",
         "Priority": "192",  # below pam_unix's 256
         "Auth-Type": "Additional",
-        "Auth": "[success=ok ignore=ignore default=die] pam_python.so pam_linkus.py",
+        "Auth": "[success=ok ignore=ignore default=die] pam_linkus.so",
     }
 
 
@@ -352,26 +345,6 @@ def test_enabled_profile_runs_after_the_password_and_disable_restores(tmp_path: 
 # -- installed on this machine -----------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def machine_lock(timeout: float = 240) -> Iterator[None]:
-    """One package test per machine at a time: parallel test runs (other checkouts) would install
-    and purge the same package and save each other's state. Waits, bounded, for the other run."""
-    with open(LOCK_FILE, "a") as lock:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another package test held {LOCK_FILE} for {timeout:.0f} s")
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(scope="module")
 def machine() -> Iterator[dict[str, Snapshot]]:
     """Save what `make install` may have put where the package installs; restore it afterwards."""
@@ -400,47 +373,79 @@ def _machine() -> Iterator[dict[str, Snapshot]]:
             assert not changed, f"PAM files changed by the package test (restored): {changed}"
 
 
-def layout() -> dict[str, tuple[bool, int, int, int, bytes | None]]:
-    """SHARED_LAYOUT as found: is-dir, mode, owner, group, and the bytes of the config files."""
-    found = {}
-    for path in SHARED_LAYOUT:
-        st = os.lstat(path)
-        data = Path(path).read_bytes() if path.startswith("/etc/") and stat.S_ISREG(st.st_mode) else None
-        found[path] = (stat.S_ISDIR(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, data)
-    return found
-
-
 @pytest.fixture(scope="module")
-def make_install_result(machine: dict[str, Snapshot], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """What `make install` (packaging/install.sh) leaves, with a throwaway PREFIX and no index (offline)."""
-    prefix = tmp_path_factory.mktemp("prefix")
-    run(["bash", str(REPO / "packaging" / "install.sh"), str(prefix)], env={**CLEAN_ENV, "PIP_NO_INDEX": "1"})
-    found = layout()
-    cli = run(["linkus-2fa", "--help"], env={**CLEAN_ENV, "PATH": "/usr/local/sbin:" + CLEAN_ENV["PATH"]}, cwd="/")
-    machine["saved"].remove()  # and back to a fresh machine for the package
-    return {"layout": found, "cli": cli}
-
-
-@pytest.fixture(scope="module")
-def installed(deb: Path, machine: dict[str, Snapshot], make_install_result: dict[str, Any]) -> dict[str, Any]:
-    result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
-                  "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300)
+def installed(deb: Path, machine: dict[str, Snapshot]) -> dict[str, Any]:
+    # An upgrade from the pam_python version with a stack still loading it: refused before
+    # anything is unpacked (the old lines would refuse every login once the loader is gone).
+    old = Path("/etc/pam.d", f"linkus-test-{secrets.token_hex(4)}")
+    old.write_text(OLD_LINE)
+    try:
+        refused = run([*APT, "install", str(deb)], timeout=300, check=False)
+    finally:
+        old.unlink()
+    status_after_refusal = installed_status()
+    # Again, with the administrator's consent: postinst rewrites the line (linkus-2fa migrate-pam).
+    old.write_text(OLD_LINE)
+    backup = old.with_name(old.name + ".linkus-bak")
+    try:
+        result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
+                      "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300,
+                     env={**CLEAN_ENV, "LINKUS_MIGRATE_PAM": "yes"})
+        migrated = old.read_text()
+    finally:
+        old.unlink()
+        backup.unlink(missing_ok=True)
     seen = Path("/var/lib/pam/seen")
     return {"apt": result, "pam_changed": machine["pam"].differences(), "seen": seen.read_text().split(),
-            "seen_before": machine["pam"].entries[seen][4]}
+            "seen_before": machine["pam"].entries[seen][4], "refused": refused, "old": old,
+            "status_after_refusal": status_after_refusal, "migrated": migrated}
+
+
+class InstalledLinkusd:
+    """/usr/sbin/linkusd as an admin without systemd starts it: it forks into the background once
+    ready (the parent exits 0 then), on a private socket so no other linkusd is disturbed."""
+
+    def __init__(self, base: Path, log: LogCatcher):
+        self.run_dir = base / "run"
+        self.run_dir.mkdir(mode=0o755)
+        self.socket = self.run_dir / "pam.sock"
+        started = run(["/usr/sbin/linkusd", "--pam-socket", str(self.socket), "--no-web",
+                       "--log-socket", str(log.path)], cwd="/", timeout=60)
+        assert started.returncode == 0 and started.stderr == "", started.stderr
+        self.pid = int((self.run_dir / "linkusd.lock").read_text())
+
+    def reload(self) -> None:
+        from pam_linkus.protocol import Msg, call_control
+
+        status = call_control(str(self.socket), Msg.RELOAD, timeout=30)
+        assert status["last_error"] is None, status["last_error"]
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{self.pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{self.pid}").exists(), "linkusd did not stop on SIGTERM"
 
 
 @pytest.fixture(scope="module")
-def login_env(installed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A syslog catcher and a list of throwaway /etc/pam.d services (removed afterwards)."""
-    base = tmp_path_factory.mktemp("login")
-    base.chmod(0o700)
+def login_env(installed: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The installed linkusd, a syslog catcher and a list of throwaway /etc/pam.d services."""
+    TEST_BASE.mkdir(mode=0o755, exist_ok=True)
+    base = TEST_BASE / f"pkg-{secrets.token_hex(4)}"
+    base.mkdir(mode=0o711)  # root-owned all the way up: pam_linkus.so checks the socket's directory
     log = LogCatcher(base / "log.sock")
+    daemon = InstalledLinkusd(base, log)
     services: list[Path] = []
-    yield {"base": base, "log": log, "services": services}
-    for service in services:
-        service.unlink(missing_ok=True)
-    log.close()
+    try:
+        yield {"base": base, "log": log, "services": services, "daemon": daemon}
+    finally:
+        for service in services:
+            service.unlink(missing_ok=True)
+        daemon.stop()
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def add_service(env: dict[str, Any], auth: str) -> str:
@@ -451,21 +456,39 @@ def add_service(env: dict[str, Any], auth: str) -> str:
     return name
 
 
-def enroll(users: dict[str, str]) -> None:
-    """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml."""
+def options(env: dict[str, Any]) -> str:
+    return f"socket={env['daemon'].socket} log_socket={env['log'].path}"
+
+
+def enroll(env: dict[str, Any], users: dict[str, str]) -> None:
+    """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml; linkusd loads it now."""
     write_yaml(Path("/etc/pam_linkus/extensions.yaml"),
                {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}})
+    env["daemon"].reload()
 
 
-def test_install_leaves_the_make_install_layout(installed: dict[str, Any]) -> None:
-    for path, (kind, mode) in SHARED_LAYOUT.items():
+def test_upgrade_from_pam_python_stacks_is_refused_before_unpacking(installed: dict[str, Any]) -> None:
+    refused = installed["refused"]
+    assert refused.returncode != 0
+    assert installed["status_after_refusal"] in ("not known", "un", "pn", "in")  # in: selected, not installed
+    said = refused.stdout + refused.stderr
+    assert f"libpam-linkus:   {installed['old']}" in said and "LINKUS_MIGRATE_PAM=yes" in said, said
+
+
+def test_upgrade_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
+    assert installed["migrated"] == "auth [success=ok ignore=ignore default=die] pam_linkus.so\n"
+
+
+def test_install_leaves_the_layout(installed: dict[str, Any]) -> None:
+    for path, (kind, mode) in LAYOUT.items():
         st = os.lstat(path)
         assert (stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)), path
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, 0), path
     assert Path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == (REPO / "packaging/pam_linkus.yaml").read_bytes()
     assert Path("/etc/pam_linkus/extensions.yaml").read_bytes() == (REPO / "packaging/extensions.yaml").read_bytes()
-    assert os.access("/usr/sbin/linkus-2fa", os.X_OK)
-    assert run(["dpkg", "-S", str(LOADER)]).stdout.startswith(f"{PACKAGE}: ")
+    assert run(["dpkg", "-S", str(MODULE)]).stdout.startswith(f"{PACKAGE}: ")
+    assert run(["getent", "group", "linkus-web"], check=False).returncode == 0
+    assert run(["id", "-gn", "linkus-web"], check=False).stdout.strip() == "linkus-web"
     # Registered (pam-auth-update --package) so that it is offered, but with "Default: no"
     # nothing but the list of profiles seen changes: common-* are byte-identical.
     assert installed["pam_changed"] in ([], [Path("/var/lib/pam/seen")]), installed["pam_changed"]
@@ -474,28 +497,23 @@ def test_install_leaves_the_make_install_layout(installed: dict[str, Any]) -> No
     assert "linkus" not in seen_before and sorted(installed["seen"]) == sorted([*seen_before, "linkus"])
 
 
-def test_make_install_and_the_package_leave_the_same_layout(installed: dict[str, Any],
-                                                            make_install_result: dict[str, Any]) -> None:
-    assert layout() == make_install_result["layout"]
-    assert make_install_result["cli"].stdout == run(["linkus-2fa", "--help"], cwd="/").stdout
-
-
-def test_installed_command_and_package_come_from_dist_packages(installed: dict[str, Any]) -> None:
+def test_installed_commands_and_package_come_from_dist_packages(installed: dict[str, Any]) -> None:
     where = run(["/usr/bin/python3", "-c", "import pam_linkus, nss_config; print(pam_linkus.__file__)"], cwd="/")
     assert where.stdout.strip() == "/usr/lib/python3/dist-packages/pam_linkus/__init__.py"
-    doctor = run(["/usr/sbin/linkus-2fa", "doctor"], cwd="/", check=False)
-    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
-    assert "ok   config: /etc/pam_linkus/pam_linkus.yaml" in doctor.stdout
-    man = run(["man", "-w", "pam_linkus"], check=False)
-    assert man.stdout.strip() == "/usr/share/man/man8/pam_linkus.8.gz", man.stderr
+    assert "--foreground" in run(["/usr/sbin/linkusd", "--help"], cwd="/").stdout
+    assert "doctor" in run(["/usr/sbin/linkus-2fa", "--help"], cwd="/").stdout
+    for page, path in (("pam_linkus", "man8/pam_linkus.8.gz"), ("linkusd", "man8/linkusd.8.gz"),
+                       ("pam_linkus.yaml", "man5/pam_linkus.yaml.5.gz")):
+        man = run(["man", "-w", page], check=False)
+        assert man.stdout.strip() == f"/usr/share/man/{path}", man.stderr
 
 
-def test_login_through_the_installed_module_and_default_config(login_env: dict[str, Any], make_user: Any) -> None:
+def test_login_through_the_installed_module_and_linkusd(login_env: dict[str, Any], make_user: Any) -> None:
     user, other = make_user(), make_user()
     secret = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
-    enroll({user: secret})
-    service = add_service(login_env, "auth requisite pam_unix.so nodelay\n"
-                                     f"{MODULE_LINE} log_socket={login_env['log'].path}\n")
+    enroll(login_env, {user: secret})
+    # By file name: libpam finds it in this architecture's module directory, where the package put it.
+    service = add_service(login_env, f"auth requisite pam_unix.so nodelay\n{MODULE_LINE} {options(login_env)}\n")
     code = code_at(secret, time.time())
     ok = pamtester(service, user, PASSWORD, code)
     assert ok.returncode == 0 and "Authentication code:" in ok.stdout + ok.stderr, ok.stdout + ok.stderr
@@ -516,12 +534,11 @@ def test_login_through_the_enabled_profile_of_the_installed_package(login_env: d
     pam_auth_update(root, "--enable", "linkus")
     generated = auth_lines((root / "etc" / "pam.d" / "common-auth").read_text())
     assert MODULE_LINE in generated
-    stack = "".join(f"{line} log_socket={login_env['log'].path}\n" if line == MODULE_LINE else f"{line}\n"
-                    for line in generated)
+    stack = "".join(f"{line} {options(login_env)}\n" if line == MODULE_LINE else f"{line}\n" for line in generated)
     service = add_service(login_env, stack)
     user = make_user()
     secret = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
-    enroll({user: secret})
+    enroll(login_env, {user: secret})
     code = code_at(secret, time.time())
     bad_password = pamtester(service, user, "not-" + PASSWORD, code)
     assert bad_password.returncode != 0 and "Authentication failure" in bad_password.stderr
@@ -533,11 +550,22 @@ def test_login_through_the_enabled_profile_of_the_installed_package(login_env: d
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, installed: dict[str, Any],
+def test_linkusd_down_refuses_the_login(login_env: dict[str, Any], make_user: Any) -> None:
+    """Fail closed: a socket path nobody listens on is unavailable, never a success."""
+    user = make_user()
+    missing = login_env["base"] / "run" / "nobody.sock"
+    service = add_service(login_env, f"auth requisite pam_unix.so nodelay\n{MODULE_LINE} socket={missing} "
+                                     f"log_socket={login_env['log'].path}\n")
+    result = pamtester(service, user, PASSWORD, "123456")
+    assert result.returncode != 0
+    assert "linkusd unavailable" in login_env["log"].wait_for("linkusd unavailable")
+
+
+def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, login_env: dict[str, Any],
                                                            machine: dict[str, Snapshot]) -> None:
     config, extensions = Path("/etc/pam_linkus/pam_linkus.yaml"), Path("/etc/pam_linkus/extensions.yaml")
     config.write_bytes(config.read_bytes() + b"# edited by the admin\n")
-    enroll({"1001": "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"})
+    enroll(login_env, {"1001": "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"})
     before = {path: path.read_bytes() for path in (config, extensions)}
     # No --force-conf*: an unchanged conffile in the package must not even ask.
     run([*APT, "install", "--reinstall", str(deb)], timeout=300)
@@ -546,9 +574,10 @@ def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, installed: 
     assert machine["pam"].differences() in ([], [Path("/var/lib/pam/seen")])
 
 
-def test_purge_removes_the_loader_and_changes_no_pam_file(installed: dict[str, Any], login_env: dict[str, Any],
-                                                         machine: dict[str, Snapshot]) -> None:
+def test_purge_leaves_nothing_and_changes_no_pam_file(installed: dict[str, Any], login_env: dict[str, Any],
+                                                      machine: dict[str, Snapshot]) -> None:
     """Last in this file: purges the package the tests above used."""
+    login_env["daemon"].stop()
     # One service still naming the module: prerm must warn that it will refuse every login.
     kept = Path("/etc/pam.d", add_service(login_env, f"{MODULE_LINE}\n"))
     for service in login_env["services"]:
@@ -558,8 +587,10 @@ def test_purge_removes_the_loader_and_changes_no_pam_file(installed: dict[str, A
     kept.unlink()
     assert f"libpam-linkus:   {kept}" in result.stdout + result.stderr, result.stdout  # apt merges them
     assert installed_status() in ("not known", "un", "pn")
-    for path in (LOADER, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/sbin/linkus-2fa"),
-                 Path("/usr/share/pam-configs/linkus"), Path("/usr/lib/python3/dist-packages/pam_linkus")):
+    for path in (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/sbin/linkus-2fa"),
+                 Path("/usr/sbin/linkusd"), Path("/usr/share/pam-configs/linkus"),
+                 Path("/usr/lib/python3/dist-packages/pam_linkus"), Path("/lib/systemd/system/linkusd.service"),
+                 Path("/lib/systemd/system/linkusd.socket"), Path("/lib/systemd/system/linkusd-web.socket"),
+                 Path("/usr/share/pam-linkus")):
         assert not os.path.lexists(path), path
     assert machine["pam"].differences() == []
-
