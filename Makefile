@@ -19,10 +19,12 @@ APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools py
            pybuild-plugin-pyproject libpam0g-dev lintian
 # What the tests start or drive: servers on loopback, the C module's checkers (valgrind, ASan
 # comes with gcc), systemd's offline tools (systemd-analyze, systemd-socket-activate), and what stands
-# in for linkusd.service's sandbox where systemd is not PID 1 (python3-seccomp, setpriv).
+# in for linkusd.service's sandbox where systemd is not PID 1 (python3-seccomp, setpriv), and the
+# Security Settings page's browser tests (Debian's chromium + chromedriver, Selenium, zbarimg for the QR).
 APT_TEST := $(APT_DEB) $(APT_DEMO) openssh-server slapd ldap-utils redis-server redis-sentinel \
             libpam-google-authenticator libpam-oath oathtool openssl procps passwd login \
-            valgrind systemd man-db python3-seccomp util-linux
+            valgrind systemd man-db python3-seccomp util-linux \
+            chromium chromium-driver python3-selenium zbar-tools
 # python-pam: web logins in-process against a stack with pam_linkus.so (tests/test_native.py).
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis python-pam
 
