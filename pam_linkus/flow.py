@@ -240,15 +240,17 @@ def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info,
 def _reserve(req: LoginRequest, ctx: Context) -> Generator[Ask | Info, str | None, None]:
     """Count this attempt as a failure before any code is checked (atomic in the store), so
     parallel guesses can never check more than ``max_failures`` codes before the lock."""
-    lockout = ctx.config.lockout
     now = ctx.clock()
-    status = ctx.store.reserve_attempt(
-        req.user, now,
-        max_failures=lockout.max_failures, duration=lockout.duration, permanent_after=lockout.permanent_after,
-    )
+    status = ctx.store.reserve_attempt(req.user, now, **_lockout(ctx))
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"locked after {status.failures} consecutive failures", status.locked_until)
+
+
+def _lockout(ctx: Context) -> dict[str, int]:
+    lockout = ctx.config.lockout
+    return {"max_failures": lockout.max_failures, "duration": lockout.duration,
+            "permanent_after": lockout.permanent_after}
 
 
 def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -> Steps:
@@ -278,12 +280,9 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -
 def _skew_note(secret: bytes, answer: str, now: float, ctx: Context, settings: ExtensionSettings) -> str:
     """', clock off by about N steps' when the code belongs to a step just outside the window
     (a host or phone with a wrong clock locks everyone out otherwise without a hint)."""
-    from pam_linkus import totp
+    from pam_linkus.totp import clock_skew_steps
 
-    skew = getattr(totp, "clock_skew_steps", None)
-    if skew is None:
-        return ""
-    steps = skew(secret, answer, now, window=ctx.config.totp.window, period=settings.period,
+    steps = clock_skew_steps(secret, answer, now, window=ctx.config.totp.window, period=settings.period,
                  digits=settings.digits, algorithm=settings.algorithm)
     return "" if steps is None else f", clock off by about {steps} steps"
 
@@ -342,12 +341,8 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
 
 def _settle_failure(req: LoginRequest, ctx: Context, reason: str) -> Generator[Ask | Info, str | None, NoReturn]:
     """The reserved attempt failed: raise Locked if it was one too many, else CodeRejected."""
-    lockout = ctx.config.lockout
     now = ctx.clock()
-    status = ctx.store.settle_failure(
-        req.user, now,
-        max_failures=lockout.max_failures, duration=lockout.duration, permanent_after=lockout.permanent_after,
-    )
+    status = ctx.store.settle_failure(req.user, now, **_lockout(ctx))
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)

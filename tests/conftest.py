@@ -227,6 +227,15 @@ class PamStack:
             )
         Path("/etc/pam.d", self.service).write_text(auth_lines + "account required pam_permit.so\n")
 
+    def set_single_field(self) -> None:
+        """The three lines of docs/protocol.md: split off the code, check the password, then the code."""
+        self.set_pam(auth_lines=(
+            f"auth [success=ok ignore=ignore default=die] {self.module_line} forward_pass\n"
+            "auth requisite pam_unix.so use_first_pass nodelay\n"
+            f"auth [success=ok ignore=ignore default=die] {self.module_line}\n"
+            "auth required pam_permit.so\n"
+        ))
+
     def _write_config(self) -> None:
         write_yaml(self.config_path, self.config)
 

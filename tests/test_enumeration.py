@@ -13,19 +13,9 @@ import secrets
 
 import pam_client
 import pytest
-from conftest import NATIVE_SO, PamStack
+from conftest import PamStack
 
 pytestmark = pytest.mark.pam
-
-
-def single_field(stack: PamStack) -> None:
-    line = f"{NATIVE_SO} socket={stack.daemon.pam_socket} log_socket={stack.log.path}"
-    stack.set_pam(auth_lines=(
-        f"auth [success=ok ignore=ignore default=die] {line} forward_pass\n"
-        "auth requisite pam_unix.so use_first_pass nodelay\n"
-        f"auth [success=ok ignore=ignore default=die] {line}\n"
-        "auth required pam_permit.so\n"
-    ))
 
 
 @pytest.mark.parametrize("enforce", ["enrolled", "all"])
@@ -38,7 +28,7 @@ def test_wrong_password_looks_the_same_for_every_name(pam_stack: PamStack, make_
     pam_stack.enroll_totp(enrolled)
     single = mode == "single-field"
     if single:
-        single_field(pam_stack)
+        pam_stack.set_single_field()
     seen = []
     for name in (enrolled, plain, ghost):
         result = pam_client.authenticate(pam_stack.service, name, "wrong-password", "123456",

@@ -62,18 +62,8 @@ def test_grace_period_after_a_right_code_from_the_same_host(pam_stack: PamStack,
 # -- single-field mode (forward_pass) ------------------------------------------------
 
 
-def single_field_stack(stack: PamStack) -> None:
-    """The three lines of docs/protocol.md: split, password, then the kept code."""
-    stack.set_pam(auth_lines=(
-        f"auth [success=ok ignore=ignore default=die] {stack.module_line} forward_pass\n"
-        "auth requisite pam_unix.so use_first_pass nodelay\n"
-        f"auth [success=ok ignore=ignore default=die] {stack.module_line}\n"
-        "auth required pam_permit.so\n"
-    ))
-
-
 def test_single_field_password_and_code_in_one_answer(pam_stack: PamStack, make_user: object) -> None:
-    single_field_stack(pam_stack)
+    pam_stack.set_single_field()
     enrolled, plain = make_user(), make_user()  # type: ignore[operator]
     pam_stack.enroll_totp(enrolled)
     code = code_at(SECRET, time.time())
@@ -97,7 +87,7 @@ def pam_stack_single(stack: PamStack, user: str, password: str, code: str | None
 
 
 def test_single_field_with_pamtester(pam_stack: PamStack, user: str) -> None:
-    single_field_stack(pam_stack)
+    pam_stack.set_single_field()
     pam_stack.enroll_totp(user)
     ok = pam_stack.pamtester(user, PASSWORD + code_at(SECRET, time.time()))
     assert ok.returncode == 0, ok.stderr

@@ -13,26 +13,16 @@ from pathlib import Path
 
 import pam
 import pytest
-from conftest import NATIVE_SO, PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
+from conftest import PASSWORD, SECRET, LogCatcher, PamStack, code_at, require_root
 
 pytestmark = pytest.mark.pam
-
-
-def single_field(stack: PamStack) -> None:
-    line = f"{NATIVE_SO} socket={stack.daemon.pam_socket} log_socket={stack.log.path}"
-    stack.set_pam(auth_lines=(
-        f"auth [success=ok ignore=ignore default=die] {line} forward_pass\n"
-        "auth requisite pam_unix.so use_first_pass nodelay\n"
-        f"auth [success=ok ignore=ignore default=die] {line}\n"
-        "auth required pam_permit.so\n"
-    ))
 
 
 @pytest.fixture
 def stack(private_dir: Path, log_catcher: LogCatcher) -> PamStack:
     require_root()
     s = PamStack(private_dir, log_catcher)
-    single_field(s)
+    s.set_single_field()
     yield s  # type: ignore[misc]
     s.remove()
 
