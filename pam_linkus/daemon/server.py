@@ -148,17 +148,18 @@ class Server:
 
     async def _pam_transaction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
                                work_timeout: float, answer_timeout: float, max_account: int) -> None:
+        if not self._peer_allowed(peer, self.engine.current):
+            # refused before it may send anything: a stranger costs no read and no deadline
+            self.engine.health.refused_peers += 1
+            self.engine.sink.send(LOG_WARNING, f"linkusd: refused a PAM peer: uid {peer.uid} (pid {peer.pid}) is "
+                                               f"not root and in no group of daemon.allowed_groups")
+            await self._finish(writer, Outcome.UNAVAILABLE)
+            return
         try:
             async with asyncio.timeout(work_timeout):
                 first = await protocol.read_message(reader, protocol.PAM_OPENERS)
         except (ProtocolError, TimeoutError) as exc:
             self._log_protocol(peer, exc)
-            return
-        if not self._peer_allowed(peer, self.engine.current):
-            self.engine.health.refused_peers += 1
-            self.engine.sink.send(LOG_WARNING, f"linkusd: refused a PAM peer: uid {peer.uid} (pid {peer.pid}) is "
-                                               f"not root and in no group of daemon.allowed_groups")
-            await self._finish(writer, Outcome.UNAVAILABLE)
             return
         if first.type in (Msg.STATUS, Msg.RELOAD):
             await self._control(first, writer, peer)
