@@ -165,7 +165,9 @@ def parallel(setup: LinkusSetup, users: list[list[str]], seconds: float, message
     start_at = time.time() + 1.5  # after every client process has started
     specs = [{"service": setup.service_alone, "users": mine, "start_at": start_at, "stop_at": start_at + seconds}
              for mine in users]
+    cpu0 = setup.cpu()
     results = collect(spawn_clients(specs), messages)
+    cpu = setup.cpu() - cpu0
     flat = [r for rs in results for r in rs]
     ok = [e for code, _, e in flat if code == "PAM_SUCCESS"]
     errors = [code for code, _, _ in flat if code != "PAM_SUCCESS"]
@@ -173,7 +175,8 @@ def parallel(setup: LinkusSetup, users: list[list[str]], seconds: float, message
     return {"clients": len(users), "logins": len(flat), "seconds": round(wall, 2),
             "per_second": round(len(ok) / wall, 1) if wall > 0 else 0.0,
             "p50_ms": round(percentile_ms(ok, 50), 1), "p99_ms": round(percentile_ms(ok, 99), 1),
-            "errors": len(errors), "error_codes": sorted(set(errors))}
+            "errors": len(errors), "error_codes": sorted(set(errors)),
+            "cpu_ms_per_login": round(cpu / len(flat) * 1000, 2) if flat else None}
 
 
 def burst(setup: LinkusSetup, user: str, code: str, clients: int, messages: dict[str, str]) -> list[str]:
@@ -574,11 +577,12 @@ def render(results: dict[str, Any]) -> str:
     for problem in results.get("problems", []):
         lines.append(f"\n**{problem}**")
     lines += ["", "### Parallel logins (pam_linkus alone, YAML + SQLite; each login its own extension)", "",
-              "| clients | logins | logins/s | p50 ms | p99 ms | errors |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| clients | logins | logins/s | p50 ms | p99 ms | errors | linkusd CPU ms/login |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for p in results["parallel"]:
         lines.append(f"| {p['clients']} | {p['logins']} | {p['per_second']} | {p['p50_ms']} | {p['p99_ms']} | "
-                     f"{p['errors']}{' ' + str(p['error_codes']) if p['error_codes'] else ''} |")
+                     f"{p['errors']}{' ' + str(p['error_codes']) if p['error_codes'] else ''} | "
+                     f"{p['cpu_ms_per_login']} |")
     lines += ["", f"Replay: {_exact_text(results['replay'])}.",
               f"Lockout (max_failures 5): {_exact_text(results['lockout'])}.", "",
               "### Targets (issue 11)", "", "| target | measured | met |", "| --- | --- | --- |"]
