@@ -70,7 +70,7 @@ lint: deps-test
 	$(TEST_VENV)/bin/ruff check pam_linkus nss_config tests bench packaging
 	$(TEST_VENV)/bin/mypy
 
-bench: deps-test native install
+bench: deps-test native
 	$(TEST_VENV)/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:

@@ -1,5 +1,6 @@
 """Benchmark plumbing: a throwaway workspace (users, /etc/pam.d services, files), timed
-pamtester logins, and statistics. Everything made here is removed in ``Workspace.close``.
+pamtester logins, statistics and what /proc says about a process. Everything made here
+is removed in ``Workspace.close``.
 
 Nothing here is a test: numbers are reported, never asserted, except the
 correctness counts of the parallel run (errors, exactly-once replay, lockout).
@@ -28,7 +29,9 @@ from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 PASSWORD = "Linkus-bench-pw-1"
-SYSTEM_SITE = ["/usr/local/lib/python3.11/dist-packages", "/usr/lib/python3/dist-packages"]
+#: The PAM module under test (`make -C native`), loaded by absolute path.
+NATIVE_SO = REPO / "native" / "pam_linkus.so"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def code_at(when: float, secret: str = SECRET) -> str:
@@ -47,7 +50,12 @@ def pam_messages() -> dict[str, str]:
 
 
 class Workspace:
-    """A root-only temp dir, throwaway users and PAM services; ``close`` removes them all."""
+    """A root-only directory under /run, throwaway users and PAM services; ``close`` removes them.
+
+    /run, not /tmp: linkusd refuses config files below a directory others may write
+    (/tmp is 1777). On this host /run is on the same ext4 file system as /var/lib,
+    where a real state file lives, so the SQLite fsyncs cost what they cost there.
+    """
 
     def __init__(self) -> None:
         if os.geteuid() != 0:
@@ -55,12 +63,13 @@ class Workspace:
         for tool in ("pamtester", "useradd", "userdel", "chpasswd"):
             if not shutil.which(tool):
                 raise SystemExit(f"{tool} is missing: run `make deps-test` first")
+        if not NATIVE_SO.exists():
+            raise SystemExit(f"{NATIVE_SO} is missing: run `make -C native` first")
         self.tag = secrets.token_hex(3)
-        self.root = Path(f"/tmp/linkus-bench-{self.tag}")
-        self.root.mkdir(mode=0o700)
+        self.root = Path(f"/run/linkus-bench-{self.tag}")
+        self.root.mkdir(mode=0o711)
         self.users: list[str] = []
         self.services: list[Path] = []
-        self.log = LogCatcher(self.root / "log.sock")
         self.messages = pam_messages()
 
     def user(self) -> str:
@@ -83,8 +92,10 @@ class Workspace:
         os.chmod(path, mode)
         return path
 
+    def catcher(self, name: str) -> LogCatcher:
+        return LogCatcher(self.root / f"{name}.log.sock")
+
     def close(self) -> None:
-        self.log.close()
         for path in self.services:
             path.unlink(missing_ok=True)
         for name in self.users:
@@ -106,16 +117,39 @@ def pamtester(service: str, user: str, answers: list[str], messages: dict[str, s
     return messages.get(err, f"? {err[:60]}"), elapsed
 
 
+def avoid_step_edge(margin: float = 0.3) -> None:
+    """Codes are computed just before a login; do not start one in the last moments of a step."""
+    left = 30 - time.time() % 30
+    if left < margin:
+        time.sleep(left + 0.05)
+
+
 def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000 if values else float("nan")
 
 
 def percentile_ms(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile, in ms."""
     if not values:
         return float("nan")
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
     return ordered[index] * 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def machine() -> dict[str, Any]:
@@ -128,13 +162,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
         "python": sys.version.split()[0],
         "load": os.getloadavg(),
-        "uptime": uptime,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }

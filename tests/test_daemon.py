@@ -7,6 +7,7 @@ same features pass through real PAM in test_pam_*.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -166,6 +167,31 @@ def test_watcher_reloads_when_the_file_changes(stack: PamStack) -> None:
     while login(stack, "carol").outcome == "skip" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert login(stack, "carol", code).outcome == "success"
+
+
+def test_watcher_does_not_build_an_edit_that_a_reload_already_loaded(stack: PamStack) -> None:
+    """An edit followed by RELOAD: the watcher, which saw the edit while that reload was
+    building, must not build the same files a second time (a 100k build stalls logins)."""
+    from pam_linkus.daemon.engine import Engine
+    from pam_linkus.logline import SyslogSink
+
+    engine = Engine(str(stack.config_path), SyslogSink(str(stack.log.path), tag="linkusd-test"))
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(engine.reload("first"))
+        first = engine.current
+        assert loop.run_until_complete(engine.reload("file changed", if_changed=True))
+        assert engine.current is first  # nothing changed: no second build
+        stack.enroll_totp("dave")  # an edit (stack's own daemon reloads it; ours has not)
+        assert engine.changed()
+        assert loop.run_until_complete(engine.reload("file changed", if_changed=True))
+        assert engine.current is not first and engine.current is not None
+        assert engine.current.chain.lookup("dave") is not None
+    finally:
+        if engine.current is not None:
+            engine.current.close()
+        engine.shutdown()
+        loop.close()
 
 
 def test_start_without_a_good_config_refuses_every_login(private_dir: Path, log_catcher: LogCatcher) -> None:

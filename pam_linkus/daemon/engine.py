@@ -161,9 +161,17 @@ class Engine:
             # closing may block (Redis, LDAP): not in the event loop
             threading.Thread(target=snap.close, name="linkusd-close", daemon=True).start()
 
-    async def reload(self, reason: str) -> bool:
-        """Build a new snapshot aside and swap it in; keep the old one on failure."""
+    async def reload(self, reason: str, *, if_changed: bool = False) -> bool:
+        """Build a new snapshot aside and swap it in; keep the old one on failure.
+
+        ``if_changed`` (the watcher): skip the build when, once the lock is ours, the
+        current snapshot already matches the files -- a RELOAD or SIGHUP that ran
+        meanwhile loaded the same edit, and a second 100,000-extension build would
+        only stall logins again.
+        """
         async with self._reload_lock:
+            if if_changed and not self.changed():
+                return True
             loop = asyncio.get_running_loop()
             result: asyncio.Future[Snapshot] = loop.create_future()
 
@@ -223,7 +231,7 @@ class Engine:
             if self.changed():
                 files = self._watched_now()
                 if files != last_failed:
-                    ok = await self.reload("file changed")
+                    ok = await self.reload("file changed", if_changed=True)
                     last_failed = None if ok else files
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_INTERVAL

@@ -13,6 +13,7 @@ nothing else.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import struct
 import time
@@ -336,11 +337,13 @@ class Transaction:
         except Exception as exc:  # noqa: BLE001 - an internal error refuses the login
             return Outcome.UNAVAILABLE, internal_error(self.engine, exc)
         finally:
-            # never leave a flow suspended in a thread: close it in the pool as well
-            try:
-                await self.engine.run(steps.close, ruid=self.peer.ruid, timeout=self.work_timeout)
-            except (LinkusError, RuntimeError, ValueError):
-                pass
+            # never leave a flow suspended in a thread: close it in the pool as well; a flow that
+            # returned or raised is closed already, and a worker round trip is most of a login's CPU
+            if inspect.getgeneratorstate(steps) != inspect.GEN_CLOSED:
+                try:
+                    await self.engine.run(steps.close, ruid=self.peer.ruid, timeout=self.work_timeout)
+                except (LinkusError, RuntimeError, ValueError):
+                    pass
 
     async def _ask(self, prompt: str, echo: bool) -> str | None:
         """Relay a prompt; wait for the person without holding a worker."""
