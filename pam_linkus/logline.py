@@ -18,7 +18,9 @@ and passwords are never handed to this module.
 from __future__ import annotations
 
 import os
+import queue
 import socket
+import threading
 import time
 from collections.abc import Mapping
 
@@ -58,7 +60,7 @@ def quote(value: object) -> str:
     cut = len(text) > MAX_VALUE_CHARS
     if cut:
         text = text[:MAX_VALUE_CHARS]
-    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text and "=" not in text:
         return '"' + text + ('..."' if cut else '"')  # the usual case, without a loop in Python
     out = []
     for c in text:
@@ -103,10 +105,7 @@ class SyslogSink:
         self.tag = tag
 
     def send(self, severity: int, message: str) -> bool:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
-        ident = f"{IDENT}({self.tag})" if self.tag else IDENT
-        datagram = f"<{LOG_AUTHPRIV | severity}>{stamp} {ident}[{os.getpid()}]: {message}"
-        data = datagram.encode("utf-8", "backslashreplace")[:MAX_DATAGRAM]
+        data = self.datagram(severity, message)
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         except OSError:
@@ -122,3 +121,58 @@ class SyslogSink:
     def attempt(self, severity: int, fields: Mapping[str, object]) -> bool:
         """One structured line (``format_fields``); True if syslog took it."""
         return self.send(severity, format_fields(fields))
+
+    def datagram(self, severity: int, message: str) -> bytes:
+        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+        ident = f"{IDENT}({self.tag})" if self.tag else IDENT
+        return f"<{LOG_AUTHPRIV | severity}>{stamp} {ident}[{os.getpid()}]: {message}".encode(
+            "utf-8", "backslashreplace")[:MAX_DATAGRAM]
+
+
+class QueuedSyslogSink(SyslogSink):
+    """linkusd's sink: lines go through a bounded queue to one thread that waits for syslog.
+
+    A burst of logins must not lose its lines (the kernel queues only a few datagrams
+    on a unix socket, so MSG_DONTWAIT drops them while syslog catches up), and no
+    login may wait for syslog either: the thread waits, up to ``SEND_TIMEOUT`` per
+    line; only when syslog is stuck long enough to fill the queue are lines dropped,
+    and counted (``dropped``).
+    """
+
+    SEND_TIMEOUT = 2.0
+
+    def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None, capacity: int = 10000):
+        super().__init__(socket_path, tag=tag)
+        self.dropped = 0
+        self._queue: queue.Queue[bytes] = queue.Queue(capacity)
+        self._thread = threading.Thread(target=self._run, name="linkusd-syslog", daemon=True)
+        self._thread.start()
+
+    def send(self, severity: int, message: str) -> bool:
+        try:
+            self._queue.put_nowait(self.datagram(severity, message))
+        except queue.Full:
+            self.dropped += 1
+            return False
+        return True
+
+    def _run(self) -> None:
+        sock: socket.socket | None = None
+        while True:
+            data = self._queue.get()
+            try:
+                if sock is None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    sock.settimeout(self.SEND_TIMEOUT)
+                sock.sendto(data, self.socket_path)
+            except OSError:
+                self.dropped += 1
+                if sock is not None:
+                    sock.close()
+                sock = None
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait (bounded) until queued lines are handed to syslog, e.g. before exiting."""
+        deadline = time.monotonic() + timeout
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -446,3 +446,16 @@ def test_socket_activation_and_readiness(private_dir: Path, log_catcher: LogCatc
         notify.close()
         stack.remove()
     assert sys.platform.startswith("linux")
+
+
+def test_a_burst_of_logins_loses_no_log_line(stack: PamStack) -> None:
+    """Every login gets its syslog line even in a burst (the kernel queues few datagrams)."""
+    names = [f"burst{i}" for i in range(64)]
+    threads = [threading.Thread(target=login, args=(stack, name)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for name in names:
+        stack.log.wait_for(f"user={name} ")
+    assert stack.daemon.status()["log_lines_dropped"] == 0

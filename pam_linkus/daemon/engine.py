@@ -309,6 +309,7 @@ class Engine:
             "outcomes": dict(self.health.outcomes),
             "refused_peers": self.health.refused_peers,
             "over_capacity": self.health.over_capacity,
+            "log_lines_dropped": getattr(self.sink, "dropped", 0),
         }
 
     def shutdown(self) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
 from pam_linkus.daemon.server import Server
-from pam_linkus.logline import LOG_ERR, LOG_INFO, SyslogSink
+from pam_linkus.logline import LOG_ERR, LOG_INFO, QueuedSyslogSink
 
 DEFAULT_CONFIG = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_PAM_SOCKET = "/run/linkusd/pam.sock"
@@ -148,7 +148,7 @@ def _group_id(name: str) -> int | None:
         return None
 
 
-async def serve(args: argparse.Namespace, sink: SyslogSink, notify: Notifier, ready_fd: int | None) -> None:
+async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifier, ready_fd: int | None) -> None:
     activated = activated_sockets()
     settings = _start_settings(args)
     pam_path = args.pam_socket or (settings.pam_socket if settings else DEFAULT_PAM_SOCKET)
@@ -236,7 +236,7 @@ def _daemonize() -> int:
     return write_fd
 
 
-class _TeeSink(SyslogSink):
+class _TeeSink(QueuedSyslogSink):
     """In the foreground, every line also goes to stderr."""
 
     def send(self, severity: int, message: str) -> bool:
@@ -252,13 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     notify = Notifier()
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
-    sink: SyslogSink = (_TeeSink if args.foreground else SyslogSink)(args.log_socket, tag="linkusd")
+    sink = (_TeeSink if args.foreground else QueuedSyslogSink)(args.log_socket, tag="linkusd")
     ready_fd = None if args.foreground or under_systemd else _daemonize()
     try:
         asyncio.run(serve(args, sink, notify, ready_fd))
     except SystemExit as exc:
         sink.send(LOG_ERR, str(exc.code))
         raise
+    finally:
+        sink.flush()
     return 0
 
 
