@@ -300,7 +300,7 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
         stack.enroll_totp(user)  # written before linkusd starts: the first connection starts it
         code = code_at(SECRET, time.time())
         ok = stack.pamtester(user, PASSWORD, code)
-        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert ok.returncode == 0, (ok.stdout + ok.stderr, log_catcher.lines)
         assert "READY=1" in notify.wait_for("READY=1")
         assert "WATCHDOG=1" in notify.wait_for("WATCHDOG=1")
         replay = stack.pamtester(user, PASSWORD, code)
