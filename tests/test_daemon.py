@@ -375,7 +375,8 @@ def test_killed_mid_login_then_restarted(stack: PamStack) -> None:
 
 def test_reload_of_100k_extensions_while_32_clients_log_in(stack: PamStack) -> None:
     """No login waits for a reload: 32 client processes keep logging in while 100,000
-    extensions load aside; none fails and none is slower than 2 s."""
+    extensions load aside (parsed in a child process); none fails, none takes 0.5 s, and the
+    daemon stays under 150 MB."""
     lines = ["extensions:"]
     lines += [f"  ext{i:06d}: {{method: totp, secret: {SECRET}}}" for i in range(100_000)]
     stop_file = stack.root / "stop-clients"
@@ -408,8 +409,13 @@ print(worst, ','.join(sorted(outcomes)))
     assert status["last_error"] is None
     assert reload_s < 30
     assert all(outcomes == "skip" for _, outcomes in reports), reports
-    assert max(float(worst) for worst, _ in reports) < 2.0, reports
+    assert max(float(worst) for worst, _ in reports) < 0.5, reports
     assert login(stack, "ext099999", code_at(SECRET, time.time())).outcome == "success"
+    # the parse ran in a child: the daemon holds the settings, not the document tree
+    assert stack.daemon.proc is not None
+    rss_kb = int(next(line.split()[1] for line in Path(f"/proc/{stack.daemon.proc.pid}/status").read_text()
+                      .splitlines() if line.startswith("VmRSS:")))
+    assert rss_kb < 150 * 1024, rss_kb
 
 
 # -- systemd -------------------------------------------------------------------------

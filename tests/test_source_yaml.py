@@ -52,3 +52,39 @@ def test_a_loaded_source_does_not_see_later_edits(private_dir: Path) -> None:
     new = YamlSource.load(str(path))
     assert old.lookup("1001") is not None and old.lookup("1002") is None
     assert new.lookup("1002") is not None and new.lookup("1001") is None
+
+
+def test_a_child_process_loads_the_same_settings(private_dir: Path) -> None:
+    """Large files are parsed in a child (YamlSource.load picks it by size): same result."""
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    path = private_dir / "ext.yaml"
+    write_yaml(path, {"extensions": {
+        "Alice": {"method": "totp", "secret": secret, "digits": 8, "period": 60, "algorithm": "SHA256"},
+        "1002": {"method": "email", "email": "bob@example.com", "enabled": False},
+        "old": {"method": "totp", "secret": "JBSWY3DPEHPK3PXP", "legacy_short_secret": True},
+    }})
+    here, there = YamlSource.load(str(path), in_child=False), YamlSource.load(str(path), in_child=True)
+    for name in ("alice", "ALICE", "1002", "old", "nobody"):
+        a, b = here.lookup(name), there.lookup(name)
+        assert (a.to_dict() if a else None) == (b.to_dict() if b else None), name
+    assert there.lookup("alice").account == "Alice"  # type: ignore[union-attr]
+
+
+def test_a_child_reports_a_broken_file_with_its_position_and_no_value(private_dir: Path) -> None:
+    path = private_dir / "ext.yaml"
+    write_yaml(path, 'extensions:\n  "1001": {method: totp, secret: "QZ7MSECRETVALUE"}\n  "1002": {method: carrier}\n')
+    with pytest.raises(ConfigError) as caught:
+        YamlSource.load(str(path), in_child=True)
+    assert f"{path}:" in str(caught.value) and "QZ7M" not in str(caught.value)
+
+
+def test_a_large_file_goes_to_a_child(private_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nss_config.yaml_source as ys
+
+    path = private_dir / "ext.yaml"
+    write_yaml(path, {"extensions": {f"e{i}": {"method": "none"} for i in range(50)}})
+    calls: list[str] = []
+    monkeypatch.setattr(ys, "CHILD_THRESHOLD", 10)
+    monkeypatch.setattr(ys, "load_in_child", lambda p: calls.append(p) or {})
+    YamlSource.load(str(path))
+    assert calls == [str(path)]
