@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from typing import TextIO
 
 LOG_AUTHPRIV = 10 << 3
 LOG_ALERT, LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO, LOG_DEBUG = 1, 3, 4, 5, 6, 7
@@ -141,16 +142,20 @@ class QueuedSyslogSink(SyslogSink):
 
     SEND_TIMEOUT = 2.0
 
-    def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None, capacity: int = 10000):
+    def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None, capacity: int = 10000,
+                 echo: TextIO | None = None):
         super().__init__(socket_path, tag=tag)
         self.dropped = 0
-        self._queue: queue.Queue[bytes] = queue.Queue(capacity)
+        #: also written here (linkusd --foreground: stderr), by the same thread: a stderr
+        #: nobody reads may block that thread, never a login
+        self.echo = echo
+        self._queue: queue.Queue[tuple[bytes, str]] = queue.Queue(capacity)
         self._thread = threading.Thread(target=self._run, name="linkusd-syslog", daemon=True)
         self._thread.start()
 
     def send(self, severity: int, message: str) -> bool:
         try:
-            self._queue.put_nowait(self.datagram(severity, message))
+            self._queue.put_nowait((self.datagram(severity, message), message))
         except queue.Full:
             self.dropped += 1
             return False
@@ -159,7 +164,7 @@ class QueuedSyslogSink(SyslogSink):
     def _run(self) -> None:
         sock: socket.socket | None = None
         while True:
-            data = self._queue.get()
+            data, message = self._queue.get()
             try:
                 if sock is None:
                     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -170,6 +175,11 @@ class QueuedSyslogSink(SyslogSink):
                 if sock is not None:
                     sock.close()
                 sock = None
+            if self.echo is not None:
+                try:
+                    print(message, file=self.echo, flush=True)
+                except (OSError, ValueError):
+                    self.echo = None
 
     def flush(self, timeout: float = 5.0) -> None:
         """Wait (bounded) until queued lines are handed to syslog, e.g. before exiting."""

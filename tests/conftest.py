@@ -141,16 +141,19 @@ class Linkusd:
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_env = extra_env or {}
+        self.stderr_path = run_dir.parent / "linkusd.stderr"
 
     def start(self, *, wait: bool = True) -> None:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
                **self.extra_env}
-        self.proc = subprocess.Popen(
-            [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.config_path),
-             "--pam-socket", str(self.pam_socket), "--web-socket", str(self.web_socket),
-             "--log-socket", str(self.log.path)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-        )
+        # stderr to a file: a pipe nobody reads fills up (linkusd --foreground echoes every line)
+        with self.stderr_path.open("ab") as stderr:
+            self.proc = subprocess.Popen(
+                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.config_path),
+                 "--pam-socket", str(self.pam_socket), "--web-socket", str(self.web_socket),
+                 "--log-socket", str(self.log.path)],
+                stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+            )
         if wait:
             self.wait_ready()
 
@@ -160,7 +163,7 @@ class Linkusd:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                err = self.stderr_path.read_text(errors="replace")
                 raise AssertionError(f"linkusd exited {self.proc.returncode}: {err[-2000:]}")
             try:
                 return call_control(str(self.pam_socket), timeout=2)
@@ -180,8 +183,6 @@ class Linkusd:
 
     def stop(self) -> None:
         stop_process(self.proc)
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 class PamStack:

@@ -22,7 +22,7 @@ from typing import Any
 
 import daemon_client as dc
 import pytest
-from conftest import DAEMON_PYTHON, REPO, SECRET, LogCatcher, PamStack, code_at, require_root
+from conftest import DAEMON_PYTHON, REPO, SECRET, LogCatcher, PamStack, code_at, require_root, stop_process
 
 from pam_linkus import protocol
 from pam_linkus.protocol import Msg
@@ -465,3 +465,25 @@ def test_a_burst_of_logins_loses_no_log_line(stack: PamStack) -> None:
     for name in names:
         stack.log.wait_for(f"user={name} ")
     assert stack.daemon.status()["log_lines_dropped"] == 0
+
+
+def test_a_thousand_logins_with_the_foreground_echo(stack: PamStack) -> None:
+    """linkusd --foreground echoes every line to stderr; that echo (and syslog) is written by the
+    logging thread, so a stderr that stops draining can never stall the event loop."""
+    stack.daemon.stop()
+    read_end, write_end = os.pipe()  # a stderr nobody reads: fills after ~64 KB
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(stack.config_path),
+         "--pam-socket", str(stack.daemon.pam_socket), "--no-web", "--log-socket", str(stack.log.path)],
+        stdout=subprocess.DEVNULL, stderr=write_end, env=env,
+    )
+    os.close(write_end)
+    try:
+        stack.daemon.proc = proc
+        stack.daemon.wait_ready()
+        for i in range(600):  # ~100 KB of log lines
+            assert login(stack, f"echo{i}", timeout=10).outcome == "skip"
+    finally:
+        stop_process(proc)
+        os.close(read_end)

@@ -236,14 +236,6 @@ def _daemonize() -> int:
     return write_fd
 
 
-class _TeeSink(QueuedSyslogSink):
-    """In the foreground, every line also goes to stderr."""
-
-    def send(self, severity: int, message: str) -> bool:
-        print(message, file=sys.stderr, flush=True)
-        return super().send(severity, message)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
@@ -252,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     notify = Notifier()
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
-    sink = (_TeeSink if args.foreground else QueuedSyslogSink)(args.log_socket, tag="linkusd")
+    sink = QueuedSyslogSink(args.log_socket, tag="linkusd", echo=sys.stderr if args.foreground else None)
     ready_fd = None if args.foreground or under_systemd else _daemonize()
     try:
         asyncio.run(serve(args, sink, notify, ready_fd))
