@@ -487,3 +487,25 @@ def test_a_thousand_logins_with_the_foreground_echo(stack: PamStack) -> None:
     finally:
         stop_process(proc)
         os.close(read_end)
+
+
+def test_without_foreground_it_goes_to_the_background_once_ready_and_logs(stack: PamStack) -> None:
+    """What `make install` does where systemd is not PID 1: `linkusd` returns when it serves."""
+    stack.daemon.stop()
+    done = subprocess.run(
+        [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--config", str(stack.config_path),
+         "--pam-socket", str(stack.daemon.pam_socket), "--no-web", "--log-socket", str(stack.log.path)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, capture_output=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    pid = int((stack.daemon.pam_socket.parent / "linkusd.lock").read_text())
+    try:
+        assert login(stack, "background").outcome == "skip"
+        stack.log.wait_for("user=background ")  # the logging thread runs in the forked daemon
+        stack.log.wait_for("linkusd: ready on")
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.05)

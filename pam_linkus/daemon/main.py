@@ -244,8 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     notify = Notifier()
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
-    sink = QueuedSyslogSink(args.log_socket, tag="linkusd", echo=sys.stderr if args.foreground else None)
     ready_fd = None if args.foreground or under_systemd else _daemonize()
+    # After the fork: the sink's thread must live in the process that serves.
+    sink = QueuedSyslogSink(args.log_socket, tag="linkusd", echo=sys.stderr if args.foreground else None)
     try:
         asyncio.run(serve(args, sink, notify, ready_fd))
     except SystemExit as exc:
