@@ -278,6 +278,8 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
     allowlist = private_dir / "syscalls.json"
     allowlist.write_text(json.dumps(sorted(unit_syscall_allowlist())))
     stack = PamStack(private_dir, log_catcher, start=False)
+    # The first connection starts linkusd (socket activation): give a loaded machine time for that.
+    stack.set_pam(options="timeout=60")
     notify = _Notify(private_dir / "notify.sock")
     pam_sock, web_sock = stack.daemon.pam_socket, stack.daemon.web_socket
     names = f"{unit('linkusd.socket')['Socket']['FileDescriptorName']}:" \
@@ -299,8 +301,11 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
         assert stat.S_ISSOCK(os.lstat(web_sock).st_mode)
         stack.enroll_totp(user)  # written before linkusd starts: the first connection starts it
         code = code_at(SECRET, time.time())
-        ok = stack.pamtester(user, PASSWORD, code)
-        assert ok.returncode == 0, (ok.stdout + ok.stderr, log_catcher.lines)
+        ok = stack.pamtester(user, PASSWORD, code, timeout=90)
+        if ok.returncode != 0:
+            proc.terminate()
+            _, err = proc.communicate(timeout=20)
+            raise AssertionError((ok.stdout + ok.stderr, log_catcher.lines, err.decode(errors="replace")[-3000:]))
         assert "READY=1" in notify.wait_for("READY=1")
         assert "WATCHDOG=1" in notify.wait_for("WATCHDOG=1")
         replay = stack.pamtester(user, PASSWORD, code)
