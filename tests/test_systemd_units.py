@@ -193,8 +193,14 @@ awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
     mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 for p in "${rw[@]}"; do mount --bind "$p" "$p"; mount -o remount,bind,rw "$p"; done
+# The checkout may itself live under /tmp (CI clones anywhere): hold it in a writable place, then
+# put it back on the private /tmp at the same path, so PYTHONPATH still finds it.
+if [ -n "${LINKUS_KEEP:-}" ]; then mkdir -p "${rw[0]}/.code"; mount --bind "$LINKUS_KEEP" "${rw[0]}/.code"; fi
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+if [ -n "${LINKUS_KEEP:-}" ] && [ ! -d "$LINKUS_KEEP/pam_linkus" ]; then
+    mkdir -p "$LINKUS_KEEP"; mount --bind "${rw[0]}/.code" "$LINKUS_KEEP"
+fi
 exec "$@"
 """
 
@@ -287,6 +293,7 @@ def test_daemon_under_the_units_socket_names_without_capabilities_or_wx_memory(
     proc = subprocess.Popen(
         [activate, "-l", str(pam_sock), "-l", str(web_sock), f"--fdname={names}",
          "-E", f"NOTIFY_SOCKET={notify.path}", "-E", f"PYTHONPATH={REPO}", "-E", "WATCHDOG_USEC=2000000",
+         "-E", f"LINKUS_KEEP={REPO}",
          "unshare", "--mount", "--propagation", "private", "--", "bash", "-c", NAMESPACE_WRAPPER, "linkusd-ns",
          str(stack.state_path.parent), str(pam_sock.parent), "--",
          *NO_CAPS, DAEMON_PYTHON, "-c", SANDBOX_WRAPPER, str(allowlist), unit_address_families(),
