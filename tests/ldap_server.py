@@ -24,9 +24,7 @@ import os
 import secrets
 import shutil
 import socket
-import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Any
 
 import pytest
 from conftest import stop_process
+from hostile_server import HostileServer, tls_server_context
 
 from pam_linkus.config import LdapConfig
 
@@ -396,36 +395,16 @@ def _ber(tag: int, body: bytes) -> bytes:
     return bytes([tag, len(body)]) + body
 
 
-class EndlessReferences:
+class EndlessReferences(HostileServer):
     """An ldaps server (the test CA's certificate) that accepts any bind and answers
     a search with search references and never a searchResDone (issue 12 item 10):
     ``pause`` seconds between references (0: a flood). Bounded: 3,000 references."""
 
     def __init__(self, pki: Any, pause: float):
         self.pause = pause
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(context=tls_server_context(str(pki.cert_file), str(pki.key_file)))
 
-    def serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                with self.context.wrap_socket(raw, server_side=True) as conn:
-                    conn.settimeout(5)
-                    self.talk(conn)
-            except OSError:
-                pass
-
-    def talk(self, conn: Any) -> None:
+    def handle(self, conn: Any) -> None:
         while not self.stop.is_set():
             request = conn.recv(4096)
             if not request:
@@ -444,44 +423,19 @@ class EndlessReferences:
             else:
                 return
 
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.sock.close()
 
-
-class GarbageLdap:
+class GarbageLdap(HostileServer):
     """An ldaps server (the test CA's certificate) that answers the first request
     of each connection with ``reply`` (malformed BER) and then waits; bounded:
     it serves until closed, each connection for at most 3 s."""
 
+    conn_timeout = 3.0
+
     def __init__(self, pki: Any, reply: bytes):
         self.reply = reply
-        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.context.load_cert_chain(str(pki.cert_file), str(pki.key_file))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(context=tls_server_context(str(pki.cert_file), str(pki.key_file)))
 
-    def serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                continue
-            try:
-                with self.context.wrap_socket(raw, server_side=True) as conn:
-                    conn.settimeout(3)
-                    conn.recv(4096)
-                    conn.sendall(self.reply)
-                    conn.recv(4096)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.sock.close()
+    def handle(self, conn: Any) -> None:
+        conn.recv(4096)
+        conn.sendall(self.reply)
+        conn.recv(4096)

@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import stop_process
+from hostile_server import HostileServer
 
 READY_TIMEOUT = 10.0
 
@@ -241,38 +241,18 @@ def tls_files_fixture() -> Iterator[TlsFiles]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class HostileRedis:
+class HostileRedis(HostileServer):
     """A loopback 'Redis' that answers every command with ``reply`` (bytes), then,
     if ``drip``, one more byte every 0.2 s until the client leaves."""
 
     def __init__(self, reply: bytes, drip: bool = False):
         self.reply, self.drip = reply, drip
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    def serve(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with conn:
-                try:
-                    conn.settimeout(5)
-                    conn.recv(65536)
-                    conn.sendall(self.reply)
-                    for _ in range(100):  # bounded: 20 s at most
-                        if not self.drip or self.stop.wait(0.2):
-                            break
-                        conn.sendall(b"x")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.sock.close()
+    def handle(self, conn: Any) -> None:
+        conn.recv(65536)
+        conn.sendall(self.reply)
+        for _ in range(100):  # bounded: 20 s at most
+            if not self.drip or self.stop.wait(0.2):
+                break
+            conn.sendall(b"x")

@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from hostile_server import HostileServer
 
 SMTP_USER = "pbx-mailer"
 
@@ -219,37 +220,19 @@ def smtp_server_fixture(ca: ThrowawayCA) -> Iterator[Any]:
         server.stop()
 
 
-class EndlessGreeting:
+class EndlessGreeting(HostileServer):
     """A hostile 'SMTP server' on 127.0.0.1 whose ``220-`` greeting never ends: one
     continuation line every ``pause`` s (well inside any per-read timeout).
-    Bounded: 100 lines, then it hangs up."""
+    Bounded: one connection, 100 lines, then it hangs up."""
 
     def __init__(self, pause: float = 0.2):
         self.pause = pause
         self.lines_sent = 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(once=True)
 
-    def _serve(self) -> None:
-        self.sock.settimeout(10)
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            for _ in range(100):
-                try:
-                    conn.sendall(b"220-still greeting\r\n")
-                except OSError:
-                    return
-                self.lines_sent += 1
-                if self.stop.wait(self.pause):
-                    return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(30)
-        self.sock.close()
+    def handle(self, conn: Any) -> None:
+        for _ in range(100):
+            conn.sendall(b"220-still greeting\r\n")
+            self.lines_sent += 1
+            if self.stop.wait(self.pause):
+                return
