@@ -182,3 +182,12 @@ def test_chain_next_on_unavailable_still_refuses_unknown_users() -> None:
     with pytest.raises(SourceUnavailable):
         SourceChain([down, up]).lookup("1001")
     assert SourceChain([StaticSource({}), up]).lookup("1001") is settings
+
+
+def test_a_code_from_a_clock_a_few_steps_off_is_denied_with_a_hint(store: SqliteStore) -> None:
+    """Issue 12.15: a phone (or host) whose clock is off locks everyone out without a hint otherwise."""
+    with pytest.raises(CodeRejected, match="clock off by about 3 steps"):
+        run(store, Clock(), code(T0 + 90))
+    with pytest.raises(CodeRejected) as far:
+        run(store, Clock(), code(T0 + 30 * 400))
+    assert "clock off" not in far.value.reason
