@@ -100,6 +100,59 @@ class YamlWriter:
         finally:
             os.close(lock_fd)
 
+    def mark_legacy_secrets(self, *, dry_run: bool = False) -> list[str]:
+        """Add ``legacy_short_secret: true`` to every TOTP entry whose key is 80..127 bits and
+        carries no such mark; return their names.
+
+        The pam_python version took over google-authenticator's 80-bit keys without the mark;
+        this version refuses such a file as a whole (issue 12.7), which would refuse every
+        login after an upgrade. So the upgrade (``linkus-2fa migrate-pam``) marks them, all in
+        one atomic write, and doctor keeps flagging them until each extension enrols again.
+        Nothing else in the file changes (checked before the write).
+        """
+        from nss_config.base import MIN_SECRET_BITS, normalize_secret
+
+        lock_fd = self._lock()
+        try:
+            raw, st = open_secure(self.path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
+            document = load_yaml(raw, self.path)
+            entries = document.get("extensions") if isinstance(document, dict) else None
+            marked: list[str] = []
+            updated: dict[str, Entry] = {}
+            for user, entry in (entries or {}).items():
+                if not isinstance(entry, dict) or entry.get("legacy_short_secret") is True:
+                    continue
+                secret = entry.get("secret")
+                if not isinstance(secret, str):
+                    continue
+                try:
+                    bits = len(normalize_secret(secret, allow_short=True)) * 5 // 8 * 8
+                except ValueError:
+                    continue  # not base32 at all, or under 80 bits: the load names it
+                if bits < MIN_SECRET_BITS:
+                    marked.append(user)
+                    updated[user] = _clean({**entry, "legacy_short_secret": True})
+            if not marked or dry_run:
+                return marked
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ConfigError("is not UTF-8", self.path) from None
+            for user, entry in updated.items():
+                text = splice(text, user, entry, self.path)
+            after_doc = load_yaml(text.encode("utf-8"), self.path)
+            parse_extensions(after_doc, self.path)  # the whole file loads now, or nothing is written
+            after = after_doc.get("extensions") or {}
+            for user, entry in (entries or {}).items():
+                want = updated.get(user, entry)
+                if _plain(after.get(user)) != _plain(want):
+                    raise ConfigError("refusing to write: marking would change other settings (please report)",
+                                      self.path)
+            self._replace(text.encode("utf-8"), st)
+            return marked
+        finally:
+            os.close(lock_fd)
+
     # -- internals -------------------------------------------------------------------
 
     def _lock(self) -> int:
@@ -169,6 +222,11 @@ class YamlWriter:
                 os.close(dir_fd)
         except OSError:
             pass  # the rename happened; a directory that cannot be fsynced (tmpfs) is no error
+
+
+def _plain(value: Any) -> Any:
+    """A parsed entry as plain data (the loader's marked mappings compare by content)."""
+    return {k: v for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def _entry_of(document: Any, user: str) -> Entry | None:

@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("user", nargs="?", help="also look this extension up")
     doctor.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
     doctor.add_argument("--smtp", action="store_true", help="check SMTP even if no extension uses email")
-    migrate = verb("migrate-pam", "rewrite pam_python.so pam_linkus.py lines into pam_linkus.so lines")
+    migrate = verb("migrate-pam", "upgrade from the pam_python version: rewrite its PAM lines into pam_linkus.so "
+                   "lines and mark the 80-bit keys it imported (legacy_short_secret)")
     migrate.add_argument("--pam-dir", default="/etc/pam.d", help="where the PAM services are (default: %(default)s)")
     migrate.add_argument("--check", action="store_true",
                          help="only report; exit 1 when something needs migrating")
@@ -620,9 +621,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "self":
         return self_service(args)
     if args.verb == "migrate-pam":
-        from pam_linkus.migrate_pam import migrate
+        from pam_linkus.migrate_pam import mark_legacy_secrets, migrate
 
-        return migrate(args.pam_dir, check=args.check)
+        pam = migrate(args.pam_dir, check=args.check)
+        return max(pam, mark_legacy_secrets(args.config, check=args.check))
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
         if args.verb == "list" or (args.verb == "status" and not args.ext):

@@ -211,3 +211,31 @@ def migrate(pam_dir: str, *, check: bool, out: Callable[[str], None] = print) ->
     if not pending and not failed:
         out(f"nothing to migrate in {pam_dir}")
     return 1 if failed else 0
+
+
+def mark_legacy_secrets(config_path: str, *, check: bool, out: Callable[[str], None] = print) -> int:
+    """The other half of the upgrade: mark the 80-bit keys the pam_python version imported.
+
+    Without ``legacy_short_secret: true`` this version refuses extensions.yaml as a whole
+    (at least 128 bits, issue 12.7), and every login would be refused after the upgrade.
+    ``check``: only report (exit 1 when something needs marking).
+    """
+    from nss_config.yaml_writer import YamlWriter
+    from pam_linkus.config import load_config
+    from pam_linkus.errors import LinkusError
+
+    if not os.path.exists(config_path):
+        return 0  # not installed yet: no extensions to look at
+    try:
+        config = load_config(config_path)
+        if "yaml" not in config.sources:
+            return 0
+        names = YamlWriter(config.yaml.path).mark_legacy_secrets(dry_run=check)
+    except LinkusError as exc:
+        out(f"FAIL {exc.reason}")
+        return 1
+    for name in names:
+        verb = "needs" if check else "marked"
+        out(f"{verb} legacy_short_secret: extension {name!r} (a key under 128 bits from the old import; "
+            "it should enrol again)")
+    return 1 if check and names else 0

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PamStack
 
 from pam_linkus.doctor import check_pam_text
 from pam_linkus.migrate_pam import migrate
@@ -98,3 +99,32 @@ def test_cli_verb_check_and_config_after_the_verb(pam_dir: Path) -> None:
     result = cli("migrate-pam", "--pam-dir", str(pam_dir))
     assert result.returncode == 0 and "pam_linkus.so" in (pam_dir / "su").read_text()
     assert cli("migrate-pam", "--pam-dir", str(pam_dir), "--check").returncode == 0
+
+
+def test_migrate_pam_marks_the_short_keys_the_old_version_imported(pam_stack: PamStack, private_dir: Path) -> None:
+    """An 80-bit key without legacy_short_secret refuses the whole file in this version: the upgrade
+    marks it (one atomic write, comments kept), and logins work again."""
+    import yaml
+    from cli_helpers import run_cli
+    from conftest import SECRET
+
+    short = "JBSWY3DPEHPK3PXP"  # 80 bits, as google-authenticator makes them
+    pam_stack.extensions_path.write_text(
+        "# the admin's note\nextensions:\n"
+        f'  "old": {{method: totp, secret: {short}}}  # imported\n'
+        f'  "new": {{method: totp, secret: {SECRET}}}\n'
+    )
+    assert "legacy_short_secret" in str(pam_stack.daemon.reload()["last_error"])
+    pam_dir = private_dir / "pam.d"
+    pam_dir.mkdir()
+    check = run_cli(pam_stack, "migrate-pam", "--check", "--pam-dir", str(pam_dir))
+    assert check.returncode == 1 and "needs legacy_short_secret: extension 'old'" in check.stdout
+    done = run_cli(pam_stack, "migrate-pam", "--pam-dir", str(pam_dir))
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = pam_stack.extensions_path.read_text()
+    assert "# the admin's note" in text and "# imported" in text
+    entries = yaml.safe_load(text)["extensions"]
+    assert entries["old"] == {"method": "totp", "secret": short, "legacy_short_secret": True}
+    assert entries["new"] == {"method": "totp", "secret": SECRET}
+    assert pam_stack.daemon.reload()["last_error"] is None
+    assert run_cli(pam_stack, "migrate-pam", "--check", "--pam-dir", str(pam_dir)).returncode == 0
