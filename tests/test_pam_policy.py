@@ -152,3 +152,25 @@ def test_break_glass_console_works_while_linkusd_is_down(pam_stack: PamStack, us
         result = client.authenticate(pam_stack.service, user, PASSWORD, None, tty=tty, timeout=30)
         assert result.auth == "PAM_AUTHINFO_UNAVAIL", tty
 
+
+
+# -- profiles and prompt= on the PAM line ----------------------------------------------
+
+
+def test_profile_on_the_pam_line_picks_the_policy(pam_stack: PamStack, make_user: object) -> None:
+    """profile=NAME selects a per-service policy in linkusd; an unknown one is unavailable."""
+    plain = make_user()  # type: ignore[operator]
+    pam_stack.write_config(profiles={"strict": {"enforce": "all"}})
+    assert pam_stack.login(plain, None).auth == "PAM_SUCCESS"  # top level: enforce enrolled
+    pam_stack.set_pam(options="profile=strict")
+    assert pam_stack.login(plain, None).auth == "PAM_AUTH_ERR"  # strict: no 2FA, no login
+    pam_stack.log.wait_for("policy is enforce: all")
+    pam_stack.set_pam(options="profile=nope")
+    assert pam_stack.login(plain, None).auth == "PAM_AUTHINFO_UNAVAIL"
+
+
+def test_prompt_option_is_the_code_prompt(pam_stack: PamStack, user: str) -> None:
+    pam_stack.enroll_totp(user)
+    pam_stack.set_pam(options="[prompt=Code from your Linkus app: ]")
+    result = pam_stack.login(user, code_at(SECRET, time.time()))
+    assert result.auth == "PAM_SUCCESS" and result.prompts == ["Password: ", "Code from your Linkus app: "]
