@@ -98,7 +98,7 @@ class LinkusSetup:
         started = time.monotonic()
         with open(self.dir / "linkusd.stderr", "ab") as err:
             self.proc = subprocess.Popen(
-                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--no-web",
+                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--quiet", "--no-web",
                  "--config", str(self.config_path), "--pam-socket", str(self.pam_socket),
                  "--log-socket", str(self.log.path)],
                 stdout=subprocess.DEVNULL, stderr=err, env=env,

@@ -46,7 +46,21 @@ class Info:
     error: bool = False
 
 
-Steps = Generator["Ask | Info", "str | None", Decision]
+class Offload:
+    """The flow is about to wait for a server (SMTP) or to burn CPU (scrypt of a recovery code).
+
+    linkusd runs the steps of a local snapshot (YAML, SQLite) on its event loop and
+    moves the rest of such a login to its worker pool when it sees this; every other
+    driver just goes on (``send(None)``).
+    """
+
+    __slots__ = ()
+
+
+#: The one Offload step.
+OFFLOAD = Offload()
+
+Steps = Generator["Ask | Info | Offload", "str | None", Decision]
 
 
 class Prompter(Protocol):
@@ -228,7 +242,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     return decision
 
 
-def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info, str | None, str]:
+def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info | Offload, str | None, str]:
     if req.kept is not None:
         return req.kept
     answer = yield Ask(prompt, echo)
@@ -237,7 +251,7 @@ def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info,
     return answer
 
 
-def _reserve(req: LoginRequest, ctx: Context) -> Generator[Ask | Info, str | None, None]:
+def _reserve(req: LoginRequest, ctx: Context) -> Generator[Ask | Info | Offload, str | None, None]:
     """Count this attempt as a failure before any code is checked (atomic in the store), so
     parallel guesses can never check more than ``max_failures`` codes before the lock."""
     now = ctx.clock()
@@ -292,6 +306,7 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
     from pam_linkus import emailcode
 
     key = emailcode.load_key(ctx.config.email.key_file)
+    yield OFFLOAD  # the mail server is next
     try:
         sent = emailcode.deliver(req, ctx, settings.email, ctx.store, key)  # type: ignore[arg-type]
     except LinkusError:
@@ -304,7 +319,7 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
     try:
         emailcode.verify(ctx.store, key, req.user, answer, ctx.clock())
     except CodeRejected as exc:
-        recovered = _try_recovery_code(req, ctx, answer)
+        recovered = yield from _recover(req, ctx, answer)
         if recovered is not None:
             return recovered
         yield from _settle_failure(req, ctx, exc.reason)
@@ -312,11 +327,22 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
     return Decision(Outcome.SUCCESS, "code accepted", "email")
 
 
-def _notices(ctx: Context) -> Generator[Ask | Info, str | None, None]:
+def _notices(ctx: Context) -> Generator[Ask | Info | Offload, str | None, None]:
     # Only refusals (the throttle) come this way: shown as errors.
     lines, ctx.prompter.lines = ctx.prompter.lines, []
     for line in lines:
         yield Info(line, error=True)
+
+
+def _recover(req: LoginRequest, ctx: Context, answer: str) -> Generator[Ask | Info | Offload, str | None,
+                                                                       Decision | None]:
+    """``_try_recovery_code``, announced as an Offload when it is going to hash (scrypt)."""
+    from pam_linkus.recovery import normalize_recovery_code
+
+    if normalize_recovery_code(answer) is None:
+        return None
+    yield OFFLOAD
+    return _try_recovery_code(req, ctx, answer)
 
 
 def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision | None:
@@ -339,7 +365,8 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
     return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
-def _settle_failure(req: LoginRequest, ctx: Context, reason: str) -> Generator[Ask | Info, str | None, NoReturn]:
+def _settle_failure(req: LoginRequest, ctx: Context,
+                    reason: str) -> Generator[Ask | Info | Offload, str | None, NoReturn]:
     """The reserved attempt failed: raise Locked if it was one too many, else CodeRejected."""
     now = ctx.clock()
     status = ctx.store.settle_failure(req.user, now, **_lockout(ctx))
@@ -357,6 +384,8 @@ def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter) -> Decisio
         while True:
             step = steps.send(reply)
             reply = None
+            if isinstance(step, Offload):
+                continue
             if isinstance(step, Ask):
                 reply = prompter.ask(step.prompt, echo=step.echo)
             else:

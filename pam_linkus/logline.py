@@ -85,9 +85,18 @@ def _check_key(key: str) -> str:
     return key
 
 
+#: Keys already checked (they are literals of our code: a handful).
+_KEYS_SEEN: set[str] = set()
+
+
 def format_fields(fields: Mapping[str, object]) -> str:
     """``key="value"`` pairs, every value through ``quote``."""
-    return " ".join(f"{_check_key(k)}={quote(v)}" for k, v in fields.items())
+    parts = []
+    for key, value in fields.items():
+        if key not in _KEYS_SEEN:
+            _KEYS_SEEN.add(_check_key(key))
+        parts.append(f"{key}={quote(value)}")
+    return " ".join(parts)
 
 
 class SyslogSink:
@@ -104,6 +113,8 @@ class SyslogSink:
     def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None):
         self.socket_path = socket_path
         self.tag = tag
+        self._stamp = ""
+        self._stamp_second = -1
 
     def send(self, severity: int, message: str) -> bool:
         data = self.datagram(severity, message)
@@ -124,20 +135,28 @@ class SyslogSink:
         return self.send(severity, format_fields(fields))
 
     def datagram(self, severity: int, message: str) -> bytes:
-        stamp = time.strftime("%b %d %H:%M:%S", time.localtime())
+        now = int(time.time())
+        if now != self._stamp_second:  # strftime/localtime once a second, not once a line
+            self._stamp = time.strftime("%b %d %H:%M:%S", time.localtime(now))
+            self._stamp_second = now
         ident = f"{IDENT}({self.tag})" if self.tag else IDENT
-        return f"<{LOG_AUTHPRIV | severity}>{stamp} {ident}[{os.getpid()}]: {message}".encode(
+        return f"<{LOG_AUTHPRIV | severity}>{self._stamp} {ident}[{os.getpid()}]: {message}".encode(
             "utf-8", "backslashreplace")[:MAX_DATAGRAM]
 
 
 class QueuedSyslogSink(SyslogSink):
-    """linkusd's sink: lines go through a bounded queue to one thread that waits for syslog.
+    """linkusd's sink: a line is sent at once when syslog can take it, else queued for a thread.
 
     A burst of logins must not lose its lines (the kernel queues only a few datagrams
-    on a unix socket, so MSG_DONTWAIT drops them while syslog catches up), and no
-    login may wait for syslog either: the thread waits, up to ``SEND_TIMEOUT`` per
-    line; only when syslog is stuck long enough to fill the queue are lines dropped,
-    and counted (``dropped``).
+    on a unix socket, so MSG_DONTWAIT alone drops them while syslog catches up), and no
+    login may wait for syslog either. So the caller (the event loop) sends without
+    waiting while nothing is queued; a line syslog cannot take right now goes to a
+    bounded queue, and one thread sends the queue in order, waiting up to
+    ``SEND_TIMEOUT`` per line. Lines queue behind queued lines, so their order holds.
+    Only when syslog is stuck long enough to fill the queue are lines dropped, and
+    counted (``dropped``). In ``--foreground`` (``echo``) the thread also writes every
+    line to stderr: a stderr nobody reads blocks that thread, never a login (and
+    then lines bound for syslog queue behind it: the queue's bound holds).
     """
 
     SEND_TIMEOUT = 2.0
@@ -146,18 +165,42 @@ class QueuedSyslogSink(SyslogSink):
                  echo: TextIO | None = None):
         super().__init__(socket_path, tag=tag)
         self.dropped = 0
-        #: also written here (linkusd --foreground: stderr), by the same thread: a stderr
-        #: nobody reads may block that thread, never a login
         self.echo = echo
-        self._queue: queue.Queue[tuple[bytes, str]] = queue.Queue(capacity)
+        self._queue: queue.Queue[tuple[bytes | None, str]] = queue.Queue(capacity)
+        self._lock = threading.Lock()
+        self._pending = 0  # lines queued and not yet handed to syslog by the thread
+        self._direct: socket.socket | None = None
         self._thread = threading.Thread(target=self._run, name="linkusd-syslog", daemon=True)
         self._thread.start()
 
     def send(self, severity: int, message: str) -> bool:
+        data = self.datagram(severity, message)
+        with self._lock:
+            sent = not self._pending and self._send_now(data)
+            if sent and self.echo is None:
+                return True
+            try:
+                self._queue.put_nowait((None if sent else data, message))
+            except queue.Full:
+                if sent:
+                    return True  # only its stderr copy is lost
+                self.dropped += 1
+                return False
+            if not sent:
+                self._pending += 1
+        return True
+
+    def _send_now(self, data: bytes) -> bool:
+        """One datagram without waiting; False when syslog cannot take it now (the thread will)."""
+        sock = self._direct
         try:
-            self._queue.put_nowait((self.datagram(severity, message), message))
-        except queue.Full:
-            self.dropped += 1
+            if sock is None:
+                sock = self._direct = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.sendto(data, socket.MSG_DONTWAIT, self.socket_path)
+        except OSError:
+            if sock is not None:
+                sock.close()
+            self._direct = None
             return False
         return True
 
@@ -165,16 +208,19 @@ class QueuedSyslogSink(SyslogSink):
         sock: socket.socket | None = None
         while True:
             data, message = self._queue.get()
-            try:
-                if sock is None:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                    sock.settimeout(self.SEND_TIMEOUT)
-                sock.sendto(data, self.socket_path)
-            except OSError:
-                self.dropped += 1
-                if sock is not None:
-                    sock.close()
-                sock = None
+            if data is not None:
+                try:
+                    if sock is None:
+                        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                        sock.settimeout(self.SEND_TIMEOUT)
+                    sock.sendto(data, self.socket_path)
+                except OSError:
+                    self.dropped += 1
+                    if sock is not None:
+                        sock.close()
+                    sock = None
+                with self._lock:
+                    self._pending -= 1
             if self.echo is not None:
                 try:
                     print(message, file=self.echo, flush=True)

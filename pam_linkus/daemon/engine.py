@@ -65,6 +65,9 @@ class Snapshot:
     allowed_gids: frozenset[int]
     trusted_gids: frozenset[int]
     web_gid: int | None
+    #: YAML settings and SQLite state only: nothing a login does waits for a server, so
+    #: linkusd runs its steps on the event loop (server.PamConnection)
+    inline: bool = False
     users: int = 0  # logins using it right now (event loop thread only)
     retired: bool = False
 
@@ -99,7 +102,8 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
     except BaseException:
         store.close()
         raise
-    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid)
+    inline = set(config.sources) == {"yaml"} and config.state.backend == "sqlite"
+    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline)
 
 
 @dataclass

@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="linkusd", description="The pam-linkus daemon (see linkusd(8)).")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="main config file (default: %(default)s)")
     parser.add_argument("--foreground", action="store_true", help="stay in the foreground, log also to stderr")
+    parser.add_argument("--quiet", action="store_true",
+                        help="with --foreground: log to syslog only, as under systemd (benchmarks)")
     parser.add_argument("--pam-socket", help="PAM socket path (default: daemon.pam_socket of the config)")
     parser.add_argument("--web-socket", help="web socket path (default: daemon.web_socket of the config)")
     parser.add_argument("--log-socket", default="/dev/log", help="syslog socket (default: %(default)s)")
@@ -166,10 +168,9 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
                     web_workers=settings.web_workers if settings else 2)
     await engine.reload("start")
     server = Server(engine)
-    pam_server = await asyncio.start_unix_server(server.handle_pam, sock=pam_sock)
-    web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
-
     loop = asyncio.get_running_loop()
+    pam_server = await loop.create_unix_server(server.pam_protocol, sock=pam_sock)
+    web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
 
     def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         exc = context.get("exception")
@@ -246,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
     ready_fd = None if args.foreground or under_systemd else _daemonize()
     # After the fork: the sink's thread must live in the process that serves.
-    sink = QueuedSyslogSink(args.log_socket, tag="linkusd", echo=sys.stderr if args.foreground else None)
+    echo = sys.stderr if args.foreground and not args.quiet else None
+    sink = QueuedSyslogSink(args.log_socket, tag="linkusd", echo=echo)
     try:
         asyncio.run(serve(args, sink, notify, ready_fd))
     except SystemExit as exc:

@@ -13,25 +13,28 @@ nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pam_linkus import protocol
-from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
+from pam_linkus.errors import LinkusError, Unavailable
+from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, split_digits
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Decision, Outcome
 from pam_linkus.protocol import F, Msg, ProtocolError
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
-    from pam_linkus.flow import Ask, Context, Info, LoginRequest, Steps
+    from pam_linkus.flow import Steps
     from pam_linkus.web.api import SelfService
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -114,92 +117,29 @@ class Server:
 
     # -- PAM socket ------------------------------------------------------------
 
-    async def handle_pam(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        work_timeout, answer_timeout, max_conn, max_caller, max_caller_root, max_account = self._limits()
-        try:
-            peer = Peer.of(sock)
-        except OSError:
-            writer.close()
-            return
-        cap = max_caller_root if peer.ruid == 0 else max_caller
-        if self.connections >= max_conn or self.per_caller[peer.ruid] >= cap:
-            self.engine.health.over_capacity += 1
-            self.engine.sink.send(LOG_WARNING, f"linkusd: over capacity, refusing a connection from uid "
-                                               f"{peer.ruid} (pid {peer.pid})")
-            await self._finish(writer, Outcome.UNAVAILABLE)
-            return
-        self.connections += 1
-        self.per_caller[peer.ruid] += 1
-        self.engine.active["pam"] += 1
-        try:
-            await self._pam_transaction(reader, writer, peer, work_timeout, answer_timeout, max_account)
-        finally:
-            self.connections -= 1
-            self.per_caller[peer.ruid] -= 1
-            if not self.per_caller[peer.ruid]:
-                del self.per_caller[peer.ruid]
-            self.engine.active["pam"] -= 1
-            writer.close()
+    def pam_protocol(self) -> PamConnection:
+        """The protocol factory of the PAM socket (``loop.create_unix_server``)."""
+        return PamConnection(self)
 
     def _peer_allowed(self, peer: Peer, snap: Snapshot | None) -> bool:
         if peer.uid == 0:
             return True
         return snap is not None and bool(peer.groups & snap.allowed_gids)
 
-    async def _pam_transaction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                               work_timeout: float, answer_timeout: float, max_account: int) -> None:
-        if not self._peer_allowed(peer, self.engine.current):
-            # refused before it may send anything: a stranger costs no read and no deadline
-            self.engine.health.refused_peers += 1
-            self.engine.sink.send(LOG_WARNING, f"linkusd: refused a PAM peer: uid {peer.uid} (pid {peer.pid}) is "
-                                               f"not root and in no group of daemon.allowed_groups")
-            await self._finish(writer, Outcome.UNAVAILABLE)
-            return
+    async def control(self, msg: protocol.Message, transport: asyncio.BaseTransport, peer: Peer) -> None:
+        """STATUS or RELOAD (root only): the reply is the status object."""
         try:
-            async with asyncio.timeout(work_timeout):
-                first = await protocol.read_message(reader, protocol.PAM_OPENERS)
-        except (ProtocolError, TimeoutError) as exc:
-            self._log_protocol(peer, exc)
-            return
-        if first.type in (Msg.STATUS, Msg.RELOAD):
-            await self._control(first, writer, peer)
-            return
-        try:
-            req, mode, flags = _request(first, peer, self.engine.current)
-        except ProtocolError as exc:
-            self._log_protocol(peer, exc)
-            return
-        account_key = req.user.casefold()
-        if self.per_account[account_key] >= max_account:
-            self.engine.health.over_capacity += 1
-            self.engine.sink.send(LOG_WARNING, "linkusd: too many logins at once for one account, refusing one")
-            await self._finish(writer, Outcome.UNAVAILABLE)
-            return
-        self.per_account[account_key] += 1
-        try:
-            await Transaction(self.engine, reader, writer, peer, req, first, mode, flags,
-                              work_timeout, answer_timeout).run()
+            if peer.uid != 0:
+                self.engine.sink.send(LOG_WARNING, f"linkusd: {msg.type.name} from non-root uid {peer.uid} refused")
+                return
+            if msg.type == Msg.RELOAD:
+                await self.engine.reload("requested")
+            if not transport.is_closing():
+                transport.write(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))  # type: ignore[attr-defined]
         finally:
-            self.per_account[account_key] -= 1
-            if not self.per_account[account_key]:
-                del self.per_account[account_key]
+            transport.close()
 
-    async def _control(self, msg: protocol.Message, writer: asyncio.StreamWriter, peer: Peer) -> None:
-        if peer.uid != 0:
-            self.engine.sink.send(LOG_WARNING, f"linkusd: {msg.type.name} from non-root uid {peer.uid} refused")
-            return
-        if msg.type == Msg.RELOAD:
-            await self.engine.reload("requested")
-        writer.write(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))
-        await _drain(writer)
-
-    async def _finish(self, writer: asyncio.StreamWriter, outcome: str) -> None:
-        writer.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
-        await _drain(writer)
-        writer.close()
-
-    def _log_protocol(self, peer: Peer, exc: Exception) -> None:
+    def log_protocol(self, peer: Peer, exc: Exception | str) -> None:
         what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
         self.engine.sink.send(LOG_NOTICE, f"linkusd: dropped a connection from uid {peer.ruid} "
                                           f"(pid {peer.pid}): {what}")
@@ -229,7 +169,7 @@ class Server:
                                                        max_body=protocol.WEB_MAX_BODY)
                 request = call.json()
             except (ProtocolError, TimeoutError) as exc:
-                self._log_protocol(peer, exc)
+                self.log_protocol(peer, exc)
                 return
             reply = await self._web_call(request, peer, answer_timeout)
             writer.write(protocol.encode_json(Msg.WEB_REPLY, reply))
@@ -252,139 +192,408 @@ class Server:
             return {"ok": False, "error": exc.outcome}
 
 
-class Transaction:
-    """One PAM login (or single-field split) on one connection."""
+#: The states of a PAM connection.
+_OPENING, _WORKING, _ASKING, _DONE = range(4)
+#: More than one whole frame buffered while none was asked for is a protocol violation.
+_MAX_BUFFERED = 4 + protocol.PAM_MAX_BODY
+#: How long a refused connection waits for its client to close first.
+_LINGER = 1.0
+#: The reason logged when the client closed its end before the login ended.
+_HUNG_UP = "client hung up (PeerClosed)"
+#: Pool work in flight (a task nobody awaits must be referenced somewhere).
+_IN_FLIGHT: set[asyncio.Future[object]] = set()
 
-    def __init__(self, engine: Engine, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer,
-                 req: LoginRequest, start: protocol.Message, mode: int, flags: int, work_timeout: float,
-                 answer_timeout: float) -> None:
-        self.engine = engine
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
-        self.req = req
-        self.start = start
-        self.mode = mode
-        self.flags = flags
-        self.work_timeout = work_timeout
-        self.answer_timeout = answer_timeout
+
+class PamConnection(asyncio.Protocol):
+    """One PAM transaction (a login, a single-field split, or STATUS/RELOAD) on one connection.
+
+    Driven by the transport's callbacks rather than by a task reading a stream: that
+    plumbing (a task, stream objects, a timeout context per read, a worker round trip per
+    step) was most of linkusd's CPU per login. When the snapshot is local (YAML settings,
+    SQLite state, see ``Snapshot.inline``) the flow's steps run right here on the event
+    loop -- a step is a dictionary lookup, an HMAC and one SQLite transaction -- and a
+    step that is about to talk to a server or hash a recovery code says so
+    (``flow.Offload``) and continues in the PAM pool. With LDAP or Redis every step runs
+    in the pool, under the work deadline and the calling uid's share of the pool.
+
+    While the flow waits for the person, nothing runs for this connection: a timer
+    (``answer_timeout``) and the buffer. A frame has to arrive whole before its
+    deadline (``work_timeout`` for the first, ``answer_timeout`` for an answer), so a
+    slow drip costs its own connection only.
+    """
+
+    __slots__ = ("server", "engine", "transport", "peer", "state", "buf", "expect", "timer", "counted",
+                 "account_key", "max_account", "work_timeout", "answer_timeout", "snap", "steps", "ctx", "req",
+                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.state = _OPENING
+        self.buf = bytearray()
+        self.expect: frozenset[Msg] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
+        self.account_key: str | None = None
+        self.snap: Snapshot | None = None
+        self.steps: Steps | None = None
+        self.ctx: Context | None = None
+        self.req: LoginRequest | None = None
+        self.start: protocol.Message | None = None
+        self.mode = 0
+        self.flags = 0
         self.began = time.monotonic()
         self.exchanges = 0
         self.told_error = False
+        self.inline = False
+        self.parked = False
+        self.lost = False
 
-    async def run(self) -> None:
-        from pam_linkus.flow import Context
+    # -- the transport's callbacks ---------------------------------------------------
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server, engine = self.server, self.engine
+        (self.work_timeout, self.answer_timeout, max_conn, max_caller, max_caller_root,
+         self.max_account) = server._limits()
         try:
-            snap = self.engine.acquire()
-        except Unavailable as exc:
-            await self._end(Outcome.UNAVAILABLE, exc.reason, None)
+            peer = Peer.of(transport.get_extra_info("socket"))
+        except OSError:
+            self.state = _DONE
+            transport.abort()
             return
-        ctx = Context(
-            snap.config, self.engine.clock, snap.chain, snap.store,
-            mailer_factory=lambda: self.engine.mailer(snap.config),
-            totp_prompt=self.start.text(F.PROMPT),
+        self.peer = peer
+        cap = max_caller_root if peer.ruid == 0 else max_caller
+        if server.connections >= max_conn or server.per_caller[peer.ruid] >= cap:
+            engine.health.over_capacity += 1
+            engine.sink.send(LOG_WARNING, f"linkusd: over capacity, refusing a connection from uid "
+                                          f"{peer.ruid} (pid {peer.pid})")
+            self._refuse()
+            return
+        server.connections += 1
+        server.per_caller[peer.ruid] += 1
+        engine.active["pam"] += 1
+        self.counted = True
+        if not server._peer_allowed(peer, engine.current):
+            # refused before it may send anything: a stranger costs no read and no deadline
+            engine.health.refused_peers += 1
+            engine.sink.send(LOG_WARNING, f"linkusd: refused a PAM peer: uid {peer.uid} (pid {peer.pid}) is "
+                                          f"not root and in no group of daemon.allowed_groups")
+            self._refuse()
+            return
+        self._wait(protocol.PAM_OPENERS, self.work_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == _DONE:
+            return
+        self.buf += data
+        if self.expect is not None:
+            self._take_frame()
+        elif len(self.buf) > _MAX_BUFFERED:
+            self._violation(ProtocolError("more than a frame sent while none was asked for"))
+
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes; connection_lost says what that means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._cancel_timer()
+        if self.state == _OPENING and self.peer is not None:
+            self.state = _DONE
+            self.server.log_protocol(self.peer, "peer closed the connection mid-frame or before it")
+        elif self.state == _ASKING:
+            self._conclude(Outcome.CONVERSATION, _HUNG_UP)
+        # _WORKING: the step in the pool ends the login when it returns
+        self._uncount()
+
+    # -- frames ----------------------------------------------------------------------
+
+    def _wait(self, expected: frozenset[Msg], timeout: float) -> None:
+        """Accept one frame of ``expected`` types, whole within ``timeout`` seconds."""
+        self.expect = expected
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
+        if self.buf:
+            self._take_frame()
+
+    def _take_frame(self) -> None:
+        buf, expected = self.buf, self.expect
+        assert expected is not None
+        if len(buf) < 4:
+            return
+        try:
+            size = protocol.body_length(bytes(buf[:4]), protocol.PAM_MAX_BODY)
+            if len(buf) < 4 + size:
+                return
+            body = bytes(buf[4:4 + size])
+            del buf[:4 + size]
+            msg = protocol.decode_body(body, expected)
+        except ProtocolError as exc:
+            self._violation(exc)
+            return
+        self.expect = None
+        self._cancel_timer()
+        if self.state == _OPENING:
+            self._opened(msg)
+        else:
+            self._answered(msg)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.expect = None
+        if self.state == _OPENING:
+            assert self.peer is not None
+            self.state = _DONE
+            self.server.log_protocol(self.peer, TimeoutError())
+            self._close()
+        elif self.state == _ASKING:
+            self._conclude(Outcome.CONVERSATION, f"no answer within {self.answer_timeout:g} s")
+
+    def _violation(self, exc: ProtocolError) -> None:
+        if self.state == _OPENING:
+            assert self.peer is not None
+            self.state = _DONE
+            self.server.log_protocol(self.peer, exc)
+            self._close()
+        elif self.state == _ASKING:
+            self._conclude(Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})")
+        elif self.transport is not None:
+            self.transport.abort()  # while a step runs in the pool: it ends the login when it returns
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # -- the transaction -------------------------------------------------------------
+
+    def _opened(self, msg: protocol.Message) -> None:
+        server, engine, peer = self.server, self.engine, self.peer
+        assert peer is not None and self.transport is not None
+        self.state = _WORKING
+        if msg.type in (Msg.STATUS, Msg.RELOAD):
+            self._track(asyncio.ensure_future(server.control(msg, self.transport, peer)))
+            return
+        try:
+            req, self.mode, self.flags = _request(msg, peer, engine.current)
+        except ProtocolError as exc:
+            self.state = _DONE
+            server.log_protocol(peer, exc)
+            self._close()
+            return
+        self.req, self.start = req, msg
+        account_key = req.user.casefold()
+        if server.per_account[account_key] >= self.max_account:
+            engine.health.over_capacity += 1
+            engine.sink.send(LOG_WARNING, "linkusd: too many logins at once for one account, refusing one")
+            self._refuse()
+            return
+        server.per_account[account_key] += 1
+        self.account_key = account_key
+        try:
+            snap = self.snap = engine.acquire()
+        except Unavailable as exc:
+            self._end(Outcome.UNAVAILABLE, exc.reason)
+            return
+        self.inline = snap.inline
+        ctx = self.ctx = Context(
+            snap.config, engine.clock, snap.chain, snap.store,
+            mailer_factory=lambda: engine.mailer(snap.config),
+            totp_prompt=msg.text(F.PROMPT),
             echo_code=bool(self.flags & protocol.FLAG_ECHO_CODE),
         )
-        try:
-            if self.mode == protocol.MODE_SPLIT:
-                await self._split(ctx, snap)
-            else:
-                outcome, reason = await self._login(ctx)
-                await self._end(outcome, reason, ctx)
-        finally:
-            self.engine.release(snap)
-
-    async def _split(self, ctx: Context, snap: Snapshot) -> None:
-        from pam_linkus.flow import split_digits
-
-        try:
-            digits = await self.engine.run(lambda: split_digits(self.req, ctx), ruid=self.peer.ruid,
-                                           timeout=self.work_timeout)
-        except LinkusError as exc:
-            await self._end(exc.outcome, exc.reason, ctx)
-            return
-        except Exception as exc:  # noqa: BLE001 - an internal error refuses the login
-            await self._end(Outcome.UNAVAILABLE, internal_error(self.engine, exc), ctx)
-            return
-        fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: snap.config.prompts.password_and_code}
-        self.writer.write(protocol.encode(Msg.SPLIT, fields))
-        await _drain(self.writer)
-
-    async def _login(self, ctx: Context) -> tuple[str, str]:
-        from pam_linkus.flow import Ask, login
-
-        steps = login(self.req, ctx)
-        reply: str | None = None
-        try:
-            while True:
-                step = await self.engine.run(partial(_advance, steps, reply), ruid=self.peer.ruid,
-                                             timeout=self.work_timeout)
-                if isinstance(step, Decision):
-                    return step.outcome, step.reason
-                reply = None
-                self.exchanges += 1
-                if self.exchanges > protocol.MAX_EXCHANGES:
-                    raise Unavailable("too many prompts in one login")
-                if isinstance(step, Ask):
-                    reply = await self._ask(step.prompt, step.echo)
-                else:
-                    await self._info(step.text, error=step.error)
-        except LinkusError as exc:
-            return exc.outcome, exc.reason
-        except (ConnectionError, ProtocolError) as exc:
-            return Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
-        except Exception as exc:  # noqa: BLE001 - an internal error refuses the login
-            return Outcome.UNAVAILABLE, internal_error(self.engine, exc)
-        finally:
-            # never leave a flow suspended in a thread: close it in the pool as well; a flow that
-            # returned or raised is closed already, and a worker round trip is most of a login's CPU
-            if inspect.getgeneratorstate(steps) != inspect.GEN_CLOSED:
-                try:
-                    await self.engine.run(steps.close, ruid=self.peer.ruid, timeout=self.work_timeout)
-                except (LinkusError, RuntimeError, ValueError):
-                    pass
-
-    async def _ask(self, prompt: str, echo: bool) -> str | None:
-        """Relay a prompt; wait for the person without holding a worker."""
-        style = protocol.STYLE_ECHO_ON if echo else protocol.STYLE_ECHO_OFF
-        self.writer.write(protocol.encode(Msg.PROMPT, {F.STYLE: style, F.TEXT: _cut(prompt)}))
-        await _drain(self.writer)
-        self.engine.active["parked"] += 1
-        try:
-            async with asyncio.timeout(self.answer_timeout):
-                answer = await protocol.read_message(self.reader, {Msg.ANSWER, Msg.NO_ANSWER})
-        except TimeoutError:
-            raise ConversationFailed(f"no answer within {self.answer_timeout:g} s") from None
-        finally:
-            self.engine.active["parked"] -= 1
-        if answer.type == Msg.NO_ANSWER:
-            return None
-        raw = answer.fields[F.TEXT]
-        # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
-        return raw.decode("utf-8", "surrogateescape")
-
-    async def _info(self, text: str, *, error: bool) -> None:
-        style = protocol.STYLE_ERROR if error else protocol.STYLE_INFO
-        self.told_error = self.told_error or error
-        self.writer.write(protocol.encode(Msg.INFO, {F.STYLE: style, F.TEXT: _cut(text)}))
-        await _drain(self.writer)
-
-    async def _end(self, outcome: str, reason: str, ctx: Context | None) -> None:
-        if outcome == Outcome.UNAVAILABLE and not self.told_error:
+        if self.mode == protocol.MODE_SPLIT:
+            work = partial(split_digits, req, ctx)
+            if not self.inline:
+                self._pool(work, self._split_done)
+                return
             try:
-                await self._info(UNAVAILABLE_TEXT, error=True)
-            except (ConnectionError, OSError):
-                pass
-        health = self.engine.health
-        health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
-        self.engine.sink.attempt(_SEVERITY[outcome], _field_map(self, ctx, outcome, reason))
-        try:
-            self.writer.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
-            await _drain(self.writer)
-        except (ConnectionError, OSError):
-            pass  # the client is gone; its login ended as whatever its module decided
+                digits = work()
+            except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
+                self._failed(exc)
+                return
+            self._split_done(digits)
+            return
+        self.steps = login(req, ctx)
+        self._advance(None)
 
+    def _advance(self, reply: str | None) -> None:
+        """Run the flow to its next step: here if the snapshot is local, else in the pool."""
+        self.state = _WORKING
+        assert self.steps is not None
+        if not self.inline:
+            self._pool(partial(_advance, self.steps, reply), self._stepped)
+            return
+        try:
+            step = _advance(self.steps, reply)
+        except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
+            self._failed(exc)
+            return
+        self._stepped(step)
+
+    def _stepped(self, step: object) -> None:
+        if isinstance(step, Decision):
+            self._conclude(step.outcome, step.reason)
+            return
+        if self.lost:
+            self._conclude(Outcome.CONVERSATION, _HUNG_UP)
+            return
+        if isinstance(step, Offload):
+            assert self.steps is not None
+            self._pool(partial(_advance, self.steps, None), self._stepped)
+            return
+        self.exchanges += 1
+        if self.exchanges > protocol.MAX_EXCHANGES:
+            self._failed(Unavailable("too many prompts in one login"))
+            return
+        transport = self.transport
+        assert transport is not None
+        if isinstance(step, Ask):
+            style = protocol.STYLE_ECHO_ON if step.echo else protocol.STYLE_ECHO_OFF
+            transport.write(protocol.encode(Msg.PROMPT, {F.STYLE: style, F.TEXT: _cut(step.prompt)}))
+            self.state = _ASKING
+            self.parked = True
+            self.engine.active["parked"] += 1
+            self._wait(_ANSWERS, self.answer_timeout)
+            return
+        assert isinstance(step, Info)
+        self._info(step.text, error=step.error)
+        self._advance(None)
+
+    def _answered(self, msg: protocol.Message) -> None:
+        self._unpark()
+        # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
+        reply = None if msg.type == Msg.NO_ANSWER else msg.fields[F.TEXT].decode("utf-8", "surrogateescape")
+        self._advance(reply)
+
+    def _pool(self, work: Callable[[], object], then: Callable[[Any], None]) -> None:
+        """Run ``work`` in the PAM pool (work deadline, the caller's share); ``then`` its result."""
+        assert self.peer is not None
+        self.state = _WORKING
+        future = asyncio.ensure_future(self.engine.run(work, ruid=self.peer.ruid, timeout=self.work_timeout))
+
+        def done(fut: asyncio.Future[object]) -> None:
+            if fut.cancelled():
+                self._failed(Unavailable("daemon stopping"))
+            elif (exc := fut.exception()) is not None:
+                self._failed(exc)
+            else:
+                then(fut.result())
+
+        self._track(future)
+        future.add_done_callback(done)
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, LinkusError):
+            self._conclude(exc.outcome, exc.reason)
+        elif isinstance(exc, (ConnectionError, ProtocolError)):
+            self._conclude(Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})")
+        else:
+            self._conclude(Outcome.UNAVAILABLE, internal_error(self.engine, exc))
+
+    def _split_done(self, digits: int) -> None:
+        assert self.snap is not None and self.transport is not None
+        self.state = _DONE
+        fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: self.snap.config.prompts.password_and_code}
+        self.transport.write(protocol.encode(Msg.SPLIT, fields))
+        self._close()
+
+    def _info(self, text: str, *, error: bool) -> None:
+        assert self.transport is not None
+        self.told_error = self.told_error or error
+        style = protocol.STYLE_ERROR if error else protocol.STYLE_INFO
+        self.transport.write(protocol.encode(Msg.INFO, {F.STYLE: style, F.TEXT: _cut(text)}))
+
+    def _conclude(self, outcome: str, reason: str) -> None:
+        """End the login: close a flow left suspended, then the log line and the RESULT."""
+        if self.state == _DONE:
+            return
+        self._unpark()
+        self._cancel_timer()
+        steps = self.steps
+        if steps is not None and inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
+            if self.inline:
+                with contextlib.suppress(Exception):
+                    steps.close()
+            else:  # the flow is the pool's: closing it may run a finally that talks to a server
+                self._track(asyncio.ensure_future(self.engine.run(steps.close, ruid=0, timeout=self.work_timeout)))
+        self._end(outcome, reason)
+
+    def _end(self, outcome: str, reason: str) -> None:
+        self.state = _DONE
+        engine, transport = self.engine, self.transport
+        assert transport is not None
+        if outcome == Outcome.UNAVAILABLE and not self.told_error:
+            self._info(UNAVAILABLE_TEXT, error=True)
+        health = engine.health
+        health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
+        engine.sink.attempt(_SEVERITY[outcome], _field_map(self, outcome, reason))
+        transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
+        self._close()
+
+    def _refuse(self) -> None:
+        """RESULT unavailable before any work (capacity, a peer not allowed).
+
+        The client may not have sent its START yet: closing at once would make its send
+        fail (EPIPE) before it reads the answer. So our side is shut for writing and the
+        connection lingers until the client closes, a second at most, reading nothing.
+        """
+        transport = self.transport
+        assert transport is not None
+        self.state = _DONE
+        transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[Outcome.UNAVAILABLE]}))
+        self._release_account()
+        if self.snap is not None:
+            snap, self.snap = self.snap, None
+            self.engine.release(snap)
+        try:
+            transport.write_eof()
+        except OSError:
+            transport.close()
+            return
+        self.timer = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
+
+    def _close(self) -> None:
+        self._cancel_timer()
+        if self.snap is not None:
+            snap, self.snap = self.snap, None
+            self.engine.release(snap)
+        self._release_account()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _unpark(self) -> None:
+        if self.parked:
+            self.parked = False
+            self.engine.active["parked"] -= 1
+
+    def _release_account(self) -> None:
+        key, self.account_key = self.account_key, None
+        if key is not None:
+            per_account = self.server.per_account
+            per_account[key] -= 1
+            if not per_account[key]:
+                del per_account[key]
+
+    def _uncount(self) -> None:
+        if self.counted and self.peer is not None:
+            self.counted = False
+            server = self.server
+            server.connections -= 1
+            server.per_caller[self.peer.ruid] -= 1
+            if not server.per_caller[self.peer.ruid]:
+                del server.per_caller[self.peer.ruid]
+            self.engine.active["pam"] -= 1
+
+    @staticmethod
+    def _track(future: asyncio.Future[Any]) -> None:
+        _IN_FLIGHT.add(future)
+        future.add_done_callback(_IN_FLIGHT.discard)
+
+
+_ANSWERS = frozenset({Msg.ANSWER, Msg.NO_ANSWER})
 
 def internal_error(engine: Engine, exc: BaseException) -> str:
     """Log a bug without its message (it could carry a value) but with where it happened."""
@@ -397,7 +606,7 @@ def internal_error(engine: Engine, exc: BaseException) -> str:
     return reason
 
 
-def _advance(steps: Steps, reply: str | None) -> Ask | Info | Decision:
+def _advance(steps: Steps, reply: str | None) -> Ask | Info | Offload | Decision:
     """One step of the flow, in a worker thread (a StopIteration cannot cross a Future)."""
     try:
         return steps.send(reply)
@@ -408,7 +617,6 @@ def _advance(steps: Steps, reply: str | None) -> Ask | Info | Decision:
 
 def _request(start: protocol.Message, peer: Peer, snap: Snapshot | None) -> tuple[LoginRequest, int, int]:
     """The LoginRequest a START frame describes (every field already size-checked)."""
-    from pam_linkus.flow import LoginRequest
 
     mode = start.byte(F.MODE)
     if mode not in (protocol.MODE_AUTHENTICATE, protocol.MODE_SPLIT):
@@ -434,8 +642,9 @@ def _request(start: protocol.Message, peer: Peer, snap: Snapshot | None) -> tupl
     return req, mode, flags
 
 
-def _field_map(t: Transaction, ctx: Context | None, outcome: str, reason: str) -> dict[str, object]:
-    req = t.req
+def _field_map(conn: PamConnection, outcome: str, reason: str) -> dict[str, object]:
+    req, ctx, peer = conn.req, conn.ctx, conn.peer
+    assert req is not None and peer is not None
     return {
         "service": req.service,
         "user": req.user,
@@ -443,12 +652,12 @@ def _field_map(t: Transaction, ctx: Context | None, outcome: str, reason: str) -
         "rhost": req.rhost or "-",
         "tty": req.tty or "-",
         "ruser": req.ruser or "-",
-        "caller_uid": t.peer.ruid,
+        "caller_uid": peer.ruid,
         "method": ctx.method if ctx else "-",
         "source": ctx.source if ctx else "-",
         "outcome": outcome,
         "reason": reason,
-        "ms": int((time.monotonic() - t.began) * 1000),
+        "ms": int((time.monotonic() - conn.began) * 1000),
     }
 
 

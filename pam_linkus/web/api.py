@@ -642,7 +642,7 @@ def _is_system_account(name: str) -> bool:
 
 def _advance(gen: Generator[Any, str | None, Any], answer: str | None) -> tuple[str, Any, list[str]]:
     """Run the login generator to its next Ask (("ask", prompt, infos)) or its end (("done", decision, infos))."""
-    from pam_linkus.flow import Ask
+    from pam_linkus.flow import Ask, Offload
 
     infos: list[str] = []
     value = answer
@@ -650,6 +650,8 @@ def _advance(gen: Generator[Any, str | None, Any], answer: str | None) -> tuple[
         while True:
             item = gen.send(value)
             value = None
+            if isinstance(item, Offload):
+                continue  # already in the web pool
             if isinstance(item, Ask):
                 return "ask", item.prompt, infos
             infos.append(item.text)
