@@ -4,14 +4,15 @@ delivered by a real aiosmtpd server on 127.0.0.1 with STARTTLS / implicit TLS an
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, PamStack
+from conftest import PASSWORD, SECRET, PamStack, code_at
 from pam_conversation import Conversation, converse
-from smtp_server import SmtpServer, closed_port, code_in
+from smtp_server import EndlessGreeting, SmtpServer, closed_port, code_in
 
 pytestmark = [pytest.mark.pam, pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")]
 
@@ -228,3 +229,34 @@ def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_
             stack.remove()
             log.close()
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_stalled_mail_server_holds_up_no_other_login(pam_stack: PamStack, make_user: Any, ca: Any) -> None:
+    """linkusd runs the steps of a YAML + SQLite login on its event loop; the flow announces the
+    SMTP call (flow.Offload) and that part runs in the worker pool. So while one email login
+    waits for a mail server whose greeting never ends, TOTP logins on the same linkusd go
+    through at once (were the call on the loop, they would wait for its 5 s deadline)."""
+    slow = EndlessGreeting(pause=0.2)
+    try:
+        setup_email(pam_stack, None, ca, port=slow.port, security="none", auth=False)
+        mailer, other = make_user(), make_user()
+        enroll_email(pam_stack, mailer)
+        pam_stack.enroll_totp(other)
+        stalled: list[Conversation] = []
+        thread = threading.Thread(target=lambda: stalled.append(login(pam_stack, mailer, lambda p, m: "123456")))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while slow.lines_sent < 2 and time.monotonic() < deadline:  # linkusd is inside the SMTP call now
+            time.sleep(0.02)
+        assert slow.lines_sent >= 2
+        code = code_at(SECRET, time.time())
+        for expected in ("PAM_SUCCESS", "PAM_AUTH_ERR"):  # the code, then its replay
+            started = time.monotonic()
+            assert pam_stack.login(other, code).auth == expected
+            assert time.monotonic() - started < 1.5, "a TOTP login waited for the stalled SMTP call"
+        assert thread.is_alive()  # the email login is still waiting for its mail server
+        thread.join(30)
+        assert stalled and stalled[0].auth == "PAM_AUTHINFO_UNAVAIL"
+        assert "timed out after 5 s" in pam_stack.log.wait_for(f"user={mailer}")
+    finally:
+        slow.close()
