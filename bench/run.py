@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import backends
+import floor
 from harness import (
     PASSWORD,
     SECRET,
@@ -447,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] fsync, CPU per login", flush=True)
         results["fsync"] = sqlite_fsync_cost(yaml10.dir / "state", 100 if args.quick else 300)
         results["cpu"] = daemon_cpu(yaml10, user, 100 if args.quick else 300, ws.messages)
+        results["floor"] = floor.measure(300 if args.quick else 600, str(ws.root))
         results["fsyncs_per_login"] = fsyncs_per_login(yaml10, user, 20, ws.messages)
         if ldap is not None:
             results["ldap_round_trip_ms"] = servers.ldap_round_trip_ms(ldap.config_path, user, rounds)
@@ -601,6 +603,11 @@ def render(results: dict[str, Any]) -> str:
     lines += ["", "### linkusd", "",
               f"- CPU per login: **{c['ms_per_login']:.3f} ms** ({c['cpu_s']} s utime+stime over {c['logins']} "
               f"sequential logins, less {c['idle_cpu_s']} s idle rate; {c['errors']} errors).",
+              *([f"- The floor on this machine (bench/floor.py: an asyncio unix-socket server that reads "
+                 f"SO_PEERCRED, a frame, sends a prompt, reads the answer, commits one SQLite transaction and "
+                 f"answers; nothing else): **{results['floor']['full_ms']:.3f} ms** with synchronous=FULL, "
+                 f"{results['floor']['off_ms']:.3f} ms with OFF ({results['floor']['logins']} connections "
+                 f"each, interleaved)."] if results.get("floor") else []),
               f"- Start with the large file: {results.get('big_start_s')} s to "
               f"ready, RSS {results.get('big_rss_after_start_mb')} MB."]
     rl, ri = results["reload"], results["reload_idle"]
