@@ -52,6 +52,7 @@ from pam_linkus.state.base import (
     EmailLimits,
     Enrolment,
     LockStatus,
+    TotpAttempt,
     next_lock,
 )
 from pam_linkus.strictyaml import read_secret_file
@@ -75,6 +76,10 @@ KINDS = ("totp", "fail", "cache", "enrol", "recovery", "recovery_salt", "grace",
 
 #: The host-wide (cluster-wide) record of email sends, for ``global_max_per_minute``.
 GLOBAL_SENDS = "email_sends"
+
+#: TOTP_ATTEMPT's verdicts, in its numbering.
+_TOTP_VERDICTS = (TotpAttempt.LOCKED, TotpAttempt.WRONG, TotpAttempt.REPLAYED, TotpAttempt.RESERVED,
+                  TotpAttempt.ACCEPTED)
 
 #: VERIFY_EMAIL_CODE's verdicts, in its numbering.
 _EMAIL_VERDICTS = (EmailCheck.MISSING, EmailCheck.EXPIRED, EmailCheck.ACCEPTED, EmailCheck.EXHAUSTED,
@@ -268,6 +273,19 @@ class RedisStore:
         return self._failure_script("record failure", "RECORD_FAILURE", user, now, max_failures, duration,
                                     permanent_after)
 
+    def totp_attempt(
+        self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
+        max_failures: int, duration: int, permanent_after: int,
+    ) -> TotpAttempt:
+        """One round trip: ``check`` (an HMAC in this process) runs first, then one
+        script reserves, and records the step or the failure -- or, when the attempt
+        is not admitted, ignores it (see StateStore.totp_attempt)."""
+        step = check()
+        keys = [self._key(user, "fail"), self._key(user, "totp"), self._key(user, "enrol")]
+        args = self._lock_args(now, max_failures, duration, permanent_after)
+        args += ["" if step is None else step, "1" if keep_reserved else "0", REPLAY_TTL]
+        return self._eval("totp attempt", "TOTP_ATTEMPT", keys, args, _totp_attempt)
+
     def settle_success(self, user: str, now: float) -> None:
         self._eval("settle success", "SETTLE_SUCCESS", [self._key(user, "fail")], [_FOREVER], int)
 
@@ -403,6 +421,14 @@ class RedisStore:
                 pool.disconnect()
         except _ERRORS:
             pass  # closing changes nothing about any decision
+
+
+def _totp_attempt(answer: Any) -> TotpAttempt:
+    """TOTP_ATTEMPT's reply; anything else (a verdict out of range too) is ValueError."""
+    verdict = int(answer[0])
+    if not 0 <= verdict < len(_TOTP_VERDICTS):
+        raise ValueError(f"unknown verdict {verdict}")
+    return TotpAttempt(_TOTP_VERDICTS[verdict], LockStatus(int(answer[1]), float(answer[2])))
 
 
 def _float(value: str | None) -> float | None:
