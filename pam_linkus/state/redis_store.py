@@ -408,10 +408,10 @@ class RedisStore:
         keys = [self._key(user, "fail"), self._key(user, "email"), self._key(user, "enrol")]
         answer = self._eval("verify email code", "VERIFY_EMAIL_CODE", keys, [repr(now), code_hash],
                             lambda a: (int(a[0]), float(a[1]) if int(a[0]) == 0 else 0.0,
-                                       int(a[1]) if int(a[0]) else 0))
+                                       _verdict(_EMAIL_VERDICTS, a[1]) if int(a[0]) else ""))
         if answer[0] == 0:
             raise Locked(locked_until=answer[1])
-        return _EMAIL_VERDICTS[answer[2]]
+        return answer[2]
 
     def close(self) -> None:
         try:
@@ -423,12 +423,18 @@ class RedisStore:
             pass  # closing changes nothing about any decision
 
 
+def _verdict(verdicts: tuple[str, ...], value: Any) -> str:
+    """A script's verdict number as its name; out of range (a negative index too) is ValueError,
+    read inside ``_call`` so that it is "unavailable", never another verdict."""
+    number = int(value)
+    if not 0 <= number < len(verdicts):
+        raise ValueError(f"unknown verdict {number}")
+    return verdicts[number]
+
+
 def _totp_attempt(answer: Any) -> TotpAttempt:
-    """TOTP_ATTEMPT's reply; anything else (a verdict out of range too) is ValueError."""
-    verdict = int(answer[0])
-    if not 0 <= verdict < len(_TOTP_VERDICTS):
-        raise ValueError(f"unknown verdict {verdict}")
-    return TotpAttempt(_TOTP_VERDICTS[verdict], LockStatus(int(answer[1]), float(answer[2])))
+    """TOTP_ATTEMPT's reply; anything else is ValueError/IndexError/TypeError (unavailable)."""
+    return TotpAttempt(_verdict(_TOTP_VERDICTS, answer[0]), LockStatus(int(answer[1]), float(answer[2])))
 
 
 def _float(value: str | None) -> float | None:

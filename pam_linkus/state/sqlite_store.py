@@ -13,7 +13,8 @@ run two transactions at once. ``close`` closes every connection the store opened
 Growth: ``prune(now)`` deletes records that can no longer change a decision
 (old replay steps, used or expired email codes, sends older than an hour, ended
 grace periods, failure counts long idle and not locked, stale cached settings),
-so the file does not grow with the number of logins.
+so the file does not grow with the number of logins. It deletes in short batches
+(``PRUNE_BATCH`` rows per transaction), so it never holds the write lock for long.
 
 Schema changes are appended to ``MIGRATIONS``; ``PRAGMA user_version`` says how
 many have run.
