@@ -355,9 +355,9 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
         return None
     store = ctx.store
     salt = store.recovery_salt(req.user)
+    # use_recovery_code settles the reserved attempt itself (failures cleared, in its one write)
     if salt is None or not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
         return None
-    store.settle_success(req.user, ctx.clock())
     return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
