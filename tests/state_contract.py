@@ -597,6 +597,15 @@ class StateContract(EnrolmentRecoveryContract):
         # keep_reserved changes nothing for a right step
         assert totp_attempt(store, "1001", NOW + 4, STEP, keep_reserved=True).verdict == TotpAttempt.ACCEPTED
 
+    def test_totp_attempt_whose_check_raises_changes_nothing(self, store: Any) -> None:
+        def broken() -> int | None:
+            raise RuntimeError("broken check")
+
+        with pytest.raises(RuntimeError):
+            store.totp_attempt("1001", NOW, check=broken, **self.LOCKOUT)
+        assert store.lock_status("1001", NOW).failures == 0  # SQLite: rolled back
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED  # and the store still writes
+
     def test_totp_attempt_wrong_codes_from_20_threads_count_exactly_max_failures(self, store: Any) -> None:
         checked: list[int] = []
         start = threading.Barrier(20, timeout=RACE_TIMEOUT)

@@ -125,8 +125,8 @@ MIGRATIONS: tuple[str, ...] = (
 #: How long a login waits for another process's write lock before "unavailable".
 BUSY_TIMEOUT = 5.0
 
-#: ``prune`` deletes at most this many rows per write transaction (about a
-#: millisecond of write lock), and pauses at least ``PRUNE_PAUSE`` s between two.
+#: ``prune`` deletes at most this many rows per write transaction (a few ms of
+#: write lock, its fsync included), and pauses at least ``PRUNE_PAUSE`` s between two.
 PRUNE_BATCH = 500
 PRUNE_PAUSE = 0.002
 #: Rows per table one ``prune`` call deletes at most (the keys are held in memory).
@@ -160,6 +160,10 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        # Writers of this process queue here rather than in SQLite's busy handler,
+        # which polls with sleeps growing to 100 ms: a login waiting behind another
+        # thread's transaction (a prune batch) wakes as soon as it ends.
+        self._write_lock = threading.Lock()
         self._closed = False
         self._local.db = self._register(self._connect(path, busy_timeout))
 
@@ -234,22 +238,32 @@ class SqliteStore:
     # -- transactions ------------------------------------------------------------
 
     def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` in one BEGIN IMMEDIATE transaction; errors -> StateUnavailable."""
+        """Run ``body`` in one BEGIN IMMEDIATE transaction; errors -> StateUnavailable.
+
+        One transaction at a time per store (``_write_lock``, waited for at most
+        ``busy_timeout``); other processes (the admin CLI) still meet SQLite's lock
+        and its busy handler.
+        """
         db = self._db
+        if not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise StateUnavailable(f"state file {self.path}: another thread held the write lock too long")
         try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StateUnavailable(f"state file {self.path}: {exc}") from None
-        try:
-            result = body(db)
-            db.execute("COMMIT")
-            return result
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise StateUnavailable(f"state file {self.path}: {exc}") from None
-        except BaseException:
-            self._rollback()
-            raise
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StateUnavailable(f"state file {self.path}: {exc}") from None
+            try:
+                result = body(db)
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StateUnavailable(f"state file {self.path}: {exc}") from None
+            except BaseException:
+                self._rollback()
+                raise
+        finally:
+            self._write_lock.release()
 
     def _rollback(self) -> None:
         try:
@@ -294,7 +308,7 @@ class SqliteStore:
     ) -> TotpAttempt:
         """reserve_attempt + check + accept_totp_step or settle_failure in ONE write
         transaction: one fsync per login instead of two. A success with no failures
-        counted runs four statements: BEGIN, the failures read, two upserts, COMMIT."""
+        counted runs five statements: BEGIN, the failures read, two upserts, COMMIT."""
         def body(db: sqlite3.Connection) -> TotpAttempt:
             row = db.execute("SELECT count, locked_until, lock_count FROM failures WHERE user = ?",
                              (user,)).fetchone()
