@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
     from nss_config.chain import SourceChain
     from pam_linkus.config import Config, Profile
-    from pam_linkus.state.base import StateStore
+    from pam_linkus.state.base import LockStatus, StateStore
 
 
 @dataclass(frozen=True)
@@ -268,27 +268,49 @@ def _lockout(ctx: Context) -> dict[str, int]:
 
 
 def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -> Steps:
+    """Reserve, check and record in ONE store step (``totp_attempt``: one durable write).
+
+    Only an answer that may be a recovery code and is no TOTP code leaves its attempt
+    reserved: the scrypt hash then runs outside the store's transaction, and the
+    attempt is settled as the email path settles it.
+    """
+    from pam_linkus.recovery import normalize_recovery_code
+    from pam_linkus.state.base import TotpAttempt
     from pam_linkus.totp import decode_secret, match_totp
 
     answer = yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
-    yield from _reserve(req, ctx)
     now = ctx.clock()
     assert settings.secret is not None  # settings_from_mapping guarantees it for enrolled totp
     secret = decode_secret(settings.secret)
-    try:
-        step = match_totp(
-            secret, answer, now,
-            window=ctx.config.totp.window, period=settings.period,
-            digits=settings.digits, algorithm=settings.algorithm,
-        )
-    except CodeRejected as exc:
+    rejected = ["wrong code"]
+
+    def check() -> int | None:
+        try:
+            return match_totp(
+                secret, answer, now,
+                window=ctx.config.totp.window, period=settings.period,
+                digits=settings.digits, algorithm=settings.algorithm,
+            )
+        except CodeRejected as exc:
+            rejected[0] = exc.reason
+            return None
+
+    attempt = ctx.store.totp_attempt(req.user, now, check=check,
+                                     keep_reserved=normalize_recovery_code(answer) is not None, **_lockout(ctx))
+    status = attempt.status
+    if attempt.verdict == TotpAttempt.ACCEPTED:
+        return Decision(Outcome.SUCCESS, "code accepted", "totp")
+    if attempt.verdict == TotpAttempt.LOCKED:
+        yield Info(ctx.config.prompts.locked, error=True)
+        raise Locked(f"locked after {status.failures} consecutive failures", status.locked_until)
+    if attempt.verdict == TotpAttempt.REPLAYED:
+        raise (yield from _failure(ctx, "replayed code", status, now))
+    if attempt.verdict == TotpAttempt.RESERVED:
         recovered = _try_recovery_code(req, ctx, answer)
         if recovered is not None:
             return recovered
-        yield from _settle_failure(req, ctx, exc.reason + _skew_note(secret, answer, now, ctx, settings))
-    if not ctx.store.accept_totp_step(req.user, step, now):
-        yield from _settle_failure(req, ctx, "replayed code")
-    return Decision(Outcome.SUCCESS, "code accepted", "totp")
+        yield from _settle_failure(req, ctx, rejected[0] + _skew_note(secret, answer, now, ctx, settings))
+    raise (yield from _failure(ctx, rejected[0] + _skew_note(secret, answer, now, ctx, settings), status, now))
 
 
 def _skew_note(secret: bytes, answer: str, now: float, ctx: Context, settings: ExtensionSettings) -> str:
@@ -359,9 +381,9 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
         return None
     store = ctx.store
     salt = store.recovery_salt(req.user)
+    # use_recovery_code settles the reserved attempt itself (failures cleared, in its one write)
     if salt is None or not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
         return None
-    store.settle_success(req.user, ctx.clock())
     return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 
 
@@ -370,10 +392,17 @@ def _settle_failure(req: LoginRequest, ctx: Context,
     """The reserved attempt failed: raise Locked if it was one too many, else CodeRejected."""
     now = ctx.clock()
     status = ctx.store.settle_failure(req.user, now, **_lockout(ctx))
+    raise (yield from _failure(ctx, reason, status, now))
+
+
+def _failure(ctx: Context, reason: str, status: LockStatus, now: float) -> Generator[Ask | Info, str | None,
+                                                                                    LinkusError]:
+    """What a counted failure raises: Locked (after telling the person) if it was one too many,
+    else CodeRejected."""
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
-        raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
-    raise CodeRejected(f"{reason} ({status.failures} consecutive failures)")
+        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+    return CodeRejected(f"{reason} ({status.failures} consecutive failures)")
 
 
 def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter) -> Decision:

@@ -14,6 +14,7 @@ Redis TTLs run in real time, which no test here waits for.
 from __future__ import annotations
 
 import multiprocessing
+import random
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -24,7 +25,16 @@ import pytest
 from state_recovery_contract import EnrolmentRecoveryContract
 
 from pam_linkus.errors import Locked, StateUnavailable
-from pam_linkus.state.base import FOREVER, EmailCheck, EmailLimits, LockStatus, email_retry_after, next_lock
+from pam_linkus.recovery import digest, new_salt
+from pam_linkus.state.base import (
+    FOREVER,
+    EmailCheck,
+    EmailLimits,
+    LockStatus,
+    TotpAttempt,
+    email_retry_after,
+    next_lock,
+)
 
 NOW = 1_763_900_000.25
 STEP = int(NOW // 30)
@@ -78,8 +88,29 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
+def totp_attempt(store: Any, user: str, now: float, step: int | None, *, keep_reserved: bool = False,
+                 checked: list[int] | None = None, **lockout: int) -> TotpAttempt:
+    """``store.totp_attempt`` with a check that returns ``step`` (None: a wrong code) and
+    appends to ``checked`` each time the store calls it."""
+    def check() -> int | None:
+        if checked is not None:
+            checked.append(1)
+        return step
+
+    limits = {"max_failures": 5, "duration": 900, "permanent_after": 1000, **lockout}
+    result: TotpAttempt = store.totp_attempt(user, now, check=check, keep_reserved=keep_reserved, **limits)
+    return result
+
+
 class StateContract(EnrolmentRecoveryContract):
-    """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``."""
+    """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``.
+
+    ``CHECKS_ONLY_ADMITTED``: the backend calls ``totp_attempt``'s check only for an
+    attempt it admitted (SQLite: inside its transaction); Redis calls it before its
+    script, so there only the verdicts can be counted.
+    """
+
+    CHECKS_ONLY_ADMITTED = False
 
     @pytest.fixture
     def opener(self) -> Opener:
@@ -429,6 +460,217 @@ class StateContract(EnrolmentRecoveryContract):
         assert store.verify_email_code("1002", "h1", far) == EmailCheck.ACCEPTED
         assert store.grace_active("1003", "192.0.2.1", far) is True
 
+    # -- one-step TOTP attempt (reserve + check + record) ------------------------------
+
+    def test_totp_attempt_accepts_a_step_once_and_a_replay_is_a_failure(self, store: Any) -> None:
+        first = totp_attempt(store, "1001", NOW, STEP)
+        assert first.verdict == TotpAttempt.ACCEPTED
+        assert (first.status.failures, first.status.locked_until) == (0, 0.0)
+        again = totp_attempt(store, "1001", NOW + 1, STEP)
+        assert (again.verdict, again.status.failures, again.status.locked(NOW + 1)) == (TotpAttempt.REPLAYED, 1, False)
+        older = totp_attempt(store, "1001", NOW + 2, STEP - 1)
+        assert (older.verdict, older.status.failures) == (TotpAttempt.REPLAYED, 2)
+        assert store.lock_status("1001", NOW + 2).failures == 2
+        assert store.accept_totp_step("1001", STEP, NOW + 3) is False  # the same replay record
+        newer = totp_attempt(store, "1001", NOW + 30, STEP + 1)
+        assert newer.verdict == TotpAttempt.ACCEPTED
+        assert store.lock_status("1001", NOW + 30).failures == 0
+        assert store.enrolment("1001").last_success == NOW + 30
+
+    def test_totp_attempt_takes_an_older_accept_totp_step_into_account(self, store: Any) -> None:
+        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
+
+    def test_totp_attempt_wrong_codes_count_and_lock_at_max_failures(self, store: Any) -> None:
+        for i in range(4):
+            wrong = totp_attempt(store, "1001", NOW + i, None)
+            assert (wrong.verdict, wrong.status.failures, wrong.status.locked(NOW + i)) == (
+                TotpAttempt.WRONG, i + 1, False)
+        fifth = totp_attempt(store, "1001", NOW + 4, None)
+        assert (fifth.verdict, fifth.status.failures, fifth.status.locked_until) == (
+            TotpAttempt.WRONG, 5, NOW + 4 + 900)
+        seen = store.lock_status("1001", NOW + 5)
+        assert (seen.failures, seen.locked_until) == (5, NOW + 4 + 900)
+
+    def test_totp_attempt_while_locked_records_nothing_even_a_right_step(self, store: Any) -> None:
+        for i in range(5):
+            totp_attempt(store, "1001", NOW + i, None)
+        checked: list[int] = []
+        refused = totp_attempt(store, "1001", NOW + 10, STEP, checked=checked)
+        assert (refused.verdict, refused.status.failures, refused.status.locked_until) == (
+            TotpAttempt.LOCKED, 5, NOW + 4 + 900)
+        if self.CHECKS_ONLY_ADMITTED:
+            assert checked == []
+        assert store.lock_status("1001", NOW + 10).failures == 5  # nothing reserved
+        # the refused step was not recorded: once the lock expires it is still good
+        later = NOW + 4 + 900
+        accepted = totp_attempt(store, "1001", later, STEP)
+        assert accepted.verdict == TotpAttempt.ACCEPTED
+        assert store.lock_status("1001", later).failures == 0
+
+    def test_totp_attempt_after_a_lock_expires_exactly_one_attempt_is_free(self, store: Any) -> None:
+        for _ in range(5):
+            totp_attempt(store, "1001", NOW, None)
+        later = NOW + 900
+        sixth = totp_attempt(store, "1001", later, None)
+        assert (sixth.verdict, sixth.status.failures, sixth.status.locked_until) == (
+            TotpAttempt.WRONG, 6, later + 900)
+        assert totp_attempt(store, "1001", later + 1, STEP).verdict == TotpAttempt.LOCKED
+
+    def test_totp_attempt_permanent_lock_refuses_a_right_code_until_unlock(self, store: Any) -> None:
+        lockout = {"max_failures": 2, "duration": 60, "permanent_after": 4}
+        verdicts, when = [], NOW
+        for _ in range(6):
+            verdicts.append(totp_attempt(store, "1001", when, None, **lockout).verdict)
+            when += 61  # each temporary lock has expired by the next attempt
+        assert verdicts == [TotpAttempt.WRONG] * 4 + [TotpAttempt.LOCKED] * 2
+        status = store.lock_status("1001", when)
+        assert status.permanent and status.failures == 4
+        far = NOW + 10 * 365 * 86400
+        assert totp_attempt(store, "1001", far, STEP + 10**6, **lockout).verdict == TotpAttempt.LOCKED
+        store.unlock("1001")
+        assert totp_attempt(store, "1001", far, STEP + 10**6, **lockout).verdict == TotpAttempt.ACCEPTED
+
+    def test_totp_attempt_when_parallel_reservations_took_every_slot_locks(self, store: Any) -> None:
+        for _ in range(5):
+            assert not store.reserve_attempt("1001", NOW, **self.LOCKOUT).locked(NOW)
+        checked: list[int] = []
+        sixth = totp_attempt(store, "1001", NOW, STEP, checked=checked)
+        assert (sixth.verdict, sixth.status.failures, sixth.status.locked_until) == (
+            TotpAttempt.LOCKED, 5, NOW + 900)
+        if self.CHECKS_ONLY_ADMITTED:
+            assert checked == []
+        assert store.accept_totp_step("1001", STEP, NOW + 1) is True  # the refused step was not recorded
+
+    def test_totp_attempt_follows_reserve_then_settle_or_accept(self, store: Any) -> None:
+        """The one step decides exactly as the two-step path it replaces: random attempts
+        (wrong, right, replayed) on two extensions, one per path, give the same verdicts
+        and the same failures and locks after each attempt."""
+        lockout = {"max_failures": 3, "duration": 300, "permanent_after": 8}
+        rng = random.Random(11)
+        when, last = NOW, 0
+        for i in range(60):
+            when += rng.choice([0.5, 5, 100, 301])
+            kind = rng.choice(["wrong", "wrong", "right", "replay"])
+            step = None if kind == "wrong" else (int(when // 30) + i * 10 if kind == "right" else last)
+            one = totp_attempt(store, "one", when, step, **lockout)
+            reserved = store.reserve_attempt("two", when, **lockout)
+            if reserved.locked(when):
+                two = TotpAttempt.LOCKED
+            elif step is not None and store.accept_totp_step("two", step, when):
+                two = TotpAttempt.ACCEPTED
+            else:
+                store.settle_failure("two", when, **lockout)
+                two = TotpAttempt.WRONG if step is None else TotpAttempt.REPLAYED
+            if one.verdict == TotpAttempt.ACCEPTED:
+                last = step or 0
+            assert one.verdict == two, (i, kind)
+            a, b = store.lock_status("one", when), store.lock_status("two", when)
+            assert (a.failures, a.locked_until) == (b.failures, b.locked_until), (i, kind)
+            if one.verdict != TotpAttempt.ACCEPTED:
+                assert (one.status.failures, one.status.locked_until) == (a.failures, a.locked_until), i
+            if a.permanent:
+                store.unlock("one")
+                store.unlock("two")
+
+    def test_totp_attempt_keep_reserved_leaves_a_wrong_code_to_the_caller(self, store: Any) -> None:
+        for i in range(4):
+            assert totp_attempt(store, "1001", NOW + i, None).verdict == TotpAttempt.WRONG
+        kept = totp_attempt(store, "1001", NOW + 4, None, keep_reserved=True)
+        # reserved as reserve_attempt reserves: counted, not locked yet
+        assert (kept.verdict, kept.status.failures, kept.status.locked(NOW + 4)) == (TotpAttempt.RESERVED, 5, False)
+        # that slot was the last: a parallel attempt now is refused
+        assert totp_attempt(store, "1001", NOW + 4, STEP).verdict == TotpAttempt.LOCKED
+        settled = store.settle_failure("1001", NOW + 5, **self.LOCKOUT)
+        assert (settled.failures, settled.locked(NOW + 5)) == (5, True)
+
+    def test_totp_attempt_keep_reserved_then_a_recovery_code_clears_the_failures(self, store: Any) -> None:
+        salt = new_salt()
+        store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
+        for i in range(2):
+            totp_attempt(store, "1001", NOW + i, None)
+        kept = totp_attempt(store, "1001", NOW + 2, None, keep_reserved=True)
+        assert (kept.verdict, kept.status.failures) == (TotpAttempt.RESERVED, 3)
+        assert store.use_recovery_code("1001", digest("abcdefghij", salt), NOW + 3) is True
+        status = store.lock_status("1001", NOW + 3)
+        assert (status.failures, status.locked_until) == (0, 0.0)
+        # keep_reserved changes nothing for a right step
+        assert totp_attempt(store, "1001", NOW + 4, STEP, keep_reserved=True).verdict == TotpAttempt.ACCEPTED
+
+    def test_totp_attempt_whose_check_raises_changes_nothing(self, store: Any) -> None:
+        def broken() -> int | None:
+            raise RuntimeError("broken check")
+
+        with pytest.raises(RuntimeError):
+            store.totp_attempt("1001", NOW, check=broken, **self.LOCKOUT)
+        assert store.lock_status("1001", NOW).failures == 0  # SQLite: rolled back
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED  # and the store still writes
+
+    def test_totp_attempt_wrong_codes_from_20_threads_count_exactly_max_failures(self, store: Any) -> None:
+        checked: list[int] = []
+        start = threading.Barrier(20, timeout=RACE_TIMEOUT)
+
+        def attempt(i: int) -> str:
+            if i < 20:
+                start.wait()
+            return totp_attempt(store, "1001", NOW, None, checked=checked).verdict
+
+        with ThreadPoolExecutor(20) as pool:
+            verdicts = list(pool.map(attempt, range(200), timeout=RACE_TIMEOUT))
+        assert verdicts.count(TotpAttempt.WRONG) == 5
+        assert verdicts.count(TotpAttempt.LOCKED) == 195
+        if self.CHECKS_ONLY_ADMITTED:
+            assert len(checked) == 5
+        status = store.lock_status("1001", NOW)
+        assert status.failures == 5 and status.locked(NOW)
+
+    def test_totp_attempt_wrong_codes_from_parallel_processes_count_exactly_max_failures(
+            self, opener: Opener) -> None:
+        checks_only_admitted = self.CHECKS_ONLY_ADMITTED
+
+        def body(s: Any, _i: int) -> int:
+            checked: list[int] = []
+            wrong = 0
+            for _ in range(25):
+                if totp_attempt(s, "1001", NOW, None, checked=checked).verdict == TotpAttempt.WRONG:
+                    wrong += 1
+            assert not checks_only_admitted or len(checked) == wrong
+            return wrong
+
+        assert sum(race(opener, body)) == 5
+
+    def test_totp_attempt_parallel_logins_with_one_code_give_exactly_one_success(self, opener: Opener) -> None:
+        lockout = {"max_failures": 20}
+        results = race(opener, lambda s, _i: totp_attempt(s, "1001", NOW, STEP, **lockout).verdict)
+        assert sorted(results) == [TotpAttempt.ACCEPTED] + [TotpAttempt.REPLAYED] * (RACERS - 1)
+        check = opener()
+        try:
+            assert check.lock_status("1001", NOW).failures == RACERS - 1  # every replay counted
+        finally:
+            check.close()
+
+    def test_totp_attempt_parallel_right_and_wrong_codes_within_the_slots(self, opener: Opener) -> None:
+        """Half the racers carry the right step, half a wrong code, max_failures 3. Whatever
+        the order: one acceptance at most; without one, exactly 3 wrong codes counted and
+        the rest refused; with one, at most 2 failures before it (a 3rd would have locked)
+        and at most 3 after it."""
+        def body(s: Any, i: int) -> str:
+            return totp_attempt(s, "1001", NOW, STEP if i % 2 else None, max_failures=3).verdict
+
+        results = race(opener, body)
+        failed = results.count(TotpAttempt.WRONG) + results.count(TotpAttempt.REPLAYED)
+        check = opener()
+        try:
+            status = check.lock_status("1001", NOW)
+        finally:
+            check.close()
+        if TotpAttempt.ACCEPTED not in results:
+            assert (results.count(TotpAttempt.WRONG), results.count(TotpAttempt.LOCKED)) == (3, RACERS - 3)
+            assert (status.failures, status.locked(NOW)) == (3, True)
+        else:
+            assert results.count(TotpAttempt.ACCEPTED) == 1
+            assert failed <= 5 and status.failures <= 3 and status.failures <= failed
+
     # -- races between processes -----------------------------------------------------
 
     def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
@@ -595,7 +837,8 @@ class StateContract(EnrolmentRecoveryContract):
     # -- unavailable -----------------------------------------------------------------
 
     @pytest.mark.parametrize("operation", [
-        "lock_status", "accept_totp_step", "record_failure", "unlock", "forget", "cache_settings", "cached_settings",
+        "lock_status", "accept_totp_step", "totp_attempt", "record_failure", "unlock", "forget", "cache_settings",
+        "cached_settings",
         "start_grace", "grace_active", "issue_email_code", "discard_email_code", "verify_email_code",
         "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt", "recovery_codes_left",
         "use_recovery_code",
@@ -604,6 +847,7 @@ class StateContract(EnrolmentRecoveryContract):
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
             "accept_totp_step": lambda s: s.accept_totp_step("1001", STEP, NOW),
+            "totp_attempt": lambda s: totp_attempt(s, "1001", NOW, STEP),
             "record_failure": lambda s: self.fail(s, "1001", NOW),
             "unlock": lambda s: s.unlock("1001"),
             "forget": lambda s: s.forget("1001"),

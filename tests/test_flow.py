@@ -191,3 +191,51 @@ def test_a_code_from_a_clock_a_few_steps_off_is_denied_with_a_hint(store: Sqlite
     with pytest.raises(CodeRejected) as far:
         run(store, Clock(), code(T0 + 30 * 400))
     assert "clock off" not in far.value.reason
+
+
+def test_a_totp_login_is_one_durable_write(store: SqliteStore) -> None:
+    """Issue 11: reserve, check and record in one transaction (one fsync), success or failure."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    clock = Clock()
+    assert run(store, clock, code(T0))[0] == Outcome.SUCCESS
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    assert len(statements) <= 6  # the lock read before the prompt, then the transaction's five
+    for answer in ("000000", code(T0)):  # wrong, then replayed
+        statements.clear()
+        with pytest.raises(CodeRejected):
+            run(store, clock, answer)
+        assert statements.count("BEGIN IMMEDIATE") == 1
+
+
+def test_a_recovery_code_at_the_totp_prompt_is_hashed_outside_the_transaction(store: SqliteStore) -> None:
+    from pam_linkus.recovery import digest, new_salt
+
+    salt = new_salt()
+    store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
+    clock = Clock()
+    with pytest.raises(CodeRejected, match=r"^malformed code \(1 consecutive failures\)$"):
+        run(store, clock, "zzzzz-zzzzz")  # could be a recovery code, is none: one failure, not two
+    assert store.lock_status("1001", T0).failures == 1
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    assert run(store, clock, "abcde-fghij")[0] == Outcome.SUCCESS
+    # the TOTP attempt's transaction ended before the recovery code's began
+    begins = [i for i, s in enumerate(statements) if s == "BEGIN IMMEDIATE"]
+    commits = [i for i, s in enumerate(statements) if s == "COMMIT"]
+    assert len(begins) == 2 and commits[0] < begins[1]  # the attempt, then spending the code
+    assert store.lock_status("1001", T0).failures == 0 and store.recovery_codes_left("1001") == 0
+    with pytest.raises(CodeRejected, match=r"^malformed code \(1 consecutive failures\)$"):
+        run(store, clock, "abcde-fghij")  # spent
+
+
+def test_wrong_replayed_and_locking_reasons_of_a_totp_login(store: SqliteStore) -> None:
+    clock = Clock()
+    config = {"lockout": {"max_failures": 3, "duration": 60}}
+    assert run(store, clock, code(T0), config=config)[0] == Outcome.SUCCESS
+    with pytest.raises(CodeRejected, match=r"^replayed code \(1 consecutive failures\)$"):
+        run(store, clock, code(T0), config=config)
+    with pytest.raises(CodeRejected, match=r"^malformed code \(2 consecutive failures\)$"):
+        run(store, clock, "12a", config=config)
+    with pytest.raises(Locked, match=r"^wrong code; locked after 3 consecutive failures$"):
+        run(store, clock, "000000", config=config)

@@ -23,7 +23,7 @@ from state_contract import NOW, STEP, Opener, StateContract
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
 from pam_linkus.state import open_store
-from pam_linkus.state.base import EmailLimits
+from pam_linkus.state.base import EmailLimits, TotpAttempt
 from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
 #: What the README recommends for a cluster's ACL user (tested below as written there).
@@ -425,6 +425,8 @@ def test_wrongly_shaped_failure_data_is_unavailable(redis_server: RedisServer, f
         lambda: store.reserve_attempt("1001", NOW, **lockout),
         lambda: store.settle_failure("1001", NOW, **lockout),
         lambda: store.record_failure("1001", NOW, **lockout),
+        lambda: store.totp_attempt("1001", NOW, check=lambda: None, **lockout),
+        lambda: store.totp_attempt("1001", NOW, check=lambda: STEP, **lockout),
     ):
         with pytest.raises(StateUnavailable):
             call()
@@ -474,3 +476,52 @@ def test_every_new_failure_record_has_a_ttl(redis_server: RedisServer) -> None:
     assert 86400 + 900 - 5 <= r.ttl(f"{p}{{1002}}:fail") <= 86400 + 900
     assert store.prune(time.time()) == 0
     store.close()
+
+
+def test_a_totp_attempt_is_one_script_and_its_keys_keep_their_ttls(redis_server: RedisServer) -> None:
+    """Issue 11: one round trip per TOTP login's decision (the lock read before the prompt aside)."""
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
+    lockout = {"max_failures": 1, "duration": 0, "permanent_after": 10}
+    r = redis_server.client()
+    store.lock_status("warm-up", NOW)  # the connection's own set-up commands
+    r.config_resetstat()
+    assert store.totp_attempt("1001", NOW, check=lambda: STEP, **lockout).verdict == TotpAttempt.ACCEPTED
+    assert store.totp_attempt("1002", NOW, check=lambda: None, **lockout).verdict == TotpAttempt.WRONG
+    stats = {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+    # the commands scripts run count here too; the old path made two scripts per attempt
+    assert stats["eval"] == 2 and "evalsha" not in stats
+    ttls = {key.removeprefix(p): r.ttl(key) for key in r.keys(f"{p}*")}
+    assert ttls.keys() == {"{1001}:totp", "{1001}:enrol", "{1002}:fail"}
+    assert REPLAY_TTL - 5 <= ttls["{1001}:totp"] <= REPLAY_TTL
+    assert ttls["{1001}:enrol"] == -1 and ttls["{1002}:fail"] == -1  # duration 0: only an unlock ends it
+    store.close()
+
+
+@pytest.mark.parametrize("reply", [
+    b"*3\r\n:-1\r\n:0\r\n$1\r\n0\r\n",   # verdict -1 (Python would index ACCEPTED from the end)
+    b"*3\r\n:5\r\n:0\r\n$1\r\n0\r\n",    # a verdict the script never returns
+    b"*1\r\n:4\r\n",                       # too short
+])
+def test_a_wrongly_shaped_totp_attempt_reply_is_unavailable(reply: bytes) -> None:
+    server = HostileRedis(reply)
+    try:
+        store = open_store(fast(url=f"redis://127.0.0.1:{server.port}/0", prefix=prefix()))
+        with pytest.raises(StateUnavailable):
+            store.totp_attempt("1001", NOW, check=lambda: STEP, max_failures=5, duration=900, permanent_after=10)
+        store.close()
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("reply", [b"*2\r\n:1\r\n:-3\r\n", b"*2\r\n:1\r\n:9\r\n"])
+def test_an_email_verdict_out_of_range_is_unavailable(reply: bytes) -> None:
+    """-3 would index ACCEPTED from the end; 9 raised IndexError outside the translation."""
+    server = HostileRedis(reply)
+    try:
+        store = open_store(fast(url=f"redis://127.0.0.1:{server.port}/0", prefix=prefix()))
+        with pytest.raises(StateUnavailable):
+            store.verify_email_code("1001", "h", NOW)
+        store.close()
+    finally:
+        server.close()

@@ -8,14 +8,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from state_contract import Opener, StateContract
+from state_contract import Opener, StateContract, totp_attempt
 
 from pam_linkus.errors import StateUnavailable
-from pam_linkus.state.base import EmailLimits
+from pam_linkus.state import sqlite_store
+from pam_linkus.state.base import REPLAY_TTL, EmailLimits, TotpAttempt
 from pam_linkus.state.sqlite_store import MIGRATIONS, SqliteStore
 
 
 class TestSqliteState(StateContract):
+    CHECKS_ONLY_ADMITTED = True
+
     @pytest.fixture
     def opener(self, private_dir: Path) -> Opener:
         path = str(private_dir / "state.db")
@@ -100,5 +103,61 @@ def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
         lockout = {"max_failures": 5, "duration": 900, "permanent_after": 1000}
         assert not store.reserve_attempt("1001", 200.0, **lockout).locked(200.0)
         assert store.reserve_attempt("1001", 200.0, **lockout).locked(200.0)
+    finally:
+        store.close()
+
+
+def traced(store: SqliteStore) -> list[str]:
+    """Every statement this thread's connection of ``store`` runs from now on."""
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    return statements
+
+
+def test_a_totp_attempt_is_one_short_write_transaction(private_dir: Path) -> None:
+    """Issue 11: one durable write (one COMMIT, one fsync) per TOTP login, few statements."""
+    store = SqliteStore(str(private_dir / "state.db"))
+    try:
+        statements = traced(store)
+        assert totp_attempt(store, "1001", 1000.0, 33).verdict == TotpAttempt.ACCEPTED
+        assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+        assert len(statements) == 5  # BEGIN, read failures, replay upsert, success upsert, COMMIT
+        for step in (None, 33, None):  # wrong, replayed, wrong
+            statements.clear()
+            totp_attempt(store, "1001", 1001.0, step)
+            assert [s for s in statements if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+            assert len(statements) <= 5
+        statements.clear()
+        assert totp_attempt(store, "1001", 1031.0, 34).verdict == TotpAttempt.ACCEPTED  # clears the failures too
+        assert len(statements) == 6
+    finally:
+        store.close()
+
+
+def test_prune_deletes_in_short_batches_and_keeps_rows_renewed_meanwhile(
+        private_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = SqliteStore(str(private_dir / "state.db"))
+    monkeypatch.setattr(sqlite_store, "PRUNE_PAUSE", 0.0)
+    now = 1_763_900_000.0
+    old = now - REPLAY_TTL - 10
+    try:
+        for i in range(1201):
+            store.record_enrolment(f"ext{i}", "totp", old, totp_step=1)
+        store.record_enrolment("fresh", "totp", now, totp_step=1)
+        read = store._read
+
+        def read_then_renew(sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
+            rows = read(sql, args)
+            if sql.startswith("SELECT user FROM totp_used"):  # a login of ext7 lands between read and deletes
+                assert store.accept_totp_step("ext7", 2, now) is True
+            return rows
+
+        monkeypatch.setattr(store, "_read", read_then_renew)
+        statements = traced(store)
+        assert store.prune(now) == 1200
+        assert statements.count("BEGIN IMMEDIATE") == 4  # the old rows found: 1201 = 500 + 500 + 201
+        assert store.counts()["totp_used"] == 2
+        assert store.accept_totp_step("ext7", 2, now) is False and store.accept_totp_step("fresh", 1, now) is False
+        assert store.accept_totp_step("ext8", 1, now) is True
     finally:
         store.close()

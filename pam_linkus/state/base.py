@@ -87,6 +87,41 @@ def next_lock(failures: int, now: float, max_failures: int, duration: int, perma
     return 0.0
 
 
+class TotpAttempt:
+    """What ``totp_attempt`` decided: ``verdict`` (one of the constants) and ``status``.
+
+    ``status`` is the extension's LockStatus after the attempt, which the flow
+    needs for its messages and log reasons: the consecutive failures counted so
+    far and until when it is locked (``status.locked(now)`` after a failure: this
+    one was the failure that locked it).
+
+    - ACCEPTED: the code matched a step newer than the last accepted one; failures cleared.
+    - WRONG: no step matched; one failure counted, the lock set when due.
+    - REPLAYED: the step matched but it (or a newer one) was accepted before; counted as WRONG.
+    - LOCKED: locked before the attempt, or parallel reservations took every slot;
+      no code was checked, nothing reserved.
+    - RESERVED: no step matched and the caller asked to keep the attempt open
+      (the answer may be a recovery code): the attempt is counted as reserved,
+      exactly as after ``reserve_attempt``; the caller settles it
+      (``use_recovery_code`` / ``settle_success`` or ``settle_failure``).
+    """
+
+    ACCEPTED = "accepted"
+    WRONG = "wrong code"
+    REPLAYED = "replayed code"
+    LOCKED = "locked"
+    RESERVED = "reserved"
+
+    __slots__ = ("verdict", "status")
+
+    def __init__(self, verdict: str, status: LockStatus):
+        self.verdict = verdict
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"TotpAttempt({self.verdict!r}, {self.status!r})"
+
+
 class EmailCheck:
     """What ``verify_email_code`` found; values are what the log reason says."""
 
@@ -162,14 +197,24 @@ def email_retry_after(
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from typing import Protocol
 
     class StateStore(Protocol):
         """See the module docstring; ``now`` is always passed in (injected clock).
 
-        A login checks a code like this (``user`` is ``settings.account``, the
-        canonical name the source returned)::
+        A TOTP login checks its code in ONE atomic step (one SQLite write
+        transaction, one fsync; Redis: one script)::
+
+            attempt = store.totp_attempt(user, now, check=<match_totp>, keep_reserved=<may be
+                                         a recovery code>, **lockout)
+
+        RESERVED (no TOTP match, the answer may be a recovery code) continues as
+        below from "<check the code>", its attempt already reserved: the slow
+        recovery-code hash runs outside any transaction.
+
+        Email codes, recovery codes and the web enrolment check like this (``user``
+        is ``settings.account``, the canonical name the source returned)::
 
             status = store.reserve_attempt(user, now, **lockout)
             if status.locked(now): refuse as locked, check no code
@@ -201,6 +246,38 @@ if TYPE_CHECKING:
             lock expires one attempt is free, as before), the lock is set per
             ``next_lock`` and the locked status returned, nothing reserved.
             Otherwise one failure is counted now and the (unlocked) status returned.
+            """
+            ...
+
+        def totp_attempt(
+            self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
+            max_failures: int, duration: int, permanent_after: int,
+        ) -> TotpAttempt:
+            """Reserve, check and record one TOTP attempt as ONE atomic step.
+
+            As ``reserve_attempt``: locked at ``now``, or every slot taken by
+            parallel reservations (``count >= max_failures`` and not the count at
+            which the last lock was set): LOCKED, the lock set per ``next_lock``,
+            nothing reserved, and the code's verdict (if any) decides nothing.
+            Otherwise ``check()`` gives the time step the code belongs to, or None:
+
+            - a step newer than the last accepted one: ACCEPTED -- recorded as
+              used, failures and a temporary lock cleared, the success noted
+              (``Enrolment.last_success``), as ``accept_totp_step``;
+            - an accepted step (or older): REPLAYED, counted as a failure;
+            - None and ``keep_reserved``: RESERVED, the failure counted as by
+              ``reserve_attempt`` and nothing more (the caller settles it);
+            - None: WRONG, counted as a failure.
+
+            A failure (WRONG, REPLAYED) counts one and locks when due, as
+            ``reserve_attempt`` followed by ``settle_failure``.
+
+            ``check`` must be pure, cheap and constant-time in the secret (HMAC,
+            no I/O): SQLite calls it inside its write transaction, only for an
+            admitted attempt; Redis cannot run it inside Lua and calls it just
+            before its one script, whose verdict on the reservation decides
+            whether the result counts. Either way at most ``max_failures``
+            results ever count (and reach the person) before the lock.
             """
             ...
 

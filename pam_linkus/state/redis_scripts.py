@@ -131,6 +131,47 @@ end
 return {count, lock}
 """
 
+# KEYS: fail, totp, enrol
+# ARGV: the seven of _FAILURES, then step ('' = no step matched), keep_reserved
+#       ('1' / '0'), replay_ttl
+# RESERVE_ATTEMPT, then ACCEPT_TOTP or SETTLE_FAILURE in one step; see
+# StateStore.totp_attempt. The code was matched in Python before the script (Lua
+# cannot compute it and the secret stays out of Redis): a refused attempt's step
+# is ignored here.
+# -> {verdict, count, locked_until} with verdict: 0 locked, 1 wrong, 2 replayed,
+#    3 reserved, 4 accepted
+TOTP_ATTEMPT = _NOTE_SUCCESS + _FAILURES + """
+local count, lock, lockc = current()
+if type(count) == 'table' then return count end
+if tonumber(lock) > tonumber(ARGV[1]) then return {0, count, lock} end
+if count >= tonumber(ARGV[2]) and count ~= lockc then
+  lock = later(lock_for(count), lock)
+  save(count, lock, count)
+  return {0, count, lock}
+end
+local verdict = 1
+if ARGV[8] ~= '' then
+  local last = redis.call('GET', KEYS[2])
+  if not last or tonumber(last) < tonumber(ARGV[8]) then
+    redis.call('SET', KEYS[2], ARGV[8], 'EX', ARGV[10])
+    redis.call('DEL', KEYS[1])
+    note_success(KEYS[3], 'totp', ARGV[1])
+    return {4, 0, '0'}
+  end
+  verdict = 2
+elseif ARGV[9] == '1' then
+  save(count + 1, lock, lockc)
+  return {3, count + 1, lock}
+end
+count = count + 1
+if count >= tonumber(ARGV[2]) then
+  lock = later(lock_for(count), lock)
+  lockc = count
+end
+save(count, lock, lockc)
+return {verdict, count, lock}
+"""
+
 # KEYS: fail   ARGV: forever   -> 1
 SETTLE_SUCCESS = """
 local lock = redis.call('HGET', KEYS[1], 'until')

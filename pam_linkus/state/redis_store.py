@@ -52,6 +52,7 @@ from pam_linkus.state.base import (
     EmailLimits,
     Enrolment,
     LockStatus,
+    TotpAttempt,
     next_lock,
 )
 from pam_linkus.strictyaml import read_secret_file
@@ -75,6 +76,10 @@ KINDS = ("totp", "fail", "cache", "enrol", "recovery", "recovery_salt", "grace",
 
 #: The host-wide (cluster-wide) record of email sends, for ``global_max_per_minute``.
 GLOBAL_SENDS = "email_sends"
+
+#: TOTP_ATTEMPT's verdicts, in its numbering.
+_TOTP_VERDICTS = (TotpAttempt.LOCKED, TotpAttempt.WRONG, TotpAttempt.REPLAYED, TotpAttempt.RESERVED,
+                  TotpAttempt.ACCEPTED)
 
 #: VERIFY_EMAIL_CODE's verdicts, in its numbering.
 _EMAIL_VERDICTS = (EmailCheck.MISSING, EmailCheck.EXPIRED, EmailCheck.ACCEPTED, EmailCheck.EXHAUSTED,
@@ -268,6 +273,19 @@ class RedisStore:
         return self._failure_script("record failure", "RECORD_FAILURE", user, now, max_failures, duration,
                                     permanent_after)
 
+    def totp_attempt(
+        self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
+        max_failures: int, duration: int, permanent_after: int,
+    ) -> TotpAttempt:
+        """One round trip: ``check`` (an HMAC in this process) runs first, then one
+        script reserves, and records the step or the failure -- or, when the attempt
+        is not admitted, ignores it (see StateStore.totp_attempt)."""
+        step = check()
+        keys = [self._key(user, "fail"), self._key(user, "totp"), self._key(user, "enrol")]
+        args = self._lock_args(now, max_failures, duration, permanent_after)
+        args += ["" if step is None else step, "1" if keep_reserved else "0", REPLAY_TTL]
+        return self._eval("totp attempt", "TOTP_ATTEMPT", keys, args, _totp_attempt)
+
     def settle_success(self, user: str, now: float) -> None:
         self._eval("settle success", "SETTLE_SUCCESS", [self._key(user, "fail")], [_FOREVER], int)
 
@@ -390,10 +408,10 @@ class RedisStore:
         keys = [self._key(user, "fail"), self._key(user, "email"), self._key(user, "enrol")]
         answer = self._eval("verify email code", "VERIFY_EMAIL_CODE", keys, [repr(now), code_hash],
                             lambda a: (int(a[0]), float(a[1]) if int(a[0]) == 0 else 0.0,
-                                       int(a[1]) if int(a[0]) else 0))
+                                       _verdict(_EMAIL_VERDICTS, a[1]) if int(a[0]) else ""))
         if answer[0] == 0:
             raise Locked(locked_until=answer[1])
-        return _EMAIL_VERDICTS[answer[2]]
+        return answer[2]
 
     def close(self) -> None:
         try:
@@ -403,6 +421,20 @@ class RedisStore:
                 pool.disconnect()
         except _ERRORS:
             pass  # closing changes nothing about any decision
+
+
+def _verdict(verdicts: tuple[str, ...], value: Any) -> str:
+    """A script's verdict number as its name; out of range (a negative index too) is ValueError,
+    read inside ``_call`` so that it is "unavailable", never another verdict."""
+    number = int(value)
+    if not 0 <= number < len(verdicts):
+        raise ValueError(f"unknown verdict {number}")
+    return verdicts[number]
+
+
+def _totp_attempt(answer: Any) -> TotpAttempt:
+    """TOTP_ATTEMPT's reply; anything else is ValueError/IndexError/TypeError (unavailable)."""
+    return TotpAttempt(_verdict(_TOTP_VERDICTS, answer[0]), LockStatus(int(answer[1]), float(answer[2])))
 
 
 def _float(value: str | None) -> float | None:

@@ -13,7 +13,8 @@ run two transactions at once. ``close`` closes every connection the store opened
 Growth: ``prune(now)`` deletes records that can no longer change a decision
 (old replay steps, used or expired email codes, sends older than an hour, ended
 grace periods, failure counts long idle and not locked, stale cached settings),
-so the file does not grow with the number of logins.
+so the file does not grow with the number of logins. It deletes in short batches
+(``PRUNE_BATCH`` rows per transaction), so it never holds the write lock for long.
 
 Schema changes are appended to ``MIGRATIONS``; ``PRAGMA user_version`` says how
 many have run.
@@ -38,6 +39,7 @@ from pam_linkus.state.base import (
     EmailIssue,
     Enrolment,
     LockStatus,
+    TotpAttempt,
     email_retry_after,
     next_lock,
 )
@@ -123,6 +125,13 @@ MIGRATIONS: tuple[str, ...] = (
 #: How long a login waits for another process's write lock before "unavailable".
 BUSY_TIMEOUT = 5.0
 
+#: ``prune`` deletes at most this many rows per write transaction (a few ms of
+#: write lock, its fsync included), and pauses at least ``PRUNE_PAUSE`` s between two.
+PRUNE_BATCH = 500
+PRUNE_PAUSE = 0.002
+#: Rows per table one ``prune`` call deletes at most (the keys are held in memory).
+PRUNE_MAX_ROWS = 100_000
+
 
 def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
     """Switch a new state file to WAL (readers then never wait for the writer).
@@ -151,6 +160,10 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        # Writers of this process queue here rather than in SQLite's busy handler,
+        # which polls with sleeps growing to 100 ms: a login waiting behind another
+        # thread's transaction (a prune batch) wakes as soon as it ends.
+        self._write_lock = threading.Lock()
         self._closed = False
         self._local.db = self._register(self._connect(path, busy_timeout))
 
@@ -225,22 +238,32 @@ class SqliteStore:
     # -- transactions ------------------------------------------------------------
 
     def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` in one BEGIN IMMEDIATE transaction; errors -> StateUnavailable."""
+        """Run ``body`` in one BEGIN IMMEDIATE transaction; errors -> StateUnavailable.
+
+        One transaction at a time per store (``_write_lock``, waited for at most
+        ``busy_timeout``); other processes (the admin CLI) still meet SQLite's lock
+        and its busy handler.
+        """
         db = self._db
+        if not self._write_lock.acquire(timeout=self.busy_timeout):
+            raise StateUnavailable(f"state file {self.path}: another thread held the write lock too long")
         try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StateUnavailable(f"state file {self.path}: {exc}") from None
-        try:
-            result = body(db)
-            db.execute("COMMIT")
-            return result
-        except sqlite3.Error as exc:
-            self._rollback()
-            raise StateUnavailable(f"state file {self.path}: {exc}") from None
-        except BaseException:
-            self._rollback()
-            raise
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StateUnavailable(f"state file {self.path}: {exc}") from None
+            try:
+                result = body(db)
+                db.execute("COMMIT")
+                return result
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StateUnavailable(f"state file {self.path}: {exc}") from None
+            except BaseException:
+                self._rollback()
+                raise
+        finally:
+            self._write_lock.release()
 
     def _rollback(self) -> None:
         try:
@@ -276,6 +299,53 @@ class SqliteStore:
                 return LockStatus(count, locked_until)
             _set_failures(db, user, count + 1, locked_until, lock_count, now)
             return LockStatus(count + 1, locked_until)
+
+        return self._write(body)
+
+    def totp_attempt(
+        self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
+        max_failures: int, duration: int, permanent_after: int,
+    ) -> TotpAttempt:
+        """reserve_attempt + check + accept_totp_step or settle_failure in ONE write
+        transaction: one fsync per login instead of two. A success with no failures
+        counted runs five statements: BEGIN, the failures read, two upserts, COMMIT."""
+        def body(db: sqlite3.Connection) -> TotpAttempt:
+            row = db.execute("SELECT count, locked_until, lock_count FROM failures WHERE user = ?",
+                             (user,)).fetchone()
+            count, locked_until, lock_count = (int(row[0]), float(row[1]), int(row[2])) if row else (0, 0.0, 0)
+            if locked_until > now:
+                return TotpAttempt(TotpAttempt.LOCKED, LockStatus(count, locked_until))
+            if count >= max_failures and count != lock_count:
+                # As reserve_attempt: parallel attempts took every slot; lock, check nothing.
+                locked_until = max(next_lock(count, now, max_failures, duration, permanent_after), locked_until)
+                _set_failures(db, user, count, locked_until, count, now)
+                return TotpAttempt(TotpAttempt.LOCKED, LockStatus(count, locked_until))
+            # The attempt is admitted (reserved): only now is the code checked.
+            step = check()
+            if step is not None:
+                cur = db.execute(
+                    "INSERT INTO totp_used (user, step, at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (user) DO UPDATE SET step = excluded.step, at = excluded.at "
+                    "WHERE excluded.step > totp_used.step",
+                    (user, step, now),
+                )
+                if cur.rowcount == 1:
+                    if row is not None:
+                        _clear_failures(db, user, now)
+                    _note_success(db, user, "totp", now)
+                    return TotpAttempt(TotpAttempt.ACCEPTED, LockStatus())
+                verdict = TotpAttempt.REPLAYED
+            elif keep_reserved:
+                _set_failures(db, user, count + 1, locked_until, lock_count, now)
+                return TotpAttempt(TotpAttempt.RESERVED, LockStatus(count + 1, locked_until))
+            else:
+                verdict = TotpAttempt.WRONG
+            count += 1
+            if count >= max_failures:
+                locked_until = max(next_lock(count, now, max_failures, duration, permanent_after), locked_until)
+                lock_count = count
+            _set_failures(db, user, count, locked_until, lock_count, now)
+            return TotpAttempt(verdict, LockStatus(count, locked_until))
 
         return self._write(body)
 
@@ -330,18 +400,39 @@ class SqliteStore:
         return self._write(body)
 
     def prune(self, now: float) -> int:
+        """Delete what can no longer decide, in batches of ``PRUNE_BATCH`` rows per write
+        transaction, so the write lock is never held for long: a login waiting for it
+        (possibly on linkusd's event loop thread) waits one short batch, not the whole prune.
+
+        The keys are found by a read, which in WAL mode takes no write lock; each
+        batch deletes them again under the same condition, so a row that a login
+        renewed in between (a new replay step, a new failure) stays. Between two
+        batches the lock is left free for at least as long as the batch held it.
+        At most ``PRUNE_MAX_ROWS`` per table per call; the next call takes the rest.
+        """
+        deleted, held = 0, 0.0
+        for table, key, where, args in (
+            ("totp_used", "user", "at <= ?", (now - REPLAY_TTL,)),
+            ("failures", "user", "locked_until <= ? AND last_failure <= ?", (now, now - self.failure_ttl)),
+            ("email_codes", "user", "expires <= ?", (now,)),
+            ("email_sends", "rowid", "at <= ?", (now - 3600,)),
+            ("grace", "user, rhost", "until <= ?", (now,)),
+            ("settings_cache", "source, user", "stored_at <= ?", (now - CACHE_TTL,)),
+        ):
+            keys = self._read(f"SELECT {key} FROM {table} WHERE {where} LIMIT {PRUNE_MAX_ROWS}", args)  # noqa: S608 - fixed names
+            match = " AND ".join(f"{column.strip()} = ?" for column in key.split(","))
+            sql = f"DELETE FROM {table} WHERE {match} AND {where}"  # noqa: S608 - fixed names
+            for start in range(0, len(keys), PRUNE_BATCH):
+                if start:
+                    time.sleep(max(held, PRUNE_PAUSE))
+                began = time.monotonic()
+                deleted += self._delete_batch(sql, [k + args for k in keys[start:start + PRUNE_BATCH]])
+                held = time.monotonic() - began
+        return deleted
+
+    def _delete_batch(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         def body(db: sqlite3.Connection) -> int:
-            deleted = 0
-            for sql, args in (
-                ("DELETE FROM totp_used WHERE at <= ?", (now - REPLAY_TTL,)),
-                ("DELETE FROM failures WHERE locked_until <= ? AND last_failure <= ?", (now, now - self.failure_ttl)),
-                ("DELETE FROM email_codes WHERE expires <= ?", (now,)),
-                ("DELETE FROM email_sends WHERE at <= ?", (now - 3600,)),
-                ("DELETE FROM grace WHERE until <= ?", (now,)),
-                ("DELETE FROM settings_cache WHERE stored_at <= ?", (now - CACHE_TTL,)),
-            ):
-                deleted += db.execute(sql, args).rowcount
-            return deleted
+            return int(db.executemany(sql, rows).rowcount)
 
         return self._write(body)
 
