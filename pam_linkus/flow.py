@@ -306,7 +306,7 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -
     if attempt.verdict == TotpAttempt.REPLAYED:
         raise (yield from _failure(ctx, "replayed code", status, now))
     if attempt.verdict == TotpAttempt.RESERVED:
-        recovered = _try_recovery_code(req, ctx, answer)
+        recovered = yield from _recover(req, ctx, answer)
         if recovered is not None:
             return recovered
         yield from _settle_failure(req, ctx, rejected[0] + _skew_note(secret, answer, now, ctx, settings))

@@ -509,3 +509,38 @@ def test_without_foreground_it_goes_to_the_background_once_ready_and_logs(stack:
             if not Path(f"/proc/{pid}").exists():
                 break
             time.sleep(0.05)
+
+
+def test_a_held_sqlite_lock_stalls_neither_linkusd_nor_other_requests(stack: PamStack) -> None:
+    """Local logins run on linkusd's event loop; one that meets another process's write lock on the
+    state file (an admin's sqlite3 shell) gives up after LOOP_BUSY_TIMEOUT (0.5 s) as unavailable,
+    so STATUS is answered meanwhile and nothing waits SQLite's 5 s busy timeout."""
+    stack.enroll_totp("alice")
+    holder = subprocess.Popen(
+        [DAEMON_PYTHON, "-c", "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({str(stack.state_path)!r}, isolation_level=None)\n"
+         "db.execute('BEGIN IMMEDIATE'); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        results: list[tuple[str, float]] = []
+
+        def one() -> None:
+            started = time.monotonic()
+            outcome = login(stack, "alice", code_at(SECRET, time.time())).outcome
+            results.append((outcome, time.monotonic() - started))
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        assert stack.daemon.status()["loaded"]
+        assert time.monotonic() - started < 1.5
+        for thread in threads:
+            thread.join(30)
+        assert [outcome for outcome, _ in results] == ["unavailable"] * 3
+        assert max(seconds for _, seconds in results) < 3.0  # one after another, 0.5 s each, not 5 s
+    finally:
+        holder.communicate("", timeout=10)
+    assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
+    assert "database is locked" in stack.log.wait_for("outcome=unavailable")

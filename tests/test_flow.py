@@ -239,3 +239,45 @@ def test_wrong_replayed_and_locking_reasons_of_a_totp_login(store: SqliteStore) 
         run(store, clock, "12a", config=config)
     with pytest.raises(Locked, match=r"^wrong code; locked after 3 consecutive failures$"):
         run(store, clock, "000000", config=config)
+
+
+@pytest.mark.parametrize("method", ["totp", "email"])
+def test_the_flow_announces_scrypt_and_smtp_before_it_starts_them(store: SqliteStore, method: str) -> None:
+    """linkusd runs a local login's steps on its event loop and moves the rest of the login to a
+    worker when the flow yields Offload: before the mail is sent and before a recovery code is
+    hashed; a 6-digit code costs neither, so it yields none."""
+    from pam_linkus.flow import Ask, Offload, login
+    from pam_linkus.recovery import digest, new_salt
+
+    salt = new_salt()
+    store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
+    entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET) if method == "totp"
+               else ExtensionSettings("1001", "email", email="a@example.com")}
+
+    class Mailer:
+        def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+            assert trace[-1] == "offload", "mail sent before the flow said so"
+            trace.append("mail")
+
+    for hour, (answer, hashed) in enumerate((("123456", False), ("abcde-fghij", True))):
+        trace: list[str] = []
+        ctx = Context(Config.from_mapping({"email": {"key_file": str(Path(store.path).parent / "email.key")}}),
+                      Clock(T0 + 3600 * hour), SourceChain([StaticSource(entries)]), store, mailer_factory=Mailer)
+        steps = login(LoginRequest("1001"), ctx)
+        reply: str | None = None
+        try:
+            while True:
+                step = steps.send(reply)
+                reply = None
+                if isinstance(step, Offload):
+                    trace.append("offload")
+                elif isinstance(step, Ask):
+                    trace.append("ask")
+                    reply = answer
+        except StopIteration as done:
+            outcome = done.value.outcome
+        except CodeRejected:
+            outcome = "denied"
+        mail = ["offload", "mail"] if method == "email" else []
+        assert trace == mail + ["ask"] + (["offload"] if hashed else []), (answer, trace)
+        assert outcome == (Outcome.SUCCESS if hashed else "denied")

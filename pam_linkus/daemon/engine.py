@@ -40,6 +40,8 @@ T = TypeVar("T")
 
 #: How often the watcher looks at the files a snapshot was built from.
 WATCH_INTERVAL = 1.0
+#: How long a login on the event loop waits for the SQLite write lock before "unavailable".
+LOOP_BUSY_TIMEOUT = 0.5
 #: How often expired state is pruned.
 PRUNE_INTERVAL = 600.0
 
@@ -195,6 +197,8 @@ class Engine:
                 return self._reload_failed(reason, exc.reason)
             except Exception as exc:  # noqa: BLE001 - any loader bug keeps the last good config
                 return self._reload_failed(reason, f"internal error: {type(exc).__name__}")
+            if snap.inline:
+                self._limit_loop_waits(snap)
             old, self._current = self._current, snap
             self.health.last_reload = time.time()
             self.health.last_error = None
@@ -207,6 +211,17 @@ class Engine:
                 if old.users == 0:
                     self._close_retired(old)
             return True
+
+    def _limit_loop_waits(self, snap: Snapshot) -> None:
+        """Local logins run on this (the event loop's) thread: their waits for the state's write
+        lock must be short (``LOOP_BUSY_TIMEOUT``), or one held lock stalls every login."""
+        limit = getattr(snap.store, "limit_waits_in_this_thread", None)
+        if limit is None:
+            return
+        try:
+            limit(LOOP_BUSY_TIMEOUT)
+        except LinkusError as exc:  # the logins will say so, each as "unavailable"
+            self.sink.send(LOG_NOTICE, f"linkusd: state store: {exc.reason}")
 
     def _reload_failed(self, reason: str, message: str) -> bool:
         self.health.last_error = message

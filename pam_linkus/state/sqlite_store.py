@@ -178,6 +178,18 @@ class SqliteStore:
             self._local.db = db
         return db
 
+    def limit_waits_in_this_thread(self, seconds: float) -> None:
+        """Wait at most ``seconds`` for the write lock in the calling thread.
+
+        linkusd runs the steps of local logins on its event loop: a login there that
+        waits the whole ``busy_timeout`` for another process's lock (an admin's
+        ``sqlite3`` shell) would hold up every other login and STATUS for as long.
+        So on that thread the wait is short and then the login is "unavailable".
+        """
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        self._local.busy_timeout = seconds
+
     def _register(self, db: sqlite3.Connection) -> sqlite3.Connection:
         with self._all_lock:
             self._all.append(db)
@@ -245,7 +257,7 @@ class SqliteStore:
         and its busy handler.
         """
         db = self._db
-        if not self._write_lock.acquire(timeout=self.busy_timeout):
+        if not self._write_lock.acquire(timeout=getattr(self._local, "busy_timeout", self.busy_timeout)):
             raise StateUnavailable(f"state file {self.path}: another thread held the write lock too long")
         try:
             try:
