@@ -88,3 +88,23 @@ def test_a_large_file_goes_to_a_child(private_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(ys, "load_in_child", lambda p: calls.append(p) or {})
     YamlSource.load(str(path))
     assert calls == [str(path)]
+
+
+def test_check_user_name_refuses_exactly_controls_separators_and_surrogates() -> None:
+    """Every code point, against the rule as written (the check is a regex now)."""
+    from nss_config.base import check_user_name
+
+    def refused(c: int) -> bool:
+        return c < 32 or 127 <= c < 160 or c in (0x2028, 0x2029) or 0xD800 <= c <= 0xDFFF
+
+    wrong = []
+    for c in range(0x110000):
+        try:
+            check_user_name(f"a{chr(c)}b")
+        except ValueError:
+            if not refused(c):
+                wrong.append(c)
+        else:
+            if refused(c):
+                wrong.append(c)
+    assert wrong == []
