@@ -35,26 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--extensions", type=int, default=100_000)
     parser.add_argument("--control", type=float, metavar="S",
-                        help="also a window of S seconds without a reload (on the first checkout's linkusd)")
+                        help="also a window of S seconds without a reload (a linkusd of the first checkout)")
     parser.add_argument("variants", nargs="+", help="NAME=DIR")
     args = parser.parse_args(argv)
     variants = [(name, Path(path).resolve()) for name, path in (v.split("=", 1) for v in args.variants)]
     per_window = 4 * 800
-    if args.reps * per_window * (2 if args.control else 1) > args.extensions // 3:
+    if args.reps * per_window > args.extensions // 3:
         parser.error("not enough TOTP extensions for that many windows")
     messages = pam_messages()
     ws = Workspace()
     setups: dict[str, LinkusSetup] = {}
     runs = [(name, name) for name, _ in variants]
     if args.control:
-        runs.append(("no reload", variants[0][0]))
+        runs.append(("no reload", "no reload"))
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in runs}
     try:
         user = ws.user()
-        for name, code in variants:
-            setups[name] = LinkusSetup(ws, name, [user], extensions=args.extensions, code=code)
+        for name, code in variants + ([("no reload", variants[0][1])] if args.control else []):
+            setups[name] = LinkusSetup(ws, name.replace(" ", "-"), [user], extensions=args.extensions, code=code)
             setups[name].start(timeout=120)
-        first = dict.fromkeys(setups, 0)  # each linkusd has its own state: its own extensions
+        first = dict.fromkeys(setups, 0)  # per linkusd (each has its own state): fresh extensions each window
         for rep in range(args.reps):
             for name, setup_name in runs[rep % len(runs):] + runs[:rep % len(runs)]:
                 time.sleep(2.0)  # let the previous window's clients and the old snapshot go
