@@ -48,11 +48,14 @@ class LinkusSetup:
     """
 
     def __init__(self, ws: Workspace, name: str, users: list[str], *, extensions: int = 10,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, code: Path = REPO):
         import yaml
 
         self.ws = ws
         self.name = name
+        #: The checkout whose pam_linkus and nss_config this linkusd runs (bench/reload_ab.py
+        #: compares two in one run).
+        self.code = code
         self.dir = ws.root / name
         self.dir.mkdir(mode=0o711)
         self.config_path = self.dir / "pam_linkus.yaml"
@@ -94,14 +97,14 @@ class LinkusSetup:
 
     def start(self, timeout: float = 60.0) -> float:
         """Start linkusd and wait until it answers STATUS with a loaded config; seconds taken."""
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(self.code)}
         started = time.monotonic()
         with open(self.dir / "linkusd.stderr", "ab") as err:
             self.proc = subprocess.Popen(
                 [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--quiet", "--no-web",
                  "--config", str(self.config_path), "--pam-socket", str(self.pam_socket),
                  "--log-socket", str(self.log.path)],
-                stdout=subprocess.DEVNULL, stderr=err, env=env,
+                stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=self.code,  # -m looks in cwd first
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -340,11 +340,14 @@ def sqlite_fsync_cost(directory: Path, writes: int) -> dict[str, float]:
 
 
 def reload_window(setup: LinkusSetup, total: int, clients: int, messages: dict[str, str],
-                  quick: bool) -> dict[str, Any]:
+                  quick: bool, first: int = 0, control_s: float | None = None) -> dict[str, Any]:
     """RELOAD of the large file while ``clients`` processes log in (pam_linkus alone, each login
     a fresh TOTP extension of that file), then the daemon's RSS. Logins that ended before the
-    reload give the median; the worst login that overlapped the reload is compared with it."""
-    totp_users = [filler_name(i) for i in range(0, total - 1, 3)]
+    reload give the median; the worst login that overlapped the reload is compared with it.
+    ``first``: skip that many TOTP extensions (a repeated window logs in as others: no replays).
+    ``control_s``: no RELOAD, just that many seconds of the same load (the worst login of a
+    window with no reload at all: the floor the reload's figures stand on)."""
+    totp_users = [filler_name(i) for i in range(0, total - 1, 3)][first:]
     per_client = 400 if quick else 800
     before_s, window_s = 3.0, 10.0
     start_at = time.time() + 1.5
@@ -353,7 +356,11 @@ def reload_window(setup: LinkusSetup, total: int, clients: int, messages: dict[s
     procs = spawn_clients(specs)
     time.sleep(max(0.0, start_at + before_s - time.time()))
     r0 = time.time()
-    status = setup.control(reload=True)
+    if control_s is None:
+        status = setup.control(reload=True)
+    else:
+        time.sleep(control_s)
+        status = setup.control()
     r1 = time.time()
     rss = setup.rss()
     results = collect(procs, messages)
@@ -367,6 +374,7 @@ def reload_window(setup: LinkusSetup, total: int, clients: int, messages: dict[s
             "clients": clients, "logins": len(flat), "errors": len(errors), "error_codes": sorted(set(errors)),
             "median_before_ms": round(med, 1), "during": len(during), "worst_during_ms": round(worst, 1),
             "p50_during_ms": round(median_ms(during), 1),
+            "over_2x": sum(e * 1000 > 2 * med for e in during),
             "slowdown": round(worst / med, 2) if med == med and med > 0 else None}
 
 

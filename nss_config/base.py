@@ -12,6 +12,8 @@ and LDAP sources so that both accept and refuse exactly the same entries.
 
 from __future__ import annotations
 
+import re
+
 from pam_linkus.errors import ConfigError
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
@@ -33,6 +35,7 @@ DIGITS = (6, 8)
 ENTRY_KEYS = ("method", "enabled", "secret", "algorithm", "digits", "period", "email")
 #: Keys only a YAML entry carries (LDAP has no attribute for them: a short secret there is refused).
 YAML_ONLY_KEYS = ("legacy_short_secret",)
+_KNOWN_KEYS = frozenset(ENTRY_KEYS + YAML_ONLY_KEYS)
 #: RFC 4226 R6: a shared secret of at least 128 bits.
 MIN_SECRET_BITS = 128
 #: Shortest secret still accepted under ``legacy_short_secret`` (Google Authenticator's 80 bits).
@@ -156,6 +159,12 @@ def check_email_address(address: str) -> None:
         raise ValueError("has a domain that is not a host name")
 
 
+#: What ``check_user_name`` refuses anywhere in a name: C0, DEL, C1, U+2028/2029, surrogates.
+#: One regex search instead of a loop over ``ord``: it runs for each of 100,000 keys of a
+#: large extensions file (a quarter of its validation time) and on every login.
+_BAD_NAME_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
 def check_user_name(user: str) -> None:
     """Refuse names no source should ever be asked about; ValueError (never echoing the name).
 
@@ -164,12 +173,8 @@ def check_user_name(user: str) -> None:
     line or paragraph separators (log forging); surrogate escapes, i.e. bytes
     that were not UTF-8. The flow turns this into a denial before any lookup.
     """
-    if not user or len(user) > MAX_USER_LEN or user != user.strip():
+    if not user or len(user) > MAX_USER_LEN or user != user.strip() or _BAD_NAME_CHAR.search(user):
         raise ValueError("invalid user name")
-    for c in user:
-        code = ord(c)
-        if code < 32 or 127 <= code < 160 or code in (0x2028, 0x2029) or 0xD800 <= code <= 0xDFFF:
-            raise ValueError("invalid user name")
 
 
 def settings_from_mapping(user: str, entry: Any, where: str, source: str,
@@ -182,9 +187,8 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str,
     """
     if not isinstance(entry, dict):
         raise ConfigError("extension: its settings must be a mapping", where)
-    for key in entry:
-        if key not in ENTRY_KEYS and key not in YAML_ONLY_KEYS:
-            raise ConfigError(f"extension: unknown key (known: {', '.join(ENTRY_KEYS + YAML_ONLY_KEYS)})", where)
+    if not entry.keys() <= _KNOWN_KEYS:
+        raise ConfigError(f"extension: unknown key (known: {', '.join(ENTRY_KEYS + YAML_ONLY_KEYS)})", where)
     method = entry.get("method")
     if method not in METHODS:
         raise ConfigError(f"extension: method must be one of {', '.join(METHODS)}", where)

@@ -27,19 +27,23 @@ the file (``file:line:col``). Names with surrounding spaces or control
 characters match nothing (``check_user_name``).
 
 linkusd builds a new ``YamlSource`` with ``YamlSource.load(path)`` aside when the
-file changes and swaps it in; a ``YamlSource`` never changes after it is built,
-so worker threads read it without a lock.
+file changes and swaps it in; a ``YamlSource`` never changes after it is built
+(until ``close`` frees a retired one's entries), so worker threads read it
+without a lock.
 
-Measured (Debian 12, 2 cores, Python 3.11, the event-based strict loader): a
-100,000-extension file loads in ~2.2 s; parsed in a child process
-(``load_in_child``, chosen by size) linkusd's RSS stays at ~80 MB after the
-reload instead of ~200 MB, and logins served during it are not held up by the
-parse (tests/test_daemon.py: none over 0.5 s with 32 clients). A lookup costs
-~1.2 us.
+Measured (Debian 12, 2 cores, Python 3.11, the event-based strict loader,
+bench/reload_ab.py): a 100,000-extension file reloads in ~2 s while 4 clients log
+in (3.5 s before the changes of PackedExtensions and child_main); parsed in a
+child process (``load_in_child``, chosen by size) and held packed, linkusd's RSS
+is ~80-95 MB after the reload (~135 MB with settings objects, ~200 MB with the
+parse in a thread), and the worst login during the reload is no worse than the
+worst of a window with no reload (~30 ms against medians of ~9 ms; it was 250-
+500 ms). A lookup costs ~1.1 us.
 """
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import subprocess
@@ -48,7 +52,7 @@ import time
 from typing import Any
 
 from nss_config.base import ExtensionSettings, check_user_name, settings_from_mapping
-from pam_linkus.errors import ConfigError
+from pam_linkus.errors import ConfigError, SourceUnavailable
 from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
 TOP_KEYS = ("extensions", "version")
@@ -73,17 +77,28 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
         return {}
     if not isinstance(entries, dict):
         raise ConfigError("extensions must be a mapping of extension name to settings", path)
-    entry_marks = getattr(entries, "marks", {})
     result: dict[str, ExtensionSettings] = {}
     for user, entry in entries.items():
-        line, col = entry_marks.get(user, (0, 0))
-        where = f"{path}:{line}:{col}"
         try:
             check_user_name(user)
         except ValueError:
-            raise ConfigError("extension name has surrounding spaces or control characters", where) from None
-        result[user] = settings_from_mapping(user, entry, where, source, account=user)
+            raise ConfigError("extension name has surrounding spaces or control characters",
+                              _where(path, entries, user)) from None
+        try:
+            result[user] = settings_from_mapping(user, entry, path, source, account=user)
+        except ConfigError:
+            # Where the entry stands is wanted only when it is refused: working it out for
+            # each of 100,000 entries was a fifth of the validation. Same check, again, to
+            # raise the same error with file:line:col.
+            settings_from_mapping(user, entry, _where(path, entries, user), source, account=user)
+            raise
     return result
+
+
+def _where(path: str, mapping: Any, key: str) -> str:
+    """``path:line:col`` of ``key`` in a MarkedDict (0:0 for plain data)."""
+    line, col = getattr(mapping, "marks", {}).get(key, (0, 0))
+    return f"{path}:{line}:{col}"
 
 
 def read_extensions(path: str) -> dict[str, ExtensionSettings]:
@@ -93,15 +108,14 @@ def read_extensions(path: str) -> dict[str, ExtensionSettings]:
 
 
 def fold_names(extensions: dict[str, ExtensionSettings], path: str,
-               marks: dict[str, tuple[int, int]] | None = None) -> dict[str, ExtensionSettings]:
+               entries: Any = None) -> dict[str, ExtensionSettings]:
     """Index by ``casefold``; two names that fold to one refuse the file
-    (``path:line:col`` of the second, from ``marks``)."""
+    (``path:line:col`` of the second, from the marks of ``entries``, the parsed mapping)."""
     folded: dict[str, ExtensionSettings] = {}
     for name, settings in extensions.items():
         key = name.casefold()
         if key in folded:
-            line, col = (marks or {}).get(name, (0, 0))
-            raise ConfigError("two extensions differ only by upper/lower case; keep one", f"{path}:{line}:{col}")
+            raise ConfigError("two extensions differ only by upper/lower case; keep one", _where(path, entries, name))
         folded[key] = settings
     return folded
 
@@ -116,7 +130,7 @@ class YamlSource:
 
     name = "yaml"
 
-    def __init__(self, path: str, *, _extensions: dict[str, ExtensionSettings] | None = None):
+    def __init__(self, path: str, *, _extensions: dict[str, ExtensionSettings] | PackedExtensions | None = None):
         self.path = path
         if _extensions is None:
             _extensions = _load(path)
@@ -149,33 +163,45 @@ class YamlSource:
             return None  # no key of a valid file can be such a name
         return self._by_name.get(user.casefold())
 
+    def close(self) -> None:
+        """linkusd retired this snapshot and no login uses it any more: free a large file's
+        entries gradually (``PackedExtensions.release``) rather than in one long ``del``."""
+        if isinstance(self._by_name, PackedExtensions):
+            self._by_name.release()
+
 
 def _load(path: str) -> dict[str, ExtensionSettings]:
     data, _ = open_secure(path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
     document = load_yaml(data, path)
     extensions = parse_extensions(document, path)
     entries = document.get("extensions") if isinstance(document, dict) else None
-    return fold_names(extensions, path, getattr(entries, "marks", {}))
+    return fold_names(extensions, path, entries)
 
 
 #: Files larger than this are parsed in a child process (a 100,000-extension file is ~7 MB).
 CHILD_THRESHOLD = 512 * 1024
-#: Entries per marshalled chunk: the parent yields the GIL between chunks.
-CHUNK = 2000
+#: Entries per marshalled chunk: the parent hands the GIL over between chunks (each ~0.5 ms).
+CHUNK = 1000
+#: How long the parent sleeps between chunks. ``time.sleep(0)`` releases the GIL, but this
+#: thread takes it back before a waiting one has woken up, which then waits for the 5 ms
+#: switch interval: measured as logins of 50-75 ms during the ~60 ms of filing 100,000
+#: entries. A real sleep hands the GIL over; 100 of them add ~60 ms to the reload.
+_PAUSE = 0.0005
 #: Largest output a child may send back (far above 10x the largest file it may read).
 MAX_CHILD_OUTPUT = 16 * MAX_EXTENSIONS_BYTES
 CHILD_TIMEOUT = 120.0
 _FIELDS = ("user", "method", "enabled", "secret", "algorithm", "digits", "period", "email", "legacy_short_secret")
 
 
-def load_in_child(path: str, *, timeout: float = CHILD_TIMEOUT) -> dict[str, ExtensionSettings]:
+def load_in_child(path: str, *, timeout: float = CHILD_TIMEOUT) -> PackedExtensions:
     """Parse and validate in a child Python, get the entries back as marshalled tuples.
 
     Why: the strict parse of 100,000 entries is seconds of CPU in Python code and ~80 MB of
     document tree. In a thread of linkusd it holds the GIL most of that time, so logins
     served meanwhile wait (measured: medians 8 ms -> 90 ms, worst 0.5-0.7 s), and the
     allocator keeps the tree's memory afterwards. The child does all of it; the parent only
-    turns tuples into settings, a chunk at a time, yielding the GIL between chunks.
+    files each entry's marshalled tuple under its name (``PackedExtensions``), a chunk at a
+    time, handing the GIL over between chunks (``_PAUSE``).
     The child is this same interpreter in isolated mode (-I: no environment, no user site),
     with this package's directory first on sys.path. Errors come back as the ConfigError's
     message (file:line:col, never a value); a crash, a timeout or oversized output is a
@@ -199,26 +225,76 @@ def load_in_child(path: str, *, timeout: float = CHILD_TIMEOUT) -> dict[str, Ext
     return _from_chunks(done.stdout, path)
 
 
-def _from_chunks(data: bytes, path: str) -> dict[str, ExtensionSettings]:
-    folded: dict[str, ExtensionSettings] = {}
+class PackedExtensions:
+    """The settings a child loaded, held as one marshalled tuple per extension.
+
+    Why not ``ExtensionSettings`` objects: 100,000 of them (and their tuples on the
+    way) are objects the cyclic GC tracks, so building them in linkusd costs a
+    ~40 ms full collection in the middle of the reload and ~0.5 s of GIL-holding
+    Python -- measured as logins of 100-250 ms during a reload. Bytes and strings
+    are not tracked, and filling a dict from a marshalled chunk is one short C call.
+    A lookup unpacks its entry (a few microseconds). ``SHARDS`` dicts instead of one,
+    so no insert ever resizes a 100,000-entry table in one go, and a retired
+    snapshot's entries are freed a shard at a time (``release``).
+    Read-only once built, so worker threads read it without a lock.
+    """
+
+    SHARDS = 64
+
+    def __init__(self) -> None:
+        self._shards: list[dict[str, bytes]] = [{} for _ in range(self.SHARDS)]
+        self._count = 0
+
+    def add(self, keys: list[str], blobs: list[bytes]) -> None:
+        """While loading only: keys are casefolded names, already unique (the child checked)."""
+        shards, mask = self._shards, self.SHARDS - 1
+        for key, blob in zip(keys, blobs, strict=True):
+            shards[hash(key) & mask][key] = blob
+        self._count += len(keys)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, key: str) -> ExtensionSettings | None:
+        shards = self._shards
+        if len(shards) != self.SHARDS:  # released: never "not here", which could skip the second factor
+            raise SourceUnavailable("yaml: this snapshot's extensions were released")
+        blob = shards[hash(key) & (self.SHARDS - 1)].get(key)
+        if blob is None:
+            return None
+        user, method, enabled, secret, algorithm, digits, period, email, legacy = marshal.loads(blob)  # noqa: S302
+        return ExtensionSettings(user, method, enabled=enabled, secret=secret, algorithm=algorithm, digits=digits,
+                                 period=period, email=email, source="yaml", account=user,
+                                 legacy_short_secret=legacy)
+
+    def release(self) -> None:
+        """Free the entries a shard at a time (a retired snapshot, in a thread of its own): one
+        ``del`` of 200,000 objects would hold the GIL for several milliseconds."""
+        while self._shards:
+            self._shards.pop()
+            time.sleep(_PAUSE)
+
+
+def _from_chunks(data: bytes, path: str) -> PackedExtensions:
+    packed = PackedExtensions()
     view = memoryview(data)
     pos = 0
     while pos < len(view):
         size = int.from_bytes(view[pos:pos + 4], "big")
-        rows = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our own child, over a private pipe
+        keys, blobs = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our own child, over a private pipe
         pos += 4 + size
-        for key, *values in rows:
-            fields = dict(zip(_FIELDS, values, strict=True))
-            user = fields.pop("user")
-            folded[key] = ExtensionSettings(user, source="yaml", account=user, **fields)
-        time.sleep(0)  # let the event loop and the workers run between chunks
+        packed.add(keys, blobs)
+        time.sleep(_PAUSE)  # let the event loop and the workers run between chunks
     if pos != len(view):
         raise ConfigError("the loader's output was cut short", path)
-    return folded
+    return packed
 
 
 def child_main(path: str) -> None:
     """In the child: the whole strict load, then the entries as length-prefixed marshal chunks."""
+    # The document tree has no cycles and this process ends after one load: the cyclic GC
+    # would only walk the growing tree again and again (a tenth of the load's time).
+    gc.disable()
     try:
         folded = _load(path)
     except ConfigError as exc:
@@ -227,7 +303,9 @@ def child_main(path: str) -> None:
     out = sys.stdout.buffer
     items = list(folded.items())
     for start in range(0, len(items), CHUNK):
-        rows = [(key, *(getattr(settings, name) for name in _FIELDS)) for key, settings in items[start:start + CHUNK]]
-        blob = marshal.dumps(rows)
-        out.write(len(blob).to_bytes(4, "big") + blob)
+        keys = [key for key, _ in items[start:start + CHUNK]]
+        blobs = [marshal.dumps(tuple(getattr(settings, name) for name in _FIELDS))
+                 for _, settings in items[start:start + CHUNK]]
+        chunk = marshal.dumps((keys, blobs))
+        out.write(len(chunk).to_bytes(4, "big") + chunk)
     out.flush()

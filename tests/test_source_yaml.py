@@ -11,7 +11,7 @@ from conftest import write_yaml
 from source_contract import MakeSource, SourceContract
 
 from nss_config.yaml_source import YamlSource
-from pam_linkus.errors import ConfigError
+from pam_linkus.errors import ConfigError, SourceUnavailable
 
 
 class TestYamlSource(SourceContract):
@@ -88,3 +88,45 @@ def test_a_large_file_goes_to_a_child(private_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(ys, "load_in_child", lambda p: calls.append(p) or {})
     YamlSource.load(str(path))
     assert calls == [str(path)]
+
+
+def test_a_child_names_the_line_and_column_of_a_refused_entry(private_dir: Path) -> None:
+    """The position is worked out only for a refused entry: still the entry's own."""
+    path = private_dir / "ext.yaml"
+    write_yaml(path, 'extensions:\n  "1001": {method: none}\n  "1002": {method: totp}\n')
+    for in_child in (False, True):
+        with pytest.raises(ConfigError, match="needs a secret") as caught:
+            YamlSource.load(str(path), in_child=in_child)
+        assert f"{path}:3:3" in str(caught.value), in_child
+
+
+def test_a_released_large_source_is_unavailable_never_not_here(private_dir: Path) -> None:
+    """A retired snapshot frees its entries (``close``); a lookup that still reached it must
+    not read "not here" (the chain would go on, a policy could skip the second factor)."""
+    path = private_dir / "ext.yaml"
+    write_yaml(path, {"extensions": {"1001": {"method": "totp", "secret": "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"}}})
+    source = YamlSource.load(str(path), in_child=True)
+    assert source.lookup("1001") is not None and source.lookup("1002") is None and len(source) == 1
+    source.close()
+    with pytest.raises(SourceUnavailable):
+        source.lookup("1001")
+
+
+def test_check_user_name_refuses_exactly_controls_separators_and_surrogates() -> None:
+    """Every code point, against the rule as written (the check is a regex now)."""
+    from nss_config.base import check_user_name
+
+    def refused(c: int) -> bool:
+        return c < 32 or 127 <= c < 160 or c in (0x2028, 0x2029) or 0xD800 <= c <= 0xDFFF
+
+    wrong = []
+    for c in range(0x110000):
+        try:
+            check_user_name(f"a{chr(c)}b")
+        except ValueError:
+            if not refused(c):
+                wrong.append(c)
+        else:
+            if refused(c):
+                wrong.append(c)
+    assert wrong == []
