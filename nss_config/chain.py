@@ -24,11 +24,14 @@ if TYPE_CHECKING:
 class SourceChain:
     """Ask sources in order; see the module docstring for the rules."""
 
-    __slots__ = ("sources", "skip_unavailable")
+    __slots__ = ("sources", "skip_unavailable", "waits_for_servers")
 
     def __init__(self, sources: Sequence[SettingsSource], *, skip_unavailable: bool = False):
         self.sources = list(sources)
         self.skip_unavailable = skip_unavailable
+        #: a lookup may wait for a server (LDAP): linkusd then does it in a worker, not on
+        #: its event loop (flow.Offload); sources that only read memory say False
+        self.waits_for_servers = any(getattr(source, "waits_for_servers", True) for source in self.sources)
 
     def lookup(self, user: str) -> ExtensionSettings | None:
         first_error: SourceUnavailable | None = None

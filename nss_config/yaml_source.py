@@ -128,6 +128,9 @@ class YamlSource:
     validated settings (tests, the admin tools).
     """
 
+    #: lookups read memory only (SourceChain.waits_for_servers)
+    waits_for_servers = False
+
     name = "yaml"
 
     def __init__(self, path: str, *, _extensions: dict[str, ExtensionSettings] | PackedExtensions | None = None):

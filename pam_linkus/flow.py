@@ -47,10 +47,10 @@ class Info:
 
 
 class Offload:
-    """The flow is about to wait for a server (SMTP) or to burn CPU (scrypt of a recovery code).
+    """The flow is about to wait for a server (LDAP, SMTP) or to burn CPU (scrypt of a recovery code).
 
-    linkusd runs the steps of a local snapshot (YAML, SQLite) on its event loop and
-    moves the rest of such a login to its worker pool when it sees this; every other
+    linkusd runs the steps of a login with SQLite state on its event loop and moves
+    the rest of that step to its worker pool when it sees this; every other
     driver just goes on (``send(None)``).
     """
 
@@ -202,6 +202,8 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
         exempt = policy.exempt_network(rhost, profile)
         if exempt is not None:
             return exempt
+    if ctx.chain.waits_for_servers:
+        yield OFFLOAD  # the directory is next
     settings = _lookup(req, ctx)
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"

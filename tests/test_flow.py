@@ -46,6 +46,7 @@ class ScriptedPrompter:
 
 class StaticSource:
     name = "static"
+    waits_for_servers = False  # memory only, like YamlSource
 
     def __init__(self, entries: dict[str, ExtensionSettings], *, down: bool = False):
         self.entries = entries
@@ -281,3 +282,29 @@ def test_the_flow_announces_scrypt_and_smtp_before_it_starts_them(store: SqliteS
         mail = ["offload", "mail"] if method == "email" else []
         assert trace == mail + ["ask"] + (["offload"] if hashed else []), (answer, trace)
         assert outcome == (Outcome.SUCCESS if hashed else "denied")
+
+
+def test_the_flow_announces_a_lookup_that_may_wait_for_a_server(store: SqliteStore) -> None:
+    """A source that may wait for a server (LDAP: ``waits_for_servers``) is asked only after an
+    Offload step; a memory-only source (YAML) without one."""
+    from pam_linkus.flow import Offload, login
+
+    trace: list[str] = []
+
+    class Directory(StaticSource):
+        waits_for_servers = True
+
+        def lookup(self, user: str) -> ExtensionSettings | None:
+            trace.append("lookup")
+            return super().lookup(user)
+
+    for source, expected in ((Directory, ["offload", "lookup"]), (StaticSource, [])):
+        trace.clear()
+        chain = SourceChain([source({"1001": ExtensionSettings("1001", "totp", secret=SECRET)})])
+        steps = login(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(), chain, store))
+        step = steps.send(None)
+        if isinstance(step, Offload):
+            trace.append("offload")
+            step = steps.send(None)
+        assert trace == expected and not isinstance(step, Offload)
+        steps.close()

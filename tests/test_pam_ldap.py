@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import statistics
+import threading
 import time
 from typing import Any
 
@@ -99,6 +100,28 @@ def test_server_that_never_answers_is_unavailable_within_the_timeout(
     assert 1.9 <= elapsed < 3 + SLACK, elapsed
     # The code was never asked for: the settings decide whether there is one to ask.
     assert result.prompts == ["Password: "]
+
+
+def test_a_directory_that_never_answers_stalls_no_one_else(
+    pam_stack: PamStack, slapd: Slapd, black_hole: BlackHole, make_user: Any
+) -> None:
+    """With SQLite state linkusd runs a login's steps on its event loop, but the flow announces the
+    directory lookup (flow.Offload) and that part runs in a worker: while one login waits for an
+    LDAP server that never answers, linkusd answers STATUS at once and the other logins' answers go on
+    (were the lookup on the loop, both would wait for its 3 s deadline)."""
+    stalled, other = make_user(), make_user()
+    use_ldap(pam_stack, slapd, slapd.tree({stalled: totp_entry(), other: totp_entry()}),
+             uris=[f"ldap://127.0.0.1:{black_hole.port}", slapd.ldaps_uri], connect_timeout=3, timeout=3)
+    results: dict[str, str] = {}
+    thread = threading.Thread(target=lambda: results.update(
+        first=pam_stack.login(stalled, code_at(SECRET, time.time())).auth))
+    thread.start()
+    time.sleep(0.5)  # the first login is in its lookup now: connecting to the black hole
+    started = time.monotonic()
+    assert pam_stack.daemon.status()["active"]["pam"] >= 1
+    assert time.monotonic() - started < 1.0, "STATUS waited for a directory lookup"
+    thread.join(30)
+    assert results["first"] == "PAM_SUCCESS"  # the second URI answered once the first timed out
 
 
 def test_wrong_bind_password_is_unavailable(pam_stack: PamStack, slapd: Slapd, user: str) -> None:

@@ -67,8 +67,8 @@ class Snapshot:
     allowed_gids: frozenset[int]
     trusted_gids: frozenset[int]
     web_gid: int | None
-    #: YAML settings and SQLite state only: nothing a login does waits for a server, so
-    #: linkusd runs its steps on the event loop (server.PamConnection)
+    #: SQLite state: linkusd runs a login's steps on its event loop (server.PamConnection), but
+    #: for the parts the flow announces as waiting for a server (flow.Offload: LDAP, SMTP)
     inline: bool = False
     users: int = 0  # logins using it right now (event loop thread only)
     retired: bool = False
@@ -104,7 +104,7 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
     except BaseException:
         store.close()
         raise
-    inline = set(config.sources) == {"yaml"} and config.state.backend == "sqlite"
+    inline = config.state.backend == "sqlite"
     return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline)
 
 

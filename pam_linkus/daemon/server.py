@@ -215,12 +215,12 @@ class PamConnection(asyncio.Protocol):
 
     Driven by the transport's callbacks rather than by a task reading a stream: that
     plumbing (a task, stream objects, a timeout context per read, a worker round trip per
-    step) was most of linkusd's CPU per login. When the snapshot is local (YAML settings,
-    SQLite state, see ``Snapshot.inline``) the flow's steps run right here on the event
-    loop -- a step is a dictionary lookup, an HMAC and one SQLite transaction -- and a
-    step that is about to talk to a server or hash a recovery code says so
-    (``flow.Offload``) and continues in the PAM pool. With LDAP or Redis every step runs
-    in the pool, under the work deadline and the calling uid's share of the pool.
+    step) was most of linkusd's CPU per login. With SQLite state (``Snapshot.inline``) the
+    flow's steps run right here on the event loop -- a step is a dictionary lookup, an
+    HMAC and one SQLite transaction -- and a step that is about to wait for a server
+    (LDAP, SMTP) or hash a recovery code says so (``flow.Offload``) and continues in the
+    PAM pool. With Redis every step runs in the pool. Pool work runs under the work
+    deadline and the calling uid's share of the pool.
 
     While the flow waits for the person, nothing runs for this connection: a timer
     (``answer_timeout``) and the buffer. A frame has to arrive whole before its
@@ -412,7 +412,7 @@ class PamConnection(asyncio.Protocol):
         )
         if self.mode == protocol.MODE_SPLIT:
             work = partial(split_digits, req, ctx)
-            if not self.inline:
+            if not self.inline or snap.chain.waits_for_servers:
                 self._pool(work, self._split_done)
                 return
             try:
