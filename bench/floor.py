@@ -2,16 +2,18 @@
 """The floor under linkusd's CPU per login on this machine: what the least a login server in
 Python can do costs -- an asyncio unix-socket server that accepts, reads SO_PEERCRED, reads a
 frame, sends a prompt, reads the answer, commits one SQLite transaction (WAL,
-``synchronous=FULL`` or ``OFF``) and sends the result. No config, no flow, no /proc, no log.
+``synchronous=FULL`` or ``OFF``) and sends the result. No config, no flow, no /proc, no log,
+no check of what the frames say.
 
     python3 bench/floor.py serve DIR FULL|OFF      # the server (bench/run.py starts it)
-    python3 bench/floor.py [N]                     # both servers, N connections each, interleaved
 
-linkusd's figure (bench/run.py ``daemon_cpu``) minus this one is what linkusd's own checks,
-flow, state and log line cost on top of asyncio and the durable write; the FULL/OFF difference is
-what the fsync costs the process in CPU (on a VM it includes the exit to the host per disk
-flush). The client is a Python socket client in its own process, so the figure is the
-server's CPU (schedstat of all its threads), not the client's.
+bench/run.py drives it exactly as it drives linkusd for "CPU per login": pamtester logins through
+native/pam_linkus.so (whose frames it answers with valid PROMPT and RESULT frames), one after
+another, and reads the server's CPU (schedstat of all its threads). The client pattern matters:
+a server woken every few milliseconds runs on cold caches, so only the same client makes the two
+figures comparable. linkusd's figure minus this one is what linkusd's own checks, flow, state and
+log line cost on top of asyncio and the durable write; the FULL/OFF difference is what the fsync
+costs the process in CPU (on a VM it includes the exit to the host per disk flush).
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _UCRED = struct.Struct("3i")
 _FRAME = struct.Struct(">I")
+#: docs/protocol.md: version 1, PROMPT {STYLE echo off, TEXT}; RESULT {OUTCOME success}
+_PROMPT_BODY = bytes([1, 0x10, 0x0B, 0, 1, 1, 0x0A, 0, 6]) + b"Code: "
+_PROMPT = _FRAME.pack(len(_PROMPT_BODY)) + _PROMPT_BODY
+_RESULT_BODY = bytes([1, 0x20, 0x0C, 0, 1, 0])
+_RESULT = _FRAME.pack(len(_RESULT_BODY)) + _RESULT_BODY
 
 
 class _Login(asyncio.Protocol):
@@ -53,13 +60,13 @@ class _Login(asyncio.Protocol):
         self.buf = b""
         if not self.answered:
             self.answered = True
-            self.transport.write(_FRAME.pack(6) + b"PROMPT")
+            self.transport.write(_PROMPT)
             return
         self.db.execute("BEGIN IMMEDIATE")
         self.db.execute("INSERT INTO used (user, step) VALUES ('u', ?) "
                         "ON CONFLICT (user) DO UPDATE SET step = excluded.step", (time.time_ns(),))
         self.db.execute("COMMIT")
-        self.transport.write(_FRAME.pack(2) + b"OK")
+        self.transport.write(_RESULT)
         self.transport.close()
 
 
@@ -89,60 +96,58 @@ def _cpu(pid: int) -> int:
     return total
 
 
-def _logins(path: str, count: int) -> None:
-    for _ in range(count):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(path)
-            sock.sendall(_FRAME.pack(5) + b"START")
-            sock.recv(100)
-            sock.sendall(_FRAME.pack(6) + b"123456")
-            sock.recv(100)
-
-
-def measure(count: int = 600, directory: str | None = None) -> dict[str, float]:
-    """CPU per connection (ms) of the FULL and the OFF server, in blocks of 50, interleaved."""
-    own = directory is None
-    work = directory or tempfile.mkdtemp(prefix="linkus-floor-", dir="/run")
+def start(directory: str) -> dict[str, subprocess.Popen[str]]:
+    """Both servers (FULL, OFF) with their sockets in ``directory`` (root-owned, not world-writable)."""
     servers: dict[str, subprocess.Popen[str]] = {}
-    try:
-        for mode in ("FULL", "OFF"):
-            proc = subprocess.Popen(["/usr/bin/python3", __file__, "serve", work, mode], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"floor server {mode} did not start")
-            servers[mode] = proc
-        used = {mode: 0 for mode in servers}
-        for mode in servers:  # warm up
-            _logins(os.path.join(work, f"floor-{mode}.sock"), 20)
-        block = 50
-        for i in range(max(1, count // block)):
-            for mode in (("FULL", "OFF") if i % 2 == 0 else ("OFF", "FULL")):
-                pid = servers[mode].pid
-                before = _cpu(pid)
-                _logins(os.path.join(work, f"floor-{mode}.sock"), block)
-                used[mode] += _cpu(pid) - before
-        per = {mode: used[mode] / 1e6 / (max(1, count // block) * block) for mode in used}
-        return {"full_ms": round(per["FULL"], 3), "off_ms": round(per["OFF"], 3),
-                "logins": max(1, count // block) * block}
-    finally:
-        for proc in servers.values():
-            if proc.stdin is not None:
-                proc.stdin.close()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        if own:
-            for name in os.listdir(work):
-                os.unlink(os.path.join(work, name))
-            os.rmdir(work)
+    for mode in ("FULL", "OFF"):
+        proc = subprocess.Popen(["/usr/bin/python3", __file__, "serve", directory, mode], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        servers[mode] = proc
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            stop(servers)
+            raise RuntimeError(f"floor server {mode} did not start")
+    return servers
+
+
+def socket_path(directory: str, mode: str) -> str:
+    return os.path.join(directory, f"floor-{mode}.sock")
+
+
+def measure(servers: dict[str, subprocess.Popen[str]], login: dict[str, Callable[[], object]],
+            count: int = 300) -> dict[str, float]:
+    """CPU per login (ms) of each server, ``login[mode]()`` doing one login against it; blocks of
+    25 logins, interleaved."""
+    used = {mode: 0 for mode in servers}
+    for mode in servers:  # warm up
+        for _ in range(10):
+            login[mode]()
+    block = 25
+    rounds = max(1, count // block)
+    for i in range(rounds):
+        for mode in (("FULL", "OFF") if i % 2 == 0 else ("OFF", "FULL")):
+            pid = servers[mode].pid
+            before = _cpu(pid)
+            for _ in range(block):
+                login[mode]()
+            used[mode] += _cpu(pid) - before
+    per = {mode: used[mode] / 1e6 / (rounds * block) for mode in used}
+    return {"full_ms": round(per["FULL"], 3), "off_ms": round(per["OFF"], 3), "logins": rounds * block}
+
+
+def stop(servers: dict[str, subprocess.Popen[str]]) -> None:
+    for proc in servers.values():
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+    if len(sys.argv) == 4 and sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     else:
-        print(measure(int(sys.argv[1]) if len(sys.argv) > 1 else 600))
+        raise SystemExit(__doc__)

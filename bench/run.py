@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import backends
 import floor
 from harness import (
+    NATIVE_SO,
     PASSWORD,
     SECRET,
     Workspace,
@@ -279,6 +281,30 @@ def daemon_cpu(setup: LinkusSetup, user: str, logins: int, messages: dict[str, s
             "ms_per_login": round(per_login, 3)}
 
 
+def floor_cpu(ws: Workspace, user: str, logins: int) -> dict[str, Any]:
+    """bench/floor.py's two servers (one FULL and one OFF commit per login, nothing else), driven
+    like ``daemon_cpu`` drives linkusd: pamtester through pam_linkus.so, one login after another."""
+    directory = ws.root / "floor"
+    directory.mkdir(mode=0o755)
+    servers = floor.start(str(directory))
+    try:
+        services = {mode: ws.service(f"floor-{mode.lower()}", f"auth required {NATIVE_SO} "
+                                     f"socket={floor.socket_path(str(directory), mode)}\n")
+                    for mode in servers}
+        bad: list[str] = []
+
+        def one(service: str) -> None:
+            code, _ = pamtester(service, user, [code_at(time.time())], ws.messages)
+            if code != "PAM_SUCCESS":
+                bad.append(code)
+
+        result = floor.measure(servers, {mode: partial(one, service) for mode, service in services.items()},
+                               logins)
+        return {**result, "errors": len(bad)}
+    finally:
+        floor.stop(servers)
+
+
 def fsyncs_per_login(setup: LinkusSetup, user: str, logins: int, messages: dict[str, str]) -> float | None:
     """fsync + fdatasync calls of linkusd per login (strace -c over ``logins`` logins), or None."""
     import shutil
@@ -456,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] fsync, CPU per login", flush=True)
         results["fsync"] = sqlite_fsync_cost(yaml10.dir / "state", 100 if args.quick else 300)
         results["cpu"] = daemon_cpu(yaml10, user, 100 if args.quick else 300, ws.messages)
-        results["floor"] = floor.measure(300 if args.quick else 600, str(ws.root))
+        results["floor"] = floor_cpu(ws, user, 100 if args.quick else 300)
         results["fsyncs_per_login"] = fsyncs_per_login(yaml10, user, 20, ws.messages)
         if ldap is not None:
             results["ldap_round_trip_ms"] = servers.ldap_round_trip_ms(ldap.config_path, user, rounds)
@@ -620,8 +646,9 @@ def render(results: dict[str, Any]) -> str:
               *([f"- The floor on this machine (bench/floor.py: an asyncio unix-socket server that reads "
                  f"SO_PEERCRED, a frame, sends a prompt, reads the answer, commits one SQLite transaction and "
                  f"answers; nothing else): **{results['floor']['full_ms']:.3f} ms** with synchronous=FULL, "
-                 f"{results['floor']['off_ms']:.3f} ms with OFF ({results['floor']['logins']} connections "
-                 f"each, interleaved)."] if results.get("floor") else []),
+                 f"{results['floor']['off_ms']:.3f} ms with OFF ({results['floor']['logins']} pamtester logins "
+                 f"through pam_linkus.so each, interleaved, {results['floor'].get('errors', 0)} errors)."]
+                if results.get("floor") else []),
               f"- Start with the large file: {results.get('big_start_s')} s to "
               f"ready, RSS {results.get('big_rss_after_start_mb')} MB."]
     rl, ri = results["reload"], results["reload_idle"]
