@@ -230,7 +230,7 @@ class PamConnection(asyncio.Protocol):
 
     __slots__ = ("server", "engine", "transport", "peer", "state", "buf", "expect", "timer", "counted",
                  "account_key", "max_account", "work_timeout", "answer_timeout", "snap", "steps", "ctx", "req",
-                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost")
+                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost", "pending")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -256,6 +256,7 @@ class PamConnection(asyncio.Protocol):
         self.inline = False
         self.parked = False
         self.lost = False
+        self.pending = False  # pool work or a STATUS/RELOAD task is running for this connection
 
     # -- the transport's callbacks ---------------------------------------------------
 
@@ -312,7 +313,15 @@ class PamConnection(asyncio.Protocol):
             self.server.log_protocol(self.peer, "peer closed the connection mid-frame or before it")
         elif self.state == _ASKING:
             self._conclude(Outcome.CONVERSATION, _HUNG_UP)
-        # _WORKING: the step in the pool ends the login when it returns
+        elif self.state == _WORKING and not self.pending:
+            # a step on the loop raised out of a callback (asyncio closed the transport): a bug;
+            # still one log line, and the snapshot and the account's slot are given back
+            if self.req is not None:
+                self._conclude(Outcome.UNAVAILABLE, "internal error: the connection's handler failed")
+            else:
+                self.state = _DONE
+                self._close()
+        # _WORKING with work pending: that work ends the login when it returns
         self._uncount()
 
     # -- frames ----------------------------------------------------------------------
@@ -380,6 +389,7 @@ class PamConnection(asyncio.Protocol):
         assert peer is not None and self.transport is not None
         self.state = _WORKING
         if msg.type in (Msg.STATUS, Msg.RELOAD):
+            self.pending = True
             self._track(asyncio.ensure_future(server.control(msg, self.transport, peer)))
             return
         try:
@@ -479,8 +489,10 @@ class PamConnection(asyncio.Protocol):
         assert self.peer is not None
         self.state = _WORKING
         future = asyncio.ensure_future(self.engine.run(work, ruid=self.peer.ruid, timeout=self.work_timeout))
+        self.pending = True
 
         def done(fut: asyncio.Future[object]) -> None:
+            self.pending = False
             if fut.cancelled():
                 self._failed(Unavailable("daemon stopping"))
             elif (exc := fut.exception()) is not None:
