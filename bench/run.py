@@ -366,13 +366,16 @@ def sqlite_fsync_cost(directory: Path, writes: int) -> dict[str, float]:
 
 
 def reload_window(setup: LinkusSetup, total: int, clients: int, messages: dict[str, str],
-                  quick: bool, first: int = 0, control_s: float | None = None) -> dict[str, Any]:
+                  quick: bool, first: int = 0, control_s: float | None = None,
+                  hog: bool = False) -> dict[str, Any]:
     """RELOAD of the large file while ``clients`` processes log in (pam_linkus alone, each login
     a fresh TOTP extension of that file), then the daemon's RSS. Logins that ended before the
     reload give the median; the worst login that overlapped the reload is compared with it.
     ``first``: skip that many TOTP extensions (a repeated window logs in as others: no replays).
     ``control_s``: no RELOAD, just that many seconds of the same load (the worst login of a
-    window with no reload at all: the floor the reload's figures stand on)."""
+    window with no reload at all: the floor the reload's figures stand on). ``hog`` (with
+    ``control_s``): meanwhile an unrelated CPU-bound process, as long as the reload's child
+    parse, so what any busy CPU does to the logins is measured apart from the reload."""
     totp_users = [filler_name(i) for i in range(0, total - 1, 3)][first:]
     per_client = 400 if quick else 800
     before_s, window_s = 3.0, 10.0
@@ -384,6 +387,10 @@ def reload_window(setup: LinkusSetup, total: int, clients: int, messages: dict[s
     r0 = time.time()
     if control_s is None:
         status = setup.control(reload=True)
+    elif hog:
+        spin = f"import time\nend = time.monotonic() + {control_s}\nwhile time.monotonic() < end: pass\n"
+        subprocess.run(["/usr/bin/python3", "-c", spin], check=True, timeout=control_s + 30)
+        status = setup.control()
     else:
         time.sleep(control_s)
         status = setup.control()
@@ -495,9 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] reload of the large file", flush=True)
         results["reload"] = reload_window(big, args.extensions, 4, ws.messages, args.quick)
         # the same load for as long, no reload: how slow the worst login is anyway (fresh extensions)
+        control_s = max(1.0, results["reload"]["reload_s"])
+        per_window = 4 * (400 if args.quick else 800)
         results["reload_control"] = reload_window(big, args.extensions, 4, ws.messages, args.quick,
-                                                  first=4 * (400 if args.quick else 800),
-                                                  control_s=max(1.0, results["reload"]["reload_s"]))
+                                                  first=per_window, control_s=control_s)
+        results["reload_hog"] = reload_window(big, args.extensions, 4, ws.messages, args.quick,
+                                              first=2 * per_window, control_s=control_s, hog=True)
         results["reload_idle"] = _reload_idle(big)
     finally:
         for setup in setups:
@@ -576,7 +586,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 f"worst {rl['worst_during_ms']} ms = {slow}x the median {rl['median_before_ms']} ms "
                 f"({rl['during']} logins overlapped it, {rl['errors']} errors)"
                 + (f"; with no reload, the same load for as long: worst {rc['worst_during_ms']} ms = "
-                   f"{rc['slowdown']}x" if (rc := results.get("reload_control")) else ""),
+                   f"{rc['slowdown']}x" if (rc := results.get("reload_control")) else "")
+                + (f"; no reload but a CPU hog as long: {rh['worst_during_ms']} ms = {rh['slowdown']}x"
+                   if (rh := results.get("reload_hog")) else ""),
                 slow is not None and slow <= TARGET_RELOAD_SLOWDOWN and rl["errors"] == 0))
     ldap = _median(results, "pam_linkus alone (LDAP, SQLite)")
     rtt = results.get("ldap_round_trip_ms")
@@ -664,6 +676,12 @@ def render(results: dict[str, Any]) -> str:
                   f"logins, median before {rc['median_before_ms']} ms, worst {rc['worst_during_ms']} ms "
                   f"({rc['slowdown']}x), {rc.get('over_2x', '?')} over 2x the median: what pamtester and "
                   f"the machine do to the worst of a few hundred logins anyway."]
+    if (rh := results.get("reload_hog")):
+        lines += [f"- Control with a CPU hog: the same load, no reload, and an unrelated process spinning on a "
+                  f"CPU for as long ({rh['reload_s']} s): {rh['during']} logins, median before "
+                  f"{rh['median_before_ms']} ms, median of those {rh['p50_during_ms']} ms, worst "
+                  f"{rh['worst_during_ms']} ms ({rh['slowdown']}x), {rh.get('over_2x', '?')} over 2x the median: "
+                  f"what the reload's child parse costs the logins by using a CPU at all."]
     for problem in results.get("problems", []):
         lines.append(f"\n**{problem}**")
     lines += ["", "### Parallel logins (pam_linkus alone, YAML + SQLite; each login its own extension)", "",
