@@ -52,6 +52,8 @@ class Prompter:
 
 
 class Chain:
+    waits_for_servers = False  # memory only (SourceChain.waits_for_servers)
+
     def __init__(self, settings: ExtensionSettings | None = None, *, down: bool = False):
         self.settings = settings
         self.down = down
