@@ -544,3 +544,34 @@ def test_a_held_sqlite_lock_stalls_neither_linkusd_nor_other_requests(stack: Pam
         holder.communicate("", timeout=10)
     assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
     assert "database is locked" in stack.log.wait_for("outcome=unavailable")
+
+
+def _result(s: socket.socket) -> str:
+    """The outcome of the RESULT that ends a transaction (PROMPT and INFO frames skipped)."""
+    deadline = time.monotonic() + 10
+    while True:
+        msg = protocol.recv_message(s, {Msg.PROMPT, Msg.INFO, Msg.RESULT}, deadline=deadline)
+        if msg.type == Msg.RESULT:
+            return dc.OUTCOMES[msg.byte(protocol.F.OUTCOME)]
+
+
+def test_frames_split_anyhow_or_sent_ahead_make_the_same_login(stack: PamStack) -> None:
+    """linkusd assembles frames from whatever the socket delivers: START and ANSWER in one write
+    (the answer waits in the buffer until the prompt is out), or an answer a few bytes at a time
+    (each piece well inside the answer deadline)."""
+    stack.enroll_totp("alice")
+    code = code_at(SECRET, time.time())
+    answer = protocol.encode(Msg.ANSWER, {protocol.F.TEXT: code.encode()})
+    with dc.connect(sock(stack)) as s:
+        s.sendall(dc.start_frame("alice") + answer)
+        assert _result(s) == "success"
+    with dc.connect(sock(stack)) as s:
+        s.sendall(dc.start_frame("alice"))
+        assert protocol.recv_message(s, {Msg.PROMPT}, deadline=time.monotonic() + 10).type == Msg.PROMPT
+        for i in range(0, len(answer), 3):
+            s.sendall(answer[i:i + 3])
+            time.sleep(0.05)
+        assert _result(s) == "denied"  # the same code again: a replay, decided on the reassembled frame
+    line = stack.log.wait_for("reason=\"replayed code")
+    assert "user=\"alice\"" in line or "user=alice" in line
+
