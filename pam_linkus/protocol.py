@@ -206,14 +206,18 @@ def body_length(header: bytes, max_body: int) -> int:
     return int(length)
 
 
+#: Byte -> member, without an Enum call per field (a frame is decoded on every login).
+_MSG_BY_CODE: dict[int, Msg] = {int(m): m for m in Msg}
+_FIELD_BY_CODE: dict[int, F] = {int(f): f for f in F}
+
+
 def decode_body(body: bytes, expected: frozenset[Msg] | set[Msg]) -> Message:
     """Check and decode a frame body; ``expected`` are the types acceptable at this point."""
     if body[0] != VERSION:
         raise ProtocolError(f"protocol version {body[0]}, expected {VERSION}")
-    try:
-        msg_type = Msg(body[1])
-    except ValueError:
-        raise ProtocolError(f"unknown message type 0x{body[1]:02x}") from None
+    msg_type = _MSG_BY_CODE.get(body[1])
+    if msg_type is None:
+        raise ProtocolError(f"unknown message type 0x{body[1]:02x}")
     if msg_type not in expected:
         raise ProtocolError(f"message {msg_type.name} not expected here")
     required, optional = MESSAGE_FIELDS[msg_type]
@@ -224,10 +228,9 @@ def decode_body(body: bytes, expected: frozenset[Msg] | set[Msg]) -> Message:
             raise ProtocolError("field header overruns the frame")
         tag_byte, length = _FIELD.unpack_from(body, pos)
         pos += _FIELD.size
-        try:
-            tag = F(tag_byte)
-        except ValueError:
-            raise ProtocolError(f"unknown field 0x{tag_byte:02x} in {msg_type.name}") from None
+        tag = _FIELD_BY_CODE.get(tag_byte)
+        if tag is None:
+            raise ProtocolError(f"unknown field 0x{tag_byte:02x} in {msg_type.name}")
         if tag not in required and tag not in optional:
             raise ProtocolError(f"field {tag.name} not allowed in {msg_type.name}")
         if tag in fields:

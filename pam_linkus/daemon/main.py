@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
+from pam_linkus.daemon.rawsock import Listener
 from pam_linkus.daemon.server import Server
 from pam_linkus.logline import LOG_ERR, LOG_INFO, QueuedSyslogSink
 
@@ -169,7 +170,8 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
     await engine.reload("start")
     server = Server(engine)
     loop = asyncio.get_running_loop()
-    pam_server = await loop.create_unix_server(server.pam_protocol, sock=pam_sock)
+    pam_server = Listener(loop, pam_sock, server.pam_protocol, lambda exc: sink.send(
+        LOG_ERR, f"linkusd: cannot accept PAM connections ({exc.strerror}); pausing 1 s"))
     web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
 
     def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -21,7 +21,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,9 @@ from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, sp
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Decision, Outcome
 from pam_linkus.protocol import F, Msg, ProtocolError
+
+if TYPE_CHECKING:
+    from pam_linkus.daemon.rawsock import SocketTransport
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
@@ -58,19 +60,25 @@ UNAVAILABLE_TEXT = "Two-factor authentication is unavailable; contact your admin
 _FALLBACK_WORK_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
 class Peer:
-    """Who is on the other end (SO_PEERCRED, SO_PEERGROUPS, /proc)."""
+    """Who is on the other end (SO_PEERCRED, SO_PEERGROUPS, /proc); read once, never changed."""
 
-    pid: int
-    uid: int
-    gid: int
-    ruid: int
-    groups: frozenset[int]
+    __slots__ = ("pid", "uid", "gid", "ruid", "groups")
+
+    def __init__(self, pid: int, uid: int, gid: int, ruid: int, groups: frozenset[int]) -> None:
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        self.ruid = ruid
+        self.groups = groups
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
         pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid == 0:
+            # root is served whatever its groups (allowed_groups, trusted_groups and the web group
+            # are for non-root peers only): no need to ask the kernel for them
+            return cls(pid, uid, gid, _real_uid(pid, uid), frozenset((gid,)))
         groups = {gid}
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
@@ -124,7 +132,7 @@ class Server:
     # -- PAM socket ------------------------------------------------------------
 
     def pam_protocol(self) -> PamConnection:
-        """The protocol factory of the PAM socket (``loop.create_unix_server``)."""
+        """The protocol factory of the PAM socket (``rawsock.Listener``)."""
         return PamConnection(self)
 
     def _peer_allowed(self, peer: Peer, snap: Snapshot | None) -> bool:
@@ -132,7 +140,7 @@ class Server:
             return True
         return snap is not None and bool(peer.groups & snap.allowed_gids)
 
-    async def control(self, msg: protocol.Message, transport: asyncio.BaseTransport, peer: Peer) -> None:
+    async def control(self, msg: protocol.Message, transport: SocketTransport, peer: Peer) -> None:
         """STATUS or RELOAD (root only): the reply is the status object."""
         try:
             if peer.uid != 0:
@@ -141,7 +149,7 @@ class Server:
             if msg.type == Msg.RELOAD:
                 await self.engine.reload("requested")
             if not transport.is_closing():
-                transport.write(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))  # type: ignore[attr-defined]
+                transport.write(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))
         finally:
             transport.close()
 
@@ -210,12 +218,13 @@ _HUNG_UP = "client hung up (PeerClosed)"
 _IN_FLIGHT: set[asyncio.Future[object]] = set()
 
 
-class PamConnection(asyncio.Protocol):
+class PamConnection:
     """One PAM transaction (a login, a single-field split, or STATUS/RELOAD) on one connection.
 
-    Driven by the transport's callbacks rather than by a task reading a stream: that
-    plumbing (a task, stream objects, a timeout context per read, a worker round trip per
-    step) was most of linkusd's CPU per login. With SQLite state (``Snapshot.inline``) the
+    Driven by the callbacks of its transport (rawsock.SocketTransport, on the loop's
+    add_reader) rather than by a task reading an asyncio stream: that plumbing (a task,
+    stream objects, a timeout context per read, a worker round trip per step) was most of
+    linkusd's CPU per login. With SQLite state (``Snapshot.inline``) the
     flow's steps run right here on the event loop -- a step is a dictionary lookup, an
     HMAC and one SQLite transaction -- and a step that is about to wait for a server
     (LDAP, SMTP) or hash a recovery code says so (``flow.Offload``) and continues in the
@@ -235,7 +244,7 @@ class PamConnection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.engine = server.engine
-        self.transport: asyncio.Transport | None = None
+        self.transport: SocketTransport | None = None
         self.peer: Peer | None = None
         self.state = _OPENING
         self.buf = bytearray()
@@ -260,14 +269,13 @@ class PamConnection(asyncio.Protocol):
 
     # -- the transport's callbacks ---------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, transport: SocketTransport) -> None:
         self.transport = transport
         server, engine = self.server, self.engine
         (self.work_timeout, self.answer_timeout, max_conn, max_caller, max_caller_root,
          self.max_account) = server._limits()
         try:
-            peer = Peer.of(transport.get_extra_info("socket"))
+            peer = Peer.of(transport.get_extra_info("socket"))  # type: ignore[arg-type]
         except OSError:
             self.state = _DONE
             transport.abort()
