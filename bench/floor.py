@@ -7,9 +7,9 @@ no check of what the frames say.
 
     python3 bench/floor.py serve DIR FULL|OFF      # the server (bench/run.py starts it)
 
-bench/run.py drives it exactly as it drives linkusd for "CPU per login": pamtester logins through
-native/pam_linkus.so (whose frames it answers with valid PROMPT and RESULT frames), one after
-another, and reads the server's CPU (schedstat of all its threads). The client pattern matters:
+bench/run.py drives it and linkusd alike for "CPU per login", interleaved in one run: pamtester
+logins through native/pam_linkus.so (whose frames it answers with valid PROMPT and RESULT frames),
+one after another, and reads each server's CPU (schedstat of all its threads). The client pattern matters:
 a server woken every few milliseconds runs on cold caches, so only the same client makes the two
 figures comparable. linkusd's figure minus this one is what linkusd's own checks, flow, state and
 log line cost on top of asyncio and the durable write; the FULL/OFF difference is what the fsync
@@ -87,6 +87,7 @@ def serve(directory: str, mode: str) -> None:
 
 
 def _cpu(pid: int) -> int:
+    """CPU time (ns) of all the threads of ``pid`` (schedstat: exact, not clock ticks)."""
     total = 0
     for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
         try:
@@ -114,25 +115,24 @@ def socket_path(directory: str, mode: str) -> str:
     return os.path.join(directory, f"floor-{mode}.sock")
 
 
-def measure(servers: dict[str, subprocess.Popen[str]], login: dict[str, Callable[[], object]],
-            count: int = 300) -> dict[str, float]:
-    """CPU per login (ms) of each server, ``login[mode]()`` doing one login against it; blocks of
-    25 logins, interleaved."""
-    used = {mode: 0 for mode in servers}
-    for mode in servers:  # warm up
+def measure(pids: dict[str, int], login: dict[str, Callable[[], object]], count: int = 300,
+            block: int = 25) -> dict[str, float]:
+    """CPU per login (ms) of each server (``pids``: name -> pid), ``login[name]()`` doing one login
+    against it; ``block`` logins at a time, the servers' order rotating, interleaved."""
+    used = {name: 0 for name in pids}
+    for name in pids:  # warm up
         for _ in range(10):
-            login[mode]()
-    block = 25
+            login[name]()
+    names = list(pids)
     rounds = max(1, count // block)
     for i in range(rounds):
-        for mode in (("FULL", "OFF") if i % 2 == 0 else ("OFF", "FULL")):
-            pid = servers[mode].pid
-            before = _cpu(pid)
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            before = _cpu(pids[name])
             for _ in range(block):
-                login[mode]()
-            used[mode] += _cpu(pid) - before
-    per = {mode: used[mode] / 1e6 / (rounds * block) for mode in used}
-    return {"full_ms": round(per["FULL"], 3), "off_ms": round(per["OFF"], 3), "logins": rounds * block}
+                login[name]()
+            used[name] += _cpu(pids[name]) - before
+    return {name: used[name] / 1e6 / (rounds * block) for name in used}
 
 
 def stop(servers: dict[str, subprocess.Popen[str]]) -> None:

@@ -259,31 +259,11 @@ def _lockout_exact(checked: int, lost: int, denied: int, locked: int, clients: i
 # -- linkusd's own cost ---------------------------------------------------------------------
 
 
-def daemon_cpu(setup: LinkusSetup, user: str, logins: int, messages: dict[str, str]) -> dict[str, Any]:
-    """linkusd's utime+stime over ``logins`` sequential logins (pam_linkus alone), less its idle
-    rate (the file watcher) over the same time. Resets run in the bench process, not the daemon."""
-    idle_s = 2.0
-    c0 = setup.cpu()
-    time.sleep(idle_s)
-    idle_rate = (setup.cpu() - c0) / idle_s
-    setup.forget(user)
-    c1, t1 = setup.cpu(), time.monotonic()
-    done, errors = 0, 0
-    for _ in range(logins):
-        avoid_step_edge()
-        code, _ = pamtester(setup.service_alone, user, [code_at(time.time())], messages)
-        done += 1
-        errors += code != "PAM_SUCCESS"
-        setup.forget(user)
-    c2, t2 = setup.cpu(), time.monotonic()
-    per_login = ((c2 - c1) - idle_rate * (t2 - t1)) / done * 1000
-    return {"logins": done, "errors": errors, "cpu_s": round(c2 - c1, 3), "idle_cpu_s": round(idle_rate * (t2 - t1), 3),
-            "ms_per_login": round(per_login, 3)}
-
-
-def floor_cpu(ws: Workspace, user: str, logins: int) -> dict[str, Any]:
-    """bench/floor.py's two servers (one FULL and one OFF commit per login, nothing else), driven
-    like ``daemon_cpu`` drives linkusd: pamtester through pam_linkus.so, one login after another."""
+def cpu_per_login(ws: Workspace, setup: LinkusSetup, user: str, logins: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """linkusd's CPU per login and the floor's (bench/floor.py, one FULL and one OFF commit per login,
+    nothing else), in one interleaved run: pamtester through pam_linkus.so, one login after another,
+    blocks of 25 per server in rotating order; CPU from schedstat (every thread, in ns). linkusd's
+    state is put back between its logins from the bench process (untimed, not its CPU)."""
     directory = ws.root / "floor"
     directory.mkdir(mode=0o755)
     servers = floor.start(str(directory))
@@ -291,16 +271,33 @@ def floor_cpu(ws: Workspace, user: str, logins: int) -> dict[str, Any]:
         services = {mode: ws.service(f"floor-{mode.lower()}", f"auth required {NATIVE_SO} "
                                      f"socket={floor.socket_path(str(directory), mode)}\n")
                     for mode in servers}
-        bad: list[str] = []
+        bad: dict[str, int] = {"linkusd": 0, "FULL": 0, "OFF": 0}
 
-        def one(service: str) -> None:
+        def one(name: str, service: str) -> None:
+            avoid_step_edge()
             code, _ = pamtester(service, user, [code_at(time.time())], ws.messages)
-            if code != "PAM_SUCCESS":
-                bad.append(code)
+            bad[name] += code != "PAM_SUCCESS"
+            if name == "linkusd":
+                setup.forget(user)
 
-        result = floor.measure(servers, {mode: partial(one, service) for mode, service in services.items()},
-                               logins)
-        return {**result, "errors": len(bad)}
+        setup.forget(user)
+        idle_s = 2.0
+        before = floor._cpu(setup.pid)
+        time.sleep(idle_s)
+        idle_ms_per_s = (floor._cpu(setup.pid) - before) / 1e6 / idle_s
+        started = time.monotonic()
+        logins_fn = {"linkusd": partial(one, "linkusd", setup.service_alone),
+                     **{mode: partial(one, mode, service) for mode, service in services.items()}}
+        per = floor.measure({"linkusd": setup.pid, **{mode: proc.pid for mode, proc in servers.items()}},
+                            logins_fn, logins)
+        elapsed = time.monotonic() - started
+        done = max(1, logins // 25) * 25
+        # the watcher's idle CPU over the run, shared out over linkusd's logins
+        idle_per_login = idle_ms_per_s * elapsed / done / 3
+        cpu = {"logins": done, "errors": bad["linkusd"], "idle_ms_per_login": round(idle_per_login, 4),
+               "ms_per_login": round(per["linkusd"] - idle_per_login, 3), "method": "schedstat"}
+        return cpu, {"full_ms": round(per["FULL"], 3), "off_ms": round(per["OFF"], 3), "logins": done,
+                     "errors": bad["FULL"] + bad["OFF"]}
     finally:
         floor.stop(servers)
 
@@ -488,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("[bench] fsync, CPU per login", flush=True)
         results["fsync"] = sqlite_fsync_cost(yaml10.dir / "state", 100 if args.quick else 300)
-        results["cpu"] = daemon_cpu(yaml10, user, 100 if args.quick else 300, ws.messages)
-        results["floor"] = floor_cpu(ws, user, 100 if args.quick else 300)
+        results["cpu"], results["floor"] = cpu_per_login(ws, yaml10, user, 100 if args.quick else 300)
         results["fsyncs_per_login"] = fsyncs_per_login(yaml10, user, 20, ws.messages)
         if ldap is not None:
             results["ldap_round_trip_ms"] = servers.ldap_round_trip_ms(ldap.config_path, user, rounds)
@@ -653,8 +649,12 @@ def render(results: dict[str, Any]) -> str:
                      f"bench process): {results['ldap_round_trip_ms']:.2f} ms median.")
     c = results["cpu"]
     lines += ["", "### linkusd", "",
-              f"- CPU per login: **{c['ms_per_login']:.3f} ms** ({c['cpu_s']} s utime+stime over {c['logins']} "
-              f"sequential logins, less {c['idle_cpu_s']} s idle rate; {c['errors']} errors).",
+              (f"- CPU per login: **{c['ms_per_login']:.3f} ms** (schedstat of all its threads over {c['logins']} "
+               f"sequential logins, interleaved with the floor's below; its idle rate, "
+               f"{c['idle_ms_per_login']} ms per login, taken off; {c['errors']} errors)."
+               if c.get("method") == "schedstat" else
+               f"- CPU per login: **{c['ms_per_login']:.3f} ms** ({c['cpu_s']} s utime+stime over {c['logins']} "
+               f"sequential logins, less {c['idle_cpu_s']} s idle rate; {c['errors']} errors)."),
               *([f"- The floor on this machine (bench/floor.py: an asyncio unix-socket server that reads "
                  f"SO_PEERCRED, a frame, sends a prompt, reads the answer, commits one SQLite transaction and "
                  f"answers; nothing else): **{results['floor']['full_ms']:.3f} ms** with synchronous=FULL, "
