@@ -448,10 +448,10 @@ class PamConnection:
         self.state = _WORKING
         assert self.steps is not None
         if not self.inline:
-            self._pool(partial(_advance, self.steps, reply), self._stepped)
+            self._pool(partial(_step, self.steps, reply), self._stepped)
             return
         try:
-            step = _advance(self.steps, reply)
+            step = _step(self.steps, reply)
         except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
             self._failed(exc)
             return
@@ -466,7 +466,7 @@ class PamConnection:
             return
         if isinstance(step, Offload):
             assert self.steps is not None
-            self._pool(partial(_advance, self.steps, None), self._stepped)
+            self._pool(partial(_step, self.steps, None), self._stepped)
             return
         self.exchanges += 1
         if self.exchanges > protocol.MAX_EXCHANGES:
@@ -570,25 +570,22 @@ class PamConnection:
         assert transport is not None
         self.state = _DONE
         transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[Outcome.UNAVAILABLE]}))
-        self._release_account()
-        if self.snap is not None:
-            snap, self.snap = self.snap, None
-            self.engine.release(snap)
-        try:
-            transport.write_eof()
-        except OSError:
-            transport.close()
-            return
+        self._release()
+        transport.write_eof()  # a failure aborts the transport itself
         self.timer = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
 
     def _close(self) -> None:
         self._cancel_timer()
+        self._release()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _release(self) -> None:
+        """Give back the snapshot and the account's slot (each once)."""
         if self.snap is not None:
             snap, self.snap = self.snap, None
             self.engine.release(snap)
         self._release_account()
-        if self.transport is not None:
-            self.transport.close()
 
     def _unpark(self) -> None:
         if self.parked:
@@ -632,7 +629,7 @@ def internal_error(engine: Engine, exc: BaseException) -> str:
     return reason
 
 
-def _advance(steps: Steps, reply: str | None) -> Ask | Info | Offload | Decision:
+def _step(steps: Steps, reply: str | None) -> Ask | Info | Offload | Decision:
     """One step of the flow, in a worker thread (a StopIteration cannot cross a Future)."""
     try:
         return steps.send(reply)
