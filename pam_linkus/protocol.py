@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import struct
 import time
@@ -27,6 +28,9 @@ MAX_ANSWER = 256
 ANSWER_CUT = MAX_ANSWER + 1
 #: PROMPT + INFO frames in one transaction.
 MAX_EXCHANGES = 16
+#: Deepest nesting of arrays and objects in a JSON field (web calls are flat, replies two deep):
+#: checked before decoding, so a hostile body never reaches the decoder's recursion limit.
+MAX_JSON_DEPTH = 8
 
 
 class Msg(IntEnum):
@@ -128,6 +132,11 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the message says how (never a field's value)."""
 
 
+class BadJSON(ProtocolError):
+    """A whole frame whose JSON field is not one JSON object we accept: the web socket answers
+    ``bad-request`` (the frame itself was fine, so the peer is still in step)."""
+
+
 class PeerClosed(ProtocolError):
     """The peer closed the connection before a whole frame arrived."""
 
@@ -162,14 +171,55 @@ class Message:
         return int.from_bytes(raw, "big") if raw else default
 
     def json(self) -> dict[str, object]:
-        """The JSON field as an object (anything else is a protocol error)."""
+        """The JSON field as an object; anything else is BadJSON: not UTF-8, not JSON, nested
+        deeper than MAX_JSON_DEPTH, NaN/Infinity, a repeated key, an integer of thousands of digits."""
+        raw = self.fields.get(F.JSON)
+        if raw is None:
+            raise BadJSON("JSON field missing")
         try:
-            value = json.loads(self.fields[F.JSON].decode("utf-8"))
-        except (KeyError, UnicodeDecodeError, ValueError):
-            raise ProtocolError("JSON field missing or not valid JSON") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadJSON("JSON field is not UTF-8") from None
+        if _json_too_deep(text):
+            raise BadJSON(f"JSON field nested deeper than {MAX_JSON_DEPTH}")
+        try:
+            value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        except (ValueError, RecursionError):  # RecursionError: only if MAX_JSON_DEPTH were raised a lot
+            raise BadJSON("JSON field is not valid JSON") from None
         if not isinstance(value, dict):
-            raise ProtocolError("JSON field is not an object")
+            raise BadJSON("JSON field is not an object")
         return value
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _json_too_deep(text: str) -> bool:
+    """True when arrays/objects nest deeper than MAX_JSON_DEPTH (brackets inside strings do not count).
+
+    One linear pass (the string pattern cannot backtrack: its two branches never match the
+    same character), over at most WEB_MAX_BODY characters; malformed text may count wrong,
+    but then the decoder refuses it anyway.
+    """
+    depth = 0
+    for bracket in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            return True
+    return False
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """An object whose key repeats means two readers could see two different requests: refused."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("repeated key")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def encode(msg_type: Msg, fields: dict[F, bytes | str | int] | None = None, *, max_body: int = PAM_MAX_BODY) -> bytes:

@@ -181,11 +181,17 @@ class Server:
                 async with asyncio.timeout(work_timeout):
                     call = await protocol.read_message(reader, protocol.WEB_OPENERS,
                                                        max_body=protocol.WEB_MAX_BODY)
-                request = call.json()
             except (ProtocolError, TimeoutError) as exc:
                 self.log_protocol(peer, exc)
                 return
-            reply = await self._web_call(request, peer, answer_timeout)
+            try:
+                request = call.json()
+            except protocol.BadJSON as exc:
+                # a whole frame with a body we will not decode (too deep, not JSON): answered, not dropped
+                self.engine.sink.send(LOG_NOTICE, f"linkusd: refused a web call from uid {peer.ruid}: {exc}")
+                reply: dict[str, object] = {"ok": False, "error": "bad-request"}
+            else:
+                reply = await self._web_call(request, peer, answer_timeout)
             writer.write(protocol.encode_json(Msg.WEB_REPLY, reply))
             await _drain(writer)
         finally:
