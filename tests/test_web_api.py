@@ -204,3 +204,156 @@ def test_one_answer_per_code_prompt_even_in_parallel(api: Api, site: tuple[Site,
 
     both = api.loop.run_until_complete(twice())
     assert sorted(str(r.get("state") or r.get("error")) for r in both) == ["in", "step"]
+
+
+def test_names_like_none_never_throttle_other_extensions(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """A per-extension key is never derived from a missing value (issue 17.1): failures under names
+    like ``None`` or ``null`` throttle those names only; an empty name or client is refused, not counted."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    for n, name in enumerate(("None", "null", "undefined")):
+        for _ in range(web_api.MAX_FAILURES_PER_EXT):
+            reply = api("sign_in", ext=name, password="x", client=f"198.51.100.{n + 1}")
+            assert reply == {"ok": False, "error": "denied"}, reply
+    for _ in range(web_api.MAX_FAILURES_PER_EXT + 1):
+        assert api("sign_in", ext="", password="x", client="198.51.100.9")["error"] == "bad-request"
+        assert api("sign_in", ext=user, password="x", client="")["error"] == "bad-request"
+    # that name only, in every spelling the sources would take for it
+    assert api("sign_in", ext="NONE", password="x", client="192.0.2.99")["error"] == "throttled"
+    assert logged(s.log, action="self-check", result="throttled", ext="NONE")["limit"] == "extension"
+    assert signed_in(api, user)["ok"]  # from yet another address: the right password still signs in
+
+
+def test_parallel_sign_ins_check_at_most_the_limit(api: Api, site: tuple[Site, Any], user: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attempt is reserved before the password is checked (issue 17.2): 100 parallel wrong
+    passwords run at most MAX_FAILURES_PER_EXT checks, and the right password sent while those
+    checks are still running is throttled, not signed in."""
+    import asyncio
+
+    from pam_linkus.web import password as web_password
+
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    api.service.fail_delay = 2.0  # the reserved attempts are still running when the right password comes
+    checks: list[str] = []
+    real_check = web_password.check_password
+
+    def counted(service: str, name: str, secret: str, pam_dir: str = web_password.PAM_DIR) -> bool:
+        checks.append(name)
+        return real_check(service, name, secret, pam_dir)
+
+    monkeypatch.setattr(web_password, "check_password", counted)
+
+    def call(password: str, n: int) -> Any:
+        request = {"op": "sign_in", "ext": user, "password": password, "client": f"10.0.{n // 250}.{n % 250}"}
+        return asyncio.ensure_future(api.service.call(request, 0))
+
+    async def burst() -> tuple[list[dict[str, object]], dict[str, object], int]:
+        wrong = [call("wrong", n) for n in range(100)]
+        pending = set(wrong)
+        for _ in range(100):  # until every attempt past the limit has had its answer
+            if len(pending) <= web_api.MAX_FAILURES_PER_EXT:
+                break
+            _done, pending = await asyncio.wait(pending, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+        still_checking = len(pending)
+        right = await call(PASSWORD, 999)
+        return list(await asyncio.gather(*wrong)), right, still_checking
+
+    answers, right, still_checking = api.loop.run_until_complete(burst())
+    words = [str(a.get("error")) for a in answers]
+    assert words.count("throttled") == 100 - web_api.MAX_FAILURES_PER_EXT, words
+    assert words.count("denied") == web_api.MAX_FAILURES_PER_EXT
+    assert len(checks) == web_api.MAX_FAILURES_PER_EXT
+    assert still_checking == web_api.MAX_FAILURES_PER_EXT and right["error"] == "throttled", right
+    assert logged(s.log, action="self-check", result="throttled")["ext"] == user  # refusals are logged too
+
+
+def test_a_right_password_gives_its_attempt_back(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """Only a wrong password keeps its reserved attempt: the owner signing in often is never throttled."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    for _ in range(web_api.MAX_FAILURES_PER_EXT * 2):
+        assert signed_in(api, user)["ok"]
+    for _ in range(web_api.MAX_FAILURES_PER_EXT - 1):
+        assert api("sign_in", ext=user, password="wrong", client=CLIENT)["error"] == "denied"
+    assert signed_in(api, user)["ok"]
+
+
+def test_failures_answer_at_one_deadline_whatever_the_name(site: tuple[Site, Any], user: str) -> None:
+    """Timing tells nothing (issue 17.3): a wrong password for a real extension (a real yescrypt
+    check through PAM) and an unknown name both answer at the request's deadline. Interleaved,
+    bounded samples; the medians differ by less than a fifth of the password check's own cost."""
+    import statistics
+    import subprocess
+    import time
+
+    s, _smtp = site
+    subprocess.run(["chpasswd", "-c", "YESCRYPT"], input=f"{user}:{PASSWORD}\n", text=True, check=True)
+    s.add(user)
+    driver = Api(s, fail_delay=0.3)
+    try:
+        def timed(name: str, n: int) -> float:
+            start = time.monotonic()
+            reply = driver("sign_in", ext=name, password="wrong", client=f"203.0.113.{n}")
+            assert reply == {"ok": False, "error": "denied"}, reply
+            return time.monotonic() - start
+
+        real, unknown = [], []
+        for n in range(8):
+            real.append(timed(user, 2 * n))
+            unknown.append(timed(f"nobody{user}", 2 * n + 1))
+        from pam_linkus.web.password import check_password
+
+        start = time.monotonic()
+        assert not check_password(s.service, user, "wrong")
+        cost = time.monotonic() - start
+    finally:
+        driver.close()
+    assert cost > 0.01, cost  # the check is real work, so an answer without a deadline would show it
+    assert all(0.3 <= t < 0.3 + 0.15 for t in real + unknown), (real, unknown)
+    assert abs(statistics.median(real) - statistics.median(unknown)) < cost / 5, (real, unknown, cost)
+
+
+def test_sign_out_with_a_stale_form_token_ends_the_session(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """Signing out only removes access, so an old tab's token is enough (issue 17.4)."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    me = sess(signed_in(api, user))
+    assert api("sign_out", session=me["session"], csrf="stale-" + "x" * 37) == {"ok": True}
+    assert api("status", session=me["session"]) == {"ok": False, "error": "expired"}
+
+
+def test_a_deep_or_hostile_json_body_on_web_sock_is_a_bad_request(site: tuple[Site, Any]) -> None:
+    """A real linkusd's web socket answers ``bad-request`` to JSON it will not decode (issue 17.12),
+    and keeps serving."""
+    from daemon_client import connect
+
+    from pam_linkus import protocol
+    from pam_linkus.protocol import F, Msg
+
+    s, _smtp = site
+    s.stack.daemon.start()
+    hostile = [b"[" * 30000 + b"]" * 30000, b'{"op":' + b'{"a":' * 10000 + b"1" + b"}" * 10001,
+               b'{"op":"status","session":NaN}', b'{"op":"status","op":"sign_in"}', b'{"op":"status"',
+               b'{"op":"status","session":"\\ud800"}', b"\xff", b"[]", b'{"op":' + b"9" * 5000 + b"}"]
+    for body in hostile:
+        with connect(str(s.web_socket)) as sock:
+            sock.sendall(protocol.encode(Msg.WEB_CALL, {F.JSON: body}, max_body=protocol.WEB_MAX_BODY))
+            reply = protocol.recv_message(sock, {Msg.WEB_REPLY}, deadline=time_limit(),
+                                          max_body=protocol.WEB_MAX_BODY).json()
+        assert reply == {"ok": False, "error": "bad-request"}, (body[:40], reply)
+    assert protocol.call_web(str(s.web_socket), {"op": "status", "session": "x" * 43}) == {
+        "ok": False, "error": "expired"}
+    stderr = s.stack.daemon.stderr_path.read_text(errors="replace")
+    assert "Traceback" not in stderr and "RecursionError" not in stderr, stderr[-2000:]
+
+
+def time_limit(seconds: float = 10.0) -> float:
+    import time
+
+    return time.monotonic() + seconds

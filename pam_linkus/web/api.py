@@ -78,6 +78,8 @@ MAX_SESSIONS, MAX_SESSIONS_PER_EXT = 2000, 5
 #: Sliding window for failures: per extension and per client address.
 FAILURE_WINDOW = 900.0
 MAX_FAILURES_PER_EXT, MAX_FAILURES_PER_CLIENT = 10, 30
+#: Failure keys kept before the ones with nothing in the window are dropped.
+MAX_FAILURE_KEYS = 10000
 FAIL_DELAY = 2.0
 UID_MIN = 1000
 RECOVERY_DEFAULT = 10
@@ -107,6 +109,16 @@ class WebError(Exception):
         super().__init__(reason or word)
         self.word = word
         self.extra = extra
+
+
+class _Reservation:
+    """One attempt counted in the failure windows before its password is checked."""
+
+    __slots__ = ("keys", "stamp")
+
+    def __init__(self, keys: tuple[str, ...], stamp: float):
+        self.keys = keys
+        self.stamp = stamp
 
 
 class _Pending:
@@ -185,9 +197,16 @@ class SelfService:
                 raise WebError("bad-request", f"unknown field {key!r:.40}")
             if not isinstance(value, str) or len(value) > _TEXT_LIMITS[key] or "\x00" in value:
                 raise WebError("bad-request", f"bad field {key}")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate (an escaped one in the JSON) is no one's text
+                raise WebError("bad-request", f"bad field {key}") from None
             fields[key] = value
         if required - fields.keys():
             raise WebError("bad-request", "missing field")
+        if "client" in fields and not fields["client"]:
+            # the per-address limit is keyed on it: never on a missing address (linkus-web always knows one)
+            raise WebError("bad-request", "empty client")
         return fields
 
     # -- helpers ----------------------------------------------------------------------
@@ -234,57 +253,94 @@ class SelfService:
         self._sessions[_key(token)] = sess
         return token, sess
 
-    def _throttle(self, ext: str | None, client: str | None) -> None:
-        now = self.engine.clock()
-        for key, limit in ((f"ext:{ext}", MAX_FAILURES_PER_EXT), (f"ip:{client}", MAX_FAILURES_PER_CLIENT)):
+    def _full(self, limits: list[tuple[str, int]], now: float) -> tuple[str, float] | None:
+        """The first key at its limit in the failure window, and when its oldest failure leaves it."""
+        for key, limit in limits:
             times = self._failures.get(key)
             if times is None:
                 continue
             while times and now - times[0] > FAILURE_WINDOW:
                 times.popleft()
             if len(times) >= limit:
-                raise WebError("throttled", retry_after=int(FAILURE_WINDOW - (now - times[0])) + 1)
+                return key, FAILURE_WINDOW - (now - times[0])
+        return None
 
-    def _count(self, ext: str | None, client: str | None) -> None:
+    def _refuse_if_full(self, limits: list[tuple[str, int]], ext: str, client: str, step: str) -> None:
+        """``throttled`` (and one log line, like every refused attempt) when a key is at its limit."""
+        full = self._full(limits, self.engine.clock())
+        if full is not None:
+            key, left = full
+            self._log(LOG_WARNING, "self-check", ext=ext, client=client, result="throttled", step=step,
+                      limit="extension" if key.startswith(("ext:", "name:")) else "address")
+            raise WebError("throttled", retry_after=int(left) + 1)
+
+    def _reserve(self, limits: list[tuple[str, int]], ext: str, client: str, step: str) -> _Reservation:
+        """Count one attempt under every key now, before the password is checked; ``throttled`` if
+        a key is at its limit. No await between the check and the count: linkusd keeps this state
+        on one event loop, so parallel requests can never run more checks than the limit.
+
+        The rule: a reserved attempt stays counted as a failure whatever ends it (a wrong
+        password, an unknown name, an error, a cancelled request) unless the password proves
+        right; then ``_give_back`` removes it, so an owner signing in often is never throttled.
+        """
+        self._refuse_if_full(limits, ext, client, step)
         now = self.engine.clock()
-        if len(self._failures) > 10000:
+        if len(self._failures) > MAX_FAILURE_KEYS:
             self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] <= FAILURE_WINDOW}
-        for key in (f"ext:{ext}", f"ip:{client}"):
+        for key, _limit in limits:
+            self._failures.setdefault(key, collections.deque(maxlen=64)).append(now)
+        return _Reservation(tuple(key for key, _limit in limits), now)
+
+    def _give_back(self, reservation: _Reservation) -> None:
+        for key in reservation.keys:
+            times = self._failures.get(key)
+            if times is not None and reservation.stamp in times:
+                times.remove(reservation.stamp)  # an equal stamp is as good as ours: one attempt fewer
+
+    def _count(self, ext: str, client: str) -> None:
+        """A wrong code at sign-in counts like a wrong password (the lockout is what bounds code checks)."""
+        now = self.engine.clock()
+        for key in (_ext_key(ext), _client_key(client)):
             self._failures.setdefault(key, collections.deque(maxlen=64)).append(now)
 
-    async def _fail(self, word: str, ext: str | None, client: str | None, action: str, **fields: object) -> None:
-        """Count, log, wait (without a worker), then answer ``word``."""
-        self._count(ext, client)
+    async def _fail(self, word: str, ext: str, client: str, action: str, deadline: float,
+                    **fields: object) -> None:
+        """Log, wait (without a worker) until ``deadline`` (event-loop time), then answer ``word``.
+
+        Every failure answers at the same moment after its request's start, however much work
+        it did: a wrong password for a real extension (a PAM check) and an unknown name (no
+        check) cannot be told apart by their timing.
+        """
         self._log(LOG_WARNING, action, ext=ext, client=client, **fields)
-        await asyncio.sleep(self.fail_delay)
+        loop = asyncio.get_running_loop()
+        if loop.time() > deadline:
+            # the check took longer than fail_delay: this answer is late, and its lateness tells
+            self._log(LOG_WARNING, "slow-check", step=fields.get("step"), fail_delay=self.fail_delay)
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
         raise WebError(word)
 
-    async def _extension(self, name: str, client: str) -> ExtensionSettings:
-        """The extension's settings, or ``denied`` for anything this page does not serve."""
-        from nss_config.base import check_user_name
+    def _deadline(self) -> float:
+        """When a failure of the request starting now answers (event-loop time)."""
+        return asyncio.get_running_loop().time() + self.fail_delay
 
-        try:
-            check_user_name(name)
-        except ValueError:
-            raise WebError("bad-request", "invalid extension name") from None
+    async def _lookup(self, name: str) -> ExtensionSettings | None:
+        """The settings of a checked name (``_check_name``), or None."""
         snapshot = self.engine.snapshot()
-        settings = await self.engine.run(lambda: snapshot.chain.lookup(name), pool="web")
-        refusal = None
-        if settings is None:
-            refusal = "not-an-extension"
-        elif _is_system_account(_account(settings)):
-            refusal = "system-account"
-        if refusal is not None:
-            await self._fail("denied", name, client, "web-refused", result=refusal)
-        assert settings is not None
-        found: ExtensionSettings = settings
-        return found
+        settings: ExtensionSettings | None = await self.engine.run(lambda: snapshot.chain.lookup(name), pool="web")
+        return settings
 
-    async def _password(self, ext: str, password: str, client: str, why: str) -> None:
-        """Check the account password through the configured PAM service; ``denied`` after a delay."""
+    async def _password(self, ext: str, password: str, client: str, why: str, *,
+                        deadline: float | None = None, reservation: _Reservation | None = None) -> None:
+        """Check the account password through the configured PAM service; ``denied`` at the deadline.
+
+        The attempt is reserved first (``_reserve``) unless the caller did; a right password gives it back.
+        """
         from pam_linkus.web.password import PAM_DIR, ServiceRefused, check_password
 
-        self._throttle(ext, client)
+        if deadline is None:
+            deadline = self._deadline()
+        if reservation is None:
+            reservation = self._reserve(_limits(_ext_key(ext), client), ext, client, why)
         service = self.engine.snapshot().config.self_service.pam_service
         pam_dir = self.pam_dir or PAM_DIR
 
@@ -295,7 +351,8 @@ class SelfService:
                 raise ConfigError(str(exc)) from None
 
         if not await self.engine.run(check, pool="web"):
-            await self._fail("denied", ext, client, "self-check", result="wrong-password", step=why)
+            await self._fail("denied", ext, client, "self-check", deadline, result="wrong-password", step=why)
+        self._give_back(reservation)
 
     async def _changed(self, what: str) -> None:
         """Reload after a write, so the page and the next login see it now, not at the next file poll."""
@@ -311,11 +368,28 @@ class SelfService:
     # -- sign-in ----------------------------------------------------------------------
 
     async def _op_sign_in(self, f: dict[str, str]) -> dict[str, object]:
-        client = f["client"]
-        self._throttle(None, client)
-        settings = await self._extension(f["ext"], client)
-        ext = _account(settings)
-        await self._password(ext, f["password"], client, "sign-in")
+        deadline = self._deadline()
+        client, name = f["client"], f["ext"]
+        _check_name(name)
+        self._refuse_if_full([(_client_key(client), MAX_FAILURES_PER_CLIENT)], name, client, "sign-in")
+        settings = await self._lookup(name)
+        # Keyed on the canonical account once the name is known to be an extension, else on the
+        # typed name as the sources compare it (casefolded), in its own namespace: an unknown
+        # name throttles only itself, never a real extension and never everyone.
+        refusal = None
+        if settings is None:
+            ext, key, refusal = name, _name_key(name), "not-an-extension"
+        else:
+            ext = _account(settings)
+            key = _ext_key(ext)
+            if _is_system_account(ext):
+                refusal = "system-account"
+        reservation = self._reserve(_limits(key, client), ext, client, "sign-in")
+        if refusal is not None:
+            # no password check to run: the answer comes at the same deadline as a wrong password's
+            await self._fail("denied", name, client, "web-refused", deadline, result=refusal)
+        assert settings is not None
+        await self._password(ext, f["password"], client, "sign-in", deadline=deadline, reservation=reservation)
         now = self.engine.clock()
         token, sess = self._new_session(ext, now)
         if not settings.enrolled:
@@ -357,6 +431,7 @@ class SelfService:
         return {"state": "in", "session": token, "csrf": sess.csrf, "info": infos}
 
     async def _op_sign_in_code(self, f: dict[str, str]) -> dict[str, object]:
+        deadline = self._deadline()
         sess = self._session(f, state="code")
         token = f["session"]
         gen = sess.login
@@ -367,7 +442,8 @@ class SelfService:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, f["code"]), pool="web")
         except Denied:
             self._forget_session(token)
-            await self._fail("denied", sess.ext, f["client"], "web-sign-in", result="wrong-code")
+            self._count(sess.ext, f["client"])
+            await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, result="wrong-code")
             raise
         except BaseException:
             self._forget_session(token)
@@ -380,11 +456,8 @@ class SelfService:
             sess.drop_login()
 
     async def _op_sign_out(self, f: dict[str, str]) -> dict[str, object]:
-        try:
-            self._session(f, state="in")
-        except WebError as exc:
-            if exc.word != "step":
-                raise
+        # Whatever the form token says (an old tab's, or none that matches): signing out only
+        # removes access, so the session ends here, not only the browser's cookie.
         self._forget_session(f["session"])
         return {}
 
@@ -541,12 +614,13 @@ class SelfService:
         try:
             source = await self.engine.run(confirm, pool="web")
         except CodeRejected:
+            deadline = self._deadline()
             pend.tries += 1
             left = CONFIRM_TRIES - pend.tries
             if left <= 0:
                 sess.pending = None
             self._audit("enroll", ext, client, method=method, result="wrong-code")
-            await asyncio.sleep(self.fail_delay)
+            await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
             raise WebError("denied", tries_left=max(left, 0)) from None
         except Locked:
             sess.pending = None
@@ -604,6 +678,34 @@ class SelfService:
 
 
 # -- module helpers ----------------------------------------------------------------------
+
+
+def _check_name(name: str) -> None:
+    """``bad-request`` for a name no source is ever asked about (empty, padded, control characters)."""
+    from nss_config.base import check_user_name
+
+    try:
+        check_user_name(name)
+    except ValueError:
+        raise WebError("bad-request", "invalid extension name") from None
+
+
+def _ext_key(account: str) -> str:
+    """The per-extension failure key: the canonical account name, as its source returned it."""
+    return "ext:" + account
+
+
+def _name_key(name: str) -> str:
+    """The failure key of a typed name that is no extension this page serves."""
+    return "name:" + name.casefold()
+
+
+def _client_key(client: str) -> str:
+    return "ip:" + client
+
+
+def _limits(ext_key: str, client: str) -> list[tuple[str, int]]:
+    return [(ext_key, MAX_FAILURES_PER_EXT), (_client_key(client), MAX_FAILURES_PER_CLIENT)]
 
 
 def _key(token: str) -> str:
