@@ -434,3 +434,71 @@ def test_tls_and_unix_socket(web: tuple[Site, Linkusd, WebServer], ca: Any, tmp_
         assert "expired" not in unix.log_text()
     finally:
         unix.stop()
+
+
+def narrow(driver: Any) -> None:
+    """A 375 px wide phone screen (Chromium's device emulation; a headless window cannot be that narrow)."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 375, "height": 740, "deviceScaleFactor": 1, "mobile": True})
+
+
+def fits(driver: Any) -> bool:
+    return bool(driver.execute_script("return document.documentElement.scrollWidth <= 375"))
+
+
+def focused(driver: Any) -> str:
+    return str(driver.switch_to.active_element.get_attribute("id"))
+
+
+def test_narrow_screen_focus_wording_and_the_code_step(web: tuple[Site, Linkusd, WebServer], browser: Any,
+                                                       user: str, tmp_path: Path) -> None:
+    """Issue 17.5: every page fits 375 px, focus goes where the next keystroke belongs, a wrong
+    sign-in keeps the extension, "1 try left", and a sign-in waiting for its code goes back to it."""
+    import time
+
+    site_, _daemon, server = web
+    site_.add(user, email="a.rather.long.address.for.a.phone@example.com")
+    shots = Shots(browser, tmp_path / "shots")
+    narrow(browser)
+    sign_in(browser, server, user, "not-the-password")
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "form-error"))
+    assert browser.find_element(By.ID, "ext").get_attribute("value") == user  # kept after a wrong sign-in
+    assert focused(browser) == "password" and fits(browser)
+    fill(browser, "#password", PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in").click()
+    wait_path(browser, "/settings")
+    assert fits(browser), browser.execute_script("return document.documentElement.scrollWidth")
+    tick_and_confirm(browser)
+    wait_path(browser, "/settings/method")
+    browser.find_element(By.CSS_SELECTOR, "#next").click()
+    wait_path(browser, "/settings/authenticator")
+    assert focused(browser) == "code" and fits(browser)  # after Next: the code field
+    browser.find_element(By.CSS_SELECTOR, "#cant-scan summary").click()
+    secret = text(browser, "#secret").replace(" ", "")
+    assert fits(browser)
+    wrong = "000000" if code_at(secret, time.time()) not in ("000000", "111111") else "222222"
+    for left in ("2 tries left", "1 try left"):
+        fill(browser, "#code", wrong)
+        browser.find_element(By.CSS_SELECTOR, "#save").click()
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "code-error"))
+        assert f"({left})" in text(browser, "#code-error")
+        assert focused(browser) == "code"  # after a wrong code: the field, told why by the error
+        assert "code-error" in str(browser.find_element(By.ID, "code").get_attribute("aria-describedby"))
+    fill(browser, "#code", code_at(secret, time.time()))
+    browser.find_element(By.CSS_SELECTOR, "#save").click()
+    wait_path(browser, "/settings")
+    shots("16-narrow-saved")
+    assert focused(browser) == "notice" and fits(browser)  # after Save: the result is read out
+
+    # signed out, then the password but not yet the code: every page leads back to the code
+    browser.find_element(By.CSS_SELECTOR, "header button.link").click()
+    wait_path(browser, "/sign-in")
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    for path in ("/", "/settings", "/settings/method"):
+        browser.get(server.base + path)
+        wait_path(browser, "/sign-in/code")
+        assert browser.find_elements(By.ID, "verify") and focused(browser) == "code"
+    fill(browser, "#code", code_at(secret, time.time() + 30))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")

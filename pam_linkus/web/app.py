@@ -220,6 +220,9 @@ class _Pages:
             minutes = max(1, int(reply.get("retry_after", 60)) // 60 + 1)
             return self.render("message.html", 429, title=strings.TITLE,
                                text=strings.THROTTLED.format(minutes=minutes), kind="throttled")
+        if word == "code":
+            # signed in with the password, the code not given yet: that step is where every page leads
+            return self.redirect("/sign-in/code")
         if word == "step":
             return self.render("message.html", 409, title=strings.TITLE, text=strings.STEP, kind="step")
         if word == "bad-request":
@@ -248,7 +251,8 @@ class _Pages:
     async def status(self, request: Request) -> dict[str, Any]:
         reply = await self.call({"op": "status", "session": self.token(request), "client": self.client(request)})
         if not reply["ok"]:
-            raise _Refused(str(reply.get("error")))
+            # status answers "step" only to a session that still waits for its sign-in code
+            raise _Refused("code" if reply.get("error") == "step" else str(reply.get("error")))
         return reply
 
     async def changed(self, request: Request, op: str, **fields: str) -> dict[str, Any]:
@@ -264,10 +268,12 @@ class _Pages:
     async def index(self, request: Request) -> Response:
         return self.redirect("/settings" if request.cookies.get(SESSION_COOKIE) else "/sign-in")
 
-    async def sign_in_form(self, request: Request, error: str | None = None, status: int = 200) -> Response:
+    async def sign_in_form(self, request: Request, error: str | None = None, status: int = 200,
+                           ext: str = "") -> Response:
         pre = secrets.token_urlsafe(24)
         notice = strings.EXPIRED if request.query_params.get("expired") else None
-        response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice)
+        # after a wrong sign-in the extension stays typed (only the password is asked again)
+        response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice, ext=ext[:64])
         self.set_cookie(response, PRE_COOKIE, pre)
         return response
 
@@ -277,11 +283,12 @@ class _Pages:
             pre = request.cookies.get(PRE_COOKIE, "")
             if not pre or not secrets.compare_digest(pre.encode(), f.get("csrf", "").encode()):
                 raise _Refused("bad-request")
-            reply = await self.call({"op": "sign_in", "ext": f.get("ext", "").strip(),
-                                     "password": f.get("password", ""), "client": self.client(request)})
+            ext = f.get("ext", "").strip()
+            reply = await self.call({"op": "sign_in", "ext": ext, "password": f.get("password", ""),
+                                     "client": self.client(request)})
             if not reply["ok"]:
                 if reply.get("error") in ("denied", "bad-request"):
-                    return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401)
+                    return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401, ext=ext)
                 return self.error_page(reply)
             if reply["state"] == "in":
                 response = self.redirect("/settings")
@@ -452,7 +459,7 @@ class _Pages:
                 if left <= 0:
                     return self.render("message.html", 401, title=strings.TITLE, text=strings.WRONG_CODE_ENDED,
                                        kind="denied")
-                text = strings.WRONG_CODE_LEFT.format(left=left)
+                text = (strings.WRONG_CODE_LEFT_ONE if left == 1 else strings.WRONG_CODE_LEFT).format(left=left)
                 page = self.authenticator if method == "totp" else self.email
                 return await page(request, text, 401)
             return self.error_page(reply)

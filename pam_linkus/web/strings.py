@@ -69,6 +69,7 @@ WRONG_PASSWORD = "The password is not correct. Nothing was changed."  # noqa: S1
 WRONG_SIGN_IN = "The extension or password is not correct."
 WRONG_CODE = "That code is not correct. Check your app's clock and try the next code."
 WRONG_CODE_LEFT = "That code is not correct ({left} tries left)."
+WRONG_CODE_LEFT_ONE = "That code is not correct ({left} try left)."
 WRONG_CODE_ENDED = "That code was not correct too many times; start again. Nothing was changed."
 WRONG_SIGN_IN_CODE = "That code is not correct. Sign in again."
 THROTTLED = "Too many attempts. Please wait {minutes} minutes and try again."
