@@ -12,7 +12,8 @@ unknown op, an unknown field, or a field of the wrong type or size is refused
     expired       no such session, idle too long, or too old: sign in again
     step          the op does not fit the session's state (e.g. Save before Send);
                   a pending enrolment older than PENDING_LIFETIME also ends here
-    throttled     too many failures for this extension or client address; ``retry_after`` seconds
+    throttled     too many failures for this extension (or typed name) or client address;
+                  ``retry_after`` seconds; answered at once and logged (``self-check result=throttled``)
     locked        the extension is locked (too many wrong codes); ``until`` epoch or null (admin unlock)
     unavailable   settings, state store, SMTP or PAM could not be asked, or no good config is loaded
 
@@ -23,7 +24,7 @@ and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
                    -> state "in", session, csrf   (2FA off: the password is enough, so the user can enrol)
                    -> state "code", session, csrf, prompt, info[]   (2FA on: the login flow asks for a code)
     sign_in_code   session, csrf, code, client    -> state "in" (a wrong code ends the sign-in: start again)
-    sign_out       session, csrf                  -> {}
+    sign_out       session, csrf                  -> {}   (csrf not checked: it only removes access)
     status         session                        -> ext, enabled, method, email (masked), since,
                                                      last_success, recovery_left, locked, locked_until,
                                                      csrf, idle_timeout, pending (see enrol_method) or null
@@ -40,10 +41,19 @@ and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
 Rules: only extensions found in the settings chain, never root or a system account
 (uid < UID_MIN in the passwd database); the password goes to
 ``self_service.pam_service`` (refused if it loads pam_linkus), every change needs
-it again; a failure waits ``fail_delay`` seconds with ``asyncio.sleep`` (no worker
-held). Wrong codes -- at sign-in (through the login flow) and when confirming a new
+it again. Every failure answers ``fail_delay`` seconds after its request started
+(``asyncio.sleep`` to that deadline, no worker held), whatever work it did: an
+unknown name (no password check) and a wrong password (a PAM check) look alike.
+Wrong codes -- at sign-in (through the login flow) and when confirming a new
 secret -- count towards the extension's lockout; wrong passwords are throttled and
 logged but never lock the extension (else anyone could lock a colleague out of SSH).
+
+Throttling: each password check first reserves one attempt, with no await between
+the limit check and the count, under two keys -- the extension (its canonical
+account name once the sources know it, else ``name:`` + the casefolded typed name,
+so an unknown name throttles only itself) and the client address (never empty).
+A reserved attempt stays counted as a failure unless the password proves right,
+which gives it back. So parallel requests never run more than the limit's checks.
 
 Sessions and pending enrolments live in this object's memory: a restart of linkusd
 signs everybody out and drops pending enrolments (nothing half-saved: nothing is
@@ -576,6 +586,7 @@ class SelfService:
         from pam_linkus import emailcode, enrolment
         from pam_linkus.totp import decode_secret, match_totp
 
+        deadline = self._deadline()
         sess = self._session(f)
         pend = self._pending(sess)
         if pend.method is None or (pend.method == "email" and pend.address is None):
@@ -614,7 +625,6 @@ class SelfService:
         try:
             source = await self.engine.run(confirm, pool="web")
         except CodeRejected:
-            deadline = self._deadline()
             pend.tries += 1
             left = CONFIRM_TRIES - pend.tries
             if left <= 0:
