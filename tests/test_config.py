@@ -12,6 +12,7 @@ from nss_config.yaml_source import read_extensions
 from pam_linkus.config import Config, load_config
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import load_yaml, open_secure, read_secret_file
+from pam_linkus.totp import decode_secret
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 
@@ -272,6 +273,8 @@ def test_config_errors_name_key_and_place(private_dir: Path, text: str, message:
         ("{method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3A}", "shorter than 128 bits"),
         ("{method: totp, secret: JBSWY3DPEHPK3PXP, legacy_short_secret: 'yes'}", "must be true or false"),
         ("{method: totp, secret: JBSWY3DP, legacy_short_secret: true}", "shorter than 80 bits"),
+        (f"{{method: totp, secret: {'A' * 207}}}", "longer than 1024 bits"),
+        (f"{{method: totp, secret: '{'ABCD ' * 52}'}}", "longer than 1024 bits"),
         ("{method: email, email: 'a@example.com\\r\\nBcc: x@evil.test'}", "email (has|is not one plain)"),
         ("{method: email, email: 'a@example.com, b@example.com'}", "email (has|is not one plain)"),
         ("{method: email, email: 'Alice <a@example.com>'}", "email has characters"),
@@ -289,6 +292,12 @@ def test_bad_extension_entries(private_dir: Path, entry: str, message: str) -> N
     with pytest.raises(ConfigError, match=message) as info:
         read_extensions(str(path))
     assert f"{path}:2:3" in str(info.value)
+
+
+def test_a_secret_of_1024_bits_is_the_longest_accepted(private_dir: Path) -> None:
+    """Issue 17.12: a 10 MB secret made one login hash it for 1.4 s on linkusd's event loop."""
+    path = write(private_dir / "ext.yaml", f'extensions:\n  "1001": {{method: totp, secret: {"A" * 205}}}\n')
+    assert len(decode_secret(read_extensions(str(path))["1001"].secret or "")) == 128
 
 
 def test_entry_errors_never_name_the_extension_or_an_unknown_key(private_dir: Path) -> None:
