@@ -212,7 +212,7 @@ def test_an_unusable_state_store_stops_the_change_before_the_source_is_written(p
 
 
 def test_a_broken_extensions_file_is_reported_before_a_secret_is_shown(pam_stack: PamStack, user: str) -> None:
-    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n')
+    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n...\n')
     result = run_cli(pam_stack, "enroll", user, "--no-qr")
     assert result.returncode == 1
     assert f"{pam_stack.extensions_path}:2:3" in result.stderr and "needs a secret" in result.stderr

@@ -412,7 +412,7 @@ print(worst, ','.join(sorted(outcomes)))
                for i in range(32)]
     try:
         time.sleep(1.0)
-        stack.extensions_path.write_text("\n".join(lines) + "\n")
+        stack.extensions_path.write_text("\n".join(lines) + "\n...\n")
         started = time.monotonic()
         status = stack.daemon.reload()
         reload_s = time.monotonic() - started
