@@ -104,7 +104,9 @@ def test_not_enrolled_denied_under_enforce_all(pam_stack: PamStack, user: str) -
     pam_stack.write_config(enforce="all")
     pam_stack.extensions[user] = {"method": "none"}
     pam_stack.write_extensions()
-    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+    # asked for a code like an enrolled extension (issue 17.11), then denied whatever it is
+    result = pam_stack.login(user, code_at(SECRET, time.time()))
+    assert result.auth == "PAM_AUTH_ERR" and result.prompts == ["Password: ", "Authentication code: "]
     assert "outcome=denied" in pam_stack.log.wait_for(f"user={user}")
 
 
@@ -112,7 +114,7 @@ def test_disabled_extension_is_not_enrolled(pam_stack: PamStack, user: str) -> N
     pam_stack.enroll_totp(user, enabled=False)
     assert pam_stack.login(user, None).auth == "PAM_SUCCESS"
     pam_stack.write_config(enforce="all")
-    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+    assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTH_ERR"
 
 
 def test_8_digit_sha256_extension(pam_stack: PamStack, user: str) -> None:
