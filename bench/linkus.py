@@ -36,7 +36,7 @@ def extensions_yaml(users: list[str], total: int, secret: str = SECRET) -> str:
             lines.append(f'  "{name}": {{method: email, email: ext{name}@pbx.example}}')
         else:
             lines.append(f'  "{name}": {{method: none}}')
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n...\n"  # the end marker a complete file ends with
 
 
 class LinkusSetup:

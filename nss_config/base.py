@@ -40,6 +40,12 @@ _KNOWN_KEYS = frozenset(ENTRY_KEYS + YAML_ONLY_KEYS)
 MIN_SECRET_BITS = 128
 #: Shortest secret still accepted under ``legacy_short_secret`` (Google Authenticator's 80 bits).
 MIN_LEGACY_SECRET_BITS = 80
+#: Longest secret accepted: a key is hashed on every login, on linkusd's event loop, and a
+#: 10 MB one blocked it for 1.4 s (issue 17.12). 1024 bits is twice the longest key RFC 6238
+#: uses (64 bytes for SHA512) and far above what authenticator apps generate (160 bits).
+MAX_SECRET_BITS = 1024
+#: Longest secret text looked at: the key's base32 with a space or dash after every character.
+_MAX_SECRET_TEXT = 2 * (MAX_SECRET_BITS // 5 + 1) + 16
 MAX_USER_LEN = 256
 
 
@@ -119,13 +125,18 @@ def normalize_secret(text: str, *, allow_short: bool = False) -> str:
 
     Authenticator apps show secrets in groups ("JBSW Y3DP ..."), and people copy
     them with the spaces; both spellings mean the same key. At least 128 bits
-    (RFC 4226 R6); ``allow_short`` (the entry's ``legacy_short_secret``) lets
+    (RFC 4226 R6), at most ``MAX_SECRET_BITS``; ``allow_short`` (the entry's ``legacy_short_secret``) lets
     80..127-bit keys taken over from google-authenticator keep working.
     """
+    too_long = f"secret is longer than {MAX_SECRET_BITS} bits"
+    if len(text) > _MAX_SECRET_TEXT:
+        raise ValueError(too_long)  # before any work on it
     cleaned = "".join(text.split()).replace("-", "").upper().rstrip("=")
     if not cleaned or not set(cleaned) <= _B32:
         raise ValueError("secret is not base32 (letters A-Z and digits 2-7)")
     bits = len(cleaned) * 5 // 8 * 8
+    if bits > MAX_SECRET_BITS:
+        raise ValueError(too_long)
     if bits < MIN_LEGACY_SECRET_BITS:
         raise ValueError(f"secret is shorter than {MIN_LEGACY_SECRET_BITS} bits")
     if bits < MIN_SECRET_BITS and not allow_short:

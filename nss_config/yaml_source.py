@@ -15,6 +15,13 @@ File format (every key documented in README.md, "Extension settings")::
       "1003":
         method: totp
         enabled: false        # 2FA switched off (lost phone)
+    ...                       # the end: a file without this line is incomplete
+
+The file must end with the line ``...`` (YAML's end of document), written last:
+an empty, half-written or cut-short file is refused like any broken file -- the
+daemon keeps its last good snapshot, and with none every login is unavailable --
+instead of loading as fewer extensions, whose logins would then skip the code
+(issue 17.6). linkus-2fa and the self-service page keep the marker.
 
 The whole file is validated when it is loaded, so one broken entry is reported
 (and keeps the daemon on its last good snapshot) at once instead of on the day
@@ -104,7 +111,7 @@ def _where(path: str, mapping: Any, key: str) -> str:
 def read_extensions(path: str) -> dict[str, ExtensionSettings]:
     """Read, check and validate the whole file (it holds secrets: mode 0600, root)."""
     data, _ = open_secure(path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
-    return parse_extensions(load_yaml(data, path), path)
+    return parse_extensions(load_yaml(data, path, require_end=True), path)
 
 
 def fold_names(extensions: dict[str, ExtensionSettings], path: str,
@@ -175,7 +182,7 @@ class YamlSource:
 
 def _load(path: str) -> dict[str, ExtensionSettings]:
     data, _ = open_secure(path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
-    document = load_yaml(data, path)
+    document = load_yaml(data, path, require_end=True)
     extensions = parse_extensions(document, path)
     entries = document.get("extensions") if isinstance(document, dict) else None
     return fold_names(extensions, path, entries)

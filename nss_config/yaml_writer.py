@@ -14,6 +14,10 @@ How an edit is made, and why:
   lines inside the edited entry and a comment after its key are carried over.
   An ``extensions`` mapping written in flow style (``{...}``) is refused with a
   message instead of guessed at.
+* **Only a complete file is edited, and it stays complete.** The file must end
+  with the end marker ``...`` (nss_config.yaml_source): a file someone is
+  writing by hand, or one a full disk cut short, is refused, never "repaired"
+  into a file with fewer extensions. New entries go before the marker.
 * **Validated before it replaces anything.** The new text is parsed by the same
   strict loader and ``parse_extensions`` as a login uses, and every other entry
   must come out exactly as before and the edited one exactly as intended;
@@ -63,7 +67,7 @@ class YamlWriter:
     def current(self, user: str) -> Entry | None:
         """The entry of ``user`` as plain data (None if absent)."""
         data, _ = open_secure(self.path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
-        document = load_yaml(data, self.path)
+        document = load_yaml(data, self.path, require_end=True)
         parse_extensions(document, self.path)
         return _entry_of(document, user)
 
@@ -81,7 +85,7 @@ class YamlWriter:
         lock_fd = self._lock()
         try:
             raw, st = open_secure(self.path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
-            document = load_yaml(raw, self.path)
+            document = load_yaml(raw, self.path, require_end=True)
             before = parse_extensions(document, self.path)
             new_entry = change(_entry_of(document, user))
             expected = None
@@ -93,7 +97,7 @@ class YamlWriter:
             except UnicodeDecodeError:
                 raise ConfigError("is not UTF-8", self.path) from None
             new_text = splice(text, user, new_entry, self.path)
-            after = parse_extensions(load_yaml(new_text.encode("utf-8"), self.path), self.path)
+            after = parse_extensions(load_yaml(new_text.encode("utf-8"), self.path, require_end=True), self.path)
             self._check(user, before, after, expected)
             self._replace(new_text.encode("utf-8"), st)
             return expected
@@ -115,7 +119,7 @@ class YamlWriter:
         lock_fd = self._lock()
         try:
             raw, st = open_secure(self.path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
-            document = load_yaml(raw, self.path)
+            document = load_yaml(raw, self.path, require_end=True)
             entries = document.get("extensions") if isinstance(document, dict) else None
             marked: list[str] = []
             updated: dict[str, Entry] = {}
@@ -140,7 +144,7 @@ class YamlWriter:
                 raise ConfigError("is not UTF-8", self.path) from None
             for user, entry in updated.items():
                 text = splice(text, user, entry, self.path)
-            after_doc = load_yaml(text.encode("utf-8"), self.path)
+            after_doc = load_yaml(text.encode("utf-8"), self.path, require_end=True)
             parse_extensions(after_doc, self.path)  # the whole file loads now, or nothing is written
             after = after_doc.get("extensions") or {}
             for user, entry in (entries or {}).items():
@@ -298,8 +302,7 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
     if root is None:
         if entry is None:
             return text
-        prefix = text if not text or text.endswith("\n") else text + "\n"
-        return prefix + "extensions:\n  " + render_entry(user, entry, 2, 4) + "\n"
+        return _append(text, "extensions:\n  " + render_entry(user, entry, 2, 4) + "\n")
     if not isinstance(root, yaml.MappingNode) or root.flow_style:
         raise ConfigError("the top level must be a block mapping to be edited by linkus-2fa", path)
     ext_key = ext_value = None
@@ -309,8 +312,7 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
     if ext_key is None or ext_value is None:
         if entry is None:
             return text
-        prefix = text if text.endswith("\n") else text + "\n"
-        return prefix + "extensions:\n  " + render_entry(user, entry, 2, 4) + "\n"
+        return _append(text, "extensions:\n  " + render_entry(user, entry, 2, 4) + "\n")
     indent = int(ext_key.start_mark.column) + 2
     if isinstance(ext_value, yaml.ScalarNode) or (
         isinstance(ext_value, yaml.MappingNode) and ext_value.flow_style and not ext_value.value
@@ -369,6 +371,19 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
                 inner_comments.append(trailing[first_line + offset])
         end = _line_end(text, end)
     return text[:start] + render_entry(user, entry, indent, inner, inner_comments, key_comment) + text[end:]
+
+
+def _append(text: str, block: str) -> str:
+    """``text`` with ``block`` (whole lines) added at the end of the document: before the
+    end marker ``...`` that a complete file ends with, after everything else otherwise."""
+    from pam_linkus.strictyaml import END_MARKER
+
+    lines = text.splitlines(keepends=True)
+    for index in range(len(lines) - 1, -1, -1):
+        if lines[index].rstrip() == END_MARKER:
+            return "".join(lines[:index]) + block + "".join(lines[index:])
+    prefix = text if not text or text.endswith("\n") else text + "\n"
+    return prefix + block
 
 
 def _inner_column(entries: Any, indent: int) -> int:

@@ -91,14 +91,17 @@ class Admin:
             # The change is made; its audit trail must not vanish without a word.
             print(f"linkus-2fa: warning: syslog ({self.sink.socket_path}) did not take the audit line: {line}",
                   file=sys.stderr, flush=True)
-        self.reload_daemon()
 
     def reload_daemon(self) -> None:
         """Have linkusd load the changed settings now, so the next login sees them.
 
-        Its watcher would notice within a second; asking makes the change take
-        effect before this command returns. linkusd not running is said, not fatal:
-        the change is saved either way.
+        Called only after a settings source was written (enrol, disable, import):
+        a reload rebuilds the whole snapshot (~2 s of CPU with 100,000 extensions),
+        while state changes (unlock, recovery codes, failures) live in the state
+        store that every login reads anyway (issue 17.13). Its watcher would notice
+        a file edit within a second; asking makes the change take effect before
+        this command returns. linkusd not running is said, not fatal: the change
+        is saved either way.
         """
         from pam_linkus.protocol import Msg, ProtocolError, call_control
 
@@ -241,6 +244,7 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
 
     writer.update(ext, change)
     adm.store().record_enrolment(ext, "totp", time.time(), totp_step=step)
+    adm.reload_daemon()
     adm.audit("enroll", ext, method="totp", source=source, confirmed="yes" if confirm else "no")
     print(SAVED)
     return 0
@@ -265,6 +269,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     _check_address(target)
     if current is not None and current.enrolled and current.method == "email" and current.email != target:
         writer.update(ext, lambda old: {**(old or {}), "method": "email", "email": target, "enabled": False})
+        adm.reload_daemon()
         adm.audit("email-address-changed", ext, source=source, result="email-2fa-off-until-confirmed")
         print(f"Email 2FA for {ext} is off until the new address is confirmed.")
     try:
@@ -279,6 +284,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
     writer.update(ext, change)
     adm.store().record_enrolment(ext, "email", time.time())
+    adm.reload_daemon()
     adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
     print(SAVED)
     return 0
@@ -330,6 +336,8 @@ def disable(adm: Admin, ext: str) -> int:
     from pam_linkus import enrolment
 
     source, current = enrolment.switch_off(adm.config, adm.store(), ext)
+    if current is not None:  # switch_off wrote the source
+        adm.reload_daemon()
     adm.audit("disable", ext, source=source if current is not None else "-")
     if current is None or not current.enrolled:
         print(f"{ext} had no 2FA enabled; its state (failures, lock, recovery codes) is cleared.")
@@ -469,6 +477,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
     if scratch:
         salt = new_salt()
         store.set_recovery_codes(ext, salt, [digest(c, salt) for c in scratch])
+    adm.reload_daemon()
     adm.audit("import-google", ext, source=source, recovery_codes=len(scratch))
     print(f"Imported {path}: the app keeps working; {len(scratch)} scratch codes are now recovery codes.")
     if short:

@@ -208,6 +208,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":
+            yield from _decoy_prompt(req, ctx)
             raise NotEnrolled("no second factor enrolled and policy is enforce: all")
         if single and req.kept:
             # The first line split a code off for an extension that has none now
@@ -218,6 +219,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     ctx.account = settings.account
     req = req.for_account(settings.account)
     if settings.method not in profile.methods:
+        yield from _decoy_prompt(req, ctx)
         raise NotEnrolled(f"method {settings.method} is not allowed for this service")
 
     store = ctx.store
@@ -242,6 +244,18 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     if not single:
         policy.start_grace(req.user, rhost, profile, store, ctx.clock())
     return decision
+
+
+def _decoy_prompt(req: LoginRequest, ctx: Context) -> Generator[Ask | Info | Offload, str | None, None]:
+    """Ask for a code that nothing will accept, before a refusal under ``enforce: all``.
+
+    With pam_linkus.so before the password module, an enrolled name is asked for a
+    code while a name without 2FA -- or one that does not exist -- used to be refused
+    at once: the stack told anyone which names exist (issue 17.11). So such a name
+    gets the same TOTP prompt, and no answer is, as for an enrolled one, a
+    conversation failure; the answer itself is never looked at.
+    """
+    yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
 
 
 def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info | Offload, str | None, str]:

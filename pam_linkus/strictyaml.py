@@ -284,7 +284,7 @@ def _parser(data: bytes) -> Any:
     return CParser(data)
 
 
-def _build(parser: Any, known_keys: frozenset[str]) -> Any:
+def _build(parser: Any, known_keys: frozenset[str]) -> tuple[Any, bool]:
     """Assemble plain data from the events of one document.
 
     One loop with the common case inlined (a plain or quoted scalar without tag or
@@ -302,6 +302,7 @@ def _build(parser: Any, known_keys: frozenset[str]) -> Any:
     stack: list[list[Any]] = []
     root: Any = None
     documents = 0
+    ended = False  # the document closed with an explicit "..." line
     while True:
         event = get_event()
         if event is None:
@@ -343,6 +344,9 @@ def _build(parser: Any, known_keys: frozenset[str]) -> Any:
             if documents > 1:
                 raise _Refused("holds more than one YAML document", event.start_mark)
             continue
+        elif kind is yaml.DocumentEndEvent:
+            ended = bool(event.explicit)
+            continue
         else:
             continue
         # A finished value: the document itself, a list item, a key, or a key's value.
@@ -366,14 +370,22 @@ def _build(parser: Any, known_keys: frozenset[str]) -> Any:
             parent[key] = value
             parent._packed.append((top[2].line + 1) << 20 | min(top[2].column + 1, 0xFFFFF))
             top[1] = _NO_KEY
-    return root
+    return root, ended
 
+
+NEWLINE = b"\n"
+#: The line that ends a complete extensions file (``load_yaml(require_end=True)``).
+END_MARKER = "..."
+#: Why a file without it is refused: it was being written, or a disk was full.
+INCOMPLETE = ("has no end marker: its last line must be '...' (three dots), written after everything else; "
+              "without it the file may be cut short (being written, or the disk was full)")
 
 #: Marker for "the open mapping waits for a key".
 _NO_KEY = object()
 
 
-def load_yaml(data: bytes, name: str, *, known_keys: frozenset[str] = frozenset()) -> Any:
+def load_yaml(data: bytes, name: str, *, known_keys: frozenset[str] = frozenset(),
+              require_end: bool = False) -> Any:
     """Parse ``data`` strictly into dict (MarkedDict) / list / str / int / float / bool / None.
 
     Refused, with ConfigError("file:line:col: problem"): anchors and aliases, merge
@@ -381,12 +393,21 @@ def load_yaml(data: bytes, name: str, *, known_keys: frozenset[str] = frozenset(
     one document, nesting deeper than MAX_DEPTH. Messages never quote a value; a
     key is named only if it is in ``known_keys`` (any other key could be a secret
     pasted in the wrong place).
+
+    ``require_end``: the document must close with YAML's end-of-document line ``...``
+    (``END_MARKER``). Every prefix of a YAML file cut at a line boundary is itself
+    valid YAML -- an empty file, a file with the last extensions missing -- so only a
+    marker written last tells a complete file from one being written or cut short
+    by a full disk (issue 17.6). Comments after the marker are allowed.
     """
     import yaml
 
     parser = _parser(data)
     try:
-        return _build(parser, known_keys)
+        root, ended = _build(parser, known_keys)
+        if require_end and not ended:
+            raise ConfigError(INCOMPLETE, f"{name}:{data.count(NEWLINE) + 1}")
+        return root
     except _Refused as exc:
         raise ConfigError(exc.problem, _where(name, exc.mark)) from None
     except yaml.MarkedYAMLError as exc:

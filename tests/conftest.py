@@ -114,8 +114,9 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
         proc.wait(timeout)
 
 
-def write_yaml(path: Path, data: Any, mode: int = 0o600) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+def write_yaml(path: Path, data: Any, mode: int = 0o600, *, end: bool = False) -> None:
+    """``end``: "..." last, as an extensions file must end (nss_config.yaml_source)."""
+    path.write_text(yaml.safe_dump(data, sort_keys=False, explicit_end=end) if not isinstance(data, str) else data)
     os.chmod(path, mode)
 
 
@@ -241,7 +242,7 @@ class PamStack:
         write_yaml(self.config_path, self.config)
 
     def _write_extensions(self) -> None:
-        write_yaml(self.extensions_path, {"extensions": self.extensions})
+        write_yaml(self.extensions_path, {"extensions": self.extensions}, end=True)
 
     def _reload(self) -> None:
         if self.daemon.proc is not None and self.daemon.proc.poll() is None:

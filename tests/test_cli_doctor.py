@@ -32,7 +32,7 @@ def test_doctor_passes_on_a_good_setup(pam_stack: PamStack, user: str) -> None:
 
 
 def test_doctor_names_file_line_column_of_a_broken_extensions_file(pam_stack: PamStack) -> None:
-    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n')
+    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n...\n')
     result = doctor(pam_stack.config_path)
     assert result.returncode != 0
     assert f"{pam_stack.extensions_path}:2:3" in result.stdout + result.stderr
@@ -79,7 +79,7 @@ def test_doctor_checks_smtp_when_an_extension_uses_email(pam_stack: PamStack) ->
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     pam_stack.write_config(smtp={"host": "127.0.0.1", "port": closed_port, "security": "none", "timeout": 3})
-    pam_stack.extensions_path.write_text('extensions:\n  "2001":\n    method: email\n    email: a@example.com\n')
+    pam_stack.extensions_path.write_text('extensions:\n  "2001":\n    method: email\n    email: a@example.com\n...\n')
     result = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root))
     assert result.returncode == 1
     assert f"FAIL smtp: 127.0.0.1:{closed_port} (none): ConnectionRefusedError" in result.stdout

@@ -146,6 +146,25 @@ def test_unlock_clears_a_lockout(pam_stack: PamStack, user: str) -> None:
     assert f'action=unlock ext={user}' in pam_stack.log.wait_for('action=unlock')
 
 
+def test_state_only_changes_do_not_reload_linkusd(pam_stack: PamStack, user: str) -> None:
+    """Issue 17.13: unlock and new recovery codes change the state store only; a reload of the
+    whole config (seconds of CPU with 100,000 extensions) is for changes of the settings."""
+    pam_stack.enroll_totp(user)
+    loaded = pam_stack.daemon.status()["last_reload"]
+    before = len(pam_stack.log.lines)
+    for args in (("unlock", user), ("recovery-codes", user, "--count", "3")):
+        result = run_cli(pam_stack, *args)
+        assert result.returncode == 0, result.stderr
+    pam_stack.log.wait_for("action=recovery-codes")
+    assert pam_stack.daemon.status()["last_reload"] == loaded
+    assert not [line for line in pam_stack.log.lines[before:] if "configuration loaded" in line]
+    # A change of the settings still has linkusd load them before the command returns.
+    result = run_cli(pam_stack, "disable", user)
+    assert result.returncode == 0, result.stderr
+    assert pam_stack.daemon.status()["last_reload"] != loaded
+    assert pam_stack.login(user, None).auth == "PAM_SUCCESS"
+
+
 def test_status_and_list_never_show_the_secret(pam_stack: PamStack, user: str) -> None:
     pam_stack.enroll_totp(user)
     assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"
@@ -193,7 +212,7 @@ def test_an_unusable_state_store_stops_the_change_before_the_source_is_written(p
 
 
 def test_a_broken_extensions_file_is_reported_before_a_secret_is_shown(pam_stack: PamStack, user: str) -> None:
-    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n')
+    pam_stack.extensions_path.write_text('extensions:\n  "1001": {method: totp}\n...\n')
     result = run_cli(pam_stack, "enroll", user, "--no-qr")
     assert result.returncode == 1
     assert f"{pam_stack.extensions_path}:2:3" in result.stderr and "needs a secret" in result.stderr

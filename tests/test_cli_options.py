@@ -27,7 +27,7 @@ class Setup:
         self.write_extensions({"1001": {"method": "totp", "secret": SECRET}})
 
     def write_extensions(self, extensions: dict[str, object]) -> None:
-        self.extensions.write_text(yaml.safe_dump({"extensions": extensions}))
+        self.extensions.write_text(yaml.safe_dump({"extensions": extensions}, explicit_end=True))
         os.chmod(self.extensions, 0o600)
 
     def entry(self, ext: str) -> dict[str, object]:

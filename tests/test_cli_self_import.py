@@ -77,7 +77,7 @@ def test_self_service_only_ever_acts_on_the_sudo_user(pam_stack: PamStack, user:
 
 def test_parallel_enrolments_lose_nothing(pam_stack: PamStack) -> None:
     pam_stack.extensions_path.write_text('# the admin\'s note\nextensions:\n  "keep":  # keep me\n'
-                                         f"    method: totp\n    secret: {SECRET}\n")
+                                         f"    method: totp\n    secret: {SECRET}\n...\n")
     names = [f"ext{secrets.token_hex(3)}" for _ in range(8)]
     procs = [subprocess.Popen(cli_argv(pam_stack, "enroll", name, "--no-confirm", "--no-qr"), cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names]

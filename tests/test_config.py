@@ -12,8 +12,14 @@ from nss_config.yaml_source import read_extensions
 from pam_linkus.config import Config, load_config
 from pam_linkus.errors import ConfigError
 from pam_linkus.strictyaml import load_yaml, open_secure, read_secret_file
+from pam_linkus.totp import decode_secret
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+
+
+def write_ext(path: Path, text: str, mode: int = 0o600) -> Path:
+    """An extensions file: ``text`` and the end marker a complete one ends with."""
+    return write(path, text + "...\n", mode)
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> Path:
@@ -91,7 +97,7 @@ def test_alias_bomb_is_refused_quickly() -> None:
 
 
 def test_error_messages_never_echo_values(private_dir: Path) -> None:
-    path = write(private_dir / "ext.yaml", f'extensions:\n  "1001":\n    method: totp\n    secret: {SECRET}\n'
+    path = write_ext(private_dir / "ext.yaml", f'extensions:\n  "1001":\n    method: totp\n    secret: {SECRET}\n'
                  f"    secret: {SECRET}\n")
     with pytest.raises(ConfigError) as info:
         read_extensions(str(path))
@@ -100,7 +106,7 @@ def test_error_messages_never_echo_values(private_dir: Path) -> None:
 
 
 def test_symlink_is_not_followed(private_dir: Path) -> None:
-    target = write(private_dir / "real.yaml", "extensions: {}\n")
+    target = write_ext(private_dir / "real.yaml", "extensions: {}\n")
     link = private_dir / "link.yaml"
     link.symlink_to(target)
     with pytest.raises(ConfigError, match="symbolic link"):
@@ -114,7 +120,7 @@ def test_symlink_is_not_followed(private_dir: Path) -> None:
      (0o700, "must be 0600 or 0400"), (0o4600, "must be 0600 or 0400"), (0o1600, "must be 0600 or 0400")],
 )
 def test_modes_other_than_0600_and_0400_are_refused(private_dir: Path, mode: int, message: str) -> None:
-    path = write(private_dir / "ext.yaml", "extensions: {}\n", mode)
+    path = write_ext(private_dir / "ext.yaml", "extensions: {}\n", mode)
     with pytest.raises(ConfigError, match=message):
         open_secure(str(path), secret=False, max_bytes=1000)
     with pytest.raises(ConfigError, match=message):
@@ -135,7 +141,7 @@ def test_group_readable_secret_with_foreign_group_is_refused(private_dir: Path) 
 
 
 def test_foreign_owner_is_refused(private_dir: Path) -> None:
-    path = write(private_dir / "ext.yaml", "extensions: {}\n")
+    path = write_ext(private_dir / "ext.yaml", "extensions: {}\n")
     os.chown(path, 65534, 65534)
     with pytest.raises(ConfigError, match="owned by uid 0"):
         read_extensions(str(path))
@@ -148,7 +154,7 @@ def test_unsafe_directory_is_refused(private_dir: Path, mode: int, uid: int) -> 
     sub.mkdir()
     os.chmod(sub, mode)
     os.chown(sub, uid, 0)
-    path = write(sub / "ext.yaml", "extensions: {}\n")
+    path = write_ext(sub / "ext.yaml", "extensions: {}\n")
     with pytest.raises(ConfigError, match=f"directory {sub}"):
         load_config(str(path))
 
@@ -195,7 +201,7 @@ def test_writable_directory_is_refused(private_dir: Path) -> None:
     sub = private_dir / "open"
     sub.mkdir()
     os.chmod(sub, 0o777)
-    path = write(sub / "ext.yaml", "extensions: {}\n")
+    path = write_ext(sub / "ext.yaml", "extensions: {}\n")
     with pytest.raises(ConfigError, match="directory"):
         read_extensions(str(path))
 
@@ -272,6 +278,8 @@ def test_config_errors_name_key_and_place(private_dir: Path, text: str, message:
         ("{method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3A}", "shorter than 128 bits"),
         ("{method: totp, secret: JBSWY3DPEHPK3PXP, legacy_short_secret: 'yes'}", "must be true or false"),
         ("{method: totp, secret: JBSWY3DP, legacy_short_secret: true}", "shorter than 80 bits"),
+        (f"{{method: totp, secret: {'A' * 207}}}", "longer than 1024 bits"),
+        (f"{{method: totp, secret: '{'ABCD ' * 52}'}}", "longer than 1024 bits"),
         ("{method: email, email: 'a@example.com\\r\\nBcc: x@evil.test'}", "email (has|is not one plain)"),
         ("{method: email, email: 'a@example.com, b@example.com'}", "email (has|is not one plain)"),
         ("{method: email, email: 'Alice <a@example.com>'}", "email has characters"),
@@ -285,18 +293,24 @@ def test_config_errors_name_key_and_place(private_dir: Path, text: str, message:
     ],
 )
 def test_bad_extension_entries(private_dir: Path, entry: str, message: str) -> None:
-    path = write(private_dir / "ext.yaml", f'extensions:\n  "1001": {entry}\n')
+    path = write_ext(private_dir / "ext.yaml", f'extensions:\n  "1001": {entry}\n')
     with pytest.raises(ConfigError, match=message) as info:
         read_extensions(str(path))
     assert f"{path}:2:3" in str(info.value)
 
 
+def test_a_secret_of_1024_bits_is_the_longest_accepted(private_dir: Path) -> None:
+    """Issue 17.12: a 10 MB secret made one login hash it for 1.4 s on linkusd's event loop."""
+    path = write_ext(private_dir / "ext.yaml", f'extensions:\n  "1001": {{method: totp, secret: {"A" * 205}}}\n')
+    assert len(decode_secret(read_extensions(str(path))["1001"].secret or "")) == 128
+
+
 def test_entry_errors_never_name_the_extension_or_an_unknown_key(private_dir: Path) -> None:
-    path = write(private_dir / "ext.yaml", f"extensions:\n  {SECRET}: {SECRET}\n  x:\n    {SECRET}: 1\n")
+    path = write_ext(private_dir / "ext.yaml", f"extensions:\n  {SECRET}: {SECRET}\n  x:\n    {SECRET}: 1\n")
     with pytest.raises(ConfigError) as info:
         read_extensions(str(path))
     assert SECRET not in str(info.value) and f"{path}:2:" in str(info.value)
-    write(path, f"extensions:\n  x:\n    method: totp\n    secret: {SECRET}\n    {SECRET}: 1\n")
+    write_ext(path, f"extensions:\n  x:\n    method: totp\n    secret: {SECRET}\n    {SECRET}: 1\n")
     with pytest.raises(ConfigError) as info:
         read_extensions(str(path))
     assert SECRET not in str(info.value) and f"{path}:" in str(info.value)
@@ -304,18 +318,18 @@ def test_entry_errors_never_name_the_extension_or_an_unknown_key(private_dir: Pa
 
 def test_short_secret_needs_the_migration_flag(private_dir: Path) -> None:
     short = "JBSWY3DPEHPK3PXP"  # 80 bits, as google-authenticator writes them
-    path = write(private_dir / "ext.yaml", f'extensions:\n  "1001": {{method: totp, secret: {short}}}\n')
+    path = write_ext(private_dir / "ext.yaml", f'extensions:\n  "1001": {{method: totp, secret: {short}}}\n')
     with pytest.raises(ConfigError, match="shorter than 128 bits"):
         read_extensions(str(path))
-    write(path, f'extensions:\n  "1001": {{method: totp, secret: {short}, legacy_short_secret: true}}\n')
+    write_ext(path, f'extensions:\n  "1001": {{method: totp, secret: {short}, legacy_short_secret: true}}\n')
     found = read_extensions(str(path))["1001"]
     assert found.secret == short and found.legacy_short_secret
-    write(path, f'extensions:\n  "1001": {{method: totp, secret: {SECRET}}}\n')
+    write_ext(path, f'extensions:\n  "1001": {{method: totp, secret: {SECRET}}}\n')
     assert not read_extensions(str(path))["1001"].legacy_short_secret
 
 
 def test_extension_entries_parse(private_dir: Path) -> None:
-    path = write(
+    path = write_ext(
         private_dir / "ext.yaml",
         f'extensions:\n  "1001": {{method: totp, secret: "{SECRET[:16].lower()} {SECRET[16:]}", digits: 8,'
         f' algorithm: sha256}}\n  "1002": {{method: email, email: a@example.com}}\n  "1003": {{method: none}}\n'

@@ -159,6 +159,20 @@ def test_broken_config_keeps_the_last_good_one(stack: PamStack) -> None:
     assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
 
 
+def test_a_huge_secret_is_refused_at_load_and_the_last_good_settings_stay(stack: PamStack) -> None:
+    """Issue 17.12: a 10 MB base32 secret was accepted, and each login of it blocked linkusd's
+    event loop for 1.4 s. Now the file is refused at load, naming where the entry stands."""
+    stack.enroll_totp("alice")
+    stack.extensions["bob"] = {"method": "totp", "secret": "A" * (10 << 20)}
+    stack._write_extensions()
+    status = stack.daemon.reload()
+    assert status["loaded"] is True and "longer than 1024 bits" in str(status["last_error"])
+    line = stack.log.wait_for("configuration not loaded")
+    assert f"{stack.extensions_path}:5:3" in line and "keeping the last good configuration" in line
+    assert "AAAAAAAA" not in line
+    assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
+
+
 def test_watcher_reloads_when_the_file_changes(stack: PamStack) -> None:
     code = code_at(SECRET, time.time())
     stack.extensions = {"carol": {"method": "totp", "secret": SECRET}}
@@ -398,7 +412,7 @@ print(worst, ','.join(sorted(outcomes)))
                for i in range(32)]
     try:
         time.sleep(1.0)
-        stack.extensions_path.write_text("\n".join(lines) + "\n")
+        stack.extensions_path.write_text("\n".join(lines) + "\n...\n")
         started = time.monotonic()
         status = stack.daemon.reload()
         reload_s = time.monotonic() - started

@@ -463,7 +463,8 @@ def options(env: dict[str, Any]) -> str:
 def enroll(env: dict[str, Any], users: dict[str, str]) -> None:
     """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml; linkusd loads it now."""
     write_yaml(Path("/etc/pam_linkus/extensions.yaml"),
-               {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}})
+               {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}},
+               end=True)
     env["daemon"].reload()
 
 

@@ -147,7 +147,26 @@ def test_not_enrolled_skips_or_is_denied_by_policy(store: SqliteStore) -> None:
     for user in ("1002", "1003", "nobody"):
         assert run(store, clock, entries=entries, user=user)[0] == Outcome.SKIP
         with pytest.raises(NotEnrolled):
-            run(store, clock, entries=entries, user=user, config={"enforce": "all"})
+            run(store, clock, code(T0), entries=entries, user=user, config={"enforce": "all"})
+
+
+def test_enforce_all_asks_every_name_for_a_code_before_refusing(store: SqliteStore) -> None:
+    """Issue 17.11: an enrolled name, a name without 2FA, an unknown name and one whose method
+    the policy does not allow get the same prompt before the refusal (pam_linkus.so may run
+    before the password module); no answer is a conversation failure for all of them alike."""
+    entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET),
+               "1002": ExtensionSettings("1002", "none"),
+               "1004": ExtensionSettings("1004", "email", email="a@example.com")}
+    config = Config.from_mapping({"profiles": {"strict": {"enforce": "all", "methods": ["totp"]}}})
+    for user in ("1001", "1002", "nobody", "1004"):
+        for answer in ("000000", None):
+            prompter = ScriptedPrompter(answer)
+            ctx = Context(config, Clock(), SourceChain([StaticSource(entries)]), store)
+            expected = ConversationFailed if answer is None else (NotEnrolled, CodeRejected)
+            with pytest.raises(expected):
+                authenticate(LoginRequest(user, profile="strict"), ctx, prompter)
+            assert prompter.prompts == ["Authentication code: "], user
+    assert store.lock_status("nobody", T0).failures == 0
 
 
 class NoStore:

@@ -112,7 +112,7 @@ def test_migrate_pam_marks_the_short_keys_the_old_version_imported(pam_stack: Pa
     pam_stack.extensions_path.write_text(
         "# the admin's note\nextensions:\n"
         f'  "old": {{method: totp, secret: {short}}}  # imported\n'
-        f'  "new": {{method: totp, secret: {SECRET}}}\n'
+        f'  "new": {{method: totp, secret: {SECRET}}}\n...\n'
     )
     assert "legacy_short_secret" in str(pam_stack.daemon.reload()["last_error"])
     pam_dir = private_dir / "pam.d"

@@ -163,7 +163,7 @@ def test_profile_on_the_pam_line_picks_the_policy(pam_stack: PamStack, make_user
     pam_stack.write_config(profiles={"strict": {"enforce": "all"}})
     assert pam_stack.login(plain, None).auth == "PAM_SUCCESS"  # top level: enforce enrolled
     pam_stack.set_pam(options="profile=strict")
-    assert pam_stack.login(plain, None).auth == "PAM_AUTH_ERR"  # strict: no 2FA, no login
+    assert pam_stack.login(plain, "000000").auth == "PAM_AUTH_ERR"  # strict: no 2FA, no login
     pam_stack.log.wait_for("policy is enforce: all")
     pam_stack.set_pam(options="profile=nope")
     assert pam_stack.login(plain, None).auth == "PAM_AUTHINFO_UNAVAIL"
@@ -174,3 +174,35 @@ def test_prompt_option_is_the_code_prompt(pam_stack: PamStack, user: str) -> Non
     pam_stack.set_pam(options="[prompt=Code from your Linkus app: ]")
     result = pam_stack.login(user, code_at(SECRET, time.time()))
     assert result.auth == "PAM_SUCCESS" and result.prompts == ["Password: ", "Code from your Linkus app: "]
+
+
+def test_before_the_password_under_enforce_all_every_name_gets_the_code_prompt(pam_stack: PamStack,
+                                                                              make_user: object) -> None:
+    """Issue 17.11: pam_linkus.so before the password module, enforce: all. An enrolled name, one
+    without 2FA and one that does not exist all get the same code prompt, then the same refusal,
+    so the stack tells nobody which names exist; linkusd's log says why each was refused."""
+    import secrets
+
+    enrolled, plain = make_user(), make_user()  # type: ignore[operator]
+    ghost = f"lkx{secrets.token_hex(4)}"
+    pam_stack.write_config(enforce="all")
+    pam_stack.enroll_totp(enrolled)
+    pam_stack.set_pam(auth_lines=(
+        f"auth [success=ok ignore=ignore default=die] {pam_stack.module_line}\n"
+        "auth requisite pam_unix.so nodelay\n"
+        "auth required pam_permit.so\n"
+    ))
+    code = wrong(code_at(SECRET, time.time()))
+    seen = []
+    for name in (enrolled, plain, ghost):
+        result = pam_stack.login(name, code)
+        assert result.auth == "PAM_AUTH_ERR", (name, result)
+        seen.append((result.prompts, result.messages))
+    assert seen[0] == seen[1] == seen[2], seen
+    assert seen[0][0] == ["Authentication code: "]
+    pam_stack.log.wait_for(f"user={ghost}")
+    refused = [line for line in pam_stack.log.lines if "policy is enforce: all" in line]
+    assert any(f"user={plain}" in line.replace('"', "") for line in refused), refused
+    assert any(f"user={ghost}" in line.replace('"', "") for line in refused), refused
+    # No answer at the prompt is a conversation failure for every name alike.
+    assert pam_stack.login(ghost, None).auth == pam_stack.login(enrolled, None).auth == "PAM_CONV_ERR"

@@ -104,7 +104,9 @@ def test_not_enrolled_denied_under_enforce_all(pam_stack: PamStack, user: str) -
     pam_stack.write_config(enforce="all")
     pam_stack.extensions[user] = {"method": "none"}
     pam_stack.write_extensions()
-    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+    # asked for a code like an enrolled extension (issue 17.11), then denied whatever it is
+    result = pam_stack.login(user, code_at(SECRET, time.time()))
+    assert result.auth == "PAM_AUTH_ERR" and result.prompts == ["Password: ", "Authentication code: "]
     assert "outcome=denied" in pam_stack.log.wait_for(f"user={user}")
 
 
@@ -112,7 +114,7 @@ def test_disabled_extension_is_not_enrolled(pam_stack: PamStack, user: str) -> N
     pam_stack.enroll_totp(user, enabled=False)
     assert pam_stack.login(user, None).auth == "PAM_SUCCESS"
     pam_stack.write_config(enforce="all")
-    assert pam_stack.login(user, None).auth == "PAM_AUTH_ERR"
+    assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTH_ERR"
 
 
 def test_8_digit_sha256_extension(pam_stack: PamStack, user: str) -> None:
@@ -157,3 +159,33 @@ def test_setcred_is_decided_by_the_password_module(pam_stack: PamStack, user: st
     alone = subprocess.run(["pamtester", pam_stack.service, user, "setcred"],
                            capture_output=True, text=True, timeout=30, check=False)
     assert alone.returncode != 0, alone.stdout + alone.stderr
+
+
+def test_a_file_rewritten_in_place_never_switches_the_code_off(pam_stack: PamStack, make_user: object) -> None:
+    """Issue 17.6: `: > extensions.yaml`, then the new text written later (a hand edit, a full
+    disk). Every state in between must leave a wrong code denied, never skipped."""
+    first, user = make_user(), make_user()  # type: ignore[operator]
+    pam_stack.enroll_totp(first)
+    pam_stack.enroll_totp(user)
+    whole = pam_stack.extensions_path.read_bytes()
+    wrong = f"{(int(code_at(SECRET, time.time())) + 1) % 1_000_000:06d}"
+    cut_after_first = whole[:whole.index(f'{user}:'.encode())]  # the first extension only, no end marker
+    for text in (b"", cut_after_first):
+        with pam_stack.extensions_path.open("r+b") as handle:  # in place: same inode, as an editor's truncate
+            handle.truncate(0)
+            handle.write(text)
+        status = pam_stack.daemon.reload()
+        assert "has no end marker" in str(status["last_error"]), status
+        assert pam_stack.login(user, wrong).auth == "PAM_AUTH_ERR"
+        denied = pam_stack.pamtester(user, PASSWORD, wrong)
+        assert denied.returncode != 0 and "Authentication failure" in denied.stderr, denied.stderr
+    line = pam_stack.log.wait_for("configuration not loaded")
+    assert f"{pam_stack.extensions_path}:1: has no end marker" in line and "keeping the last good" in line
+    # Started on such a file, linkusd has no good settings at all: every login is unavailable.
+    pam_stack.daemon.stop()
+    pam_stack.daemon.start()
+    assert pam_stack.login(user, wrong).auth == "PAM_AUTHINFO_UNAVAIL"
+    # The whole file back (ending in "..."): the right code logs in again.
+    pam_stack.extensions_path.write_bytes(whole)
+    assert pam_stack.daemon.reload()["last_error"] is None
+    assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"

@@ -164,7 +164,7 @@ def test_exempt_network_is_a_skip_even_under_enforce_all(store: SqliteStore) -> 
     config = make_config(exempt_networks=["192.0.2.0/24"], enforce="all")
     assert login(config, store, Clock(), Prompter(), rhost="192.0.2.9", chain=Chain(NONE)).outcome == Outcome.SKIP
     with pytest.raises(NotEnrolled):
-        login(config, store, Clock(), Prompter(), rhost="198.51.100.1", chain=Chain(NONE))
+        login(config, store, Clock(), Prompter("000000"), rhost="198.51.100.1", chain=Chain(NONE))
 
 
 # -- grace periods -----------------------------------------------------------------

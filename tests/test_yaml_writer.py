@@ -28,6 +28,8 @@ extensions:
     method: email
     email: bob@example.com
   # trailing note
+...
+# after the end
 """
 
 
@@ -84,7 +86,7 @@ def test_an_entry_that_would_refuse_logins_is_never_written(ext_file: Path) -> N
 
 
 def test_a_broken_file_is_not_edited(ext_file: Path) -> None:
-    broken = ORIGINAL + '  "1002":\n    method: none\n'
+    broken = ORIGINAL.replace("  # trailing note\n", '  "1002":\n    method: none\n')
     ext_file.write_text(broken)
     with pytest.raises(ConfigError, match="duplicate key"):
         YamlWriter(str(ext_file)).update("1003", lambda old: {"method": "none"})
@@ -92,7 +94,7 @@ def test_a_broken_file_is_not_edited(ext_file: Path) -> None:
 
 
 def test_flow_style_extensions_are_refused_not_guessed(ext_file: Path) -> None:
-    flow = '{extensions: {"1001": {method: none}}}\n'
+    flow = '{extensions: {"1001": {method: none}}}\n...\n'
     ext_file.write_text(flow)
     with pytest.raises(ConfigError, match="block mapping"):
         YamlWriter(str(ext_file)).update("1002", lambda old: {"method": "none"})
@@ -100,10 +102,22 @@ def test_flow_style_extensions_are_refused_not_guessed(ext_file: Path) -> None:
 
 
 def test_empty_file_and_empty_mapping_get_their_first_entry(ext_file: Path) -> None:
-    for start in ("", "extensions:\n", "# c\nextensions: {}\n", "version: 1\n"):
+    for start in ("extensions:\n...\n", "# c\nextensions: {}\n...\n", "version: 1\n...\n# end\n"):
         ext_file.write_text(start)
         YamlWriter(str(ext_file)).update("7", lambda old: {"method": "totp", "secret": OTHER})
         assert read_extensions(str(ext_file))["7"].secret == OTHER, start
+        assert ext_file.read_text().endswith(start[start.index("..."):]), start
+
+
+def test_a_file_without_the_end_marker_is_not_completed_by_an_edit(ext_file: Path) -> None:
+    """Issue 17.6: a file cut short (being written by hand, a full disk) is refused, never
+    "repaired" by an edit into a complete file with fewer extensions."""
+    for cut in ("", ORIGINAL[:ORIGINAL.index('  "1002"')]):
+        ext_file.write_text(cut)
+        with pytest.raises(ConfigError, match="has no end marker"):
+            YamlWriter(str(ext_file)).update("7", lambda old: {"method": "none"})
+        assert ext_file.read_text() == cut
+        assert leftovers(ext_file) == []
 
 
 def test_a_held_lock_makes_the_edit_wait_then_give_up(ext_file: Path) -> None:
