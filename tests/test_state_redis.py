@@ -27,7 +27,7 @@ from pam_linkus.state import open_store
 from pam_linkus.state.base import EmailLimits, TotpAttempt
 from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
-#: What the README recommends for a cluster's ACL user (tested below as written there).
+#: What docs/guide.md, "Several hosts: Redis state", recommends for a cluster's ACL user (as written there).
 ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
 
 
@@ -317,7 +317,7 @@ def test_sentinel_finds_the_master_and_follows_a_failover(sentinel_setup: Any) -
 
 
 def test_sentinel_with_the_recommended_acl_user(redis_dir: Path, private_dir: Path) -> None:
-    """The master check must work under the README's ACL (which denies @dangerous, e.g. ROLE)."""
+    """The master check must work under the guide's ACL (which denies @dangerous, e.g. ROLE)."""
     if not shutil.which("redis-sentinel"):
         pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
     password = secrets.token_urlsafe(24)

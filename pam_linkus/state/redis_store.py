@@ -222,7 +222,8 @@ class RedisStore:
         """One Lua script by EVAL, its answer read by ``read``.
 
         EVAL rather than EVALSHA: one round trip whatever the server has cached,
-        and the ACL the README recommends (``+eval``) needs nothing more.
+        and the ACL user docs/guide.md recommends ("Several hosts: Redis state",
+        ``+eval``) needs nothing more.
         """
         text = getattr(lua, script)
         return self._call(what, lambda: read(self._client.eval(text, len(keys), *keys, *args)))  # type: ignore[no-untyped-call]
