@@ -1,18 +1,18 @@
-"""The state store's work for one TOTP login: the two-step path against ``totp_attempt``.
+"""The state store's work for one TOTP login: ``lock_status``, then ``totp_attempt``
+with the HMAC check inside.
 
-Two-step (before issue 11's change): ``lock_status``, ``reserve_attempt``, the HMAC
-check, ``accept_totp_step`` (or ``settle_failure``). One-step: ``lock_status``,
-``totp_attempt`` with the HMAC check inside. Both run in this process against a real
-store, interleaved (batches alternate, each round starting with the other variant),
-so drift of the machine hits both alike; medians of the batches are printed as
-microseconds per login: CPU (``process_time``: user + system, fsync's wait
-excluded) and wall (fsync included). SQLite also reports statements per login
-(``set_trace_callback``). Redis runs when redis-server is installed (a throwaway
-one on loopback, the tests' own fixture).
+Issue 11 compared this one step with the two-step path it replaced (``reserve_attempt``,
+the check, ``accept_totp_step`` or ``settle_failure``); ``accept_totp_step`` has since
+been removed from the stores, and with it that variant (run this file at commit 0176a5f
+for the comparison). It runs in this process against a real store, in batches;
+medians of the batches are printed as microseconds per login: CPU (``process_time``:
+user + system, fsync's wait excluded) and wall (fsync included). SQLite also reports
+statements per login (``set_trace_callback``). Redis runs when redis-server is
+installed (a throwaway one on loopback, the tests' own fixture).
 
 Usage: ``.venv/bin/python bench/store_ops.py [--rounds 15] [--batch 200] [--no-redis]``;
 fsync per login: ``strace -f -c -e trace=fsync,fdatasync .venv/bin/python bench/store_ops.py
---only two-step --rounds 1 --batch 500 --no-redis`` (and ``--only one-step``).
+--only one-step --rounds 1 --batch 500 --no-redis``.
 """
 
 from __future__ import annotations
@@ -49,18 +49,6 @@ def _check(answer: str, now: float) -> Callable[[], int | None]:
     return check
 
 
-def two_step(store: Any, user: str, now: float, answer: str) -> bool:
-    if store.lock_status(user, now).locked(now):
-        return False
-    if store.reserve_attempt(user, now, **LOCKOUT).locked(now):
-        return False
-    step = _check(answer, now)()
-    if step is not None and store.accept_totp_step(user, step, now):
-        return True
-    store.settle_failure(user, now, **LOCKOUT)
-    return False
-
-
 def one_step(store: Any, user: str, now: float, answer: str) -> bool:
     if store.lock_status(user, now).locked(now):
         return False
@@ -68,7 +56,7 @@ def one_step(store: Any, user: str, now: float, answer: str) -> bool:
     return bool(attempt.verdict == TotpAttempt.ACCEPTED)
 
 
-VARIANTS: dict[str, Callable[[Any, str, float, str], bool]] = {"two-step": two_step, "one-step": one_step}
+VARIANTS: dict[str, Callable[[Any, str, float, str], bool]] = {"one-step": one_step}
 
 
 class Clock:

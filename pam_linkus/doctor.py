@@ -356,8 +356,8 @@ def check_pam_dir(doc: Doctor, pam_dir: str) -> None:
             found += 1
             doc.report(level, "pam", f"{path}:{number}: {message}")
     if not found:
-        doc.report("WARN", "pam", f"no service in {pam_dir} loads pam-linkus yet (see README, "
-                   "'Turning it on for a service')")
+        doc.report("WARN", "pam",
+                   f"no service in {pam_dir} loads pam-linkus yet (see README.md, 'Turn it on for a service')")
 
 
 def loads_pam_python_linkus(rule: PamRule) -> bool:

@@ -1,7 +1,8 @@
 """The one exception tree of pam-linkus.
 
-Every failure that decides a login is one of these; the PAM face maps them to a
-PAM code in exactly one place (``pam_face.to_pam_code``). Lower-layer errors
+Every failure that decides a login is one of these; its ``outcome`` is what linkusd
+sends (``protocol.OUTCOME_CODES``), and pam_linkus.so maps that to a PAM code in
+exactly one place (``map_outcome`` in native/pam_linkus.c). Lower-layer errors
 (sqlite3, ldap3, redis, smtplib, OSError, yaml) are translated into this tree at
 the boundary of the component that met them, never further up.
 

@@ -1,7 +1,9 @@
-"""The six outcomes a login can end in (shared/DESIGN.md, "Outcomes").
+"""The six outcomes a login can end in (README.md, "Troubleshooting", has the table).
 
-Plain string constants rather than an Enum: this module is imported on every
-login, and ``enum`` is not free to import inside pam_python's interpreter.
+Plain string constants: they are the words the log line prints and the names
+``protocol.OUTCOME_CODES`` turns into the OUTCOME byte; pam_linkus.so maps that
+byte to a PAM code (``map_outcome`` in native/pam_linkus.c), the one place a
+PAM code is chosen.
 """
 
 from __future__ import annotations
@@ -18,17 +20,6 @@ class Outcome:
     CONVERSATION = "conversation"
 
     ALL = (SUCCESS, SKIP, DENIED, LOCKED, UNAVAILABLE, CONVERSATION)
-
-
-#: The one table from outcome to PAM return code name (an attribute of pamh).
-PAM_CODE_NAMES = {
-    Outcome.SUCCESS: "PAM_SUCCESS",
-    Outcome.SKIP: "PAM_IGNORE",
-    Outcome.DENIED: "PAM_AUTH_ERR",
-    Outcome.LOCKED: "PAM_MAXTRIES",
-    Outcome.UNAVAILABLE: "PAM_AUTHINFO_UNAVAIL",
-    Outcome.CONVERSATION: "PAM_CONV_ERR",
-}
 
 
 class Decision:

@@ -27,7 +27,8 @@ from conftest import PASSWORD, PamStack, stop_process
 
 SSHD = "/usr/sbin/sshd"
 
-#: /etc/pam.d/sshd for "password + code" (README): Debian's common-auth, then pam-linkus.
+#: /etc/pam.d/sshd for "password + code" (docs/guide.md, "sshd, console, su and sudo"): Debian's
+#: common-auth, then pam-linkus.
 PASSWORD_AND_CODE = """\
 auth [success=1 default=ignore] pam_unix.so nullok nodelay
 auth requisite pam_deny.so
@@ -35,7 +36,7 @@ auth required pam_permit.so
 auth [success=ok ignore=ignore default=die] {module}
 """
 
-#: /etc/pam.d/sshd for "public key + code" (README): no pam_unix when pam-linkus answered;
+#: /etc/pam.d/sshd for "public key + code" (the same section): no pam_unix when pam-linkus answered;
 #: an extension without 2FA (skip) gives its password instead of a code.
 KEY_AND_CODE = """\
 auth [success=1 ignore=ignore default=die] {module}

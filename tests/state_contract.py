@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from state_recovery_contract import EnrolmentRecoveryContract
+from state_steps import NOW, STEP, fail, totp_attempt
 
 from pam_linkus.errors import Locked, StateUnavailable
 from pam_linkus.recovery import digest, new_salt
@@ -36,8 +37,6 @@ from pam_linkus.state.base import (
     next_lock,
 )
 
-NOW = 1_763_900_000.25
-STEP = int(NOW // 30)
 #: Processes per race; the machine has 2 cores, more would only queue.
 RACERS = 8
 RACE_TIMEOUT = 60.0
@@ -88,20 +87,6 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-def totp_attempt(store: Any, user: str, now: float, step: int | None, *, keep_reserved: bool = False,
-                 checked: list[int] | None = None, **lockout: int) -> TotpAttempt:
-    """``store.totp_attempt`` with a check that returns ``step`` (None: a wrong code) and
-    appends to ``checked`` each time the store calls it."""
-    def check() -> int | None:
-        if checked is not None:
-            checked.append(1)
-        return step
-
-    limits = {"max_failures": 5, "duration": 900, "permanent_after": 1000, **lockout}
-    result: TotpAttempt = store.totp_attempt(user, now, check=check, keep_reserved=keep_reserved, **limits)
-    return result
-
-
 class StateContract(EnrolmentRecoveryContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``.
 
@@ -133,13 +118,6 @@ class StateContract(EnrolmentRecoveryContract):
         )
         return status
 
-    def fail(self, store: Any, user: str, now: float, *, max_failures: int = 3, duration: int = 900,
-             permanent_after: int = 10) -> LockStatus:
-        status: LockStatus = store.record_failure(
-            user, now, max_failures=max_failures, duration=duration, permanent_after=permanent_after
-        )
-        return status
-
     # -- replay ----------------------------------------------------------------------
 
     def test_unknown_extension_has_no_failures_and_no_lock(self, store: Any) -> None:
@@ -148,36 +126,36 @@ class StateContract(EnrolmentRecoveryContract):
         assert not status.locked(NOW)
 
     def test_a_step_is_accepted_once(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        assert store.accept_totp_step("1001", STEP, NOW) is False
-        assert store.accept_totp_step("1001", STEP, NOW + 1) is False
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW + 1, STEP).verdict == TotpAttempt.REPLAYED
 
     def test_an_older_step_after_a_newer_one_is_a_replay(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP + 1, NOW) is True
-        assert store.accept_totp_step("1001", STEP, NOW) is False
-        assert store.accept_totp_step("1001", STEP - 1, NOW) is False
-        assert store.accept_totp_step("1001", STEP + 2, NOW + 30) is True
+        assert totp_attempt(store, "1001", NOW, STEP + 1).verdict == TotpAttempt.ACCEPTED
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW, STEP - 1).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW + 30, STEP + 2).verdict == TotpAttempt.ACCEPTED
 
     def test_steps_are_kept_per_extension(self, store: Any) -> None:
         users = ["1001", "1002", "a}:totp", "{1001}", "ü-ext", "x" * 200]
         for user in users:
-            assert store.accept_totp_step(user, STEP, NOW) is True, user
+            assert totp_attempt(store, user, NOW, STEP).verdict == TotpAttempt.ACCEPTED, user
         for user in users:
-            assert store.accept_totp_step(user, STEP, NOW) is False, user
+            assert totp_attempt(store, user, NOW, STEP).verdict == TotpAttempt.REPLAYED, user
 
     def test_acceptance_clears_the_failure_count(self, store: Any) -> None:
-        self.fail(store, "1001", NOW)
-        self.fail(store, "1001", NOW + 1)
+        fail(store, "1001", NOW)
+        fail(store, "1001", NOW + 1)
         assert store.lock_status("1001", NOW + 2).failures == 2
-        assert store.accept_totp_step("1001", STEP, NOW + 2) is True
+        assert totp_attempt(store, "1001", NOW + 2, STEP).verdict == TotpAttempt.ACCEPTED
         status = store.lock_status("1001", NOW + 2)
         assert (status.failures, status.locked_until) == (0, 0.0)
 
     def test_a_replay_does_not_clear_the_failure_count(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        self.fail(store, "1001", NOW + 1)
-        assert store.accept_totp_step("1001", STEP, NOW + 2) is False
-        assert store.lock_status("1001", NOW + 2).failures == 1
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        fail(store, "1001", NOW + 1)
+        assert totp_attempt(store, "1001", NOW + 2, STEP).verdict == TotpAttempt.REPLAYED
+        assert store.lock_status("1001", NOW + 2).failures == 2  # the earlier one kept, the replay counted
 
     # -- failures and lockout --------------------------------------------------------
 
@@ -187,72 +165,86 @@ class StateContract(EnrolmentRecoveryContract):
     )
     def test_failures_lock_as_next_lock_says(self, store: Any, max_failures: int, duration: int,
                                              permanent_after: int) -> None:
-        n = min(permanent_after + 2, 12)
-        times = [NOW + 7.5 * i for i in range(n)]
-        want = expected_locks(n, times, max_failures, duration, permanent_after)
+        # A locked extension counts no failure, so each one comes 7.5 s after the last or,
+        # when that one locked, once its lock has expired; a lock for good ends the run.
+        n = min(permanent_after, 12)
+        times, when = [], NOW
+        for count in range(1, n + 1):
+            times.append(when)
+            lock = next_lock(count, when, max_failures, duration, permanent_after)
+            if lock >= FOREVER:
+                break
+            when = max(when + 7.5, lock)
+        want = expected_locks(len(times), times, max_failures, duration, permanent_after)
         for i, when in enumerate(times):
-            status = self.fail(store, "1001", when, max_failures=max_failures, duration=duration,
-                               permanent_after=permanent_after)
+            status = fail(store, "1001", when, max_failures=max_failures, duration=duration,
+                          permanent_after=permanent_after)
             assert (status.failures, status.locked_until) == (i + 1, want[i]), i
             seen = store.lock_status("1001", when)
             assert (seen.failures, seen.locked_until) == (i + 1, want[i]), i
+        # what locked for good (duration 0, or permanent_after reached) counts nothing more
+        if want[-1] >= FOREVER:
+            far = times[-1] + 10 * 365 * 86400
+            refused = store.reserve_attempt("1001", far, max_failures=max_failures, duration=duration,
+                                            permanent_after=permanent_after)
+            assert (refused.failures, refused.locked_until) == (len(times), float(FOREVER))
 
     def test_a_locked_extension_reserves_no_attempt_even_for_a_fresh_step(self, store: Any) -> None:
         for i in range(3):
-            status = self.fail(store, "1001", NOW + i)
+            status = fail(store, "1001", NOW + i)
         assert status.locked_until == NOW + 2 + 900
         refused = self.reserve(store, "1001", NOW + 10)
         assert refused.locked(NOW + 10) and refused.locked_until == NOW + 2 + 900
         assert store.lock_status("1001", NOW + 10).failures == 3  # nothing reserved
         # after the lock one attempt is free again, and a right code clears it all
-        assert not self.reserve(store, "1001", NOW + 903).locked(NOW + 903)
-        assert store.accept_totp_step("1001", STEP + 5, NOW + 903) is True
+        assert totp_attempt(store, "1001", NOW + 903, STEP + 5, max_failures=3).verdict == TotpAttempt.ACCEPTED
         assert store.lock_status("1001", NOW + 903).failures == 0
 
     def test_a_permanent_lock_refuses_even_a_right_code(self, store: Any) -> None:
         store.issue_email_code("1001", "h1", NOW, EmailLimits())
-        self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
-        with pytest.raises(Locked):
-            store.accept_totp_step("1001", STEP + 5, NOW + 10)
+        fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        refused = totp_attempt(store, "1001", NOW + 10, STEP + 5, max_failures=1, duration=0, permanent_after=5)
+        assert (refused.verdict, refused.status.permanent) == (TotpAttempt.LOCKED, True)
         with pytest.raises(Locked):
             store.verify_email_code("1001", "h1", NOW + 10)
         assert store.lock_status("1001", NOW + 10).permanent
         store.unlock("1001")
-        assert store.accept_totp_step("1001", STEP + 5, NOW + 11) is True
+        assert totp_attempt(store, "1001", NOW + 11, STEP + 5).verdict == TotpAttempt.ACCEPTED
 
     def test_a_lock_expires_but_the_count_stays(self, store: Any) -> None:
         for i in range(3):
-            self.fail(store, "1001", NOW + i)
+            fail(store, "1001", NOW + i)
         later = NOW + 2 + 900 + 1
         status = store.lock_status("1001", later)
         assert status.failures == 3 and not status.locked(later)
         # the next failure locks again at once
-        again = self.fail(store, "1001", later)
+        again = fail(store, "1001", later)
         assert (again.failures, again.locked_until) == (4, later + 900)
 
     def test_permanent_after_locks_until_unlock(self, store: Any) -> None:
+        lockout = {"max_failures": 2, "duration": 60, "permanent_after": 4}
         for i in range(4):
-            status = self.fail(store, "1001", NOW + i, max_failures=2, duration=60, permanent_after=4)
+            status = fail(store, "1001", NOW + 61 * i, **lockout)  # each temporary lock has expired
         assert status.permanent and status.locked_until == float(FOREVER)
         far = NOW + 10 * 365 * 86400
         assert store.lock_status("1001", far).locked(far)
-        with pytest.raises(Locked):
-            store.accept_totp_step("1001", STEP + 10**6, far)
+        assert totp_attempt(store, "1001", far, STEP + 10**6, **lockout).verdict == TotpAttempt.LOCKED
 
     def test_duration_zero_locks_until_unlock(self, store: Any) -> None:
-        status = self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        status = fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
         assert status.permanent
         assert store.lock_status("1001", NOW + 10**8).locked(NOW + 10**8)
 
     def test_unlock_clears_count_and_lock_but_not_the_replay_record(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
         for i in range(4):
-            self.fail(store, "1001", NOW + i, max_failures=2, duration=0, permanent_after=4)
+            fail(store, "1001", NOW + 61 * i, max_failures=2, duration=60, permanent_after=4)
+        assert store.lock_status("1001", NOW + 200).permanent
         store.unlock("1001")
-        status = store.lock_status("1001", NOW + 5)
+        status = store.lock_status("1001", NOW + 200)
         assert (status.failures, status.locked_until) == (0, 0.0)
-        assert store.accept_totp_step("1001", STEP, NOW + 5) is False
-        assert store.accept_totp_step("1001", STEP + 1, NOW + 30) is True
+        assert totp_attempt(store, "1001", NOW + 200, STEP).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW + 230, STEP + 1).verdict == TotpAttempt.ACCEPTED
 
     def test_unlock_of_an_unknown_extension_is_harmless(self, store: Any) -> None:
         store.unlock("nobody")
@@ -260,27 +252,27 @@ class StateContract(EnrolmentRecoveryContract):
 
     def test_forget_removes_every_record_of_one_extension(self, store: Any) -> None:
         for user in ("1001", "1002"):
-            assert store.accept_totp_step(user, STEP, NOW) is True
-            self.fail(store, user, NOW + 1)
+            assert totp_attempt(store, user, NOW, STEP).verdict == TotpAttempt.ACCEPTED
+            fail(store, user, NOW + 1)
         store.forget("1001")
         assert store.lock_status("1001", NOW + 2).failures == 0
-        assert store.accept_totp_step("1001", STEP, NOW + 2) is True
+        assert totp_attempt(store, "1001", NOW + 2, STEP).verdict == TotpAttempt.ACCEPTED
         assert store.lock_status("1002", NOW + 2).failures == 1
-        assert store.accept_totp_step("1002", STEP, NOW + 2) is False
+        assert totp_attempt(store, "1002", NOW + 2, STEP).verdict == TotpAttempt.REPLAYED
 
     def test_failures_are_per_extension(self, store: Any) -> None:
         for i in range(3):
-            self.fail(store, "1001", NOW + i)
+            fail(store, "1001", NOW + i)
         assert store.lock_status("1001", NOW + 3).locked(NOW + 3)
         assert not store.lock_status("1002", NOW + 3).locked(NOW + 3)
-        assert store.accept_totp_step("1002", STEP, NOW + 3) is True
+        assert totp_attempt(store, "1002", NOW + 3, STEP).verdict == TotpAttempt.ACCEPTED
 
     def test_a_second_store_sees_what_the_first_wrote(self, store: Any, opener: Opener) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        self.fail(store, "1002", NOW)
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        fail(store, "1002", NOW)
         other = opener()
         try:
-            assert other.accept_totp_step("1001", STEP, NOW) is False
+            assert totp_attempt(other, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
             assert other.lock_status("1002", NOW).failures == 1
         finally:
             other.close()
@@ -398,10 +390,10 @@ class StateContract(EnrolmentRecoveryContract):
         assert again.locked_until == later + 900
 
     def test_a_replayed_step_settles_as_a_failure(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        store.reserve_attempt("1001", NOW + 1, **self.LOCKOUT)
-        assert store.accept_totp_step("1001", STEP, NOW + 1) is False
-        assert store.settle_failure("1001", NOW + 1, **self.LOCKOUT).failures == 1
+        assert totp_attempt(store, "1001", NOW, STEP, **self.LOCKOUT).verdict == TotpAttempt.ACCEPTED
+        replayed = totp_attempt(store, "1001", NOW + 1, STEP, **self.LOCKOUT)
+        assert (replayed.verdict, replayed.status.failures) == (TotpAttempt.REPLAYED, 1)
+        assert store.lock_status("1001", NOW + 1).failures == 1
 
     def test_settle_success_clears_failures_and_a_temporary_lock(self, store: Any) -> None:
         for _ in range(5):
@@ -412,7 +404,7 @@ class StateContract(EnrolmentRecoveryContract):
         assert (status.failures, status.locked(NOW + 1)) == (0, False)
 
     def test_settle_success_keeps_a_permanent_lock(self, store: Any) -> None:
-        self.fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
+        fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=5)
         store.settle_success("1001", NOW + 1)
         assert store.lock_status("1001", NOW + 1).permanent
 
@@ -450,7 +442,7 @@ class StateContract(EnrolmentRecoveryContract):
 
     def test_prune_keeps_what_still_decides(self, store: Any) -> None:
         far = NOW + 400 * 86400
-        self.fail(store, "locked", NOW, max_failures=1, duration=0, permanent_after=5)
+        fail(store, "locked", NOW, max_failures=1, duration=0, permanent_after=5)
         store.record_enrolment("1001", "totp", NOW, totp_step=STEP)
         store.issue_email_code("1002", "h1", far - 10, EmailLimits())
         store.start_grace("1003", "192.0.2.1", far - 10, 300)
@@ -471,14 +463,14 @@ class StateContract(EnrolmentRecoveryContract):
         older = totp_attempt(store, "1001", NOW + 2, STEP - 1)
         assert (older.verdict, older.status.failures) == (TotpAttempt.REPLAYED, 2)
         assert store.lock_status("1001", NOW + 2).failures == 2
-        assert store.accept_totp_step("1001", STEP, NOW + 3) is False  # the same replay record
+        assert totp_attempt(store, "1001", NOW + 3, STEP).verdict == TotpAttempt.REPLAYED  # the record stays
         newer = totp_attempt(store, "1001", NOW + 30, STEP + 1)
         assert newer.verdict == TotpAttempt.ACCEPTED
         assert store.lock_status("1001", NOW + 30).failures == 0
         assert store.enrolment("1001").last_success == NOW + 30
 
-    def test_totp_attempt_takes_an_older_accept_totp_step_into_account(self, store: Any) -> None:
-        assert store.accept_totp_step("1001", STEP, NOW) is True
+    def test_totp_attempt_takes_the_step_of_the_enrolment_into_account(self, store: Any) -> None:
+        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)  # the other writer of the replay record
         assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
 
     def test_totp_attempt_wrong_codes_count_and_lock_at_max_failures(self, store: Any) -> None:
@@ -540,15 +532,19 @@ class StateContract(EnrolmentRecoveryContract):
             TotpAttempt.LOCKED, 5, NOW + 900)
         if self.CHECKS_ONLY_ADMITTED:
             assert checked == []
-        assert store.accept_totp_step("1001", STEP, NOW + 1) is True  # the refused step was not recorded
+        # the refused step was not recorded: the one attempt free once the lock expires takes it
+        assert totp_attempt(store, "1001", NOW + 900, STEP).verdict == TotpAttempt.ACCEPTED
 
-    def test_totp_attempt_follows_reserve_then_settle_or_accept(self, store: Any) -> None:
-        """The one step decides exactly as the two-step path it replaces: random attempts
-        (wrong, right, replayed) on two extensions, one per path, give the same verdicts
-        and the same failures and locks after each attempt."""
+    def test_totp_attempt_follows_reserve_then_settle(self, store: Any) -> None:
+        """The one step decides exactly as reserve, check, settle: random attempts (wrong,
+        right, replayed) on two extensions, one through ``totp_attempt``, the other through
+        ``reserve_attempt`` and ``settle_success`` / ``settle_failure`` with the replay rule
+        (a step newer than the last accepted one) kept here, give the same verdicts and the
+        same failures and locks after each attempt."""
         lockout = {"max_failures": 3, "duration": 300, "permanent_after": 8}
         rng = random.Random(11)
         when, last = NOW, 0
+        last_two: int | None = None  # the last step accepted on "two"
         for i in range(60):
             when += rng.choice([0.5, 5, 100, 301])
             kind = rng.choice(["wrong", "wrong", "right", "replay"])
@@ -557,8 +553,9 @@ class StateContract(EnrolmentRecoveryContract):
             reserved = store.reserve_attempt("two", when, **lockout)
             if reserved.locked(when):
                 two = TotpAttempt.LOCKED
-            elif step is not None and store.accept_totp_step("two", step, when):
-                two = TotpAttempt.ACCEPTED
+            elif step is not None and (last_two is None or step > last_two):
+                store.settle_success("two", when)
+                last_two, two = step, TotpAttempt.ACCEPTED
             else:
                 store.settle_failure("two", when, **lockout)
                 two = TotpAttempt.WRONG if step is None else TotpAttempt.REPLAYED
@@ -673,26 +670,29 @@ class StateContract(EnrolmentRecoveryContract):
 
     # -- races between processes -----------------------------------------------------
 
-    def test_parallel_logins_with_one_step_give_exactly_one_success(self, opener: Opener) -> None:
-        results = race(opener, lambda s, _i: s.accept_totp_step("1001", STEP, NOW))
-        assert sorted(results) == [False] * (RACERS - 1) + [True]
-
     def test_parallel_old_and_new_steps_accept_the_new_one_once(self, opener: Opener) -> None:
         # Half offer STEP, half STEP + 1. STEP + 1 wins exactly once whatever the order;
         # STEP at most once, and only if it came before any STEP + 1.
-        def body(s: Any, i: int) -> tuple[int, bool]:
+        def body(s: Any, i: int) -> tuple[int, str]:
             step = STEP + i % 2
-            return step, s.accept_totp_step("1001", step, NOW)
+            return step, totp_attempt(s, "1001", NOW, step, max_failures=RACERS + 1).verdict
 
-        wins = [step for step, ok in race(opener, body) if ok]
+        wins = [step for step, verdict in race(opener, body) if verdict == TotpAttempt.ACCEPTED]
         assert wins.count(STEP + 1) == 1 and wins.count(STEP) <= 1
 
     def test_failures_from_parallel_processes_all_count(self, opener: Opener) -> None:
         per_process = 5
+        # every reservation finds a free slot; the last one's settlement locks
+        lockout = {"max_failures": RACERS * per_process, "duration": 60, "permanent_after": 100}
 
         def body(s: Any, _i: int) -> list[int]:
-            return [self.fail(s, "1001", NOW, max_failures=30, duration=60, permanent_after=100).failures
-                    for _ in range(per_process)]
+            counts = []
+            for _ in range(per_process):
+                reserved = s.reserve_attempt("1001", NOW, **lockout)
+                assert not reserved.locked(NOW)
+                s.settle_failure("1001", NOW, **lockout)
+                counts.append(reserved.failures)
+            return counts
 
         results = race(opener, body)
         counts = sorted(c for chunk in results for c in chunk)
@@ -729,7 +729,7 @@ class StateContract(EnrolmentRecoveryContract):
         limits = EmailLimits(send_interval=0, max_attempts=2)
         store.issue_email_code("1001", "h1", NOW, limits)
         assert store.verify_email_code("1001", "x", NOW) == EmailCheck.WRONG
-        self.fail(store, "1001", NOW)
+        fail(store, "1001", NOW)
         assert store.issue_email_code("1001", "h2", NOW + 1, limits).issued is True
         assert store.lock_status("1001", NOW + 1).failures == 1
         assert store.verify_email_code("1001", "h1", NOW + 2) == EmailCheck.WRONG
@@ -837,7 +837,8 @@ class StateContract(EnrolmentRecoveryContract):
     # -- unavailable -----------------------------------------------------------------
 
     @pytest.mark.parametrize("operation", [
-        "lock_status", "accept_totp_step", "totp_attempt", "record_failure", "unlock", "forget", "cache_settings",
+        "lock_status", "totp_attempt", "reserve_attempt", "settle_failure", "settle_success", "unlock", "forget",
+        "cache_settings",
         "cached_settings",
         "start_grace", "grace_active", "issue_email_code", "discard_email_code", "verify_email_code",
         "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt", "recovery_codes_left",
@@ -846,9 +847,10 @@ class StateContract(EnrolmentRecoveryContract):
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
         calls: dict[str, Callable[[Any], Any]] = {
             "lock_status": lambda s: s.lock_status("1001", NOW),
-            "accept_totp_step": lambda s: s.accept_totp_step("1001", STEP, NOW),
             "totp_attempt": lambda s: totp_attempt(s, "1001", NOW, STEP),
-            "record_failure": lambda s: self.fail(s, "1001", NOW),
+            "reserve_attempt": lambda s: s.reserve_attempt("1001", NOW, **self.LOCKOUT),
+            "settle_failure": lambda s: s.settle_failure("1001", NOW, **self.LOCKOUT),
+            "settle_success": lambda s: s.settle_success("1001", NOW),
             "unlock": lambda s: s.unlock("1001"),
             "forget": lambda s: s.forget("1001"),
             "cache_settings": lambda s: s.cache_settings("ldap", "1001", "x", NOW),

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from state_steps import NOW, STEP, fail, totp_attempt
 
 from pam_linkus.errors import Locked
 from pam_linkus.recovery import digest, new_salt
+from pam_linkus.state.base import TotpAttempt
 
-NOW = 1_763_900_000.25
-STEP = int(NOW // 30)
 RACERS = 6
 RACE_TIMEOUT = 60.0
 
@@ -39,22 +39,22 @@ class EnrolmentRecoveryContract:
         info = store.enrolment("1001")
         assert (info.method, info.since, info.last_success, info.recovery_left) == ("totp", NOW, None, 0)
         # The confirmation code's step counts as used: the same code at a login is a replay.
-        assert store.accept_totp_step("1001", STEP, NOW + 1) is False
-        assert store.accept_totp_step("1001", STEP + 1, NOW + 31) is True
+        assert totp_attempt(store, "1001", NOW + 1, STEP).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW + 31, STEP + 1).verdict == TotpAttempt.ACCEPTED
         assert store.enrolment("1001").last_success == NOW + 31
 
     def test_re_enrolment_replaces_the_replay_record(self, opener: Callable[[], Any]) -> None:
         store = opener()
-        assert store.accept_totp_step("1001", STEP + 5, NOW) is True
+        assert totp_attempt(store, "1001", NOW, STEP + 5).verdict == TotpAttempt.ACCEPTED
         store.record_enrolment("1001", "totp", NOW + 10, totp_step=STEP)
-        assert store.accept_totp_step("1001", STEP, NOW + 11) is False
-        assert store.accept_totp_step("1001", STEP + 1, NOW + 40) is True
+        assert totp_attempt(store, "1001", NOW + 11, STEP).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "1001", NOW + 40, STEP + 1).verdict == TotpAttempt.ACCEPTED
         store.record_enrolment("1001", "email", NOW + 50)
-        assert store.accept_totp_step("1001", STEP - 3, NOW + 51) is True
+        assert totp_attempt(store, "1001", NOW + 51, STEP - 3).verdict == TotpAttempt.ACCEPTED
 
     def test_a_hand_enrolled_extension_gets_a_record_at_its_first_success(self, opener: Callable[[], Any]) -> None:
         store = opener()
-        assert store.accept_totp_step("1002", STEP, NOW) is True
+        assert totp_attempt(store, "1002", NOW, STEP).verdict == TotpAttempt.ACCEPTED
         info = store.enrolment("1002")
         assert (info.since, info.last_success) == (None, NOW)
 
@@ -73,7 +73,7 @@ class EnrolmentRecoveryContract:
         store.set_recovery_codes("1001", salt, [digest(c, salt) for c in codes])
         assert store.recovery_salt("1001") == salt
         assert store.recovery_codes_left("1001") == 2
-        store.record_failure("1001", NOW, max_failures=5, duration=60, permanent_after=100)
+        fail(store, "1001", NOW, max_failures=5, duration=60, permanent_after=100)
         assert store.use_recovery_code("1001", digest("wrongwrong", salt), NOW) is False
         assert store.use_recovery_code("1001", digest(codes[0], salt), NOW) is True
         assert store.lock_status("1001", NOW).failures == 0
@@ -96,7 +96,7 @@ class EnrolmentRecoveryContract:
         store = opener()
         salt = new_salt()
         store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
-        store.record_failure("1001", NOW, max_failures=1, duration=0, permanent_after=100)
+        fail(store, "1001", NOW, max_failures=1, duration=0, permanent_after=100)
         with pytest.raises(Locked):
             store.use_recovery_code("1001", digest("abcdefghij", salt), NOW + 1)
         assert store.recovery_codes_left("1001") == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from state_steps import fail
 
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
@@ -224,7 +225,7 @@ def test_failures_count_toward_the_lockout_and_a_new_code_does_not_reset_them(pr
 
 
 def test_success_clears_the_failure_count(host: Harness) -> None:
-    host.store.record_failure("1002", T0, max_failures=5, duration=900, permanent_after=100)
+    fail(host.store, "1002", T0, max_failures=5, duration=900, permanent_after=100)
     assert host.login("1002", lambda: host.mailer.last_code())[0] == Outcome.SUCCESS
     assert host.store.lock_status("1002", T0).failures == 0
 

@@ -1,4 +1,4 @@
-"""Email codes through real libpam + pam_python (pam_unix requisite, then pam_linkus),
+"""Email codes through real libpam + pam_linkus.so (pam_unix requisite, then pam_linkus),
 delivered by a real aiosmtpd server on 127.0.0.1 with STARTTLS / implicit TLS and AUTH."""
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_
             enroll_email(stack, user)
         a, b = (stack for _, _, stack in made)
         assert login(a, user, lambda p, m: "000000x").auth == "PAM_AUTH_ERR"
-        shutil.copy2(a.root / "email.key", b.root / "email.key")  # as the README says: one key for the cluster
+        shutil.copy2(a.root / "email.key", b.root / "email.key")  # docs/guide.md: one key for the cluster
         at_b = login(b, user, mailed_code(server))
         assert at_b.auth == "PAM_SUCCESS" and "still valid" in at_b.messages[0]
         assert login(a, user, mailed_code(server)).auth == "PAM_AUTHINFO_UNAVAIL"  # spent, and throttled

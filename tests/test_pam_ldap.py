@@ -1,4 +1,4 @@
-"""Logins through real libpam + pam_python with settings from a real slapd.
+"""Logins through real libpam + pam_linkus.so with settings from a real slapd.
 
 Each test gets a throwaway PAM service (pam_unix, then pam_linkus) whose config
 says ``sources: [ldap]`` (or a mix with yaml) and points at a slapd started by

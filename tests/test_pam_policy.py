@@ -1,5 +1,5 @@
 """Exempt networks, grace periods, single-field mode and the console break-glass line,
-through real libpam + pam_python (the child-process client and pamtester on a pty)."""
+through real libpam + pam_linkus.so (the child-process client and pamtester on a pty)."""
 
 from __future__ import annotations
 

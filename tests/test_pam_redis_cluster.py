@@ -1,4 +1,4 @@
-"""Two PBX "hosts" sharing one Redis, through real libpam + pam_python.
+"""Two PBX "hosts" sharing one Redis, through real libpam + pam_linkus.so.
 
 Each host is its own PAM service with its own pam_linkus.yaml and state
 directory; only ``state: {backend: redis}`` points both at the same redis-server.

@@ -1,4 +1,4 @@
-"""TOTP logins through real libpam + pam_python (pam_unix first, then pam_linkus)."""
+"""TOTP logins through real libpam + pam_linkus.so (pam_unix first, then pam_linkus)."""
 
 from __future__ import annotations
 

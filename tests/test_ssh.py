@@ -1,7 +1,7 @@
 """SSH logins through a real OpenSSH sshd with pam-linkus in its PAM stack.
 
-The /etc/pam.d lines and sshd_config settings are the ones README shows
-("SSH, console and web logins"): password + code over keyboard-interactive, and
+The /etc/pam.d lines and sshd_config settings are the ones docs/guide.md shows
+("sshd, console, su and sudo"): password + code over keyboard-interactive, and
 public key + code with ``AuthenticationMethods publickey,keyboard-interactive``.
 """
 
@@ -157,7 +157,7 @@ def test_password_method_cannot_skip_the_code_but_counts_failures(sshd_factory: 
                                                                    pam_stack: PamStack, user: str) -> None:
     """With PasswordAuthentication yes, sshd answers EVERY hidden PAM prompt with the
     password, so the code prompt gets the password: always refused, and counted as a
-    wrong code (lockout). README: keep PasswordAuthentication no."""
+    wrong code (lockout). docs/guide.md: keep PasswordAuthentication no."""
     server: SshServer = sshd_factory(PASSWORD_AND_CODE, "password",  # type: ignore[operator]
                                      password_authentication=True)
     pam_stack.enroll_totp(user)

@@ -18,7 +18,8 @@ from redis_server import (
     TlsFiles,
     free_port,
 )
-from state_contract import NOW, STEP, Opener, StateContract
+from state_contract import Opener, StateContract
+from state_steps import NOW, STEP, fail, totp_attempt
 
 from pam_linkus.config import Config, StateConfig
 from pam_linkus.errors import ConfigError, StateUnavailable
@@ -26,7 +27,7 @@ from pam_linkus.state import open_store
 from pam_linkus.state.base import EmailLimits, TotpAttempt
 from pam_linkus.state.redis_store import CACHE_TTL, REPLAY_TTL
 
-#: What the README recommends for a cluster's ACL user (tested below as written there).
+#: What docs/guide.md, "Several hosts: Redis state", recommends for a cluster's ACL user (as written there).
 ACL_RULES = "-@all +@read +@write +eval +ping -@dangerous"
 
 
@@ -61,10 +62,11 @@ class TestRedisState(StateContract):
 def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_server: RedisServer) -> None:
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
-    store.accept_totp_step("1001", STEP, NOW)  # also notes the success in the enrolment record
-    store.record_failure("1002", NOW, max_failures=3, duration=900, permanent_after=10)
-    for _ in range(2):
-        store.record_failure("1003", NOW, max_failures=1, duration=0, permanent_after=10)
+    totp_attempt(store, "1001", NOW, STEP)  # also notes the success in the enrolment record
+    fail(store, "1002", NOW, max_failures=3, duration=900, permanent_after=10)
+    fail(store, "1003", NOW, max_failures=1, duration=0, permanent_after=10)
+    # a refused attempt on that lock for good leaves it without a TTL
+    assert store.reserve_attempt("1003", NOW, max_failures=1, duration=0, permanent_after=10).permanent
     store.cache_settings("ldap", "1004", "{}", NOW)
     store.start_grace("1005", "192.0.2.7", NOW, 3600)
     store.issue_email_code("1006", "h", NOW, EmailLimits(lifetime=300))
@@ -94,7 +96,7 @@ def test_a_temporary_lock_outlives_its_key_ttl(redis_server: RedisServer) -> Non
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
     now = time.time()
-    status = store.record_failure("1001", now, max_failures=1, duration=5 * 86400, permanent_after=10)
+    status = fail(store, "1001", now, max_failures=1, duration=5 * 86400, permanent_after=10)
     assert status.locked_until == now + 5 * 86400
     ttl = redis_server.client().ttl(f"{p}{{1001}}:fail")
     assert 6 * 86400 - 10 <= ttl <= 6 * 86400 + 1
@@ -104,9 +106,9 @@ def test_a_temporary_lock_outlives_its_key_ttl(redis_server: RedisServer) -> Non
 def test_a_prefix_separates_clusters_on_one_server(redis_server: RedisServer) -> None:
     a = open_store(state_config(url=redis_server.url, prefix=prefix()))
     b = open_store(state_config(url=redis_server.url, prefix=prefix()))
-    assert a.accept_totp_step("1001", STEP, NOW) is True
-    assert b.accept_totp_step("1001", STEP, NOW) is True
-    a.record_failure("1001", NOW, max_failures=3, duration=900, permanent_after=10)
+    assert totp_attempt(a, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+    assert totp_attempt(b, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+    fail(a, "1001", NOW, max_failures=3, duration=900, permanent_after=10)
     assert b.lock_status("1001", NOW).failures == 0
     a.close()
     b.close()
@@ -117,17 +119,19 @@ def test_a_prefix_separates_clusters_on_one_server(redis_server: RedisServer) ->
 
 def test_a_stopped_server_is_unavailable_and_a_restarted_one_works_again(redis_server: RedisServer) -> None:
     store = open_store(fast(url=redis_server.url, prefix=prefix()))
-    assert store.accept_totp_step("1001", STEP, NOW) is True
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
     redis_server.stop()
     with pytest.raises(StateUnavailable):
-        store.accept_totp_step("1001", STEP + 1, NOW)
+        totp_attempt(store, "1001", NOW, STEP + 1)
     with pytest.raises(StateUnavailable):
         store.lock_status("1001", NOW)
     with pytest.raises(StateUnavailable):
-        store.record_failure("1001", NOW, max_failures=3, duration=900, permanent_after=10)
+        store.reserve_attempt("1001", NOW, max_failures=3, duration=900, permanent_after=10)
+    with pytest.raises(StateUnavailable):
+        store.settle_failure("1001", NOW, max_failures=3, duration=900, permanent_after=10)
     redis_server.start()  # same port, empty (no persistence in tests): scripts must be loaded again
-    assert store.accept_totp_step("1001", STEP + 1, NOW) is True
-    assert store.accept_totp_step("1001", STEP + 1, NOW) is False
+    assert totp_attempt(store, "1001", NOW, STEP + 1).verdict == TotpAttempt.ACCEPTED
+    assert totp_attempt(store, "1001", NOW, STEP + 1).verdict == TotpAttempt.REPLAYED
     store.close()
 
 
@@ -137,7 +141,7 @@ def test_a_hanging_server_times_out_as_unavailable(redis_server: RedisServer) ->
     redis_server.pause()
     try:
         for call in (
-            lambda: store.accept_totp_step("1001", STEP, NOW),
+            lambda: totp_attempt(store, "1001", NOW, STEP),
             lambda: open_store(fast(url=redis_server.url)).lock_status("1001", NOW),  # a new connection
         ):
             started = time.monotonic()
@@ -171,8 +175,8 @@ def test_tls_with_the_right_ca_works(tls_server: Any, tls_files: TlsFiles) -> No
     server = tls_server(tls_files.server_cert, tls_files.server_key)
     assert server.url.startswith("rediss://127.0.0.1:")
     store = open_store(fast(url=server.url, ca_file=str(tls_files.ca_cert), prefix=prefix()))
-    assert store.accept_totp_step("1001", STEP, NOW) is True
-    assert store.accept_totp_step("1001", STEP, NOW) is False
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
     store.close()
 
 
@@ -189,7 +193,7 @@ def test_tls_refuses_a_certificate_it_cannot_verify(tls_server: Any, tls_files: 
         options["ca_file"] = str(ca)
     store = open_store(fast(**options))
     with pytest.raises(StateUnavailable) as info:
-        store.accept_totp_step("1001", STEP, NOW)
+        totp_attempt(store, "1001", NOW, STEP)
     assert "certificate" in str(info.value).lower() or "ssl" in str(info.value).lower()
 
 
@@ -218,9 +222,9 @@ def test_acl_user_with_password_file_works(acl_server: Any, private_dir: Path) -
     server, password = acl_server
     store = open_store(fast(url=server.url, username="pbx", password_file=password_file(private_dir, password),
                             prefix="cluster1:"))
-    assert store.accept_totp_step("1001", STEP, NOW) is True
-    assert store.accept_totp_step("1001", STEP, NOW) is False
-    status = store.record_failure("1002", NOW, max_failures=1, duration=60, permanent_after=3)
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
+    status = fail(store, "1002", NOW, max_failures=1, duration=60, permanent_after=3)
     assert status.locked_until == NOW + 60
     store.unlock("1002")
     store.forget("1001")
@@ -246,7 +250,7 @@ def test_acl_refusals_are_unavailable(acl_server: Any, private_dir: Path, proble
         options["password_file"] = password_file(private_dir, password, 0o644)
     with pytest.raises(StateUnavailable) as info:
         store = open_store(fast(**options))
-        store.accept_totp_step("1001", STEP, NOW)
+        totp_attempt(store, "1001", NOW, STEP)
     assert password not in str(info.value)
 
 
@@ -294,26 +298,26 @@ def test_sentinel_finds_the_master_and_follows_a_failover(sentinel_setup: Any) -
     master, replica, sentinel = sentinel_setup
     config = fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name=sentinel.service, prefix=prefix())
     store = open_store(config)
-    assert store.accept_totp_step("1001", STEP, NOW) is True
+    assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
     assert master.client().wait(1, 5000) == 1  # the replica has the replay record
     master.stop()
     deadline = time.monotonic() + 60
     while True:  # bounded: Sentinel notices after 1 s and promotes the replica
         try:
-            answer = store.accept_totp_step("1001", STEP, NOW)
+            answer = totp_attempt(store, "1001", NOW, STEP).verdict
             break
         except StateUnavailable:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
-    assert answer is False  # the record survived the failover: still a replay
+    assert answer == TotpAttempt.REPLAYED  # the record survived the failover: still a replay
     assert replica.client().role()[0] == "master"
-    assert store.accept_totp_step("1001", STEP + 1, NOW) is True
+    assert totp_attempt(store, "1001", NOW, STEP + 1).verdict == TotpAttempt.ACCEPTED
     store.close()
 
 
 def test_sentinel_with_the_recommended_acl_user(redis_dir: Path, private_dir: Path) -> None:
-    """The master check must work under the README's ACL (which denies @dangerous, e.g. ROLE)."""
+    """The master check must work under the guide's ACL (which denies @dangerous, e.g. ROLE)."""
     if not shutil.which("redis-sentinel"):
         pytest.skip("redis-sentinel is not installed (apt-get install redis-sentinel)")
     password = secrets.token_urlsafe(24)
@@ -325,8 +329,8 @@ def test_sentinel_with_the_recommended_acl_user(redis_dir: Path, private_dir: Pa
         store = open_store(fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name=sentinel.service,
                                 username="pbx", password_file=password_file(private_dir, password),
                                 prefix="cluster1:"))
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        assert store.accept_totp_step("1001", STEP, NOW) is False
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
         store.close()
     finally:
         sentinel.stop()
@@ -351,8 +355,8 @@ def test_sentinel_over_tls_verifies_sentinel_and_master(redis_dir: Path, tls_fil
         options = {"sentinels": [f"127.0.0.1:{sentinel.port}"], "service_name": sentinel.service, "tls": True,
                    "prefix": prefix()}
         store = open_store(fast(ca_file=str(tls_files.ca_cert), **options))
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        assert store.accept_totp_step("1001", STEP, NOW) is False
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
         store.close()
         rogue = open_store(fast(ca_file=str(tls_files.rogue_ca_cert), **options))
         with pytest.raises(StateUnavailable):
@@ -390,7 +394,7 @@ def test_sentinels_with_a_password_need_sentinel_password_file(redis_dir: Path, 
         with pytest.raises(StateUnavailable, match="MasterNotFoundError"):
             without.lock_status("1001", NOW)
         store = open_store(fast(sentinel_password_file=password_file(private_dir, password), **options))
-        assert store.accept_totp_step("1001", STEP, NOW) is True
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
         store.close()
     finally:
         sentinel.stop()
@@ -402,8 +406,8 @@ def test_a_unix_socket_url_works(redis_dir: Path) -> None:
     server = RedisServer(redis_dir / "unix", config_lines=[f"unixsocket {sock}", "unixsocketperm 700"]).start()
     try:
         store = open_store(fast(url=f"unix://{sock}?db=0", prefix=prefix()))
-        assert store.accept_totp_step("1001", STEP, NOW) is True
-        assert store.accept_totp_step("1001", STEP, NOW) is False
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
+        assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
         server.stop()
         with pytest.raises(StateUnavailable):
             store.lock_status("1001", NOW)
@@ -424,7 +428,6 @@ def test_wrongly_shaped_failure_data_is_unavailable(redis_server: RedisServer, f
     for call in (
         lambda: store.reserve_attempt("1001", NOW, **lockout),
         lambda: store.settle_failure("1001", NOW, **lockout),
-        lambda: store.record_failure("1001", NOW, **lockout),
         lambda: store.totp_attempt("1001", NOW, check=lambda: None, **lockout),
         lambda: store.totp_attempt("1001", NOW, check=lambda: STEP, **lockout),
     ):

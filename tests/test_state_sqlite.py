@@ -8,7 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from state_contract import Opener, StateContract, totp_attempt
+from state_contract import Opener, StateContract
+from state_steps import fail, totp_attempt
 
 from pam_linkus.errors import StateUnavailable
 from pam_linkus.state import sqlite_store
@@ -48,8 +49,7 @@ def test_state_does_not_grow_with_the_number_of_logins(private_dir: Path) -> Non
                 user = f"ext{period}-{i}"  # never the same extension twice: the worst case for growth
                 store.reserve_attempt(user, now, **lockout)
                 store.settle_failure(user, now, **lockout)
-                store.reserve_attempt(user, now + 1, **lockout)
-                assert store.accept_totp_step(user, int(now // 30), now + 1) is True
+                assert totp_attempt(store, user, now + 1, int(now // 30), **lockout).verdict == TotpAttempt.ACCEPTED
                 store.start_grace(user, "192.0.2.1", now + 1, 600)
                 store.issue_email_code(user, f"h{i}", now + 2, limits)
                 store.cache_settings("ldap", user, "{}", now)
@@ -73,7 +73,7 @@ def test_each_thread_gets_its_own_connection_and_close_closes_all(private_dir: P
 
     def work() -> None:
         seen.append(store._db)
-        store.record_failure("1001", 1.0, max_failures=5, duration=60, permanent_after=10)
+        fail(store, "1001", 1.0, max_failures=5, duration=60, permanent_after=10)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
@@ -149,7 +149,7 @@ def test_prune_deletes_in_short_batches_and_keeps_rows_renewed_meanwhile(
         def read_then_renew(sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
             rows = read(sql, args)
             if sql.startswith("SELECT user FROM totp_used"):  # a login of ext7 lands between read and deletes
-                assert store.accept_totp_step("ext7", 2, now) is True
+                assert totp_attempt(store, "ext7", now, 2).verdict == TotpAttempt.ACCEPTED
             return rows
 
         monkeypatch.setattr(store, "_read", read_then_renew)
@@ -157,7 +157,8 @@ def test_prune_deletes_in_short_batches_and_keeps_rows_renewed_meanwhile(
         assert store.prune(now) == 1200
         assert statements.count("BEGIN IMMEDIATE") == 4  # the old rows found: 1201 = 500 + 500 + 201
         assert store.counts()["totp_used"] == 2
-        assert store.accept_totp_step("ext7", 2, now) is False and store.accept_totp_step("fresh", 1, now) is False
-        assert store.accept_totp_step("ext8", 1, now) is True
+        assert totp_attempt(store, "ext7", now, 2).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "fresh", now, 1).verdict == TotpAttempt.REPLAYED
+        assert totp_attempt(store, "ext8", now, 1).verdict == TotpAttempt.ACCEPTED
     finally:
         store.close()

@@ -209,9 +209,10 @@ if TYPE_CHECKING:
             attempt = store.totp_attempt(user, now, check=<match_totp>, keep_reserved=<may be
                                          a recovery code>, **lockout)
 
-        RESERVED (no TOTP match, the answer may be a recovery code) continues as
-        below from "<check the code>", its attempt already reserved: the slow
-        recovery-code hash runs outside any transaction.
+        ACCEPTED, WRONG, REPLAYED and LOCKED are final: the store has recorded the
+        success or counted the failure. RESERVED (no TOTP match, the answer may be a
+        recovery code) continues as below from "<check the code>", its attempt
+        already reserved: the slow recovery-code hash runs outside any transaction.
 
         Email codes, recovery codes and the web enrolment check like this (``user``
         is ``settings.account``, the canonical name the source returned)::
@@ -219,7 +220,6 @@ if TYPE_CHECKING:
             status = store.reserve_attempt(user, now, **lockout)
             if status.locked(now): refuse as locked, check no code
             <check the code>
-            right TOTP:  store.accept_totp_step(...)  False -> replay: settle_failure
             right email / recovery code: verify_email_code / use_recovery_code
                          (they reset the failures themselves; settle_success is the same reset alone)
             wrong:       store.settle_failure(user, now, **lockout)
@@ -263,7 +263,7 @@ if TYPE_CHECKING:
 
             - a step newer than the last accepted one: ACCEPTED -- recorded as
               used, failures and a temporary lock cleared, the success noted
-              (``Enrolment.last_success``), as ``accept_totp_step``;
+              (``Enrolment.last_success``);
             - an accepted step (or older): REPLAYED, counted as a failure;
             - None and ``keep_reserved``: RESERVED, the failure counted as by
               ``reserve_attempt`` and nothing more (the caller settles it);
@@ -292,25 +292,6 @@ if TYPE_CHECKING:
         def settle_success(self, user: str, now: float) -> None:
             """A right code: clear the consecutive failures and a temporary lock
             (a lock that needs an admin stays). One atomic step."""
-            ...
-
-        def accept_totp_step(self, user: str, step: int, now: float) -> bool:
-            """Atomically accept TOTP time step ``step`` for ``user``.
-
-            Raises Locked if the extension is locked until an admin unlocks it.
-            Returns False if a step >= ``step`` was accepted before (replay, also
-            of an older step). Otherwise records ``step`` as the last accepted
-            one, clears the failure count and a temporary lock, records the
-            success (``Enrolment.last_success``), and returns True -- all in one
-            atomic write.
-            """
-            ...
-
-        def record_failure(
-            self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
-        ) -> LockStatus:
-            """Atomically count one more consecutive failure and lock per ``next_lock``
-            (reserve + settle in one step, for callers that checked nothing)."""
             ...
 
         def prune(self, now: float) -> int:

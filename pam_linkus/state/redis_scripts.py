@@ -28,9 +28,10 @@ local function note_success(key, method, now)
 end
 """
 
-#: The lock check every accepting script starts with: only a lock that needs
-#: an admin refuses a right code (the attempt was reserved before a temporary
-#: lock was set by parallel attempts; see state.base.StateStore).
+#: The lock check of the scripts that accept a code of an attempt reserved before
+#: (email and recovery codes): only a lock that needs an admin refuses a right
+#: code (a temporary lock may have been set by parallel attempts since the
+#: reservation; see state.base.StateStore).
 _LOCKED = """
 local FOREVER = 4.611686018427388e+18
 local function locked(fail_key, now)
@@ -40,21 +41,6 @@ local function locked(fail_key, now)
   end
   return nil
 end
-"""
-
-# KEYS: fail, totp, enrol   ARGV: now, step, replay_ttl
-# -> {0, locked_until} | {1} replay (a step >= step was accepted) | {2} accepted
-ACCEPT_TOTP = _LOCKED + _NOTE_SUCCESS + """
-local lock = locked(KEYS[1], ARGV[1])
-if lock then return {0, lock} end
-local last = redis.call('GET', KEYS[2])
-if last and tonumber(last) >= tonumber(ARGV[2]) then
-  return {1}
-end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[1])
-note_success(KEYS[3], 'totp', ARGV[1])
-return {2}
 """
 
 #: The failure hash ``fail``: count, until (locked_until), lockc (the count at
@@ -94,18 +80,6 @@ local function save(count, lock, lockc)
 end
 """
 
-# -> {count, locked_until}
-RECORD_FAILURE = _FAILURES + """
-local count, lock, lockc = current()
-if type(count) == 'table' then return count end
-count = count + 1
-local new = lock_for(count)
-if tonumber(new) > 0 then lockc = count end
-lock = later(new, lock)
-save(count, lock, lockc)
-return {count, lock}
-"""
-
 # -> {count, locked_until}; see StateStore.reserve_attempt
 RESERVE_ATTEMPT = _FAILURES + """
 local count, lock, lockc = current()
@@ -134,7 +108,7 @@ return {count, lock}
 # KEYS: fail, totp, enrol
 # ARGV: the seven of _FAILURES, then step ('' = no step matched), keep_reserved
 #       ('1' / '0'), replay_ttl
-# RESERVE_ATTEMPT, then ACCEPT_TOTP or SETTLE_FAILURE in one step; see
+# RESERVE_ATTEMPT, then record the step or SETTLE_FAILURE in one step; see
 # StateStore.totp_attempt. The code was matched in Python before the script (Lua
 # cannot compute it and the secret stays out of Redis): a refused attempt's step
 # is ignored here.

@@ -222,7 +222,8 @@ class RedisStore:
         """One Lua script by EVAL, its answer read by ``read``.
 
         EVAL rather than EVALSHA: one round trip whatever the server has cached,
-        and the ACL the README recommends (``+eval``) needs nothing more.
+        and the ACL user docs/guide.md recommends ("Several hosts: Redis state",
+        ``+eval``) needs nothing more.
         """
         text = getattr(lua, script)
         return self._call(what, lambda: read(self._client.eval(text, len(keys), *keys, *args)))  # type: ignore[no-untyped-call]
@@ -267,12 +268,6 @@ class RedisStore:
         return self._failure_script("settle failure", "SETTLE_FAILURE", user, now, max_failures, duration,
                                     permanent_after)
 
-    def record_failure(
-        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
-    ) -> LockStatus:
-        return self._failure_script("record failure", "RECORD_FAILURE", user, now, max_failures, duration,
-                                    permanent_after)
-
     def totp_attempt(
         self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
         max_failures: int, duration: int, permanent_after: int,
@@ -288,14 +283,6 @@ class RedisStore:
 
     def settle_success(self, user: str, now: float) -> None:
         self._eval("settle success", "SETTLE_SUCCESS", [self._key(user, "fail")], [_FOREVER], int)
-
-    def accept_totp_step(self, user: str, step: int, now: float) -> bool:
-        keys = [self._key(user, "fail"), self._key(user, "totp"), self._key(user, "enrol")]
-        answer = self._eval("accept code", "ACCEPT_TOTP", keys, [repr(now), step, REPLAY_TTL],
-                            lambda a: (int(a[0]), float(a[1]) if int(a[0]) == 0 else 0.0))
-        if answer[0] == 0:
-            raise Locked(locked_until=answer[1])
-        return answer[0] == 2
 
     def prune(self, now: float) -> int:
         """Nothing to do: every record of a passing event has a TTL (module docstring)."""

@@ -318,7 +318,7 @@ class SqliteStore:
         self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
         max_failures: int, duration: int, permanent_after: int,
     ) -> TotpAttempt:
-        """reserve_attempt + check + accept_totp_step or settle_failure in ONE write
+        """reserve_attempt + check + record the step or settle_failure in ONE write
         transaction: one fsync per login instead of two. A success with no failures
         counted runs five statements: BEGIN, the failures read, two upserts, COMMIT."""
         def body(db: sqlite3.Connection) -> TotpAttempt:
@@ -378,38 +378,6 @@ class SqliteStore:
             _clear_failures(db, user, now)
 
         self._write(body)
-
-    def accept_totp_step(self, user: str, step: int, now: float) -> bool:
-        def body(db: sqlite3.Connection) -> bool:
-            _refuse_permanent_lock(db, user, now)
-            cur = db.execute(
-                "INSERT INTO totp_used (user, step, at) VALUES (?, ?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET step = excluded.step, at = excluded.at "
-                "WHERE excluded.step > totp_used.step",
-                (user, step, now),
-            )
-            if cur.rowcount != 1:
-                return False
-            _clear_failures(db, user, now)
-            _note_success(db, user, "totp", now)
-            return True
-
-        return self._write(body)
-
-    def record_failure(
-        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
-    ) -> LockStatus:
-        def body(db: sqlite3.Connection) -> LockStatus:
-            count, locked_until, lock_count = _failures(db, user)
-            count += 1
-            lock = next_lock(count, now, max_failures, duration, permanent_after)
-            if lock:
-                lock_count = count
-            locked_until = max(lock, locked_until)
-            _set_failures(db, user, count, locked_until, lock_count, now)
-            return LockStatus(count, locked_until)
-
-        return self._write(body)
 
     def prune(self, now: float) -> int:
         """Delete what can no longer decide, in batches of ``PRUNE_BATCH`` rows per write
