@@ -175,6 +175,37 @@ def test_the_client_address_is_throttled_across_extensions(api: Api, site: tuple
     assert api("sign_in", ext=user, password=PASSWORD, client=CLIENT)["state"] == "in"  # others are not
 
 
+@pytest.mark.parametrize("shared", ["unix", "127.0.0.1", "::1"])
+def test_an_address_everyone_shares_throttles_nobody(api: Api, site: tuple[Site, Any], user: str,
+                                                      shared: str) -> None:
+    """Behind a proxy linkus-web does not trust (or on its unix socket) every browser arrives as one
+    address: wrong passwords from it must not throttle everybody; the per-extension limit still holds."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    for n in range(web_api.MAX_FAILURES_PER_CLIENT + 5):
+        assert api("sign_in", ext=f"nobody{n}", password="x", client=shared)["error"] == "denied"
+    assert api("sign_in", ext=user, password=PASSWORD, client=shared)["state"] == "in"
+    for _n in range(web_api.MAX_FAILURES_PER_EXT):
+        assert api("sign_in", ext=user, password="wrong", client=shared)["error"] == "denied"
+    assert api("sign_in", ext=user, password=PASSWORD, client=shared)["error"] == "throttled"
+
+
+def test_the_failure_table_is_bounded_and_keeps_real_extensions() -> None:
+    """Unknown names and addresses come from the client: a flood of new ones stays within the cap and
+    forgets the oldest of them, never a real extension's count."""
+    table = web_api._FailureTable(cap=100)
+    for _n in range(5):
+        table.add("ext:1001", 1.0)
+    for n in range(10_000):
+        table.add(f"name:probe{n}", 2.0)
+        table.add(f"ip:198.51.{n // 250}.{n % 250}", 2.0)
+    assert len(table) == 101
+    times = table.get("ext:1001")
+    assert times is not None and len(times) == 5
+    assert table.get("name:probe0") is None and table.get("ip:198.51.39.249") is not None
+
+
 def test_included_pam_files_are_followed(tmp_path: Any) -> None:
     from pam_linkus.web.password import ServiceRefused, check_service
 

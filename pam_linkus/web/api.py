@@ -66,6 +66,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from typing import TYPE_CHECKING, Any
 
@@ -169,7 +170,7 @@ class SelfService:
         self.pam_dir = pam_dir
         # keyed by sha256(token): a timing leak of the dict lookup tells nothing about a token
         self._sessions: dict[str, _Session] = {}
-        self._failures: dict[str, collections.deque[float]] = {}
+        self._failures = _FailureTable(MAX_FAILURE_KEYS)
 
     # -- entry ------------------------------------------------------------------------
 
@@ -295,10 +296,8 @@ class SelfService:
         """
         self._refuse_if_full(limits, ext, client, step)
         now = self.engine.clock()
-        if len(self._failures) > MAX_FAILURE_KEYS:
-            self._failures = {k: v for k, v in self._failures.items() if v and now - v[-1] <= FAILURE_WINDOW}
         for key, _limit in limits:
-            self._failures.setdefault(key, collections.deque(maxlen=64)).append(now)
+            self._failures.add(key, now)
         return _Reservation(tuple(key for key, _limit in limits), now)
 
     def _give_back(self, reservation: _Reservation) -> None:
@@ -310,8 +309,8 @@ class SelfService:
     def _count(self, ext: str, client: str) -> None:
         """A wrong code at sign-in counts like a wrong password (the lockout is what bounds code checks)."""
         now = self.engine.clock()
-        for key in (_ext_key(ext), _client_key(client)):
-            self._failures.setdefault(key, collections.deque(maxlen=64)).append(now)
+        for key, _limit in _limits(_ext_key(ext), client):
+            self._failures.add(key, now)
 
     async def _fail(self, word: str, ext: str, client: str, action: str, deadline: float,
                     **fields: object) -> None:
@@ -381,7 +380,7 @@ class SelfService:
         deadline = self._deadline()
         client, name = f["client"], f["ext"]
         _check_name(name)
-        self._refuse_if_full([(_client_key(client), MAX_FAILURES_PER_CLIENT)], name, client, "sign-in")
+        self._refuse_if_full(_limits(None, client), name, client, "sign-in")
         settings = await self._lookup(name)
         # Keyed on the canonical account once the name is known to be an extension, else on the
         # typed name as the sources compare it (casefolded), in its own namespace: an unknown
@@ -710,12 +709,66 @@ def _name_key(name: str) -> str:
     return "name:" + name.casefold()
 
 
-def _client_key(client: str) -> str:
+def _client_key(client: str) -> str | None:
+    """The per-address failure key, or None for an address many people share.
+
+    linkus-web reports ``unix`` for its unix socket and the proxy's own address for a
+    reverse proxy it does not trust (no ``--trust-proxy``): every browser then arrives
+    as the same address, and a limit on it would let one person with 30 wrong
+    passwords throttle everybody's sign-in. For those only the per-extension limit
+    applies (and the log line still names the address).
+    """
+    if client == "unix":
+        return None
+    try:
+        if ipaddress.ip_address(client.split("%", 1)[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
     return "ip:" + client
 
 
-def _limits(ext_key: str, client: str) -> list[tuple[str, int]]:
-    return [(ext_key, MAX_FAILURES_PER_EXT), (_client_key(client), MAX_FAILURES_PER_CLIENT)]
+def _limits(ext_key: str | None, client: str) -> list[tuple[str, int]]:
+    """The failure keys one attempt counts under, with their limits (never a key of nothing)."""
+    limits = [] if ext_key is None else [(ext_key, MAX_FAILURES_PER_EXT)]
+    client_key = _client_key(client)
+    if client_key is not None:
+        limits.append((client_key, MAX_FAILURES_PER_CLIENT))
+    return limits
+
+
+class _FailureTable:
+    """Recent failure times per key, bounded in memory whatever names and addresses arrive.
+
+    Keys of real extensions (``ext:``) are as many as the settings have and are kept in
+    full. Keys of unknown names and addresses come from the client, so at most
+    ``cap`` of them are kept, the least recently touched leaving first: forgetting one
+    only lets that name or address try again, never raises a real extension's limit.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._extensions: dict[str, collections.deque[float]] = {}
+        self._others: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def get(self, key: str) -> collections.deque[float] | None:
+        return (self._extensions if key.startswith("ext:") else self._others).get(key)
+
+    def add(self, key: str, now: float) -> None:
+        if key.startswith("ext:"):
+            self._extensions.setdefault(key, collections.deque(maxlen=64)).append(now)
+            return
+        times = self._others.get(key)
+        if times is None:
+            times = self._others[key] = collections.deque(maxlen=64)
+            while len(self._others) > self.cap:
+                self._others.popitem(last=False)
+        else:
+            self._others.move_to_end(key)
+        times.append(now)
+
+    def __len__(self) -> int:
+        return len(self._extensions) + len(self._others)
 
 
 def _key(token: str) -> str:
