@@ -134,6 +134,10 @@ def normalize_secret(text: str, *, allow_short: bool = False) -> str:
     cleaned = "".join(text.split()).replace("-", "").upper().rstrip("=")
     if not cleaned or not set(cleaned) <= _B32:
         raise ValueError("secret is not base32 (letters A-Z and digits 2-7)")
+    if len(cleaned) % 8 in (1, 3, 6):
+        # no whole number of bytes ends there: the TOTP code could never be computed, so refuse it
+        # at load rather than let every login of the extension fail later
+        raise ValueError("secret is not base32 (impossible length: a character is missing or extra)")
     bits = len(cleaned) * 5 // 8 * 8
     if bits > MAX_SECRET_BITS:
         raise ValueError(too_long)

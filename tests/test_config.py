@@ -279,6 +279,8 @@ def test_config_errors_name_key_and_place(private_dir: Path, text: str, message:
         ("{method: totp, secret: JBSWY3DPEHPK3PXP, legacy_short_secret: 'yes'}", "must be true or false"),
         ("{method: totp, secret: JBSWY3DP, legacy_short_secret: true}", "shorter than 80 bits"),
         (f"{{method: totp, secret: {'A' * 207}}}", "longer than 1024 bits"),
+        ("{method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPA}", "impossible length"),
+        ("{method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPABC}", "impossible length"),
         (f"{{method: totp, secret: '{'ABCD ' * 52}'}}", "longer than 1024 bits"),
         ("{method: email, email: 'a@example.com\\r\\nBcc: x@evil.test'}", "email (has|is not one plain)"),
         ("{method: email, email: 'a@example.com, b@example.com'}", "email (has|is not one plain)"),

@@ -42,7 +42,8 @@ def test_malformed_config_refuses_with_file_line_column(pam_stack: PamStack, use
 
 
 def test_broken_extensions_file_refuses_even_unlisted_users(pam_stack: PamStack, user: str) -> None:
-    restart_broken(pam_stack, lambda: pam_stack.extensions_path.write_text("extensions:\n  1001: {method: nope}\n...\n"))
+    broken = "extensions:\n  1001: {method: nope}\n...\n"
+    restart_broken(pam_stack, lambda: pam_stack.extensions_path.write_text(broken))
     assert pam_stack.login(user, None).auth == "PAM_AUTHINFO_UNAVAIL", "a broken file must not read as 'not enrolled'"
     assert f"{pam_stack.extensions_path}:2:" in pam_stack.log.wait_for("configuration not loaded")
 
