@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -69,24 +70,40 @@ class Case:
         self.wrong: list[str] = []
 
 
-def run_round_robin(cases: list[Case], rounds: int, messages: dict[str, str], seconds: float) -> int:
-    """Each round runs every case once (starting one case later each round); bounded by
-    ``rounds`` and by ``seconds``. Returns the rounds done."""
+def settle_fs() -> None:
+    """Write out everything dirty and wait for it, untimed, between two logins.
+
+    The state resets are not the modules' work: the oath usersfile and the google-authenticator
+    file are rewritten in place (dirty pages, a freed block), linkusd's state is forgotten with
+    its own commit, and pam_oath and pam_google_authenticator rename their new file *after* their
+    fsync. Left pending, all of that goes into the journal commit of the next timed login's fsync
+    (ext4, data=ordered) and its writeback competes with that login: measured, pam_oath after
+    google-authenticator's reset took 0.7 ms more (bench/README, "What the figures depend on").
+    ``sync()``, not ``syncfs``: the other processes on the machine write to the same file system."""
+    os.sync()
+
+
+def run_round_robin(cases: list[Case], rounds: int, messages: dict[str, str], seconds: float, *,
+                    seed: int = 11, settle: Callable[[], None] = settle_fs) -> int:
+    """Each round runs every case once, in an order shuffled per round (seeded: the same on
+    every run), so no case always follows the same neighbour and its leftovers; after every
+    login and its reset, ``settle``. Bounded by ``rounds`` and by ``seconds``. Returns the
+    rounds done."""
     for case in cases:  # one untimed login each: page cache, connections
-        _one(case, messages, timed=False)
+        _one(case, messages, timed=False, settle=settle)
+    order = random.Random(seed)
     deadline = time.monotonic() + seconds
     done = 0
-    for r in range(rounds):
+    for _ in range(rounds):
         if time.monotonic() > deadline:
             break
-        shift = r % len(cases)
-        for case in cases[shift:] + cases[:shift]:
-            _one(case, messages, timed=True)
+        for case in order.sample(cases, len(cases)):
+            _one(case, messages, timed=True, settle=settle)
         done += 1
     return done
 
 
-def _one(case: Case, messages: dict[str, str], *, timed: bool) -> None:
+def _one(case: Case, messages: dict[str, str], *, timed: bool, settle: Callable[[], None]) -> None:
     avoid_step_edge()
     code, elapsed = pamtester(case.service, case.user, case.answers(), messages)
     if code != case.expect:
@@ -95,6 +112,7 @@ def _one(case: Case, messages: dict[str, str], *, timed: bool) -> None:
         case.times.append(elapsed)
     if case.reset is not None:
         case.reset()
+    settle()
 
 
 # -- the cases ------------------------------------------------------------------------------
