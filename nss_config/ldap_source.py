@@ -1,4 +1,4 @@
-"""The LDAP source: extension settings from a directory (README.md, "LDAP directory").
+"""The LDAP source: extension settings from a directory (docs/guide.md, "LDAP directory").
 
 One ``LdapSource`` lives as long as a config snapshot in linkusd and is shared by
 the worker threads: it keeps a few bound connections per server warm (each used

@@ -1,6 +1,6 @@
 """The YAML source: /etc/pam_linkus/extensions.yaml, parsed once and held in memory.
 
-File format (every key documented in README.md, "Extension settings")::
+File format (every key documented in docs/guide.md, "Extension settings: YAML")::
 
     extensions:
       "1001":                 # always a quoted string: 1001: would be an integer

@@ -5,7 +5,7 @@ The flow is a generator: it yields ``Ask`` when it needs the person's answer and
 raises a LinkusError for every other outcome. Whoever drives it owns the
 conversation: linkusd relays each step over the PAM client's socket and runs the
 work between two steps in its worker pool, so a login waiting for a person holds
-no worker (DESIGN.md, "Capacity"); the web self-service keeps a suspended
+no worker (docs/guide.md, "Capacity and caps of linkusd"); the web self-service keeps a suspended
 generator in its session; the CLI and tests drive it with ``authenticate`` and
 a Prompter. The flow never touches a socket or a PAM handle.
 

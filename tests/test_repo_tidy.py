@@ -18,11 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Pointers in files other engineers own at the time of writing (issue 19 item 6); each
 #: names a section that moved. Drop an entry once its file points at the real place.
-OWNED_ELSEWHERE = {
-    ("nss_config/ldap_source.py", "README.md", "LDAP directory"),
-    ("nss_config/yaml_source.py", "README.md", "Extension settings"),
-    ("pam_linkus/flow.py", "DESIGN.md", "Capacity"),
-}
+OWNED_ELSEWHERE: set[tuple[str, str, str]] = set()
 
 #: <file>, "<section>" -- a Markdown file (or the README) and the quoted start of one of
 #: its headings, where the quote may run over a line break of a comment or docstring.
