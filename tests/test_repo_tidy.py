@@ -16,10 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: Pointers in files other engineers own at the time of writing (issue 19 item 6); each
-#: names a section that moved. Drop an entry once its file points at the real place.
-OWNED_ELSEWHERE: set[tuple[str, str, str]] = set()
-
 #: <file>, "<section>" -- a Markdown file (or the README) and the quoted start of one of
 #: its headings, where the quote may run over a line break of a comment or docstring.
 POINTER = re.compile(r"(?P<file>(?:[\w.-]+/)*(?:README(?:\.md)?|[\w-]+\.md)),?\s+[\"“'](?P<section>[A-Z][^\"”'\n]*"
@@ -74,8 +70,6 @@ def test_every_pointer_to_a_section_names_a_heading_that_exists() -> None:
             target = match["file"] if match["file"].endswith(".md") else match["file"] + ".md"
             section = " ".join(re.sub(r"^[\s#*/]+", "", part) for part in match["section"].split("\n"))
             seen += 1
-            if (name, target, section) in OWNED_ELSEWHERE:
-                continue
             # a bare file name is the one next to the pointing file, else the one at the root
             candidates = [path.parent / target, ROOT / target]
             markdown = next((c for c in candidates if c.is_file()), None)
