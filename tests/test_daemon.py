@@ -671,10 +671,13 @@ print(made)
         == made, refusals
 
 
-def test_an_answer_read_after_the_module_gave_up_decides_nothing(stack: PamStack, user: str) -> None:
-    """Issue 17.9: timeout=2, linkusd stopped (SIGSTOP) while the person answers; the module gives up
-    after 2 s. After SIGCONT linkusd reads the answer but must not decide it: the login ends
-    `conversation` in one line, the code is not spent, the failure count is not reset."""
+def check_late_answer_decides_nothing(stack: PamStack, user: str) -> None:
+    """timeout=2, linkusd stopped (SIGSTOP) while the person answers; the module gives up after 2 s.
+    After SIGCONT linkusd reads the answer but must not decide it: the login ends `conversation` in
+    one line, the code is not spent, the failure count is not reset. (Also run on Redis state, whose
+    steps run in the pool: tests/test_pam_redis_cluster.py.)"""
+    import pam_conversation
+
     stack.set_pam(options="timeout=2")
     stack.enroll_totp(user)
     code = code_at(SECRET, time.time())
@@ -683,33 +686,25 @@ def test_an_answer_read_after_the_module_gave_up_decides_nothing(stack: PamStack
     stack.log.wait_for("(1 consecutive failures)")
     assert stack.daemon.proc is not None
     pid = stack.daemon.proc.pid
-    child = f"""
-import json, os, signal, sys
-sys.path.insert(0, {str(REPO / 'tests')!r})
-import pam_client
-def answer(prompt):
-    if "password" in prompt.lower():
-        return {PASSWORD!r}
-    os.kill({pid}, signal.SIGSTOP)   # linkusd stops while the person types
-    return {code!r}
-print(json.dumps(pam_client.run_transaction({stack.service!r}, {user!r}, answer)))
-"""
     try:
-        started = time.monotonic()
-        done = subprocess.run([DAEMON_PYTHON, "-c", child], capture_output=True, text=True, timeout=30, check=False)
-        gave_up_after = time.monotonic() - started
+        late = pam_conversation.converse(stack.service, user, PASSWORD,
+                                         pam_conversation.answer_after_stopping(pid, code))
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert done.stdout.strip() == '["PAM_AUTHINFO_UNAVAIL", null]', done
-    assert gave_up_after < 10
+    assert late.auth == "PAM_AUTHINFO_UNAVAIL", late
     stack.log.wait_for("linkusd unavailable: no whole frame within the timeout")
     line = stack.log.wait_for("outcome=conversation")
-    assert f"user={user} " in line, line
+    assert f"user={user} " in line and "reason=client gave up waiting" in line, line
     assert len(_attempt_lines(stack, f"user={user} ")) == 2  # the wrong code, and this one
     assert not [ln for ln in stack.log.lines if "outcome=success" in ln.replace('"', "")]
     assert stack.login(user, wrong).auth == "PAM_AUTH_ERR"
     stack.log.wait_for("(2 consecutive failures)")  # not reset by a success nobody got
     assert stack.login(user, code).auth == "PAM_SUCCESS"  # not spent
+
+
+def test_an_answer_read_after_the_module_gave_up_decides_nothing(stack: PamStack, user: str) -> None:
+    """Issue 17.9, SQLite state (the steps run on linkusd's event loop)."""
+    check_late_answer_decides_nothing(stack, user)
 
 
 def test_a_login_refused_by_the_account_cap_has_its_line(stack: PamStack, user: str) -> None:
