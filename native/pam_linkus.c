@@ -54,8 +54,11 @@ enum msg_type {
 
 enum field_tag {
     F_MODE = 0x01, F_USER, F_SERVICE, F_PROFILE, F_RHOST, F_TTY, F_RUSER, F_FLAGS, F_KEPT,
-    F_TEXT, F_STYLE, F_OUTCOME, F_DIGITS, F_JSON, F_PROMPT, F_COUNT,
+    F_TEXT, F_STYLE, F_OUTCOME, F_DIGITS, F_JSON, F_PROMPT, F_DEADLINE, F_COUNT,
 };
+
+#define CLOCK_MONOTONIC_MS 1  /* DEADLINE's clock byte: CLOCK_MONOTONIC in milliseconds */
+#define DEADLINE_LEN 9        /* clock:u8, ms:u64 big-endian */
 
 enum { MODE_AUTH = 1, MODE_SPLIT = 2 };
 enum { FLAG_SILENT = 1u << 0, FLAG_ECHO_CODE = 1u << 1 };
@@ -90,6 +93,8 @@ struct login {
     const char *tty;
     const char *ruser;
     bool decided;  /* linkusd gave its final word (it tells the person itself what went wrong) */
+    long long reply_by;  /* the DEADLINE sent with the last START/ANSWER: when we stop waiting (0: none) */
+    bool waited_out;     /* we gave up waiting for linkusd's frame: it still holds the login and logs it */
 };
 
 struct frame_out {
@@ -138,13 +143,42 @@ static void escape_into(char *out, size_t cap, const char *in)
     out[o] = '\0';
 }
 
+/* A value as pam_linkus/logline.py's quote() writes it: in double quotes, with '"', '\\', '=' and every
+ * byte outside printable ASCII as \xNN, so no value can forge another field; cut to `keep` input bytes. */
+static void quote_into(char *out, size_t cap, const char *in, size_t keep)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t o = 0, i = 0;
+    const unsigned char *p = (const unsigned char *)(in != NULL ? in : "-");
+
+    if (cap < 6)
+        return;
+    out[o++] = '"';
+    for (; p[i] != '\0' && i < keep && o + 4 + 5 < cap; i++) {
+        if (p[i] < 0x20 || p[i] > 0x7e || p[i] == '"' || p[i] == '\\' || p[i] == '=') {
+            out[o++] = '\\';
+            out[o++] = 'x';
+            out[o++] = hex[p[i] >> 4];
+            out[o++] = hex[p[i] & 0xf];
+        } else {
+            out[o++] = (char)p[i];
+        }
+    }
+    if (p[i] != '\0') {
+        memcpy(out + o, "...", 3);
+        o += 3;
+    }
+    out[o++] = '"';
+    out[o] = '\0';
+}
+
+static void send_log(const struct login *lg, int level, const char *msg);
+
 /* One RFC 3164 datagram to log_socket, never blocking; control characters of every item are escaped. */
 __attribute__((format(printf, 3, 4)))
 static void lk_log(const struct login *lg, int level, const char *fmt, ...)
 {
-    static const char *const months[12] = {
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-    char raw[512], msg[1024], svc[100], line[1300];
+    char raw[512], msg[1024];
     va_list ap;
 
     va_start(ap, fmt);
@@ -153,6 +187,17 @@ static void lk_log(const struct login *lg, int level, const char *fmt, ...)
     if (n < 0)
         return;
     escape_into(msg, sizeof msg, raw);
+    send_log(lg, level, msg);
+}
+
+/* Send one line whose message is already escaped. */
+static void send_log(const struct login *lg, int level, const char *msg)
+{
+    static const char *const months[12] = {
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+    char svc[100], line[1600];
+    int n;
+
     escape_into(svc, 64, lg->service != NULL ? lg->service : "?");
 
     time_t now = time(NULL);
@@ -182,6 +227,24 @@ static void lk_log(const struct login *lg, int level, const char *fmt, ...)
 }
 
 #define DEBUG(lg, ...) do { if ((lg)->opt.debug) lk_log((lg), LOG_DEBUG, __VA_ARGS__); } while (0)
+
+/*
+ * A login that linkusd did not take (it could not be reached, turned the connection away, closed it or
+ * broke the protocol) still leaves one line like linkusd's own per login: service, user, rhost, outcome.
+ * Not when we only gave up waiting: linkusd holds that login and ends it with its own line (as
+ * `conversation`: it decides nothing after our DEADLINE), and a second line would contradict it.
+ */
+static void log_undecided(const struct login *lg, int rc)
+{
+    char svc[64 * 4 + 8], user[100 * 4 + 8], rhost[100 * 4 + 8], msg[1200];
+
+    quote_into(svc, sizeof svc, lg->service, 64);
+    quote_into(user, sizeof user, lg->user, 100);
+    quote_into(rhost, sizeof rhost, lg->rhost != NULL && lg->rhost[0] != '\0' ? lg->rhost : "-", 100);
+    snprintf(msg, sizeof msg, "service=%s user=%s rhost=%s outcome=\"%s\" reason=\"no decision from linkusd\"",
+             svc, user, rhost, rc == PAM_CONV_ERR ? "conversation" : "unavailable");
+    send_log(lg, rc == PAM_CONV_ERR ? LOG_NOTICE : LOG_ERR, msg);
+}
 
 /* ---------------------------------------------------------------- options */
 
@@ -557,11 +620,13 @@ static bool field_size_ok(uint8_t tag, uint16_t len)
     }
 }
 
-/* Read one whole frame within timeout= and check it against the spec; false after one log line. */
+/* Read one whole frame within timeout= (by the DEADLINE we sent, if any) and check it against the spec;
+ * false after one log line. */
 static bool recv_frame(struct login *lg, struct frame_in *fr)
 {
-    long long deadline = now_ms() + lg->opt.timeout_ms;
+    long long deadline = lg->reply_by > 0 ? lg->reply_by : now_ms() + lg->opt.timeout_ms;
     uint8_t head[4];
+    lg->reply_by = 0;
     int rc = recv_exact(lg->fd, head, sizeof head, deadline);
     size_t len = 0;
 
@@ -574,6 +639,7 @@ static bool recv_frame(struct login *lg, struct frame_in *fr)
         rc = recv_exact(lg->fd, fr->body, len, deadline);
     }
     if (rc != 0) {
+        lg->waited_out = rc < 0 && now_ms() >= deadline;
         lk_log(lg, LOG_ERR, rc > 0 ? "linkusd closed the connection before its result"
                                    : "linkusd unavailable: no whole frame within the timeout");
         return false;
@@ -686,6 +752,22 @@ static long converse(const struct login *lg, int style, const char *text, char *
 
 /* ---------------------------------------------------------------- transaction */
 
+/*
+ * DEADLINE: from now, we wait timeout= for linkusd's next frame and then give up. linkusd reads the same
+ * CLOCK_MONOTONIC and decides nothing (spends no code, counts or resets no failure) once that moment is
+ * near: a late answer is never decided for a login that already ended here as unavailable.
+ */
+static void out_deadline(struct login *lg, struct frame_out *f)
+{
+    uint8_t v[DEADLINE_LEN];
+    lg->reply_by = now_ms() + lg->opt.timeout_ms;
+    uint64_t ms = (uint64_t)lg->reply_by;
+    v[0] = CLOCK_MONOTONIC_MS;
+    for (int i = 0; i < 8; i++)
+        v[1 + i] = (uint8_t)(ms >> (56 - 8 * i));
+    out_field(f, F_DEADLINE, v, sizeof v);
+}
+
 static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *kept)
 {
     static struct frame_out zero;
@@ -694,9 +776,10 @@ static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *k
     uint8_t flag_bytes[4] = {(uint8_t)(flags >> 24), (uint8_t)(flags >> 16), (uint8_t)(flags >> 8), (uint8_t)flags};
     size_t ulen = strlen(lg->user), slen = strlen(lg->service);
 
-    if (ulen < 1 || ulen > 256 || slen < 1 || slen > 128 || (lg->rhost != NULL && strlen(lg->rhost) > 1024) ||
+    /* An empty user name goes to linkusd like any other: it refuses it (denied) and logs the login. */
+    if (ulen > 256 || slen < 1 || slen > 128 || (lg->rhost != NULL && strlen(lg->rhost) > 1024) ||
         (lg->tty != NULL && strlen(lg->tty) > 256) || (lg->ruser != NULL && strlen(lg->ruser) > 256)) {
-        lk_log(lg, LOG_ERR, "refusing: a PAM item (user, service, rhost, tty or ruser) is empty or too long");
+        lk_log(lg, LOG_ERR, "refusing: a PAM item (user, service, rhost, tty or ruser) is too long");
         return false;
     }
     out_begin(&f, T_START);
@@ -716,6 +799,7 @@ static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *k
         out_field(&f, F_KEPT, kept->code, kept->len);
     if (mode == MODE_AUTH && lg->opt.prompt != NULL)
         out_field(&f, F_PROMPT, lg->opt.prompt, strlen(lg->opt.prompt));
+    out_deadline(lg, &f);
     return out_send(lg, &f, "START");
 }
 
@@ -747,6 +831,7 @@ static bool answer_prompt(struct login *lg, int style, const char *text)
     }
     out_begin(&f, T_ANSWER);
     out_field(&f, F_TEXT, answer, (size_t)n);
+    out_deadline(lg, &f);
     explicit_bzero(answer, sizeof answer);
     return out_send(lg, &f, "ANSWER");
 }
@@ -935,6 +1020,8 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
     rc = lg.opt.forward_pass ? first_line(&lg) : second_line(&lg);
     if (lg.fd >= 0)
         (void)close(lg.fd);
+    if (!lg.decided && !lg.waited_out && (rc == PAM_AUTHINFO_UNAVAIL || rc == PAM_CONV_ERR))
+        log_undecided(&lg, rc);
     if (rc == PAM_AUTHINFO_UNAVAIL && !lg.decided && (flags & (int)PAM_SILENT) == 0)
         (void)converse(&lg, PAM_ERROR_MSG, UNAVAILABLE_MESSAGE, NULL, 0);
     return rc;

@@ -31,6 +31,11 @@ MAX_EXCHANGES = 16
 #: Deepest nesting of arrays and objects in a JSON field (web calls are flat, replies two deep):
 #: checked before decoding, so a hostile body never reaches the decoder's recursion limit.
 MAX_JSON_DEPTH = 8
+#: DEADLINE's clock: CLOCK_MONOTONIC in milliseconds (time.monotonic() on Linux), shared by the
+#: login process and linkusd on one host. Another clock byte is a protocol error.
+CLOCK_MONOTONIC_MS = 1
+#: A client waits at most timeout=300 s for a frame: a DEADLINE further ahead is a protocol error.
+MAX_DEADLINE_AHEAD = 301.0
 
 
 class Msg(IntEnum):
@@ -68,12 +73,13 @@ class F(IntEnum):
     DIGITS = 0x0D
     JSON = 0x0E
     PROMPT = 0x0F
+    DEADLINE = 0x10
 
 
 #: (min, max) length of each field's value.
 FIELD_LIMITS: dict[F, tuple[int, int]] = {
     F.MODE: (1, 1),
-    F.USER: (1, 256),
+    F.USER: (0, 256),
     F.SERVICE: (1, 128),
     F.PROFILE: (1, 64),
     F.RHOST: (0, 1024),
@@ -87,15 +93,16 @@ FIELD_LIMITS: dict[F, tuple[int, int]] = {
     F.DIGITS: (1, 1),
     F.JSON: (0, 65000),
     F.PROMPT: (1, 200),
+    F.DEADLINE: (9, 9),
 }
 
 #: For each message type: (required fields, optional fields).
 MESSAGE_FIELDS: dict[Msg, tuple[frozenset[F], frozenset[F]]] = {
     Msg.START: (
         frozenset({F.MODE, F.USER, F.SERVICE}),
-        frozenset({F.PROFILE, F.RHOST, F.TTY, F.RUSER, F.FLAGS, F.KEPT, F.PROMPT}),
+        frozenset({F.PROFILE, F.RHOST, F.TTY, F.RUSER, F.FLAGS, F.KEPT, F.PROMPT, F.DEADLINE}),
     ),
-    Msg.ANSWER: (frozenset({F.TEXT}), frozenset()),
+    Msg.ANSWER: (frozenset({F.TEXT}), frozenset({F.DEADLINE})),
     Msg.NO_ANSWER: (frozenset(), frozenset()),
     Msg.STATUS: (frozenset(), frozenset()),
     Msg.RELOAD: (frozenset(), frozenset()),
@@ -170,6 +177,17 @@ class Message:
         raw = self.fields.get(tag)
         return int.from_bytes(raw, "big") if raw else default
 
+    def deadline(self, now: float) -> float | None:
+        """DEADLINE as a time.monotonic() value (None: the client sent none): the moment the
+        client gives up waiting for our next frame. ``now`` bounds it (MAX_DEADLINE_AHEAD)."""
+        raw = self.fields.get(F.DEADLINE)
+        if raw is None:
+            return None
+        when = int.from_bytes(raw[1:], "big") / 1000
+        if when > now + MAX_DEADLINE_AHEAD:
+            raise ProtocolError(f"field DEADLINE more than {MAX_DEADLINE_AHEAD:g} s ahead")
+        return when
+
     def json(self) -> dict[str, object]:
         """The JSON field as an object; anything else is BadJSON: not UTF-8, not JSON, nested
         deeper than MAX_JSON_DEPTH, NaN/Infinity, a repeated key, an integer of thousands of digits."""
@@ -242,6 +260,11 @@ def encode(msg_type: Msg, fields: dict[F, bytes | str | int] | None = None, *, m
     return _HEADER.pack(len(body)) + body
 
 
+def deadline_value(when: float) -> bytes:
+    """The DEADLINE field's value for a time.monotonic() moment."""
+    return bytes((CLOCK_MONOTONIC_MS,)) + int(when * 1000).to_bytes(8, "big")
+
+
 def encode_json(msg_type: Msg, obj: dict[str, object]) -> bytes:
     return encode(msg_type, {F.JSON: json.dumps(obj, separators=(",", ":")).encode()}, max_body=WEB_MAX_BODY)
 
@@ -290,6 +313,8 @@ def decode_body(body: bytes, expected: frozenset[Msg] | set[Msg]) -> Message:
             raise ProtocolError(f"field {tag.name} of {length} bytes, allowed {low}..{high}")
         if pos + length > len(body):
             raise ProtocolError(f"field {tag.name} overruns the frame")
+        if tag == F.DEADLINE and body[pos] != CLOCK_MONOTONIC_MS:
+            raise ProtocolError(f"field DEADLINE of unknown clock {body[pos]}")
         fields[tag] = body[pos:pos + length]
         pos += length
     missing = required - fields.keys()

@@ -89,6 +89,12 @@ class LogCatcher:
             time.sleep(0.02)
         raise AssertionError(f"no log line with {needle!r}; got {self.lines!r}")
 
+    def settled(self) -> list[str]:
+        """All lines so far (after the datagrams in flight arrived), keeping them."""
+        time.sleep(0.3)
+        with self._lock:
+            return list(self.lines)
+
     def take(self) -> list[str]:
         """All lines so far (after the datagrams in flight arrived), emptying the list."""
         time.sleep(0.3)

@@ -32,20 +32,21 @@ PROMPT, INFO, RESULT, SPLIT, STATUS_REPLY = 0x10, 0x11, 0x20, 0x21, 0x22
 FIELD_NAMES = {
     0x01: "MODE", 0x02: "USER", 0x03: "SERVICE", 0x04: "PROFILE", 0x05: "RHOST", 0x06: "TTY",
     0x07: "RUSER", 0x08: "FLAGS", 0x09: "KEPT", 0x0A: "TEXT", 0x0B: "STYLE", 0x0C: "OUTCOME",
-    0x0D: "DIGITS", 0x0E: "JSON", 0x0F: "PROMPT",
+    0x0D: "DIGITS", 0x0E: "JSON", 0x0F: "PROMPT", 0x10: "DEADLINE",
 }
 TAGS = {name: tag for tag, name in FIELD_NAMES.items()}
 #: (min, max) length of each field.
 FIELD_LIMITS = {
-    "MODE": (1, 1), "USER": (1, 256), "SERVICE": (1, 128), "PROFILE": (1, 64), "RHOST": (0, 1024),
+    "MODE": (1, 1), "USER": (0, 256), "SERVICE": (1, 128), "PROFILE": (1, 64), "RHOST": (0, 1024),
     "TTY": (0, 256), "RUSER": (0, 256), "FLAGS": (4, 4), "KEPT": (0, 16), "TEXT": (0, 512),
     "STYLE": (1, 1), "OUTCOME": (1, 1), "DIGITS": (1, 1), "JSON": (0, 65000), "PROMPT": (1, 200),
+    "DEADLINE": (9, 9),
 }
 #: Client -> daemon messages: (allowed fields, required fields).
 CLIENT_MESSAGES = {
-    START: ({"MODE", "USER", "SERVICE", "PROFILE", "RHOST", "TTY", "RUSER", "FLAGS", "KEPT", "PROMPT"},
+    START: ({"MODE", "USER", "SERVICE", "PROFILE", "RHOST", "TTY", "RUSER", "FLAGS", "KEPT", "PROMPT", "DEADLINE"},
             {"MODE", "USER", "SERVICE"}),
-    ANSWER: ({"TEXT"}, {"TEXT"}),
+    ANSWER: ({"TEXT", "DEADLINE"}, {"TEXT"}),
     NO_ANSWER: (set(), set()),
 }
 OUTCOMES = {"success": 0, "skip": 1, "denied": 2, "locked": 3, "unavailable": 4, "conversation": 5}
@@ -142,6 +143,8 @@ def decode_body(body: bytes, messages: dict[int, tuple[set[str], set[str]]] = CL
         raise ProtocolError("answer over 257 bytes")
     if "FLAGS" in frame.fields and int.from_bytes(frame.fields["FLAGS"], "big") & ~0b11:
         raise ProtocolError("unknown FLAGS bits")
+    if "DEADLINE" in frame.fields and frame.fields["DEADLINE"][0] != 1:
+        raise ProtocolError("DEADLINE of an unknown clock")
     return frame
 
 
@@ -215,6 +218,10 @@ class Session:
         elif kind == "close_after_prompt":
             self.conn.sendall(prompt("Verification code: "))
             self.read()
+        elif kind == "hold_after_answer":
+            self.conn.sendall(prompt("Verification code: "))
+            self.read()
+            self.hold()
         else:
             raise ValueError(kind)
 

@@ -87,6 +87,19 @@ def converse(service: str, user: str, password: str, answer: Answer, *, rhost: s
         proc.wait(5)
 
 
+def answer_after_stopping(pid: int, reply: str) -> Answer:
+    """An ``answer`` that stops process ``pid`` (SIGSTOP) and then gives ``reply``: the module sends it to
+    a linkusd that cannot read it yet. The caller sends SIGCONT (in a ``finally``)."""
+    import os
+    import signal
+
+    def answer(_prompt: str, _messages: list[str]) -> str:
+        os.kill(pid, signal.SIGSTOP)
+        return reply
+
+    return answer
+
+
 def _child() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from pam_client import run_transaction

@@ -23,6 +23,11 @@ def body(msg_type: int, *fields: bytes, version: int = 1) -> bytes:
     return bytes([version, msg_type]) + b"".join(fields)
 
 
+def deadline(ms: int, clock: int = 1) -> bytes:
+    """The DEADLINE field: clock:u8 (1 = CLOCK_MONOTONIC, milliseconds), then ms:u64."""
+    return field(0x10, bytes([clock]) + struct.pack(">Q", ms))
+
+
 # -- good, client -> daemon ------------------------------------------------------
 
 START_AUTH = frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"alice"), field(0x03, b"sshd"),
@@ -31,11 +36,18 @@ START_SPLIT = frame(body(0x01, field(0x01, b"\x02"), field(0x02, b"alice"), fiel
 START_KEPT = frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"alice"), field(0x03, b"pbx-web"),
                         field(0x09, b"123456")))
 ANSWER = frame(body(0x02, field(0x0A, b"123456")))
+#: The client's give-up deadline (CLOCK_MONOTONIC 1,000,000.5 s) with START and with ANSWER.
+START_DEADLINE = frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"alice"), field(0x03, b"sshd"),
+                            deadline(1_000_000_500)))
+ANSWER_DEADLINE = frame(body(0x02, field(0x0A, b"123456"), deadline(1_000_000_500)))
+#: An empty user name is a login like any other (denied by linkusd as an invalid name).
+START_EMPTY_USER = frame(body(0x01, field(0x01, b"\x01"), field(0x02, b""), field(0x03, b"sshd")))
 NO_ANSWER = frame(body(0x03))
 STATUS = frame(body(0x04))
 
 GOOD_CLIENT = {"start_auth": START_AUTH, "start_split": START_SPLIT, "start_kept": START_KEPT,
-               "answer": ANSWER, "no_answer": NO_ANSWER, "status": STATUS}
+               "answer": ANSWER, "no_answer": NO_ANSWER, "status": STATUS, "start_deadline": START_DEADLINE,
+               "answer_deadline": ANSWER_DEADLINE, "start_empty_user": START_EMPTY_USER}
 
 # -- good, daemon -> client ------------------------------------------------------
 
@@ -65,8 +77,12 @@ HOSTILE_CLIENT = [
      "overruns"),
     ("field header cut", frame(body(0x01, field(0x01, b"\x01"), b"\x02\x00")), "overruns"),
     ("user too long", frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"a" * 257), field(0x03, b"s"))),
-     "allowed 1..256"),
-    ("empty user", frame(body(0x01, field(0x01, b"\x01"), field(0x02, b""), field(0x03, b"s"))), "allowed 1..256"),
+     "allowed 0..256"),
+    ("deadline too short", frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"a"), field(0x03, b"s"),
+                                      field(0x10, b"\x01" + b"\x00" * 7))), "allowed 9..9"),
+    ("deadline of an unknown clock", frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"a"), field(0x03, b"s"),
+                                                deadline(5, clock=2))), "unknown clock"),
+    ("deadline in STATUS", frame(body(0x04, deadline(5))), "not allowed"),
     ("missing service", frame(body(0x01, field(0x01, b"\x01"), field(0x02, b"a"))), "missing field SERVICE"),
     ("answer too long", frame(body(0x02, field(0x0A, b"1" * 513))), "allowed 0..512"),
 ]

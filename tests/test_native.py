@@ -218,7 +218,9 @@ def test_start_fields_items_flags_and_options(native: Native) -> None:
                            ops=("authenticate(PAM_SILENT)",))
     assert run.returncode == 0, native.log.take()
     start = native.connections(1)[0]["frames"][0]
-    assert start.fields == {
+    fields = dict(start.fields)
+    assert len(fields.pop("DEADLINE")) == 9  # test_start_and_answer_carry_the_give_up_deadline
+    assert fields == {
         "MODE": b"\x01", "USER": b"root", "SERVICE": native.service.encode(), "PROFILE": b"web.portal-1",
         "RHOST": b"192.0.2.7", "TTY": b"pts/9", "RUSER": b"alice", "FLAGS": (0b11).to_bytes(4, "big"),
         "PROMPT": b"Your code, please: ",
@@ -377,7 +379,7 @@ def test_overlong_user_name_is_refused(native: Native) -> None:
     native.start({"kind": "good", "code": CODE})
     native.configure()
     assert driver_codes(native.driver("u" * 300, CODE)) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 1}
-    native.log.wait_for("is empty or too long")
+    native.log.wait_for("is too long")
     assert [c["frames"] for c in native.connections(1)] == [[]]  # nothing was sent
 
 
@@ -765,3 +767,80 @@ def test_shared_good_daemon_frames(native: Native) -> None:
     native.configure("forward_pass")
     # PAM_IGNORE alone on the stack: PERM_DENIED; the split itself is checked in the single-field tests.
     assert driver_codes(native.driver("root", "pw" + CODE)) == {PAM["PAM_PERM_DENIED"]: 1}
+
+
+# ------------------------------------------------------------------ issue 17: deadlines, one line per login
+
+
+@pytest.mark.parametrize("build", ["plain", "asan"])
+def test_start_and_answer_carry_the_give_up_deadline(native: Native, build: str) -> None:
+    """Issue 17.9: START and ANSWER carry DEADLINE, laid out as tests/protocol_examples.deadline: clock 1,
+    then CLOCK_MONOTONIC milliseconds (time.monotonic() here) when the module stops waiting (timeout=2)."""
+    examples = shared_examples()
+    native.start({"kind": "good", "code": CODE})
+    native.configure(timeout=2, so=ASAN_SO if build == "asan" else SO)
+    before = time.monotonic()
+    run = native.pamtester("root", CODE, env=sanitizer_env() if build == "asan" else None)
+    after = time.monotonic()
+    assert "Sanitizer" not in run.stderr, run.stderr[-3000:]
+    assert_message(run, "PAM_SUCCESS")
+    connection = native.connections(1)[0]
+    assert connection["error"] == "", connection
+    start, answer = connection["frames"][:2]
+    sent = []
+    for frame in (start, answer):
+        raw = frame.fields["DEADLINE"]
+        ms = int.from_bytes(raw[1:], "big")
+        assert examples.field(0x10, raw) == examples.deadline(ms)
+        sent.append(ms / 1000)
+    assert before + 2 - 0.01 <= sent[0] <= sent[1] <= after + 2 + 0.01, (before, sent, after)
+
+
+@pytest.mark.parametrize("build", ["plain", "asan"])
+def test_the_module_gives_up_at_the_deadline_it_sent(native: Native, build: str) -> None:
+    """Issue 17.9: silence after the ANSWER: the module gives up at the DEADLINE it announced. It writes
+    no line of its own for the login: linkusd holds it and ends it with its line (`conversation`)."""
+    native.start({"kind": "hold_after_answer", "hold": 10})
+    native.configure(timeout=1, so=ASAN_SO if build == "asan" else SO)
+    run = native.pamtester("root", CODE, items=("rhost=192.0.2.50",),
+                           env=sanitizer_env() if build == "asan" else None)
+    done = time.monotonic()
+    assert "Sanitizer" not in run.stderr, run.stderr[-3000:]
+    assert_message(run, "PAM_AUTHINFO_UNAVAIL")
+    answer = native.connections(1)[0]["frames"][1]
+    assert int.from_bytes(answer.fields["DEADLINE"][1:], "big") / 1000 <= done
+    native.log.wait_for("no whole frame within the timeout")
+    assert not [line for line in native.log.take() if "outcome=" in line]
+
+
+@pytest.mark.parametrize("build", ["plain", "asan"])
+def test_a_login_linkusd_closed_without_result_has_the_modules_line(native: Native, build: str) -> None:
+    """Issue 17.10: linkusd closed the connection without a RESULT (it turns refused peers away so): the
+    login's one line comes from the module, with service, user, rhost and outcome."""
+    native.start({"kind": "close_after_prompt"})
+    native.configure(so=ASAN_SO if build == "asan" else SO)
+    run = native.pamtester("root", CODE, items=("rhost=192.0.2.51",),
+                           env=sanitizer_env() if build == "asan" else None)
+    assert "Sanitizer" not in run.stderr, run.stderr[-3000:]
+    assert_message(run, "PAM_AUTHINFO_UNAVAIL")
+    line = native.log.wait_for("rhost=192.0.2.51")
+    assert f"service={native.service} user=root rhost=192.0.2.51 outcome=unavailable" in line, line
+    assert len([ln for ln in native.log.take() if "outcome=" in ln]) == 1
+
+
+def test_undecided_line_quotes_its_values(native: Native) -> None:
+    """A user name or rhost cannot forge a field of the module's line (quoted as logline.quote does)."""
+    native.configure()  # no daemon at all
+    run = native.pamtester('ev" outcome="success', CODE, items=("rhost=a=b\\c",))
+    assert_message(run, "PAM_AUTHINFO_UNAVAIL")
+    native.log.wait_for("outcome=")
+    [line] = [ln for ln in native.log.take() if "outcome=" in ln]
+    assert 'user="ev\\x22 outcome\\x3d\\x22success" rhost="a\\x3db\\x5cc" outcome="unavailable"' in line, line
+
+
+def test_empty_user_name_goes_to_linkusd(native: Native) -> None:
+    """Issue 17.10: an empty user name is sent (linkusd refuses it as an invalid name), not dropped here."""
+    native.start({"kind": "outcome", "outcome": "denied"})
+    native.configure()
+    assert_message(native.pamtester("", CODE), "PAM_AUTH_ERR")
+    assert native.connections(1)[0]["frames"][0].fields["USER"] == b""

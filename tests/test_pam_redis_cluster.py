@@ -215,3 +215,10 @@ def test_a_grace_period_earned_on_one_host_holds_on_the_other(cluster: Cluster, 
     assert (result.auth, result.prompts) == ("PAM_SUCCESS", ["Password: "])
     assert 'reason=grace period' in cluster.b.log.wait_for("grace period")
     assert cluster.b.login(user, None, rhost="192.0.2.8").outcome == ClientOutcome.NEED_CODE
+
+
+def test_an_answer_read_after_the_module_gave_up_decides_nothing_on_redis(cluster: Cluster, user: str) -> None:
+    """Issue 17.9 with Redis state: every step runs in the pool, where the deadline is checked again."""
+    from test_daemon import check_late_answer_decides_nothing
+
+    check_late_answer_decides_nothing(cluster.a, user)

@@ -36,6 +36,21 @@ def test_good_client_frames_decode() -> None:
     assert kept.fields[F.KEPT] == b"123456"
     assert decode(ex.ANSWER, {Msg.ANSWER, Msg.NO_ANSWER}).fields[F.TEXT] == b"123456"
     assert decode(ex.NO_ANSWER, {Msg.ANSWER, Msg.NO_ANSWER}).type == Msg.NO_ANSWER
+    assert decode(ex.START_EMPTY_USER, set(protocol.PAM_OPENERS)).fields[F.USER] == b""
+
+
+def test_deadline_field_is_the_clients_monotonic_give_up_time() -> None:
+    """START and ANSWER may carry DEADLINE: CLOCK_MONOTONIC milliseconds; read as time.monotonic() seconds."""
+    now = 1_000_000.0
+    for frame, expected in ((ex.START_DEADLINE, protocol.PAM_OPENERS), (ex.ANSWER_DEADLINE, {Msg.ANSWER})):
+        assert decode(frame, set(expected)).deadline(now) == 1_000_000.5
+    assert decode(ex.START_AUTH, set(protocol.PAM_OPENERS)).deadline(now) is None
+    assert decode(ex.START_DEADLINE, set(protocol.PAM_OPENERS)).deadline(2_000_000.0) == 1_000_000.5  # passed
+    # bounded: no client waits longer than timeout=300 for a frame, so further ahead is a protocol error
+    with pytest.raises(ProtocolError, match="DEADLINE"):
+        decode(ex.START_DEADLINE, set(protocol.PAM_OPENERS)).deadline(now - protocol.MAX_DEADLINE_AHEAD - 1)
+    assert protocol.encode(Msg.ANSWER, {F.TEXT: "123456", F.DEADLINE: protocol.deadline_value(1_000_000.5)}) \
+        == ex.ANSWER_DEADLINE
 
 
 @pytest.mark.parametrize(("name", "frame", "says"), ex.HOSTILE_CLIENT, ids=[h[0] for h in ex.HOSTILE_CLIENT])

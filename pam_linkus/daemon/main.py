@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import grp
 import os
+import resource
 import signal
 import socket
 import stat
@@ -31,12 +32,14 @@ from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
 from pam_linkus.daemon.rawsock import Listener
 from pam_linkus.daemon.server import Server
-from pam_linkus.logline import LOG_ERR, LOG_INFO, QueuedSyslogSink
+from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
 
 DEFAULT_CONFIG = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_PAM_SOCKET = "/run/linkusd/pam.sock"
 DEFAULT_WEB_SOCKET = "/run/linkusd/web.sock"
 SD_LISTEN_FDS_START = 3
+#: Descriptors linkusd needs besides its connections (sockets, pools, state, LDAP/Redis/SMTP, logging).
+FD_RESERVE = 128
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -151,6 +154,23 @@ def _group_id(name: str) -> int | None:
         return None
 
 
+def raise_file_limit(max_connections: int) -> str | None:
+    """Take the soft RLIMIT_NOFILE up to the hard one; a warning when that cannot hold max_connections.
+
+    A shell or a container start gives 1,024 (linkusd.service sets LimitNOFILE): out of descriptors,
+    the listener stops accepting for a moment and every login waits behind it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+        return (f"linkusd: only {soft} open files allowed (RLIMIT_NOFILE) for daemon.max_connections "
+                f"{max_connections}; raise LimitNOFILE= or lower max_connections")
+    return None
+
+
 async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifier, ready_fd: int | None) -> None:
     activated = activated_sockets()
     settings = _start_settings(args)
@@ -168,6 +188,9 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
     engine = Engine(args.config, sink, workers=settings.workers if settings else 8,
                     web_workers=settings.web_workers if settings else 2)
     await engine.reload("start")
+    snap = engine.current
+    if (warning := raise_file_limit(snap.config.daemon.max_connections if snap else 512)) is not None:
+        sink.send(LOG_WARNING, warning)
     server = Server(engine)
     loop = asyncio.get_running_loop()
     pam_server = Listener(loop, pam_sock, server.pam_protocol, lambda exc: sink.send(
@@ -209,6 +232,7 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
     for task in tasks:
         task.cancel()
     pam_server.close()
+    server.close()
     if web_server:
         web_server.close()
     engine.shutdown()

@@ -7,7 +7,20 @@ engine's pools under the short one (``work_timeout``). Caps bound what anyone
 can hold: connections in all, per calling real uid (a local user running many
 setuid `su` logins reaches us as euid 0, but keeps their real uid) and per
 target account. A peer that breaks the protocol loses its connection and
-nothing else.
+nothing else. A connection turned away before any work (a peer that may not ask,
+a caller over its cap) is closed at once and costs no log line of its own: a
+flood of them must not become a flood of descriptors or syslog lines, so they are
+counted per calling uid and summarised (``Refusals``).
+
+No decision after the client gave up: pam_linkus.so sends with START and ANSWER
+the moment it stops waiting for our next frame (``DEADLINE``, CLOCK_MONOTONIC,
+the clock linkusd reads as ``time.monotonic()``). Every step of the flow -- one of
+them is the atomic check-and-record of a code -- starts only while that moment
+is more than ``DECISION_MARGIN`` away and the client has not hung up; otherwise
+the login ends ``conversation`` with no state changed. What is left is the step
+itself: one that starts in time and then stalls past the deadline (the process
+stopped, a Redis call that takes its whole work deadline) still commits a
+decision the module no longer waits for (docs/protocol.md, "Deadlines").
 """
 
 from __future__ import annotations
@@ -26,17 +39,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pam_linkus import protocol
-from pam_linkus.errors import LinkusError, Unavailable
+from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
 from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, split_digits
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Decision, Outcome
 from pam_linkus.protocol import F, Msg, ProtocolError
 
 if TYPE_CHECKING:
-    from pam_linkus.daemon.rawsock import SocketTransport
-
-if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
+    from pam_linkus.daemon.rawsock import SocketTransport
     from pam_linkus.flow import Steps
     from pam_linkus.web.api import SelfService
 
@@ -58,6 +69,27 @@ UNAVAILABLE_TEXT = "Two-factor authentication is unavailable; contact your admin
 
 #: Defaults while no config is loaded (every login is refused then anyway).
 _FALLBACK_WORK_TIMEOUT = 10.0
+#: A step of the flow starts only while the client waits at least this much longer (DEADLINE): a
+#: step is a lookup, an HMAC and one SQLite transaction, milliseconds; 0.5 s leaves room for a busy host.
+DECISION_MARGIN = 0.5
+#: Why a login ends when the client stopped waiting before a step could start.
+_GAVE_UP = "client gave up waiting (its deadline passed)"
+
+
+def _credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]]:
+    """pid, uid, gid and groups of the peer (SO_PEERCRED, SO_PEERGROUPS for non-root peers)."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    if uid == 0:
+        # root is served whatever its groups (allowed_groups, trusted_groups and the web group
+        # are for non-root peers only): no need to ask the kernel for them
+        return pid, uid, gid, frozenset((gid,))
+    groups = {gid}
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+        groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:
+        pass  # more than 256 groups or an old kernel: the primary gid only
+    return pid, uid, gid, frozenset(groups)
 
 
 class Peer:
@@ -74,18 +106,8 @@ class Peer:
 
     @classmethod
     def of(cls, sock: socket.socket) -> Peer:
-        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-        if uid == 0:
-            # root is served whatever its groups (allowed_groups, trusted_groups and the web group
-            # are for non-root peers only): no need to ask the kernel for them
-            return cls(pid, uid, gid, _real_uid(pid, uid), frozenset((gid,)))
-        groups = {gid}
-        try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
-            groups.update(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-        except OSError:
-            pass  # more than 256 groups or an old kernel: the primary gid only
-        return cls(pid, uid, gid, _real_uid(pid, uid), frozenset(groups))
+        pid, uid, gid, groups = _credentials(sock)
+        return cls(pid, uid, gid, _real_uid(pid, uid), groups)
 
 
 def _real_uid(pid: int, euid: int) -> int:
@@ -109,6 +131,50 @@ def _real_uid(pid: int, euid: int) -> int:
     return -1 if euid == 0 else euid
 
 
+class Refusals:
+    """Connections turned away before any work, counted per calling uid: one summary line per interval.
+
+    A line per refused connection was a flood of its own (one user's loop of connects made 12,000
+    authpriv lines a second, and a journald rate limit would then drop real login lines).
+    """
+
+    #: Seconds between two summaries (the first refusal of a quiet period starts one).
+    INTERVAL = 10.0
+    #: Callers named in one line; the rest are added up.
+    NAMED = 8
+    #: Distinct (uid, reason) counted at once; more are added up as uid "other".
+    KEYS = 1024
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.counts: Counter[tuple[int | str, str]] = Counter()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, uid: int, why: str) -> None:
+        key: tuple[int | str, str] = (uid, why)
+        if key not in self.counts and len(self.counts) >= self.KEYS:
+            key = ("other", why)
+        self.counts[key] += 1
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        """Write the summary of what was counted (on the timer, and when linkusd stops)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.counts:
+            return
+        named = self.counts.most_common(self.NAMED)
+        parts = [f"refused {n} connection{'' if n == 1 else 's'} from uid {uid} ({why})" for (uid, why), n in named]
+        rest = sum(self.counts.values()) - sum(n for _, n in named)
+        if rest:
+            parts.append(f"refused {rest} more from {len(self.counts) - len(named)} other callers")
+        self.counts.clear()
+        self.engine.sink.send(LOG_WARNING, "linkusd: " + "; ".join(parts) + f" (at most one such line per "
+                                           f"{self.INTERVAL:g} s)")
+
+
 class Server:
     """Accepts connections on the PAM and web sockets and runs one transaction each."""
 
@@ -117,7 +183,12 @@ class Server:
         self.per_caller: Counter[int] = Counter()
         self.per_account: Counter[str] = Counter()
         self.connections = 0
+        self.refusals = Refusals(engine)
         self._web_service: SelfService | None = None
+
+    def close(self) -> None:
+        """On stopping: the refusals counted so far still get their line."""
+        self.refusals.flush()
 
     # -- limits ----------------------------------------------------------------
 
@@ -135,10 +206,10 @@ class Server:
         """The protocol factory of the PAM socket (``rawsock.Listener``)."""
         return PamConnection(self)
 
-    def _peer_allowed(self, peer: Peer, snap: Snapshot | None) -> bool:
-        if peer.uid == 0:
+    def _peer_allowed(self, uid: int, groups: frozenset[int], snap: Snapshot | None) -> bool:
+        if uid == 0:
             return True
-        return snap is not None and bool(peer.groups & snap.allowed_gids)
+        return snap is not None and bool(groups & snap.allowed_gids)
 
     async def control(self, msg: protocol.Message, transport: SocketTransport, peer: Peer) -> None:
         """STATUS or RELOAD (root only): the reply is the status object."""
@@ -216,8 +287,6 @@ class Server:
 _OPENING, _WORKING, _ASKING, _DONE = range(4)
 #: More than one whole frame buffered while none was asked for is a protocol violation.
 _MAX_BUFFERED = 4 + protocol.PAM_MAX_BODY
-#: How long a refused connection waits for its client to close first.
-_LINGER = 1.0
 #: The reason logged when the client closed its end before the login ended.
 _HUNG_UP = "client hung up (PeerClosed)"
 #: Pool work in flight (a task nobody awaits must be referenced somewhere).
@@ -245,7 +314,8 @@ class PamConnection:
 
     __slots__ = ("server", "engine", "transport", "peer", "state", "buf", "expect", "timer", "counted",
                  "account_key", "max_account", "work_timeout", "answer_timeout", "snap", "steps", "ctx", "req",
-                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost", "pending")
+                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost", "pending",
+                 "reply_by")
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -272,6 +342,7 @@ class PamConnection:
         self.parked = False
         self.lost = False
         self.pending = False  # pool work or a STATUS/RELOAD task is running for this connection
+        self.reply_by: float | None = None  # when the client stops waiting for our next frame (DEADLINE)
 
     # -- the transport's callbacks ---------------------------------------------------
 
@@ -280,31 +351,29 @@ class PamConnection:
         server, engine = self.server, self.engine
         (self.work_timeout, self.answer_timeout, max_conn, max_caller, max_caller_root,
          self.max_account) = server._limits()
+        sock: socket.socket = transport.get_extra_info("socket")  # type: ignore[assignment]
         try:
-            peer = Peer.of(transport.get_extra_info("socket"))  # type: ignore[arg-type]
+            pid, uid, gid, groups = _credentials(sock)
         except OSError:
             self.state = _DONE
             transport.abort()
             return
-        self.peer = peer
+        if not server._peer_allowed(uid, groups, engine.current):
+            # a stranger costs no read, no deadline, no /proc and no line of its own
+            engine.health.refused_peers += 1
+            self._reject(uid, "not root and in no group of daemon.allowed_groups")
+            return
+        peer = self.peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
         cap = max_caller_root if peer.ruid == 0 else max_caller
-        if server.connections >= max_conn or server.per_caller[peer.ruid] >= cap:
+        if server.per_caller[peer.ruid] >= cap or server.connections >= max_conn:
             engine.health.over_capacity += 1
-            engine.sink.send(LOG_WARNING, f"linkusd: over capacity, refusing a connection from uid "
-                                          f"{peer.ruid} (pid {peer.pid})")
-            self._refuse()
+            self._reject(peer.ruid, "over its cap of logins at once" if server.per_caller[peer.ruid] >= cap
+                         else "over daemon.max_connections")
             return
         server.connections += 1
         server.per_caller[peer.ruid] += 1
         engine.active["pam"] += 1
         self.counted = True
-        if not server._peer_allowed(peer, engine.current):
-            # refused before it may send anything: a stranger costs no read and no deadline
-            engine.health.refused_peers += 1
-            engine.sink.send(LOG_WARNING, f"linkusd: refused a PAM peer: uid {peer.uid} (pid {peer.pid}) is "
-                                          f"not root and in no group of daemon.allowed_groups")
-            self._refuse()
-            return
         self._wait(protocol.PAM_OPENERS, self.work_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -408,6 +477,7 @@ class PamConnection:
             return
         try:
             req, self.mode, self.flags = _request(msg, peer, engine.current)
+            self.reply_by = msg.deadline(time.monotonic())
         except ProtocolError as exc:
             self.state = _DONE
             server.log_protocol(peer, exc)
@@ -417,8 +487,7 @@ class PamConnection:
         account_key = req.user.casefold()
         if server.per_account[account_key] >= self.max_account:
             engine.health.over_capacity += 1
-            engine.sink.send(LOG_WARNING, "linkusd: too many logins at once for one account, refusing one")
-            self._refuse()
+            self._end(Outcome.UNAVAILABLE, "too many logins at once for this account")
             return
         server.per_account[account_key] += 1
         self.account_key = account_key
@@ -450,14 +519,22 @@ class PamConnection:
         self._advance(None)
 
     def _advance(self, reply: str | None) -> None:
-        """Run the flow to its next step: here if the snapshot is local, else in the pool."""
+        """Run the flow to its next step: here if the snapshot is local, else in the pool.
+
+        Any step may change state (spend a code's step, count or reset failures), so none starts
+        once the client stopped waiting for its outcome: the login ends ``conversation``.
+        """
         self.state = _WORKING
         assert self.steps is not None
+        gone = self._gone()
+        if gone is not None:
+            self._conclude(Outcome.CONVERSATION, gone)
+            return
         if not self.inline:
-            self._pool(partial(_step, self.steps, reply), self._stepped)
+            self._pool(partial(_step, self.steps, reply, self.reply_by), self._stepped)
             return
         try:
-            step = _step(self.steps, reply)
+            step = _step(self.steps, reply, self.reply_by)
         except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
             self._failed(exc)
             return
@@ -472,7 +549,7 @@ class PamConnection:
             return
         if isinstance(step, Offload):
             assert self.steps is not None
-            self._pool(partial(_step, self.steps, None), self._stepped)
+            self._pool(partial(_step, self.steps, None, self.reply_by), self._stepped)
             return
         self.exchanges += 1
         if self.exchanges > protocol.MAX_EXCHANGES:
@@ -492,7 +569,34 @@ class PamConnection:
         self._info(step.text, error=step.error)
         self._advance(None)
 
+    def _gone(self) -> str | None:
+        """Why the client no longer waits for this login's outcome; None while it does.
+
+        Its DEADLINE is near or past, or it hung up: an EOF waiting behind the frame just read
+        (a module that gave up while linkusd was stopped, then closed) is seen here, before the
+        frame is acted on, with one non-consuming read.
+        """
+        if self.lost:
+            return _HUNG_UP
+        if self.reply_by is not None and self.reply_by - time.monotonic() < DECISION_MARGIN:
+            return _GAVE_UP
+        assert self.transport is not None
+        sock: socket.socket = self.transport.get_extra_info("socket")  # type: ignore[assignment]
+        try:
+            if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return _HUNG_UP
+        except (BlockingIOError, InterruptedError):
+            pass  # nothing to read: it is waiting
+        except OSError:
+            return _HUNG_UP
+        return None
+
     def _answered(self, msg: protocol.Message) -> None:
+        try:
+            self.reply_by = msg.deadline(time.monotonic())
+        except ProtocolError as exc:
+            self._violation(exc)
+            return
         self._unpark()
         # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
         reply = None if msg.type == Msg.NO_ANSWER else msg.fields[F.TEXT].decode("utf-8", "surrogateescape")
@@ -565,20 +669,18 @@ class PamConnection:
         transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
         self._close()
 
-    def _refuse(self) -> None:
-        """RESULT unavailable before any work (capacity, a peer not allowed).
+    def _reject(self, uid: int, why: str) -> None:
+        """Turn the connection away before any work: closed at once, nothing read, nothing written.
 
-        The client may not have sent its START yet: closing at once would make its send
-        fail (EPIPE) before it reads the answer. So our side is shut for writing and the
-        connection lingers until the client closes, a second at most, reading nothing.
+        No RESULT: waiting for the client's START first is what let refused connections pile up
+        (a flood held thousands of descriptors). pam_linkus.so sees the close, refuses the login
+        as unavailable and writes its own line with service, user and rhost. Counted per uid
+        against the caller that made it, summarised by ``Refusals``.
         """
-        transport = self.transport
-        assert transport is not None
+        assert self.transport is not None
         self.state = _DONE
-        transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[Outcome.UNAVAILABLE]}))
-        self._release()
-        transport.write_eof()  # a failure aborts the transport itself
-        self.timer = asyncio.get_running_loop().call_later(_LINGER, transport.abort)
+        self.server.refusals.add(uid, why)
+        self.transport.abort()
 
     def _close(self) -> None:
         self._cancel_timer()
@@ -635,8 +737,14 @@ def internal_error(engine: Engine, exc: BaseException) -> str:
     return reason
 
 
-def _step(steps: Steps, reply: str | None) -> Ask | Info | Offload | Decision:
-    """One step of the flow, in a worker thread (a StopIteration cannot cross a Future)."""
+def _step(steps: Steps, reply: str | None, reply_by: float | None) -> Ask | Info | Offload | Decision:
+    """One step of the flow, here or in a worker thread (a StopIteration cannot cross a Future).
+
+    In the pool a step may start well after it was queued: the client's deadline is checked
+    again right before it (the step left suspended is closed by ``_conclude``).
+    """
+    if reply_by is not None and reply_by - time.monotonic() < DECISION_MARGIN:
+        raise ConversationFailed(_GAVE_UP)
     try:
         return steps.send(reply)
     except StopIteration as done:
