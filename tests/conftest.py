@@ -142,6 +142,8 @@ class Linkusd:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_env = extra_env or {}
         self.stderr_path = run_dir.parent / "linkusd.stderr"
+        #: A command line to start linkusd under (e.g. setpriv dropping capabilities).
+        self.wrapper: list[str] = []
 
     def start(self, *, wait: bool = True) -> None:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
@@ -149,9 +151,9 @@ class Linkusd:
         # stderr to a file: a pipe nobody reads fills up (linkusd --foreground echoes every line)
         with self.stderr_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
-                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.config_path),
-                 "--pam-socket", str(self.pam_socket), "--web-socket", str(self.web_socket),
-                 "--log-socket", str(self.log.path)],
+                [*self.wrapper, DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground",
+                 "--config", str(self.config_path), "--pam-socket", str(self.pam_socket),
+                 "--web-socket", str(self.web_socket), "--log-socket", str(self.log.path)],
                 stdout=subprocess.DEVNULL, stderr=stderr, env=env,
             )
         if wait:
