@@ -50,6 +50,13 @@ mount --rbind /sys "$r/sys"
 mount -t tmpfs -o mode=0755 linkus-run "$r/run"
 mkdir -m 1777 "$r/run/lock"
 mount -t tmpfs -o mode=1777 linkus-tmp "$r/tmp"
+# The account files as they are now (copied up: users other runs add or delete on this machine
+# meanwhile do not change under the root), without the lock files such a run may hold right now.
+for f in passwd group shadow gshadow subuid subgid; do
+    if [ -e "$r/etc/$f" ]; then touch -c -r "$r/etc/$f" "$r/etc/$f"; fi
+done
+rm -f "$r/etc/passwd.lock" "$r/etc/group.lock" "$r/etc/shadow.lock" "$r/etc/gshadow.lock" "$r/etc/.pwd.lock"
+cd "$r"
 exec chroot "$r" /bin/sh -c 'echo ready; read -r _ || true'
 """
 
@@ -86,7 +93,7 @@ class PrivateRoot:
             check: bool = True, input: str | None = None, cwd: str = "/") -> subprocess.CompletedProcess[str]:
         """A command inside the root (as root, with a clean environment unless ``env`` is given)."""
         result = subprocess.run(
-            ["nsenter", f"--target={self.pid}", "--mount", "--root", f"--wd={cwd}", "--", *cmd],
+            ["nsenter", f"--target={self.pid}", "--mount", "--root", "--wd=/", "--", "env", f"--chdir={cwd}", *cmd],
             capture_output=True, text=True, timeout=timeout, env=env or CLEAN_ENV, check=False,
             input=input, stdin=None if input is not None else subprocess.DEVNULL)
         if check and result.returncode != 0:
