@@ -339,6 +339,26 @@ def test_a_removed_or_replaced_socket_is_noticed_and_said(stack: PamStack) -> No
         squatter.close()
 
 
+def test_the_host_linkusd_check_has_teeth(stack: PamStack) -> None:
+    """conftest's session check (HostLinkusd) on a linkusd of our own: quiet while it is left alone, and
+    it names a state file replaced under the daemon and a daemon that stopped answering."""
+    import shutil as sh
+
+    from conftest import HostLinkusd
+
+    stack.enroll_totp("alice")
+    assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"  # state.db open now
+    watched = HostLinkusd(sock(stack), str(stack.state_path))
+    assert watched.pid == stack.daemon.proc.pid and watched.state_was_open  # type: ignore[union-attr]
+    assert watched.problems() == []
+    copy = stack.state_path.with_name("copy.db")
+    sh.copy2(stack.state_path, copy)
+    os.replace(copy, stack.state_path)  # what a snapshot "restore" did to an installed host
+    assert watched.problems() == [f"{stack.state_path} was removed or replaced"]
+    stack.daemon.stop()
+    assert f"linkusd pid {watched.pid} no longer answers STATUS" in watched.problems()[0]
+
+
 #: uid 0 with no capability: what linkusd.service leaves it (CapabilityBoundingSet= empty). Between two
 #: such processes only the "dumpable" flag decides whether one may read the other's memory.
 NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
