@@ -82,6 +82,10 @@ for file in pam_linkus.yaml extensions.yaml; do
 done
 
 # --- linkusd.
+# Its sockets' directory: 0755 root, as linkusd.socket's DirectoryMode= and linkusd itself make it;
+# this also repairs the 0700 one an older linkusd made under its umask (linkus-web and the
+# allowed_groups callers could not reach their sockets through it).
+install -d -o root -g root -m 0755 "$RUN_DIR"
 if [ -d /run/systemd/system ]; then
     # Every unit of packaging/systemd (linkus-web's too, enabled only by the administrator),
     # with the commands where this venv has them.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import stat
 import subprocess
 import sysconfig
@@ -84,9 +85,12 @@ def installed(fresh_machine: PrivateRoot) -> dict[str, Any]:
     migrated, kept = root.path(old).read_text(), backup.read_text() if backup.exists() else None
     assert first.returncode == 0, first.stdout + first.stderr
     pid = running_pid(root)
+    made = stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode)
+    root.path(RUN_DIR).chmod(0o700)  # what an older linkusd made under its umask: an upgrade repairs it
     again = install(root)
     assert again.returncode == 0, again.stdout + again.stderr
-    return {"root": root, "first": first, "again": again, "pid": pid, "migrated": migrated, "kept": kept}
+    return {"root": root, "first": first, "again": again, "pid": pid, "migrated": migrated, "kept": kept,
+            "run_dir_mode": made}
 
 
 def test_install_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
@@ -101,8 +105,9 @@ def test_install_layout(installed: dict[str, Any]) -> None:
     expected = {MODULE: ("file", 0o644), Path("/etc/pam_linkus"): ("dir", 0o755),
                 Path("/etc/pam_linkus/pam_linkus.yaml"): ("file", 0o600),
                 Path("/etc/pam_linkus/extensions.yaml"): ("file", 0o600), Path("/var/lib/pam_linkus"): ("dir", 0o700),
-                # made by linkusd itself here (no systemd); linkus-web and allowed_groups pass through it
+                # repaired by the second install; linkus-web and allowed_groups pass through it
                 RUN_DIR: ("dir", 0o755)}
+    assert installed["run_dir_mode"] == 0o755
     for path, (kind, mode) in expected.items():
         st = os.lstat(root.path(path))
         assert (stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)), path
@@ -170,6 +175,15 @@ def test_security_settings_page_against_the_installed_linkusd(installed: dict[st
     from selenium.webdriver.support.ui import WebDriverWait
 
     root: PrivateRoot = installed["root"]
+    # As after a reboot without systemd: /run is empty and the admin starts linkusd, which makes
+    # /run/linkusd itself (under its umask 077).
+    pid = running_pid(root)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "linkusd stopping")
+    root.run(["rm", "-rf", str(RUN_DIR)])
+    root.run(["/usr/local/sbin/linkusd"], timeout=60)
+    assert stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode) == 0o755
     user = f"lkt{secrets.token_hex(4)}"
     root.run(["useradd", "--no-create-home", "--shell", "/bin/sh", user])
     root.run(["chpasswd"], input=f"{user}:{PASSWORD}\n")
