@@ -56,6 +56,9 @@ def running_pid(root: PrivateRoot) -> int | None:
 def fresh_machine() -> Iterator[PrivateRoot]:
     require_root()
     with private_root() as root:
+        # A fresh machine, also where this one has pam-linkus installed (only the root's copy goes).
+        root.run(["rm", "-rf", str(MODULE), "/etc/pam_linkus", "/var/lib/pam_linkus", "/usr/local/sbin/linkusd",
+                  "/usr/local/sbin/linkus-2fa", "/usr/local/bin/linkus-web", str(PREFIX), "/usr/share/pam-linkus"])
         yield root
 
 

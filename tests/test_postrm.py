@@ -21,6 +21,8 @@ LOCK = "/run/linkusd/linkusd.lock"
 @pytest.fixture
 def root() -> Iterator[PrivateRoot]:
     with private_root() as made:
+        # As on a fresh machine, whatever this one has installed (only the root's copy goes).
+        made.run(["rm", "-rf", "/etc/pam_linkus", "/var/lib/pam_linkus"])
         made.put(POSTRM, "/tmp/postrm")
         yield made
 
