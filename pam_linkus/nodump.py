@@ -15,7 +15,6 @@ import resource
 
 #: linux/prctl.h
 PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
 
 
 def forbid_core_dumps() -> None:
@@ -28,7 +27,3 @@ def forbid_core_dumps() -> None:
         errno = ctypes.get_errno()
         raise OSError(errno, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(errno)}")
 
-
-def dumpable() -> bool:
-    """This process's dumpable flag (for tests and doctor-style checks of the running process)."""
-    return bool(ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0))
