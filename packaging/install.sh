@@ -4,6 +4,7 @@
 #   - the Python package into PREFIX/venv (on /usr/bin/python3, with Debian's python3-yaml,
 #     -ldap3, -redis, -segno visible), and linkusd / linkus-2fa on PATH in /usr/local/sbin;
 #   - /etc/pam_linkus (config files made once, never overwritten), /var/lib/pam_linkus;
+#   - the LDAP schema (packaging/ldap) into /usr/share/pam-linkus/ldap, as the Debian package does;
 #   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
 #     background (it daemonizes once ready); a running one is told to reload.
 # No /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
@@ -60,6 +61,13 @@ ln -sfn "$VENV/bin/linkus-2fa" /usr/local/sbin/linkus-2fa
 ln -sfn "$VENV/bin/linkusd" /usr/local/sbin/linkusd
 ln -sfn "$VENV/bin/linkus-web" /usr/local/bin/linkus-web
 
+# --- The LDAP schema, where pam_linkus.yaml(5), the schema's own comments and the Debian package
+# put it (slapd.conf: include /usr/share/pam-linkus/ldap/linkus-2fa.schema).
+install -d -o root -g root -m 0755 /usr/share/pam-linkus /usr/share/pam-linkus/ldap
+for file in linkus-2fa.schema linkus-2fa.ldif; do
+    install -o root -g root -m 0644 "$SRC/packaging/ldap/$file" "/usr/share/pam-linkus/ldap/$file"
+done
+
 # --- Config, state, the web socket's group.
 # linkus-web: the group opens linkusd's web socket; the user runs linkus-web.service.
 getent group linkus-web >/dev/null || groupadd --system linkus-web
@@ -74,6 +82,10 @@ for file in pam_linkus.yaml extensions.yaml; do
 done
 
 # --- linkusd.
+# Its sockets' directory: 0755 root, as linkusd.socket's DirectoryMode= and linkusd itself make it;
+# this also repairs the 0700 one an older linkusd made under its umask (linkus-web and the
+# allowed_groups callers could not reach their sockets through it).
+install -d -o root -g root -m 0755 "$RUN_DIR"
 if [ -d /run/systemd/system ]; then
     # Every unit of packaging/systemd (linkus-web's too, enabled only by the administrator),
     # with the commands where this venv has them.
@@ -108,6 +120,6 @@ fi
 rm -rf /var/lib/pam_linkus/cache
 rm -f /lib/security/pam_linkus.py
 
-say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /usr/local/bin/linkus-web, /etc/pam_linkus/"
+say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /usr/local/bin/linkus-web, /etc/pam_linkus/, /usr/share/pam-linkus/ldap/"
 say "next: linkus-2fa doctor; then add to a service, after the password module:"
 say "  auth [success=ok ignore=ignore default=die] pam_linkus.so"

@@ -256,6 +256,10 @@ def check_daemon(config: Config, socket_path: str | None = None) -> list[Finding
         st = os.lstat(path)
         parent = os.lstat(os.path.dirname(path))
     except OSError as exc:
+        stranded = orphaned_listeners(path)
+        if stranded:
+            return [Finding("FAIL", "linkusd", f"{path}: {exc.strerror}: every login is refused; "
+                                               f"{_stranded_text(path, stranded)}")]
         return [Finding("FAIL", "linkusd", f"{path}: {exc.strerror}: linkusd is not running, every login is "
                                            "refused (start it: systemctl start linkusd.socket, or linkusd)")]
     if not stat.S_ISSOCK(st.st_mode) or st.st_uid != 0 or parent.st_uid != 0 or parent.st_mode & 0o022:
@@ -264,11 +268,19 @@ def check_daemon(config: Config, socket_path: str | None = None) -> list[Finding
     try:
         status = protocol.call_control(path, timeout=5)
     except (OSError, protocol.ProtocolError) as exc:
-        return [Finding("FAIL", "linkusd", f"{path}: no answer ({type(exc).__name__}): every login is refused")]
-    if not status.get("loaded"):
-        return [Finding("FAIL", "linkusd", f"running without a valid configuration, refusing every login: "
-                                           f"{status.get('last_error')}")]
+        stranded = orphaned_listeners(path)
+        return [Finding("FAIL", "linkusd", f"{path}: no answer ({type(exc).__name__}): every login is refused"
+                        + (f"; {_stranded_text(path, stranded)}" if stranded else ""))]
     findings = []
+    stranded = orphaned_listeners(path)
+    if stranded:
+        findings.append(Finding("FAIL", "linkusd", f"pid {status.get('pid')} serves {path}; "
+                                                   f"{_stranded_text(path, stranded)}"))
+    if status.get("socket_problem"):
+        findings.append(Finding("FAIL", "linkusd", str(status["socket_problem"])))
+    if not status.get("loaded"):
+        return [*findings, Finding("FAIL", "linkusd", f"running without a valid configuration, refusing "
+                                                      f"every login: {status.get('last_error')}")]
     if status.get("last_error"):
         findings.append(Finding("WARN", "linkusd", f"serving the last good configuration; the current file does "
                                                    f"not load: {status.get('last_error')}"))
@@ -276,6 +288,72 @@ def check_daemon(config: Config, socket_path: str | None = None) -> list[Finding
     findings.append(Finding("ok", "linkusd", f"version {status.get('version')}, pid {status.get('pid')}, "
                                              f"up {uptime} s, outcomes {status.get('outcomes')}"))
     return findings
+
+
+def _stranded_text(path: str, pids: list[int]) -> str:
+    return (f"linkusd pid {', '.join(map(str, pids))} still listens on a socket that was bound to {path} and "
+            "has since been removed or replaced: logins do not reach it (stop it, then start linkusd)")
+
+
+def _socket_inodes(pid: int | str) -> set[int]:
+    """The socket inodes a process holds open (socket:[N] in /proc/PID/fd)."""
+    found: set[int] = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def _listener_pid(path: str) -> int | None:
+    """The pid that listens on the socket file at ``path`` now (SO_PEERCRED of a connection, which
+    names the listener's pid before it even accepts), or None if nobody does."""
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+            creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid
+
+
+def orphaned_listeners(path: str) -> list[int]:
+    """Processes listening on a unix socket bound to ``path`` that is not the socket file at ``path``.
+
+    /proc/net/unix keeps the name a socket was bound to after its file is unlinked, so a linkusd
+    whose socket file was deleted or replaced (by a package purge, a second linkusd) shows up here
+    while no login can reach it. systemd holding the same listening socket (activation) is no orphan.
+    """
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return []
+    listening = set()
+    for row in rows:
+        cols = row.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000 = listening (__SO_ACCEPTCON)
+        if len(cols) >= 8 and cols[7] == path and int(cols[3], 16) & 0x10000:
+            listening.add(int(cols[6]))
+    serving = _listener_pid(path) if listening else None
+    if serving is not None:
+        listening -= _socket_inodes(serving)
+    if not listening:
+        return []
+    holders = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _socket_inodes(pid) & listening]
+    return sorted(pid for pid in holders if pid != 1)  # pid 1: systemd's own copy of a socket unit
 
 
 # -- the clock --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Test users are created with a random name and deleted afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -149,6 +150,8 @@ class Linkusd:
         self.proc: subprocess.Popen[bytes] | None = None
         self.extra_env = extra_env or {}
         self.stderr_path = run_dir.parent / "linkusd.stderr"
+        #: A command line to start linkusd under (e.g. setpriv dropping capabilities).
+        self.wrapper: list[str] = []
 
     def start(self, *, wait: bool = True) -> None:
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO),
@@ -156,9 +159,9 @@ class Linkusd:
         # stderr to a file: a pipe nobody reads fills up (linkusd --foreground echoes every line)
         with self.stderr_path.open("ab") as stderr:
             self.proc = subprocess.Popen(
-                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(self.config_path),
-                 "--pam-socket", str(self.pam_socket), "--web-socket", str(self.web_socket),
-                 "--log-socket", str(self.log.path)],
+                [*self.wrapper, DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground",
+                 "--config", str(self.config_path), "--pam-socket", str(self.pam_socket),
+                 "--web-socket", str(self.web_socket), "--log-socket", str(self.log.path)],
                 stdout=subprocess.DEVNULL, stderr=stderr, env=env,
             )
         if wait:
@@ -291,6 +294,83 @@ class PamStack:
     def remove(self) -> None:
         self.daemon.stop()
         Path("/etc/pam.d", self.service).unlink(missing_ok=True)
+
+
+class HostLinkusd:
+    """What this machine's own linkusd (if one serves /run/linkusd/pam.sock, or the socket its config
+    names) looks like: its pid, its socket file, its state file. Tests never install, purge or start
+    anything on the host's paths (tests/private_root.py); this is how a run proves it."""
+
+    def __init__(self, socket: str | None = None, state: str | None = None) -> None:
+        from pam_linkus.config import load_config
+        from pam_linkus.daemon.main import DEFAULT_CONFIG, DEFAULT_PAM_SOCKET
+        from pam_linkus.errors import LinkusError
+
+        self.socket, self.state = DEFAULT_PAM_SOCKET, "/var/lib/pam_linkus/state.db"
+        try:
+            config = load_config(DEFAULT_CONFIG)
+            self.socket, self.state = config.daemon.pam_socket, config.state.path
+        except (LinkusError, OSError):
+            pass  # no config, or a bad one: linkusd then uses the defaults too
+        self.socket, self.state = socket or self.socket, state or self.state
+        self.pid = self._pid()
+        self.socket_id = self._identity(self.socket)
+        self.state_id = self._identity(self.state)
+        self.state_was_open = self.pid is not None and self._state_open()
+
+    def _pid(self) -> int | None:
+        from pam_linkus.protocol import ProtocolError, call_control
+
+        try:
+            pid = call_control(self.socket, timeout=5).get("pid")
+        except (OSError, ProtocolError):
+            return None
+        return pid if isinstance(pid, int) else None
+
+    @staticmethod
+    def _identity(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _state_open(self) -> bool:
+        """The daemon still has its state file open, and that file is not deleted."""
+        try:
+            names = os.listdir(f"/proc/{self.pid}/fd")
+        except OSError:
+            return False
+        targets = set()
+        for name in names:
+            with contextlib.suppress(OSError):
+                targets.add(os.readlink(f"/proc/{self.pid}/fd/{name}"))
+        return self.state in targets  # "PATH (deleted)" once the file is unlinked
+
+    def problems(self) -> list[str]:
+        if self.pid is None:
+            return []
+        found = []
+        if self._pid() != self.pid:
+            found.append(f"linkusd pid {self.pid} no longer answers STATUS on {self.socket} (now: {self._pid()})")
+        if self._identity(self.socket) != self.socket_id:
+            found.append(f"{self.socket} was removed or replaced")
+        if self.state_id is not None and self._identity(self.state) != self.state_id:
+            found.append(f"{self.state} was removed or replaced")
+        elif self.state_was_open and not self._state_open():
+            found.append(f"linkusd pid {self.pid} no longer holds {self.state} (deleted?)")
+        return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def host_linkusd_untouched() -> Iterator[HostLinkusd]:
+    """Fails the run if this machine's linkusd, serving when the run began, stopped answering or lost its
+    socket or state file during it (what one `make test` once did to an installed host)."""
+    host = HostLinkusd()
+    yield host
+    problems = host.problems()
+    if problems:
+        pytest.fail("the tests disturbed this machine's own linkusd: " + "; ".join(problems), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,161 @@ def test_second_instance_refuses_to_start(stack: PamStack) -> None:
     assert stack.daemon.status()["loaded"] is True
 
 
+def test_a_second_linkusd_never_takes_a_socket_a_live_daemon_serves(stack: PamStack) -> None:
+    """The lock file deleted under a running linkusd (as the package's purge once did): a second
+    linkusd gets the lock, but finds the socket served and exits without unlinking it."""
+    before = os.lstat(stack.daemon.pam_socket).st_ino
+    (stack.daemon.run_dir / "linkusd.lock").unlink()
+    proc = subprocess.run(
+        [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--config", str(stack.config_path),
+         "--pam-socket", str(stack.daemon.pam_socket), "--no-web", "--log-socket", str(stack.log.path)],
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode != 0 and f"another process serves {stack.daemon.pam_socket}" in proc.stderr, proc.stderr
+    assert os.lstat(stack.daemon.pam_socket).st_ino == before
+    assert stack.daemon.status()["pid"] == stack.daemon.proc.pid  # type: ignore[union-attr]
+
+
+def test_a_stale_socket_file_is_replaced(private_dir: Path, log_catcher: LogCatcher) -> None:
+    """A socket file nobody listens on (a linkusd killed with -9) does not stop the next one."""
+    stack = PamStack(private_dir, log_catcher, start=False)
+    try:
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(stack.daemon.pam_socket))
+        stale.close()  # bound, never listening: connect is refused
+        stack.daemon.start()
+        assert stack.daemon.status()["loaded"] is True
+    finally:
+        stack.remove()
+
+
+def test_socket_directory_made_by_linkusd_is_0755_and_reachable_by_allowed_groups(
+        private_dir: Path, log_catcher: LogCatcher) -> None:
+    """Without systemd linkusd makes the directory itself, under its umask 077: it must still be 0755,
+    or linkus-web (web.sock) and allowed_groups callers (pam.sock) cannot reach their sockets."""
+    stack = PamStack(private_dir, log_catcher, start=False)
+    group = f"lkg{os.getpid() % 100000}d"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        stack.daemon.run_dir.rmdir()
+        stack.config["daemon"] = {**stack.socket_settings(), "allowed_groups": [group], "web_group": group}
+        stack._write_config()
+        stack.daemon.start()
+        st = os.lstat(stack.daemon.run_dir)
+        assert (oct(st.st_mode & 0o7777), st.st_uid) == ("0o755", 0)
+        gid = int(subprocess.run(["getent", "group", group], capture_output=True, text=True,
+                                 check=True).stdout.split(":")[2])
+        probe = f"import daemon_client as dc; print(dc.converse({sock(stack)!r}, 'alice').outcome)"
+        allowed = _as(65534, 65534, [gid], probe)
+        assert allowed.stdout.strip() == "skip", allowed.stdout + allowed.stderr
+        web = _as(65534, 65534, [gid], f"import socket; s = socket.socket(socket.AF_UNIX); "
+                                       f"s.connect({str(stack.daemon.web_socket)!r}); print('connected')")
+        assert web.stdout.strip() == "connected", web.stderr
+    finally:
+        stack.remove()
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def test_socket_watch_reports_each_change_once(tmp_path: Path) -> None:
+    from pam_linkus.daemon.main import SocketWatch
+
+    path = str(tmp_path / "pam.sock")
+    first = socket.socket(socket.AF_UNIX)
+    first.bind(path)
+    reports: list[str | None] = []
+    watch = SocketWatch([path], reports.append)
+    assert watch.check() is None and reports == []
+    os.unlink(path)
+    assert "pam.sock was removed" in str(watch.check())
+    watch.check()
+    second = socket.socket(socket.AF_UNIX)
+    second.bind(path)
+    assert "pam.sock was replaced" in str(watch.check())
+    assert [str(r).split(":")[0] for r in reports] == [f"{path} was removed", f"{path} was replaced"]
+    first.close()
+    second.close()
+
+
+def test_a_removed_or_replaced_socket_is_noticed_and_said(stack: PamStack) -> None:
+    """Within seconds: syslog, the STATUS reply and doctor say that logins no longer reach this linkusd."""
+    from pam_linkus.config import load_config
+    from pam_linkus.doctor import check_daemon
+
+    pid = stack.daemon.proc.pid  # type: ignore[union-attr]
+    config = load_config(str(stack.config_path))
+    stack.daemon.web_socket.unlink()
+    stack.log.wait_for(f"{stack.daemon.web_socket} was removed", timeout=10)
+    assert "web.sock was removed" in str(stack.daemon.status()["socket_problem"])
+    assert any(f.level == "FAIL" and "web.sock was removed" in f.detail for f in check_daemon(config, sock(stack)))
+    # The PAM socket replaced by another listener: doctor names the stranded daemon.
+    stack.daemon.pam_socket.unlink()
+    squatter = socket.socket(socket.AF_UNIX)
+    squatter.bind(sock(stack))
+    squatter.listen(1)
+    try:
+        stack.log.wait_for(f"{stack.daemon.pam_socket} was replaced", timeout=10)
+        [finding] = [f for f in check_daemon(config, sock(stack)) if f.level == "FAIL"]
+        assert f"linkusd pid {pid} still listens" in finding.detail, finding.detail
+    finally:
+        squatter.close()
+
+
+def test_the_host_linkusd_check_has_teeth(stack: PamStack) -> None:
+    """conftest's session check (HostLinkusd) on a linkusd of our own: quiet while it is left alone, and
+    it names a state file replaced under the daemon and a daemon that stopped answering."""
+    import shutil as sh
+
+    from conftest import HostLinkusd
+
+    stack.enroll_totp("alice")
+    assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"  # state.db open now
+    watched = HostLinkusd(sock(stack), str(stack.state_path))
+    assert watched.pid == stack.daemon.proc.pid and watched.state_was_open  # type: ignore[union-attr]
+    assert watched.problems() == []
+    copy = stack.state_path.with_name("copy.db")
+    sh.copy2(stack.state_path, copy)
+    os.replace(copy, stack.state_path)  # what a snapshot "restore" did to an installed host
+    assert watched.problems() == [f"{stack.state_path} was removed or replaced"]
+    stack.daemon.stop()
+    assert f"linkusd pid {watched.pid} no longer answers STATUS" in watched.problems()[0]
+
+
+#: uid 0 with no capability: what linkusd.service leaves it (CapabilityBoundingSet= empty). Between two
+#: such processes only the "dumpable" flag decides whether one may read the other's memory.
+NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--no-new-privs"]
+
+
+def _read_environ_without_caps(pid: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*NO_CAPS, "cat", f"/proc/{pid}/environ"], capture_output=True, text=True, timeout=30,
+                          check=False)
+
+
+def test_linkusd_dumps_no_core_and_is_not_dumpable(private_dir: Path, log_catcher: LogCatcher) -> None:
+    """A core of linkusd would hold TOTP secrets and passwords: core limit 0 and PR_SET_DUMPABLE 0,
+    which the kernel shows by refusing a same-uid, same-capabilities reader its memory and environ."""
+    stack = PamStack(private_dir, log_catcher, start=False)
+    stack.daemon.wrapper = NO_CAPS
+    # Without CAP_CHOWN linkusd cannot give web.sock to a web group (systemd's socket unit does that):
+    # name none that exists, as on a machine without linkus-web.
+    stack.config["daemon"] = {**stack.socket_settings(), "web_group": f"lkt-none-{os.getpid()}"}
+    stack._write_config()
+    sleeper = subprocess.Popen([*NO_CAPS, "sleep", "60"])
+    try:
+        stack.daemon.start()
+        pid = stack.daemon.proc.pid  # type: ignore[union-attr]
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        assert [line.split()[4:6] for line in limits.splitlines() if line.startswith("Max core file size")] == \
+            [["0", "0"]], limits
+        # The reader works on a dumpable process with the same credentials...
+        assert _read_environ_without_caps(sleeper.pid).returncode == 0
+        # ... and not on linkusd.
+        refused = _read_environ_without_caps(pid)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+    finally:
+        stop_process(sleeper)
+        stack.remove()
+
+
 # -- peers and capacity --------------------------------------------------------------
 
 

@@ -6,14 +6,14 @@ The package must install the C module where this architecture's libpam looks (ne
 pam_unix.so), never enable its pam-auth-update profile by itself, refuse to upgrade a machine
 whose PAM stacks still load the pam_python module, and leave nothing behind when purged.
 
-This machine may have pam-linkus installed by ``make install``/``make demo``: the paths the
-package owns are saved (bytes, modes, owners), moved aside so the package installs as on a
-fresh machine, and put back afterwards byte for byte. /etc/pam.d/common-* and /var/lib/pam
-are compared byte for byte after install and after purge. pam-auth-update is only ever
-pointed at a throwaway root (``--root``) with a throwaway debconf database, except for the
-package's own ``pam-auth-update --package`` calls, which must change nothing. The installed
-linkusd listens on a private socket (``socket=`` in the test services), so a linkusd that
-``make install`` started on /run/linkusd is left alone.
+Everything that installs, starts or purges runs in a private root (tests/private_root.py: an
+overlay of this machine's / in a private mount namespace, fresh /run and /tmp): apt, dpkg's
+database, the module next to pam_unix.so, /etc/pam_linkus, /var/lib/pam_linkus, the users the tests
+log in as and the installed linkusd all live there and go with it. This machine, and a linkusd it
+runs on /run/linkusd, are never touched. Inside the root /etc/pam.d/common-* and /var/lib/pam are
+compared byte for byte after install and after purge. pam-auth-update is only ever pointed at a
+throwaway root (``--root``) with a throwaway debconf database, except for the package's own
+``pam-auth-update --package`` calls, which must change nothing.
 
 Tests run in file order against module-scoped fixtures: one build, one install, one purge
 (the purge test is last and says so).
@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, REPO, TEST_BASE, LogCatcher, code_at, require_root, write_yaml
-from machine_state import Snapshot, machine_lock
+from conftest import PASSWORD, REPO, LogCatcher, code_at, require_root, write_yaml
+from private_root import PrivateRoot, Snapshot, private_root
 
 pytestmark = [pytest.mark.pam, pytest.mark.timeout(300)]
 
@@ -63,9 +63,7 @@ LAYOUT = {
     "/etc/pam_linkus/extensions.yaml": ("file", 0o600),
     "/var/lib/pam_linkus": ("dir", 0o700),
 }
-#: Saved, moved aside for the test and restored afterwards (`make install` puts these there too).
-MACHINE_PATHS = (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"))
-#: Must be byte-identical after install and after purge.
+#: Must be byte-identical after install and after purge (in the private root).
 PAM_PATHS = (*sorted(Path("/etc/pam.d").glob("common-*")), Path("/var/lib/pam"))
 
 
@@ -77,8 +75,8 @@ def run(cmd: list[str], *, timeout: float = 240, check: bool = True, **kw: Any) 
     return result
 
 
-def installed_status() -> str:
-    result = run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], check=False)
+def installed_status(root: PrivateRoot) -> str:
+    result = root.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", PACKAGE], check=False)
     return result.stdout.strip() if result.returncode == 0 else "not known"
 
 
@@ -88,13 +86,13 @@ def pam_auth_update(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                env={**CLEAN_ENV, "DEBCONF_SYSTEMRC": str(root / "debconf.conf")})
 
 
-def throwaway_root(base: Path, profiles: Path) -> Path:
-    """A copy of this machine's PAM config, pam-auth-update state and profiles, plus debconf.conf."""
+def throwaway_root(base: Path, profiles: Path, system: Path = Path("/")) -> Path:
+    """A copy of ``system``'s PAM config, pam-auth-update state and profiles, plus debconf.conf."""
     root = base / f"root-{secrets.token_hex(4)}"
     (root / "etc" / "pam.d").mkdir(parents=True)
-    for common in Path("/etc/pam.d").glob("common-*"):
+    for common in (system / "etc" / "pam.d").glob("common-*"):
         shutil.copy2(common, root / "etc" / "pam.d")
-    shutil.copytree("/var/lib/pam", root / "var" / "lib" / "pam")
+    shutil.copytree(system / "var" / "lib" / "pam", root / "var" / "lib" / "pam")
     shutil.copytree(profiles, root / "usr" / "share" / "pam-configs")
     (root / "debconf.conf").write_text(
         f"Config: configdb\nTemplates: templatedb\n\n"
@@ -108,10 +106,10 @@ def auth_lines(common_auth: str) -> list[str]:
     return [line.rstrip() for line in common_auth.splitlines() if line.startswith("auth")]
 
 
-def pamtester(service: str, user: str, *answers: str) -> subprocess.CompletedProcess[str]:
-    """pamtester with a clean environment from /: nothing but the installed files is importable."""
-    return subprocess.run(["pamtester", service, user, "authenticate"], input="".join(a + "\n" for a in answers),
-                          capture_output=True, text=True, timeout=60, env=CLEAN_ENV, cwd="/", check=False)
+def pamtester(root: PrivateRoot, service: str, user: str, *answers: str) -> subprocess.CompletedProcess[str]:
+    """pamtester in the root with a clean environment from /: nothing but the installed files is importable."""
+    return root.run(["pamtester", service, user, "authenticate"], input="".join(a + "\n" for a in answers),
+                    timeout=60, check=False)
 
 
 def wrong(code: str) -> str:
@@ -342,82 +340,73 @@ def test_enabled_profile_runs_after_the_password_and_disable_restores(tmp_path: 
     assert common_auth.read_bytes() == before
 
 
-# -- installed on this machine -----------------------------------------------------------------
+# -- installed, in a private root --------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def machine() -> Iterator[dict[str, Snapshot]]:
-    """Save what `make install` may have put where the package installs; restore it afterwards."""
+def machine() -> Iterator[dict[str, Any]]:
+    """A private root standing in for a fresh machine: the package purged there first if this machine
+    has it (only the root's copy of dpkg's database changes), its PAM files snapshotted."""
     require_root()
-    with machine_lock():
-        yield from _machine()
-
-
-def _machine() -> Iterator[dict[str, Snapshot]]:
-    if installed_status() not in ("not known", "un", "pn"):
-        pytest.fail(f"{PACKAGE} is installed on this machine ({installed_status()}); this test installs and "
-                    f"purges it itself: `apt-get purge {PACKAGE}` first")
-    saved = Snapshot(MACHINE_PATHS)
-    pam = Snapshot(PAM_PATHS)
-    saved.remove()  # install as on a fresh machine
-    try:
-        yield {"saved": saved, "pam": pam}
-    finally:
-        try:
-            if installed_status() not in ("not known", "un", "pn"):
-                run([*APT, "purge", PACKAGE], check=False)
-        finally:
-            saved.restore()
-            changed = pam.differences()
-            pam.restore()
-            assert not changed, f"PAM files changed by the package test (restored): {changed}"
+    with private_root() as root:
+        if installed_status(root) not in ("not known", "un", "pn"):
+            root.run([*APT, "purge", PACKAGE], env=CLEAN_ENV, timeout=300)
+        for path in ("/etc/pam_linkus", "/var/lib/pam_linkus", str(MODULE)):  # what `make install` leaves
+            root.run(["rm", "-rf", path])
+        pam = Snapshot(tuple(root.path(p) for p in PAM_PATHS))
+        yield {"root": root, "pam": pam}
+        if installed_status(root) not in ("not known", "un", "pn"):
+            root.run([*APT, "purge", PACKAGE], env=CLEAN_ENV, timeout=300, check=False)
+        changed = pam.differences()
+        assert not changed, f"PAM files changed by the package (in the private root): {changed}"
 
 
 @pytest.fixture(scope="module")
-def installed(deb: Path, machine: dict[str, Snapshot]) -> dict[str, Any]:
+def installed(deb: Path, machine: dict[str, Any]) -> dict[str, Any]:
+    root: PrivateRoot = machine["root"]
+    package = root.put(deb, f"/tmp/{deb.name}")
     # An upgrade from the pam_python version with a stack still loading it: refused before
     # anything is unpacked (the old lines would refuse every login once the loader is gone).
-    old = Path("/etc/pam.d", f"linkus-test-{secrets.token_hex(4)}")
-    old.write_text(OLD_LINE)
+    old = f"/etc/pam.d/linkus-test-{secrets.token_hex(4)}"
+    root.path(old).write_text(OLD_LINE)
     try:
-        refused = run([*APT, "install", str(deb)], timeout=300, check=False)
+        refused = root.run([*APT, "install", package], timeout=300, check=False, env=CLEAN_ENV)
     finally:
-        old.unlink()
-    status_after_refusal = installed_status()
+        root.path(old).unlink()
+    status_after_refusal = installed_status(root)
     # Again, with the administrator's consent: postinst rewrites the line (linkus-2fa migrate-pam).
-    old.write_text(OLD_LINE)
-    backup = old.with_name(old.name + ".linkus-bak")
+    root.path(old).write_text(OLD_LINE)
     try:
-        result = run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
-                      "-o", "Dpkg::Options::=--force-confold", "install", str(deb)], timeout=300,
-                     env={**CLEAN_ENV, "LINKUS_MIGRATE_PAM": "yes"})
-        migrated = old.read_text()
+        result = root.run([*APT, "--no-install-recommends", "-o", "Dpkg::Options::=--force-confdef",
+                           "-o", "Dpkg::Options::=--force-confold", "install", package], timeout=300,
+                          env={**CLEAN_ENV, "LINKUS_MIGRATE_PAM": "yes"})
+        migrated = root.path(old).read_text()
     finally:
-        old.unlink()
-        backup.unlink(missing_ok=True)
-    seen = Path("/var/lib/pam/seen")
-    return {"apt": result, "pam_changed": machine["pam"].differences(), "seen": seen.read_text().split(),
-            "seen_before": machine["pam"].entries[seen][4], "refused": refused, "old": old,
-            "status_after_refusal": status_after_refusal, "migrated": migrated}
+        root.path(old).unlink()
+        root.path(old + ".linkus-bak").unlink(missing_ok=True)
+    seen = root.path("/var/lib/pam/seen")
+    return {"root": root, "package": package, "apt": result, "pam_changed": machine["pam"].differences(),
+            "seen": seen.read_text().split(), "seen_before": machine["pam"].entries[seen][4], "refused": refused,
+            "old": old, "status_after_refusal": status_after_refusal, "migrated": migrated}
 
 
 class InstalledLinkusd:
     """/usr/sbin/linkusd as an admin without systemd starts it: it forks into the background once
-    ready (the parent exits 0 then), on a private socket so no other linkusd is disturbed."""
+    ready (the parent exits 0 then); here on its own socket directory in the root's /run."""
 
-    def __init__(self, base: Path, log: LogCatcher):
-        self.run_dir = base / "run"
-        self.run_dir.mkdir(mode=0o755)
-        self.socket = self.run_dir / "pam.sock"
-        started = run(["/usr/sbin/linkusd", "--pam-socket", str(self.socket), "--no-web",
-                       "--log-socket", str(log.path)], cwd="/", timeout=60)
+    def __init__(self, root: PrivateRoot, log_path: str):
+        self.root = root
+        self.run_dir = "/run/linkus-pkg"
+        self.socket = f"{self.run_dir}/pam.sock"
+        started = root.run(["/usr/sbin/linkusd", "--pam-socket", self.socket, "--no-web", "--log-socket", log_path],
+                           timeout=60)
         assert started.returncode == 0 and started.stderr == "", started.stderr
-        self.pid = int((self.run_dir / "linkusd.lock").read_text())
+        self.pid = int(root.path(f"{self.run_dir}/linkusd.lock").read_text())
 
     def reload(self) -> None:
         from pam_linkus.protocol import Msg, call_control
 
-        status = call_control(str(self.socket), Msg.RELOAD, timeout=30)
+        status = call_control(str(self.root.path(self.socket)), Msg.RELOAD, timeout=30)
         assert status["last_error"] is None, status["last_error"]
 
     def stop(self) -> None:
@@ -431,38 +420,39 @@ class InstalledLinkusd:
 
 @pytest.fixture(scope="module")
 def login_env(installed: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The installed linkusd, a syslog catcher and a list of throwaway /etc/pam.d services."""
-    TEST_BASE.mkdir(mode=0o755, exist_ok=True)
-    base = TEST_BASE / f"pkg-{secrets.token_hex(4)}"
-    base.mkdir(mode=0o711)  # root-owned all the way up: pam_linkus.so checks the socket's directory
-    log = LogCatcher(base / "log.sock")
-    daemon = InstalledLinkusd(base, log)
-    services: list[Path] = []
+    """The installed linkusd, a syslog catcher (its socket in the root's /run) and the root."""
+    root: PrivateRoot = installed["root"]
+    log_path = "/run/linkus-pkg-log.sock"
+    log = LogCatcher(root.path(log_path))
+    daemon = InstalledLinkusd(root, log_path)
     try:
-        yield {"base": base, "log": log, "services": services, "daemon": daemon}
+        yield {"root": root, "log": log, "log_path": log_path, "daemon": daemon}
     finally:
-        for service in services:
-            service.unlink(missing_ok=True)
         daemon.stop()
         log.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def add_service(env: dict[str, Any], auth: str) -> str:
     name = f"linkus-test-{secrets.token_hex(4)}"
-    path = Path("/etc/pam.d", name)
-    env["services"].append(path)
-    path.write_text(auth + "account required pam_permit.so\n")
+    env["root"].path(f"/etc/pam.d/{name}").write_text(auth + "account required pam_permit.so\n")
     return name
 
 
 def options(env: dict[str, Any]) -> str:
-    return f"socket={env['daemon'].socket} log_socket={env['log'].path}"
+    return f"socket={env['daemon'].socket} log_socket={env['log_path']}"
+
+
+def add_user(env: dict[str, Any]) -> str:
+    """A local user of the root, with PASSWORD."""
+    name = f"lkt{secrets.token_hex(4)}"
+    env["root"].run(["useradd", "--no-create-home", "--shell", "/bin/sh", name])
+    env["root"].run(["chpasswd"], input=f"{name}:{PASSWORD}\n")
+    return name
 
 
 def enroll(env: dict[str, Any], users: dict[str, str]) -> None:
     """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml; linkusd loads it now."""
-    write_yaml(Path("/etc/pam_linkus/extensions.yaml"),
+    write_yaml(env["root"].path("/etc/pam_linkus/extensions.yaml"),
                {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}},
                end=True)
     env["daemon"].reload()
@@ -481,117 +471,124 @@ def test_upgrade_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, An
 
 
 def test_install_leaves_the_layout(installed: dict[str, Any]) -> None:
+    root: PrivateRoot = installed["root"]
     for path, (kind, mode) in LAYOUT.items():
-        st = os.lstat(path)
+        st = os.lstat(root.path(path))
         assert (stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)), path
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, 0), path
-    assert Path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == (REPO / "packaging/pam_linkus.yaml").read_bytes()
-    assert Path("/etc/pam_linkus/extensions.yaml").read_bytes() == (REPO / "packaging/extensions.yaml").read_bytes()
-    assert run(["dpkg", "-S", str(MODULE)]).stdout.startswith(f"{PACKAGE}: ")
-    assert run(["getent", "group", "linkus-web"], check=False).returncode == 0
-    assert run(["id", "-gn", "linkus-web"], check=False).stdout.strip() == "linkus-web"
+    assert root.path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == \
+        (REPO / "packaging/pam_linkus.yaml").read_bytes()
+    assert root.path("/etc/pam_linkus/extensions.yaml").read_bytes() == \
+        (REPO / "packaging/extensions.yaml").read_bytes()
+    assert root.run(["dpkg", "-S", str(MODULE)]).stdout.startswith(f"{PACKAGE}: ")
+    assert root.run(["getent", "group", "linkus-web"], check=False).returncode == 0
+    assert root.run(["id", "-gn", "linkus-web"], check=False).stdout.strip() == "linkus-web"
     # Registered (pam-auth-update --package) so that it is offered, but with "Default: no"
     # nothing but the list of profiles seen changes: common-* are byte-identical.
-    assert installed["pam_changed"] in ([], [Path("/var/lib/pam/seen")]), installed["pam_changed"]
-    assert Path("/usr/share/pam-configs/linkus").read_bytes() == PROFILE.read_bytes()
+    assert installed["pam_changed"] in ([], [root.path("/var/lib/pam/seen")]), installed["pam_changed"]
+    assert root.path("/usr/share/pam-configs/linkus").read_bytes() == PROFILE.read_bytes()
     seen_before = installed["seen_before"].decode().split()
     assert "linkus" not in seen_before and sorted(installed["seen"]) == sorted([*seen_before, "linkus"])
+    for schema in sorted((REPO / "packaging" / "ldap").iterdir()):  # where pam_linkus.yaml(5) says
+        assert root.path(f"/usr/share/pam-linkus/ldap/{schema.name}").read_bytes() == schema.read_bytes()
 
 
 def test_installed_commands_and_package_come_from_dist_packages(installed: dict[str, Any]) -> None:
-    where = run(["/usr/bin/python3", "-c", "import pam_linkus, nss_config; print(pam_linkus.__file__)"], cwd="/")
+    root: PrivateRoot = installed["root"]
+    where = root.run(["/usr/bin/python3", "-c", "import pam_linkus, nss_config; print(pam_linkus.__file__)"])
     assert where.stdout.strip() == "/usr/lib/python3/dist-packages/pam_linkus/__init__.py"
-    assert "--foreground" in run(["/usr/sbin/linkusd", "--help"], cwd="/").stdout
-    assert "doctor" in run(["/usr/sbin/linkus-2fa", "--help"], cwd="/").stdout
+    assert "--foreground" in root.run(["/usr/sbin/linkusd", "--help"]).stdout
+    assert "doctor" in root.run(["/usr/sbin/linkus-2fa", "--help"]).stdout
     for page, path in (("pam_linkus", "man8/pam_linkus.8.gz"), ("linkusd", "man8/linkusd.8.gz"),
                        ("pam_linkus.yaml", "man5/pam_linkus.yaml.5.gz")):
-        man = run(["man", "-w", page], check=False)
+        man = root.run(["man", "-w", page], check=False)
         assert man.stdout.strip() == f"/usr/share/man/{path}", man.stderr
 
 
-def test_login_through_the_installed_module_and_linkusd(login_env: dict[str, Any], make_user: Any) -> None:
-    user, other = make_user(), make_user()
+def test_login_through_the_installed_module_and_linkusd(login_env: dict[str, Any]) -> None:
+    root: PrivateRoot = login_env["root"]
+    user, other = add_user(login_env), add_user(login_env)
     secret = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"
     enroll(login_env, {user: secret})
     # By file name: libpam finds it in this architecture's module directory, where the package put it.
     service = add_service(login_env, f"auth requisite pam_unix.so nodelay\n{MODULE_LINE} {options(login_env)}\n")
     code = code_at(secret, time.time())
-    ok = pamtester(service, user, PASSWORD, code)
+    ok = pamtester(root, service, user, PASSWORD, code)
     assert ok.returncode == 0 and "Authentication code:" in ok.stdout + ok.stderr, ok.stdout + ok.stderr
     assert "outcome=success" in login_env["log"].wait_for(f"user={user}")
-    replay = pamtester(service, user, PASSWORD, code)
+    replay = pamtester(root, service, user, PASSWORD, code)
     assert replay.returncode != 0 and "Authentication failure" in replay.stderr
     # Not enrolled under the default `enforce: enrolled`: the password alone, logged as a skip.
-    skip = pamtester(service, other, PASSWORD)
+    skip = pamtester(root, service, other, PASSWORD)
     assert skip.returncode == 0, skip.stdout + skip.stderr
     assert "outcome=skip" in login_env["log"].wait_for(f"user={other}")
-    assert Path("/var/lib/pam_linkus/state.db").is_file()
+    assert root.path("/var/lib/pam_linkus/state.db").is_file()
 
 
 def test_login_through_the_enabled_profile_of_the_installed_package(login_env: dict[str, Any],
-                                                                    make_user: Any) -> None:
-    root = throwaway_root(login_env["base"], Path("/usr/share/pam-configs"))
-    pam_auth_update(root, "--package")
-    pam_auth_update(root, "--enable", "linkus")
-    generated = auth_lines((root / "etc" / "pam.d" / "common-auth").read_text())
+                                                                    tmp_path: Path) -> None:
+    root: PrivateRoot = login_env["root"]
+    throwaway = throwaway_root(tmp_path, root.path("/usr/share/pam-configs"), root.path("/"))
+    pam_auth_update(throwaway, "--package")
+    pam_auth_update(throwaway, "--enable", "linkus")
+    generated = auth_lines((throwaway / "etc" / "pam.d" / "common-auth").read_text())
     assert MODULE_LINE in generated
     stack = "".join(f"{line} {options(login_env)}\n" if line == MODULE_LINE else f"{line}\n" for line in generated)
     service = add_service(login_env, stack)
-    user = make_user()
+    user = add_user(login_env)
     secret = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
     enroll(login_env, {user: secret})
     code = code_at(secret, time.time())
-    bad_password = pamtester(service, user, "not-" + PASSWORD, code)
+    bad_password = pamtester(root, service, user, "not-" + PASSWORD, code)
     assert bad_password.returncode != 0 and "Authentication failure" in bad_password.stderr
     assert "Authentication code:" not in bad_password.stdout + bad_password.stderr  # never asked
-    bad_code = pamtester(service, user, PASSWORD, wrong(code))
+    bad_code = pamtester(root, service, user, PASSWORD, wrong(code))
     assert bad_code.returncode != 0 and "Authentication failure" in bad_code.stderr
     assert "outcome=denied" in login_env["log"].wait_for(f"user={user}")
-    ok = pamtester(service, user, PASSWORD, code)
+    ok = pamtester(root, service, user, PASSWORD, code)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
-def test_linkusd_down_refuses_the_login(login_env: dict[str, Any], make_user: Any) -> None:
+def test_linkusd_down_refuses_the_login(login_env: dict[str, Any]) -> None:
     """Fail closed: a socket path nobody listens on is unavailable, never a success."""
-    user = make_user()
-    missing = login_env["base"] / "run" / "nobody.sock"
-    service = add_service(login_env, f"auth requisite pam_unix.so nodelay\n{MODULE_LINE} socket={missing} "
-                                     f"log_socket={login_env['log'].path}\n")
-    result = pamtester(service, user, PASSWORD, "123456")
+    root: PrivateRoot = login_env["root"]
+    user = add_user(login_env)
+    service = add_service(login_env, f"auth requisite pam_unix.so nodelay\n{MODULE_LINE} "
+                                     f"socket=/run/linkus-pkg/nobody.sock log_socket={login_env['log_path']}\n")
+    result = pamtester(root, service, user, PASSWORD, "123456")
     assert result.returncode != 0
     assert "linkusd unavailable" in login_env["log"].wait_for("linkusd unavailable")
 
 
-def test_reinstall_keeps_the_admins_config_and_enrolments(deb: Path, login_env: dict[str, Any],
-                                                           machine: dict[str, Snapshot]) -> None:
-    config, extensions = Path("/etc/pam_linkus/pam_linkus.yaml"), Path("/etc/pam_linkus/extensions.yaml")
+def test_reinstall_keeps_the_admins_config_and_enrolments(installed: dict[str, Any], login_env: dict[str, Any],
+                                                           machine: dict[str, Any]) -> None:
+    root: PrivateRoot = installed["root"]
+    config, extensions = root.path("/etc/pam_linkus/pam_linkus.yaml"), root.path("/etc/pam_linkus/extensions.yaml")
     config.write_bytes(config.read_bytes() + b"# edited by the admin\n")
     enroll(login_env, {"1001": "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU"})
     before = {path: path.read_bytes() for path in (config, extensions)}
     # No --force-conf*: an unchanged conffile in the package must not even ask.
-    run([*APT, "install", "--reinstall", str(deb)], timeout=300)
+    root.run([*APT, "install", "--reinstall", installed["package"]], timeout=300, env=CLEAN_ENV)
     assert {path: path.read_bytes() for path in (config, extensions)} == before
     assert [(stat.S_IMODE(p.stat().st_mode), p.stat().st_uid) for p in (config, extensions)] == [(0o600, 0)] * 2
-    assert machine["pam"].differences() in ([], [Path("/var/lib/pam/seen")])
+    assert machine["pam"].differences() in ([], [root.path("/var/lib/pam/seen")])
 
 
 def test_purge_leaves_nothing_and_changes_no_pam_file(installed: dict[str, Any], login_env: dict[str, Any],
-                                                      machine: dict[str, Snapshot]) -> None:
+                                                      machine: dict[str, Any]) -> None:
     """Last in this file: purges the package the tests above used."""
+    root: PrivateRoot = installed["root"]
     login_env["daemon"].stop()
     # One service still naming the module: prerm must warn that it will refuse every login.
-    kept = Path("/etc/pam.d", add_service(login_env, f"{MODULE_LINE}\n"))
-    for service in login_env["services"]:
-        if service != kept:
-            service.unlink(missing_ok=True)
-    result = run([*APT, "purge", PACKAGE], timeout=300)
-    kept.unlink()
-    assert f"libpam-linkus:   {kept}" in result.stdout + result.stderr, result.stdout  # apt merges them
-    assert installed_status() in ("not known", "un", "pn")
+    kept = add_service(login_env, f"{MODULE_LINE}\n")
+    result = root.run([*APT, "purge", PACKAGE], timeout=300, env=CLEAN_ENV)
+    root.path(f"/etc/pam.d/{kept}").unlink()
+    assert f"libpam-linkus:   /etc/pam.d/{kept}" in result.stdout + result.stderr, result.stdout  # apt merges them
+    assert installed_status(root) in ("not known", "un", "pn")
     for path in (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/sbin/linkus-2fa"),
                  Path("/usr/sbin/linkusd"), Path("/usr/share/pam-configs/linkus"),
                  Path("/usr/lib/python3/dist-packages/pam_linkus"), Path("/lib/systemd/system/linkusd.service"),
                  Path("/lib/systemd/system/linkusd.socket"), Path("/lib/systemd/system/linkusd-web.socket"),
                  Path("/usr/share/pam-linkus")):
-        assert not os.path.lexists(path), path
+        assert not os.path.lexists(root.path(path)), path
     assert machine["pam"].differences() == []

@@ -1,122 +1,99 @@
-"""`make install` (packaging/install.sh) and `make demo` (packaging/demo.py) on this machine, as the
-README tells a new user to run them on a fresh Debian 12 without systemd as PID 1.
+"""`make install` (packaging/install.sh) and `make demo` (packaging/demo.py), as the README tells a new
+user to run them on a fresh Debian 12 without systemd as PID 1, then the Security Settings page
+served by linkus-web against the linkusd that install.sh started.
 
-install.sh writes system paths (the PAM module directory, /usr/local/sbin, /etc/pam_linkus,
-/var/lib/pam_linkus) and starts linkusd on /run/linkusd: those paths are saved byte for byte
-and put back afterwards (tests/machine_state.py, the lock shared with the package test), a
-linkusd already running there is stopped for the test and started again after it, and the
-venv goes to a throwaway PREFIX. On a host where systemd is PID 1, install.sh enables the
-units instead; a test does not do that to a real host.
+All of it runs in a private root (tests/private_root.py: an overlay of this machine's / in a private
+mount namespace with a fresh /run): install.sh writes the PAM module next to pam_unix.so,
+/usr/local, /opt/pam-linkus, /etc/pam_linkus, /var/lib/pam_linkus and starts linkusd on
+/run/linkusd there, never on this machine, whose own linkusd (if any) keeps running untouched.
+The fresh /run has no /run/systemd/system: install.sh takes its non-systemd path (linkusd goes to
+the background by itself), the path this test is about, also on a host where systemd is PID 1.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import secrets
 import signal
 import stat
 import subprocess
 import sysconfig
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, require_root
-from machine_state import Snapshot, machine_lock
+from conftest import PASSWORD, REPO, require_root, write_yaml
+from private_root import PrivateRoot, private_root
+from web_site import free_port, start_browser, wait_for
 
-from pam_linkus.protocol import call_control
+from pam_linkus.protocol import Msg, call_control
 
 pytestmark = [pytest.mark.pam, pytest.mark.timeout(300)]
 
 MODULE = Path(f"/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}/security/pam_linkus.so")
 RUN_DIR = Path("/run/linkusd")
 LOCK = RUN_DIR / "linkusd.lock"
-MACHINE_PATHS = (MODULE, Path("/etc/pam_linkus"), Path("/var/lib/pam_linkus"), Path("/usr/local/sbin/linkusd"),
-                 Path("/usr/local/sbin/linkus-2fa"), Path("/usr/local/bin/linkus-web"),
-                 Path("/lib/security/pam_linkus.py"))
+PREFIX = Path("/opt/pam-linkus")
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "PIP_NO_INDEX": "1"}
 OLD_LINE = "auth [success=ok ignore=ignore default=die] pam_python.so pam_linkus.py config=/etc/pam_linkus/x.yaml\n"
 
 
-def install(prefix: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(REPO / "packaging" / "install.sh"), str(prefix)], capture_output=True,
-                          text=True, timeout=240, check=False, env={**CLEAN_ENV, **env}, stdin=subprocess.DEVNULL)
+def install(root: PrivateRoot, prefix: Path = PREFIX, **env: str) -> subprocess.CompletedProcess[str]:
+    return root.run(["bash", str(REPO / "packaging" / "install.sh"), str(prefix)], timeout=240, check=False,
+                    env={**CLEAN_ENV, **env})
 
 
-def running_pid() -> int | None:
-    """The pid of the linkusd holding /run/linkusd's instance lock, or None."""
-    if not LOCK.exists():
+def running_pid(root: PrivateRoot) -> int | None:
+    """The pid of the linkusd holding the root's /run/linkusd instance lock, or None."""
+    if not root.path(LOCK).exists():
         return None
-    held = subprocess.run(["flock", "-n", str(LOCK), "true"], check=False).returncode != 0
-    return int(LOCK.read_text().split()[0]) if held else None
-
-
-def stop(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), f"linkusd {pid} did not stop"
+    held = root.run(["flock", "-n", str(LOCK), "true"], check=False).returncode != 0
+    return int(root.path(LOCK).read_text().split()[0]) if held else None
 
 
 @pytest.fixture(scope="module")
-def fresh_machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def fresh_machine() -> Iterator[PrivateRoot]:
     require_root()
-    if Path("/run/systemd/system").is_dir():
-        pytest.skip("systemd is PID 1: install.sh would enable units on this real host")
-    with machine_lock():
-        before = running_pid()
-        if before is not None:
-            stop(before)
-        saved = Snapshot(MACHINE_PATHS)
-        saved.remove()
-        prefix = tmp_path_factory.mktemp("prefix")
-        try:
-            yield {"prefix": prefix}
-        finally:
-            pid = running_pid()
-            if pid is not None:
-                stop(pid)
-            saved.restore()
-            if before is not None and os.access("/usr/local/sbin/linkusd", os.X_OK):
-                subprocess.run(["/usr/local/sbin/linkusd"], check=False, env=CLEAN_ENV, timeout=60)
+    with private_root() as root:
+        # A fresh machine, also where this one has pam-linkus installed (only the root's copy goes).
+        root.run(["rm", "-rf", str(MODULE), "/etc/pam_linkus", "/var/lib/pam_linkus", "/usr/local/sbin/linkusd",
+                  "/usr/local/sbin/linkus-2fa", "/usr/local/bin/linkus-web", str(PREFIX), "/usr/share/pam-linkus"])
+        yield root
 
 
-def test_install_refuses_stacks_that_load_the_pam_python_module(fresh_machine: dict[str, Any]) -> None:
-    old = Path("/etc/pam.d", f"linkus-test-{os.urandom(4).hex()}")
-    old.write_text(OLD_LINE)
+def test_install_refuses_stacks_that_load_the_pam_python_module(fresh_machine: PrivateRoot) -> None:
+    root = fresh_machine
+    old = f"/etc/pam.d/linkus-test-{os.urandom(4).hex()}"
+    root.path(old).write_text(OLD_LINE)
     try:
-        refused = install(fresh_machine["prefix"] / "refused")
+        refused = install(root, Path("/opt/refused"))
     finally:
-        old.unlink()
+        root.path(old).unlink()
     assert refused.returncode == 1
     assert f"install.sh:   {old}" in refused.stderr and "LINKUS_MIGRATE_PAM=yes make install" in refused.stderr
     # Refused before anything changed.
-    assert not (fresh_machine["prefix"] / "refused").exists() and not MODULE.exists()
-    assert not Path("/etc/pam_linkus").exists()
+    assert not root.path("/opt/refused").exists() and not root.path(MODULE).exists()
+    assert not root.path("/etc/pam_linkus").exists()
 
 
 @pytest.fixture(scope="module")
-def installed(fresh_machine: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def installed(fresh_machine: PrivateRoot) -> dict[str, Any]:
+    root = fresh_machine
     # The first install is an upgrade whose admin agreed to the rewrite of the old PAM lines.
-    old = Path("/etc/pam.d", f"linkus-test-{os.urandom(4).hex()}")
-    old.write_text("auth requisite pam_unix.so\n" + OLD_LINE)
-    backup = old.with_name(old.name + ".linkus-bak")
-    try:
-        first = install(fresh_machine["prefix"], LINKUS_MIGRATE_PAM="yes")
-        migrated, kept = old.read_text(), backup.read_text() if backup.exists() else None
-    finally:
-        old.unlink()
-        backup.unlink(missing_ok=True)
+    old = f"/etc/pam.d/linkus-test-{os.urandom(4).hex()}"
+    root.path(old).write_text("auth requisite pam_unix.so\n" + OLD_LINE)
+    backup = root.path(old + ".linkus-bak")
+    first = install(root, LINKUS_MIGRATE_PAM="yes")
+    migrated, kept = root.path(old).read_text(), backup.read_text() if backup.exists() else None
     assert first.returncode == 0, first.stdout + first.stderr
-    pid = running_pid()
-    again = install(fresh_machine["prefix"])
+    pid = running_pid(root)
+    made = stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode)
+    root.path(RUN_DIR).chmod(0o700)  # what an older linkusd made under its umask: an upgrade repairs it
+    again = install(root)
     assert again.returncode == 0, again.stdout + again.stderr
-    yield {"first": first, "again": again, "pid": pid, "prefix": fresh_machine["prefix"], "migrated": migrated,
-           "kept": kept}
+    return {"root": root, "first": first, "again": again, "pid": pid, "migrated": migrated, "kept": kept,
+            "run_dir_mode": made}
 
 
 def test_install_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
@@ -126,49 +103,123 @@ def test_install_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, An
 
 
 def test_install_layout(installed: dict[str, Any]) -> None:
-    venv = installed["prefix"] / "venv"
+    root: PrivateRoot = installed["root"]
+    venv = PREFIX / "venv"
     expected = {MODULE: ("file", 0o644), Path("/etc/pam_linkus"): ("dir", 0o755),
                 Path("/etc/pam_linkus/pam_linkus.yaml"): ("file", 0o600),
-                Path("/etc/pam_linkus/extensions.yaml"): ("file", 0o600), Path("/var/lib/pam_linkus"): ("dir", 0o700)}
+                Path("/etc/pam_linkus/extensions.yaml"): ("file", 0o600), Path("/var/lib/pam_linkus"): ("dir", 0o700),
+                # repaired by the second install; linkus-web and allowed_groups pass through it
+                RUN_DIR: ("dir", 0o755)}
+    assert installed["run_dir_mode"] == 0o755
     for path, (kind, mode) in expected.items():
-        st = os.lstat(path)
+        st = os.lstat(root.path(path))
         assert (stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)), path
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, 0, 0), path
-    assert MODULE.read_bytes() == (REPO / "native" / "pam_linkus.so").read_bytes()
-    assert os.readlink("/usr/local/sbin/linkusd") == str(venv / "bin" / "linkusd")
-    assert os.readlink("/usr/local/sbin/linkus-2fa") == str(venv / "bin" / "linkus-2fa")
-    assert Path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == (REPO / "packaging/pam_linkus.yaml").read_bytes()
-    assert subprocess.run(["id", "-gn", "linkus-web"], capture_output=True, text=True, check=False).stdout == \
-        "linkus-web\n"
-    assert os.readlink("/usr/local/bin/linkus-web") == str(venv / "bin" / "linkus-web")
+    assert root.path(MODULE).read_bytes() == (REPO / "native" / "pam_linkus.so").read_bytes()
+    assert os.readlink(root.path("/usr/local/sbin/linkusd")) == str(venv / "bin" / "linkusd")
+    assert os.readlink(root.path("/usr/local/sbin/linkus-2fa")) == str(venv / "bin" / "linkus-2fa")
+    assert root.path("/etc/pam_linkus/pam_linkus.yaml").read_bytes() == \
+        (REPO / "packaging/pam_linkus.yaml").read_bytes()
+    assert root.run(["id", "-gn", "linkus-web"]).stdout == "linkus-web\n"
+    assert os.readlink(root.path("/usr/local/bin/linkus-web")) == str(venv / "bin" / "linkus-web")
+
+
+def test_install_puts_the_ldap_schema_where_the_man_page_says(installed: dict[str, Any]) -> None:
+    """pam_linkus.yaml(5) and the schema's own comments name /usr/share/pam-linkus/ldap."""
+    root: PrivateRoot = installed["root"]
+    page = (REPO / "packaging" / "man" / "pam_linkus.yaml.5").read_text()
+    assert "/usr/share/pam\\-linkus/ldap" in page or "/usr/share/pam-linkus/ldap" in page
+    for schema in sorted((REPO / "packaging" / "ldap").iterdir()):
+        installed_copy = root.path(f"/usr/share/pam-linkus/ldap/{schema.name}")
+        assert installed_copy.read_bytes() == schema.read_bytes(), schema.name
+        assert stat.S_IMODE(installed_copy.stat().st_mode) == 0o644
 
 
 def test_install_started_linkusd_and_a_second_install_reloads_it(installed: dict[str, Any]) -> None:
+    root: PrivateRoot = installed["root"]
     pid = installed["pid"]
     assert pid is not None and f"started in the background (no systemd): pid {pid}" in installed["first"].stdout
     assert f"linkusd is running (pid {pid}): told to reload" in installed["again"].stdout
-    assert running_pid() == pid  # the same daemon, not a second one
-    status = call_control(str(RUN_DIR / "pam.sock"), timeout=10)
-    assert status["loaded"] is True, status
+    assert running_pid(root) == pid  # the same daemon, not a second one
+    status = call_control(str(root.path(RUN_DIR / "pam.sock")), timeout=10)
+    assert status["loaded"] is True and status["pid"] == pid, status
     script = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1].decode()
-    assert os.path.realpath(script) == str(installed["prefix"] / "venv" / "bin" / "linkusd")
+    assert script == "/usr/local/sbin/linkusd"
+    assert os.readlink(root.path(script)) == str(PREFIX / "venv" / "bin" / "linkusd")
+    doctor = root.run(["/usr/local/sbin/linkus-2fa", "doctor"], check=False)
+    [line] = [line for line in doctor.stdout.splitlines() if "linkusd" in line and "version" in line]
+    assert line.split()[0] == "ok" and f"pid {pid}," in line, doctor.stdout
 
 
 def test_demo_passes_twice_and_leaves_nothing(installed: dict[str, Any]) -> None:
-    python = installed["prefix"] / "venv" / "bin" / "python"
-    # Other test runs may add users and services meanwhile: look only at the demo's own names.
+    root: PrivateRoot = installed["root"]
+    python = PREFIX / "venv" / "bin" / "python"
+
     def demo_leftovers() -> list[str]:
-        users = [line.split(":")[0] for line in Path("/etc/passwd").read_text().splitlines()]
-        return [name for name in (*users, *os.listdir("/etc/pam.d"), *os.listdir("/run"))
+        users = [line.split(":")[0] for line in root.path("/etc/passwd").read_text().splitlines()]
+        return [name for name in (*users, *os.listdir(root.path("/etc/pam.d")), *os.listdir(root.path("/run")))
                 if name.startswith("linkus-demo")]
 
     assert demo_leftovers() == []
     for _ in range(2):
-        demo = subprocess.run([str(python), str(REPO / "packaging" / "demo.py")], capture_output=True, text=True,
-                              timeout=120, check=False, env=CLEAN_ENV, cwd="/")
+        demo = root.run([str(python), str(REPO / "packaging" / "demo.py")], timeout=120, check=False, env=CLEAN_ENV)
         assert demo.returncode == 0 and demo.stdout.rstrip().endswith("Demo passed."), demo.stdout + demo.stderr
         assert "System linkusd (/run/linkusd/pam.sock): serving." in demo.stdout
         for label, verdict in (("right code ", "accepted"), ("wrong code ", "refused"), ("(replay)", "refused")):
             line = next(line for line in demo.stdout.splitlines() if label in line)
             assert f"-> {verdict}" in line and "[as expected]" in line, line
     assert demo_leftovers() == []
+
+
+def test_security_settings_page_against_the_installed_linkusd(installed: dict[str, Any], tmp_path: Path) -> None:
+    """The README's non-systemd install, end to end: linkus-web as the linkus-web user reaches
+    /run/linkusd/web.sock (a directory linkusd made itself) and an extension signs in with its password."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root: PrivateRoot = installed["root"]
+    # As after a reboot without systemd: /run is empty and the admin starts linkusd, which makes
+    # /run/linkusd itself (under its umask 077).
+    pid = running_pid(root)
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), "linkusd stopping")
+    root.run(["rm", "-rf", str(RUN_DIR)])
+    root.run(["/usr/local/sbin/linkusd"], timeout=60)
+    assert stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode) == 0o755
+    user = f"lkt{secrets.token_hex(4)}"
+    root.run(["useradd", "--no-create-home", "--shell", "/bin/sh", user])
+    root.run(["chpasswd"], input=f"{user}:{PASSWORD}\n")
+    # An extension without 2FA yet, in the installed extensions.yaml; linkusd loads it now.
+    write_yaml(root.path("/etc/pam_linkus/extensions.yaml"), {"extensions": {user: {"method": "none"}}})
+    assert call_control(str(root.path(RUN_DIR / "pam.sock")), Msg.RELOAD, timeout=30)["last_error"] is None
+    # The self-service password check: the config's default PAM service, password only.
+    root.path("/etc/pam.d/linkus-2fa").write_text("auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
+    port = free_port()
+    log = (tmp_path / "linkus-web.log").open("wb")
+    web = root.popen(["setpriv", "--reuid=linkus-web", "--regid=linkus-web", "--init-groups", "--reset-env",
+                      "/usr/local/bin/linkus-web", "--listen", f"127.0.0.1:{port}",
+                      "--socket", str(RUN_DIR / "web.sock")], stdout=log, stderr=log)
+    log.close()
+    driver = None
+    try:
+        def up() -> bool:
+            import socket
+
+            assert web.poll() is None, (tmp_path / "linkus-web.log").read_text()
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(up, "linkus-web")
+        driver = start_browser(tmp_path / "chromium")
+        driver.get(f"http://127.0.0.1:{port}/sign-in")
+        driver.find_element(By.CSS_SELECTOR, "#ext").send_keys(user)
+        driver.find_element(By.CSS_SELECTOR, "#password").send_keys(PASSWORD)
+        driver.find_element(By.CSS_SELECTOR, "#sign-in").click()
+        WebDriverWait(driver, 30).until(lambda d: d.current_url.endswith("/settings"))
+        assert user in driver.page_source
+    finally:
+        if driver is not None:
+            driver.quit()
+        web.terminate()
+        web.wait(10)

@@ -63,3 +63,33 @@ def test_doctor_checks_the_pam_service_and_the_web_group(tmp_path: Path, make_us
         assert found["web group"].level == "WARN" and "several members" in found["web group"].detail
     finally:
         subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def test_units_turn_core_dumps_off() -> None:
+    """A core of linkusd or linkus-web would hold TOTP secrets and passwords (the processes also say
+    PR_SET_DUMPABLE 0 themselves: tests/test_daemon.py, test_web_process_is_not_dumpable below)."""
+    for name in ("linkusd.service", "linkus-web.service"):
+        lines = (REPO / "packaging" / "systemd" / name).read_text().splitlines()
+        assert "LimitCORE=0" in lines, name
+
+
+def test_web_process_is_not_dumpable(web: tuple[Any, Any, Any]) -> None:
+    """linkus-web's memory holds a sign-in's password for a moment: no core (limit 0), and another
+    process of the same user may not read its memory or environ (not dumpable)."""
+    _, _, server = web
+    pid = server.proc.pid
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    assert [line.split()[4:6] for line in limits.splitlines() if line.startswith("Max core file size")] == \
+        [["0", "0"]], limits
+    sleeper = subprocess.Popen([*server.as_user(), "sleep", "60"])
+    try:
+        def read(target: int) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*server.as_user(), "cat", f"/proc/{target}/environ"], capture_output=True,
+                                  text=True, timeout=30, check=False)
+
+        assert read(sleeper.pid).returncode == 0  # the same user reads a dumpable process
+        refused = read(pid)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)

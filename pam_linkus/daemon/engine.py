@@ -119,6 +119,8 @@ class Health:
     outcomes: dict[str, int] = field(default_factory=dict)
     refused_peers: int = 0
     over_capacity: int = 0
+    #: Set by linkusd's SocketWatch: a socket file it listens on was removed or replaced.
+    socket_problem: str | None = None
 
 
 class Engine:
@@ -329,6 +331,7 @@ class Engine:
             "refused_peers": self.health.refused_peers,
             "over_capacity": self.health.over_capacity,
             "log_lines_dropped": getattr(self.sink, "dropped", 0),
+            "socket_problem": self.health.socket_problem,
         }
 
     def shutdown(self) -> None:

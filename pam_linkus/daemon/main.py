@@ -26,13 +26,14 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
 from pam_linkus.daemon.rawsock import Listener
 from pam_linkus.daemon.server import Server
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
+from pam_linkus.nodump import forbid_core_dumps
 
 DEFAULT_CONFIG = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_PAM_SOCKET = "/run/linkusd/pam.sock"
@@ -40,6 +41,8 @@ DEFAULT_WEB_SOCKET = "/run/linkusd/web.sock"
 SD_LISTEN_FDS_START = 3
 #: Descriptors linkusd needs besides its connections (sockets, pools, state, LDAP/Redis/SMTP, logging).
 FD_RESERVE = 128
+#: Seconds between checks that the socket files are still this daemon's (SocketWatch).
+SOCKET_CHECK_EVERY = 2.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -92,22 +95,42 @@ def activated_sockets() -> dict[str, socket.socket]:
 
 
 def _safe_socket_dir(path: str) -> None:
-    """The socket's directory: made root-owned 0755 if absent; refused if anyone else could write it
-    (pam_linkus.so refuses such a socket anyway)."""
+    """The socket's directory: made root-owned 0755 if absent (whatever the umask: linkus-web and
+    the ``allowed_groups`` callers must pass through it to reach their sockets); refused if anyone
+    else could write it (pam_linkus.so refuses such a socket anyway)."""
     directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        os.mkdir(directory, 0o755)
+        os.chmod(directory, 0o755)  # noqa: S103 - mkdir's mode went through the umask (077)
+    except FileExistsError:
+        pass
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise SystemExit(f"linkusd: {directory} must be a directory owned by root, not writable by others")
 
 
+def _served(path: str) -> bool:
+    """Whether some process accepts connections on the socket at ``path`` (a live linkusd, perhaps
+    one whose lock file was deleted): connect and hang up. Refused or gone: a stale file."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # a full backlog, a timeout: someone is there; never take it over
+        return True
+
+
 def bind_socket(path: str, mode: int, group: int | None = None) -> socket.socket:
     _safe_socket_dir(path)
     with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # stale, from a linkusd that is gone (we hold the instance lock)
-        else:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise SystemExit(f"linkusd: {path} exists and is not a socket")
+        if _served(path):
+            raise SystemExit(f"linkusd: another process serves {path}; not taking it over")
+        os.unlink(path)  # stale, from a linkusd that is gone
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
@@ -119,6 +142,41 @@ def bind_socket(path: str, mode: int, group: int | None = None) -> socket.socket
     os.chmod(path, mode)
     sock.listen(128)
     return sock
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+class SocketWatch:
+    """Notices when a socket file this daemon listens on is removed or replaced (a package purge, a
+    second daemon, a careless rm): logins would then reach another process or nobody, while this one
+    looks healthy. Checked every ``every`` seconds; each change is said once, in syslog, to systemd
+    (STATUS=) and in the STATUS reply (``socket_problem``), so that the admin or systemd can act."""
+
+    def __init__(self, paths: Sequence[str], report: Callable[[str | None], None]):
+        self.expected = {path: _identity(path) for path in paths}
+        self.report = report
+        self.problem: str | None = None
+
+    def check(self) -> str | None:
+        problems = [f"{path} was {'replaced' if _identity(path) else 'removed'}"
+                    for path, identity in self.expected.items() if _identity(path) != identity]
+        problem = ("; ".join(problems) + ": logins do not reach this linkusd (pid "
+                   f"{os.getpid()}); restart it") if problems else None
+        if problem != self.problem:
+            self.problem = problem
+            self.report(problem)
+        return problem
+
+    async def run(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.check()
 
 
 def instance_lock(pam_socket: str) -> int:
@@ -193,6 +251,17 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
         sink.send(LOG_WARNING, warning)
     server = Server(engine)
     loop = asyncio.get_running_loop()
+
+    def socket_report(problem: str | None) -> None:
+        engine.health.socket_problem = problem
+        if problem:
+            sink.send(LOG_ERR, f"linkusd: {problem}")
+            notify(f"STATUS={problem}")
+        else:
+            sink.send(LOG_INFO, "linkusd: its sockets are in place again")
+            notify("STATUS=serving")
+
+    watch = SocketWatch([pam_path] + ([web_path] if web_sock else []), socket_report)
     pam_server = Listener(loop, pam_sock, server.pam_protocol, lambda exc: sink.send(
         LOG_ERR, f"linkusd: cannot accept PAM connections ({exc.strerror}); pausing 1 s"))
     web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
@@ -217,7 +286,7 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
 
     reloads: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    tasks = [loop.create_task(engine.watch())]
+    tasks = [loop.create_task(engine.watch()), loop.create_task(watch.run(SOCKET_CHECK_EVERY))]
     if notify.watchdog:
         tasks.append(loop.create_task(_watchdog(notify, notify.watchdog)))
     state = "serving" if engine.current else "refusing every login: no valid configuration"
@@ -269,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("linkusd: must run as root (it reads root-only config and answers for PAM)", file=sys.stderr)
         return 1
     os.umask(0o077)
+    try:
+        forbid_core_dumps()  # before any secret is read
+    except OSError as exc:
+        print(f"linkusd: cannot turn core dumps off: {exc.strerror}", file=sys.stderr)
+        return 1
     notify = Notifier()
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
     ready_fd = None if args.foreground or under_systemd else _daemonize()

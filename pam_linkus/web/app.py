@@ -26,6 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pam_linkus.nodump import forbid_core_dumps
 from pam_linkus.web import strings
 
 if TYPE_CHECKING:
@@ -533,6 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() == 0 or os.getuid() == 0:
         print("linkus-web: refusing to run as root; run it as the linkus-web user", file=sys.stderr)
         return 2
+    try:
+        forbid_core_dumps()  # a sign-in's password passes through this process
+    except OSError as exc:
+        print(f"linkus-web: cannot turn core dumps off: {exc.strerror}", file=sys.stderr)
+        return 1
     if bool(args.tls_cert) != bool(args.tls_key):
         print("linkus-web: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
