@@ -80,6 +80,16 @@ for file in pam_linkus.yaml extensions.yaml; do
         install -o root -g root -m 0600 "$SRC/packaging/$file" "/etc/pam_linkus/$file"
     fi
 done
+# This version refuses an extensions file whose last line is not the YAML end marker "..." (a
+# cut-short file must not switch 2FA off): one from an older version gets it once here, before the
+# new linkusd starts, as the Debian package's postinst does.
+ext=/etc/pam_linkus/extensions.yaml
+if [ -f "$ext" ] && [ ! -L "$ext" ] && ! grep -qx '\.\.\.[[:space:]]*' "$ext"; then
+    if [ -s "$ext" ] && [ -n "$(tail -c 1 "$ext")" ]; then
+        printf '\n' >> "$ext"
+    fi
+    printf '...\n' >> "$ext"
+fi
 
 # --- linkusd.
 # Its sockets' directory: 0755 root, as linkusd.socket's DirectoryMode= and linkusd itself make it;

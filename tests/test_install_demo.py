@@ -90,10 +90,22 @@ def installed(fresh_machine: PrivateRoot) -> dict[str, Any]:
     pid = running_pid(root)
     made = stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode)
     root.path(RUN_DIR).chmod(0o700)  # what an older linkusd made under its umask: an upgrade repairs it
+    # An older version's extensions file has no end marker, which this version requires: the upgrade adds it.
+    root.path("/etc/pam_linkus/extensions.yaml").write_text(OLD_EXTENSIONS)
     again = install(root)
     assert again.returncode == 0, again.stdout + again.stderr
     return {"root": root, "first": first, "again": again, "pid": pid, "migrated": migrated, "kept": kept,
-            "run_dir_mode": made}
+            "run_dir_mode": made, "extensions": root.path("/etc/pam_linkus/extensions.yaml").read_text()}
+
+
+OLD_EXTENSIONS = '''extensions:
+  "1001": {method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP}  # no newline at the end'''
+
+
+def test_an_upgrade_ends_an_older_extensions_file_with_the_marker(installed: dict[str, Any]) -> None:
+    assert installed["extensions"] == OLD_EXTENSIONS + "\n...\n"
+    status = call_control(str(installed["root"].path(RUN_DIR / "pam.sock")), timeout=10)
+    assert status["loaded"] is True and not status.get("last_error"), status
 
 
 def test_install_with_migrate_pam_rewrites_the_old_lines(installed: dict[str, Any]) -> None:
@@ -191,7 +203,7 @@ def test_security_settings_page_against_the_installed_linkusd(installed: dict[st
     root.run(["useradd", "--no-create-home", "--shell", "/bin/sh", user])
     root.run(["chpasswd"], input=f"{user}:{PASSWORD}\n")
     # An extension without 2FA yet, in the installed extensions.yaml; linkusd loads it now.
-    write_yaml(root.path("/etc/pam_linkus/extensions.yaml"), {"extensions": {user: {"method": "none"}}})
+    write_yaml(root.path("/etc/pam_linkus/extensions.yaml"), {"extensions": {user: {"method": "none"}}}, end=True)
     assert call_control(str(root.path(RUN_DIR / "pam.sock")), Msg.RELOAD, timeout=30)["last_error"] is None
     # The self-service password check: the config's default PAM service, password only.
     root.path("/etc/pam.d/linkus-2fa").write_text("auth required pam_unix.so nodelay\naccount required pam_unix.so\n")
