@@ -6,7 +6,7 @@
 #   - /etc/pam_linkus (config files made once, never overwritten), /var/lib/pam_linkus;
 #   - the LDAP schema (packaging/ldap) into /usr/share/pam-linkus/ldap, as the Debian package does;
 #   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
-#     background (it daemonizes once ready); a running one is told to reload.
+#     background (it daemonizes once ready); a running one is restarted with the new code.
 # No /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
 # pam_python version asks for it (LINKUS_MIGRATE_PAM=yes).
 set -euo pipefail
@@ -114,8 +114,12 @@ if [ -d /run/systemd/system ]; then
 elif [ -e "$RUN_DIR/linkusd.lock" ] && ! flock -n "$RUN_DIR/linkusd.lock" true; then
     pid=$(head -n 1 "$RUN_DIR/linkusd.lock")
     [[ "$pid" =~ ^[0-9]+$ ]] || die "$RUN_DIR/linkusd.lock is held but names no pid"
-    kill -HUP "$pid"
-    say "linkusd is running (pid $pid): told to reload its config; restart it to run new code"
+    # An upgrade: the running daemon gets the new code, as systemd's try-restart above does (logins
+    # in progress, and those of the second it takes, end as unavailable: never let in).
+    kill -TERM "$pid"
+    flock -w 20 "$RUN_DIR/linkusd.lock" true || die "linkusd (pid $pid) did not stop within 20 s"
+    /usr/local/sbin/linkusd || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"
+    say "linkusd restarted with the new code (no systemd): pid $(head -n 1 "$RUN_DIR/linkusd.lock"), was $pid"
 else
     /usr/local/sbin/linkusd || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"
     say "linkusd started in the background (no systemd): pid $(head -n 1 "$RUN_DIR/linkusd.lock")"
