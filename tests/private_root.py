@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+#: The checkout the tests run from (bound into every root at the same path).
+REPO = Path(__file__).resolve().parent.parent
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 #: Where the (empty, on this machine) mount points of the private roots are made.
 BASE = Path("/run/linkus-tests")
@@ -50,6 +52,11 @@ mount --rbind /sys "$r/sys"
 mount -t tmpfs -o mode=0755 linkus-run "$r/run"
 mkdir -m 1777 "$r/run/lock"
 mount -t tmpfs -o mode=1777 linkus-tmp "$r/tmp"
+# This checkout, at its own path: the fresh /tmp or /run would hide one that lies there (CI's clone
+# may), and the overlay shows only the file system of / (not a checkout on a mount of its own).
+repo=$2
+mkdir -p "$r$repo"
+mount --bind "$repo" "$r$repo"
 # The account files as they are now (copied up: users other runs add or delete on this machine
 # meanwhile do not change under the root), without the lock files such a run may hold right now.
 for f in passwd group shadow gshadow subuid subgid; do
@@ -72,7 +79,7 @@ class PrivateRoot:
         self.mountpoint.mkdir(mode=0o700)
         self.holder = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SETUP, "linkus-root",
-             str(self.mountpoint)],
+             str(self.mountpoint), str(REPO)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CLEAN_ENV)
         assert self.holder.stdout is not None
         line = self.holder.stdout.readline()  # the holder says "ready" or exits (EOF)
