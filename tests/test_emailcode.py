@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import Clock, Prompter
 from state_steps import fail
 
 from nss_config.base import ExtensionSettings
@@ -29,14 +30,6 @@ T0 = 1_800_000_000.0
 ADDRESS = "alice@example.com"
 
 
-class Clock:
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class FakeMailer:
     """Records messages; ``fail`` makes the next sends raise like an SMTP outage."""
 
@@ -53,22 +46,6 @@ class FakeMailer:
         match = re.search(r"^    (\d{6})$", self.sent[-1][2], re.M)
         assert match is not None, self.sent[-1][2]
         return match.group(1)
-
-
-class Prompter:
-    """Answers the code prompt with whatever ``answer`` returns at that moment."""
-
-    def __init__(self, answer: Any):
-        self.answer = answer
-        self.prompts: list[str] = []
-        self.infos: list[str] = []
-
-    def ask(self, prompt: str, *, echo: bool = False) -> str:
-        self.prompts.append(prompt)
-        return str(self.answer() if callable(self.answer) else self.answer)
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
 
 
 class Source:
@@ -92,7 +69,7 @@ class Harness:
             "email": {"key_file": str(root / "email.key"), **email},
             "lockout": {"max_failures": 5, "duration": 900},
         })
-        self.clock = Clock()
+        self.clock = Clock(T0)
         self.mailer = FakeMailer()
         self.store = SqliteStore(str(root / "state.db"))
         self.entries: dict[str, ExtensionSettings] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from fakes import Clock, Prompter
 
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
@@ -17,31 +18,6 @@ from pam_linkus.totp import decode_secret, totp
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 T0 = 1_800_000_000.0
-
-
-class Clock:
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedPrompter:
-    def __init__(self, *answers: str | None):
-        self.answers = list(answers)
-        self.prompts: list[str] = []
-        self.infos: list[str] = []
-
-    def ask(self, prompt: str, *, echo: bool = False) -> str:
-        self.prompts.append(prompt)
-        answer = self.answers.pop(0)
-        if answer is None:
-            raise ConversationFailed("no answer")
-        return answer
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
 
 
 class StaticSource:
@@ -74,30 +50,30 @@ def run(
     entries: dict[str, ExtensionSettings] | None = None,
     config: dict[str, object] | None = None,
     user: str = "1001",
-) -> tuple[str, ScriptedPrompter]:
+) -> tuple[str, Prompter]:
     if entries is None:
         entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET)}
-    prompter = ScriptedPrompter(*answers)
+    prompter = Prompter(*answers)
     ctx = Context(Config.from_mapping(config or {}), clock, SourceChain([StaticSource(entries)]), store)
     return authenticate(LoginRequest(user), ctx, prompter).outcome, prompter
 
 
 def test_right_code_succeeds_once(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     assert run(store, clock, code(T0))[0] == Outcome.SUCCESS
     with pytest.raises(CodeRejected, match="replayed"):
         run(store, clock, code(T0))
 
 
 def test_older_step_after_newer_is_a_replay(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     assert run(store, clock, code(T0 + 30))[0] == Outcome.SUCCESS
     with pytest.raises(CodeRejected, match="replayed"):
         run(store, clock, code(T0))
 
 
 def test_previous_and_next_step_within_window(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     assert run(store, clock, code(T0 - 30))[0] == Outcome.SUCCESS
     assert run(store, clock, code(T0 + 30))[0] == Outcome.SUCCESS
     with pytest.raises(CodeRejected, match="wrong code"):
@@ -105,7 +81,7 @@ def test_previous_and_next_step_within_window(store: SqliteStore) -> None:
 
 
 def test_lockout_after_max_failures_then_expiry(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     config = {"lockout": {"max_failures": 3, "duration": 60}}
     for _ in range(2):
         with pytest.raises(CodeRejected):
@@ -113,7 +89,7 @@ def test_lockout_after_max_failures_then_expiry(store: SqliteStore) -> None:
     with pytest.raises(Locked):
         run(store, clock, "000000", config=config)
     # Locked: even the right code is not asked for.
-    prompter = ScriptedPrompter(code(T0))
+    prompter = Prompter(code(T0))
     chain = SourceChain([StaticSource({"1001": ExtensionSettings("1001", "totp", secret=SECRET)})])
     ctx = Context(Config.from_mapping(config), clock, chain, store)
     with pytest.raises(Locked):
@@ -125,7 +101,7 @@ def test_lockout_after_max_failures_then_expiry(store: SqliteStore) -> None:
 
 
 def test_each_failure_after_expiry_locks_again_and_permanent_after(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     config = {"lockout": {"max_failures": 2, "duration": 10, "permanent_after": 4}}
     outcomes = []
     for _ in range(4):
@@ -141,7 +117,7 @@ def test_each_failure_after_expiry_locks_again_and_permanent_after(store: Sqlite
 
 
 def test_not_enrolled_skips_or_is_denied_by_policy(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     entries = {"1002": ExtensionSettings("1002", "totp", secret=SECRET, enabled=False),
                "1003": ExtensionSettings("1003", "none")}
     for user in ("1002", "1003", "nobody"):
@@ -160,8 +136,8 @@ def test_enforce_all_asks_every_name_for_a_code_before_refusing(store: SqliteSto
     config = Config.from_mapping({"profiles": {"strict": {"enforce": "all", "methods": ["totp"]}}})
     for user in ("1001", "1002", "nobody", "1004"):
         for answer in ("000000", None):
-            prompter = ScriptedPrompter(answer)
-            ctx = Context(config, Clock(), SourceChain([StaticSource(entries)]), store)
+            prompter = Prompter(answer)
+            ctx = Context(config, Clock(T0), SourceChain([StaticSource(entries)]), store)
             expected = ConversationFailed if answer is None else (NotEnrolled, CodeRejected)
             with pytest.raises(expected):
                 authenticate(LoginRequest(user, profile="strict"), ctx, prompter)
@@ -177,20 +153,20 @@ class NoStore:
 
 
 def test_skip_never_touches_the_state_store() -> None:
-    ctx = Context(Config.from_mapping({}), Clock(), SourceChain([StaticSource({})]), NoStore())  # type: ignore[arg-type]
-    assert authenticate(LoginRequest("x"), ctx, ScriptedPrompter()).outcome == Outcome.SKIP
+    ctx = Context(Config.from_mapping({}), Clock(T0), SourceChain([StaticSource({})]), NoStore())  # type: ignore[arg-type]
+    assert authenticate(LoginRequest("x"), ctx, Prompter()).outcome == Outcome.SKIP
 
 
 def test_hang_up_is_a_conversation_failure_and_not_counted(store: SqliteStore) -> None:
     with pytest.raises(ConversationFailed):
-        run(store, Clock(), None)
+        run(store, Clock(T0), None)
     assert store.lock_status("1001", T0).failures == 0
 
 
 def test_unavailable_source_is_never_a_skip(store: SqliteStore) -> None:
-    ctx = Context(Config.from_mapping({}), Clock(), SourceChain([StaticSource({}, down=True)]), store)
+    ctx = Context(Config.from_mapping({}), Clock(T0), SourceChain([StaticSource({}, down=True)]), store)
     with pytest.raises(SourceUnavailable):
-        authenticate(LoginRequest("1001"), ctx, ScriptedPrompter())
+        authenticate(LoginRequest("1001"), ctx, Prompter())
 
 
 def test_chain_next_on_unavailable_still_refuses_unknown_users() -> None:
@@ -207,9 +183,9 @@ def test_chain_next_on_unavailable_still_refuses_unknown_users() -> None:
 def test_a_code_from_a_clock_a_few_steps_off_is_denied_with_a_hint(store: SqliteStore) -> None:
     """Issue 12.15: a phone (or host) whose clock is off locks everyone out without a hint otherwise."""
     with pytest.raises(CodeRejected, match="clock off by about 3 steps"):
-        run(store, Clock(), code(T0 + 90))
+        run(store, Clock(T0), code(T0 + 90))
     with pytest.raises(CodeRejected) as far:
-        run(store, Clock(), code(T0 + 30 * 400))
+        run(store, Clock(T0), code(T0 + 30 * 400))
     assert "clock off" not in far.value.reason
 
 
@@ -217,7 +193,7 @@ def test_a_totp_login_is_one_durable_write(store: SqliteStore) -> None:
     """Issue 11: reserve, check and record in one transaction (one fsync), success or failure."""
     statements: list[str] = []
     store._db.set_trace_callback(statements.append)
-    clock = Clock()
+    clock = Clock(T0)
     assert run(store, clock, code(T0))[0] == Outcome.SUCCESS
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     assert len(statements) <= 6  # the lock read before the prompt, then the transaction's five
@@ -233,7 +209,7 @@ def test_a_recovery_code_at_the_totp_prompt_is_hashed_outside_the_transaction(st
 
     salt = new_salt()
     store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
-    clock = Clock()
+    clock = Clock(T0)
     with pytest.raises(CodeRejected, match=r"^malformed code \(1 consecutive failures\)$"):
         run(store, clock, "zzzzz-zzzzz")  # could be a recovery code, is none: one failure, not two
     assert store.lock_status("1001", T0).failures == 1
@@ -250,7 +226,7 @@ def test_a_recovery_code_at_the_totp_prompt_is_hashed_outside_the_transaction(st
 
 
 def test_wrong_replayed_and_locking_reasons_of_a_totp_login(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     config = {"lockout": {"max_failures": 3, "duration": 60}}
     assert run(store, clock, code(T0), config=config)[0] == Outcome.SUCCESS
     with pytest.raises(CodeRejected, match=r"^replayed code \(1 consecutive failures\)$"):
@@ -320,7 +296,7 @@ def test_the_flow_announces_a_lookup_that_may_wait_for_a_server(store: SqliteSto
     for source, expected in ((Directory, ["offload", "lookup"]), (StaticSource, [])):
         trace.clear()
         chain = SourceChain([source({"1001": ExtensionSettings("1001", "totp", secret=SECRET)})])
-        steps = login(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(), chain, store))
+        steps = login(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(T0), chain, store))
         step = steps.send(None)
         if isinstance(step, Offload):
             trace.append("offload")

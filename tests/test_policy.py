@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import SECRET, code_at
+from fakes import Clock, Prompter
 
 from nss_config.base import ExtensionSettings
 from pam_linkus import policy
@@ -23,32 +24,6 @@ from pam_linkus.state.sqlite_store import SqliteStore
 
 T0 = 1_700_000_000.0
 USER = "1001"
-
-
-class Clock:
-    def __init__(self, now: float = T0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Prompter:
-    """Answers prompts from a list; records what was asked."""
-
-    def __init__(self, *answers: str):
-        self.answers = list(answers)
-        self.asked: list[str] = []
-        self.infos: list[str] = []
-
-    def ask(self, prompt: str, *, echo: bool = False) -> str:
-        self.asked.append(prompt)
-        if not self.answers:
-            raise ConversationFailed("no answer")
-        return self.answers.pop(0)
-
-    def info(self, text: str) -> None:
-        self.infos.append(text)
 
 
 class Chain:
@@ -146,58 +121,58 @@ def test_exempt_network_skips_without_reading_settings_or_state(store: SqliteSto
     config = make_config(exempt_networks=["192.0.2.0/24"])
     chain = Chain(down=True)  # even an LDAP outage does not matter: break-glass from the LAN
     prompter = Prompter()
-    decision = login(config, store, Clock(), prompter, rhost="192.0.2.7", chain=chain)
-    assert decision.outcome == Outcome.SKIP and chain.lookups == 0 and prompter.asked == []
+    decision = login(config, store, Clock(T0), prompter, rhost="192.0.2.7", chain=chain)
+    assert decision.outcome == Outcome.SKIP and chain.lookups == 0 and prompter.prompts == []
 
 
 def test_outside_the_exempt_network_the_code_is_asked(store: SqliteStore) -> None:
     config = make_config(exempt_networks=["192.0.2.0/24"])
-    clock = Clock()
+    clock = Clock(T0)
     for rhost in ("198.51.100.1", None, ""):
         prompter = Prompter(wrong(code_at(SECRET, clock.now)))
         with pytest.raises(CodeRejected):
             login(config, store, clock, prompter, rhost=rhost)
-        assert prompter.asked == ["Authentication code: "]
+        assert prompter.prompts == ["Authentication code: "]
 
 
 def test_exempt_network_is_a_skip_even_under_enforce_all(store: SqliteStore) -> None:
     config = make_config(exempt_networks=["192.0.2.0/24"], enforce="all")
-    assert login(config, store, Clock(), Prompter(), rhost="192.0.2.9", chain=Chain(NONE)).outcome == Outcome.SKIP
+    assert login(config, store, Clock(T0), Prompter(), rhost="192.0.2.9", chain=Chain(NONE)).outcome == Outcome.SKIP
     with pytest.raises(NotEnrolled):
-        login(config, store, Clock(), Prompter("000000"), rhost="198.51.100.1", chain=Chain(NONE))
+        login(config, store, Clock(T0), Prompter("000000"), rhost="198.51.100.1", chain=Chain(NONE))
 
 
 # -- grace periods -----------------------------------------------------------------
 
 
 def test_grace_period_is_off_by_default(store: SqliteStore) -> None:
-    config, clock = make_config(), Clock()
+    config, clock = make_config(), Clock(T0)
     assert login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7").outcome == "success"
     clock.now += 60
     prompter = Prompter()
     with pytest.raises(ConversationFailed):
         login(config, store, clock, prompter, rhost="192.0.2.7")
-    assert prompter.asked == ["Authentication code: "]
+    assert prompter.prompts == ["Authentication code: "]
 
 
 def test_grace_starts_after_a_right_code_for_that_extension_and_host_only(store: SqliteStore) -> None:
-    config, clock = make_config(grace_period=300), Clock()
+    config, clock = make_config(grace_period=300), Clock(T0)
     assert login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7").outcome == "success"
     clock.now += 60
     prompter = Prompter()
     decision = login(config, store, clock, prompter, rhost="192.0.2.7")
-    assert decision.outcome == Outcome.SKIP and decision.reason == "grace period" and prompter.asked == []
+    assert decision.outcome == Outcome.SKIP and decision.reason == "grace period" and prompter.prompts == []
     # the same client through a dual-stack socket is the same host
     assert login(config, store, clock, Prompter(), rhost="::ffff:192.0.2.7").outcome == Outcome.SKIP
     for other in ("192.0.2.8", None, "", "host.example"):
         prompter = Prompter()
         with pytest.raises(ConversationFailed):
             login(config, store, clock, prompter, rhost=other)
-        assert prompter.asked == ["Authentication code: "], other
+        assert prompter.prompts == ["Authentication code: "], other
 
 
 def test_grace_ends_and_a_skip_does_not_extend_it(store: SqliteStore) -> None:
-    config, clock = make_config(grace_period=300), Clock()
+    config, clock = make_config(grace_period=300), Clock(T0)
     login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7")
     clock.now += 299
     assert login(config, store, clock, Prompter(), rhost="192.0.2.7").outcome == Outcome.SKIP
@@ -207,7 +182,7 @@ def test_grace_ends_and_a_skip_does_not_extend_it(store: SqliteStore) -> None:
 
 
 def test_no_grace_without_rhost_or_after_a_wrong_code(store: SqliteStore) -> None:
-    config, clock = make_config(grace_period=300), Clock()
+    config, clock = make_config(grace_period=300), Clock(T0)
     assert login(config, store, clock, Prompter(code_at(SECRET, clock.now))).outcome == "success"
     with pytest.raises(CodeRejected):
         login(config, store, clock, Prompter(wrong(code_at(SECRET, clock.now + 60))), rhost="192.0.2.7")
@@ -218,7 +193,7 @@ def test_no_grace_without_rhost_or_after_a_wrong_code(store: SqliteStore) -> Non
 
 
 def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
-    config, clock = make_config(grace_period=3600, lockout={"max_failures": 2}), Clock()
+    config, clock = make_config(grace_period=3600, lockout={"max_failures": 2}), Clock(T0)
     login(config, store, clock, Prompter(code_at(SECRET, clock.now)), rhost="192.0.2.7")
     for _ in range(2):
         clock.now += 31
@@ -233,22 +208,22 @@ def test_a_lock_wins_over_a_grace_period(store: SqliteStore) -> None:
 
 def test_split_tells_the_module_how_many_characters_are_the_code(store: SqliteStore) -> None:
     config = make_config()
-    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(TOTP), store)) == 6  # type: ignore[arg-type]
-    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(NONE), store)) == 0  # type: ignore[arg-type]
-    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(), Chain(None), store)) == 0  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(T0), Chain(TOTP), store)) == 6  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(T0), Chain(NONE), store)) == 0  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(config, Clock(T0), Chain(None), store)) == 0  # type: ignore[arg-type]
     # under enforce: all an unknown name gets the same answer as an enrolled one
     strict = make_config(enforce="all")
-    assert split_digits(LoginRequest(USER, "test"), Context(strict, Clock(), Chain(None), store)) == 6  # type: ignore[arg-type]
+    assert split_digits(LoginRequest(USER, "test"), Context(strict, Clock(T0), Chain(None), store)) == 6  # type: ignore[arg-type]
 
 
 def test_kept_code_is_checked_without_asking(store: SqliteStore) -> None:
     prompter = Prompter()
-    decision = login(make_config(), store, Clock(), prompter, kept=code_at(SECRET, T0))
-    assert decision.outcome == Outcome.SUCCESS and prompter.asked == []
+    decision = login(make_config(), store, Clock(T0), prompter, kept=code_at(SECRET, T0))
+    assert decision.outcome == Outcome.SUCCESS and prompter.prompts == []
 
 
 def test_kept_wrong_short_or_empty_code_is_rejected_and_counted(store: SqliteStore) -> None:
-    clock = Clock()
+    clock = Clock(T0)
     for kept in (wrong(code_at(SECRET, T0)), "12345", ""):
         with pytest.raises(CodeRejected):
             login(make_config(), store, clock, Prompter(), kept=kept)
@@ -257,7 +232,7 @@ def test_kept_wrong_short_or_empty_code_is_rejected_and_counted(store: SqliteSto
 
 def test_kept_code_ignores_exempt_networks_and_grace_for_enrolled(store: SqliteStore) -> None:
     """The user cannot know whether to append a code, so an enrolled extension always gives one."""
-    config, clock = make_config(exempt_networks=["192.0.2.0/24"], grace_period=300), Clock()
+    config, clock = make_config(exempt_networks=["192.0.2.0/24"], grace_period=300), Clock(T0)
     assert login(config, store, clock, Prompter(), rhost="192.0.2.7",
                  kept=code_at(SECRET, T0)).outcome == Outcome.SUCCESS
     assert store.grace_active(USER, "192.0.2.7", clock.now + 1) is False
@@ -271,5 +246,5 @@ def test_kept_code_for_an_email_extension_is_refused_without_sending(store: Sqli
     email = ExtensionSettings(USER, "email", email="alice@example.com", source="test")
     prompter = Prompter()
     with pytest.raises(NotEnrolled, match="single-field"):
-        login(make_config(), store, Clock(), prompter, chain=Chain(email), kept="123456")
-    assert prompter.asked == [] and prompter.infos == []
+        login(make_config(), store, Clock(T0), prompter, chain=Chain(email), kept="123456")
+    assert prompter.prompts == [] and prompter.infos == []

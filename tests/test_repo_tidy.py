@@ -77,3 +77,26 @@ def test_every_pointer_to_a_section_names_a_heading_that_exists() -> None:
                 broken.append(f"{name}: {target}, {section!r}")
     assert seen >= 5  # the pattern still finds the pointers there are
     assert broken == [], broken
+
+
+# -- issue 19 item 9: one copy of each test fake, and bench/ apart from the tests' fixtures -------------------
+
+
+def test_the_clock_and_prompter_fakes_exist_once_in_tests_fakes() -> None:
+    """A Clock or a Prompter (a class with ``ask``) is defined in tests/fakes.py and nowhere else in tests/."""
+    import ast
+
+    copies, found = [], set()
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            methods = {item.name for item in node.body if isinstance(item, ast.FunctionDef)}
+            if node.name == "Clock" or node.name.endswith("Prompter") or "ask" in methods:
+                if path.name == "fakes.py":
+                    found.add(node.name)
+                else:
+                    copies.append(f"{path.name}: class {node.name}")
+    assert found == {"Clock", "Prompter"}
+    assert copies == []
+

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import Clock
 from ldap_server import (
     PAM_DN,
     SCHEMA,
@@ -254,12 +255,7 @@ def test_every_failure_is_named(slapd: Slapd, password_file: Path, black_hole: B
 # -- the offline cache ---------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+T0 = 1_700_000_000.0
 
 
 @pytest.fixture
@@ -293,7 +289,7 @@ def test_cache_on_serves_last_read_settings_up_to_max_age(
     pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
     base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET, "digits": 8},
                            "bob": {"method": "none"}})
-    clock = Clock()
+    clock = Clock(T0)
     source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
                         state=lambda: store, clock=clock)
     live = source.lookup("alice")
@@ -317,7 +313,7 @@ def test_cache_forgets_a_user_the_directory_no_longer_has(
 ) -> None:
     pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
     base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
-    clock = Clock()
+    clock = Clock(T0)
     section = ldap_config(own_slapd, base, pw, cache_max_age=3600)
     source = LdapSource(make_config(section), state=lambda: store, clock=clock)
     assert source.lookup("alice") is not None
@@ -335,7 +331,7 @@ def test_cache_is_not_used_for_ambiguous_answers(
 ) -> None:
     base = slapd.tree({"dup": {"method": "totp", "secret": SECRET}})
     source = LdapSource(make_config(ldap_config(slapd, base, password_file, cache_max_age=3600)),
-                        state=lambda: store, clock=Clock())
+                        state=lambda: store, clock=Clock(T0))
     assert source.lookup("dup") is not None
     conn = slapd.admin()
     slapd.add_entry(conn, base, "second", "dup", {"method": "none"})

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import NATIVE_SO, REPO, Linkusd, LogCatcher, PamStack, stop_process
+from fakes import Clock
 
 PYTHON = "/usr/bin/python3"
 
@@ -87,14 +88,6 @@ def logged(log: LogCatcher, timeout: float = 5.0, **want: str) -> dict[str, str]
         time.sleep(0.05)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Api:
     """The real Engine and SelfService in this process, on their own event loop, with a clock."""
 
@@ -104,7 +97,7 @@ class Api:
         from pam_linkus.web.api import SelfService
 
         self.site = site
-        self.clock = Clock()
+        self.clock = Clock(time.time())
         self.loop = asyncio.new_event_loop()
         self.engine = Engine(str(site.config_path), SyslogSink(str(site.log.path), tag="linkusd"), clock=self.clock)
         assert self.loop.run_until_complete(self.engine.reload("test")), site.log.lines
