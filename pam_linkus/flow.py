@@ -421,8 +421,13 @@ def _failure(ctx: Context, reason: str, status: LockStatus, now: float) -> Gener
     return CodeRejected(f"{reason} ({status.failures} consecutive failures)")
 
 
-def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter) -> Decision:
-    """Drive ``login`` with a Prompter (the CLI, tests): the synchronous way to decide a login."""
+def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter, *,
+                 on_offload: Callable[[], None] | None = None) -> Decision:
+    """Drive ``login`` with a Prompter (the CLI, tests): the synchronous way to decide a login.
+
+    Offload steps need nothing here (this caller has no event loop to keep free); ``on_offload``
+    is told of each one, so tests see where linkusd would hand the login to a worker.
+    """
     steps = login(req, ctx)
     reply: str | None = None
     try:
@@ -430,6 +435,8 @@ def authenticate(req: LoginRequest, ctx: Context, prompter: Prompter) -> Decisio
             step = steps.send(reply)
             reply = None
             if isinstance(step, Offload):
+                if on_offload is not None:
+                    on_offload()
                 continue
             if isinstance(step, Ask):
                 reply = prompter.ask(step.prompt, echo=step.echo)

@@ -242,7 +242,6 @@ def test_the_flow_announces_scrypt_and_smtp_before_it_starts_them(store: SqliteS
     """linkusd runs a local login's steps on its event loop and moves the rest of the login to a
     worker when the flow yields Offload: before the mail is sent and before a recovery code is
     hashed; a 6-digit code costs neither, so it yields none."""
-    from pam_linkus.flow import Ask, Offload, login
     from pam_linkus.recovery import digest, new_salt
 
     salt = new_salt()
@@ -250,28 +249,26 @@ def test_the_flow_announces_scrypt_and_smtp_before_it_starts_them(store: SqliteS
     entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET) if method == "totp"
                else ExtensionSettings("1001", "email", email="a@example.com")}
 
+    trace: list[str] = []
+
     class Mailer:
         def send(self, to: str, subject: str, body: str, *, now: float) -> None:
             assert trace[-1] == "offload", "mail sent before the flow said so"
             trace.append("mail")
 
     for hour, (answer, hashed) in enumerate((("123456", False), ("abcde-fghij", True))):
-        trace: list[str] = []
+        trace.clear()
+
+        def asked(answer: str = answer) -> str:
+            trace.append("ask")
+            return answer
+
         ctx = Context(Config.from_mapping({"email": {"key_file": str(Path(store.path).parent / "email.key")}}),
                       Clock(T0 + 3600 * hour), SourceChain([StaticSource(entries)]), store, mailer_factory=Mailer)
-        steps = login(LoginRequest("1001"), ctx)
-        reply: str | None = None
+        outcome: str
         try:
-            while True:
-                step = steps.send(reply)
-                reply = None
-                if isinstance(step, Offload):
-                    trace.append("offload")
-                elif isinstance(step, Ask):
-                    trace.append("ask")
-                    reply = answer
-        except StopIteration as done:
-            outcome = done.value.outcome
+            outcome = authenticate(LoginRequest("1001"), ctx, Prompter(asked),
+                                   on_offload=lambda: trace.append("offload")).outcome
         except CodeRejected:
             outcome = "denied"
         mail = ["offload", "mail"] if method == "email" else []
@@ -282,24 +279,24 @@ def test_the_flow_announces_scrypt_and_smtp_before_it_starts_them(store: SqliteS
 def test_the_flow_announces_a_lookup_that_may_wait_for_a_server(store: SqliteStore) -> None:
     """A source that may wait for a server (LDAP: ``waits_for_servers``) is asked only after an
     Offload step; a memory-only source (YAML) without one."""
-    from pam_linkus.flow import Offload, login
-
     trace: list[str] = []
 
-    class Directory(StaticSource):
-        waits_for_servers = True
-
+    class Memory(StaticSource):
         def lookup(self, user: str) -> ExtensionSettings | None:
             trace.append("lookup")
             return super().lookup(user)
 
-    for source, expected in ((Directory, ["offload", "lookup"]), (StaticSource, [])):
+    class Directory(Memory):
+        waits_for_servers = True
+
+    def asked() -> str:
+        trace.append("ask")
+        return "000000"
+
+    for source, expected in ((Directory, ["offload", "lookup"]), (Memory, ["lookup"])):
         trace.clear()
         chain = SourceChain([source({"1001": ExtensionSettings("1001", "totp", secret=SECRET)})])
-        steps = login(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(T0), chain, store))
-        step = steps.send(None)
-        if isinstance(step, Offload):
-            trace.append("offload")
-            step = steps.send(None)
-        assert trace == expected and not isinstance(step, Offload)
-        steps.close()
+        with pytest.raises(CodeRejected):
+            authenticate(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(T0), chain, store),
+                         Prompter(asked), on_offload=lambda: trace.append("offload"))
+        assert trace == [*expected, "ask"]  # one Offload at most, and only before the lookup
