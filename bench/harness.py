@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import LogCatcher  # noqa: E402 - the tests' syslog stand-in
+from plumbing import LogCatcher  # noqa: E402 - the tests' syslog stand-in, one copy
 
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 

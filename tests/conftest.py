@@ -14,10 +14,8 @@ import contextlib
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import pam_client  # noqa: E402
+from plumbing import LogCatcher, stop_process  # noqa: E402 - re-exported: the tests import them from here
 
 from pam_linkus.totp import decode_secret, totp  # noqa: E402
 
@@ -49,76 +48,6 @@ def require_root() -> None:
 
 def code_at(secret: str, when: float, *, digits: int = 6, period: int = 30, algorithm: str = "SHA1") -> str:
     return totp(decode_secret(secret), when, digits=digits, period=period, algorithm=algorithm)
-
-
-class LogCatcher:
-    """A datagram socket standing in for /dev/log; collects the module's syslog lines.
-
-    Shared with bench/harness.py, which drains it between timed logins with ``take``.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.lines: list[str] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self.lines.append(data.decode("utf-8", "replace"))
-
-    def wait_for(self, needle: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                # every text value is quoted in the log (logline); tests may name it bare
-                found = [line for line in self.lines if needle in line or needle in line.replace('"', "")]
-            if found:
-                return found[0].replace('"', "")
-            time.sleep(0.02)
-        raise AssertionError(f"no log line with {needle!r}; got {self.lines!r}")
-
-    def settled(self) -> list[str]:
-        """All lines so far (after the datagrams in flight arrived), keeping them."""
-        time.sleep(0.3)
-        with self._lock:
-            return list(self.lines)
-
-    def take(self) -> list[str]:
-        """All lines so far (after the datagrams in flight arrived), emptying the list."""
-        time.sleep(0.3)
-        with self._lock:
-            lines, self.lines = self.lines, []
-        return lines
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
-
-
-def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> None:
-    """Stop a server a fixture started: SIGTERM, then SIGKILL if it does not exit in time."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 def write_yaml(path: Path, data: Any, mode: int = 0o600, *, end: bool = False) -> None:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import stop_process
 from hostile_server import HostileServer, tls_server_context
+from plumbing import stop_process
 
 from pam_linkus.config import LdapConfig
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import stop_process
 from hostile_server import HostileServer
+from plumbing import stop_process
 
 READY_TIMEOUT = 10.0
 

@@ -100,3 +100,31 @@ def test_the_clock_and_prompter_fakes_exist_once_in_tests_fakes() -> None:
     assert found == {"Clock", "Prompter"}
     assert copies == []
 
+
+def test_bench_never_imports_the_tests_conftest() -> None:
+    """bench/ may reuse helper modules of tests/ (servers, LogCatcher), never the pytest fixtures module:
+    not directly, and not through a helper it imports."""
+    import ast
+
+    test_modules = {path.stem for path in (ROOT / "tests").glob("*.py")}
+    bench_modules = {path.stem for path in (ROOT / "bench").glob("*.py")}
+    imported = set()
+    for path in (ROOT / "bench").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    from_tests = sorted((imported & test_modules) - bench_modules)
+    assert "conftest" not in from_tests
+    assert "ldap_server" in from_tests and "redis_server" in from_tests  # the scan still sees them
+    probe = ("import importlib, sys\n"
+             f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}, {str(ROOT / 'bench')!r}]\n"
+             f"for name in {['harness', *from_tests]!r}:\n"
+             "    importlib.import_module(name)\n"
+             "print(sorted(name for name in sys.modules if name == 'conftest'))\n")
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
