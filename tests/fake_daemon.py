@@ -320,13 +320,10 @@ class FakeDaemon:
                             for f in c["frames"]], "error": c["error"]} for c in lines]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        # here, not at the top: the daemon's own process runs this file with -P, without tests/ on its path
+        from plumbing import stop_process
+
+        stop_process(self.proc, timeout=5)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
