@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
+from nss_config.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
-from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"

@@ -110,7 +110,7 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
 
 def check_permissions(doc: Doctor, config: Config) -> None:
     """Files and directories as linkusd checks them: root-owned, 0600/0400, whole path safe."""
-    from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
+    from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 
     files_read = [(config.path, "config file")]
     if "yaml" in config.sources:

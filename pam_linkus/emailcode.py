@@ -112,7 +112,7 @@ def load_key(path: str) -> bytes:
     file. With Redis state, copy this file to every host: a code sent by one host
     may be typed at another while the sender is throttled.
     """
-    from pam_linkus.strictyaml import open_secure
+    from nss_config.strictyaml import open_secure
 
     if not os.path.lexists(path):
         _create_key(path)
@@ -221,7 +221,7 @@ def compose(config: Config, req: LoginRequest, address: str, code: str, now: flo
 
 
 def _read_template(path: str) -> str:
-    from pam_linkus.strictyaml import open_secure
+    from nss_config.strictyaml import open_secure
 
     data, _ = open_secure(path, secret=False, max_bytes=64 * 1024)
     try:

@@ -25,8 +25,8 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING
 
+from nss_config.strictyaml import read_secret_file
 from pam_linkus.errors import ConfigError, MailUnavailable
-from pam_linkus.strictyaml import read_secret_file
 
 if TYPE_CHECKING:
     from pam_linkus.config import SmtpConfig
