@@ -15,7 +15,7 @@ from state_steps import fail
 
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
-from pam_linkus import emailcode
+from pam_linkus import emailcode, mailtext
 from pam_linkus.codes import normalize_code
 from pam_linkus.config import Config
 from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
@@ -312,13 +312,13 @@ def test_retry_after_rule() -> None:
 
 
 def test_mask_address() -> None:
-    assert emailcode.mask_address("alice@example.com") == "a***@example.com"
-    assert emailcode.mask_address("x@y.example") == "x***@y.example"
+    assert mailtext.mask_address("alice@example.com") == "a***@example.com"
+    assert mailtext.mask_address("x@y.example") == "x***@y.example"
 
 
 def test_good_addresses_pass() -> None:
     for good in ("alice@example.com", "a.b+tag@sub.example.org", "o'brien@example.ie", "x@localhost"):
-        assert emailcode.check_address(good) == good
+        assert mailtext.check_address(good) == good
 
 
 def test_new_codes_are_six_digits_and_vary() -> None:
@@ -333,9 +333,9 @@ def test_hash_binds_the_extension() -> None:
 
 
 def test_fill_template() -> None:
-    assert emailcode.fill("{{x}} {code} }", {"code": "1"}) == "{x} 1 }"
+    assert mailtext.fill("{{x}} {code} }", {"code": "1"}) == "{x} 1 }"
     with pytest.raises(KeyError):
-        emailcode.fill("{code.__class__}", {"code": "1"})
+        mailtext.fill("{code.__class__}", {"code": "1"})
 
 
 def test_subject_must_not_hold_the_code() -> None:

@@ -74,7 +74,7 @@ from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Lo
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Generator
 
     from nss_config.base import ExtensionSettings
 
@@ -553,6 +553,7 @@ class SelfService:
 
     async def _op_email_send(self, f: dict[str, str]) -> dict[str, object]:
         from pam_linkus import emailcode
+        from pam_linkus.mailtext import check_address
 
         sess = self._session(f)
         pend = self._pending(sess, "email")
@@ -564,19 +565,19 @@ class SelfService:
             settings = await self.engine.run(lambda: snapshot.chain.lookup(sess.ext), pool="web")
             target = (settings.email if settings is not None else None) or ""
         try:
-            target = emailcode.check_address(target)
+            target = check_address(target)
         except ValueError:
             raise WebError("bad-request", "address") from None
-        ctx = _MailContext(config, self.engine)
+        engine = self.engine
 
-        def send() -> str:
-            from pam_linkus.flow import LoginRequest
-
+        def send() -> emailcode.Delivery:
             key = emailcode.load_key(config.email.key_file)
-            req = LoginRequest(sess.ext, service=SERVICE, rhost=None, tty=None)
-            return emailcode.deliver(req, ctx, target, snapshot.store, key)  # type: ignore[arg-type]
+            return emailcode.deliver(snapshot.store, key, engine.mailer(config), config.email, user=sess.ext,
+                                     address=target, service=SERVICE, rhost=None, now=engine.clock())
 
-        await self.engine.run(send, pool="web")
+        delivery = await self.engine.run(send, pool="web")
+        if delivery.state == emailcode.Delivery.THROTTLED:
+            raise delivery.refusal()
         pend.address = target
         self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
         return {"sent_to": _masked(target)}
@@ -780,7 +781,7 @@ def _account(settings: ExtensionSettings) -> str:
 
 
 def _masked(address: str | None) -> str | None:
-    from pam_linkus.emailcode import mask_address
+    from pam_linkus.mailtext import mask_address
 
     return mask_address(address) if address else None
 
@@ -830,18 +831,3 @@ def _flow_context(flow: Any, snapshot: Any, engine: Any) -> Any:
     return flow.Context(config=config, clock=engine.clock, chain=snapshot.chain, store=snapshot.store,
                         mailer_factory=lambda: engine.mailer(config), echo_code=True)
 
-
-class _MailContext:
-    """What ``emailcode.deliver`` reads from a flow Context, for codes sent outside a login."""
-
-    def __init__(self, config: Any, engine: Any):
-        self.config = config
-        self.clock: Callable[[], float] = engine.clock
-        self._engine = engine
-        self.prompter = self
-
-    def mailer(self) -> Any:
-        return self._engine.mailer(self.config)
-
-    def info(self, text: str) -> None:
-        return None
