@@ -520,7 +520,7 @@ def self_service(args: argparse.Namespace) -> int:
 
 def _prove_identity(adm: Admin, user: str) -> None:
     """The account password through PAM, then -- if enrolled -- a current code through the flow."""
-    from pam_linkus.web.password import ServiceRefused, check_password
+    from pam_linkus.password import ServiceRefused, check_password
 
     password = adm.prompter.ask("Password: ")
     try:
