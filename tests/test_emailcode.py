@@ -419,3 +419,24 @@ def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(priva
 def test_recovery_codes_refuse_non_ascii_before_lowercasing(raw: Any) -> None:
     assert normalize_recovery_code(raw) is None
     assert normalize_recovery_code("kabc-defgh") == "kabcdefgh"
+
+
+def test_deliver_takes_explicit_inputs_and_says_what_it_did(private_dir: Path) -> None:
+    """Issue 19.2: no flow Context, no prompter -- the caller gets a Delivery and tells the person."""
+    host = make_host(private_dir, "h", send_interval=60)
+    key = emailcode.load_key(host.config.email.key_file)
+
+    def deliver(now: float) -> emailcode.Delivery:
+        return emailcode.deliver(host.store, key, host.mailer, host.config.email, user="1002", address=ADDRESS,
+                                 service="sshd", rhost="192.0.2.7", now=now)
+
+    sent = deliver(T0)
+    assert (sent.state, sent.masked) == (emailcode.Delivery.SENT, "a***@example.com")
+    assert sent.notice(host.config.prompts) == "A verification code was sent to a***@example.com."
+    assert len(host.mailer.sent) == 1 and "192.0.2.7 (sshd)" in host.mailer.sent[0][2]
+    assert deliver(T0 + 1).state == emailcode.Delivery.PENDING
+    emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 2)  # the pending code is used up
+    throttled = deliver(T0 + 3)
+    assert (throttled.state, throttled.retry_after) == (emailcode.Delivery.THROTTLED, 57)
+    assert str(throttled.refusal()) == "email code throttled, next send in 57 s"
+    assert len(host.mailer.sent) == 1
