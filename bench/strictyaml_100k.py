@@ -28,7 +28,7 @@ def child(variant: str, n: int) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if variant == "strict":
-        from pam_linkus.strictyaml import load_yaml
+        from nss_config.strictyaml import load_yaml
 
         result = load_yaml(data, "bench.yaml")
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from pam_linkus.errors import ConfigError
+from nss_config.errors import ConfigError
 
 TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pam_linkus.errors import SourceUnavailable
+from nss_config.errors import SourceUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from nss_config.base import ExtensionSettings, SettingsSource
-    from pam_linkus.config import Config
-    from pam_linkus.state.base import StateStore
+    from nss_config.options import SettingsCache, SourceOptions
 
 
 class SourceChain:
@@ -59,8 +58,8 @@ class SourceChain:
 
 
 def build_chain(
-    config: Config,
-    state: Callable[[], StateStore] | None = None,
+    config: SourceOptions,
+    state: Callable[[], SettingsCache] | None = None,
     clock: Callable[[], float] | None = None,
 ) -> SourceChain:
     """Build the configured chain, once per config snapshot (linkusd), not per login.

@@ -54,12 +54,11 @@ from ldap3.utils.conv import escape_filter_chars
 from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
-from pam_linkus.errors import ConfigError, LinkusError, SourceUnavailable
-from pam_linkus.strictyaml import read_secret_file
+from nss_config.errors import ConfigError, LinkusError, SourceUnavailable
+from nss_config.strictyaml import read_secret_file
 
 if TYPE_CHECKING:
-    from pam_linkus.config import LdapConfig
-    from pam_linkus.state.base import StateStore
+    from nss_config.options import LdapOptions, SettingsCache
 
 #: One search answer: (DN, attribute name lower-cased -> raw values) per entry,
 #: and whether the server stopped at the size limit.
@@ -130,9 +129,9 @@ class LdapSource:
 
     def __init__(
         self,
-        config: LdapConfig,
+        config: LdapOptions,
         *,
-        state: Callable[[], StateStore] | None = None,
+        state: Callable[[], SettingsCache] | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.config = config
@@ -302,7 +301,7 @@ def build_filter(template: str, user: str) -> str:
     return template.replace("{user}", escape_filter_chars(user))
 
 
-def make_tls(config: LdapConfig) -> Any:
+def make_tls(config: LdapOptions) -> Any:
     """Verified TLS: chain (``ca_file``, else the system CAs), host name, TLS >= 1.2."""
     try:
         # CERT_REQUIRED also makes ldap3 check the host name after the handshake.
@@ -315,7 +314,7 @@ def make_tls(config: LdapConfig) -> Any:
     raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
 
 
-def new_connection(config: LdapConfig, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
+def new_connection(config: LdapOptions, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
                    read_only: bool = True, connect_timeout: float | None = None) -> Any:
     """A connection object for ``uri`` (binding as ``bind_dn``, by default the
     lookup's ``ldap.bind_dn``); no I/O yet (``open_secured`` does that)."""
@@ -364,12 +363,12 @@ def _no_delay(conn: Any) -> None:
         pass  # only slower, never less safe
 
 
-def bind_or_fail(config: LdapConfig, conn: Any) -> None:
+def bind_or_fail(config: LdapOptions, conn: Any) -> None:
     if not conn.bind(read_server_info=False):
         raise StepFailed(f"bind as {conn.user!r:.200} refused ({conn.result.get('description', '?')})")
 
 
-def find_entries(config: LdapConfig, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
+def find_entries(config: LdapOptions, conn: Any, search_filter: str, extra: tuple[str, ...] = ()) -> Entries:
     conn.search(
         config.base,
         search_filter,
@@ -440,7 +439,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:200]}"
 
 
-def settings_from_entries(config: LdapConfig, user: str, found: Entries, *,
+def settings_from_entries(config: LdapOptions, user: str, found: Entries, *,
                           name_attribute: str | None = None) -> ExtensionSettings | None:
     """Interpret a search answer (see the module docstring); ``account`` is the
     entry's value of ``name_attribute`` (the one equal to ``user`` ignoring case
@@ -472,7 +471,7 @@ def settings_from_entries(config: LdapConfig, user: str, found: Entries, *,
     return settings_from_mapping(user, mapping, where, "ldap", account=account)
 
 
-def entry_mapping(config: LdapConfig, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:
+def entry_mapping(config: LdapOptions, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:
     """An entry's mapped attributes in our keys and YAML types (not yet validated)."""
     mapping: dict[str, Any] = {}
     for key, attribute in config.attributes.items():
@@ -505,7 +504,7 @@ def _convert(key: str, text: str) -> Any:
 # -- linkus-2fa doctor ------------------------------------------------------------
 
 
-def check(config: LdapConfig, sample_user: str | None = None) -> list[str]:
+def check(config: LdapOptions, sample_user: str | None = None) -> list[str]:
     """Check the directory the way a login would and say what fails, step by step.
 
     Returns lines in the doctor's format: ``"ok   ldap <what>: <detail>"`` or

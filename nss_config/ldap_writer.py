@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nss_config.base import ENTRY_KEYS, check_user_name, settings_from_mapping
+from nss_config.errors import ConfigError, SourceUnavailable
 from nss_config.ldap_source import (
     PRESENCE_KEYS,
     StepFailed,
@@ -47,14 +48,13 @@ from nss_config.ldap_source import (
     open_secured,
     settings_from_entries,
 )
-from pam_linkus.errors import ConfigError, SourceUnavailable
-from pam_linkus.strictyaml import read_secret_file
+from nss_config.strictyaml import read_secret_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from nss_config.base import ExtensionSettings
-    from pam_linkus.config import LdapConfig
+    from nss_config.options import LdapOptions
 
     Entry = dict[str, Any]
 
@@ -68,7 +68,7 @@ class LdapWriter:
 
     name = "ldap"
 
-    def __init__(self, config: LdapConfig):
+    def __init__(self, config: LdapOptions):
         self.config = config
 
     def preflight(self, user: str) -> None:
@@ -165,7 +165,7 @@ class LdapWriter:
         return changes
 
 
-def _connect_and_bind(config: LdapConfig, conn: Any) -> str | None:
+def _connect_and_bind(config: LdapOptions, conn: Any) -> str | None:
     """None when bound; else why not (then the next server is tried)."""
     from ldap3.core.exceptions import LDAPException
 

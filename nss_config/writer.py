@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from pam_linkus.errors import ConfigError
+from nss_config.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Protocol
 
     from nss_config.base import ExtensionSettings
-    from pam_linkus.config import Config
+    from nss_config.options import SourceOptions
 
     class SettingsWriter(Protocol):
         name: str
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
         ) -> ExtensionSettings | None: ...
 
 
-def source_of(config: Config, user: str) -> tuple[str, ExtensionSettings | None]:
+def source_of(config: SourceOptions, user: str) -> tuple[str, ExtensionSettings | None]:
     """The name of the source that answers for ``user`` (or the first one), and its answer."""
     for name in config.sources:
         found = _open_source(config, name).lookup(user)
@@ -44,7 +44,7 @@ def source_of(config: Config, user: str) -> tuple[str, ExtensionSettings | None]
     return config.sources[0], None
 
 
-def writer_for(config: Config, source: str) -> SettingsWriter:
+def writer_for(config: SourceOptions, source: str) -> SettingsWriter:
     """A writer for the named source; refuses a read-only source with a clear message."""
     if source == "yaml":
         from nss_config.yaml_writer import YamlWriter
@@ -64,7 +64,7 @@ def writer_for(config: Config, source: str) -> SettingsWriter:
     raise AssertionError(f"unknown source {source!r}")
 
 
-def _open_source(config: Config, name: str) -> Any:
+def _open_source(config: SourceOptions, name: str) -> Any:
     if name == "yaml":
         from nss_config.yaml_source import YamlSource
 

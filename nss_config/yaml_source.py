@@ -59,8 +59,8 @@ import time
 from typing import Any
 
 from nss_config.base import ExtensionSettings, check_user_name, settings_from_mapping
-from pam_linkus.errors import ConfigError, SourceUnavailable
-from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
+from nss_config.errors import ConfigError, SourceUnavailable
+from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
 TOP_KEYS = ("extensions", "version")
 

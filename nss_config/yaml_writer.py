@@ -39,9 +39,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from nss_config.base import ENTRY_KEYS, YAML_ONLY_KEYS, settings_from_mapping
+from nss_config.errors import ConfigError, SourceUnavailable
+from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 from nss_config.yaml_source import parse_extensions
-from pam_linkus.errors import ConfigError, SourceUnavailable
-from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -376,7 +376,7 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
 def _append(text: str, block: str) -> str:
     """``text`` with ``block`` (whole lines) added at the end of the document: before the
     end marker ``...`` that a complete file ends with, after everything else otherwise."""
-    from pam_linkus.strictyaml import END_MARKER
+    from nss_config.strictyaml import END_MARKER
 
     lines = text.splitlines(keepends=True)
     for index in range(len(lines) - 1, -1, -1):

@@ -291,10 +291,10 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
 
 def _check_address(address: str) -> None:
-    from pam_linkus import emailcode
+    from pam_linkus.mailtext import check_address
 
     try:
-        emailcode.check_address(address)
+        check_address(address)
     except ValueError as exc:
         raise ConfigError(f"the address {exc}") from None
 
@@ -311,13 +311,15 @@ def _flow_context(adm: Admin) -> Context:
 def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     """Mail a code through the module's own email code path and check what is typed."""
     from pam_linkus import emailcode
-    from pam_linkus.flow import LoginRequest
+    from pam_linkus.mail import SmtpMailer
 
-    ctx = _flow_context(adm)
-    req = LoginRequest(ext, service="linkus-2fa", rhost=None, tty=None)
     key = emailcode.load_key(adm.config.email.key_file)
     store = adm.store()
-    print(emailcode.deliver(req, ctx, address, store, key))
+    delivery = emailcode.deliver(store, key, SmtpMailer(adm.config.smtp), adm.config.email, user=ext,
+                                 address=address, service="linkus-2fa", rhost=None, now=time.time())
+    if delivery.state == emailcode.Delivery.THROTTLED:
+        raise delivery.refusal()
+    print(delivery.notice(adm.config.prompts))
     for attempt in range(1, CONFIRM_TRIES + 1):
         answer = adm.prompter.ask("Enter the code from the email: ", echo=True)
         try:
@@ -518,7 +520,7 @@ def self_service(args: argparse.Namespace) -> int:
 
 def _prove_identity(adm: Admin, user: str) -> None:
     """The account password through PAM, then -- if enrolled -- a current code through the flow."""
-    from pam_linkus.web.password import ServiceRefused, check_password
+    from pam_linkus.password import ServiceRefused, check_password
 
     password = adm.prompter.ask("Password: ")
     try:

@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
+from nss_config.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
-from pam_linkus.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
+from pam_linkus.mailtext import PLACEHOLDERS, fill
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -407,7 +408,7 @@ class SmtpConfig:
 
 
 def _plain_address_ish(text: str) -> bool:
-    """Cheap load-time check; pam_linkus.emailcode.check_address is the full one at send time."""
+    """Cheap load-time check; pam_linkus.mailtext.check_address is the full one at send time."""
     return text.count("@") == 1 and not any(c in text for c in ' ,;<>()"\\') and text.isprintable()
 
 
@@ -438,8 +439,6 @@ class EmailConfig:
         if any(ord(c) < 32 or ord(c) == 127 for c in self.subject):
             raise r.fail("subject", "must be one line without control characters")
         if self.subject != DEFAULT_EMAIL_SUBJECT:
-            from pam_linkus.emailcode import PLACEHOLDERS, fill
-
             try:
                 fill(self.subject, {name: "" for name in PLACEHOLDERS if name != "code"})
             except KeyError as exc:

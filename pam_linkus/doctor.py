@@ -18,7 +18,9 @@ so they are failures here too; a rule that still loads pam_python is a failure
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules
+from pam_linkus.password import PAM_DIR, ServiceRefused, check_service
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -102,15 +105,13 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
     else:
         doc.report("ok", "smtp", "not checked (no extension in the YAML source uses email; --smtp checks it)")
     check_pam_dir(doc, pam_dir)
-    from pam_linkus.web.checks import check_web
-
     doc.add(check_web(config, pam_dir))
     return 1 if doc.failures else 0
 
 
 def check_permissions(doc: Doctor, config: Config) -> None:
     """Files and directories as linkusd checks them: root-owned, 0600/0400, whole path safe."""
-    from pam_linkus.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
+    from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 
     files_read = [(config.path, "config file")]
     if "yaml" in config.sources:
@@ -542,3 +543,50 @@ def check_pam_text(text: str) -> list[tuple[int, str, str]]:
             findings.append((rule.first_line, "ok", f"auth {rule.control} pam_linkus.so (fails closed)"))
         findings.extend((rule.first_line, level, message) for level, message in problems)
     return findings
+
+
+# -- the self-service page ------------------------------------------------------------
+
+
+def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
+    """The self-service page's rules (docs/web.md): the PAM service holds password modules
+    only; the web group reaches linkusd's web socket and holds no root account. Never raises."""
+    findings = []
+    name = config.daemon.web_group
+    try:
+        group: grp.struct_group | None = grp.getgrnam(name)
+    except KeyError:
+        group = None
+    service = config.self_service.pam_service
+    try:
+        check_service(service, pam_dir)
+        findings.append(Finding("ok", "self-service PAM service", f"{service} (password modules only)"))
+    except ServiceRefused as exc:
+        # absent: password checks are refused (fail closed), nothing is exposed; loading pam_linkus is wrong
+        absent = not os.path.exists(os.path.join(pam_dir, service))
+        level = "WARN" if absent else "FAIL"
+        findings.append(Finding(level, "self-service PAM service",
+                                f"{exc}; the web page and `linkus-2fa self` cannot check passwords"))
+    if group is None:
+        findings.append(Finding("ok", "web group", f"{name} does not exist: the web page is not installed, "
+                                                   "linkusd's web socket serves root only"))
+        return findings
+    members = set(group.gr_mem) | {u.pw_name for u in pwd.getpwall() if u.pw_gid == group.gr_gid}
+    privileged = sorted(m for m in members if _uid(m) == 0)
+    if privileged:
+        findings.append(Finding("FAIL", "web group", f"{name} has root accounts as members ({', '.join(privileged)})"
+                                                     ": linkus-web must run unprivileged"))
+    elif len(members) > 1:
+        findings.append(Finding("WARN", "web group", f"{name} has several members ({', '.join(sorted(members))}): "
+                                                     "each of them may call linkusd's web socket; keep only "
+                                                     "linkus-web (never the reverse proxy's user)"))
+    else:
+        findings.append(Finding("ok", "web group", f"{name}: {', '.join(sorted(members)) or 'no members'}"))
+    return findings
+
+
+def _uid(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None

@@ -21,15 +21,25 @@ password; NIST SP 800-63B does not accept email as an out-of-band channel).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
+import secrets
+import socket
+import stat
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from nss_config.strictyaml import open_secure
+from pam_linkus.codes import normalize_code
 from pam_linkus.errors import CodeRejected, ConfigError, MailUnavailable, StateUnavailable
+from pam_linkus.mailtext import DEFAULT_TEMPLATE, check_address, fill, mask_address
 from pam_linkus.state.base import EmailCheck, EmailLimits
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
 if TYPE_CHECKING:
-    from pam_linkus.config import Config, EmailConfig
-    from pam_linkus.flow import Context, LoginRequest
+    from pam_linkus.config import EmailConfig, PromptsConfig
+    from pam_linkus.mail import Mailer
     from pam_linkus.state.base import StateStore
 
 #: Email codes have 6 digits, as in Yeastar Linkus.
@@ -39,67 +49,13 @@ KEY_BYTES = 32
 #: What the hashed message starts with (domain separation from any other HMAC use of the key).
 _HASH_LABEL = b"pam_linkus email code\0"
 
-#: Placeholders of the mail subject and body; ``code`` is allowed in the body only.
-PLACEHOLDERS = ("code", "user", "host", "time", "rhost", "service", "minutes", "address")
-
-DEFAULT_TEMPLATE = """\
-Your verification code for {user} on {host} is:
-
-    {code}
-
-It was requested at {time} from {rhost} ({service}) and is valid for {minutes} minutes.
-Nobody from your administration will ever ask you for this code.
-
-If you did not just try to log in, someone knows your password:
-change it and tell your administrator.
-"""
-
-# RFC 5322 atext: what a dot-atom local part may hold. No quotes, no comments,
-# no spaces, no commas, no angle brackets: one plain address, nothing a mail
-# header or an SMTP command could be split at.
-_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-.")
-_DOMAIN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
-
-
-def check_address(address: str) -> str:
-    """Return ``address`` if it is one plain ``local@domain`` address; else ValueError.
-
-    ASCII only (an internationalised domain is written in its xn-- form); the
-    message never echoes the address, which may come from a directory.
-    """
-    if not isinstance(address, str) or not 3 <= len(address) <= 254:
-        raise ValueError("is not one plain address (length)")
-    local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or len(local) > 64:
-        raise ValueError("is not one plain address local@domain")
-    if not set(local) <= _LOCAL_CHARS or local.startswith(".") or local.endswith(".") or ".." in local:
-        raise ValueError("has characters that are not allowed in a plain address")
-    labels = domain.split(".")
-    if not set(domain) <= _DOMAIN_CHARS or any(
-        not label or len(label) > 63 or label.startswith("-") or label.endswith("-") for label in labels
-    ):
-        raise ValueError("has a domain that is not a plain host name")
-    return address
-
-
-def mask_address(address: str) -> str:
-    """``alice@example.com`` -> ``a***@example.com``: enough to recognise, not to harvest."""
-    local, _, domain = address.rpartition("@")
-    return f"{local[:1]}***@{domain}"
-
-
 def new_code() -> str:
     """A fresh uniformly random 6-digit code."""
-    import secrets
-
     return f"{secrets.randbelow(10**DIGITS):0{DIGITS}d}"
 
 
 def code_hash(key: bytes, user: str, code: str) -> str:
     """HMAC-SHA256 of (extension, code) under ``key``, as hex."""
-    import hashlib
-    import hmac
-
     message = _HASH_LABEL + user.encode("utf-8", "surrogateescape") + b"\0" + code.encode("ascii")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
@@ -112,8 +68,6 @@ def load_key(path: str) -> bytes:
     file. With Redis state, copy this file to every host: a code sent by one host
     may be typed at another while the sender is throttled.
     """
-    from pam_linkus.strictyaml import open_secure
-
     if not os.path.lexists(path):
         _create_key(path)
     data, _ = open_secure(path, secret=True, max_bytes=1024)
@@ -127,9 +81,6 @@ def load_key(path: str) -> bytes:
 
 
 def _create_key(path: str) -> None:
-    import secrets
-    import stat
-
     directory = os.path.dirname(path) or "."
     try:
         dir_st = os.stat(directory)
@@ -164,56 +115,29 @@ def limits(config: EmailConfig) -> EmailLimits:
     )
 
 
-def fill(template: str, values: dict[str, str]) -> str:
-    """Replace ``{name}`` placeholders; ``{{`` and ``}}`` are literal braces.
-
-    Deliberately not ``str.format``: a template must not reach attributes
-    (``{code.__class__}``) or format specs. An unknown name raises KeyError.
-    """
-    out: list[str] = []
-    i, n = 0, len(template)
-    while i < n:
-        c = template[i]
-        if c in "{}" and template.startswith(c * 2, i):
-            out.append(c)
-            i += 2
-        elif c == "{" and (end := template.find("}", i)) > i:
-            name = template[i + 1 : end]
-            if name not in values:
-                raise KeyError(name[:30])
-            out.append(values[name])
-            i = end + 1
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
 def _safe(value: str) -> str:
     """Values from the client (rhost, service) must not bring control characters into a mail."""
     return "".join(c if c.isprintable() else "?" for c in value)[:200]
 
 
-def compose(config: Config, req: LoginRequest, address: str, code: str, now: float) -> tuple[str, str]:
+def compose(email: EmailConfig, user: str, service: str, rhost: str | None, address: str, code: str,
+            now: float) -> tuple[str, str]:
     """Subject and body of the mail; the code goes into the body only."""
-    import socket
-    import time
-
-    lifetime = config.email.code_lifetime
+    lifetime = email.code_lifetime
     values = {
-        "user": _safe(req.user),
+        "user": _safe(user),
         "host": _safe(socket.gethostname()),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now)),
-        "rhost": _safe(req.rhost) if req.rhost else "an unknown address",
-        "service": _safe(req.service),
+        "rhost": _safe(rhost) if rhost else "an unknown address",
+        "service": _safe(service),
         "minutes": str(lifetime // 60) if lifetime % 60 == 0 else f"{lifetime / 60:.1f}",
         "address": address,
     }
     template = DEFAULT_TEMPLATE
-    if config.email.template_file:
-        template = _read_template(config.email.template_file)
+    if email.template_file:
+        template = _read_template(email.template_file)
     try:
-        subject = fill(config.email.subject, values)  # no "code" in values: never in the subject
+        subject = fill(email.subject, values)  # no "code" in values: never in the subject
         body = fill(template, {**values, "code": code})
     except KeyError as exc:
         raise ConfigError(f"unknown placeholder {{{exc.args[0]}}} in the email subject or template") from None
@@ -221,8 +145,6 @@ def compose(config: Config, req: LoginRequest, address: str, code: str, now: flo
 
 
 def _read_template(path: str) -> str:
-    from pam_linkus.strictyaml import open_secure
-
     data, _ = open_secure(path, secret=False, max_bytes=64 * 1024)
     try:
         text = data.decode("utf-8")
@@ -233,35 +155,63 @@ def _read_template(path: str) -> str:
     return text
 
 
-def deliver(req: LoginRequest, ctx: Context, address: str | None, store: StateStore, key: bytes) -> str:
-    """Issue a code and mail it -- or, while throttled, keep the pending one.
+@dataclass(frozen=True)
+class Delivery:
+    """What ``deliver`` did, for its caller to tell the person (``notice``) and to act on.
 
-    Returns the line telling the user where the code went. Raises
-    MailUnavailable when throttled with no usable code, or when the mail could
-    not be handed to the SMTP server (the new code is then deleted again).
+    ``SENT``: a new code went to ``masked``. ``PENDING``: the extension is throttled, but
+    the code sent a moment ago is still valid; nothing was sent. ``THROTTLED``: throttled
+    and no usable code: the caller refuses with ``refusal()`` (``retry_after`` seconds
+    until the next send).
+    """
+
+    SENT = "sent"
+    PENDING = "pending"
+    THROTTLED = "throttled"
+
+    state: str
+    masked: str
+    retry_after: int = 0
+
+    def notice(self, prompts: PromptsConfig) -> str:
+        """The line for the person, from the ``prompts`` section (the address masked)."""
+        if self.state == Delivery.THROTTLED:
+            return prompts.email_throttled
+        text = prompts.email_sent if self.state == Delivery.SENT else prompts.email_pending
+        return text.replace("{address}", self.masked)
+
+    def refusal(self) -> MailUnavailable:
+        """What a THROTTLED delivery ends in: no code can be checked (fail closed)."""
+        return MailUnavailable(f"email code throttled, next send in {self.retry_after} s")
+
+
+def deliver(store: StateStore, key: bytes, mailer: Mailer, email: EmailConfig, *, user: str,
+            address: str | None, service: str, rhost: str | None, now: float) -> Delivery:
+    """Issue a code for ``user`` and mail it to ``address`` -- or, while throttled, keep the pending one.
+
+    ``service`` and ``rhost`` only go into the mail's text. Raises ConfigError for an
+    address that is not one plain address, MailUnavailable (or ConfigError) when the
+    mail could not be handed to the SMTP server (the new code is then deleted again).
     """
     try:
         to = check_address(address or "")
     except ValueError as exc:
-        raise ConfigError(f"extension {req.user!r:.60}: email address {exc}") from None
+        raise ConfigError(f"extension {user!r:.60}: email address {exc}") from None
     masked = mask_address(to)
-    prompts = ctx.config.prompts
     code = new_code()
-    digest = code_hash(key, req.user, code)
-    now = ctx.clock()
-    issue = store.issue_email_code(req.user, digest, now, limits(ctx.config.email))
+    digest = code_hash(key, user, code)
+    issue = store.issue_email_code(user, digest, now, limits(email))
     if not issue.issued:
         if issue.pending:
-            return prompts.email_pending.replace("{address}", masked)
-        ctx.prompter.info(prompts.email_throttled)
-        raise MailUnavailable(f"email code throttled, next send in {max(1, int(issue.retry_after - now))} s")
+            return Delivery(Delivery.PENDING, masked)
+        return Delivery(Delivery.THROTTLED, masked, max(1, int(issue.retry_after - now)))
     try:
-        subject, body = compose(ctx.config, req, to, code, now)
-        ctx.mailer().send(to, subject, body, now=now)
+        subject, body = compose(email, user, service, rhost, to, code, now)
+        mailer.send(to, subject, body, now=now)
     except BaseException:
-        store.discard_email_code(req.user, digest)
+        store.discard_email_code(user, digest)
         raise
-    return prompts.email_sent.replace("{address}", masked)
+    return Delivery(Delivery.SENT, masked)
 
 
 def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: float) -> None:
@@ -269,8 +219,6 @@ def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: f
 
     A malformed answer (not 6 ASCII digits) still uses an attempt.
     """
-    from pam_linkus.codes import normalize_code
-
     code = normalize_code(answer, DIGITS)
     digest = code_hash(key, user, code) if code is not None else ""
     verdict = store.verify_email_code(user, digest, now)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
-    from pam_linkus.flow import Mailer
+    from pam_linkus.mail import Mailer
     from pam_linkus.state.base import StateStore
 
 

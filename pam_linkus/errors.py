@@ -22,22 +22,22 @@ the boundary of the component that met them, never further up.
 
 Messages are written for the syslog line and the CLI: they say what is wrong and
 where, and never carry a code, a secret or a password.
+
+LinkusError, Unavailable, ConfigError and SourceUnavailable are declared in
+``nss_config.errors`` (the settings sources raise them, and that package imports
+nothing above it); they are the same classes here, so import every error from this
+module.
 """
 
 from __future__ import annotations
 
+from nss_config.errors import ConfigError, LinkusError, SourceUnavailable, Unavailable
 from pam_linkus.outcome import Outcome
 
-
-class LinkusError(Exception):
-    """Root of the tree; ``outcome`` decides the PAM code."""
-
-    outcome: str = Outcome.UNAVAILABLE
-
-    @property
-    def reason(self) -> str:
-        """One-line reason for the log (the exception's message)."""
-        return str(self) or type(self).__name__
+__all__ = [
+    "CodeRejected", "ConfigError", "ConversationFailed", "Denied", "LinkusError", "Locked", "MailUnavailable",
+    "NotEnrolled", "SourceUnavailable", "StateUnavailable", "Unavailable",
+]
 
 
 class Denied(LinkusError):
@@ -62,27 +62,6 @@ class Locked(LinkusError):
     def __init__(self, message: str = "extension is locked", locked_until: float | None = None):
         super().__init__(message)
         self.locked_until = locked_until
-
-
-class Unavailable(LinkusError):
-    """Something needed to decide could not be asked: fail closed."""
-
-    outcome = Outcome.UNAVAILABLE
-
-
-class ConfigError(Unavailable):
-    """An option, a config file or its permissions are wrong.
-
-    ``where`` is ``file:line:column`` (or the option name) when known.
-    """
-
-    def __init__(self, message: str, where: str | None = None):
-        super().__init__(f"{where}: {message}" if where else message)
-        self.where = where
-
-
-class SourceUnavailable(Unavailable):
-    """A settings source (YAML file, LDAP directory) could not answer."""
 
 
 class StateUnavailable(Unavailable):

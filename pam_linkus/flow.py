@@ -16,12 +16,17 @@ Every state key is the account's canonical name as its source returned it
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
-from pam_linkus import policy
+from nss_config.base import check_user_name
+from pam_linkus import emailcode, policy
 from pam_linkus.errors import CodeRejected, ConversationFailed, Denied, LinkusError, Locked, NotEnrolled
+from pam_linkus.mail import Mailer, SmtpMailer
 from pam_linkus.outcome import Decision, Outcome
+from pam_linkus.recovery import digest, normalize_recovery_code
+from pam_linkus.state.base import TotpAttempt
+from pam_linkus.totp import clock_skew_steps, decode_secret, match_totp
 
 if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
@@ -75,14 +80,6 @@ class Prompter(Protocol):
         ...
 
 
-class Mailer(Protocol):
-    """Hands one message to a mail server (pam_linkus.mail.SmtpMailer)."""
-
-    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
-        """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
-        ...
-
-
 @dataclass(frozen=True)
 class LoginRequest:
     """Who is logging in, from where, through which service (the PAM items).
@@ -106,20 +103,6 @@ class LoginRequest:
         return replace(self, user=account)
 
 
-class _Notices:
-    """Collects ``info`` lines from helpers written against a Prompter (emailcode.deliver);
-    the flow yields them as Info steps."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def info(self, text: str) -> None:
-        self.lines.append(text)
-
-    def ask(self, prompt: str, *, echo: bool = False) -> str:
-        raise ConversationFailed("no conversation here")
-
-
 @dataclass
 class Context:
     """Everything a login decision needs, injected (one per login).
@@ -138,12 +121,9 @@ class Context:
     method: str = "-"
     source: str = "-"
     account: str = "-"
-    prompter: _Notices = field(default_factory=_Notices)
 
     def mailer(self) -> Mailer:
         if self.mailer_factory is None:
-            from pam_linkus.mail import SmtpMailer
-
             return SmtpMailer(self.config.smtp)
         return self.mailer_factory()
 
@@ -157,8 +137,6 @@ def profile_for(req: LoginRequest, config: Config) -> Profile:
 
 
 def _check_name(user: str) -> None:
-    from nss_config.base import check_user_name
-
     try:
         check_user_name(user)
     except ValueError:
@@ -290,10 +268,6 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -
     reserved: the scrypt hash then runs outside the store's transaction, and the
     attempt is settled as the email path settles it.
     """
-    from pam_linkus.recovery import normalize_recovery_code
-    from pam_linkus.state.base import TotpAttempt
-    from pam_linkus.totp import decode_secret, match_totp
-
     answer = yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
     now = ctx.clock()
     assert settings.secret is not None  # settings_from_mapping guarantees it for enrolled totp
@@ -332,8 +306,6 @@ def _verify_totp(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -
 def _skew_note(secret: bytes, answer: str, now: float, ctx: Context, settings: ExtensionSettings) -> str:
     """', clock off by about N steps' when the code belongs to a step just outside the window
     (a host or phone with a wrong clock locks everyone out otherwise without a hint)."""
-    from pam_linkus.totp import clock_skew_steps
-
     steps = clock_skew_steps(secret, answer, now, window=ctx.config.totp.window, period=settings.period,
                  digits=settings.digits, algorithm=settings.algorithm)
     return "" if steps is None else f", clock off by about {steps} steps"
@@ -341,17 +313,14 @@ def _skew_note(secret: bytes, answer: str, now: float, ctx: Context, settings: E
 
 def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) -> Steps:
     """Mail a code (only reached after the password step: the PAM line comes after it), ask, verify."""
-    from pam_linkus import emailcode
-
     key = emailcode.load_key(ctx.config.email.key_file)
     yield OFFLOAD  # the mail server is next
-    try:
-        sent = emailcode.deliver(req, ctx, settings.email, ctx.store, key)  # type: ignore[arg-type]
-    except LinkusError:
-        yield from _notices(ctx)
-        raise
-    yield from _notices(ctx)
-    yield Info(sent)
+    delivery = emailcode.deliver(ctx.store, key, ctx.mailer(), ctx.config.email, user=req.user,
+                                 address=settings.email, service=req.service, rhost=req.rhost, now=ctx.clock())
+    if delivery.state == emailcode.Delivery.THROTTLED:
+        yield Info(delivery.notice(ctx.config.prompts), error=True)
+        raise delivery.refusal()
+    yield Info(delivery.notice(ctx.config.prompts))
     answer = yield from _answer(req, ctx.config.prompts.email, ctx.echo_code)
     yield from _reserve(req, ctx)
     try:
@@ -365,18 +334,9 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
     return Decision(Outcome.SUCCESS, "code accepted", "email")
 
 
-def _notices(ctx: Context) -> Generator[Ask | Info | Offload, str | None, None]:
-    # Only refusals (the throttle) come this way: shown as errors.
-    lines, ctx.prompter.lines = ctx.prompter.lines, []
-    for line in lines:
-        yield Info(line, error=True)
-
-
 def _recover(req: LoginRequest, ctx: Context, answer: str) -> Generator[Ask | Info | Offload, str | None,
                                                                        Decision | None]:
     """``_try_recovery_code``, announced as an Offload when it is going to hash (scrypt)."""
-    from pam_linkus.recovery import normalize_recovery_code
-
     if normalize_recovery_code(answer) is None:
         return None
     yield OFFLOAD
@@ -390,8 +350,6 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
     (the caller settles its failure). A recovery code never has 6 characters, so a
     mistyped 6-digit code costs no scrypt hash.
     """
-    from pam_linkus.recovery import digest, normalize_recovery_code
-
     code = normalize_recovery_code(answer)
     if code is None:
         return None

@@ -23,13 +23,22 @@ import threading
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import formatdate, make_msgid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from nss_config.strictyaml import read_secret_file
 from pam_linkus.errors import ConfigError, MailUnavailable
-from pam_linkus.strictyaml import read_secret_file
+from pam_linkus.mailtext import check_address
 
 if TYPE_CHECKING:
     from pam_linkus.config import SmtpConfig
+
+
+class Mailer(Protocol):
+    """Hands one message to a mail server (SmtpMailer below; tests give a fake)."""
+
+    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+        """Send or raise MailUnavailable (or ConfigError); never leaves a half-sent state."""
+        ...
 
 
 class _Watchdog:
@@ -69,8 +78,6 @@ class SmtpMailer:
     def send(self, to: str, subject: str, body: str, *, now: float) -> None:
         """Hand one plain-text message for ``to`` to the SMTP server within
         ``smtp.timeout`` seconds overall, or raise MailUnavailable."""
-        from pam_linkus.emailcode import check_address
-
         cfg = self.config
         try:
             check_address(cfg.sender)

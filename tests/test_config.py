@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from nss_config.strictyaml import load_yaml, open_secure, read_secret_file
 from nss_config.yaml_source import read_extensions
 from pam_linkus.config import Config, load_config
 from pam_linkus.errors import ConfigError
-from pam_linkus.strictyaml import load_yaml, open_secure, read_secret_file
 from pam_linkus.totp import decode_secret
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"

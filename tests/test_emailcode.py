@@ -16,7 +16,7 @@ from state_steps import fail
 
 from nss_config.base import ExtensionSettings
 from nss_config.chain import SourceChain
-from pam_linkus import emailcode
+from pam_linkus import emailcode, mailtext
 from pam_linkus.codes import normalize_code
 from pam_linkus.config import Config
 from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
@@ -289,13 +289,13 @@ def test_retry_after_rule() -> None:
 
 
 def test_mask_address() -> None:
-    assert emailcode.mask_address("alice@example.com") == "a***@example.com"
-    assert emailcode.mask_address("x@y.example") == "x***@y.example"
+    assert mailtext.mask_address("alice@example.com") == "a***@example.com"
+    assert mailtext.mask_address("x@y.example") == "x***@y.example"
 
 
 def test_good_addresses_pass() -> None:
     for good in ("alice@example.com", "a.b+tag@sub.example.org", "o'brien@example.ie", "x@localhost"):
-        assert emailcode.check_address(good) == good
+        assert mailtext.check_address(good) == good
 
 
 def test_new_codes_are_six_digits_and_vary() -> None:
@@ -310,9 +310,9 @@ def test_hash_binds_the_extension() -> None:
 
 
 def test_fill_template() -> None:
-    assert emailcode.fill("{{x}} {code} }", {"code": "1"}) == "{x} 1 }"
+    assert mailtext.fill("{{x}} {code} }", {"code": "1"}) == "{x} 1 }"
     with pytest.raises(KeyError):
-        emailcode.fill("{code.__class__}", {"code": "1"})
+        mailtext.fill("{code.__class__}", {"code": "1"})
 
 
 def test_subject_must_not_hold_the_code() -> None:
@@ -396,3 +396,24 @@ def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(priva
 def test_recovery_codes_refuse_non_ascii_before_lowercasing(raw: Any) -> None:
     assert normalize_recovery_code(raw) is None
     assert normalize_recovery_code("kabc-defgh") == "kabcdefgh"
+
+
+def test_deliver_takes_explicit_inputs_and_says_what_it_did(private_dir: Path) -> None:
+    """Issue 19.2: no flow Context, no prompter -- the caller gets a Delivery and tells the person."""
+    host = make_host(private_dir, "h", send_interval=60)
+    key = emailcode.load_key(host.config.email.key_file)
+
+    def deliver(now: float) -> emailcode.Delivery:
+        return emailcode.deliver(host.store, key, host.mailer, host.config.email, user="1002", address=ADDRESS,
+                                 service="sshd", rhost="192.0.2.7", now=now)
+
+    sent = deliver(T0)
+    assert (sent.state, sent.masked) == (emailcode.Delivery.SENT, "a***@example.com")
+    assert sent.notice(host.config.prompts) == "A verification code was sent to a***@example.com."
+    assert len(host.mailer.sent) == 1 and "192.0.2.7 (sshd)" in host.mailer.sent[0][2]
+    assert deliver(T0 + 1).state == emailcode.Delivery.PENDING
+    emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 2)  # the pending code is used up
+    throttled = deliver(T0 + 3)
+    assert (throttled.state, throttled.retry_after) == (emailcode.Delivery.THROTTLED, 57)
+    assert str(throttled.refusal()) == "email code throttled, next send in 57 s"
+    assert len(host.mailer.sent) == 1

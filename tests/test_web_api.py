@@ -10,7 +10,7 @@ from conftest import PASSWORD, code_at
 from smtp_server import code_in
 from web_site import Api, Site, logged
 
-from pam_linkus.web import api as web_api
+from pam_linkus.daemon import selfservice as web_api
 
 CLIENT = "192.0.2.10"
 
@@ -207,7 +207,7 @@ def test_the_failure_table_is_bounded_and_keeps_real_extensions() -> None:
 
 
 def test_included_pam_files_are_followed(tmp_path: Any) -> None:
-    from pam_linkus.web.password import ServiceRefused, check_service
+    from pam_linkus.password import ServiceRefused, check_service
 
     (tmp_path / "svc").write_text("@include common-pw\nauth required pam_permit.so\n")
     (tmp_path / "common-pw").write_text("auth required pam_unix.so  # not pam_linkus, a comment\n")
@@ -218,6 +218,19 @@ def test_included_pam_files_are_followed(tmp_path: Any) -> None:
         check_service("svc", str(tmp_path))
     with pytest.raises(ServiceRefused):
         check_service("absent", str(tmp_path))  # libpam would fall back to "other"
+
+
+def test_an_include_libpam_reads_in_any_case_is_followed(tmp_path: Any) -> None:
+    """libpam matches the type without regard to case and splits at tabs: ``AUTH include inner``
+    and ``auth<TAB>INCLUDE`` pull in ``inner``; a service that loads pam_linkus that way is refused."""
+    from pam_linkus.password import ServiceRefused, check_service
+
+    (tmp_path / "inner").write_text("auth [default=die] pam_linkus.so\n")
+    for line in ("AUTH include inner", "auth\tINCLUDE inner", "Auth Substack inner", "@INCLUDE inner",
+                 "auth include \\\ninner"):
+        (tmp_path / "svc").write_text(f"auth required pam_unix.so\n{line}\n")
+        with pytest.raises(ServiceRefused, match="pam_linkus"):
+            check_service("svc", str(tmp_path))
 
 
 def test_one_answer_per_code_prompt_even_in_parallel(api: Api, site: tuple[Site, Any], user: str) -> None:
@@ -263,7 +276,7 @@ def test_parallel_sign_ins_check_at_most_the_limit(api: Api, site: tuple[Site, A
     checks are still running is throttled, not signed in."""
     import asyncio
 
-    from pam_linkus.web import password as web_password
+    from pam_linkus import password as web_password
 
     s, _smtp = site
     s.add(user)
@@ -337,7 +350,7 @@ def test_failures_answer_at_one_deadline_whatever_the_name(site: tuple[Site, Any
         for n in range(8):
             real.append(timed(user, 2 * n))
             unknown.append(timed(f"nobody{user}", 2 * n + 1))
-        from pam_linkus.web.password import check_password
+        from pam_linkus.password import check_password
 
         start = time.monotonic()
         assert not check_password(s.service, user, "wrong")

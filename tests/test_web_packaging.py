@@ -43,7 +43,7 @@ def test_unit_is_hardened(tmp_path: Path) -> None:
 def test_doctor_checks_the_pam_service_and_the_web_group(tmp_path: Path, make_user: Any) -> None:
     import secrets
 
-    from pam_linkus.web.checks import check_web
+    from pam_linkus.doctor import check_web
 
     group = f"lkwg{secrets.token_hex(3)}"
     config = SimpleNamespace(self_service=SimpleNamespace(pam_service="svc"),

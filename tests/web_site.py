@@ -93,8 +93,8 @@ class Api:
 
     def __init__(self, site: Site, *, fail_delay: float = 0.0):
         from pam_linkus.daemon.engine import Engine
+        from pam_linkus.daemon.selfservice import SelfService
         from pam_linkus.logline import SyslogSink
-        from pam_linkus.web.api import SelfService
 
         self.site = site
         self.clock = Clock(time.time())

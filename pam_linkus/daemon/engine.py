@@ -33,7 +33,7 @@ from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, SyslogSink
 if TYPE_CHECKING:
     from nss_config.chain import SourceChain
     from pam_linkus.config import Config
-    from pam_linkus.flow import Mailer
+    from pam_linkus.mail import Mailer
     from pam_linkus.state.base import StateStore
 
 T = TypeVar("T")

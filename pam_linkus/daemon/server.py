@@ -48,8 +48,8 @@ from pam_linkus.protocol import F, Msg, ProtocolError
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
     from pam_linkus.daemon.rawsock import SocketTransport
+    from pam_linkus.daemon.selfservice import SelfService
     from pam_linkus.flow import Steps
-    from pam_linkus.web.api import SelfService
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("3i")
@@ -271,7 +271,7 @@ class Server:
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:
-            from pam_linkus.web.api import SelfService
+            from pam_linkus.daemon.selfservice import SelfService
 
             self._web_service = SelfService(self.engine)
         try:

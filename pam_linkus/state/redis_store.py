@@ -40,6 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
+from nss_config.strictyaml import read_secret_file
 from pam_linkus.config import RedisConfig
 from pam_linkus.errors import ConfigError, Locked, StateUnavailable
 from pam_linkus.state import redis_scripts as lua
@@ -55,7 +56,6 @@ from pam_linkus.state.base import (
     TotpAttempt,
     next_lock,
 )
-from pam_linkus.strictyaml import read_secret_file
 
 T = TypeVar("T")
 

@@ -2,8 +2,8 @@
 
 A separate, unprivileged process (system user ``linkus-web``; it refuses to run
 as root). It holds no secret store and decides nothing: every check and change
-is one WEB_CALL to linkusd over its web socket (pam_linkus/web/api.py lists the
-ops); this process only turns pages into calls and replies into pages.
+is one WEB_CALL to linkusd over its web socket (pam_linkus/daemon/selfservice.py
+lists the ops); this process only turns pages into calls and replies into pages.
 
 Why Starlette + uvicorn (Debian's python3-starlette / python3-uvicorn): uvicorn
 serves TLS and unix sockets itself, Starlette is small and typed; templates are

@@ -67,16 +67,27 @@ import collections
 import hashlib
 import hmac
 import ipaddress
+import pwd
 import secrets
+import socket
 from typing import TYPE_CHECKING, Any
 
+from nss_config.base import check_user_name
+from pam_linkus import emailcode, enrolment, flow
+from pam_linkus import password as pam_password  # by module: tests count its checks
 from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
+from pam_linkus.mailtext import check_address, mask_address
+from pam_linkus.outcome import Outcome
+from pam_linkus.recovery import display
+from pam_linkus.state.base import FOREVER
+from pam_linkus.totp import decode_secret, generate_secret, match_totp, provisioning_uri
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Generator
 
     from nss_config.base import ExtensionSettings
+    from pam_linkus.daemon.engine import Engine, Snapshot
 
 SERVICE = "linkus-web"
 #: Seconds a session may sit idle, and its whole life.
@@ -164,7 +175,7 @@ class _Session:
 class SelfService:
     """The web ops above, for linkusd's web socket; one instance per daemon."""
 
-    def __init__(self, engine: Any, *, fail_delay: float = FAIL_DELAY, pam_dir: str | None = None) -> None:
+    def __init__(self, engine: Engine, *, fail_delay: float = FAIL_DELAY, pam_dir: str | None = None) -> None:
         self.engine = engine
         self.fail_delay = fail_delay
         self.pam_dir = pam_dir
@@ -344,19 +355,17 @@ class SelfService:
 
         The attempt is reserved first (``_reserve``) unless the caller did; a right password gives it back.
         """
-        from pam_linkus.web.password import PAM_DIR, ServiceRefused, check_password
-
         if deadline is None:
             deadline = self._deadline()
         if reservation is None:
             reservation = self._reserve(_limits(_ext_key(ext), client), ext, client, why)
         service = self.engine.snapshot().config.self_service.pam_service
-        pam_dir = self.pam_dir or PAM_DIR
+        pam_dir = self.pam_dir or pam_password.PAM_DIR
 
         def check() -> bool:
             try:
-                return check_password(service, ext, password, pam_dir)
-            except ServiceRefused as exc:
+                return pam_password.check_password(service, ext, password, pam_dir)
+            except pam_password.ServiceRefused as exc:
                 raise ConfigError(str(exc)) from None
 
         if not await self.engine.run(check, pool="web"):
@@ -370,8 +379,6 @@ class SelfService:
             self._log(LOG_WARNING, "reload-failed", step=what)
 
     def _issuer(self) -> str:
-        import socket
-
         return self.engine.snapshot().config.totp.issuer or socket.gethostname()
 
     # -- sign-in ----------------------------------------------------------------------
@@ -414,13 +421,11 @@ class SelfService:
         return self._login_step(token, sess, gen, kind, payload, infos, client)
 
     def _start_login(self, ext: str) -> Generator[Any, str | None, Any]:
-        from pam_linkus import flow
-
         snapshot = self.engine.snapshot()
         # rhost stays None: the address comes from the web process, which we do not trust,
         # so no exempt network or grace period applies here.
         req = flow.LoginRequest(ext, service=SERVICE, rhost=None, rhost_trusted=False)
-        ctx = _flow_context(flow, snapshot, self.engine)
+        ctx = _flow_context(snapshot, self.engine)
         gen: Generator[Any, str | None, Any] = flow.login(req, ctx)
         return gen
 
@@ -429,8 +434,6 @@ class SelfService:
         if kind == "ask":
             sess.login = gen  # parked until the next call brings the answer; no worker is held
             return {"state": "code", "session": token, "csrf": sess.csrf, "prompt": payload, "info": infos}
-        from pam_linkus.outcome import Outcome
-
         if getattr(payload, "outcome", None) != Outcome.SUCCESS:
             # a policy skip (exempt network, grace) is not proof: the page wants a code it has seen
             self._forget_session(token)
@@ -511,8 +514,6 @@ class SelfService:
         return view
 
     def _totp_view(self, ext: str, secret: str) -> dict[str, object]:
-        from pam_linkus.totp import provisioning_uri
-
         issuer = self._issuer()
         return {"secret": secret, "uri": provisioning_uri(secret, ext, issuer), "issuer": issuer, "account": ext}
 
@@ -534,8 +535,6 @@ class SelfService:
         return {}
 
     async def _op_enrol_method(self, f: dict[str, str]) -> dict[str, object]:
-        from pam_linkus.totp import generate_secret
-
         sess = self._session(f)
         pend = self._pending(sess)
         if f["method"] not in ("totp", "email"):
@@ -552,8 +551,6 @@ class SelfService:
         return {"email": _masked(settings.email) if settings is not None else None}
 
     async def _op_email_send(self, f: dict[str, str]) -> dict[str, object]:
-        from pam_linkus import emailcode
-
         sess = self._session(f)
         pend = self._pending(sess, "email")
         snapshot = self.engine.snapshot()
@@ -564,27 +561,24 @@ class SelfService:
             settings = await self.engine.run(lambda: snapshot.chain.lookup(sess.ext), pool="web")
             target = (settings.email if settings is not None else None) or ""
         try:
-            target = emailcode.check_address(target)
+            target = check_address(target)
         except ValueError:
             raise WebError("bad-request", "address") from None
-        ctx = _MailContext(config, self.engine)
+        engine = self.engine
 
-        def send() -> str:
-            from pam_linkus.flow import LoginRequest
-
+        def send() -> emailcode.Delivery:
             key = emailcode.load_key(config.email.key_file)
-            req = LoginRequest(sess.ext, service=SERVICE, rhost=None, tty=None)
-            return emailcode.deliver(req, ctx, target, snapshot.store, key)  # type: ignore[arg-type]
+            return emailcode.deliver(snapshot.store, key, engine.mailer(config), config.email, user=sess.ext,
+                                     address=target, service=SERVICE, rhost=None, now=engine.clock())
 
-        await self.engine.run(send, pool="web")
+        delivery = await self.engine.run(send, pool="web")
+        if delivery.state == emailcode.Delivery.THROTTLED:
+            raise delivery.refusal()
         pend.address = target
         self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
         return {"sent_to": _masked(target)}
 
     async def _op_enrol_confirm(self, f: dict[str, str]) -> dict[str, object]:
-        from pam_linkus import emailcode, enrolment
-        from pam_linkus.totp import decode_secret, match_totp
-
         deadline = self._deadline()
         sess = self._session(f)
         pend = self._pending(sess)
@@ -648,8 +642,6 @@ class SelfService:
     # -- other changes ----------------------------------------------------------------
 
     async def _op_disable(self, f: dict[str, str]) -> dict[str, object]:
-        from pam_linkus import enrolment
-
         sess = self._session(f)
         await self._password(sess.ext, f["password"], f["client"], "disable")
         snapshot = self.engine.snapshot()
@@ -670,9 +662,6 @@ class SelfService:
         return {}
 
     async def _op_recovery_codes(self, f: dict[str, str]) -> dict[str, object]:
-        from pam_linkus import enrolment
-        from pam_linkus.recovery import display
-
         sess = self._session(f)
         await self._password(sess.ext, f["password"], f["client"], "recovery-codes")
         snapshot = self.engine.snapshot()
@@ -691,8 +680,6 @@ class SelfService:
 
 def _check_name(name: str) -> None:
     """``bad-request`` for a name no source is ever asked about (empty, padded, control characters)."""
-    from nss_config.base import check_user_name
-
     try:
         check_user_name(name)
     except ValueError:
@@ -780,14 +767,10 @@ def _account(settings: ExtensionSettings) -> str:
 
 
 def _masked(address: str | None) -> str | None:
-    from pam_linkus.emailcode import mask_address
-
     return mask_address(address) if address else None
 
 
 def _until(locked_until: float | None) -> float | None:
-    from pam_linkus.state.base import FOREVER
-
     if locked_until is None or locked_until >= FOREVER:
         return None
     return locked_until
@@ -795,8 +778,6 @@ def _until(locked_until: float | None) -> float | None:
 
 def _is_system_account(name: str) -> bool:
     """root, or an account the passwd database (NSS: files, LDAP, sssd) gives a uid below UID_MIN."""
-    import pwd
-
     if name == "root":
         return True
     try:
@@ -807,41 +788,24 @@ def _is_system_account(name: str) -> bool:
 
 def _advance(gen: Generator[Any, str | None, Any], answer: str | None) -> tuple[str, Any, list[str]]:
     """Run the login generator to its next Ask (("ask", prompt, infos)) or its end (("done", decision, infos))."""
-    from pam_linkus.flow import Ask, Offload
-
     infos: list[str] = []
     value = answer
     try:
         while True:
             item = gen.send(value)
             value = None
-            if isinstance(item, Offload):
+            if isinstance(item, flow.Offload):
                 continue  # already in the web pool
-            if isinstance(item, Ask):
+            if isinstance(item, flow.Ask):
                 return "ask", item.prompt, infos
             infos.append(item.text)
     except StopIteration as stop:
         return "done", stop.value, infos
 
 
-def _flow_context(flow: Any, snapshot: Any, engine: Any) -> Any:
+def _flow_context(snapshot: Snapshot, engine: Engine) -> flow.Context:
     """The flow's Context for a web sign-in, built from the daemon's snapshot."""
     config = snapshot.config
     return flow.Context(config=config, clock=engine.clock, chain=snapshot.chain, store=snapshot.store,
                         mailer_factory=lambda: engine.mailer(config), echo_code=True)
 
-
-class _MailContext:
-    """What ``emailcode.deliver`` reads from a flow Context, for codes sent outside a login."""
-
-    def __init__(self, config: Any, engine: Any):
-        self.config = config
-        self.clock: Callable[[], float] = engine.clock
-        self._engine = engine
-        self.prompter = self
-
-    def mailer(self) -> Any:
-        return self._engine.mailer(self.config)
-
-    def info(self, text: str) -> None:
-        return None

@@ -29,7 +29,7 @@ import os
 import stat
 from typing import Any
 
-from pam_linkus.errors import ConfigError
+from nss_config.errors import ConfigError
 
 #: Upper bound on a main config file; a larger file is an error, not a slow reload.
 MAX_CONFIG_BYTES = 1 << 20

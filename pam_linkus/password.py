@@ -7,9 +7,14 @@ helper process: linkusd runs it in a worker thread of the web pool, and sets
 PAM_FAIL_DELAY to a no-op so pam_unix's failure delay does not hold that worker --
 SelfService waits with ``asyncio.sleep`` instead.
 
+Used by linkusd for the self-service page (pam_linkus.daemon.selfservice) and by
+``linkus-2fa self``; doctor runs ``check_service``.
+
 The service must not load pam_linkus (nor pam_python): the code is asked by the
 flow itself, and a service that called back into linkusd would deadlock or count
-a code twice. ``check_service`` follows include/substack/@include lines.
+a code twice. ``check_service`` follows include/substack/@include lines, read by
+``pam_linkus.pamconf`` exactly as libpam reads them (``AUTH include inner`` and
+``auth<TAB>INCLUDE inner`` pull ``inner`` in as well).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import os
 import re
 from typing import Any
 
+from pam_linkus.pamconf import logical_lines, parse_rules
+
 PAM_DIR = "/etc/pam.d"
 PAM_SUCCESS = 0
 PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_ERROR_MSG, PAM_TEXT_INFO = 1, 2, 3, 4
@@ -27,7 +34,6 @@ PAM_FAIL_DELAY = 10
 PAM_SILENT = 0x8000
 PAM_DISALLOW_NULL_AUTHTOK = 0x0001
 _FORBIDDEN = re.compile(r"pam_linkus|pam_python")
-_INCLUDE = re.compile(r"^\s*-?(?:auth|account|password|session)\s+(?:include|substack)\s+(\S+)|^\s*@include\s+(\S+)")
 _MAX_DEPTH = 8
 
 
@@ -49,17 +55,19 @@ def _check_file(name: str, pam_dir: str, depth: int, seen: set[str]) -> None:
     path = os.path.join(pam_dir, name)
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read(1 << 20).splitlines()
+            text = handle.read(1 << 20)
     except OSError as exc:
         raise ServiceRefused(f"PAM service {name!r:.60}: {exc.strerror}") from None
-    for line in lines:
-        text = line.split("#", 1)[0]
-        if _FORBIDDEN.search(text):
-            raise ServiceRefused(f"PAM service {name!r:.60} loads pam_linkus or pam_python; "
-                                 "self_service.pam_service must hold password modules only")
-        included = _INCLUDE.match(text)
-        if included:
-            _check_file(included.group(1) or included.group(2), pam_dir, depth + 1, seen)
+    # Any mention outside a comment refuses, even on a line libpam would skip as invalid: the
+    # check errs towards refusing, never towards a service that calls back into linkusd.
+    if any(_FORBIDDEN.search(line) for _first, _last, line in logical_lines(text)):
+        raise ServiceRefused(f"PAM service {name!r:.60} loads pam_linkus or pam_python; "
+                             "self_service.pam_service must hold password modules only")
+    for rule in parse_rules(text):
+        if rule.include is not None:
+            _check_file(rule.include, pam_dir, depth + 1, seen)
+        elif rule.control in ("include", "substack"):
+            _check_file(rule.module, pam_dir, depth + 1, seen)
 
 
 class _Message(ctypes.Structure):
