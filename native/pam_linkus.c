@@ -95,7 +95,12 @@ struct login {
     bool decided;  /* linkusd gave its final word (it tells the person itself what went wrong) */
     long long reply_by;  /* the DEADLINE sent with the last START/ANSWER: when we stop waiting (0: none) */
     bool waited_out;     /* we gave up waiting for linkusd's frame: it still holds the login and logs it */
+    bool heard;          /* a whole frame came from linkusd: it took the connection */
+    const char *why;     /* the reason of the login's own line when linkusd took no part (log_undecided) */
 };
+
+/* linkusd closes a connection it turns away (a caller not allowed, or over a cap) at once, reading nothing. */
+#define TURNED_AWAY "linkusd turned the connection away (a caller not allowed, or over a cap: see linkusd's log)"
 
 struct frame_out {
     uint8_t buf[4 + FRAME_MAX];
@@ -241,8 +246,8 @@ static void log_undecided(const struct login *lg, int rc)
     quote_into(svc, sizeof svc, lg->service, 64);
     quote_into(user, sizeof user, lg->user, 100);
     quote_into(rhost, sizeof rhost, lg->rhost != NULL && lg->rhost[0] != '\0' ? lg->rhost : "-", 100);
-    snprintf(msg, sizeof msg, "service=%s user=%s rhost=%s outcome=\"%s\" reason=\"no decision from linkusd\"",
-             svc, user, rhost, rc == PAM_CONV_ERR ? "conversation" : "unavailable");
+    snprintf(msg, sizeof msg, "service=%s user=%s rhost=%s outcome=\"%s\" reason=\"%s\"", svc, user, rhost,
+             rc == PAM_CONV_ERR ? "conversation" : "unavailable", lg->why != NULL ? lg->why : "no decision from linkusd");
     send_log(lg, rc == PAM_CONV_ERR ? LOG_NOTICE : LOG_ERR, msg);
 }
 
@@ -414,6 +419,7 @@ static int wait_fd(int fd, short events, long long deadline)
     }
 }
 
+/* 0 sent all, 1 the peer closed (EPIPE, ECONNRESET), -1 timeout or error. */
 static int send_all(int fd, const uint8_t *buf, size_t len, long long deadline)
 {
     while (len > 0) {
@@ -425,15 +431,16 @@ static int send_all(int fd, const uint8_t *buf, size_t len, long long deadline)
             if (wait_fd(fd, POLLOUT, deadline) != 1)
                 return -1;
         } else {
-            return -1;
+            return n < 0 && (errno == EPIPE || errno == ECONNRESET) ? 1 : -1;
         }
     }
     return 0;
 }
 
-/* 0 read all, 1 the peer closed, -1 timeout or error. */
-static int recv_exact(int fd, uint8_t *buf, size_t len, long long deadline)
+/* 0 read all, 1 the peer closed, -1 timeout or error; *got counts the bytes read. */
+static int recv_exact(int fd, uint8_t *buf, size_t len, long long deadline, size_t *got)
 {
+    *got = 0;
     while (len > 0) {
         int w = wait_fd(fd, POLLIN, deadline);
         if (w != 1)
@@ -444,10 +451,11 @@ static int recv_exact(int fd, uint8_t *buf, size_t len, long long deadline)
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR)
                 continue;
-            return -1;
+            return errno == ECONNRESET ? 1 : -1;  /* closed with our frame unread: closed all the same */
         }
         buf += n;
         len -= (size_t)n;
+        *got += (size_t)n;
     }
     return 0;
 }
@@ -573,8 +581,11 @@ static bool out_send(struct login *lg, struct frame_out *f, const char *name)
         f->buf[1] = 0;
         f->buf[2] = (uint8_t)(body >> 8);
         f->buf[3] = (uint8_t)(body & 0xff);
-        ok = send_all(lg->fd, f->buf, f->len, now_ms() + lg->opt.timeout_ms) == 0;
-        if (!ok)
+        int rc = send_all(lg->fd, f->buf, f->len, now_ms() + lg->opt.timeout_ms);
+        ok = rc == 0;
+        if (rc == 1 && !lg->heard)
+            lg->why = TURNED_AWAY;  /* said once, in the login's own line */
+        else if (!ok)
             lk_log(lg, LOG_ERR, "linkusd unavailable: cannot send %s: %m", name);
         else
             DEBUG(lg, "sent %s", name);
@@ -627,8 +638,10 @@ static bool recv_frame(struct login *lg, struct frame_in *fr)
     long long deadline = lg->reply_by > 0 ? lg->reply_by : now_ms() + lg->opt.timeout_ms;
     uint8_t head[4];
     lg->reply_by = 0;
-    int rc = recv_exact(lg->fd, head, sizeof head, deadline);
+    size_t bytes = 0;
+    int rc = recv_exact(lg->fd, head, sizeof head, deadline, &bytes);
     size_t len = 0;
+    bool silent = rc > 0 && bytes == 0;  /* closed without a byte: it never took the connection */
 
     if (rc == 0) {
         len = (size_t)head[0] << 24 | (size_t)head[1] << 16 | (size_t)head[2] << 8 | head[3];
@@ -636,11 +649,16 @@ static bool recv_frame(struct login *lg, struct frame_in *fr)
             lk_log(lg, LOG_ERR, "linkusd protocol error: frame length %zu out of range", len);
             return false;
         }
-        rc = recv_exact(lg->fd, fr->body, len, deadline);
+        rc = recv_exact(lg->fd, fr->body, len, deadline, &bytes);
+    }
+    if (silent && !lg->heard) {
+        lg->why = TURNED_AWAY;  /* said once, in the login's own line */
+        return false;
     }
     if (rc != 0) {
         lg->waited_out = rc < 0 && now_ms() >= deadline;
         lk_log(lg, LOG_ERR, rc > 0 ? "linkusd closed the connection before its result"
+                                   : rc < 0 && !lg->waited_out ? "linkusd unavailable: cannot read its frame: %m"
                                    : "linkusd unavailable: no whole frame within the timeout");
         return false;
     }
@@ -692,6 +710,7 @@ static bool recv_frame(struct login *lg, struct frame_in *fr)
         return false;
     }
     DEBUG(lg, "received %s", INCOMING[k].name);
+    lg->heard = true;
     return true;
 }
 
@@ -776,12 +795,6 @@ static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *k
     uint8_t flag_bytes[4] = {(uint8_t)(flags >> 24), (uint8_t)(flags >> 16), (uint8_t)(flags >> 8), (uint8_t)flags};
     size_t ulen = strlen(lg->user), slen = strlen(lg->service);
 
-    /* An empty user name goes to linkusd like any other: it refuses it (denied) and logs the login. */
-    if (ulen > 256 || slen < 1 || slen > 128 || (lg->rhost != NULL && strlen(lg->rhost) > 1024) ||
-        (lg->tty != NULL && strlen(lg->tty) > 256) || (lg->ruser != NULL && strlen(lg->ruser) > 256)) {
-        lk_log(lg, LOG_ERR, "refusing: a PAM item (user, service, rhost, tty or ruser) is too long");
-        return false;
-    }
     out_begin(&f, T_START);
     out_field(&f, F_MODE, &mode, 1);
     out_field(&f, F_USER, lg->user, ulen);
@@ -801,6 +814,16 @@ static bool send_start(struct login *lg, uint8_t mode, const struct kept_code *k
         out_field(&f, F_PROMPT, lg->opt.prompt, strlen(lg->opt.prompt));
     out_deadline(lg, &f);
     return out_send(lg, &f, "START");
+}
+
+/* The PAM items fit their fields (docs/protocol.md, "Fields"): checked before connecting, so a login
+ * refused for them costs linkusd nothing and leaves one line. An empty user name goes to linkusd like
+ * any other: it refuses it (denied) and logs the login. */
+static bool items_fit(const struct login *lg)
+{
+    size_t slen = strlen(lg->service);
+    return strlen(lg->user) <= 256 && slen >= 1 && slen <= 128 && (lg->rhost == NULL || strlen(lg->rhost) <= 1024) &&
+           (lg->tty == NULL || strlen(lg->tty) <= 256) && (lg->ruser == NULL || strlen(lg->ruser) <= 256);
 }
 
 static int map_outcome(struct login *lg, const struct frame_in *fr)
@@ -1017,7 +1040,12 @@ PAM_EXTERN int pam_sm_authenticate(pam_handle_t *pamh, int flags, int argc, cons
     (void)pam_get_item(pamh, PAM_TTY, (const void **)&lg.tty);
     (void)pam_get_item(pamh, PAM_RUSER, (const void **)&lg.ruser);
 
-    rc = lg.opt.forward_pass ? first_line(&lg) : second_line(&lg);
+    if (!items_fit(&lg)) {
+        lg.why = "a PAM item (user, service, rhost, tty or ruser) is too long";
+        rc = PAM_AUTHINFO_UNAVAIL;
+    } else {
+        rc = lg.opt.forward_pass ? first_line(&lg) : second_line(&lg);
+    }
     if (lg.fd >= 0)
         (void)close(lg.fd);
     if (!lg.decided && !lg.waited_out && (rc == PAM_AUTHINFO_UNAVAIL || rc == PAM_CONV_ERR))

@@ -200,6 +200,11 @@ class Session:
         if kind == "no_read":
             self.hold()
             return
+        if kind == "turn_away":
+            # as linkusd turns a caller away: closed at once, nothing read (after "after" seconds, the
+            # client's START waits unread, and the close becomes a reset)
+            time.sleep(float(self.b.get("after", 0)))
+            return
         start = self.read()
         if start.type != START:
             raise ProtocolError("first frame is not START")

@@ -421,11 +421,27 @@ def test_hung_daemon_that_never_accepts(native: Native) -> None:
 
 
 def test_overlong_user_name_is_refused(native: Native) -> None:
+    """Checked before connecting: linkusd never sees the login, which leaves exactly one line, the module's."""
     native.start({"kind": "good", "code": CODE})
     native.configure()
-    assert driver_codes(native.driver("u" * 300, CODE)) == {PAM["PAM_AUTHINFO_UNAVAIL"]: 1}
-    native.log.wait_for("is too long")
-    assert [c["frames"] for c in native.connections(1)] == [[]]  # nothing was sent
+    assert_message(native.pamtester("u" * 300, CODE, items=("rhost=192.0.2.52",)), "PAM_AUTHINFO_UNAVAIL")
+    native.log.wait_for("rhost=192.0.2.52")
+    [line] = native.log.take()
+    assert "outcome=\"unavailable\" reason=\"a PAM item (user, service, rhost, tty or ruser) is too long\"" in line
+    assert native.connections(1, timeout=0.5) == []  # not even connected
+
+
+@pytest.mark.parametrize("after", [0.0, 0.3])
+def test_a_connection_turned_away_is_said_so_in_the_logins_one_line(native: Native, after: float) -> None:
+    """linkusd closes a caller it turns away at once (before or after our START arrived: EPIPE, EOF or a
+    reset here): one line, whose reason says so, not a timeout or a broken pipe."""
+    native.start({"kind": "turn_away", "after": after})
+    native.configure()
+    run = native.pamtester("root", CODE, items=("rhost=192.0.2.53",))
+    assert_message(run, "PAM_AUTHINFO_UNAVAIL")
+    native.log.wait_for("rhost=192.0.2.53")
+    [line] = native.log.take()
+    assert 'outcome="unavailable" reason="linkusd turned the connection away' in line, line
 
 
 def test_socket_not_owned_by_root(native: Native) -> None:
