@@ -26,7 +26,7 @@ import pytest
 from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, LogCatcher, PamStack, code_at, require_root, stop_process
 
 from pam_linkus import protocol
-from pam_linkus.daemon import rawsock
+from pam_linkus.daemon import transport
 from pam_linkus.protocol import Msg
 
 
@@ -825,7 +825,7 @@ print(made)
         made = sum(int(proc.communicate(timeout=30)[0]) for proc in floods)
     assert made > 2000, made  # it was a flood
     assert slowest < 0.5, slowest
-    assert worst_fds < before + rawsock.ACCEPT_BATCH + 16, (before, worst_fds)  # one accept batch at most
+    assert worst_fds < before + transport.ACCEPT_BATCH + 16, (before, worst_fds)  # one accept batch at most
     deadline = time.monotonic() + 10
     while stack.daemon.status()["refused_peers"] < made and time.monotonic() < deadline:
         time.sleep(0.1)
