@@ -400,6 +400,7 @@ class PamLogin:
         server, engine = self.server, self.engine
         try:
             req, mode, flags = _request(start, self.peer, engine.current)
+            totp_prompt = start.text(F.PROMPT)
             self.reply_by = start.deadline(time.monotonic())
         except ProtocolError as exc:
             server.log_protocol(self.peer, exc)
@@ -418,7 +419,7 @@ class PamLogin:
                 await self._end(Outcome.UNAVAILABLE, exc.reason)
                 return
             try:
-                await self._decide(snap, start, mode, flags)
+                await self._decide(snap, mode, flags, totp_prompt)
             finally:
                 engine.release(snap)
         finally:
@@ -426,14 +427,14 @@ class PamLogin:
             if not server.per_account[account_key]:
                 del server.per_account[account_key]
 
-    async def _decide(self, snap: Snapshot, start: protocol.Message, mode: int, flags: int) -> None:
+    async def _decide(self, snap: Snapshot, mode: int, flags: int, totp_prompt: str | None) -> None:
         req, engine = self.req, self.engine
         assert req is not None
         self.inline = snap.inline
         ctx = self.ctx = Context(
             snap.config, engine.clock, snap.chain, snap.store,
             mailer_factory=lambda: engine.mailer(snap.config),
-            totp_prompt=start.text(F.PROMPT),
+            totp_prompt=totp_prompt,
             echo_code=bool(flags & protocol.FLAG_ECHO_CODE),
         )
         try:
@@ -463,7 +464,7 @@ class PamLogin:
         once the client stopped waiting for its outcome: the login ends ``conversation``.
         """
         reply: str | None = None
-        for _ in range(2 * protocol.MAX_EXCHANGES + 2):  # a prompt or info per step, and the decision
+        for exchange in range(protocol.MAX_EXCHANGES + 1):  # a PROMPT or INFO each, then the decision
             if (gone := self._gone()) is not None:
                 return Outcome.CONVERSATION, gone
             pooled = not self.inline
@@ -475,6 +476,8 @@ class PamLogin:
                 return step.outcome, step.reason
             if pooled and self.ch.hung_up():  # the loop ran other work meanwhile: was it hung up?
                 return Outcome.CONVERSATION, _HUNG_UP
+            if exchange == protocol.MAX_EXCHANGES:
+                break
             if isinstance(step, Info):
                 await self._send(protocol.encode(Msg.INFO, _info_fields(step.text, step.error)))
                 self.told_error = self.told_error or step.error
@@ -547,12 +550,12 @@ class PamLogin:
     async def _end(self, outcome: str, reason: str) -> None:
         """The login's one log line and its RESULT (a client gone by then costs nothing more)."""
         engine = self.engine
+        health = engine.health
+        health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
+        engine.sink.attempt(_SEVERITY[outcome], _field_map(self, outcome, reason))
         with contextlib.suppress(ConnectionError, TimeoutError):
             if outcome == Outcome.UNAVAILABLE and not self.told_error:
                 await self.ch.send(protocol.encode(Msg.INFO, _info_fields(UNAVAILABLE_TEXT, True)))
-            health = engine.health
-            health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
-            engine.sink.attempt(_SEVERITY[outcome], _field_map(self, outcome, reason))
             await self.ch.send(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
 
 
