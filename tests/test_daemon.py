@@ -892,6 +892,21 @@ def test_a_login_refused_by_the_account_cap_has_its_line(stack: PamStack, user: 
         assert part in line.replace('"', ""), line
 
 
+def test_a_login_whose_client_left_before_its_result_still_has_its_line(stack: PamStack, user: str) -> None:
+    """Each login ends in exactly one line, also when the client is gone by the time linkusd answers:
+    a START over the account cap, then the close; the INFO and RESULT meet a closed socket."""
+    stack.write_config(daemon={"max_per_account": 1})
+    stack.enroll_totp(user)
+    held, first = dc.park(sock(stack), user)
+    with held:
+        assert first == "prompt"
+        with dc.connect(sock(stack)) as s:
+            s.sendall(dc.start_frame(user, rhost="192.0.2.47"))
+        line = stack.log.wait_for("rhost=192.0.2.47")
+    assert "outcome=unavailable" in line and "too many logins at once for this account" in line, line
+    assert len(_attempt_lines(stack, "rhost=192.0.2.47")) == 1
+
+
 def test_a_refused_non_root_peer_leaves_one_line_with_its_login(stack: PamStack) -> None:
     """Issue 17.10: a PAM stack run by a uid linkusd does not serve: linkusd closes at once without a
     line; the module's own line names service, user, rhost and outcome."""
