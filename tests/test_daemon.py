@@ -26,7 +26,7 @@ import pytest
 from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, LogCatcher, PamStack, code_at, require_root, stop_process
 
 from pam_linkus import protocol
-from pam_linkus.daemon import rawsock
+from pam_linkus.daemon import transport
 from pam_linkus.protocol import Msg
 
 
@@ -825,7 +825,7 @@ print(made)
         made = sum(int(proc.communicate(timeout=30)[0]) for proc in floods)
     assert made > 2000, made  # it was a flood
     assert slowest < 0.5, slowest
-    assert worst_fds < before + rawsock.ACCEPT_BATCH + 16, (before, worst_fds)  # one accept batch at most
+    assert worst_fds < before + transport.ACCEPT_BATCH + 16, (before, worst_fds)  # one accept batch at most
     deadline = time.monotonic() + 10
     while stack.daemon.status()["refused_peers"] < made and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -890,6 +890,21 @@ def test_a_login_refused_by_the_account_cap_has_its_line(stack: PamStack, user: 
     for part in (f"service={stack.service} ", f"user={user} ", "outcome=unavailable",
                  "reason=too many logins at once for this account"):
         assert part in line.replace('"', ""), line
+
+
+def test_a_login_whose_client_left_before_its_result_still_has_its_line(stack: PamStack, user: str) -> None:
+    """Each login ends in exactly one line, also when the client is gone by the time linkusd answers:
+    a START over the account cap, then the close; the INFO and RESULT meet a closed socket."""
+    stack.write_config(daemon={"max_per_account": 1})
+    stack.enroll_totp(user)
+    held, first = dc.park(sock(stack), user)
+    with held:
+        assert first == "prompt"
+        with dc.connect(sock(stack)) as s:
+            s.sendall(dc.start_frame(user, rhost="192.0.2.47"))
+        line = stack.log.wait_for("rhost=192.0.2.47")
+    assert "outcome=unavailable" in line and "too many logins at once for this account" in line, line
+    assert len(_attempt_lines(stack, "rhost=192.0.2.47")) == 1
 
 
 def test_a_refused_non_root_peer_leaves_one_line_with_its_login(stack: PamStack) -> None:

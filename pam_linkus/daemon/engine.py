@@ -67,7 +67,7 @@ class Snapshot:
     allowed_gids: frozenset[int]
     trusted_gids: frozenset[int]
     web_gid: int | None
-    #: SQLite state: linkusd runs a login's steps on its event loop (server.PamConnection), but
+    #: SQLite state: linkusd runs a login's steps on its event loop (server.PamLogin), but
     #: for the parts the flow announces as waiting for a server (flow.Offload: LDAP, SMTP)
     inline: bool = False
     users: int = 0  # logins using it right now (event loop thread only)

@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 
 from pam_linkus.config import DaemonConfig
 from pam_linkus.daemon.engine import Engine
-from pam_linkus.daemon.rawsock import Listener
 from pam_linkus.daemon.server import Server
+from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
 from pam_linkus.nodump import forbid_core_dumps
 
@@ -262,9 +262,13 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
             notify("STATUS=serving")
 
     watch = SocketWatch([pam_path] + ([web_path] if web_sock else []), socket_report)
-    pam_server = Listener(loop, pam_sock, server.pam_protocol, lambda exc: sink.send(
-        LOG_ERR, f"linkusd: cannot accept PAM connections ({exc.strerror}); pausing 1 s"))
-    web_server = await asyncio.start_unix_server(server.handle_web, sock=web_sock) if web_sock else None
+
+    def pausing(which: str) -> Callable[[OSError], object]:
+        return lambda exc: sink.send(LOG_ERR, f"linkusd: cannot accept {which} connections ({exc.strerror}); "
+                                              f"pausing {ACCEPT_PAUSE:g} s")
+
+    pam_server = Listener(pam_sock, server.admit_pam, pausing("PAM"), name="PAM")
+    web_server = Listener(web_sock, server.admit_web, pausing("web"), name="web") if web_sock else None
 
     def on_error(_loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
         exc = context.get("exception")

@@ -1,9 +1,12 @@
 """linkusd's two sockets: who may ask, how much, and one transaction per connection.
 
-Every connection is an asyncio task. While the flow waits for a person's answer
-the task only awaits the socket: it holds no worker thread, and that wait has its
-own long deadline (``answer_timeout``); the work between two answers runs in the
-engine's pools under the short one (``work_timeout``). Caps bound what anyone
+Every connection is an asyncio task whose life reads top to bottom in one place:
+``handle_pam`` (and ``PamLogin.run`` for a login) or ``handle_web``, on the one
+transport both sockets share (transport.py: a whole frame per deadline, in turn).
+While the flow waits for a person's answer the task only awaits the socket: it
+holds no worker thread, and that wait has its own long deadline
+(``answer_timeout``); the work between two answers runs on the event loop or in
+the engine's pools under the short one (``work_timeout``). Caps bound what anyone
 can hold: connections in all, per calling real uid (a local user running many
 setuid `su` logins reaches us as euid 0, but keeps their real uid) and per
 target account. A peer that breaks the protocol loses its connection and
@@ -33,12 +36,13 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from pam_linkus import protocol
+from pam_linkus.daemon.transport import Channel
 from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
 from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, split_digits
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING
@@ -47,10 +51,10 @@ from pam_linkus.protocol import F, Msg, ProtocolError
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
-    from pam_linkus.daemon.rawsock import SocketTransport
     from pam_linkus.daemon.selfservice import SelfService
     from pam_linkus.flow import Steps
 
+T = TypeVar("T")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 _UCRED = struct.Struct("3i")
 
@@ -74,6 +78,17 @@ _FALLBACK_WORK_TIMEOUT = 10.0
 DECISION_MARGIN = 0.5
 #: Why a login ends when the client stopped waiting before a step could start.
 _GAVE_UP = "client gave up waiting (its deadline passed)"
+
+
+class Limits(NamedTuple):
+    """The daemon section's deadlines and caps, read once per connection (a reload may change them)."""
+
+    work_timeout: float
+    answer_timeout: float
+    max_connections: int
+    max_per_caller: int
+    max_per_caller_root: int
+    max_per_account: int
 
 
 def _credentials(sock: socket.socket) -> tuple[int, int, int, frozenset[int]]:
@@ -192,37 +207,92 @@ class Server:
 
     # -- limits ----------------------------------------------------------------
 
-    def _limits(self) -> tuple[float, float, int, int, int, int]:
+    def _limits(self) -> Limits:
         snap = self.engine.current
         if snap is None:
-            return _FALLBACK_WORK_TIMEOUT, 180.0, 512, 16, 256, 8
+            return Limits(_FALLBACK_WORK_TIMEOUT, 180.0, 512, 16, 256, 8)
         d = snap.config.daemon
-        return (d.work_timeout, d.answer_timeout, d.max_connections, d.max_per_caller, d.max_per_caller_root,
-                d.max_per_account)
+        return Limits(d.work_timeout, d.answer_timeout, d.max_connections, d.max_per_caller, d.max_per_caller_root,
+                      d.max_per_account)
 
     # -- PAM socket ------------------------------------------------------------
 
-    def pam_protocol(self) -> PamConnection:
-        """The protocol factory of the PAM socket (``rawsock.Listener``)."""
-        return PamConnection(self)
+    def admit_pam(self, conn: socket.socket) -> Coroutine[Any, Any, None] | None:
+        """Who may ask and how many at once, decided right after accept (``transport.Listener``):
+        the coroutine that serves this connection, or None when it is turned away.
+
+        A connection turned away is closed here and now: nothing read, nothing written, no task,
+        no /proc read for a stranger, no line of its own -- waiting for the client's START first is
+        what let refused connections pile up (a flood held thousands of descriptors). pam_linkus.so
+        sees the close, refuses the login as unavailable and writes its own line with service, user
+        and rhost. Counted per uid against the caller that made it, summarised by ``Refusals``.
+        """
+        limits = self._limits()
+        engine = self.engine
+        try:
+            pid, uid, gid, groups = _credentials(conn)
+        except OSError:
+            conn.close()
+            return None
+        if not self._peer_allowed(uid, groups, engine.current):
+            engine.health.refused_peers += 1
+            self._refuse(conn, uid, "not root and in no group of daemon.allowed_groups")
+            return None
+        peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
+        cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
+        if self.per_caller[peer.ruid] >= cap or self.connections >= limits.max_connections:
+            engine.health.over_capacity += 1
+            self._refuse(conn, peer.ruid, "over its cap of logins at once" if self.per_caller[peer.ruid] >= cap
+                         else "over daemon.max_connections")
+            return None
+        self.connections += 1
+        self.per_caller[peer.ruid] += 1
+        engine.active["pam"] += 1
+        return self.handle_pam(Channel(conn, protocol.PAM_MAX_BODY), peer, limits)
+
+    def _refuse(self, conn: socket.socket, uid: int, why: str) -> None:
+        self.refusals.add(uid, why)
+        conn.close()
+
+    async def handle_pam(self, ch: Channel, peer: Peer, limits: Limits) -> None:
+        """One PAM connection that ``admit_pam`` let in: one transaction, then the close.
+
+        The first frame (START, or STATUS/RELOAD from root) has to arrive whole within the work
+        deadline; a peer that breaks the protocol or is too slow is dropped with one line.
+        """
+        began = time.monotonic()
+        try:
+            try:
+                first = await ch.read(protocol.PAM_OPENERS, limits.work_timeout)
+            except (ProtocolError, TimeoutError) as exc:
+                self.log_protocol(peer, exc)
+                return
+            if first.type in (Msg.STATUS, Msg.RELOAD):
+                await self.control(first, ch, peer)
+                return
+            await PamLogin(self, ch, peer, limits, began).run(first)
+        finally:
+            ch.close()
+            self.connections -= 1
+            self.per_caller[peer.ruid] -= 1
+            if not self.per_caller[peer.ruid]:
+                del self.per_caller[peer.ruid]
+            self.engine.active["pam"] -= 1
 
     def _peer_allowed(self, uid: int, groups: frozenset[int], snap: Snapshot | None) -> bool:
         if uid == 0:
             return True
         return snap is not None and bool(groups & snap.allowed_gids)
 
-    async def control(self, msg: protocol.Message, transport: SocketTransport, peer: Peer) -> None:
+    async def control(self, msg: protocol.Message, ch: Channel, peer: Peer) -> None:
         """STATUS or RELOAD (root only): the reply is the status object."""
-        try:
-            if peer.uid != 0:
-                self.engine.sink.send(LOG_WARNING, f"linkusd: {msg.type.name} from non-root uid {peer.uid} refused")
-                return
-            if msg.type == Msg.RELOAD:
-                await self.engine.reload("requested")
-            if not transport.is_closing():
-                transport.write(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))
-        finally:
-            transport.close()
+        if peer.uid != 0:
+            self.engine.sink.send(LOG_WARNING, f"linkusd: {msg.type.name} from non-root uid {peer.uid} refused")
+            return
+        if msg.type == Msg.RELOAD:
+            await self.engine.reload("requested")
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await ch.send(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))
 
     def log_protocol(self, peer: Peer, exc: Exception | str) -> None:
         what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
@@ -231,13 +301,17 @@ class Server:
 
     # -- web socket ------------------------------------------------------------
 
-    async def handle_web(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        work_timeout, answer_timeout, *_ = self._limits()
+    def admit_web(self, conn: socket.socket) -> Coroutine[Any, Any, None]:
+        """Every web connection gets its task: ``handle_web`` checks the peer and says why it refuses."""
+        return self.handle_web(Channel(conn, protocol.WEB_MAX_BODY))
+
+    async def handle_web(self, ch: Channel) -> None:
+        """One web connection: one WEB_CALL whole within the work deadline, one WEB_REPLY, the close."""
+        work_timeout, answer_timeout = self._limits()[:2]
         try:
-            peer = Peer.of(sock)
+            peer = Peer.of(ch.sock)
         except OSError:
-            writer.close()
+            ch.close()
             return
         snap = self.engine.current
         allowed = peer.uid == 0 or (snap is not None and snap.web_gid is not None and snap.web_gid in peer.groups)
@@ -249,9 +323,7 @@ class Server:
                                                    f"daemon.web_group")
                 return
             try:
-                async with asyncio.timeout(work_timeout):
-                    call = await protocol.read_message(reader, protocol.WEB_OPENERS,
-                                                       max_body=protocol.WEB_MAX_BODY)
+                call = await ch.read(protocol.WEB_OPENERS, work_timeout)
             except (ProtocolError, TimeoutError) as exc:
                 self.log_protocol(peer, exc)
                 return
@@ -263,11 +335,11 @@ class Server:
                 reply: dict[str, object] = {"ok": False, "error": "bad-request"}
             else:
                 reply = await self._web_call(request, peer, answer_timeout)
-            writer.write(protocol.encode_json(Msg.WEB_REPLY, reply))
-            await _drain(writer)
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await ch.send(protocol.encode_json(Msg.WEB_REPLY, reply))
         finally:
             self.engine.active["web"] -= 1
-            writer.close()
+            ch.close()
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:
@@ -283,291 +355,163 @@ class Server:
             return {"ok": False, "error": exc.outcome}
 
 
-#: The states of a PAM connection.
-_OPENING, _WORKING, _ASKING, _DONE = range(4)
-#: More than one whole frame buffered while none was asked for is a protocol violation.
-_MAX_BUFFERED = 4 + protocol.PAM_MAX_BODY
+
+
 #: The reason logged when the client closed its end before the login ended.
 _HUNG_UP = "client hung up (PeerClosed)"
-#: Pool work in flight (a task nobody awaits must be referenced somewhere).
-_IN_FLIGHT: set[asyncio.Future[object]] = set()
+_ANSWERS = frozenset({Msg.ANSWER, Msg.NO_ANSWER})
+#: Pool work nobody awaits (closing a flow left suspended) must be referenced somewhere.
+_IN_FLIGHT: set[asyncio.Future[None]] = set()
 
 
-class PamConnection:
-    """One PAM transaction (a login, a single-field split, or STATUS/RELOAD) on one connection.
+class PamLogin:
+    """One login (or a single-field split) on a PAM connection, from its START to its RESULT.
 
-    Driven by the callbacks of its transport (rawsock.SocketTransport, on the loop's
-    add_reader) rather than by a task reading an asyncio stream: that plumbing (a task,
-    stream objects, a timeout context per read, a worker round trip per step) was most of
-    linkusd's CPU per login. With SQLite state (``Snapshot.inline``) the
-    flow's steps run right here on the event loop -- a step is a dictionary lookup, an
-    HMAC and one SQLite transaction -- and a step that is about to wait for a server
-    (LDAP, SMTP) or hash a recovery code says so (``flow.Offload``) and continues in the
-    PAM pool. With Redis every step runs in the pool. Pool work runs under the work
-    deadline and the calling uid's share of the pool.
+    ``run`` is the whole story. With SQLite state (``Snapshot.inline``) the flow's steps
+    run right here on the event loop -- a step is a dictionary lookup, an HMAC and one
+    SQLite transaction, and a worker round trip per step cost more than the step -- and a
+    step that is about to wait for a server (LDAP, SMTP) or hash a recovery code says so
+    (``flow.Offload``) and continues in the PAM pool. With Redis every step runs in the
+    pool. Pool work runs under the work deadline and the calling uid's share of the pool.
 
-    While the flow waits for the person, nothing runs for this connection: a timer
-    (``answer_timeout``) and the buffer. A frame has to arrive whole before its
-    deadline (``work_timeout`` for the first, ``answer_timeout`` for an answer), so a
-    slow drip costs its own connection only.
+    While the flow waits for the person, this task waits for the ANSWER frame and nothing
+    else runs for it: no worker, only its timer (``answer_timeout``) and its buffer.
+    Every login ends in exactly one log line (``_end``).
     """
 
-    __slots__ = ("server", "engine", "transport", "peer", "state", "buf", "expect", "timer", "counted",
-                 "account_key", "max_account", "work_timeout", "answer_timeout", "snap", "steps", "ctx", "req",
-                 "start", "mode", "flags", "began", "exchanges", "told_error", "inline", "parked", "lost", "pending",
-                 "reply_by")
+    __slots__ = ("server", "engine", "ch", "peer", "limits", "began", "req", "ctx", "steps", "inline",
+                 "reply_by", "told_error")
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, ch: Channel, peer: Peer, limits: Limits, began: float) -> None:
         self.server = server
         self.engine = server.engine
-        self.transport: SocketTransport | None = None
-        self.peer: Peer | None = None
-        self.state = _OPENING
-        self.buf = bytearray()
-        self.expect: frozenset[Msg] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.counted = False
-        self.account_key: str | None = None
-        self.snap: Snapshot | None = None
-        self.steps: Steps | None = None
-        self.ctx: Context | None = None
+        self.ch = ch
+        self.peer = peer
+        self.limits = limits
+        self.began = began
         self.req: LoginRequest | None = None
-        self.start: protocol.Message | None = None
-        self.mode = 0
-        self.flags = 0
-        self.began = time.monotonic()
-        self.exchanges = 0
-        self.told_error = False
+        self.ctx: Context | None = None
+        self.steps: Steps | None = None
         self.inline = False
-        self.parked = False
-        self.lost = False
-        self.pending = False  # pool work or a STATUS/RELOAD task is running for this connection
         self.reply_by: float | None = None  # when the client stops waiting for our next frame (DEADLINE)
+        self.told_error = False
 
-    # -- the transport's callbacks ---------------------------------------------------
-
-    def connection_made(self, transport: SocketTransport) -> None:
-        self.transport = transport
+    async def run(self, start: protocol.Message) -> None:
         server, engine = self.server, self.engine
-        (self.work_timeout, self.answer_timeout, max_conn, max_caller, max_caller_root,
-         self.max_account) = server._limits()
-        sock: socket.socket = transport.get_extra_info("socket")  # type: ignore[assignment]
         try:
-            pid, uid, gid, groups = _credentials(sock)
-        except OSError:
-            self.state = _DONE
-            transport.abort()
-            return
-        if not server._peer_allowed(uid, groups, engine.current):
-            # a stranger costs no read, no deadline, no /proc and no line of its own
-            engine.health.refused_peers += 1
-            self._reject(uid, "not root and in no group of daemon.allowed_groups")
-            return
-        peer = self.peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
-        cap = max_caller_root if peer.ruid == 0 else max_caller
-        if server.per_caller[peer.ruid] >= cap or server.connections >= max_conn:
-            engine.health.over_capacity += 1
-            self._reject(peer.ruid, "over its cap of logins at once" if server.per_caller[peer.ruid] >= cap
-                         else "over daemon.max_connections")
-            return
-        server.connections += 1
-        server.per_caller[peer.ruid] += 1
-        engine.active["pam"] += 1
-        self.counted = True
-        self._wait(protocol.PAM_OPENERS, self.work_timeout)
-
-    def data_received(self, data: bytes) -> None:
-        if self.state == _DONE:
-            return
-        self.buf += data
-        if self.expect is not None:
-            self._take_frame()
-        elif len(self.buf) > _MAX_BUFFERED:
-            self._violation(ProtocolError("more than a frame sent while none was asked for"))
-
-    def eof_received(self) -> bool | None:
-        return None  # the transport closes; connection_lost says what that means
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._cancel_timer()
-        if self.state == _OPENING and self.peer is not None:
-            self.state = _DONE
-            self.server.log_protocol(self.peer, "peer closed the connection mid-frame or before it")
-        elif self.state == _ASKING:
-            self._conclude(Outcome.CONVERSATION, _HUNG_UP)
-        elif self.state == _WORKING and not self.pending:
-            # a step on the loop raised out of a callback (asyncio closed the transport): a bug;
-            # still one log line, and the snapshot and the account's slot are given back
-            if self.req is not None:
-                self._conclude(Outcome.UNAVAILABLE, "internal error: the connection's handler failed")
-            else:
-                self.state = _DONE
-                self._close()
-        # _WORKING with work pending: that work ends the login when it returns
-        self._uncount()
-
-    # -- frames ----------------------------------------------------------------------
-
-    def _wait(self, expected: frozenset[Msg], timeout: float) -> None:
-        """Accept one frame of ``expected`` types, whole within ``timeout`` seconds."""
-        self.expect = expected
-        self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out)
-        if self.buf:
-            self._take_frame()
-
-    def _take_frame(self) -> None:
-        buf, expected = self.buf, self.expect
-        assert expected is not None
-        if len(buf) < 4:
-            return
-        try:
-            size = protocol.body_length(bytes(buf[:4]), protocol.PAM_MAX_BODY)
-            if len(buf) < 4 + size:
-                return
-            body = bytes(buf[4:4 + size])
-            del buf[:4 + size]
-            msg = protocol.decode_body(body, expected)
+            req, mode, flags = _request(start, self.peer, engine.current)
+            totp_prompt = start.text(F.PROMPT)
+            self.reply_by = start.deadline(time.monotonic())
         except ProtocolError as exc:
-            self._violation(exc)
+            server.log_protocol(self.peer, exc)
             return
-        self.expect = None
-        self._cancel_timer()
-        if self.state == _OPENING:
-            self._opened(msg)
-        else:
-            self._answered(msg)
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        self.expect = None
-        if self.state == _OPENING:
-            assert self.peer is not None
-            self.state = _DONE
-            self.server.log_protocol(self.peer, TimeoutError())
-            self._close()
-        elif self.state == _ASKING:
-            self._conclude(Outcome.CONVERSATION, f"no answer within {self.answer_timeout:g} s")
-
-    def _violation(self, exc: ProtocolError) -> None:
-        if self.state == _OPENING:
-            assert self.peer is not None
-            self.state = _DONE
-            self.server.log_protocol(self.peer, exc)
-            self._close()
-        elif self.state == _ASKING:
-            self._conclude(Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})")
-        elif self.transport is not None:
-            self.transport.abort()  # while a step runs in the pool: it ends the login when it returns
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    # -- the transaction -------------------------------------------------------------
-
-    def _opened(self, msg: protocol.Message) -> None:
-        server, engine, peer = self.server, self.engine, self.peer
-        assert peer is not None and self.transport is not None
-        self.state = _WORKING
-        if msg.type in (Msg.STATUS, Msg.RELOAD):
-            self.pending = True
-            self._track(asyncio.ensure_future(server.control(msg, self.transport, peer)))
-            return
-        try:
-            req, self.mode, self.flags = _request(msg, peer, engine.current)
-            self.reply_by = msg.deadline(time.monotonic())
-        except ProtocolError as exc:
-            self.state = _DONE
-            server.log_protocol(peer, exc)
-            self._close()
-            return
-        self.req, self.start = req, msg
+        self.req = req
         account_key = req.user.casefold()
-        if server.per_account[account_key] >= self.max_account:
+        if server.per_account[account_key] >= self.limits.max_per_account:
             engine.health.over_capacity += 1
-            self._end(Outcome.UNAVAILABLE, "too many logins at once for this account")
+            await self._end(Outcome.UNAVAILABLE, "too many logins at once for this account")
             return
         server.per_account[account_key] += 1
-        self.account_key = account_key
         try:
-            snap = self.snap = engine.acquire()
-        except Unavailable as exc:
-            self._end(Outcome.UNAVAILABLE, exc.reason)
-            return
+            try:
+                snap = engine.acquire()
+            except Unavailable as exc:
+                await self._end(Outcome.UNAVAILABLE, exc.reason)
+                return
+            try:
+                await self._decide(snap, mode, flags, totp_prompt)
+            finally:
+                engine.release(snap)
+        finally:
+            server.per_account[account_key] -= 1
+            if not server.per_account[account_key]:
+                del server.per_account[account_key]
+
+    async def _decide(self, snap: Snapshot, mode: int, flags: int, totp_prompt: str | None) -> None:
+        req, engine = self.req, self.engine
+        assert req is not None
         self.inline = snap.inline
         ctx = self.ctx = Context(
             snap.config, engine.clock, snap.chain, snap.store,
             mailer_factory=lambda: engine.mailer(snap.config),
-            totp_prompt=msg.text(F.PROMPT),
-            echo_code=bool(self.flags & protocol.FLAG_ECHO_CODE),
+            totp_prompt=totp_prompt,
+            echo_code=bool(flags & protocol.FLAG_ECHO_CODE),
         )
-        if self.mode == protocol.MODE_SPLIT:
-            work = partial(split_digits, req, ctx)
-            if not self.inline or snap.chain.waits_for_servers:
-                self._pool(work, self._split_done)
+        try:
+            if mode == protocol.MODE_SPLIT:
+                work = partial(split_digits, req, ctx)
+                local = self.inline and not snap.chain.waits_for_servers
+                digits = work() if local else await self._in_pool(work)
+                fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: snap.config.prompts.password_and_code}
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    await self.ch.send(protocol.encode(Msg.SPLIT, fields))
                 return
-            try:
-                digits = work()
-            except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
-                self._failed(exc)
-                return
-            self._split_done(digits)
-            return
-        self.steps = login(req, ctx)
-        self._advance(None)
+            self.steps = login(req, ctx)
+            outcome, reason = await self._converse(self.steps)
+        except LinkusError as exc:
+            outcome, reason = exc.outcome, exc.reason
+        except (ConnectionError, ProtocolError) as exc:
+            outcome, reason = Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
+        except Exception as exc:  # noqa: BLE001 - a bug ends this login (unavailable), never the daemon
+            outcome, reason = Outcome.UNAVAILABLE, internal_error(engine, exc)
+        self._close_flow()
+        await self._end(outcome, reason)
 
-    def _advance(self, reply: str | None) -> None:
-        """Run the flow to its next step: here if the snapshot is local, else in the pool.
+    async def _converse(self, steps: Steps) -> tuple[str, str]:
+        """Run the flow to its decision: each step here or in the pool, each prompt to the client.
 
         Any step may change state (spend a code's step, count or reset failures), so none starts
         once the client stopped waiting for its outcome: the login ends ``conversation``.
         """
-        self.state = _WORKING
-        assert self.steps is not None
-        gone = self._gone()
-        if gone is not None:
-            self._conclude(Outcome.CONVERSATION, gone)
-            return
-        if not self.inline:
-            self._pool(partial(_step, self.steps, reply, self.reply_by), self._stepped)
-            return
-        try:
-            step = _step(self.steps, reply, self.reply_by)
-        except Exception as exc:  # noqa: BLE001 - every error ends the login, see _failed
-            self._failed(exc)
-            return
-        self._stepped(step)
+        reply: str | None = None
+        for exchange in range(protocol.MAX_EXCHANGES + 1):  # a PROMPT or INFO each, then the decision
+            if (gone := self._gone()) is not None:
+                return Outcome.CONVERSATION, gone
+            pooled = not self.inline
+            step = await self._next_step(steps, reply, pooled)
+            while isinstance(step, Offload):  # the flow is about to wait for a server: on in the pool
+                pooled = True
+                step = await self._next_step(steps, None, pooled)
+            if isinstance(step, Decision):
+                return step.outcome, step.reason
+            if pooled and self.ch.hung_up():  # the loop ran other work meanwhile: was it hung up?
+                return Outcome.CONVERSATION, _HUNG_UP
+            if exchange == protocol.MAX_EXCHANGES:
+                break
+            if isinstance(step, Info):
+                await self._send(protocol.encode(Msg.INFO, _info_fields(step.text, step.error)))
+                self.told_error = self.told_error or step.error
+                reply = None
+            else:
+                reply = await self._ask(step)
+        raise Unavailable("too many prompts in one login")
 
-    def _stepped(self, step: object) -> None:
-        if isinstance(step, Decision):
-            self._conclude(step.outcome, step.reason)
-            return
-        if self.lost:
-            self._conclude(Outcome.CONVERSATION, _HUNG_UP)
-            return
-        if isinstance(step, Offload):
-            assert self.steps is not None
-            self._pool(partial(_step, self.steps, None, self.reply_by), self._stepped)
-            return
-        self.exchanges += 1
-        if self.exchanges > protocol.MAX_EXCHANGES:
-            self._failed(Unavailable("too many prompts in one login"))
-            return
-        transport = self.transport
-        assert transport is not None
-        if isinstance(step, Ask):
-            style = protocol.STYLE_ECHO_ON if step.echo else protocol.STYLE_ECHO_OFF
-            transport.write(protocol.encode(Msg.PROMPT, {F.STYLE: style, F.TEXT: _cut(step.prompt)}))
-            self.state = _ASKING
-            self.parked = True
-            self.engine.active["parked"] += 1
-            self._wait(_ANSWERS, self.answer_timeout)
-            return
-        assert isinstance(step, Info)
-        self._info(step.text, error=step.error)
-        self._advance(None)
+    async def _next_step(self, steps: Steps, reply: str | None, pooled: bool) -> Ask | Info | Offload | Decision:
+        if pooled:
+            return await self._in_pool(partial(_step, steps, reply, self.reply_by))
+        return _step(steps, reply, self.reply_by)
+
+    async def _ask(self, ask: Ask) -> str | None:
+        """Show a prompt and wait for the person's answer (the answer deadline, parked)."""
+        style = protocol.STYLE_ECHO_ON if ask.echo else protocol.STYLE_ECHO_OFF
+        await self._send(protocol.encode(Msg.PROMPT, {F.STYLE: style, F.TEXT: _cut(ask.prompt)}))
+        active = self.engine.active
+        active["parked"] += 1
+        try:
+            msg = await self.ch.read(_ANSWERS, self.limits.answer_timeout)
+        except TimeoutError:
+            raise ConversationFailed(f"no answer within {self.limits.answer_timeout:g} s") from None
+        finally:
+            active["parked"] -= 1
+        self.reply_by = msg.deadline(time.monotonic())
+        # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
+        return None if msg.type == Msg.NO_ANSWER else msg.fields[F.TEXT].decode("utf-8", "surrogateescape")
+
+    async def _send(self, frame: bytes) -> None:
+        try:
+            await self.ch.send(frame)
+        except (ConnectionError, TimeoutError):
+            raise ConversationFailed(_HUNG_UP) from None
 
     def _gone(self) -> str | None:
         """Why the client no longer waits for this login's outcome; None while it does.
@@ -576,155 +520,48 @@ class PamConnection:
         (a module that gave up while linkusd was stopped, then closed) is seen here, before the
         frame is acted on, with one non-consuming read.
         """
-        if self.lost:
-            return _HUNG_UP
         if self.reply_by is not None and self.reply_by - time.monotonic() < DECISION_MARGIN:
             return _GAVE_UP
-        assert self.transport is not None
-        sock: socket.socket = self.transport.get_extra_info("socket")  # type: ignore[assignment]
+        return _HUNG_UP if self.ch.hung_up() else None
+
+    async def _in_pool(self, work: Callable[[], T]) -> T:
+        """``work`` in the PAM pool, under the work deadline and the caller's share of the pool."""
         try:
-            if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                return _HUNG_UP
-        except (BlockingIOError, InterruptedError):
-            pass  # nothing to read: it is waiting
-        except OSError:
-            return _HUNG_UP
-        return None
+            return await self.engine.run(work, ruid=self.peer.ruid, timeout=self.limits.work_timeout)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # linkusd is stopping this task: no decision, the module writes the line
+            raise Unavailable("daemon stopping") from None  # the pool dropped the work
 
-    def _answered(self, msg: protocol.Message) -> None:
-        try:
-            self.reply_by = msg.deadline(time.monotonic())
-        except ProtocolError as exc:
-            self._violation(exc)
-            return
-        self._unpark()
-        # Invalid UTF-8 or an over-long answer is a wrong code, never an error.
-        reply = None if msg.type == Msg.NO_ANSWER else msg.fields[F.TEXT].decode("utf-8", "surrogateescape")
-        self._advance(reply)
-
-    def _pool(self, work: Callable[[], object], then: Callable[[Any], None]) -> None:
-        """Run ``work`` in the PAM pool (work deadline, the caller's share); ``then`` its result."""
-        assert self.peer is not None
-        self.state = _WORKING
-        future = asyncio.ensure_future(self.engine.run(work, ruid=self.peer.ruid, timeout=self.work_timeout))
-        self.pending = True
-
-        def done(fut: asyncio.Future[object]) -> None:
-            self.pending = False
-            if fut.cancelled():
-                self._failed(Unavailable("daemon stopping"))
-            elif (exc := fut.exception()) is not None:
-                self._failed(exc)
-            else:
-                then(fut.result())
-
-        self._track(future)
-        future.add_done_callback(done)
-
-    def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, LinkusError):
-            self._conclude(exc.outcome, exc.reason)
-        elif isinstance(exc, (ConnectionError, ProtocolError)):
-            self._conclude(Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})")
-        else:
-            self._conclude(Outcome.UNAVAILABLE, internal_error(self.engine, exc))
-
-    def _split_done(self, digits: int) -> None:
-        assert self.snap is not None and self.transport is not None
-        self.state = _DONE
-        fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: self.snap.config.prompts.password_and_code}
-        self.transport.write(protocol.encode(Msg.SPLIT, fields))
-        self._close()
-
-    def _info(self, text: str, *, error: bool) -> None:
-        assert self.transport is not None
-        self.told_error = self.told_error or error
-        style = protocol.STYLE_ERROR if error else protocol.STYLE_INFO
-        self.transport.write(protocol.encode(Msg.INFO, {F.STYLE: style, F.TEXT: _cut(text)}))
-
-    def _conclude(self, outcome: str, reason: str) -> None:
-        """End the login: close a flow left suspended, then the log line and the RESULT."""
-        if self.state == _DONE:
-            return
-        self._unpark()
-        self._cancel_timer()
+    def _close_flow(self) -> None:
+        """Close a flow left suspended (its finally blocks run), where its steps ran."""
         steps = self.steps
-        if steps is not None and inspect.getgeneratorstate(steps) == inspect.GEN_SUSPENDED:
-            if self.inline:
-                with contextlib.suppress(Exception):
-                    steps.close()
-            else:  # the flow is the pool's: closing it may run a finally that talks to a server
-                self._track(asyncio.ensure_future(self.engine.run(steps.close, ruid=0, timeout=self.work_timeout)))
-        self._end(outcome, reason)
+        if steps is None or inspect.getgeneratorstate(steps) != inspect.GEN_SUSPENDED:
+            return
+        if self.inline:
+            with contextlib.suppress(Exception):
+                steps.close()
+        else:  # the flow is the pool's: closing it may run a finally that talks to a server
+            future = asyncio.ensure_future(self.engine.run(steps.close, ruid=0, timeout=self.limits.work_timeout))
+            _IN_FLIGHT.add(future)
+            future.add_done_callback(_IN_FLIGHT.discard)
 
-    def _end(self, outcome: str, reason: str) -> None:
-        self.state = _DONE
-        engine, transport = self.engine, self.transport
-        assert transport is not None
-        if outcome == Outcome.UNAVAILABLE and not self.told_error:
-            self._info(UNAVAILABLE_TEXT, error=True)
+    async def _end(self, outcome: str, reason: str) -> None:
+        """The login's one log line and its RESULT (a client gone by then costs nothing more)."""
+        engine = self.engine
         health = engine.health
         health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
         engine.sink.attempt(_SEVERITY[outcome], _field_map(self, outcome, reason))
-        transport.write(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
-        self._close()
-
-    def _reject(self, uid: int, why: str) -> None:
-        """Turn the connection away before any work: closed at once, nothing read, nothing written.
-
-        No RESULT: waiting for the client's START first is what let refused connections pile up
-        (a flood held thousands of descriptors). pam_linkus.so sees the close, refuses the login
-        as unavailable and writes its own line with service, user and rhost. Counted per uid
-        against the caller that made it, summarised by ``Refusals``.
-        """
-        assert self.transport is not None
-        self.state = _DONE
-        self.server.refusals.add(uid, why)
-        self.transport.abort()
-
-    def _close(self) -> None:
-        self._cancel_timer()
-        self._release()
-        if self.transport is not None:
-            self.transport.close()
-
-    def _release(self) -> None:
-        """Give back the snapshot and the account's slot (each once)."""
-        if self.snap is not None:
-            snap, self.snap = self.snap, None
-            self.engine.release(snap)
-        self._release_account()
-
-    def _unpark(self) -> None:
-        if self.parked:
-            self.parked = False
-            self.engine.active["parked"] -= 1
-
-    def _release_account(self) -> None:
-        key, self.account_key = self.account_key, None
-        if key is not None:
-            per_account = self.server.per_account
-            per_account[key] -= 1
-            if not per_account[key]:
-                del per_account[key]
-
-    def _uncount(self) -> None:
-        if self.counted and self.peer is not None:
-            self.counted = False
-            server = self.server
-            server.connections -= 1
-            server.per_caller[self.peer.ruid] -= 1
-            if not server.per_caller[self.peer.ruid]:
-                del server.per_caller[self.peer.ruid]
-            self.engine.active["pam"] -= 1
-
-    @staticmethod
-    def _track(future: asyncio.Future[Any]) -> None:
-        _IN_FLIGHT.add(future)
-        future.add_done_callback(_IN_FLIGHT.discard)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            if outcome == Outcome.UNAVAILABLE and not self.told_error:
+                await self.ch.send(protocol.encode(Msg.INFO, _info_fields(UNAVAILABLE_TEXT, True)))
+            await self.ch.send(protocol.encode(Msg.RESULT, {F.OUTCOME: protocol.OUTCOME_CODES[outcome]}))
 
 
-_ANSWERS = frozenset({Msg.ANSWER, Msg.NO_ANSWER})
+def _info_fields(text: str, error: bool) -> dict[F, bytes | str | int]:
+    return {F.STYLE: protocol.STYLE_ERROR if error else protocol.STYLE_INFO, F.TEXT: _cut(text)}
+
 
 def internal_error(engine: Engine, exc: BaseException) -> str:
     """Log a bug without its message (it could carry a value) but with where it happened."""
@@ -779,7 +616,7 @@ def _request(start: protocol.Message, peer: Peer, snap: Snapshot | None) -> tupl
     return req, mode, flags
 
 
-def _field_map(conn: PamConnection, outcome: str, reason: str) -> dict[str, object]:
+def _field_map(conn: PamLogin, outcome: str, reason: str) -> dict[str, object]:
     req, ctx, peer = conn.req, conn.ctx, conn.peer
     assert req is not None and peer is not None
     return {
@@ -805,9 +642,3 @@ def _cut(text: str) -> bytes:
         return raw
     return raw[:512].decode("utf-8", "ignore").encode("utf-8")
 
-
-async def _drain(writer: asyncio.StreamWriter) -> None:
-    try:
-        await writer.drain()
-    except (ConnectionError, OSError):
-        pass
