@@ -77,7 +77,7 @@ def build_chain(
         if name == "yaml":
             sources.append(YamlSource.load(config.yaml.path))
         elif name == "ldap":
-            from nss_config.ldap_source import LdapSource  # ldap3: only with an LDAP source
+            from nss_config.ldap_source import LdapSource  # optional: ldap3, only with an LDAP source
 
             if clock is None:
                 sources.append(LdapSource(config.ldap, state=state))

@@ -57,7 +57,7 @@ def writer_for(config: SourceOptions, source: str) -> SettingsWriter:
                 "the LDAP source is read-only here: set ldap.writer_bind_dn and ldap.writer_password_file "
                 "to let linkus-2fa change 2FA attributes, or change them in the directory itself"
             )
-        from nss_config.ldap_writer import LdapWriter  # ldap3: only with an LDAP source
+        from nss_config.ldap_writer import LdapWriter  # optional: ldap3, only with an LDAP source
 
         writer: SettingsWriter = LdapWriter(ldap)
         return writer
@@ -68,7 +68,7 @@ def _open_source(config: SourceOptions, name: str) -> Any:
     if name == "yaml":
         return YamlSource(config.yaml.path)
     if name == "ldap":
-        from nss_config.ldap_source import LdapSource  # ldap3: only with an LDAP source
+        from nss_config.ldap_source import LdapSource  # optional: ldap3, only with an LDAP source
 
         return LdapSource(config.ldap, state=None)
     raise AssertionError(f"unknown source {name!r}")
