@@ -13,21 +13,20 @@ and LDAP sources so that both accept and refuse exactly the same entries.
 from __future__ import annotations
 
 import re
+from typing import Any, Protocol
 
 from nss_config.errors import ConfigError
 
-TYPE_CHECKING = False  # ``typing`` costs milliseconds per login; mypy reads this name as True
-if TYPE_CHECKING:
-    from typing import Any, Protocol
 
-    class SettingsSource(Protocol):
-        """A place extension settings come from (YAML file, LDAP directory)."""
+class SettingsSource(Protocol):
+    """A place extension settings come from (YAML file, LDAP directory)."""
 
-        name: str
+    name: str
 
-        def lookup(self, user: str) -> ExtensionSettings | None:
-            """Found / None for "not here" / raise SourceUnavailable."""
-            ...
+    def lookup(self, user: str) -> ExtensionSettings | None:
+        """Found / None for "not here" / raise SourceUnavailable."""
+        ...
+
 
 METHODS = ("totp", "email", "none")
 ALGORITHMS = ("SHA1", "SHA256", "SHA512")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from nss_config.errors import SourceUnavailable
+from nss_config.yaml_source import YamlSource
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -74,11 +75,9 @@ def build_chain(
     sources: list[SettingsSource] = []
     for name in config.sources:
         if name == "yaml":
-            from nss_config.yaml_source import YamlSource
-
             sources.append(YamlSource.load(config.yaml.path))
         elif name == "ldap":
-            from nss_config.ldap_source import LdapSource
+            from nss_config.ldap_source import LdapSource  # optional: ldap3, only with an LDAP source
 
             if clock is None:
                 sources.append(LdapSource(config.ldap, state=state))

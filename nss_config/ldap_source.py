@@ -42,7 +42,6 @@ import socket
 import ssl
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -87,19 +86,16 @@ _MALFORMED_REPLY: tuple[type[BaseException], ...] = (IndexError, KeyError, Value
 @contextmanager
 def ldap_errors(server: str) -> Iterator[None]:
     """The one translation of lower-layer errors for a server: SourceUnavailable
-    naming the server and the error's kind, no traceback kept."""
+    naming the server and the error's kind; raised ``from None``, so the lower-layer
+    traceback is never shown."""
     try:
         yield
     except StepFailed as exc:
         raise SourceUnavailable(f"{server}: {exc}") from None
     except (LDAPException, OSError) as exc:  # ssl.SSLError, ConnectionResetError, BrokenPipeError...
-        problem = describe_error(exc)
-        drop_frames(exc)
-        raise SourceUnavailable(f"{server}: {problem}") from None
+        raise SourceUnavailable(f"{server}: {describe_error(exc)}") from None
     except _MALFORMED_REPLY as exc:  # after LDAPException: some of ldap3's are ValueErrors too
-        kind = type(exc).__name__
-        drop_frames(exc)
-        raise SourceUnavailable(f"{server}: malformed reply ({kind})") from None
+        raise SourceUnavailable(f"{server}: malformed reply ({type(exc).__name__})") from None
 
 
 def name_attribute(template: str) -> str | None:
@@ -309,9 +305,7 @@ def make_tls(config: LdapOptions) -> Any:
         # since Python 3.10.
         return ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=config.ca_file)
     except LDAPException as exc:
-        problem = describe_error(exc)
-        drop_frames(exc)
-    raise ConfigError(f"ldap.ca_file: {problem}", config.ca_file)
+        raise ConfigError(f"ldap.ca_file: {describe_error(exc)}", config.ca_file) from None
 
 
 def new_connection(config: LdapOptions, uri: str, password: str, tls: Any, *, bind_dn: str | None = None,
@@ -395,29 +389,6 @@ class StepFailed(Exception):
     """A step of the conversation with one server failed; the callers here (and
     in ldap_writer) turn it into SourceUnavailable naming the server, so it never
     reaches the flow."""
-
-
-def drop_frames(exc: BaseException) -> None:
-    """Clear the locals of the finished frames in ``exc``'s tracebacks.
-
-    ldap3 keeps the exception it raises in a local list of the frame that raised
-    it (``exception_history`` in ``open``): a reference cycle that only the
-    cyclic GC frees, together with every frame above it -- up to pam_python's
-    ``pamh``. If that collection happens after pam_end, pam_python's handle is
-    freed twice and the login process segfaults (seen through real PAM). Clearing
-    the frames breaks the cycle now, and reference counting frees it at once.
-    """
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        traceback.clear_frames(current.__traceback__)  # skips frames still running
-        current.__traceback__ = None
-        todo.extend((current.__context__, current.__cause__))
-        todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
 
 
 def close_quietly(conn: Any) -> None:
@@ -557,7 +528,6 @@ def check(config: LdapOptions, sample_user: str | None = None) -> list[str]:
             say(False, uri, f"{step}: {exc}")
         except (LDAPException, OSError) as exc:
             say(False, uri, f"{step}: {describe_error(exc)}")
-            drop_frames(exc)
         finally:
             close_quietly(conn)
     if sample_user:

@@ -31,6 +31,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import ldap3
+from ldap3.core.exceptions import LDAPException
+
 from nss_config.base import ENTRY_KEYS, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, SourceUnavailable
 from nss_config.ldap_source import (
@@ -40,7 +43,6 @@ from nss_config.ldap_source import (
     build_filter,
     close_quietly,
     describe_error,
-    drop_frames,
     entry_mapping,
     find_entries,
     make_tls,
@@ -109,8 +111,6 @@ class LdapWriter:
 
     def _apply(self, conn: Any, uri: str, user: str, search_filter: str,
                change: Callable[[Entry | None], Entry | None]) -> ExtensionSettings | None:
-        from ldap3.core.exceptions import LDAPException
-
         config = self.config
         try:
             found = find_entries(config, conn, search_filter, ("objectClass",))
@@ -138,7 +138,6 @@ class LdapWriter:
             problem = str(exc)
         except (LDAPException, OSError) as exc:
             problem = describe_error(exc)
-            drop_frames(exc)
         else:
             if after != expected:
                 raise ConfigError(f"{where}: the settings read back are not the ones written (please report)")
@@ -147,8 +146,6 @@ class LdapWriter:
 
     def _modifications(self, current: Entry, new: Entry | None, expected: ExtensionSettings | None,
                        raw: dict[str, list[bytes]]) -> dict[str, list[tuple[Any, list[str]]]]:
-        import ldap3
-
         config = self.config
         changes: dict[str, list[tuple[Any, list[str]]]] = {}
         for key in ENTRY_KEYS:
@@ -167,17 +164,13 @@ class LdapWriter:
 
 def _connect_and_bind(config: LdapOptions, conn: Any) -> str | None:
     """None when bound; else why not (then the next server is tried)."""
-    from ldap3.core.exceptions import LDAPException
-
     try:
         open_secured(conn)
         bind_or_fail(config, conn)
     except StepFailed as exc:
         return str(exc)
     except (LDAPException, OSError) as exc:
-        problem = describe_error(exc)
-        drop_frames(exc)
-        return problem
+        return describe_error(exc)
     return None
 
 

@@ -29,7 +29,16 @@ import os
 import stat
 from typing import Any
 
+import yaml
+import yaml.resolver
+from yaml.constructor import SafeConstructor
+
 from nss_config.errors import ConfigError
+
+try:
+    from yaml.cyaml import CParser as _Parser  # type: ignore[attr-defined]
+except ImportError:  # PyYAML without libyaml: the pure-Python parser gives the same events
+    _Parser = yaml.SafeLoader  # type: ignore[misc,assignment]
 
 #: Upper bound on a main config file; a larger file is an error, not a slow reload.
 MAX_CONFIG_BYTES = 1 << 20
@@ -229,15 +238,11 @@ def _resolver_table() -> dict[Any, list[tuple[str, Any]]]:
     The same table ``yaml.safe_load`` uses, so ``yes`` is a boolean and ``0777``
     an integer here as well -- and therefore refused as a key.
     """
-    import yaml.resolver
-
     return dict(yaml.resolver.Resolver.yaml_implicit_resolvers)
 
 
 def _scalar(event: Any, table: dict[Any, list[tuple[str, Any]]], constructor: Any) -> Any:
     """The Python value of a scalar event, or _Refused."""
-    import yaml
-
     value: str = event.value
     tag = event.tag
     plain = event.implicit[0]
@@ -275,13 +280,7 @@ def _scalar(event: Any, table: dict[Any, list[tuple[str, Any]]], constructor: An
 
 
 def _parser(data: bytes) -> Any:
-    try:
-        from yaml.cyaml import CParser  # type: ignore[attr-defined]
-    except ImportError:  # PyYAML without libyaml: the pure-Python parser, same events
-        import yaml
-
-        return yaml.SafeLoader(data)
-    return CParser(data)
+    return _Parser(data)
 
 
 def _build(parser: Any, known_keys: frozenset[str]) -> tuple[Any, bool]:
@@ -290,9 +289,6 @@ def _build(parser: Any, known_keys: frozenset[str]) -> tuple[Any, bool]:
     One loop with the common case inlined (a plain or quoted scalar without tag or
     anchor): this runs a million times for 100,000 extensions.
     """
-    import yaml
-    from yaml.constructor import SafeConstructor
-
     table = _resolver_table()
     constructor = SafeConstructor()
     scalar_event, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
@@ -400,8 +396,6 @@ def load_yaml(data: bytes, name: str, *, known_keys: frozenset[str] = frozenset(
     marker written last tells a complete file from one being written or cut short
     by a full disk (issue 17.6). Comments after the marker are allowed.
     """
-    import yaml
-
     parser = _parser(data)
     try:
         root, ended = _build(parser, known_keys)

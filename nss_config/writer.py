@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from nss_config.errors import ConfigError
+from nss_config.yaml_source import YamlSource
+from nss_config.yaml_writer import YamlWriter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,8 +49,6 @@ def source_of(config: SourceOptions, user: str) -> tuple[str, ExtensionSettings 
 def writer_for(config: SourceOptions, source: str) -> SettingsWriter:
     """A writer for the named source; refuses a read-only source with a clear message."""
     if source == "yaml":
-        from nss_config.yaml_writer import YamlWriter
-
         return YamlWriter(config.yaml.path)
     if source == "ldap":
         ldap = config.ldap
@@ -57,7 +57,7 @@ def writer_for(config: SourceOptions, source: str) -> SettingsWriter:
                 "the LDAP source is read-only here: set ldap.writer_bind_dn and ldap.writer_password_file "
                 "to let linkus-2fa change 2FA attributes, or change them in the directory itself"
             )
-        from nss_config.ldap_writer import LdapWriter
+        from nss_config.ldap_writer import LdapWriter  # optional: ldap3, only with an LDAP source
 
         writer: SettingsWriter = LdapWriter(ldap)
         return writer
@@ -66,11 +66,9 @@ def writer_for(config: SourceOptions, source: str) -> SettingsWriter:
 
 def _open_source(config: SourceOptions, name: str) -> Any:
     if name == "yaml":
-        from nss_config.yaml_source import YamlSource
-
         return YamlSource(config.yaml.path)
     if name == "ldap":
-        from nss_config.ldap_source import LdapSource
+        from nss_config.ldap_source import LdapSource  # optional: ldap3, only with an LDAP source
 
         return LdapSource(config.ldap, state=None)
     raise AssertionError(f"unknown source {name!r}")

@@ -33,14 +33,24 @@ How an edit is made, and why:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from nss_config.base import ENTRY_KEYS, YAML_ONLY_KEYS, settings_from_mapping
+import yaml
+
+from nss_config.base import (
+    ENTRY_KEYS,
+    MIN_SECRET_BITS,
+    YAML_ONLY_KEYS,
+    normalize_secret,
+    settings_from_mapping,
+)
 from nss_config.errors import ConfigError, SourceUnavailable
-from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
+from nss_config.strictyaml import END_MARKER, MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 from nss_config.yaml_source import parse_extensions
 
 if TYPE_CHECKING:
@@ -114,8 +124,6 @@ class YamlWriter:
         one atomic write, and doctor keeps flagging them until each extension enrols again.
         Nothing else in the file changes (checked before the write).
         """
-        from nss_config.base import MIN_SECRET_BITS, normalize_secret
-
         lock_fd = self._lock()
         try:
             raw, st = open_secure(self.path, secret=True, max_bytes=MAX_EXTENSIONS_BYTES)
@@ -160,8 +168,6 @@ class YamlWriter:
     # -- internals -------------------------------------------------------------------
 
     def _lock(self) -> int:
-        import fcntl
-
         lock_path = self.path + ".lock"
         try:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -195,8 +201,6 @@ class YamlWriter:
                               "(please report)", self.path)
 
     def _replace(self, data: bytes, st: os.stat_result) -> None:
-        import secrets
-
         directory = os.path.dirname(os.path.abspath(self.path))
         tmp = os.path.join(directory, f".{os.path.basename(self.path)}.{secrets.token_hex(6)}.tmp")
         try:
@@ -282,8 +286,6 @@ def render_entry(user: str, entry: Entry, indent: int, inner: int, extra: list[s
 
 def _last_end(node: Any) -> int:
     """Index just after the last character that belongs to ``node``."""
-    import yaml
-
     if isinstance(node, yaml.MappingNode) and node.value and not node.flow_style:
         return _last_end(node.value[-1][1])
     if isinstance(node, yaml.SequenceNode) and node.value and not node.flow_style:
@@ -293,8 +295,6 @@ def _last_end(node: Any) -> int:
 
 def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
     """``text`` with the entry of ``user`` replaced by ``entry`` (None: removed)."""
-    import yaml
-
     try:
         root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
@@ -376,8 +376,6 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
 def _append(text: str, block: str) -> str:
     """``text`` with ``block`` (whole lines) added at the end of the document: before the
     end marker ``...`` that a complete file ends with, after everything else otherwise."""
-    from nss_config.strictyaml import END_MARKER
-
     lines = text.splitlines(keepends=True)
     for index in range(len(lines) - 1, -1, -1):
         if lines[index].rstrip() == END_MARKER:
@@ -387,8 +385,6 @@ def _append(text: str, block: str) -> str:
 
 
 def _inner_column(entries: Any, indent: int) -> int:
-    import yaml
-
     for _key, value in entries.value:
         if isinstance(value, yaml.MappingNode) and value.value and not value.flow_style:
             return int(value.value[0][0].start_mark.column)

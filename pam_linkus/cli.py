@@ -20,22 +20,36 @@ account password (checked through PAM) and, when already enrolled, a current cod
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
+import pwd
+import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
-from pam_linkus.config import DEFAULT_CONFIG_PATH
+from nss_config.base import MIN_SECRET_BITS, ExtensionSettings, check_user_name
+from nss_config.chain import build_chain
+from nss_config.writer import source_of, writer_for
+from nss_config.yaml_source import read_extensions
+from pam_linkus import emailcode, enrolment, migrate_pam
+from pam_linkus.config import DEFAULT_CONFIG_PATH, Config, load_config
+from pam_linkus.doctor import run as run_doctor
 from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Denied, LinkusError, NotEnrolled
+from pam_linkus.flow import Context, LoginRequest
+from pam_linkus.flow import authenticate as decide
+from pam_linkus.gauth import read_file
 from pam_linkus.logline import LOG_NOTICE, SyslogSink, format_fields
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from nss_config.base import ExtensionSettings
-    from pam_linkus.config import Config
-    from pam_linkus.flow import Context
-    from pam_linkus.state.base import StateStore
+from pam_linkus.mail import SmtpMailer
+from pam_linkus.mailtext import check_address
+from pam_linkus.outcome import Outcome
+from pam_linkus.password import ServiceRefused, check_password
+from pam_linkus.protocol import Msg, ProtocolError, call_control
+from pam_linkus.recovery import digest, display, generate_codes, new_salt, normalize_recovery_code
+from pam_linkus.state import open_store
+from pam_linkus.state.base import FOREVER, StateStore
+from pam_linkus.totp import decode_secret, generate_secret, match_totp, provisioning_uri
 
 #: Tries a person gets to type the confirmation code of a new enrolment.
 CONFIRM_TRIES = 3
@@ -49,8 +63,6 @@ class TerminalPrompter:
         try:
             if echo:
                 return input(prompt)
-            import getpass
-
             return getpass.getpass(prompt)
         except EOFError:
             raise ConversationFailed("no answer") from None
@@ -63,8 +75,6 @@ class Admin:
     """One run of the command: config, store, audit log, and who is acting."""
 
     def __init__(self, args: argparse.Namespace, *, actor: str, via: str):
-        from pam_linkus.config import load_config
-
         self.config: Config = load_config(args.config)
         self.sink = SyslogSink(args.log_socket, tag="linkus-2fa")
         self.actor = actor
@@ -74,8 +84,6 @@ class Admin:
 
     def store(self) -> StateStore:
         if self._store is None:
-            from pam_linkus.state import open_store
-
             self._store = open_store(self.config.state)
         return self._store
 
@@ -103,8 +111,6 @@ class Admin:
         this command returns. linkusd not running is said, not fatal: the change
         is saved either way.
         """
-        from pam_linkus.protocol import Msg, ProtocolError, call_control
-
         path = self.config.daemon.pam_socket
         try:
             status = call_control(path, Msg.RELOAD, timeout=30)
@@ -117,14 +123,10 @@ class Admin:
                   file=sys.stderr, flush=True)
 
     def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
-        from nss_config.writer import source_of
-
         return source_of(self.config, ext)
 
 
 def _check_ext(ext: str) -> str:
-    from nss_config.base import check_user_name
-
     try:
         check_user_name(ext)
     except ValueError:
@@ -133,8 +135,6 @@ def _check_ext(ext: str) -> str:
 
 
 def _invoker() -> str:
-    import pwd
-
     sudo_user = os.environ.get("SUDO_USER")
     if sudo_user:
         return sudo_user
@@ -154,8 +154,6 @@ def _when(epoch: float | None) -> str:
 
 
 def _show_totp(adm: Admin, ext: str, secret: str, issuer: str, *, qr: bool, qr_file: str | None) -> None:
-    from pam_linkus.totp import provisioning_uri
-
     uri = provisioning_uri(secret, ext, issuer)
     if qr or qr_file:
         code = _qr_code(uri)
@@ -180,7 +178,7 @@ def _show_totp(adm: Admin, ext: str, secret: str, issuer: str, *, qr: bool, qr_f
 
 def _qr_code(uri: str) -> Any:
     try:
-        import segno
+        import segno  # optional: QR output only; without it the key is shown as text
     except ImportError:
         return None
     return segno.make(uri, error="m")
@@ -200,8 +198,6 @@ def _save_qr(code: Any, path: str) -> None:
 
 def _confirm_totp(adm: Admin, secret: str) -> int:
     """Ask for a current code of the new secret; return its time step."""
-    from pam_linkus.totp import decode_secret, match_totp
-
     key = decode_secret(secret)
     for attempt in range(1, CONFIRM_TRIES + 1):
         answer = adm.prompter.ask("Enter the 6-digit code the app shows now: ", echo=True)
@@ -214,11 +210,6 @@ def _confirm_totp(adm: Admin, secret: str) -> int:
 
 
 def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: bool, qr_file: str | None) -> int:
-    import socket
-
-    from nss_config.writer import writer_for
-    from pam_linkus.totp import generate_secret
-
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)  # refuse a read-only source before showing a secret,
     writer.preflight(ext)  # one that cannot take the change,
@@ -257,8 +248,6 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     for the extension (the old address no longer counts, the new one does not
     yet), as the Yeastar UI does; the code entered turns it on again.
     """
-    from nss_config.writer import writer_for
-
     source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
     writer.preflight(ext)
@@ -291,8 +280,6 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
 
 
 def _check_address(address: str) -> None:
-    from pam_linkus.mailtext import check_address
-
     try:
         check_address(address)
     except ValueError as exc:
@@ -301,18 +288,12 @@ def _check_address(address: str) -> None:
 
 def _flow_context(adm: Admin) -> Context:
     """The login flow's context for the CLI: the same chain and store a login uses."""
-    from nss_config.chain import build_chain
-    from pam_linkus.flow import Context
-
     store = adm.store()
     return Context(adm.config, time.time, build_chain(adm.config, state=lambda: store, clock=time.time), store)
 
 
 def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     """Mail a code through the module's own email code path and check what is typed."""
-    from pam_linkus import emailcode
-    from pam_linkus.mail import SmtpMailer
-
     key = emailcode.load_key(adm.config.email.key_file)
     store = adm.store()
     delivery = emailcode.deliver(store, key, SmtpMailer(adm.config.smtp), adm.config.email, user=ext,
@@ -335,8 +316,6 @@ def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
 
 
 def disable(adm: Admin, ext: str) -> int:
-    from pam_linkus import enrolment
-
     source, current = enrolment.switch_off(adm.config, adm.store(), ext)
     if current is not None:  # switch_off wrote the source
         adm.reload_daemon()
@@ -346,8 +325,6 @@ def disable(adm: Admin, ext: str) -> int:
     else:
         print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
         if current.email:  # tell the owner, so a disable they did not ask for is noticed
-            from pam_linkus.mail import SmtpMailer
-
             try:
                 enrolment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
                                               time.time())
@@ -366,8 +343,6 @@ def unlock(adm: Admin, ext: str) -> int:
 
 
 def status(adm: Admin, ext: str) -> int:
-    from pam_linkus.state.base import FOREVER
-
     _source, settings = adm.lookup(ext)
     store = adm.store()
     now = time.time()
@@ -395,13 +370,9 @@ def status(adm: Admin, ext: str) -> int:
 
 
 def list_extensions(adm: Admin) -> int:
-    from pam_linkus.state.base import FOREVER
-
     if "yaml" not in adm.config.sources:
         print("The YAML source is not configured; use 'status EXT' for extensions in LDAP.")
         return 0
-    from nss_config.yaml_source import read_extensions
-
     extensions = read_extensions(adm.config.yaml.path)
     store = adm.store()
     now = time.time()
@@ -421,8 +392,6 @@ def list_extensions(adm: Admin) -> int:
 
 
 def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
-    from pam_linkus.recovery import digest, display, generate_codes, new_salt
-
     _source, settings = adm.lookup(ext)
     if settings is None or not settings.enrolled:
         raise NotEnrolled(f"{ext} has no 2FA enabled; enroll it first")
@@ -440,14 +409,7 @@ def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
 
 
 def import_google(adm: Admin, ext: str, path: str | None) -> int:
-    from nss_config.base import MIN_SECRET_BITS
-    from nss_config.writer import writer_for
-    from pam_linkus.gauth import read_file
-    from pam_linkus.recovery import digest, new_salt, normalize_recovery_code
-
     if path is None:
-        import pwd
-
         try:
             path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
         except KeyError:
@@ -520,8 +482,6 @@ def self_service(args: argparse.Namespace) -> int:
 
 def _prove_identity(adm: Admin, user: str) -> None:
     """The account password through PAM, then -- if enrolled -- a current code through the flow."""
-    from pam_linkus.password import ServiceRefused, check_password
-
     password = adm.prompter.ask("Password: ")
     try:
         accepted = check_password(adm.config.self_service.pam_service, user, password)
@@ -533,10 +493,6 @@ def _prove_identity(adm: Admin, user: str) -> None:
     _source, settings = adm.lookup(user)
     if settings is None or not settings.enrolled:
         return
-    from pam_linkus.flow import LoginRequest
-    from pam_linkus.flow import authenticate as decide
-    from pam_linkus.outcome import Outcome
-
     ctx = _flow_context(adm)
     ctx.echo_code = True
     try:
@@ -626,16 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "doctor":
-        from pam_linkus.doctor import run
-
-        return run(args.config, user=args.user, pam_dir=args.pam_dir, smtp=args.smtp, now=time.time())
+        return run_doctor(args.config, user=args.user, pam_dir=args.pam_dir, smtp=args.smtp, now=time.time())
     if args.verb == "self":
         return self_service(args)
     if args.verb == "migrate-pam":
-        from pam_linkus.migrate_pam import mark_legacy_secrets, migrate
-
-        pam = migrate(args.pam_dir, check=args.check)
-        return max(pam, mark_legacy_secrets(args.config, check=args.check))
+        pam = migrate_pam.migrate(args.pam_dir, check=args.check)
+        return max(pam, migrate_pam.mark_legacy_secrets(args.config, check=args.check))
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
         if args.verb == "list" or (args.verb == "status" and not args.ext):

@@ -13,6 +13,7 @@ pasted into the wrong place would otherwise end up in syslog).
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
@@ -258,7 +259,7 @@ class LdapConfig:
             raise r.fail("filter", "must be one parenthesised LDAP filter, e.g. (uid={user})")
         if self.uris:
             # What ldap3 cannot parse is refused here, never sent as something else.
-            from nss_config.ldap_source import check_filter
+            from nss_config.ldap_source import check_filter  # optional: ldap3, only with an LDAP source
 
             problem = check_filter(self.filter)
             if problem is not None:
@@ -589,8 +590,6 @@ class DaemonConfig:
         Looked up when linkusd (re)loads, not at parse time, so a config can be
         checked on another host; a missing group is an error, not "nobody".
         """
-        import grp
-
         gids = set()
         for name in names:
             try:

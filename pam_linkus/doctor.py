@@ -22,13 +22,24 @@ import grp
 import os
 import pwd
 import shutil
+import smtplib
+import socket
+import ssl
 import stat
+import struct
 import subprocess
+import time
 from typing import TYPE_CHECKING
 
+from nss_config.chain import build_chain
+from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
+from nss_config.yaml_source import read_extensions
+from pam_linkus import protocol
+from pam_linkus.config import load_config
 from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules
 from pam_linkus.password import PAM_DIR, ServiceRefused, check_service
+from pam_linkus.state import open_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -84,8 +95,6 @@ class Doctor:
 
 
 def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: float) -> int:
-    from pam_linkus.config import load_config
-
     doc = Doctor()
     try:
         config = load_config(config_path)
@@ -111,8 +120,6 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
 
 def check_permissions(doc: Doctor, config: Config) -> None:
     """Files and directories as linkusd checks them: root-owned, 0600/0400, whole path safe."""
-    from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
-
     files_read = [(config.path, "config file")]
     if "yaml" in config.sources:
         files_read.append((config.yaml.path, "extensions file"))
@@ -154,12 +161,8 @@ def check_permissions(doc: Doctor, config: Config) -> None:
 
 def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
     """Check each source; True if an extension of the YAML source uses email."""
-    from nss_config.chain import build_chain
-
     uses_email = False
     if "yaml" in config.sources:
-        from nss_config.yaml_source import read_extensions
-
         try:
             extensions = read_extensions(config.yaml.path)
             enrolled = sum(1 for s in extensions.values() if s.enrolled)
@@ -172,7 +175,7 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
         except LinkusError as exc:
             doc.report("FAIL", "yaml source", exc.reason)
     if "ldap" in config.sources:
-        from nss_config.ldap_source import check
+        from nss_config.ldap_source import check  # optional: ldap3, only with an LDAP source
 
         # The LDAP source's own step-by-step check (TLS, bind, search, lookup per server).
         for line in check(config.ldap, user):
@@ -193,8 +196,6 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
 
 
 def check_state(doc: Doctor, config: Config, now: float) -> None:
-    from pam_linkus.state import open_store
-
     try:
         store = open_store(config.state)
         try:
@@ -209,9 +210,6 @@ def check_state(doc: Doctor, config: Config, now: float) -> None:
 
 def check_smtp(doc: Doctor, config: Config) -> None:
     """Connect, greet, start TLS as configured, and quit -- no mail is sent."""
-    import smtplib
-    import ssl
-
     cfg = config.smtp
     try:
         context = ssl.create_default_context(cafile=cfg.ca_file) if cfg.security != "none" else None
@@ -246,12 +244,6 @@ def check_daemon(config: Config, socket_path: str | None = None) -> list[Finding
     WARN when it serves an older config because the current file does not load
     (with its reason). ok with version, uptime and counters otherwise.
     """
-    import os
-    import stat
-    import time
-
-    from pam_linkus import protocol
-
     path = socket_path or config.daemon.pam_socket
     try:
         st = os.lstat(path)
@@ -316,9 +308,6 @@ def _socket_inodes(pid: int | str) -> set[int]:
 def _listener_pid(path: str) -> int | None:
     """The pid that listens on the socket file at ``path`` now (SO_PEERCRED of a connection, which
     names the listener's pid before it even accepts), or None if nobody does."""
-    import socket
-    import struct
-
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
         probe.settimeout(2)
         try:

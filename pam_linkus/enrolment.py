@@ -9,7 +9,11 @@ them in a worker. Nothing here logs: callers write the audit line.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
+
+from nss_config.writer import source_of, writer_for
+from pam_linkus.recovery import digest, generate_codes, new_salt
 
 if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
@@ -20,8 +24,6 @@ if TYPE_CHECKING:
 
 def save_totp(config: Config, store: StateStore, ext: str, secret: str, step: int | None, now: float) -> str:
     """Save a confirmed TOTP secret (the email address is kept); record ``step`` as used. Returns the source."""
-    from nss_config.writer import source_of, writer_for
-
     source, _current = source_of(config, ext)
     writer = writer_for(config, source)
     writer.preflight(ext)
@@ -37,8 +39,6 @@ def save_totp(config: Config, store: StateStore, ext: str, secret: str, step: in
 
 def save_email(config: Config, store: StateStore, ext: str, address: str, now: float) -> str:
     """Save email 2FA to a confirmed address; a TOTP secret left behind would be a key nobody uses."""
-    from nss_config.writer import source_of, writer_for
-
     source, _current = source_of(config, ext)
     writer = writer_for(config, source)
     writer.preflight(ext)
@@ -52,8 +52,6 @@ def switch_off(config: Config, store: StateStore, ext: str) -> tuple[str, Extens
 
     Returns the source and the settings before the change (None: no source knows the extension).
     """
-    from nss_config.writer import source_of, writer_for
-
     source, current = source_of(config, ext)
     if current is not None:
         def change(old: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -69,8 +67,6 @@ def switch_off(config: Config, store: StateStore, ext: str) -> tuple[str, Extens
 
 def new_recovery_codes(store: StateStore, ext: str, count: int) -> list[str]:
     """Replace the extension's recovery codes; the plain codes exist only in the returned list."""
-    from pam_linkus.recovery import digest, generate_codes, new_salt
-
     codes = generate_codes(count)
     salt = new_salt()
     store.set_recovery_codes(ext, salt, [digest(c, salt) for c in codes])
@@ -83,8 +79,6 @@ def notify_switched_off(mailer: Mailer, ext: str, address: str, by: str, now: fl
     Raises what the mailer raises (MailUnavailable); callers log and go on: the
     change is made, the note is best effort.
     """
-    import time
-
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
     who = "you, on the Security Settings page" if by == ext else f"the administrator ({by})"
     body = (f"Two-factor authentication for extension {ext} was switched off at {when} by {who}.\n\n"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import stat
 
+from nss_config.base import normalize_secret
 from pam_linkus.errors import ConfigError
 
 MAX_BYTES = 64 * 1024
@@ -65,8 +66,6 @@ def read_file(path: str) -> GoogleAuthenticatorFile:
 
 
 def parse(text: str, path: str = "<google-authenticator file>") -> GoogleAuthenticatorFile:
-    from nss_config.base import normalize_secret
-
     lines = text.splitlines()
     if not lines:
         raise ConfigError("is empty", path)

@@ -110,9 +110,8 @@ class SmtpMailer:
             return
         except OSError as exc:  # smtplib's and ssl's errors, timeouts and refusals are all OSErrors
             reason = f"timed out after {cfg.timeout:g} s" if watchdog.fired else _describe(exc, cfg.timeout)
-            _drop_tracebacks(exc)
-        # Raised outside the except block, unchained: the lower-layer exception and
-        # its frames (which reach pam_python's handle) must not outlive this call.
+        # Raised outside the except block, so nothing is chained to it: what is logged
+        # is this one line, never smtplib's exception or its traceback.
         raise MailUnavailable(f"SMTP server {cfg.host}:{cfg.port}: {reason}")
 
     def _new(self, context: ssl.SSLContext | None) -> smtplib.SMTP:
@@ -166,16 +165,6 @@ def _describe(exc: OSError, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout:g} s"
     return exc.strerror or type(exc).__name__
-
-
-def _drop_tracebacks(exc: BaseException | None) -> None:
-    """Cut an exception chain loose from its frames: no lower-layer traceback
-    outlives the call (STYLE.md: translated once, tracebacks not kept)."""
-    for _ in range(20):
-        if exc is None:
-            return
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__
 
 
 def _tls_context(cfg: SmtpConfig) -> ssl.SSLContext:

@@ -27,7 +27,10 @@ import secrets
 import stat
 from collections.abc import Callable
 
+from nss_config.yaml_writer import YamlWriter
+from pam_linkus.config import load_config
 from pam_linkus.doctor import loads_pam_python_linkus
+from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules, render_arg
 
 KEPT_OPTIONS = ("prompt", "echo_code", "debug", "log_socket", "forward_pass")
@@ -220,10 +223,6 @@ def mark_legacy_secrets(config_path: str, *, check: bool, out: Callable[[str], N
     (at least 128 bits, issue 12.7), and every login would be refused after the upgrade.
     ``check``: only report (exit 1 when something needs marking).
     """
-    from nss_config.yaml_writer import YamlWriter
-    from pam_linkus.config import load_config
-    from pam_linkus.errors import LinkusError
-
     if not os.path.exists(config_path):
         return 0  # not installed yet: no extensions to look at
     try:

@@ -13,6 +13,9 @@ No I/O here: the flow and the CLI hand digests to the state store.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+
 #: Alphabet of new codes: base32's lower case (no 0/1/8/9, so no O/0 or l/1 confusion).
 ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 CODE_LENGTH = 10
@@ -42,15 +45,11 @@ def normalize_recovery_code(raw: str | bytes | None) -> str | None:
 
 
 def new_salt() -> str:
-    import secrets
-
     return secrets.token_hex(16)
 
 
 def digest(code: str, salt: str) -> str:
     """scrypt digest (hex) of a normalised code under the extension's salt."""
-    import hashlib
-
     return hashlib.scrypt(
         code.encode("ascii"), salt=bytes.fromhex(salt), n=_SCRYPT_N, r=_SCRYPT_R, p=_SCRYPT_P,
         maxmem=64 << 20, dklen=32,
@@ -59,8 +58,6 @@ def digest(code: str, salt: str) -> str:
 
 def generate_codes(count: int) -> list[str]:
     """``count`` new distinct codes, shown to the admin as ``abcde-fghij``."""
-    import secrets
-
     codes: list[str] = []
     while len(codes) < count:
         code = "".join(secrets.choice(ALPHABET) for _ in range(CODE_LENGTH))

@@ -2,15 +2,18 @@
 
 No I/O and no clock of its own: callers pass ``now`` (seconds since the epoch),
 so tests inject time instead of patching it. HMAC is the standard library's
-(``hmac.digest``): this runs in linkusd, where import time no longer matters.
+(``hmac.digest``).
 The time step is computed from UNIX time, never through local time (pyotp <= 2.10
 goes through local time and is an hour off around DST changes).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
+import secrets
+from urllib.parse import quote, urlencode
 
 from pam_linkus.codes import normalize_code
 from pam_linkus.errors import CodeRejected
@@ -134,9 +137,6 @@ def clock_skew_steps(
 
 def generate_secret(bits: int = 160) -> str:
     """A new random base32 secret (no padding); at least 128 bits as DESIGN.md asks."""
-    import base64
-    import secrets
-
     if bits < 128 or bits % 8:
         raise ValueError("a new secret has at least 128 bits, in whole bytes")
     return base64.b32encode(secrets.token_bytes(bits // 8)).decode().rstrip("=")
@@ -152,8 +152,6 @@ def provisioning_uri(
     period: int = 30,
 ) -> str:
     """The otpauth:// URI an authenticator app scans (Key Uri Format)."""
-    from urllib.parse import quote, urlencode
-
     # The label is "issuer:account" with one literal colon; a colon inside the issuer
     # (or the account) is percent-encoded, or apps would split the label there.
     label = f"{quote(issuer, safe='@')}:{quote(account, safe='@')}"

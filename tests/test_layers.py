@@ -143,6 +143,72 @@ def upward(graph: dict[str, set[str]]) -> list[str]:
     return arrows
 
 
+#: What may still be imported inside a function (issue 19 item 5): optional dependencies
+#: a host may lack, and our modules that import one at their top. Everything else stands
+#: at the top of its module: linkusd is long-running, so import time buys nothing, and an
+#: import inside a function hides a dependency until the one call that needs it fails.
+OPTIONAL_IMPORTS = (
+    "ldap3",  # only with an LDAP source
+    "nss_config.ldap_source",
+    "nss_config.ldap_writer",
+    "redis",  # only with Redis state
+    "pam_linkus.state.redis_store",
+    "segno",  # QR codes
+)
+#: Being rewritten in parallel when item 5 was done; their imports move with that work.
+NOT_YET = ("pam_linkus.web.app", "pam_linkus.daemon")
+
+
+def imports_in_functions(name: str, path: Path) -> Iterator[tuple[int, str]]:
+    """(line, dotted name) of every import statement inside a function of ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    seen: set[int] = set()
+    for function in functions:
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in seen:
+                seen.add(id(node))
+                module = ast.Module(body=[node], type_ignores=[])
+                yield from ((node.lineno, target) for target in _names_of(name, path, module))
+
+
+def _names_of(name: str, path: Path, tree: ast.Module) -> Iterator[str]:
+    is_package = path.name == "__init__.py"
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = name.split(".") if is_package else name.split(".")[:-1]
+                package = package[: len(package) - node.level + 1]
+                base = ".".join(package + ([base] if base else []))
+            yield from (f"{base}.{alias.name}" for alias in node.names)
+
+
+def misplaced_imports(root: Path) -> list[str]:
+    """``module:line name`` for each import inside a function that is not an optional dependency."""
+    found = []
+    for name, path in sorted(modules(root).items()):
+        if any(name == pending or name.startswith(pending + ".") for pending in NOT_YET):
+            continue
+        for line, target in imports_in_functions(name, path):
+            if not any(target == allowed or target.startswith(allowed + ".") for allowed in OPTIONAL_IMPORTS):
+                found.append(f"{name}:{line} {target}")
+    return found
+
+
+def local_type_checking_flags(root: Path) -> list[str]:
+    """Modules that define their own ``TYPE_CHECKING = False`` instead of importing typing's."""
+    found = []
+    for name, path in sorted(modules(root).items()):
+        for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+            if isinstance(node, ast.Assign) and any(
+                    isinstance(target, ast.Name) and target.id == "TYPE_CHECKING" for target in node.targets):
+                found.append(f"{name}:{node.lineno}")
+    return found
+
+
 def test_every_module_has_a_layer() -> None:
     unplaced = [m for m in modules(ROOT) if layer_of(m) is None]
     assert unplaced == [], "add these to LAYERS in tests/test_layers.py"
@@ -199,6 +265,33 @@ def test_the_checker_sees_imports_in_functions_and_type_checking_blocks(tmp_path
     assert cycles(graph) == [["nss_config.chain", "pam_linkus.config", "pam_linkus.flow"]]
     assert upward(graph) == ["nss_config.base -> pam_linkus.config (sources -> config)",
                              "nss_config.chain -> pam_linkus.flow (sources -> flow)"]
+
+
+
+def test_imports_stand_at_the_top_but_optional_dependencies() -> None:
+    assert misplaced_imports(ROOT) == []
+
+
+def test_no_module_fakes_typing_s_type_checking_flag() -> None:
+    """A pam_python-era trick (``typing`` cost milliseconds per login); typing's own flag is the one."""
+    assert local_type_checking_flags(ROOT) == []
+
+
+def test_the_import_checks_see_what_they_refuse(tmp_path: Path) -> None:
+    """The two checks above could pass by seeing nothing: a tree with one of each."""
+    (tmp_path / "nss_config").mkdir()
+    (tmp_path / "pam_linkus").mkdir()
+    (tmp_path / "nss_config" / "__init__.py").write_text("")
+    (tmp_path / "pam_linkus" / "__init__.py").write_text("")
+    (tmp_path / "nss_config" / "base.py").write_text("TYPE_CHECKING = False\n")
+    (tmp_path / "nss_config" / "chain.py").write_text(
+        "def f():\n    from nss_config.ldap_source import LdapSource\n\n"
+        "def g():\n    if True:\n        from . import base\n\n"
+        "class C:\n    async def h(self):\n        import ldap3.core\n        import os\n")
+    (tmp_path / "pam_linkus" / "daemon").mkdir()
+    (tmp_path / "pam_linkus" / "daemon" / "__init__.py").write_text("def f():\n    import json\n")
+    assert misplaced_imports(tmp_path) == ["nss_config.chain:6 nss_config.base", "nss_config.chain:11 os"]
+    assert local_type_checking_flags(tmp_path) == ["nss_config.base:1"]
 
 
 if __name__ == "__main__":

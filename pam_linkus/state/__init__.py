@@ -1,13 +1,15 @@
 """State stores: SQLite (default, one host) and Redis (a cluster of hosts).
 
-``open_store`` imports only the configured backend, so a SQLite host needs no
-python3-redis. One store serves all of linkusd's worker threads (see each
+``open_store`` imports the Redis backend only when it is configured, so a SQLite
+host needs no python3-redis. One store serves all of linkusd's worker threads (see each
 backend's docstring for how); the contract is in ``state.base``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from pam_linkus.state.sqlite_store import SqliteStore
 
 if TYPE_CHECKING:
     from pam_linkus.config import StateConfig
@@ -17,9 +19,7 @@ if TYPE_CHECKING:
 def open_store(config: StateConfig) -> StateStore:
     """Open the configured store; failures raise StateUnavailable."""
     if config.backend == "redis":
-        from pam_linkus.state.redis_store import RedisStore
+        from pam_linkus.state.redis_store import RedisStore  # optional: redis-py, only with Redis state
 
         return RedisStore(config.redis)
-    from pam_linkus.state.sqlite_store import SqliteStore
-
     return SqliteStore(config.path)

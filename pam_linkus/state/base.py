@@ -12,6 +12,9 @@ test module subclasses that suite.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
 #: ``locked_until`` of a lock only an admin can open (an epoch far in the future,
 #: representable as a 64-bit integer in SQLite and as a Redis integer).
 FOREVER = 2**62
@@ -195,207 +198,202 @@ def email_retry_after(
     return at
 
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from typing import Protocol
+class StateStore(Protocol):
+    """See the module docstring; ``now`` is always passed in (injected clock).
 
-    class StateStore(Protocol):
-        """See the module docstring; ``now`` is always passed in (injected clock).
+    A TOTP login checks its code in ONE atomic step (one SQLite write
+    transaction, one fsync; Redis: one script)::
 
-        A TOTP login checks its code in ONE atomic step (one SQLite write
-        transaction, one fsync; Redis: one script)::
+        attempt = store.totp_attempt(user, now, check=<match_totp>, keep_reserved=<may be
+                                     a recovery code>, **lockout)
 
-            attempt = store.totp_attempt(user, now, check=<match_totp>, keep_reserved=<may be
-                                         a recovery code>, **lockout)
+    ACCEPTED, WRONG, REPLAYED and LOCKED are final: the store has recorded the
+    success or counted the failure. RESERVED (no TOTP match, the answer may be a
+    recovery code) continues as below from "<check the code>", its attempt
+    already reserved: the slow recovery-code hash runs outside any transaction.
 
-        ACCEPTED, WRONG, REPLAYED and LOCKED are final: the store has recorded the
-        success or counted the failure. RESERVED (no TOTP match, the answer may be a
-        recovery code) continues as below from "<check the code>", its attempt
-        already reserved: the slow recovery-code hash runs outside any transaction.
+    Email codes, recovery codes and the web enrolment check like this (``user``
+    is ``settings.account``, the canonical name the source returned)::
 
-        Email codes, recovery codes and the web enrolment check like this (``user``
-        is ``settings.account``, the canonical name the source returned)::
+        status = store.reserve_attempt(user, now, **lockout)
+        if status.locked(now): refuse as locked, check no code
+        <check the code>
+        right email / recovery code: verify_email_code / use_recovery_code
+                     (they reset the failures themselves; settle_success is the same reset alone)
+        wrong:       store.settle_failure(user, now, **lockout)
 
-            status = store.reserve_attempt(user, now, **lockout)
-            if status.locked(now): refuse as locked, check no code
-            <check the code>
-            right email / recovery code: verify_email_code / use_recovery_code
-                         (they reset the failures themselves; settle_success is the same reset alone)
-            wrong:       store.settle_failure(user, now, **lockout)
+    The reservation counts the attempt as a failure before any code is
+    checked, so at most ``max_failures`` codes are ever checked before the
+    lock, whatever the number of parallel logins. The checks below refuse
+    (Locked) only a lock that needs an admin: a temporary lock that parallel
+    wrong attempts set after this attempt was reserved does not void it.
+    """
 
-        The reservation counts the attempt as a failure before any code is
-        checked, so at most ``max_failures`` codes are ever checked before the
-        lock, whatever the number of parallel logins. The checks below refuse
-        (Locked) only a lock that needs an admin: a temporary lock that parallel
-        wrong attempts set after this attempt was reserved does not void it.
+    def lock_status(self, user: str, now: float) -> LockStatus:
+        """Failures and lock of ``user`` as of ``now``."""
+        ...
+
+    def reserve_attempt(
+        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+    ) -> LockStatus:
+        """ONE atomic step before a code is checked.
+
+        Locked at ``now``: nothing changes; the status says locked. Else, when
+        the failures already counted leave no free slot (``>= max_failures``
+        and not exactly the count at which the last lock was set -- after a
+        lock expires one attempt is free, as before), the lock is set per
+        ``next_lock`` and the locked status returned, nothing reserved.
+        Otherwise one failure is counted now and the (unlocked) status returned.
         """
+        ...
 
-        def lock_status(self, user: str, now: float) -> LockStatus:
-            """Failures and lock of ``user`` as of ``now``."""
-            ...
+    def totp_attempt(
+        self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
+        max_failures: int, duration: int, permanent_after: int,
+    ) -> TotpAttempt:
+        """Reserve, check and record one TOTP attempt as ONE atomic step.
 
-        def reserve_attempt(
-            self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
-        ) -> LockStatus:
-            """ONE atomic step before a code is checked.
+        As ``reserve_attempt``: locked at ``now``, or every slot taken by
+        parallel reservations (``count >= max_failures`` and not the count at
+        which the last lock was set): LOCKED, the lock set per ``next_lock``,
+        nothing reserved, and the code's verdict (if any) decides nothing.
+        Otherwise ``check()`` gives the time step the code belongs to, or None:
 
-            Locked at ``now``: nothing changes; the status says locked. Else, when
-            the failures already counted leave no free slot (``>= max_failures``
-            and not exactly the count at which the last lock was set -- after a
-            lock expires one attempt is free, as before), the lock is set per
-            ``next_lock`` and the locked status returned, nothing reserved.
-            Otherwise one failure is counted now and the (unlocked) status returned.
-            """
-            ...
+        - a step newer than the last accepted one: ACCEPTED -- recorded as
+          used, failures and a temporary lock cleared, the success noted
+          (``Enrolment.last_success``);
+        - an accepted step (or older): REPLAYED, counted as a failure;
+        - None and ``keep_reserved``: RESERVED, the failure counted as by
+          ``reserve_attempt`` and nothing more (the caller settles it);
+        - None: WRONG, counted as a failure.
 
-        def totp_attempt(
-            self, user: str, now: float, *, check: Callable[[], int | None], keep_reserved: bool = False,
-            max_failures: int, duration: int, permanent_after: int,
-        ) -> TotpAttempt:
-            """Reserve, check and record one TOTP attempt as ONE atomic step.
+        A failure (WRONG, REPLAYED) counts one and locks when due, as
+        ``reserve_attempt`` followed by ``settle_failure``.
 
-            As ``reserve_attempt``: locked at ``now``, or every slot taken by
-            parallel reservations (``count >= max_failures`` and not the count at
-            which the last lock was set): LOCKED, the lock set per ``next_lock``,
-            nothing reserved, and the code's verdict (if any) decides nothing.
-            Otherwise ``check()`` gives the time step the code belongs to, or None:
+        ``check`` must be pure, cheap and constant-time in the secret (HMAC,
+        no I/O): SQLite calls it inside its write transaction, only for an
+        admitted attempt; Redis cannot run it inside Lua and calls it just
+        before its one script, whose verdict on the reservation decides
+        whether the result counts. Either way at most ``max_failures``
+        results ever count (and reach the person) before the lock.
+        """
+        ...
 
-            - a step newer than the last accepted one: ACCEPTED -- recorded as
-              used, failures and a temporary lock cleared, the success noted
-              (``Enrolment.last_success``);
-            - an accepted step (or older): REPLAYED, counted as a failure;
-            - None and ``keep_reserved``: RESERVED, the failure counted as by
-              ``reserve_attempt`` and nothing more (the caller settles it);
-            - None: WRONG, counted as a failure.
+    def settle_failure(
+        self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
+    ) -> LockStatus:
+        """The reserved attempt was wrong (or a replay): count nothing more; if the
+        consecutive failures reached ``max_failures``, lock per ``next_lock``
+        (never shortening a lock). One atomic step."""
+        ...
 
-            A failure (WRONG, REPLAYED) counts one and locks when due, as
-            ``reserve_attempt`` followed by ``settle_failure``.
+    def settle_success(self, user: str, now: float) -> None:
+        """A right code: clear the consecutive failures and a temporary lock
+        (a lock that needs an admin stays). One atomic step."""
+        ...
 
-            ``check`` must be pure, cheap and constant-time in the secret (HMAC,
-            no I/O): SQLite calls it inside its write transaction, only for an
-            admitted attempt; Redis cannot run it inside Lua and calls it just
-            before its one script, whose verdict on the reservation decides
-            whether the result counts. Either way at most ``max_failures``
-            results ever count (and reach the person) before the lock.
-            """
-            ...
+    def prune(self, now: float) -> int:
+        """Delete records that can no longer change a decision at ``now``; return
+        how many (SQLite rows; Redis: 0, its keys expire by TTL). Kept: locks,
+        failure counts younger than the failure TTL, enrolments, recovery codes."""
+        ...
 
-        def settle_failure(
-            self, user: str, now: float, *, max_failures: int, duration: int, permanent_after: int
-        ) -> LockStatus:
-            """The reserved attempt was wrong (or a replay): count nothing more; if the
-            consecutive failures reached ``max_failures``, lock per ``next_lock``
-            (never shortening a lock). One atomic step."""
-            ...
+    def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
+        """Atomically store a new email code for ``user`` unless throttled.
 
-        def settle_success(self, user: str, now: float) -> None:
-            """A right code: clear the consecutive failures and a temporary lock
-            (a lock that needs an admin stays). One atomic step."""
-            ...
+        Throttled (see ``email_retry_after``): nothing changes; report whether
+        the earlier code is still usable. Otherwise: replace ``user``'s code
+        with ``code_hash`` (expiring at ``now + limits.lifetime``, with
+        ``limits.max_attempts`` attempts) and record one send -- one atomic
+        write. Failure counts are never touched: a new code resets nothing.
+        """
+        ...
 
-        def prune(self, now: float) -> int:
-            """Delete records that can no longer change a decision at ``now``; return
-            how many (SQLite rows; Redis: 0, its keys expire by TTL). Kept: locks,
-            failure counts younger than the failure TTL, enrolments, recovery codes."""
-            ...
+    def discard_email_code(self, user: str, code_hash: str) -> None:
+        """The mail with ``code_hash`` could not be sent: delete that code (if it
+        is still the current one) and its send record, atomically."""
+        ...
 
-        def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
-            """Atomically store a new email code for ``user`` unless throttled.
+    def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
+        """Atomically use one attempt on ``user``'s email code; return an EmailCheck.
 
-            Throttled (see ``email_retry_after``): nothing changes; report whether
-            the earlier code is still usable. Otherwise: replace ``user``'s code
-            with ``code_hash`` (expiring at ``now + limits.lifetime``, with
-            ``limits.max_attempts`` attempts) and record one send -- one atomic
-            write. Failure counts are never touched: a new code resets nothing.
-            """
-            ...
+        Raises Locked if the extension is locked until an admin unlocks it. ACCEPTED: the hash
+        matched (constant-time compare where the backend allows), the code is
+        deleted (single use) and the failure count cleared. WRONG: one attempt
+        used; EXHAUSTED: that was the last, the code is deleted. EXPIRED: the
+        code is deleted. MISSING: no code. An empty ``code_hash`` never matches
+        (a malformed answer still uses an attempt).
+        """
+        ...
 
-        def discard_email_code(self, user: str, code_hash: str) -> None:
-            """The mail with ``code_hash`` could not be sent: delete that code (if it
-            is still the current one) and its send record, atomically."""
-            ...
+    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+        """Atomically note a confirmed enrolment: ``since`` = ``now``, no last success yet.
 
-        def verify_email_code(self, user: str, code_hash: str, now: float) -> str:
-            """Atomically use one attempt on ``user``'s email code; return an EmailCheck.
+        ``totp_step`` is the step of the confirmation code, recorded as used so
+        the code typed at enrolment cannot be replayed at a login (the old
+        secret's record is replaced); None removes the TOTP replay record.
+        """
+        ...
 
-            Raises Locked if the extension is locked until an admin unlocks it. ACCEPTED: the hash
-            matched (constant-time compare where the backend allows), the code is
-            deleted (single use) and the failure count cleared. WRONG: one attempt
-            used; EXHAUSTED: that was the last, the code is deleted. EXPIRED: the
-            code is deleted. MISSING: no code. An empty ``code_hash`` never matches
-            (a malformed answer still uses an attempt).
-            """
-            ...
+    def enrolment(self, user: str) -> Enrolment | None:
+        """Method, since, last success and recovery codes left; None if nothing is known."""
+        ...
 
-        def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
-            """Atomically note a confirmed enrolment: ``since`` = ``now``, no last success yet.
+    def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
+        """Atomically replace all recovery codes of ``user`` by these digests (one salt)."""
+        ...
 
-            ``totp_step`` is the step of the confirmation code, recorded as used so
-            the code typed at enrolment cannot be replayed at a login (the old
-            secret's record is replaced); None removes the TOTP replay record.
-            """
-            ...
+    def recovery_salt(self, user: str) -> str | None:
+        """The salt of ``user``'s recovery codes, None if none are left."""
+        ...
 
-        def enrolment(self, user: str) -> Enrolment | None:
-            """Method, since, last success and recovery codes left; None if nothing is known."""
-            ...
+    def recovery_codes_left(self, user: str) -> int:
+        ...
 
-        def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
-            """Atomically replace all recovery codes of ``user`` by these digests (one salt)."""
-            ...
+    def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
+        """Atomically spend the recovery code with ``digest``.
 
-        def recovery_salt(self, user: str) -> str | None:
-            """The salt of ``user``'s recovery codes, None if none are left."""
-            ...
+        Raises Locked if the extension is locked until an admin unlocks it. Returns False if no
+        stored digest matches (compared in constant time). Otherwise deletes that
+        code, clears the failure count and records the success -- one atomic write.
+        """
+        ...
 
-        def recovery_codes_left(self, user: str) -> int:
-            ...
+    def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
+        """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
+        logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
 
-        def use_recovery_code(self, user: str, digest: str, now: float) -> bool:
-            """Atomically spend the recovery code with ``digest``.
+        An existing later end is kept (never shortened). ``rhost`` is a normalised
+        IP address; the caller never passes an empty one.
+        """
+        ...
 
-            Raises Locked if the extension is locked until an admin unlocks it. Returns False if no
-            stored digest matches (compared in constant time). Otherwise deletes that
-            code, clears the failure count and records the success -- one atomic write.
-            """
-            ...
+    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+        """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
+        ...
 
-        def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
-            """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
-            logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
+    def unlock(self, user: str) -> None:
+        """Clear failures and lock (admin action)."""
+        ...
 
-            An existing later end is kept (never shortened). ``rhost`` is a normalised
-            IP address; the caller never passes an empty one.
-            """
-            ...
+    def forget(self, user: str) -> None:
+        """Remove every record of ``user`` (2FA disabled, extension removed),
+        grace periods included."""
+        ...
 
-        def grace_active(self, user: str, rhost: str, now: float) -> bool:
-            """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
-            ...
+    def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
+        """Remember ``data`` (opaque text, the source's serialised settings) as what
+        ``source`` last said about ``user`` at ``now``; None forgets it.
 
-        def unlock(self, user: str) -> None:
-            """Clear failures and lock (admin action)."""
-            ...
+        The LDAP source's offline cache (``ldap.cache_max_age``): one atomic write.
+        """
+        ...
 
-        def forget(self, user: str) -> None:
-            """Remove every record of ``user`` (2FA disabled, extension removed),
-            grace periods included."""
-            ...
+    def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
+        """What ``cache_settings`` stored, if it was stored at most ``max_age``
+        seconds before ``now`` (and not after ``now``: a clock that went back
+        must not make an entry young again); else None."""
+        ...
 
-        def cache_settings(self, source: str, user: str, data: str | None, now: float) -> None:
-            """Remember ``data`` (opaque text, the source's serialised settings) as what
-            ``source`` last said about ``user`` at ``now``; None forgets it.
-
-            The LDAP source's offline cache (``ldap.cache_max_age``): one atomic write.
-            """
-            ...
-
-        def cached_settings(self, source: str, user: str, now: float, max_age: float) -> str | None:
-            """What ``cache_settings`` stored, if it was stored at most ``max_age``
-            seconds before ``now`` (and not after ``now``: a clock that went back
-            must not make an entry young again); else None."""
-            ...
-
-        def close(self) -> None:
-            ...
+    def close(self) -> None:
+        ...

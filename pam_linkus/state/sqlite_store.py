@@ -28,6 +28,8 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from pam_linkus.errors import Locked, StateUnavailable
 from pam_linkus.state.base import (
@@ -37,6 +39,7 @@ from pam_linkus.state.base import (
     REPLAY_TTL,
     EmailCheck,
     EmailIssue,
+    EmailLimits,
     Enrolment,
     LockStatus,
     TotpAttempt,
@@ -44,14 +47,7 @@ from pam_linkus.state.base import (
     next_lock,
 )
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-    from typing import Any, TypeVar
-
-    from pam_linkus.state.base import EmailLimits
-
-    T = TypeVar("T")
+T = TypeVar("T")
 
 #: Append only; never edit a migration that has shipped.
 MIGRATIONS: tuple[str, ...] = (
