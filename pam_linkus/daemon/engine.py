@@ -25,16 +25,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+from nss_config.chain import SourceChain, build_chain
+from pam_linkus import __version__
+from pam_linkus.config import Config, load_config
 from pam_linkus.errors import LinkusError, Unavailable
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, SyslogSink
-
-if TYPE_CHECKING:
-    from nss_config.chain import SourceChain
-    from pam_linkus.config import Config
-    from pam_linkus.mail import Mailer
-    from pam_linkus.state.base import StateStore
+from pam_linkus.mail import Mailer, SmtpMailer
+from pam_linkus.state import open_store
+from pam_linkus.state.base import StateStore
 
 T = TypeVar("T")
 
@@ -82,10 +82,6 @@ class Snapshot:
 
 def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
     """Load and check everything a login needs; raise a LinkusError naming what is wrong."""
-    from nss_config.chain import build_chain
-    from pam_linkus.config import load_config
-    from pam_linkus.state import open_store
-
     before = _signature(config_path)
     config = load_config(config_path)
     files = {config_path: before}
@@ -310,8 +306,6 @@ class Engine:
             raise Unavailable(f"daemon work took longer than {timeout:g} s") from None
 
     def mailer(self, config: Config) -> Mailer:
-        from pam_linkus.mail import SmtpMailer
-
         return SmtpMailer(config.smtp)
 
     def status(self) -> dict[str, object]:
@@ -352,6 +346,4 @@ def _settle(future: asyncio.Future[Snapshot], snap: Snapshot | None, exc: BaseEx
 
 
 def _version() -> str:
-    from pam_linkus import __version__
-
     return __version__

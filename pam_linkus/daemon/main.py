@@ -28,10 +28,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from pam_linkus.config import DaemonConfig
+from pam_linkus.config import DaemonConfig, load_config
 from pam_linkus.daemon.engine import Engine
 from pam_linkus.daemon.server import Server
 from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
+from pam_linkus.errors import LinkusError
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
 from pam_linkus.nodump import forbid_core_dumps
 
@@ -196,9 +197,6 @@ def instance_lock(pam_socket: str) -> int:
 def _start_settings(args: argparse.Namespace) -> DaemonConfig | None:
     """The daemon section of the config as it is at start (None if the file does not load: then the
     defaults serve, and every login is refused until a good config loads)."""
-    from pam_linkus.config import load_config
-    from pam_linkus.errors import LinkusError
-
     try:
         return load_config(args.config).daemon
     except LinkusError:

@@ -35,6 +35,7 @@ import os
 import socket
 import struct
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from pam_linkus import protocol
+from pam_linkus.daemon.selfservice import SelfService
 from pam_linkus.daemon.transport import Channel
 from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
 from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, split_digits
@@ -51,7 +53,6 @@ from pam_linkus.protocol import F, Msg, ProtocolError
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
-    from pam_linkus.daemon.selfservice import SelfService
     from pam_linkus.flow import Steps
 
 T = TypeVar("T")
@@ -343,8 +344,6 @@ class Server:
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:
-            from pam_linkus.daemon.selfservice import SelfService
-
             self._web_service = SelfService(self.engine)
         try:
             async with asyncio.timeout(timeout):
@@ -565,8 +564,6 @@ def _info_fields(text: str, error: bool) -> dict[F, bytes | str | int]:
 
 def internal_error(engine: Engine, exc: BaseException) -> str:
     """Log a bug without its message (it could carry a value) but with where it happened."""
-    import traceback
-
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     reason = f"internal error: {type(exc).__name__}{where}"
