@@ -75,7 +75,7 @@ class LinkusSetup:
         }
         base.update(config or {})
         self.config = base
-        self.config_path.write_text(yaml.safe_dump(base, sort_keys=False))
+        self.config_path.write_text(yaml.safe_dump(base, sort_keys=False, explicit_end=True))
         os.chmod(self.config_path, 0o600)
         self.extensions_path.write_text(extensions_yaml(users, extensions))
         os.chmod(self.extensions_path, 0o600)

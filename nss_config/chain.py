@@ -9,7 +9,7 @@ must not turn into "this extension has no 2FA".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nss_config.errors import SourceUnavailable
 from nss_config.yaml_source import YamlSource
@@ -48,6 +48,27 @@ class SourceChain:
         if first_error is not None:
             raise first_error
         return None
+
+    def counts(self) -> tuple[int, int] | None:
+        """(extensions, enrolled) held by the sources that load a whole file (YAML); None when
+        none does (LDAP is asked per login and has no count)."""
+        held: list[Any] = [source for source in self.sources if hasattr(source, "enrolled")]
+        if not held:
+            return None
+        return sum(len(source) for source in held), sum(int(source.enrolled) for source in held)
+
+    def load_summary(self, previous: SourceChain | None) -> tuple[str, bool]:
+        """The counts for linkusd's "configuration loaded" line, and whether the number of
+        enrolled extensions dropped since ``previous`` (worth a warning: a file that lost its
+        enrolments lets those extensions log in without a code)."""
+        now = self.counts()
+        if now is None:
+            return "", False
+        text = f"extensions={now[0]} enrolled={now[1]}"
+        before = previous.counts() if previous is not None else None
+        if before is not None and now[1] < before[1]:
+            return f"{text} (enrolled dropped from {before[1]})", True
+        return text, False
 
     def close(self) -> None:
         """Release what the sources hold (LDAP's warm connections) when linkusd

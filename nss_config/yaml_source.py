@@ -21,7 +21,9 @@ The file must end with the line ``...`` (YAML's end of document), written last:
 an empty, half-written or cut-short file is refused like any broken file -- the
 daemon keeps its last good snapshot, and with none every login is unavailable --
 instead of loading as fewer extensions, whose logins would then skip the code
-(issue 17.6). linkus-2fa and the self-service page keep the marker.
+(issue 17.6). linkus-2fa and the self-service page keep the marker. A file with no
+extensions says so with ``extensions: {}``; an empty document or an ``extensions``
+key without a value is refused too.
 
 The whole file is validated when it is loaded, so one broken entry is reported
 (and keeps the daemon on its last good snapshot) at once instead of on the day
@@ -63,12 +65,19 @@ from nss_config.errors import ConfigError, SourceUnavailable
 from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
 TOP_KEYS = ("extensions", "version")
+#: How a file with no extensions says so; anything less is refused, not read as "none".
+NO_EXTENSIONS = "write 'extensions: {}' for a file with no extensions"
 
 
 def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, ExtensionSettings]:
-    """Validate a parsed extensions document into settings by the key as written."""
+    """Validate a parsed extensions document into settings by the key as written.
+
+    An empty document, a missing ``extensions`` key or one with no value is refused: "no
+    extensions" must be written out as ``extensions: {}``. Such a file with a valid end
+    marker loaded as zero extensions, so every enrolled extension skipped its code.
+    """
     if data is None:
-        return {}
+        raise ConfigError(f"is empty: {NO_EXTENSIONS}", path)
     if not isinstance(data, dict):
         raise ConfigError("must be a mapping with an 'extensions' key", path)
     marks = getattr(data, "marks", {})
@@ -79,9 +88,11 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
     version = data.get("version", 1)
     if version != 1:
         raise ConfigError("version must be 1", path)
-    entries = data.get("extensions")
+    if "extensions" not in data:
+        raise ConfigError(f"has no 'extensions' key: {NO_EXTENSIONS}", path)
+    entries = data["extensions"]
     if entries is None:
-        return {}
+        raise ConfigError(f"extensions has no value: {NO_EXTENSIONS}", _where(path, data, "extensions"))
     if not isinstance(entries, dict):
         raise ConfigError("extensions must be a mapping of extension name to settings", path)
     result: dict[str, ExtensionSettings] = {}
@@ -145,6 +156,10 @@ class YamlSource:
         if _extensions is None:
             _extensions = _load(path)
         self._by_name = _extensions
+        #: How many extensions must give a second factor: linkusd's reload line reports it, so
+        #: a file that lost its enrolments shows as a drop (issue 17, tester 3).
+        self.enrolled = (_extensions.enrolled if isinstance(_extensions, PackedExtensions)
+                         else sum(1 for settings in _extensions.values() if settings.enrolled))
 
     @classmethod
     def load(cls, path: str, *, in_child: bool | None = None) -> YamlSource:
@@ -254,13 +269,16 @@ class PackedExtensions:
     def __init__(self) -> None:
         self._shards: list[dict[str, bytes]] = [{} for _ in range(self.SHARDS)]
         self._count = 0
+        #: enrolled extensions, counted by the child (the parent never unpacks the entries)
+        self.enrolled = 0
 
-    def add(self, keys: list[str], blobs: list[bytes]) -> None:
+    def add(self, keys: list[str], blobs: list[bytes], enrolled: int) -> None:
         """While loading only: keys are casefolded names, already unique (the child checked)."""
         shards, mask = self._shards, self.SHARDS - 1
         for key, blob in zip(keys, blobs, strict=True):
             shards[hash(key) & mask][key] = blob
         self._count += len(keys)
+        self.enrolled += enrolled
 
     def __len__(self) -> int:
         return self._count
@@ -291,9 +309,9 @@ def _from_chunks(data: bytes, path: str) -> PackedExtensions:
     pos = 0
     while pos < len(view):
         size = int.from_bytes(view[pos:pos + 4], "big")
-        keys, blobs = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our own child, over a private pipe
+        keys, blobs, enrolled = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our own child's pipe
         pos += 4 + size
-        packed.add(keys, blobs)
+        packed.add(keys, blobs, enrolled)
         time.sleep(_PAUSE)  # let the event loop and the workers run between chunks
     if pos != len(view):
         raise ConfigError("the loader's output was cut short", path)
@@ -316,6 +334,7 @@ def child_main(path: str) -> None:
         keys = [key for key, _ in items[start:start + CHUNK]]
         blobs = [marshal.dumps(tuple(getattr(settings, name) for name in _FIELDS))
                  for _, settings in items[start:start + CHUNK]]
-        chunk = marshal.dumps((keys, blobs))
+        enrolled = sum(1 for _, settings in items[start:start + CHUNK] if settings.enrolled)
+        chunk = marshal.dumps((keys, blobs, enrolled))
         out.write(len(chunk).to_bytes(4, "big") + chunk)
     out.flush()

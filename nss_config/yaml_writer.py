@@ -345,7 +345,13 @@ def splice(text: str, user: str, entry: Entry | None, path: str) -> str:
     if entry is None:
         line_start = text.rfind("\n", 0, start) + 1
         stop = _line_end(text, end)
-        return text[:line_start] + text[stop + 1:] if stop < len(text) else text[:line_start]
+        rest = text[stop + 1:] if stop < len(text) else ""
+        if len(ext_value.value) == 1:
+            # The last one goes: "extensions:" with nothing after it is refused as a cut file,
+            # so the mapping is written out empty.
+            colon = text.index(":", ext_key.end_mark.index)
+            return text[:colon + 1] + " {}" + text[colon + 1:line_start] + rest
+        return text[:line_start] + rest
     indent = int(key.start_mark.column)
     inner = _inner_column(ext_value, indent)
     # Keep the admin's comments: one after the key, and comment lines inside the entry.

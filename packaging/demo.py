@@ -74,7 +74,7 @@ def main() -> int:
         config, extensions = workdir / "pam_linkus.yaml", workdir / "extensions.yaml"
         _write_private(config, f"sources: [yaml]\nyaml: {{path: {extensions}}}\n"
                                f"state: {{path: {workdir}/state/state.db}}\n"
-                               f"email: {{key_file: {workdir}/state/email.key}}\n")
+                               f"email: {{key_file: {workdir}/state/email.key}}\n...\n")
         _write_private(extensions, f'extensions:\n  "{user}":\n    method: totp\n    secret: {secret}\n...\n')
         socket_path = run_dir / "pam.sock"
         with open(workdir / "linkusd.log", "wb") as log:  # the child keeps its own copy of the descriptor

@@ -4,7 +4,8 @@
 #   - the Python package into PREFIX/venv (on /usr/bin/python3, with Debian's python3-yaml,
 #     -ldap3, -redis, -segno visible), and linkusd / linkus-2fa on PATH in /usr/local/sbin;
 #   - /etc/pam_linkus (config files made once, never overwritten), /var/lib/pam_linkus;
-#   - the LDAP schema (packaging/ldap) into /usr/share/pam-linkus/ldap, as the Debian package does;
+#   - the LDAP schema (packaging/ldap) into /usr/share/pam-linkus/ldap and add-end-marker.sh into
+#     /usr/share/pam-linkus, as the Debian package does;
 #   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
 #     background (it daemonizes once ready); a running one is restarted with the new code.
 # No /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
@@ -80,16 +81,11 @@ for file in pam_linkus.yaml extensions.yaml; do
         install -o root -g root -m 0600 "$SRC/packaging/$file" "/etc/pam_linkus/$file"
     fi
 done
-# This version refuses an extensions file whose last line is not the YAML end marker "..." (a
-# cut-short file must not switch 2FA off): one from an older version gets it once here, before the
-# new linkusd starts, as the Debian package's postinst does.
-ext=/etc/pam_linkus/extensions.yaml
-if [ -f "$ext" ] && [ ! -L "$ext" ] && ! grep -qx '\.\.\.[[:space:]]*' "$ext"; then
-    if [ -s "$ext" ] && [ -n "$(tail -c 1 "$ext")" ]; then
-        printf '\n' >> "$ext"
-    fi
-    printf '...\n' >> "$ext"
-fi
+# This version refuses a config or extensions file whose last line is not the YAML end marker "..."
+# (a cut-short file must not switch 2FA off): one from an older version gets it once here, before the
+# new linkusd starts, by the same script the Debian package's postinst runs.
+install -o root -g root -m 0755 "$SRC/packaging/add-end-marker.sh" /usr/share/pam-linkus/add-end-marker.sh
+sh /usr/share/pam-linkus/add-end-marker.sh /etc/pam_linkus/pam_linkus.yaml /etc/pam_linkus/extensions.yaml
 
 # --- linkusd.
 # Its sockets' directory: 0755 root, as linkusd.socket's DirectoryMode= and linkusd itself make it;

@@ -40,8 +40,10 @@ class Reader:
     __slots__ = ("_data", "_file", "_prefix", "_used")
 
     def __init__(self, data: Any, file: str, prefix: str = ""):
-        if data is None:
-            data = MarkedDict()
+        if data is None and not prefix:
+            # Nothing but comments (or nothing) before the end marker: a file emptied or cut to
+            # its header must not load as "every default" (enforce: enrolled, default state path).
+            raise ConfigError("is empty: it holds no settings (write {} for every default)", file)
         if not isinstance(data, dict):
             raise ConfigError(f"{prefix.rstrip('.') or 'the document'} must be a mapping", file)
         self._data = data
@@ -155,9 +157,13 @@ class Reader:
         return list(value)
 
     def section(self, key: str) -> Reader:
+        """The mapping under ``key``; absent is an empty one, but a key with no value is an error:
+        it is what a file cut after ``profiles:`` or ``sshd:`` looks like (issue 17, tester 1)."""
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             value = MarkedDict()
+        elif value is None:
+            raise self.fail(key, "has no value; give its settings, write {} for the defaults, or leave it out")
         elif not isinstance(value, dict):
             raise self.fail(key, "must be a mapping")
         return Reader(value, self._file, f"{self._prefix}{key}.")
@@ -705,6 +711,11 @@ class Config:
 
 
 def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
-    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col."""
+    """Read, check and parse the main config; any problem is a ConfigError naming file:line:col.
+
+    The file must end with the end marker ``...`` (as extensions.yaml): every prefix of a YAML
+    file cut at a line is valid YAML, and a cut or emptied config would otherwise load with
+    defaults -- enforcement off, state in the default SQLite file instead of Redis.
+    """
     data, _ = open_secure(path, secret=True, max_bytes=MAX_CONFIG_BYTES)
-    return Config.from_mapping(load_yaml(data, path), path)
+    return Config.from_mapping(load_yaml(data, path, require_end=True), path)

@@ -186,8 +186,8 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":
-            yield from _decoy_prompt(req, ctx)
-            raise NotEnrolled("no second factor enrolled and policy is enforce: all")
+            key = settings.account if settings is not None else req.user.casefold()
+            yield from _no_factor(req, ctx, key, "no second factor enrolled and policy is enforce: all")
         if single and req.kept:
             # The first line split a code off for an extension that has none now
             # (enrolment changed in between): the password it forwarded was cut short.
@@ -197,8 +197,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     ctx.account = settings.account
     req = req.for_account(settings.account)
     if settings.method not in profile.methods:
-        yield from _decoy_prompt(req, ctx)
-        raise NotEnrolled(f"method {settings.method} is not allowed for this service")
+        yield from _no_factor(req, ctx, req.user, f"method {settings.method} is not allowed for this service")
 
     store = ctx.store
     now = ctx.clock()
@@ -224,16 +223,37 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     return decision
 
 
-def _decoy_prompt(req: LoginRequest, ctx: Context) -> Generator[Ask | Info | Offload, str | None, None]:
-    """Ask for a code that nothing will accept, before a refusal under ``enforce: all``.
+def _no_factor(req: LoginRequest, ctx: Context, key: str,
+               reason: str) -> Generator[Ask | Info | Offload, str | None, NoReturn]:
+    """Refuse a name that cannot give a second factor under ``enforce: all`` (unknown, without
+    2FA, or enrolled with a method this service refuses) exactly as an enrolled TOTP
+    extension whose code never matches is refused.
 
-    With pam_linkus.so before the password module, an enrolled name is asked for a
-    code while a name without 2FA -- or one that does not exist -- used to be refused
-    at once: the stack told anyone which names exist (issue 17.11). So such a name
-    gets the same TOTP prompt, and no answer is, as for an enrolled one, a
-    conversation failure; the answer itself is never looked at.
+    With pam_linkus.so before the password module, anyone can try names: an unknown one
+    refused at once told which names exist (issue 17.11), and so did one that got the code
+    prompt but never locked while enrolled names lock after ``max_failures`` (issue 17,
+    tester 2). So such a name takes the same state steps -- lock check, the TOTP prompt,
+    one counted failure, the lock with its message, then no prompt while locked -- keyed by
+    ``key``: the account's canonical name when a source knows it, else the name as typed,
+    casefolded as the sources compare names. The answer itself is never looked at.
+    What remains is timing (docs/security.md).
     """
+    now = ctx.clock()
+    status = ctx.store.lock_status(key, now)
+    if status.locked(now):
+        yield Info(ctx.config.prompts.locked, error=True)
+        raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
     yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
+    now = ctx.clock()
+    attempt = ctx.store.totp_attempt(key, now, check=lambda: None, keep_reserved=False, **_lockout(ctx))
+    status = attempt.status
+    if attempt.verdict == TotpAttempt.LOCKED:
+        yield Info(ctx.config.prompts.locked, error=True)
+        raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+    failure = yield from _failure(ctx, reason, status, now)
+    if isinstance(failure, Locked):
+        raise failure
+    raise NotEnrolled(f"{reason} ({status.failures} consecutive failures)")
 
 
 def _answer(req: LoginRequest, prompt: str, echo: bool) -> Generator[Ask | Info | Offload, str | None, str]:

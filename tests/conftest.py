@@ -51,7 +51,7 @@ def code_at(secret: str, when: float, *, digits: int = 6, period: int = 30, algo
 
 
 def write_yaml(path: Path, data: Any, mode: int = 0o600, *, end: bool = False) -> None:
-    """``end``: "..." last, as an extensions file must end (nss_config.yaml_source)."""
+    """``end``: "..." last, as pam_linkus.yaml and extensions.yaml must end (a file without it is cut short)."""
     path.write_text(yaml.safe_dump(data, sort_keys=False, explicit_end=end) if not isinstance(data, str) else data)
     os.chmod(path, mode)
 
@@ -177,7 +177,7 @@ class PamStack:
         ))
 
     def _write_config(self) -> None:
-        write_yaml(self.config_path, self.config)
+        write_yaml(self.config_path, self.config, end=True)
 
     def _write_extensions(self) -> None:
         write_yaml(self.extensions_path, {"extensions": self.extensions}, end=True)

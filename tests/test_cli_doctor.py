@@ -40,8 +40,9 @@ def test_doctor_names_file_line_column_of_a_broken_extensions_file(pam_stack: Pa
 
 
 def test_doctor_names_a_bad_config_key(pam_stack: PamStack) -> None:
-    lines = pam_stack.config_path.read_text().count("\n")
-    pam_stack.config_path.write_text(pam_stack.config_path.read_text() + "enforse: all\n")
+    body = pam_stack.config_path.read_text().removesuffix("...\n")  # the key goes before the end marker
+    lines = body.count("\n")
+    pam_stack.config_path.write_text(body + "enforse: all\n...\n")
     result = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root))
     assert result.returncode != 0
     assert f"{pam_stack.config_path}:{lines + 1}:1: unknown key in top level (known: " in result.stdout

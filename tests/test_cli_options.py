@@ -22,7 +22,8 @@ class Setup:
         self.extensions = root / "extensions.yaml"
         (root / "state").mkdir(mode=0o700)
         self.config.write_text(yaml.safe_dump({"yaml": {"path": str(self.extensions)},
-                                               "state": {"path": str(root / "state" / "state.db")}}))
+                                               "state": {"path": str(root / "state" / "state.db")}},
+                                              explicit_end=True))
         os.chmod(self.config, 0o600)
         self.write_extensions({"1001": {"method": "totp", "secret": SECRET}})
 

@@ -22,6 +22,11 @@ def write_ext(path: Path, text: str, mode: int = 0o600) -> Path:
     return write(path, text + "...\n", mode)
 
 
+def write_config(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A main config: ``text`` and the end marker a complete one ends with."""
+    return write(path, text + "...\n", mode)
+
+
 def write(path: Path, text: str, mode: int = 0o600) -> Path:
     path.write_text(text)
     os.chmod(path, mode)
@@ -167,7 +172,7 @@ def test_unsafe_grandparent_is_refused(private_dir: Path, mode: int) -> None:
     os.chmod(outer, mode)
     inner = outer / "pam_linkus"
     inner.mkdir(mode=0o700)
-    path = write(inner / "pam_linkus.yaml", "enforce: all\n")
+    path = write_config(inner / "pam_linkus.yaml", "enforce: all\n")
     with pytest.raises(ConfigError, match=f"directory {outer} is writable by group or others"):
         load_config(str(path))
 
@@ -176,7 +181,7 @@ def test_tmp_is_refused_as_a_parent() -> None:
     """/tmp is 1777: a config under it is refused, however private its own directory."""
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o700)
-        path = write(Path(tmp) / "pam_linkus.yaml", "enforce: all\n")
+        path = write_config(Path(tmp) / "pam_linkus.yaml", "enforce: all\n")
         with pytest.raises(ConfigError, match="is writable by group or others"):
             load_config(str(path))
 
@@ -187,7 +192,7 @@ def test_symlinked_directory_is_checked_where_it_points(private_dir: Path) -> No
     os.chmod(outer, 0o777)
     real = outer / "real"
     real.mkdir(mode=0o700)
-    path = write(real / "pam_linkus.yaml", "enforce: all\n")
+    path = write_config(real / "pam_linkus.yaml", "enforce: all\n")
     link = private_dir / "etc"
     link.symlink_to(real)
     with pytest.raises(ConfigError, match=f"directory {outer}"):
@@ -218,7 +223,7 @@ def test_missing_file_is_an_error(private_dir: Path) -> None:
 
 
 def test_config_defaults() -> None:
-    config = Config.from_mapping(None)
+    config = Config.from_mapping({})
     assert config.enforce == "enrolled" and config.sources == ["yaml"]
     assert config.lockout.max_failures == 5 and config.lockout.duration == 900
     assert config.totp.window == 1 and config.state.backend == "sqlite"
@@ -255,7 +260,7 @@ def test_config_defaults() -> None:
     ],
 )
 def test_config_errors_name_key_and_place(private_dir: Path, text: str, message: str, where: str) -> None:
-    path = write(private_dir / "pam_linkus.yaml", text)
+    path = write_config(private_dir / "pam_linkus.yaml", text)
     with pytest.raises(ConfigError, match=message) as info:
         load_config(str(path))
     assert str(info.value).startswith(str(path) + where)
@@ -345,14 +350,14 @@ def test_extension_entries_parse(private_dir: Path) -> None:
 
 
 def test_unknown_key_holding_a_secret_is_not_echoed(private_dir: Path) -> None:
-    path = write(private_dir / "pam_linkus.yaml", f"smtp:\n  {SECRET}: x\nprofiles:\n  {SECRET.lower()}: 1\n")
+    path = write_config(private_dir / "pam_linkus.yaml", f"smtp:\n  {SECRET}: x\nprofiles:\n  {SECRET.lower()}: 1\n")
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert SECRET not in str(info.value) and str(info.value).startswith(f"{path}:2:3: unknown key in smtp")
 
 
 def test_daemon_defaults_and_values() -> None:
-    config = Config.from_mapping(None)
+    config = Config.from_mapping({})
     d = config.daemon
     assert (d.pam_socket, d.web_socket, d.web_group) == ("/run/linkusd/pam.sock", "/run/linkusd/web.sock",
                                                          "linkus-web")
@@ -395,3 +400,118 @@ def test_shipped_config_loads_and_documents_every_section(private_dir: Path) -> 
                 "work_timeout:", "answer_timeout:", "workers:", "web_workers:", "max_connections:",
                 "max_per_caller:", "max_per_caller_root:", "max_per_account:", "profiles:", "methods:"):
         assert key in text, key
+
+
+# -- a cut or empty main config is refused (the extensions file's rule, issue 17.6) --------------
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "packaging" / "pam_linkus.yaml"
+#: What an admin adds to the shipped file: per-service profiles, the last one the tester's.
+PROFILES = """\
+profiles:
+  sshd:
+    enforce: all
+    methods: [totp]
+  linkus-attack-pc:
+    enforce: all
+"""
+
+
+def realistic_config() -> str:
+    """The shipped template with profiles added before its end marker, and a comment after it."""
+    text = SHIPPED.read_text()
+    assert text.endswith("\n...\n"), "the shipped template ends with the end marker"
+    return text[: -len("...\n")] + PROFILES + "...\n# edited by the admin, 2026-01-02\n"
+
+
+def _policy(config: Config) -> tuple[object, ...]:
+    """What a cut file could change without anyone noticing: policy, sources and where state goes."""
+    return (config.enforce, config.sources, config.yaml.path, config.state.backend, config.state.path,
+            config.lockout.max_failures, {name: repr(p) for name, p in config.profiles.items()},
+            config.daemon.pam_socket)
+
+
+def test_the_shipped_config_ends_with_the_end_marker(private_dir: Path) -> None:
+    assert SHIPPED.read_text().splitlines()[-1] == "..."
+    assert load_config(str(write(private_dir / "pam_linkus.yaml", realistic_config()))).enforce == "enrolled"
+
+
+def test_no_prefix_of_the_main_config_loads(private_dir: Path) -> None:
+    """Every prefix of a realistic pam_linkus.yaml -- cut at every line and at random bytes -- is
+    refused, except cuts after the end marker, which load exactly as the whole file does."""
+    import random
+
+    data = realistic_config().encode()
+    path = write(private_dir / "pam_linkus.yaml", data.decode())
+    whole = _policy(load_config(str(path)))
+    assert whole[0] == "enrolled" and set(whole[6]) == {"sshd", "linkus-attack-pc"}  # type: ignore[arg-type]
+    marker_end = data.index(b"\n...\n") + len(b"\n...")
+    lines = data.splitlines(keepends=True)
+    cuts = {sum(len(line) for line in lines[:n]) for n in range(len(lines))}
+    rng = random.Random(1706)  # fixed: a failure names a cut that reproduces
+    cuts |= {rng.randrange(len(data)) for _ in range(300)}
+    refused = 0
+    for cut in sorted(cuts):
+        path.write_bytes(data[:cut])
+        try:
+            config = load_config(str(path))
+        except ConfigError as exc:
+            assert str(exc).startswith(f"{path}:"), (cut, str(exc))
+            refused += 1
+            continue
+        assert cut >= marker_end, (cut, data[:cut][-40:])
+        assert _policy(config) == whole, cut
+    assert refused >= len(lines) - 1
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "enforce: all\n",
+                                  "profiles:\n  linkus-attack-pc:\n    enforce: all\n"])
+def test_a_config_without_the_end_marker_is_refused_naming_its_last_line(private_dir: Path, text: str) -> None:
+    path = write(private_dir / "pam_linkus.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value).startswith(f"{path}:{text.count(chr(10)) + 1}: has no end marker: its last line "
+                                        "must be '...'")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("...\n", ":1:1: did not find expected node content"),  # libyaml: a lone marker is no document
+    ("# nothing yet\n...\n", ":2:1: did not find expected node content"),
+    ("---\n...\n", ": is empty: it holds no settings (write {} for every default)"),
+    ("null\n...\n", ": is empty: it holds no settings (write {} for every default)"),
+    ("# nothing yet\n~\n...\n", ": is empty: it holds no settings (write {} for every default)"),
+])
+def test_an_empty_config_is_refused(private_dir: Path, text: str, message: str) -> None:
+    path = write(private_dir / "pam_linkus.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert str(caught.value) == f"{path}{message}"
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "where"),
+    [
+        ("profiles:\n  linkus-attack-pc:\n", "profiles.linkus-attack-pc: has no value", ":2:3"),
+        ("enforce: all\nprofiles:\n  sshd:\n    enforce: all\n  web:\n", "profiles.web: has no value", ":5:3"),
+        ("profiles:\n", "profiles: has no value", ":1:1"),
+        ("state:\n", "state: has no value", ":1:1"),
+        ("yaml:\n", "yaml: has no value", ":1:1"),
+        ("lockout: ~\n", "lockout: has no value", ":1:1"),
+        ("ldap:\n  attributes:\n", "ldap.attributes: has no value", ":2:3"),
+        ("daemon: null\n", "daemon: has no value", ":1:1"),
+    ],
+)
+def test_a_key_without_a_value_where_a_mapping_belongs_is_refused(private_dir: Path, text: str, message: str,
+                                                                   where: str) -> None:
+    path = write_config(private_dir / "pam_linkus.yaml", text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(str(path))
+    assert str(caught.value).startswith(f"{path}{where}: {message}; ")
+
+
+def test_empty_mappings_written_out_are_settings(private_dir: Path) -> None:
+    """``{}`` is a deliberate "every default"; only a key with nothing after it is refused."""
+    path = write_config(private_dir / "pam_linkus.yaml", "state: {}\nprofiles:\n  sshd: {}\n")
+    config = load_config(str(path))
+    assert config.profile("sshd", explicit=True).enforce == "enrolled" and config.state.backend == "sqlite"
+    assert load_config(str(write_config(path, "{}\n"))).enforce == "enrolled"

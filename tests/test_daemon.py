@@ -214,7 +214,7 @@ def test_start_without_a_good_config_refuses_every_login(private_dir: Path, log_
     require_root()
     stack = PamStack(private_dir, log_catcher, start=False)
     try:
-        stack.config_path.write_text("sources: [nope]\n")
+        stack.config_path.write_text("sources: [nope]\n...\n")
         os.chmod(stack.config_path, 0o600)
         stack.daemon.start()
         assert stack.daemon.status()["loaded"] is False
@@ -236,7 +236,7 @@ def test_doctor_reports_the_daemon(stack: PamStack) -> None:
     path = str(stack.daemon.pam_socket)
     [ok] = check_daemon(config, path)
     assert ok.level == "ok" and "version" in ok.detail
-    stack.config_path.write_text("enforce: sometimes\n")
+    stack.config_path.write_text("enforce: sometimes\n...\n")
     os.chmod(stack.config_path, 0o600)
     stack.daemon.reload()
     assert [f.level for f in check_daemon(config, path)] == ["WARN", "ok"]

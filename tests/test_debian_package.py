@@ -196,8 +196,9 @@ def test_package_files(deb: Path) -> None:
                  "/usr/share/man/man8/pam_linkus.8.gz", "/usr/share/man/man8/linkus-2fa.8.gz",
                  "/usr/share/man/man8/linkusd.8.gz", "/usr/share/man/man5/pam_linkus.yaml.5.gz",
                  "/usr/share/man/man8/linkus-web.8.gz", "/usr/bin/linkus-web", "/lib/systemd/system/linkus-web.service",
-                 "/usr/share/pam-linkus/extensions.yaml"):
+                 "/usr/share/pam-linkus/extensions.yaml", "/usr/share/pam-linkus/add-end-marker.sh"):
         assert name in members, name
+    assert modes["/usr/share/pam-linkus/add-end-marker.sh"] == (0o755, "root", "root")
     for unit in ("linkusd.socket", "linkusd-web.socket", "linkusd.service"):
         assert contents[f"/lib/systemd/system/{unit}"] == (REPO / "packaging" / "systemd" / unit).read_bytes()
     schemas = sorted((REPO / "packaging" / "ldap").glob("linkus-2fa.*"))

@@ -142,7 +142,26 @@ def test_enforce_all_asks_every_name_for_a_code_before_refusing(store: SqliteSto
             with pytest.raises(expected):
                 authenticate(LoginRequest(user, profile="strict"), ctx, prompter)
             assert prompter.prompts == ["Authentication code: "], user
-    assert store.lock_status("nobody", T0).failures == 0
+    # Each wrong answer counted one failure for every name alike (issue 17, tester 2); no answer none.
+    assert [store.lock_status(user, T0).failures for user in ("1001", "1002", "nobody", "1004")] == [1, 1, 1, 1]
+
+
+def test_enforce_all_locks_an_unknown_name_as_typed_in_any_case(store: SqliteStore) -> None:
+    """An unknown name's failures are kept under the name casefolded, as sources compare names, and
+    lock it after max_failures like an enrolled extension's: the lock message, then no prompt."""
+    config = Config.from_mapping({"enforce": "all", "lockout": {"max_failures": 2}})
+    seen = []
+    for typed in ("Ghost", "GHOST", "ghost"):
+        prompter = Prompter("000000")
+        ctx = Context(config, Clock(T0), SourceChain([StaticSource({})]), store)
+        with pytest.raises((NotEnrolled, Locked)) as caught:
+            authenticate(LoginRequest(typed), ctx, prompter)
+        seen.append((type(caught.value).__name__, prompter.prompts, prompter.infos))
+    locked = "Too many failed attempts; contact your administrator."
+    assert seen == [("NotEnrolled", ["Authentication code: "], []),
+                    ("Locked", ["Authentication code: "], [locked]),
+                    ("Locked", [], [locked])]
+    assert store.lock_status("ghost", T0).failures == 2 and store.lock_status("Ghost", T0).failures == 0
 
 
 class NoStore:

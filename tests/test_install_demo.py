@@ -99,20 +99,26 @@ def installed(fresh_machine: PrivateRoot) -> dict[str, Any]:
     pid = running_pid(root)
     made = stat.S_IMODE(os.lstat(root.path(RUN_DIR)).st_mode)
     root.path(RUN_DIR).chmod(0o700)  # what an older linkusd made under its umask: an upgrade repairs it
-    # An older version's extensions file has no end marker, which this version requires: the upgrade adds it.
+    # An older version's files have no end marker, which this version requires: the upgrade adds it.
     root.path("/etc/pam_linkus/extensions.yaml").write_text(OLD_EXTENSIONS)
+    root.path("/etc/pam_linkus/pam_linkus.yaml").write_text(OLD_CONFIG)
     again = install(root)
     assert again.returncode == 0, again.stdout + again.stderr
     return {"root": root, "first": first, "again": again, "pid": pid, "migrated": migrated, "kept": kept,
-            "run_dir_mode": made, "extensions": root.path("/etc/pam_linkus/extensions.yaml").read_text()}
+            "run_dir_mode": made, "extensions": root.path("/etc/pam_linkus/extensions.yaml").read_text(),
+            "config": root.path("/etc/pam_linkus/pam_linkus.yaml").read_text()}
 
 
 OLD_EXTENSIONS = '''extensions:
   "1001": {method: totp, secret: JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP}  # no newline at the end'''
+#: The shipped config as an older version had it: everything but the end marker line.
+OLD_CONFIG = (REPO / "packaging" / "pam_linkus.yaml").read_text().removesuffix("...\n")
 
 
-def test_an_upgrade_ends_an_older_extensions_file_with_the_marker(installed: dict[str, Any]) -> None:
+def test_an_upgrade_ends_older_config_and_extensions_files_with_the_marker(installed: dict[str, Any]) -> None:
     assert installed["extensions"] == OLD_EXTENSIONS + "\n...\n"
+    assert installed["config"] == OLD_CONFIG + "...\n" == (REPO / "packaging" / "pam_linkus.yaml").read_text()
+    assert installed["root"].path("/usr/share/pam-linkus/add-end-marker.sh").stat().st_mode & 0o777 == 0o755
     status = call_control(str(installed["root"].path(RUN_DIR / "pam.sock")), timeout=10)
     assert status["loaded"] is True and not status.get("last_error"), status
 
@@ -245,3 +251,36 @@ def test_security_settings_page_against_the_installed_linkusd(installed: dict[st
             driver.quit()
         web.terminate()
         web.wait(10)
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    ("enforce: all", "enforce: all\n...\n"),  # no newline at the end
+    ("enforce: all\n", "enforce: all\n...\n"),
+    ("", "...\n"),  # still refused by linkusd (empty), but the script does not guess
+    ("enforce: all\n...\n# a comment after it\n", "enforce: all\n...\n# a comment after it\n"),
+    ("enforce: all\n...   \n", "enforce: all\n...   \n"),
+])
+def test_add_end_marker_adds_the_line_once(private_dir: Path, before: str, after: str) -> None:
+    """packaging/add-end-marker.sh, which install.sh and the postinst run on upgrade: the marker once,
+    on a line of its own; a second run changes nothing; symlinks and missing files are left alone."""
+    script = REPO / "packaging" / "add-end-marker.sh"
+    config, target, link = private_dir / "pam_linkus.yaml", private_dir / "target.yaml", private_dir / "link.yaml"
+    config.write_text(before)
+    target.write_text("enforce: all\n")
+    link.symlink_to(target)
+    for _ in range(2):
+        subprocess.run(["sh", str(script), str(config), str(link), str(private_dir / "absent.yaml")], check=True,
+                       env=CLEAN_ENV, timeout=30)
+        assert config.read_text() == after
+    assert target.read_text() == "enforce: all\n" and not (private_dir / "absent.yaml").exists()
+
+
+def test_install_and_postinst_share_the_marker_script() -> None:
+    """One copy of the migration: both callers run the installed script on both files."""
+    call = "sh /usr/share/pam-linkus/add-end-marker.sh /etc/pam_linkus/pam_linkus.yaml"
+    for path in (REPO / "packaging" / "install.sh", REPO / "packaging" / "debian" / "libpam-linkus.postinst"):
+        text = path.read_text()
+        assert call in text and "extensions.yaml" in text.split(call, 1)[1].split("\n\n")[0], path
+        assert "printf '...\\n'" not in text, path
+    assert "packaging/add-end-marker.sh usr/share/pam-linkus/" in \
+        (REPO / "packaging" / "debian" / "libpam-linkus.install").read_text()

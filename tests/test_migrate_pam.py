@@ -96,9 +96,11 @@ def test_cli_verb_check_and_config_after_the_verb(pam_dir: Path) -> None:
     (pam_dir / "su").write_text(f"auth required pam_unix.so\nauth {CONTROL} pam_python.so pam_linkus.py\n")
     result = cli("migrate-pam", "--pam-dir", str(pam_dir), "--check", "--config", "/nonexistent")
     assert result.returncode == 1 and "needs migrating" in result.stdout
-    result = cli("migrate-pam", "--pam-dir", str(pam_dir))
+    # Never this machine's own /etc/pam_linkus/pam_linkus.yaml (the default): its state is not the test's.
+    absent = str(pam_dir / "absent.yaml")
+    result = cli("migrate-pam", "--pam-dir", str(pam_dir), "--config", absent)
     assert result.returncode == 0 and "pam_linkus.so" in (pam_dir / "su").read_text()
-    assert cli("migrate-pam", "--pam-dir", str(pam_dir), "--check").returncode == 0
+    assert cli("migrate-pam", "--pam-dir", str(pam_dir), "--check", "--config", absent).returncode == 0
 
 
 def test_migrate_pam_marks_the_short_keys_the_old_version_imported(pam_stack: PamStack, private_dir: Path) -> None:

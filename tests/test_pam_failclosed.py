@@ -35,7 +35,7 @@ def test_unknown_option_refuses_and_names_it(pam_stack: PamStack, user: str) -> 
 def test_malformed_config_refuses_with_file_line_column(pam_stack: PamStack, user: str) -> None:
     pam_stack.enroll_totp(user)
     restart_broken(pam_stack, lambda: pam_stack.config_path.write_text(
-        pam_stack.config_path.read_text() + "enforce: [all\n"))
+        pam_stack.config_path.read_text().removesuffix("...\n") + "enforce: [all\n...\n"))
     assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_AUTHINFO_UNAVAIL"
     assert f"{pam_stack.config_path}:" in pam_stack.log.wait_for("configuration not loaded")
     pam_stack.log.wait_for("outcome=unavailable")

@@ -483,7 +483,7 @@ def test_linkus_2fa_doctor_prints_the_ldap_checks(
     config_path.write_text(yaml.safe_dump({
         "sources": ["ldap"], "state": {"path": str(private_dir / "state" / "state.db")},
         "ldap": ldap_config(slapd, base, password_file),
-    }))
+    }, explicit_end=True))
     config_path.chmod(0o600)
     pam_dir = private_dir / "pam.d"
     pam_dir.mkdir()
@@ -494,7 +494,8 @@ def test_linkus_2fa_doctor_prints_the_ldap_checks(
     assert "FAIL ldap" not in out
     stopped = ldap_config(slapd, base, password_file, uris=[f"ldaps://127.0.0.1:{free_port()}"])
     config_path.write_text(yaml.safe_dump({"sources": ["ldap"], "ldap": stopped,
-                                           "state": {"path": str(private_dir / "state" / "state.db")}}))
+                                           "state": {"path": str(private_dir / "state" / "state.db")}},
+                                          explicit_end=True))
     assert run(str(config_path), user=None, pam_dir=str(pam_dir), smtp=False, now=time.time()) == 1
     assert "Connection refused" in capsys.readouterr().out
 

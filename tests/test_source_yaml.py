@@ -216,8 +216,51 @@ def test_a_file_without_the_end_marker_is_refused_naming_its_last_line(private_d
     assert f"{path}:{text.count(chr(10)) + 1}: has no end marker: its last line must be '...'" in caught.value.reason
 
 
-def test_the_end_marker_alone_or_with_no_extensions_is_a_complete_file(private_dir: Path) -> None:
+def test_an_explicit_empty_mapping_is_a_complete_file_with_no_extensions(private_dir: Path) -> None:
     path = private_dir / "extensions.yaml"
-    for text in ("extensions: {}\n...\n", "# none yet\nextensions:\n...\n"):
+    for text in ("extensions: {}\n...\n", "# none yet\nversion: 1\nextensions: {}\n...\n"):
         write_yaml(path, text)
         assert len(YamlSource.load(str(path))) == 0
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("---\n...\n", ": is empty: write 'extensions: {}' for a file with no extensions"),
+    ("null\n...\n", ": is empty: write 'extensions: {}' for a file with no extensions"),
+    ("# none yet\n~\n...\n", ": is empty: write 'extensions: {}' for a file with no extensions"),
+    ("version: 1\n...\n", ": has no 'extensions' key: write 'extensions: {}' for a file with no extensions"),
+    ("extensions:\n...\n", ":1:1: extensions has no value: write 'extensions: {}' for a file with no extensions"),
+    ("version: 1\nextensions: null\n...\n",
+     ":2:1: extensions has no value: write 'extensions: {}' for a file with no extensions"),
+])
+@pytest.mark.parametrize("in_child", [False, True])
+def test_a_file_with_the_end_marker_but_no_extensions_mapping_is_refused(private_dir: Path, text: str, message: str,
+                                                                         in_child: bool) -> None:
+    """Issue 17, tester 3: such a file loaded as "0 extensions", and every wrong code then got PAM_IGNORE."""
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, text)
+    with pytest.raises(ConfigError) as caught:
+        YamlSource.load(str(path), in_child=in_child)
+    assert caught.value.reason == f"{path}{message}"
+
+
+@pytest.mark.parametrize("in_child", [False, True])
+def test_the_source_counts_its_extensions_and_the_enrolled_ones(private_dir: Path, in_child: bool) -> None:
+    """What linkusd's "configuration loaded" line reports, so a drop of enrolled extensions shows."""
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, REALISTIC)
+    source = YamlSource.load(str(path), in_child=in_child)
+    assert (len(source), source.enrolled) == (7, 5)
+
+
+def test_the_chain_summarises_counts_and_flags_a_drop_of_enrolled_extensions(private_dir: Path) -> None:
+    from nss_config.chain import SourceChain
+
+    path = private_dir / "extensions.yaml"
+    write_yaml(path, REALISTIC)
+    full = SourceChain([YamlSource.load(str(path))])
+    write_yaml(path, 'extensions:\n  "1001": {method: none}\n...\n')
+    fewer = SourceChain([YamlSource.load(str(path))])
+    assert full.load_summary(None) == ("extensions=7 enrolled=5", False)
+    assert fewer.load_summary(full) == ("extensions=1 enrolled=0 (enrolled dropped from 5)", True)
+    assert full.load_summary(fewer) == ("extensions=7 enrolled=5", False)
+    assert SourceChain([]).load_summary(full) == ("", False)

@@ -78,6 +78,18 @@ def test_removing_an_entry(ext_file: Path) -> None:
     assert "# trailing note" in ext_file.read_text()
 
 
+def test_removing_the_last_entry_leaves_an_explicit_empty_mapping(ext_file: Path) -> None:
+    """An ``extensions`` key with no value is refused (a cut file), so "none left" is written ``{}``."""
+    YamlWriter(str(ext_file)).update("1002", lambda old: None)
+    YamlWriter(str(ext_file)).update("1001", lambda old: None)
+    assert read_extensions(str(ext_file)) == {}
+    text = ext_file.read_text()
+    assert text.startswith("# Extensions of the sales PBX -- edited by hand and by linkus-2fa\nversion: 1\n"
+                           "extensions: {}\n") and text.endswith("  # trailing note\n...\n# after the end\n"), text
+    YamlWriter(str(ext_file)).update("7", lambda old: {"method": "totp", "secret": OTHER})
+    assert set(read_extensions(str(ext_file))) == {"7"}
+
+
 def test_an_entry_that_would_refuse_logins_is_never_written(ext_file: Path) -> None:
     with pytest.raises(ConfigError, match="method totp needs a secret"):
         YamlWriter(str(ext_file)).update("1002", lambda old: {"method": "totp"})
@@ -101,12 +113,21 @@ def test_flow_style_extensions_are_refused_not_guessed(ext_file: Path) -> None:
     assert ext_file.read_text() == flow
 
 
-def test_empty_file_and_empty_mapping_get_their_first_entry(ext_file: Path) -> None:
-    for start in ("extensions:\n...\n", "# c\nextensions: {}\n...\n", "version: 1\n...\n# end\n"):
+def test_an_empty_mapping_gets_its_first_entry(ext_file: Path) -> None:
+    for start in ("extensions: {}\n...\n", "# c\nextensions: {}\n...\n", "version: 1\nextensions: {}\n...\n# end\n"):
         ext_file.write_text(start)
         YamlWriter(str(ext_file)).update("7", lambda old: {"method": "totp", "secret": OTHER})
         assert read_extensions(str(ext_file))["7"].secret == OTHER, start
         assert ext_file.read_text().endswith(start[start.index("..."):]), start
+
+
+def test_a_file_without_an_extensions_mapping_is_not_edited(ext_file: Path) -> None:
+    """Such a file is refused as a whole (it may be a cut one), never "repaired" by an edit."""
+    for start in ("extensions:\n...\n", "version: 1\n...\n# end\n", "---\n...\n"):
+        ext_file.write_text(start)
+        with pytest.raises(ConfigError, match=r"write 'extensions: \{\}' for a file with no extensions"):
+            YamlWriter(str(ext_file)).update("7", lambda old: {"method": "none"})
+        assert ext_file.read_text() == start
 
 
 def test_a_file_without_the_end_marker_is_not_completed_by_an_edit(ext_file: Path) -> None:
