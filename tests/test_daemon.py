@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import syslog
 import threading
 import time
 from collections.abc import Iterator
@@ -173,6 +174,21 @@ def test_a_huge_secret_is_refused_at_load_and_the_last_good_settings_stay(stack:
     assert f"{stack.extensions_path}:5:3" in line and "keeping the last good configuration" in line
     assert "AAAAAAAA" not in line
     assert login(stack, "alice", code_at(SECRET, time.time())).outcome == "success"
+
+
+def test_the_loaded_line_counts_extensions_and_warns_when_enrolled_ones_drop(stack: PamStack) -> None:
+    """A file that lost enrolments (an edit gone wrong) lets those extensions in on the password alone
+    under ``enforce: enrolled``: the reload's line says how many are enrolled and warns at a drop."""
+    stack.enroll_totp("alice")
+    stack.enroll_totp("bob")
+    stack.daemon.reload()
+    line = stack.log.wait_for("enrolled=2")
+    assert "extensions=2 enrolled=2" in line and line.startswith(f"<{syslog.LOG_AUTHPRIV | syslog.LOG_INFO}>")
+    del stack.extensions["bob"]
+    stack._write_extensions()
+    stack.daemon.reload()
+    line = stack.log.wait_for("enrolled dropped from 2")
+    assert "extensions=1 enrolled=1" in line and line.startswith(f"<{syslog.LOG_AUTHPRIV | syslog.LOG_WARNING}>")
 
 
 def test_watcher_reloads_when_the_file_changes(stack: PamStack) -> None:

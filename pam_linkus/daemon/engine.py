@@ -31,7 +31,7 @@ from nss_config.chain import SourceChain, build_chain
 from pam_linkus import __version__
 from pam_linkus.config import Config, load_config
 from pam_linkus.errors import LinkusError, Unavailable
-from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, SyslogSink
+from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SyslogSink
 from pam_linkus.mail import Mailer, SmtpMailer
 from pam_linkus.state import open_store
 from pam_linkus.state.base import StateStore
@@ -201,8 +201,10 @@ class Engine:
             self.health.last_reload = time.time()
             self.health.last_error = None
             self.health.last_error_at = None
-            self.sink.send(LOG_INFO, f"linkusd: configuration loaded ({reason}) from {self.config_path} "
-                                     f"in {int((time.monotonic() - started) * 1000)} ms")
+            counts, dropped = snap.chain.load_summary(old.chain if old is not None else None)
+            self.sink.send(LOG_WARNING if dropped else LOG_INFO,
+                           f"linkusd: configuration loaded ({reason}) from {self.config_path} "
+                           f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
