@@ -270,12 +270,15 @@ class SelfService:
         sess = self._sessions.get(key)
         if sess is None:
             raise WebError("expired")
+        if sess.state == "code" and state == "in":
+            # still waiting for its sign-in code: the page leads back to that step (issue 17/7).
+            # Answered before the CSRF check: it changes nothing and tells only what the page shows.
+            raise WebError("code")
         if csrf and not hmac.compare_digest(sess.csrf.encode(), fields.get("csrf", "").encode()):
             self._log(LOG_WARNING, "csrf-refused", ext=sess.ext, client=fields.get("client"))
             raise WebError("bad-request", "csrf")
         if sess.state != state:
-            # a session still waiting for its sign-in code: the page leads back to that step
-            raise WebError("code" if sess.state == "code" else "step")
+            raise WebError("step")
         sess.seen = now
         return sess
 

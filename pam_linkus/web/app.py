@@ -40,6 +40,10 @@ DEFAULT_SOCKET = "/run/linkusd/web.sock"
 MAX_BODY = 8192
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
+CODE_CSRF_COOKIE = "linkus_code_csrf"
+#: The extension typed at a sign-in that went on to the code step: after a wrong code the sign-in
+#: form comes back with it filled in (not secret: the person just typed it; path /sign-in only).
+EXT_COOKIE = "linkus_ext"
 CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 log = logging.getLogger("linkus-web")
@@ -217,6 +221,9 @@ class _Pages:
             text = (strings.LOCKED.format(until=time.strftime("%H:%M", time.localtime(until)))
                     if isinstance(until, (int, float)) else strings.LOCKED_ADMIN)
             return self.render("message.html", 403, title=strings.LOCKED_TITLE, text=text, kind="locked")
+        if word == "throttled" and reply.get("reason") == "email-code":
+            return self.render("message.html", 429, title=strings.TITLE, kind="throttled",
+                               text=strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after"))))
         if word == "throttled":
             minutes = max(1, int(reply.get("retry_after", 60)) // 60 + 1)
             return self.render("message.html", 429, title=strings.TITLE,
@@ -273,9 +280,13 @@ class _Pages:
                            ext: str = "") -> Response:
         pre = secrets.token_urlsafe(24)
         notice = strings.EXPIRED if request.query_params.get("expired") else None
+        if error is None and request.query_params.get("wrong") == "code":
+            # back from a wrong sign-in code: the same extension, the password asked again
+            error, ext = strings.WRONG_SIGN_IN_CODE, request.cookies.get(EXT_COOKIE, "")
         # after a wrong sign-in the extension stays typed (only the password is asked again)
         response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice, ext=ext[:64])
         self.set_cookie(response, PRE_COOKIE, pre)
+        response.delete_cookie(EXT_COOKIE, path="/sign-in")
         return response
 
     async def sign_in(self, request: Request) -> Response:
@@ -300,13 +311,15 @@ class _Pages:
             self.set_cookie(response, SESSION_COOKIE, str(reply["session"]))
             response.delete_cookie(PRE_COOKIE, path="/")
             if reply["state"] == "code":
-                self.set_cookie(response, "linkus_code_csrf", str(reply["csrf"]))
+                self.set_cookie(response, CODE_CSRF_COOKIE, str(reply["csrf"]))
+                response.set_cookie(EXT_COOKIE, ext[:64], path="/sign-in", httponly=True, samesite="strict",
+                                    secure=self.conf.secure_cookies)
             return response
 
         return await self.guarded(request, run)
 
     async def code_form(self, request: Request, error: str | None = None) -> Response:
-        csrf = request.cookies.get("linkus_code_csrf", "")
+        csrf = request.cookies.get(CODE_CSRF_COOKIE, "")
         if not request.cookies.get(SESSION_COOKIE) or not csrf:
             return self.redirect("/sign-in")
         return self.render("code.html", 200 if error is None else 401, csrf=csrf, error=error, infos=[])
@@ -317,21 +330,33 @@ class _Pages:
             reply = await self.changed(request, "sign_in_code", code=f.get("code", ""), csrf=f.get("csrf", ""))
             if not reply["ok"]:
                 if reply.get("error") == "denied":
-                    response = await self.sign_in_form(request, strings.WRONG_SIGN_IN_CODE, 401)
-                    response.delete_cookie(SESSION_COOKIE, path="/")
+                    # a wrong code ended this sign-in: back to the sign-in form (its own URL), the
+                    # extension kept from the cookie the sign-in set, focus on the password
+                    response = self.redirect("/sign-in?wrong=code", clear=True)
+                    response.delete_cookie(CODE_CSRF_COOKIE, path="/")
                     return response
                 return self.error_page(reply)
             response = self.redirect("/settings")
-            response.delete_cookie("linkus_code_csrf", path="/")
+            response.delete_cookie(CODE_CSRF_COOKIE, path="/")
+            response.delete_cookie(EXT_COOKIE, path="/sign-in")
             return response
 
         return await self.guarded(request, run)
 
     async def sign_out(self, request: Request) -> Response:
         async def run() -> Response:
-            f = await self.form(request, "csrf")
-            await self.changed(request, "sign_out", csrf=f.get("csrf", ""))
-            return self.redirect("/sign-in", clear=True)
+            # Signing out only removes access: linkusd ends the session whatever the form says, so a
+            # body that is empty, of another type or malformed must not keep the session alive (17/6).
+            try:
+                csrf = (await self.form(request, "csrf")).get("csrf", "")
+            except _Refused:
+                csrf = ""
+            token = request.cookies.get(SESSION_COOKIE, "")
+            if token and len(token) <= 64:
+                await self.changed(request, "sign_out", csrf=csrf)
+            response = self.redirect("/sign-in", clear=True)
+            response.delete_cookie(CODE_CSRF_COOKIE, path="/")
+            return response
 
         return await self.guarded(request, run)
 
@@ -428,7 +453,8 @@ class _Pages:
             pending = st["pending"]
             if pending is None or pending.get("method") != "email":
                 raise _Refused("step")
-            return self.render("email.html", status, st=st, p=pending, error=error)
+            again = pending.get("sent_to") and request.query_params.get("again") == "1"
+            return self.render("email.html", status, st=st, p=pending, error=error, again=bool(again))
 
         return await self.guarded(request, run)
 
@@ -442,8 +468,12 @@ class _Pages:
             if not reply["ok"]:
                 if reply.get("error") == "bad-request" and "address" in fields:
                     return await self.email(request, strings.BAD_ADDRESS, 400)
+                if reply.get("error") == "throttled" and reply.get("reason") == "email-code":
+                    # nothing was sent: say so and how long to wait, on the same page
+                    wait = strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after")))
+                    return await self.email(request, wait, 429)
                 return self.error_page(reply)
-            return self.redirect("/settings/email")
+            return self.redirect("/settings/email?again=1" if reply.get("pending") else "/settings/email")
 
         return await self.guarded(request, run)
 
@@ -482,6 +512,11 @@ class _Refused(Exception):
     def __init__(self, word: str):
         super().__init__(word)
         self.word = word
+
+
+def _seconds(value: object) -> int:
+    """A ``retry_after`` from linkusd as whole seconds, at least 1 (it is only shown)."""
+    return max(1, int(value)) if isinstance(value, (int, float)) else 60
 
 
 def _when(epoch: object) -> str:
