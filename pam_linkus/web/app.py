@@ -20,6 +20,7 @@ import html
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 import urllib.parse
@@ -53,10 +54,14 @@ class Settings:
     """How this process was started (command line; no config file, no secrets)."""
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET, *, secure_cookies: bool = False,
-                 trust_proxy: bool = False, timeout: float = 20.0):
+                 trust_proxy: bool = False, trust_proxy_tcp: bool = False, timeout: float = 20.0):
         self.socket_path = socket_path
         self.secure_cookies = secure_cookies
+        #: X-Forwarded-For is taken from connections on the unix socket only (its mode and group say
+        #: who may connect), and from 127.0.0.1/::1 only with ``trust_proxy_tcp``: any local process
+        #: can connect to a loopback port and write that header itself (issue 17/2).
         self.trust_proxy = trust_proxy
+        self.trust_proxy_tcp = trust_proxy_tcp
         self.timeout = timeout
 
 
@@ -162,8 +167,9 @@ class _Pages:
         return reply
 
     def client(self, request: Request) -> str:
-        peer = request.client.host if request.client is not None else "unix"
-        if self.conf.trust_proxy and (peer in ("127.0.0.1", "::1", "unix")):
+        peer = request.client.host if request.client is not None and request.client.host else "unix"
+        trusted = ("unix", "127.0.0.1", "::1") if self.conf.trust_proxy_tcp else ("unix",)
+        if self.conf.trust_proxy and peer in trusted:
             forwarded = request.headers.get("x-forwarded-for", "")
             last = forwarded.rsplit(",", 1)[-1].strip()
             if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
@@ -556,12 +562,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="linkusd's web socket (default: %(default)s)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="and this key (PEM)")
+    parser.add_argument("--unix-mode", default="0660", help="the --unix socket's mode (default: %(default)s)")
+    parser.add_argument("--unix-group", help="the --unix socket's group: the reverse proxy's (e.g. www-data)")
     parser.add_argument("--trust-proxy", action="store_true",
-                        help="take the client address from X-Forwarded-For of a proxy on 127.0.0.1/unix socket")
+                        help="take the client address from X-Forwarded-For of the proxy on the --unix socket")
+    parser.add_argument("--trust-proxy-tcp", action="store_true",
+                        help="with --listen: also from 127.0.0.1/::1 -- only where no untrusted user can run a "
+                             "local process (any of them could set X-Forwarded-For and dodge the per-address limit)")
     parser.add_argument("--secure-cookies", action="store_true",
                         help="mark cookies Secure (behind a TLS proxy; implied by --tls-cert)")
     parser.add_argument("--timeout", type=float, default=20.0, help=argparse.SUPPRESS)
     return parser
+
+
+def bind_unix(path: str, mode: int, group: str | None) -> socket.socket:
+    """The --unix listening socket, made here with ``mode`` and ``group`` before anyone can connect.
+
+    uvicorn's own ``uds`` makes the socket 0666 (any local user could connect and, with
+    --trust-proxy, write X-Forwarded-For): the socket is bound under a umask that leaves
+    nobody in, then given its group and mode, then listens. A stale socket (one nobody
+    listens on any more) is replaced; any other file there is an error.
+    """
+    import grp
+    import stat
+
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(17, "exists and is not a socket")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    try:
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -577,15 +628,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("linkus-web: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.trust_proxy and not args.unix and not args.trust_proxy_tcp:
+        print("linkus-web: --trust-proxy needs --unix (the proxy's socket; any local user can connect to a "
+              "TCP port and fake X-Forwarded-For), or --trust-proxy-tcp on a host without untrusted users",
+              file=sys.stderr)
+        return 2
+    if args.trust_proxy_tcp and (args.unix or not args.trust_proxy):
+        print("linkus-web: --trust-proxy-tcp goes with --trust-proxy and --listen", file=sys.stderr)
+        return 2
+    try:
+        unix_mode = int(args.unix_mode, 8)
+    except ValueError:
+        unix_mode = -1
+    if not 0 <= unix_mode <= 0o777 or unix_mode & 0o007:
+        print("linkus-web: --unix-mode must be octal, with nothing for others (e.g. 0660)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="linkus-web: %(message)s", stream=sys.stderr)
     import uvicorn  # type: ignore[import-untyped]
 
     settings = Settings(args.socket, secure_cookies=bool(args.secure_cookies or args.tls_cert),
-                        trust_proxy=args.trust_proxy, timeout=args.timeout)
+                        trust_proxy=args.trust_proxy, trust_proxy_tcp=args.trust_proxy_tcp, timeout=args.timeout)
     options: dict[str, Any] = {"access_log": False, "log_level": "warning", "server_header": False,
                                "proxy_headers": False, "limit_concurrency": 200, "timeout_keep_alive": 5}
     if args.unix:
-        options["uds"] = args.unix
+        try:
+            options["fd"] = bind_unix(args.unix, unix_mode, args.unix_group).detach()
+        except (OSError, KeyError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"no group {args.unix_group!r}"
+            print(f"linkus-web: cannot listen on {args.unix}: {reason}", file=sys.stderr)
+            return 1
     else:
         host, _, port = args.listen.rpartition(":")
         options["host"] = host.strip("[]") or "127.0.0.1"
