@@ -594,6 +594,9 @@ def bind_unix(path: str, mode: int, group: str | None) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise FileExistsError(17, "exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                raise OSError(98, "another process listens on it")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777)
