@@ -8,7 +8,8 @@
 #     /usr/share/pam-linkus, as the Debian package does;
 #   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
 #     background (it daemonizes once ready); a running one is restarted with the new code.
-# No /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
+#   - /etc/pam.d/linkus-2fa, the self-service page's password-only PAM service, made only if absent.
+# No existing /etc/pam.d file is touched, except by `linkus-2fa migrate-pam` when an upgrade from the
 # pam_python version asks for it (LINKUS_MIGRATE_PAM=yes).
 set -euo pipefail
 PREFIX=${1:-/opt/pam-linkus}
@@ -87,6 +88,21 @@ done
 install -o root -g root -m 0755 "$SRC/packaging/add-end-marker.sh" /usr/share/pam-linkus/add-end-marker.sh
 sh /usr/share/pam-linkus/add-end-marker.sh /etc/pam_linkus/pam_linkus.yaml /etc/pam_linkus/extensions.yaml
 
+# The PAM service linkusd checks web passwords with (self_service.pam_service, default linkus-2fa):
+# password modules only. Made once when there is none; an existing one -- the administrator's, or a
+# symlink -- is never edited (like every other PAM file here).
+pam_service=/etc/pam.d/linkus-2fa
+if [ ! -e "$pam_service" ] && [ ! -L "$pam_service" ]; then
+    cat > "$pam_service.new" <<'PAM'
+# linkus-web's password check (pam_linkus.yaml: self_service.pam_service). Password modules only:
+# linkusd refuses a service that loads pam_linkus, directly or through an include.
+auth    required pam_unix.so
+account required pam_unix.so
+PAM
+    chmod 0644 "$pam_service.new"
+    mv -f "$pam_service.new" "$pam_service"
+fi
+
 # --- linkusd.
 # Its sockets' directory: 0755 root, as linkusd.socket's DirectoryMode= and linkusd itself make it;
 # this also repairs the 0700 one an older linkusd made under its umask (linkus-web and the
@@ -131,5 +147,10 @@ rm -rf /var/lib/pam_linkus/cache
 rm -f /lib/security/pam_linkus.py
 
 say "installed $PAM_DIR/pam_linkus.so, $VENV, /usr/local/sbin/{linkusd,linkus-2fa}, /usr/local/bin/linkus-web, /etc/pam_linkus/, /usr/share/pam-linkus/ldap/"
+if [ -d /run/systemd/system ]; then
+    say "the Security Settings page: systemctl enable --now linkus-web (docs/web.md)"
+else
+    say "the Security Settings page (no systemd): see docs/web.md, \"Without systemd\""
+fi
 say "next: linkus-2fa doctor; then add to a service, after the password module:"
 say "  auth [success=ok ignore=ignore default=die] pam_linkus.so"

@@ -304,7 +304,7 @@ def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
     for attempt in range(1, CONFIRM_TRIES + 1):
         answer = adm.prompter.ask("Enter the code from the email: ", echo=True)
         try:
-            emailcode.verify(store, key, ext, answer, time.time())
+            emailcode.verify(store, key, ext, answer, time.time(), address=address)
             return
         except CodeRejected as exc:
             if attempt == CONFIRM_TRIES or "expired" in exc.reason or "no code" in exc.reason:

@@ -489,7 +489,7 @@ class PromptsConfig:
             r, "email_pending", "The code sent to {address} a moment ago is still valid; no new code was sent."
         )
         self.email_throttled = _prompt(
-            r, "email_throttled", "Too many codes were sent for this account; try again later."
+            r, "email_throttled", "No new code can be sent yet; try again in {seconds} s."
         )
         self.locked = _prompt(r, "locked", "Too many failed attempts; contact your administrator.")
         r.done()

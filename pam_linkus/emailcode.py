@@ -5,8 +5,10 @@ Why it looks like this:
 * The code comes from ``secrets`` and only a keyed hash of it is stored
   (HMAC-SHA256 under a root-only key file made on first use, ``email.key_file``):
   someone who reads the state store -- a Redis shared by several hosts, a backup
-  of state.db -- cannot try the million codes offline. The extension's name is
-  part of the hashed message, so a code is bound to the extension it was sent to.
+  of state.db -- cannot try the million codes offline. The extension's name and
+  the address the mail went to are part of the hashed message, so a code is bound
+  to the extension and to the address it was sent to: a code read at one address
+  never confirms another one as the extension's (issue 17/1).
 * Issue and verify are each ONE atomic store operation (see StateStore):
   throttles, replacement of the old code, attempt counting and single use cannot
   race between parallel logins.
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from nss_config.strictyaml import open_secure
 from pam_linkus.codes import normalize_code
-from pam_linkus.errors import CodeRejected, ConfigError, MailUnavailable, StateUnavailable
+from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, StateUnavailable
 from pam_linkus.mailtext import DEFAULT_TEMPLATE, check_address, fill, mask_address
 from pam_linkus.state.base import EmailCheck, EmailLimits
 
@@ -54,9 +56,10 @@ def new_code() -> str:
     return f"{secrets.randbelow(10**DIGITS):0{DIGITS}d}"
 
 
-def code_hash(key: bytes, user: str, code: str) -> str:
-    """HMAC-SHA256 of (extension, code) under ``key``, as hex."""
-    message = _HASH_LABEL + user.encode("utf-8", "surrogateescape") + b"\0" + code.encode("ascii")
+def code_hash(key: bytes, user: str, code: str, address: str) -> str:
+    """HMAC-SHA256 of (extension, address, code) under ``key``, as hex (``address`` as check_address gives it)."""
+    message = (_HASH_LABEL + user.encode("utf-8", "surrogateescape") + b"\0" + address.encode("ascii") + b"\0"
+               + code.encode("ascii"))
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
@@ -160,9 +163,10 @@ class Delivery:
     """What ``deliver`` did, for its caller to tell the person (``notice``) and to act on.
 
     ``SENT``: a new code went to ``masked``. ``PENDING``: the extension is throttled, but
-    the code sent a moment ago is still valid; nothing was sent. ``THROTTLED``: throttled
-    and no usable code: the caller refuses with ``refusal()`` (``retry_after`` seconds
-    until the next send).
+    the code sent a moment ago is still valid; nothing was sent (that code works only if it
+    went to this same address: codes are bound to their address). ``THROTTLED``: throttled
+    and no usable code: the caller refuses with ``refusal()``. ``retry_after``: seconds
+    until the next send (PENDING and THROTTLED).
     """
 
     SENT = "sent"
@@ -176,13 +180,14 @@ class Delivery:
     def notice(self, prompts: PromptsConfig) -> str:
         """The line for the person, from the ``prompts`` section (the address masked)."""
         if self.state == Delivery.THROTTLED:
-            return prompts.email_throttled
+            return prompts.email_throttled.replace("{seconds}", str(self.retry_after))
         text = prompts.email_sent if self.state == Delivery.SENT else prompts.email_pending
         return text.replace("{address}", self.masked)
 
-    def refusal(self) -> MailUnavailable:
-        """What a THROTTLED delivery ends in: no code can be checked (fail closed)."""
-        return MailUnavailable(f"email code throttled, next send in {self.retry_after} s")
+    def refusal(self) -> CodeThrottled:
+        """What a THROTTLED delivery ends in: no code can be checked, so a denial telling when to
+        try again (not "unavailable": nothing is down, the person sent a code a moment ago)."""
+        return CodeThrottled(f"email code throttled, next send in {self.retry_after} s", self.retry_after)
 
 
 def deliver(store: StateStore, key: bytes, mailer: Mailer, email: EmailConfig, *, user: str,
@@ -199,12 +204,11 @@ def deliver(store: StateStore, key: bytes, mailer: Mailer, email: EmailConfig, *
         raise ConfigError(f"extension {user!r:.60}: email address {exc}") from None
     masked = mask_address(to)
     code = new_code()
-    digest = code_hash(key, user, code)
+    digest = code_hash(key, user, code, to)
     issue = store.issue_email_code(user, digest, now, limits(email))
     if not issue.issued:
-        if issue.pending:
-            return Delivery(Delivery.PENDING, masked)
-        return Delivery(Delivery.THROTTLED, masked, max(1, int(issue.retry_after - now)))
+        wait = max(1, int(issue.retry_after - now))
+        return Delivery(Delivery.PENDING if issue.pending else Delivery.THROTTLED, masked, wait)
     try:
         subject, body = compose(email, user, service, rhost, to, code, now)
         mailer.send(to, subject, body, now=now)
@@ -214,13 +218,19 @@ def deliver(store: StateStore, key: bytes, mailer: Mailer, email: EmailConfig, *
     return Delivery(Delivery.SENT, masked)
 
 
-def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: float) -> None:
+def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: float, *, address: str | None) -> None:
     """Use one attempt of ``user``'s pending code; return on success, else CodeRejected.
 
-    A malformed answer (not 6 ASCII digits) still uses an attempt.
+    ``address`` is where the code must have been sent (the extension's address at a
+    login, the address being confirmed at an enrolment): a code mailed elsewhere is a
+    wrong code. A malformed answer (not 6 ASCII digits) still uses an attempt.
     """
+    try:
+        to = check_address(address or "")
+    except ValueError as exc:
+        raise ConfigError(f"extension {user!r:.60}: email address {exc}") from None
     code = normalize_code(answer, DIGITS)
-    digest = code_hash(key, user, code) if code is not None else ""
+    digest = code_hash(key, user, code, to) if code is not None else ""
     verdict = store.verify_email_code(user, digest, now)
     if verdict == EmailCheck.ACCEPTED:
         return

@@ -12,6 +12,7 @@ the boundary of the component that met them, never further up.
     +-- Denied                       denied        PAM_AUTH_ERR
     |   +-- CodeRejected             wrong / replayed / expired / malformed code
     |   +-- NotEnrolled              enforce: all and the extension has no 2FA
+    |   +-- CodeThrottled            no email code may be sent yet and none is pending
     +-- Locked                       locked        PAM_MAXTRIES
     +-- Unavailable                  unavailable   PAM_AUTHINFO_UNAVAIL
     |   +-- ConfigError              bad option, bad or insecure file
@@ -35,8 +36,8 @@ from nss_config.errors import ConfigError, LinkusError, SourceUnavailable, Unava
 from pam_linkus.outcome import Outcome
 
 __all__ = [
-    "CodeRejected", "ConfigError", "ConversationFailed", "Denied", "LinkusError", "Locked", "MailUnavailable",
-    "NotEnrolled", "SourceUnavailable", "StateUnavailable", "Unavailable",
+    "CodeRejected", "CodeThrottled", "ConfigError", "ConversationFailed", "Denied", "LinkusError", "Locked",
+    "MailUnavailable", "NotEnrolled", "SourceUnavailable", "StateUnavailable", "Unavailable",
 ]
 
 
@@ -52,6 +53,18 @@ class CodeRejected(Denied):
 
 class NotEnrolled(Denied):
     """The extension has no second factor and the policy requires one."""
+
+
+class CodeThrottled(Denied):
+    """No new email code may be sent yet (send throttles) and no earlier one is usable.
+
+    A denial, not "unavailable": nothing is broken, the person has to wait
+    ``retry_after`` seconds (a login right after another one, a second Send).
+    """
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class Locked(LinkusError):

@@ -338,13 +338,15 @@ def _verify_email(req: LoginRequest, ctx: Context, settings: ExtensionSettings) 
     delivery = emailcode.deliver(ctx.store, key, ctx.mailer(), ctx.config.email, user=req.user,
                                  address=settings.email, service=req.service, rhost=req.rhost, now=ctx.clock())
     if delivery.state == emailcode.Delivery.THROTTLED:
+        # a denial that says when to try again, not "unavailable": a login right after
+        # another one (the code spent, the next send a minute away) is no outage
         yield Info(delivery.notice(ctx.config.prompts), error=True)
         raise delivery.refusal()
     yield Info(delivery.notice(ctx.config.prompts))
     answer = yield from _answer(req, ctx.config.prompts.email, ctx.echo_code)
     yield from _reserve(req, ctx)
     try:
-        emailcode.verify(ctx.store, key, req.user, answer, ctx.clock())
+        emailcode.verify(ctx.store, key, req.user, answer, ctx.clock(), address=settings.email)
     except CodeRejected as exc:
         recovered = yield from _recover(req, ctx, answer)
         if recovered is not None:

@@ -19,7 +19,7 @@ from nss_config.chain import SourceChain
 from pam_linkus import emailcode, mailtext
 from pam_linkus.codes import normalize_code
 from pam_linkus.config import Config
-from pam_linkus.errors import CodeRejected, ConfigError, Locked, MailUnavailable
+from pam_linkus.errors import CodeRejected, ConfigError, Denied, Locked, MailUnavailable
 from pam_linkus.flow import Context, LoginRequest, authenticate
 from pam_linkus.outcome import Outcome
 from pam_linkus.recovery import normalize_recovery_code
@@ -84,7 +84,7 @@ class Harness:
         try:
             decision = authenticate(LoginRequest(user, "sshd", rhost), ctx, prompter)
             return decision.outcome, decision.reason, prompter
-        except (CodeRejected, Locked, MailUnavailable, ConfigError) as exc:
+        except (Denied, Locked, MailUnavailable, ConfigError) as exc:
             return exc.outcome, exc.reason, prompter
 
     def close(self) -> None:
@@ -183,8 +183,8 @@ def test_too_many_attempts_kill_the_code(private_dir: Path) -> None:
         "The code sent to a***@example.com a moment ago is still valid; no new code was sent."
     ]
     outcome, reason, prompter = host.login("1002", "123456")
-    assert (outcome, reason) == (Outcome.UNAVAILABLE, "email code throttled, next send in 60 s")
-    assert prompter.prompts == [] and prompter.infos == ["Too many codes were sent for this account; try again later."]
+    assert (outcome, reason) == (Outcome.DENIED, "email code throttled, next send in 60 s")
+    assert prompter.prompts == [] and prompter.infos == ["No new code can be sent yet; try again in 60 s."]
 
 
 def test_failures_count_toward_the_lockout_and_a_new_code_does_not_reset_them(private_dir: Path) -> None:
@@ -303,10 +303,23 @@ def test_new_codes_are_six_digits_and_vary() -> None:
     assert all(len(c) == 6 and c.isascii() and c.isdigit() for c in codes) and len(codes) > 40
 
 
-def test_hash_binds_the_extension() -> None:
+def test_hash_binds_the_extension_and_the_address() -> None:
     key = secrets.token_bytes(32)
-    assert emailcode.code_hash(key, "1002", "123456") != emailcode.code_hash(key, "1003", "123456")
-    assert emailcode.code_hash(key, "1002", "123456") != emailcode.code_hash(b"k" * 32, "1002", "123456")
+    a, b = "a@example.com", "b@example.com"
+    assert emailcode.code_hash(key, "1002", "123456", a) != emailcode.code_hash(key, "1003", "123456", a)
+    assert emailcode.code_hash(key, "1002", "123456", a) != emailcode.code_hash(b"k" * 32, "1002", "123456", a)
+    assert emailcode.code_hash(key, "1002", "123456", a) != emailcode.code_hash(key, "1002", "123456", b)
+
+
+def test_a_code_is_wrong_for_another_address(private_dir: Path) -> None:
+    """Issue 17/1: a code mailed to one address never proves another one."""
+    host = make_host(private_dir, "h")
+    key = emailcode.load_key(host.config.email.key_file)
+    emailcode.deliver(host.store, key, host.mailer, host.config.email, user="1002", address="typo@example.com",
+                      service="linkus-web", rhost=None, now=T0)
+    with pytest.raises(CodeRejected):
+        emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 1, address="real@example.com")
+    emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 2, address="typo@example.com")
 
 
 def test_fill_template() -> None:
@@ -380,14 +393,16 @@ def test_invalid_utf8_and_non_digits_are_a_wrong_code_that_uses_an_attempt(priva
     store = SqliteStore(str(private_dir / "state.db"))
     try:
         key = b"k" * 32
-        store.issue_email_code("1001", emailcode.code_hash(key, "1001", "123456"), 100.0, EmailLimits(max_attempts=2))
+        to = "a@example.com"
+        store.issue_email_code("1001", emailcode.code_hash(key, "1001", "123456", to), 100.0,
+                               EmailLimits(max_attempts=2))
         with pytest.raises(CodeRejected) as caught:
-            emailcode.verify(store, key, "1001", answer, 101.0)
+            emailcode.verify(store, key, "1001", answer, 101.0, address=to)
         assert "malformed" in caught.value.reason
         with pytest.raises(CodeRejected):  # the malformed answer used the first of two attempts
-            emailcode.verify(store, key, "1001", "000000", 102.0)
+            emailcode.verify(store, key, "1001", "000000", 102.0, address=to)
         with pytest.raises(CodeRejected):
-            emailcode.verify(store, key, "1001", "123456", 103.0)  # the code is gone: attempts exhausted
+            emailcode.verify(store, key, "1001", "123456", 103.0, address=to)  # gone: attempts exhausted
     finally:
         store.close()
 
@@ -412,7 +427,7 @@ def test_deliver_takes_explicit_inputs_and_says_what_it_did(private_dir: Path) -
     assert sent.notice(host.config.prompts) == "A verification code was sent to a***@example.com."
     assert len(host.mailer.sent) == 1 and "192.0.2.7 (sshd)" in host.mailer.sent[0][2]
     assert deliver(T0 + 1).state == emailcode.Delivery.PENDING
-    emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 2)  # the pending code is used up
+    emailcode.verify(host.store, key, "1002", host.mailer.last_code(), T0 + 2, address=ADDRESS)  # used up
     throttled = deliver(T0 + 3)
     assert (throttled.state, throttled.retry_after) == (emailcode.Delivery.THROTTLED, 57)
     assert str(throttled.refusal()) == "email code throttled, next send in 57 s"

@@ -104,7 +104,7 @@ def test_too_many_attempts_kill_the_code(pam_stack: PamStack, user: str, smtp_se
     second = login(pam_stack, user, lambda p, m: "wrong")  # throttled: the pending code, second attempt
     assert second.auth == "PAM_AUTH_ERR" and "still valid" in second.messages[0]
     third = login(pam_stack, user, mailed_code(server))  # the right code, too late: it is gone
-    assert third.auth == "PAM_AUTHINFO_UNAVAIL" and third.prompts == ["Password: "]
+    assert third.auth == "PAM_AUTH_ERR" and third.prompts == ["Password: "]  # throttled, nothing to type
     assert len(server.messages) == 1
 
 
@@ -117,10 +117,27 @@ def test_throttle_keeps_the_last_code_working(pam_stack: PamStack, user: str, sm
     assert again.auth == "PAM_SUCCESS"
     assert again.messages == ["The code sent to a***@example.com a moment ago is still valid; no new code was sent."]
     third = login(pam_stack, user, lambda p, m: "123456")
-    assert third.auth == "PAM_AUTHINFO_UNAVAIL" and third.prompts == ["Password: "]
-    assert third.messages == ["Too many codes were sent for this account; try again later."]
-    assert "email code throttled" in pam_stack.log.wait_for("throttled")
+    assert third.auth == "PAM_AUTH_ERR" and third.prompts == ["Password: "]
+    assert len(third.messages) == 1 and third.messages[0].startswith("No new code can be sent yet; try again in ")
+    assert "outcome=denied" in pam_stack.log.wait_for("email code throttled")
     time.sleep(0.3)
+    assert len(server.messages) == 1
+
+
+def test_a_login_right_after_an_email_login_is_told_to_wait(pam_stack: PamStack, user: str, smtp_server: Any,
+                                                            ca: Any) -> None:
+    """Issue 17/4 through real PAM: the code of the first login is spent and the next mail is a minute
+    away: a clear denial that says how long to wait, never "unavailable" (not an outage)."""
+    server = smtp_server(auth=True)
+    setup_email(pam_stack, server, ca)  # default: one mail per 60 s
+    enroll_email(pam_stack, user)
+    assert login(pam_stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+    again = login(pam_stack, user, lambda p, m: "123456")
+    assert again.auth == "PAM_AUTH_ERR" and again.prompts == ["Password: "]  # no code prompt: nothing to type
+    seconds = int(again.messages[0].removeprefix("No new code can be sent yet; try again in ").removesuffix(" s."))
+    assert 0 < seconds <= 60, again.messages
+    line = pam_stack.log.wait_for("email code throttled")
+    assert "outcome=denied" in line and "unavailable" not in line
     assert len(server.messages) == 1
 
 
@@ -222,7 +239,7 @@ def test_two_hosts_share_codes_and_throttles_through_redis(make_user: Any, smtp_
         shutil.copy2(a.root / "email.key", b.root / "email.key")  # docs/guide.md: one key for the cluster
         at_b = login(b, user, mailed_code(server))
         assert at_b.auth == "PAM_SUCCESS" and "still valid" in at_b.messages[0]
-        assert login(a, user, mailed_code(server)).auth == "PAM_AUTHINFO_UNAVAIL"  # spent, and throttled
+        assert login(a, user, mailed_code(server)).auth == "PAM_AUTH_ERR"  # spent, and throttled
         assert len(server.messages) == 1
     finally:
         for root, log, stack in made:

@@ -401,3 +401,133 @@ def time_limit(seconds: float = 10.0) -> float:
     import time
 
     return time.monotonic() + seconds
+
+
+def throttle_email(site_: Site, api: Api, seconds: int = 60) -> None:
+    """The shipped one-send-a-minute email throttle (the site turns it off for the other tests)."""
+    site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": seconds})
+    api.reload()
+
+
+def test_an_email_code_confirms_only_the_address_it_was_sent_to(api: Api, site: tuple[Site, Any],
+                                                                 user: str) -> None:
+    """Issue 17/1: Send to one address, Send again to another within the throttle: the second Send
+    must say "wait", never "sent", and the first mail's code must save the first address only."""
+    s, smtp = site
+    s.add(user)
+    throttle_email(s, api)
+    me = sess(signed_in(api, user))
+    assert api("enrol_start", password=PASSWORD, **me)["ok"]
+    assert api("enrol_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("email_send", address="owner-real@example.test", **me)["sent_to"] == "o***@example.test"
+    api.clock.now += 5
+    again = api("email_send", address="attacker-typo@example.test", **me)
+    assert again == {"ok": False, "error": "throttled", "retry_after": 55, "reason": "email-code"}
+    same = api("email_send", address="owner-real@example.test", **me)  # the code sent there still works
+    assert same == {"ok": True, "sent_to": "o***@example.test", "pending": True}
+    assert api("status", session=me["session"])["pending"]["sent_to"] == "o***@example.test"
+    mail = smtp.wait_for_message(1)
+    assert mail["to"] == ["owner-real@example.test"] and len(smtp.messages) == 1
+    assert api("enrol_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
+    assert s.entry(user) == {"method": "email", "email": "owner-real@example.test"}
+
+
+def test_a_code_sent_to_another_address_confirms_nothing(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """Two tabs of one extension: a code mailed by the second tab (to its address) typed into the
+    first (which had sent to a typo) is wrong: each code is bound to the address it went to."""
+    s, smtp = site
+    s.add(user)
+    throttle_email(s, api)
+    tabs = [sess(signed_in(api, user)) for _ in range(2)]
+    for tab in tabs:
+        assert api("enrol_start", password=PASSWORD, **tab)["ok"]
+        assert api("enrol_method", method="email", session=tab["session"], csrf=tab["csrf"])["ok"]
+    assert api("email_send", address="typo@example.test", **tabs[0])["ok"]
+    api.clock.now += 61
+    assert api("email_send", address="real@example.test", **tabs[1])["ok"]
+    mail = smtp.wait_for_message(2)
+    assert mail["to"] == ["real@example.test"]
+    assert api("enrol_confirm", code=code_in(mail), **tabs[0])["error"] == "denied"
+    assert s.entry(user) == {"method": "none"}
+
+
+def test_sessions_waiting_for_a_code_never_push_out_a_full_one(api: Api, site: tuple[Site, Any],
+                                                                user: str) -> None:
+    """Issue 17/3: the password alone (no code) must not sign the owner out."""
+    s, _smtp = site
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    s.add(user, method="totp", secret=secret)
+    api.reload()
+    first = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    assert api("sign_in_code", code=code_at(secret, api.clock.now), **sess(first))["state"] == "in"
+    halves = [api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+              for _ in range(web_api.MAX_SESSIONS_PER_EXT + 2)]
+    assert all(h["state"] == "code" for h in halves)
+    assert api("status", session=first["session"])["ok"]  # the full session is still there
+    # the oldest half-finished ones made room for the newer ones
+    assert api("sign_in_code", code="000000", **sess(halves[0]))["error"] == "expired"
+    fulls = [first]
+    for n, half in enumerate(halves[-web_api.MAX_SESSIONS_PER_EXT:]):
+        api.clock.now += 30  # one time step per sign-in: a code is accepted once
+        done = api("sign_in_code", code=code_at(secret, api.clock.now), **sess(half))
+        assert done["state"] == "in", (n, done)
+        fulls.append(half)
+    # a sixth full session pushes out the oldest full one, and only that one
+    assert api("status", session=first["session"])["error"] == "expired"
+    assert all(api("status", session=f["session"])["ok"] for f in fulls[1:])
+
+
+def test_an_email_sign_in_right_after_another_says_wait(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """Issue 17/4: the second sign-in within the throttle is "wait N s", not "unavailable"."""
+    s, smtp = site
+    s.add(user, method="email", email="wc@example.test")
+    throttle_email(s, api)
+    first = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    assert first["state"] == "code"
+    assert api("sign_in_code", code=code_in(smtp.wait_for_message(1)), **sess(first))["state"] == "in"
+    api.clock.now += 2
+    second = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    assert second == {"ok": False, "error": "throttled", "retry_after": 58, "reason": "email-code"}
+    assert not any('action="unavailable"' in line or "action=unavailable" in line for line in s.log.lines)
+
+
+def test_tries_left_counts_the_lockout_and_survives_a_method_switch(api: Api, site: tuple[Site, Any],
+                                                                    user: str) -> None:
+    """Issue 17/5: tries left = min(this enrolment's tries, lockout slots); switching method keeps them."""
+    s, _smtp = site
+    s.add(user, email="u@example.test")
+    api.reload()
+    me = sess(signed_in(api, user))
+    assert api("enrol_start", password=PASSWORD, **me)["ok"]
+    secret = api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["secret"]
+    wrong = "000000" if code_at(secret, api.clock.now) != "000000" else "111111"
+    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 2
+    assert api("enrol_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("status", session=me["session"])["pending"]["tries_left"] == 2
+    assert api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 1
+    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 0
+    assert api("status", session=me["session"])["pending"] is None
+
+    # the lockout (5 in this site) bounds it too: 3 failures already, so one wrong code leaves 1
+    store = api.store()
+    store.settle_success(user, api.clock.now)
+    for _ in range(3):
+        store.reserve_attempt(user, api.clock.now, max_failures=5, duration=900, permanent_after=0)
+    assert store.lock_status(user, api.clock.now).failures == 3
+    assert api("enrol_start", password=PASSWORD, **me)["ok"]
+    assert api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("status", session=me["session"])["pending"]["tries_left"] == 2
+    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 1
+    assert api("enrol_confirm", code=wrong, **me)["error"] == "locked"
+
+
+def test_ops_of_a_session_waiting_for_its_code_answer_code(api: Api, site: tuple[Site, Any], user: str) -> None:
+    """Issue 17/7: the page leads such a session back to the code step instead of "step expired"."""
+    s, _smtp = site
+    s.add(user, method="totp", secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    api.reload()
+    half = sess(api("sign_in", ext=user, password=PASSWORD, client=CLIENT))
+    assert api("enrol_start", password=PASSWORD, **half)["error"] == "code"
+    assert api("status", session=half["session"])["error"] == "code"
+    assert api("disable", password=PASSWORD, **half)["error"] == "code"

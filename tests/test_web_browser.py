@@ -502,3 +502,135 @@ def test_narrow_screen_focus_wording_and_the_code_step(web: tuple[Site, Linkusd,
     fill(browser, "#code", code_at(secret, time.time() + 30))
     browser.find_element(By.CSS_SELECTOR, "#verify").click()
     wait_path(browser, "/settings")
+
+
+def post_raw(server: WebServer, path: str, cookie: str, body: bytes, content_type: str | None) -> tuple[int, str]:
+    """A POST with any body and Content-Type (or none); redirects are not followed."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=20)
+    headers = {"Cookie": cookie}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status, str(response.getheader("Location", ""))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b"", None), (b"", "application/x-www-form-urlencoded"), (b"csrf=stale", "text/plain"),
+    (b"csrf=a&csrf=b", "application/x-www-form-urlencoded"), (b"x" * 9000, "application/x-www-form-urlencoded"),
+], ids=["no-body", "empty-form", "text-plain", "two-tokens", "too-big"])
+def test_sign_out_ends_the_session_whatever_the_body(web: tuple[Site, Linkusd, WebServer], user: str,
+                                                     body: bytes, content_type: str | None) -> None:
+    """Issue 17/6: POST /sign-out ends the session in linkusd even when its form cannot be read."""
+    from pam_linkus import protocol
+
+    site_, _daemon, server = web
+    site_.add(user)
+    signed = protocol.call_web(str(site_.web_socket), {"op": "sign_in", "ext": user, "password": PASSWORD,
+                                                       "client": "192.0.2.1"})
+    assert signed["ok"], signed
+    cookie = f"linkus_session={signed['session']}"
+    assert http(server, "GET", "/settings", cookie)[0] == 200
+    assert post_raw(server, "/sign-out", cookie, body, content_type) == (303, "/sign-in")
+    assert protocol.call_web(str(site_.web_socket), {"op": "status", "session": signed["session"]}) == {
+        "ok": False, "error": "expired"}
+    status, where = http(server, "GET", "/settings", cookie)
+    assert (status, where.endswith("/sign-in?expired=1")) == (303, True)
+
+
+def test_wrong_sign_in_code_focus_and_the_code_step_on_post(web: tuple[Site, Linkusd, WebServer], browser: Any,
+                                                          user: str) -> None:
+    """Issue 17/7 at 375 px: a wrong sign-in code comes back to /sign-in with the extension kept and the
+    password focused; Choose-method has a focused control; a POST page during the code step leads there."""
+    import time
+
+    site_, _daemon, server = web
+    secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
+    site_.add(user, method="totp", secret=secret)
+    narrow(browser)
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    wrong = "000000" if code_at(secret, time.time()) not in ("000000", "111111") else "222222"
+    fill(browser, "#code", wrong)
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/sign-in")
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "form-error"))
+    assert text(browser, "#form-error") == "That code is not correct. Sign in again."
+    assert browser.find_element(By.ID, "ext").get_attribute("value") == user
+    assert focused(browser) == "password" and fits(browser)
+
+    # the password only (the code step): a POST page leads to the code step, not to "step expired"
+    fill(browser, "#password", PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "#sign-in").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    cookie = f"linkus_session={browser.get_cookie('linkus_session')['value']}"
+    for path, form in (("/settings/password", {"csrf": "x", "password": PASSWORD, "for": "disable"}),
+                       ("/settings/2fa", {"csrf": "x", "enabled": "on"}),
+                       ("/settings/method", {"csrf": "x", "method": "totp"}),
+                       ("/settings/confirm", {"csrf": "x", "code": "123456"})):
+        status, where = http(server, "POST", path, cookie, form)
+        assert (status, where.endswith("/sign-in/code")) == (303, True), (path, status, where)
+    fill(browser, "#code", code_at(secret, time.time() + 30))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")
+
+    # switch off and on again: the Choose-method page after the Password window has its focus on the choice
+    tick_and_confirm(browser)
+    wait_path(browser, "/settings")
+    tick_and_confirm(browser)
+    wait_path(browser, "/settings/method")
+    assert focused(browser) == "m-totp" and fits(browser)
+
+
+def test_email_throttle_says_wait_on_the_page(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any],
+                                              browser: Any, user: str) -> None:
+    """Issues 17/1 and 17/4 on the page, with the shipped one-mail-a-minute throttle: a second Send to
+    another address says nothing was sent and how long to wait (the first address stays the one to
+    confirm); a sign-in right after an emailed-code sign-in says wait, never the "unavailable" page."""
+    site_, _daemon, server = web
+    smtp = site[1]
+    site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 60})
+    site_.add(user)
+    sign_in(browser, server, user)
+    wait_path(browser, "/settings")
+    tick_and_confirm(browser)
+    wait_path(browser, "/settings/method")
+    browser.find_element(By.CSS_SELECTOR, "label[for=m-email]").click()
+    browser.find_element(By.CSS_SELECTOR, "#next").click()
+    wait_path(browser, "/settings/email")
+    fill(browser, "#address", "owner-real@example.test")
+    browser.find_element(By.CSS_SELECTOR, "#send").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "sent"))
+    fill(browser, "#address", "attacker-typo@example.test")
+    browser.find_element(By.CSS_SELECTOR, "#send").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "email-error"))
+    assert text(browser, "#email-error").startswith("No new code was sent: a code can be sent again in ")
+    assert text(browser, "#sent") == "A code was sent to o***@example.test. It is valid for a few minutes."
+    mail = smtp.wait_for_message(1)
+    fill(browser, "#code", code_in(mail))
+    browser.find_element(By.CSS_SELECTOR, "#save").click()
+    wait_path(browser, "/settings")
+    assert site_.entry(user) == {"method": "email", "email": "owner-real@example.test"}
+    assert len(smtp.messages) == 1
+
+    site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 0})
+    browser.find_element(By.CSS_SELECTOR, "header button.link").click()
+    wait_path(browser, "/sign-in")
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
+    fill(browser, "#code", code_in(smtp.wait_for_message(2)))
+    browser.find_element(By.CSS_SELECTOR, "#verify").click()
+    wait_path(browser, "/settings")
+    site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 60})
+    browser.find_element(By.CSS_SELECTOR, "header button.link").click()
+    wait_path(browser, "/sign-in")
+    sign_in(browser, server, user)
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "message"))
+    assert browser.find_element(By.ID, "message").get_attribute("data-kind") == "throttled"
+    assert "can be sent again in" in text(browser, "#message")

@@ -93,3 +93,90 @@ def test_web_process_is_not_dumpable(web: tuple[Any, Any, Any]) -> None:
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def _exec_start(text: str) -> list[str]:
+    lines = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert len(lines) == 1, lines
+    return lines[0].removeprefix("ExecStart=").split()
+
+
+def test_the_shipped_unit_trusts_forwarded_for_only_on_its_unix_socket() -> None:
+    """Issue 17/2: no TCP listener any local user can reach together with --trust-proxy: the unit
+    listens on /run/linkus-web/http.sock (0660, nginx's group www-data), made in its RuntimeDirectory."""
+    text = (REPO / "packaging" / "systemd" / "linkus-web.service").read_text()
+    argv = _exec_start(text)
+    assert "--listen" not in argv and "--trust-proxy-tcp" not in argv, argv
+    assert argv[argv.index("--unix") + 1] == "/run/linkus-web/http.sock" and "--trust-proxy" in argv
+    assert argv[argv.index("--unix-group") + 1] == "www-data"
+    assert "RuntimeDirectory=linkus-web" in text.splitlines()
+    from pam_linkus.web.app import build_parser
+
+    args = build_parser().parse_args(argv[1:])  # the unit's command line is one linkus-web accepts
+    assert args.unix_mode == "0660"
+
+
+def _run_web(server: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    from web_site import PYTHON
+
+    return subprocess.run([*server.as_user(), "env", f"PYTHONPATH={REPO}", PYTHON, "-m", "pam_linkus.web.app",
+                           "--socket", str(server.site.web_socket), *args],
+                          capture_output=True, text=True, timeout=60, check=False, cwd="/")
+
+
+def test_trust_proxy_is_refused_on_a_tcp_listener(web: tuple[Any, Any, Any]) -> None:
+    """Any local process can connect to 127.0.0.1:PORT and write X-Forwarded-For itself."""
+    _, _, server = web
+    refused = _run_web(server, "--listen", "127.0.0.1:1", "--trust-proxy")
+    assert refused.returncode == 2 and "--trust-proxy needs --unix" in refused.stderr, refused
+    assert _run_web(server, "--unix", "/nonexistent/x.sock", "--trust-proxy-tcp").returncode == 2
+
+
+def test_the_unix_socket_is_the_proxy_groups_only_and_its_forwarded_for_counts(
+        web: tuple[Any, Any, Any], make_user: Any, user: str, tmp_path: Path) -> None:
+    import http.client
+    import os
+    import shutil
+    import socket
+    import stat
+    import urllib.parse
+
+    from web_site import WebServer, logged
+
+    site_, _daemon, _plain = web
+    site_.add(user)
+    unix = WebServer(site_, tmp_path)
+    sock_dir = site_.root / "run" / "http"
+    sock_dir.mkdir()
+    shutil.chown(sock_dir, unix.user)
+    path = sock_dir / "http.sock"
+    try:
+        unix.start("--unix", str(path), "--unix-group", site_.group, "--trust-proxy")
+        st = os.stat(path)
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, __import__("grp").getgrnam(site_.group).gr_gid)
+        stranger = make_user()  # a local user outside the proxy's group cannot even connect
+        probe = subprocess.run(["setpriv", f"--reuid={stranger}", f"--regid={stranger}", "--init-groups",
+                                "/usr/bin/python3", "-c",
+                                f"import socket; socket.socket(socket.AF_UNIX).connect({str(path)!r})"],
+                               capture_output=True, text=True, timeout=30, check=False)
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+
+        class UnixConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.connect(str(path))
+
+        conn = UnixConnection("localhost", timeout=20)
+        conn.request("GET", "/sign-in")
+        response = conn.getresponse()
+        page = response.read().decode()
+        pre = response.getheader("Set-Cookie", "").split(";")[0]
+        csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        body = urllib.parse.urlencode({"csrf": csrf, "ext": user, "password": "wrong"})
+        conn.request("POST", "/sign-in", body=body, headers={
+            "Cookie": pre, "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": "198.51.100.23"})
+        assert conn.getresponse().status == 401
+        conn.close()
+        assert logged(site_.log, action="self-check", result="wrong-password")["client"] == "198.51.100.23"
+    finally:
+        unix.stop()

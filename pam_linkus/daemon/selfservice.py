@@ -12,8 +12,11 @@ unknown op, an unknown field, or a field of the wrong type or size is refused
     expired       no such session, idle too long, or too old: sign in again
     step          the op does not fit the session's state (e.g. Save before Send);
                   a pending enrolment older than PENDING_LIFETIME also ends here
+    code          the session still waits for its sign-in code (the page leads back to that step)
     throttled     too many failures for this extension (or typed name) or client address;
-                  ``retry_after`` seconds; answered at once and logged (``self-check result=throttled``)
+                  ``retry_after`` seconds; answered at once and logged (``self-check result=throttled``).
+                  With ``reason: "email-code"``: no email code may be sent yet and none
+                  usable is pending (a second sign-in or Send within ``email.send_interval``)
     locked        the extension is locked (too many wrong codes); ``until`` epoch or null (admin unlock)
     unavailable   settings, state store, SMTP or PAM could not be asked, or no good config is loaded
 
@@ -32,8 +35,13 @@ and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
     enrol_method   session, csrf, method ("totp"|"email")
                    -> totp: secret, uri, issuer, account   (shown only while pending; never after Save)
                    -> email: email (masked, or null when the extension has no address)
-    email_send     session, csrf, address?, client -> sent_to (masked)   (address: a new one to confirm)
-    enrol_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before)
+    email_send     session, csrf, address?, client -> sent_to (masked), pending (true: no new mail, the code
+                                                     this session sent there a moment ago is still valid)
+                   (address: a new one to confirm; each code is bound to the address it was mailed to,
+                   and Save saves exactly that address; another address while throttled: ``throttled``)
+    enrol_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before);
+                   a wrong code: ``denied`` with tries_left = min(the enrolment's tries left, lockout slots
+                   left); the enrolment's count survives a method switch
     enrol_cancel   session, csrf                  -> {}
     disable        session, csrf, password, client -> {}   (mails the extension's address when it has one)
     recovery_codes session, csrf, password, client -> codes[]  (shown once; older codes stop working)
@@ -55,6 +63,10 @@ so an unknown name throttles only itself) and the client address (never empty).
 A reserved attempt stays counted as a failure unless the password proves right,
 which gives it back. So parallel requests never run more than the limit's checks.
 
+Sessions: at most MAX_SESSIONS_PER_EXT signed-in ("in") sessions per extension and, apart,
+MAX_SESSIONS_PER_EXT still waiting for their code; a new one pushes out the least recently
+used of its own kind only, so a password without the code never signs the owner out.
+
 Sessions and pending enrolments live in this object's memory: a restart of linkusd
 signs everybody out and drops pending enrolments (nothing half-saved: nothing is
 written before a right code).
@@ -75,12 +87,12 @@ from typing import TYPE_CHECKING, Any
 from nss_config.base import check_user_name
 from pam_linkus import emailcode, enrolment, flow
 from pam_linkus import password as pam_password  # by module: tests count its checks
-from pam_linkus.errors import CodeRejected, ConfigError, Denied, LinkusError, Locked
+from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 from pam_linkus.mailtext import check_address, mask_address
 from pam_linkus.outcome import Outcome
 from pam_linkus.recovery import display
-from pam_linkus.state.base import FOREVER
+from pam_linkus.state.base import FOREVER, LockStatus
 from pam_linkus.totp import decode_secret, generate_secret, match_totp, provisioning_uri
 
 if TYPE_CHECKING:
@@ -144,6 +156,13 @@ class _Reservation:
 
 
 class _Pending:
+    """An enrolment between the Password window and Save.
+
+    ``address`` is set only when a code was mailed there by this enrolment (Save saves exactly
+    it, and the code is bound to it); ``tries`` counts this enrolment's wrong codes, whatever
+    method they were typed for (a method switch does not start it again).
+    """
+
     __slots__ = ("since", "method", "secret", "address", "tries")
 
     def __init__(self, since: float):
@@ -197,6 +216,8 @@ class SelfService:
             return {"ok": False, "error": exc.word, **exc.extra}
         except Locked as exc:
             return {"ok": False, "error": "locked", "until": _until(exc.locked_until)}
+        except CodeThrottled as exc:
+            return {"ok": False, "error": "throttled", "retry_after": exc.retry_after, "reason": "email-code"}
         except Denied:
             return {"ok": False, "error": "denied"}
         except LinkusError as exc:
@@ -249,6 +270,10 @@ class SelfService:
         sess = self._sessions.get(key)
         if sess is None:
             raise WebError("expired")
+        if sess.state == "code" and state == "in":
+            # still waiting for its sign-in code: the page leads back to that step (issue 17/7).
+            # Answered before the CSRF check: it changes nothing and tells only what the page shows.
+            raise WebError("code")
         if csrf and not hmac.compare_digest(sess.csrf.encode(), fields.get("csrf", "").encode()):
             self._log(LOG_WARNING, "csrf-refused", ext=sess.ext, client=fields.get("client"))
             raise WebError("bad-request", "csrf")
@@ -263,15 +288,27 @@ class SelfService:
                 sess.drop_login()
                 del self._sessions[key]
 
-    def _new_session(self, ext: str, now: float) -> tuple[str, _Session]:
-        self._expire(now)
-        mine = sorted((s.seen, k) for k, s in self._sessions.items() if s.ext == ext)
-        for _seen, key in mine[: max(0, len(mine) - MAX_SESSIONS_PER_EXT + 1)]:
+    def _make_room(self, ext: str, state: str, keep: _Session | None = None) -> None:
+        """Drop the least recently used sessions of ``ext`` in ``state`` until one more fits.
+
+        Only sessions of the same state are counted and pushed out: one that still waits
+        for its code (someone with the password only) never pushes out a signed-in one
+        (issue 17/3); a session that becomes signed in makes room among the signed-in ones.
+        """
+        # oldest use first; equal times in creation order (the dict's), never the random key's
+        mine = sorted(((s.seen, n, k) for n, (k, s) in enumerate(self._sessions.items())
+                       if s.ext == ext and s.state == state and s is not keep))
+        for _seen, _n, key in mine[: max(0, len(mine) - MAX_SESSIONS_PER_EXT + 1)]:
             self._sessions.pop(key).drop_login()
+
+    def _new_session(self, ext: str, now: float, state: str) -> tuple[str, _Session]:
+        self._expire(now)
+        self._make_room(ext, state)
         if len(self._sessions) >= MAX_SESSIONS:
             raise WebError("throttled", "too many sessions", retry_after=60)
         token = secrets.token_urlsafe(32)
         sess = _Session(ext, now)
+        sess.state = state
         self._sessions[_key(token)] = sess
         return token, sess
 
@@ -407,11 +444,11 @@ class SelfService:
         assert settings is not None
         await self._password(ext, f["password"], client, "sign-in", deadline=deadline, reservation=reservation)
         now = self.engine.clock()
-        token, sess = self._new_session(ext, now)
         if not settings.enrolled:
+            token, sess = self._new_session(ext, now, "in")
             self._audit("web-sign-in", ext, client, factor="password")
             return {"state": "in", "session": token, "csrf": sess.csrf}
-        sess.state = "code"
+        token, sess = self._new_session(ext, now, "code")
         gen = self._start_login(ext)
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
@@ -438,6 +475,7 @@ class SelfService:
             # a policy skip (exempt network, grace) is not proof: the page wants a code it has seen
             self._forget_session(token)
             raise WebError("denied")
+        self._make_room(sess.ext, "in", keep=sess)
         sess.state = "in"
         self._audit("web-sign-in", sess.ext, client, factor="code")
         return {"state": "in", "session": token, "csrf": sess.csrf, "info": infos}
@@ -485,7 +523,7 @@ class SelfService:
             return snapshot.chain.lookup(sess.ext), store.enrolment(sess.ext), store.lock_status(sess.ext, now)
 
         settings, info, lock = await self.engine.run(read, pool="web")
-        pending = self._pending_view(sess, now)
+        pending = self._pending_view(sess, now, lock, snapshot.config.lockout.max_failures)
         return {
             "ext": sess.ext,
             "enabled": bool(settings is not None and settings.enrolled),
@@ -501,12 +539,14 @@ class SelfService:
             "pending": pending,
         }
 
-    def _pending_view(self, sess: _Session, now: float) -> dict[str, object] | None:
+    def _pending_view(self, sess: _Session, now: float, lock: LockStatus, max_failures: int
+                      ) -> dict[str, object] | None:
         pend = sess.pending
         if pend is None or now - pend.since > PENDING_LIFETIME:
             sess.pending = None
             return None
-        view: dict[str, object] = {"method": pend.method, "tries_left": CONFIRM_TRIES - pend.tries}
+        view: dict[str, object] = {"method": pend.method,
+                                   "tries_left": _tries_left(pend, lock, now, max_failures)}
         if pend.method == "totp" and pend.secret is not None:
             view.update(self._totp_view(sess.ext, pend.secret))
         if pend.method == "email":
@@ -539,8 +579,7 @@ class SelfService:
         pend = self._pending(sess)
         if f["method"] not in ("totp", "email"):
             raise WebError("bad-request", "method")
-        pend.method = f["method"]
-        pend.tries = 0
+        pend.method = f["method"]  # pend.tries stays: a switch must not buy three more guesses
         if pend.method == "totp":
             pend.secret = pend.secret or generate_secret(160)
             pend.address = None
@@ -572,11 +611,16 @@ class SelfService:
                                      address=target, service=SERVICE, rhost=None, now=engine.clock())
 
         delivery = await self.engine.run(send, pool="web")
-        if delivery.state == emailcode.Delivery.THROTTLED:
-            raise delivery.refusal()
-        pend.address = target
-        self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
-        return {"sent_to": _masked(target)}
+        if delivery.state == emailcode.Delivery.SENT:
+            pend.address = target
+            self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
+            return {"sent_to": _masked(target)}
+        if delivery.state == emailcode.Delivery.PENDING and pend.address == target:
+            # this enrolment mailed a code here a moment ago and it still works: say so, send nothing
+            return {"sent_to": _masked(target), "pending": True}
+        # Throttled, and no code this enrolment sent to this address: never report a send that did
+        # not happen, and never let a code that went elsewhere confirm this address (issue 17/1).
+        raise CodeThrottled(f"email code throttled, next send in {delivery.retry_after} s", delivery.retry_after)
 
     async def _op_enrol_confirm(self, f: dict[str, str]) -> dict[str, object]:
         deadline = self._deadline()
@@ -587,10 +631,12 @@ class SelfService:
         snapshot = self.engine.snapshot()
         config, store, ext, client = snapshot.config, snapshot.store, sess.ext, f["client"]
         method, secret, address = pend.method, pend.secret, pend.address
+        lock_after: list[LockStatus | None] = [None]  # the lockout after a wrong code, for tries_left
 
         def confirm() -> str:
             now = self.engine.clock()
             lockout = config.lockout
+            lock_after[0] = None
             limits = {"max_failures": lockout.max_failures, "duration": lockout.duration,
                       "permanent_after": lockout.permanent_after}
             # Reserved before the code is checked, as at a login: parallel confirmations can
@@ -605,12 +651,14 @@ class SelfService:
                     saved = enrolment.save_totp(config, store, ext, secret, step, now)
                 else:
                     assert address is not None
-                    emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now)
+                    emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now,
+                                     address=address)
                     saved = enrolment.save_email(config, store, ext, address, now)
             except CodeRejected:
                 after = store.settle_failure(ext, now, **limits)
                 if after.locked(now):
                     raise Locked("locked after a wrong confirmation code", after.locked_until) from None
+                lock_after[0] = after
                 raise
             store.settle_success(ext, now)
             return saved
@@ -619,7 +667,8 @@ class SelfService:
             source = await self.engine.run(confirm, pool="web")
         except CodeRejected:
             pend.tries += 1
-            left = CONFIRM_TRIES - pend.tries
+            after = lock_after[0] or LockStatus()
+            left = _tries_left(pend, after, self.engine.clock(), config.lockout.max_failures)
             if left <= 0:
                 sess.pending = None
             self._audit("enroll", ext, client, method=method, result="wrong-code")
@@ -676,6 +725,15 @@ class SelfService:
 
 
 # -- module helpers ----------------------------------------------------------------------
+
+
+def _tries_left(pend: _Pending, lock: LockStatus, now: float, max_failures: int) -> int:
+    """Wrong codes this enrolment may still take: its own CONFIRM_TRIES, but never more than the
+    lockout allows (the next wrong code after ``max_failures`` locks, so an unlocked extension
+    always has at least that one)."""
+    if lock.locked(now):
+        return 0
+    return max(0, min(CONFIRM_TRIES - pend.tries, max(1, max_failures - lock.failures)))
 
 
 def _check_name(name: str) -> None:

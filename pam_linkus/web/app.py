@@ -20,6 +20,7 @@ import html
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 import urllib.parse
@@ -40,6 +41,10 @@ DEFAULT_SOCKET = "/run/linkusd/web.sock"
 MAX_BODY = 8192
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
+CODE_CSRF_COOKIE = "linkus_code_csrf"
+#: The extension typed at a sign-in that went on to the code step: after a wrong code the sign-in
+#: form comes back with it filled in (not secret: the person just typed it; path /sign-in only).
+EXT_COOKIE = "linkus_ext"
 CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; form-action 'self'; "
        "frame-ancestors 'none'; base-uri 'none'")
 log = logging.getLogger("linkus-web")
@@ -49,10 +54,14 @@ class Settings:
     """How this process was started (command line; no config file, no secrets)."""
 
     def __init__(self, socket_path: str = DEFAULT_SOCKET, *, secure_cookies: bool = False,
-                 trust_proxy: bool = False, timeout: float = 20.0):
+                 trust_proxy: bool = False, trust_proxy_tcp: bool = False, timeout: float = 20.0):
         self.socket_path = socket_path
         self.secure_cookies = secure_cookies
+        #: X-Forwarded-For is taken from connections on the unix socket only (its mode and group say
+        #: who may connect), and from 127.0.0.1/::1 only with ``trust_proxy_tcp``: any local process
+        #: can connect to a loopback port and write that header itself (issue 17/2).
         self.trust_proxy = trust_proxy
+        self.trust_proxy_tcp = trust_proxy_tcp
         self.timeout = timeout
 
 
@@ -158,8 +167,9 @@ class _Pages:
         return reply
 
     def client(self, request: Request) -> str:
-        peer = request.client.host if request.client is not None else "unix"
-        if self.conf.trust_proxy and (peer in ("127.0.0.1", "::1", "unix")):
+        peer = request.client.host if request.client is not None and request.client.host else "unix"
+        trusted = ("unix", "127.0.0.1", "::1") if self.conf.trust_proxy_tcp else ("unix",)
+        if self.conf.trust_proxy and peer in trusted:
             forwarded = request.headers.get("x-forwarded-for", "")
             last = forwarded.rsplit(",", 1)[-1].strip()
             if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
@@ -217,6 +227,9 @@ class _Pages:
             text = (strings.LOCKED.format(until=time.strftime("%H:%M", time.localtime(until)))
                     if isinstance(until, (int, float)) else strings.LOCKED_ADMIN)
             return self.render("message.html", 403, title=strings.LOCKED_TITLE, text=text, kind="locked")
+        if word == "throttled" and reply.get("reason") == "email-code":
+            return self.render("message.html", 429, title=strings.TITLE, kind="throttled",
+                               text=strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after"))))
         if word == "throttled":
             minutes = max(1, int(reply.get("retry_after", 60)) // 60 + 1)
             return self.render("message.html", 429, title=strings.TITLE,
@@ -273,9 +286,13 @@ class _Pages:
                            ext: str = "") -> Response:
         pre = secrets.token_urlsafe(24)
         notice = strings.EXPIRED if request.query_params.get("expired") else None
+        if error is None and request.query_params.get("wrong") == "code":
+            # back from a wrong sign-in code: the same extension, the password asked again
+            error, ext = strings.WRONG_SIGN_IN_CODE, request.cookies.get(EXT_COOKIE, "")
         # after a wrong sign-in the extension stays typed (only the password is asked again)
         response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice, ext=ext[:64])
         self.set_cookie(response, PRE_COOKIE, pre)
+        response.delete_cookie(EXT_COOKIE, path="/sign-in")
         return response
 
     async def sign_in(self, request: Request) -> Response:
@@ -300,13 +317,15 @@ class _Pages:
             self.set_cookie(response, SESSION_COOKIE, str(reply["session"]))
             response.delete_cookie(PRE_COOKIE, path="/")
             if reply["state"] == "code":
-                self.set_cookie(response, "linkus_code_csrf", str(reply["csrf"]))
+                self.set_cookie(response, CODE_CSRF_COOKIE, str(reply["csrf"]))
+                response.set_cookie(EXT_COOKIE, ext[:64], path="/sign-in", httponly=True, samesite="strict",
+                                    secure=self.conf.secure_cookies)
             return response
 
         return await self.guarded(request, run)
 
     async def code_form(self, request: Request, error: str | None = None) -> Response:
-        csrf = request.cookies.get("linkus_code_csrf", "")
+        csrf = request.cookies.get(CODE_CSRF_COOKIE, "")
         if not request.cookies.get(SESSION_COOKIE) or not csrf:
             return self.redirect("/sign-in")
         return self.render("code.html", 200 if error is None else 401, csrf=csrf, error=error, infos=[])
@@ -317,21 +336,33 @@ class _Pages:
             reply = await self.changed(request, "sign_in_code", code=f.get("code", ""), csrf=f.get("csrf", ""))
             if not reply["ok"]:
                 if reply.get("error") == "denied":
-                    response = await self.sign_in_form(request, strings.WRONG_SIGN_IN_CODE, 401)
-                    response.delete_cookie(SESSION_COOKIE, path="/")
+                    # a wrong code ended this sign-in: back to the sign-in form (its own URL), the
+                    # extension kept from the cookie the sign-in set, focus on the password
+                    response = self.redirect("/sign-in?wrong=code", clear=True)
+                    response.delete_cookie(CODE_CSRF_COOKIE, path="/")
                     return response
                 return self.error_page(reply)
             response = self.redirect("/settings")
-            response.delete_cookie("linkus_code_csrf", path="/")
+            response.delete_cookie(CODE_CSRF_COOKIE, path="/")
+            response.delete_cookie(EXT_COOKIE, path="/sign-in")
             return response
 
         return await self.guarded(request, run)
 
     async def sign_out(self, request: Request) -> Response:
         async def run() -> Response:
-            f = await self.form(request, "csrf")
-            await self.changed(request, "sign_out", csrf=f.get("csrf", ""))
-            return self.redirect("/sign-in", clear=True)
+            # Signing out only removes access: linkusd ends the session whatever the form says, so a
+            # body that is empty, of another type or malformed must not keep the session alive (17/6).
+            try:
+                csrf = (await self.form(request, "csrf")).get("csrf", "")
+            except _Refused:
+                csrf = ""
+            token = request.cookies.get(SESSION_COOKIE, "")
+            if token and len(token) <= 64:
+                await self.changed(request, "sign_out", csrf=csrf)
+            response = self.redirect("/sign-in", clear=True)
+            response.delete_cookie(CODE_CSRF_COOKIE, path="/")
+            return response
 
         return await self.guarded(request, run)
 
@@ -428,7 +459,8 @@ class _Pages:
             pending = st["pending"]
             if pending is None or pending.get("method") != "email":
                 raise _Refused("step")
-            return self.render("email.html", status, st=st, p=pending, error=error)
+            again = pending.get("sent_to") and request.query_params.get("again") == "1"
+            return self.render("email.html", status, st=st, p=pending, error=error, again=bool(again))
 
         return await self.guarded(request, run)
 
@@ -442,8 +474,12 @@ class _Pages:
             if not reply["ok"]:
                 if reply.get("error") == "bad-request" and "address" in fields:
                     return await self.email(request, strings.BAD_ADDRESS, 400)
+                if reply.get("error") == "throttled" and reply.get("reason") == "email-code":
+                    # nothing was sent: say so and how long to wait, on the same page
+                    wait = strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after")))
+                    return await self.email(request, wait, 429)
                 return self.error_page(reply)
-            return self.redirect("/settings/email")
+            return self.redirect("/settings/email?again=1" if reply.get("pending") else "/settings/email")
 
         return await self.guarded(request, run)
 
@@ -484,6 +520,11 @@ class _Refused(Exception):
         self.word = word
 
 
+def _seconds(value: object) -> int:
+    """A ``retry_after`` from linkusd as whole seconds, at least 1 (it is only shown)."""
+    return max(1, int(value)) if isinstance(value, (int, float)) else 60
+
+
 def _when(epoch: object) -> str:
     if not isinstance(epoch, (int, float)) or not epoch:
         return ""
@@ -521,12 +562,60 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="linkusd's web socket (default: %(default)s)")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="and this key (PEM)")
+    parser.add_argument("--unix-mode", default="0660", help="the --unix socket's mode (default: %(default)s)")
+    parser.add_argument("--unix-group", help="the --unix socket's group: the reverse proxy's (e.g. www-data)")
     parser.add_argument("--trust-proxy", action="store_true",
-                        help="take the client address from X-Forwarded-For of a proxy on 127.0.0.1/unix socket")
+                        help="take the client address from X-Forwarded-For of the proxy on the --unix socket")
+    parser.add_argument("--trust-proxy-tcp", action="store_true",
+                        help="with --listen: also from 127.0.0.1/::1 -- only where no untrusted user can run a "
+                             "local process (any of them could set X-Forwarded-For and dodge the per-address limit)")
     parser.add_argument("--secure-cookies", action="store_true",
                         help="mark cookies Secure (behind a TLS proxy; implied by --tls-cert)")
     parser.add_argument("--timeout", type=float, default=20.0, help=argparse.SUPPRESS)
     return parser
+
+
+def bind_unix(path: str, mode: int, group: str | None) -> socket.socket:
+    """The --unix listening socket, made here with ``mode`` and ``group`` before anyone can connect.
+
+    uvicorn's own ``uds`` makes the socket 0666 (any local user could connect and, with
+    --trust-proxy, write X-Forwarded-For): the socket is bound under a umask that leaves
+    nobody in, then given its group and mode, then listens. A stale socket (one nobody
+    listens on any more) is replaced; any other file there is an error.
+    """
+    import grp
+    import stat
+
+    gid = grp.getgrnam(group).gr_gid if group else -1
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(17, "exists and is not a socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            if probe.connect_ex(path) == 0:
+                raise OSError(98, "another process listens on it")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old)
+    try:
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,15 +631,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("linkus-web: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.trust_proxy and not args.unix and not args.trust_proxy_tcp:
+        print("linkus-web: --trust-proxy needs --unix (the proxy's socket; any local user can connect to a "
+              "TCP port and fake X-Forwarded-For), or --trust-proxy-tcp on a host without untrusted users",
+              file=sys.stderr)
+        return 2
+    if args.trust_proxy_tcp and (args.unix or not args.trust_proxy):
+        print("linkus-web: --trust-proxy-tcp goes with --trust-proxy and --listen", file=sys.stderr)
+        return 2
+    try:
+        unix_mode = int(args.unix_mode, 8)
+    except ValueError:
+        unix_mode = -1
+    if not 0 <= unix_mode <= 0o777 or unix_mode & 0o007:
+        print("linkus-web: --unix-mode must be octal, with nothing for others (e.g. 0660)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="linkus-web: %(message)s", stream=sys.stderr)
     import uvicorn  # type: ignore[import-untyped]
 
     settings = Settings(args.socket, secure_cookies=bool(args.secure_cookies or args.tls_cert),
-                        trust_proxy=args.trust_proxy, timeout=args.timeout)
+                        trust_proxy=args.trust_proxy, trust_proxy_tcp=args.trust_proxy_tcp, timeout=args.timeout)
     options: dict[str, Any] = {"access_log": False, "log_level": "warning", "server_header": False,
                                "proxy_headers": False, "limit_concurrency": 200, "timeout_keep_alive": 5}
     if args.unix:
-        options["uds"] = args.unix
+        try:
+            options["fd"] = bind_unix(args.unix, unix_mode, args.unix_group).detach()
+        except (OSError, KeyError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else f"no group {args.unix_group!r}"
+            print(f"linkus-web: cannot listen on {args.unix}: {reason}", file=sys.stderr)
+            return 1
     else:
         host, _, port = args.listen.rpartition(":")
         options["host"] = host.strip("[]") or "127.0.0.1"
