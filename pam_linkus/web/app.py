@@ -16,25 +16,34 @@ header: the access log is method, path, status.
 from __future__ import annotations
 
 import argparse
+import grp
 import html
+import io
 import logging
 import os
 import secrets
 import socket
+import stat
 import sys
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import jinja2
+import uvicorn  # type: ignore[import-untyped]
+from markupsafe import Markup
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from pam_linkus import protocol
 from pam_linkus.nodump import forbid_core_dumps
 from pam_linkus.web import strings
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
-
-    from starlette.requests import Request
-    from starlette.responses import Response
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOCKET = "/run/linkusd/web.sock"
@@ -71,11 +80,6 @@ class Unreachable(Exception):
 
 def create_app(settings: Settings) -> Any:
     """The ASGI app."""
-    import jinja2
-    from starlette.applications import Starlette
-    from starlette.routing import Mount, Route
-    from starlette.staticfiles import StaticFiles
-
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     pages = _Pages(settings, env)
@@ -152,10 +156,6 @@ class _Pages:
     # -- plumbing ---------------------------------------------------------------------
 
     async def call(self, request: dict[str, object]) -> dict[str, Any]:
-        from starlette.concurrency import run_in_threadpool
-
-        from pam_linkus import protocol
-
         try:
             reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
                                             timeout=self.conf.timeout)
@@ -177,14 +177,10 @@ class _Pages:
         return peer[:64]
 
     def render(self, name: str, status: int = 200, **context: Any) -> Response:
-        from starlette.responses import HTMLResponse
-
         text = self.env.get_template(name).render(t=strings, **context)
         return HTMLResponse(text, status_code=status)
 
     def redirect(self, path: str, *, clear: bool = False) -> Response:
-        from starlette.responses import RedirectResponse
-
         # relative paths only: never built from request.url (CVE-2026-54282 class of bugs)
         response = RedirectResponse(path, status_code=303)
         if clear:
@@ -537,10 +533,7 @@ def _grouped(secret: str) -> str:
 
 def _qr_svg(uri: str) -> Any:
     """The otpauth URI as an inline SVG (segno; made here, so the secret never leaves in a URL)."""
-    import io
-
-    import segno
-    from markupsafe import Markup
+    import segno  # optional: only the enrollment page's QR code needs it
 
     out = io.BytesIO()
     segno.make(uri, error="m").save(out, kind="svg", scale=5, border=4, xmldecl=False, svgns=True, omitsize=True,
@@ -583,9 +576,6 @@ def bind_unix(path: str, mode: int, group: str | None) -> socket.socket:
     nobody in, then given its group and mode, then listens. A stale socket (one nobody
     listens on any more) is replaced; any other file there is an error.
     """
-    import grp
-    import stat
-
     gid = grp.getgrnam(group).gr_gid if group else -1
     try:
         st = os.lstat(path)
@@ -647,8 +637,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("linkus-web: --unix-mode must be octal, with nothing for others (e.g. 0660)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="linkus-web: %(message)s", stream=sys.stderr)
-    import uvicorn  # type: ignore[import-untyped]
-
     settings = Settings(args.socket, secure_cookies=bool(args.secure_cookies or args.tls_cert),
                         trust_proxy=args.trust_proxy, trust_proxy_tcp=args.trust_proxy_tcp, timeout=args.timeout)
     options: dict[str, Any] = {"access_log": False, "log_level": "warning", "server_header": False,
