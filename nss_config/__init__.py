@@ -6,6 +6,6 @@ for how answers combine.
 
 The lowest layer: it imports nothing from pam_linkus (tests/test_layers.py). The errors
 it raises are declared in ``nss_config.errors``, the config and cache types it reads in
-``nss_config.options``; ``nss_config.strictyaml`` is the one reader of root-only YAML
+``nss_config.options``; ``nss_config.yaml_reader`` is the one reader of root-only YAML
 and secret files, for the config above as well.
 """

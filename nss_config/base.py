@@ -87,7 +87,7 @@ class ExtensionSettings:
         self.email = email
         self.source = source
         #: The secret is shorter than 128 bits and was accepted only because the entry
-        #: says so (a migrated Google Authenticator key); doctor flags it until re-enrolment.
+        #: says so (a migrated Google Authenticator key); doctor flags it until re-enrollment.
         self.legacy_short_secret = legacy_short_secret
 
     @property
@@ -143,7 +143,7 @@ def normalize_secret(text: str, *, allow_short: bool = False) -> str:
     if bits < MIN_LEGACY_SECRET_BITS:
         raise ValueError(f"secret is shorter than {MIN_LEGACY_SECRET_BITS} bits")
     if bits < MIN_SECRET_BITS and not allow_short:
-        raise ValueError(f"secret is shorter than {MIN_SECRET_BITS} bits (RFC 4226); enrol again, or mark a "
+        raise ValueError(f"secret is shorter than {MIN_SECRET_BITS} bits (RFC 4226); enroll again, or mark a "
                          "migrated key with legacy_short_secret: true")
     return cleaned
 

@@ -60,7 +60,7 @@ class SourceChain:
     def load_summary(self, previous: SourceChain | None) -> tuple[str, bool]:
         """The counts for linkusd's "configuration loaded" line, and whether the number of
         enrolled extensions dropped since ``previous`` (worth a warning: a file that lost its
-        enrolments lets those extensions log in without a code)."""
+        enrollments lets those extensions log in without a code)."""
         now = self.counts()
         if now is None:
             return "", False

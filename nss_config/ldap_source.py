@@ -54,7 +54,7 @@ from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, LinkusError, SourceUnavailable
-from nss_config.strictyaml import read_secret_file
+from nss_config.yaml_reader import read_secret_file
 
 if TYPE_CHECKING:
     from nss_config.options import LdapOptions, SettingsCache

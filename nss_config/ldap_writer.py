@@ -50,7 +50,7 @@ from nss_config.ldap_source import (
     open_secured,
     settings_from_entries,
 )
-from nss_config.strictyaml import read_secret_file
+from nss_config.yaml_reader import read_secret_file
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -62,7 +62,7 @@ from typing import Any
 
 from nss_config.base import ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, SourceUnavailable
-from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
+from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
 TOP_KEYS = ("extensions", "version")
 #: How a file with no extensions says so; anything less is refused, not read as "none".
@@ -157,7 +157,7 @@ class YamlSource:
             _extensions = _load(path)
         self._by_name = _extensions
         #: How many extensions must give a second factor: linkusd's reload line reports it, so
-        #: a file that lost its enrolments shows as a drop (issue 17, tester 3).
+        #: a file that lost its enrollments shows as a drop (issue 17, tester 3).
         self.enrolled = (_extensions.enrolled if isinstance(_extensions, PackedExtensions)
                          else sum(1 for settings in _extensions.values() if settings.enrolled))
 

@@ -28,7 +28,7 @@ How an edit is made, and why:
   the new file, never half of one, also after a power cut.
 * **Serialised.** An exclusive ``fcntl.flock`` on ``<file>.lock`` next to it is
   held from reading the file to the rename, so two admins (or many bulk
-  enrolments) never lose each other's edits.
+  enrollments) never lose each other's edits.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from nss_config.base import (
     settings_from_mapping,
 )
 from nss_config.errors import ConfigError, SourceUnavailable
-from nss_config.strictyaml import END_MARKER, MAX_EXTENSIONS_BYTES, load_yaml, open_secure
+from nss_config.yaml_reader import END_MARKER, MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 from nss_config.yaml_source import parse_extensions
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class YamlWriter:
         The pam_python version took over google-authenticator's 80-bit keys without the mark;
         this version refuses such a file as a whole (issue 12.7), which would refuse every
         login after an upgrade. So the upgrade (``linkus-2fa migrate-pam``) marks them, all in
-        one atomic write, and doctor keeps flagging them until each extension enrols again.
+        one atomic write, and doctor keeps flagging them until each extension enrolls again.
         Nothing else in the file changes (checked before the write).
         """
         lock_fd = self._lock()

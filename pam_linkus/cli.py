@@ -33,7 +33,7 @@ from nss_config.base import MIN_SECRET_BITS, ExtensionSettings, check_user_name
 from nss_config.chain import build_chain
 from nss_config.writer import source_of, writer_for
 from nss_config.yaml_source import read_extensions
-from pam_linkus import emailcode, enrolment, migrate_pam
+from pam_linkus import emailcode, enrollment, migrate_pam
 from pam_linkus.config import DEFAULT_CONFIG_PATH, Config, load_config
 from pam_linkus.doctor import run as run_doctor
 from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Denied, LinkusError, NotEnrolled
@@ -51,7 +51,7 @@ from pam_linkus.state import open_store
 from pam_linkus.state.base import FOREVER, StateStore
 from pam_linkus.totp import decode_secret, generate_secret, match_totp, provisioning_uri
 
-#: Tries a person gets to type the confirmation code of a new enrolment.
+#: Tries a person gets to type the confirmation code of a new enrollment.
 CONFIRM_TRIES = 3
 SAVED = "Edited successfully."
 
@@ -103,7 +103,7 @@ class Admin:
     def reload_daemon(self) -> None:
         """Have linkusd load the changed settings now, so the next login sees them.
 
-        Called only after a settings source was written (enrol, disable, import):
+        Called only after a settings source was written (enroll, disable, import):
         a reload rebuilds the whole snapshot (~2 s of CPU with 100,000 extensions),
         while state changes (unlock, recovery codes, failures) live in the state
         store that every login reads anyway (issue 17.13). Its watcher would notice
@@ -150,7 +150,7 @@ def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
 
 
-# -- enrolment ----------------------------------------------------------------------
+# -- enrollment ----------------------------------------------------------------------
 
 
 def _show_totp(adm: Admin, ext: str, secret: str, issuer: str, *, qr: bool, qr_file: str | None) -> None:
@@ -234,7 +234,7 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
         return {**kept, "method": "totp", "secret": secret, "enabled": True}
 
     writer.update(ext, change)
-    adm.store().record_enrolment(ext, "totp", time.time(), totp_step=step)
+    adm.store().record_enrollment(ext, "totp", time.time(), totp_step=step)
     adm.reload_daemon()
     adm.audit("enroll", ext, method="totp", source=source, confirmed="yes" if confirm else "no")
     print(SAVED)
@@ -272,7 +272,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
         return {"method": "email", "email": target, "enabled": True}
 
     writer.update(ext, change)
-    adm.store().record_enrolment(ext, "email", time.time())
+    adm.store().record_enrollment(ext, "email", time.time())
     adm.reload_daemon()
     adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
     print(SAVED)
@@ -316,7 +316,7 @@ def _send_and_confirm_email(adm: Admin, ext: str, address: str) -> None:
 
 
 def disable(adm: Admin, ext: str) -> int:
-    source, current = enrolment.switch_off(adm.config, adm.store(), ext)
+    source, current = enrollment.switch_off(adm.config, adm.store(), ext)
     if current is not None:  # switch_off wrote the source
         adm.reload_daemon()
     adm.audit("disable", ext, source=source if current is not None else "-")
@@ -326,7 +326,7 @@ def disable(adm: Admin, ext: str) -> int:
         print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
         if current.email:  # tell the owner, so a disable they did not ask for is noticed
             try:
-                enrolment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
+                enrollment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
                                               time.time())
             except LinkusError as exc:
                 print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
@@ -346,7 +346,7 @@ def status(adm: Admin, ext: str) -> int:
     _source, settings = adm.lookup(ext)
     store = adm.store()
     now = time.time()
-    info = store.enrolment(ext)
+    info = store.enrollment(ext)
     lock = store.lock_status(ext, now)
     print(f"extension:    {ext}")
     if settings is None:
@@ -378,7 +378,7 @@ def list_extensions(adm: Admin) -> int:
     now = time.time()
     print(f"{'EXTENSION':<16} {'METHOD':<6} {'2FA':<3} {'ENROLLED':<19} {'LAST SUCCESS':<19} FAIL LOCKED RECOVERY")
     for ext, settings in sorted(extensions.items()):
-        info = store.enrolment(ext)
+        info = store.enrollment(ext)
         lock = store.lock_status(ext, now)
         locked = "admin" if lock.locked_until >= FOREVER else "yes" if lock.locked(now) else "no"
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.since)) if info and info.since else "-"
@@ -430,13 +430,13 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             entry["period"] = found.period
         if short:
             # RFC 4226 wants 128 bits; google-authenticator writes 80. The flag keeps
-            # the app working, and doctor keeps naming the extension until it re-enrols.
+            # the app working, and doctor keeps naming the extension until it re-enrolls.
             entry["legacy_short_secret"] = True
         return entry
 
     writer.update(ext, change)
     store = adm.store()
-    store.record_enrolment(ext, "totp", time.time(), totp_step=found.used_step)
+    store.record_enrollment(ext, "totp", time.time(), totp_step=found.used_step)
     scratch = [c for c in (normalize_recovery_code(s) for s in found.scratch_codes) if c]
     if scratch:
         salt = new_salt()
@@ -529,13 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common_options(parser, top=True)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, text: str, sub: Any = verbs, *, options: bool = True) -> argparse.ArgumentParser:
-        made: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+    def verb(name: str, text: str, sub: Any = verbs, *, options: bool = True,
+             aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text, allow_abbrev=False,
+                                                       aliases=list(aliases))
         if options:
             _common_options(made, top=False)
         return made
 
-    enroll = verb("enroll", "turn 2FA on for an extension (TOTP app or email)")
+    # "enrol": the British spelling, which people type too (the project writes "enroll")
+    enroll = verb("enroll", "turn 2FA on for an extension (TOTP app or email)", aliases=("enrol",))
     enroll.add_argument("ext", help="extension (login name)")
     enroll.add_argument("--method", choices=("totp", "email"), default="totp")
     enroll.add_argument("--no-confirm", action="store_true",
@@ -548,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("disable", "turn 2FA off (lost phone) and clear the extension's state"),
                        ("unlock", "clear a lockout")):
         verb(name, text).add_argument("ext")
-    verb("status", "method, enrolment, last success, failures, lock").add_argument("ext", nargs="?")
+    verb("status", "method, enrollment, last success, failures, lock").add_argument("ext", nargs="?")
     verb("list", "every extension of the YAML source with its state")
     rec = verb("recovery-codes", "make new single-use recovery codes")
     rec.add_argument("ext")
@@ -570,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     # user must not choose which config (and so which sources) their change goes to.
     own = verb("self", "self-service through sudo: your own extension only", options=False)
     own_verbs = own.add_subparsers(dest="self_verb", required=True, metavar="VERB")
-    own_enroll = verb("enroll", "turn 2FA on or change it", own_verbs, options=False)
+    own_enroll = verb("enroll", "turn 2FA on or change it", own_verbs, options=False, aliases=("enrol",))
     own_enroll.add_argument("--method", choices=("totp", "email"), default="totp")
     own_enroll.add_argument("--address", help="email: the address to confirm")
     own_enroll.add_argument("--no-qr", action="store_true")
@@ -615,6 +618,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # an alias names itself in the parsed verb: dispatch on the verb's own name
+    for dest in ("verb", "self_verb"):
+        if getattr(args, dest, None) == "enrol":
+            setattr(args, dest, "enroll")
     try:
         status = int(_dispatch(args))
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below

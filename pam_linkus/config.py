@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
-from nss_config.strictyaml import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
+from nss_config.yaml_reader import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
 from pam_linkus.mailtext import PLACEHOLDERS, fill
 
@@ -197,7 +197,7 @@ class LockoutConfig:
 
 
 class TotpConfig:
-    """How lenient TOTP verification is and how new enrolments are labelled."""
+    """How lenient TOTP verification is and how new enrollments are labelled."""
 
     __slots__ = ("window", "issuer")
 

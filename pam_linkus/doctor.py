@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nss_config.chain import build_chain
-from nss_config.strictyaml import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
+from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 from nss_config.yaml_source import read_extensions
 from pam_linkus import protocol
 from pam_linkus.config import load_config

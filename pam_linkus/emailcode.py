@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nss_config.strictyaml import open_secure
+from nss_config.yaml_reader import open_secure
 from pam_linkus.codes import normalize_code
 from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, StateUnavailable
 from pam_linkus.mailtext import DEFAULT_TEMPLATE, check_address, fill, mask_address
@@ -222,7 +222,7 @@ def verify(store: StateStore, key: bytes, user: str, answer: str | bytes, now: f
     """Use one attempt of ``user``'s pending code; return on success, else CodeRejected.
 
     ``address`` is where the code must have been sent (the extension's address at a
-    login, the address being confirmed at an enrolment): a code mailed elsewhere is a
+    login, the address being confirmed at an enrollment): a code mailed elsewhere is a
     wrong code. A malformed answer (not 6 ASCII digits) still uses an attempt.
     """
     try:

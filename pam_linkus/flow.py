@@ -190,7 +190,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
             yield from _no_factor(req, ctx, key, "no second factor enrolled and policy is enforce: all")
         if single and req.kept:
             # The first line split a code off for an extension that has none now
-            # (enrolment changed in between): the password it forwarded was cut short.
+            # (enrollment changed in between): the password it forwarded was cut short.
             raise Denied("single-field code given for an extension without 2FA")
         return Decision(Outcome.SKIP, "not enrolled", ctx.method)
     ctx.method = settings.method

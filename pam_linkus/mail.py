@@ -25,7 +25,7 @@ from email.policy import SMTP
 from email.utils import formatdate, make_msgid
 from typing import TYPE_CHECKING, Protocol
 
-from nss_config.strictyaml import read_secret_file
+from nss_config.yaml_reader import read_secret_file
 from pam_linkus.errors import ConfigError, MailUnavailable
 from pam_linkus.mailtext import check_address
 

@@ -236,5 +236,5 @@ def mark_legacy_secrets(config_path: str, *, check: bool, out: Callable[[str], N
     for name in names:
         verb = "needs" if check else "marked"
         out(f"{verb} legacy_short_secret: extension {name!r} (a key under 128 bits from the old import; "
-            "it should enrol again)")
+            "it should enroll again)")
     return 1 if check and names else 0

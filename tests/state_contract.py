@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from state_recovery_contract import EnrolmentRecoveryContract
+from state_recovery_contract import EnrollmentRecoveryContract
 from state_steps import NOW, STEP, fail, totp_attempt
 
 from pam_linkus.errors import Locked, StateUnavailable
@@ -87,7 +87,7 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-class StateContract(EnrolmentRecoveryContract):
+class StateContract(EnrollmentRecoveryContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``.
 
     ``CHECKS_ONLY_ADMITTED``: the backend calls ``totp_attempt``'s check only for an
@@ -443,12 +443,12 @@ class StateContract(EnrolmentRecoveryContract):
     def test_prune_keeps_what_still_decides(self, store: Any) -> None:
         far = NOW + 400 * 86400
         fail(store, "locked", NOW, max_failures=1, duration=0, permanent_after=5)
-        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)
+        store.record_enrollment("1001", "totp", NOW, totp_step=STEP)
         store.issue_email_code("1002", "h1", far - 10, EmailLimits())
         store.start_grace("1003", "192.0.2.1", far - 10, 300)
         assert isinstance(store.prune(far), int)
         assert store.lock_status("locked", far).permanent
-        assert store.enrolment("1001") is not None
+        assert store.enrollment("1001") is not None
         assert store.verify_email_code("1002", "h1", far) == EmailCheck.ACCEPTED
         assert store.grace_active("1003", "192.0.2.1", far) is True
 
@@ -467,10 +467,10 @@ class StateContract(EnrolmentRecoveryContract):
         newer = totp_attempt(store, "1001", NOW + 30, STEP + 1)
         assert newer.verdict == TotpAttempt.ACCEPTED
         assert store.lock_status("1001", NOW + 30).failures == 0
-        assert store.enrolment("1001").last_success == NOW + 30
+        assert store.enrollment("1001").last_success == NOW + 30
 
-    def test_totp_attempt_takes_the_step_of_the_enrolment_into_account(self, store: Any) -> None:
-        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)  # the other writer of the replay record
+    def test_totp_attempt_takes_the_step_of_the_enrollment_into_account(self, store: Any) -> None:
+        store.record_enrollment("1001", "totp", NOW, totp_step=STEP)  # the other writer of the replay record
         assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.REPLAYED
 
     def test_totp_attempt_wrong_codes_count_and_lock_at_max_failures(self, store: Any) -> None:
@@ -841,7 +841,7 @@ class StateContract(EnrolmentRecoveryContract):
         "cache_settings",
         "cached_settings",
         "start_grace", "grace_active", "issue_email_code", "discard_email_code", "verify_email_code",
-        "record_enrolment", "enrolment", "set_recovery_codes", "recovery_salt", "recovery_codes_left",
+        "record_enrollment", "enrollment", "set_recovery_codes", "recovery_salt", "recovery_codes_left",
         "use_recovery_code",
     ])
     def test_an_unreachable_store_raises_state_unavailable(self, unavailable_opener: Opener, operation: str) -> None:
@@ -860,8 +860,8 @@ class StateContract(EnrolmentRecoveryContract):
             "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
             "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),
-            "record_enrolment": lambda s: s.record_enrolment("1001", "totp", NOW, totp_step=STEP),
-            "enrolment": lambda s: s.enrolment("1001"),
+            "record_enrollment": lambda s: s.record_enrollment("1001", "totp", NOW, totp_step=STEP),
+            "enrollment": lambda s: s.enrollment("1001"),
             "set_recovery_codes": lambda s: s.set_recovery_codes("1001", "00" * 16, ["d1", "d2"]),
             "recovery_salt": lambda s: s.recovery_salt("1001"),
             "recovery_codes_left": lambda s: s.recovery_codes_left("1001"),

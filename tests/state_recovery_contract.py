@@ -1,6 +1,6 @@
-"""Contract for the enrolment record and recovery codes of a StateStore (any backend).
+"""Contract for the enrollment record and recovery codes of a StateStore (any backend).
 
-A backend's test class inherits ``EnrolmentRecoveryContract`` and provides an
+A backend's test class inherits ``EnrollmentRecoveryContract`` and provides an
 ``opener`` fixture (a zero-argument callable opening a new store on the test's own
 empty state). Times are injected.
 """
@@ -31,31 +31,31 @@ def _spend(opener: Callable[[], Any], barrier: Any, results: Any, code_digest: s
         store.close()
 
 
-class EnrolmentRecoveryContract:
-    def test_enrolment_is_recorded_and_successes_update_it(self, opener: Callable[[], Any]) -> None:
+class EnrollmentRecoveryContract:
+    def test_enrollment_is_recorded_and_successes_update_it(self, opener: Callable[[], Any]) -> None:
         store = opener()
-        assert store.enrolment("1001") is None
-        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)
-        info = store.enrolment("1001")
+        assert store.enrollment("1001") is None
+        store.record_enrollment("1001", "totp", NOW, totp_step=STEP)
+        info = store.enrollment("1001")
         assert (info.method, info.since, info.last_success, info.recovery_left) == ("totp", NOW, None, 0)
         # The confirmation code's step counts as used: the same code at a login is a replay.
         assert totp_attempt(store, "1001", NOW + 1, STEP).verdict == TotpAttempt.REPLAYED
         assert totp_attempt(store, "1001", NOW + 31, STEP + 1).verdict == TotpAttempt.ACCEPTED
-        assert store.enrolment("1001").last_success == NOW + 31
+        assert store.enrollment("1001").last_success == NOW + 31
 
-    def test_re_enrolment_replaces_the_replay_record(self, opener: Callable[[], Any]) -> None:
+    def test_re_enrollment_replaces_the_replay_record(self, opener: Callable[[], Any]) -> None:
         store = opener()
         assert totp_attempt(store, "1001", NOW, STEP + 5).verdict == TotpAttempt.ACCEPTED
-        store.record_enrolment("1001", "totp", NOW + 10, totp_step=STEP)
+        store.record_enrollment("1001", "totp", NOW + 10, totp_step=STEP)
         assert totp_attempt(store, "1001", NOW + 11, STEP).verdict == TotpAttempt.REPLAYED
         assert totp_attempt(store, "1001", NOW + 40, STEP + 1).verdict == TotpAttempt.ACCEPTED
-        store.record_enrolment("1001", "email", NOW + 50)
+        store.record_enrollment("1001", "email", NOW + 50)
         assert totp_attempt(store, "1001", NOW + 51, STEP - 3).verdict == TotpAttempt.ACCEPTED
 
     def test_a_hand_enrolled_extension_gets_a_record_at_its_first_success(self, opener: Callable[[], Any]) -> None:
         store = opener()
         assert totp_attempt(store, "1002", NOW, STEP).verdict == TotpAttempt.ACCEPTED
-        info = store.enrolment("1002")
+        info = store.enrollment("1002")
         assert (info.since, info.last_success) == (None, NOW)
 
     def test_an_accepted_email_code_records_the_success(self, opener: Callable[[], Any]) -> None:
@@ -64,7 +64,7 @@ class EnrolmentRecoveryContract:
         store = opener()
         store.issue_email_code("1003", "h" * 64, NOW, EmailLimits())
         assert store.verify_email_code("1003", "h" * 64, NOW + 5) == EmailCheck.ACCEPTED
-        assert store.enrolment("1003").last_success == NOW + 5
+        assert store.enrollment("1003").last_success == NOW + 5
 
     def test_recovery_code_works_once_and_clears_failures(self, opener: Callable[[], Any]) -> None:
         store = opener()
@@ -79,7 +79,7 @@ class EnrolmentRecoveryContract:
         assert store.lock_status("1001", NOW).failures == 0
         assert store.use_recovery_code("1001", digest(codes[0], salt), NOW) is False
         assert store.recovery_codes_left("1001") == 1
-        assert store.enrolment("1001").last_success == NOW
+        assert store.enrollment("1001").last_success == NOW
         assert store.use_recovery_code("1002", digest(codes[1], salt), NOW) is False
 
     def test_new_codes_replace_the_old_ones(self, opener: Callable[[], Any]) -> None:
@@ -101,13 +101,13 @@ class EnrolmentRecoveryContract:
             store.use_recovery_code("1001", digest("abcdefghij", salt), NOW + 1)
         assert store.recovery_codes_left("1001") == 1
 
-    def test_forget_removes_enrolment_and_codes(self, opener: Callable[[], Any]) -> None:
+    def test_forget_removes_enrollment_and_codes(self, opener: Callable[[], Any]) -> None:
         store = opener()
         salt = new_salt()
-        store.record_enrolment("1001", "totp", NOW, totp_step=STEP)
+        store.record_enrollment("1001", "totp", NOW, totp_step=STEP)
         store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
         store.forget("1001")
-        assert store.enrolment("1001") is None
+        assert store.enrollment("1001") is None
         assert store.recovery_salt("1001") is None
         assert store.recovery_codes_left("1001") == 0
 

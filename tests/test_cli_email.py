@@ -21,7 +21,7 @@ def entry(stack: PamStack, user: str) -> Any:
     return yaml.safe_load(stack.extensions_path.read_text())["extensions"].get(user)
 
 
-def test_email_enrolment_saves_only_after_the_mailed_code(pam_stack: PamStack, user: str, smtp_server: Any,
+def test_email_enrollment_saves_only_after_the_mailed_code(pam_stack: PamStack, user: str, smtp_server: Any,
                                                          ca: Any) -> None:
     server = smtp_server(auth=True)
     setup_email(pam_stack, server, ca, send_interval=0)

@@ -76,7 +76,7 @@ def test_wrong_confirmation_code_saves_nothing(pam_stack: PamStack, user: str) -
     assert 'result=not-confirmed' in pam_stack.log.wait_for(f'action=enroll ext={user}')
 
 
-def test_re_enrolment_keeps_the_old_secret_until_the_new_one_is_confirmed(pam_stack: PamStack, user: str) -> None:
+def test_re_enrollment_keeps_the_old_secret_until_the_new_one_is_confirmed(pam_stack: PamStack, user: str) -> None:
     pam_stack.enroll_totp(user)
     child = spawn_cli(pam_stack, "enroll", user, "--no-qr")
     child.expect("already has 2FA")
@@ -178,7 +178,7 @@ def test_status_and_list_never_show_the_secret(pam_stack: PamStack, user: str) -
     assert any(line.startswith(user) and " totp " in line for line in listing.stdout.splitlines())
 
 
-def test_scripted_bulk_enrolment_with_no_confirm(pam_stack: PamStack, user: str) -> None:
+def test_scripted_bulk_enrollment_with_no_confirm(pam_stack: PamStack, user: str) -> None:
     result = run_cli(pam_stack, "enroll", user, "--no-confirm", "--no-qr")
     assert result.returncode == 0, result.stderr
     secret = yaml.safe_load(pam_stack.extensions_path.read_text())["extensions"][user]["secret"]

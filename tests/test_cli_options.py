@@ -86,11 +86,18 @@ def test_lost_audit_line_is_said_on_stderr(setup: Setup) -> None:
     assert "did not take the audit line" in result.stderr and 'action="unlock" ext="1001"' in result.stderr
 
 
-def test_no_confirm_reenrolment_says_the_old_key_is_replaced_at_once(setup: Setup) -> None:
+def test_no_confirm_reenrollment_says_the_old_key_is_replaced_at_once(setup: Setup) -> None:
     result = setup.run("--config", str(setup.config), "enroll", "1001", "--no-confirm", "--no-qr")
     assert result.returncode == 0, result.stderr
     assert "replaced by the new key now" in result.stdout and "only once the new key is confirmed" not in result.stdout
     assert setup.entry("1001")["secret"] != SECRET
+
+
+def test_enrol_is_the_same_verb_as_enroll(setup: Setup) -> None:
+    """The project writes "enroll"; the British spelling people type works the same."""
+    result = setup.run("--config", str(setup.config), "enrol", "1001", "--no-confirm", "--no-qr")
+    assert result.returncode == 0, result.stderr
+    assert "replaced by the new key now" in result.stdout and setup.entry("1001")["secret"] != SECRET
 
 
 def test_issuer_with_a_colon_is_encoded_in_the_printed_uri(setup: Setup) -> None:
@@ -100,7 +107,7 @@ def test_issuer_with_a_colon_is_encoded_in_the_printed_uri(setup: Setup) -> None
     assert "otpauth://totp/PBX%3AMain:1002?" in result.stdout and "issuer=PBX%3AMain" in result.stdout
 
 
-def test_import_google_marks_a_short_key_and_doctor_flags_it_until_reenrolment(setup: Setup) -> None:
+def test_import_google_marks_a_short_key_and_doctor_flags_it_until_reenrollment(setup: Setup) -> None:
     ga = setup.root / "ga"
     ga.write_text(f'{SHORT}\n" RATE_LIMIT 3 30\n" WINDOW_SIZE 3\n" DISALLOW_REUSE\n" TOTP_AUTH\n12345678\n')
     os.chmod(ga, 0o400)

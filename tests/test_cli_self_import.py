@@ -1,4 +1,4 @@
-"""`linkus-2fa self` (password through PAM, then the current code), parallel enrolments, and the
+"""`linkus-2fa self` (password through PAM, then the current code), parallel enrollments, and the
 migration from google-authenticator-libpam, each through the real command and real PAM."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_self_service_only_ever_acts_on_the_sudo_user(pam_stack: PamStack, user:
     assert no_sudo.returncode == 1 and "SUDO_USER is not set" in no_sudo.stderr
 
 
-def test_parallel_enrolments_lose_nothing(pam_stack: PamStack) -> None:
+def test_parallel_enrollments_lose_nothing(pam_stack: PamStack) -> None:
     pam_stack.extensions_path.write_text('# the admin\'s note\nextensions:\n  "keep":  # keep me\n'
                                          f"    method: totp\n    secret: {SECRET}\n...\n")
     names = [f"ext{secrets.token_hex(3)}" for _ in range(8)]

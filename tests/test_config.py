@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nss_config.strictyaml import load_yaml, open_secure, read_secret_file
+from nss_config.yaml_reader import load_yaml, open_secure, read_secret_file
 from nss_config.yaml_source import read_extensions
 from pam_linkus.config import Config, load_config
 from pam_linkus.errors import ConfigError

@@ -177,7 +177,7 @@ def test_a_huge_secret_is_refused_at_load_and_the_last_good_settings_stay(stack:
 
 
 def test_the_loaded_line_counts_extensions_and_warns_when_enrolled_ones_drop(stack: PamStack) -> None:
-    """A file that lost enrolments (an edit gone wrong) lets those extensions in on the password alone
+    """A file that lost enrollments (an edit gone wrong) lets those extensions in on the password alone
     under ``enforce: enrolled``: the reload's line says how many are enrolled and warns at a drop."""
     stack.enroll_totp("alice")
     stack.enroll_totp("bob")

@@ -165,7 +165,7 @@ def test_control_fields(deb: Path) -> None:
     control = Path(run(["mktemp", "-d"]).stdout.strip())
     try:
         run(["dpkg-deb", "-e", str(deb), str(control)])
-        # extensions.yaml is enrolment data made by postinst, not a conffile (see the postinst).
+        # extensions.yaml is enrollment data made by postinst, not a conffile (see the postinst).
         assert (control / "conffiles").read_text().split() == ["/etc/pam_linkus/pam_linkus.yaml"]
     finally:
         shutil.rmtree(control)
@@ -452,7 +452,7 @@ def add_user(env: dict[str, Any]) -> str:
 
 
 def enroll(env: dict[str, Any], users: dict[str, str]) -> None:
-    """Enrol users with TOTP in the package's own /etc/pam_linkus/extensions.yaml; linkusd loads it now."""
+    """Enroll users with TOTP in the package's own /etc/pam_linkus/extensions.yaml; linkusd loads it now."""
     write_yaml(env["root"].path("/etc/pam_linkus/extensions.yaml"),
                {"extensions": {user: {"method": "totp", "secret": secret} for user, secret in users.items()}},
                end=True)
@@ -561,7 +561,7 @@ def test_linkusd_down_refuses_the_login(login_env: dict[str, Any]) -> None:
     assert "linkusd unavailable" in login_env["log"].wait_for("linkusd unavailable")
 
 
-def test_reinstall_keeps_the_admins_config_and_enrolments(installed: dict[str, Any], login_env: dict[str, Any],
+def test_reinstall_keeps_the_admins_config_and_enrollments(installed: dict[str, Any], login_env: dict[str, Any],
                                                            machine: dict[str, Any]) -> None:
     root: PrivateRoot = installed["root"]
     config, extensions = root.path("/etc/pam_linkus/pam_linkus.yaml"), root.path("/etc/pam_linkus/extensions.yaml")

@@ -83,7 +83,7 @@ def test_enroll_disable_remove_round_trip(slapd: Slapd, private_dir: Path) -> No
     assert not any(name.startswith("linkusTwoFactor") or name.startswith("linkusTotp") for name in attrs)
 
 
-def test_email_enrolment_replaces_the_address(slapd: Slapd, private_dir: Path) -> None:
+def test_email_enrollment_replaces_the_address(slapd: Slapd, private_dir: Path) -> None:
     base = slapd.tree({"1002": {"email": "old@example.com"}}, attributes=MAIL_MAP)
     config = make_config(slapd, private_dir, base)
     LdapWriter(config).update("1002", lambda old: {"method": "email", "email": "new@example.com"})

@@ -62,7 +62,7 @@ class TestRedisState(StateContract):
 def test_every_key_has_the_prefix_and_a_ttl_unless_it_must_outlive_one(redis_server: RedisServer) -> None:
     p = prefix()
     store = open_store(state_config(url=redis_server.url, prefix=p, failure_ttl=86400))
-    totp_attempt(store, "1001", NOW, STEP)  # also notes the success in the enrolment record
+    totp_attempt(store, "1001", NOW, STEP)  # also notes the success in the enrollment record
     fail(store, "1002", NOW, max_failures=3, duration=900, permanent_after=10)
     fail(store, "1003", NOW, max_failures=1, duration=0, permanent_after=10)
     # a refused attempt on that lock for good leaves it without a TTL

@@ -142,8 +142,8 @@ def test_prune_deletes_in_short_batches_and_keeps_rows_renewed_meanwhile(
     old = now - REPLAY_TTL - 10
     try:
         for i in range(1201):
-            store.record_enrolment(f"ext{i}", "totp", old, totp_step=1)
-        store.record_enrolment("fresh", "totp", now, totp_step=1)
+            store.record_enrollment(f"ext{i}", "totp", old, totp_step=1)
+        store.record_enrollment("fresh", "totp", now, totp_step=1)
         read = store._read
 
         def read_then_renew(sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:

@@ -25,23 +25,23 @@ def sess(reply: dict[str, Any]) -> dict[str, str]:
     return {"session": reply["session"], "csrf": reply["csrf"], "client": CLIENT}
 
 
-def test_totp_enrolment_saves_only_the_confirmed_secret(api: Api, site: tuple[Site, Any], user: str) -> None:
+def test_totp_enrollment_saves_only_the_confirmed_secret(api: Api, site: tuple[Site, Any], user: str) -> None:
     s, _smtp = site
     s.add(user, email="ext@example.com")
     api.reload()
     me = sess(signed_in(api, user))
-    assert api("enrol_method", method="totp", **{k: me[k] for k in ("session", "csrf")})["error"] == "step"
-    assert api("enrol_start", password="wrong", **me)["error"] == "denied"
+    assert api("enroll_method", method="totp", **{k: me[k] for k in ("session", "csrf")})["error"] == "step"
+    assert api("enroll_start", password="wrong", **me)["error"] == "denied"
     assert api("status", session=me["session"])["pending"] is None
-    assert api("enrol_start", password=PASSWORD, **me) == {"ok": True}
-    view = api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])
+    assert api("enroll_start", password=PASSWORD, **me) == {"ok": True}
+    view = api("enroll_method", method="totp", session=me["session"], csrf=me["csrf"])
     secret = view["secret"]
     assert len(secret) * 5 >= 160 and view["uri"].startswith("otpauth://totp/") and f"secret={secret}" in view["uri"]
-    bad = api("enrol_confirm", code="000000" if code_at(secret, api.clock.now) != "000000" else "111111", **me)
+    bad = api("enroll_confirm", code="000000" if code_at(secret, api.clock.now) != "000000" else "111111", **me)
     assert bad == {"ok": False, "error": "denied", "tries_left": 2}
     assert api.store().lock_status(user, api.clock.now).failures == 1  # wrong codes count towards the lockout
     assert s.entry(user) == {"method": "none", "email": "ext@example.com"}  # nothing saved
-    assert api("enrol_confirm", code=code_at(secret, api.clock.now), **me) == {"ok": True, "method": "totp"}
+    assert api("enroll_confirm", code=code_at(secret, api.clock.now), **me) == {"ok": True, "method": "totp"}
     assert s.entry(user) == {"email": "ext@example.com", "method": "totp", "secret": secret}
     status = api("status", session=me["session"])
     assert status["enabled"] and status["method"] == "totp" and status["since"] == api.clock.now
@@ -76,7 +76,7 @@ def test_idle_sessions_expire_and_csrf_is_checked(api: Api, site: tuple[Site, An
     s.add(user)
     api.reload()
     me = sess(signed_in(api, user))
-    assert api("enrol_start", password=PASSWORD, session=me["session"], csrf="x" * 43,
+    assert api("enroll_start", password=PASSWORD, session=me["session"], csrf="x" * 43,
                client=CLIENT)["error"] == "bad-request"
     assert api("status", session=me["session"])["pending"] is None
     assert logged(s.log, action="csrf-refused")["ext"] == user
@@ -124,19 +124,19 @@ def test_wrong_passwords_are_throttled_but_never_lock(api: Api, site: tuple[Site
     assert api("sign_in", ext=user, password=PASSWORD, client=CLIENT)["state"] == "code"
 
 
-def test_email_enrolment_disable_and_recovery_codes(api: Api, site: tuple[Site, Any], user: str) -> None:
+def test_email_enrollment_disable_and_recovery_codes(api: Api, site: tuple[Site, Any], user: str) -> None:
     s, smtp = site
     s.add(user, email="owner@example.com")
     api.reload()
     me = sess(signed_in(api, user))
-    assert api("enrol_start", password=PASSWORD, **me)["ok"]
-    assert api("enrol_method", method="email", session=me["session"], csrf=me["csrf"]) == {
+    assert api("enroll_start", password=PASSWORD, **me)["ok"]
+    assert api("enroll_method", method="email", session=me["session"], csrf=me["csrf"]) == {
         "ok": True, "email": "o***@example.com"}
-    assert api("enrol_confirm", code="123456", **me)["error"] == "step"  # Save before Send
+    assert api("enroll_confirm", code="123456", **me)["error"] == "step"  # Save before Send
     assert api("email_send", address="new@example.org", **me) == {"ok": True, "sent_to": "n***@example.org"}
     mail = smtp.wait_for_message(1)
     assert mail["to"] == ["new@example.org"]
-    assert api("enrol_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
+    assert api("enroll_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
     assert s.entry(user) == {"method": "email", "email": "new@example.org"}
 
     assert api("recovery_codes", password="wrong", **me)["error"] == "denied"
@@ -417,8 +417,8 @@ def test_an_email_code_confirms_only_the_address_it_was_sent_to(api: Api, site: 
     s.add(user)
     throttle_email(s, api)
     me = sess(signed_in(api, user))
-    assert api("enrol_start", password=PASSWORD, **me)["ok"]
-    assert api("enrol_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("enroll_start", password=PASSWORD, **me)["ok"]
+    assert api("enroll_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
     assert api("email_send", address="owner-real@example.test", **me)["sent_to"] == "o***@example.test"
     api.clock.now += 5
     again = api("email_send", address="attacker-typo@example.test", **me)
@@ -428,7 +428,7 @@ def test_an_email_code_confirms_only_the_address_it_was_sent_to(api: Api, site: 
     assert api("status", session=me["session"])["pending"]["sent_to"] == "o***@example.test"
     mail = smtp.wait_for_message(1)
     assert mail["to"] == ["owner-real@example.test"] and len(smtp.messages) == 1
-    assert api("enrol_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
+    assert api("enroll_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
     assert s.entry(user) == {"method": "email", "email": "owner-real@example.test"}
 
 
@@ -440,14 +440,14 @@ def test_a_code_sent_to_another_address_confirms_nothing(api: Api, site: tuple[S
     throttle_email(s, api)
     tabs = [sess(signed_in(api, user)) for _ in range(2)]
     for tab in tabs:
-        assert api("enrol_start", password=PASSWORD, **tab)["ok"]
-        assert api("enrol_method", method="email", session=tab["session"], csrf=tab["csrf"])["ok"]
+        assert api("enroll_start", password=PASSWORD, **tab)["ok"]
+        assert api("enroll_method", method="email", session=tab["session"], csrf=tab["csrf"])["ok"]
     assert api("email_send", address="typo@example.test", **tabs[0])["ok"]
     api.clock.now += 61
     assert api("email_send", address="real@example.test", **tabs[1])["ok"]
     mail = smtp.wait_for_message(2)
     assert mail["to"] == ["real@example.test"]
-    assert api("enrol_confirm", code=code_in(mail), **tabs[0])["error"] == "denied"
+    assert api("enroll_confirm", code=code_in(mail), **tabs[0])["error"] == "denied"
     assert s.entry(user) == {"method": "none"}
 
 
@@ -493,20 +493,20 @@ def test_an_email_sign_in_right_after_another_says_wait(api: Api, site: tuple[Si
 
 def test_tries_left_counts_the_lockout_and_survives_a_method_switch(api: Api, site: tuple[Site, Any],
                                                                     user: str) -> None:
-    """Issue 17/5: tries left = min(this enrolment's tries, lockout slots); switching method keeps them."""
+    """Issue 17/5: tries left = min(this enrollment's tries, lockout slots); switching method keeps them."""
     s, _smtp = site
     s.add(user, email="u@example.test")
     api.reload()
     me = sess(signed_in(api, user))
-    assert api("enrol_start", password=PASSWORD, **me)["ok"]
-    secret = api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["secret"]
+    assert api("enroll_start", password=PASSWORD, **me)["ok"]
+    secret = api("enroll_method", method="totp", session=me["session"], csrf=me["csrf"])["secret"]
     wrong = "000000" if code_at(secret, api.clock.now) != "000000" else "111111"
-    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 2
-    assert api("enrol_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("enroll_confirm", code=wrong, **me)["tries_left"] == 2
+    assert api("enroll_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
     assert api("status", session=me["session"])["pending"]["tries_left"] == 2
-    assert api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
-    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 1
-    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 0
+    assert api("enroll_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("enroll_confirm", code=wrong, **me)["tries_left"] == 1
+    assert api("enroll_confirm", code=wrong, **me)["tries_left"] == 0
     assert api("status", session=me["session"])["pending"] is None
 
     # the lockout (5 in this site) bounds it too: 3 failures already, so one wrong code leaves 1
@@ -515,11 +515,11 @@ def test_tries_left_counts_the_lockout_and_survives_a_method_switch(api: Api, si
     for _ in range(3):
         store.reserve_attempt(user, api.clock.now, max_failures=5, duration=900, permanent_after=0)
     assert store.lock_status(user, api.clock.now).failures == 3
-    assert api("enrol_start", password=PASSWORD, **me)["ok"]
-    assert api("enrol_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("enroll_start", password=PASSWORD, **me)["ok"]
+    assert api("enroll_method", method="totp", session=me["session"], csrf=me["csrf"])["ok"]
     assert api("status", session=me["session"])["pending"]["tries_left"] == 2
-    assert api("enrol_confirm", code=wrong, **me)["tries_left"] == 1
-    assert api("enrol_confirm", code=wrong, **me)["error"] == "locked"
+    assert api("enroll_confirm", code=wrong, **me)["tries_left"] == 1
+    assert api("enroll_confirm", code=wrong, **me)["error"] == "locked"
 
 
 def test_ops_of_a_session_waiting_for_its_code_answer_code(api: Api, site: tuple[Site, Any], user: str) -> None:
@@ -528,6 +528,6 @@ def test_ops_of_a_session_waiting_for_its_code_answer_code(api: Api, site: tuple
     s.add(user, method="totp", secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
     api.reload()
     half = sess(api("sign_in", ext=user, password=PASSWORD, client=CLIENT))
-    assert api("enrol_start", password=PASSWORD, **half)["error"] == "code"
+    assert api("enroll_start", password=PASSWORD, **half)["error"] == "code"
     assert api("status", session=half["session"])["error"] == "code"
     assert api("disable", password=PASSWORD, **half)["error"] == "code"

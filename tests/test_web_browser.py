@@ -72,7 +72,7 @@ def tick_and_confirm(driver: Any, password: str = PASSWORD) -> None:
     driver.find_element(By.CSS_SELECTOR, "#confirm").click()
 
 
-def enrol_authenticator(driver: Any, server: WebServer, site_: Site, user: str, shots: Shots) -> tuple[str, str]:
+def enroll_authenticator(driver: Any, server: WebServer, site_: Site, user: str, shots: Shots) -> tuple[str, str]:
     """The whole authenticator flow; returns the secret and the code that was saved."""
     sign_in(driver, server, user)
     wait_path(driver, "/settings")
@@ -126,7 +126,7 @@ def test_authenticator_flow_switch_off_and_logs(web: tuple[Site, Linkusd, WebSer
     browser.get(server.base + "/")
     wait_path(browser, "/sign-in")
     shots("01-sign-in")
-    secret, code = enrol_authenticator(browser, server, site_, user, shots)
+    secret, code = enroll_authenticator(browser, server, site_, user, shots)
 
     # a real login through PAM (pam_unix + pam_linkus.so + linkusd): the page's code is spent
     import time
@@ -260,7 +260,7 @@ def test_csrf_expired_session_other_extensions_and_headers(web: tuple[Site, Link
     status, page = http(server, "POST", "/settings/password", cookie,
                         {"for": "enable", "password": PASSWORD, "csrf": "A" * 43})
     assert status == 400
-    assert http(server, "GET", "/settings/method", cookie)[0] == 409  # no enrolment was opened
+    assert http(server, "GET", "/settings/method", cookie)[0] == 409  # no enrollment was opened
     # only small urlencoded bodies are parsed (no multipart parser: CVE-2024-24762 in bookworm's)
     assert http(server, "POST", "/settings/password", cookie, {"for": "enable", "pad": "x" * 9000})[0] == 400
     multipart = urllib.request.Request(server.base + "/settings/password", method="POST",

@@ -11,7 +11,7 @@ unknown op, an unknown field, or a field of the wrong type or size is refused
                   (the same answer and delay for each, so names cannot be probed)
     expired       no such session, idle too long, or too old: sign in again
     step          the op does not fit the session's state (e.g. Save before Send);
-                  a pending enrolment older than PENDING_LIFETIME also ends here
+                  a pending enrollment older than PENDING_LIFETIME also ends here
     code          the session still waits for its sign-in code (the page leads back to that step)
     throttled     too many failures for this extension (or typed name) or client address;
                   ``retry_after`` seconds; answered at once and logged (``self-check result=throttled``).
@@ -24,25 +24,25 @@ Ops (``client`` is the browser's address as the web app saw it: used for logging
 and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
 
     sign_in        ext, password, client
-                   -> state "in", session, csrf   (2FA off: the password is enough, so the user can enrol)
+                   -> state "in", session, csrf   (2FA off: the password is enough, so the user can enroll)
                    -> state "code", session, csrf, prompt, info[]   (2FA on: the login flow asks for a code)
     sign_in_code   session, csrf, code, client    -> state "in" (a wrong code ends the sign-in: start again)
     sign_out       session, csrf                  -> {}   (csrf not checked: it only removes access)
     status         session                        -> ext, enabled, method, email (masked), since,
                                                      last_success, recovery_left, locked, locked_until,
-                                                     csrf, idle_timeout, pending (see enrol_method) or null
-    enrol_start    session, csrf, password, client -> {}   opens a pending enrolment (the Password window)
-    enrol_method   session, csrf, method ("totp"|"email")
+                                                     csrf, idle_timeout, pending (see enroll_method) or null
+    enroll_start    session, csrf, password, client -> {}   opens a pending enrollment (the Password window)
+    enroll_method   session, csrf, method ("totp"|"email")
                    -> totp: secret, uri, issuer, account   (shown only while pending; never after Save)
                    -> email: email (masked, or null when the extension has no address)
     email_send     session, csrf, address?, client -> sent_to (masked), pending (true: no new mail, the code
                                                      this session sent there a moment ago is still valid)
                    (address: a new one to confirm; each code is bound to the address it was mailed to,
                    and Save saves exactly that address; another address while throttled: ``throttled``)
-    enrol_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before);
-                   a wrong code: ``denied`` with tries_left = min(the enrolment's tries left, lockout slots
-                   left); the enrolment's count survives a method switch
-    enrol_cancel   session, csrf                  -> {}
+    enroll_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before);
+                   a wrong code: ``denied`` with tries_left = min(the enrollment's tries left, lockout slots
+                   left); the enrollment's count survives a method switch
+    enroll_cancel   session, csrf                  -> {}
     disable        session, csrf, password, client -> {}   (mails the extension's address when it has one)
     recovery_codes session, csrf, password, client -> codes[]  (shown once; older codes stop working)
 
@@ -67,8 +67,8 @@ Sessions: at most MAX_SESSIONS_PER_EXT signed-in ("in") sessions per extension a
 MAX_SESSIONS_PER_EXT still waiting for their code; a new one pushes out the least recently
 used of its own kind only, so a password without the code never signs the owner out.
 
-Sessions and pending enrolments live in this object's memory: a restart of linkusd
-signs everybody out and drops pending enrolments (nothing half-saved: nothing is
+Sessions and pending enrollments live in this object's memory: a restart of linkusd
+signs everybody out and drops pending enrollments (nothing half-saved: nothing is
 written before a right code).
 """
 
@@ -85,7 +85,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from nss_config.base import check_user_name
-from pam_linkus import emailcode, enrolment, flow
+from pam_linkus import emailcode, enrollment, flow
 from pam_linkus import password as pam_password  # by module: tests count its checks
 from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
@@ -104,9 +104,9 @@ if TYPE_CHECKING:
 SERVICE = "linkus-web"
 #: Seconds a session may sit idle, and its whole life.
 SESSION_IDLE, SESSION_MAX = 600.0, 8 * 3600.0
-#: Seconds between the Password window and Save of an enrolment.
+#: Seconds between the Password window and Save of an enrollment.
 PENDING_LIFETIME = 600.0
-#: Wrong confirmation codes a pending enrolment takes before it is dropped.
+#: Wrong confirmation codes a pending enrollment takes before it is dropped.
 CONFIRM_TRIES = 3
 MAX_SESSIONS, MAX_SESSIONS_PER_EXT = 2000, 5
 #: Sliding window for failures: per extension and per client address.
@@ -126,11 +126,11 @@ _OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "sign_in_code": (frozenset({"session", "csrf", "code", "client"}), frozenset()),
     "sign_out": (frozenset({"session", "csrf"}), frozenset({"client"})),
     "status": (frozenset({"session"}), frozenset({"client"})),
-    "enrol_start": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
-    "enrol_method": (frozenset({"session", "csrf", "method"}), frozenset({"client"})),
+    "enroll_start": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
+    "enroll_method": (frozenset({"session", "csrf", "method"}), frozenset({"client"})),
     "email_send": (frozenset({"session", "csrf", "client"}), frozenset({"address"})),
-    "enrol_confirm": (frozenset({"session", "csrf", "code", "client"}), frozenset()),
-    "enrol_cancel": (frozenset({"session", "csrf"}), frozenset({"client"})),
+    "enroll_confirm": (frozenset({"session", "csrf", "code", "client"}), frozenset()),
+    "enroll_cancel": (frozenset({"session", "csrf"}), frozenset({"client"})),
     "disable": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
     "recovery_codes": (frozenset({"session", "csrf", "password", "client"}), frozenset()),
 }
@@ -156,10 +156,10 @@ class _Reservation:
 
 
 class _Pending:
-    """An enrolment between the Password window and Save.
+    """An enrollment between the Password window and Save.
 
-    ``address`` is set only when a code was mailed there by this enrolment (Save saves exactly
-    it, and the code is bound to it); ``tries`` counts this enrolment's wrong codes, whatever
+    ``address`` is set only when a code was mailed there by this enrollment (Save saves exactly
+    it, and the code is bound to it); ``tries`` counts this enrollment's wrong codes, whatever
     method they were typed for (a method switch does not start it again).
     """
 
@@ -520,7 +520,7 @@ class SelfService:
 
         def read() -> tuple[Any, Any, Any]:
             store = snapshot.store
-            return snapshot.chain.lookup(sess.ext), store.enrolment(sess.ext), store.lock_status(sess.ext, now)
+            return snapshot.chain.lookup(sess.ext), store.enrollment(sess.ext), store.lock_status(sess.ext, now)
 
         settings, info, lock = await self.engine.run(read, pool="web")
         pending = self._pending_view(sess, now, lock, snapshot.config.lockout.max_failures)
@@ -557,24 +557,24 @@ class SelfService:
         issuer = self._issuer()
         return {"secret": secret, "uri": provisioning_uri(secret, ext, issuer), "issuer": issuer, "account": ext}
 
-    # -- enrolment --------------------------------------------------------------------
+    # -- enrollment --------------------------------------------------------------------
 
     def _pending(self, sess: _Session, method: str | None = None) -> _Pending:
         pend = sess.pending
         if pend is None or self.engine.clock() - pend.since > PENDING_LIFETIME:
             sess.pending = None
-            raise WebError("step", "no pending enrolment")
+            raise WebError("step", "no pending enrollment")
         if method is not None and pend.method != method:
             raise WebError("step", "another method is pending")
         return pend
 
-    async def _op_enrol_start(self, f: dict[str, str]) -> dict[str, object]:
+    async def _op_enroll_start(self, f: dict[str, str]) -> dict[str, object]:
         sess = self._session(f)
-        await self._password(sess.ext, f["password"], f["client"], "enrol")
+        await self._password(sess.ext, f["password"], f["client"], "enroll")
         sess.pending = _Pending(self.engine.clock())
         return {}
 
-    async def _op_enrol_method(self, f: dict[str, str]) -> dict[str, object]:
+    async def _op_enroll_method(self, f: dict[str, str]) -> dict[str, object]:
         sess = self._session(f)
         pend = self._pending(sess)
         if f["method"] not in ("totp", "email"):
@@ -613,16 +613,16 @@ class SelfService:
         delivery = await self.engine.run(send, pool="web")
         if delivery.state == emailcode.Delivery.SENT:
             pend.address = target
-            self._audit("email-code-sent", sess.ext, f["client"], step="enrol")
+            self._audit("email-code-sent", sess.ext, f["client"], step="enroll")
             return {"sent_to": _masked(target)}
         if delivery.state == emailcode.Delivery.PENDING and pend.address == target:
-            # this enrolment mailed a code here a moment ago and it still works: say so, send nothing
+            # this enrollment mailed a code here a moment ago and it still works: say so, send nothing
             return {"sent_to": _masked(target), "pending": True}
-        # Throttled, and no code this enrolment sent to this address: never report a send that did
+        # Throttled, and no code this enrollment sent to this address: never report a send that did
         # not happen, and never let a code that went elsewhere confirm this address (issue 17/1).
         raise CodeThrottled(f"email code throttled, next send in {delivery.retry_after} s", delivery.retry_after)
 
-    async def _op_enrol_confirm(self, f: dict[str, str]) -> dict[str, object]:
+    async def _op_enroll_confirm(self, f: dict[str, str]) -> dict[str, object]:
         deadline = self._deadline()
         sess = self._session(f)
         pend = self._pending(sess)
@@ -648,12 +648,12 @@ class SelfService:
                 if method == "totp":
                     assert secret is not None
                     step = match_totp(decode_secret(secret), f["code"], now, window=config.totp.window)
-                    saved = enrolment.save_totp(config, store, ext, secret, step, now)
+                    saved = enrollment.save_totp(config, store, ext, secret, step, now)
                 else:
                     assert address is not None
                     emailcode.verify(store, emailcode.load_key(config.email.key_file), ext, f["code"], now,
                                      address=address)
-                    saved = enrolment.save_email(config, store, ext, address, now)
+                    saved = enrollment.save_email(config, store, ext, address, now)
             except CodeRejected:
                 after = store.settle_failure(ext, now, **limits)
                 if after.locked(now):
@@ -680,10 +680,10 @@ class SelfService:
             raise
         sess.pending = None
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
-        await self._changed("enrolment")
+        await self._changed("enrollment")
         return {"method": method}
 
-    async def _op_enrol_cancel(self, f: dict[str, str]) -> dict[str, object]:
+    async def _op_enroll_cancel(self, f: dict[str, str]) -> dict[str, object]:
         sess = self._session(f)
         sess.pending = None
         return {}
@@ -695,7 +695,7 @@ class SelfService:
         await self._password(sess.ext, f["password"], f["client"], "disable")
         snapshot = self.engine.snapshot()
         config, store, ext = snapshot.config, snapshot.store, sess.ext
-        source, before = await self.engine.run(lambda: enrolment.switch_off(config, store, ext), pool="web")
+        source, before = await self.engine.run(lambda: enrollment.switch_off(config, store, ext), pool="web")
         address = before.email if before is not None and before.enrolled else None
         sess.pending = None
         self._audit("disable", ext, f["client"], source=source)
@@ -704,7 +704,7 @@ class SelfService:
             mailer = self.engine.mailer(config)
             now = self.engine.clock()
             try:
-                await self.engine.run(lambda: enrolment.notify_switched_off(mailer, ext, address, ext, now),
+                await self.engine.run(lambda: enrollment.notify_switched_off(mailer, ext, address, ext, now),
                                       pool="web")
             except LinkusError as exc:
                 self._log(LOG_WARNING, "disable-notice-failed", ext=ext, reason=exc.reason)
@@ -719,7 +719,7 @@ class SelfService:
         settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
         if settings is None or not settings.enrolled:
             raise WebError("step", "2FA is off")
-        codes = await self.engine.run(lambda: enrolment.new_recovery_codes(store, ext, count), pool="web")
+        codes = await self.engine.run(lambda: enrollment.new_recovery_codes(store, ext, count), pool="web")
         self._audit("recovery-codes", ext, f["client"], count=count)
         return {"codes": [display(c) for c in codes]}
 
@@ -728,7 +728,7 @@ class SelfService:
 
 
 def _tries_left(pend: _Pending, lock: LockStatus, now: float, max_failures: int) -> int:
-    """Wrong codes this enrolment may still take: its own CONFIRM_TRIES, but never more than the
+    """Wrong codes this enrollment may still take: its own CONFIRM_TRIES, but never more than the
     lockout allows (the next wrong code after ``max_failures`` locks, so an unlocked extension
     always has at least that one)."""
     if lock.locked(now):

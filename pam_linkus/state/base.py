@@ -54,12 +54,12 @@ class LockStatus:
         return f"LockStatus(failures={self.failures}, locked_until={self.locked_until})"
 
 
-class Enrolment:
-    """What the state store knows about an extension's enrolment (never a secret).
+class Enrollment:
+    """What the state store knows about an extension's enrollment (never a secret).
 
     ``method`` and ``since`` are None for an extension enrolled by editing the
     source by hand (the store first heard of it at a successful login);
-    ``last_success`` is None until the first successful login after enrolment.
+    ``last_success`` is None until the first successful login after enrollment.
     """
 
     __slots__ = ("method", "since", "last_success", "recovery_left")
@@ -71,7 +71,7 @@ class Enrolment:
         self.recovery_left = recovery_left
 
     def __repr__(self) -> str:
-        return (f"Enrolment(method={self.method!r}, since={self.since}, last_success={self.last_success}, "
+        return (f"Enrollment(method={self.method!r}, since={self.since}, last_success={self.last_success}, "
                 f"recovery_left={self.recovery_left})")
 
 
@@ -212,7 +212,7 @@ class StateStore(Protocol):
     recovery code) continues as below from "<check the code>", its attempt
     already reserved: the slow recovery-code hash runs outside any transaction.
 
-    Email codes, recovery codes and the web enrolment check like this (``user``
+    Email codes, recovery codes and the web enrollment check like this (``user``
     is ``settings.account``, the canonical name the source returned)::
 
         status = store.reserve_attempt(user, now, **lockout)
@@ -261,7 +261,7 @@ class StateStore(Protocol):
 
         - a step newer than the last accepted one: ACCEPTED -- recorded as
           used, failures and a temporary lock cleared, the success noted
-          (``Enrolment.last_success``);
+          (``Enrollment.last_success``);
         - an accepted step (or older): REPLAYED, counted as a failure;
         - None and ``keep_reserved``: RESERVED, the failure counted as by
           ``reserve_attempt`` and nothing more (the caller settles it);
@@ -295,7 +295,7 @@ class StateStore(Protocol):
     def prune(self, now: float) -> int:
         """Delete records that can no longer change a decision at ``now``; return
         how many (SQLite rows; Redis: 0, its keys expire by TTL). Kept: locks,
-        failure counts younger than the failure TTL, enrolments, recovery codes."""
+        failure counts younger than the failure TTL, enrollments, recovery codes."""
         ...
 
     def issue_email_code(self, user: str, code_hash: str, now: float, limits: EmailLimits) -> EmailIssue:
@@ -326,16 +326,16 @@ class StateStore(Protocol):
         """
         ...
 
-    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
-        """Atomically note a confirmed enrolment: ``since`` = ``now``, no last success yet.
+    def record_enrollment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+        """Atomically note a confirmed enrollment: ``since`` = ``now``, no last success yet.
 
         ``totp_step`` is the step of the confirmation code, recorded as used so
-        the code typed at enrolment cannot be replayed at a login (the old
+        the code typed at enrollment cannot be replayed at a login (the old
         secret's record is replaced); None removes the TOTP replay record.
         """
         ...
 
-    def enrolment(self, user: str) -> Enrolment | None:
+    def enrollment(self, user: str) -> Enrollment | None:
         """Method, since, last success and recovery codes left; None if nothing is known."""
         ...
 

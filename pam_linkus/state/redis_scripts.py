@@ -19,7 +19,7 @@ line by line; tests/state_contract.py checks the two against each other.
 
 from __future__ import annotations
 
-#: Shared by scripts that record a successful login on the enrolment hash:
+#: Shared by scripts that record a successful login on the enrollment hash:
 #: the method is kept if known (an extension enrolled by hand gets ``-``).
 _NOTE_SUCCESS = """
 local function note_success(key, method, now)
@@ -177,11 +177,11 @@ end
 return 1
 """
 
-# -- enrolment record and recovery codes ----------------------------------------------
+# -- enrollment record and recovery codes ----------------------------------------------
 
 # KEYS: enrol, totp   ARGV: method, now, step or '', replay_ttl
 # The confirmation code's step replaces the replay record (a new secret starts over).
-RECORD_ENROLMENT = """
+RECORD_ENROLLMENT = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'method', ARGV[1], 'since', ARGV[2])
 if ARGV[3] == '' then
@@ -193,7 +193,7 @@ return 1
 """
 
 # KEYS: enrol, recovery   -> {method, since, last, codes left} (missing fields: nil)
-ENROLMENT = """
+ENROLLMENT = """
 local e = redis.call('HMGET', KEYS[1], 'method', 'since', 'last')
 return {e[1], e[2], e[3], redis.call('SCARD', KEYS[2])}
 """

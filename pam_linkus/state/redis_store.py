@@ -11,7 +11,7 @@ slot; the prefix lets several clusters share one server (and an ACL can confine
 a cluster to ``~<prefix>*``). Records of passing events (replay steps, failures,
 codes, sends, grace periods, cached settings) have TTLs, so the server does not
 collect records of extensions that are long gone (``prune`` has nothing to do);
-what must outlive any TTL -- a lock only an admin may open, the enrolment
+what must outlive any TTL -- a lock only an admin may open, the enrollment
 record, unused recovery codes -- stays until ``forget`` (``linkus-2fa disable``).
 The scripts live in pam_linkus.state.redis_scripts.
 
@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.sentinel import Sentinel
 
-from nss_config.strictyaml import read_secret_file
+from nss_config.yaml_reader import read_secret_file
 from pam_linkus.config import RedisConfig
 from pam_linkus.errors import ConfigError, Locked, StateUnavailable
 from pam_linkus.state import redis_scripts as lua
@@ -51,7 +51,7 @@ from pam_linkus.state.base import (
     EmailCheck,
     EmailIssue,
     EmailLimits,
-    Enrolment,
+    Enrollment,
     LockStatus,
     TotpAttempt,
     next_lock,
@@ -71,7 +71,8 @@ MAX_REPLY_BYTES = 1 << 20
 MAX_CONNECTIONS = 64
 
 #: Every kind of key an extension can have; ``forget`` deletes them all at once.
-#: ``email_sends`` must stay last: the FORGET script finds it there.
+#: ``email_sends`` must stay last: the FORGET script finds it there. ``enrol`` keeps its first
+#: spelling (the project writes "enroll" now): keys written by earlier versions must stay readable.
 KINDS = ("totp", "fail", "cache", "enrol", "recovery", "recovery_salt", "grace", "email", "email_sends")
 
 #: The host-wide (cluster-wide) record of email sends, for ``global_max_per_minute``.
@@ -317,22 +318,22 @@ class RedisStore:
 
         return self._call("cached settings", read)
 
-    # -- enrolment record and recovery codes -----------------------------------------
+    # -- enrollment record and recovery codes -----------------------------------------
 
-    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+    def record_enrollment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
         keys = [self._key(user, "enrol"), self._key(user, "totp")]
         step = "" if totp_step is None else totp_step
-        self._eval("record enrolment", "RECORD_ENROLMENT", keys, [method, repr(now), step, REPLAY_TTL], int)
+        self._eval("record enrollment", "RECORD_ENROLLMENT", keys, [method, repr(now), step, REPLAY_TTL], int)
 
-    def enrolment(self, user: str) -> Enrolment | None:
-        def read(answer: Any) -> Enrolment | None:
+    def enrollment(self, user: str) -> Enrollment | None:
+        def read(answer: Any) -> Enrollment | None:
             method, since, last, left = answer
             if method is None:
-                return Enrolment(None, None, None, int(left)) if left else None
-            return Enrolment(str(method), _float(since), _float(last), int(left))
+                return Enrollment(None, None, None, int(left)) if left else None
+            return Enrollment(str(method), _float(since), _float(last), int(left))
 
         keys = [self._key(user, "enrol"), self._key(user, "recovery")]
-        return self._eval("enrolment", "ENROLMENT", keys, [], read)
+        return self._eval("enrollment", "ENROLLMENT", keys, [], read)
 
     def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
         keys = [self._key(user, "recovery"), self._key(user, "recovery_salt")]

@@ -40,7 +40,7 @@ from pam_linkus.state.base import (
     EmailCheck,
     EmailIssue,
     EmailLimits,
-    Enrolment,
+    Enrollment,
     LockStatus,
     TotpAttempt,
     email_retry_after,
@@ -80,7 +80,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX email_sends_at ON email_sends (at);
     CREATE INDEX email_sends_user ON email_sends (user, at);
     """,
-    # 4: enrolment record (since / last success) and hashed single-use recovery codes.
+    # 4: enrollment record (since / last success) and hashed single-use recovery codes. The table keeps
+    # its first spelling, `enrolment`: databases written by earlier versions must stay readable.
     """
     CREATE TABLE enrolment (
         user TEXT PRIMARY KEY,
@@ -521,9 +522,9 @@ class SqliteStore:
             return None
         return str(row[0])
 
-    # -- enrolment record and recovery codes ---------------------------------------
+    # -- enrollment record and recovery codes ---------------------------------------
 
-    def record_enrolment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
+    def record_enrollment(self, user: str, method: str, now: float, *, totp_step: int | None = None) -> None:
         def body(db: sqlite3.Connection) -> None:
             db.execute(
                 "INSERT INTO enrolment (user, method, since, last_success) VALUES (?, ?, ?, NULL) "
@@ -542,7 +543,7 @@ class SqliteStore:
 
         self._write(body)
 
-    def enrolment(self, user: str) -> Enrolment | None:
+    def enrollment(self, user: str) -> Enrollment | None:
         try:
             row = self._db.execute(
                 "SELECT method, since, last_success FROM enrolment WHERE user = ?", (user,)
@@ -553,8 +554,8 @@ class SqliteStore:
         if row is None and not left:
             return None
         if row is None:
-            return Enrolment(None, None, None, left)
-        return Enrolment(row[0], row[1], row[2], left)
+            return Enrollment(None, None, None, left)
+        return Enrollment(row[0], row[1], row[2], left)
 
     def set_recovery_codes(self, user: str, salt: str, digests: Sequence[str]) -> None:
         def body(db: sqlite3.Connection) -> None:
@@ -622,7 +623,7 @@ class SqliteStore:
 def _note_success(db: sqlite3.Connection, user: str, method: str | None, now: float) -> None:
     """Record the last successful login inside the caller's transaction.
 
-    An extension enrolled by editing the source by hand has no enrolment row yet;
+    An extension enrolled by editing the source by hand has no enrollment row yet;
     it gets one with an unknown ``since``.
     """
     db.execute(

@@ -400,7 +400,7 @@ class _Pages:
         async def run() -> Response:
             f = await self.form(request, "csrf", "password", "for")
             purpose = f.get("for", "")
-            op = {"enable": "enrol_start", "disable": "disable", "recovery": "recovery_codes"}.get(purpose)
+            op = {"enable": "enroll_start", "disable": "disable", "recovery": "recovery_codes"}.get(purpose)
             if op is None:
                 raise _Refused("bad-request")
             reply = await self.changed(request, op, csrf=f.get("csrf", ""), password=f.get("password", ""))
@@ -430,7 +430,7 @@ class _Pages:
     async def method(self, request: Request) -> Response:
         async def run() -> Response:
             f = await self.form(request, "csrf", "method")
-            reply = await self.changed(request, "enrol_method", csrf=f.get("csrf", ""),
+            reply = await self.changed(request, "enroll_method", csrf=f.get("csrf", ""),
                                        method=f.get("method", ""))
             if not reply["ok"]:
                 return self.error_page(reply)
@@ -484,7 +484,7 @@ class _Pages:
             f = await self.form(request, "csrf", "code")
             st = await self.status(request)
             method = (st["pending"] or {}).get("method")
-            reply = await self.changed(request, "enrol_confirm", csrf=f.get("csrf", ""), code=f.get("code", ""))
+            reply = await self.changed(request, "enroll_confirm", csrf=f.get("csrf", ""), code=f.get("code", ""))
             if reply["ok"]:
                 return self.redirect("/settings?done=saved")
             if reply.get("error") == "denied":
@@ -502,7 +502,7 @@ class _Pages:
     async def cancel(self, request: Request) -> Response:
         async def run() -> Response:
             f = await self.form(request, "csrf")
-            reply = await self.changed(request, "enrol_cancel", csrf=f.get("csrf", ""))
+            reply = await self.changed(request, "enroll_cancel", csrf=f.get("csrf", ""))
             if not reply["ok"]:
                 return self.error_page(reply)
             return self.redirect("/settings?done=unchanged")

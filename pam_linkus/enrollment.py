@@ -1,4 +1,4 @@
-"""The changes an enrolment makes, shared by ``linkus-2fa`` and the self-service page.
+"""The changes an enrollment makes, shared by ``linkus-2fa`` and the self-service page.
 
 Each function is one change of the extension's settings entry (through
 ``nss_config.writer``) plus its state record, in the order that fails safely:
@@ -33,7 +33,7 @@ def save_totp(config: Config, store: StateStore, ext: str, secret: str, step: in
         return {**kept, "method": "totp", "secret": secret, "enabled": True}
 
     writer.update(ext, change)
-    store.record_enrolment(ext, "totp", now, totp_step=step)
+    store.record_enrollment(ext, "totp", now, totp_step=step)
     return source
 
 
@@ -43,7 +43,7 @@ def save_email(config: Config, store: StateStore, ext: str, address: str, now: f
     writer = writer_for(config, source)
     writer.preflight(ext)
     writer.update(ext, lambda _old: {"method": "email", "email": address, "enabled": True})
-    store.record_enrolment(ext, "email", now)
+    store.record_enrollment(ext, "email", now)
     return source
 
 

@@ -11,7 +11,7 @@ reach syslog).
 
 Why events, not ``yaml.load``: linkusd rebuilds its settings while logins go on.
 Measured on this project's Debian 12 host (PyYAML 6.0.3 with libyaml, Python
-3.11, idle 2-core VM), with ``bench/strictyaml_100k.py``: an extensions.yaml of
+3.11, idle 2-core VM), with ``bench/yaml_reader_100k.py``: an extensions.yaml of
 100,000 extensions (5 keys each, 12.3 MB) loads here in 2.2 s with a peak RSS of
 139 MB (+87 MB over the interpreter and the input bytes; the result itself is
 most of that); ``yaml.load`` with CSafeLoader took 10.6 s and 519 MB (+467 MB)

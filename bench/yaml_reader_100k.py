@@ -1,6 +1,6 @@
 """Load time and peak RSS of strict YAML for an extensions file of N extensions.
 
-Run: python3 bench/strictyaml_100k.py [N]   (default 100000). Each variant runs in
+Run: python3 bench/yaml_reader_100k.py [N]   (default 100000). Each variant runs in
 its own child process, so ru_maxrss is that variant's own peak.
 """
 
@@ -28,7 +28,7 @@ def child(variant: str, n: int) -> None:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     if variant == "strict":
-        from nss_config.strictyaml import load_yaml
+        from nss_config.yaml_reader import load_yaml
 
         result = load_yaml(data, "bench.yaml")
     else:
