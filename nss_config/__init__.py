@@ -1,5 +1,8 @@
 """Where per-extension 2FA settings come from, looked up like nsswitch.
 
+Called nss_config after nsswitch.conf: the settings of a name come from an ordered list of sources,
+as glibc's name service switch finds a passwd entry.
+
 An ordered chain of sources (``yaml``, ``ldap``); each answers found, not here, or
 could not ask. See ``nss_config.base`` for the contract and ``nss_config.chain``
 for how answers combine.
