@@ -10,7 +10,6 @@ the connection is closed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
@@ -321,17 +320,6 @@ def decode_body(body: bytes, expected: frozenset[Msg] | set[Msg]) -> Message:
     if missing:
         raise ProtocolError("missing field " + ",".join(sorted(t.name for t in missing)))
     return Message(msg_type, fields)
-
-
-async def read_message(reader: asyncio.StreamReader, expected: frozenset[Msg] | set[Msg], *,
-                       max_body: int = PAM_MAX_BODY) -> Message:
-    """Read one frame from an asyncio stream; the caller puts the deadline around it."""
-    try:
-        header = await reader.readexactly(_HEADER.size)
-        body = await reader.readexactly(body_length(header, max_body))
-    except asyncio.IncompleteReadError:
-        raise PeerClosed("peer closed the connection mid-frame or before it") from None
-    return decode_body(body, expected)
 
 
 def recv_message(sock: socket.socket, expected: frozenset[Msg] | set[Msg], *, deadline: float,
