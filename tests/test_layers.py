@@ -48,10 +48,10 @@ def modules(root: Path) -> dict[str, Path]:
     return found
 
 
-def _imported_names(name: str, path: Path) -> Iterator[str]:
-    """Every dotted name ``path`` imports, wherever the statement stands."""
+def _imported_names(name: str, path: Path, tree: ast.AST | None = None) -> Iterator[str]:
+    """Every dotted name ``path`` (or ``tree``, a part of it) imports, wherever the statement stands."""
     is_package = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    for node in ast.walk(tree or ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -166,22 +166,7 @@ def imports_in_functions(name: str, path: Path) -> Iterator[tuple[int, str]]:
         for node in ast.walk(function):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in seen:
                 seen.add(id(node))
-                module = ast.Module(body=[node], type_ignores=[])
-                yield from ((node.lineno, target) for target in _names_of(name, path, module))
-
-
-def _names_of(name: str, path: Path, tree: ast.Module) -> Iterator[str]:
-    is_package = path.name == "__init__.py"
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                package = name.split(".") if is_package else name.split(".")[:-1]
-                package = package[: len(package) - node.level + 1]
-                base = ".".join(package + ([base] if base else []))
-            yield from (f"{base}.{alias.name}" for alias in node.names)
+                yield from ((node.lineno, target) for target in _imported_names(name, path, node))
 
 
 def misplaced_imports(root: Path) -> list[str]:
