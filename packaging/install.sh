@@ -16,6 +16,24 @@ PREFIX=${1:-/opt/pam-linkus}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 VENV=$PREFIX/venv
 RUN_DIR=/run/linkusd
+# The running linkusd is restarted only once the new code loads its config (the arguments are its own,
+# minus the ones that do not matter to a check): a config the old daemon kept only as "last good" in
+# memory, or one the new code reads more strictly, would leave the new daemon refusing every login.
+check_before_restart() {
+    local cmd=("$1") arg skip=0
+    shift
+    for arg in "$@"; do
+        if [ "$skip" = 1 ]; then cmd+=("$arg"); skip=0; continue; fi
+        case "$arg" in
+            --config) cmd+=("$arg"); skip=1 ;;
+            --config=*) cmd+=("$arg") ;;
+        esac
+    done
+    if ! out=$("${cmd[@]}" --check 2>&1); then
+        die "the new code does not load linkusd's configuration, so the running linkusd keeps serving with the old code: ${out}. Fix the file it names, then run the install again."
+    fi
+}
+
 say() { echo "install.sh: $*"; }
 die() { echo "install.sh: $*" >&2; exit 1; }
 
@@ -120,17 +138,25 @@ if [ -d /run/systemd/system ]; then
     done
     systemctl daemon-reload
     systemctl enable --now linkusd.socket linkusd-web.socket
-    # An upgrade: the running daemon gets the new code (logins in progress end as unavailable).
-    systemctl try-restart linkusd.service
+    # An upgrade: the running daemon gets the new code (logins in progress end as unavailable), once
+    # the new code loads the config: else it keeps the old daemon serving (see check_before_restart).
+    if systemctl -q is-active linkusd.service; then
+        check_before_restart "$VENV/bin/linkusd"
+        systemctl try-restart linkusd.service
+    fi
     say "linkusd: systemd socket activation (linkusd.socket, linkusd-web.socket)"
 elif [ -e "$RUN_DIR/linkusd.lock" ] && ! flock -n "$RUN_DIR/linkusd.lock" true; then
     pid=$(head -n 1 "$RUN_DIR/linkusd.lock")
     [[ "$pid" =~ ^[0-9]+$ ]] || die "$RUN_DIR/linkusd.lock is held but names no pid"
     # An upgrade: the running daemon gets the new code, as systemd's try-restart above does (logins
-    # in progress, and those of the second it takes, end as unavailable: never let in).
+    # in progress, and those of the second it takes, end as unavailable: never let in), with the
+    # arguments it was started with (its own --config, sockets ...), after the new code loaded its config.
+    mapfile -d '' -t running < "/proc/$pid/cmdline"
+    args=("${running[@]:2}")  # python, the linkusd script, then its arguments
+    check_before_restart /usr/local/sbin/linkusd "${args[@]}"
     kill -TERM "$pid"
     flock -w 20 "$RUN_DIR/linkusd.lock" true || die "linkusd (pid $pid) did not stop within 20 s"
-    /usr/local/sbin/linkusd || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"
+    /usr/local/sbin/linkusd "${args[@]}" || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"
     say "linkusd restarted with the new code (no systemd): pid $(head -n 1 "$RUN_DIR/linkusd.lock"), was $pid"
 else
     /usr/local/sbin/linkusd || die "linkusd did not start (see: journalctl -t linkusd, or /var/log/auth.log)"

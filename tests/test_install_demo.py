@@ -310,6 +310,32 @@ def test_install_and_postinst_share_the_marker_script() -> None:
         (REPO / "packaging" / "debian" / "libpam-linkus.install").read_text()
 
 
+def test_an_upgrade_restarts_linkusd_only_once_the_new_code_loads_its_config(installed: dict[str, Any]) -> None:
+    """The restart keeps the daemon's own arguments, and never happens while the new code refuses the config
+    (the running daemon may only hold it as "last good"): the old daemon keeps serving, install says why."""
+    root: PrivateRoot = installed["root"]
+    old = running_pid(root)
+    if old is not None:
+        os.kill(old, signal.SIGTERM)
+        wait_for(lambda: running_pid(root) is None, "linkusd stopping")
+    root.run(["/usr/local/sbin/linkusd", "--no-web"], timeout=60)
+    pid = running_pid(root)
+    config = root.path("/etc/pam_linkus/pam_linkus.yaml")
+    good = config.read_text()
+    config.write_text(good.replace("\n...\n", "\nno_such_key: 1\n...\n"))
+    try:
+        refused = install(root)
+        assert refused.returncode == 1 and "keeps serving with the old code" in refused.stderr, refused.stderr
+        assert "/etc/pam_linkus/pam_linkus.yaml:" in refused.stderr and running_pid(root) == pid  # untouched
+    finally:
+        config.write_text(good)
+    again = install(root)
+    assert again.returncode == 0, again.stdout + again.stderr
+    new = running_pid(root)
+    assert new not in (None, pid)
+    assert Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")[2:] == [b"--no-web", b""]
+
+
 def _pids_of(uid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from pam_linkus.config import DaemonConfig, load_config
-from pam_linkus.daemon.engine import Engine
+from pam_linkus.daemon.engine import Engine, build_snapshot
 from pam_linkus.daemon.server import Server
 from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
 from pam_linkus.errors import LinkusError
@@ -56,7 +56,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--web-socket", help="web socket path (default: daemon.web_socket of the config)")
     parser.add_argument("--log-socket", default="/dev/log", help="syslog socket (default: %(default)s)")
     parser.add_argument("--no-web", action="store_true", help="do not open the web socket")
+    parser.add_argument("--check", action="store_true",
+                        help="load the config and the extension settings as a start would, say what is wrong, "
+                             "and exit (0: they load); serves nothing (install.sh runs it before a restart)")
     return parser.parse_args(argv)
+
+
+def check_config(config_path: str) -> int:
+    """``--check``: build what a start builds (config, sources, state store) and report; 0 if it loads.
+
+    An upgrade restarts linkusd: a config the running daemon only kept as "last good" in memory, or one
+    the new code reads more strictly, would leave the restarted daemon refusing every login. The
+    installers ask this first and leave the old daemon running when the answer is no.
+    """
+    try:
+        snap = build_snapshot(config_path, time.time)
+    except LinkusError as exc:
+        print(f"linkusd: configuration not loadable: {exc.reason}", file=sys.stderr)
+        return 1
+    snap.chain.close()
+    snap.store.close()
+    print(f"linkusd: configuration ok: {config_path}")
+    return 0
 
 
 class Notifier:
@@ -345,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"linkusd: cannot turn core dumps off: {exc.strerror}", file=sys.stderr)
         return 1
+    if args.check:
+        return check_config(args.config)
     notify = Notifier()
     under_systemd = notify.path is not None or "LISTEN_FDS" in os.environ
     ready_fd = None if args.foreground or under_systemd else _daemonize()
