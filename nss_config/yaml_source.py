@@ -60,7 +60,7 @@ import sys
 import time
 from typing import Any
 
-from nss_config.base import ExtensionSettings, check_user_name, settings_from_mapping
+from nss_config.base import ENTRY_KEYS, YAML_ONLY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, SourceUnavailable
 from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, load_yaml, open_secure
 
@@ -102,6 +102,8 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
         except ValueError:
             raise ConfigError("extension name has surrounding spaces or control characters",
                               _where(path, entries, user)) from None
+        if isinstance(entry, dict) and None in entry.values():
+            _refuse_null(entry, _where(path, entries, user))
         try:
             result[user] = settings_from_mapping(user, entry, path, source, account=user)
         except ConfigError:
@@ -111,6 +113,16 @@ def parse_extensions(data: Any, path: str, source: str = "yaml") -> dict[str, Ex
             settings_from_mapping(user, entry, _where(path, entries, user), source, account=user)
             raise
     return result
+
+
+def _refuse_null(entry: dict[str, Any], where: str) -> None:
+    """A key of an entry written with no value (``secret:``, ``~``, ``null``) is an error, as in
+    the main config: an edit that lost a value must not load as the key's default (tester 2).
+    Only known keys are named; an unknown one is left to ``settings_from_mapping`` (which names
+    none: it could be a secret pasted in the wrong place)."""
+    for key, value in entry.items():
+        if value is None and key in ENTRY_KEYS + YAML_ONLY_KEYS:
+            raise ConfigError(f"extension: {key} has no value; give one, or leave the key out", where)
 
 
 def _where(path: str, mapping: Any, key: str) -> str:

@@ -64,8 +64,15 @@ class Reader:
         return ConfigError(f"{self._prefix}{key}: {problem}", self.where(key))
 
     def _get(self, key: str) -> Any:
+        """The value of ``key``, or _MISSING when the key is left out (that, and only that, is the
+        default). A key written with no value (``enforce:``, ``~``, ``null``) is an error: it
+        is what an edit that lost its value looks like, and its default is often the weaker
+        setting (``enforce: enrolled``, the default state file, every method; tester 2)."""
         self._used.add(key)
-        return self._data.get(key, _MISSING)
+        value = self._data.get(key, _MISSING)
+        if value is None:
+            raise self.fail(key, "has no value; give one, or leave the key out for its default")
+        return value
 
     def keys(self) -> list[str]:
         """The keys of this mapping, in file order."""
@@ -77,7 +84,7 @@ class Reader:
     def string(self, key: str, default: str | None, *, choices: Iterable[str] | None = None,
                max_len: int = 4096) -> str:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             if default is None:
                 raise self.fail(key, "is required")
             return default
@@ -91,7 +98,7 @@ class Reader:
 
     def optional_string(self, key: str, *, max_len: int = 4096) -> str | None:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             return None
         if not isinstance(value, str):
             raise self.fail(key, "must be a string")
@@ -113,7 +120,7 @@ class Reader:
 
     def integer(self, key: str, default: int, *, minimum: int, maximum: int) -> int:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(key, "must be an integer")
@@ -123,7 +130,7 @@ class Reader:
 
     def number(self, key: str, default: float, *, minimum: float, maximum: float) -> float:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(key, "must be a number")
@@ -133,7 +140,7 @@ class Reader:
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             return default
         if not isinstance(value, bool):
             raise self.fail(key, "must be true or false")
@@ -141,7 +148,7 @@ class Reader:
 
     def string_list(self, key: str, default: list[str], *, choices: Iterable[str] | None = None) -> list[str]:
         value = self._get(key)
-        if value is _MISSING or value is None:
+        if value is _MISSING:
             return list(default)
         if isinstance(value, str):
             value = [value]
@@ -159,11 +166,12 @@ class Reader:
     def section(self, key: str) -> Reader:
         """The mapping under ``key``; absent is an empty one, but a key with no value is an error:
         it is what a file cut after ``profiles:`` or ``sshd:`` looks like (issue 17, tester 1)."""
+        if self._data.get(key, _MISSING) is None:
+            self._used.add(key)
+            raise self.fail(key, "has no value; give its settings, write {} for the defaults, or leave it out")
         value = self._get(key)
         if value is _MISSING:
             value = MarkedDict()
-        elif value is None:
-            raise self.fail(key, "has no value; give its settings, write {} for the defaults, or leave it out")
         elif not isinstance(value, dict):
             raise self.fail(key, "must be a mapping")
         return Reader(value, self._file, f"{self._prefix}{key}.")
@@ -507,7 +515,8 @@ def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
     (and ``linkus-2fa doctor`` names it) instead of silently never matching.
 
     Host bits set (``10.1.2.3/8``) and a zero-length prefix (every address: that is
-    2FA switched off, say so with ``enforce`` or by un-enrolling) are errors.
+    2FA switched off, say so with ``enforce`` or by un-enrolling) are errors, and so are
+    entries that merged cover every IPv4 or every IPv6 address (``0.0.0.0/1`` + ``128.0.0.0/1``).
     """
     networks: list[IPv4Network | IPv6Network] = []
     for number, text in enumerate(r.string_list(key, []), start=1):
@@ -518,6 +527,14 @@ def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
         if network.prefixlen == 0:
             raise r.fail(key, f"entry {number} would exempt every address")
         networks.append(network)
+    # Entries that are each narrower can still add up to everything ([0.0.0.0/1, 128.0.0.0/1]):
+    # merged, they are one /0 (tester 11).
+    v4 = [n for n in networks if isinstance(n, IPv4Network)]
+    v6 = [n for n in networks if isinstance(n, IPv6Network)]
+    merged: list[IPv4Network | IPv6Network] = [*ipaddress.collapse_addresses(v4),
+                                              *ipaddress.collapse_addresses(v6)]
+    if any(n.prefixlen == 0 for n in merged):
+        raise r.fail(key, "its entries together would exempt every address")
     return networks
 
 

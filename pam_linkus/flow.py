@@ -24,7 +24,7 @@ from pam_linkus import emailcode, policy
 from pam_linkus.errors import CodeRejected, ConversationFailed, Denied, LinkusError, Locked, NotEnrolled
 from pam_linkus.mail import Mailer, SmtpMailer
 from pam_linkus.outcome import Decision, Outcome
-from pam_linkus.recovery import digest, normalize_recovery_code
+from pam_linkus.recovery import DUMMY_SALT, digest, normalize_recovery_code
 from pam_linkus.state.base import TotpAttempt
 from pam_linkus.totp import clock_skew_steps, decode_secret, match_totp
 
@@ -235,21 +235,26 @@ def _no_factor(req: LoginRequest, ctx: Context, key: str,
     tester 2). So such a name takes the same state steps -- lock check, the TOTP prompt,
     one counted failure, the lock with its message, then no prompt while locked -- keyed by
     ``key``: the account's canonical name when a source knows it, else the name as typed,
-    casefolded as the sources compare names. The answer itself is never looked at.
-    What remains is timing (docs/security.md).
+    casefolded as the sources compare names. The answer is looked at only for its shape: one
+    that could be a recovery code costs the same Offload and scrypt hash (fixed dummy salt) as
+    for an enrolled name with codes (tester 3). What remains is timing (docs/security.md).
     """
     now = ctx.clock()
     status = ctx.store.lock_status(key, now)
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
-    yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
+    answer = yield from _answer(req, ctx.totp_prompt or ctx.config.prompts.totp, ctx.echo_code)
     now = ctx.clock()
     attempt = ctx.store.totp_attempt(key, now, check=lambda: None, keep_reserved=False, **_lockout(ctx))
     status = attempt.status
     if attempt.verdict == TotpAttempt.LOCKED:
         yield Info(ctx.config.prompts.locked, error=True)
         raise Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+    code = normalize_recovery_code(answer)
+    if code is not None:
+        yield OFFLOAD  # as _recover: the same hash, in the same pool
+        digest(code, DUMMY_SALT)
     failure = yield from _failure(ctx, reason, status, now)
     if isinstance(failure, Locked):
         raise failure
@@ -370,15 +375,20 @@ def _try_recovery_code(req: LoginRequest, ctx: Context, answer: str) -> Decision
 
     None when the answer cannot be a recovery code or the extension has none left
     (the caller settles its failure). A recovery code never has 6 characters, so a
-    mistyped 6-digit code costs no scrypt hash.
+    mistyped 6-digit code costs no scrypt hash; a recovery-shaped one costs one hash
+    whether or not the extension has codes.
     """
     code = normalize_recovery_code(answer)
     if code is None:
         return None
     store = ctx.store
     salt = store.recovery_salt(req.user)
+    if salt is None:
+        # No codes: spend the hash anyway, so the time does not say so (tester 3).
+        digest(code, DUMMY_SALT)
+        return None
     # use_recovery_code settles the reserved attempt itself (failures cleared, in its one write)
-    if salt is None or not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
+    if not store.use_recovery_code(req.user, digest(code, salt), ctx.clock()):
         return None
     return Decision(Outcome.SUCCESS, "recovery code accepted", ctx.method)
 

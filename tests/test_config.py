@@ -499,6 +499,23 @@ def test_an_empty_config_is_refused(private_dir: Path, text: str, message: str) 
         ("lockout: ~\n", "lockout: has no value", ":1:1"),
         ("ldap:\n  attributes:\n", "ldap.attributes: has no value", ":2:3"),
         ("daemon: null\n", "daemon: has no value", ":1:1"),
+        # tester 2: a key with no value where a scalar or list belongs was "the default"
+        ("enforce:\n", "enforce: has no value", ":1:1"),
+        ("enforce: ~\n", "enforce: has no value", ":1:1"),
+        ("enforce: null\n", "enforce: has no value", ":1:1"),
+        ("enforce: all\nprofiles:\n  sshd:\n    enforce:\n", "profiles.sshd.enforce: has no value", ":4:5"),
+        ("profiles:\n  sshd:\n    enforce: ~\n", "profiles.sshd.enforce: has no value", ":3:5"),
+        ("profiles:\n  sshd:\n    methods:\n", "profiles.sshd.methods: has no value", ":3:5"),
+        ("profiles:\n  sshd:\n    exempt_networks: null\n", "profiles.sshd.exempt_networks: has no value",
+         ":3:5"),
+        ("state:\n  path:\n", "state.path: has no value", ":2:3"),
+        ("yaml:\n  path:\n", "yaml.path: has no value", ":2:3"),
+        ("totp:\n  issuer: ~\n", "totp.issuer: has no value", ":2:3"),
+        ("lockout:\n  max_failures:\n", "lockout.max_failures: has no value", ":2:3"),
+        ("sources: null\n", "sources: has no value", ":1:1"),
+        ("exempt_networks:\n", "exempt_networks: has no value", ":1:1"),
+        ("smtp:\n  security: ~\n", "smtp.security: has no value", ":2:3"),
+        ("daemon:\n  allowed_groups:\n", "daemon.allowed_groups: has no value", ":2:3"),
     ],
 )
 def test_a_key_without_a_value_where_a_mapping_belongs_is_refused(private_dir: Path, text: str, message: str,
@@ -515,3 +532,66 @@ def test_empty_mappings_written_out_are_settings(private_dir: Path) -> None:
     config = load_config(str(path))
     assert config.profile("sshd", explicit=True).enforce == "enrolled" and config.state.backend == "sqlite"
     assert load_config(str(write_config(path, "{}\n"))).enforce == "enrolled"
+
+
+def test_every_key_of_the_main_config_with_no_value_is_refused(private_dir: Path) -> None:
+    """Tester 2: each ``key: value`` line of a realistic config, with its value removed (nothing,
+    ``~`` or ``null``), is refused naming that line; an omitted key still means the default."""
+    import re
+
+    text = realistic_config()
+    body, _, tail = text.partition("...\n")
+    lines = body.splitlines(keepends=True)
+    pattern = re.compile(r"^(\s*)([a-z_]+):(\s+[^#\s][^#]*?)?(\s*#.*)?$")
+    tried = 0
+    path = private_dir / "pam_linkus.yaml"
+    for number, line in enumerate(lines):
+        match = pattern.match(line.rstrip("\n"))
+        if match is None or match.group(3) is None:
+            continue  # a comment, a blank line, or a section header whose value follows
+        for empty in ("", " ~", " null"):
+            edited = "".join(lines[:number]) + f"{match.group(1)}{match.group(2)}:{empty}\n" + \
+                "".join(lines[number + 1:]) + "...\n" + tail
+            write(path, edited)
+            with pytest.raises(ConfigError, match="has no value") as caught:
+                load_config(str(path))
+            assert str(caught.value).startswith(f"{path}:{number + 1}:{len(match.group(1)) + 1}: "), \
+                (number, str(caught.value))
+            tried += 1
+    assert tried >= 3 * 25  # every scalar and list key of the template (27) and the profiles
+
+
+@pytest.mark.parametrize("value", ["", " ~", " null"])
+@pytest.mark.parametrize("key", ["enabled", "secret", "email", "digits", "algorithm", "period",
+                                 "legacy_short_secret", "method"])
+def test_an_extension_key_with_no_value_is_refused(private_dir: Path, key: str, value: str) -> None:
+    """Tester 2, extensions.yaml: a key present with a null value is an error, never the default."""
+    entry = {"method": "totp", "secret": SECRET}
+    lines = [f"    {k}: {v}\n" for k, v in entry.items() if k != key] + [f"    {key}:{value}\n"]
+    path = write_ext(private_dir / "ext.yaml", 'extensions:\n  "1001":\n' + "".join(lines))
+    with pytest.raises(ConfigError, match=f"extension: {key} has no value") as caught:
+        read_extensions(str(path))
+    assert str(caught.value).startswith(f"{path}:2:3: ")
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("exempt_networks: [0.0.0.0/1, 128.0.0.0/1]\n", ":1:1"),
+    ("exempt_networks: ['::/1', '8000::/1']\n", ":1:1"),
+    ("exempt_networks: [10.0.0.0/8, 0.0.0.0/2, 64.0.0.0/2, 128.0.0.0/2, 192.0.0.0/2]\n", ":1:1"),
+    ("profiles:\n  sshd:\n    exempt_networks: [0.0.0.0/1, 128.0.0.0/1]\n", ":3:5"),
+    ("exempt_networks: [0.0.0.0/0]\n", ":1:1"),
+    ("exempt_networks: ['::/0']\n", ":1:1"),
+])
+def test_exempt_networks_that_together_cover_everything_are_refused(private_dir: Path, text: str,
+                                                                   where: str) -> None:
+    """Tester 11: the check looked at one entry at a time, so two halves exempted every address."""
+    path = write_config(private_dir / "pam_linkus.yaml", text)
+    with pytest.raises(ConfigError, match="would exempt every address") as caught:
+        load_config(str(path))
+    assert str(caught.value).startswith(f"{path}{where}: ")
+
+
+def test_exempt_networks_that_leave_an_address_out_still_load(private_dir: Path) -> None:
+    path = write_config(private_dir / "pam_linkus.yaml",
+                        "exempt_networks: [0.0.0.0/1, 128.0.0.0/2, '::/1']\n")
+    assert len(load_config(str(path)).exempt_networks) == 3

@@ -319,3 +319,43 @@ def test_the_flow_announces_a_lookup_that_may_wait_for_a_server(store: SqliteSto
             authenticate(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(T0), chain, store),
                          Prompter(asked), on_offload=lambda: trace.append("offload"))
         assert trace == [*expected, "ask"]  # one Offload at most, and only before the lookup
+
+
+def test_a_recovery_shaped_answer_costs_one_scrypt_hash_for_every_name(store: SqliteStore,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tester 3: under enforce: all (pam_linkus.so before the password), ``aaaaa-bbbbb`` cost an
+    enrolled name with recovery codes a scrypt hash (~40 ms) and any other name nothing, so the
+    time told names apart. Now every name takes the same steps -- the prompt, an Offload to the
+    pool, one hash with the same parameters -- before the refusal; a 6-digit answer hashes for none."""
+    from pam_linkus import flow
+    from pam_linkus.recovery import digest, new_salt
+
+    salt = new_salt()
+    store.set_recovery_codes("1001", salt, [digest("abcdefghij", salt)])
+    entries = {"1001": ExtensionSettings("1001", "totp", secret=SECRET),
+               "1003": ExtensionSettings("1003", "totp", secret=SECRET),  # enrolled, no recovery codes
+               "1002": ExtensionSettings("1002", "none"),
+               "1004": ExtensionSettings("1004", "email", email="a@example.com")}
+    config = Config.from_mapping({"profiles": {"strict": {"enforce": "all", "methods": ["totp"]}}})
+    trace: list[str] = []
+
+    def hashed(code: str, salt: str) -> str:
+        trace.append("hash")
+        return digest(code, salt)
+
+    monkeypatch.setattr(flow, "digest", hashed)
+    for answer, expected in (("aaaaa-bbbbb", ["ask", "offload", "hash"]), ("000000", ["ask"])):
+        for user in ("1001", "1003", "1002", "nobody", "1004"):
+            trace.clear()
+
+            def asked(answer: str = answer) -> str:
+                trace.append("ask")
+                return answer
+
+            ctx = Context(config, Clock(T0), SourceChain([StaticSource(entries)]), store)
+            with pytest.raises((NotEnrolled, CodeRejected)):
+                authenticate(LoginRequest(user, profile="strict"), ctx, Prompter(asked),
+                             on_offload=lambda: trace.append("offload"))
+            assert trace == expected, (user, answer, trace)
+    assert [store.lock_status(u, T0).failures for u in ("1001", "1003", "1002", "nobody", "1004")] == [2] * 5
+    assert store.recovery_codes_left("1001") == 1

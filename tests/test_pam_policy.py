@@ -206,3 +206,25 @@ def test_before_the_password_under_enforce_all_every_name_gets_the_code_prompt(p
     assert any(f"user={ghost}" in line.replace('"', "") for line in refused), refused
     # No answer at the prompt is a conversation failure for every name alike.
     assert pam_stack.login(ghost, None).auth == pam_stack.login(enrolled, None).auth == "PAM_CONV_ERR"
+
+
+@pytest.mark.parametrize("where", ["top", "profile"])
+def test_enforce_with_no_value_is_refused_by_a_running_linkusd(pam_stack: PamStack, make_user: object,
+                                                               where: str) -> None:
+    """Tester 2: ``enforce:`` (null) loaded as ``enrolled``, so a name without 2FA skipped the code.
+    Now the reload is refused naming the key, and linkusd keeps the last good config."""
+    enrolled, plain = make_user(), make_user()  # type: ignore[operator]
+    pam_stack.enroll_totp(enrolled)
+    pam_stack.write_config(enforce="all", profiles={pam_stack.service: {"enforce": "all"}})
+    assert pam_stack.login(plain, "123456").auth == "PAM_AUTH_ERR"
+    if where == "top":
+        pam_stack.config["enforce"] = None
+        key = "enforce"
+    else:
+        pam_stack.config["profiles"] = {pam_stack.service: {"enforce": None}}
+        key = f"profiles.{pam_stack.service}.enforce"
+    pam_stack._write_config()
+    error = str(pam_stack.daemon.reload()["last_error"])
+    assert f"{key}: has no value" in error and str(pam_stack.config_path) in error, error
+    assert pam_stack.login(plain, "123456").auth == "PAM_AUTH_ERR"
+    assert pam_stack.login(enrolled, wrong(code_at(SECRET, time.time()))).auth == "PAM_AUTH_ERR"
