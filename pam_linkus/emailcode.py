@@ -50,6 +50,8 @@ DIGITS = 6
 KEY_BYTES = 32
 #: What the hashed message starts with (domain separation from any other HMAC use of the key).
 _HASH_LABEL = b"pam_linkus email code\0"
+#: The same for the address tag in front of a code's hash.
+_TAG_LABEL = b"pam_linkus email address\0"
 
 def new_code() -> str:
     """A fresh uniformly random 6-digit code."""
@@ -57,10 +59,17 @@ def new_code() -> str:
 
 
 def code_hash(key: bytes, user: str, code: str, address: str) -> str:
-    """HMAC-SHA256 of (extension, address, code) under ``key``, as hex (``address`` as check_address gives it)."""
-    message = (_HASH_LABEL + user.encode("utf-8", "surrogateescape") + b"\0" + address.encode("ascii") + b"\0"
-               + code.encode("ascii"))
-    return hmac.new(key, message, hashlib.sha256).hexdigest()
+    """``TAG.HMAC``: HMAC-SHA256 of (extension, address, code) under ``key``, as hex (``address`` as
+    check_address gives it), behind a tag of the address alone.
+
+    The tag lets the store say whether the code still pending was mailed to the address asked for now
+    (``EmailIssue.pending`` compares the part up to the dot): "the code sent a moment ago is still
+    valid" must never be said of a code that went to another address (a self-service enrollment to a
+    new address, or another tab). It tells nothing of the code: 64 bits of an HMAC of the address.
+    """
+    name = user.encode("utf-8", "surrogateescape") + b"\0" + address.encode("ascii")
+    tag = hmac.new(key, _TAG_LABEL + name, hashlib.sha256).hexdigest()[:16]
+    return tag + "." + hmac.new(key, _HASH_LABEL + name + b"\0" + code.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def load_key(path: str) -> bytes:

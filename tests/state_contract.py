@@ -763,6 +763,17 @@ class StateContract(EnrollmentRecoveryContract):
         assert store.issue_email_code("1001", "h3", NOW + 20, limits).pending is False
         assert store.issue_email_code("1001", "h4", NOW + 60, limits).issued is True
 
+    def test_a_pending_code_counts_only_for_the_address_it_was_issued_for(self, store: Any) -> None:
+        """The part of the hash before the dot tags the address: a code mailed elsewhere (an enrollment
+        to a new address, another tab) is never "still valid" for this one."""
+        limits = EmailLimits(send_interval=60)
+        assert store.issue_email_code("1001", "aaaa.h1", NOW, limits).issued is True
+        same = store.issue_email_code("1001", "aaaa.h2", NOW + 10, limits)
+        other = store.issue_email_code("1001", "bbbb.h3", NOW + 10, limits)
+        assert (same.issued, same.pending) == (False, True)
+        assert (other.issued, other.pending, other.retry_after) == (False, False, NOW + 60)
+        assert store.issue_email_code("1001", "aaa.h4", NOW + 11, limits).pending is False  # a prefix is no tag
+
     def test_email_hourly_and_global_throttles(self, store: Any) -> None:
         limits = EmailLimits(send_interval=0, max_per_hour=2, global_max_per_minute=3)
         assert [store.issue_email_code("1001", f"a{i}", NOW + i, limits).issued for i in range(3)] == [

@@ -491,6 +491,24 @@ def test_an_email_sign_in_right_after_another_says_wait(api: Api, site: tuple[Si
     assert not any('action="unavailable"' in line or "action=unavailable" in line for line in s.log.lines)
 
 
+def test_a_code_mailed_to_a_new_address_is_never_still_valid_for_the_one_on_file(
+        api: Api, site: tuple[Site, Any], user: str) -> None:
+    """A code mailed to a new address (Change method -> Email -> Send) is pending; a sign-in right after
+    must say "wait", not "the code sent to <the address on file> is still valid" (none went there)."""
+    s, smtp = site
+    s.add(user, method="email", email="e-y@example.test")
+    throttle_email(s, api)
+    first = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    me = sess({**first, **api("sign_in_code", code=code_in(smtp.wait_for_message(1)), **sess(first))})
+    api.clock.now += 61
+    assert api("enroll_start", password=PASSWORD, **me)["ok"]
+    assert api("enroll_method", method="email", session=me["session"], csrf=me["csrf"])["ok"]
+    assert api("email_send", address="q2-new@example.test", **me)["sent_to"] == "q***@example.test"
+    api.clock.now += 5
+    again = api("sign_in", ext=user, password=PASSWORD, client=CLIENT)
+    assert again == {"ok": False, "error": "throttled", "retry_after": 55, "reason": "email-code"}, again
+
+
 def test_tries_left_counts_the_lockout_and_survives_a_method_switch(api: Api, site: tuple[Site, Any],
                                                                     user: str) -> None:
     """Issue 17/5: tries left = min(this enrollment's tries, lockout slots); switching method keeps them."""

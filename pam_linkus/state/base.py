@@ -135,6 +135,12 @@ class EmailCheck:
     MISSING = "no code pending (used, replaced or never sent)"
 
 
+def same_address(stored: str, code_hash: str) -> bool:
+    """Whether a stored code's hash has the address tag of ``code_hash`` (see ``issue_email_code``)."""
+    tag, dot, _rest = code_hash.partition(".")
+    return not dot or stored.startswith(tag + ".")
+
+
 class EmailIssue:
     """What ``issue_email_code`` did.
 
@@ -302,7 +308,9 @@ class StateStore(Protocol):
         """Atomically store a new email code for ``user`` unless throttled.
 
         Throttled (see ``email_retry_after``): nothing changes; report whether
-        the earlier code is still usable. Otherwise: replace ``user``'s code
+        the earlier code is still usable and was issued for the same address: its hash
+        starts with the same ``TAG.`` as ``code_hash`` (emailcode.code_hash; a hash
+        without a dot matches any). Otherwise: replace ``user``'s code
         with ``code_hash`` (expiring at ``now + limits.lifetime``, with
         ``limits.max_attempts`` attempts) and record one send -- one atomic
         write. Failure counts are never touched: a new code resets nothing.

@@ -259,7 +259,7 @@ return 1
 #       the host-wide sends (member "<user> <at> <hash>", kept a minute: only the
 #       last minute counts)
 # ARGV: now, hash, expires, max_attempts, send_interval, max_per_hour,
-#       global_max_per_minute, an hour ago, a minute ago, user, code_ttl
+#       global_max_per_minute, an hour ago, a minute ago, user, code_ttl, address tag ("TAG." or "": any)
 # The throttle is base.email_retry_after, line by line.
 # -> {1} issued | {0, pending (0/1), retry_after}
 ISSUE_EMAIL_CODE = """
@@ -284,9 +284,11 @@ if g >= per_minute then
   at = math.max(at, tonumber(everyone[2 * (g - per_minute + 1)]) + 60)
 end
 if at > now then
-  local code = redis.call('HMGET', KEYS[1], 'expires', 'attempts')
+  local code = redis.call('HMGET', KEYS[1], 'expires', 'attempts', 'hash')
   local pending = 0
-  if code[1] and tonumber(code[1]) > now and tonumber(code[2]) > 0 then
+  local tag = ARGV[12]
+  if code[1] and tonumber(code[1]) > now and tonumber(code[2]) > 0
+     and (tag == '' or (code[3] and string.sub(code[3], 1, #tag) == tag)) then
     pending = 1
   end
   return {0, pending, string.format('%.17g', at)}

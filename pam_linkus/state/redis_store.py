@@ -380,6 +380,8 @@ class RedisStore:
             repr(now), code_hash, repr(now + limits.lifetime), limits.max_attempts, limits.send_interval,
             limits.max_per_hour, limits.global_max_per_minute, repr(now - 3600), repr(now - 60), user,
             limits.lifetime + 60,
+            # a pending code counts only with the same address tag (StateStore.issue_email_code)
+            code_hash.partition(".")[0] + "." if "." in code_hash else "",
         ]
 
         def read(answer: Any) -> EmailIssue:

@@ -45,6 +45,7 @@ from pam_linkus.state.base import (
     TotpAttempt,
     email_retry_after,
     next_lock,
+    same_address,
 )
 
 T = TypeVar("T")
@@ -421,9 +422,10 @@ class SqliteStore:
             retry_after = email_retry_after(mine, everyone, now, limits)
             if retry_after > now:
                 row = db.execute(
-                    "SELECT 1 FROM email_codes WHERE user = ? AND expires > ? AND attempts_left > 0", (user, now)
+                    "SELECT hash FROM email_codes WHERE user = ? AND expires > ? AND attempts_left > 0", (user, now)
                 ).fetchone()
-                return EmailIssue(False, pending=row is not None, retry_after=retry_after)
+                pending = row is not None and same_address(row[0], code_hash)
+                return EmailIssue(False, pending=pending, retry_after=retry_after)
             db.execute(
                 "INSERT INTO email_codes (user, hash, expires, attempts_left) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (user) DO UPDATE SET hash = excluded.hash, expires = excluded.expires, "
