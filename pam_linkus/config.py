@@ -428,7 +428,7 @@ def _plain_address_ish(text: str) -> bool:
 
 
 #: Default mail subject; a changed one is checked for placeholders at load.
-DEFAULT_EMAIL_SUBJECT = "Login verification code for {user} on {host}"
+DEFAULT_EMAIL_SUBJECT = "Verification code for {user} on {host}"  # a login's, or a new address's
 
 
 class EmailConfig:

@@ -18,8 +18,8 @@ Your verification code for {user} on {host} is:
 It was requested at {time} from {rhost} ({service}) and is valid for {minutes} minutes.
 Nobody from your administration will ever ask you for this code.
 
-If you did not just try to log in, someone knows your password:
-change it and tell your administrator.
+If you did not just try to log in or to set up this address for your
+account, someone knows your password: change it and tell your administrator.
 """
 
 # RFC 5322 atext: what a dot-atom local part may hold. No quotes, no comments,

@@ -62,7 +62,7 @@ def test_code_arrives_and_logs_in(pam_stack: PamStack, user: str, smtp_server: A
     mail = server.wait_for_message()
     code = code_in(mail)
     assert mail["to"] == [ADDRESS] and mail["tls"] is True and mail["auth"] == b"pbx-mailer"
-    assert mail["message"]["Subject"] == f"Login verification code for {user} on {os.uname().nodename}"
+    assert mail["message"]["Subject"] == f"Verification code for {user} on {os.uname().nodename}"
     body = mail["message"].get_content()
     assert "192.0.2.44" in body and user in body and code not in mail["message"]["Subject"]
     line = pam_stack.log.wait_for(f"user={user}")
