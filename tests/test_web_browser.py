@@ -25,6 +25,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from smtp_server import code_in
 from web_site import Linkusd, Site, WebServer, logged, wait_for
 
+from pam_linkus.web import strings
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -586,6 +588,26 @@ def test_wrong_sign_in_code_focus_and_the_code_step_on_post(web: tuple[Site, Lin
     tick_and_confirm(browser)
     wait_path(browser, "/settings/method")
     assert focused(browser) == "m-totp" and fits(browser)
+
+
+def test_send_without_an_address_when_none_is_on_file_asks_for_one(web: tuple[Site, Linkusd, WebServer],
+                                                                    browser: Any, user: str) -> None:
+    """Send with the field empty and no address on file: the page asks for an address (it said "the
+    form could not be accepted")."""
+    site_, _daemon, server = web
+    site_.add(user)
+    sign_in(browser, server, user)
+    wait_path(browser, "/settings")
+    tick_and_confirm(browser)
+    wait_path(browser, "/settings/method")
+    browser.find_element(By.CSS_SELECTOR, "label[for=m-email]").click()
+    browser.find_element(By.CSS_SELECTOR, "#next").click()
+    wait_path(browser, "/settings/email")
+    # the field is required here; a client without form validation (or a script) sends it empty anyway
+    browser.execute_script("document.getElementById('address').removeAttribute('required')")
+    browser.find_element(By.CSS_SELECTOR, "#send").click()
+    WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "email-error"))
+    assert text(browser, "#email-error") == strings.NO_ADDRESS
 
 
 def test_email_throttle_says_wait_on_the_page(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any],

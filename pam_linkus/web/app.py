@@ -468,8 +468,9 @@ class _Pages:
                 fields["address"] = f["address"].strip()
             reply = await self.changed(request, "email_send", **fields)
             if not reply["ok"]:
-                if reply.get("error") == "bad-request" and "address" in fields:
-                    return await self.email(request, strings.BAD_ADDRESS, 400)
+                if reply.get("error") == "bad-request":  # the typed address, or none typed and none on file
+                    return await self.email(request, strings.BAD_ADDRESS if "address" in fields else strings.NO_ADDRESS,
+                                            400)
                 if reply.get("error") == "throttled" and reply.get("reason") == "email-code":
                     # nothing was sent: say so and how long to wait, on the same page
                     wait = strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after")))

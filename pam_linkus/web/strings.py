@@ -79,6 +79,7 @@ EXPIRED = "Your session has ended. Please sign in again."
 STEP = "That step has expired or was already done. Please start again."
 BAD_REQUEST = "The form could not be accepted (it may be out of date). Please try again."
 BAD_ADDRESS = "That email address is not valid."
+NO_ADDRESS = "No email address is on file for your extension: enter the address the codes should go to."
 LOCKED_TITLE = "Extension locked"
 LOCKED = ("Your extension is locked after too many wrong codes. It unlocks by itself at {until}, "
           "or ask your administrator.")
