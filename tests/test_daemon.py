@@ -1032,7 +1032,7 @@ def test_a_web_group_member_cannot_exhaust_linkusd_with_held_web_connections(sta
             worst_fds = max(worst_fds, _fds(pid))
     finally:
         made = int(flood.communicate(timeout=30)[0])
-    assert made >= 400, made  # it was a flood, and connects were accepted (then closed), not stuck
+    assert made > 128, made  # more than one listen backlog: linkusd accepted (and closed) the rest
     assert slowest < 1.0, slowest
     assert worst_fds < before + 64, (before, worst_fds)  # a per-uid cap's worth, not one per connection
     stack.daemon.stop()
