@@ -251,6 +251,23 @@ static void log_undecided(const struct login *lg, int rc)
     send_log(lg, rc == PAM_CONV_ERR ? LOG_NOTICE : LOG_ERR, msg);
 }
 
+/*
+ * We gave up waiting for linkusd's frame: linkusd holds the login and ends it with its own line (when it
+ * resumes), so this line has no outcome (it would count the login twice), but it names the login
+ * (service, user, rhost): if linkusd never resumes (stopped, then killed) the login is still attributable.
+ */
+static void log_waited_out(const struct login *lg)
+{
+    char svc[64 * 4 + 8], user[100 * 4 + 8], rhost[100 * 4 + 8], msg[1400];
+
+    quote_into(svc, sizeof svc, lg->service, 64);
+    quote_into(user, sizeof user, lg->user, 100);
+    quote_into(rhost, sizeof rhost, lg->rhost != NULL && lg->rhost[0] != '\0' ? lg->rhost : "-", 100);
+    snprintf(msg, sizeof msg, "linkusd unavailable: no whole frame within the timeout; service=%s user=%s rhost=%s "
+             "(linkusd ends this login with its own line when it answers again)", svc, user, rhost);
+    send_log(lg, LOG_ERR, msg);
+}
+
 /* ---------------------------------------------------------------- options */
 
 enum opt_id { O_SOCKET, O_TIMEOUT, O_PROMPT, O_PROFILE, O_LOG_SOCKET, O_ECHO_CODE, O_FORWARD_PASS, O_DEBUG };
@@ -657,9 +674,11 @@ static bool recv_frame(struct login *lg, struct frame_in *fr)
     }
     if (rc != 0) {
         lg->waited_out = rc < 0 && now_ms() >= deadline;
-        lk_log(lg, LOG_ERR, rc > 0 ? "linkusd closed the connection before its result"
-                                   : rc < 0 && !lg->waited_out ? "linkusd unavailable: cannot read its frame: %m"
-                                   : "linkusd unavailable: no whole frame within the timeout");
+        if (lg->waited_out)
+            log_waited_out(lg);
+        else
+            lk_log(lg, LOG_ERR, rc > 0 ? "linkusd closed the connection before its result"
+                                       : "linkusd unavailable: cannot read its frame: %m");
         return false;
     }
     if (fr->body[0] != PROTO_VERSION) {

@@ -9,11 +9,15 @@ holds no worker thread, and that wait has its own long deadline
 the engine's pools under the short one (``work_timeout``). Caps bound what anyone
 can hold: connections in all, per calling real uid (a local user running many
 setuid `su` logins reaches us as euid 0, but keeps their real uid) and per
-target account. A peer that breaks the protocol loses its connection and
-nothing else. A connection turned away before any work (a peer that may not ask,
-a caller over its cap) is closed at once and costs no log line of its own: a
-flood of them must not become a flood of descriptors or syslog lines, so they are
-counted per calling uid and summarised (``Refusals``).
+target account; the web socket has caps of its own (``web_cap``, and per uid) so
+that no web peer can take PAM's slots. A peer that breaks the protocol loses its
+connection and nothing else. A connection turned away before any work (a peer
+that may not ask, a caller over its cap) is closed at once, and one dropped
+before a login started (closed, silent or malformed before its first whole
+frame) is closed too; neither costs a log line of its own: a flood of them must
+not become a flood of descriptors or syslog lines, so they are counted per
+calling uid and summarised (``Refusals``). A login that started ends in its own
+line (``PamLogin._end``).
 
 No decision after the client gave up: pam_linkus.so sends with START and ANSWER
 the moment it stops waiting for our next frame (``DEADLINE``, CLOCK_MONOTONIC,
@@ -147,8 +151,16 @@ def _real_uid(pid: int, euid: int) -> int:
     return -1 if euid == 0 else euid
 
 
+def web_cap(max_connections: int) -> int:
+    """Web connections at once, all web peers together: a quarter of daemon.max_connections, counted
+    apart from the PAM connections, so a web peer can never take a PAM login's slot (a web call is one
+    short request; linkus-web runs a few at once)."""
+    return max(1, max_connections // 4)
+
+
 class Refusals:
-    """Connections turned away before any work, counted per calling uid: one summary line per interval.
+    """Connections turned away or dropped before any work, counted per calling uid: one summary line
+    per interval.
 
     A line per refused connection was a flood of its own (one user's loop of connects made 12,000
     authpriv lines a second, and a journald rate limit would then drop real login lines).
@@ -163,13 +175,15 @@ class Refusals:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.counts: Counter[tuple[int | str, str]] = Counter()
+        self.counts: Counter[tuple[int | str, str, str]] = Counter()
         self.timer: asyncio.TimerHandle | None = None
 
-    def add(self, uid: int, why: str) -> None:
-        key: tuple[int | str, str] = (uid, why)
+    def add(self, uid: int, why: str, verb: str = "refused") -> None:
+        """Count one connection: ``refused`` (turned away at accept) or ``dropped`` (it broke off or
+        broke the protocol before a login started)."""
+        key: tuple[int | str, str, str] = (uid, verb, why)
         if key not in self.counts and len(self.counts) >= self.KEYS:
-            key = ("other", why)
+            key = ("other", verb, why)
         self.counts[key] += 1
         if self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(self.INTERVAL, self.flush)
@@ -182,10 +196,11 @@ class Refusals:
         if not self.counts:
             return
         named = self.counts.most_common(self.NAMED)
-        parts = [f"refused {n} connection{'' if n == 1 else 's'} from uid {uid} ({why})" for (uid, why), n in named]
+        parts = [f"{verb} {n} connection{'' if n == 1 else 's'} from uid {uid} ({why})"
+                 for (uid, verb, why), n in named]
         rest = sum(self.counts.values()) - sum(n for _, n in named)
         if rest:
-            parts.append(f"refused {rest} more from {len(self.counts) - len(named)} other callers")
+            parts.append(f"refused or dropped {rest} more from {len(self.counts) - len(named)} other callers")
         self.counts.clear()
         self.engine.sink.send(LOG_WARNING, "linkusd: " + "; ".join(parts) + f" (at most one such line per "
                                            f"{self.INTERVAL:g} s)")
@@ -199,6 +214,8 @@ class Server:
         self.per_caller: Counter[int] = Counter()
         self.per_account: Counter[str] = Counter()
         self.connections = 0
+        self.web_per_caller: Counter[int] = Counter()
+        self.web_connections = 0
         self.refusals = Refusals(engine)
         self._web_service: SelfService | None = None
 
@@ -259,14 +276,15 @@ class Server:
         """One PAM connection that ``admit_pam`` let in: one transaction, then the close.
 
         The first frame (START, or STATUS/RELOAD from root) has to arrive whole within the work
-        deadline; a peer that breaks the protocol or is too slow is dropped with one line.
+        deadline; a peer that closes, breaks the protocol or is too slow before it is dropped and
+        counted (``Refusals``): no login started, so there is no login line to write.
         """
         began = time.monotonic()
         try:
             try:
                 first = await ch.read(protocol.PAM_OPENERS, limits.work_timeout)
             except (ProtocolError, TimeoutError) as exc:
-                self.log_protocol(peer, exc)
+                self.dropped(peer, exc)
                 return
             if first.type in (Msg.STATUS, Msg.RELOAD):
                 await self.control(first, ch, peer)
@@ -288,45 +306,57 @@ class Server:
     async def control(self, msg: protocol.Message, ch: Channel, peer: Peer) -> None:
         """STATUS or RELOAD (root only): the reply is the status object."""
         if peer.uid != 0:
-            self.engine.sink.send(LOG_WARNING, f"linkusd: {msg.type.name} from non-root uid {peer.uid} refused")
+            self.refusals.add(peer.ruid, f"{msg.type.name} from a non-root caller", "dropped")
             return
         if msg.type == Msg.RELOAD:
             await self.engine.reload("requested")
         with contextlib.suppress(ConnectionError, TimeoutError):
             await ch.send(protocol.encode_json(Msg.STATUS_REPLY, self.engine.status()))
 
-    def log_protocol(self, peer: Peer, exc: Exception | str) -> None:
-        what = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-        self.engine.sink.send(LOG_NOTICE, f"linkusd: dropped a connection from uid {peer.ruid} "
-                                          f"(pid {peer.pid}): {what}")
+    def dropped(self, peer: Peer, exc: Exception) -> None:
+        """A connection dropped before a login started: counted per uid with the refusals (a loop of
+        connect and close must not become a line per connection)."""
+        what = "timed out before its first whole frame" if isinstance(exc, TimeoutError) else str(exc)
+        self.refusals.add(peer.ruid, what, "dropped")
 
     # -- web socket ------------------------------------------------------------
 
-    def admit_web(self, conn: socket.socket) -> Coroutine[Any, Any, None]:
-        """Every web connection gets its task: ``handle_web`` checks the peer and says why it refuses."""
-        return self.handle_web(Channel(conn, protocol.WEB_MAX_BODY))
-
-    async def handle_web(self, ch: Channel) -> None:
-        """One web connection: one WEB_CALL whole within the work deadline, one WEB_REPLY, the close."""
-        work_timeout, answer_timeout = self._limits()[:2]
+    def admit_web(self, conn: socket.socket) -> Coroutine[Any, Any, None] | None:
+        """The web socket's admission, like ``admit_pam``'s: a peer that is neither root nor in
+        daemon.web_group, or a caller over its cap (max_per_caller, max_per_caller_root), or one past
+        ``web_cap`` web connections in all, is closed here at once and counted (``Refusals``)."""
+        limits = self._limits()
+        engine = self.engine
         try:
-            peer = Peer.of(ch.sock)
+            pid, uid, gid, groups = _credentials(conn)
         except OSError:
-            ch.close()
-            return
-        snap = self.engine.current
-        allowed = peer.uid == 0 or (snap is not None and snap.web_gid is not None and snap.web_gid in peer.groups)
-        self.engine.active["web"] += 1
+            conn.close()
+            return None
+        snap = engine.current
+        if uid != 0 and (snap is None or snap.web_gid is None or snap.web_gid not in groups):
+            engine.health.refused_peers += 1
+            self._refuse(conn, uid, "not root and not in daemon.web_group")
+            return None
+        peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
+        cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
+        if self.web_per_caller[peer.ruid] >= cap or self.web_connections >= web_cap(limits.max_connections):
+            engine.health.over_capacity += 1
+            self._refuse(conn, peer.ruid, "over its cap of web calls at once" if self.web_per_caller[peer.ruid] >= cap
+                         else "over the web connection cap (a quarter of daemon.max_connections)")
+            return None
+        self.web_connections += 1
+        self.web_per_caller[peer.ruid] += 1
+        engine.active["web"] += 1
+        return self.handle_web(Channel(conn, protocol.WEB_MAX_BODY), peer, limits)
+
+    async def handle_web(self, ch: Channel, peer: Peer, limits: Limits) -> None:
+        """One web connection that ``admit_web`` let in: one WEB_CALL whole within the work deadline
+        (else dropped and counted), one WEB_REPLY, the close."""
         try:
-            if not allowed:
-                self.engine.health.refused_peers += 1
-                self.engine.sink.send(LOG_WARNING, f"linkusd: refused a web peer: uid {peer.uid} is not in "
-                                                   f"daemon.web_group")
-                return
             try:
-                call = await ch.read(protocol.WEB_OPENERS, work_timeout)
+                call = await ch.read(protocol.WEB_OPENERS, limits.work_timeout)
             except (ProtocolError, TimeoutError) as exc:
-                self.log_protocol(peer, exc)
+                self.dropped(peer, exc)
                 return
             try:
                 request = call.json()
@@ -335,12 +365,16 @@ class Server:
                 self.engine.sink.send(LOG_NOTICE, f"linkusd: refused a web call from uid {peer.ruid}: {exc}")
                 reply: dict[str, object] = {"ok": False, "error": "bad-request"}
             else:
-                reply = await self._web_call(request, peer, answer_timeout)
+                reply = await self._web_call(request, peer, limits.answer_timeout)
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await ch.send(protocol.encode_json(Msg.WEB_REPLY, reply))
         finally:
-            self.engine.active["web"] -= 1
             ch.close()
+            self.web_connections -= 1
+            self.web_per_caller[peer.ruid] -= 1
+            if not self.web_per_caller[peer.ruid]:
+                del self.web_per_caller[peer.ruid]
+            self.engine.active["web"] -= 1
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:
@@ -401,8 +435,8 @@ class PamLogin:
             req, mode, flags = _request(start, self.peer, engine.current)
             totp_prompt = start.text(F.PROMPT)
             self.reply_by = start.deadline(time.monotonic())
-        except ProtocolError as exc:
-            server.log_protocol(self.peer, exc)
+        except ProtocolError as exc:  # no login started: counted with the refusals
+            server.dropped(self.peer, exc)
             return
         self.req = req
         account_key = req.user.casefold()
@@ -600,17 +634,37 @@ def _request(start: protocol.Message, peer: Peer, snap: Snapshot | None) -> tupl
     user = start.fields[F.USER].decode("utf-8", "surrogateescape")
     kept_raw = start.fields.get(F.KEPT)
     trusted = peer.uid == 0 or (snap is not None and bool(peer.groups & snap.trusted_gids))
+    rhost, rhost_clean = _item(start, F.RHOST)
     req = LoginRequest(
         user=user,
         service=start.text(F.SERVICE) or "-",
-        rhost=start.text(F.RHOST) or None,
-        tty=start.text(F.TTY) or None,
-        ruser=start.text(F.RUSER) or None,
+        rhost=rhost,
+        tty=_item(start, F.TTY)[0],
+        ruser=_item(start, F.RUSER)[0],
         profile=start.text(F.PROFILE),
         kept=None if kept_raw is None else kept_raw.decode("utf-8", "surrogateescape"),
-        rhost_trusted=trusted,
+        rhost_trusted=trusted and rhost_clean,
     )
     return req, mode, flags
+
+
+def _item(start: protocol.Message, tag: F) -> tuple[str | None, bool]:
+    """A PAM item that is only logged or compared (RHOST, TTY, RUSER), and whether it came clean.
+
+    Bytes that are not UTF-8 (or a NUL) come from the login's own client, not from a broken peer: the
+    login is taken like any other and ends in its one line, the item decoded with U+FFFD for that line.
+    An rhost that did not come clean is never trusted (``rhost_trusted``), so it grants no exemption.
+    """
+    raw = start.fields.get(tag)
+    if not raw:
+        return None, True
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", "replace").replace("\0", "\ufffd"), False
+    if "\0" in value:
+        return value.replace("\0", "\ufffd"), False
+    return value, True
 
 
 def _field_map(conn: PamLogin, outcome: str, reason: str) -> dict[str, object]:
