@@ -3,6 +3,7 @@ YAML source and SQLite state, aiosmtpd for mail; the clock is injected."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -395,6 +396,10 @@ def test_a_deep_or_hostile_json_body_on_web_sock_is_a_bad_request(site: tuple[Si
         "ok": False, "error": "expired"}
     stderr = s.stack.daemon.stderr_path.read_text(errors="replace")
     assert "Traceback" not in stderr and "RecursionError" not in stderr, stderr[-2000:]
+    s.stack.daemon.stop()  # the refusals' summary is written at the latest when linkusd stops
+    [summary] = [line for line in s.log.lines if "answered bad-request to" in line]  # one line, not one a call
+    counted = sum(int(n) for n in re.findall(r"answered bad-request to (\d+) connections? from uid 0", summary))
+    assert counted == len(hostile) - 1, summary  # the lone surrogate is JSON: the op refuses that field
 
 
 def time_limit(seconds: float = 10.0) -> float:

@@ -361,8 +361,9 @@ class Server:
             try:
                 request = call.json()
             except protocol.BadJSON as exc:
-                # a whole frame with a body we will not decode (too deep, not JSON): answered, not dropped
-                self.engine.sink.send(LOG_NOTICE, f"linkusd: refused a web call from uid {peer.ruid}: {exc}")
+                # a whole frame with a body we will not decode (too deep, not JSON): answered, not dropped,
+                # and counted with the refusals (a loop of them must not be a line each)
+                self.refusals.add(peer.ruid, f"a web call: {exc}", "answered bad-request to")
                 reply: dict[str, object] = {"ok": False, "error": "bad-request"}
             else:
                 reply = await self._web_call(request, peer, limits.answer_timeout)
