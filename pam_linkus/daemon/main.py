@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 from pam_linkus.config import DaemonConfig, load_config
 from pam_linkus.daemon.engine import Engine, build_snapshot
-from pam_linkus.daemon.server import Server
+from pam_linkus.daemon.server import Server, web_cap
 from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
 from pam_linkus.errors import LinkusError
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
@@ -242,7 +242,7 @@ def raise_file_limit(max_connections: int) -> str | None:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    if soft != resource.RLIM_INFINITY and soft < max_connections + FD_RESERVE:
+    if soft != resource.RLIM_INFINITY and soft < max_connections + web_cap(max_connections) + FD_RESERVE:
         return (f"linkusd: only {soft} open files allowed (RLIMIT_NOFILE) for daemon.max_connections "
                 f"{max_connections}; raise LimitNOFILE= or lower max_connections")
     return None
