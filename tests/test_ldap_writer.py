@@ -34,6 +34,8 @@ def make_config(slapd: Slapd, private_dir: Path, base: str, **overrides: Any) ->
     section = ldap_config(slapd, base, read_pw, attributes=MAIL_MAP, writer_bind_dn=WRITER_DN,
                           writer_password_file=str(write_pw))
     section.update(overrides)
+    for key in [k for k, v in overrides.items() if v is None]:  # None: the key left out, not written empty
+        del section[key]
     return Config.from_mapping({"sources": ["ldap"], "ldap": section}).ldap
 
 
