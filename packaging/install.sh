@@ -152,7 +152,10 @@ elif [ -e "$RUN_DIR/linkusd.lock" ] && ! flock -n "$RUN_DIR/linkusd.lock" true; 
     # in progress, and those of the second it takes, end as unavailable: never let in), with the
     # arguments it was started with (its own --config, sockets ...), after the new code loaded its config.
     mapfile -d '' -t running < "/proc/$pid/cmdline"
-    args=("${running[@]:2}")  # python, the linkusd script, then its arguments
+    args=()  # its arguments (after python and the linkusd script), less those that keep it in the foreground
+    for arg in "${running[@]:2}"; do
+        case "$arg" in --foreground|--quiet) ;; *) args+=("$arg") ;; esac
+    done
     check_before_restart /usr/local/sbin/linkusd "${args[@]}"
     kill -TERM "$pid"
     flock -w 20 "$RUN_DIR/linkusd.lock" true || die "linkusd (pid $pid) did not stop within 20 s"

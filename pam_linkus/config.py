@@ -510,6 +510,9 @@ def _prompt(r: Reader, key: str, default: str) -> str:
     return value
 
 
+_V4_MAPPED = IPv6Network("::ffff:0:0/96")
+
+
 def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
     """A list of CIDR networks, parsed now so a typo refuses logins at config load
     (and ``linkus-2fa doctor`` names it) instead of silently never matching.
@@ -526,6 +529,10 @@ def _networks(r: Reader, key: str) -> list[IPv4Network | IPv6Network]:
             raise r.fail(key, f"entry {number} is not a CIDR network (address/prefix, no host bits)") from None
         if network.prefixlen == 0:
             raise r.fail(key, f"entry {number} would exempt every address")
+        if isinstance(network, IPv6Network) and network.subnet_of(_V4_MAPPED):
+            # the policy compares a ::ffff:a.b.c.d client as the IPv4 address it is: such an entry
+            # could never match
+            raise r.fail(key, f"entry {number} is an IPv4-mapped IPv6 network: write it in IPv4 form")
         networks.append(network)
     # Entries that are each narrower can still add up to everything ([0.0.0.0/1, 128.0.0.0/1]):
     # merged, they are one /0 (tester 11).

@@ -240,6 +240,8 @@ def test_config_defaults() -> None:
         ("lockout:\n  max_failures: true\n", "must be an integer", ":2:3"),
         ("sources: [yaml, nis]\n", "sources: entry 2 is unknown; known: yaml, ldap", ":1:1"),
         ("exempt_networks: [10.0.0.0/8, 10.1.2.3/8]\n", "exempt_networks: entry 2 is not a CIDR network", ":1:1"),
+        ("exempt_networks: ['::ffff:10.0.0.0/104']\n", "entry 1 is an IPv4-mapped IPv6 network: write it in IPv4",
+         ":1:1"),
         ("daemon:\n  workers: 0\n", "daemon.workers: must be between 1 and 256", ":2:3"),
         ("daemon:\n  pam_socket: pam.sock\n", "daemon.pam_socket: must be an absolute path", ":2:3"),
         ("daemon:\n  allowed_groups: [wheel, 'bad group']\n", "daemon.allowed_groups: entry 2 is not a group",

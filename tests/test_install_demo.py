@@ -17,6 +17,7 @@ import secrets
 import signal
 import stat
 import subprocess
+import sys
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,7 +319,10 @@ def test_an_upgrade_restarts_linkusd_only_once_the_new_code_loads_its_config(ins
     if old is not None:
         os.kill(old, signal.SIGTERM)
         wait_for(lambda: running_pid(root) is None, "linkusd stopping")
-    root.run(["/usr/local/sbin/linkusd", "--no-web"], timeout=60)
+    # in the foreground, as an admin may run it (the restart must not keep it there: install would hang)
+    root.popen(["/usr/local/sbin/linkusd", "--foreground", "--quiet", "--no-web"],
+               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: running_pid(root) is not None, "linkusd starting")
     pid = running_pid(root)
     config = root.path("/etc/pam_linkus/pam_linkus.yaml")
     good = config.read_text()
@@ -334,6 +338,14 @@ def test_an_upgrade_restarts_linkusd_only_once_the_new_code_loads_its_config(ins
     new = running_pid(root)
     assert new not in (None, pid)
     assert Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")[2:] == [b"--no-web", b""]
+
+
+def test_linkusd_takes_no_abbreviated_option() -> None:
+    """install.sh finds a running daemon's --config on its command line: an abbreviation (``--conf``) would
+    make it check one file and restart linkusd on another."""
+    run = subprocess.run([sys.executable, "-m", "pam_linkus.daemon", "--conf", "/nonexistent", "--check"],
+                         capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(REPO)})
+    assert run.returncode == 2 and "unrecognized arguments: --conf" in run.stderr, run.stderr
 
 
 def _pids_of(uid: int) -> list[int]:

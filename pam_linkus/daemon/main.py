@@ -47,7 +47,9 @@ SOCKET_CHECK_EVERY = 2.0
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="linkusd", description="The pam-linkus daemon (see linkusd(8)).")
+    # no abbreviations: install.sh reads a running daemon's --config from its command line
+    parser = argparse.ArgumentParser(prog="linkusd", description="The pam-linkus daemon (see linkusd(8)).",
+                                     allow_abbrev=False)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="main config file (default: %(default)s)")
     parser.add_argument("--foreground", action="store_true", help="stay in the foreground, log also to stderr")
     parser.add_argument("--quiet", action="store_true",
