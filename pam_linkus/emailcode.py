@@ -65,7 +65,9 @@ def code_hash(key: bytes, user: str, code: str, address: str) -> str:
     The tag lets the store say whether the code still pending was mailed to the address asked for now
     (``EmailIssue.pending`` compares the part up to the dot): "the code sent a moment ago is still
     valid" must never be said of a code that went to another address (a self-service enrollment to a
-    new address, or another tab). It tells nothing of the code: 64 bits of an HMAC of the address.
+    new address, made in this session or another). The tag is of (extension, address) only: a code
+    another session mailed to the same address counts, and works there. It tells nothing of the code:
+    64 bits of an HMAC of the address.
     """
     name = user.encode("utf-8", "surrogateescape") + b"\0" + address.encode("ascii")
     tag = hmac.new(key, _TAG_LABEL + name, hashlib.sha256).hexdigest()[:16]

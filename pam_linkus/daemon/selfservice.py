@@ -36,7 +36,7 @@ and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
                    -> totp: secret, uri, issuer, account   (shown only while pending; never after Save)
                    -> email: email (masked, or null when the extension has no address)
     email_send     session, csrf, address?, client -> sent_to (masked), pending (true: no new mail, the code
-                                                     this session sent there a moment ago is still valid)
+                                                     mailed to that address a moment ago is still valid)
                    (address: a new one to confirm; each code is bound to the address it was mailed to,
                    and Save saves exactly that address; another address while throttled: ``throttled``)
     enroll_confirm  session, csrf, code, client    -> method   ("Edited successfully."; nothing saved before);
