@@ -186,13 +186,7 @@ def test_email_flow(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any]
     smtp = site[1]
     site_.add(user, email="owner@example.com")
     shots = Shots(browser, tmp_path / "shots")
-    sign_in(browser, server, user)
-    wait_path(browser, "/settings")
-    tick_and_confirm(browser)
-    wait_path(browser, "/settings/method")
-    browser.find_element(By.CSS_SELECTOR, "label[for=m-email]").click()
-    browser.find_element(By.CSS_SELECTOR, "#next").click()
-    wait_path(browser, "/settings/email")
+    open_email_step(browser, server, user)
     assert text(browser, "#on-file") == "o***@example.com"
     browser.find_element(By.CSS_SELECTOR, "#send").click()
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "sent"))
@@ -590,12 +584,8 @@ def test_wrong_sign_in_code_focus_and_the_code_step_on_post(web: tuple[Site, Lin
     assert focused(browser) == "m-totp" and fits(browser)
 
 
-def test_send_without_an_address_when_none_is_on_file_asks_for_one(web: tuple[Site, Linkusd, WebServer],
-                                                                    browser: Any, user: str) -> None:
-    """Send with the field empty and no address on file: the page asks for an address (it said "the
-    form could not be accepted")."""
-    site_, _daemon, server = web
-    site_.add(user)
+def open_email_step(browser: Any, server: WebServer, user: str) -> None:
+    """Sign in (2FA off), tick the box, confirm the password, choose Email: the page with Send."""
     sign_in(browser, server, user)
     wait_path(browser, "/settings")
     tick_and_confirm(browser)
@@ -603,6 +593,15 @@ def test_send_without_an_address_when_none_is_on_file_asks_for_one(web: tuple[Si
     browser.find_element(By.CSS_SELECTOR, "label[for=m-email]").click()
     browser.find_element(By.CSS_SELECTOR, "#next").click()
     wait_path(browser, "/settings/email")
+
+
+def test_send_without_an_address_when_none_is_on_file_asks_for_one(web: tuple[Site, Linkusd, WebServer],
+                                                                    browser: Any, user: str) -> None:
+    """Send with the field empty and no address on file: the page asks for an address (it said "the
+    form could not be accepted")."""
+    site_, _daemon, server = web
+    site_.add(user)
+    open_email_step(browser, server, user)
     # the field is required here; a client without form validation (or a script) sends it empty anyway
     browser.execute_script("document.getElementById('address').removeAttribute('required')")
     browser.find_element(By.CSS_SELECTOR, "#send").click()
@@ -619,13 +618,7 @@ def test_email_throttle_says_wait_on_the_page(web: tuple[Site, Linkusd, WebServe
     smtp = site[1]
     site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 60})
     site_.add(user)
-    sign_in(browser, server, user)
-    wait_path(browser, "/settings")
-    tick_and_confirm(browser)
-    wait_path(browser, "/settings/method")
-    browser.find_element(By.CSS_SELECTOR, "label[for=m-email]").click()
-    browser.find_element(By.CSS_SELECTOR, "#next").click()
-    wait_path(browser, "/settings/email")
+    open_email_step(browser, server, user)
     fill(browser, "#address", "owner-real@example.test")
     browser.find_element(By.CSS_SELECTOR, "#send").click()
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "sent"))

@@ -247,26 +247,39 @@ class Server:
         """
         limits = self._limits()
         engine = self.engine
-        try:
-            pid, uid, gid, groups = _credentials(conn)
-        except OSError:
-            conn.close()
-            return None
-        if not self._peer_allowed(uid, groups, engine.current):
-            engine.health.refused_peers += 1
-            self._refuse(conn, uid, "not root and in no group of daemon.allowed_groups")
-            return None
-        peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
-        cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
-        if self.per_caller[peer.ruid] >= cap or self.connections >= limits.max_connections:
-            engine.health.over_capacity += 1
-            self._refuse(conn, peer.ruid, "over its cap of logins at once" if self.per_caller[peer.ruid] >= cap
-                         else "over daemon.max_connections")
+        peer = self._admit(conn, limits, lambda uid, groups: self._peer_allowed(uid, groups, engine.current),
+                           "not root and in no group of daemon.allowed_groups", self.per_caller,
+                           "over its cap of logins at once", self.connections, limits.max_connections,
+                           "over daemon.max_connections")
+        if peer is None:
             return None
         self.connections += 1
         self.per_caller[peer.ruid] += 1
         engine.active["pam"] += 1
         return self.handle_pam(Channel(conn, protocol.PAM_MAX_BODY), peer, limits)
+
+    def _admit(self, conn: socket.socket, limits: Limits, allowed: Callable[[int, frozenset[int]], bool],
+               not_allowed: str, per_caller: Counter[int], over_caller: str, in_all: int, cap_in_all: int,
+               over_all: str) -> Peer | None:
+        """Both sockets' admission: the peer, or None once the connection is closed and counted (a
+        peer not ``allowed``; a caller at its cap in ``per_caller``; ``in_all`` at ``cap_in_all``)."""
+        engine = self.engine
+        try:
+            pid, uid, gid, groups = _credentials(conn)
+        except OSError:
+            conn.close()
+            return None
+        if not allowed(uid, groups):
+            engine.health.refused_peers += 1
+            self._refuse(conn, uid, not_allowed)
+            return None
+        peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
+        cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
+        if per_caller[peer.ruid] >= cap or in_all >= cap_in_all:
+            engine.health.over_capacity += 1
+            self._refuse(conn, peer.ruid, over_caller if per_caller[peer.ruid] >= cap else over_all)
+            return None
+        return peer
 
     def _refuse(self, conn: socket.socket, uid: int, why: str) -> None:
         self.refusals.add(uid, why)
@@ -327,22 +340,15 @@ class Server:
         ``web_cap`` web connections in all, is closed here at once and counted (``Refusals``)."""
         limits = self._limits()
         engine = self.engine
-        try:
-            pid, uid, gid, groups = _credentials(conn)
-        except OSError:
-            conn.close()
-            return None
-        snap = engine.current
-        if uid != 0 and (snap is None or snap.web_gid is None or snap.web_gid not in groups):
-            engine.health.refused_peers += 1
-            self._refuse(conn, uid, "not root and not in daemon.web_group")
-            return None
-        peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
-        cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
-        if self.web_per_caller[peer.ruid] >= cap or self.web_connections >= web_cap(limits.max_connections):
-            engine.health.over_capacity += 1
-            self._refuse(conn, peer.ruid, "over its cap of web calls at once" if self.web_per_caller[peer.ruid] >= cap
-                         else "over the web connection cap (a quarter of daemon.max_connections)")
+        def in_web_group(uid: int, groups: frozenset[int]) -> bool:
+            snap = engine.current
+            return uid == 0 or (snap is not None and snap.web_gid is not None and snap.web_gid in groups)
+
+        peer = self._admit(conn, limits, in_web_group, "not root and not in daemon.web_group", self.web_per_caller,
+                           "over its cap of web calls at once", self.web_connections,
+                           web_cap(limits.max_connections),
+                           "over the web connection cap (a quarter of daemon.max_connections)")
+        if peer is None:
             return None
         self.web_connections += 1
         self.web_per_caller[peer.ruid] += 1
