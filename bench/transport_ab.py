@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import _cpu
 from harness import Workspace, avoid_step_edge, code_at, median_ms, pamtester
 from linkus import DAEMON_PYTHON, LinkusSetup
+from plumbing import FLOOD_SCRIPT  # the tests' flood, one copy (harness puts tests/ on the path)
 from run import parallel
 
 CLIENTS = 32
@@ -43,29 +44,6 @@ FLOODERS = 4
 #: Root logins per flood window, 0.2 s apart.
 FLOOD_LOGINS = 12
 
-_FLOOD = """
-import socket, struct, sys, time
-end, made, held = time.monotonic() + float(sys.argv[2]), 0, []
-for _ in range(200000):                    # bounded in count and in time
-    if time.monotonic() > end:
-        break
-    if len(held) == 200:                   # a flooder keeps its connections open, 200 at a time
-        for s in held:
-            s.close()
-        held = []
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))
-    held.append(s)
-    try:
-        s.connect(sys.argv[1])
-        made += 1
-        s.send(b"\\0\\0\\0\\2\\1\\1")
-    except OSError:
-        pass
-for s in held:
-    s.close()
-print(made)
-"""
 
 
 def cpu_block(setup: LinkusSetup, user: str, logins: int, idle_ms_per_s: float) -> dict[str, Any]:
@@ -84,7 +62,8 @@ def cpu_block(setup: LinkusSetup, user: str, logins: int, idle_ms_per_s: float) 
 
 def flood(setup: LinkusSetup, user: str, seconds: float) -> dict[str, Any]:
     """Root logins while uid 65534 floods pam.sock with connections linkusd refuses at once."""
-    procs = [subprocess.Popen([DAEMON_PYTHON, "-c", _FLOOD, str(setup.pam_socket), str(seconds)], user=65534,
+    procs = [subprocess.Popen([DAEMON_PYTHON, "-c", FLOOD_SCRIPT, str(setup.pam_socket), str(seconds), "200000",
+                               "000000020101"], user=65534,
                               group=65534, extra_groups=[], stdout=subprocess.PIPE, text=True)
              for _ in range(FLOODERS)]
     times, bad = [], 0

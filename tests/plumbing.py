@@ -83,3 +83,31 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10.0) -> N
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout)
+
+
+#: A local user's connect flood, run as ``python3 -c FLOOD_SCRIPT SOCKET SECONDS MAX_CONNECTS FRAME_HEX``
+#: (as a uid linkusd does not serve): it keeps 200 connections open at a time, sends each a frame, and
+#: prints how many it made; bounded in count and in time (tests/test_daemon.py, bench/transport_ab.py).
+FLOOD_SCRIPT = """
+import socket, struct, sys, time
+end, made, held = time.monotonic() + float(sys.argv[2]), 0, []
+for _ in range(int(sys.argv[3])):
+    if time.monotonic() > end:
+        break
+    if len(held) == 200:
+        for s in held:
+            s.close()
+        held = []
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))  # blocking, at most 1 s
+    held.append(s)
+    try:
+        s.connect(sys.argv[1])
+        made += 1
+        s.send(bytes.fromhex(sys.argv[4]))
+    except OSError:
+        pass
+for s in held:
+    s.close()
+print(made)
+"""

@@ -25,6 +25,7 @@ from typing import Any
 import daemon_client as dc
 import pytest
 from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, LogCatcher, PamStack, code_at, require_root, stop_process
+from plumbing import FLOOD_SCRIPT
 
 from pam_linkus import protocol
 from pam_linkus.daemon import transport
@@ -803,31 +804,9 @@ def test_a_flood_of_refused_connections_costs_almost_nothing(stack: PamStack) ->
     resource.prlimit(pid, resource.RLIMIT_NOFILE, (256, 256))
     _linkus_only(stack)
     start = dc.start_frame("alice")
-    flood = f"""
-import socket, struct, time
-end, made, held = time.monotonic() + 3.0, 0, []
-for _ in range(5000):                      # bounded in count and in time
-    if time.monotonic() > end:
-        break
-    if len(held) == 200:                   # a flooder keeps its connections open, 200 at a time
-        for s in held:
-            s.close()
-        held = []
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 1, 0))  # blocking, at most 1 s
-    held.append(s)
-    try:
-        s.connect({sock(stack)!r})
-        made += 1
-        s.send({start!r})
-    except OSError:
-        pass
-for s in held:
-    s.close()
-print(made)
-"""
     before, rss_before = _fds(pid), _rss_kb(pid)
-    floods = [subprocess.Popen([DAEMON_PYTHON, "-c", flood], user=65534, group=65534, extra_groups=[],
+    floods = [subprocess.Popen([DAEMON_PYTHON, "-c", FLOOD_SCRIPT, sock(stack), "3.0", "5000", start.hex()],
+                               user=65534, group=65534, extra_groups=[],
                                stdout=subprocess.PIPE, text=True) for _ in range(4)]
     try:
         time.sleep(0.5)  # let the flood build up (its own bounded clock; nothing to inject here)
