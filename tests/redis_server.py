@@ -155,11 +155,12 @@ class RedisServer:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def client(self, **kwargs: Any) -> Any:
+    def client(self, *, socket_timeout: float = 5, **kwargs: Any) -> Any:
         """A plain redis-py client for looking at what the store wrote."""
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, decode_responses=True, **kwargs)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=socket_timeout, decode_responses=True,
+                           **kwargs)
 
 
 class Sentinel:

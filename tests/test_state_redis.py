@@ -299,7 +299,9 @@ def test_sentinel_finds_the_master_and_follows_a_failover(sentinel_setup: Any) -
     config = fast(sentinels=[f"127.0.0.1:{sentinel.port}"], service_name=sentinel.service, prefix=prefix())
     store = open_store(config)
     assert totp_attempt(store, "1001", NOW, STEP).verdict == TotpAttempt.ACCEPTED
-    assert master.client().wait(1, 5000) == 1  # the replica has the replay record
+    # the replica has the replay record (its first full sync may take seconds on a loaded machine; the
+    # client waits longer than WAIT itself, else it times out first)
+    assert master.client(socket_timeout=20).wait(1, 15000) == 1
     master.stop()
     deadline = time.monotonic() + 60
     while True:  # bounded: Sentinel notices after 1 s and promotes the replica
