@@ -50,6 +50,17 @@ def code_at(secret: str, when: float, *, digits: int = 6, period: int = 30, algo
     return totp(decode_secret(secret), when, digits=digits, period=period, algorithm=algorithm)
 
 
+def cut_points(data: bytes, seed: int, samples: int = 300) -> list[int]:
+    """Where a half-written file may end: every line boundary (the whole file too) and ``samples``
+    byte offsets from a fixed seed, so a failure names a cut that reproduces."""
+    import random
+
+    lines = data.splitlines(keepends=True)
+    cuts = {sum(len(line) for line in lines[:n]) for n in range(len(lines) + 1)}
+    rng = random.Random(seed)
+    return sorted(cuts | {rng.randrange(len(data)) for _ in range(samples)})
+
+
 def write_yaml(path: Path, data: Any, mode: int = 0o600, *, end: bool = False) -> None:
     """``end``: "..." last, as pam_linkus.yaml and extensions.yaml must end (a file without it is cut short)."""
     path.write_text(yaml.safe_dump(data, sort_keys=False, explicit_end=end) if not isinstance(data, str) else data)

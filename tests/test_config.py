@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import cut_points
 
 from nss_config.yaml_reader import load_yaml, open_secure, read_secret_file
 from nss_config.yaml_source import read_extensions
@@ -441,19 +442,14 @@ def test_the_shipped_config_ends_with_the_end_marker(private_dir: Path) -> None:
 def test_no_prefix_of_the_main_config_loads(private_dir: Path) -> None:
     """Every prefix of a realistic pam_linkus.yaml -- cut at every line and at random bytes -- is
     refused, except cuts after the end marker, which load exactly as the whole file does."""
-    import random
-
     data = realistic_config().encode()
     path = write(private_dir / "pam_linkus.yaml", data.decode())
     whole = _policy(load_config(str(path)))
     assert whole[0] == "enrolled" and set(whole[6]) == {"sshd", "linkus-attack-pc"}  # type: ignore[arg-type]
     marker_end = data.index(b"\n...\n") + len(b"\n...")
     lines = data.splitlines(keepends=True)
-    cuts = {sum(len(line) for line in lines[:n]) for n in range(len(lines))}
-    rng = random.Random(1706)  # fixed: a failure names a cut that reproduces
-    cuts |= {rng.randrange(len(data)) for _ in range(300)}
     refused = 0
-    for cut in sorted(cuts):
+    for cut in cut_points(data, 1706):
         path.write_bytes(data[:cut])
         try:
             config = load_config(str(path))
