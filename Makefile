@@ -11,7 +11,8 @@ export DEBIAN_FRONTEND := noninteractive
 # what install.sh builds the venv with (python3-venv, python3-wheel: no download from PyPI),
 # what builds native/pam_linkus.so, and what linkus-web runs on (Starlette, uvicorn, Jinja2).
 APT_RUNTIME := python3-yaml python3-ldap3 python3-redis python3-segno python3-venv python3-wheel \
-               libpam0g-dev build-essential python3-starlette python3-uvicorn python3-jinja2
+               libpam0g-dev build-essential python3-starlette python3-uvicorn python3-jinja2 \
+               python3-prometheus-client
 # What `make demo` drives: real PAM logins through pamtester.
 APT_DEMO := pamtester
 # What building and linting the Debian package needs (`make deb`, tests/test_debian_package.py).
@@ -24,7 +25,8 @@ APT_DEB := build-essential debhelper dh-python python3-all python3-setuptools py
 APT_TEST := $(APT_DEB) $(APT_DEMO) openssh-server slapd ldap-utils redis-server redis-sentinel \
             libpam-google-authenticator libpam-oath oathtool openssl procps passwd login \
             valgrind systemd man-db python3-seccomp util-linux \
-            chromium chromium-driver python3-selenium zbar-tools
+            chromium chromium-driver python3-selenium zbar-tools \
+            nginx fail2ban iproute2
 # python-pam: web logins in-process against a stack with pam_linkus.so (tests/test_native.py).
 PIP_TEST := pytest pytest-timeout aiosmtpd paramiko pexpect ruff mypy types-PyYAML types-redis python-pam
 
