@@ -238,7 +238,7 @@ class LdapConfig:
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
         "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
-        "writer_bind_dn", "writer_password_file",
+        "writer_bind_dn", "writer_password_file", "group_attribute",
     )
 
     DEFAULT_ATTRIBUTES = {
@@ -291,6 +291,10 @@ class LdapConfig:
         # Whole seconds: it is also the search's timeLimit (and ldap3's SO_RCVTIMEO for the writer).
         self.timeout = r.integer("timeout", 3, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
+        # The entry's group DNs, read in the same search as its settings (pam_linkus.groups).
+        self.group_attribute = r.string("group_attribute", "memberOf", max_len=100)
+        if not _is_attribute_name(self.group_attribute):
+            raise r.fail("group_attribute", "must be an LDAP attribute name (letters, digits, '-') or an OID")
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
