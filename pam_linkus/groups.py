@@ -94,6 +94,8 @@ def normalize_dn(dn: str) -> str:
 
 def _split_unescaped(text: str, separator: str) -> list[str]:
     """``text`` split at every ``separator`` that no backslash escapes (RFC 4514)."""
+    if "\\" not in text:
+        return text.split(separator)  # the common case, at C speed
     parts: list[str] = []
     start = i = 0
     while i < len(text):
@@ -116,6 +118,8 @@ def _unescape(value: str) -> str | None:
     BER-encoded (``#...``) or its escaped bytes are not UTF-8."""
     if value.startswith("#"):
         return None
+    if "\\" not in value:
+        return value
     data = bytearray()
     i = 0
     while i < len(value):
