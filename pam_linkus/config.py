@@ -237,7 +237,8 @@ class LdapConfig:
 
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
-        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "cache_size", "cache_ttl", "negative_cache_ttl", "connect_timeout", "filter", "object_class", "scope",
+        "start_tls", "timeout", "uris",
         "writer_bind_dn", "writer_password_file",
     )
 
@@ -291,6 +292,11 @@ class LdapConfig:
         # Whole seconds: it is also the search's timeLimit (and ldap3's SO_RCVTIMEO for the writer).
         self.timeout = r.integer("timeout", 3, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
+        # In-memory answers (nss_config.answer_cache): a directory change is seen within cache_ttl;
+        # a kept "not enrolled" lets the password alone in under enforce: enrolled, hence its own age.
+        self.cache_ttl = r.integer("cache_ttl", 60, minimum=0, maximum=86400)
+        self.negative_cache_ttl = r.integer("negative_cache_ttl", 0, minimum=0, maximum=3600)
+        self.cache_size = r.integer("cache_size", 10000, minimum=0, maximum=1_000_000)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from nss_config.answer_cache import NotCached
 from nss_config.base import check_user_name
 from pam_linkus import emailcode, policy
 from pam_linkus.errors import CodeRejected, ConversationFailed, Denied, LinkusError, Locked, NotEnrolled
@@ -149,6 +150,20 @@ def _lookup(req: LoginRequest, ctx: Context) -> ExtensionSettings | None:
     return settings
 
 
+def _lookup_or_offload(req: LoginRequest, ctx: Context) -> Generator[Offload, str | None,
+                                                                    ExtensionSettings | None]:
+    """The settings from memory when the chain has them (YAML, LDAP's recent answers: on
+    linkusd's event loop), else announce the wait for the directory and ask it."""
+    if not ctx.chain.waits_for_servers:
+        return _lookup(req, ctx)
+    recalled = ctx.chain.recall(req.user)
+    if isinstance(recalled, NotCached):
+        yield OFFLOAD  # the directory is next
+        return _lookup(req, ctx)
+    ctx.source = recalled.source if recalled is not None else "-"
+    return recalled
+
+
 def split_digits(req: LoginRequest, ctx: Context) -> int:
     """Single-field mode, first line: how many trailing characters of the answer are the code.
 
@@ -180,9 +195,7 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
         exempt = policy.exempt_network(rhost, profile)
         if exempt is not None:
             return exempt
-    if ctx.chain.waits_for_servers:
-        yield OFFLOAD  # the directory is next
-    settings = _lookup(req, ctx)
+    settings = yield from _lookup_or_offload(req, ctx)
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":
