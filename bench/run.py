@@ -555,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         if ldap is not None:
             results["ldap_round_trip_ms"] = servers.ldap_round_trip_ms(ldap.config_path, user, rounds)
             results["ldap_cpu"] = sequential_cpu(ldap, user, 100 if args.quick else 300)
+            results["yaml_cpu_seq"] = sequential_cpu(yaml10, user, 100 if args.quick else 300)
 
         print("[bench] parallel", flush=True)
         results["parallel"] = [parallel(par, users, seconds, ws.messages) for users in par_users]
@@ -749,7 +750,9 @@ def render(results: dict[str, Any]) -> str:
               *([f"- CPU per login with the LDAP source, answered from its cache (cache_ttl {LDAP_CACHE_TTL} s): "
                  f"**{results['ldap_cpu']['ms_per_login']:.3f} ms** (schedstat over "
                  f"{results['ldap_cpu']['logins']} sequential logins, less the idle rate; "
-                 f"{results['ldap_cpu']['errors']} errors)."] if results.get("ldap_cpu") else []),
+                 f"{results['ldap_cpu']['errors']} errors); YAML measured the same way right after it: "
+                 f"{results['yaml_cpu_seq']['ms_per_login']:.3f} ms."]
+                if results.get("ldap_cpu") and results.get("yaml_cpu_seq") else []),
               f"- Start with the large file: {results.get('big_start_s')} s to "
               f"ready, RSS {results.get('big_rss_after_start_mb')} MB."]
     rl, ri = results["reload"], results["reload_idle"]
