@@ -52,6 +52,7 @@ from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
+from nss_config.answer_cache import AnswerCache, NotCached
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, LinkusError, SourceUnavailable
 from nss_config.yaml_reader import read_secret_file
@@ -118,7 +119,8 @@ class LdapSource:
     """Settings from an LDAP directory; see the module docstring for the answers.
 
     ``state`` is a callable returning the state store, called only when the
-    offline cache is on.
+    offline cache is on. ``ticks`` is the clock of the in-memory cache of recent
+    answers (``ldap.cache_ttl``, nss_config.answer_cache).
     """
 
     name = "ldap"
@@ -129,10 +131,12 @@ class LdapSource:
         *,
         state: Callable[[], SettingsCache] | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self._state = state
         self._clock = clock
+        self.answers = AnswerCache(config.cache_ttl, config.negative_cache_ttl, config.cache_size, ticks=ticks)
         self._tls: Any = None
         self._password: str | None = None
         self._idle: dict[str, list[Any]] = {uri: [] for uri in config.uris}
@@ -143,6 +147,19 @@ class LdapSource:
     @property
     def _caching(self) -> bool:
         return self.config.cache_max_age > 0 and self._state is not None
+
+    def recall(self, user: str) -> ExtensionSettings | NotCached | None:
+        """The answer ``lookup`` would give from memory alone, or NOT_CACHED: linkusd
+        then asks the directory in a worker (flow.Offload), not on its event loop."""
+        try:
+            check_user_name(user)
+        except ValueError:
+            return None
+        return self.answers.get(user)
+
+    def forget_answers(self) -> None:
+        """A change was made through linkusd (self-service): the next lookup asks again."""
+        self.answers.clear()
 
     def lookup(self, user: str) -> ExtensionSettings | None:
         return self.lookup_account(user)[0]
@@ -156,15 +173,20 @@ class LdapSource:
             check_user_name(user)
         except ValueError:
             return None, frozenset()  # no directory entry can carry such a name
+        kept = self.answers.get_account(user)
+        if not isinstance(kept, NotCached):
+            return kept
+        asked_at, generation = self.answers.now(), self.answers.generation()
         try:
             entries = self.search(user)
         except SourceUnavailable:
             cached = self._cached(user)
             if cached is None:
                 raise
-            return cached, cached.directory_groups
+            return cached, cached.directory_groups  # the offline cache's answer is never kept in memory
         groups = entry_groups(self.config, entries)
         settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute)
+        self.answers.put(user, settings, asked_at, generation, groups)
         if self._caching:
             self._remember(user, settings)
         return settings, groups

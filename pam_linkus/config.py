@@ -237,7 +237,8 @@ class LdapConfig:
 
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
-        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "cache_size", "cache_ttl", "negative_cache_ttl", "connect_timeout", "filter", "object_class", "scope",
+        "start_tls", "timeout", "uris",
         "writer_bind_dn", "writer_password_file", "group_attribute",
     )
 
@@ -295,6 +296,11 @@ class LdapConfig:
         self.group_attribute = r.string("group_attribute", "memberOf", max_len=100)
         if not _is_attribute_name(self.group_attribute):
             raise r.fail("group_attribute", "must be an LDAP attribute name (letters, digits, '-') or an OID")
+        # In-memory answers (nss_config.answer_cache): a directory change is seen within cache_ttl;
+        # a kept "not enrolled" lets the password alone in under enforce: enrolled, hence its own age.
+        self.cache_ttl = r.integer("cache_ttl", 60, minimum=0, maximum=86400)
+        self.negative_cache_ttl = r.integer("negative_cache_ttl", 0, minimum=0, maximum=3600)
+        self.cache_size = r.integer("cache_size", 10000, minimum=0, maximum=1_000_000)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
