@@ -154,7 +154,7 @@ def test_email_enrollment_disable_and_recovery_codes(api: Api, site: tuple[Site,
     assert s.entry(user).get("enabled", True) is True
     assert api("disable", password=PASSWORD, **me) == {"ok": True}
     assert s.entry(user) == {"method": "email", "email": "new@example.org", "enabled": False}
-    notice = smtp.wait_for_message(2)
+    notice = smtp.wait_for_message(4)
     assert notice["to"] == ["new@example.org"] and "switched off" in notice["message"]["Subject"]
     assert api.store().recovery_codes_left(user) == 0
     assert logged(s.log, action="disable")["ext"] == user

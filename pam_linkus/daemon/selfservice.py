@@ -507,7 +507,8 @@ class SelfService:
             raise
         except BaseException as exc:
             self._forget_session(token)
-            if isinstance(exc, Locked):
+            if isinstance(exc, Locked):  # a line like a wrong code's, so fail2ban counts it (docs/fail2ban.md)
+                self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], result="locked")
                 self.engine.login_failed(sess.ext, exc, service=SERVICE, client=f["client"])
             raise
         return self._login_step(token, sess, gen, kind, payload, infos, f["client"])
