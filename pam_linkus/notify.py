@@ -146,9 +146,9 @@ class Throttle:
         self._last: dict[str, float] = {}
         self._sent: collections.deque[float] = collections.deque()
 
-    def allow(self, key: str, now: float, interval: float, max_per_hour: int) -> str | None:
-        """None and the mail is counted, or why it is not sent."""
-        last = self._last.get(key)
+    def allow(self, key: str | None, now: float, interval: float, max_per_hour: int) -> str | None:
+        """None and the mail is counted, or why it is not sent (``key`` None: the cap in all only)."""
+        last = self._last.get(key) if key is not None else None
         if last is not None and now - last < interval:
             return "throttled (extension)"
         while self._sent and now - self._sent[0] >= 3600:
@@ -156,7 +156,8 @@ class Throttle:
         if len(self._sent) >= max_per_hour:
             return "throttled (all)"
         self._sent.append(now)
-        self._last[key] = now
+        if key is not None:
+            self._last[key] = now
         if len(self._last) > SPRAY_MEMORY:
             for old, stamp in list(self._last.items()):
                 if now - stamp >= interval:
@@ -285,7 +286,8 @@ class Notifier:
         if isinstance(item, _Spray):
             assert cfg.admin is not None
             subject, body = compose_spraying(item.extensions, item.count, item.window, item.when, host)
-            self._send(config, "spraying", "-", cfg.admin, subject, body, now, "admin:spraying", admin=True)
+            # no per-kind interval: SprayWatch already makes one long spray one mail
+            self._send(config, "spraying", "-", cfg.admin, subject, body, now, None, admin=True)
             return
         subject, body = compose(item, host)
         address = item.address
@@ -302,7 +304,7 @@ class Notifier:
                        admin=True)
 
     def _send(self, config: Config, kind: str, ext: str, to: str, subject: str, body: str, now: float,
-              key: str, *, admin: bool = False) -> None:
+              key: str | None, *, admin: bool = False) -> None:
         cfg = config.notify
         who = "admin" if admin else "owner"
         try:

@@ -63,13 +63,6 @@ def matches(lines: list[str], tmp_path: Path, out: str = "ip") -> list[str]:
     return done.stdout.splitlines()
 
 
-def login_only_linkus(stack: PamStack) -> None:
-    """A stack of pam_linkus alone (no password module): the only way a user name that is no local
-    account reaches linkusd, as it does where pam_linkus.so comes first."""
-    stack.set_pam(auth_lines=f"auth [success=ok ignore=ignore default=die] {stack.module_line}\n"
-                             "auth required pam_permit.so\n")
-
-
 def pam_login(stack: PamStack, user: str, code: str, rhost: str) -> str:
     return pam_client.authenticate(stack.service, user, None, code, rhost, timeout=30).auth
 
@@ -80,7 +73,7 @@ def linkusd_lines(stack: PamStack) -> list[str]:
 
 def test_the_filter_gives_only_the_logins_own_address(pam_stack: PamStack, tmp_path: Path) -> None:
     require_fail2ban()
-    login_only_linkus(pam_stack)
+    pam_stack.set_linkus_only()
     pam_stack.write_config(enforce="all", lockout={"max_failures": 2, "duration": 900})
     hostile_ext = HOSTILE_NAMES[0]
     pam_stack.write_extensions({hostile_ext: {"method": "totp", "secret": SECRET},
@@ -206,7 +199,7 @@ class Fail2ban:
 
 def test_a_running_fail2ban_bans_after_maxretry_failures(pam_stack: PamStack, tmp_path: Path) -> None:
     require_fail2ban()
-    login_only_linkus(pam_stack)
+    pam_stack.set_linkus_only()
     pam_stack.write_config(lockout={"max_failures": 10, "duration": 900})
     hostile = f'x" rhost="{FORGED}'
     pam_stack.write_extensions({"alice": {"method": "totp", "secret": SECRET},
