@@ -158,11 +158,11 @@ def test_off_without_smtp_and_strict_keys() -> None:
     assert not Config.from_mapping({}).notify.enabled  # no smtp section: no mail to a relay nobody set up
     assert Config.from_mapping({"smtp": {}}).notify.enabled
     assert not Config.from_mapping({"smtp": {}, "notify": {"enabled": False}}).notify.enabled
-    with pytest.raises(ConfigError, match="notify.admin"):
+    with pytest.raises(ConfigError, match=r"notify\.admin"):
         Config.from_mapping({"notify": {"admin": "Ops <ops@example.com>"}})
     with pytest.raises(ConfigError, match="unknown key in notify"):
         Config.from_mapping({"notify": {"admins": "ops@example.com"}})
-    with pytest.raises(ConfigError, match="notify.spraying.extensions"):
+    with pytest.raises(ConfigError, match=r"notify\.spraying\.extensions"):
         Config.from_mapping({"notify": {"spraying": {"extensions": 1}}})
 
 
