@@ -45,6 +45,8 @@ WATCH_INTERVAL = 1.0
 LOOP_BUSY_TIMEOUT = 0.5
 #: How often expired state is pruned.
 PRUNE_INTERVAL = 600.0
+#: How long a stopping linkusd waits for queued notification mails (pam_linkus.notify).
+SHUTDOWN_MAIL_WAIT = 3.0
 
 
 def _signature(path: str) -> tuple[int, int, int, int, int] | None:
@@ -360,6 +362,8 @@ class Engine:
     def shutdown(self) -> None:
         self._pam_pool.shutdown(wait=False, cancel_futures=True)
         self._web_pool.shutdown(wait=False, cancel_futures=True)
+        # a lock mail queued a moment before the stop still goes out, within a bound
+        self.notifier.flush(timeout=SHUTDOWN_MAIL_WAIT)
 
 
 def _settle(future: asyncio.Future[Snapshot], snap: Snapshot | None, exc: BaseException | None) -> None:
