@@ -4,6 +4,7 @@ extensions mail the admin once (spraying)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -189,3 +190,22 @@ def test_through_pam_a_lock_and_a_spray_mail_owner_and_admin(pam_stack: PamStack
     assert "from 192.0.2.33 (" in owner["message"].get_content()
     assert len(server.messages) == 3, [m["message"]["Subject"] for m in server.messages]
     assert pam_stack.daemon.status()["notifications"] == {"sent": 3, "dropped": 0}
+
+
+def test_a_lock_never_waits_for_a_stuck_mail_server(pam_stack: PamStack) -> None:
+    """The lock's mail goes to a server that accepts the connection and never greets (smtp.timeout 10 s):
+    the login that locks answers at once all the same (the mail waits in linkusd's queue, not the login)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        pam_stack.set_linkus_only()
+        pam_stack.write_config(
+            smtp={"host": "127.0.0.1", "port": silent.getsockname()[1], "security": "none",
+                  "from": "pbx@example.com", "timeout": 10},
+            lockout={"max_failures": 1, "duration": 900})
+        pam_stack.write_extensions({"601": {"method": "totp", "secret": SECRET, "email": "601@example.com"}})
+        wrong = "000000" if code_at(SECRET, time.time()) != "000000" else "111111"
+        started = time.monotonic()
+        result = pam_client.authenticate(pam_stack.service, "601", None, wrong, CLIENT, timeout=30)
+        elapsed = time.monotonic() - started
+        assert result.auth == "PAM_MAXTRIES" and elapsed < 3.0, (result.auth, elapsed)
