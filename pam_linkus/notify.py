@@ -85,13 +85,14 @@ class Event:
     service: str | None = None
 
 
-def compose(event: Event, host: str) -> tuple[str, str]:
-    """Subject and body of an owner's (or, for ``locked``, the admin's) mail."""
+def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
+    """Subject and body of an owner's mail, or (``admin``, for ``locked``) the admin's copy."""
     ext = safe(event.ext, 64)
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(event.when))
     where = f" from {client_text(event.client)}" if event.client is not None else ""
     service = f" ({safe(event.service, 64)})" if event.service else ""
-    end = "\nIf this was not you, change your password now and tell your administrator.\n"
+    end = ("\nHave the password changed and check the account (docs/fail2ban.md says how).\n" if admin else
+           "\nIf this was not you, change your password now and tell your administrator.\n")
     if event.kind == "locked":
         subject = f"Extension {ext} locked after wrong codes"
         body = (f"Extension {ext} on {host} was locked at {when} after too many wrong verification codes"
@@ -300,6 +301,7 @@ class Notifier:
         if address:
             self._send(config, item.kind, item.ext, address, subject, body, now, f"{item.kind}:{item.ext}")
         if item.kind == "locked" and cfg.admin:
+            subject, body = compose(item, host, admin=True)
             self._send(config, item.kind, item.ext, cfg.admin, subject, body, now, f"admin:locked:{item.ext}",
                        admin=True)
 

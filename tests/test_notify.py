@@ -74,6 +74,7 @@ def test_each_event_mails_the_owner_once_with_its_own_text(mail: Any) -> None:
     assert "by the administrator (root) from 192.0.2.33" in bodies[0] and "an authenticator app" in bodies[1]
     # what a client sent is never repeated: a host name rhost is "not an IP address", control characters go
     assert "evil.example" not in bodies[3] and "Bcc" not in bodies[3] and "\x1b" not in bodies[3]
+    assert "change your password now" in bodies[3] and "Have the password changed" in bodies[4]
     assert all(m["to"] == [m["message"]["To"]] for m in server.messages)
     assert not any(SECRET in body for body in bodies)
     assert logged(log, action="notify", kind="locked", to="admin")["result"] == "sent"
