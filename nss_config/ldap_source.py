@@ -64,8 +64,10 @@ if TYPE_CHECKING:
 #: and whether the server stopped at the size limit.
 Entries = tuple[list[tuple[str, dict[str, list[bytes]]]], bool]
 
-#: Key of the offline cache in the state store.
-CACHE_SOURCE = "ldap"
+#: Key of the offline cache in the state store. Entries are kept under the name exactly as asked;
+#: older versions kept them under its casefold (where "straß" and "strass" met), under the
+#: key "ldap": those rows are no longer read and expire from the store on their own.
+CACHE_SOURCE = "ldap-by-name"
 #: Attributes whose presence makes an entry "configured for 2FA"; an entry with
 #: only ``mail`` (every directory user) is "not here", so the next source may answer.
 PRESENCE_KEYS = ("method", "enabled", "secret")
@@ -281,14 +283,17 @@ class LdapSource:
             if settings.directory_groups is not None:
                 mapping["directory_groups"] = sorted(settings.directory_groups)
             data = json.dumps(mapping, sort_keys=True)
-        self._state().cache_settings(CACHE_SOURCE, user.casefold(), data, self._clock())
+        # Keyed by the name exactly as asked, like the in-memory answers: two directory accounts whose
+        # names casefold alike ("straß", "strass") are two entries, and one's settings must never
+        # answer for the other while the directory is down.
+        self._state().cache_settings(CACHE_SOURCE, user, data, self._clock())
 
     def _cached(self, user: str) -> ExtensionSettings | None:
         if not self._caching:
             return None
         assert self._state is not None
         try:
-            text = self._state().cached_settings(CACHE_SOURCE, user.casefold(), self._clock(),
+            text = self._state().cached_settings(CACHE_SOURCE, user, self._clock(),
                                                  self.config.cache_max_age)
         except LinkusError:
             return None  # the directory's failure is the one to report

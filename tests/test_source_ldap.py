@@ -311,6 +311,28 @@ def test_cache_on_serves_last_read_settings_up_to_max_age(
         source.lookup("bob")  # not read while the server was up
 
 
+def test_cache_never_answers_for_another_account_whose_name_casefolds_alike(
+    own_slapd: Slapd, private_dir: Path, store: SqliteStore
+) -> None:
+    """Two directory accounts, "strass" and "straß" (the same under str.casefold): while the directory is
+    down, each name gets its own last-read settings, never the other's secret or its "2FA off"."""
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    other = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET}, "stra\u00df": {"method": "totp", "secret": other}})
+    clock = Clock(T0)
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
+                        state=lambda: store, clock=clock)
+    first, second = source.lookup("strass"), source.lookup("stra\u00df")
+    assert first is not None and second is not None and (first.secret, second.secret) == (SECRET, other)
+    own_slapd.stop()
+    clock.now += 1
+    cached = source.lookup("strass")
+    assert cached is not None and cached.source == "ldap-cache"
+    assert (cached.account, cached.secret) == ("strass", SECRET)
+    with pytest.raises(SourceUnavailable):
+        source.lookup("STRASS")  # never read under that spelling: not answered from another's entry
+
+
 def test_cache_forgets_a_user_the_directory_no_longer_has(
     own_slapd: Slapd, private_dir: Path, store: SqliteStore
 ) -> None:
