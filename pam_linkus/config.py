@@ -761,6 +761,20 @@ def _group_rules(r: Reader, key: str) -> list[GroupRule]:
     return rules
 
 
+def missing_unix_groups(rules: Iterable[GroupRule]) -> list[tuple[GroupRule, str]]:
+    """(rule, group) for every Unix group a rule names that this host's NSS does not know (a
+    typo such as ``whell`` matches nobody): not an error -- the config may be written for
+    another host, and a rule can only tighten -- but linkusd warns at load and doctor shows it."""
+    found = []
+    for rule in rules:
+        for group in rule.unix_groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                found.append((rule, group))
+    return found
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 

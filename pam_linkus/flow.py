@@ -183,8 +183,10 @@ def group_profile(req: LoginRequest, ctx: Context, profile: Profile,
     try:
         matching = policy.matching_rules(rules, member)
     except groups.MembershipUnknown:
+        check = getattr(ctx.chain, "group_attribute_problem", None)
+        problem = check(ask=False) if check is not None else None
         raise SourceUnavailable("group_policy: the account's LDAP groups are not known "
-                                "(the directory was not asked or did not answer)") from None
+                                f"({problem or 'the directory was not asked or did not answer'})") from None
     return policy.combine(profile, matching)
 
 

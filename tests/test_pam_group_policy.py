@@ -104,3 +104,31 @@ def test_doctor_shows_the_groups_the_rules_and_the_effective_policy(pam_stack: P
     assert result.returncode == 1
     assert (f"FAIL policy {member} (profile sshd): ") in result.stdout
     assert "no second factor is allowed, every login is denied" in result.stdout
+
+
+@pytest.mark.parametrize("attribute", ["memberOf", "seeAlsoo"])
+def test_a_group_attribute_the_schema_lacks_makes_ldap_group_rules_unavailable(
+        pam_stack: PamStack, slapd: Slapd, make_user: Any, attribute: str) -> None:
+    """slapd here has no memberof overlay, so memberOf (the default) is in no entry; a typo is in
+    none either. Read as "in no group", an enforce: all member would pass on the password alone:
+    the groups are unknown instead, the login unavailable, the reload and doctor say why."""
+    member = make_user()
+    base = slapd.tree({member: {"seeAlso": ADMINS}})
+    overrides = {} if attribute == "memberOf" else {"group_attribute": attribute}
+    use_ldap(pam_stack, slapd, base, **overrides)
+    pam_stack.write_config(group_policy=[{"name": "admins", "ldap_groups": ["admins"], "enforce": "all"}])
+    warning = pam_stack.log.wait_for(f"ldap.group_attribute {attribute} is not defined in the directory's schema")
+    assert "group_policy" in warning
+    result = pam_stack.login(member, None)
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL"
+    line = pam_stack.log.wait_for(f"user={member} ")
+    assert "outcome=unavailable" in line and f"group_attribute {attribute} is not defined" in line
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root))
+    assert out.returncode == 1
+    assert f"FAIL ldap group_attribute: ldap.group_attribute {attribute} is not defined" in out.stdout
+    # the attribute the directory has: the rule applies again, the doctor is content
+    use_ldap(pam_stack, slapd, base, group_attribute="seeAlso")
+    pam_stack.write_config(group_policy=[{"name": "admins", "ldap_groups": ["admins"], "enforce": "all"}])
+    assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root))
+    assert "ok   ldap group_attribute: seeAlso is defined in the directory's schema" in out.stdout

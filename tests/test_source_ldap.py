@@ -410,8 +410,18 @@ def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -
     (conn_id,) = conn_ids
     ops = [line for line in log.splitlines() if f"conn={conn_id} op=" in line]
     assert sum(" BIND dn=" in line and "method=" in line for line in ops) == 1
-    assert sum(" SRCH base=" in line for line in ops) == 1
-    assert not any("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops)
+    # the schema (root DSE, then the subschema entry) is read once per source: group_attribute
+    assert sum(" SRCH base=" in line for line in ops) == 3
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    assert source.lookup("counted") is not None  # on the warm connection: one search, no schema
+    deadline = time.monotonic() + 5
+    while len([ln for ln in slapd.log_text().splitlines() if f"conn={conn_id} op=" in ln and needle in ln]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ops = [line for line in slapd.log_text().splitlines() if f"conn={conn_id} op=" in line]
+    assert sum(" SRCH base=" in line for line in ops) == 4
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    source.close()
 
 
 # -- doctor ------------------------------------------------------------------------------------
@@ -611,3 +621,21 @@ def test_lookup_account_gives_the_groups_of_an_entry_without_2fa_attributes(
         assert source.lookup_account("nobody") == (None, frozenset())
     finally:
         source.close()
+
+
+def test_groups_are_unknown_while_the_schema_does_not_define_the_group_attribute(
+        slapd: Slapd, password_file: Path) -> None:
+    """memberOf without the overlay (this slapd) is in no entry: "unknown", never "in no group"."""
+    base = slapd.tree({"plain": {"seeAlso": "cn=admins,ou=groups,dc=x"}})
+    missing = LdapSource(make_config(ldap_config(slapd, base, password_file)))
+    defined = LdapSource(make_config(ldap_config(slapd, base, password_file, group_attribute="SEEALSO")))
+    try:
+        assert missing.lookup_account("plain") == (None, None)
+        assert missing.group_attribute_problem(ask=False) == (
+            "ldap.group_attribute memberOf is not defined in the directory's schema (memberOf needs the "
+            "memberof overlay)")
+        assert defined.lookup_account("plain") == (None, frozenset({"cn=admins,ou=groups,dc=x"}))
+        assert defined.group_attribute_problem() is None
+    finally:
+        missing.close()
+        defined.close()
