@@ -21,6 +21,7 @@ from typing import Any
 
 from nss_config.yaml_reader import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
+from pam_linkus.groups import ldap_group_key, parse_dn
 from pam_linkus.mailtext import PLACEHOLDERS, fill
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
@@ -705,9 +706,11 @@ class GroupRule:
             if (not name or len(name) > MAX_LDAP_GROUP_LEN or name != name.strip()
                     or any(ord(c) < 32 or ord(c) == 127 for c in name)):
                 raise r.fail("ldap_groups", f"entry {index} is not a group name or DN")
-            if name.casefold() in seen:  # compared ignoring case: the same group twice
+            if "=" in name and parse_dn(name) is None:
+                raise r.fail("ldap_groups", f"entry {index} is not a DN this module can compare")
+            if ldap_group_key(name) in seen:  # the same group twice (a name ignoring case, a DN as a DN)
                 raise r.fail("ldap_groups", "lists an entry twice")
-            seen.add(name.casefold())
+            seen.add(ldap_group_key(name))
         if not self.unix_groups and not self.ldap_groups:
             raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
         self.enforce: str | None = r.string("enforce", "", choices=("enrolled", "all")) if r.has("enforce") else None
@@ -752,11 +755,11 @@ def _group_rules(r: Reader, key: str) -> list[GroupRule]:
             raise sub.fail("name", "is the name of an earlier rule")
         if unix & set(rule.unix_groups):
             raise sub.fail("unix_groups", "names a group an earlier rule names")
-        if ldap & {g.casefold() for g in rule.ldap_groups}:
-            raise sub.fail("ldap_groups", "names a group an earlier rule names")
+        if ldap & {ldap_group_key(g) for g in rule.ldap_groups}:
+            raise sub.fail("ldap_groups", "names a group an earlier rule names (a name ignoring case, a DN as a DN)")
         names.add(rule.name)
         unix.update(rule.unix_groups)
-        ldap.update(g.casefold() for g in rule.ldap_groups)
+        ldap.update(ldap_group_key(g) for g in rule.ldap_groups)
         rules.append(rule)
     return rules
 

@@ -132,3 +132,15 @@ def test_a_group_attribute_the_schema_lacks_makes_ldap_group_rules_unavailable(
     assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
     out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root))
     assert "ok   ldap group_attribute: seeAlso is defined in the directory's schema" in out.stdout
+
+
+def test_a_full_dn_rule_matches_the_directory_s_spelling_as_a_dn(pam_stack: PamStack, slapd: Slapd,
+                                                                  make_user: Any) -> None:
+    """The directory writes the group DN one way (escapes, case); the rule another way
+    (attribute type aliases, spaces, UTF-8): equal as DNs, so the rule applies."""
+    member = make_user()
+    base = slapd.tree({member: {"seeAlso": f"cn=Ren\\c3\\a9\\2C Admins,ou=groups,{SUFFIX}"}})
+    use_ldap(pam_stack, slapd, base, group_attribute="seeAlso")
+    rule = "commonName = rené\\, ADMINS, organizationalUnitName=Groups, " + SUFFIX.upper()
+    pam_stack.write_config(group_policy=[{"ldap_groups": [rule], "enforce": "all"}])
+    assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
