@@ -711,8 +711,8 @@ class GroupRule:
             if ldap_group_key(name) in seen:  # the same group twice (a name ignoring case, a DN as a DN)
                 raise r.fail("ldap_groups", "lists an entry twice")
             seen.add(ldap_group_key(name))
-        if not self.unix_groups and not self.ldap_groups:
-            raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
+        if len({g.casefold() for g in self.unix_groups}) != len(self.unix_groups):
+            raise r.fail("unix_groups", "lists a group twice (compared ignoring case)")
         self.enforce: str | None = r.string("enforce", "", choices=("enrolled", "all")) if r.has("enforce") else None
         self.methods: list[str] | None = None
         if r.has("methods"):
@@ -723,9 +723,11 @@ class GroupRule:
             _networks(r, "exempt_networks") if r.has("exempt_networks") else None)
         self.grace_period: int | None = (r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
                                          if r.has("grace_period") else None)
+        r.done()  # first: a misspelt key (enfore, unix_group) is named as unknown, not as missing
+        if not self.unix_groups and not self.ldap_groups:
+            raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
         if all(getattr(self, key) is None for key in self.KEYS):
             raise r.fail("enforce", f"a rule must set at least one of {', '.join(self.KEYS)}")
-        r.done()
 
     def __repr__(self) -> str:
         return (f"GroupRule({self.name!r}, unix_groups={self.unix_groups!r}, ldap_groups={self.ldap_groups!r}, "
@@ -753,12 +755,12 @@ def _group_rules(r: Reader, key: str) -> list[GroupRule]:
         rule = GroupRule(sub, number)
         if rule.name in names:
             raise sub.fail("name", "is the name of an earlier rule")
-        if unix & set(rule.unix_groups):
-            raise sub.fail("unix_groups", "names a group an earlier rule names")
+        if unix & {g.casefold() for g in rule.unix_groups}:
+            raise sub.fail("unix_groups", "names a group an earlier rule names (compared ignoring case)")
         if ldap & {ldap_group_key(g) for g in rule.ldap_groups}:
             raise sub.fail("ldap_groups", "names a group an earlier rule names (a name ignoring case, a DN as a DN)")
         names.add(rule.name)
-        unix.update(rule.unix_groups)
+        unix.update(g.casefold() for g in rule.unix_groups)
         ldap.update(ldap_group_key(g) for g in rule.ldap_groups)
         rules.append(rule)
     return rules

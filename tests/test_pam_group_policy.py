@@ -144,3 +144,12 @@ def test_a_full_dn_rule_matches_the_directory_s_spelling_as_a_dn(pam_stack: PamS
     rule = "commonName = rené\\, ADMINS, organizationalUnitName=Groups, " + SUFFIX.upper()
     pam_stack.write_config(group_policy=[{"ldap_groups": [rule], "enforce": "all"}])
     assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
+
+
+def test_a_unix_group_the_host_lacks_is_warned_at_load_and_by_doctor(pam_stack: PamStack, make_user: Any) -> None:
+    member = make_user()
+    pam_stack.write_config(group_policy=[{"name": "admins", "unix_groups": ["whell-linkus-test"], "enforce": "all"}])
+    line = pam_stack.log.wait_for("does not exist on this host")
+    assert "rule 'admins'" in line and "whell-linkus-test" in line
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root)).stdout
+    assert "WARN group rule admins: Unix group 'whell-linkus-test' does not exist on this host" in out
