@@ -297,3 +297,30 @@ def test_grace_period_of_a_group_is_the_shorter_one(store: SqliteStore) -> None:
     clock.now += 30
     with pytest.raises(CodeRejected):  # no grace for this group: the code is asked again
         authenticate(req, ctx, Prompter("000000"))
+
+
+# -- grace periods end at the right code + the CURRENT policy's grace_period ---------------
+
+
+def _at(cfg: Config, store: SqliteStore, now: float, service: str, *answers: str) -> Any:
+    ctx = Context(cfg, Clock(now), Chain(TOTP), store)  # type: ignore[arg-type]
+    return authenticate(LoginRequest(ME, service, "192.0.2.7"), ctx, Prompter(*answers))
+
+
+def test_a_grace_opened_under_a_longer_profile_ends_by_the_shorter_one(store: SqliteStore) -> None:
+    cfg = config([], profiles={"sshd": {"grace_period": 3600}, "asterisk": {"grace_period": 60}})
+    assert _at(cfg, store, T0, "sshd", code_at(SECRET, T0)).outcome == Outcome.SUCCESS
+    assert _at(cfg, store, T0 + 30, "asterisk").outcome == Outcome.SKIP   # within 60 s of the code
+    assert _at(cfg, store, T0 + 120, "sshd").outcome == Outcome.SKIP      # sshd still allows an hour
+    with pytest.raises(CodeRejected):                                       # asterisk: 120 s > 60 s
+        _at(cfg, store, T0 + 120, "asterisk", "000000")
+
+
+def test_a_grace_opened_before_joining_a_stricter_group_ends_by_the_group_s(store: SqliteStore) -> None:
+    before = config([], grace_period=3600)
+    assert _at(before, store, T0, "sshd", code_at(SECRET, T0)).outcome == Outcome.SUCCESS
+    joined = config([{"unix_groups": [MY_GROUP], "grace_period": 60}], grace_period=3600)
+    assert _at(joined, store, T0 + 59, "sshd").outcome == Outcome.SKIP
+    with pytest.raises(CodeRejected):
+        _at(joined, store, T0 + 61, "sshd", "000000")
+    assert _at(before, store, T0 + 61, "sshd").outcome == Outcome.SKIP  # the grace itself is still there

@@ -153,3 +153,19 @@ def test_a_unix_group_the_host_lacks_is_warned_at_load_and_by_doctor(pam_stack: 
     assert "rule 'admins'" in line and "whell-linkus-test" in line
     out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root)).stdout
     assert "WARN group rule admins: Unix group 'whell-linkus-test' does not exist on this host" in out
+
+
+def test_a_grace_opened_before_joining_a_group_ends_by_the_group_s_grace_period(
+        pam_stack: PamStack, make_user: Any, make_group: Any) -> None:
+    """linkusd's clock is the real one: the group's grace_period is 1 s, and the test waits it out."""
+    member = make_user()
+    pam_stack.enroll_totp(member)
+    pam_stack.write_config(grace_period=600)
+    given = time.time()
+    assert pam_stack.login(member, code_at(SECRET, given), rhost="192.0.2.7").auth == "PAM_SUCCESS"
+    group = make_group(member)
+    pam_stack.write_config(group_policy=[{"unix_groups": [group], "grace_period": 1}])
+    time.sleep(max(0.0, given + 1.2 - time.time()))
+    assert pam_stack.login(member, None, rhost="192.0.2.7").outcome == ClientOutcome.NEED_CODE
+    pam_stack.write_config(group_policy=[])
+    assert pam_stack.login(member, None, rhost="192.0.2.7").auth == "PAM_SUCCESS"  # 600 s: still in grace
