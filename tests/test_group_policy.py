@@ -22,7 +22,7 @@ from nss_config.base import ExtensionSettings
 from pam_linkus import policy
 from pam_linkus.config import Config, GroupRule, Profile
 from pam_linkus.errors import CodeRejected, ConfigError, NotEnrolled, SourceUnavailable
-from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.flow import Context, LoginRequest, authenticate, split_digits
 from pam_linkus.groups import Membership
 from pam_linkus.outcome import Outcome
 from pam_linkus.state.sqlite_store import SqliteStore
@@ -324,3 +324,16 @@ def test_a_grace_opened_before_joining_a_stricter_group_ends_by_the_group_s(stor
     with pytest.raises(CodeRejected):
         _at(joined, store, T0 + 61, "sshd", "000000")
     assert _at(before, store, T0 + 61, "sshd").outcome == Outcome.SKIP  # the grace itself is still there
+
+
+def test_single_field_splits_by_the_enforce_the_group_rules_give(store: SqliteStore) -> None:
+    """An unenrolled member of an enforce: all group: 6 digits, as for the top level's enforce: all
+    (the login is refused later either way); not a member: 0, the whole answer is the password."""
+    member = config([{"unix_groups": [MY_GROUP], "enforce": "all"}])
+    other = config([{"unix_groups": [OTHER_GROUP], "enforce": "all"}])
+    for cfg, digits in ((member, 6), (other, 0)):
+        ctx = Context(cfg, Clock(T0), Chain(None, frozenset()), store)  # type: ignore[arg-type]
+        assert split_digits(LoginRequest(ME, "sshd"), ctx) == digits
+    unknown = config([{"ldap_groups": ["admins"], "enforce": "all"}])
+    with pytest.raises(SourceUnavailable):
+        split_digits(LoginRequest(ME, "sshd"), Context(unknown, Clock(T0), Chain(None), store))  # type: ignore[arg-type]
