@@ -126,6 +126,16 @@ class SourceChain:
             if forget is not None:
                 forget()
 
+    def group_attribute_problem(self, *, ask: bool = True) -> str | None:
+        """Why the directory source cannot tell an account's groups (its schema does not define
+        ``ldap.group_attribute``, or could not be read), or None. ``ask``: see LdapSource."""
+        for source in self.sources:
+            check = getattr(source, "group_attribute_problem", None)
+            if check is not None:
+                problem: str | None = check(ask=ask)
+                return problem
+        return None
+
     def counts(self) -> tuple[int, int] | None:
         """(extensions, enrolled) held by the sources that load a whole file (YAML); None when
         none does (LDAP is asked per login and has no count)."""

@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from nss_config.chain import SourceChain, build_chain
 from pam_linkus import __version__
-from pam_linkus.config import Config, load_config
+from pam_linkus.config import Config, load_config, missing_unix_groups
 from pam_linkus.errors import CodeRejected, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SyslogSink
 from pam_linkus.mail import Mailer, SmtpMailer
@@ -73,6 +73,8 @@ class Snapshot:
     #: SQLite state: linkusd runs a login's steps on its event loop (server.PamLogin), but
     #: for the parts the flow announces as waiting for a server (flow.Offload: LDAP, SMTP)
     inline: bool = False
+    #: Problems found while building that do not stop the load (said once, at the reload).
+    warnings: tuple[str, ...] = ()
     users: int = 0  # logins using it right now (event loop thread only)
     retired: bool = False
 
@@ -104,7 +106,25 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
         store.close()
         raise
     inline = config.state.backend == "sqlite"
-    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline)
+    warnings = group_policy_warnings(config, chain)
+    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline, warnings)
+
+
+def group_policy_warnings(config: Config, chain: SourceChain) -> tuple[str, ...]:
+    """What makes group rules fail closed for every account, found at the reload so it is said
+    once in syslog (each such login then says "unavailable"): Unix groups this host does not
+    have, and a ``ldap.group_attribute`` the directory's schema does not define."""
+    found = [f"group_policy: rule {rule.name!r}: Unix group {group!r} does not exist on this host"
+             for rule, group in missing_unix_groups(config.group_policy)]
+    if any(rule.ldap_groups for rule in config.group_policy):
+        try:
+            problem = chain.group_attribute_problem()
+        except LinkusError as exc:
+            problem = f"could not check ldap.group_attribute ({exc.reason})"
+        if problem is not None:
+            found.append(f"group_policy: {problem}: the account's LDAP groups are unknown, so every "
+                         "login a rule naming ldap_groups could apply to is unavailable")
+    return tuple(found)
 
 
 @dataclass
@@ -237,6 +257,8 @@ class Engine:
             self.sink.send(LOG_WARNING if dropped else LOG_INFO,
                            f"linkusd: configuration loaded ({reason}) from {self.config_path} "
                            f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
+            for warning in snap.warnings:
+                self.sink.send(LOG_WARNING, f"linkusd: {warning}")
             if old is not None:
                 old.retired = True
                 self._retired.append(old)

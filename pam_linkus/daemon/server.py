@@ -480,7 +480,8 @@ class PamLogin:
         try:
             if mode == protocol.MODE_SPLIT:
                 work = partial(split_digits, req, ctx)
-                local = self.inline and not snap.chain.waits_for_servers
+                # group rules ask NSS (maybe remote: sssd), never on the event loop
+                local = self.inline and not snap.chain.waits_for_servers and not snap.config.group_policy
                 digits = work() if local else await self._in_pool(work)
                 fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: snap.config.prompts.password_and_code}
                 with contextlib.suppress(ConnectionError, TimeoutError):
