@@ -318,7 +318,8 @@ def test_cache_never_answers_for_another_account_whose_name_casefolds_alike(
     down, each name gets its own last-read settings, never the other's secret or its "2FA off"."""
     pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
     other = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
-    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET}, "stra\u00df": {"method": "totp", "secret": other}})
+    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET},
+                           "stra\u00df": {"method": "totp", "secret": other}})
     clock = Clock(T0)
     source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
                         state=lambda: store, clock=clock)
