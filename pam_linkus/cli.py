@@ -397,8 +397,9 @@ def summary(adm: Admin) -> int:
     if not isinstance(stats, dict):
         raise LinkusError(f"linkusd on {path} is older than this command (no summary in its status)")
     now = time.time()
-    print(f"linkusd:      pid {reply.get('pid')}, version {reply.get('version')}, "
-          f"up {_duration(now - float(reply.get('started') or now))}")
+    started = reply.get("started")
+    up = _duration(now - started) if isinstance(started, (int, float)) else "?"
+    print(f"linkusd:      pid {reply.get('pid')}, version {reply.get('version')}, up {up}")
     if reply.get("socket_problem"):
         print(f"problem:      {reply['socket_problem']}")
     loaded = "loaded" if reply.get("loaded") else "NOT LOADED: every login is refused"
