@@ -15,6 +15,8 @@ import pytest
 from cli_helpers import run_cli
 from conftest import DAEMON_PYTHON, REPO, SECRET, PamStack, code_at, write_yaml
 from prometheus_client.parser import text_string_to_metric_families
+from smtp_server import closed_port
+from test_pam_email import enroll_email, login, mailed_code, setup_email
 
 from pam_linkus import __version__
 from pam_linkus.config import Config
@@ -122,6 +124,33 @@ def _python() -> str:
     return out.stdout.strip()
 
 
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_email_codes_and_smtp_errors_counted(metrics_stack: tuple[PamStack, str], user: str, smtp_server: Any,
+                                             ca: Any) -> None:
+    stack, address = metrics_stack
+    setup_email(stack, None, ca, port=closed_port())
+    enroll_email(stack, user)
+    before = scrape(address)
+    assert login(stack, user, lambda p, m: "123456").auth == "PAM_AUTHINFO_UNAVAIL"
+    down = scrape(address)
+    assert value(down, "linkus_errors_total", kind="smtp") == value(before, "linkus_errors_total", kind="smtp") + 1
+    assert value(down, "linkus_email_codes_total", result="sent") == value(before, "linkus_email_codes_total",
+                                                                           result="sent")
+    assert value(down, "linkus_logins_total", outcome="unavailable", method="email", service=stack.service) == 1
+    server = smtp_server(auth=True)
+    setup_email(stack, server, ca)  # one mail per 60 s
+    assert login(stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+    assert login(stack, user, lambda p, m: "123456").auth == "PAM_AUTH_ERR"  # told to wait: throttled
+    after = scrape(address)
+    assert value(after, "linkus_email_codes_total", result="sent") == value(down, "linkus_email_codes_total",
+                                                                            result="sent") + 1
+    assert value(after, "linkus_email_codes_total", result="throttled") == value(
+        down, "linkus_email_codes_total", result="throttled") + 1
+    assert value(after, "linkus_errors_total", kind="smtp") == value(down, "linkus_errors_total", kind="smtp")
+    assert value(after, "linkus_extensions_enrolled", method="email") == 1
+    assert len(server.messages) == 1
+
+
 def test_reloads_good_and_bad_show(metrics_stack: tuple[PamStack, str]) -> None:
     stack, address = metrics_stack
     before = scrape(address)
@@ -189,29 +218,33 @@ def test_slow_scrapers_block_no_login_and_no_other_scrape(pam_stack: PamStack, u
     with_metrics(pam_stack, f"127.0.0.1:{port}")
     pam_stack.enroll_totp(user)
     address = ("127.0.0.1", port)
-    silent = []
+    silent = [socket.create_connection(address) for _ in range(3)]  # connected, sending nothing
     try:
-        for _ in range(3):  # three of the four slots: connected, sending nothing
-            conn = socket.create_connection(address)
-            silent.append(conn)
-        half = socket.create_connection(address)  # the fourth: half a request head
-        half.sendall(b"GET /metrics HTTP/1.1\r\nHost")
+        assert value(scrape(address), "linkus_connections_refused_total", socket="metrics", reason="cap") == 0
+        half = socket.create_connection(address)  # the fourth slot: half a request head, for now
         silent.append(half)
-        time.sleep(0.2)
-        extra = socket.create_connection(address)  # over the cap: closed at once
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost")
+        extra = socket.create_connection(address)  # over the cap of 4: closed at once
         extra.settimeout(3)
         assert extra.recv(100) == b""
         extra.close()
         started = time.monotonic()
         assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"
         assert time.monotonic() - started < 3
-        for conn in silent[:2]:  # two slots free again
-            conn.close()
-        time.sleep(0.2)
-        samples = scrape(address)
-        assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="cap") >= 1
-        assert value(samples, "linkus_logins_total", outcome="success", method="totp",
-                     service=pam_stack.service) == 1
+        half.sendall(b": linkusd\r\n\r\n")  # the slow one finishes its request: served
+        half.settimeout(5)
+        data = b""
+        while chunk := half.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        body = data.partition(b"\r\n\r\n")[2].decode()
+        assert f'linkus_logins_total{{method="totp",outcome="success",service="{pam_stack.service}"}} 1.0' in body
+        assert 'linkus_connections_refused_total{reason="cap",socket="metrics"} 1.0' in body
+        # a silent one is dropped once its request deadline (5 s) passes
+        silent[0].settimeout(10)
+        waited = time.monotonic()
+        assert silent[0].recv(100) == b""
+        assert time.monotonic() - waited < 6
     finally:
         for conn in silent:
             conn.close()
