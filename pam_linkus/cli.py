@@ -427,8 +427,11 @@ def summary(adm: Admin) -> int:
         if lock.locked(now):
             until = "until unlocked" if lock.locked_until >= FOREVER else f"until {_when(lock.locked_until)}"
             locked.append(f"{account} ({until})")
+    checked = len(seen) if isinstance(seen, list) else 0
+    more = stats.get("locked_seen_count", checked)
+    unchecked = f"; {int(more) - checked} older ones not checked" if isinstance(more, int) and more > checked else ""
     print(f"locked now:   {len(locked)}" + (": " + ", ".join(locked) if locked else "")
-          + " (of the locks linkusd has seen since it started)")
+          + f" (of the locks linkusd has seen since it started{unchecked})")
     return 0
 
 

@@ -20,8 +20,9 @@ from test_pam_email import enroll_email, login, mailed_code, setup_email
 
 from pam_linkus import __version__
 from pam_linkus.config import Config
-from pam_linkus.daemon.metrics import SERVICE_CAP, Stats
+from pam_linkus.daemon.metrics import LOCKED_CAP, SERVICE_CAP, Stats
 from pam_linkus.errors import ConfigError
+from pam_linkus.protocol import Msg, encode_json
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -264,7 +265,20 @@ def test_bounded_service_labels() -> None:
     for n in range(SERVICE_CAP + 5):
         stats.login({"outcome": "denied", "method": "totp", "service": f"svc{n}", "ms": 3})
     stats.login({"outcome": "success", "method": "x" * 40, "service": "bad name\n", "ms": 3})
+    stats.login({"outcome": "locked", "method": "totp", "service": "sshd", "ms": 3})
+    stats.login({"outcome": "success", "method": "totp", "service": "linkus-gate", "ms": 3})
     services = {service for _, _, service in stats.logins}
-    assert len(services) == SERVICE_CAP + 1 and "other" in services
+    assert len(services) == SERVICE_CAP + 3 and "other" in services
     assert stats.logins[("denied", "totp", "other")] == 5
     assert stats.logins[("success", "other", "other")] == 1
+    assert stats.logins[("locked", "totp", "sshd")] == 1  # past the cap, a known service keeps its label
+    assert stats.logins[("success", "totp", "linkus-gate")] == 1
+    assert list(stats.locked) == []  # no account in those fields: nothing to list as locked
+    for n in range(LOCKED_CAP + 10):  # long names: the STATUS reply stays one frame
+        stats.login({"outcome": "locked", "method": "totp", "service": "sshd", "account": f"{n:04d}" + "\u00e9" * 200})
+    summary = stats.summary()
+    assert len(stats.locked) == LOCKED_CAP and summary["locked_seen_count"] == LOCKED_CAP
+    names = summary["locked_seen"]
+    assert isinstance(names, list) and 0 < len(names) < LOCKED_CAP
+    assert names[0].startswith(f"{LOCKED_CAP + 9:04d}")  # newest first
+    assert len(encode_json(Msg.STATUS_REPLY, {"summary": summary})) < 65536

@@ -16,6 +16,7 @@ worker threads): those take the lock, and readers copy under it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -31,6 +32,10 @@ OUTCOMES = (Outcome.SUCCESS, Outcome.SKIP, Outcome.DENIED, Outcome.LOCKED, Outco
 METHOD_LABELS = frozenset((*METHODS, "-"))
 #: Distinct service names kept as labels; later ones are counted as ``other``.
 SERVICE_CAP = 32
+#: Services that always keep their own label, outside the cap: a local program that logs in under
+#: 32 made-up service names first must not fold sshd's or the web gate's logins into ``other``.
+KNOWN_SERVICES = frozenset({"sshd", "login", "su", "su-l", "sudo", "sudo-i", "linkus-gate", "linkus-2fa",
+                            "linkus-web", "cron", "systemd-user", "other", "-"})
 #: Login duration buckets, seconds: a login includes the person typing the code, so the
 #: histogram reaches minutes; the low buckets show linkusd's own work (a skip, a refusal).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0)
@@ -40,6 +45,9 @@ ERROR_KINDS = ("ldap", "yaml", "redis", "sqlite", "smtp", "config", "daemon")
 RECENT_MINUTES = 60
 #: Extensions remembered as locked (for ``linkus-2fa status``), newest kept.
 LOCKED_CAP = 1000
+#: At most this much JSON of those names in the STATUS reply (newest first): the reply is one frame
+#: of at most 64 KB, and doctor, reload and status all need it to fit.
+LOCKED_REPLY_BYTES = 16384
 
 
 def _service_ok(name: str) -> bool:
@@ -76,7 +84,7 @@ class Stats:
     # -- what linkusd reports ------------------------------------------------------------------
 
     def service_label(self, service: str) -> str:
-        if service in self._services:
+        if service in self._services or service in KNOWN_SERVICES:
             return service
         if len(self._services) >= SERVICE_CAP or not _service_ok(service):
             return "other"
@@ -168,5 +176,15 @@ class Stats:
             "last_reload_seconds": self.last_reload_seconds,
             "last_reload_ok": self.last_reload_ok,
             "enrolled": self.enrolled,
-            "locked_seen": list(self.locked),
+            "locked_seen": self._locked_names(),
+            "locked_seen_count": len(self.locked),
         }
+
+    def _locked_names(self) -> list[str]:
+        names, size = [], 0
+        for account in reversed(self.locked):
+            size += len(json.dumps(account)) + 1
+            if size > LOCKED_REPLY_BYTES:
+                break
+            names.append(account)
+        return names
