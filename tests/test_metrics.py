@@ -97,6 +97,8 @@ def test_real_logins_counted_exactly_and_summarised(metrics_stack: tuple[PamStac
     count = value(after, "linkus_login_duration_seconds_count") - value(before, "linkus_login_duration_seconds_count")
     assert count == 4
     assert value(after, "linkus_extensions_enrolled", method="totp") == 1
+    assert ("linkus_extensions_enrolled", (("method", "email"),)) in after  # a 0, not a gap
+    assert value(after, "linkus_extensions_enrolled", method="email") == 0
     assert value(after, "linkus_connections", socket="pam") == 0
     assert value(after, "linkus_build_info", version=__version__, python=_python()) == 1
     assert 0 < value(after, "linkus_start_time_seconds") <= time.time()
