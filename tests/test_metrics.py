@@ -20,8 +20,9 @@ from test_pam_email import enroll_email, login, mailed_code, setup_email
 
 from pam_linkus import __version__
 from pam_linkus.config import Config
+from pam_linkus.daemon.engine import error_kind
 from pam_linkus.daemon.metrics import LOCKED_CAP, SERVICE_CAP, Stats
-from pam_linkus.errors import ConfigError
+from pam_linkus.errors import ConfigError, MailUnavailable, SourceUnavailable, StateUnavailable, Unavailable
 from pam_linkus.protocol import Msg, encode_json
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -175,6 +176,33 @@ def test_reloads_good_and_bad_show(metrics_stack: tuple[PamStack, str]) -> None:
                                                                            result="ok")
     assert value(bad, "linkus_config_last_reload_success") == 0
     assert value(bad, "linkus_config_loaded") == 1  # the last good one still serves
+
+
+def test_error_kinds() -> None:
+    ldap = {"uris": ["ldaps://ldap.example"], "bind_dn": "cn=linkusd", "bind_password_file": "/etc/x.pw",
+            "base": "dc=example"}
+    config = Config.from_mapping({"sources": ["ldap", "yaml"], "ldap": ldap,
+                                  "state": {"backend": "redis", "redis": {"url": "redis://127.0.0.1:6379/0"}}})
+    assert error_kind(MailUnavailable("SMTP server x: refused"), config) == "smtp"
+    assert error_kind(StateUnavailable("redis: down"), config) == "redis"
+    assert error_kind(StateUnavailable("state file: locked"), Config.from_mapping({})) == "sqlite"
+    assert error_kind(SourceUnavailable("ldaps://ldap.example: timeout"), config) == "ldap"
+    assert error_kind(SourceUnavailable("yaml: this snapshot's extensions were released"), config) == "yaml"
+    assert error_kind(ConfigError("bad", "x.yaml"), config) == "config"
+    assert error_kind(Unavailable("daemon work took longer than 10 s"), config) == "daemon"
+
+
+def test_no_config_counts_as_a_config_error_in_the_summary(pam_stack: PamStack, user: str) -> None:
+    pam_stack.daemon.stop()
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "enforce": "sometimes"}, end=True)
+    pam_stack.daemon.start()
+    assert pam_stack.login(user, "123456").auth == "PAM_AUTHINFO_UNAVAIL"
+    summary = pam_stack.daemon.status()["summary"]
+    assert summary["errors"] == {"config": 1}
+    assert summary["reloads"] == {"failed": 1}
+    assert summary["last_hour"] == {"unavailable": 1}
+    result = run_cli(pam_stack, "status", "--config", str(pam_stack.config_path))
+    assert result.returncode == 1 and "enforce" in result.stderr  # the command reads the same file
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:9816", "10.1.2.3:9816", "[::]:9816", "localhost:9816",
