@@ -219,6 +219,8 @@ class Engine:
             self.sink.send(LOG_WARNING if dropped else LOG_INFO,
                            f"linkusd: configuration loaded ({reason}) from {self.config_path} "
                            f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
+            if old is not None and old.config.metrics.listen != snap.config.metrics.listen:
+                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen changed; it takes effect when linkusd restarts")
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
