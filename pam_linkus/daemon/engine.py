@@ -186,6 +186,10 @@ class Engine:
         async with self._reload_lock:
             if if_changed and not self.changed():
                 return True
+            if self._current is not None:
+                # A RELOAD follows every change linkus-2fa or self-service makes: whatever the
+                # build's fate, no answer the sources kept from before the change serves again.
+                self._current.chain.forget_answers()
             loop = asyncio.get_running_loop()
             result: asyncio.Future[Snapshot] = loop.create_future()
 
