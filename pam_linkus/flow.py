@@ -484,7 +484,8 @@ def _failure(ctx: Context, reason: str, status: LockStatus, now: float) -> Gener
     else CodeRejected."""
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
-        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until,
+                      newly=True)
     return CodeRejected(f"{reason} ({status.failures} consecutive failures)")
 
 

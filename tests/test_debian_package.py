@@ -208,6 +208,9 @@ def test_package_files(deb: Path) -> None:
         assert contents[f"/usr/share/pam-linkus/ldap/{schema.name}"] == schema.read_bytes(), schema
         assert f"/usr/share/pam-linkus/ldap/{schema.name}" in schemas[1].read_text()
     assert contents["/usr/share/pam-configs/linkus"] == PROFILE.read_bytes()
+    for f2b in ("filter.d/pam-linkus.conf", "jail.d/pam-linkus.conf"):  # docs/fail2ban.md; the jail disabled
+        for where in ("/etc/fail2ban", "/usr/share/pam-linkus/fail2ban"):
+            assert contents[f"{where}/{f2b}"] == (REPO / "packaging" / "fail2ban" / f2b).read_bytes(), (where, f2b)
     assert contents["/etc/pam_linkus/pam_linkus.yaml"] == (REPO / "packaging" / "pam_linkus.yaml").read_bytes()
 
 

@@ -493,6 +493,7 @@ class PamLogin:
             outcome, reason = await self._converse(self.steps)
         except LinkusError as exc:
             outcome, reason = exc.outcome, exc.reason
+            engine.login_failed(ctx.account, exc, service=req.service, client=req.rhost)
             engine.count_failure(exc, snap.config)
         except (ConnectionError, ProtocolError) as exc:
             outcome, reason = Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
