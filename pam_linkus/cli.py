@@ -430,6 +430,8 @@ def summary(adm: Admin) -> int:
           f"since start: {_counts(stats.get('errors'))}")
     print(f"email codes:  {_counts(stats.get('email_codes'), ('sent', 'throttled'))} (since start)")
     print(f"throttled:    {stats.get('web_throttled', 0)} web sign-ins (since start)")
+    print(f"notices:      {_counts(reply.get('notifications'), ('sent', 'dropped'))} (mails to owners and the "
+          "admin, since start)")
     print(f"refused:      {_counts(stats.get('refused'))} (connections turned away at accept, since start)")
     seen = stats.get("locked_seen")
     store = adm.store()

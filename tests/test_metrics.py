@@ -103,6 +103,7 @@ def test_real_logins_counted_exactly_and_summarised(metrics_stack: tuple[PamStac
     assert value(after, "linkus_connections", socket="pam") == 0
     assert value(after, "linkus_build_info", version=__version__, python=_python()) == 1
     assert 0 < value(after, "linkus_start_time_seconds") <= time.time()
+    assert ("linkus_notifications_total", (("result", "dropped"),)) in after
 
     # the admin's summary, from linkusd over its PAM socket, the lock checked in the store
     result = run_cli(stack, "status")
@@ -111,6 +112,7 @@ def test_real_logins_counted_exactly_and_summarised(metrics_stack: tuple[PamStac
     assert "success 1" in out and "denied 1" in out and "locked 1" in out, out
     assert f"locked now:   1: {user} (until " in out, out
     assert "last reload:" in out and ", ok in " in out, out
+    assert "notices:      none" in out, out  # no notify section: nothing mailed
     # the summary needs no metrics listener: the same numbers with metrics off
     stack.daemon.stop()
     del stack.config["metrics"]

@@ -125,6 +125,12 @@ class LinkusCollector(Collector):
             for method, n in sorted(counts.items()):
                 enrolled.add_metric([method], n)
             yield enrolled
+        notices = CounterMetricFamily("linkus_notifications", "Notification mails (locks, 2FA off, new method, "
+                                      "recovery codes, spraying) handed to SMTP, and dropped because their "
+                                      "queue was full", labels=["result"])
+        notices.add_metric(["sent"], engine.notifier.sent)
+        notices.add_metric(["dropped"], engine.notifier.dropped)
+        yield notices
         yield InfoMetricFamily("linkus_build", "linkusd's version",
                                value={"version": __version__, "python": sys.version.split()[0]})
         yield GaugeMetricFamily("linkus_start_time_seconds", "When linkusd started (Unix time)",
