@@ -144,6 +144,18 @@ class SourceChain:
             return None
         return sum(len(source) for source in held), sum(int(source.enrolled) for source in held)
 
+    def enrolled_by_method(self) -> dict[str, int] | None:
+        """Enrolled extensions by method in the sources that load a whole file (YAML); None when
+        none does. Counted when the file loads, so reading it costs nothing."""
+        held: list[Any] = [source for source in self.sources if hasattr(source, "enrolled_by_method")]
+        if not held:
+            return None
+        total: dict[str, int] = {}
+        for source in held:
+            for method, n in source.enrolled_by_method.items():
+                total[method] = total.get(method, 0) + n
+        return total
+
     def load_summary(self, previous: SourceChain | None) -> tuple[str, bool]:
         """The counts for linkusd's "configuration loaded" line, and whether the number of
         enrolled extensions dropped since ``previous`` (worth a warning: a file that lost its

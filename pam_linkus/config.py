@@ -676,6 +676,50 @@ class DaemonConfig:
         return frozenset(gids)
 
 
+class MetricsConfig:
+    """linkusd's Prometheus endpoint (docs/operations.md); off unless ``listen`` is given.
+
+    ``listen``: ``127.0.0.1:PORT`` / ``[::1]:PORT`` (any 127.0.0.0/8 address) or the absolute path of a
+    unix socket. Only loopback: the counters tell an outsider when logins fail and how many
+    extensions use which method, and linkusd has no business accepting connections from the
+    network. Host names are refused too (``localhost`` may resolve to anything /etc/hosts says).
+    """
+
+    __slots__ = ("listen", "host", "port", "path")
+
+    def __init__(self, r: Reader, daemon: DaemonConfig):
+        self.listen = r.optional_string("listen", max_len=256)
+        self.host: str | None = None
+        self.port = 0
+        self.path: str | None = None
+        if self.listen is not None:
+            if self.listen.startswith("/"):
+                if self.listen in (daemon.pam_socket, daemon.web_socket):
+                    raise r.fail("listen", "must not be the PAM or the web socket")
+                self.path = self.listen
+            else:
+                self.host, self.port = _loopback_address(r, self.listen)
+        r.done()
+
+
+def _loopback_address(r: Reader, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` with a loopback IP literal (IPv6 in brackets) and a port 1-65535."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise r.fail("listen", "must be LOOPBACK-IP:PORT (127.0.0.1:9816, [::1]:9816) or an absolute "
+                               "unix socket path") from None
+    if not address.is_loopback:
+        raise r.fail("listen", "must be a loopback address (127.0.0.0/8 or ::1): metrics are not served "
+                               "to the network")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise r.fail("listen", "needs a port between 1 and 65535")
+    return str(address), int(port)
+
+
 class Profile:
     """The policy for one PAM service (or the top-level policy when none is named).
 
@@ -829,6 +873,7 @@ class Config:
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
         "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "notify",
+        "metrics",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -856,6 +901,7 @@ class Config:
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
         self.daemon = DaemonConfig(r.section("daemon"))
+        self.metrics = MetricsConfig(r.section("metrics"), self.daemon)
         #: The top-level policy: what a service without a profile of its own gets.
         self.default_profile = Profile("", self.enforce, self.exempt_networks, self.grace_period,
                                        list(PROFILE_METHODS))
