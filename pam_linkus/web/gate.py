@@ -89,9 +89,10 @@ class GatePages:
     async def auth(self, request: Request) -> Response:
         """nginx's auth subrequest: 204 + identity, 401, 403 or 502; never a body, never a cookie."""
         headers = request.headers
-        fields: dict[str, object] = {"op": "gate_check", "token": self.cookie(request, SESSION), "client": self.pages.client(request),
-                  "host": headers.get("x-original-host", headers.get("host", ""))[:300],
-                  "uri": headers.get("x-original-uri", "/")[:8192]}
+        fields: dict[str, object] = {
+            "op": "gate_check", "token": self.cookie(request, SESSION), "client": self.pages.client(request),
+            "host": headers.get("x-original-host", headers.get("host", ""))[:300],
+            "uri": headers.get("x-original-uri", "/")[:8192]}
         try:
             reply = await self.pages.call(fields)
         except Unreachable:
