@@ -5,6 +5,7 @@ tests/test_gate_e2e.py (docs/gate.md's example block)."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import shutil
 import socket
@@ -236,6 +237,22 @@ def test_a_lock_and_settings_changes_refuse_an_existing_session(gate_api: GateAp
     site[0].stack.write_extensions()
     gate_api.reload()
     assert gate_api.check(token)["error"] == "expired"
+
+
+def test_the_auth_check_needs_no_web_worker_and_a_dead_store_passes_nobody(gate_api: GateApi, user: str) -> None:
+    import threading
+
+    token = gate_api.sign_in(user)["token"]
+    release = threading.Event()
+    busy = [gate_api.loop.run_in_executor(gate_api.engine._web_pool, release.wait, 30) for _ in range(2)]
+    try:
+        assert gate_api.check(token)["ok"]  # both web workers are held: the check does not need one
+    finally:
+        release.set()
+        gate_api.loop.run_until_complete(asyncio.gather(*busy))
+    gate_api.engine.snapshot().store.close()  # the state store cannot be asked any more
+    assert gate_api.check(token) == {"ok": False, "error": "unavailable"}
+    assert not any("gate_check" in line for line in gate_api.site.log.lines)  # summarised, not one per request
 
 
 def test_the_account_is_asked_again_only_after_the_interval(site: tuple[Site, Any], user: str) -> None:

@@ -72,7 +72,7 @@ from pam_linkus.daemon.selfservice import (
     _limits,
     _name_key,
 )
-from pam_linkus.errors import Denied, Locked, Unavailable
+from pam_linkus.errors import Denied, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Outcome
 
@@ -472,6 +472,14 @@ class GateService(SelfService):
     # -- the auth check ---------------------------------------------------------------
 
     async def _op_gate_check(self, f: dict[str, str]) -> dict[str, object]:
+        try:
+            return await self._check(f)
+        except LinkusError:
+            # a store or config outage must not write a line per proxied request: summarised
+            self._refusal("unavailable")
+            raise WebError("unavailable") from None
+
+    async def _check(self, f: dict[str, str]) -> dict[str, object]:
         snapshot = self.engine.snapshot()
         gate = snapshot.config.gate
         path = normal_path(f["uri"])
