@@ -267,9 +267,9 @@ def test_the_account_is_asked_again_only_after_the_interval(site: tuple[Site, An
         real = snapshot.chain
 
         class Counting:
-            def lookup(self, name: str) -> Any:
+            def lookup_account(self, name: str, **options: Any) -> Any:
                 asked.append(name)
-                return real.lookup(name)
+                return real.lookup_account(name, **options)
 
         snapshot.chain = Counting()  # type: ignore[assignment]
         for _ in range(20):
@@ -301,6 +301,32 @@ def test_allow_rules_refuse_other_accounts_with_403(site: tuple[Site, Any], user
         assert api.check(mine, uri="/admin/../admin/")["ok"]
         assert api.check(theirs, uri="/%61dmin/")["error"] == "forbidden"  # no encoded detour
         assert api.check(theirs, host="elsewhere.example")["error"] == "forbidden"  # no site: fail closed
+    finally:
+        api.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.match_hostname:DeprecationWarning")
+def test_an_ldap_group_allow_rule_reads_the_directory(site: tuple[Site, Any], user: str, make_user: Any,
+                                                      slapd: Any) -> None:
+    from ldap_server import SUFFIX
+    from test_pam_ldap import use_ldap
+
+    other = str(make_user())
+    s = site[0]
+    s.add(user, method="totp", secret=SECRET)
+    s.add(other, method="totp", secret=SECRET)
+    base = slapd.tree({user: {"seeAlso": f"cn=admins,ou=groups,{SUFFIX}"},
+                       other: {"seeAlso": f"cn=sales,ou=groups,{SUFFIX}"}})
+    use_ldap(s.stack, slapd, base, sources=["yaml", "ldap"], group_attribute="seeAlso")
+    configure(s, sites=[{"name": "admin", "path": "/admin/", "allow_ldap_groups": ["admins"]},
+                        {"name": "all", "path": "/"}])
+    api = GateApi(s)
+    try:
+        mine = api.sign_in(user)["token"]
+        api.clock.now += 30
+        theirs = api.sign_in(other)["token"]
+        assert api.check(mine)["ok"] and api.check(theirs)["error"] == "forbidden"
+        assert api.check(theirs, uri="/")["ok"]
     finally:
         api.close()
 
