@@ -552,8 +552,14 @@ def test_https_cookies_revocation_by_cli_and_linkusd_down(gate_web: tuple[Site, 
     revoked = run_cli(s.stack, "gate-revoke", session_id)
     assert revoked.returncode == 0 and "1 gate session ended" in revoked.stdout
     assert b.auth()[0] == 401  # the next request
+    status, head, page = b.request("GET", "/linkus-gate/forbidden")
+    assert status == 403 and 'data-kind="forbidden"' in page and "/linkus-gate/static/style.css" in page
+    status, head, page = b.request("GET", "/linkus-gate/static/style.css")
+    assert status == 200 and "no-store" not in head.get("cache-control", "")
     daemon.stop()
     assert b.auth()[0] == 502  # linkusd down: nobody passes
+    status, _, page = b.request("GET", "/linkus-gate/unavailable")
+    assert status == 503 and 'data-kind="unavailable"' in page
     status, _, page = b.request("GET", "/linkus-gate/sign-in")
     assert status == 200
     status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,

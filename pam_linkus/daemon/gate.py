@@ -100,7 +100,6 @@ _GATE_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "gate_code": (frozenset({"session", "csrf", "code", "client"}), frozenset({"rd"})),
     "gate_sign_out": (frozenset({"token"}), frozenset({"client"})),
     "gate_check": (frozenset({"token", "client", "host", "uri"}), frozenset()),
-    "gate_return": (frozenset({"rd"}), frozenset()),
 }
 _GATE_LIMITS = {"token": 64, "host": 300, "uri": 8192, "rd": 8192}
 
@@ -251,13 +250,6 @@ def allowed(site: GateSite, account: str, directory_groups: frozenset[str] | Non
         raise Unavailable("the account's LDAP groups are not known (site allow_ldap_groups)") from None
 
 
-def _settled(future: asyncio.Future[Any]) -> None:
-    """A background write of ``seen`` ended; its failure only makes the idle timeout count from
-    an older use (never longer), so it is dropped here, not raised into the event loop."""
-    if not future.cancelled():
-        future.exception()
-
-
 class _Verdict:
     __slots__ = ("at", "ok", "reason", "generation")
 
@@ -333,10 +325,6 @@ class GateService(SelfService):
         return match_site(gate, host, path) if path is not None else None
 
     # -- sign-in ----------------------------------------------------------------------
-
-    async def _op_gate_return(self, f: dict[str, str]) -> dict[str, object]:
-        gate = self.engine.snapshot().config.gate
-        return {"return": check_return(f["rd"], gate.return_hosts, gate.default_return)}
 
     async def _op_gate_sign_in(self, f: dict[str, str]) -> dict[str, object]:
         started = time.monotonic()
@@ -505,8 +493,9 @@ class GateService(SelfService):
 
         SQLite (``inline``, as linkusd runs local logins' steps): one WAL read on the event loop
         itself -- a reader never waits for a writer, and the loop's connection waits at most
-        LOOP_BUSY_TIMEOUT for anything -- and the rare write of ``seen`` in the gate pool,
-        not awaited. Redis: the one script in the gate pool under ``gate.check_timeout``.
+        LOOP_BUSY_TIMEOUT for anything -- and the rare write of ``seen`` (once per
+        ``touch_interval`` per session) in the gate pool. Redis: the one script in the gate pool
+        under ``gate.check_timeout``.
         """
         def check(touch_after: float) -> GateSession | None:
             found: GateSession | None = store.gate_check(key, now, lifetime=site.session_lifetime,
@@ -517,8 +506,8 @@ class GateService(SelfService):
             return await self._quick(lambda: check(gate.touch_interval), gate.check_timeout)
         sess = check(math.inf)
         if sess is not None and now - sess.seen >= gate.touch_interval:
-            touch = asyncio.get_running_loop().run_in_executor(self._check_pool, check, gate.touch_interval)
-            touch.add_done_callback(_settled)
+            # at most once per touch_interval per session: the write (which may wait for the lock) off the loop
+            await self._quick(lambda: check(gate.touch_interval), gate.check_timeout)
         return sess
 
     async def _account_verdict(self, config: Config, site: GateSite, sess: GateSession, now: float) -> _Verdict:
