@@ -198,6 +198,26 @@ def test_sign_out_and_every_revocation_end_access_at_the_next_check(gate_api: Ga
     assert not any(gate_api.check(t)["ok"] for t in tokens)
 
 
+def test_cli_lists_and_revokes_by_account_and_all(gate_api: GateApi, site: tuple[Site, Any], user: str,
+                                                 make_user: Any) -> None:
+    other = str(make_user())
+    site[0].add(other, method="totp", secret=SECRET)
+    gate_api.reload()
+    mine = gate_api.sign_in(user)["token"]
+    theirs = gate_api.sign_in(other)["token"]
+    listed = run_cli(site[0].stack, "gate-sessions")
+    assert listed.returncode == 0 and user in listed.stdout and other in listed.stdout, listed
+    assert mine not in listed.stdout and theirs not in listed.stdout  # ids, never the cookie
+    unknown = run_cli(site[0].stack, "gate-revoke", "0123456789abcdef")
+    assert unknown.returncode == 1 and "0 gate sessions ended" in unknown.stdout
+    assert run_cli(site[0].stack, "gate-revoke", "--account", user).returncode == 0
+    assert gate_api.check(mine)["error"] == "expired" and gate_api.check(theirs)["ok"]
+    assert logged(site[0].log, action="gate-revoke", ext=user)["ended"] == "1"
+    assert "1 gate session ended" in run_cli(site[0].stack, "gate-revoke", "--all").stdout
+    assert gate_api.check(theirs)["error"] == "expired"
+    assert "no gate sessions" in run_cli(site[0].stack, "gate-sessions", user).stdout
+
+
 def test_idle_and_lifetime_end_a_session(site: tuple[Site, Any], user: str) -> None:
     configure(site[0], idle_timeout=600, session_lifetime=3600,
               sites=[{"name": "admin", "path": "/admin/", "idle_timeout": 300}, {"name": "all", "path": "/"}])
