@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nss_config.answer_cache import NOT_CACHED, NotCached
 from nss_config.errors import SourceUnavailable
 from nss_config.yaml_source import YamlSource
 
@@ -97,6 +98,33 @@ class SourceChain:
                 if not self.skip_unavailable:
                     raise
         return None
+
+    def recall(self, user: str) -> ExtensionSettings | NotCached | None:
+        """What ``lookup`` would answer from memory alone (YAML held in memory, LDAP's recent
+        answers), or NOT_CACHED when a source would have to ask a server first."""
+        if not self.waits_for_servers:
+            return self.lookup(user)
+        for source in self.sources:
+            if not getattr(source, "waits_for_servers", True):
+                found = source.lookup(user)
+            else:
+                recall = getattr(source, "recall", None)
+                if recall is None:
+                    return NOT_CACHED
+                recalled: ExtensionSettings | NotCached | None = recall(user)
+                if isinstance(recalled, NotCached):
+                    return NOT_CACHED
+                found = recalled
+            if found is not None:
+                return found
+        return None
+
+    def forget_answers(self) -> None:
+        """Drop the answers sources keep in memory: linkusd changed a source (self-service)."""
+        for source in self.sources:
+            forget = getattr(source, "forget_answers", None)
+            if forget is not None:
+                forget()
 
     def counts(self) -> tuple[int, int] | None:
         """(extensions, enrolled) held by the sources that load a whole file (YAML); None when

@@ -52,6 +52,7 @@ from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
+from nss_config.answer_cache import AnswerCache, NotCached
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, LinkusError, SourceUnavailable
 from nss_config.yaml_reader import read_secret_file
@@ -63,8 +64,10 @@ if TYPE_CHECKING:
 #: and whether the server stopped at the size limit.
 Entries = tuple[list[tuple[str, dict[str, list[bytes]]]], bool]
 
-#: Key of the offline cache in the state store.
-CACHE_SOURCE = "ldap"
+#: Key of the offline cache in the state store. Entries are kept under the name exactly as asked;
+#: older versions kept them under its casefold (where "straß" and "strass" met), under the
+#: key "ldap": those rows are no longer read and expire from the store on their own.
+CACHE_SOURCE = "ldap-by-name"
 #: Attributes whose presence makes an entry "configured for 2FA"; an entry with
 #: only ``mail`` (every directory user) is "not here", so the next source may answer.
 PRESENCE_KEYS = ("method", "enabled", "secret")
@@ -118,7 +121,8 @@ class LdapSource:
     """Settings from an LDAP directory; see the module docstring for the answers.
 
     ``state`` is a callable returning the state store, called only when the
-    offline cache is on.
+    offline cache is on. ``ticks`` is the clock of the in-memory cache of recent
+    answers (``ldap.cache_ttl``, nss_config.answer_cache).
     """
 
     name = "ldap"
@@ -129,10 +133,12 @@ class LdapSource:
         *,
         state: Callable[[], SettingsCache] | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self._state = state
         self._clock = clock
+        self.answers = AnswerCache(config.cache_ttl, config.negative_cache_ttl, config.cache_size, ticks=ticks)
         self._tls: Any = None
         self._password: str | None = None
         self._idle: dict[str, list[Any]] = {uri: [] for uri in config.uris}
@@ -143,6 +149,19 @@ class LdapSource:
     @property
     def _caching(self) -> bool:
         return self.config.cache_max_age > 0 and self._state is not None
+
+    def recall(self, user: str) -> ExtensionSettings | NotCached | None:
+        """The answer ``lookup`` would give from memory alone, or NOT_CACHED: linkusd
+        then asks the directory in a worker (flow.Offload), not on its event loop."""
+        try:
+            check_user_name(user)
+        except ValueError:
+            return None
+        return self.answers.get(user)
+
+    def forget_answers(self) -> None:
+        """A change was made through linkusd (self-service): the next lookup asks again."""
+        self.answers.clear()
 
     def lookup(self, user: str) -> ExtensionSettings | None:
         return self.lookup_account(user)[0]
@@ -156,15 +175,20 @@ class LdapSource:
             check_user_name(user)
         except ValueError:
             return None, frozenset()  # no directory entry can carry such a name
+        kept = self.answers.get_account(user)
+        if not isinstance(kept, NotCached):
+            return kept
+        asked_at, generation = self.answers.now(), self.answers.generation()
         try:
             entries = self.search(user)
         except SourceUnavailable:
             cached = self._cached(user)
             if cached is None:
                 raise
-            return cached, cached.directory_groups
+            return cached, cached.directory_groups  # the offline cache's answer is never kept in memory
         groups = entry_groups(self.config, entries)
         settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute)
+        self.answers.put(user, settings, asked_at, generation, groups)
         if self._caching:
             self._remember(user, settings)
         return settings, groups
@@ -259,14 +283,17 @@ class LdapSource:
             if settings.directory_groups is not None:
                 mapping["directory_groups"] = sorted(settings.directory_groups)
             data = json.dumps(mapping, sort_keys=True)
-        self._state().cache_settings(CACHE_SOURCE, user.casefold(), data, self._clock())
+        # Keyed by the name exactly as asked, like the in-memory answers: two directory accounts whose
+        # names casefold alike ("straß", "strass") are two entries, and one's settings must never
+        # answer for the other while the directory is down.
+        self._state().cache_settings(CACHE_SOURCE, user, data, self._clock())
 
     def _cached(self, user: str) -> ExtensionSettings | None:
         if not self._caching:
             return None
         assert self._state is not None
         try:
-            text = self._state().cached_settings(CACHE_SOURCE, user.casefold(), self._clock(),
+            text = self._state().cached_settings(CACHE_SOURCE, user, self._clock(),
                                                  self.config.cache_max_age)
         except LinkusError:
             return None  # the directory's failure is the one to report

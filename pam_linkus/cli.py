@@ -33,7 +33,7 @@ from nss_config.base import MIN_SECRET_BITS, ExtensionSettings, check_user_name
 from nss_config.chain import build_chain
 from nss_config.writer import source_of, writer_for
 from nss_config.yaml_source import read_extensions
-from pam_linkus import emailcode, enrollment, migrate_pam
+from pam_linkus import emailcode, enrollment, migrate_pam, notify
 from pam_linkus.config import DEFAULT_CONFIG_PATH, Config, load_config
 from pam_linkus.doctor import run as run_doctor
 from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Denied, LinkusError, NotEnrolled
@@ -42,7 +42,7 @@ from pam_linkus.flow import authenticate as decide
 from pam_linkus.gauth import read_file
 from pam_linkus.logline import LOG_NOTICE, SyslogSink, format_fields
 from pam_linkus.mail import SmtpMailer
-from pam_linkus.mailtext import check_address
+from pam_linkus.mailtext import check_address, mask_address
 from pam_linkus.outcome import Outcome
 from pam_linkus.password import ServiceRefused, check_password
 from pam_linkus.protocol import Msg, ProtocolError, call_control
@@ -121,6 +121,21 @@ class Admin:
         if status.get("last_error"):
             print(f"linkus-2fa: warning: linkusd did not load the new settings: {status['last_error']}",
                   file=sys.stderr, flush=True)
+
+    def notify(self, kind: str, ext: str, address: str | None, *, method: str | None = None) -> None:
+        """Mail the owner's address on file about this change (pam_linkus.notify), right away: one
+        command, one mail. A mail that cannot be sent is said and logged; the change stands."""
+        if not address or not self.config.notify.enabled:
+            return
+        by = "you, with linkus-2fa self" if self.via == "self" else f"the administrator ({self.actor})"
+        event = notify.Event(kind, ext, time.time(), by=by, method=method)
+        try:
+            notify.send_now(self.config, SmtpMailer(self.config.smtp), event, address)
+        except LinkusError as exc:
+            print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
+            self.audit("notify", ext, kind=kind, result="failed", reason=exc.reason)
+            return
+        self.audit("notify", ext, kind=kind, result="sent", address=mask_address(address))
 
     def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
         return source_of(self.config, ext)
@@ -237,6 +252,7 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     adm.store().record_enrollment(ext, "totp", time.time(), totp_step=step)
     adm.reload_daemon()
     adm.audit("enroll", ext, method="totp", source=source, confirmed="yes" if confirm else "no")
+    adm.notify("enrolled", ext, current.email if current is not None else None, method="totp")
     print(SAVED)
     return 0
 
@@ -275,6 +291,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     adm.store().record_enrollment(ext, "email", time.time())
     adm.reload_daemon()
     adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
+    adm.notify("enrolled", ext, target, method="email")
     print(SAVED)
     return 0
 
@@ -324,12 +341,7 @@ def disable(adm: Admin, ext: str) -> int:
         print(f"{ext} had no 2FA enabled; its state (failures, lock, recovery codes) is cleared.")
     else:
         print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
-        if current.email:  # tell the owner, so a disable they did not ask for is noticed
-            try:
-                enrollment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
-                                              time.time())
-            except LinkusError as exc:
-                print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
+        adm.notify("disabled", ext, current.email)  # so a disable the owner did not ask for is noticed
     print(SAVED)
     return 0
 
@@ -430,6 +442,7 @@ def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
     salt = new_salt()
     adm.store().set_recovery_codes(ext, salt, [digest(c, salt) for c in codes])
     adm.audit("recovery-codes", ext, count=count)
+    adm.notify("recovery-codes", ext, settings.email)
     print(f"Recovery codes for {ext}. Each works once, typed in place of the code from the app.")
     print("They are shown only now; earlier recovery codes no longer work.")
     for code in codes:
@@ -444,7 +457,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
         except KeyError:
             raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
-    source, _current = adm.lookup(ext)
+    source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
     adm.store()
     found = read_file(path)
@@ -473,6 +486,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
         store.set_recovery_codes(ext, salt, [digest(c, salt) for c in scratch])
     adm.reload_daemon()
     adm.audit("import-google", ext, source=source, recovery_codes=len(scratch))
+    adm.notify("enrolled", ext, current.email if current is not None else None, method="totp")
     print(f"Imported {path}: the app keeps working; {len(scratch)} scratch codes are now recovery codes.")
     if short:
         print(f"Note: this key has fewer than {MIN_SECRET_BITS} bits (marked legacy_short_secret); "

@@ -21,7 +21,7 @@ from typing import Any
 
 from nss_config.yaml_reader import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
-from pam_linkus.mailtext import PLACEHOLDERS, fill
+from pam_linkus.mailtext import PLACEHOLDERS, check_address, fill
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -237,7 +237,8 @@ class LdapConfig:
 
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
-        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "cache_size", "cache_ttl", "negative_cache_ttl", "connect_timeout", "filter", "object_class", "scope",
+        "start_tls", "timeout", "uris",
         "writer_bind_dn", "writer_password_file", "group_attribute",
     )
 
@@ -295,6 +296,11 @@ class LdapConfig:
         self.group_attribute = r.string("group_attribute", "memberOf", max_len=100)
         if not _is_attribute_name(self.group_attribute):
             raise r.fail("group_attribute", "must be an LDAP attribute name (letters, digits, '-') or an OID")
+        # In-memory answers (nss_config.answer_cache): a directory change is seen within cache_ttl;
+        # a kept "not enrolled" lets the password alone in under enforce: enrolled, hence its own age.
+        self.cache_ttl = r.integer("cache_ttl", 60, minimum=0, maximum=86400)
+        self.negative_cache_ttl = r.integer("negative_cache_ttl", 0, minimum=0, maximum=3600)
+        self.cache_size = r.integer("cache_size", 10000, minimum=0, maximum=1_000_000)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
@@ -466,6 +472,42 @@ class EmailConfig:
                              else f"unknown placeholder {{{name}}}") from None
         self.template_file = r.optional_path("template_file")
         self.key_file = r.path("key_file", f"{DEFAULT_STATE_DIR}/email.key")
+        r.done()
+
+
+class SprayingConfig:
+    """When wrong codes for many extensions in a short time mail the admin (pam_linkus.notify)."""
+
+    __slots__ = ("extensions", "window")
+
+    def __init__(self, r: Reader):
+        self.extensions = r.integer("extensions", 5, minimum=2, maximum=10000)
+        self.window = r.integer("window", 600, minimum=10, maximum=86400)
+        r.done()
+
+
+class NotifyConfig:
+    """Mails to the extension's address on file (and the admin's) when something happens to an
+    account: a lock, 2FA switched off, a new method, new recovery codes (pam_linkus.notify).
+
+    On by default only when the config has an ``smtp`` section: a host that never set up mail
+    does not start talking to 127.0.0.1:587. ``admin``: one plain address for locks and spraying.
+    """
+
+    __slots__ = ("enabled", "admin", "interval", "max_per_hour", "spraying")
+
+    def __init__(self, r: Reader, *, smtp_configured: bool):
+        self.enabled = r.boolean("enabled", smtp_configured)
+        admin = r.optional_string("admin", max_len=254)
+        if admin is not None:
+            try:
+                check_address(admin)
+            except ValueError as exc:
+                raise r.fail("admin", f"{exc} (one plain address local@domain)") from None
+        self.admin = admin
+        self.interval = r.integer("interval", 900, minimum=0, maximum=7 * 86400)
+        self.max_per_hour = r.integer("max_per_hour", 60, minimum=1, maximum=10000)
+        self.spraying = SprayingConfig(r.section("spraying"))
         r.done()
 
 
@@ -767,7 +809,8 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "gate",
+        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "notify",
+        "gate",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -788,6 +831,7 @@ class Config:
         self.lockout = LockoutConfig(r.section("lockout"))
         self.email = EmailConfig(r.section("email"))
         self.smtp = SmtpConfig(r.section("smtp"))
+        self.notify = NotifyConfig(r.section("notify"), smtp_configured=r.has("smtp"))
         self.prompts = PromptsConfig(r.section("prompts"))
         self.exempt_networks = _networks(r, "exempt_networks")
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from nss_config.answer_cache import NotCached
 from nss_config.base import check_user_name
 from pam_linkus import emailcode, groups, policy
 from pam_linkus.errors import (
@@ -188,6 +189,20 @@ def group_profile(req: LoginRequest, ctx: Context, profile: Profile,
     return policy.combine(profile, matching)
 
 
+def _lookup_or_offload(req: LoginRequest, ctx: Context) -> Generator[Offload, str | None,
+                                                                    ExtensionSettings | None]:
+    """The settings from memory when the chain has them (YAML, LDAP's recent answers: on
+    linkusd's event loop), else announce the wait for the directory and ask it."""
+    if not ctx.chain.waits_for_servers:
+        return _lookup(req, ctx)
+    recalled = ctx.chain.recall(req.user)
+    if isinstance(recalled, NotCached):
+        yield OFFLOAD  # the directory is next
+        return _lookup(req, ctx)
+    ctx.source = recalled.source if recalled is not None else "-"
+    return recalled
+
+
 def split_digits(req: LoginRequest, ctx: Context) -> int:
     """Single-field mode, first line: how many trailing characters of the answer are the code.
 
@@ -230,10 +245,9 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
                 yield OFFLOAD  # NSS may be remote (sssd)
                 if not policy.matching_rules(revoking, groups.Membership(groups.unix_groups(req.user), None)):
                     return exempt
-    if ctx.chain.waits_for_servers or rules:
-        yield OFFLOAD  # the directory (or NSS, for group rules) is next
-    settings, directory_groups = _lookup_account(req, ctx)
     if rules:
+        yield OFFLOAD  # NSS for the Unix groups (and maybe the directory) is next
+        settings, directory_groups = _lookup_account(req, ctx)
         profile = group_profile(req, ctx, profile, directory_groups)
         if not profile.methods:
             ctx.method = settings.method if settings is not None else "-"
@@ -244,6 +258,8 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
             exempt = policy.exempt_network(rhost, profile)
             if exempt is not None:
                 return exempt
+    else:
+        settings = yield from _lookup_or_offload(req, ctx)
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":
@@ -468,7 +484,8 @@ def _failure(ctx: Context, reason: str, status: LockStatus, now: float) -> Gener
     else CodeRejected."""
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
-        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until,
+                      newly=True)
     return CodeRejected(f"{reason} ({status.failures} consecutive failures)")
 
 

@@ -170,11 +170,33 @@ def test_a_wrong_or_replayed_code_and_a_wrong_password_pass_nobody(gate_api: Gat
     wrong = "000000" if code_at(SECRET, gate_api.clock.now) != "000000" else "111111"
     assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=CLIENT,
                     code=wrong)["error"] == "denied"
-    assert logged(gate_api.site.log, service="linkus-gate", reason="wrong code")["outcome"] == "denied"
+    assert any('service="linkus-gate"' in line and 'outcome="denied" reason="wrong code' in line
+               for line in gate_api.site.log.lines)
     assert gate_api.sign_in(user)["ok"]
     replay = gate_api.sign_in(user)  # the same time step: the code was used
     assert replay == {"ok": False, "error": "denied"}
     assert gate_api.store().lock_status(user, gate_api.clock.now).failures == 1
+
+
+def test_each_gate_failure_is_counted_once_by_fail2ban(gate_api: GateApi, user: str, tmp_path: Path) -> None:
+    import collections
+
+    from test_fail2ban import as_auth_log, matches, require_fail2ban
+
+    require_fail2ban()
+    gate_api.site.log.take()
+    attacker = "198.51.100.66"
+    assert gate_api("gate_sign_in", ext=user, password="wrong", client=attacker)["error"] == "denied"
+    assert gate_api("gate_sign_in", ext="nobody-here", password="wrong", client=attacker)["error"] == "denied"
+    first = gate_api("gate_sign_in", ext=user, password=PASSWORD, client=attacker)
+    assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=attacker,
+                    code="12345x")["error"] == "denied"
+    gate_api.clock.now += 30
+    assert gate_api.sign_in(user)["ok"]  # a success from CLIENT counts nothing
+    lines = [line for line in gate_api.site.log.take() if "pam_linkus(linkusd)[" in line]
+    found = matches([as_auth_log(line) for line in lines], tmp_path)
+    assert collections.Counter(found) == {attacker: 3}, (found, lines)
+    assert all("caller_uid=-" not in line for line in lines)
 
 
 def test_an_unknown_name_answers_as_a_wrong_password(gate_api: GateApi) -> None:

@@ -30,9 +30,10 @@ from typing import TypeVar
 from nss_config.chain import SourceChain, build_chain
 from pam_linkus import __version__
 from pam_linkus.config import Config, load_config
-from pam_linkus.errors import LinkusError, Unavailable
+from pam_linkus.errors import CodeRejected, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SyslogSink
 from pam_linkus.mail import Mailer, SmtpMailer
+from pam_linkus.notify import Event, Notifier
 from pam_linkus.state import open_store
 from pam_linkus.state.base import StateStore
 
@@ -44,6 +45,8 @@ WATCH_INTERVAL = 1.0
 LOOP_BUSY_TIMEOUT = 0.5
 #: How often expired state is pruned.
 PRUNE_INTERVAL = 600.0
+#: How long a stopping linkusd waits for queued notification mails (pam_linkus.notify).
+SHUTDOWN_MAIL_WAIT = 3.0
 
 
 def _signature(path: str) -> tuple[int, int, int, int, int] | None:
@@ -136,6 +139,31 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._caller_slots: dict[int, asyncio.Semaphore] = {}
         self.active: dict[str, int] = {"pam": 0, "web": 0, "parked": 0}
+        self.notifier = Notifier(sink, current=self._current_config, mailer=self.mailer, lookup=self._address_of,
+                                 clock=clock)
+
+    # -- notifications ---------------------------------------------------------
+
+    def _current_config(self) -> Config | None:
+        snap = self._current
+        return snap.config if snap is not None else None
+
+    def _address_of(self, ext: str) -> str | None:
+        """The extension's address on file (the notifier's thread; a lookup like a login's)."""
+        snap = self._current
+        settings = snap.chain.lookup(ext) if snap is not None else None
+        return settings.email if settings is not None else None
+
+    def login_failed(self, account: str, exc: LinkusError, *, service: str, client: str | None) -> None:
+        """What a failed login tells the notifier: a lock it set mails the owner (and the admin),
+        a counted wrong code feeds the spraying watch. Never blocks (``Notifier.submit``)."""
+        if not account or account == "-":
+            return
+        newly_locked = isinstance(exc, Locked) and exc.newly
+        if newly_locked:
+            self.notifier.submit(Event("locked", account, self.clock(), client=client, service=service))
+        if newly_locked or isinstance(exc, CodeRejected):
+            self.notifier.wrong_code(account, self.clock())
 
     # -- snapshots -------------------------------------------------------------
 
@@ -176,6 +204,10 @@ class Engine:
         async with self._reload_lock:
             if if_changed and not self.changed():
                 return True
+            if self._current is not None:
+                # A RELOAD follows every change linkus-2fa or self-service makes: whatever the
+                # build's fate, no answer the sources kept from before the change serves again.
+                self._current.chain.forget_answers()
             loop = asyncio.get_running_loop()
             result: asyncio.Future[Snapshot] = loop.create_future()
 
@@ -327,12 +359,15 @@ class Engine:
             "refused_peers": self.health.refused_peers,
             "over_capacity": self.health.over_capacity,
             "log_lines_dropped": getattr(self.sink, "dropped", 0),
+            "notifications": {"sent": self.notifier.sent, "dropped": self.notifier.dropped},
             "socket_problem": self.health.socket_problem,
         }
 
     def shutdown(self) -> None:
         self._pam_pool.shutdown(wait=False, cancel_futures=True)
         self._web_pool.shutdown(wait=False, cancel_futures=True)
+        # a lock mail queued a moment before the stop still goes out, within a bound
+        self.notifier.flush(timeout=SHUTDOWN_MAIL_WAIT)
 
 
 def _settle(future: asyncio.Future[Snapshot], snap: Snapshot | None, exc: BaseException | None) -> None:

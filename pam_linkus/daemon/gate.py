@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -60,6 +61,7 @@ from pam_linkus import emailcode, groups
 from pam_linkus.daemon.selfservice import (
     _OPS,
     _TEXT_LIMITS,
+    GATE_SERVICE,
     SelfService,
     WebError,
     _account,
@@ -85,7 +87,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SERVICE = "linkus-gate"
+SERVICE = GATE_SERVICE
+#: The web socket peer's uid for the login lines (caller_uid), set per call.
+_PEER_UID: contextvars.ContextVar[int] = contextvars.ContextVar("gate_peer_uid", default=0)
 #: Threads for the auth check's store reads (not the PAM or web pools).
 CHECK_THREADS = 2
 #: Seconds between two summary lines of refused auth checks.
@@ -274,6 +278,10 @@ class GateService(SelfService):
         self._refused_since = time.monotonic()
         self._key: tuple[int, bytes] | None = None
 
+    async def call(self, request: dict[str, object], peer_uid: int) -> dict[str, object]:
+        _PEER_UID.set(peer_uid)  # this task's own context: parallel calls never see each other's
+        return await super().call(request, peer_uid)
+
     # -- plumbing ---------------------------------------------------------------------
 
     async def _quick(self, fn: Callable[[], T], timeout: float) -> T:
@@ -301,7 +309,7 @@ class GateService(SelfService):
             outcome, LOG_WARNING)
         self.engine.sink.attempt(severity, {
             "service": SERVICE, "user": user, "account": account, "rhost": client, "tty": "-", "ruser": "-",
-            "caller_uid": -1, "method": method, "source": "-", "outcome": outcome, "reason": reason,
+            "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome, "reason": reason,
             "ms": int((time.monotonic() - started) * 1000)})
 
     def _refusal(self, why: str) -> None:
@@ -347,12 +355,14 @@ class GateService(SelfService):
                 refusal = "system account"
         reservation = self._reserve(_limits(key, client), ext, client, "gate-sign-in")
         if refusal is not None:
+            # the page's own line (via=gate) is what fail2ban counts for a name or password failure
             self._login_line(Outcome.DENIED, name, "-", client, "-", refusal, started)
-            await self._fail("denied", name, client, "web-refused", deadline, log=False)
+            await self._fail("denied", name, client, "web-refused", deadline, via="gate",
+                             result=refusal.replace(" ", "-"))
         assert settings is not None
         try:
             await self._password(ext, f["password"], client, "gate-sign-in", deadline=deadline,
-                                 reservation=reservation, log=False)
+                                 reservation=reservation, via="gate")
         except WebError:
             self._login_line(Outcome.DENIED, name, ext, client, "-", "wrong password", started)
             raise
@@ -427,14 +437,11 @@ class GateService(SelfService):
         gate = self.engine.snapshot().config.gate
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
 
-        def wrong(sess: _Session) -> None:
-            self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", "wrong code", started)
+        def failed(sess: _Session, exc: LinkusError) -> None:
+            outcome = Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED
+            self._login_line(outcome, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
 
-        try:
-            sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_wrong=wrong)
-        except Locked as exc:
-            self._login_line(Outcome.LOCKED, "-", "-", f["client"], "-", exc.reason, started)
-            raise
+        sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_fail=failed)
         return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,
                                      started)
 

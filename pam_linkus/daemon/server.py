@@ -491,6 +491,7 @@ class PamLogin:
             outcome, reason = await self._converse(self.steps)
         except LinkusError as exc:
             outcome, reason = exc.outcome, exc.reason
+            engine.login_failed(ctx.account, exc, service=req.service, client=req.rhost)
         except (ConnectionError, ProtocolError) as exc:
             outcome, reason = Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
         except Exception as exc:  # noqa: BLE001 - a bug ends this login (unavailable), never the daemon
