@@ -126,6 +126,16 @@ class SourceChain:
             if forget is not None:
                 forget()
 
+    def group_attribute_problem(self, *, ask: bool = True) -> str | None:
+        """Why the directory source cannot tell an account's groups (its schema does not define
+        ``ldap.group_attribute``, or could not be read), or None. ``ask``: see LdapSource."""
+        for source in self.sources:
+            check = getattr(source, "group_attribute_problem", None)
+            if check is not None:
+                problem: str | None = check(ask=ask)
+                return problem
+        return None
+
     def counts(self) -> tuple[int, int] | None:
         """(extensions, enrolled) held by the sources that load a whole file (YAML); None when
         none does (LDAP is asked per login and has no count)."""
@@ -133,6 +143,18 @@ class SourceChain:
         if not held:
             return None
         return sum(len(source) for source in held), sum(int(source.enrolled) for source in held)
+
+    def enrolled_by_method(self) -> dict[str, int] | None:
+        """Enrolled extensions by method in the sources that load a whole file (YAML); None when
+        none does. Counted when the file loads, so reading it costs nothing."""
+        held: list[Any] = [source for source in self.sources if hasattr(source, "enrolled_by_method")]
+        if not held:
+            return None
+        total: dict[str, int] = {}
+        for source in held:
+            for method, n in source.enrolled_by_method.items():
+                total[method] = total.get(method, 0) + n
+        return total
 
     def load_summary(self, previous: SourceChain | None) -> tuple[str, bool]:
         """The counts for linkusd's "configuration loaded" line, and whether the number of

@@ -411,6 +411,78 @@ def status(adm: Admin, ext: str) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    return f"{days}d {hours}h {minutes}m" if days else f"{hours}h {minutes}m" if hours else f"{minutes}m {rest % 60}s"
+
+
+def _counts(counts: object, order: Sequence[str] = ()) -> str:
+    """``a 3, b 1`` from a JSON object of counts (``order`` first), or ``none``."""
+    if not isinstance(counts, dict) or not any(counts.values()):
+        return "none"
+    keys = [k for k in order if counts.get(k)] + sorted(k for k in counts if k not in order and counts[k])
+    return ", ".join(f"{key} {counts[key]}" for key in keys)
+
+
+def summary(adm: Admin) -> int:
+    """``status`` without an extension: linkusd's own account of itself (STATUS over its PAM socket,
+    root only), for an admin without Prometheus; locks linkusd saw are checked against the store now."""
+    path = adm.config.daemon.pam_socket
+    try:
+        reply = call_control(path, Msg.STATUS, timeout=10)
+    except (OSError, ProtocolError) as exc:
+        raise LinkusError(f"linkusd did not answer on {path} ({type(exc).__name__}); is it running?") from None
+    stats = reply.get("summary")
+    if not isinstance(stats, dict):
+        raise LinkusError(f"linkusd on {path} is older than this command (no summary in its status)")
+    now = time.time()
+    started = reply.get("started")
+    up = _duration(now - started) if isinstance(started, (int, float)) else "?"
+    print(f"linkusd:      pid {reply.get('pid')}, version {reply.get('version')}, up {up}")
+    if reply.get("socket_problem"):
+        print(f"problem:      {reply['socket_problem']}")
+    loaded = "loaded" if reply.get("loaded") else "NOT LOADED: every login is refused"
+    print(f"config:       {reply.get('config')} ({loaded})")
+    last, seconds = stats.get("last_reload"), stats.get("last_reload_seconds")
+    if isinstance(last, (int, float)):
+        result = "ok" if stats.get("last_reload_ok") else "FAILED"
+        print(f"last reload:  {_when(last)}, {result} in {int(float(seconds or 0) * 1000)} ms "
+              f"(since start: {_counts(stats.get('reloads'), ('ok', 'failed'))})")
+    if reply.get("last_error"):
+        print(f"load error:   {reply['last_error']}")
+    outcomes = stats.get("last_hour")
+    total = sum(outcomes.values()) if isinstance(outcomes, dict) else 0
+    print(f"last hour:    {total} logins: {_counts(outcomes, _ORDER)}")
+    print(f"errors:       last hour: {_counts(stats.get('errors_last_hour'))}; "
+          f"since start: {_counts(stats.get('errors'))}")
+    print(f"email codes:  {_counts(stats.get('email_codes'), ('sent', 'throttled'))} (since start)")
+    print(f"throttled:    {stats.get('web_throttled', 0)} web sign-ins (since start)")
+    print(f"notices:      {_counts(reply.get('notifications'), ('sent', 'dropped'))} (mails to owners and the "
+          "admin, since start)")
+    print(f"refused:      {_counts(stats.get('refused'))} (connections turned away at accept, since start)")
+    seen = stats.get("locked_seen")
+    store = adm.store()
+    locked = []
+    for account in seen if isinstance(seen, list) else []:
+        lock = store.lock_status(str(account), now)
+        if lock.locked(now):
+            until = "until unlocked" if lock.locked_until >= FOREVER else f"until {_when(lock.locked_until)}"
+            locked.append(f"{account} ({until})")
+    checked = len(seen) if isinstance(seen, list) else 0
+    more = stats.get("locked_seen_count", checked)
+    unchecked = f"; {int(more) - checked} older ones not checked" if isinstance(more, int) and more > checked else ""
+    print(f"locked now:   {len(locked)}" + (": " + ", ".join(locked) if locked else "")
+          + f" (of the locks linkusd has seen since it started{unchecked})")
+    return 0
+
+
+#: The order outcomes are printed in.
+_ORDER = ("success", "skip", "denied", "locked", "unavailable", "conversation")
+
+
 def list_extensions(adm: Admin) -> int:
     if "yaml" not in adm.config.sources:
         print("The YAML source is not configured; use 'status EXT' for extensions in LDAP.")
@@ -595,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("disable", "turn 2FA off (lost phone) and clear the extension's state"),
                        ("unlock", "clear a lockout")):
         verb(name, text).add_argument("ext")
-    verb("status", "method, enrollment, last success, failures, lock").add_argument("ext", nargs="?")
+    verb("status", "an extension's method, enrollment, failures, lock; without one: linkusd's summary "
+         "(last hour's logins, errors, locks, last reload, uptime)").add_argument("ext", nargs="?")
     verb("list", "every extension of the YAML source with its state")
     verb("gate-sessions", "list the web gate's sessions (all, or one extension's)").add_argument("ext", nargs="?")
     revoke = verb("gate-revoke", "end web gate sessions now (the next request is refused)")
@@ -643,8 +716,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return max(pam, migrate_pam.mark_legacy_secrets(args.config, check=args.check))
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
-        if args.verb == "list" or (args.verb == "status" and not args.ext):
+        if args.verb == "list":
             return list_extensions(adm)
+        if args.verb == "status" and not args.ext:
+            return summary(adm)
         if args.verb == "gate-sessions":
             return gate_sessions(adm, _check_ext(args.ext) if args.ext else None)
         if args.verb == "gate-revoke":

@@ -184,8 +184,10 @@ def group_profile(req: LoginRequest, ctx: Context, profile: Profile,
     try:
         matching = policy.matching_rules(rules, member)
     except groups.MembershipUnknown:
+        check = getattr(ctx.chain, "group_attribute_problem", None)
+        problem = check(ask=False) if check is not None else None
         raise SourceUnavailable("group_policy: the account's LDAP groups are not known "
-                                "(the directory was not asked or did not answer)") from None
+                                f"({problem or 'the directory was not asked or did not answer'})") from None
     return policy.combine(profile, matching)
 
 
@@ -210,10 +212,15 @@ def split_digits(req: LoginRequest, ctx: Context) -> int:
     has 0 under ``enforce: enrolled`` (the whole answer is the password) and the usual
     6 under ``enforce: all``, where the login is refused later anyway. So the answer
     depends on nothing an outsider could not already see from the login's result.
+    ``enforce`` is the one the login will get: the profile made stricter by the group rules
+    (the groups come from the same lookup; linkusd runs this in a worker when there are rules,
+    NSS may be remote), so an unenrolled member of an ``enforce: all`` group gets 6 too.
     """
     _check_name(req.user)
     profile = profile_for(req, ctx.config)
-    settings = _lookup(req, ctx)
+    settings, directory_groups = _lookup_account(req, ctx)
+    if ctx.config.group_policy:
+        profile = group_profile(req, ctx, profile, directory_groups)
     if settings is not None and settings.enrolled and settings.method == "totp":
         ctx.account = settings.account
         ctx.method = settings.method

@@ -156,9 +156,10 @@ def test_control_fields(deb: Path) -> None:
     depends = {d.strip().split()[0] for d in field("Depends").split(",")}
     assert {"python3-yaml", "python3-ldap3", "python3-segno", "libpam-runtime", "adduser", "libpam0g",
             "libc6"} <= depends, depends
-    # Redis state and the self-service pages are optional parts.
+    # Redis state, the self-service pages and the metrics listener are optional parts.
     assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis", "python3-starlette",
-                                                                   "python3-uvicorn", "python3-jinja2"}
+                                                                   "python3-uvicorn", "python3-jinja2",
+                                                                   "python3-prometheus-client"}
     # The pam_python version is gone for good: nothing may pull it in again.
     assert "libpam-python" not in field("Depends") + field("Recommends") + field("Suggests")
     assert field("Architecture") == run(["dpkg", "--print-architecture"]).stdout.strip()

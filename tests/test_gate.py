@@ -624,3 +624,26 @@ def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: s
                                                                  "csrf": form_value(page, "csrf")})
     assert status == 403 and 'data-kind="locked"' in page
 
+
+
+def test_a_state_file_of_the_release_before_gets_the_gate_table(private_dir: Path) -> None:
+    import os
+    import sqlite3
+
+    from pam_linkus.state.sqlite_store import MIGRATIONS, SqliteStore
+
+    path = str(private_dir / "state.db")
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:-1]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+    store = SqliteStore(path)
+    try:
+        assert store.gate_create("ab" * 32, "1001", "totp", CLIENT, "", 1000.0, lifetime=3600, idle=600,
+                                 max_per_account=2, max_total=10)
+        assert store.counts()["gate_sessions"] == 1
+    finally:
+        store.close()

@@ -154,6 +154,8 @@ OPTIONAL_IMPORTS = (
     "redis",  # only with Redis state
     "pam_linkus.state.redis_store",
     "segno",  # QR codes
+    "prometheus_client",  # only with metrics.listen set (python3-prometheus-client is a Recommends)
+    "pam_linkus.daemon.exposition",
 )
 
 

@@ -318,7 +318,8 @@ def test_cache_never_answers_for_another_account_whose_name_casefolds_alike(
     down, each name gets its own last-read settings, never the other's secret or its "2FA off"."""
     pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
     other = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
-    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET}, "stra\u00df": {"method": "totp", "secret": other}})
+    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET},
+                           "stra\u00df": {"method": "totp", "secret": other}})
     clock = Clock(T0)
     source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
                         state=lambda: store, clock=clock)
@@ -432,8 +433,18 @@ def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -
     (conn_id,) = conn_ids
     ops = [line for line in log.splitlines() if f"conn={conn_id} op=" in line]
     assert sum(" BIND dn=" in line and "method=" in line for line in ops) == 1
-    assert sum(" SRCH base=" in line for line in ops) == 1
-    assert not any("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops)
+    # the schema (root DSE, then the subschema entry) is read once per source: group_attribute
+    assert sum(" SRCH base=" in line for line in ops) == 3
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    assert source.lookup("counted") is not None  # on the warm connection: one search, no schema
+    deadline = time.monotonic() + 5
+    while len([ln for ln in slapd.log_text().splitlines() if f"conn={conn_id} op=" in ln and needle in ln]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ops = [line for line in slapd.log_text().splitlines() if f"conn={conn_id} op=" in line]
+    assert sum(" SRCH base=" in line for line in ops) == 4
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    source.close()
 
 
 # -- doctor ------------------------------------------------------------------------------------
@@ -763,3 +774,20 @@ def test_an_answer_read_before_a_change_through_linkusd_is_not_kept() -> None:
     assert cache.get("alice") is NOT_CACHED and len(cache) == 0
     cache.put("alice", settings, T0, cache.generation())  # asked a TTL ago: already too old
     assert cache.get("alice") is NOT_CACHED
+
+def test_groups_are_unknown_while_the_schema_does_not_define_the_group_attribute(
+        slapd: Slapd, password_file: Path) -> None:
+    """memberOf without the overlay (this slapd) is in no entry: "unknown", never "in no group"."""
+    base = slapd.tree({"plain": {"seeAlso": "cn=admins,ou=groups,dc=x"}})
+    missing = LdapSource(make_config(ldap_config(slapd, base, password_file)))
+    defined = LdapSource(make_config(ldap_config(slapd, base, password_file, group_attribute="SEEALSO")))
+    try:
+        assert missing.lookup_account("plain") == (None, None)
+        assert missing.group_attribute_problem(ask=False) == (
+            "ldap.group_attribute memberOf is not defined in the directory's schema (memberOf needs the "
+            "memberof overlay)")
+        assert defined.lookup_account("plain") == (None, frozenset({"cn=admins,ou=groups,dc=x"}))
+        assert defined.group_attribute_problem() is None
+    finally:
+        missing.close()
+        defined.close()

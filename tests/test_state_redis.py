@@ -446,7 +446,20 @@ def test_a_wrongly_shaped_grace_record_is_unavailable(redis_server: RedisServer)
     store = open_store(state_config(url=redis_server.url, prefix=p))
     redis_server.client().hset(f"{p}{{1001}}:grace", "192.0.2.1", "later")
     with pytest.raises(StateUnavailable):
-        store.grace_active("1001", "192.0.2.1", NOW)
+        store.grace_active("1001", "192.0.2.1", NOW, 300)
+    store.close()
+
+
+def test_a_grace_record_from_before_starts_were_kept_never_counts(redis_server: RedisServer) -> None:
+    """"<until>" alone (the old shape): one more code, never a skip; the next right code rewrites it."""
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    redis_server.client().hset(f"{p}{{1001}}:grace", "192.0.2.1", repr(NOW + 3600))
+    assert store.grace_active("1001", "192.0.2.1", NOW, 86400) is False
+    store.start_grace("1001", "192.0.2.1", NOW, 60)
+    assert redis_server.client().hget(f"{p}{{1001}}:grace", "192.0.2.1") == f"{NOW + 3600!r} {NOW!r}"
+    assert store.grace_active("1001", "192.0.2.1", NOW + 59, 60) is True
+    assert store.grace_active("1001", "192.0.2.1", NOW + 60, 60) is False
     store.close()
 
 

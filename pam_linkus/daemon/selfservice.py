@@ -236,10 +236,13 @@ class SelfService:
         except Locked as exc:
             return {"ok": False, "error": "locked", "until": _until(exc.locked_until)}
         except CodeThrottled as exc:
+            self.engine.count_failure(exc, None)
             return {"ok": False, "error": "throttled", "retry_after": exc.retry_after, "reason": "email-code"}
         except Denied:
             return {"ok": False, "error": "denied"}
         except LinkusError as exc:
+            snap = self.engine.current
+            self.engine.count_failure(exc, snap.config if snap is not None else None)
             self._log(LOG_WARNING, "unavailable", op=op, reason=exc.reason, peer_uid=peer_uid)
             return {"ok": False, "error": "unavailable"}
         except Exception as exc:  # noqa: BLE001 -- the daemon must answer, not die; logged with its type only
@@ -325,6 +328,7 @@ class SelfService:
         self._expire(now)
         self._make_room(ext, state)
         if len(self._sessions) >= MAX_SESSIONS:
+            self.engine.stats.web_throttled += 1
             raise WebError("throttled", "too many sessions", retry_after=60)
         token = secrets.token_urlsafe(32)
         sess = _Session(ext, now)
@@ -351,6 +355,7 @@ class SelfService:
             key, left = full
             self._log(LOG_WARNING, "self-check", ext=ext, client=client, result="throttled", step=step,
                       limit="extension" if key.startswith(("ext:", "name:")) else "address")
+            self.engine.stats.web_throttled += 1
             raise WebError("throttled", retry_after=int(left) + 1)
 
     def _reserve(self, limits: list[tuple[str, int]], ext: str, client: str, step: str) -> _Reservation:
