@@ -1,0 +1,205 @@
+"""Debian's real nginx with docs/gate.md's example server block, and a stand-in GUI behind it.
+
+For tests/test_gate_nginx.py and bench/gate.py: no pytest and no fixtures here (bench/ imports it
+without tests/conftest.py). The example block is taken from docs/gate.md between its BEGIN/END
+lines, so the page cannot drift from what runs; ``fill`` changes only what the page says a site
+changes (the two placeholders) and what a test must (the listen lines and the certificate paths),
+each edit checked to apply exactly once.
+
+nginx runs in the foreground (``daemon off``) with its own prefix, config, pid file, logs and temp
+directories in the caller's directory, on 127.0.0.1 and a port it was free to take; its master
+starts as root (as in production) and its workers run as the user the caller names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from plumbing import stop_process
+
+REPO = Path(__file__).resolve().parent.parent
+GATE_DOC = REPO / "docs" / "gate.md"
+NGINX = "/usr/sbin/nginx"
+BEGIN = "# BEGIN linkus-gate example"
+END = "# END linkus-gate example"
+
+
+def example_block(doc: Path = GATE_DOC) -> str:
+    """The text between the BEGIN and END lines (exactly one pair), those lines included."""
+    text = doc.read_text(encoding="utf-8")
+    found = re.findall(rf"^{re.escape(BEGIN)}\n.*?^{re.escape(END)}$", text, flags=re.S | re.M)
+    if len(found) != 1:
+        raise AssertionError(f"{doc}: want one {BEGIN!r} ... {END!r} block, found {len(found)}")
+    return str(found[0])
+
+
+def _once(text: str, pattern: str, replacement: str) -> str:
+    new, count = re.subn(pattern, lambda _m: replacement, text, flags=re.M)
+    if count != 1:
+        raise AssertionError(f"the example block should have {pattern!r} once, has it {count} times")
+    return new
+
+
+def fill(block: str, *, upstream: str, linkus_web: str, port: int, cert: Path, key: Path) -> str:
+    """The block as a site would use it: the two placeholders replaced; plus, for a test on loopback,
+    its listen lines on 127.0.0.1:``port`` (the [::] one dropped) and the test's certificate."""
+    for name in ("UPSTREAM", "LINKUS_WEB"):
+        if name not in block:
+            raise AssertionError(f"the example block has no {name} placeholder")
+    text = re.sub(r"\bUPSTREAM\b", upstream, block)
+    text = re.sub(r"\bLINKUS_WEB\b", linkus_web, text)
+    text = _once(text, r"^(\s*)listen 443 ssl;$", f"    listen 127.0.0.1:{port} ssl;")
+    text = _once(text, r"^\s*listen \[::\]:443 ssl;\n", "")
+    text = _once(text, r"^\s*ssl_certificate\s+\S+;$", f"    ssl_certificate {cert};")
+    return _once(text, r"^\s*ssl_certificate_key\s+\S+;$", f"    ssl_certificate_key {key};")
+
+
+def wrap(server_blocks: str, where: Path, *, worker_user: str | None, worker_group: str | None = None) -> str:
+    """A whole nginx.conf around ``server_blocks``: everything nginx writes goes below ``where``."""
+    user = f"user {worker_user} {worker_group or worker_user};\n" if worker_user else ""
+    temps = "\n".join(f"    {kind}_temp_path {where / kind};" for kind in
+                      ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return (f"{user}worker_processes 1;\npid {where / 'nginx.pid'};\nerror_log {where / 'error.log'} warn;\n"
+            "events { worker_connections 512; }\n"
+            "http {\n"
+            "    default_type application/octet-stream;\n"
+            f"    access_log {where / 'access.log'};\n"
+            f"{temps}\n"
+            f"{server_blocks}\n"
+            "}\n")
+
+
+def self_signed(where: Path) -> tuple[Path, Path]:
+    """A throwaway certificate for 127.0.0.1 (P-256, two days), for nginx and for the clients' trust."""
+    cert, key = where / "gate-cert.pem", where / "gate-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    key.chmod(0o600)
+    return cert, key
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Nginx:
+    """One nginx master (foreground) with the config ``wrap`` made; ``stop`` ends it."""
+
+    def __init__(self, where: Path, server_blocks: str, *, port: int, worker_user: str | None = None,
+                 worker_group: str | None = None):
+        self.where = where
+        self.port = port
+        where.mkdir(parents=True, exist_ok=True)
+        self.conf = where / "nginx.conf"
+        self.conf.write_text(wrap(server_blocks, where, worker_user=worker_user,
+                                    worker_group=worker_group))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self, *extra: str) -> list[str]:
+        return [NGINX, "-p", str(self.where), "-c", str(self.conf), *extra]
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        """``nginx -t``: the config as nginx parses it, without starting anything."""
+        return subprocess.run(self.command("-t"), capture_output=True, text=True, timeout=30, check=False)
+
+    def start(self, timeout: float = 15.0) -> None:
+        stderr = (self.where / "stderr.log").open("ab")
+        self.proc = subprocess.Popen(self.command("-g", "daemon off;"), stdout=subprocess.DEVNULL, stderr=stderr,
+                                     cwd=str(self.where))
+        stderr.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nginx exited {self.proc.returncode}: {self.errors()}")
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"nginx did not listen on {self.port}: {self.errors()}")
+
+    def errors(self) -> str:
+        return "".join(path.read_text(errors="replace")[-3000:] for path in
+                       (self.where / "stderr.log", self.where / "error.log") if path.exists())
+
+    def stop(self) -> None:
+        # SIGTERM is nginx's fast shutdown: the master ends its workers and exits
+        stop_process(self.proc)
+
+
+#: What an EchoUpstream answers a request with: the status and extra headers, from the request's record.
+Answer = Callable[[dict[str, Any]], tuple[int, dict[str, str]]]
+
+
+class EchoUpstream:
+    """The protected GUI's stand-in: every request is answered 200 with a JSON object of the path,
+    the method and the headers exactly as they arrived (a repeated header appears once per copy), and
+    kept in ``seen`` (bounded) so a test can prove what did and what did not reach it.
+
+    With ``answer`` it stands in for the gate's check instead (status and headers chosen per request,
+    no body), so the example block's own wiring is tested apart from linkus-web."""
+
+    def __init__(self, keep: int = 1000, answer: Answer | None = None) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.keep = keep
+        self._lock = threading.Lock()
+        upstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(min(length, 65536))
+                record = {"method": self.command, "path": self.path,
+                          "headers": [[name, value] for name, value in self.headers.items()]}
+                with upstream._lock:
+                    if len(upstream.seen) < upstream.keep:
+                        upstream.seen.append(record)
+                status, extra = answer(record) if answer else (200, {})
+                body = json.dumps(record).encode() if answer is None else b""
+                self.send_response(status)
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_HEAD = _answer
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.seen)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+def header_values(record: dict[str, Any], name: str) -> list[str]:
+    """Every value of header ``name`` (any case) in one request the echo upstream recorded."""
+    return [value for key, value in record["headers"] if key.lower() == name.lower()]
