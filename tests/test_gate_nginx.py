@@ -133,8 +133,8 @@ def test_without_a_session_nothing_reaches_the_gui_and_the_browser_goes_to_sign_
                        headers=[("X-Linkus-User", FORGED), ("Cookie", "linkus_gate=made-up")],
                        body=b"x=1" if method == "POST" else None)
         assert reply.status == 302, (method, reply.status, reply.body[:200])
-        assert reply.header("Location") == ("https://127.0.0.1:%d/linkus-gate/sign-in?rd=/admin/config.php"
-                                            "?display=extensions" % client.port)
+        assert reply.header("Location") == (f"https://127.0.0.1:{client.port}/linkus-gate/sign-in"
+                                            "?rd=/admin/config.php?display=extensions")
     assert gui.count() == 0
     asked = [r for r in check.seen if r["path"] == "/linkus-gate/auth"]
     assert [r["method"] for r in asked] == ["GET", "GET", "GET"]  # the check is a GET without a body
