@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from state_gate_contract import GateSessionContract
 from state_recovery_contract import EnrollmentRecoveryContract
 from state_steps import NOW, STEP, fail, totp_attempt
 
@@ -87,7 +88,7 @@ def expected_locks(counts: int, times: list[float], max_failures: int, duration:
     return out
 
 
-class StateContract(EnrollmentRecoveryContract):
+class StateContract(EnrollmentRecoveryContract, GateSessionContract):
     """Every backend passes these; subclasses override ``opener`` and ``unavailable_opener``.
 
     ``CHECKS_ONLY_ADMITTED``: the backend calls ``totp_attempt``'s check only for an

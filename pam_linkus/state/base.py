@@ -204,6 +204,54 @@ def email_retry_after(
     return at
 
 
+class GateSession:
+    """One web gate session as the state store keeps it (never its token).
+
+    ``key`` is the keyed hash of the browser's token (HMAC, linkusd's key): a copy of
+    the store gives no usable cookie. ``id`` is a short, non-secret handle for the
+    admin (``linkus-2fa gate-sessions``/``gate-revoke``): the first 16 hex digits of
+    ``key``. ``expires`` is the absolute end (created + lifetime), ``idle`` the idle
+    timeout in seconds, ``seen`` the last use as recorded (written at most every few
+    seconds, not per request). ``locked_until`` is the account's lock, read with the
+    session in the same step, so a lock ends access at the next request.
+    """
+
+    __slots__ = ("key", "account", "method", "created", "seen", "client", "site", "expires", "idle",
+                 "locked_until")
+
+    def __init__(self, key: str, account: str, method: str, created: float, seen: float, client: str,
+                 site: str, expires: float, idle: float, locked_until: float = 0.0):
+        self.key = key
+        self.account = account
+        self.method = method
+        self.created = created
+        self.seen = seen
+        self.client = client
+        self.site = site
+        self.expires = expires
+        self.idle = idle
+        self.locked_until = locked_until
+
+    @property
+    def id(self) -> str:
+        return self.key[:GATE_ID_LEN]
+
+    def alive(self, now: float, lifetime: float | None = None, idle: float | None = None) -> bool:
+        """Within its stored limits and, when given, within ``lifetime``/``idle`` (a site's stricter ones)."""
+        if now >= self.expires or now >= self.seen + self.idle:
+            return False
+        if lifetime is not None and now >= self.created + lifetime:
+            return False
+        return not (idle is not None and now >= self.seen + idle)
+
+    def __repr__(self) -> str:
+        return f"GateSession(id={self.id!r}, account={self.account!r}, created={self.created}, seen={self.seen})"
+
+
+#: Hex digits of a gate session's key that make its admin id (64 bits: unique in practice).
+GATE_ID_LEN = 16
+
+
 class StateStore(Protocol):
     """See the module docstring; ``now`` is always passed in (injected clock).
 
@@ -401,6 +449,41 @@ class StateStore(Protocol):
         """What ``cache_settings`` stored, if it was stored at most ``max_age``
         seconds before ``now`` (and not after ``now``: a clock that went back
         must not make an entry young again); else None."""
+        ...
+
+    # -- web gate sessions (docs/protocol.md "Gate messages") -------------------------
+
+    def gate_create(self, key: str, account: str, method: str, client: str, site: str, now: float, *,
+                    lifetime: int, idle: int, max_per_account: int, max_total: int) -> bool:
+        """Atomically store a new gate session under ``key`` (the token's keyed hash).
+
+        The account's least recently seen sessions are pushed out first so that at most
+        ``max_per_account`` remain with the new one. Ended sessions are dropped; if
+        ``max_total`` live sessions remain, False and nothing is stored.
+        """
+        ...
+
+    def gate_check(self, key: str, now: float, *, lifetime: float, idle: float,
+                   touch_after: float) -> GateSession | None:
+        """The session under ``key`` if it is alive at ``now`` under its stored limits AND
+        ``lifetime``/``idle`` (the matched site's; never longer than the stored ones), else None.
+
+        One read (SQLite: one statement; Redis: one script) that also returns the account's
+        ``locked_until``. A session past its stored limits is deleted. If it was last seen
+        ``touch_after`` s ago or more, ``seen`` becomes ``now`` (the returned session keeps the
+        value it had: the caller decided on it).
+        """
+        ...
+
+    def gate_sessions(self, account: str | None, now: float) -> list[GateSession]:
+        """Live sessions of ``account`` (None: everyone's), oldest first."""
+        ...
+
+    def gate_revoke(self, *, key: str | None = None, id: str | None = None,
+                    account: str | None = None, everyone: bool = False) -> int:
+        """End sessions by token hash, by admin id (a prefix of the key), by account, or all;
+        exactly one selector. Returns how many ended. The next ``gate_check`` of any host
+        sharing the store sees it."""
         ...
 
     def close(self) -> None:

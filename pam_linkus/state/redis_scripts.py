@@ -345,3 +345,131 @@ end
 redis.call('HINCRBY', KEYS[2], 'attempts', -1)
 return {1, 4}
 """
+
+# -- web gate sessions (state.redis_gate) ------------------------------------------------
+# A session is the hash ``<prefix>gate:<key>`` (``key``: the token's keyed hash); the
+# account's index ``<prefix>{<account>}:gate`` (zset, score: last seen) and the index of all
+# ``<prefix>gate_sessions`` (zset, score: absolute end) bound their numbers and serve the
+# admin's list and revocations. These scripts name a session's keys and its account's lock
+# from the stored account, so they touch keys the caller could not list in advance: the
+# store runs on one Redis server (or a Sentinel-managed master), never Redis Cluster --
+# as the cluster-wide email throttle already requires. Every key has a TTL.
+
+_GATE_DROP = """
+local function gate_drop(prefix, all_key, skey)
+  local account = redis.call('HGET', prefix .. 'gate:' .. skey, 'account')
+  redis.call('DEL', prefix .. 'gate:' .. skey)
+  redis.call('ZREM', all_key, skey)
+  if account then
+    redis.call('ZREM', prefix .. '{' .. account .. '}:gate', skey)
+    return 1
+  end
+  return 0
+end
+"""
+
+#: KEYS: session hash, account index, all index. ARGV: now, account, method, client, site,
+#: expires, idle, max_per_account, max_total, prefix, session ttl, index ttl.
+GATE_CREATE = _GATE_DROP + """
+local now = tonumber(ARGV[1])
+local prefix = ARGV[10]
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+local mine = redis.call('ZRANGE', KEYS[2], 0, -1)
+for _, m in ipairs(mine) do
+  if redis.call('EXISTS', prefix .. 'gate:' .. m) == 0 then
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('ZREM', KEYS[3], m)
+  end
+end
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[8]) + 1
+if over > 0 then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, over - 1)) do
+    gate_drop(prefix, KEYS[3], m)
+  end
+end
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+    local f = redis.call('HMGET', prefix .. 'gate:' .. m, 'seen', 'idle')
+    if not f[1] or now >= tonumber(f[1]) + tonumber(f[2]) then
+      gate_drop(prefix, KEYS[3], m)
+    end
+  end
+  if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[9]) then
+    return 0
+  end
+end
+local skey = string.sub(KEYS[1], string.len(prefix) + 6)
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'account', ARGV[2], 'method', ARGV[3], 'created', ARGV[1], 'seen', ARGV[1],
+           'client', ARGV[4], 'site', ARGV[5], 'expires', ARGV[6], 'idle', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[11])
+redis.call('ZADD', KEYS[2], now, skey)
+redis.call('EXPIRE', KEYS[2], ARGV[12])
+redis.call('ZADD', KEYS[3], ARGV[6], skey)
+if redis.call('TTL', KEYS[3]) < tonumber(ARGV[12]) then
+  redis.call('EXPIRE', KEYS[3], ARGV[12])
+end
+return 1
+"""
+
+#: KEYS: session hash. ARGV: now, lifetime, idle, touch_after, prefix, idle ttl margin.
+#: Reply: {} (no live session) or the stored fields and the account's lock end.
+GATE_CHECK = """
+local f = redis.call('HMGET', KEYS[1], 'account', 'method', 'created', 'seen', 'client', 'site', 'expires', 'idle')
+if not f[1] then
+  return {}
+end
+local now = tonumber(ARGV[1])
+local created, seen, expires, idle = tonumber(f[3]), tonumber(f[4]), tonumber(f[7]), tonumber(f[8])
+if now >= expires or now >= seen + idle then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+if now >= created + tonumber(ARGV[2]) or now >= seen + tonumber(ARGV[3]) then
+  return {}
+end
+local locked = redis.call('HGET', ARGV[5] .. '{' .. f[1] .. '}:fail', 'until') or '0'
+if now - seen >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[1])
+  local ttl = math.min(expires - now, idle)
+  redis.call('EXPIRE', KEYS[1], math.ceil(ttl) + tonumber(ARGV[6]))
+  redis.call('ZADD', ARGV[5] .. '{' .. f[1] .. '}:gate', 'XX', now, string.sub(KEYS[1], string.len(ARGV[5]) + 6))
+end
+return {f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], locked}
+"""
+
+#: KEYS: an index (an account's, or all). ARGV: now, prefix. Reply: flat list of 9 fields per live session.
+GATE_LIST = """
+local now = tonumber(ARGV[1])
+local out = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[2] .. 'gate:' .. m, 'account', 'method', 'created', 'seen', 'client', 'site',
+                       'expires', 'idle')
+  if f[1] and now < tonumber(f[7]) and now < tonumber(f[4]) + tonumber(f[8]) then
+    table.insert(out, m)
+    for i = 1, 8 do table.insert(out, f[i]) end
+  end
+end
+return out
+"""
+
+#: KEYS: all index, and the account's index (by account). ARGV: how (key|id|account|all), value, prefix.
+GATE_REVOKE = _GATE_DROP + """
+local how, value, prefix = ARGV[1], ARGV[2], ARGV[3]
+local n = 0
+if how == 'key' then
+  n = gate_drop(prefix, KEYS[1], value)
+elseif how == 'account' then
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    n = n + gate_drop(prefix, KEYS[1], m)
+  end
+  redis.call('DEL', KEYS[2])
+else
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if how == 'all' or string.sub(m, 1, string.len(value)) == value then
+      n = n + gate_drop(prefix, KEYS[1], m)
+    end
+  end
+end
+return n
+"""

@@ -56,6 +56,7 @@ from pam_linkus.state.base import (
     TotpAttempt,
     next_lock,
 )
+from pam_linkus.state.redis_gate import RedisGateSessions
 
 T = TypeVar("T")
 
@@ -187,7 +188,7 @@ def connect(config: RedisConfig) -> redis.Redis[Any]:
     return sentinel.master_for(config.service_name, **master_options)
 
 
-class RedisStore:
+class RedisStore(RedisGateSessions):
     """StateStore on a Redis server (or a Sentinel-managed master); see state.base."""
 
     def __init__(self, config: RedisConfig):

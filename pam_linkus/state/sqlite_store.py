@@ -47,6 +47,7 @@ from pam_linkus.state.base import (
     next_lock,
     same_address,
 )
+from pam_linkus.state.sqlite_gate import SqliteGateSessions
 
 T = TypeVar("T")
 
@@ -118,6 +119,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX grace_until ON grace (until);
     CREATE INDEX email_codes_expires ON email_codes (expires);
     """,
+    # 7: web gate sessions (state.sqlite_gate), keyed by the token's keyed hash
+    """
+    CREATE TABLE gate_sessions (
+        key TEXT PRIMARY KEY,
+        account TEXT NOT NULL,
+        method TEXT NOT NULL,
+        created REAL NOT NULL,
+        seen REAL NOT NULL,
+        client TEXT NOT NULL,
+        site TEXT NOT NULL,
+        expires REAL NOT NULL,
+        idle REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX gate_sessions_account ON gate_sessions (account, seen);
+    CREATE INDEX gate_sessions_expires ON gate_sessions (expires);
+    """,
 )
 
 #: How long a login waits for another process's write lock before "unavailable".
@@ -148,7 +165,7 @@ def _enable_wal(db: sqlite3.Connection, tries: int = 200) -> None:
             time.sleep(0.01)
 
 
-class SqliteStore:
+class SqliteStore(SqliteGateSessions):
     """StateStore on one SQLite file; see pam_linkus.state.base for the contract."""
 
     def __init__(self, path: str, *, busy_timeout: float = BUSY_TIMEOUT, failure_ttl: int = FAILURE_TTL):
@@ -396,6 +413,7 @@ class SqliteStore:
             ("email_sends", "rowid", "at <= ?", (now - 3600,)),
             ("grace", "user, rhost", "until <= ?", (now,)),
             ("settings_cache", "source, user", "stored_at <= ?", (now - CACHE_TTL,)),
+            ("gate_sessions", "key", "(expires <= ? OR seen + idle <= ?)", (now, now)),
         ):
             keys = self._read(f"SELECT {key} FROM {table} WHERE {where} LIMIT {PRUNE_MAX_ROWS}", args)  # noqa: S608 - fixed names
             match = " AND ".join(f"{column.strip()} = ?" for column in key.split(","))
@@ -616,7 +634,7 @@ class SqliteStore:
         """Rows per table (tests and ``doctor``: state must not grow with logins)."""
         out: dict[str, int] = {}
         for table in ("totp_used", "failures", "settings_cache", "email_codes", "email_sends", "enrolment",
-                      "recovery_codes", "grace"):
+                      "recovery_codes", "grace", "gate_sessions"):
             rows = self._read(f"SELECT count(*) FROM {table}", ())  # noqa: S608 - fixed names
             out[table] = int(rows[0][0])
         return out
