@@ -63,8 +63,10 @@ def fill(block: str, *, upstream: str, linkus_web: str, port: int, cert: Path, k
     return _once(text, r"^\s*ssl_certificate_key\s+\S+;$", f"    ssl_certificate_key {key};")
 
 
-def wrap(server_blocks: str, where: Path, *, worker_user: str | None, worker_group: str | None = None) -> str:
-    """A whole nginx.conf around ``server_blocks``: everything nginx writes goes below ``where``."""
+def wrap(server_blocks: str, where: Path, *, worker_user: str | None, worker_group: str | None = None,
+         access_log: bool = True) -> str:
+    """A whole nginx.conf around ``server_blocks``: everything nginx writes goes below ``where``
+    (``access_log``: False for the benchmark, whose timings should not include a log write)."""
     user = f"user {worker_user} {worker_group or worker_user};\n" if worker_user else ""
     temps = "\n".join(f"    {kind}_temp_path {where / kind};" for kind in
                       ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -72,7 +74,7 @@ def wrap(server_blocks: str, where: Path, *, worker_user: str | None, worker_gro
             "events { worker_connections 512; }\n"
             "http {\n"
             "    default_type application/octet-stream;\n"
-            f"    access_log {where / 'access.log'};\n"
+            f"    access_log {where / 'access.log' if access_log else 'off'};\n"
             f"{temps}\n"
             f"{server_blocks}\n"
             "}\n")
@@ -98,13 +100,13 @@ class Nginx:
     """One nginx master (foreground) with the config ``wrap`` made; ``stop`` ends it."""
 
     def __init__(self, where: Path, server_blocks: str, *, port: int, worker_user: str | None = None,
-                 worker_group: str | None = None):
+                 worker_group: str | None = None, access_log: bool = True):
         self.where = where
         self.port = port
         where.mkdir(parents=True, exist_ok=True)
         self.conf = where / "nginx.conf"
         self.conf.write_text(wrap(server_blocks, where, worker_user=worker_user,
-                                    worker_group=worker_group))
+                                    worker_group=worker_group, access_log=access_log))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self, *extra: str) -> list[str]:

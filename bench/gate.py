@@ -1,0 +1,389 @@
+"""The web gate's cost per proxied request (issue 18 item 11): p50 and p99 of GET requests through
+nginx with the gate's check (docs/gate.md's example block, a valid session) against the same nginx
+without the check, at 1 and 50 concurrent clients.
+
+As root on Debian 12, from a checkout (after `make deps-test native`):
+
+    .venv/bin/python bench/gate.py                     # about a minute on 2 CPUs
+    .venv/bin/python bench/gate.py --rounds 3 --json out.json
+
+Arms, all served by one nginx (one worker), all to the same upstream (a server block of that nginx
+answering 200 itself, so the GUI costs nothing and the same for all):
+- ``plain``  the example block with the auth_request lines taken out: the baseline;
+- ``gate``   the example block as docs/gate.md gives it, LINKUS_WEB = linkus-web on its unix socket
+             (as the shipped unit runs it), linkusd behind it, a session made by signing in through
+             the gate (password + TOTP) before the timed rounds;
+- ``floor``  the example block with the check answered 204 by nginx itself: what auth_request costs
+             with a check that costs nothing (the part of the gate's cost that is nginx's);
+- ``check``  GET /linkus-gate/auth straight to linkus-web's unix socket, no nginx: what linkus-web
+             and linkusd spend per check.
+
+Rounds are interleaved (each round runs every arm at every concurrency, in a shuffled order, seeded),
+so a change of load on the machine hits every arm alike. The clients are one asyncio loop in this
+process, keep-alive connections (TLS to nginx, as a browser); each request is timed from send to the
+last byte of the answer. Loops are bounded: ``--requests`` per client per round at 1 client,
+``--requests-50`` per client per round at 50. Everything made here (users, groups, PAM service,
+directory under /run, processes) is removed at the end; all traffic stays on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
+
+from harness import PASSWORD, Workspace, code_at, machine, percentile_ms  # noqa: E402
+from linkus import LinkusSetup  # noqa: E402
+from nginx_server import Nginx, example_block, fill, free_port, self_signed  # noqa: E402
+
+ARMS = ("plain", "gate", "floor", "check")
+PYTHON = "/usr/bin/python3"
+
+
+# -- the clients -----------------------------------------------------------------------------------
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 answer (Content-Length bodies only, as all arms send); its status."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, flags=re.I)
+    length = int(match.group(1)) if match else 0
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def _client(open_conn: Any, request: bytes, count: int, want: int, samples: list[float]) -> None:
+    reader, writer = await open_conn()
+    try:
+        for _ in range(count):
+            started = time.perf_counter()
+            writer.write(request)
+            status = await _read_answer(reader)
+            samples.append(time.perf_counter() - started)
+            if status != want:
+                raise RuntimeError(f"answer {status}, want {want}")
+    finally:
+        writer.close()
+
+
+def run_load(open_conn: Any, request: bytes, clients: int, per_client: int, want: int) -> list[float]:
+    """``clients`` keep-alive connections, ``per_client`` requests each, all at once; the latencies."""
+    samples: list[float] = []
+
+    async def main() -> None:
+        await asyncio.gather(*(_client(open_conn, request, per_client, want, samples) for _ in range(clients)))
+
+    asyncio.run(main())
+    return samples
+
+
+# -- the set-up ------------------------------------------------------------------------------------
+
+
+def on_cpu_seconds(pid: int) -> float:
+    """Time on a CPU of all of a process's threads, in ns resolution (schedstat; /proc/PID/stat counts
+    in 10 ms ticks, too coarse for a few hundred requests of a tenth of a millisecond)."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    except (OSError, ValueError):
+        pass  # a thread that ended between the listing and the read
+    return total / 1e9
+
+
+def strip_check(block: str) -> str:
+    """The example block without the gate: the auth_request and the error_page lines of ``location /``."""
+    text, count = re.subn(r"^\s*(auth_request|auth_request_set|error_page)\b.*\n", "", block, flags=re.M)
+    if count != 5:
+        raise SystemExit(f"bench/gate.py: expected 5 gate lines in the example block, found {count}")
+    return text
+
+
+class GateSetup:
+    """linkusd (with its web socket), linkus-web as a throwaway user, nginx with four server blocks."""
+
+    def __init__(self, ws: Workspace, *, real_gate: bool = True):
+        self.ws = ws
+        #: False: only the nginx arms that need no linkus-web (plain, floor); linkusd is not started
+        self.real_gate = real_gate
+        self.user = ws.user()
+        self.tag = secrets.token_hex(3)
+        self.groups: list[str] = []
+        self.system_users: list[str] = []
+        self.web_group = self._group(f"lkbw{self.tag}")       # opens linkusd's web socket
+        self.proxy_group = self._group(f"lkbn{self.tag}")     # nginx's workers: linkus-web's socket
+        self.web_user = self._system_user(f"lkbw{self.tag}", self.web_group, extra=self.proxy_group)
+        self.proxy_user = self._system_user(f"lkbn{self.tag}", self.proxy_group)
+        password_service = ws.service("pw", "auth required pam_unix.so nodelay\n")
+        self.linkusd = LinkusSetup(ws, "gate", [self.user], config={
+            "self_service": {"pam_service": password_service},
+            "daemon": {"web_group": self.web_group},
+            "gate": {"enforce": "all", "return_hosts": ["127.0.0.1"], "default_return": "/",
+                     "sites": [{"name": "all", "path": "/"}]},
+        } if real_gate else None)
+        self.linkusd.web_socket = self.linkusd.run_dir / "web.sock"
+        self.web_dir = ws.root / "linkus-web"
+        self.web_dir.mkdir(mode=0o755)
+        shutil.chown(self.web_dir, self.web_user, self.proxy_group)
+        self.web_sock = self.web_dir / "http.sock"
+        self.web: subprocess.Popen[bytes] | None = None
+        self.nginx: Nginx | None = None
+        self.ports: dict[str, int] = {}
+
+    def _group(self, name: str) -> str:
+        subprocess.run(["groupadd", name], check=True)
+        self.groups.append(name)
+        return name
+
+    def _system_user(self, name: str, group: str, extra: str | None = None) -> str:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-g", group,
+                        *(["-G", extra] if extra else []), name], check=True)
+        self.system_users.append(name)
+        return name
+
+    def start(self) -> None:
+        if self.real_gate:
+            self._start_web()
+        self._start_nginx()
+
+    def _start_web(self) -> None:
+        self.linkusd.start()
+        log = (self.ws.root / "linkus-web.log").open("ab")
+        self.web = subprocess.Popen(
+            ["setpriv", f"--reuid={self.web_user}", f"--regid={self.web_group}", "--init-groups", "--reset-env",
+             "env", f"PYTHONPATH={self.linkusd.code}", PYTHON, "-m", "pam_linkus.web.app", "--unix",
+             str(self.web_sock), "--unix-group", self.proxy_group, "--trust-proxy", "--secure-cookies",
+             "--socket", str(self.linkusd.web_socket)], cwd="/", stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 20
+        while not self.web_sock.exists():
+            if self.web.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("linkus-web did not start: "
+                                 + (self.ws.root / "linkus-web.log").read_text(errors="replace")[-1500:])
+            time.sleep(0.05)
+
+    def _start_nginx(self) -> None:
+        cert, key = self_signed(self.ws.root)
+        self.cert = cert
+        for name in ("gate", "plain", "floor", "upstream", "stand_in"):
+            self.ports[name] = free_port()
+        upstream = f"http://127.0.0.1:{self.ports['upstream']}"
+        block = example_block()
+        gate = fill(block, upstream=upstream, linkus_web=f"http://unix:{self.web_sock}:", port=self.ports["gate"],
+                    cert=cert, key=key)
+        plain = strip_check(fill(block, upstream=upstream, linkus_web=f"http://unix:{self.web_sock}:",
+                                 port=self.ports["plain"], cert=cert, key=key))
+        floor = fill(block, upstream=upstream, linkus_web=f"http://127.0.0.1:{self.ports['stand_in']}",
+                     port=self.ports["floor"], cert=cert, key=key)
+        extra = (f"server {{ listen 127.0.0.1:{self.ports['upstream']}; location / {{ default_type text/plain; "
+                 'return 200 "upstream ok\\n"; } }\n'
+                 f"server {{ listen 127.0.0.1:{self.ports['stand_in']}; location / {{ "
+                 "add_header X-Linkus-User bench; add_header X-Linkus-Method totp; return 204; } }\n")
+        self.nginx = Nginx(self.ws.root / "nginx", "\n".join((gate, plain, floor, extra)), port=self.ports["gate"],
+                           worker_user=self.proxy_user, worker_group=self.proxy_group, access_log=False)
+        checked = self.nginx.check()
+        if checked.returncode != 0:
+            raise SystemExit(f"nginx -t: {checked.stderr}")
+        self.nginx.start()
+
+    def processes(self) -> dict[str, list[int]]:
+        """The pids whose CPU time a run is charged: nginx's workers, linkus-web, linkusd, this client."""
+        found: dict[str, list[int]] = {"client": [os.getpid()]}
+        if self.nginx is not None and self.nginx.proc is not None:
+            master = self.nginx.proc.pid
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+            found["nginx"] = [master, *map(int, children)]
+        if self.web is not None:
+            found["linkus-web"] = [self.web.pid, *self._descendants(self.web.pid)]
+        if self.linkusd.proc is not None:
+            found["linkusd"] = [self.linkusd.pid]
+        return found
+
+    @staticmethod
+    def _descendants(pid: int) -> list[int]:
+        """setpriv execs env, which execs python: one pid, but look one level down all the same."""
+        try:
+            return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except OSError:
+            return []
+
+    def cpu(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for name, pids in self.processes().items():
+            total[name] = 0.0
+            for pid in pids:
+                total[name] += on_cpu_seconds(pid)
+        return total
+
+    def close(self) -> None:
+        if self.nginx is not None:
+            self.nginx.stop()
+        if self.web is not None and self.web.poll() is None:
+            self.web.terminate()
+            self.web.wait(10)
+        self.linkusd.close()
+        for name in self.system_users:
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+# -- signing in through the gate (a session for the timed rounds) ------------------------------------
+
+
+def sign_in(setup: GateSetup) -> str:
+    """Sign in through nginx as a browser would (password, then the TOTP code); the cookie header."""
+    import http.client
+    import urllib.parse
+
+    context = ssl.create_default_context(cafile=str(setup.cert))
+    jar: dict[str, str] = {}
+
+    def call(method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, str, str]:
+        conn = http.client.HTTPSConnection("127.0.0.1", setup.ports["gate"], context=context, timeout=30)
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        body = None
+        if form is not None:
+            body = urllib.parse.urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn.request(method, path, body=body, headers=headers)
+        answer = conn.getresponse()
+        for name, value in answer.getheaders():
+            if name.lower() == "set-cookie":
+                cookie = value.split(";", 1)[0]
+                key, _, val = cookie.partition("=")
+                if val:
+                    jar[key.strip()] = val.strip()
+                else:
+                    jar.pop(key.strip(), None)
+        text = answer.read().decode(errors="replace")
+        conn.close()
+        return answer.status, answer.getheader("Location") or "", text
+
+    def hidden(page: str) -> dict[str, str]:
+        return dict(re.findall(r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', page))
+
+    _status, _where, page = call("GET", "/linkus-gate/sign-in?rd=/")
+    status, where, page = call("POST", "/linkus-gate/sign-in",
+                               {**hidden(page), "ext": setup.user, "password": PASSWORD, "rd": "/"})
+    if status in (302, 303):
+        status, where, page = call("GET", urllib.parse.urlsplit(where).path or "/linkus-gate/code")
+    status, where, page = call("POST", "/linkus-gate/code", {**hidden(page), "code": code_at(time.time())})
+    cookie = "; ".join(f"{k}={v}" for k, v in jar.items() if "linkus_gate" in k)
+    if not cookie:
+        raise SystemExit(f"bench/gate.py: signing in through the gate gave no session (answer {status})")
+    return cookie
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def arm_target(setup: GateSetup, arm: str, cookie: str) -> tuple[Any, bytes, int]:
+    """How to connect for ``arm``, the request bytes and the status it must answer."""
+    context = ssl.create_default_context(cafile=str(setup.cert))
+    if arm == "check":
+        path = str(setup.web_sock)
+        request = ("GET /linkus-gate/auth HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Original-URI: /admin/\r\n"
+                   "X-Original-Host: 127.0.0.1\r\nX-Original-Method: GET\r\nX-Forwarded-Proto: https\r\n"
+                   f"X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n").encode()
+        return (lambda: asyncio.open_unix_connection(path)), request, 204
+    port = setup.ports[arm]
+    request = (f"GET /admin/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n").encode()
+    return (lambda: asyncio.open_connection("127.0.0.1", port, ssl=context)), request, 200
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ws = Workspace()
+    setup = GateSetup(ws, real_gate=bool({"gate", "check"} & set(args.arms)))
+    results: dict[str, dict[int, list[float]]] = {arm: {1: [], 50: []} for arm in args.arms}
+    #: CPU seconds per process kind, per (arm, clients), over all timed rounds
+    cpu: dict[str, dict[int, dict[str, float]]] = {arm: {1: {}, 50: {}} for arm in args.arms}
+    try:
+        setup.start()
+        cookie = sign_in(setup) if {"gate", "check"} & set(args.arms) else "linkus_gate=none"
+        targets = {arm: arm_target(setup, arm, cookie) for arm in args.arms}
+        for open_conn, request, want in targets.values():  # warm up: connections, caches, code paths
+            run_load(open_conn, request, 4, 20, want)
+        rng = random.Random(18)
+        cases = [(arm, clients) for arm in args.arms for clients in (1, 50)]
+        for round_no in range(args.rounds):
+            order = cases[:]
+            rng.shuffle(order)
+            for arm, clients in order:
+                open_conn, request, want = targets[arm]
+                per_client = args.requests if clients == 1 else args.requests_50
+                before = setup.cpu()
+                results[arm][clients] += run_load(open_conn, request, clients, per_client, want)
+                after = setup.cpu()
+                spent = cpu[arm][clients]
+                for name, seconds in after.items():
+                    spent[name] = spent.get(name, 0.0) + seconds - before.get(name, 0.0)
+            print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+    finally:
+        setup.close()
+        ws.close()
+    table: dict[str, Any] = {"machine": machine(), "rounds": args.rounds, "arms": {}}
+    for arm, by_clients in results.items():
+        table["arms"][arm] = {str(clients): {
+            "n": len(samples), "p50_ms": percentile_ms(samples, 50), "p99_ms": percentile_ms(samples, 99),
+            "cpu_us_per_request": {name: round(seconds / len(samples) * 1e6, 1)
+                                   for name, seconds in cpu[arm][clients].items()}}
+            for clients, samples in by_clients.items()}
+    return table
+
+
+def render(table: dict[str, Any]) -> str:
+    arms = table["arms"]
+    names = ("nginx", "linkus-web", "linkusd", "client")
+    lines = ["| arm | clients | requests | p50 ms | p99 ms | p50 added vs plain | CPU µs/request: "
+             + ", ".join(names) + " |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for arm, by_clients in arms.items():
+        for clients, row in by_clients.items():
+            base = arms.get("plain", {}).get(clients)
+            added = "" if arm in ("plain", "check") or base is None else f"{row['p50_ms'] - base['p50_ms']:+.3f}"
+            spent = " / ".join(f"{row['cpu_us_per_request'].get(name, 0):.0f}" for name in names)
+            lines.append(f"| {arm} | {clients} | {row['n']} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {added} "
+                         f"| {spent} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/gate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=300, help="per round, at 1 client (default: %(default)s)")
+    parser.add_argument("--requests-50", type=int, default=20,
+                        help="per client per round, at 50 clients (default: %(default)s)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    args.arms = [arm for arm in args.arms.split(",") if arm]
+    if not set(args.arms) <= set(ARMS) or not args.arms:
+        parser.error(f"--arms: choose from {','.join(ARMS)}")
+    if os.geteuid() != 0:
+        raise SystemExit("bench/gate.py must run as root (users, a PAM service, nginx's worker user)")
+    table = run(args)
+    print(render(table))
+    print(f"\n{table['machine']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
