@@ -47,7 +47,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from harness import PASSWORD, Workspace, code_at, machine, percentile_ms  # noqa: E402
 from linkus import LinkusSetup  # noqa: E402
-from nginx_server import Nginx, example_block, fill, free_port, self_signed  # noqa: E402
+from nginx_server import HttpsClient, Nginx, example_block, fill, free_port, gate_sign_in, self_signed  # noqa: E402
 
 ARMS = ("plain", "gate", "floor", "check")
 PYTHON = "/usr/bin/python3"
@@ -248,46 +248,12 @@ class GateSetup:
 
 
 def sign_in(setup: GateSetup) -> str:
-    """Sign in through nginx as a browser would (password, then the TOTP code); the cookie header."""
-    import http.client
-    import urllib.parse
-
-    context = ssl.create_default_context(cafile=str(setup.cert))
-    jar: dict[str, str] = {}
-
-    def call(method: str, path: str, form: dict[str, str] | None = None) -> tuple[int, str, str]:
-        conn = http.client.HTTPSConnection("127.0.0.1", setup.ports["gate"], context=context, timeout=30)
-        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
-        body = None
-        if form is not None:
-            body = urllib.parse.urlencode(form)
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        conn.request(method, path, body=body, headers=headers)
-        answer = conn.getresponse()
-        for name, value in answer.getheaders():
-            if name.lower() == "set-cookie":
-                cookie = value.split(";", 1)[0]
-                key, _, val = cookie.partition("=")
-                if val:
-                    jar[key.strip()] = val.strip()
-                else:
-                    jar.pop(key.strip(), None)
-        text = answer.read().decode(errors="replace")
-        conn.close()
-        return answer.status, answer.getheader("Location") or "", text
-
-    def hidden(page: str) -> dict[str, str]:
-        return dict(re.findall(r'<input[^>]*type="hidden"[^>]*name="([^"]+)"[^>]*value="([^"]*)"', page))
-
-    _status, _where, page = call("GET", "/linkus-gate/sign-in?rd=/")
-    status, where, page = call("POST", "/linkus-gate/sign-in",
-                               {**hidden(page), "ext": setup.user, "password": PASSWORD, "rd": "/"})
-    if status in (302, 303):
-        status, where, page = call("GET", urllib.parse.urlsplit(where).path or "/linkus-gate/code")
-    status, where, page = call("POST", "/linkus-gate/code", {**hidden(page), "code": code_at(time.time())})
-    cookie = "; ".join(f"{k}={v}" for k, v in jar.items() if "linkus_gate" in k)
+    """Sign in through nginx as a browser would (password, then the TOTP code); the Cookie header."""
+    client = HttpsClient(setup.ports["gate"], setup.cert)
+    last = gate_sign_in(client, setup.user, PASSWORD, code_at(time.time()), rd="/admin/")
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items() if "linkus_gate" in k)
     if not cookie:
-        raise SystemExit(f"bench/gate.py: signing in through the gate gave no session (answer {status})")
+        raise SystemExit(f"bench/gate.py: signing in through the gate gave no session ({last.status})")
     return cookie
 
 

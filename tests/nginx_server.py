@@ -13,9 +13,12 @@ starts as root (as in production) and its workers run as the user the caller nam
 
 from __future__ import annotations
 
+import html
+import http.client
 import json
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from plumbing import stop_process
 
@@ -205,3 +209,134 @@ class EchoUpstream:
 def header_values(record: dict[str, Any], name: str) -> list[str]:
     """Every value of header ``name`` (any case) in one request the echo upstream recorded."""
     return [value for key, value in record["headers"] if key.lower() == name.lower()]
+
+
+# -- a browser without a browser: HTTPS with a cookie jar and forms ---------------------------------
+
+
+class Reply:
+    """One HTTP answer, read whole."""
+
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        found = [value for key, value in self.headers if key.lower() == name.lower()]
+        return found[-1] if found else None
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+_FORM = re.compile(r"<form\b([^>]*)>(.*?)</form>", re.S | re.I)
+_ATTR = re.compile(r'([\w-]+)\s*=\s*"([^"]*)"')
+_INPUT = re.compile(r"<(?:input|button)\b([^>]*)>", re.I)
+
+
+def forms(page: str) -> list[tuple[str, dict[str, str]]]:
+    """The POST forms of a page: (action, {name: value}) of their named inputs, in page order."""
+    found = []
+    for attrs, inner in _FORM.findall(page):
+        form = dict(_ATTR.findall(attrs))
+        if form.get("method", "get").lower() != "post":
+            continue
+        fields = {}
+        for tag in _INPUT.findall(inner):
+            attr = {k: html.unescape(v) for k, v in _ATTR.findall(tag)}
+            if "name" in attr and attr.get("type") != "submit":
+                fields[attr["name"]] = attr.get("value", "")
+        found.append((html.unescape(form.get("action", "")), fields))
+    return found
+
+
+class HttpsClient:
+    """HTTPS to nginx on 127.0.0.1 trusting only the test's certificate; one connection per request;
+    ``source`` is the client's loopback address. It keeps the cookies it is given (name=value, no
+    attributes: one host), and fills and posts a page's forms as a browser would."""
+
+    def __init__(self, port: int, cert: Path, *, source: str = "127.0.0.1"):
+        self.port = port
+        self.source = source
+        self.context = ssl.create_default_context(cafile=str(cert))
+        self.cookies: dict[str, str] = {}
+
+    def __call__(self, path: str, *, method: str = "GET", headers: list[tuple[str, str]] | None = None,
+                 body: bytes | None = None, form: dict[str, str] | None = None, jar: bool = True) -> Reply:
+        """One request; ``jar``: send and keep this client's cookies (False: exactly ``headers``)."""
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=30,
+                                           source_address=(self.source, 0))
+        sent = list(headers or [])
+        if form is not None:
+            body = urlencode(form).encode()
+            sent.append(("Content-Type", "application/x-www-form-urlencoded"))
+        if jar and self.cookies:
+            sent.append(("Cookie", "; ".join(f"{k}={v}" for k, v in self.cookies.items())))
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in sent:
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            answer = conn.getresponse()
+            reply = Reply(answer.status, answer.getheaders(), answer.read())
+        finally:
+            conn.close()
+        if jar:
+            for name, value in reply.headers:
+                if name.lower() == "set-cookie":
+                    self._keep(value)
+        return reply
+
+    def _keep(self, header: str) -> None:
+        first, *attrs = header.split(";")
+        name, _, value = first.strip().partition("=")
+        gone = any(a.strip().lower() in ("max-age=0", "max-age=-1") or
+                   a.strip().lower().startswith("expires=thu, 01 jan 1970") for a in attrs)
+        if gone or not value.strip('"'):
+            self.cookies.pop(name, None)
+        else:
+            self.cookies[name] = value
+
+    def follow(self, reply: Reply, hops: int = 5) -> Reply:
+        """Follow redirects on this host (path and query only), at most ``hops``."""
+        for _ in range(hops):
+            where = reply.header("Location")
+            if reply.status not in (301, 302, 303, 307) or not where:
+                return reply
+            target = urlsplit(where)
+            if target.netloc and target.netloc != f"127.0.0.1:{self.port}":
+                return reply  # another host: the caller looks at the Location itself
+            reply = self(target.path + (f"?{target.query}" if target.query else ""))
+        return reply
+
+    def submit(self, page: Reply, index: int = 0, **values: str) -> Reply:
+        """Post form ``index`` of ``page`` with ``values`` filled in (each must be a field of it)."""
+        found = forms(page.text)
+        if len(found) <= index:
+            raise AssertionError(f"no form {index} on the page: {page.text[:800]}")
+        action, fields = found[index]
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise AssertionError(f"the form has no field {sorted(unknown)}; it has {sorted(fields)}")
+        return self(action, method="POST", form={**fields, **values})
+
+
+def gate_sign_in(client: HttpsClient, account: str, password: str, code: str, rd: str = "") -> Reply:
+    """The gate's sign-in as a browser does it: the sign-in form (``rd`` as given, not encoded here:
+    the caller says what a browser would have in its address bar), then the code form. The last
+    answer (normally the redirect to the return URL), not followed."""
+    page = client("/linkus-gate/sign-in" + (f"?rd={rd}" if rd else ""))
+    if page.status != 200:
+        raise AssertionError(f"sign-in page: {page.status} {page.text[:300]}")
+    step = client.follow(client.submit(page, ext=account, password=password))
+    if step.status != 200 or not any("code" in fields for _action, fields in forms(step.text)):
+        return step  # no code step: refused (wrong password, locked, not enrolled...)
+    index = next(i for i, (_action, fields) in enumerate(forms(step.text)) if "code" in fields)
+    return client.submit(step, index, code=code)

@@ -15,64 +15,20 @@ that certificate (Chromium is told to ignore certificate errors).
 
 from __future__ import annotations
 
-import http.client
-import json
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nginx_server import EchoUpstream, Nginx, example_block, fill, free_port, header_values, self_signed
+from nginx_server import EchoUpstream, HttpsClient, Nginx, example_block, fill, free_port, header_values, self_signed
 
 pytestmark = pytest.mark.timeout(180)
 
 FORGED = "root"
 
 
-class Reply:
-    """One HTTPS answer, read whole."""
-
-    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes):
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        found = [value for key, value in self.headers if key.lower() == name.lower()]
-        return found[-1] if found else None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Client:
-    """A plain HTTPS client for nginx on 127.0.0.1 that trusts only the test's certificate; one new
-    connection per request (``source`` picks the client's loopback address)."""
-
-    def __init__(self, port: int, cert: Path):
-        self.port = port
-        self.context = ssl.create_default_context(cafile=str(cert))
-
-    def __call__(self, path: str, *, method: str = "GET", headers: list[tuple[str, str]] | None = None,
-                 body: bytes | None = None, source: str = "127.0.0.1") -> Reply:
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=20,
-                                           source_address=(source, 0))
-        try:
-            conn.putrequest(method, path)
-            for name, value in headers or []:
-                conn.putheader(name, value)
-            if body is not None:
-                conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders(body)
-            answer = conn.getresponse()
-            return Reply(answer.status, answer.getheaders(), answer.read())
-        finally:
-            conn.close()
-
-
 def start_nginx(where: Path, *, upstream: str, linkus_web: str, worker_user: str | None = None,
-                worker_group: str | None = None) -> tuple[Nginx, Client]:
+                worker_group: str | None = None) -> tuple[Nginx, HttpsClient]:
     cert, key = self_signed(where)
     port = free_port()
     block = fill(example_block(), upstream=upstream, linkus_web=linkus_web, port=port, cert=cert, key=key)
@@ -80,7 +36,7 @@ def start_nginx(where: Path, *, upstream: str, linkus_web: str, worker_user: str
     checked = server.check()
     assert checked.returncode == 0, checked.stderr
     server.start()
-    return server, Client(port, cert)
+    return server, HttpsClient(port, cert)
 
 
 # -- the example block's wiring, with a stand-in for the check -------------------------------------------
@@ -102,7 +58,7 @@ def stand_in_check(record: dict[str, Any]) -> tuple[int, dict[str, str]]:
 
 
 @pytest.fixture
-def wiring(tmp_path: Path) -> Iterator[tuple[Client, EchoUpstream, EchoUpstream]]:
+def wiring(tmp_path: Path) -> Iterator[tuple[HttpsClient, EchoUpstream, EchoUpstream]]:
     gui = EchoUpstream()
     check = EchoUpstream(answer=stand_in_check)
     server, client = start_nginx(tmp_path, upstream=gui.url, linkus_web=check.url, worker_user="nobody",
@@ -126,7 +82,7 @@ def test_the_example_block_parses_with_the_default_socket_address(tmp_path: Path
 
 
 def test_without_a_session_nothing_reaches_the_gui_and_the_browser_goes_to_sign_in(
-        wiring: tuple[Client, EchoUpstream, EchoUpstream]) -> None:
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
     client, gui, check = wiring
     for method in ("GET", "POST", "HEAD"):
         reply = client("/admin/config.php?display=extensions", method=method,
@@ -142,7 +98,7 @@ def test_without_a_session_nothing_reaches_the_gui_and_the_browser_goes_to_sign_
 
 
 def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
-        wiring: tuple[Client, EchoUpstream, EchoUpstream]) -> None:
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
     client, gui, check = wiring
     reply = client("/admin/a%20b/?x=1&y=2", method="POST", body=b"secret-form-field=1",
                    headers=[("Cookie", "linkus_gate=good"), ("X-Linkus-User", FORGED), ("X-Linkus-Method", "exempt"),
@@ -169,7 +125,7 @@ def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
 
 
 def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
-        wiring: tuple[Client, EchoUpstream, EchoUpstream]) -> None:
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
     """Two copies, other letter cases, and with an exempt answer (the gate names nobody): the GUI sees
     the gate's value or none. (nginx refuses underscores in header names by default, so
     ``X_Linkus_User`` is dropped before it could be mistaken by a CGI-style GUI.)"""
@@ -187,7 +143,7 @@ def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
 
 
 def test_403_stays_403_and_a_broken_check_lets_nobody_in(
-        wiring: tuple[Client, EchoUpstream, EchoUpstream]) -> None:
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
     client, gui, _check = wiring
     refused = client("/admin/", headers=[("Cookie", "linkus_gate=other-site")])
     assert refused.status == 403
@@ -198,7 +154,7 @@ def test_403_stays_403_and_a_broken_check_lets_nobody_in(
 
 
 def test_the_gates_own_pages_pass_without_a_check_and_the_check_is_internal(
-        wiring: tuple[Client, EchoUpstream, EchoUpstream]) -> None:
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
     client, gui, check = wiring
     assert client("/linkus-gate/auth", headers=[("Cookie", "linkus_gate=good")]).status == 404
     page = client("/linkus-gate/sign-in?rd=/admin/", headers=[("X-Linkus-User", FORGED)])
