@@ -15,12 +15,33 @@ that certificate (Chromium is told to ignore certificate errors).
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import secrets
+import shutil
+import subprocess
+import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from nginx_server import EchoUpstream, HttpsClient, Nginx, example_block, fill, free_port, header_values, self_signed
+from cli_helpers import run_cli
+from conftest import PASSWORD, SECRET, code_at
+from nginx_server import (
+    EchoUpstream,
+    HttpsClient,
+    Nginx,
+    example_block,
+    fill,
+    free_port,
+    gate_sign_in,
+    header_values,
+    self_signed,
+)
+from web_site import Site, WebServer, logged, start_browser
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -180,3 +201,253 @@ def test_the_check_down_means_nobody_passes(tmp_path: Path) -> None:
     finally:
         server.stop()
         gui.close()
+
+
+# -- the real gate: linkusd + linkus-web behind the example block ----------------------------------------
+
+
+class Gate:
+    """A site (tests/web_site.py) with a gate: section, its linkusd, linkus-web on a unix socket as the
+    shipped unit runs it (--trust-proxy --secure-cookies; the socket's group is nginx's workers', who are
+    not in the web group), the echo GUI and nginx with the example block in front."""
+
+    def __init__(self, site: Site, tmp_path: Path):
+        self.site = site
+        self.stack = site.stack
+        self.tag = secrets.token_hex(3)
+        self.groups: list[str] = []
+        self.users: list[str] = []
+        self.admins = self._group(f"lkga{self.tag}")
+        self.proxy_group = self._group(f"lkgp{self.tag}")
+        self.proxy_user = f"lkgp{self.tag}"
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "-g",
+                        self.proxy_group, self.proxy_user], check=True)
+        self.users.append(self.proxy_user)
+        self.port = free_port()
+        self.stack.write_config(gate={
+            "enforce": "all", "not_enrolled": "refuse",
+            "return_hosts": [f"127.0.0.1:{self.port}"], "default_return": "/ucp/",
+            "sites": [
+                {"name": "provisioning", "path": "/provisioning/", "exempt_networks": ["127.0.0.2/32"]},
+                {"name": "admin", "path": "/admin/", "allow_groups": [self.admins]},
+                {"name": "portal", "path": "/ucp/"},
+            ]})
+        self.stack.daemon.start()
+        self.web = WebServer(site, tmp_path)
+        subprocess.run(["usermod", "-aG", self.proxy_group, self.web.user], check=True)
+        web_dir = site.root / "linkus-web"
+        web_dir.mkdir(mode=0o750)
+        shutil.chown(web_dir, self.web.user, self.proxy_group)
+        self.web_socket = web_dir / "http.sock"
+        self.web.start("--unix", str(self.web_socket), "--unix-group", self.proxy_group, "--trust-proxy",
+                       "--secure-cookies")
+        self.gui = EchoUpstream()
+        self.cert, key = self_signed(tmp_path)
+        block = fill(example_block(), upstream=self.gui.url, linkus_web=f"http://unix:{self.web_socket}:",
+                     port=self.port, cert=self.cert, key=key)
+        self.nginx = Nginx(tmp_path / "nginx", block, port=self.port, worker_user=self.proxy_user,
+                           worker_group=self.proxy_group)
+        self.nginx.start()
+        self.base = f"https://127.0.0.1:{self.port}"
+
+    def _group(self, name: str) -> str:
+        subprocess.run(["groupadd", name], check=True)
+        self.groups.append(name)
+        return name
+
+    def client(self, source: str = "127.0.0.1") -> HttpsClient:
+        return HttpsClient(self.port, self.cert, source=source)
+
+    def enrol(self, *users: str, admin: bool = False) -> None:
+        """TOTP with the demo secret for each (replay state is per account, so they do not collide)."""
+        for name in users:
+            self.stack.extensions[name] = {"method": "totp", "secret": SECRET}
+            if admin:
+                subprocess.run(["usermod", "-aG", self.admins, name], check=True)
+        self.stack.write_extensions()
+
+    def session(self, client: HttpsClient) -> dict[str, str]:
+        return {k: v for k, v in client.cookies.items() if "linkus_gate" in k}
+
+    def close(self) -> None:
+        self.nginx.stop()
+        self.gui.close()
+        self.web.stop()
+        self.stack.daemon.stop()
+        for name in self.users:
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+        for name in self.groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@pytest.fixture
+def gate(site: tuple[Site, Any], tmp_path: Path) -> Iterator[Gate]:
+    made = Gate(site[0], tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def spki_pin(cert: Path) -> str:
+    """The certificate's SPKI hash, as Chromium's --ignore-certificate-errors-spki-list wants it."""
+    pub = subprocess.run(["openssl", "x509", "-in", str(cert), "-pubkey", "-noout"], capture_output=True,
+                         check=True).stdout
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=pub, capture_output=True,
+                         check=True).stdout
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def echoed(reply_or_text: Any) -> dict[str, Any]:
+    return dict(json.loads(reply_or_text.body if hasattr(reply_or_text, "body") else reply_or_text))
+
+
+def on_sign_in(reply: Any, port: int) -> bool:
+    where = urllib.parse.urlsplit(reply.header("Location") or "")
+    return reply.status == 302 and where.path == "/linkus-gate/sign-in" and where.netloc in ("", f"127.0.0.1:{port}")
+
+
+FORGED_HEADERS = [("X-Linkus-User", FORGED), ("x-linkus-user", "admin"), ("X-Linkus-Method", "exempt")]
+
+
+def test_browser_signs_in_with_both_factors_and_signs_out(gate: Gate, make_user: Any, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    user = make_user()
+    gate.enrol(user, admin=True)
+    pin = f"--ignore-certificate-errors-spki-list={spki_pin(gate.cert)}"  # this certificate only
+    driver = start_browser(tmp_path / "chromium", flags=(pin,))
+    try:
+        # a forged identity header on every request the browser makes
+        driver.execute_cdp_cmd("Network.enable", {})
+        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"X-Linkus-User": FORGED}})
+
+        def at(path: str) -> None:
+            WebDriverWait(driver, 20).until(lambda d: urllib.parse.urlsplit(d.current_url).path == path)
+
+        driver.get(gate.base + "/admin/config.php?display=extensions")
+        at("/linkus-gate/sign-in")
+        assert gate.gui.count() == 0
+        driver.find_element(By.CSS_SELECTOR, "#ext").send_keys(user)
+        driver.find_element(By.CSS_SELECTOR, "#password").send_keys(PASSWORD)
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        at("/linkus-gate/code")
+
+        # the password alone opens nothing: the browser's cookies, as they are now, in a plain client
+        half = gate.client()
+        half.cookies = {c["name"]: c["value"] for c in driver.get_cookies()}
+        assert on_sign_in(half("/admin/config.php", headers=FORGED_HEADERS), gate.port)
+        assert on_sign_in(half("/ucp/"), gate.port)
+        assert gate.gui.count() == 0
+
+        driver.find_element(By.CSS_SELECTOR, "#code").send_keys(code_at(SECRET, time.time()))
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        at("/admin/config.php")
+        assert urllib.parse.urlsplit(driver.current_url).query == "display=extensions"
+        seen = echoed(driver.find_element(By.TAG_NAME, "body").text)
+        assert header_values(seen, "X-Linkus-User") == [user]
+        assert header_values(seen, "X-Linkus-Method") == ["totp"]
+
+        (cookie,) = [c for c in driver.get_cookies() if "linkus_gate" in c["name"]]
+        assert cookie["name"] == "__Host-linkus_gate" and cookie["secure"] and cookie["httpOnly"]
+        assert cookie["sameSite"] == "Lax" and cookie["path"] == "/"
+        assert len(cookie["value"]) >= 22  # >= 128 bits, however encoded
+
+        # the same session, many requests and paths, forged headers every time: the gate's word only
+        full = gate.client()
+        full.cookies = {cookie["name"]: cookie["value"]}
+        for path in ("/admin/", "/admin/config.php?display=x&y=1", "/ucp/", "/ucp/index.php"):
+            reply = full(path, headers=FORGED_HEADERS)
+            assert reply.status == 200, (path, reply.status)
+            assert header_values(echoed(reply), "X-Linkus-User") == [user]
+        assert all(FORGED not in [v for _k, v in r["headers"]] for r in gate.gui.seen)
+
+        # sign-out at the gate ends access (the browser's and the copied cookie's)
+        driver.get(gate.base + "/linkus-gate/sign-out")
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        driver.get(gate.base + "/admin/")
+        at("/linkus-gate/sign-in")
+        assert on_sign_in(full("/admin/"), gate.port)
+    finally:
+        driver.quit()
+    assert logged(gate.site.log, user=user, service="linkus-gate")
+    for secret_text in (PASSWORD, cookie["value"]):
+        assert all(secret_text not in line for line in gate.site.log.lines)
+        assert secret_text not in gate.web.log_text()
+
+
+def test_policy_revocation_and_the_exempt_network(gate: Gate, make_user: Any) -> None:
+    admin, member = make_user(), make_user()
+    gate.enrol(admin, admin=True)
+    gate.enrol(member)
+    clients = {}
+    for name in (admin, member):
+        client = clients[name] = gate.client()
+        done = gate_sign_in(client, name, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/inbox?x=1")
+        assert done.status in (302, 303) and urllib.parse.urlsplit(done.header("Location")).path == "/ucp/inbox"
+        assert gate.session(client)
+    # per-site policy: only the admins group passes /admin/; a path no site names is refused
+    assert clients[admin]("/admin/").status == 200
+    assert clients[member]("/admin/", headers=FORGED_HEADERS).status == 403
+    assert header_values(echoed(clients[member]("/ucp/")), "X-Linkus-User") == [member]
+    assert clients[admin]("/recordings/").status == 403
+
+    # the admin lists and revokes; the next request is refused, the other account's session lives on
+    listed = run_cli(gate.stack, "gate-sessions")
+    assert listed.returncode == 0 and admin in listed.stdout and member in listed.stdout, listed
+    revoked = run_cli(gate.stack, "gate-revoke", "--account", admin)
+    assert revoked.returncode == 0, revoked
+    assert on_sign_in(clients[admin]("/admin/"), gate.port)
+    assert clients[member]("/ucp/").status == 200
+
+    # phones: the exempt path only, from the exempt network only, naming nobody
+    phone = gate.client(source="127.0.0.2")
+    reply = phone("/provisioning/0004f2aabbcc.cfg", headers=FORGED_HEADERS)
+    assert reply.status == 200
+    assert header_values(echoed(reply), "X-Linkus-User") == []
+    assert header_values(echoed(reply), "X-Linkus-Method") == ["exempt"]
+    assert on_sign_in(phone("/ucp/"), gate.port)
+    assert on_sign_in(gate.client()("/provisioning/0004f2aabbcc.cfg"), gate.port)
+
+
+#: Return URLs that must not leave the site, as a browser would have them in the sign-in URL.
+EVIL_RETURNS = ["//evil.example/", "https://evil.example/", "https:/%5Cevil.example/", "/%5Cevil.example/",
+                "%2F%2Fevil.example/", "/\\evil.example/", "javascript:alert(1)", "https://127.0.0.1:{port}@evil.example/",
+                "https://127.0.0.1:{port}.evil.example/", "http:evil.example"]
+
+
+def test_open_redirect_attempts_land_on_the_safe_default(gate: Gate, make_user: Any) -> None:
+    users = [make_user() for _ in EVIL_RETURNS]
+    gate.enrol(*users)
+    for name, rd in zip(users, EVIL_RETURNS, strict=True):
+        rd = rd.format(port=gate.port)
+        client = gate.client()
+        done = gate_sign_in(client, name, PASSWORD, code_at(SECRET, time.time()), rd=rd)
+        where = urllib.parse.urlsplit(done.header("Location") or "")
+        assert done.status in (302, 303), (rd, done.status, done.text[:300])
+        assert where.netloc in ("", f"127.0.0.1:{gate.port}") and where.path == "/ucp/", (rd, where)
+        assert client.follow(done).status == 200  # and the session works there
+
+
+def test_a_locked_account_and_linkusd_down_let_nobody_in(gate: Gate, make_user: Any) -> None:
+    locked, fine = make_user(), make_user()
+    gate.enrol(locked, fine)
+    for _ in range(5):  # lockout.max_failures of the site: wrong codes at real PAM logins
+        assert gate.stack.pamtester(locked, PASSWORD, "000000").returncode != 0
+    client = gate.client()
+    gate_sign_in(client, locked, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
+    assert not gate.session(client)
+    assert on_sign_in(client("/ucp/"), gate.port)
+
+    signed_in = gate.client()
+    gate_sign_in(signed_in, fine, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
+    assert signed_in("/ucp/").status == 200
+    before = gate.gui.count()
+    gate.stack.daemon.stop()
+    down = signed_in("/ucp/", headers=FORGED_HEADERS)
+    assert down.status == 503 and "Sign-in is unavailable" in down.text
+    assert gate.client()("/admin/").status == 503
+    page = gate.client()("/linkus-gate/sign-in?rd=/ucp/")
+    assert page.status >= 500 or "unavailable" in page.text.lower()
+    assert gate.gui.count() == before
