@@ -342,6 +342,36 @@ def unlock(adm: Admin, ext: str) -> int:
     return 0
 
 
+def gate_sessions(adm: Admin, ext: str | None) -> int:
+    """The web gate's sessions (from the state store, so every host's when it is Redis)."""
+    found = adm.store().gate_sessions(ext, time.time())
+    if not found:
+        print("no gate sessions" + (f" of {ext}" if ext else ""))
+        return 0
+    print(f"{'ID':<17}{'ACCOUNT':<16}{'METHOD':<9}{'CREATED':<18}{'LAST SEEN':<18}CLIENT")
+    for sess in found:
+        print(f"{sess.id:<17}{sess.account[:15]:<16}{sess.method[:8]:<9}{_when(sess.created):<18}"
+              f"{_when(sess.seen):<18}{sess.client}")
+    return 0
+
+
+def gate_revoke(adm: Admin, session_id: str | None, account: str | None, everyone: bool) -> int:
+    """End gate sessions now: linkusd reads the store on every auth check, so the next request is refused."""
+    if account is not None:
+        account = _check_ext(account)
+        ended = adm.store().gate_revoke(account=account)
+        adm.audit("gate-revoke", account, ended=ended)
+    elif everyone:
+        ended = adm.store().gate_revoke(everyone=True)
+        adm.audit("gate-revoke", "*", ended=ended)
+    else:
+        assert session_id is not None
+        ended = adm.store().gate_revoke(id=session_id.strip().lower())
+        adm.audit("gate-revoke", "-", id=session_id[:16], ended=ended)
+    print(f"{ended} gate session{'s' if ended != 1 else ''} ended")
+    return 0 if ended or account is not None or everyone else 1
+
+
 def status(adm: Admin, ext: str) -> int:
     _source, settings = adm.lookup(ext)
     store = adm.store()
@@ -553,6 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
         verb(name, text).add_argument("ext")
     verb("status", "method, enrollment, last success, failures, lock").add_argument("ext", nargs="?")
     verb("list", "every extension of the YAML source with its state")
+    verb("gate-sessions", "list the web gate's sessions (all, or one extension's)").add_argument("ext", nargs="?")
+    revoke = verb("gate-revoke", "end web gate sessions now (the next request is refused)")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", help="a session id from gate-sessions")
+    which.add_argument("--account", metavar="EXT", help="every session of this extension")
+    which.add_argument("--all", action="store_true", help="every session")
     rec = verb("recovery-codes", "make new single-use recovery codes")
     rec.add_argument("ext")
     rec.add_argument("--count", type=int, choices=range(1, 51), metavar="N", help="how many (default: config)")
@@ -595,6 +631,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.verb == "list" or (args.verb == "status" and not args.ext):
             return list_extensions(adm)
+        if args.verb == "gate-sessions":
+            return gate_sessions(adm, _check_ext(args.ext) if args.ext else None)
+        if args.verb == "gate-revoke":
+            return gate_revoke(adm, args.id, args.account, args.all)
         ext = _check_ext(args.ext)
         if args.verb == "enroll":
             if args.method == "email":

@@ -673,7 +673,7 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "daemon", "profiles", "default_profile",
+        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "gate",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -700,6 +700,7 @@ class Config:
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
         self.daemon = DaemonConfig(r.section("daemon"))
+        self.gate = GateConfig(r.section("gate"))
         #: The top-level policy: what a service without a profile of its own gets.
         self.default_profile = Profile("", self.enforce, self.exempt_networks, self.grace_period,
                                        list(PROFILE_METHODS))
@@ -743,3 +744,106 @@ def load_config(path: str = DEFAULT_CONFIG_PATH) -> Config:
     """
     data, _ = open_secure(path, secret=True, max_bytes=MAX_CONFIG_BYTES)
     return Config.from_mapping(load_yaml(data, path, require_end=True), path)
+
+
+class GateSite:
+    """One ``gate.sites`` entry: a host and path prefix in front of a PBX web GUI, and who may pass.
+
+    ``allow_groups`` (Unix groups of the account's passwd entry), ``allow_ldap_groups`` and
+    ``allow_extensions`` are alternatives (any one admits); all three empty: any extension.
+    ``enforce``, ``session_lifetime`` and ``idle_timeout`` default to the gate's;
+    a site may only shorten the two times (a session is stored with the gate's).
+    """
+
+    __slots__ = ("name", "host", "path", "allow_groups", "allow_ldap_groups", "allow_extensions", "enforce",
+                 "session_lifetime", "idle_timeout", "exempt_networks")
+
+    def __init__(self, r: Reader, gate: GateConfig):
+        self.name = r.string("name", None, max_len=64)
+        if not (self.name and set(self.name) <= _PROFILE_NAME_CHARS):
+            raise r.fail("name", "must be 1-64 letters, digits, '-', '_' or '.'")
+        host = r.optional_string("host", max_len=255)
+        self.host = _gate_host(r, "host", host) if host is not None else None
+        self.path = r.string("path", None, max_len=1024)
+        if (not self.path.startswith("/") or self.path.startswith("//") or any(c in self.path for c in "?#\\%")
+                or any(ord(c) <= 32 or ord(c) == 127 for c in self.path)
+                or any(part in (".", "..") for part in self.path.split("/"))):
+            raise r.fail("path", "must be a plain path prefix starting with one '/' (no query, %, \\, dot segments)")
+        self.allow_groups = r.string_list("allow_groups", [])
+        for number, name in enumerate(self.allow_groups, start=1):
+            if not _is_group_name(name):
+                raise r.fail("allow_groups", f"entry {number} is not a group name")
+        self.allow_ldap_groups = r.string_list("allow_ldap_groups", [])
+        self.allow_extensions = r.string_list("allow_extensions", [])
+        for key in ("allow_ldap_groups", "allow_extensions"):
+            for number, value in enumerate(getattr(self, key), start=1):
+                if not value or len(value) > 256 or any(ord(c) < 32 for c in value):
+                    raise r.fail(key, f"entry {number} is empty, too long or holds control characters")
+        self.enforce = r.string("enforce", gate.enforce, choices=("enrolled", "all"))
+        self.session_lifetime = r.integer("session_lifetime", gate.session_lifetime, minimum=60,
+                                          maximum=gate.session_lifetime)
+        self.idle_timeout = r.integer("idle_timeout", gate.idle_timeout, minimum=60, maximum=gate.idle_timeout)
+        self.exempt_networks = _networks(r, "exempt_networks")
+        r.done()
+
+    def __repr__(self) -> str:
+        return f"GateSite({self.name!r}, host={self.host!r}, path={self.path!r})"
+
+
+def _gate_host(r: Reader, key: str, value: str) -> str:
+    """A host name (or [IPv6]/IPv4 literal) with an optional :port, lowercased; anything else is an error."""
+    host = value.strip().lower()
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-.:[]")
+    if not host or host != value.lower() or not set(host) <= allowed or len(host) > 255:
+        raise r.fail(key, "must be a host name with an optional :port (no scheme, path or user)")
+    return host
+
+
+class GateConfig:
+    """``gate``: the web gate in front of a PBX's own web GUIs (docs/gate.md).
+
+    Read by linkusd only; linkus-web holds no policy. ``enforce``: ``all`` (an account
+    without 2FA never passes) or ``enrolled`` (it passes on its password, only where the
+    site says so too). ``not_enrolled``: ``enroll`` sends such an account to the Security
+    Settings page, ``refuse`` stops it. ``return_hosts``/``default_return``: where a
+    sign-in may send the browser back to. ``touch_interval``: seconds between two writes
+    of a session's last use (the idle timeout is exact to this much). ``account_check_interval``:
+    seconds an account's settings, groups and 2FA are trusted before an auth check asks again
+    (sessions, revocations and locks are read on every check). ``check_timeout``: the auth
+    check's deadline for the state store.
+    """
+
+    __slots__ = ("enforce", "not_enrolled", "session_lifetime", "idle_timeout", "return_hosts", "default_return",
+                 "sites", "max_sessions_per_account", "max_sessions", "touch_interval", "account_check_interval",
+                 "check_timeout")
+
+    def __init__(self, r: Reader):
+        self.enforce = r.string("enforce", "all", choices=("all", "enrolled"))
+        self.not_enrolled = r.string("not_enrolled", "enroll", choices=("enroll", "refuse"))
+        self.session_lifetime = r.integer("session_lifetime", 43200, minimum=60, maximum=30 * 86400)
+        self.idle_timeout = r.integer("idle_timeout", 1800, minimum=60, maximum=self.session_lifetime)
+        self.return_hosts = [_gate_host(r, "return_hosts", h) for h in r.string_list("return_hosts", [])]
+        self.default_return = r.string("default_return", "/", max_len=1024)
+        if (not self.default_return.startswith("/") or self.default_return.startswith(("//", "/\\"))
+                or any(ord(c) <= 32 or ord(c) == 127 or c == "\\" for c in self.default_return)):
+            raise r.fail("default_return", "must be a local path starting with one '/'")
+        self.max_sessions_per_account = r.integer("max_sessions_per_account", 10, minimum=1, maximum=100)
+        self.max_sessions = r.integer("max_sessions", 2000, minimum=1, maximum=4000)
+        self.touch_interval = r.integer("touch_interval", 30, minimum=1, maximum=600)
+        if self.touch_interval * 2 > self.idle_timeout:
+            raise r.fail("touch_interval", "must be at most half of idle_timeout")
+        self.account_check_interval = r.integer("account_check_interval", 30, minimum=0, maximum=3600)
+        self.check_timeout = r.number("check_timeout", 1.0, minimum=0.05, maximum=10)
+        self.sites: list[GateSite] = []
+        value = r._get("sites")
+        if value is not _MISSING:
+            if not isinstance(value, list):
+                raise r.fail("sites", "must be a list of site mappings")
+            for number, item in enumerate(value, start=1):
+                if not isinstance(item, dict):
+                    raise r.fail("sites", f"entry {number} must be a mapping")
+                site = GateSite(Reader(item, r._file, f"{r._prefix}sites[{number}]."), self)
+                if any(s.name == site.name for s in self.sites):
+                    raise r.fail("sites", f"entry {number}: the name {site.name!r} is used twice")
+                self.sites.append(site)
+        r.done()

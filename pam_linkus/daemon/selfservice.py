@@ -82,6 +82,7 @@ import ipaddress
 import pwd
 import secrets
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nss_config.base import check_user_name
@@ -174,7 +175,11 @@ class _Pending:
 
 
 class _Session:
-    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending")
+    """A signed-in (or code-waiting) session of the Security Settings page, or -- ``purpose``
+    "gate" -- a web gate sign-in waiting for its code (only that step lives here; a gate
+    session itself lives in the state store, see pam_linkus.daemon.gate)."""
+
+    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending", "purpose", "site")
 
     def __init__(self, ext: str, now: float):
         self.ext = ext
@@ -184,6 +189,8 @@ class _Session:
         self.state = "in"
         self.login: Generator[Any, str | None, Any] | None = None
         self.pending: _Pending | None = None
+        self.purpose = "web"
+        self.site: str | None = None  # gate: the site the sign-in returns to (its policy applies)
 
     def drop_login(self) -> None:
         if self.login is not None:
@@ -192,7 +199,14 @@ class _Session:
 
 
 class SelfService:
-    """The web ops above, for linkusd's web socket; one instance per daemon."""
+    """The web ops above, for linkusd's web socket; one instance per daemon.
+
+    ``OPS``/``TEXT_LIMITS``: the message set; a subclass (the web gate,
+    pam_linkus.daemon.gate.GateService) adds its ops to them.
+    """
+
+    OPS = _OPS
+    TEXT_LIMITS = _TEXT_LIMITS
 
     def __init__(self, engine: Engine, *, fail_delay: float = FAIL_DELAY, pam_dir: str | None = None) -> None:
         self.engine = engine
@@ -229,16 +243,16 @@ class SelfService:
 
     def _validate(self, request: dict[str, object]) -> dict[str, str]:
         op = request.get("op")
-        if not isinstance(op, str) or op not in _OPS:
+        if not isinstance(op, str) or op not in self.OPS:
             raise WebError("bad-request", "unknown op")
-        required, optional = _OPS[op]
+        required, optional = self.OPS[op]
         fields: dict[str, str] = {}
         for key, value in request.items():
             if key == "op":
                 continue
             if key not in required and key not in optional:
                 raise WebError("bad-request", f"unknown field {key!r:.40}")
-            if not isinstance(value, str) or len(value) > _TEXT_LIMITS[key] or "\x00" in value:
+            if not isinstance(value, str) or len(value) > self.TEXT_LIMITS[key] or "\x00" in value:
                 raise WebError("bad-request", f"bad field {key}")
             try:
                 value.encode("utf-8")
@@ -263,12 +277,13 @@ class SelfService:
         line = {"action": action, "ext": ext, "by": ext, "via": "web", "client": client, **fields}
         self.engine.sink.send(LOG_NOTICE, format_fields(line))
 
-    def _session(self, fields: dict[str, str], *, csrf: bool = True, state: str = "in") -> _Session:
+    def _session(self, fields: dict[str, str], *, csrf: bool = True, state: str = "in",
+                 purpose: str = "web") -> _Session:
         now = self.engine.clock()
         self._expire(now)
         key = _key(fields["session"])
         sess = self._sessions.get(key)
-        if sess is None:
+        if sess is None or sess.purpose != purpose:
             raise WebError("expired")
         if sess.state == "code" and state == "in":
             # still waiting for its sign-in code: the page leads back to that step (issue 17/7).
@@ -360,15 +375,16 @@ class SelfService:
         for key, _limit in _limits(_ext_key(ext), client):
             self._failures.add(key, now)
 
-    async def _fail(self, word: str, ext: str, client: str, action: str, deadline: float,
-                    **fields: object) -> None:
+    async def _fail(self, word: str, ext: str, client: str, action: str, deadline: float, *,
+                    log: bool = True, **fields: object) -> None:
         """Log, wait (without a worker) until ``deadline`` (event-loop time), then answer ``word``.
 
         Every failure answers at the same moment after its request's start, however much work
         it did: a wrong password for a real extension (a PAM check) and an unknown name (no
         check) cannot be told apart by their timing.
         """
-        self._log(LOG_WARNING, action, ext=ext, client=client, **fields)
+        if log:  # the web gate writes its own line, in the PAM login format (pam_linkus.daemon.gate)
+            self._log(LOG_WARNING, action, ext=ext, client=client, **fields)
         loop = asyncio.get_running_loop()
         if loop.time() > deadline:
             # the check took longer than fail_delay: this answer is late, and its lateness tells
@@ -387,7 +403,8 @@ class SelfService:
         return settings
 
     async def _password(self, ext: str, password: str, client: str, why: str, *,
-                        deadline: float | None = None, reservation: _Reservation | None = None) -> None:
+                        deadline: float | None = None, reservation: _Reservation | None = None,
+                        log: bool = True) -> None:
         """Check the account password through the configured PAM service; ``denied`` at the deadline.
 
         The attempt is reserved first (``_reserve``) unless the caller did; a right password gives it back.
@@ -406,7 +423,8 @@ class SelfService:
                 raise ConfigError(str(exc)) from None
 
         if not await self.engine.run(check, pool="web"):
-            await self._fail("denied", ext, client, "self-check", deadline, result="wrong-password", step=why)
+            await self._fail("denied", ext, client, "self-check", deadline, log=log, result="wrong-password",
+                             step=why)
         self._give_back(reservation)
 
     async def _changed(self, what: str) -> None:
@@ -457,11 +475,11 @@ class SelfService:
             raise
         return self._login_step(token, sess, gen, kind, payload, infos, client)
 
-    def _start_login(self, ext: str) -> Generator[Any, str | None, Any]:
+    def _start_login(self, ext: str, service: str = SERVICE) -> Generator[Any, str | None, Any]:
         snapshot = self.engine.snapshot()
         # rhost stays None: the address comes from the web process, which we do not trust,
         # so no exempt network or grace period applies here.
-        req = flow.LoginRequest(ext, service=SERVICE, rhost=None, rhost_trusted=False)
+        req = flow.LoginRequest(ext, service=service, rhost=None, rhost_trusted=False)
         ctx = _flow_context(snapshot, self.engine)
         gen: Generator[Any, str | None, Any] = flow.login(req, ctx)
         return gen
@@ -481,8 +499,18 @@ class SelfService:
         return {"state": "in", "session": token, "csrf": sess.csrf, "info": infos}
 
     async def _op_sign_in_code(self, f: dict[str, str]) -> dict[str, object]:
+        sess, gen, kind, payload, infos = await self._code_step(f, "web")
+        return self._login_step(f["session"], sess, gen, kind, payload, infos, f["client"])
+
+    async def _code_step(self, f: dict[str, str], purpose: str, on_wrong: Callable[[_Session], None] | None = None,
+                         ) -> tuple[_Session, Generator[Any, str | None, Any], str, Any, list[str]]:
+        """Give the waiting login flow of session ``f["session"]`` its code; the flow's next step.
+
+        Shared by the Security Settings sign-in and the web gate (``purpose``): the same replay,
+        lockout and throttles as a PAM login, a wrong code answered at the fixed deadline.
+        """
         deadline = self._deadline()
-        sess = self._session(f, state="code")
+        sess = self._session(f, state="code", purpose=purpose)
         token = f["session"]
         gen = sess.login
         if gen is None:
@@ -493,12 +521,15 @@ class SelfService:
         except Denied:
             self._forget_session(token)
             self._count(sess.ext, f["client"])
-            await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, result="wrong-code")
+            if on_wrong is not None:
+                on_wrong(sess)
+            await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, log=on_wrong is None,
+                             result="wrong-code")
             raise
         except BaseException:
             self._forget_session(token)
             raise
-        return self._login_step(token, sess, gen, kind, payload, infos, f["client"])
+        return sess, gen, kind, payload, infos
 
     def _forget_session(self, token: str) -> None:
         sess = self._sessions.pop(_key(token), None)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from pam_linkus import protocol
+from pam_linkus.daemon.gate import GateService
 from pam_linkus.daemon.selfservice import SelfService
 from pam_linkus.daemon.transport import Channel
 from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
@@ -385,7 +386,7 @@ class Server:
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:
-            self._web_service = SelfService(self.engine)
+            self._web_service = GateService(self.engine)
         try:
             async with asyncio.timeout(timeout):
                 return await self._web_service.call(request, peer.uid)

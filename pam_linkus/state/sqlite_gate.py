@@ -91,6 +91,7 @@ class SqliteGateSessions:
         chosen = [x for x in (key, id, account) if x is not None] + ([True] if everyone else [])
         if len(chosen) != 1:
             raise ValueError("gate_revoke takes exactly one selector")
+        args: tuple[object, ...]
         if key is not None:
             sql, args = "DELETE FROM gate_sessions WHERE key = ?", (key,)
         elif id is not None:

@@ -16,6 +16,7 @@ header: the access log is method, path, status.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import grp
 import html
 import io
@@ -44,10 +45,15 @@ from starlette.staticfiles import StaticFiles
 from pam_linkus import protocol
 from pam_linkus.nodump import forbid_core_dumps
 from pam_linkus.web import strings
+from pam_linkus.web.errors import Refused as _Refused
+from pam_linkus.web.errors import Unreachable
+from pam_linkus.web.gate import PREFIX, GatePages
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOCKET = "/run/linkusd/web.sock"
 MAX_BODY = 8192
+#: Calls to linkusd at once (below linkusd's default daemon.max_per_caller of 16).
+MAX_CALLS = 12
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
 CODE_CSRF_COOKIE = "linkus_code_csrf"
@@ -74,16 +80,25 @@ class Settings:
         self.timeout = timeout
 
 
-class Unreachable(Exception):
-    """linkusd could not be asked (absent, too slow, garbage): the "unavailable" page."""
-
-
 def create_app(settings: Settings) -> Any:
     """The ASGI app."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     pages = _Pages(settings, env)
+    gate = GatePages(pages, SESSION_COOKIE)
+    any_method = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     routes = [
+        # the web gate (pam_linkus/web/gate.py); nginx sends these paths here unchanged
+        Route(PREFIX + "/auth", gate.auth, methods=any_method),
+        Route(PREFIX + "/sign-in", gate.sign_in_form, methods=["GET"]),
+        Route(PREFIX + "/sign-in", gate.sign_in, methods=["POST"]),
+        Route(PREFIX + "/code", gate.code_form, methods=["GET"]),
+        Route(PREFIX + "/code", gate.code, methods=["POST"]),
+        Route(PREFIX + "/sign-out", gate.sign_out_form, methods=["GET"]),
+        Route(PREFIX + "/sign-out", gate.sign_out, methods=["POST"]),
+        Route(PREFIX + "/forbidden", gate.forbidden, methods=["GET"]),
+        Route(PREFIX + "/unavailable", gate.unavailable_page, methods=["GET"]),
+        Mount(PREFIX + "/static", app=StaticFiles(directory=str(HERE / "static")), name="gate-static"),
         Route("/", pages.index, methods=["GET"]),
         Route("/sign-in", pages.sign_in_form, methods=["GET"]),
         Route("/sign-in", pages.sign_in, methods=["POST"]),
@@ -129,7 +144,7 @@ class _Headers:
                          ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
                          ("cross-origin-opener-policy", "same-origin"),
                          ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
-                if not path.startswith("/static/"):
+                if not path.startswith(("/static/", PREFIX + "/static/")):
                     extra.append(("cache-control", "no-store"))
                 if self.settings.secure_cookies:
                     extra.append(("strict-transport-security", "max-age=31536000"))
@@ -152,13 +167,18 @@ class _Pages:
     def __init__(self, settings: Settings, env: Any):
         self.conf = settings
         self.env = env
+        self.calls = asyncio.Semaphore(MAX_CALLS)
 
     # -- plumbing ---------------------------------------------------------------------
 
     async def call(self, request: dict[str, object]) -> dict[str, Any]:
         try:
-            reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
-                                            timeout=self.conf.timeout)
+            # at most MAX_CALLS connections to linkusd at once: it caps web calls per uid
+            # (daemon.max_per_caller, 16 by default) and refuses the ones over it -- a burst of
+            # gate checks queues here instead of failing as "unavailable"
+            async with self.calls:
+                reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
+                                                timeout=self.conf.timeout)
         except (OSError, protocol.ProtocolError, ValueError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
             raise Unreachable from None
@@ -166,10 +186,15 @@ class _Pages:
             raise Unreachable
         return reply
 
-    def client(self, request: Request) -> str:
+    def trusted_proxy(self, request: Request) -> bool:
+        """Whether this request came from the reverse proxy this process was told to trust."""
         peer = request.client.host if request.client is not None and request.client.host else "unix"
         trusted = ("unix", "127.0.0.1", "::1") if self.conf.trust_proxy_tcp else ("unix",)
-        if self.conf.trust_proxy and peer in trusted:
+        return self.conf.trust_proxy and peer in trusted
+
+    def client(self, request: Request) -> str:
+        peer = request.client.host if request.client is not None and request.client.host else "unix"
+        if self.trusted_proxy(request):
             forwarded = request.headers.get("x-forwarded-for", "")
             last = forwarded.rsplit(",", 1)[-1].strip()
             if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
@@ -509,12 +534,6 @@ class _Pages:
             return self.redirect("/settings?done=unchanged")
 
         return await self.guarded(request, run)
-
-
-class _Refused(Exception):
-    def __init__(self, word: str):
-        super().__init__(word)
-        self.word = word
 
 
 def _seconds(value: object) -> int:

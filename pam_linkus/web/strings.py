@@ -91,3 +91,20 @@ NOT_FOUND = "This page does not exist."
 LOST_PHONE = "Lost your phone? Use a recovery code, or ask your administrator to switch 2FA off."
 SKIP_LINK = "Skip to content"
 BACK = "Back to Security Settings"
+# -- the web gate (pam_linkus/web/gate.py) --
+GATE_TITLE = "Sign in to continue"
+GATE_INTRO = "This page is protected by two-factor authentication. Sign in with your extension and its password."
+GATE_CODE_INTRO = "Enter the 6-digit code from your authenticator app or email to continue."
+GATE_SIGNED_OUT_TITLE = "Signed out"
+GATE_SIGNED_OUT = "You are signed out of every protected page of this system."
+GATE_SIGN_OUT_TITLE = "Sign out"
+GATE_SIGN_OUT_INTRO = "Sign out of every protected page of this system?"
+GATE_SIGN_IN_AGAIN = "Sign in again"
+GATE_FORBIDDEN_TITLE = "Access denied"
+GATE_FORBIDDEN = "Your extension may not open this page. Ask your administrator if you need it."
+GATE_REFUSED = ("Two-factor authentication is required for this page, and it is not set up for your extension. "
+                "Ask your administrator.")
+GATE_UNAVAILABLE = ("The sign-in service cannot be reached right now, so protected pages cannot be opened. "
+                    "Please try again in a few minutes, or tell your administrator.")
+GATE_NOT_SIGNED_OUT = ("The sign-in service cannot be reached right now: this browser is signed out, but the "
+                       "session may still be valid elsewhere until it times out. Tell your administrator.")

@@ -1,0 +1,533 @@
+"""linkusd's side of the web gate: sign-in, code, sign-out and the auth check (docs/protocol.md,
+"Gate messages"; docs/gate.md).
+
+The gate puts the second factor in front of a PBX's own web GUIs through nginx's
+``auth_request``: linkus-web (untrusted, decides nothing) turns pages and auth
+subrequests into the ops below; everything is decided here.
+
+Sign-in reuses the Security Settings sign-in (``SelfService``) step for step: the
+same name checks, per-extension and per-address throttles reserved before the
+password check, the fixed-deadline failure answer (an unknown name and a wrong
+password look alike), then the login flow with service ``linkus-gate`` -- the same
+replay, lockout and email throttles as a PAM login, in the one state store. Only
+what happens after a right code differs: a gate session is written to the STATE
+STORE (both back ends), keyed by HMAC(gate key, token), so a copy of the store gives
+no usable cookie and every host sharing Redis sees the session and its revocation.
+
+The auth check (``gate_check``) is the hot path: one per proxied request. It never
+uses a PAM or web worker and never runs PAM, scrypt or LDAP inline:
+
+- the site is matched and exempt networks compared in memory;
+- the session is ONE store read (SQLite: one SELECT joined with the account's lock;
+  Redis: one script), in a small pool of its own (``linkusd-gate``) under
+  ``gate.check_timeout``, so a slow store costs that deadline, never the event loop
+  or a login's worker; ``seen`` is written at most every ``gate.touch_interval`` s;
+- sessions, revocations and locks are therefore seen on the very next request;
+  what the settings say about the account (found, 2FA on, groups, extension list)
+  is asked at most every ``gate.account_check_interval`` s per (account, site) and
+  kept in memory meanwhile -- those change rarely and an LDAP lookup per request
+  would put the directory's latency on every click. An edit that removes access
+  (2FA off under ``enforce: all``, removed from a group or the settings) takes
+  effect within that interval; ``linkus-2fa gate-revoke`` takes effect at once.
+
+Answers of ``gate_check``: ok with ``user`` and ``method`` (pass), ``expired``
+(no valid session: nginx sends the browser to sign in), ``forbidden`` (signed in
+but not allowed on this site, or a path no site covers), ``unavailable``.
+Refused checks are counted and summarised in one log line per
+``REFUSAL_SUMMARY`` seconds, never one line per request.
+
+The gate's HMAC key is derived from ``email.key_file`` (one file to copy to every
+host sharing Redis state, as for email codes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import grp
+import hashlib
+import hmac
+import ipaddress
+import os
+import posixpath
+import pwd
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pam_linkus import emailcode
+from pam_linkus.daemon.selfservice import (
+    _OPS,
+    _TEXT_LIMITS,
+    SelfService,
+    WebError,
+    _account,
+    _advance,
+    _check_name,
+    _ext_key,
+    _is_system_account,
+    _limits,
+    _name_key,
+)
+from pam_linkus.errors import Denied, Locked, Unavailable
+from pam_linkus.logline import LOG_INFO, LOG_NOTICE, LOG_WARNING
+from pam_linkus.outcome import Outcome
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from nss_config.base import ExtensionSettings
+    from pam_linkus.config import Config, GateConfig, GateSite
+    from pam_linkus.daemon.engine import Engine
+    from pam_linkus.daemon.selfservice import _Session
+    from pam_linkus.state.base import GateSession
+
+T = TypeVar("T")
+
+SERVICE = "linkus-gate"
+#: Threads for the auth check's store reads (not the PAM or web pools).
+CHECK_THREADS = 2
+#: Seconds between two summary lines of refused auth checks.
+REFUSAL_SUMMARY = 60.0
+#: Account verdicts kept in memory (account x site x method); cleared whole when full.
+MAX_VERDICTS = 20000
+#: Longest return URL accepted (longer goes to default_return).
+MAX_RETURN = 2048
+
+_GATE_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "gate_sign_in": (frozenset({"ext", "password", "client"}), frozenset({"rd"})),
+    "gate_code": (frozenset({"session", "csrf", "code", "client"}), frozenset({"rd"})),
+    "gate_sign_out": (frozenset({"token"}), frozenset({"client"})),
+    "gate_check": (frozenset({"token", "client", "host", "uri"}), frozenset()),
+    "gate_return": (frozenset({"rd"}), frozenset()),
+}
+_GATE_LIMITS = {"token": 64, "host": 300, "uri": 8192, "rd": 8192}
+
+
+# -- return URLs and paths ----------------------------------------------------------------
+
+
+def check_return(rd: str, hosts: list[str], default: str) -> str:
+    """``rd`` if it is a safe place to send the browser back to, else ``default``.
+
+    Safe: a local path starting with exactly one "/" (not "//", not "/\\"), or an http(s)
+    URL whose host (with its port, if any) is listed in ``hosts``, exact and
+    case-insensitive -- no user info, no backslash, no control or non-ASCII characters,
+    no percent-encoded "/" or "\\" (browsers and servers disagree on them), at most
+    MAX_RETURN characters. Everything else -- other hosts, ``//evil``, ``https:/\\evil``,
+    ``javascript:``, ``https://pbx@evil`` -- is ``default``.
+    """
+    if not rd or len(rd) > MAX_RETURN or not rd.isascii():
+        return default
+    if any(ord(c) < 33 or ord(c) == 127 or c == "\\" for c in rd):
+        return default
+    lowered = rd.lower()
+    if any(bad in lowered for bad in ("%2f", "%5c", "%00", "%0a", "%0d", "%09")):
+        return default
+    if rd.startswith("/"):
+        if rd.startswith("//"):
+            return default
+        return rd
+    try:
+        url = urllib.parse.urlsplit(rd)
+        port = url.port  # raises on a bad port
+    except ValueError:
+        return default
+    if url.scheme not in ("http", "https") or not lowered.startswith(url.scheme + "://"):
+        return default
+    netloc = url.netloc
+    if not netloc or "@" in netloc or url.hostname is None:
+        return default
+    host = netloc.lower()
+    if host.endswith(":"):
+        return default
+    if host not in hosts and (port is None or f"{url.hostname}:{port}" not in hosts):
+        return default
+    return rd
+
+
+def normal_path(uri: str) -> str | None:
+    """The path of a request URI as the upstream will see it, or None (refused: no site matches).
+
+    nginx gives ``$request_uri`` as the client sent it; the upstream decodes it. A site is
+    matched on the decoded path with "." and ".." resolved and repeated "/" merged, so
+    ``/%61dmin/`` or ``/x/../admin/`` cannot slip past the rules of ``/admin/``. Encoded "/"
+    or "\\", backslashes, control characters, invalid UTF-8 and ".." above the root are refused.
+    """
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/") or len(path) > 8192:
+        return None
+    lowered = path.lower()
+    if "%2f" in lowered or "%5c" in lowered:
+        return None
+    try:
+        decoded = urllib.parse.unquote(path, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in decoded):
+        return None
+    depth = 0
+    for part in decoded.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif part not in ("", "."):
+            depth += 1
+    trailing = decoded.endswith(("/", "/.", "/.."))
+    normal = posixpath.normpath(decoded)
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    if trailing and normal != "/":
+        normal += "/"
+    return normal
+
+
+def path_matches(prefix: str, path: str) -> bool:
+    """Whether site path ``prefix`` covers ``path``: equal, or below it ("/admin/" also covers "/admin")."""
+    base = prefix.rstrip("/")
+    return path == base or path == prefix or path.startswith(base + "/") or not base
+
+
+def match_site(gate: GateConfig, host: str, path: str) -> GateSite | None:
+    """The site for ``host`` and ``path``: among sites whose host matches, the longest path prefix;
+    a site without ``host`` matches the hosts of ``return_hosts`` (any port)."""
+    host = host.lower()
+    bare = _bare_host(host)
+    best: GateSite | None = None
+    for site in gate.sites:
+        if site.host is not None:
+            if site.host not in (host, bare) and _bare_host(site.host) != host:
+                continue
+        elif host not in gate.return_hosts and bare not in {_bare_host(h) for h in gate.return_hosts}:
+            continue
+        if path_matches(site.path, path) and (best is None or len(site.path.rstrip("/")) > len(best.path.rstrip("/"))):
+            best = site
+    return best
+
+
+def _bare_host(host: str) -> str:
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _in_networks(client: str, site: GateSite) -> bool:
+    if not site.exempt_networks:
+        return False
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in site.exempt_networks)
+
+
+def gate_key(config: Config) -> bytes:
+    """The HMAC key for session tokens, derived from the email key file (one file for all hosts)."""
+    base = emailcode.load_key(config.email.key_file)
+    return hmac.new(base, b"pam-linkus gate session v1", hashlib.sha256).digest()
+
+
+def allowed(site: GateSite, account: str, ldap_groups: Callable[[], set[str] | None] | None = None) -> bool:
+    """Whether ``account`` may pass ``site``: any one of its allow lists admits; all empty: anyone.
+
+    Unix groups: ``getgrouplist`` of the account's passwd entry (no entry: no groups).
+    LDAP groups: ``ldap_groups()`` (None: could not be asked -- not admitted by that rule).
+    """
+    if not (site.allow_groups or site.allow_ldap_groups or site.allow_extensions):
+        return True
+    if account in site.allow_extensions:
+        return True
+    if site.allow_groups:
+        try:
+            entry = pwd.getpwnam(account)
+            names = {grp.getgrgid(gid).gr_name for gid in os.getgrouplist(account, entry.pw_gid)
+                     if _has_group(gid)}
+        except KeyError:
+            names = set()
+        if names & set(site.allow_groups):
+            return True
+    if site.allow_ldap_groups and ldap_groups is not None:
+        found = ldap_groups()
+        if found is not None and found & set(site.allow_ldap_groups):
+            return True
+    return False
+
+
+def _has_group(gid: int) -> bool:
+    try:
+        grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return True
+
+
+class _Verdict:
+    __slots__ = ("at", "ok", "reason", "generation")
+
+    def __init__(self, at: float, ok: bool, reason: str, generation: int):
+        self.at = at
+        self.ok = ok
+        self.reason = reason
+        self.generation = generation
+
+
+class GateService(SelfService):
+    """The Security Settings ops plus the gate's (``gate_*``); one instance per linkusd."""
+
+    OPS = {**_OPS, **_GATE_OPS}
+    TEXT_LIMITS = {**_TEXT_LIMITS, **_GATE_LIMITS}
+
+    def __init__(self, engine: Engine, **kwargs: Any) -> None:
+        super().__init__(engine, **kwargs)
+        self._check_pool = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="linkusd-gate")
+        self._verdicts: dict[tuple[str, str, str], _Verdict] = {}
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._refused_since = time.monotonic()
+        self._key: tuple[int, bytes] | None = None
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _quick(self, fn: Callable[[], T], timeout: float) -> T:
+        """``fn`` in the gate's own pool under ``timeout``: Unavailable when late."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                return await loop.run_in_executor(self._check_pool, fn)
+        except TimeoutError:
+            raise Unavailable(f"gate check took longer than {timeout:g} s") from None
+
+    async def _token_key(self, token: str) -> str:
+        snapshot = self.engine.snapshot()
+        cached = self._key
+        if cached is None or cached[0] != id(snapshot.config):
+            config = snapshot.config
+            key = await self._quick(lambda: gate_key(config), snapshot.config.daemon.work_timeout)
+            cached = self._key = (id(config), key)
+        return hmac.new(cached[1], token.encode(), hashlib.sha256).hexdigest()
+
+    def _login_line(self, outcome: str, user: str, account: str, client: str, method: str, reason: str,
+                    started: float) -> None:
+        """The gate sign-in's one line, in the format of a PAM login's (service ``linkus-gate``)."""
+        severity = {Outcome.SUCCESS: LOG_INFO, Outcome.SKIP: LOG_INFO, Outcome.DENIED: LOG_NOTICE}.get(
+            outcome, LOG_WARNING)
+        self.engine.sink.attempt(severity, {
+            "service": SERVICE, "user": user, "account": account, "rhost": client, "tty": "-", "ruser": "-",
+            "caller_uid": -1, "method": method, "source": "-", "outcome": outcome, "reason": reason,
+            "ms": int((time.monotonic() - started) * 1000)})
+
+    def _refusal(self, why: str) -> None:
+        """Count a refused auth check; one summary line per REFUSAL_SUMMARY s at most."""
+        self._refused[why] += 1
+        now = time.monotonic()
+        if now - self._refused_since >= REFUSAL_SUMMARY:
+            counts = " ".join(f"{k}={v}" for k, v in sorted(self._refused.items()))
+            self._log(LOG_NOTICE, "gate-refused", seconds=int(now - self._refused_since), counts=counts)
+            self._refused.clear()
+            self._refused_since = now
+
+    def _site_for_return(self, gate: GateConfig, url: str) -> GateSite | None:
+        if url.startswith("/"):
+            hosts = gate.return_hosts
+            host = hosts[0] if hosts else ""
+            path = normal_path(url)
+        else:
+            parts = urllib.parse.urlsplit(url)
+            host, path = parts.netloc.lower(), normal_path(parts.path or "/")
+        return match_site(gate, host, path) if path is not None else None
+
+    # -- sign-in ----------------------------------------------------------------------
+
+    async def _op_gate_return(self, f: dict[str, str]) -> dict[str, object]:
+        gate = self.engine.snapshot().config.gate
+        return {"return": check_return(f["rd"], gate.return_hosts, gate.default_return)}
+
+    async def _op_gate_sign_in(self, f: dict[str, str]) -> dict[str, object]:
+        started = time.monotonic()
+        deadline = self._deadline()
+        client, name = f["client"], f["ext"]
+        gate = self.engine.snapshot().config.gate
+        back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
+        site = self._site_for_return(gate, back)
+        enforce = site.enforce if site is not None else gate.enforce
+        _check_name(name)
+        self._refuse_if_full(_limits(None, client), name, client, "gate-sign-in")
+        settings = await self._lookup(name)
+        refusal = None
+        if settings is None:
+            ext, key, refusal = name, _name_key(name), "not an extension"
+        else:
+            ext = _account(settings)
+            key = _ext_key(ext)
+            if _is_system_account(ext):
+                refusal = "system account"
+        reservation = self._reserve(_limits(key, client), ext, client, "gate-sign-in")
+        if refusal is not None:
+            self._login_line(Outcome.DENIED, name, "-", client, "-", refusal, started)
+            await self._fail("denied", name, client, "web-refused", deadline, log=False)
+        assert settings is not None
+        try:
+            await self._password(ext, f["password"], client, "gate-sign-in", deadline=deadline,
+                                 reservation=reservation, log=False)
+        except WebError:
+            self._login_line(Outcome.DENIED, name, ext, client, "-", "wrong password", started)
+            raise
+        now = self.engine.clock()
+        if not settings.enrolled:
+            return await self._not_enrolled(gate, enforce, name, ext, client, back, now, started)
+        token, sess = self._new_session(ext, now, "code")
+        sess.purpose = "gate"
+        sess.site = site.name if site is not None else None
+        gen = self._start_login(ext, SERVICE)
+        try:
+            kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
+        except (Denied, Locked) as exc:
+            self._forget_session(token)
+            self._login_line(Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED, name, ext, client,
+                             settings.method, exc.reason, started)
+            raise
+        except BaseException:
+            self._forget_session(token)
+            raise
+        return await self._gate_step(token, sess, gen, kind, payload, infos, client, back, name, started)
+
+    async def _not_enrolled(self, gate: GateConfig, enforce: str, name: str, ext: str, client: str, back: str,
+                            now: float, started: float) -> dict[str, object]:
+        """An account without 2FA: passes on its password only where enforce is ``enrolled``
+        (the gate's and the site's); else sent to enroll (a Security Settings session) or refused."""
+        if enforce == "enrolled" and gate.enforce == "enrolled":
+            token = await self._create(ext, "password", client, now)
+            self._login_line(Outcome.SKIP, name, ext, client, "-", "not enrolled, enforce: enrolled", started)
+            return {"state": "in", "token": token, "return": back}
+        self._login_line(Outcome.DENIED, name, ext, client, "-", "not enrolled (gate: enforce all, "
+                         f"not_enrolled: {gate.not_enrolled})", started)
+        if gate.not_enrolled == "enroll":
+            web_token, web = self._new_session(ext, now, "in")
+            self._audit("web-sign-in", ext, client, factor="password", via_gate="enroll")
+            raise WebError("not-enrolled", enroll=True, session=web_token, csrf=web.csrf)
+        raise WebError("not-enrolled", enroll=False)
+
+    async def _create(self, account: str, method: str, client: str, now: float) -> str:
+        """A new gate session in the store; its token (shown once, to the browser)."""
+        snapshot = self.engine.snapshot()
+        gate, store = snapshot.config.gate, snapshot.store
+        token = secrets.token_urlsafe(32)
+        key = await self._token_key(token)
+        made = await self.engine.run(lambda: store.gate_create(
+            key, account, method, client, "", now, lifetime=gate.session_lifetime, idle=gate.idle_timeout,
+            max_per_account=gate.max_sessions_per_account, max_total=gate.max_sessions), pool="web")
+        if not made:
+            self._log(LOG_WARNING, "gate-full", ext=account, max_sessions=gate.max_sessions)
+            raise WebError("throttled", "too many gate sessions", retry_after=60)
+        return token
+
+    async def _gate_step(self, token: str, sess: _Session, gen: Generator[Any, str | None, Any], kind: str,
+                         payload: Any, infos: list[str], client: str, back: str, name: str,
+                         started: float) -> dict[str, object]:
+        if kind == "ask":
+            sess.login = gen
+            return {"state": "code", "session": token, "csrf": sess.csrf, "prompt": payload, "info": infos,
+                    "return": back}
+        self._forget_session(token)
+        method = str(getattr(payload, "method", "-") or "-")
+        if getattr(payload, "outcome", None) != Outcome.SUCCESS:
+            # a policy skip (exempt network, grace) is no proof of a second factor here
+            self._login_line(Outcome.DENIED, name, sess.ext, client, method, "no second factor given", started)
+            raise WebError("denied")
+        gate_token = await self._create(sess.ext, method, client, self.engine.clock())
+        self._login_line(Outcome.SUCCESS, name, sess.ext, client, method, "code accepted", started)
+        return {"state": "in", "token": gate_token, "return": back}
+
+    async def _op_gate_code(self, f: dict[str, str]) -> dict[str, object]:
+        started = time.monotonic()
+        gate = self.engine.snapshot().config.gate
+        back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
+
+        def wrong(sess: _Session) -> None:
+            self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", "wrong code", started)
+
+        try:
+            sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_wrong=wrong)
+        except Locked as exc:
+            self._login_line(Outcome.LOCKED, "-", "-", f["client"], "-", exc.reason, started)
+            raise
+        return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,
+                                     started)
+
+    async def _op_gate_sign_out(self, f: dict[str, str]) -> dict[str, object]:
+        if not f["token"]:
+            return {"ended": 0}
+        store = self.engine.snapshot().store
+        key = await self._token_key(f["token"])
+        ended = await self.engine.run(lambda: store.gate_revoke(key=key), pool="web")
+        if ended:
+            self._log(LOG_INFO, "gate-sign-out", client=f.get("client"))
+        return {"ended": ended}
+
+    # -- the auth check ---------------------------------------------------------------
+
+    async def _op_gate_check(self, f: dict[str, str]) -> dict[str, object]:
+        snapshot = self.engine.snapshot()
+        gate = snapshot.config.gate
+        path = normal_path(f["uri"])
+        site = match_site(gate, f["host"], path) if path is not None else None
+        if site is None:
+            self._refusal("no-site")
+            raise WebError("forbidden")
+        if _in_networks(f["client"], site):
+            return {"user": "", "method": "exempt", "site": site.name}
+        if not f["token"]:
+            self._refusal("no-session")
+            raise WebError("expired")
+        key = await self._token_key(f["token"])
+        now = self.engine.clock()
+        store = snapshot.store
+        sess = await self._quick(lambda: store.gate_check(key, now, lifetime=site.session_lifetime,
+                                                          idle=site.idle_timeout,
+                                                          touch_after=gate.touch_interval), gate.check_timeout)
+        if sess is None:
+            self._refusal("no-session")
+            raise WebError("expired")
+        if sess.locked_until > now:
+            self._refusal("locked")
+            raise WebError("expired")
+        verdict = await self._account_verdict(snapshot.config, site, sess, now)
+        if not verdict.ok:
+            self._refusal(verdict.reason)
+            raise WebError("forbidden" if verdict.reason == "not-allowed" else "expired")
+        return {"user": sess.account, "method": sess.method, "site": site.name}
+
+    async def _account_verdict(self, config: Config, site: GateSite, sess: GateSession, now: float) -> _Verdict:
+        """May the session's account pass ``site`` (settings, 2FA, allow lists)? Kept for
+        ``account_check_interval`` s per (account, site, method) and per loaded config."""
+        gate = config.gate
+        generation = id(config)
+        cache_key = (sess.account, site.name, sess.method)
+        cached = self._verdicts.get(cache_key)
+        if cached is not None and cached.generation == generation and now - cached.at < gate.account_check_interval:
+            return cached
+        snapshot = self.engine.snapshot()
+
+        def decide() -> tuple[bool, str]:
+            settings: ExtensionSettings | None = snapshot.chain.lookup(sess.account)
+            if settings is None:
+                return False, "not-an-extension"
+            if settings.enrolled and sess.method == "password":
+                return False, "enrolled-since"  # signed in on the password alone: now the code is due
+            if not settings.enrolled and (site.enforce == "all" or gate.enforce == "all"):
+                return False, "not-enrolled"
+            if not allowed(site, sess.account):
+                return False, "not-allowed"
+            return True, "ok"
+
+        ok, reason = await self._quick(decide, config.daemon.work_timeout)
+        verdict = _Verdict(now, ok, reason, generation)
+        if len(self._verdicts) >= MAX_VERDICTS:
+            self._verdicts.clear()
+        self._verdicts[cache_key] = verdict
+        return verdict

@@ -1,0 +1,257 @@
+"""linkus-web's side of the web gate: the /linkus-gate/ pages and nginx's auth subrequest.
+
+Like the Security Settings pages, this decides nothing: each page and each auth
+check is one call to linkusd (pam_linkus.daemon.gate lists the ops and says why the
+check is cheap). This module turns them into pages, cookies, redirects and status
+codes (docs/gate.md, /work/briefs/gate-interface.md):
+
+- ``/linkus-gate/auth`` (nginx ``auth_request``): 204 with ``X-Linkus-User`` and
+  ``X-Linkus-Method`` (pass), 401 (no valid session), 403 (not for this account, or
+  a path no site covers), 502 (linkusd cannot be asked: nobody passes). No body.
+- ``/linkus-gate/sign-in``, ``/code``, ``/sign-out``: the pages; ``/forbidden`` and
+  ``/unavailable`` are pages nginx can show for a 403 or an error (``error_page``).
+
+Cookies: the session cookie ``__Host-linkus_gate`` (Secure; Path=/) under HTTPS --
+``--secure-cookies``, or ``X-Forwarded-Proto: https`` from a proxy this process
+trusts (``--trust-proxy``, as for X-Forwarded-For) -- else ``linkus_gate``; always
+HttpOnly and SameSite=Lax (a link from another site to a protected page must carry
+it; a cross-site POST does not). The step cookies of a sign-in are SameSite=Strict.
+Under HTTPS only the ``__Host-`` names are read: a sibling host cannot plant them.
+Every POST carries a form token that must equal its cookie (double submit), and the
+code step's token is also checked by linkusd.
+"""
+
+from __future__ import annotations
+
+import secrets
+import urllib.parse
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from pam_linkus.web import strings
+from pam_linkus.web.errors import Refused, Unreachable
+
+if TYPE_CHECKING:
+    from pam_linkus.web.app import _Pages
+
+PREFIX = "/linkus-gate"
+SESSION = "linkus_gate"
+STEP = "linkus_gate_step"  # the sign-in waiting for its code (linkusd's session of that step)
+CODE_CSRF = "linkus_gate_code"
+PRE = "linkus_gate_pre"  # the form token of the sign-in and sign-out forms
+#: A token, a form token or the ``rd`` field longer than this is nobody's.
+MAX_TOKEN, MAX_RD = 64, 2048
+#: Identity headers of the auth answer (nginx: auth_request_set $user $upstream_http_x_linkus_user).
+USER_HEADER, METHOD_HEADER = "X-Linkus-User", "X-Linkus-Method"
+
+
+class GatePages:
+    """The gate's routes; uses the Security Settings' plumbing (``_Pages``)."""
+
+    def __init__(self, pages: _Pages, settings_cookie: str):
+        self.pages = pages
+        self.settings_cookie = settings_cookie  # the Security Settings session (not enrolled: enroll there)
+
+    # -- cookies ------------------------------------------------------------------------
+
+    def secure(self, request: Request) -> bool:
+        """HTTPS as the browser sees it: --secure-cookies, or a trusted proxy's X-Forwarded-Proto."""
+        if self.pages.conf.secure_cookies:
+            return True
+        return self.pages.trusted_proxy(request) and request.headers.get("x-forwarded-proto", "") == "https"
+
+    def name(self, request: Request, base: str) -> str:
+        return ("__Host-" + base) if self.secure(request) else base
+
+    def cookie(self, request: Request, base: str) -> str:
+        value = request.cookies.get(self.name(request, base), "")
+        return value if len(value) <= MAX_TOKEN else ""
+
+    def set(self, request: Request, response: Response, base: str, value: str, *, strict: bool = True) -> None:
+        response.set_cookie(self.name(request, base), value, path="/", httponly=True,
+                            samesite="strict" if strict else "lax", secure=self.secure(request))
+
+    def clear(self, request: Request, response: Response, *bases: str) -> None:
+        for base in bases:
+            response.delete_cookie(self.name(request, base), path="/", httponly=True, secure=self.secure(request),
+                                   samesite="lax")
+
+    # -- pages ----------------------------------------------------------------------------
+
+    def message(self, status: int, title: str, text: str, kind: str, *, again: bool = False) -> Response:
+        return self.pages.render("gate_message.html", status, title=title, text=text, kind=kind, again=again)
+
+    def unavailable(self) -> Response:
+        return self.message(503, strings.UNAVAILABLE_TITLE, strings.GATE_UNAVAILABLE, "unavailable", again=True)
+
+    async def auth(self, request: Request) -> Response:
+        """nginx's auth subrequest: 204 + identity, 401, 403 or 502; never a body, never a cookie."""
+        headers = request.headers
+        fields: dict[str, object] = {
+            "op": "gate_check", "token": self.cookie(request, SESSION), "client": self.pages.client(request),
+            "host": headers.get("x-original-host", headers.get("host", ""))[:300],
+            "uri": headers.get("x-original-uri", "/")[:8192]}
+        try:
+            reply = await self.pages.call(fields)
+        except Unreachable:
+            return Response(status_code=502)
+        if reply["ok"]:
+            user, method = str(reply.get("user", "")), str(reply.get("method", ""))
+            if not _header_safe(user) or not _header_safe(method):
+                return Response(status_code=502)
+            return Response(status_code=204, headers={USER_HEADER: user, METHOD_HEADER: method})
+        word = reply.get("error")
+        if word == "forbidden":
+            return Response(status_code=403)
+        if word in ("expired", "bad-request", "denied"):
+            return Response(status_code=401)
+        return Response(status_code=502)
+
+    async def sign_in_form(self, request: Request, error: str | None = None, status: int = 200,
+                           ext: str = "") -> Response:
+        pre = secrets.token_urlsafe(24)
+        rd = request.query_params.get("rd", "")[:MAX_RD]
+        if error is None and request.query_params.get("wrong") == "code":
+            error = strings.WRONG_SIGN_IN_CODE
+        notice = strings.GATE_SIGNED_OUT if request.query_params.get("out") else None
+        response = self.pages.render("gate_sign_in.html", status, csrf=pre, error=error, notice=notice,
+                                     ext=ext[:64], rd=rd)
+        self.set(request, response, PRE, pre)
+        return response
+
+    async def sign_in(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.pages.form(request, "ext", "password", "csrf", "rd")
+            self._check_form_token(request, f.get("csrf", ""))
+            ext, rd = f.get("ext", "").strip(), f.get("rd", "")[:MAX_RD]
+            reply = await self.pages.call({"op": "gate_sign_in", "ext": ext, "password": f.get("password", ""),
+                                           "client": self.pages.client(request), "rd": rd})
+            if not reply["ok"]:
+                word = reply.get("error")
+                if word in ("denied", "bad-request"):
+                    request.scope["query_string"] = b"rd=" + _quote(rd).encode()
+                    return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401, ext=ext)
+                if word == "not-enrolled":
+                    return self._not_enrolled(request, reply)
+                return self._error(reply)
+            if reply.get("state") == "in":
+                return self._signed_in(request, str(reply["token"]), str(reply["return"]))
+            infos = [str(i) for i in reply.get("info", []) if isinstance(i, str)][:4]
+            response = self.pages.render("gate_code.html", csrf=str(reply["csrf"]), error=None, infos=infos,
+                                         rd=rd)
+            self.set(request, response, STEP, str(reply["session"]))
+            self.set(request, response, CODE_CSRF, str(reply["csrf"]))
+            self.clear(request, response, PRE)
+            return response
+
+        return await self.guarded(run)
+
+    async def code_form(self, request: Request) -> Response:
+        csrf = self.cookie(request, CODE_CSRF)
+        if not self.cookie(request, STEP) or not csrf:
+            return self.pages.redirect(PREFIX + "/sign-in")
+        rd = request.query_params.get("rd", "")[:MAX_RD]
+        return self.pages.render("gate_code.html", csrf=csrf, error=None, infos=[], rd=rd)
+
+    async def code(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.pages.form(request, "code", "csrf", "rd")
+            step, rd = self.cookie(request, STEP), f.get("rd", "")[:MAX_RD]
+            if not step:
+                return self.pages.redirect(PREFIX + "/sign-in?rd=" + _quote(rd))
+            reply = await self.pages.call({"op": "gate_code", "session": step, "csrf": f.get("csrf", ""),
+                                           "code": f.get("code", ""), "client": self.pages.client(request),
+                                           "rd": rd})
+            if not reply["ok"]:
+                if reply.get("error") in ("denied", "expired"):
+                    # a wrong code ended this sign-in: start again (the lockout counts it, as at a PAM login)
+                    response = self.pages.redirect(PREFIX + "/sign-in?wrong=code&rd=" + _quote(rd))
+                    self.clear(request, response, STEP, CODE_CSRF)
+                    return response
+                return self._error(reply)
+            response = self._signed_in(request, str(reply["token"]), str(reply["return"]))
+            self.clear(request, response, STEP, CODE_CSRF)
+            return response
+
+        return await self.guarded(run)
+
+    async def sign_out_form(self, request: Request) -> Response:
+        pre = secrets.token_urlsafe(24)
+        response = self.pages.render("gate_sign_out.html", csrf=pre)
+        self.set(request, response, PRE, pre)
+        return response
+
+    async def sign_out(self, request: Request) -> Response:
+        async def run() -> Response:
+            f = await self.pages.form(request, "csrf")
+            self._check_form_token(request, f.get("csrf", ""))
+            token = self.cookie(request, SESSION)
+            response: Response
+            try:
+                if token:
+                    await self.pages.call({"op": "gate_sign_out", "token": token,
+                                           "client": self.pages.client(request)})
+                response = self.message(200, strings.GATE_SIGNED_OUT_TITLE, strings.GATE_SIGNED_OUT, "signed-out",
+                                        again=True)
+            except Unreachable:
+                response = self.message(503, strings.UNAVAILABLE_TITLE, strings.GATE_NOT_SIGNED_OUT, "unavailable")
+            self.clear(request, response, SESSION, PRE, STEP, CODE_CSRF)
+            return response
+
+        return await self.guarded(run)
+
+    async def forbidden(self, request: Request) -> Response:
+        return self.message(403, strings.GATE_FORBIDDEN_TITLE, strings.GATE_FORBIDDEN, "forbidden")
+
+    async def unavailable_page(self, request: Request) -> Response:
+        return self.unavailable()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def guarded(self, run: Any) -> Response:
+        try:
+            response: Response = await run()
+            return response
+        except Unreachable:
+            return self.unavailable()
+        except Refused as refused:
+            return self._error({"error": refused.word})
+
+    def _check_form_token(self, request: Request, given: str) -> None:
+        expected = self.cookie(request, PRE)
+        if not expected or not secrets.compare_digest(expected.encode(), given.encode()):
+            raise Refused("bad-request")
+
+    def _signed_in(self, request: Request, token: str, back: str) -> Response:
+        # ``back`` was checked by linkusd (return_hosts / default_return)
+        response = RedirectResponse(back, status_code=303)
+        self.set(request, response, SESSION, token, strict=False)
+        self.clear(request, response, PRE)
+        return response
+
+    def _not_enrolled(self, request: Request, reply: dict[str, Any]) -> Response:
+        if reply.get("enroll") and isinstance(reply.get("session"), str):
+            # the password was right: straight into Security Settings to turn 2FA on
+            response = self.pages.redirect("/settings")
+            self.pages.set_cookie(response, self.settings_cookie, str(reply["session"]))
+            self.clear(request, response, PRE)
+            return response
+        return self.message(403, strings.GATE_FORBIDDEN_TITLE, strings.GATE_REFUSED, "not-enrolled")
+
+    def _error(self, reply: dict[str, Any]) -> Response:
+        word = reply.get("error")
+        if word in ("locked", "throttled", "bad-request"):
+            return self.pages.error_page(reply)
+        if word == "step":
+            return self.message(409, strings.TITLE, strings.STEP, "step", again=True)
+        return self.unavailable()
+
+
+def _header_safe(value: str) -> bool:
+    return len(value) <= 256 and all(32 <= ord(c) < 127 for c in value)
+
+
+def _quote(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
