@@ -251,7 +251,7 @@ def sign_in(setup: GateSetup) -> str:
     """Sign in through nginx as a browser would (password, then the TOTP code); the Cookie header."""
     client = HttpsClient(setup.ports["gate"], setup.cert)
     last = gate_sign_in(client, setup.user, PASSWORD, code_at(time.time()), rd="/admin/")
-    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items() if "linkus_gate" in k)
+    cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items() if k == "__Host-linkus_gate")
     if not cookie:
         raise SystemExit(f"bench/gate.py: signing in through the gate gave no session ({last.status})")
     return cookie
