@@ -49,7 +49,7 @@ from harness import PASSWORD, Workspace, code_at, machine, percentile_ms  # noqa
 from linkus import LinkusSetup  # noqa: E402
 from nginx_server import HttpsClient, Nginx, example_block, fill, free_port, gate_sign_in, self_signed  # noqa: E402
 
-ARMS = ("plain", "gate", "floor", "check")
+ARMS = ("plain", "gate", "gate-ka", "floor", "check", "linkusd")
 PYTHON = "/usr/bin/python3"
 
 
@@ -181,7 +181,7 @@ class GateSetup:
     def _start_nginx(self) -> None:
         cert, key = self_signed(self.ws.root)
         self.cert = cert
-        for name in ("gate", "plain", "floor", "upstream", "stand_in"):
+        for name in ("gate", "gate-ka", "plain", "floor", "upstream", "stand_in"):
             self.ports[name] = free_port()
         upstream = f"http://127.0.0.1:{self.ports['upstream']}"
         block = example_block()
@@ -191,11 +191,17 @@ class GateSetup:
                                  port=self.ports["plain"], cert=cert, key=key))
         floor = fill(block, upstream=upstream, linkus_web=f"http://127.0.0.1:{self.ports['stand_in']}",
                      port=self.ports["floor"], cert=cert, key=key)
-        extra = (f"server {{ listen 127.0.0.1:{self.ports['upstream']}; location / {{ default_type text/plain; "
+        # docs/gate.md's optional tuning: kept-alive connections to linkus-web (an upstream {} in http {});
+        # keepalive_timeout below uvicorn's 5 s, so nginx never reuses a connection linkus-web is closing
+        keepalive = fill(block, upstream=upstream, linkus_web="http://linkus_web", port=self.ports["gate-ka"],
+                         cert=cert, key=key)
+        extra = (f"upstream linkus_web {{ server unix:{self.web_sock}; keepalive 16; keepalive_timeout 4s; }}\n"
+                 f"server {{ listen 127.0.0.1:{self.ports['upstream']}; location / {{ default_type text/plain; "
                  'return 200 "upstream ok\\n"; } }\n'
                  f"server {{ listen 127.0.0.1:{self.ports['stand_in']}; location / {{ "
                  "add_header X-Linkus-User bench; add_header X-Linkus-Method totp; return 204; } }\n")
-        self.nginx = Nginx(self.ws.root / "nginx", "\n".join((gate, plain, floor, extra)), port=self.ports["gate"],
+        blocks = "\n".join((gate, keepalive, plain, floor, extra))
+        self.nginx = Nginx(self.ws.root / "nginx", blocks, port=self.ports["gate"],
                            worker_user=self.proxy_user, worker_group=self.proxy_group, access_log=False)
         checked = self.nginx.check()
         if checked.returncode != 0:
@@ -260,42 +266,71 @@ def sign_in(setup: GateSetup) -> str:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def arm_target(setup: GateSetup, arm: str, cookie: str) -> tuple[Any, bytes, int]:
-    """How to connect for ``arm``, the request bytes and the status it must answer."""
+def run_calls(path: str, call: dict[str, object], clients: int, per_client: int) -> list[float]:
+    """gate_check straight on linkusd's web socket (protocol.call_web, as linkus-web makes it), from
+    ``clients`` threads; the latencies. No linkus-web, no nginx: what linkusd and its socket cost."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pam_linkus.protocol import call_web
+
+    def one_client() -> list[float]:
+        mine = []
+        for _ in range(per_client):
+            started = time.perf_counter()
+            reply = call_web(path, call, timeout=10)
+            mine.append(time.perf_counter() - started)
+            if reply.get("ok") is not True:
+                raise RuntimeError(f"gate_check answered {reply}")
+        return mine
+
+    with ThreadPoolExecutor(clients) as pool:
+        return [x for part in pool.map(lambda _i: one_client(), range(clients)) for x in part]
+
+
+Load = Any  # (clients, per_client) -> latencies
+
+
+def arm_load(setup: GateSetup, arm: str, cookie: str) -> Load:
+    """A function that runs ``arm``'s requests: (clients, per_client) -> latencies."""
     context = ssl.create_default_context(cafile=str(setup.cert))
+    if arm == "linkusd":
+        call: dict[str, object] = {"op": "gate_check", "token": cookie.partition("=")[2], "client": "127.0.0.1",
+                                   "host": "127.0.0.1", "uri": "/admin/"}
+        return lambda clients, per_client: run_calls(str(setup.linkusd.web_socket), call, clients, per_client)
     if arm == "check":
         path = str(setup.web_sock)
         request = ("GET /linkus-gate/auth HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Original-URI: /admin/\r\n"
                    "X-Original-Host: 127.0.0.1\r\nX-Original-Method: GET\r\nX-Forwarded-Proto: https\r\n"
                    f"X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n").encode()
-        return (lambda: asyncio.open_unix_connection(path)), request, 204
+        return lambda clients, per_client: run_load(lambda: asyncio.open_unix_connection(path), request, clients,
+                                                    per_client, 204)
     port = setup.ports[arm]
     request = (f"GET /admin/ HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n").encode()
-    return (lambda: asyncio.open_connection("127.0.0.1", port, ssl=context)), request, 200
+    return lambda clients, per_client: run_load(lambda: asyncio.open_connection("127.0.0.1", port, ssl=context),
+                                                request, clients, per_client, 200)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ws = Workspace()
-    setup = GateSetup(ws, real_gate=bool({"gate", "check"} & set(args.arms)))
+    setup = GateSetup(ws, real_gate=bool({"gate", "gate-ka", "check", "linkusd"} & set(args.arms)))
     results: dict[str, dict[int, list[float]]] = {arm: {1: [], 50: []} for arm in args.arms}
     #: CPU seconds per process kind, per (arm, clients), over all timed rounds
     cpu: dict[str, dict[int, dict[str, float]]] = {arm: {1: {}, 50: {}} for arm in args.arms}
     try:
         setup.start()
-        cookie = sign_in(setup) if {"gate", "check"} & set(args.arms) else "linkus_gate=none"
-        targets = {arm: arm_target(setup, arm, cookie) for arm in args.arms}
-        for open_conn, request, want in targets.values():  # warm up: connections, caches, code paths
-            run_load(open_conn, request, 4, 20, want)
+        cookie = sign_in(setup) if setup.real_gate else "linkus_gate=none"
+        loads = {arm: arm_load(setup, arm, cookie) for arm in args.arms}
+        for load in loads.values():  # warm up: connections, caches, code paths
+            load(4, 20)
         rng = random.Random(18)
         cases = [(arm, clients) for arm in args.arms for clients in (1, 50)]
         for round_no in range(args.rounds):
             order = cases[:]
             rng.shuffle(order)
             for arm, clients in order:
-                open_conn, request, want = targets[arm]
                 per_client = args.requests if clients == 1 else args.requests_50
                 before = setup.cpu()
-                results[arm][clients] += run_load(open_conn, request, clients, per_client, want)
+                results[arm][clients] += loads[arm](clients, per_client)
                 after = setup.cpu()
                 spent = cpu[arm][clients]
                 for name, seconds in after.items():
@@ -322,7 +357,8 @@ def render(table: dict[str, Any]) -> str:
     for arm, by_clients in arms.items():
         for clients, row in by_clients.items():
             base = arms.get("plain", {}).get(clients)
-            added = "" if arm in ("plain", "check") or base is None else f"{row['p50_ms'] - base['p50_ms']:+.3f}"
+            direct = arm in ("plain", "check", "linkusd") or base is None
+            added = "" if direct else f"{row['p50_ms'] - base['p50_ms']:+.3f}"
             spent = " / ".join(f"{row['cpu_us_per_request'].get(name, 0):.0f}" for name in names)
             lines.append(f"| {arm} | {clients} | {row['n']} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {added} "
                          f"| {spent} |")
