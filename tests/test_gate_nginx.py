@@ -167,9 +167,10 @@ def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
 
 def test_403_stays_403_and_a_broken_check_lets_nobody_in(
         wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
-    client, gui, _check = wiring
+    client, gui, check = wiring
     refused = client("/admin/", headers=[("Cookie", "linkus_gate=other-site")])
-    assert refused.status == 403
+    assert refused.status == 403  # the gate's page as its body (the stand-in answers it 200), the status kept
+    assert check.seen[-1]["path"] == "/linkus-gate/forbidden"
     broken = client("/admin/", headers=[("Cookie", "linkus_gate=broken"), ("X-Linkus-User", FORGED)])
     assert broken.status == 503
     assert b"Sign-in is unavailable" in broken.body and broken.header("Cache-Control") == "no-store"
@@ -391,7 +392,8 @@ def test_policy_revocation_and_the_exempt_network(gate: Gate, make_user: Any) ->
         assert gate.session(client)
     # per-site policy: only the admins group passes /admin/; a path no site names is refused
     assert clients[admin]("/admin/").status == 200
-    assert clients[member]("/admin/", headers=FORGED_HEADERS).status == 403
+    refused = clients[member]("/admin/", headers=FORGED_HEADERS)
+    assert refused.status == 403 and "may not open this page" in refused.text  # linkus-web's page, nginx's 403
     assert header_values(echoed(clients[member]("/ucp/")), "X-Linkus-User") == [member]
     assert clients[admin]("/recordings/").status == 403
 
