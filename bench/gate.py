@@ -45,7 +45,7 @@ from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent / "tests")]
 
-from harness import PASSWORD, Workspace, code_at, machine, percentile_ms  # noqa: E402
+from harness import PASSWORD, Workspace, avoid_step_edge, code_at, machine, median_ms, pamtester, percentile_ms  # noqa: E402
 from linkus import LinkusSetup  # noqa: E402
 from nginx_server import HttpsClient, Nginx, example_block, fill, free_port, gate_sign_in, self_signed  # noqa: E402
 
@@ -118,11 +118,13 @@ def strip_check(block: str) -> str:
 class GateSetup:
     """linkusd (with its web socket), linkus-web as a throwaway user, nginx with four server blocks."""
 
-    def __init__(self, ws: Workspace, *, real_gate: bool = True):
+    def __init__(self, ws: Workspace, *, real_gate: bool = True, web_python: str = PYTHON):
         self.ws = ws
+        self.web_python = web_python
         #: False: only the nginx arms that need no linkus-web (plain, floor); linkusd is not started
         self.real_gate = real_gate
         self.user = ws.user()
+        self.pam_user = ws.user()  # PAM logins during the gate's load (its replay records are reset between)
         self.tag = secrets.token_hex(3)
         self.groups: list[str] = []
         self.system_users: list[str] = []
@@ -131,7 +133,7 @@ class GateSetup:
         self.web_user = self._system_user(f"lkbw{self.tag}", self.web_group, extra=self.proxy_group)
         self.proxy_user = self._system_user(f"lkbn{self.tag}", self.proxy_group)
         password_service = ws.service("pw", "auth required pam_unix.so nodelay\n")
-        self.linkusd = LinkusSetup(ws, "gate", [self.user], config={
+        self.linkusd = LinkusSetup(ws, "gate", [self.user, self.pam_user], config={
             "self_service": {"pam_service": password_service},
             "daemon": {"web_group": self.web_group},
             "gate": {"enforce": "all", "return_hosts": ["127.0.0.1"], "default_return": "/",
@@ -167,7 +169,7 @@ class GateSetup:
         log = (self.ws.root / "linkus-web.log").open("ab")
         self.web = subprocess.Popen(
             ["setpriv", f"--reuid={self.web_user}", f"--regid={self.web_group}", "--init-groups", "--reset-env",
-             "env", f"PYTHONPATH={self.linkusd.code}", PYTHON, "-m", "pam_linkus.web.app", "--unix",
+             "env", f"PYTHONPATH={self.linkusd.code}", self.web_python, "-m", "pam_linkus.web.app", "--unix",
              str(self.web_sock), "--unix-group", self.proxy_group, "--trust-proxy", "--secure-cookies",
              "--socket", str(self.linkusd.web_socket)], cwd="/", stdout=log, stderr=log)
         log.close()
@@ -263,6 +265,40 @@ def sign_in(setup: GateSetup) -> str:
     return cookie
 
 
+def logins_under_load(setup: GateSetup, load: Load, logins: int) -> dict[str, Any]:
+    """PAM logins (pam_linkus.so alone, TOTP) with no load, then while 50 clients hammer the gate: the
+    check must not hold a linkusd worker, so logins keep working and nothing is refused."""
+    import threading
+
+    def one() -> tuple[str, float]:
+        setup.linkusd.forget(setup.pam_user)  # untimed: the next code is not a replay
+        avoid_step_edge()
+        return pamtester(setup.linkusd.service_alone, setup.pam_user, [code_at(time.time())], setup.ws.messages)
+
+    quiet = [one() for _ in range(logins)]
+    done = threading.Event()
+    failed: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            while not done.is_set():
+                load(50, 40)
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=hammer, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # the load is running
+    loaded = [one() for _ in range(logins)]
+    done.set()
+    thread.join(120)
+    return {"quiet": {"codes": sorted({c for c, _t in quiet}), "median_ms": median_ms([t for _c, t in quiet])},
+            "under_gate_load": {"codes": sorted({c for c, _t in loaded}),
+                                "median_ms": median_ms([t for _c, t in loaded]),
+                                "max_ms": max(t for _c, t in loaded) * 1000},
+            "load_errors": [repr(e)[:200] for e in failed]}
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
 
@@ -312,10 +348,12 @@ def arm_load(setup: GateSetup, arm: str, cookie: str) -> Load:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ws = Workspace()
-    setup = GateSetup(ws, real_gate=bool({"gate", "gate-ka", "check", "linkusd"} & set(args.arms)))
+    setup = GateSetup(ws, real_gate=bool({"gate", "gate-ka", "check", "linkusd"} & set(args.arms)),
+                      web_python=args.web_python)
     results: dict[str, dict[int, list[float]]] = {arm: {1: [], 50: []} for arm in args.arms}
     #: CPU seconds per process kind, per (arm, clients), over all timed rounds
     cpu: dict[str, dict[int, dict[str, float]]] = {arm: {1: {}, 50: {}} for arm in args.arms}
+    logins: dict[str, Any] = {}
     try:
         setup.start()
         cookie = sign_in(setup) if setup.real_gate else "linkus_gate=none"
@@ -336,10 +374,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name, seconds in after.items():
                     spent[name] = spent.get(name, 0.0) + seconds - before.get(name, 0.0)
             print(f"round {round_no + 1}/{args.rounds} done", file=sys.stderr)
+        if "gate" in loads and args.logins:
+            logins = logins_under_load(setup, loads["gate"], args.logins)
     finally:
         setup.close()
         ws.close()
-    table: dict[str, Any] = {"machine": machine(), "rounds": args.rounds, "arms": {}}
+    table: dict[str, Any] = {"machine": machine(), "rounds": args.rounds, "web_python": args.web_python, "arms": {},
+                             "logins": logins}
     for arm, by_clients in results.items():
         table["arms"][arm] = {str(clients): {
             "n": len(samples), "p50_ms": percentile_ms(samples, 50), "p99_ms": percentile_ms(samples, 99),
@@ -372,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests-50", type=int, default=20,
                         help="per client per round, at 50 clients (default: %(default)s)")
     parser.add_argument("--arms", default=",".join(ARMS), help="a subset of " + ",".join(ARMS))
+    parser.add_argument("--logins", type=int, default=8,
+                        help="PAM logins timed without and then with 50 clients on the gate (0: none)")
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--web-python", default=PYTHON,
+                        help="the Python that runs linkus-web (default: %(default)s, Debian's: uvicorn on h11 and "
+                             "asyncio's loop; a venv with httptools and uvloop shows what they would save)")
     args = parser.parse_args(argv)
     args.arms = [arm for arm in args.arms.split(",") if arm]
     if not set(args.arms) <= set(ARMS) or not args.arms:
@@ -381,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench/gate.py must run as root (users, a PAM service, nginx's worker user)")
     table = run(args)
     print(render(table))
+    if table["logins"]:
+        print(f"\nPAM logins (pam_linkus alone, TOTP): {table['logins']}")
     print(f"\n{table['machine']}")
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=2))
