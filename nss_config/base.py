@@ -56,7 +56,7 @@ class ExtensionSettings:
     """
 
     __slots__ = ("user", "method", "enabled", "secret", "algorithm", "digits", "period", "email", "source",
-                 "account", "legacy_short_secret")
+                 "account", "legacy_short_secret", "directory_groups")
 
     def __init__(
         self,
@@ -72,6 +72,7 @@ class ExtensionSettings:
         source: str = "?",
         account: str | None = None,
         legacy_short_secret: bool = False,
+        directory_groups: frozenset[str] | None = None,
     ):
         self.user = user
         #: The canonical name as the source holds it (YAML: the key as written;
@@ -89,6 +90,10 @@ class ExtensionSettings:
         #: The secret is shorter than 128 bits and was accepted only because the entry
         #: says so (a migrated Google Authenticator key); doctor flags it until re-enrollment.
         self.legacy_short_secret = legacy_short_secret
+        #: The DNs of the directory groups the entry is in (``ldap.group_attribute``, read in the
+        #: same search); None when the source says nothing about groups (YAML) -- "unknown", never
+        #: "none" (pam_linkus.groups turns them into names and matches rules).
+        self.directory_groups = directory_groups
 
     @property
     def enrolled(self) -> bool:
@@ -96,12 +101,17 @@ class ExtensionSettings:
         return self.enabled and self.method != "none"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data for caches (compiled index, LDAP offline cache)."""
-        return {k: getattr(self, k) for k in self.__slots__}
+        """Plain data for caches (compiled index, LDAP offline cache); groups as a sorted list."""
+        data = {k: getattr(self, k) for k in self.__slots__}
+        if self.directory_groups is not None:
+            data["directory_groups"] = sorted(self.directory_groups)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExtensionSettings:
         data = dict(data)
+        if data.get("directory_groups") is not None:
+            data["directory_groups"] = frozenset(data["directory_groups"])
         return cls(data.pop("user"), data.pop("method"), **data)
 
     def __repr__(self) -> str:
@@ -111,7 +121,14 @@ class ExtensionSettings:
         )
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ExtensionSettings) and self.to_dict() == other.to_dict()
+        """The same second-factor settings; ``directory_groups`` is not a setting (it says what
+        the directory knows about the account's groups, and only the LDAP source fills it)."""
+        if not isinstance(other, ExtensionSettings):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("directory_groups")
+        theirs.pop("directory_groups")
+        return mine == theirs
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -192,7 +209,8 @@ def check_user_name(user: str) -> None:
 
 
 def settings_from_mapping(user: str, entry: Any, where: str, source: str,
-                          account: str | None = None) -> ExtensionSettings:
+                          account: str | None = None,
+                          directory_groups: frozenset[str] | None = None) -> ExtensionSettings:
     """Validate one entry (YAML mapping or LDAP attributes mapped to our keys).
 
     Raises ConfigError naming ``where`` and known keys, never a value -- nor the
@@ -253,4 +271,5 @@ def settings_from_mapping(user: str, entry: Any, where: str, source: str,
         source=source,
         account=account,
         legacy_short_secret=legacy,
+        directory_groups=directory_groups,
     )

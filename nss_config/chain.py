@@ -49,6 +49,55 @@ class SourceChain:
             raise first_error
         return None
 
+    def lookup_account(self, user: str, *, want_groups: bool = True
+                       ) -> tuple[ExtensionSettings | None, frozenset[str] | None]:
+        """``lookup``, and the DNs of the account's directory groups (pam_linkus.groups).
+
+        The groups come from the directory source's own search for the settings (no extra
+        round trip), also when that entry says "not here". Only when an earlier source (YAML)
+        answered and the directory was not asked, and ``want_groups`` is set (a group rule names
+        an LDAP group), is the directory asked for the groups alone. Groups are None when no
+        directory source is configured or one could not be asked (``on_source_unavailable:
+        next``): unknown, never "none".
+        """
+        first_error: SourceUnavailable | None = None
+        groups: frozenset[str] | None = None
+        asked_directory = False
+        found: ExtensionSettings | None = None
+        for number, source in enumerate(self.sources):
+            account_lookup = getattr(source, "lookup_account", None)
+            try:
+                if account_lookup is not None:
+                    asked_directory = True
+                    found, groups = account_lookup(user)
+                else:
+                    found = source.lookup(user)
+            except SourceUnavailable as exc:
+                if not self.skip_unavailable:
+                    raise
+                first_error = first_error or exc
+                continue
+            if found is not None:
+                if want_groups and not asked_directory:
+                    groups = self._groups_only(user, self.sources[number + 1:])
+                return found, groups
+        if first_error is not None:
+            raise first_error
+        return None, groups
+
+    def _groups_only(self, user: str, later: Sequence[SettingsSource]) -> frozenset[str] | None:
+        for source in later:
+            account_lookup = getattr(source, "lookup_account", None)
+            if account_lookup is None:
+                continue
+            try:
+                groups: frozenset[str] | None = account_lookup(user)[1]
+                return groups
+            except SourceUnavailable:
+                if not self.skip_unavailable:
+                    raise
+        return None
+
     def counts(self) -> tuple[int, int] | None:
         """(extensions, enrolled) held by the sources that load a whole file (YAML); None when
         none does (LDAP is asked per login and has no count)."""

@@ -145,21 +145,29 @@ class LdapSource:
         return self.config.cache_max_age > 0 and self._state is not None
 
     def lookup(self, user: str) -> ExtensionSettings | None:
+        return self.lookup_account(user)[0]
+
+    def lookup_account(self, user: str) -> tuple[ExtensionSettings | None, frozenset[str] | None]:
+        """``lookup``, and the DNs of the entry's groups (``ldap.group_attribute``) from the same
+        search -- also when the entry has no 2FA attributes ("not here"), since group policy
+        applies to it too. Groups: empty when there is no entry; None when not known (the answer
+        came from the offline cache without them)."""
         try:
             check_user_name(user)
         except ValueError:
-            return None  # no directory entry can carry such a name
+            return None, frozenset()  # no directory entry can carry such a name
         try:
             entries = self.search(user)
         except SourceUnavailable:
             cached = self._cached(user)
             if cached is None:
                 raise
-            return cached
+            return cached, cached.directory_groups
+        groups = entry_groups(self.config, entries)
         settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute)
         if self._caching:
             self._remember(user, settings)
-        return settings
+        return settings, groups
 
     # -- connections ------------------------------------------------------------------
 
@@ -196,7 +204,7 @@ class LdapSource:
         first that answers decides. SourceUnavailable names each failure."""
         tls, password = self._setup()
         search_filter = build_filter(self.config.filter, user)
-        extra = (self._name_attribute,) if self._name_attribute else ()
+        extra = ((self._name_attribute,) if self._name_attribute else ()) + (self.config.group_attribute,)
         deadline = time.monotonic() + self.config.timeout * len(self.config.uris)
         failures = []
         for uri in self.config.uris:
@@ -248,6 +256,8 @@ class LdapSource:
         if settings is not None:
             mapping: dict[str, Any] = {k: getattr(settings, k) for k in ENTRY_KEYS}
             mapping["account"] = settings.account
+            if settings.directory_groups is not None:
+                mapping["directory_groups"] = sorted(settings.directory_groups)
             data = json.dumps(mapping, sort_keys=True)
         self._state().cache_settings(CACHE_SOURCE, user.casefold(), data, self._clock())
 
@@ -267,7 +277,11 @@ class LdapSource:
             account = entry.pop("account", user)
             if not isinstance(account, str):
                 return None
-            return settings_from_mapping(user, entry, "LDAP offline cache", "ldap-cache", account=account)
+            groups = entry.pop("directory_groups", None)  # absent in entries cached before groups
+            if groups is not None and not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)):
+                return None
+            return settings_from_mapping(user, entry, "LDAP offline cache", "ldap-cache", account=account,
+                                         directory_groups=None if groups is None else frozenset(groups))
         except (ValueError, AttributeError, ConfigError):
             return None
 
@@ -439,7 +453,30 @@ def settings_from_entries(config: LdapOptions, user: str, found: Entries, *,
             check_user_name(account)
         except ValueError:
             raise ConfigError(f"{name_attribute} is not a usable account name", where) from None
-    return settings_from_mapping(user, mapping, where, "ldap", account=account)
+    return settings_from_mapping(user, mapping, where, "ldap", account=account,
+                                 directory_groups=entry_groups(config, found))
+
+
+#: Most group DNs accepted from one entry's ``group_attribute``; more is refused, never cut
+#: (a cut list could drop the group a stricter rule names).
+MAX_GROUP_VALUES = 4096
+
+
+def entry_groups(config: LdapOptions, found: Entries) -> frozenset[str]:
+    """The DNs in the single entry's ``ldap.group_attribute`` (none without an entry). A value
+    that is not UTF-8 or too many values: ConfigError naming the DN (the login is unavailable)."""
+    entries, truncated = found
+    if truncated or len(entries) != 1:
+        return frozenset()  # no entry; more than one is refused by settings_from_entries
+    dn, raw = entries[0]
+    values = raw.get(config.group_attribute.lower(), [])
+    where = f"LDAP entry {dn!r:.200}"
+    if len(values) > MAX_GROUP_VALUES:
+        raise ConfigError(f"attribute {config.group_attribute} has more than {MAX_GROUP_VALUES} values", where)
+    try:
+        return frozenset(value.decode("utf-8") for value in values)
+    except UnicodeDecodeError:
+        raise ConfigError(f"attribute {config.group_attribute} has a value that is not UTF-8", where) from None
 
 
 def entry_mapping(config: LdapOptions, user: str, where: str, raw: dict[str, list[bytes]]) -> dict[str, Any]:

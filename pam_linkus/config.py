@@ -238,7 +238,7 @@ class LdapConfig:
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
         "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
-        "writer_bind_dn", "writer_password_file",
+        "writer_bind_dn", "writer_password_file", "group_attribute",
     )
 
     DEFAULT_ATTRIBUTES = {
@@ -291,6 +291,10 @@ class LdapConfig:
         # Whole seconds: it is also the search's timeLimit (and ldap3's SO_RCVTIMEO for the writer).
         self.timeout = r.integer("timeout", 3, minimum=1, maximum=30)
         self.cache_max_age = r.integer("cache_max_age", 0, minimum=0, maximum=30 * 86400)
+        # The entry's group DNs, read in the same search as its settings (pam_linkus.groups).
+        self.group_attribute = r.string("group_attribute", "memberOf", max_len=100)
+        if not _is_attribute_name(self.group_attribute):
+            raise r.fail("group_attribute", "must be an LDAP attribute name (letters, digits, '-') or an OID")
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
@@ -667,13 +671,103 @@ class Profile:
         return cls(name, enforce, networks, grace, methods)
 
 
+#: Longest LDAP group a rule may name (a first-RDN value or a full DN).
+MAX_LDAP_GROUP_LEN = 1024
+#: Most rules in ``group_policy`` (each login checks every one).
+MAX_GROUP_RULES = 256
+
+
+class GroupRule:
+    """One entry of ``group_policy``: accounts in any of its groups get its keys as well.
+
+    ``unix_groups`` (NSS groups) and ``ldap_groups`` (first-RDN values or full DNs of
+    ``ldap.group_attribute``) say who it applies to; ``enforce``, ``methods``,
+    ``exempt_networks`` and ``grace_period`` what it asks. A key it leaves out is None and
+    constrains nothing; how a rule and the service's profile combine is ``policy.combine``
+    (the stricter value wins on every key, docs/guide.md "Policy by group").
+    """
+
+    __slots__ = ("name", "unix_groups", "ldap_groups", "enforce", "methods", "exempt_networks", "grace_period")
+
+    KEYS = ("enforce", "methods", "exempt_networks", "grace_period")
+
+    def __init__(self, r: Reader, number: int):
+        self.name = r.string("name", f"rule {number}", max_len=64)
+        if not (0 < len(self.name) <= 64 and all(c.isalnum() or c in "-_. " for c in self.name)):
+            raise r.fail("name", "must be 1-64 letters, digits, spaces, '-', '_' or '.'")
+        self.unix_groups = r.string_list("unix_groups", [])
+        for index, name in enumerate(self.unix_groups, start=1):
+            if not _is_group_name(name):
+                raise r.fail("unix_groups", f"entry {index} is not a group name")
+        self.ldap_groups = r.string_list("ldap_groups", [])
+        seen: set[str] = set()
+        for index, name in enumerate(self.ldap_groups, start=1):
+            if (not name or len(name) > MAX_LDAP_GROUP_LEN or name != name.strip()
+                    or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+                raise r.fail("ldap_groups", f"entry {index} is not a group name or DN")
+            if name.casefold() in seen:  # compared ignoring case: the same group twice
+                raise r.fail("ldap_groups", "lists an entry twice")
+            seen.add(name.casefold())
+        if not self.unix_groups and not self.ldap_groups:
+            raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
+        self.enforce: str | None = r.string("enforce", "", choices=("enrolled", "all")) if r.has("enforce") else None
+        self.methods: list[str] | None = None
+        if r.has("methods"):
+            self.methods = r.string_list("methods", [], choices=PROFILE_METHODS)
+            if not self.methods:
+                raise r.fail("methods", "must name at least one method")
+        self.exempt_networks: list[IPv4Network | IPv6Network] | None = (
+            _networks(r, "exempt_networks") if r.has("exempt_networks") else None)
+        self.grace_period: int | None = (r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
+                                         if r.has("grace_period") else None)
+        if all(getattr(self, key) is None for key in self.KEYS):
+            raise r.fail("enforce", f"a rule must set at least one of {', '.join(self.KEYS)}")
+        r.done()
+
+    def __repr__(self) -> str:
+        return (f"GroupRule({self.name!r}, unix_groups={self.unix_groups!r}, ldap_groups={self.ldap_groups!r}, "
+                f"enforce={self.enforce!r}, methods={self.methods!r}, "
+                f"exempt_networks={None if self.exempt_networks is None else len(self.exempt_networks)}, "
+                f"grace_period={self.grace_period!r})")
+
+
+def _group_rules(r: Reader, key: str) -> list[GroupRule]:
+    """``group_policy``: a list of rules; a rule name or a group named twice is an error (every
+    matching rule applies, so a group in two rules is two places to read for one answer)."""
+    value = r._get(key)
+    if value is _MISSING:
+        return []
+    if not isinstance(value, list):
+        raise r.fail(key, "must be a list of rules")
+    if len(value) > MAX_GROUP_RULES:
+        raise r.fail(key, f"has more than {MAX_GROUP_RULES} rules")
+    rules: list[GroupRule] = []
+    names: set[str] = set()
+    unix: set[str] = set()
+    ldap: set[str] = set()
+    for number, item in enumerate(value, start=1):
+        sub = Reader(item, r._file, f"{r._prefix}{key}[{number}].")
+        rule = GroupRule(sub, number)
+        if rule.name in names:
+            raise sub.fail("name", "is the name of an earlier rule")
+        if unix & set(rule.unix_groups):
+            raise sub.fail("unix_groups", "names a group an earlier rule names")
+        if ldap & {g.casefold() for g in rule.ldap_groups}:
+            raise sub.fail("ldap_groups", "names a group an earlier rule names")
+        names.add(rule.name)
+        unix.update(rule.unix_groups)
+        ldap.update(g.casefold() for g in rule.ldap_groups)
+        rules.append(rule)
+    return rules
+
+
 class Config:
     """The whole main config. Build with ``load_config`` or ``Config.from_mapping``."""
 
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "gate",
+        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "gate",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -712,6 +806,13 @@ class Config:
                                   profiles.where(name))
             self.profiles[name] = Profile.read(name, profiles.section(name), self.default_profile)
         profiles.done()
+        #: Policy by group (docs/guide.md "Policy by group"): every matching rule applies.
+        self.group_policy = _group_rules(r, "group_policy")
+        if "ldap" not in self.sources:
+            for rule in self.group_policy:
+                if rule.ldap_groups:
+                    raise ConfigError(f"group_policy: rule {rule.name!r} names ldap_groups, but sources does not "
+                                      "list ldap", r.where("group_policy"))
         r.done()
 
     def profile(self, name: str, *, explicit: bool) -> Profile:

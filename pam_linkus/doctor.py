@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from nss_config.chain import build_chain
 from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 from nss_config.yaml_source import read_extensions
-from pam_linkus import protocol
+from pam_linkus import groups, policy, protocol
 from pam_linkus.config import load_config
 from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules
@@ -44,7 +44,7 @@ from pam_linkus.state import open_store
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pam_linkus.config import Config
+    from pam_linkus.config import Config, GroupRule, Profile
 
     Report = Callable[[str, str, str], None]
 
@@ -108,6 +108,8 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
     doc.add(check_daemon(config))
     doc.add(check_time_sync())
     uses_email = check_sources(doc, config, user)
+    if user:
+        check_policy(doc, config, user)
     check_state(doc, config, now)
     if smtp or uses_email:
         check_smtp(doc, config)
@@ -193,6 +195,72 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
         except LinkusError as exc:
             doc.report("FAIL", f"lookup {user}", exc.reason)
     return uses_email
+
+
+def describe_profile(profile: Profile) -> str:
+    """One line of a policy's keys, as doctor prints it."""
+    networks = ", ".join(str(n) for n in profile.exempt_networks) or "none"
+    methods = ", ".join(profile.methods) or "NONE"
+    return (f"enforce={profile.enforce} methods={methods} exempt_networks={networks} "
+            f"grace_period={profile.grace_period}")
+
+
+def _rule_keys(rule: GroupRule) -> str:
+    keys = []
+    if rule.enforce is not None:
+        keys.append(f"enforce={rule.enforce}")
+    if rule.methods is not None:
+        keys.append(f"methods={', '.join(rule.methods)}")
+    if rule.exempt_networks is not None:
+        keys.append(f"exempt_networks={', '.join(str(n) for n in rule.exempt_networks) or 'none'}")
+    if rule.grace_period is not None:
+        keys.append(f"grace_period={rule.grace_period}")
+    return " ".join(keys)
+
+
+def check_policy(doc: Doctor, config: Config, user: str) -> None:
+    """The effective policy of ``user``: its groups, each group rule that matches, and the
+    result for the top-level policy and for every service profile (as a login computes it)."""
+    rules = config.group_policy
+    try:
+        _settings, directory_groups = build_chain(config).lookup_account(
+            user, want_groups=any(rule.ldap_groups for rule in rules))
+    except LinkusError as exc:
+        doc.report("FAIL", f"policy {user}", f"cannot look the account up: {exc.reason}")
+        return
+    member = groups.membership(user, directory_groups)
+    unix = ", ".join(sorted(member.unix)) or "none (no passwd entry, or in no group)"
+    if member.ldap is None:
+        ldap = "not known (no ldap source, or it did not answer)" if "ldap" in config.sources else "no ldap source"
+    else:
+        ldap = ", ".join(sorted(member.ldap)) or "none"
+    doc.report("ok", f"groups {user}", f"unix: {unix}; ldap: {ldap}")
+    if not rules:
+        doc.report("ok", f"group rules {user}", "none configured (group_policy)")
+    matching = []
+    for rule in rules:
+        try:
+            matched = groups.matches(rule.unix_groups, rule.ldap_groups, member)
+        except groups.MembershipUnknown:
+            doc.report("FAIL", f"group rule {rule.name}", "cannot be decided: the account's LDAP groups are "
+                       "not known, so its logins are unavailable")
+            return
+        if matched:
+            matching.append(rule)
+            doc.report("ok", f"group rule {rule.name}", f"applies: {_rule_keys(rule)}")
+        else:
+            doc.report("ok", f"group rule {rule.name}", "does not apply (not in its groups)")
+    profiles = [("top level", config.default_profile), *(
+        (f"profile {name}", profile) for name, profile in sorted(config.profiles.items()))]
+    for label, profile in profiles:
+        effective = policy.combine(profile, matching)
+        detail = f"{describe_profile(profile)} -> {describe_profile(effective)}" if matching else \
+            describe_profile(profile)
+        if not effective.methods:
+            doc.report("FAIL", f"policy {user} ({label})", f"{detail}: no second factor is allowed, every "
+                       "login is denied")
+        else:
+            doc.report("ok", f"policy {user} ({label})", detail)
 
 
 def check_state(doc: Doctor, config: Config, now: float) -> None:

@@ -20,8 +20,16 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from nss_config.base import check_user_name
-from pam_linkus import emailcode, policy
-from pam_linkus.errors import CodeRejected, ConversationFailed, Denied, LinkusError, Locked, NotEnrolled
+from pam_linkus import emailcode, groups, policy
+from pam_linkus.errors import (
+    CodeRejected,
+    ConversationFailed,
+    Denied,
+    LinkusError,
+    Locked,
+    NotEnrolled,
+    SourceUnavailable,
+)
 from pam_linkus.mail import Mailer, SmtpMailer
 from pam_linkus.outcome import Decision, Outcome
 from pam_linkus.recovery import DUMMY_SALT, digest, normalize_recovery_code
@@ -149,6 +157,37 @@ def _lookup(req: LoginRequest, ctx: Context) -> ExtensionSettings | None:
     return settings
 
 
+def _lookup_account(req: LoginRequest, ctx: Context) -> tuple[ExtensionSettings | None, frozenset[str] | None]:
+    """The settings and, when a group rule names an LDAP group, the account's directory groups."""
+    if not ctx.config.group_policy:
+        return _lookup(req, ctx), None  # no rule needs the groups
+    want = any(rule.ldap_groups for rule in ctx.config.group_policy)
+    settings, directory_groups = ctx.chain.lookup_account(req.user, want_groups=want)
+    ctx.source = settings.source if settings is not None else "-"
+    return settings, directory_groups
+
+
+def group_profile(req: LoginRequest, ctx: Context, profile: Profile,
+                  directory_groups: frozenset[str] | None) -> Profile:
+    """``profile`` made stricter by the group rules the account matches (``policy.combine``).
+
+    Unix groups are those of the login name (what the password module checked); LDAP groups
+    come from the directory entry. A rule that names an LDAP group while the directory's
+    answer is unknown (not asked, or down under ``on_source_unavailable: next``) makes the
+    login unavailable: a guess could pick a weaker policy.
+    """
+    rules = ctx.config.group_policy
+    if not rules:
+        return profile
+    member = groups.membership(req.user, directory_groups)
+    try:
+        matching = policy.matching_rules(rules, member)
+    except groups.MembershipUnknown:
+        raise SourceUnavailable("group_policy: the account's LDAP groups are not known "
+                                "(the directory was not asked or did not answer)") from None
+    return policy.combine(profile, matching)
+
+
 def split_digits(req: LoginRequest, ctx: Context) -> int:
     """Single-field mode, first line: how many trailing characters of the answer are the code.
 
@@ -176,13 +215,35 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
     # Exempt networks need no I/O and keep working while sources or the store are
     # down; single-field mode never skips an enrolled extension: the user could not
     # know whether to append a code.
+    rules = ctx.config.group_policy
+    exempt = None
     if not single:
         exempt = policy.exempt_network(rhost, profile)
         if exempt is not None:
-            return exempt
-    if ctx.chain.waits_for_servers:
-        yield OFFLOAD  # the directory is next
-    settings = _lookup(req, ctx)
+            # Group rules can take an exemption away only by setting exempt_networks without
+            # this address; with none such, break-glass needs no I/O as before. With only Unix
+            # groups in them, NSS decides (no directory); else the lookup below does.
+            revoking = policy.rules_that_may_revoke(rhost, rules)
+            if not revoking:
+                return exempt
+            if not any(rule.ldap_groups for rule in revoking):
+                yield OFFLOAD  # NSS may be remote (sssd)
+                if not policy.matching_rules(revoking, groups.Membership(groups.unix_groups(req.user), None)):
+                    return exempt
+    if ctx.chain.waits_for_servers or rules:
+        yield OFFLOAD  # the directory (or NSS, for group rules) is next
+    settings, directory_groups = _lookup_account(req, ctx)
+    if rules:
+        profile = group_profile(req, ctx, profile, directory_groups)
+        if not profile.methods:
+            ctx.method = settings.method if settings is not None else "-"
+            key = settings.account if settings is not None else req.user.casefold()
+            yield from _no_factor(req, ctx, key, f"policy {profile.name} allows no second factor "
+                                  "(the methods of the profile and the group rules have none in common)")
+        if exempt is not None:
+            exempt = policy.exempt_network(rhost, profile)
+            if exempt is not None:
+                return exempt
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":

@@ -331,6 +331,25 @@ def make_user() -> Iterator[Any]:
         subprocess.run(["userdel", name], check=False, capture_output=True)
 
 
+@pytest.fixture(scope="session")
+def make_group() -> Iterator[Any]:
+    """Factory: a local Unix group with a random name and the given members; all deleted at the end."""
+    require_root()
+    made: list[str] = []
+
+    def make(*members: str, prefix: str = "lkg") -> str:
+        name = f"{prefix}{secrets.token_hex(4)}"
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        made.append(name)
+        for member in members:
+            subprocess.run(["usermod", "-a", "-G", name, member], check=True, capture_output=True)
+        return name
+
+    yield make
+    for name in made:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
 @pytest.fixture
 def user(make_user: Any) -> str:
     return str(make_user())

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("sources", ("nss_config",)),
     # tiny shared modules that import nothing of pam_linkus's above them
     ("base", ("pam_linkus", "pam_linkus.errors", "pam_linkus.outcome", "pam_linkus.mailtext",
-              "pam_linkus.pamconf", "pam_linkus.logline", "pam_linkus.nodump")),
+              "pam_linkus.pamconf", "pam_linkus.logline", "pam_linkus.nodump", "pam_linkus.groups")),
     ("config", ("pam_linkus.config",)),
     ("verifiers | state | mail", ("pam_linkus.codes", "pam_linkus.totp", "pam_linkus.recovery",
                                   "pam_linkus.emailcode", "pam_linkus.password", "pam_linkus.state",

@@ -287,18 +287,21 @@ def test_cache_on_serves_last_read_settings_up_to_max_age(
     own_slapd: Slapd, private_dir: Path, store: SqliteStore
 ) -> None:
     pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
-    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET, "digits": 8},
+    groups = ["cn=admins,ou=groups,dc=linkus,dc=test", "cn=sales,ou=groups,dc=linkus,dc=test"]
+    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET, "digits": 8, "seeAlso": groups},
                            "bob": {"method": "none"}})
     clock = Clock(T0)
-    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600, group_attribute="seeAlso")),
                         state=lambda: store, clock=clock)
     live = source.lookup("alice")
     assert live is not None and live.source == "ldap"
+    assert live.directory_groups == frozenset(groups)  # read in the same search
     own_slapd.stop()
     clock.now += 3600
     cached = source.lookup("alice")
     assert cached is not None and cached.source == "ldap-cache"
     assert (cached.method, cached.secret, cached.digits) == ("totp", SECRET, 8)
+    assert cached.directory_groups == frozenset(groups)  # the groups are cached with the settings
     clock.now += 1
     with pytest.raises(SourceUnavailable):
         source.lookup("alice")  # too old
@@ -593,3 +596,18 @@ def test_a_malformed_reply_is_unavailable_then_failover(slapd: Slapd, password_f
         assert both.lookup("alice") is not None
     finally:
         server.close()
+
+
+def test_lookup_account_gives_the_groups_of_an_entry_without_2fa_attributes(
+    slapd: Slapd, password_file: Path
+) -> None:
+    admins = "cn=admins,ou=groups,dc=linkus,dc=test"
+    base = slapd.tree({"plain": {"seeAlso": admins}, "enrolled": {"method": "totp", "secret": SECRET}})
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, group_attribute="seeAlso")))
+    try:
+        assert source.lookup_account("plain") == (None, frozenset({admins}))  # "not here", groups known
+        found, groups = source.lookup_account("enrolled")
+        assert found is not None and groups == frozenset() == found.directory_groups
+        assert source.lookup_account("nobody") == (None, frozenset())
+    finally:
+        source.close()

@@ -44,13 +44,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import grp
 import hashlib
 import hmac
 import ipaddress
-import os
 import posixpath
-import pwd
 import secrets
 import time
 import urllib.parse
@@ -58,7 +55,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pam_linkus import emailcode
+from pam_linkus import emailcode, groups
 from pam_linkus.daemon.selfservice import (
     _OPS,
     _TEXT_LIMITS,
@@ -72,7 +69,7 @@ from pam_linkus.daemon.selfservice import (
     _limits,
     _name_key,
 )
-from pam_linkus.errors import Denied, Locked, Unavailable
+from pam_linkus.errors import Denied, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Outcome
 
@@ -233,38 +230,24 @@ def gate_key(config: Config) -> bytes:
     return hmac.new(base, b"pam-linkus gate session v1", hashlib.sha256).digest()
 
 
-def allowed(site: GateSite, account: str, ldap_groups: Callable[[], set[str] | None] | None = None) -> bool:
+def allowed(site: GateSite, account: str, directory_groups: frozenset[str] | None) -> bool:
     """Whether ``account`` may pass ``site``: any one of its allow lists admits; all empty: anyone.
 
-    Unix groups: ``getgrouplist`` of the account's passwd entry (no entry: no groups).
-    LDAP groups: ``ldap_groups()`` (None: could not be asked -- not admitted by that rule).
+    Groups as pam_linkus.groups answers them (Unix: NSS; LDAP: the entry's group DNs from the
+    settings search, ``directory_groups``). An LDAP rule that cannot be decided (the directory's
+    answer unknown) is "unavailable" (nobody passes), never a guess.
     """
     if not (site.allow_groups or site.allow_ldap_groups or site.allow_extensions):
         return True
     if account in site.allow_extensions:
         return True
-    if site.allow_groups:
-        try:
-            entry = pwd.getpwnam(account)
-            names = {grp.getgrgid(gid).gr_name for gid in os.getgrouplist(account, entry.pw_gid)
-                     if _has_group(gid)}
-        except KeyError:
-            names = set()
-        if names & set(site.allow_groups):
-            return True
-    if site.allow_ldap_groups and ldap_groups is not None:
-        found = ldap_groups()
-        if found is not None and found & set(site.allow_ldap_groups):
-            return True
-    return False
-
-
-def _has_group(gid: int) -> bool:
-    try:
-        grp.getgrgid(gid)
-    except KeyError:
+    if not (site.allow_groups or site.allow_ldap_groups):
         return False
-    return True
+    member = groups.membership(account, directory_groups)
+    try:
+        return groups.matches(site.allow_groups, site.allow_ldap_groups, member)
+    except groups.MembershipUnknown:
+        raise Unavailable("the account's LDAP groups are not known (site allow_ldap_groups)") from None
 
 
 class _Verdict:
@@ -472,6 +455,14 @@ class GateService(SelfService):
     # -- the auth check ---------------------------------------------------------------
 
     async def _op_gate_check(self, f: dict[str, str]) -> dict[str, object]:
+        try:
+            return await self._check(f)
+        except LinkusError:
+            # a store or config outage must not write a line per proxied request: summarised
+            self._refusal("unavailable")
+            raise WebError("unavailable") from None
+
+    async def _check(self, f: dict[str, str]) -> dict[str, object]:
         snapshot = self.engine.snapshot()
         gate = snapshot.config.gate
         path = normal_path(f["uri"])
@@ -514,14 +505,16 @@ class GateService(SelfService):
         snapshot = self.engine.snapshot()
 
         def decide() -> tuple[bool, str]:
-            settings: ExtensionSettings | None = snapshot.chain.lookup(sess.account)
+            settings: ExtensionSettings | None
+            settings, directory_groups = snapshot.chain.lookup_account(
+                sess.account, want_groups=bool(site.allow_ldap_groups))
             if settings is None:
                 return False, "not-an-extension"
             if settings.enrolled and sess.method == "password":
                 return False, "enrolled-since"  # signed in on the password alone: now the code is due
             if not settings.enrolled and (site.enforce == "all" or gate.enforce == "all"):
                 return False, "not-enrolled"
-            if not allowed(site, sess.account):
+            if not allowed(site, sess.account, directory_groups):
                 return False, "not-allowed"
             return True, "ok"
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import secrets
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -33,8 +33,21 @@ from starlette.responses import RedirectResponse, Response
 from pam_linkus.web import strings
 from pam_linkus.web.errors import Refused, Unreachable
 
-if TYPE_CHECKING:
-    from pam_linkus.web.app import _Pages
+
+class Pages(Protocol):
+    """What the gate uses of the Security Settings plumbing (pam_linkus.web.app._Pages)."""
+
+    conf: Any
+
+    async def call(self, request: dict[str, object]) -> dict[str, Any]: ...
+    def client(self, request: Request) -> str: ...
+    def trusted_proxy(self, request: Request) -> bool: ...
+    def render(self, name: str, status: int = 200, **context: Any) -> Response: ...
+    def redirect(self, path: str, *, clear: bool = False) -> Response: ...
+    async def form(self, request: Request, *names: str) -> dict[str, str]: ...
+    def error_page(self, reply: dict[str, Any]) -> Response: ...
+    def set_cookie(self, response: Response, name: str, value: str) -> None: ...
+
 
 PREFIX = "/linkus-gate"
 SESSION = "linkus_gate"
@@ -48,9 +61,9 @@ USER_HEADER, METHOD_HEADER = "X-Linkus-User", "X-Linkus-Method"
 
 
 class GatePages:
-    """The gate's routes; uses the Security Settings' plumbing (``_Pages``)."""
+    """The gate's routes; uses the Security Settings' plumbing (``Pages``)."""
 
-    def __init__(self, pages: _Pages, settings_cookie: str):
+    def __init__(self, pages: Pages, settings_cookie: str):
         self.pages = pages
         self.settings_cookie = settings_cookie  # the Security Settings session (not enrolled: enroll there)
 
