@@ -74,9 +74,11 @@ CHECK_ANSWERS: dict[str, tuple[int, dict[str, str]]] = {
 
 
 def stand_in_check(record: dict[str, Any]) -> tuple[int, dict[str, str]]:
-    cookie = header_values(record, "Cookie")
+    """Answers by the session cookie (either name), as the gate reads it."""
+    pairs = [p.strip().partition("=") for c in header_values(record, "Cookie") for p in c.split(";")]
+    session = [value for name, _eq, value in pairs if name in SESSION_COOKIES]
     if record["path"].startswith("/linkus-gate/auth"):
-        return CHECK_ANSWERS.get(cookie[0] if cookie else "", (401, {}))
+        return CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "", (401, {}))
     return 200, {}  # the gate's own pages
 
 
@@ -145,6 +147,23 @@ def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
     assert header_values(seen, "X-Real-IP") == ["127.0.0.1"]
     assert header_values(seen, "X-Forwarded-Proto") == ["https"]
     assert reply.json()["path"] == "/admin/a%20b/?x=1&y=2"
+
+
+@pytest.mark.parametrize(("sent", "gui_gets"), [
+    ("PHPSESSID=abc; linkus_gate=good; lang=en", ["PHPSESSID=abc; lang=en"]),
+    ("linkus_gate=good; PHPSESSID=abc", ["PHPSESSID=abc"]),
+    ("__Host-linkus_gate_pre=p; PHPSESSID=abc; __Host-linkus_gate=good; linkus_gate_step=s; x=1;"
+     " __Host-linkus_gate_code=c", ["PHPSESSID=abc; x=1"]),
+    ("linkus_gate=good", []),
+    ("xlinkus_gate=keep; linkus_gate=good", ["xlinkus_gate=keep"]),
+])
+def test_the_gui_never_gets_the_gates_cookies(wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream],
+                                              sent: str, gui_gets: list[str]) -> None:
+    client, gui, check = wiring
+    assert client("/admin/", headers=[("Cookie", sent)]).status == 200
+    (asked,) = [r for r in check.seen if r["path"] == "/linkus-gate/auth"]
+    assert header_values(asked, "Cookie") == [sent]  # the check reads them all
+    assert header_values(gui.seen[0], "Cookie") == gui_gets
 
 
 def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
@@ -365,6 +384,7 @@ def test_browser_signs_in_with_both_factors_and_signs_out(gate: Gate, make_user:
             assert reply.status == 200, (path, reply.status)
             assert header_values(echoed(reply), "X-Linkus-User") == [user]
         assert all(FORGED not in [v for _k, v in r["headers"]] for r in gate.gui.seen)
+        assert not [r for r in gate.gui.seen if "linkus_gate" in json.dumps(r) or cookie["value"] in json.dumps(r)]
 
         # sign-out at the gate ends access (the browser's and the copied cookie's)
         driver.get(gate.base + "/linkus-gate/sign-out")
