@@ -455,14 +455,19 @@ def test_open_redirect_attempts_land_on_the_safe_default(gate: Gate, make_user: 
 
 
 def test_a_locked_account_and_linkusd_down_let_nobody_in(gate: Gate, make_user: Any) -> None:
-    locked, fine = make_user(), make_user()
-    gate.enrol(locked, fine)
-    for _ in range(5):  # lockout.max_failures of the site: wrong codes at real PAM logins
-        assert gate.stack.pamtester(locked, PASSWORD, "000000").returncode != 0
+    locked, later, fine = make_user(), make_user(), make_user()
+    gate.enrol(locked, later, fine)
+    signed_in_before = gate.client()
+    gate_sign_in(signed_in_before, later, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
+    assert signed_in_before("/ucp/").status == 200
+    for name in (locked, later):
+        for _ in range(5):  # lockout.max_failures of the site: wrong codes at real PAM logins (one state)
+            assert gate.stack.pamtester(name, PASSWORD, "000000").returncode != 0
     client = gate.client()
     gate_sign_in(client, locked, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
     assert not gate.session(client)
     assert on_sign_in(client("/ucp/"), gate.port)
+    assert on_sign_in(signed_in_before("/ucp/"), gate.port)  # a lock ends the sessions it finds too
 
     signed_in = gate.client()
     gate_sign_in(signed_in, fine, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
