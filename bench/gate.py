@@ -4,7 +4,7 @@ without the check, at 1 and 50 concurrent clients.
 
 As root on Debian 12, from a checkout (after `make deps-test native`):
 
-    .venv/bin/python bench/gate.py                     # about a minute on 2 CPUs
+    .venv/bin/python bench/gate.py                     # 3-4 minutes on 2 busy CPUs
     .venv/bin/python bench/gate.py --rounds 3 --json out.json
 
 Arms, all served by one nginx (one worker), all to the same upstream (a server block of that nginx
@@ -15,8 +15,12 @@ answering 200 itself, so the GUI costs nothing and the same for all):
              the gate (password + TOTP) before the timed rounds;
 - ``floor``  the example block with the check answered 204 by nginx itself: what auth_request costs
              with a check that costs nothing (the part of the gate's cost that is nginx's);
+- ``gate-ka`` the gate with an ``upstream {}`` keepalive pool to linkus-web (docs/gate.md's option);
 - ``check``  GET /linkus-gate/auth straight to linkus-web's unix socket, no nginx: what linkus-web
-             and linkusd spend per check.
+             and linkusd spend per check;
+- ``linkusd`` the gate_check web call straight to linkusd's web socket (as linkus-web makes it).
+Then ``--logins`` PAM logins (pam_linkus.so alone, TOTP) with no load and while 50 clients hammer the
+gate: the check must not hold a linkusd login worker.
 
 Rounds are interleaved (each round runs every arm at every concurrency, in a shuffled order, seeded),
 so a change of load on the machine hits every arm alike. The clients are one asyncio loop in this
