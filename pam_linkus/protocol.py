@@ -367,3 +367,4 @@ def call_control(socket_path: str, msg_type: Msg = Msg.STATUS, *, timeout: float
         sock.connect(socket_path)
         sock.sendall(encode(msg_type))
         return recv_message(sock, {Msg.STATUS_REPLY}, deadline=deadline, max_body=WEB_MAX_BODY).json()
+

@@ -47,6 +47,7 @@ import collections
 import hashlib
 import hmac
 import ipaddress
+import math
 import posixpath
 import secrets
 import time
@@ -248,6 +249,13 @@ def allowed(site: GateSite, account: str, directory_groups: frozenset[str] | Non
         return groups.matches(site.allow_groups, site.allow_ldap_groups, member)
     except groups.MembershipUnknown:
         raise Unavailable("the account's LDAP groups are not known (site allow_ldap_groups)") from None
+
+
+def _settled(future: asyncio.Future[Any]) -> None:
+    """A background write of ``seen`` ended; its failure only makes the idle timeout count from
+    an older use (never longer), so it is dropped here, not raised into the event loop."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Verdict:
@@ -478,9 +486,7 @@ class GateService(SelfService):
         key = await self._token_key(f["token"])
         now = self.engine.clock()
         store = snapshot.store
-        sess = await self._quick(lambda: store.gate_check(key, now, lifetime=site.session_lifetime,
-                                                          idle=site.idle_timeout,
-                                                          touch_after=gate.touch_interval), gate.check_timeout)
+        sess = await self._read_session(snapshot.inline, store, key, now, site, gate)
         if sess is None:
             self._refusal("no-session")
             raise WebError("expired")
@@ -492,6 +498,28 @@ class GateService(SelfService):
             self._refusal(verdict.reason)
             raise WebError("forbidden" if verdict.reason == "not-allowed" else "expired")
         return {"user": sess.account, "method": sess.method, "site": site.name}
+
+    async def _read_session(self, inline: bool, store: Any, key: str, now: float, site: GateSite,
+                            gate: GateConfig) -> GateSession | None:
+        """The session, read the cheapest way that never stalls the event loop for long.
+
+        SQLite (``inline``, as linkusd runs local logins' steps): one WAL read on the event loop
+        itself -- a reader never waits for a writer, and the loop's connection waits at most
+        LOOP_BUSY_TIMEOUT for anything -- and the rare write of ``seen`` in the gate pool,
+        not awaited. Redis: the one script in the gate pool under ``gate.check_timeout``.
+        """
+        def check(touch_after: float) -> GateSession | None:
+            found: GateSession | None = store.gate_check(key, now, lifetime=site.session_lifetime,
+                                                         idle=site.idle_timeout, touch_after=touch_after)
+            return found
+
+        if not inline:
+            return await self._quick(lambda: check(gate.touch_interval), gate.check_timeout)
+        sess = check(math.inf)
+        if sess is not None and now - sess.seen >= gate.touch_interval:
+            touch = asyncio.get_running_loop().run_in_executor(self._check_pool, check, gate.touch_interval)
+            touch.add_done_callback(_settled)
+        return sess
 
     async def _account_verdict(self, config: Config, site: GateSite, sess: GateSession, now: float) -> _Verdict:
         """May the session's account pass ``site`` (settings, 2FA, allow lists)? Kept for

@@ -36,7 +36,6 @@ import jinja2
 import uvicorn  # type: ignore[import-untyped]
 from markupsafe import Markup
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -52,6 +51,8 @@ from pam_linkus.web.gate import PREFIX, GatePages
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOCKET = "/run/linkusd/web.sock"
 MAX_BODY = 8192
+#: protocol's frame header: the body's length, big-endian u32.
+FRAME_HEADER = 4
 #: Calls to linkusd at once (below linkusd's default daemon.max_per_caller of 16).
 MAX_CALLS = 12
 SESSION_COOKIE = "linkus_session"
@@ -155,8 +156,10 @@ class _Headers:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            # the path only: never the query string, a header or a body
-            log.info("%s %s %s", method, path, status[0])
+            # the path only: never the query string, a header or a body; and no line per proxied
+            # request for nginx's auth subrequests (linkusd summarises refused ones)
+            if path != PREFIX + "/auth" or status[0] >= 500:
+                log.info("%s %s %s", method, path, status[0])
 
 
 def _printable(text: str) -> str:
@@ -177,9 +180,8 @@ class _Pages:
             # (daemon.max_per_caller, 16 by default) and refuses the ones over it -- a burst of
             # gate checks queues here instead of failing as "unavailable"
             async with self.calls:
-                reply = await run_in_threadpool(protocol.call_web, self.conf.socket_path, request,
-                                                timeout=self.conf.timeout)
-        except (OSError, protocol.ProtocolError, ValueError) as exc:
+                reply = await call_web(self.conf.socket_path, request, timeout=self.conf.timeout)
+        except (OSError, protocol.ProtocolError, ValueError, TimeoutError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
             raise Unreachable from None
         if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
@@ -534,6 +536,25 @@ class _Pages:
             return self.redirect("/settings?done=unchanged")
 
         return await self.guarded(request, run)
+
+
+async def call_web(socket_path: str, request: dict[str, object], *, timeout: float) -> dict[str, object]:
+    """One WEB_CALL to linkusd on this process's event loop (protocol.call_web's frames, limits
+    and overall deadline, without a thread hop: the gate's auth check runs once per proxied request).
+    Raises OSError, TimeoutError or ProtocolError (a peer that closes early: PeerClosed)."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=protocol.WEB_MAX_BODY + 64)
+        try:
+            writer.write(protocol.encode_json(protocol.Msg.WEB_CALL, request))
+            await writer.drain()
+            try:
+                header = await reader.readexactly(FRAME_HEADER)
+                body = await reader.readexactly(protocol.body_length(header, protocol.WEB_MAX_BODY))
+            except asyncio.IncompleteReadError:
+                raise protocol.PeerClosed("linkusd closed the connection") from None
+            return protocol.decode_body(body, {protocol.Msg.WEB_REPLY}).json()
+        finally:
+            writer.close()
 
 
 def _seconds(value: object) -> int:
