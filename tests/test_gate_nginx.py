@@ -43,6 +43,8 @@ from nginx_server import (
 )
 from web_site import Site, WebServer, logged, start_browser
 
+from pam_linkus.web import strings
+
 pytestmark = pytest.mark.timeout(180)
 
 FORGED = "root"
@@ -389,6 +391,8 @@ def test_browser_signs_in_with_both_factors_and_signs_out(gate: Gate, make_user:
         # sign-out at the gate ends access (the browser's and the copied cookie's)
         driver.get(gate.base + "/linkus-gate/sign-out")
         driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        # the POST's answer before the next page: a navigation started too early would abort it
+        WebDriverWait(driver, 20).until(lambda d: strings.GATE_SIGNED_OUT in d.page_source)
         driver.get(gate.base + "/admin/")
         at("/linkus-gate/sign-in")
         assert on_sign_in(full("/admin/"), gate.port)
