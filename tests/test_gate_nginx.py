@@ -16,6 +16,7 @@ that certificate (Chromium is told to ignore certificate errors).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import secrets
@@ -294,14 +295,14 @@ class Gate:
         return {k: v for k, v in client.cookies.items() if k in SESSION_COOKIES}
 
     def close(self) -> None:
-        self.nginx.stop()
-        self.gui.close()
-        self.web.stop()
-        self.stack.daemon.stop()
-        for name in self.users:
-            subprocess.run(["userdel", name], check=False, capture_output=True)
-        for name in self.groups:
-            subprocess.run(["groupdel", name], check=False, capture_output=True)
+        """Every step runs even when one before it fails (a leftover user or group outlives the test)."""
+        with contextlib.ExitStack() as steps:  # callbacks run last-registered first
+            for group in self.groups:
+                steps.callback(subprocess.run, ["groupdel", group], check=False, capture_output=True)
+            for name in self.users:
+                steps.callback(subprocess.run, ["userdel", name], check=False, capture_output=True)
+            for stop in (self.stack.daemon.stop, self.web.stop, self.gui.close, self.nginx.stop):
+                steps.callback(stop)
 
 
 @pytest.fixture
