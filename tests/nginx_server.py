@@ -328,9 +328,11 @@ class HttpsClient:
         return self(action, method="POST", form={**fields, **values})
 
 
-def gate_sign_in(client: HttpsClient, account: str, password: str, code: str, rd: str = "") -> Reply:
+def gate_sign_in(client: HttpsClient, account: str, password: str, code: str | Callable[[], str],
+                 rd: str = "") -> Reply:
     """The gate's sign-in as a browser does it: the sign-in form (``rd`` as given, not encoded here:
-    the caller says what a browser would have in its address bar), then the code form. The last
+    the caller says what a browser would have in its address bar), then the code form (``code``: the
+    code, or a function asked for it once the code step shows, e.g. to read an emailed one). The last
     answer (normally the redirect to the return URL), not followed."""
     page = client("/linkus-gate/sign-in" + (f"?rd={rd}" if rd else ""))
     if page.status != 200:
@@ -339,4 +341,4 @@ def gate_sign_in(client: HttpsClient, account: str, password: str, code: str, rd
     if step.status != 200 or not any("code" in fields for _action, fields in forms(step.text)):
         return step  # no code step: refused (wrong password, locked, not enrolled...)
     index = next(i for i, (_action, fields) in enumerate(forms(step.text)) if "code" in fields)
-    return client.submit(step, index, code=code)
+    return client.submit(step, index, code=code if isinstance(code, str) else code())

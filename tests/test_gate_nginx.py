@@ -42,6 +42,7 @@ from nginx_server import (
     header_values,
     self_signed,
 )
+from smtp_server import code_in
 from web_site import Site, WebServer, logged, start_browser
 
 from pam_linkus.web import strings
@@ -488,3 +489,19 @@ def test_a_locked_account_and_linkusd_down_let_nobody_in(gate: Gate, make_user: 
     assert tried.status == 503 and not gate.session(late)
     assert 'id="sign-in"' not in tried.text
     assert gate.gui.count() == before
+
+
+def test_an_emailed_code_opens_the_gate(gate: Gate, site: tuple[Site, Any], make_user: Any) -> None:
+    """The second factor the account has: here a code by email (sent after the password, as at a PAM
+    login); the GUI is told the method."""
+    smtp = site[1]
+    user = make_user()
+    gate.stack.extensions[user] = {"method": "email", "email": "owner@example.com"}
+    gate.stack.write_extensions()
+    client = gate.client()
+    done = gate_sign_in(client, user, PASSWORD, lambda: code_in(smtp.wait_for_message(1)), rd="/ucp/")
+    assert done.status == 303 and gate.session(client), (done.status, done.text[:300])
+    assert smtp.wait_for_message(1)["to"] == ["owner@example.com"]
+    seen = echoed(client.follow(done))
+    assert header_values(seen, "X-Linkus-User") == [user]
+    assert header_values(seen, "X-Linkus-Method") == ["email"]
