@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nss_config.answer_cache import NOT_CACHED, NotCached
 from nss_config.errors import SourceUnavailable
 from nss_config.yaml_source import YamlSource
 
@@ -98,6 +99,43 @@ class SourceChain:
                     raise
         return None
 
+    def recall(self, user: str) -> ExtensionSettings | NotCached | None:
+        """What ``lookup`` would answer from memory alone (YAML held in memory, LDAP's recent
+        answers), or NOT_CACHED when a source would have to ask a server first."""
+        if not self.waits_for_servers:
+            return self.lookup(user)
+        for source in self.sources:
+            if not getattr(source, "waits_for_servers", True):
+                found = source.lookup(user)
+            else:
+                recall = getattr(source, "recall", None)
+                if recall is None:
+                    return NOT_CACHED
+                recalled: ExtensionSettings | NotCached | None = recall(user)
+                if isinstance(recalled, NotCached):
+                    return NOT_CACHED
+                found = recalled
+            if found is not None:
+                return found
+        return None
+
+    def forget_answers(self) -> None:
+        """Drop the answers sources keep in memory: linkusd changed a source (self-service)."""
+        for source in self.sources:
+            forget = getattr(source, "forget_answers", None)
+            if forget is not None:
+                forget()
+
+    def group_attribute_problem(self, *, ask: bool = True) -> str | None:
+        """Why the directory source cannot tell an account's groups (its schema does not define
+        ``ldap.group_attribute``, or could not be read), or None. ``ask``: see LdapSource."""
+        for source in self.sources:
+            check = getattr(source, "group_attribute_problem", None)
+            if check is not None:
+                problem: str | None = check(ask=ask)
+                return problem
+        return None
+
     def counts(self) -> tuple[int, int] | None:
         """(extensions, enrolled) held by the sources that load a whole file (YAML); None when
         none does (LDAP is asked per login and has no count)."""
@@ -105,6 +143,18 @@ class SourceChain:
         if not held:
             return None
         return sum(len(source) for source in held), sum(int(source.enrolled) for source in held)
+
+    def enrolled_by_method(self) -> dict[str, int] | None:
+        """Enrolled extensions by method in the sources that load a whole file (YAML); None when
+        none does. Counted when the file loads, so reading it costs nothing."""
+        held: list[Any] = [source for source in self.sources if hasattr(source, "enrolled_by_method")]
+        if not held:
+            return None
+        total: dict[str, int] = {}
+        for source in held:
+            for method, n in source.enrolled_by_method.items():
+                total[method] = total.get(method, 0) + n
+        return total
 
     def load_summary(self, previous: SourceChain | None) -> tuple[str, bool]:
         """The counts for linkusd's "configuration loaded" line, and whether the number of

@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -52,6 +52,7 @@ from ldap3.operation.search import parse_filter
 from ldap3.utils.conv import escape_filter_chars
 from pyasn1.error import PyAsn1Error  # type: ignore[import-untyped]
 
+from nss_config.answer_cache import AnswerCache, NotCached
 from nss_config.base import ENTRY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
 from nss_config.errors import ConfigError, LinkusError, SourceUnavailable
 from nss_config.yaml_reader import read_secret_file
@@ -63,8 +64,12 @@ if TYPE_CHECKING:
 #: and whether the server stopped at the size limit.
 Entries = tuple[list[tuple[str, dict[str, list[bytes]]]], bool]
 
-#: Key of the offline cache in the state store.
-CACHE_SOURCE = "ldap"
+T = TypeVar("T")
+
+#: Key of the offline cache in the state store. Entries are kept under the name exactly as asked;
+#: older versions kept them under its casefold (where "straß" and "strass" met), under the
+#: key "ldap": those rows are no longer read and expire from the store on their own.
+CACHE_SOURCE = "ldap-by-name"
 #: Attributes whose presence makes an entry "configured for 2FA"; an entry with
 #: only ``mail`` (every directory user) is "not here", so the next source may answer.
 PRESENCE_KEYS = ("method", "enabled", "secret")
@@ -118,7 +123,8 @@ class LdapSource:
     """Settings from an LDAP directory; see the module docstring for the answers.
 
     ``state`` is a callable returning the state store, called only when the
-    offline cache is on.
+    offline cache is on. ``ticks`` is the clock of the in-memory cache of recent
+    answers (``ldap.cache_ttl``, nss_config.answer_cache).
     """
 
     name = "ldap"
@@ -129,20 +135,42 @@ class LdapSource:
         *,
         state: Callable[[], SettingsCache] | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self._state = state
         self._clock = clock
+        self.answers = AnswerCache(config.cache_ttl, config.negative_cache_ttl, config.cache_size, ticks=ticks)
         self._tls: Any = None
         self._password: str | None = None
         self._idle: dict[str, list[Any]] = {uri: [] for uri in config.uris}
         self._lock = threading.Lock()
         self._closed = False
         self._name_attribute = name_attribute(config.filter)
+        #: Whether the schema defines ``group_attribute``: True, False, None (the server would not
+        #: show its schema). Asked once per source (config snapshot), on the first connection.
+        #: Until it is True the account's directory groups are unknown: an attribute the schema
+        #: lacks is in no entry, and its absence would read as "in no group", so rules naming
+        #: ldap_groups would never match.
+        self._group_attribute_defined: bool | None = None
+        self._schema_asked = False
 
     @property
     def _caching(self) -> bool:
         return self.config.cache_max_age > 0 and self._state is not None
+
+    def recall(self, user: str) -> ExtensionSettings | NotCached | None:
+        """The answer ``lookup`` would give from memory alone, or NOT_CACHED: linkusd
+        then asks the directory in a worker (flow.Offload), not on its event loop."""
+        try:
+            check_user_name(user)
+        except ValueError:
+            return None
+        return self.answers.get(user)
+
+    def forget_answers(self) -> None:
+        """A change was made through linkusd (self-service): the next lookup asks again."""
+        self.answers.clear()
 
     def lookup(self, user: str) -> ExtensionSettings | None:
         return self.lookup_account(user)[0]
@@ -151,20 +179,28 @@ class LdapSource:
         """``lookup``, and the DNs of the entry's groups (``ldap.group_attribute``) from the same
         search -- also when the entry has no 2FA attributes ("not here"), since group policy
         applies to it too. Groups: empty when there is no entry; None when not known (the answer
-        came from the offline cache without them)."""
+        came from the offline cache without them, or the schema does not define
+        ``group_attribute`` or could not be read: ``group_attribute_problem``)."""
         try:
             check_user_name(user)
         except ValueError:
             return None, frozenset()  # no directory entry can carry such a name
+        kept = self.answers.get_account(user)
+        if not isinstance(kept, NotCached):
+            return kept
+        asked_at, generation = self.answers.now(), self.answers.generation()
         try:
             entries = self.search(user)
         except SourceUnavailable:
             cached = self._cached(user)
             if cached is None:
                 raise
-            return cached, cached.directory_groups
-        groups = entry_groups(self.config, entries)
-        settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute)
+            return cached, cached.directory_groups  # the offline cache's answer is never kept in memory
+        known = self._group_attribute_defined is True
+        groups = entry_groups(self.config, entries) if known else None
+        settings = settings_from_entries(self.config, user, entries, name_attribute=self._name_attribute,
+                                         groups_known=known)
+        self.answers.put(user, settings, asked_at, generation, groups)
         if self._caching:
             self._remember(user, settings)
         return settings, groups
@@ -202,9 +238,33 @@ class LdapSource:
     def search(self, user: str) -> Entries:
         """Ask the servers of ``uris`` in order within one overall deadline; the
         first that answers decides. SourceUnavailable names each failure."""
-        tls, password = self._setup()
         search_filter = build_filter(self.config.filter, user)
         extra = ((self._name_attribute,) if self._name_attribute else ()) + (self.config.group_attribute,)
+        return self._on_servers(lambda conn: find_entries(self.config, conn, search_filter, extra))
+
+    def group_attribute_problem(self, *, ask: bool = True) -> str | None:
+        """None when the directory's schema defines ``ldap.group_attribute``, else why the
+        account's directory groups are unknown. With ``ask``, asks the directory when not yet
+        known (linkusd's reload thread, doctor), so a snapshot reports it once; SourceUnavailable
+        when no server answered. Without, no I/O (the flow's reason for an unavailable login)."""
+        if ask and not self._schema_asked:
+            self._on_servers(lambda conn: None)
+        return self._group_attribute_text()
+
+    def _group_attribute_text(self) -> str | None:
+        attribute = self.config.group_attribute
+        if not self._schema_asked:
+            return f"ldap.group_attribute {attribute} is not checked yet (no server answered since the reload)"
+        if self._group_attribute_defined is None:
+            return (f"the bind DN may not read the directory's schema (root DSE subschemaSubentry, its "
+                    f"attributeTypes), so ldap.group_attribute {attribute} cannot be checked")
+        if not self._group_attribute_defined:
+            return (f"ldap.group_attribute {attribute} is not defined in the directory's schema "
+                    "(memberOf needs the memberof overlay)")
+        return None
+
+    def _on_servers(self, work: Callable[[Any], T]) -> T:
+        tls, password = self._setup()
         deadline = time.monotonic() + self.config.timeout * len(self.config.uris)
         failures = []
         for uri in self.config.uris:
@@ -217,14 +277,14 @@ class LdapSource:
                     break
                 try:
                     with ldap_errors(uri):
-                        return self._search_on(uri, conn, tls, password, search_filter, extra, remaining)
+                        return self._work_on(uri, conn, tls, password, work, remaining)
                 except SourceUnavailable as exc:
                     if conn is None:  # a fresh connection failed too: next server
                         failures.append(exc.reason)
         raise SourceUnavailable("LDAP: no server answered: " + "; ".join(failures))
 
-    def _search_on(self, uri: str, conn: Any, tls: Any, password: str, search_filter: str,
-                   extra: tuple[str, ...], remaining: float) -> Entries:
+    def _work_on(self, uri: str, conn: Any, tls: Any, password: str, work: Callable[[Any], T],
+                 remaining: float) -> T:
         fresh = conn is None
         if fresh:
             conn = new_connection(self.config, uri, password, tls,
@@ -237,7 +297,14 @@ class LdapSource:
             if fresh:
                 open_secured(conn)
                 bind_or_fail(self.config, conn)
-            found = find_entries(self.config, conn, search_filter, extra)
+            if not self._schema_asked:
+                # Once per snapshot, on the connection already open: a group attribute the
+                # schema lacks (memberOf without the overlay, a typo) reads as "in no group".
+                # Two threads may both ask: the same answer, written twice.
+                self._group_attribute_defined = schema_defines(conn, self.config.group_attribute,
+                                                               self.config.timeout)
+                self._schema_asked = True
+            found = work(conn)
             ok = True
             return found
         finally:
@@ -259,14 +326,17 @@ class LdapSource:
             if settings.directory_groups is not None:
                 mapping["directory_groups"] = sorted(settings.directory_groups)
             data = json.dumps(mapping, sort_keys=True)
-        self._state().cache_settings(CACHE_SOURCE, user.casefold(), data, self._clock())
+        # Keyed by the name exactly as asked, like the in-memory answers: two directory accounts whose
+        # names casefold alike ("straß", "strass") are two entries, and one's settings must never
+        # answer for the other while the directory is down.
+        self._state().cache_settings(CACHE_SOURCE, user, data, self._clock())
 
     def _cached(self, user: str) -> ExtensionSettings | None:
         if not self._caching:
             return None
         assert self._state is not None
         try:
-            text = self._state().cached_settings(CACHE_SOURCE, user.casefold(), self._clock(),
+            text = self._state().cached_settings(CACHE_SOURCE, user, self._clock(),
                                                  self.config.cache_max_age)
         except LinkusError:
             return None  # the directory's failure is the one to report
@@ -399,6 +469,44 @@ def find_entries(config: LdapOptions, conn: Any, search_filter: str, extra: tupl
     return entries, result == 4
 
 
+_ATTRIBUTE_TYPE = re.compile(r"^\(\s*([0-9][0-9.]*)(?:\s+NAME\s+(\([^)]*\)|'[^']*'))?")
+
+
+def schema_defines(conn: Any, attribute: str, timeout: int) -> bool | None:
+    """Whether the directory's subschema (RFC 4512: the root DSE's ``subschemaSubentry``) lists
+    ``attribute`` by name or OID among its ``attributeTypes``; None when the server will not show
+    it (no subschemaSubentry, a refused search, no attribute types). A failed connection raises
+    (LDAPException, OSError: ``ldap_errors`` turns it into "this server did not answer")."""
+    try:
+        conn.search("", "(objectClass=*)", search_scope=ldap3.BASE, attributes=["subschemaSubentry"],
+                    size_limit=1, time_limit=timeout)
+        dns = [v for item in conn.response or [] if item.get("type") == "searchResEntry"
+               for k, vs in (item.get("raw_attributes") or {}).items() if str(k).lower() == "subschemasubentry"
+               for v in vs]
+        if conn.result.get("result") != 0 or len(dns) != 1:
+            return None
+        conn.search(dns[0].decode("utf-8"), "(objectClass=subschema)", search_scope=ldap3.BASE,
+                    attributes=["attributeTypes"], size_limit=1, time_limit=timeout)
+        if conn.result.get("result") != 0:
+            return None
+        definitions = [v for item in conn.response or [] if item.get("type") == "searchResEntry"
+                       for k, vs in (item.get("raw_attributes") or {}).items() if str(k).lower() == "attributetypes"
+                       for v in vs]
+    except UnicodeDecodeError:
+        return None
+    if not definitions:
+        return None  # a schema with no attribute types is one we were not allowed to read
+    wanted = attribute.casefold()
+    for raw in definitions:
+        found = _ATTRIBUTE_TYPE.match(raw.decode("utf-8", "replace"))
+        if found is None:
+            continue
+        names = re.findall(r"'([^']*)'", found.group(2) or "")
+        if wanted == found.group(1) or wanted in (n.casefold() for n in names):
+            return True
+    return False
+
+
 class StepFailed(Exception):
     """A step of the conversation with one server failed; the callers here (and
     in ldap_writer) turn it into SourceUnavailable naming the server, so it never
@@ -425,7 +533,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 def settings_from_entries(config: LdapOptions, user: str, found: Entries, *,
-                          name_attribute: str | None = None) -> ExtensionSettings | None:
+                          name_attribute: str | None = None, groups_known: bool = True) -> ExtensionSettings | None:
     """Interpret a search answer (see the module docstring); ``account`` is the
     entry's value of ``name_attribute`` (the one equal to ``user`` ignoring case
     when it has several), else ``user``."""
@@ -454,7 +562,7 @@ def settings_from_entries(config: LdapOptions, user: str, found: Entries, *,
         except ValueError:
             raise ConfigError(f"{name_attribute} is not a usable account name", where) from None
     return settings_from_mapping(user, mapping, where, "ldap", account=account,
-                                 directory_groups=entry_groups(config, found))
+                                 directory_groups=entry_groups(config, found) if groups_known else None)
 
 
 #: Most group DNs accepted from one entry's ``group_attribute``; more is refused, never cut

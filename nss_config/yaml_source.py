@@ -58,6 +58,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 from nss_config.base import ENTRY_KEYS, YAML_ONLY_KEYS, ExtensionSettings, check_user_name, settings_from_mapping
@@ -172,6 +173,10 @@ class YamlSource:
         #: a file that lost its enrollments shows as a drop (issue 17, tester 3).
         self.enrolled = (_extensions.enrolled if isinstance(_extensions, PackedExtensions)
                          else sum(1 for settings in _extensions.values() if settings.enrolled))
+        #: the same by method, for linkusd's metrics (counted once per load, never per scrape)
+        self.enrolled_by_method: dict[str, int] = (
+            dict(_extensions.enrolled_by_method) if isinstance(_extensions, PackedExtensions)
+            else dict(Counter(settings.method for settings in _extensions.values() if settings.enrolled)))
 
     @classmethod
     def load(cls, path: str, *, in_child: bool | None = None) -> YamlSource:
@@ -283,14 +288,16 @@ class PackedExtensions:
         self._count = 0
         #: enrolled extensions, counted by the child (the parent never unpacks the entries)
         self.enrolled = 0
+        self.enrolled_by_method: Counter[str] = Counter()
 
-    def add(self, keys: list[str], blobs: list[bytes], enrolled: int) -> None:
+    def add(self, keys: list[str], blobs: list[bytes], enrolled: int, by_method: dict[str, int]) -> None:
         """While loading only: keys are casefolded names, already unique (the child checked)."""
         shards, mask = self._shards, self.SHARDS - 1
         for key, blob in zip(keys, blobs, strict=True):
             shards[hash(key) & mask][key] = blob
         self._count += len(keys)
         self.enrolled += enrolled
+        self.enrolled_by_method.update(by_method)
 
     def __len__(self) -> int:
         return self._count
@@ -321,9 +328,9 @@ def _from_chunks(data: bytes, path: str) -> PackedExtensions:
     pos = 0
     while pos < len(view):
         size = int.from_bytes(view[pos:pos + 4], "big")
-        keys, blobs, enrolled = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our own child's pipe
+        keys, blobs, enrolled, by_method = marshal.loads(view[pos + 4:pos + 4 + size])  # noqa: S302 - our child's
         pos += 4 + size
-        packed.add(keys, blobs, enrolled)
+        packed.add(keys, blobs, enrolled, by_method)
         time.sleep(_PAUSE)  # let the event loop and the workers run between chunks
     if pos != len(view):
         raise ConfigError("the loader's output was cut short", path)
@@ -346,7 +353,7 @@ def child_main(path: str) -> None:
         keys = [key for key, _ in items[start:start + CHUNK]]
         blobs = [marshal.dumps(tuple(getattr(settings, name) for name in _FIELDS))
                  for _, settings in items[start:start + CHUNK]]
-        enrolled = sum(1 for _, settings in items[start:start + CHUNK] if settings.enrolled)
-        chunk = marshal.dumps((keys, blobs, enrolled))
+        by_method = dict(Counter(settings.method for _, settings in items[start:start + CHUNK] if settings.enrolled))
+        chunk = marshal.dumps((keys, blobs, sum(by_method.values()), by_method))
         out.write(len(chunk).to_bytes(4, "big") + chunk)
     out.flush()

@@ -5,7 +5,8 @@
 #     -ldap3, -redis, -segno visible), and linkusd / linkus-2fa on PATH in /usr/local/sbin;
 #   - /etc/pam_linkus (config files made once, never overwritten), /var/lib/pam_linkus;
 #   - the LDAP schema (packaging/ldap) into /usr/share/pam-linkus/ldap and add-end-marker.sh into
-#     /usr/share/pam-linkus, as the Debian package does;
+#     /usr/share/pam-linkus, as the Debian package does; the fail2ban filter and disabled jail into
+#     /usr/share/pam-linkus/fail2ban, and into /etc/fail2ban when fail2ban is there (never over a file);
 #   - linkusd started: by systemd socket activation when systemd is PID 1, else in the
 #     background (it daemonizes once ready); a running one is restarted with the new code.
 #   - /etc/pam.d/linkus-2fa, the self-service page's password-only PAM service, made only if absent.
@@ -86,6 +87,17 @@ ln -sfn "$VENV/bin/linkus-web" /usr/local/bin/linkus-web
 install -d -o root -g root -m 0755 /usr/share/pam-linkus /usr/share/pam-linkus/ldap
 for file in linkus-2fa.schema linkus-2fa.ldif; do
     install -o root -g root -m 0644 "$SRC/packaging/ldap/$file" "/usr/share/pam-linkus/ldap/$file"
+done
+
+# --- fail2ban: the filter and the jail (enabled = false), as the Debian package ships them
+# (docs/fail2ban.md). Copied into /etc/fail2ban only where fail2ban is installed and only when the
+# file is not there yet: an administrator's own version is never replaced, and nothing is enabled.
+install -d -o root -g root -m 0755 /usr/share/pam-linkus/fail2ban/filter.d /usr/share/pam-linkus/fail2ban/jail.d
+for file in filter.d/pam-linkus.conf jail.d/pam-linkus.conf; do
+    install -o root -g root -m 0644 "$SRC/packaging/fail2ban/$file" "/usr/share/pam-linkus/fail2ban/$file"
+    if [ -d /etc/fail2ban ] && [ ! -e "/etc/fail2ban/$file" ] && [ ! -L "/etc/fail2ban/$file" ]; then
+        install -D -o root -g root -m 0644 "$SRC/packaging/fail2ban/$file" "/etc/fail2ban/$file"
+    fi
 done
 
 # --- Config, state, the web socket's group.

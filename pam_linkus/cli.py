@@ -33,7 +33,7 @@ from nss_config.base import MIN_SECRET_BITS, ExtensionSettings, check_user_name
 from nss_config.chain import build_chain
 from nss_config.writer import source_of, writer_for
 from nss_config.yaml_source import read_extensions
-from pam_linkus import emailcode, enrollment, migrate_pam
+from pam_linkus import emailcode, enrollment, migrate_pam, notify
 from pam_linkus.config import DEFAULT_CONFIG_PATH, Config, load_config
 from pam_linkus.doctor import run as run_doctor
 from pam_linkus.errors import CodeRejected, ConfigError, ConversationFailed, Denied, LinkusError, NotEnrolled
@@ -42,7 +42,7 @@ from pam_linkus.flow import authenticate as decide
 from pam_linkus.gauth import read_file
 from pam_linkus.logline import LOG_NOTICE, SyslogSink, format_fields
 from pam_linkus.mail import SmtpMailer
-from pam_linkus.mailtext import check_address
+from pam_linkus.mailtext import check_address, mask_address
 from pam_linkus.outcome import Outcome
 from pam_linkus.password import ServiceRefused, check_password
 from pam_linkus.protocol import Msg, ProtocolError, call_control
@@ -121,6 +121,21 @@ class Admin:
         if status.get("last_error"):
             print(f"linkus-2fa: warning: linkusd did not load the new settings: {status['last_error']}",
                   file=sys.stderr, flush=True)
+
+    def notify(self, kind: str, ext: str, address: str | None, *, method: str | None = None) -> None:
+        """Mail the owner's address on file about this change (pam_linkus.notify), right away: one
+        command, one mail. A mail that cannot be sent is said and logged; the change stands."""
+        if not address or not self.config.notify.enabled:
+            return
+        by = "you, with linkus-2fa self" if self.via == "self" else f"the administrator ({self.actor})"
+        event = notify.Event(kind, ext, time.time(), by=by, method=method)
+        try:
+            notify.send_now(self.config, SmtpMailer(self.config.smtp), event, address)
+        except LinkusError as exc:
+            print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
+            self.audit("notify", ext, kind=kind, result="failed", reason=exc.reason)
+            return
+        self.audit("notify", ext, kind=kind, result="sent", address=mask_address(address))
 
     def lookup(self, ext: str) -> tuple[str, ExtensionSettings | None]:
         return source_of(self.config, ext)
@@ -237,6 +252,7 @@ def enroll_totp(adm: Admin, ext: str, *, confirm: bool, issuer: str | None, qr: 
     adm.store().record_enrollment(ext, "totp", time.time(), totp_step=step)
     adm.reload_daemon()
     adm.audit("enroll", ext, method="totp", source=source, confirmed="yes" if confirm else "no")
+    adm.notify("enrolled", ext, current.email if current is not None else None, method="totp")
     print(SAVED)
     return 0
 
@@ -275,6 +291,7 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     adm.store().record_enrollment(ext, "email", time.time())
     adm.reload_daemon()
     adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
+    adm.notify("enrolled", ext, target, method="email")
     print(SAVED)
     return 0
 
@@ -324,12 +341,7 @@ def disable(adm: Admin, ext: str) -> int:
         print(f"{ext} had no 2FA enabled; its state (failures, lock, recovery codes) is cleared.")
     else:
         print(f"2FA disabled for {ext}: it logs in with the password alone until it enrolls again.")
-        if current.email:  # tell the owner, so a disable they did not ask for is noticed
-            try:
-                enrollment.notify_switched_off(SmtpMailer(adm.config.smtp), ext, current.email, adm.actor,
-                                              time.time())
-            except LinkusError as exc:
-                print(f"(the note to {ext}'s address could not be sent: {exc.reason})", file=sys.stderr)
+        adm.notify("disabled", ext, current.email)  # so a disable the owner did not ask for is noticed
     print(SAVED)
     return 0
 
@@ -399,6 +411,78 @@ def status(adm: Admin, ext: str) -> int:
     return 0
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    return f"{days}d {hours}h {minutes}m" if days else f"{hours}h {minutes}m" if hours else f"{minutes}m {rest % 60}s"
+
+
+def _counts(counts: object, order: Sequence[str] = ()) -> str:
+    """``a 3, b 1`` from a JSON object of counts (``order`` first), or ``none``."""
+    if not isinstance(counts, dict) or not any(counts.values()):
+        return "none"
+    keys = [k for k in order if counts.get(k)] + sorted(k for k in counts if k not in order and counts[k])
+    return ", ".join(f"{key} {counts[key]}" for key in keys)
+
+
+def summary(adm: Admin) -> int:
+    """``status`` without an extension: linkusd's own account of itself (STATUS over its PAM socket,
+    root only), for an admin without Prometheus; locks linkusd saw are checked against the store now."""
+    path = adm.config.daemon.pam_socket
+    try:
+        reply = call_control(path, Msg.STATUS, timeout=10)
+    except (OSError, ProtocolError) as exc:
+        raise LinkusError(f"linkusd did not answer on {path} ({type(exc).__name__}); is it running?") from None
+    stats = reply.get("summary")
+    if not isinstance(stats, dict):
+        raise LinkusError(f"linkusd on {path} is older than this command (no summary in its status)")
+    now = time.time()
+    started = reply.get("started")
+    up = _duration(now - started) if isinstance(started, (int, float)) else "?"
+    print(f"linkusd:      pid {reply.get('pid')}, version {reply.get('version')}, up {up}")
+    if reply.get("socket_problem"):
+        print(f"problem:      {reply['socket_problem']}")
+    loaded = "loaded" if reply.get("loaded") else "NOT LOADED: every login is refused"
+    print(f"config:       {reply.get('config')} ({loaded})")
+    last, seconds = stats.get("last_reload"), stats.get("last_reload_seconds")
+    if isinstance(last, (int, float)):
+        result = "ok" if stats.get("last_reload_ok") else "FAILED"
+        print(f"last reload:  {_when(last)}, {result} in {int(float(seconds or 0) * 1000)} ms "
+              f"(since start: {_counts(stats.get('reloads'), ('ok', 'failed'))})")
+    if reply.get("last_error"):
+        print(f"load error:   {reply['last_error']}")
+    outcomes = stats.get("last_hour")
+    total = sum(outcomes.values()) if isinstance(outcomes, dict) else 0
+    print(f"last hour:    {total} logins: {_counts(outcomes, _ORDER)}")
+    print(f"errors:       last hour: {_counts(stats.get('errors_last_hour'))}; "
+          f"since start: {_counts(stats.get('errors'))}")
+    print(f"email codes:  {_counts(stats.get('email_codes'), ('sent', 'throttled'))} (since start)")
+    print(f"throttled:    {stats.get('web_throttled', 0)} web sign-ins (since start)")
+    print(f"notices:      {_counts(reply.get('notifications'), ('sent', 'dropped'))} (mails to owners and the "
+          "admin, since start)")
+    print(f"refused:      {_counts(stats.get('refused'))} (connections turned away at accept, since start)")
+    seen = stats.get("locked_seen")
+    store = adm.store()
+    locked = []
+    for account in seen if isinstance(seen, list) else []:
+        lock = store.lock_status(str(account), now)
+        if lock.locked(now):
+            until = "until unlocked" if lock.locked_until >= FOREVER else f"until {_when(lock.locked_until)}"
+            locked.append(f"{account} ({until})")
+    checked = len(seen) if isinstance(seen, list) else 0
+    more = stats.get("locked_seen_count", checked)
+    unchecked = f"; {int(more) - checked} older ones not checked" if isinstance(more, int) and more > checked else ""
+    print(f"locked now:   {len(locked)}" + (": " + ", ".join(locked) if locked else "")
+          + f" (of the locks linkusd has seen since it started{unchecked})")
+    return 0
+
+
+#: The order outcomes are printed in.
+_ORDER = ("success", "skip", "denied", "locked", "unavailable", "conversation")
+
+
 def list_extensions(adm: Admin) -> int:
     if "yaml" not in adm.config.sources:
         print("The YAML source is not configured; use 'status EXT' for extensions in LDAP.")
@@ -430,6 +514,7 @@ def recovery_codes(adm: Admin, ext: str, count: int | None) -> int:
     salt = new_salt()
     adm.store().set_recovery_codes(ext, salt, [digest(c, salt) for c in codes])
     adm.audit("recovery-codes", ext, count=count)
+    adm.notify("recovery-codes", ext, settings.email)
     print(f"Recovery codes for {ext}. Each works once, typed in place of the code from the app.")
     print("They are shown only now; earlier recovery codes no longer work.")
     for code in codes:
@@ -444,7 +529,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
             path = os.path.join(pwd.getpwnam(ext).pw_dir, ".google_authenticator")
         except KeyError:
             raise ConfigError(f"{ext} is not a local user; give the file with --file") from None
-    source, _current = adm.lookup(ext)
+    source, current = adm.lookup(ext)
     writer = writer_for(adm.config, source)
     adm.store()
     found = read_file(path)
@@ -473,6 +558,7 @@ def import_google(adm: Admin, ext: str, path: str | None) -> int:
         store.set_recovery_codes(ext, salt, [digest(c, salt) for c in scratch])
     adm.reload_daemon()
     adm.audit("import-google", ext, source=source, recovery_codes=len(scratch))
+    adm.notify("enrolled", ext, current.email if current is not None else None, method="totp")
     print(f"Imported {path}: the app keeps working; {len(scratch)} scratch codes are now recovery codes.")
     if short:
         print(f"Note: this key has fewer than {MIN_SECRET_BITS} bits (marked legacy_short_secret); "
@@ -581,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("disable", "turn 2FA off (lost phone) and clear the extension's state"),
                        ("unlock", "clear a lockout")):
         verb(name, text).add_argument("ext")
-    verb("status", "method, enrollment, last success, failures, lock").add_argument("ext", nargs="?")
+    verb("status", "an extension's method, enrollment, failures, lock; without one: linkusd's summary "
+         "(last hour's logins, errors, locks, last reload, uptime)").add_argument("ext", nargs="?")
     verb("list", "every extension of the YAML source with its state")
     verb("gate-sessions", "list the web gate's sessions (all, or one extension's)").add_argument("ext", nargs="?")
     revoke = verb("gate-revoke", "end web gate sessions now (the next request is refused)")
@@ -629,8 +716,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return max(pam, migrate_pam.mark_legacy_secrets(args.config, check=args.check))
     adm = Admin(args, actor=_invoker(), via="admin")
     try:
-        if args.verb == "list" or (args.verb == "status" and not args.ext):
+        if args.verb == "list":
             return list_extensions(adm)
+        if args.verb == "status" and not args.ext:
+            return summary(adm)
         if args.verb == "gate-sessions":
             return gate_sessions(adm, _check_ext(args.ext) if args.ext else None)
         if args.verb == "gate-revoke":

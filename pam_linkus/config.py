@@ -21,7 +21,8 @@ from typing import Any
 
 from nss_config.yaml_reader import MAX_CONFIG_BYTES, MarkedDict, load_yaml, open_secure
 from pam_linkus.errors import ConfigError
-from pam_linkus.mailtext import PLACEHOLDERS, fill
+from pam_linkus.groups import ldap_group_key, parse_dn
+from pam_linkus.mailtext import PLACEHOLDERS, check_address, fill
 
 DEFAULT_CONFIG_PATH = "/etc/pam_linkus/pam_linkus.yaml"
 DEFAULT_EXTENSIONS_PATH = "/etc/pam_linkus/extensions.yaml"
@@ -237,7 +238,8 @@ class LdapConfig:
 
     __slots__ = (
         "attributes", "base", "bind_dn", "bind_password_file", "ca_file", "cache_max_age",
-        "connect_timeout", "filter", "object_class", "scope", "start_tls", "timeout", "uris",
+        "cache_size", "cache_ttl", "negative_cache_ttl", "connect_timeout", "filter", "object_class", "scope",
+        "start_tls", "timeout", "uris",
         "writer_bind_dn", "writer_password_file", "group_attribute",
     )
 
@@ -295,6 +297,11 @@ class LdapConfig:
         self.group_attribute = r.string("group_attribute", "memberOf", max_len=100)
         if not _is_attribute_name(self.group_attribute):
             raise r.fail("group_attribute", "must be an LDAP attribute name (letters, digits, '-') or an OID")
+        # In-memory answers (nss_config.answer_cache): a directory change is seen within cache_ttl;
+        # a kept "not enrolled" lets the password alone in under enforce: enrolled, hence its own age.
+        self.cache_ttl = r.integer("cache_ttl", 60, minimum=0, maximum=86400)
+        self.negative_cache_ttl = r.integer("negative_cache_ttl", 0, minimum=0, maximum=3600)
+        self.cache_size = r.integer("cache_size", 10000, minimum=0, maximum=1_000_000)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")
         self.object_class = r.string("object_class", "linkusTwoFactorAccount", max_len=100)
@@ -469,6 +476,42 @@ class EmailConfig:
         r.done()
 
 
+class SprayingConfig:
+    """When wrong codes for many extensions in a short time mail the admin (pam_linkus.notify)."""
+
+    __slots__ = ("extensions", "window")
+
+    def __init__(self, r: Reader):
+        self.extensions = r.integer("extensions", 5, minimum=2, maximum=10000)
+        self.window = r.integer("window", 600, minimum=10, maximum=86400)
+        r.done()
+
+
+class NotifyConfig:
+    """Mails to the extension's address on file (and the admin's) when something happens to an
+    account: a lock, 2FA switched off, a new method, new recovery codes (pam_linkus.notify).
+
+    On by default only when the config has an ``smtp`` section: a host that never set up mail
+    does not start talking to 127.0.0.1:587. ``admin``: one plain address for locks and spraying.
+    """
+
+    __slots__ = ("enabled", "admin", "interval", "max_per_hour", "spraying")
+
+    def __init__(self, r: Reader, *, smtp_configured: bool):
+        self.enabled = r.boolean("enabled", smtp_configured)
+        admin = r.optional_string("admin", max_len=254)
+        if admin is not None:
+            try:
+                check_address(admin)
+            except ValueError as exc:
+                raise r.fail("admin", f"{exc} (one plain address local@domain)") from None
+        self.admin = admin
+        self.interval = r.integer("interval", 900, minimum=0, maximum=7 * 86400)
+        self.max_per_hour = r.integer("max_per_hour", 60, minimum=1, maximum=10000)
+        self.spraying = SprayingConfig(r.section("spraying"))
+        r.done()
+
+
 class SelfServiceConfig:
     """``linkus-2fa self``: the PAM service that checks the user's account password.
 
@@ -633,6 +676,50 @@ class DaemonConfig:
         return frozenset(gids)
 
 
+class MetricsConfig:
+    """linkusd's Prometheus endpoint (docs/operations.md); off unless ``listen`` is given.
+
+    ``listen``: ``127.0.0.1:PORT`` / ``[::1]:PORT`` (any 127.0.0.0/8 address) or the absolute path of a
+    unix socket. Only loopback: the counters tell an outsider when logins fail and how many
+    extensions use which method, and linkusd has no business accepting connections from the
+    network. Host names are refused too (``localhost`` may resolve to anything /etc/hosts says).
+    """
+
+    __slots__ = ("listen", "host", "port", "path")
+
+    def __init__(self, r: Reader, daemon: DaemonConfig):
+        self.listen = r.optional_string("listen", max_len=256)
+        self.host: str | None = None
+        self.port = 0
+        self.path: str | None = None
+        if self.listen is not None:
+            if self.listen.startswith("/"):
+                if self.listen in (daemon.pam_socket, daemon.web_socket):
+                    raise r.fail("listen", "must not be the PAM or the web socket")
+                self.path = self.listen
+            else:
+                self.host, self.port = _loopback_address(r, self.listen)
+        r.done()
+
+
+def _loopback_address(r: Reader, text: str) -> tuple[str, int]:
+    """``HOST:PORT`` with a loopback IP literal (IPv6 in brackets) and a port 1-65535."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise r.fail("listen", "must be LOOPBACK-IP:PORT (127.0.0.1:9816, [::1]:9816) or an absolute "
+                               "unix socket path") from None
+    if not address.is_loopback:
+        raise r.fail("listen", "must be a loopback address (127.0.0.0/8 or ::1): metrics are not served "
+                               "to the network")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise r.fail("listen", "needs a port between 1 and 65535")
+    return str(address), int(port)
+
+
 class Profile:
     """The policy for one PAM service (or the top-level policy when none is named).
 
@@ -705,11 +792,13 @@ class GroupRule:
             if (not name or len(name) > MAX_LDAP_GROUP_LEN or name != name.strip()
                     or any(ord(c) < 32 or ord(c) == 127 for c in name)):
                 raise r.fail("ldap_groups", f"entry {index} is not a group name or DN")
-            if name.casefold() in seen:  # compared ignoring case: the same group twice
+            if "=" in name and parse_dn(name) is None:
+                raise r.fail("ldap_groups", f"entry {index} is not a DN this module can compare")
+            if ldap_group_key(name) in seen:  # the same group twice (a name ignoring case, a DN as a DN)
                 raise r.fail("ldap_groups", "lists an entry twice")
-            seen.add(name.casefold())
-        if not self.unix_groups and not self.ldap_groups:
-            raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
+            seen.add(ldap_group_key(name))
+        if len({g.casefold() for g in self.unix_groups}) != len(self.unix_groups):
+            raise r.fail("unix_groups", "lists a group twice (compared ignoring case)")
         self.enforce: str | None = r.string("enforce", "", choices=("enrolled", "all")) if r.has("enforce") else None
         self.methods: list[str] | None = None
         if r.has("methods"):
@@ -720,9 +809,11 @@ class GroupRule:
             _networks(r, "exempt_networks") if r.has("exempt_networks") else None)
         self.grace_period: int | None = (r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
                                          if r.has("grace_period") else None)
+        r.done()  # first: a misspelt key (enfore, unix_group) is named as unknown, not as missing
+        if not self.unix_groups and not self.ldap_groups:
+            raise r.fail("unix_groups", "a rule must name at least one group (unix_groups or ldap_groups)")
         if all(getattr(self, key) is None for key in self.KEYS):
             raise r.fail("enforce", f"a rule must set at least one of {', '.join(self.KEYS)}")
-        r.done()
 
     def __repr__(self) -> str:
         return (f"GroupRule({self.name!r}, unix_groups={self.unix_groups!r}, ldap_groups={self.ldap_groups!r}, "
@@ -750,15 +841,29 @@ def _group_rules(r: Reader, key: str) -> list[GroupRule]:
         rule = GroupRule(sub, number)
         if rule.name in names:
             raise sub.fail("name", "is the name of an earlier rule")
-        if unix & set(rule.unix_groups):
-            raise sub.fail("unix_groups", "names a group an earlier rule names")
-        if ldap & {g.casefold() for g in rule.ldap_groups}:
-            raise sub.fail("ldap_groups", "names a group an earlier rule names")
+        if unix & {g.casefold() for g in rule.unix_groups}:
+            raise sub.fail("unix_groups", "names a group an earlier rule names (compared ignoring case)")
+        if ldap & {ldap_group_key(g) for g in rule.ldap_groups}:
+            raise sub.fail("ldap_groups", "names a group an earlier rule names (a name ignoring case, a DN as a DN)")
         names.add(rule.name)
-        unix.update(rule.unix_groups)
-        ldap.update(g.casefold() for g in rule.ldap_groups)
+        unix.update(g.casefold() for g in rule.unix_groups)
+        ldap.update(ldap_group_key(g) for g in rule.ldap_groups)
         rules.append(rule)
     return rules
+
+
+def missing_unix_groups(rules: Iterable[GroupRule]) -> list[tuple[GroupRule, str]]:
+    """(rule, group) for every Unix group a rule names that this host's NSS does not know (a
+    typo such as ``whell`` matches nobody): not an error -- the config may be written for
+    another host, and a rule can only tighten -- but linkusd warns at load and doctor shows it."""
+    found = []
+    for rule in rules:
+        for group in rule.unix_groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                found.append((rule, group))
+    return found
 
 
 class Config:
@@ -767,7 +872,8 @@ class Config:
     __slots__ = (
         "path", "enforce", "sources", "on_source_unavailable", "yaml", "ldap", "state",
         "totp", "lockout", "email", "smtp", "prompts", "exempt_networks", "grace_period",
-        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "gate",
+        "recovery_codes", "self_service", "daemon", "profiles", "default_profile", "group_policy", "notify",
+        "metrics", "gate",
     )
 
     SOURCES = ("yaml", "ldap")
@@ -788,12 +894,14 @@ class Config:
         self.lockout = LockoutConfig(r.section("lockout"))
         self.email = EmailConfig(r.section("email"))
         self.smtp = SmtpConfig(r.section("smtp"))
+        self.notify = NotifyConfig(r.section("notify"), smtp_configured=r.has("smtp"))
         self.prompts = PromptsConfig(r.section("prompts"))
         self.exempt_networks = _networks(r, "exempt_networks")
         self.grace_period = r.integer("grace_period", 0, minimum=0, maximum=30 * 86400)
         self.recovery_codes = r.integer("recovery_codes", 10, minimum=1, maximum=50)
         self.self_service = SelfServiceConfig(r.section("self_service"))
         self.daemon = DaemonConfig(r.section("daemon"))
+        self.metrics = MetricsConfig(r.section("metrics"), self.daemon)
         self.gate = GateConfig(r.section("gate"))
         #: The top-level policy: what a service without a profile of its own gets.
         self.default_profile = Profile("", self.enforce, self.exempt_networks, self.grace_period,

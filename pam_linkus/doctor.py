@@ -35,7 +35,7 @@ from nss_config.chain import build_chain
 from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 from nss_config.yaml_source import read_extensions
 from pam_linkus import groups, policy, protocol
-from pam_linkus.config import load_config
+from pam_linkus.config import load_config, missing_unix_groups
 from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules
 from pam_linkus.password import PAM_DIR, ServiceRefused, check_service
@@ -108,6 +108,7 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
     doc.add(check_daemon(config))
     doc.add(check_time_sync())
     uses_email = check_sources(doc, config, user)
+    check_group_rules(doc, config)
     if user:
         check_policy(doc, config, user)
     check_state(doc, config, now)
@@ -218,6 +219,30 @@ def _rule_keys(rule: GroupRule) -> str:
     return " ".join(keys)
 
 
+def check_group_rules(doc: Doctor, config: Config) -> None:
+    """What makes group rules match nobody without saying so: a Unix group this host does not
+    have (WARN: a typo, or a config written for another host), and an ``ldap.group_attribute``
+    the directory's schema does not define (FAIL: every login such a rule could apply to is
+    unavailable). What this cannot tell: an ACL that hides the attribute from the bind DN on
+    some entries looks exactly like an entry in no group (docs/guide.md "Policy by group")."""
+    for rule, group in missing_unix_groups(config.group_policy):
+        doc.report("WARN", f"group rule {rule.name}", f"Unix group {group!r} does not exist on this host "
+                   "(the rule matches nobody through it)")
+    if not any(rule.ldap_groups for rule in config.group_policy):
+        return
+    attribute = config.ldap.group_attribute
+    try:
+        problem = build_chain(config).group_attribute_problem()
+    except LinkusError as exc:
+        doc.report("FAIL", "ldap group_attribute", f"cannot check {attribute}: {exc.reason}")
+        return
+    if problem is not None:
+        doc.report("FAIL", "ldap group_attribute", f"{problem}: the LDAP groups of every account are unknown "
+                   "and every login a rule naming ldap_groups could apply to is unavailable")
+    else:
+        doc.report("ok", "ldap group_attribute", f"{attribute} is defined in the directory's schema")
+
+
 def check_policy(doc: Doctor, config: Config, user: str) -> None:
     """The effective policy of ``user``: its groups, each group rule that matches, and the
     result for the top-level policy and for every service profile (as a login computes it)."""
@@ -233,7 +258,9 @@ def check_policy(doc: Doctor, config: Config, user: str) -> None:
     if member.ldap is None:
         ldap = "not known (no ldap source, or it did not answer)" if "ldap" in config.sources else "no ldap source"
     else:
-        ldap = ", ".join(sorted(member.ldap)) or "none"
+        ldap = ", ".join(sorted(member.ldap)) or (
+            f"none (in no group, or the bind DN may not read {config.ldap.group_attribute} on this entry: "
+            "an ACL that hides it looks the same)")
     doc.report("ok", f"groups {user}", f"unix: {unix}; ldap: {ldap}")
     if not rules:
         doc.report("ok", f"group rules {user}", "none configured (group_policy)")

@@ -9,7 +9,6 @@ them in a worker. Nothing here logs: callers write the audit line.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from nss_config.writer import source_of, writer_for
@@ -18,7 +17,6 @@ from pam_linkus.recovery import digest, generate_codes, new_salt
 if TYPE_CHECKING:
     from nss_config.base import ExtensionSettings
     from pam_linkus.config import Config
-    from pam_linkus.mail import Mailer
     from pam_linkus.state.base import StateStore
 
 
@@ -72,15 +70,3 @@ def new_recovery_codes(store: StateStore, ext: str, count: int) -> list[str]:
     store.set_recovery_codes(ext, salt, [digest(c, salt) for c in codes])
     return codes
 
-
-def notify_switched_off(mailer: Mailer, ext: str, address: str, by: str, now: float) -> None:
-    """Tell the extension's owner that 2FA was switched off (so a stranger doing it is noticed).
-
-    Raises what the mailer raises (MailUnavailable); callers log and go on: the
-    change is made, the note is best effort.
-    """
-    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
-    who = "you, on the Security Settings page" if by == ext else f"the administrator ({by})"
-    body = (f"Two-factor authentication for extension {ext} was switched off at {when} by {who}.\n\n"
-            "Logins now need the password only. If this was not you, tell your administrator at once.\n")
-    mailer.send(address, f"Two-factor authentication switched off for {ext}", body, now=now)

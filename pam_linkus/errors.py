@@ -72,9 +72,12 @@ class Locked(LinkusError):
 
     outcome = Outcome.LOCKED
 
-    def __init__(self, message: str = "extension is locked", locked_until: float | None = None):
+    def __init__(self, message: str = "extension is locked", locked_until: float | None = None, *,
+                 newly: bool = False):
         super().__init__(message)
         self.locked_until = locked_until
+        #: This attempt's failure set the lock (the owner is told once, not at every refused try).
+        self.newly = newly
 
 
 class StateUnavailable(Unavailable):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
+from nss_config.answer_cache import NotCached
 from nss_config.base import check_user_name
 from pam_linkus import emailcode, groups, policy
 from pam_linkus.errors import (
@@ -183,9 +184,25 @@ def group_profile(req: LoginRequest, ctx: Context, profile: Profile,
     try:
         matching = policy.matching_rules(rules, member)
     except groups.MembershipUnknown:
+        check = getattr(ctx.chain, "group_attribute_problem", None)
+        problem = check(ask=False) if check is not None else None
         raise SourceUnavailable("group_policy: the account's LDAP groups are not known "
-                                "(the directory was not asked or did not answer)") from None
+                                f"({problem or 'the directory was not asked or did not answer'})") from None
     return policy.combine(profile, matching)
+
+
+def _lookup_or_offload(req: LoginRequest, ctx: Context) -> Generator[Offload, str | None,
+                                                                    ExtensionSettings | None]:
+    """The settings from memory when the chain has them (YAML, LDAP's recent answers: on
+    linkusd's event loop), else announce the wait for the directory and ask it."""
+    if not ctx.chain.waits_for_servers:
+        return _lookup(req, ctx)
+    recalled = ctx.chain.recall(req.user)
+    if isinstance(recalled, NotCached):
+        yield OFFLOAD  # the directory is next
+        return _lookup(req, ctx)
+    ctx.source = recalled.source if recalled is not None else "-"
+    return recalled
 
 
 def split_digits(req: LoginRequest, ctx: Context) -> int:
@@ -195,10 +212,15 @@ def split_digits(req: LoginRequest, ctx: Context) -> int:
     has 0 under ``enforce: enrolled`` (the whole answer is the password) and the usual
     6 under ``enforce: all``, where the login is refused later anyway. So the answer
     depends on nothing an outsider could not already see from the login's result.
+    ``enforce`` is the one the login will get: the profile made stricter by the group rules
+    (the groups come from the same lookup; linkusd runs this in a worker when there are rules,
+    NSS may be remote), so an unenrolled member of an ``enforce: all`` group gets 6 too.
     """
     _check_name(req.user)
     profile = profile_for(req, ctx.config)
-    settings = _lookup(req, ctx)
+    settings, directory_groups = _lookup_account(req, ctx)
+    if ctx.config.group_policy:
+        profile = group_profile(req, ctx, profile, directory_groups)
     if settings is not None and settings.enrolled and settings.method == "totp":
         ctx.account = settings.account
         ctx.method = settings.method
@@ -230,10 +252,9 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
                 yield OFFLOAD  # NSS may be remote (sssd)
                 if not policy.matching_rules(revoking, groups.Membership(groups.unix_groups(req.user), None)):
                     return exempt
-    if ctx.chain.waits_for_servers or rules:
-        yield OFFLOAD  # the directory (or NSS, for group rules) is next
-    settings, directory_groups = _lookup_account(req, ctx)
     if rules:
+        yield OFFLOAD  # NSS for the Unix groups (and maybe the directory) is next
+        settings, directory_groups = _lookup_account(req, ctx)
         profile = group_profile(req, ctx, profile, directory_groups)
         if not profile.methods:
             ctx.method = settings.method if settings is not None else "-"
@@ -244,6 +265,8 @@ def login(req: LoginRequest, ctx: Context) -> Steps:
             exempt = policy.exempt_network(rhost, profile)
             if exempt is not None:
                 return exempt
+    else:
+        settings = yield from _lookup_or_offload(req, ctx)
     if settings is None or not settings.enrolled:
         ctx.method = settings.method if settings is not None else "-"
         if profile.enforce == "all":
@@ -468,7 +491,8 @@ def _failure(ctx: Context, reason: str, status: LockStatus, now: float) -> Gener
     else CodeRejected."""
     if status.locked(now):
         yield Info(ctx.config.prompts.locked, error=True)
-        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until)
+        return Locked(f"{reason}; locked after {status.failures} consecutive failures", status.locked_until,
+                      newly=True)
     return CodeRejected(f"{reason} ({status.failures} consecutive failures)")
 
 

@@ -17,8 +17,8 @@ Group policy for PAM logins (``group_policy`` in pam_linkus.yaml) and the web ga
 * **LDAP groups**: the DN values of ``ldap.group_attribute`` (default ``memberOf``) read in
   the SAME search as the extension's settings (``ExtensionSettings.directory_groups``, no
   extra round trip). A rule names a group either by the value of the DN's first RDN
-  (``cn=admins,ou=groups,dc=pbx`` -> ``admins``) or by the full DN; both compare ignoring
-  case (and, for a DN, spaces around ``,``, ``=`` and ``+``). ``None`` means the directory's
+  (``cn=admins,ou=groups,dc=pbx`` -> ``admins``) or by the full DN; a name compares ignoring
+  case, a DN as a DN (``parse_dn``: escapes, attribute type aliases, case, spaces). ``None`` means the directory's
   answer is not known (not asked, could not be asked, an offline-cache entry without
   groups): a rule that names an LDAP group then cannot be decided, and callers fail closed.
 
@@ -84,12 +84,63 @@ def unix_groups(account: str) -> frozenset[str]:
     return frozenset(names)
 
 
-_DN_SEPARATORS = re.compile(r"\s*(?<!\\)([,=+])\s*")
+#: RFC 4519 / 4524 short names for the attribute types group DNs use, from their long names and
+#: OIDs: ``commonName=admins`` and ``2.5.4.3=admins`` are ``cn=admins``. Any other type is kept
+#: as given (lower-cased), so it equals only itself.
+_TYPE_ALIASES = {
+    "commonname": "cn", "2.5.4.3": "cn",
+    "organizationalunitname": "ou", "2.5.4.11": "ou",
+    "organizationname": "o", "2.5.4.10": "o",
+    "domaincomponent": "dc", "0.9.2342.19200300.100.1.25": "dc",
+    "userid": "uid", "0.9.2342.19200300.100.1.1": "uid",
+    "localityname": "l", "2.5.4.7": "l",
+    "stateorprovincename": "st", "2.5.4.8": "st",
+    "countryname": "c", "2.5.4.6": "c",
+}
+_SPACES = re.compile(r"\s+")
+#: Characters escaped in the canonical form, so a value holding them cannot fake a separator.
+_CANONICAL_ESCAPES = str.maketrans({c: "\\" + c for c in '\\,+="<>;#'})
+
+
+def parse_dn(dn: str) -> tuple[tuple[tuple[str, str], ...], ...] | None:
+    """A DN as RDNs, each a sorted tuple of (attribute type, value): types lower-cased with the
+    common aliases mapped (``commonName``/``CN``/``2.5.4.3`` -> ``cn``), values unescaped (RFC 4514
+    ``\\,``, ``\\2C``, ``\\c3\\a9``), compared as caseIgnoreMatch does for ``cn``: case folded,
+    leading/trailing spaces dropped, inner runs of spaces made one. None when it is not a DN we
+    can compare (no ``=``, an empty type, a BER ``#`` value, escaped bytes that are not UTF-8)."""
+    text = dn.strip()
+    if not text:
+        return None
+    rdns = []
+    for rdn in _split_unescaped(text, ","):
+        avas = []
+        for ava in _split_unescaped(rdn, "+"):
+            kind, sep, raw = ava.partition("=")
+            kind = kind.strip().lower()
+            if not sep or not kind or "\\" in kind:
+                return None
+            value = _unescape(raw.strip())
+            if value is None:
+                return None
+            avas.append((_TYPE_ALIASES.get(kind, kind), _SPACES.sub(" ", value.strip()).casefold()))
+        rdns.append(tuple(sorted(avas)))
+    return tuple(rdns)
 
 
 def normalize_dn(dn: str) -> str:
-    """A DN for comparison: casefolded, no spaces around unescaped ``,`` ``=`` ``+``."""
-    return _DN_SEPARATORS.sub(r"\1", dn.strip()).casefold()
+    """A DN in one canonical spelling (``parse_dn``), so two DNs equal as DNs are equal strings;
+    a text that does not parse is only trimmed and case-folded (it equals only itself)."""
+    parsed = parse_dn(dn)
+    if parsed is None:
+        return "\x00" + dn.strip().casefold()  # cannot equal a canonical DN
+    return ",".join("+".join(f"{kind}={value.translate(_CANONICAL_ESCAPES)}" for kind, value in rdn)
+                    for rdn in parsed)
+
+
+def ldap_group_key(rule_group: str) -> str:
+    """What a rule's LDAP group is compared as: a full DN (it holds ``=``) canonical, a first-RDN
+    value case-folded. Two rule entries with the same key name the same group."""
+    return normalize_dn(rule_group) if "=" in rule_group else rule_group.casefold()
 
 
 def _split_unescaped(text: str, separator: str) -> list[str]:

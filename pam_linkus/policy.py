@@ -20,7 +20,10 @@ owns the address block, not by us.
   address, and when there are none the exemption is still decided before any I/O.
 - A grace period starts only after a right code (``start_grace``, called by the
   flow after a success), per (extension, remote address). A login inside it skips
-  the code but does not extend it: only another right code does.
+  the code but does not extend it: only another right code does. It counts only while
+  now < the right code's time + the grace_period of the policy this login gets (``in_grace``
+  passes it): a period opened under a longer one (another profile, before the account
+  joined a stricter group) never outlives what the current policy allows.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def in_grace(user: str, rhost: str | None, profile: Profile, store: StateStore, 
              method: str) -> Decision | None:
     """A skip while ``user`` has a grace period from ``rhost``, else None."""
     host = _grace_host(rhost, profile)
-    if host is None or not store.grace_active(user, host, now):
+    if host is None or not store.grace_active(user, host, now, profile.grace_period):
         return None
     return Decision(Outcome.SKIP, "grace period", method)
 

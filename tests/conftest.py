@@ -178,6 +178,12 @@ class PamStack:
             )
         Path("/etc/pam.d", self.service).write_text(auth_lines + "account required pam_permit.so\n")
 
+    def set_linkus_only(self) -> None:
+        """pam_linkus.so alone, no password module: how a name that is no local account reaches
+        linkusd (as where pam_linkus.so comes first), so tests can log in as any extension name."""
+        self.set_pam(auth_lines=f"auth [success=ok ignore=ignore default=die] {self.module_line}\n"
+                                "auth required pam_permit.so\n")
+
     def set_single_field(self) -> None:
         """The three lines of docs/protocol.md: split off the code, check the password, then the code."""
         self.set_pam(auth_lines=(

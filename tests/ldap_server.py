@@ -329,6 +329,9 @@ def ldap_config(slapd: Slapd, base: str, password_file: Path, **overrides: Any) 
         "attributes": dict(SCHEMA_ATTRIBUTES),
         "connect_timeout": 2,
         "timeout": 2,
+        # Tests change entries mid-test and expect the next lookup to see it; the in-memory
+        # cache's own tests (test_source_ldap, test_cli_ldap) set cache_ttl themselves.
+        "cache_ttl": 0,
     }
     section.update(overrides)
     return section

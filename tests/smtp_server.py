@@ -180,6 +180,24 @@ class SmtpServer:
                 self.cond.wait(left)
             return self.messages[count - 1]
 
+    def with_subject(self, fragment: str) -> list[dict[str, Any]]:
+        """The messages so far whose subject contains ``fragment`` (code mails and notifications
+        of pam_linkus.notify travel separately, so their order is not fixed)."""
+        with self.cond:
+            return [m for m in self.messages if fragment in str(m["message"]["Subject"])]
+
+    def wait_for_subject(self, fragment: str, count: int = 1, timeout: float = 10.0) -> dict[str, Any]:
+        """The ``count``-th message (1-based) whose subject contains ``fragment``, waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while len(found := [m for m in self.messages if fragment in str(m["message"]["Subject"])]) < count:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no message #{count} with {fragment!r} in its subject within {timeout} s "
+                                         f"(subjects: {[str(m['message']['Subject']) for m in self.messages]})")
+                self.cond.wait(left)
+            return found[count - 1]
+
     def stop(self) -> None:
         self.controller.stop()
 

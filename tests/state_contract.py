@@ -38,6 +38,8 @@ from pam_linkus.state.base import (
     next_lock,
 )
 
+#: A current grace_period longer than any period these tests open (it limits nothing).
+LONG = 86400
 #: Processes per race; the machine has 2 cores, more would only queue.
 RACERS = 8
 RACE_TIMEOUT = 60.0
@@ -310,47 +312,60 @@ class StateContract(EnrollmentRecoveryContract, GateSessionContract):
     # -- grace periods (pam_linkus.policy) ---------------------------------------------
 
     def test_a_grace_period_is_per_extension_and_address_and_ends(self, store: Any) -> None:
-        assert store.grace_active("1001", "192.0.2.7", NOW) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW, LONG) is False
         store.start_grace("1001", "192.0.2.7", NOW, 300)
-        assert store.grace_active("1001", "192.0.2.7", NOW + 299) is True
-        assert store.grace_active("1001", "192.0.2.7", NOW + 300) is False
-        assert store.grace_active("1001", "192.0.2.8", NOW + 1) is False
-        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW + 299, LONG) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 300, LONG) is False
+        assert store.grace_active("1001", "192.0.2.8", NOW + 1, LONG) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1, LONG) is False
         store.start_grace("1001", "2001:db8::7", NOW, 60)
-        assert store.grace_active("1001", "2001:db8::7", NOW + 59) is True
-        assert store.grace_active("1001", "192.0.2.7", NOW + 59) is True
+        assert store.grace_active("1001", "2001:db8::7", NOW + 59, LONG) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 59, LONG) is True
 
     def test_a_grace_period_is_never_shortened(self, store: Any) -> None:
         store.start_grace("1001", "192.0.2.7", NOW, 600)
         store.start_grace("1001", "192.0.2.7", NOW + 10, 60)
-        assert store.grace_active("1001", "192.0.2.7", NOW + 599) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 599, LONG) is True
         store.start_grace("1001", "192.0.2.7", NOW + 500, 600)  # a later right code extends it
-        assert store.grace_active("1001", "192.0.2.7", NOW + 1099) is True
-        assert store.grace_active("1001", "192.0.2.7", NOW + 1100) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1099, LONG) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1100, LONG) is False
 
     def test_an_expired_grace_period_can_start_again(self, store: Any) -> None:
         store.start_grace("1001", "192.0.2.7", NOW, 60)
         store.start_grace("1001", "192.0.2.8", NOW + 100, 60)  # drops the expired one
-        assert store.grace_active("1001", "192.0.2.7", NOW + 101) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW + 101, LONG) is False
         store.start_grace("1001", "192.0.2.7", NOW + 200, 60)
-        assert store.grace_active("1001", "192.0.2.7", NOW + 201) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 201, LONG) is True
+
+    def test_a_grace_period_ends_at_its_start_plus_the_current_period(self, store: Any) -> None:
+        """Opened under a long grace_period, it lasts only as long as the policy asked now
+        allows from the right code (another profile; the account joined a stricter group)."""
+        store.start_grace("1001", "192.0.2.7", NOW, 3600)
+        assert store.grace_active("1001", "192.0.2.7", NOW + 59, 60) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 60, 60) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW + 60, 3600) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 3600, 7200) is False  # never past its own end
+        store.start_grace("1001", "192.0.2.7", NOW + 100, 60)  # a later right code starts it again
+        assert store.grace_active("1001", "192.0.2.7", NOW + 159, 60) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 160, 60) is False
+        assert store.grace_active("1001", "192.0.2.7", NOW + 160, 3600) is True  # the end stays the later one
 
     def test_forget_and_unlock_and_grace(self, store: Any) -> None:
         for user in ("1001", "1002"):
             store.start_grace(user, "192.0.2.7", NOW, 300)
         store.unlock("1001")
-        assert store.grace_active("1001", "192.0.2.7", NOW + 1) is True  # unlock is about failures only
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1, LONG) is True  # unlock is about failures only
         store.forget("1001")
-        assert store.grace_active("1001", "192.0.2.7", NOW + 1) is False
-        assert store.grace_active("1002", "192.0.2.7", NOW + 1) is True
+        assert store.grace_active("1001", "192.0.2.7", NOW + 1, LONG) is False
+        assert store.grace_active("1002", "192.0.2.7", NOW + 1, LONG) is True
 
     def test_parallel_grace_periods_from_many_addresses_all_count(self, opener: Opener) -> None:
         race(opener, lambda s, i: s.start_grace("1001", f"192.0.2.{i + 1}", NOW + i, 300))
         check = opener()
         try:
             for i in range(RACERS):
-                assert check.grace_active("1001", f"192.0.2.{i + 1}", NOW + 299) is True
-            assert check.grace_active("1001", "192.0.2.200", NOW + 10) is False
+                assert check.grace_active("1001", f"192.0.2.{i + 1}", NOW + 299, LONG) is True
+            assert check.grace_active("1001", "192.0.2.200", NOW + 10, LONG) is False
         finally:
             check.close()
 
@@ -451,7 +466,7 @@ class StateContract(EnrollmentRecoveryContract, GateSessionContract):
         assert store.lock_status("locked", far).permanent
         assert store.enrollment("1001") is not None
         assert store.verify_email_code("1002", "h1", far) == EmailCheck.ACCEPTED
-        assert store.grace_active("1003", "192.0.2.1", far) is True
+        assert store.grace_active("1003", "192.0.2.1", far, LONG) is True
 
     # -- one-step TOTP attempt (reserve + check + record) ------------------------------
 
@@ -868,7 +883,7 @@ class StateContract(EnrollmentRecoveryContract, GateSessionContract):
             "cache_settings": lambda s: s.cache_settings("ldap", "1001", "x", NOW),
             "cached_settings": lambda s: s.cached_settings("ldap", "1001", NOW, 10),
             "start_grace": lambda s: s.start_grace("1001", "192.0.2.7", NOW, 10),
-            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW),
+            "grace_active": lambda s: s.grace_active("1001", "192.0.2.7", NOW, LONG),
             "issue_email_code": lambda s: s.issue_email_code("1001", "h", NOW, EmailLimits()),
             "discard_email_code": lambda s: s.discard_email_code("1001", "h"),
             "verify_email_code": lambda s: s.verify_email_code("1001", "h", NOW),

@@ -37,7 +37,11 @@ def test_email_enrollment_saves_only_after_the_mailed_code(pam_stack: PamStack, 
     assert entry(pam_stack, user) == {"method": "email", "email": "alice@example.com"}
     assert 'method=email' in pam_stack.log.wait_for(f'action=enroll ext={user}')
 
-    result = converse(pam_stack.service, user, PASSWORD, lambda prompt, messages: code_in(server.wait_for_message(2)))
+    notice = server.wait_for_subject("New two-factor method")  # the owner is told (pam_linkus.notify)
+    assert notice["to"] == ["alice@example.com"] and "the administrator (root)" in notice["message"].get_content()
+    assert code_in(mail) not in notice["message"].get_content()
+    result = converse(pam_stack.service, user, PASSWORD,
+                      lambda prompt, messages: code_in(server.wait_for_subject("Verification code", 2)))
     assert (result.auth, result.account) == ("PAM_SUCCESS", "PAM_SUCCESS")
 
 

@@ -101,3 +101,31 @@ def test_doctor_checks_the_directory(pam_stack: PamStack, slapd: Slapd, user: st
     assert f"ok   ldap {slapd.ldaps_uri}: connected, TLS via ldaps" in result.stdout
     assert f"ok   ldap lookup {user}: method=totp enabled=yes" in result.stdout
     assert f"ok   ldap writes: linkus-2fa binds as {ADMIN_DN}" in result.stdout
+
+
+def test_kept_ldap_answers_serve_logins_and_a_linkus_2fa_change_is_seen_at_once(
+    pam_stack: PamStack, slapd: Slapd, user: str
+) -> None:
+    """ldap.cache_ttl through real PAM: a change made in the directory itself waits for the TTL
+    (the login still checks the old secret); one made with linkus-2fa (which asks linkusd to
+    RELOAD) is seen by the very next login."""
+    import ldap3
+
+    base = slapd.tree({user: {"method": "totp", "secret": SECRET}})
+    use_ldap(pam_stack, slapd, base, cache_ttl=3600)
+    now = time.time()
+    assert pam_stack.login(user, code_at(SECRET, now)).auth == "PAM_SUCCESS"
+    new_secret = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+    conn = slapd.admin()
+    try:
+        assert conn.modify(f"cn=e0,{base}", {SCHEMA_ATTRIBUTES["secret"]: [(ldap3.MODIFY_REPLACE, [new_secret])]})
+    finally:
+        conn.unbind()
+    assert pam_stack.login(user, code_at(new_secret, now)).auth == "PAM_AUTH_ERR"  # the kept secret
+    assert pam_stack.login(user, code_at(SECRET, now + 30)).auth == "PAM_SUCCESS"
+    assert "source=ldap " in pam_stack.log.lines[-1].replace('"', "")
+
+    result = run_cli(pam_stack, "disable", user)
+    assert result.returncode == 0, result.stderr
+    login = pam_stack.login(user, None)
+    assert (login.auth, login.prompts) == ("PAM_SUCCESS", ["Password: "])  # 2FA off: seen at once

@@ -156,9 +156,10 @@ def test_control_fields(deb: Path) -> None:
     depends = {d.strip().split()[0] for d in field("Depends").split(",")}
     assert {"python3-yaml", "python3-ldap3", "python3-segno", "libpam-runtime", "adduser", "libpam0g",
             "libc6"} <= depends, depends
-    # Redis state and the self-service pages are optional parts.
+    # Redis state, the self-service pages and the metrics listener are optional parts.
     assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis", "python3-starlette",
-                                                                   "python3-uvicorn", "python3-jinja2"}
+                                                                   "python3-uvicorn", "python3-jinja2",
+                                                                   "python3-prometheus-client"}
     # The pam_python version is gone for good: nothing may pull it in again.
     assert "libpam-python" not in field("Depends") + field("Recommends") + field("Suggests")
     assert field("Architecture") == run(["dpkg", "--print-architecture"]).stdout.strip()
@@ -207,6 +208,9 @@ def test_package_files(deb: Path) -> None:
         assert contents[f"/usr/share/pam-linkus/ldap/{schema.name}"] == schema.read_bytes(), schema
         assert f"/usr/share/pam-linkus/ldap/{schema.name}" in schemas[1].read_text()
     assert contents["/usr/share/pam-configs/linkus"] == PROFILE.read_bytes()
+    for f2b in ("filter.d/pam-linkus.conf", "jail.d/pam-linkus.conf"):  # docs/fail2ban.md; the jail disabled
+        for where in ("/etc/fail2ban", "/usr/share/pam-linkus/fail2ban"):
+            assert contents[f"{where}/{f2b}"] == (REPO / "packaging" / "fail2ban" / f2b).read_bytes(), (where, f2b)
     assert contents["/etc/pam_linkus/pam_linkus.yaml"] == (REPO / "packaging" / "pam_linkus.yaml").read_bytes()
 
 
@@ -593,3 +597,40 @@ def test_purge_leaves_nothing_and_changes_no_pam_file(installed: dict[str, Any],
                  Path("/usr/share/pam-linkus")):
         assert not os.path.lexists(root.path(path)), path
     assert machine["pam"].differences() == []
+
+
+@pytest.mark.parametrize(("check_status", "active", "restarted"), [
+    (0, 0, True),     # the new code loads the config: restarted
+    (1, 0, False),    # it refuses the config: the old daemon keeps serving, the admin is told why
+    (0, 3, False),    # linkusd not running: nothing to restart (the sockets start it on demand)
+])
+def test_upgrade_restart_waits_for_the_new_code_to_load_the_config(tmp_path: Path, check_status: int, active: int,
+                                                                   restarted: bool) -> None:
+    """packaging/restart-checked.sh, the postinst's upgrade restart (debhelper itself neither stops nor restarts
+    linkusd.service on upgrade): run with stand-ins for systemctl, deb-systemd-invoke and linkusd."""
+    bin_dir, calls, run = tmp_path / "bin", tmp_path / "calls", tmp_path / "systemd"
+    bin_dir.mkdir()
+    run.mkdir()
+    for name, status in (("systemctl", active), ("deb-systemd-invoke", 0), ("linkusd", check_status)):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\necho "config: bad key" >&2\n'
+                                    f'exit {status}\n')
+        (bin_dir / name).chmod(0o755)
+    env = dict(CLEAN_ENV, PATH=f"{bin_dir}:{CLEAN_ENV['PATH']}", LINKUSD=str(bin_dir / "linkusd"),
+               SYSTEMD_RUN=str(run))
+    done = subprocess.run(["sh", str(REPO / "packaging" / "restart-checked.sh")], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = calls.read_text().splitlines()
+    assert ("deb-systemd-invoke restart linkusd.service" in lines) is restarted, lines
+    assert ("linkusd --check" in lines) is (active == 0), lines
+    assert ("keeps serving with the old code: config: bad key" in done.stderr) is (check_status != 0 and active == 0)
+
+
+def test_the_package_restarts_linkusd_only_through_the_checked_script() -> None:
+    """debhelper's own upgrade restart is off for linkusd.service, and the postinst calls the script on upgrade."""
+    rules = (REPO / "packaging" / "debian" / "rules").read_text()
+    assert "dh_installsystemd --no-enable --no-stop-on-upgrade linkusd.service" in rules
+    postinst = (REPO / "packaging" / "debian" / "libpam-linkus.postinst").read_text()
+    assert "sh /usr/share/pam-linkus/restart-checked.sh" in postinst.split("#DEBHELPER#", 1)[1]
+    assert "packaging/restart-checked.sh usr/share/pam-linkus/" in \
+        (REPO / "packaging" / "debian" / "libpam-linkus.install").read_text()

@@ -359,3 +359,33 @@ def test_a_recovery_shaped_answer_costs_one_scrypt_hash_for_every_name(store: Sq
             assert trace == expected, (user, answer, trace)
     assert [store.lock_status(u, T0).failures for u in ("1001", "1003", "1002", "nobody", "1004")] == [2] * 5
     assert store.recovery_codes_left("1001") == 1
+
+
+def test_an_answer_the_directory_source_keeps_in_memory_needs_no_offload(store: SqliteStore) -> None:
+    """LDAP's recent answers (ldap.cache_ttl) are read on linkusd's event loop: no Offload, no
+    lookup; only when the source has none kept does the flow announce the wait and ask."""
+    from nss_config.answer_cache import NOT_CACHED
+
+    trace: list[str] = []
+    kept: dict[str, ExtensionSettings] = {}
+
+    class Directory(StaticSource):
+        waits_for_servers = True
+
+        def recall(self, user: str) -> object:
+            trace.append("recall")
+            return kept.get(user, NOT_CACHED)
+
+        def lookup(self, user: str) -> ExtensionSettings | None:
+            trace.append("lookup")
+            return super().lookup(user)
+
+    settings = ExtensionSettings("1001", "totp", secret=SECRET)
+    chain = SourceChain([Directory({"1001": settings})])
+    for expected in (["recall", "offload", "lookup"], ["recall"]):
+        trace.clear()
+        with pytest.raises(CodeRejected):
+            authenticate(LoginRequest("1001"), Context(Config.from_mapping({}), Clock(T0), chain, store),
+                         Prompter(lambda: "000000"), on_offload=lambda: trace.append("offload"))
+        assert trace == expected
+        kept["1001"] = settings

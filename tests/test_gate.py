@@ -170,11 +170,33 @@ def test_a_wrong_or_replayed_code_and_a_wrong_password_pass_nobody(gate_api: Gat
     wrong = "000000" if code_at(SECRET, gate_api.clock.now) != "000000" else "111111"
     assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=CLIENT,
                     code=wrong)["error"] == "denied"
-    assert logged(gate_api.site.log, service="linkus-gate", reason="wrong code")["outcome"] == "denied"
+    assert any('service="linkus-gate"' in line and 'outcome="denied" reason="wrong code' in line
+               for line in gate_api.site.log.lines)
     assert gate_api.sign_in(user)["ok"]
     replay = gate_api.sign_in(user)  # the same time step: the code was used
     assert replay == {"ok": False, "error": "denied"}
     assert gate_api.store().lock_status(user, gate_api.clock.now).failures == 1
+
+
+def test_each_gate_failure_is_counted_once_by_fail2ban(gate_api: GateApi, user: str, tmp_path: Path) -> None:
+    import collections
+
+    from test_fail2ban import as_auth_log, matches, require_fail2ban
+
+    require_fail2ban()
+    gate_api.site.log.take()
+    attacker = "198.51.100.66"
+    assert gate_api("gate_sign_in", ext=user, password="wrong", client=attacker)["error"] == "denied"
+    assert gate_api("gate_sign_in", ext="nobody-here", password="wrong", client=attacker)["error"] == "denied"
+    first = gate_api("gate_sign_in", ext=user, password=PASSWORD, client=attacker)
+    assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=attacker,
+                    code="12345x")["error"] == "denied"
+    gate_api.clock.now += 30
+    assert gate_api.sign_in(user)["ok"]  # a success from CLIENT counts nothing
+    lines = [line for line in gate_api.site.log.take() if "pam_linkus(linkusd)[" in line]
+    found = matches([as_auth_log(line) for line in lines], tmp_path)
+    assert collections.Counter(found) == {attacker: 3}, (found, lines)
+    assert all("caller_uid=-" not in line for line in lines)
 
 
 def test_an_unknown_name_answers_as_a_wrong_password(gate_api: GateApi) -> None:
@@ -196,6 +218,26 @@ def test_sign_out_and_every_revocation_end_access_at_the_next_check(gate_api: Ga
     assert gate_api.check(tokens[1])["error"] == "expired" and gate_api.check(tokens[2])["ok"]
     assert store.gate_revoke(account=user) == 2
     assert not any(gate_api.check(t)["ok"] for t in tokens)
+
+
+def test_cli_lists_and_revokes_by_account_and_all(gate_api: GateApi, site: tuple[Site, Any], user: str,
+                                                 make_user: Any) -> None:
+    other = str(make_user())
+    site[0].add(other, method="totp", secret=SECRET)
+    gate_api.reload()
+    mine = gate_api.sign_in(user)["token"]
+    theirs = gate_api.sign_in(other)["token"]
+    listed = run_cli(site[0].stack, "gate-sessions")
+    assert listed.returncode == 0 and user in listed.stdout and other in listed.stdout, listed
+    assert mine not in listed.stdout and theirs not in listed.stdout  # ids, never the cookie
+    unknown = run_cli(site[0].stack, "gate-revoke", "0123456789abcdef")
+    assert unknown.returncode == 1 and "0 gate sessions ended" in unknown.stdout
+    assert run_cli(site[0].stack, "gate-revoke", "--account", user).returncode == 0
+    assert gate_api.check(mine)["error"] == "expired" and gate_api.check(theirs)["ok"]
+    assert logged(site[0].log, action="gate-revoke", ext=user)["ended"] == "1"
+    assert "1 gate session ended" in run_cli(site[0].stack, "gate-revoke", "--all").stdout
+    assert gate_api.check(theirs)["error"] == "expired"
+    assert "no gate sessions" in run_cli(site[0].stack, "gate-sessions", user).stdout
 
 
 def test_idle_and_lifetime_end_a_session(site: tuple[Site, Any], user: str) -> None:
@@ -552,8 +594,14 @@ def test_https_cookies_revocation_by_cli_and_linkusd_down(gate_web: tuple[Site, 
     revoked = run_cli(s.stack, "gate-revoke", session_id)
     assert revoked.returncode == 0 and "1 gate session ended" in revoked.stdout
     assert b.auth()[0] == 401  # the next request
+    status, head, page = b.request("GET", "/linkus-gate/forbidden")
+    assert status == 403 and 'data-kind="forbidden"' in page and "/linkus-gate/static/style.css" in page
+    status, head, page = b.request("GET", "/linkus-gate/static/style.css")
+    assert status == 200 and "no-store" not in head.get("cache-control", "")
     daemon.stop()
     assert b.auth()[0] == 502  # linkusd down: nobody passes
+    status, _, page = b.request("GET", "/linkus-gate/unavailable")
+    assert status == 503 and 'data-kind="unavailable"' in page
     status, _, page = b.request("GET", "/linkus-gate/sign-in")
     assert status == 200
     status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
@@ -576,3 +624,26 @@ def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: s
                                                                  "csrf": form_value(page, "csrf")})
     assert status == 403 and 'data-kind="locked"' in page
 
+
+
+def test_a_state_file_of_the_release_before_gets_the_gate_table(private_dir: Path) -> None:
+    import os
+    import sqlite3
+
+    from pam_linkus.state.sqlite_store import MIGRATIONS, SqliteStore
+
+    path = str(private_dir / "state.db")
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:-1]:
+        db.executescript(script)
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+    store = SqliteStore(path)
+    try:
+        assert store.gate_create("ab" * 32, "1001", "totp", CLIENT, "", 1000.0, lifetime=3600, idle=600,
+                                 max_per_account=2, max_total=10)
+        assert store.counts()["gate_sessions"] == 1
+    finally:
+        store.close()

@@ -22,7 +22,7 @@ from nss_config.base import ExtensionSettings
 from pam_linkus import policy
 from pam_linkus.config import Config, GroupRule, Profile
 from pam_linkus.errors import CodeRejected, ConfigError, NotEnrolled, SourceUnavailable
-from pam_linkus.flow import Context, LoginRequest, authenticate
+from pam_linkus.flow import Context, LoginRequest, authenticate, split_digits
 from pam_linkus.groups import Membership
 from pam_linkus.outcome import Outcome
 from pam_linkus.state.sqlite_store import SqliteStore
@@ -110,6 +110,15 @@ def test_rules_parse_in_order_with_unset_keys_as_none() -> None:
      r"group_policy\[2\]\.unix_groups: names a group an earlier rule names"),
     ([{"ldap_groups": ["admins"], "enforce": "all"}, {"ldap_groups": ["ADMINS"], "grace_period": 0}],
      "names a group an earlier rule names"),
+    ([{"ldap_groups": ["cn=Admins,dc=pbx", "commonName=admins, DC=PBX"], "enforce": "all"}], "lists an entry twice"),
+    ([{"ldap_groups": ["cn=Ren\\c3\\a9,dc=pbx"], "enforce": "all"}, {"ldap_groups": ["CN=René,dc=pbx"],
+      "grace_period": 0}], r"group_policy\[2\]\.ldap_groups: names a group an earlier rule names"),
+    ([{"ldap_groups": ["cn=x,=y"], "enforce": "all"}], "entry 1 is not a DN this module can compare"),
+    ([{"unix_groups": ["sudo"], "enfore": "all"}], r"unknown key in group_policy\[1\] \(known: "),
+    ([{"unix_group": ["sudo"], "enforce": "all"}], r"unknown key in group_policy\[1\] \(known: "),
+    ([{"unix_groups": ["Admins", "admins"], "enforce": "all"}], "lists a group twice"),
+    ([{"unix_groups": ["Admins"], "enforce": "all"}, {"unix_groups": ["admins"], "grace_period": 0}],
+     r"group_policy\[2\]\.unix_groups: names a group an earlier rule names"),
     ([{"enforce": "all"}], "must name at least one group"),
     ([{"unix_groups": ["sudo"]}], "must set at least one of enforce, methods, exempt_networks, grace_period"),
     ([{"unix_groups": ["sudo"], "methods": []}], "must name at least one method"),
@@ -288,3 +297,43 @@ def test_grace_period_of_a_group_is_the_shorter_one(store: SqliteStore) -> None:
     clock.now += 30
     with pytest.raises(CodeRejected):  # no grace for this group: the code is asked again
         authenticate(req, ctx, Prompter("000000"))
+
+
+# -- grace periods end at the right code + the CURRENT policy's grace_period ---------------
+
+
+def _at(cfg: Config, store: SqliteStore, now: float, service: str, *answers: str) -> Any:
+    ctx = Context(cfg, Clock(now), Chain(TOTP), store)  # type: ignore[arg-type]
+    return authenticate(LoginRequest(ME, service, "192.0.2.7"), ctx, Prompter(*answers))
+
+
+def test_a_grace_opened_under_a_longer_profile_ends_by_the_shorter_one(store: SqliteStore) -> None:
+    cfg = config([], profiles={"sshd": {"grace_period": 3600}, "asterisk": {"grace_period": 60}})
+    assert _at(cfg, store, T0, "sshd", code_at(SECRET, T0)).outcome == Outcome.SUCCESS
+    assert _at(cfg, store, T0 + 30, "asterisk").outcome == Outcome.SKIP   # within 60 s of the code
+    assert _at(cfg, store, T0 + 120, "sshd").outcome == Outcome.SKIP      # sshd still allows an hour
+    with pytest.raises(CodeRejected):                                       # asterisk: 120 s > 60 s
+        _at(cfg, store, T0 + 120, "asterisk", "000000")
+
+
+def test_a_grace_opened_before_joining_a_stricter_group_ends_by_the_group_s(store: SqliteStore) -> None:
+    before = config([], grace_period=3600)
+    assert _at(before, store, T0, "sshd", code_at(SECRET, T0)).outcome == Outcome.SUCCESS
+    joined = config([{"unix_groups": [MY_GROUP], "grace_period": 60}], grace_period=3600)
+    assert _at(joined, store, T0 + 59, "sshd").outcome == Outcome.SKIP
+    with pytest.raises(CodeRejected):
+        _at(joined, store, T0 + 61, "sshd", "000000")
+    assert _at(before, store, T0 + 61, "sshd").outcome == Outcome.SKIP  # the grace itself is still there
+
+
+def test_single_field_splits_by_the_enforce_the_group_rules_give(store: SqliteStore) -> None:
+    """An unenrolled member of an enforce: all group: 6 digits, as for the top level's enforce: all
+    (the login is refused later either way); not a member: 0, the whole answer is the password."""
+    member = config([{"unix_groups": [MY_GROUP], "enforce": "all"}])
+    other = config([{"unix_groups": [OTHER_GROUP], "enforce": "all"}])
+    for cfg, digits in ((member, 6), (other, 0)):
+        ctx = Context(cfg, Clock(T0), Chain(None, frozenset()), store)  # type: ignore[arg-type]
+        assert split_digits(LoginRequest(ME, "sshd"), ctx) == digits
+    unknown = config([{"ldap_groups": ["admins"], "enforce": "all"}])
+    with pytest.raises(SourceUnavailable):
+        split_digits(LoginRequest(ME, "sshd"), Context(unknown, Clock(T0), Chain(None), store))  # type: ignore[arg-type]

@@ -31,6 +31,39 @@ def test_normalize_dn_ignores_case_and_spaces_around_separators() -> None:
     assert groups.normalize_dn("cn=a\\,b") == "cn=a\\,b"
 
 
+@pytest.mark.parametrize(("a", "b"), [
+    ("cn=Ren\\c3\\a9,ou=groups,dc=pbx", "CN=René,OU=Groups,DC=PBX"),          # UTF-8 escapes
+    ("cn=sales\\2C east,dc=pbx", "cn=sales\\, east,dc=pbx"),                   # hex vs backslash escape
+    ("commonName=admins,organizationalUnitName=groups,o=Acme", "cn=admins,ou=groups,O=acme"),
+    ("domainComponent=pbx,dc=example", "dc=pbx,DC=example"),
+    ("userid=bob,l=Paris,st=IDF,c=FR", "uid=bob,localityName=paris,stateOrProvinceName=idf,countryName=fr"),
+    ("2.5.4.3=admins,dc=pbx", "cn=admins,dc=pbx"),                             # the OID of cn
+    (" cn = admins , ou = groups ", "cn=admins,ou=groups"),                    # spaces around = and ,
+    ("cn=ad  mins,dc=pbx", "cn=ad mins,dc=pbx"),                              # inner spaces (caseIgnoreMatch)
+    ("cn=a+uid=b,dc=pbx", "UID=B+CN=A,dc=pbx"),                              # multi-valued RDN in any order
+    ("cn=a\\+b,dc=pbx", "cn=a\\2bb,dc=pbx"),
+    ("1.2.3.4=x,dc=pbx", "1.2.3.4=X,dc=pbx"),                                  # unknown OID kept as given
+])
+def test_dns_equal_as_dns_are_equal(a: str, b: str) -> None:
+    assert groups.parse_dn(a) is not None
+    assert groups.normalize_dn(a) == groups.normalize_dn(b)
+    member = groups.membership("no-such-account-linkus-test", [a])
+    assert groups.matches([], [b], member)
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("cn=a\\,b,dc=pbx", "cn=a,cn=b,dc=pbx"),         # an escaped comma is not a separator
+    ("cn=a\\+b,dc=pbx", "cn=a+cn=b,dc=pbx"),
+    ("cn=admins,ou=groups", "ou=admins,ou=groups"),  # the type counts
+    ("cn=admins,ou=groups", "cn=admins,ou=group"),
+    ("1.2.3.4=x,dc=pbx", "1.2.3.5=x,dc=pbx"),
+    ("cn=admins,dc=pbx", "cn=admins,dc=pbx,dc=com"),
+])
+def test_dns_that_differ_as_dns_do_not_match(a: str, b: str) -> None:
+    member = groups.membership("no-such-account-linkus-test", [a])
+    assert not groups.matches([], [b], member)
+
+
 def test_unix_groups_of_a_real_account_are_every_group_it_is_in() -> None:
     me = pwd.getpwuid(os.getuid())
     expected = {grp.getgrgid(g).gr_name for g in os.getgrouplist(me.pw_name, me.pw_gid)}

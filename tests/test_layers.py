@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("pam_linkus.config",)),
     ("verifiers | state | mail", ("pam_linkus.codes", "pam_linkus.totp", "pam_linkus.recovery",
                                   "pam_linkus.emailcode", "pam_linkus.password", "pam_linkus.state",
-                                  "pam_linkus.mail")),
+                                  "pam_linkus.mail", "pam_linkus.notify")),
     ("flow", ("pam_linkus.flow", "pam_linkus.policy", "pam_linkus.enrollment")),
     ("linkusd", ("pam_linkus.daemon", "pam_linkus.protocol")),
     ("faces", ("pam_linkus.cli", "pam_linkus.doctor", "pam_linkus.migrate_pam", "pam_linkus.gauth",
@@ -154,6 +154,8 @@ OPTIONAL_IMPORTS = (
     "redis",  # only with Redis state
     "pam_linkus.state.redis_store",
     "segno",  # QR codes
+    "prometheus_client",  # only with metrics.listen set (python3-prometheus-client is a Recommends)
+    "pam_linkus.daemon.exposition",
 )
 
 

@@ -46,7 +46,7 @@ def login(stack: PamStack, user: str, answer: Any, *, password: str = PASSWORD) 
 
 def mailed_code(server: SmtpServer, count: int = 1) -> Any:
     """An answer callback: the code from the ``count``-th mail (waited for)."""
-    return lambda prompt, messages: code_in(server.wait_for_message(count))
+    return lambda prompt, messages: code_in(server.wait_for_subject("Verification code", count))
 
 
 @pytest.mark.parametrize("security", ["starttls", "tls"])
@@ -148,8 +148,14 @@ def test_failures_lock_the_extension(pam_stack: PamStack, user: str, smtp_server
     enroll_email(pam_stack, user)
     assert [login(pam_stack, user, lambda p, m: "999999x").auth for _ in range(2)] == ["PAM_AUTH_ERR",
                                                                                        "PAM_MAXTRIES"]
+    # the lock mails the owner once (pam_linkus.notify), off the login's path, with no code in it
+    notice = server.wait_for_subject("locked after wrong codes")
+    text = notice["message"].get_content()
+    assert notice["to"] == [ADDRESS] and "knows the password" in " ".join(text.split())
+    assert code_in(server.wait_for_subject("Verification code", 2)) not in text
     assert login(pam_stack, user, mailed_code(server, 2)).auth == "PAM_MAXTRIES"
-    assert len(server.messages) == 2  # a locked extension gets no mail
+    assert len(server.with_subject("Verification code")) == 2  # a locked extension gets no code mail
+    assert len(server.messages) == 3  # and the refused login while locked is no new lock: no second notice
 
 
 def test_smtp_down_is_unavailable_and_leaves_no_code(pam_stack: PamStack, user: str, smtp_server: Any,

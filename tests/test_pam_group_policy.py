@@ -104,3 +104,68 @@ def test_doctor_shows_the_groups_the_rules_and_the_effective_policy(pam_stack: P
     assert result.returncode == 1
     assert (f"FAIL policy {member} (profile sshd): ") in result.stdout
     assert "no second factor is allowed, every login is denied" in result.stdout
+
+
+@pytest.mark.parametrize("attribute", ["memberOf", "seeAlsoo"])
+def test_a_group_attribute_the_schema_lacks_makes_ldap_group_rules_unavailable(
+        pam_stack: PamStack, slapd: Slapd, make_user: Any, attribute: str) -> None:
+    """slapd here has no memberof overlay, so memberOf (the default) is in no entry; a typo is in
+    none either. Read as "in no group", an enforce: all member would pass on the password alone:
+    the groups are unknown instead, the login unavailable, the reload and doctor say why."""
+    member = make_user()
+    base = slapd.tree({member: {"seeAlso": ADMINS}})
+    overrides = {} if attribute == "memberOf" else {"group_attribute": attribute}
+    use_ldap(pam_stack, slapd, base, **overrides)
+    pam_stack.write_config(group_policy=[{"name": "admins", "ldap_groups": ["admins"], "enforce": "all"}])
+    warning = pam_stack.log.wait_for(f"ldap.group_attribute {attribute} is not defined in the directory's schema")
+    assert "group_policy" in warning
+    result = pam_stack.login(member, None)
+    assert result.auth == "PAM_AUTHINFO_UNAVAIL"
+    line = pam_stack.log.wait_for(f"user={member} ")
+    assert "outcome=unavailable" in line and f"group_attribute {attribute} is not defined" in line
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root))
+    assert out.returncode == 1
+    assert f"FAIL ldap group_attribute: ldap.group_attribute {attribute} is not defined" in out.stdout
+    # the attribute the directory has: the rule applies again, the doctor is content
+    use_ldap(pam_stack, slapd, base, group_attribute="seeAlso")
+    pam_stack.write_config(group_policy=[{"name": "admins", "ldap_groups": ["admins"], "enforce": "all"}])
+    assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root))
+    assert "ok   ldap group_attribute: seeAlso is defined in the directory's schema" in out.stdout
+
+
+def test_a_full_dn_rule_matches_the_directory_s_spelling_as_a_dn(pam_stack: PamStack, slapd: Slapd,
+                                                                  make_user: Any) -> None:
+    """The directory writes the group DN one way (escapes, case); the rule another way
+    (attribute type aliases, spaces, UTF-8): equal as DNs, so the rule applies."""
+    member = make_user()
+    base = slapd.tree({member: {"seeAlso": f"cn=Ren\\c3\\a9\\2C Admins,ou=groups,{SUFFIX}"}})
+    use_ldap(pam_stack, slapd, base, group_attribute="seeAlso")
+    rule = "commonName = rené\\, ADMINS, organizationalUnitName=Groups, " + SUFFIX.upper()
+    pam_stack.write_config(group_policy=[{"ldap_groups": [rule], "enforce": "all"}])
+    assert pam_stack.login(member, None).outcome == ClientOutcome.NEED_CODE
+
+
+def test_a_unix_group_the_host_lacks_is_warned_at_load_and_by_doctor(pam_stack: PamStack, make_user: Any) -> None:
+    member = make_user()
+    pam_stack.write_config(group_policy=[{"name": "admins", "unix_groups": ["whell-linkus-test"], "enforce": "all"}])
+    line = pam_stack.log.wait_for("does not exist on this host")
+    assert "rule 'admins'" in line and "whell-linkus-test" in line
+    out = doctor(pam_stack.config_path, member, "--pam-dir", str(pam_stack.root)).stdout
+    assert "WARN group rule admins: Unix group 'whell-linkus-test' does not exist on this host" in out
+
+
+def test_a_grace_opened_before_joining_a_group_ends_by_the_group_s_grace_period(
+        pam_stack: PamStack, make_user: Any, make_group: Any) -> None:
+    """linkusd's clock is the real one: the group's grace_period is 1 s, and the test waits it out."""
+    member = make_user()
+    pam_stack.enroll_totp(member)
+    pam_stack.write_config(grace_period=600)
+    given = time.time()
+    assert pam_stack.login(member, code_at(SECRET, given), rhost="192.0.2.7").auth == "PAM_SUCCESS"
+    group = make_group(member)
+    pam_stack.write_config(group_policy=[{"unix_groups": [group], "grace_period": 1}])
+    time.sleep(max(0.0, given + 1.2 - time.time()))
+    assert pam_stack.login(member, None, rhost="192.0.2.7").outcome == ClientOutcome.NEED_CODE
+    pam_stack.write_config(group_policy=[])
+    assert pam_stack.login(member, None, rhost="192.0.2.7").auth == "PAM_SUCCESS"  # 600 s: still in grace

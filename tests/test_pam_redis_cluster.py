@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,44 @@ def test_an_answer_read_after_the_module_gave_up_decides_nothing_on_redis(cluste
     from test_daemon import check_late_answer_decides_nothing
 
     check_late_answer_decides_nothing(cluster.a, user)
+
+
+
+
+def _client_commands(redis: RedisServer, action: Callable[[], object]) -> list[str]:
+    """The commands clients sent while ``action`` ran, as MONITOR sees them: one per round trip
+    (no pipelines here), without those a Lua script ran inside the server (``[0 lua]``).
+
+    Read raw: each MONITOR event is one line (the server escapes newlines in arguments)."""
+    marker = secrets.token_hex(8)
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=10) as sock:
+        sock.sendall(b"MONITOR\r\n")
+        lines = sock.makefile("rb")
+        assert lines.readline() == b"+OK\r\n"
+        poke = redis.client()
+        try:
+            action()
+            poke.echo(marker)
+        finally:
+            poke.close()
+        sent = []
+        for raw in lines:  # bounded: the socket's timeout ends a stalled read
+            line = raw.decode("utf-8", "replace")
+            if marker in line:
+                return sent
+            source, _, command = line.partition("] ")
+            if not source.endswith(" lua"):
+                sent.append(command.split(" ", 1)[0].strip('"').upper())
+    raise AssertionError("MONITOR ended before the marker")
+
+def test_a_totp_login_costs_two_redis_round_trips(cluster: Cluster, user: str) -> None:
+    """Issue 20: the lock read before the prompt (a locked extension gets no prompt) and ONE
+    script after the answer that reserves, checks replay and records (TOTP_ATTEMPT); nothing
+    else, however many keys the login touches."""
+    cluster.enroll(user)
+    now = time.time()
+    assert cluster.a.login(user, code_at(SECRET, now)).auth == "PAM_SUCCESS"  # connections warm
+    results = []
+    sent = _client_commands(cluster.redis, lambda: results.append(cluster.a.login(user, code_at(SECRET, now + 30))))
+    assert results[0].auth == "PAM_SUCCESS"
+    assert sent == ["HMGET", "EVAL"]

@@ -235,7 +235,7 @@ def test_kept_code_ignores_exempt_networks_and_grace_for_enrolled(store: SqliteS
     config, clock = make_config(exempt_networks=["192.0.2.0/24"], grace_period=300), Clock(T0)
     assert login(config, store, clock, Prompter(), rhost="192.0.2.7",
                  kept=code_at(SECRET, T0)).outcome == Outcome.SUCCESS
-    assert store.grace_active(USER, "192.0.2.7", clock.now + 1) is False
+    assert store.grace_active(USER, "192.0.2.7", clock.now + 1, 300) is False
     clock.now += 30
     with pytest.raises(CodeRejected):
         login(config, store, clock, Prompter(), rhost="192.0.2.7", kept=wrong(code_at(SECRET, clock.now)))

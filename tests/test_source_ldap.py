@@ -311,6 +311,29 @@ def test_cache_on_serves_last_read_settings_up_to_max_age(
         source.lookup("bob")  # not read while the server was up
 
 
+def test_cache_never_answers_for_another_account_whose_name_casefolds_alike(
+    own_slapd: Slapd, private_dir: Path, store: SqliteStore
+) -> None:
+    """Two directory accounts, "strass" and "straß" (the same under str.casefold): while the directory is
+    down, each name gets its own last-read settings, never the other's secret or its "2FA off"."""
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    other = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+    base = own_slapd.tree({"strass": {"method": "totp", "secret": SECRET},
+                           "stra\u00df": {"method": "totp", "secret": other}})
+    clock = Clock(T0)
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_max_age=3600)),
+                        state=lambda: store, clock=clock)
+    first, second = source.lookup("strass"), source.lookup("stra\u00df")
+    assert first is not None and second is not None and (first.secret, second.secret) == (SECRET, other)
+    own_slapd.stop()
+    clock.now += 1
+    cached = source.lookup("strass")
+    assert cached is not None and cached.source == "ldap-cache"
+    assert (cached.account, cached.secret) == ("strass", SECRET)
+    with pytest.raises(SourceUnavailable):
+        source.lookup("STRASS")  # never read under that spelling: not answered from another's entry
+
+
 def test_cache_forgets_a_user_the_directory_no_longer_has(
     own_slapd: Slapd, private_dir: Path, store: SqliteStore
 ) -> None:
@@ -410,8 +433,18 @@ def test_one_bind_and_one_search_per_lookup(slapd: Slapd, password_file: Path) -
     (conn_id,) = conn_ids
     ops = [line for line in log.splitlines() if f"conn={conn_id} op=" in line]
     assert sum(" BIND dn=" in line and "method=" in line for line in ops) == 1
-    assert sum(" SRCH base=" in line for line in ops) == 1
-    assert not any("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops)
+    # the schema (root DSE, then the subschema entry) is read once per source: group_attribute
+    assert sum(" SRCH base=" in line for line in ops) == 3
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    assert source.lookup("counted") is not None  # on the warm connection: one search, no schema
+    deadline = time.monotonic() + 5
+    while len([ln for ln in slapd.log_text().splitlines() if f"conn={conn_id} op=" in ln and needle in ln]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ops = [line for line in slapd.log_text().splitlines() if f"conn={conn_id} op=" in line]
+    assert sum(" SRCH base=" in line for line in ops) == 4
+    assert sum("SRCH base=\"\"" in line or "cn=Subschema" in line for line in ops) == 2
+    source.close()
 
 
 # -- doctor ------------------------------------------------------------------------------------
@@ -611,3 +644,150 @@ def test_lookup_account_gives_the_groups_of_an_entry_without_2fa_attributes(
         assert source.lookup_account("nobody") == (None, frozenset())
     finally:
         source.close()
+
+# -- the in-memory cache of recent answers (ldap.cache_ttl, nss_config.answer_cache) ------------
+
+TTL = 30
+
+
+def _modify(slapd: Slapd, base: str, changes: dict[str, Any]) -> None:
+    """Change e0's attributes in the directory itself, as an admin's ldapmodify would."""
+    import ldap3
+
+    conn = slapd.admin()
+    try:
+        mods = {SCHEMA_ATTRIBUTES.get(k, k): [(ldap3.MODIFY_REPLACE, [v])] for k, v in changes.items()}
+        assert conn.modify(f"cn=e0,{base}", mods)
+    finally:
+        conn.unbind()
+
+
+@pytest.mark.parametrize("change", [
+    {"secret": "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"},  # new secret
+    {"method": "email", "email": "alice@example.com"},  # method switched
+    {"enabled": "FALSE"},  # 2FA turned off
+])
+def test_a_directory_change_is_seen_at_the_ttl_and_not_before(
+    slapd: Slapd, password_file: Path, change: dict[str, Any]
+) -> None:
+    base = slapd.tree({"alice": {"method": "totp", "secret": SECRET, "email": "old@example.com"}})
+    ticks = Clock(T0)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, cache_ttl=TTL)), ticks=ticks)
+    before = source.lookup("alice")
+    assert before is not None and before.enrolled and before.secret == SECRET
+    _modify(slapd, base, change)
+    ticks.now += TTL - 0.001
+    assert source.lookup("alice") == before  # from memory: the directory is not asked
+    ticks.now += 0.001
+    after = source.lookup("alice")
+    assert after is not None and after != before
+    if "secret" in change:
+        assert after.secret == change["secret"]
+    elif "method" in change:
+        assert (after.method, after.email) == ("email", "alice@example.com")
+    else:
+        assert not after.enabled and not after.enrolled
+
+
+def test_not_enrolled_is_kept_only_for_negative_cache_ttl(slapd: Slapd, password_file: Path) -> None:
+    """Under enforce: enrolled a kept "not enrolled" lets the password alone in: "not here" and
+    "2FA off" live negative_cache_ttl (0: never kept), however long cache_ttl is."""
+    base = slapd.tree({"off": {"method": "totp", "secret": SECRET, "enabled": False}})
+    ticks = Clock(T0)
+    for negative in (0, 5):
+        section = ldap_config(slapd, base, password_file, cache_ttl=3600, negative_cache_ttl=negative)
+        source = LdapSource(make_config(section), ticks=ticks)
+        name = f"new{negative}"
+        assert source.lookup(name) is None  # no entry: not here
+        off = source.lookup("off")
+        assert off is not None and not off.enrolled
+        conn = slapd.admin()
+        slapd.add_entry(conn, base, f"n{negative}", name, {"method": "totp", "secret": SECRET})
+        conn.unbind()
+        _modify(slapd, base, {"enabled": "TRUE"})
+        if negative:
+            ticks.now += negative - 0.001
+            assert source.lookup(name) is None and source.lookup("off") == off  # kept, as configured
+            ticks.now += 0.001
+        found, on = source.lookup(name), source.lookup("off")
+        assert found is not None and found.enrolled
+        assert on is not None and on.enrolled
+        _modify(slapd, base, {"enabled": "FALSE"})
+
+
+def test_a_kept_answer_never_outlives_its_ttl_when_the_directory_is_down(
+    own_slapd: Slapd, private_dir: Path
+) -> None:
+    pw = write_password(private_dir / "own.pw", own_slapd.pam_password)
+    base = own_slapd.tree({"alice": {"method": "totp", "secret": SECRET}})
+    ticks = Clock(T0)
+    source = LdapSource(make_config(ldap_config(own_slapd, base, pw, cache_ttl=TTL)), ticks=ticks)
+    kept = source.lookup("alice")
+    assert kept is not None
+    own_slapd.stop()
+    ticks.now += TTL - 1
+    assert source.lookup("alice") == kept
+    ticks.now += 1
+    with pytest.raises(SourceUnavailable):
+        source.lookup("alice")  # expired and the directory is down: unavailable, never stale
+    with pytest.raises(SourceUnavailable):
+        source.lookup("alice")  # and the failure was not kept either
+
+
+def test_recall_answers_from_memory_only_and_the_cache_is_bounded(slapd: Slapd, password_file: Path) -> None:
+    from nss_config.answer_cache import NOT_CACHED
+    from nss_config.chain import SourceChain
+
+    users = {f"u{i}": {"method": "totp", "secret": SECRET} for i in range(3)}
+    base = slapd.tree(users)
+    ticks = Clock(T0)
+    source = LdapSource(make_config(ldap_config(slapd, base, password_file, cache_ttl=TTL, cache_size=2)),
+                        ticks=ticks)
+    chain = SourceChain([source])
+    assert chain.recall("u0") is NOT_CACHED  # linkusd would ask in a worker
+    first = chain.lookup("u0")
+    assert first is not None and chain.recall("u0") == first
+    chain.lookup("u1")
+    chain.lookup("u2")
+    assert len(source.answers) == 2 and chain.recall("u0") is NOT_CACHED  # the oldest went first
+    chain.forget_answers()  # what linkusd does on RELOAD (linkus-2fa, self-service)
+    assert len(source.answers) == 0 and chain.recall("u2") is NOT_CACHED
+    ticks.now += TTL
+    assert chain.recall("a\x00b") is None  # no entry can carry it: no search either
+
+
+def test_an_answer_read_before_a_change_through_linkusd_is_not_kept() -> None:
+    """A search that ran while linkusd cleared the cache (a change it made) must not put its
+    possibly older answer back for a whole TTL."""
+    from nss_config.answer_cache import NOT_CACHED, AnswerCache
+
+    ticks = Clock(T0)
+    cache = AnswerCache(TTL, 0, 10, ticks=ticks)
+    settings = ExtensionSettings("alice", "totp", secret=SECRET)
+    asked_at, generation = cache.now(), cache.generation()
+    cache.clear()
+    cache.put("alice", settings, asked_at, generation)
+    assert cache.get("alice") is NOT_CACHED
+    cache.put("alice", settings, asked_at, cache.generation())
+    assert cache.get("alice") == settings
+    ticks.now += TTL
+    assert cache.get("alice") is NOT_CACHED and len(cache) == 0
+    cache.put("alice", settings, T0, cache.generation())  # asked a TTL ago: already too old
+    assert cache.get("alice") is NOT_CACHED
+
+def test_groups_are_unknown_while_the_schema_does_not_define_the_group_attribute(
+        slapd: Slapd, password_file: Path) -> None:
+    """memberOf without the overlay (this slapd) is in no entry: "unknown", never "in no group"."""
+    base = slapd.tree({"plain": {"seeAlso": "cn=admins,ou=groups,dc=x"}})
+    missing = LdapSource(make_config(ldap_config(slapd, base, password_file)))
+    defined = LdapSource(make_config(ldap_config(slapd, base, password_file, group_attribute="SEEALSO")))
+    try:
+        assert missing.lookup_account("plain") == (None, None)
+        assert missing.group_attribute_problem(ask=False) == (
+            "ldap.group_attribute memberOf is not defined in the directory's schema (memberOf needs the "
+            "memberof overlay)")
+        assert defined.lookup_account("plain") == (None, frozenset({"cn=admins,ou=groups,dc=x"}))
+        assert defined.group_attribute_problem() is None
+    finally:
+        missing.close()
+        defined.close()

@@ -446,7 +446,20 @@ def test_a_wrongly_shaped_grace_record_is_unavailable(redis_server: RedisServer)
     store = open_store(state_config(url=redis_server.url, prefix=p))
     redis_server.client().hset(f"{p}{{1001}}:grace", "192.0.2.1", "later")
     with pytest.raises(StateUnavailable):
-        store.grace_active("1001", "192.0.2.1", NOW)
+        store.grace_active("1001", "192.0.2.1", NOW, 300)
+    store.close()
+
+
+def test_a_grace_record_from_before_starts_were_kept_never_counts(redis_server: RedisServer) -> None:
+    """"<until>" alone (the old shape): one more code, never a skip; the next right code rewrites it."""
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    redis_server.client().hset(f"{p}{{1001}}:grace", "192.0.2.1", repr(NOW + 3600))
+    assert store.grace_active("1001", "192.0.2.1", NOW, 86400) is False
+    store.start_grace("1001", "192.0.2.1", NOW, 60)
+    assert redis_server.client().hget(f"{p}{{1001}}:grace", "192.0.2.1") == f"{NOW + 3600!r} {NOW!r}"
+    assert store.grace_active("1001", "192.0.2.1", NOW + 59, 60) is True
+    assert store.grace_active("1001", "192.0.2.1", NOW + 60, 60) is False
     store.close()
 
 
@@ -530,3 +543,20 @@ def test_an_email_verdict_out_of_range_is_unavailable(reply: bytes) -> None:
         store.close()
     finally:
         server.close()
+
+
+def test_gate_session_keys_have_the_prefix_and_ttls(redis_server: RedisServer) -> None:
+    p = prefix()
+    store = open_store(state_config(url=redis_server.url, prefix=p))
+    key = "ab" * 32
+    assert store.gate_create(key, "1001", "totp", "192.0.2.7", "", NOW, lifetime=3600, idle=600,
+                             max_per_account=3, max_total=10)
+    assert store.gate_check(key, NOW + 100, lifetime=3600, idle=600, touch_after=10) is not None
+    store.close()
+    r = redis_server.client()
+    ttls = {k.removeprefix(p): r.ttl(k) for k in r.keys("*")}
+    want = {f"gate:{key}": 600 + 60, "{1001}:gate": 3600 + 60, "gate_sessions": 3600 + 60}
+    assert sorted(ttls) == sorted(want)
+    for name, ttl in want.items():
+        assert ttl - 5 <= ttls[name] <= ttl, name
+    assert r.hget(f"{p}gate:{key}", "seen") == repr(NOW + 100)  # touched: the idle TTL starts again

@@ -107,6 +107,27 @@ def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
         store.close()
 
 
+def test_a_grace_row_from_before_starts_were_kept_never_counts(private_dir: Path) -> None:
+    """Migration 7 gives old grace rows no start: one more code, never a skip (fail closed)."""
+    path = str(private_dir / "state.db")
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:6]:
+        db.executescript(script)
+    db.execute("PRAGMA user_version = 6")
+    db.execute("INSERT INTO grace VALUES ('1001', '192.0.2.7', 5000.0)")
+    db.commit()
+    db.close()
+    os.chmod(path, 0o600)
+    store = SqliteStore(path)
+    try:
+        assert store.grace_active("1001", "192.0.2.7", 1000.0, 86400) is False
+        store.start_grace("1001", "192.0.2.7", 1000.0, 60)  # the next right code gives it a start
+        assert store.grace_active("1001", "192.0.2.7", 1059.0, 60) is True
+        assert store.grace_active("1001", "192.0.2.7", 1060.0, 60) is False
+    finally:
+        store.close()
+
+
 def traced(store: SqliteStore) -> list[str]:
     """Every statement this thread's connection of ``store`` runs from now on."""
     statements: list[str] = []

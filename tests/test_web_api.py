@@ -139,16 +139,22 @@ def test_email_enrollment_disable_and_recovery_codes(api: Api, site: tuple[Site,
     assert mail["to"] == ["new@example.org"]
     assert api("enroll_confirm", code=code_in(mail), **me) == {"ok": True, "method": "email"}
     assert s.entry(user) == {"method": "email", "email": "new@example.org"}
+    enrolled = smtp.wait_for_message(2)  # the owner is told (pam_linkus.notify), at the new address
+    assert enrolled["to"] == ["new@example.org"] and "New two-factor method" in enrolled["message"]["Subject"]
+    assert code_in(mail) not in enrolled["message"].get_content()
 
     assert api("recovery_codes", password="wrong", **me)["error"] == "denied"
     codes = api("recovery_codes", password=PASSWORD, **me)["codes"]
     assert len(codes) == 10 and api.store().recovery_codes_left(user) == 10
+    renewed = smtp.wait_for_message(3)
+    assert renewed["to"] == ["new@example.org"] and "New recovery codes" in renewed["message"]["Subject"]
+    assert not any(c.replace("-", "") in renewed["message"].get_content().replace("-", "") for c in codes)
 
     assert api("disable", password="wrong", **me)["error"] == "denied"
     assert s.entry(user).get("enabled", True) is True
     assert api("disable", password=PASSWORD, **me) == {"ok": True}
     assert s.entry(user) == {"method": "email", "email": "new@example.org", "enabled": False}
-    notice = smtp.wait_for_message(2)
+    notice = smtp.wait_for_message(4)
     assert notice["to"] == ["new@example.org"] and "switched off" in notice["message"]["Subject"]
     assert api.store().recovery_codes_left(user) == 0
     assert logged(s.log, action="disable")["ext"] == user

@@ -206,14 +206,15 @@ def test_email_flow(web: tuple[Site, Linkusd, WebServer], site: tuple[Site, Any]
     sign_in(browser, server, user)
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
     assert "o***@example.com" in text(browser, "#info-1")
-    fill(browser, "#code", code_in(smtp.wait_for_message(2)))
+    fill(browser, "#code", code_in(smtp.wait_for_subject("Verification code", 2)))
     browser.find_element(By.CSS_SELECTOR, "#verify").click()
     wait_path(browser, "/settings")
-    # switching off mails the owner
+    # the enrollment and switching off mail the owner (pam_linkus.notify)
+    assert smtp.wait_for_subject("New two-factor method")["to"] == ["owner@example.com"]
     tick_and_confirm(browser)
     wait_path(browser, "/settings")
-    notice = smtp.wait_for_message(3)
-    assert notice["to"] == ["owner@example.com"] and "switched off" in notice["message"]["Subject"]
+    notice = smtp.wait_for_subject("switched off")
+    assert notice["to"] == ["owner@example.com"] and len(smtp.messages) == 4
 
 
 def http(server: WebServer, method: str, path: str, cookie: str = "", form: dict[str, str] | None = None
@@ -632,14 +633,14 @@ def test_email_throttle_says_wait_on_the_page(web: tuple[Site, Linkusd, WebServe
     browser.find_element(By.CSS_SELECTOR, "#save").click()
     wait_path(browser, "/settings")
     assert site_.entry(user) == {"method": "email", "email": "owner-real@example.test"}
-    assert len(smtp.messages) == 1
+    assert len(smtp.with_subject("Verification code")) == 1
 
     site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 0})
     browser.find_element(By.CSS_SELECTOR, "header button.link").click()
     wait_path(browser, "/sign-in")
     sign_in(browser, server, user)
     WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.ID, "verify"))
-    fill(browser, "#code", code_in(smtp.wait_for_message(2)))
+    fill(browser, "#code", code_in(smtp.wait_for_subject("Verification code", 2)))
     browser.find_element(By.CSS_SELECTOR, "#verify").click()
     wait_path(browser, "/settings")
     site_.stack.write_config(email={**site_.stack.config["email"], "send_interval": 60})

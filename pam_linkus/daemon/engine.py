@@ -22,17 +22,29 @@ import grp
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from nss_config.chain import SourceChain, build_chain
 from pam_linkus import __version__
-from pam_linkus.config import Config, load_config
-from pam_linkus.errors import LinkusError, Unavailable
+from pam_linkus.config import Config, load_config, missing_unix_groups
+from pam_linkus.daemon.metrics import Stats
+from pam_linkus.errors import (
+    CodeRejected,
+    CodeThrottled,
+    ConfigError,
+    LinkusError,
+    Locked,
+    MailUnavailable,
+    SourceUnavailable,
+    StateUnavailable,
+    Unavailable,
+)
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SyslogSink
 from pam_linkus.mail import Mailer, SmtpMailer
+from pam_linkus.notify import Event, Notifier
 from pam_linkus.state import open_store
 from pam_linkus.state.base import StateStore
 
@@ -44,6 +56,8 @@ WATCH_INTERVAL = 1.0
 LOOP_BUSY_TIMEOUT = 0.5
 #: How often expired state is pruned.
 PRUNE_INTERVAL = 600.0
+#: How long a stopping linkusd waits for queued notification mails (pam_linkus.notify).
+SHUTDOWN_MAIL_WAIT = 3.0
 
 
 def _signature(path: str) -> tuple[int, int, int, int, int] | None:
@@ -70,6 +84,8 @@ class Snapshot:
     #: SQLite state: linkusd runs a login's steps on its event loop (server.PamLogin), but
     #: for the parts the flow announces as waiting for a server (flow.Offload: LDAP, SMTP)
     inline: bool = False
+    #: Problems found while building that do not stop the load (said once, at the reload).
+    warnings: tuple[str, ...] = ()
     users: int = 0  # logins using it right now (event loop thread only)
     retired: bool = False
 
@@ -101,7 +117,25 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
         store.close()
         raise
     inline = config.state.backend == "sqlite"
-    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline)
+    warnings = group_policy_warnings(config, chain)
+    return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline, warnings)
+
+
+def group_policy_warnings(config: Config, chain: SourceChain) -> tuple[str, ...]:
+    """What makes group rules fail closed for every account, found at the reload so it is said
+    once in syslog (each such login then says "unavailable"): Unix groups this host does not
+    have, and a ``ldap.group_attribute`` the directory's schema does not define."""
+    found = [f"group_policy: rule {rule.name!r}: Unix group {group!r} does not exist on this host"
+             for rule, group in missing_unix_groups(config.group_policy)]
+    if any(rule.ldap_groups for rule in config.group_policy):
+        try:
+            problem = chain.group_attribute_problem()
+        except LinkusError as exc:
+            problem = f"could not check ldap.group_attribute ({exc.reason})"
+        if problem is not None:
+            found.append(f"group_policy: {problem}: the account's LDAP groups are unknown, so every "
+                         "login a rule naming ldap_groups could apply to is unavailable")
+    return tuple(found)
 
 
 @dataclass
@@ -128,6 +162,7 @@ class Engine:
         self.sink = sink
         self.clock = clock
         self.health = Health()
+        self.stats = Stats(clock)
         self._current: Snapshot | None = None
         self._retired: list[Snapshot] = []
         self._workers = workers
@@ -136,6 +171,33 @@ class Engine:
         self._reload_lock = asyncio.Lock()
         self._caller_slots: dict[int, asyncio.Semaphore] = {}
         self.active: dict[str, int] = {"pam": 0, "web": 0, "parked": 0}
+        # notices are not email codes: not counted as linkus_email_codes_total{result="sent"}
+        self.notifier = Notifier(sink, current=self._current_config,
+                                 mailer=lambda config: self.mailer(config, codes=False), lookup=self._address_of,
+                                 clock=clock)
+
+    # -- notifications ---------------------------------------------------------
+
+    def _current_config(self) -> Config | None:
+        snap = self._current
+        return snap.config if snap is not None else None
+
+    def _address_of(self, ext: str) -> str | None:
+        """The extension's address on file (the notifier's thread; a lookup like a login's)."""
+        snap = self._current
+        settings = snap.chain.lookup(ext) if snap is not None else None
+        return settings.email if settings is not None else None
+
+    def login_failed(self, account: str, exc: LinkusError, *, service: str, client: str | None) -> None:
+        """What a failed login tells the notifier: a lock it set mails the owner (and the admin),
+        a counted wrong code feeds the spraying watch. Never blocks (``Notifier.submit``)."""
+        if not account or account == "-":
+            return
+        newly_locked = isinstance(exc, Locked) and exc.newly
+        if newly_locked:
+            self.notifier.submit(Event("locked", account, self.clock(), client=client, service=service))
+        if newly_locked or isinstance(exc, CodeRejected):
+            self.notifier.wrong_code(account, self.clock())
 
     # -- snapshots -------------------------------------------------------------
 
@@ -176,6 +238,10 @@ class Engine:
         async with self._reload_lock:
             if if_changed and not self.changed():
                 return True
+            if self._current is not None:
+                # A RELOAD follows every change linkus-2fa or self-service makes: whatever the
+                # build's fate, no answer the sources kept from before the change serves again.
+                self._current.chain.forget_answers()
             loop = asyncio.get_running_loop()
             result: asyncio.Future[Snapshot] = loop.create_future()
 
@@ -192,9 +258,13 @@ class Engine:
             try:
                 snap = await result
             except LinkusError as exc:
+                self.stats.reload(False, time.monotonic() - started)
                 return self._reload_failed(reason, exc.reason)
             except Exception as exc:  # noqa: BLE001 - any loader bug keeps the last good config
+                self.stats.reload(False, time.monotonic() - started)
                 return self._reload_failed(reason, f"internal error: {type(exc).__name__}")
+            self.stats.reload(True, time.monotonic() - started)
+            self.stats.enrolled = snap.chain.enrolled_by_method()
             if snap.inline:
                 self._limit_loop_waits(snap)
             old, self._current = self._current, snap
@@ -205,6 +275,10 @@ class Engine:
             self.sink.send(LOG_WARNING if dropped else LOG_INFO,
                            f"linkusd: configuration loaded ({reason}) from {self.config_path} "
                            f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
+            for warning in snap.warnings:
+                self.sink.send(LOG_WARNING, f"linkusd: {warning}")
+            if old is not None and old.config.metrics.listen != snap.config.metrics.listen:
+                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen changed; it takes effect when linkusd restarts")
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
@@ -307,8 +381,33 @@ class Engine:
         except TimeoutError:
             raise Unavailable(f"daemon work took longer than {timeout:g} s") from None
 
-    def mailer(self, config: Config) -> Mailer:
-        return SmtpMailer(config.smtp)
+    def mailer(self, config: Config, *, codes: bool = True) -> Mailer:
+        """The SMTP mailer; ``codes``: what it sends are email codes (counted in ``stats``). Any
+        other mail (the notifier's notices) passes ``codes=False``."""
+        mailer = SmtpMailer(config.smtp)
+        return CountingMailer(mailer, self.stats) if codes else mailer
+
+    # -- what is counted -------------------------------------------------------
+
+    def log_login(self, severity: int, fields: Mapping[str, object]) -> None:
+        """A login's one log line (PAM, and the web gate with service "linkus-gate"), and its count.
+
+        The one place a login ends for the metrics, the STATUS summary and syslog alike, so
+        each login counts exactly once, whatever path it took.
+        """
+        outcome = fields.get("outcome")
+        if isinstance(outcome, str):
+            self.health.outcomes[outcome] = self.health.outcomes.get(outcome, 0) + 1
+        self.stats.login(fields)
+        self.sink.attempt(severity, fields)
+
+    def count_failure(self, exc: LinkusError, config: Config | None) -> None:
+        """Count what ended a login or web call: an outside component that could not be asked
+        (``linkus_errors_total{kind}``), or an email code refused as throttled."""
+        if isinstance(exc, CodeThrottled):
+            self.stats.email_code("throttled")
+        elif isinstance(exc, Unavailable):
+            self.stats.error(error_kind(exc, config))
 
     def status(self) -> dict[str, object]:
         snap = self._current
@@ -327,12 +426,41 @@ class Engine:
             "refused_peers": self.health.refused_peers,
             "over_capacity": self.health.over_capacity,
             "log_lines_dropped": getattr(self.sink, "dropped", 0),
+            "notifications": {"sent": self.notifier.sent, "dropped": self.notifier.dropped},
             "socket_problem": self.health.socket_problem,
+            "summary": self.stats.summary(),
         }
 
     def shutdown(self) -> None:
         self._pam_pool.shutdown(wait=False, cancel_futures=True)
         self._web_pool.shutdown(wait=False, cancel_futures=True)
+        # a lock mail queued a moment before the stop still goes out, within a bound
+        self.notifier.flush(timeout=SHUTDOWN_MAIL_WAIT)
+
+
+class CountingMailer:
+    """Counts each email code handed to the SMTP server (a failed send raises and is not counted)."""
+
+    def __init__(self, mailer: Mailer, stats: Stats) -> None:
+        self.mailer = mailer
+        self.stats = stats
+
+    def send(self, to: str, subject: str, body: str, *, now: float) -> None:
+        self.mailer.send(to, subject, body, now=now)
+        self.stats.email_code("sent")
+
+
+def error_kind(exc: Unavailable, config: Config | None) -> str:
+    """Which component an Unavailable came from, as a ``linkus_errors_total`` label."""
+    if isinstance(exc, MailUnavailable):
+        return "smtp"
+    if isinstance(exc, StateUnavailable):
+        return config.state.backend if config is not None else "daemon"
+    if isinstance(exc, SourceUnavailable):
+        return "yaml" if exc.reason.startswith("yaml") or config is None or "ldap" not in config.sources else "ldap"
+    if isinstance(exc, ConfigError):
+        return "config"
+    return "daemon"
 
 
 def _settle(future: asyncio.Future[Snapshot], snap: Snapshot | None, exc: BaseException | None) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
 import hmac
 import ipaddress
@@ -60,6 +61,7 @@ from pam_linkus import emailcode, groups
 from pam_linkus.daemon.selfservice import (
     _OPS,
     _TEXT_LIMITS,
+    GATE_SERVICE,
     SelfService,
     WebError,
     _account,
@@ -85,7 +87,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-SERVICE = "linkus-gate"
+SERVICE = GATE_SERVICE
+#: The web socket peer's uid for the login lines (caller_uid), set per call.
+_PEER_UID: contextvars.ContextVar[int] = contextvars.ContextVar("gate_peer_uid", default=0)
 #: Threads for the auth check's store reads (not the PAM or web pools).
 CHECK_THREADS = 2
 #: Seconds between two summary lines of refused auth checks.
@@ -100,7 +104,6 @@ _GATE_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "gate_code": (frozenset({"session", "csrf", "code", "client"}), frozenset({"rd"})),
     "gate_sign_out": (frozenset({"token"}), frozenset({"client"})),
     "gate_check": (frozenset({"token", "client", "host", "uri"}), frozenset()),
-    "gate_return": (frozenset({"rd"}), frozenset()),
 }
 _GATE_LIMITS = {"token": 64, "host": 300, "uri": 8192, "rd": 8192}
 
@@ -251,13 +254,6 @@ def allowed(site: GateSite, account: str, directory_groups: frozenset[str] | Non
         raise Unavailable("the account's LDAP groups are not known (site allow_ldap_groups)") from None
 
 
-def _settled(future: asyncio.Future[Any]) -> None:
-    """A background write of ``seen`` ended; its failure only makes the idle timeout count from
-    an older use (never longer), so it is dropped here, not raised into the event loop."""
-    if not future.cancelled():
-        future.exception()
-
-
 class _Verdict:
     __slots__ = ("at", "ok", "reason", "generation")
 
@@ -281,6 +277,10 @@ class GateService(SelfService):
         self._refused: collections.Counter[str] = collections.Counter()
         self._refused_since = time.monotonic()
         self._key: tuple[int, bytes] | None = None
+
+    async def call(self, request: dict[str, object], peer_uid: int) -> dict[str, object]:
+        _PEER_UID.set(peer_uid)  # this task's own context: parallel calls never see each other's
+        return await super().call(request, peer_uid)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -309,7 +309,7 @@ class GateService(SelfService):
             outcome, LOG_WARNING)
         self.engine.sink.attempt(severity, {
             "service": SERVICE, "user": user, "account": account, "rhost": client, "tty": "-", "ruser": "-",
-            "caller_uid": -1, "method": method, "source": "-", "outcome": outcome, "reason": reason,
+            "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome, "reason": reason,
             "ms": int((time.monotonic() - started) * 1000)})
 
     def _refusal(self, why: str) -> None:
@@ -334,10 +334,6 @@ class GateService(SelfService):
 
     # -- sign-in ----------------------------------------------------------------------
 
-    async def _op_gate_return(self, f: dict[str, str]) -> dict[str, object]:
-        gate = self.engine.snapshot().config.gate
-        return {"return": check_return(f["rd"], gate.return_hosts, gate.default_return)}
-
     async def _op_gate_sign_in(self, f: dict[str, str]) -> dict[str, object]:
         started = time.monotonic()
         deadline = self._deadline()
@@ -359,12 +355,14 @@ class GateService(SelfService):
                 refusal = "system account"
         reservation = self._reserve(_limits(key, client), ext, client, "gate-sign-in")
         if refusal is not None:
+            # the page's own line (via=gate) is what fail2ban counts for a name or password failure
             self._login_line(Outcome.DENIED, name, "-", client, "-", refusal, started)
-            await self._fail("denied", name, client, "web-refused", deadline, log=False)
+            await self._fail("denied", name, client, "web-refused", deadline, via="gate",
+                             result=refusal.replace(" ", "-"))
         assert settings is not None
         try:
             await self._password(ext, f["password"], client, "gate-sign-in", deadline=deadline,
-                                 reservation=reservation, log=False)
+                                 reservation=reservation, via="gate")
         except WebError:
             self._login_line(Outcome.DENIED, name, ext, client, "-", "wrong password", started)
             raise
@@ -439,14 +437,11 @@ class GateService(SelfService):
         gate = self.engine.snapshot().config.gate
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
 
-        def wrong(sess: _Session) -> None:
-            self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", "wrong code", started)
+        def failed(sess: _Session, exc: LinkusError) -> None:
+            outcome = Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED
+            self._login_line(outcome, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
 
-        try:
-            sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_wrong=wrong)
-        except Locked as exc:
-            self._login_line(Outcome.LOCKED, "-", "-", f["client"], "-", exc.reason, started)
-            raise
+        sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_fail=failed)
         return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,
                                      started)
 
@@ -505,8 +500,9 @@ class GateService(SelfService):
 
         SQLite (``inline``, as linkusd runs local logins' steps): one WAL read on the event loop
         itself -- a reader never waits for a writer, and the loop's connection waits at most
-        LOOP_BUSY_TIMEOUT for anything -- and the rare write of ``seen`` in the gate pool,
-        not awaited. Redis: the one script in the gate pool under ``gate.check_timeout``.
+        LOOP_BUSY_TIMEOUT for anything -- and the rare write of ``seen`` (once per
+        ``touch_interval`` per session) in the gate pool. Redis: the one script in the gate pool
+        under ``gate.check_timeout``.
         """
         def check(touch_after: float) -> GateSession | None:
             found: GateSession | None = store.gate_check(key, now, lifetime=site.session_lifetime,
@@ -517,8 +513,8 @@ class GateService(SelfService):
             return await self._quick(lambda: check(gate.touch_interval), gate.check_timeout)
         sess = check(math.inf)
         if sess is not None and now - sess.seen >= gate.touch_interval:
-            touch = asyncio.get_running_loop().run_in_executor(self._check_pool, check, gate.touch_interval)
-            touch.add_done_callback(_settled)
+            # at most once per touch_interval per session: the write (which may wait for the lock) off the loop
+            await self._quick(lambda: check(gate.touch_interval), gate.check_timeout)
         return sess
 
     async def _account_verdict(self, config: Config, site: GateSite, sess: GateSession, now: float) -> _Verdict:

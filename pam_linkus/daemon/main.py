@@ -27,8 +27,9 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from pam_linkus.config import DaemonConfig, load_config
+from pam_linkus.config import Config, MetricsConfig, load_config
 from pam_linkus.daemon.engine import Engine, build_snapshot
 from pam_linkus.daemon.server import Server, web_cap
 from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
@@ -217,13 +218,46 @@ def instance_lock(pam_socket: str) -> int:
     return fd
 
 
-def _start_settings(args: argparse.Namespace) -> DaemonConfig | None:
-    """The daemon section of the config as it is at start (None if the file does not load: then the
-    defaults serve, and every login is refused until a good config loads)."""
+def _start_config(args: argparse.Namespace) -> Config | None:
+    """The config as it is at start, for what is fixed until a restart (sockets, pools, the metrics
+    listener); None if the file does not load: then the defaults serve (metrics off), and every
+    login is refused until a good config loads."""
     try:
-        return load_config(args.config).daemon
+        return load_config(args.config)
     except LinkusError:
         return None
+
+
+def metrics_socket(metrics: MetricsConfig) -> socket.socket:
+    """The metrics listener's socket: TCP on a loopback address (the config refuses any other), or a
+    unix socket, 0666 like the PAM socket (what it serves is what loopback TCP serves to any local user)."""
+    if metrics.path is not None:
+        return bind_socket(metrics.path, 0o666)
+    assert metrics.host is not None
+    family = socket.AF_INET6 if ":" in metrics.host else socket.AF_INET
+    return socket.create_server((metrics.host, metrics.port), family=family, backlog=16)
+
+
+async def start_metrics(metrics: MetricsConfig, engine: Engine, sink: QueuedSyslogSink) -> Any:
+    """Start serving /metrics when the config asks for it; a listener that cannot start is said in
+    syslog and leaves logins untouched (metrics are for watching, never a reason to refuse a login)."""
+    if metrics.listen is None:
+        return None
+    try:
+        from pam_linkus.daemon import exposition  # needs python3-prometheus-client: only when metrics are on
+    except ImportError:
+        sink.send(LOG_ERR, "linkusd: metrics.listen is set but python3-prometheus-client is not installed; "
+                           "not serving metrics")
+        return None
+    try:
+        listener = exposition.MetricsListener(engine, metrics_socket(metrics))
+        await listener.start()
+    except (OSError, SystemExit) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc)
+        sink.send(LOG_ERR, f"linkusd: cannot serve metrics on {metrics.listen}: {why}")
+        return None
+    sink.send(LOG_INFO, f"linkusd: serving metrics on {metrics.listen}")
+    return listener
 
 
 def _group_id(name: str) -> int | None:
@@ -252,7 +286,8 @@ def raise_file_limit(max_connections: int) -> str | None:
 
 async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifier, ready_fd: int | None) -> None:
     activated = activated_sockets()
-    settings = _start_settings(args)
+    start_config = _start_config(args)
+    settings = start_config.daemon if start_config else None
     pam_path = args.pam_socket or (settings.pam_socket if settings else DEFAULT_PAM_SOCKET)
     web_path = args.web_socket or (settings.web_socket if settings else DEFAULT_WEB_SOCKET)
     web_group = settings.web_group if settings else "linkus-web"
@@ -282,6 +317,7 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
             sink.send(LOG_INFO, "linkusd: its sockets are in place again")
             notify("STATUS=serving")
 
+    metrics_listener = await start_metrics(start_config.metrics, engine, sink) if start_config else None
     watch = SocketWatch([pam_path] + ([web_path] if web_sock else []), socket_report)
 
     def pausing(which: str) -> Callable[[OSError], object]:
@@ -326,6 +362,8 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
     for task in tasks:
         task.cancel()
     pam_server.close()
+    if metrics_listener is not None:
+        metrics_listener.close()
     server.close()
     if web_server:
         web_server.close()

@@ -43,7 +43,7 @@ and the per-address limit only; ``session``/``csrf`` come from ``sign_in``):
                    a wrong code: ``denied`` with tries_left = min(the enrollment's tries left, lockout slots
                    left); the enrollment's count survives a method switch
     enroll_cancel   session, csrf                  -> {}
-    disable        session, csrf, password, client -> {}   (mails the extension's address when it has one)
+    disable        session, csrf, password, client -> {}   (queues a mail to the address it had: notify)
     recovery_codes session, csrf, password, client -> codes[]  (shown once; older codes stop working)
 
 Rules: only extensions found in the settings chain, never root or a system account
@@ -91,6 +91,7 @@ from pam_linkus import password as pam_password  # by module: tests count its ch
 from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 from pam_linkus.mailtext import check_address, mask_address
+from pam_linkus.notify import Event
 from pam_linkus.outcome import Outcome
 from pam_linkus.recovery import display
 from pam_linkus.state.base import FOREVER, LockStatus
@@ -103,6 +104,10 @@ if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
 
 SERVICE = "linkus-web"
+#: The service name of the web gate's sign-ins (pam_linkus.daemon.gate), in log lines and the flow.
+GATE_SERVICE = "linkus-gate"
+#: Who made a change from the page, as a notification says it.
+BY_OWNER = "you, on the Security Settings page"
 #: Seconds a session may sit idle, and its whole life.
 SESSION_IDLE, SESSION_MAX = 600.0, 8 * 3600.0
 #: Seconds between the Password window and Save of an enrollment.
@@ -231,10 +236,13 @@ class SelfService:
         except Locked as exc:
             return {"ok": False, "error": "locked", "until": _until(exc.locked_until)}
         except CodeThrottled as exc:
+            self.engine.count_failure(exc, None)
             return {"ok": False, "error": "throttled", "retry_after": exc.retry_after, "reason": "email-code"}
         except Denied:
             return {"ok": False, "error": "denied"}
         except LinkusError as exc:
+            snap = self.engine.current
+            self.engine.count_failure(exc, snap.config if snap is not None else None)
             self._log(LOG_WARNING, "unavailable", op=op, reason=exc.reason, peer_uid=peer_uid)
             return {"ok": False, "error": "unavailable"}
         except Exception as exc:  # noqa: BLE001 -- the daemon must answer, not die; logged with its type only
@@ -320,6 +328,7 @@ class SelfService:
         self._expire(now)
         self._make_room(ext, state)
         if len(self._sessions) >= MAX_SESSIONS:
+            self.engine.stats.web_throttled += 1
             raise WebError("throttled", "too many sessions", retry_after=60)
         token = secrets.token_urlsafe(32)
         sess = _Session(ext, now)
@@ -346,6 +355,7 @@ class SelfService:
             key, left = full
             self._log(LOG_WARNING, "self-check", ext=ext, client=client, result="throttled", step=step,
                       limit="extension" if key.startswith(("ext:", "name:")) else "address")
+            self.engine.stats.web_throttled += 1
             raise WebError("throttled", retry_after=int(left) + 1)
 
     def _reserve(self, limits: list[tuple[str, int]], ext: str, client: str, step: str) -> _Reservation:
@@ -404,7 +414,7 @@ class SelfService:
 
     async def _password(self, ext: str, password: str, client: str, why: str, *,
                         deadline: float | None = None, reservation: _Reservation | None = None,
-                        log: bool = True) -> None:
+                        via: str = "web") -> None:
         """Check the account password through the configured PAM service; ``denied`` at the deadline.
 
         The attempt is reserved first (``_reserve``) unless the caller did; a right password gives it back.
@@ -423,9 +433,15 @@ class SelfService:
                 raise ConfigError(str(exc)) from None
 
         if not await self.engine.run(check, pool="web"):
-            await self._fail("denied", ext, client, "self-check", deadline, log=log, result="wrong-password",
+            await self._fail("denied", ext, client, "self-check", deadline, via=via, result="wrong-password",
                              step=why)
         self._give_back(reservation)
+
+    def _notify(self, kind: str, ext: str, client: str, *, address: str | None = None,
+                method: str | None = None) -> None:
+        """Tell the owner (queued: the page never waits for SMTP; pam_linkus.notify)."""
+        self.engine.notifier.submit(Event(kind, ext, self.engine.clock(), address=address, by=BY_OWNER,
+                                          client=client, method=method))
 
     async def _changed(self, what: str) -> None:
         """Reload after a write, so the page and the next login see it now, not at the next file poll."""
@@ -502,13 +518,17 @@ class SelfService:
         sess, gen, kind, payload, infos = await self._code_step(f, "web")
         return self._login_step(f["session"], sess, gen, kind, payload, infos, f["client"])
 
-    async def _code_step(self, f: dict[str, str], purpose: str, on_wrong: Callable[[_Session], None] | None = None,
+    async def _code_step(self, f: dict[str, str], purpose: str,
+                         on_fail: Callable[[_Session, LinkusError], None] | None = None,
                          ) -> tuple[_Session, Generator[Any, str | None, Any], str, Any, list[str]]:
         """Give the waiting login flow of session ``f["session"]`` its code; the flow's next step.
 
         Shared by the Security Settings sign-in and the web gate (``purpose``): the same replay,
         lockout and throttles as a PAM login, a wrong code answered at the fixed deadline.
+        ``on_fail`` (the gate): called for a wrong code or a lock instead of this page's own log
+        line; the gate writes one in the PAM login format (one line per outcome for fail2ban).
         """
+        service = SERVICE if purpose == "web" else GATE_SERVICE
         deadline = self._deadline()
         sess = self._session(f, state="code", purpose=purpose)
         token = f["session"]
@@ -518,16 +538,23 @@ class SelfService:
         sess.login = None  # taken: a parallel request cannot drive the same generator
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, f["code"]), pool="web")
-        except Denied:
+        except Denied as exc:
             self._forget_session(token)
             self._count(sess.ext, f["client"])
-            if on_wrong is not None:
-                on_wrong(sess)
-            await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, log=on_wrong is None,
+            self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
+            if on_fail is not None:
+                on_fail(sess, exc)
+            await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, log=on_fail is None,
                              result="wrong-code")
             raise
-        except BaseException:
+        except BaseException as exc:
             self._forget_session(token)
+            if isinstance(exc, Locked):  # a line like a wrong code's, so fail2ban counts it (docs/fail2ban.md)
+                if on_fail is not None:
+                    on_fail(sess, exc)
+                else:
+                    self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], result="locked")
+                self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
             raise
         return sess, gen, kind, payload, infos
 
@@ -688,7 +715,8 @@ class SelfService:
             except CodeRejected:
                 after = store.settle_failure(ext, now, **limits)
                 if after.locked(now):
-                    raise Locked("locked after a wrong confirmation code", after.locked_until) from None
+                    raise Locked("locked after a wrong confirmation code", after.locked_until,
+                                     newly=True) from None
                 lock_after[0] = after
                 raise
             store.settle_success(ext, now)
@@ -705,13 +733,15 @@ class SelfService:
             self._audit("enroll", ext, client, method=method, result="wrong-code")
             await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
             raise WebError("denied", tries_left=max(left, 0)) from None
-        except Locked:
+        except Locked as exc:
             sess.pending = None
             self._audit("enroll", ext, client, method=method, result="locked")
+            self.engine.login_failed(ext, exc, service=SERVICE, client=client)
             raise
         sess.pending = None
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
         await self._changed("enrollment")
+        self._notify("enrolled", ext, client, method=method)
         return {"method": method}
 
     async def _op_enroll_cancel(self, f: dict[str, str]) -> dict[str, object]:
@@ -731,14 +761,8 @@ class SelfService:
         sess.pending = None
         self._audit("disable", ext, f["client"], source=source)
         await self._changed("disable")
-        if address:
-            mailer = self.engine.mailer(config)
-            now = self.engine.clock()
-            try:
-                await self.engine.run(lambda: enrollment.notify_switched_off(mailer, ext, address, ext, now),
-                                      pool="web")
-            except LinkusError as exc:
-                self._log(LOG_WARNING, "disable-notice-failed", ext=ext, reason=exc.reason)
+        if address:  # the address it had while 2FA was on (its entry keeps it, but say so explicitly)
+            self._notify("disabled", ext, f["client"], address=address)
         return {}
 
     async def _op_recovery_codes(self, f: dict[str, str]) -> dict[str, object]:
@@ -752,6 +776,7 @@ class SelfService:
             raise WebError("step", "2FA is off")
         codes = await self.engine.run(lambda: enrollment.new_recovery_codes(store, ext, count), pool="web")
         self._audit("recovery-codes", ext, f["client"], count=count)
+        self._notify("recovery-codes", ext, f["client"])
         return {"codes": [display(c) for c in codes]}
 
 

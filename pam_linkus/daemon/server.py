@@ -251,7 +251,7 @@ class Server:
         peer = self._admit(conn, limits, lambda uid, groups: self._peer_allowed(uid, groups, engine.current),
                            "not root and in no group of daemon.allowed_groups", self.per_caller,
                            "over its cap of logins at once", self.connections, limits.max_connections,
-                           "over daemon.max_connections")
+                           "over daemon.max_connections", "pam")
         if peer is None:
             return None
         self.connections += 1
@@ -261,7 +261,7 @@ class Server:
 
     def _admit(self, conn: socket.socket, limits: Limits, allowed: Callable[[int, frozenset[int]], bool],
                not_allowed: str, per_caller: Counter[int], over_caller: str, in_all: int, cap_in_all: int,
-               over_all: str) -> Peer | None:
+               over_all: str, which: str) -> Peer | None:
         """Both sockets' admission: the peer, or None once the connection is closed and counted (a
         peer not ``allowed``; a caller at its cap in ``per_caller``; ``in_all`` at ``cap_in_all``)."""
         engine = self.engine
@@ -272,12 +272,14 @@ class Server:
             return None
         if not allowed(uid, groups):
             engine.health.refused_peers += 1
+            engine.stats.refusal(which, "peer")
             self._refuse(conn, uid, not_allowed)
             return None
         peer = Peer(pid, uid, gid, _real_uid(pid, uid), groups)
         cap = limits.max_per_caller_root if peer.ruid == 0 else limits.max_per_caller
         if per_caller[peer.ruid] >= cap or in_all >= cap_in_all:
             engine.health.over_capacity += 1
+            engine.stats.refusal(which, "cap")
             self._refuse(conn, peer.ruid, over_caller if per_caller[peer.ruid] >= cap else over_all)
             return None
         return peer
@@ -348,7 +350,7 @@ class Server:
         peer = self._admit(conn, limits, in_web_group, "not root and not in daemon.web_group", self.web_per_caller,
                            "over its cap of web calls at once", self.web_connections,
                            web_cap(limits.max_connections),
-                           "over the web connection cap (a quarter of daemon.max_connections)")
+                           "over the web connection cap (a quarter of daemon.max_connections)", "web")
         if peer is None:
             return None
         self.web_connections += 1
@@ -456,7 +458,8 @@ class PamLogin:
         try:
             try:
                 snap = engine.acquire()
-            except Unavailable as exc:
+            except Unavailable as exc:  # no configuration loaded
+                engine.stats.error("config")
                 await self._end(Outcome.UNAVAILABLE, exc.reason)
                 return
             try:
@@ -481,7 +484,8 @@ class PamLogin:
         try:
             if mode == protocol.MODE_SPLIT:
                 work = partial(split_digits, req, ctx)
-                local = self.inline and not snap.chain.waits_for_servers
+                # group rules ask NSS (maybe remote: sssd), never on the event loop
+                local = self.inline and not snap.chain.waits_for_servers and not snap.config.group_policy
                 digits = work() if local else await self._in_pool(work)
                 fields: dict[F, bytes | str | int] = {F.DIGITS: digits, F.TEXT: snap.config.prompts.password_and_code}
                 with contextlib.suppress(ConnectionError, TimeoutError):
@@ -491,10 +495,13 @@ class PamLogin:
             outcome, reason = await self._converse(self.steps)
         except LinkusError as exc:
             outcome, reason = exc.outcome, exc.reason
+            engine.login_failed(ctx.account, exc, service=req.service, client=req.rhost)
+            engine.count_failure(exc, snap.config)
         except (ConnectionError, ProtocolError) as exc:
             outcome, reason = Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
         except Exception as exc:  # noqa: BLE001 - a bug ends this login (unavailable), never the daemon
             outcome, reason = Outcome.UNAVAILABLE, internal_error(engine, exc)
+            engine.stats.error("daemon")
         self._close_flow()
         await self._end(outcome, reason)
 
@@ -590,10 +597,7 @@ class PamLogin:
 
     async def _end(self, outcome: str, reason: str) -> None:
         """The login's one log line and its RESULT (a client gone by then costs nothing more)."""
-        engine = self.engine
-        health = engine.health
-        health.outcomes[outcome] = health.outcomes.get(outcome, 0) + 1
-        engine.sink.attempt(_SEVERITY[outcome], _field_map(self, outcome, reason))
+        self.engine.log_login(_SEVERITY[outcome], _field_map(self, outcome, reason))
         with contextlib.suppress(ConnectionError, TimeoutError):
             if outcome == Outcome.UNAVAILABLE and not self.told_error:
                 await self.ch.send(protocol.encode(Msg.INFO, _info_fields(UNAVAILABLE_TEXT, True)))

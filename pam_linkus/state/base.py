@@ -419,13 +419,17 @@ class StateStore(Protocol):
         """Atomically record that ``user`` gave a right code from ``rhost`` at ``now``:
         logins of ``user`` from ``rhost`` may skip the code until ``now + duration``.
 
-        An existing later end is kept (never shortened). ``rhost`` is a normalised
-        IP address; the caller never passes an empty one.
+        An existing later end is kept (never shortened), and the start is the latest right
+        code's. ``rhost`` is a normalised IP address; the caller never passes an empty one.
         """
         ...
 
-    def grace_active(self, user: str, rhost: str, now: float) -> bool:
-        """True while a grace period of ``user`` from ``rhost`` lasts at ``now``."""
+    def grace_active(self, user: str, rhost: str, now: float, period: int) -> bool:
+        """True while a grace period of ``user`` from ``rhost`` lasts at ``now`` under the
+        CURRENT policy's ``period``: its end, and its start + ``period``, are both after
+        ``now``. A period opened under a longer grace_period (another profile, before the
+        account joined a stricter group) so ends as the current policy says. A record without
+        a start (written before starts were kept) never counts: one more code, never a skip."""
         ...
 
     def unlock(self, user: str) -> None:

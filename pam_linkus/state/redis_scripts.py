@@ -229,6 +229,8 @@ return {2}
 # -- grace periods --------------------------------------------------------------------
 
 # KEYS: grace   ARGV: now, rhost, until
+# A field is "<until> <started>" (started: the latest right code; a value of only
+# "<until>", written before starts were kept, is never honoured by grace_active).
 # Drops the extension's expired periods in the same step, keeps a later end,
 # and lets the hash live exactly as long as its latest period (a host whose
 # clock is behind then asks for a code a little early: the safe side).
@@ -238,17 +240,17 @@ local new_until = ARGV[3]
 local latest = tonumber(new_until)
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
-  local u = tonumber(all[i + 1])
-  if u <= now then
+  local u = tonumber(string.match(all[i + 1], '^(%S+)'))
+  if u == nil or u <= now then
     redis.call('HDEL', KEYS[1], all[i])
   else
     if all[i] == ARGV[2] and u > tonumber(new_until) then
-      new_until = all[i + 1]
+      new_until = string.match(all[i + 1], '^(%S+)')
     end
     if u > latest then latest = u end
   end
 end
-redis.call('HSET', KEYS[1], ARGV[2], new_until)
+redis.call('HSET', KEYS[1], ARGV[2], new_until .. ' ' .. ARGV[1])
 redis.call('EXPIRE', KEYS[1], math.ceil(latest - now))
 return 1
 """

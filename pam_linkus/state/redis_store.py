@@ -361,13 +361,22 @@ class RedisStore(RedisGateSessions):
     # -- grace periods ---------------------------------------------------------------
 
     def start_grace(self, user: str, rhost: str, now: float, duration: int) -> None:
-        args = [repr(now), rhost, repr(now + duration)]
+        args = [repr(now), rhost, repr(now + duration)]  # stored as "<until> <started>"
         self._eval("start grace", "START_GRACE", [self._key(user, "grace")], args, int)
 
-    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+    def grace_active(self, user: str, rhost: str, now: float, period: int) -> bool:
         def read() -> bool:
-            until = self._client.hget(self._key(user, "grace"), rhost)
-            return until is not None and float(until) > now
+            value = self._client.hget(self._key(user, "grace"), rhost)
+            if value is None:
+                return False
+            parts = (value.decode() if isinstance(value, bytes) else str(value)).split()
+            until = float(parts[0]) if parts else float("nan")  # ValueError: not a grace record
+            if len(parts) == 1:
+                return False  # written before starts were kept ("<until>"): one more code
+            if len(parts) != 2:
+                raise ValueError("grace record")
+            started = float(parts[1])
+            return until > now and started + period > now
 
         return self._call("grace period", read)
 

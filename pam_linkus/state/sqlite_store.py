@@ -119,7 +119,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX grace_until ON grace (until);
     CREATE INDEX email_codes_expires ON email_codes (expires);
     """,
-    # 7: web gate sessions (state.sqlite_gate), keyed by the token's keyed hash
+    # 7: when a grace period started (the latest right code), so it ends at start + the
+    # CURRENT policy's grace_period. Existing rows get 0: they never count again (fail
+    # closed; their extensions give one more code).
+    """
+    ALTER TABLE grace ADD COLUMN started REAL NOT NULL DEFAULT 0;
+    """,
+    # 8: web gate sessions (state.sqlite_gate), keyed by the token's keyed hash
     """
     CREATE TABLE gate_sessions (
         key TEXT PRIMARY KEY,
@@ -491,17 +497,19 @@ class SqliteStore(SqliteGateSessions):
             # table holds at most the live (rhost) pairs of each extension.
             db.execute("DELETE FROM grace WHERE user = ? AND until <= ?", (user, now))
             db.execute(
-                "INSERT INTO grace (user, rhost, until) VALUES (?, ?, ?) "
-                "ON CONFLICT (user, rhost) DO UPDATE SET until = max(grace.until, excluded.until)",
-                (user, rhost, now + duration),
+                "INSERT INTO grace (user, rhost, until, started) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (user, rhost) DO UPDATE SET until = max(grace.until, excluded.until), "
+                "started = max(grace.started, excluded.started)",
+                (user, rhost, now + duration, now),
             )
 
         self._write(body)
 
-    def grace_active(self, user: str, rhost: str, now: float) -> bool:
+    def grace_active(self, user: str, rhost: str, now: float, period: int) -> bool:
         try:
             row = self._db.execute(
-                "SELECT 1 FROM grace WHERE user = ? AND rhost = ? AND until > ?", (user, rhost, now)
+                "SELECT 1 FROM grace WHERE user = ? AND rhost = ? AND until > ? AND started > 0 "
+                "AND started + ? > ?", (user, rhost, now, period, now)
             ).fetchone()
         except sqlite3.Error as exc:
             raise StateUnavailable(f"state file {self.path}: {exc}") from None

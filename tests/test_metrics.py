@@ -1,0 +1,321 @@
+"""linkusd's /metrics and ``linkus-2fa status`` summary, against a real linkusd and real PAM logins.
+
+Counters are checked as exact deltas between two scrapes; the listener runs on a unix socket in
+the test's private directory (no port to race for) except where TCP itself is the point.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from typing import Any
+
+import pytest
+from cli_helpers import run_cli
+from conftest import DAEMON_PYTHON, REPO, SECRET, PamStack, code_at, write_yaml
+from prometheus_client.parser import text_string_to_metric_families
+from smtp_server import closed_port
+from test_pam_email import enroll_email, login, mailed_code, setup_email
+
+from pam_linkus import __version__
+from pam_linkus.config import Config
+from pam_linkus.daemon.engine import error_kind
+from pam_linkus.daemon.metrics import LOCKED_CAP, SERVICE_CAP, Stats
+from pam_linkus.errors import ConfigError, MailUnavailable, SourceUnavailable, StateUnavailable, Unavailable
+from pam_linkus.protocol import Msg, encode_json
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def http_get(address: str | tuple[str, int], path: str = "/metrics", *, timeout: float = 5.0) -> tuple[str, str]:
+    """One HTTP/1.1 GET over a unix socket path or a (host, port); the status line and the body."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: linkusd\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body.decode()
+
+
+def scrape(address: str | tuple[str, int]) -> Samples:
+    status, body = http_get(address)
+    assert status == "HTTP/1.1 200 OK", status
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def with_metrics(stack: PamStack, listen: str, **config: Any) -> None:
+    """Restart the stack's linkusd with ``metrics.listen`` (read at start only)."""
+    stack.daemon.stop()
+    stack.config.update({"metrics": {"listen": listen}, **config})
+    write_yaml(stack.config_path, stack.config, end=True)
+    stack.daemon.start()
+
+
+@pytest.fixture
+def metrics_stack(pam_stack: PamStack) -> tuple[PamStack, str]:
+    address = str(pam_stack.daemon.run_dir / "metrics.sock")
+    with_metrics(pam_stack, address, lockout={"max_failures": 2, "duration": 600})
+    return pam_stack, address
+
+
+def test_real_logins_counted_exactly_and_summarised(metrics_stack: tuple[PamStack, str], user: str,
+                                                    make_user: Any) -> None:
+    stack, address = metrics_stack
+    plain = make_user()  # no 2FA: enforce "enrolled" lets it in with the password (skip)
+    stack.enroll_totp(user)
+    before = scrape(address)
+    service = stack.service
+    now = time.time()
+    assert stack.login(user, code_at(SECRET, now)).auth == "PAM_SUCCESS"
+    # pam_linkus.so says PAM_IGNORE; the stack's pam_permit makes it a success
+    assert stack.login(plain, None).auth == "PAM_SUCCESS"
+    wrong = "000000" if code_at(SECRET, now) != "000000" else "111111"
+    assert stack.login(user, wrong).auth == "PAM_AUTH_ERR"
+    assert stack.login(user, wrong).auth == "PAM_MAXTRIES"
+    after = scrape(address)
+
+    def delta(outcome: str, method: str) -> float:
+        return (value(after, "linkus_logins_total", outcome=outcome, method=method, service=service)
+                - value(before, "linkus_logins_total", outcome=outcome, method=method, service=service))
+
+    assert delta("success", "totp") == 1
+    assert delta("skip", "-") == 1  # an extension no source knows: no method
+    assert delta("denied", "totp") == 1
+    assert delta("locked", "totp") == 1
+    count = value(after, "linkus_login_duration_seconds_count") - value(before, "linkus_login_duration_seconds_count")
+    assert count == 4
+    assert value(after, "linkus_extensions_enrolled", method="totp") == 1
+    assert ("linkus_extensions_enrolled", (("method", "email"),)) in after  # a 0, not a gap
+    assert value(after, "linkus_extensions_enrolled", method="email") == 0
+    assert value(after, "linkus_connections", socket="pam") == 0
+    assert value(after, "linkus_build_info", version=__version__, python=_python()) == 1
+    assert 0 < value(after, "linkus_start_time_seconds") <= time.time()
+    assert ("linkus_notifications_total", (("result", "dropped"),)) in after
+
+    # the admin's summary, from linkusd over its PAM socket, the lock checked in the store
+    result = run_cli(stack, "status")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "success 1" in out and "denied 1" in out and "locked 1" in out, out
+    assert f"locked now:   1: {user} (until " in out, out
+    assert "last reload:" in out and ", ok in " in out, out
+    assert "notices:      none" in out, out  # no notify section: nothing mailed
+    # the summary needs no metrics listener: the same numbers with metrics off
+    stack.daemon.stop()
+    del stack.config["metrics"]
+    write_yaml(stack.config_path, stack.config, end=True)
+    stack.daemon.start()
+    assert stack.login(user, code_at(SECRET, time.time())).auth == "PAM_MAXTRIES"
+    again = run_cli(stack, "status")
+    assert again.returncode == 0, again.stderr
+    assert "1 logins: locked 1" in again.stdout and f"locked now:   1: {user}" in again.stdout, again.stdout
+
+
+def _python() -> str:
+    out = subprocess.run([DAEMON_PYTHON, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_email_codes_and_smtp_errors_counted(metrics_stack: tuple[PamStack, str], user: str, smtp_server: Any,
+                                             ca: Any) -> None:
+    stack, address = metrics_stack
+    setup_email(stack, None, ca, port=closed_port())
+    enroll_email(stack, user)
+    before = scrape(address)
+    assert login(stack, user, lambda p, m: "123456").auth == "PAM_AUTHINFO_UNAVAIL"
+    down = scrape(address)
+    assert value(down, "linkus_errors_total", kind="smtp") == value(before, "linkus_errors_total", kind="smtp") + 1
+    assert value(down, "linkus_email_codes_total", result="sent") == value(before, "linkus_email_codes_total",
+                                                                           result="sent")
+    assert value(down, "linkus_logins_total", outcome="unavailable", method="email", service=stack.service) == 1
+    server = smtp_server(auth=True)
+    setup_email(stack, server, ca)  # one mail per 60 s
+    assert login(stack, user, mailed_code(server)).auth == "PAM_SUCCESS"
+    assert login(stack, user, lambda p, m: "123456").auth == "PAM_AUTH_ERR"  # told to wait: throttled
+    after = scrape(address)
+    assert value(after, "linkus_email_codes_total", result="sent") == value(down, "linkus_email_codes_total",
+                                                                            result="sent") + 1
+    assert value(after, "linkus_email_codes_total", result="throttled") == value(
+        down, "linkus_email_codes_total", result="throttled") + 1
+    assert value(after, "linkus_errors_total", kind="smtp") == value(down, "linkus_errors_total", kind="smtp")
+    assert value(after, "linkus_extensions_enrolled", method="email") == 1
+    assert len(server.messages) == 1
+
+
+def test_reloads_good_and_bad_show(metrics_stack: tuple[PamStack, str]) -> None:
+    stack, address = metrics_stack
+    before = scrape(address)
+    stack.write_config(grace_period=0)  # a good reload (write_config asserts it loaded)
+    good = scrape(address)
+    assert value(good, "linkus_config_reloads_total", result="ok") == value(
+        before, "linkus_config_reloads_total", result="ok") + 1
+    assert value(good, "linkus_config_last_reload_success") == 1
+    stack.write_config(metrics={"listen": "127.0.0.1:9816"})  # read at start only: said, and not served
+    stack.log.wait_for("metrics.listen changed; it takes effect when linkusd restarts")
+    assert value(scrape(address), "linkus_config_reloads_total", result="ok") == value(
+        good, "linkus_config_reloads_total", result="ok") + 1
+    assert value(good, "linkus_config_last_reload_timestamp_seconds") >= value(
+        before, "linkus_config_last_reload_timestamp_seconds")
+    assert 0 <= value(good, "linkus_config_last_reload_duration_seconds") < 30
+    good = scrape(address)
+    write_yaml(stack.config_path, {**stack.config, "no_such_key": 1}, end=True)
+    status = stack.daemon.reload()
+    assert status["last_error"], status
+    bad = scrape(address)
+    assert value(bad, "linkus_config_reloads_total", result="failed") == value(
+        good, "linkus_config_reloads_total", result="failed") + 1
+    assert value(bad, "linkus_config_reloads_total", result="ok") == value(good, "linkus_config_reloads_total",
+                                                                           result="ok")
+    assert value(bad, "linkus_config_last_reload_success") == 0
+    assert value(bad, "linkus_config_loaded") == 1  # the last good one still serves
+
+
+def test_error_kinds() -> None:
+    ldap = {"uris": ["ldaps://ldap.example"], "bind_dn": "cn=linkusd", "bind_password_file": "/etc/x.pw",
+            "base": "dc=example"}
+    config = Config.from_mapping({"sources": ["ldap", "yaml"], "ldap": ldap,
+                                  "state": {"backend": "redis", "redis": {"url": "redis://127.0.0.1:6379/0"}}})
+    assert error_kind(MailUnavailable("SMTP server x: refused"), config) == "smtp"
+    assert error_kind(StateUnavailable("redis: down"), config) == "redis"
+    assert error_kind(StateUnavailable("state file: locked"), Config.from_mapping({})) == "sqlite"
+    assert error_kind(SourceUnavailable("ldaps://ldap.example: timeout"), config) == "ldap"
+    assert error_kind(SourceUnavailable("yaml: this snapshot's extensions were released"), config) == "yaml"
+    assert error_kind(ConfigError("bad", "x.yaml"), config) == "config"
+    assert error_kind(Unavailable("daemon work took longer than 10 s"), config) == "daemon"
+
+
+def test_no_config_counts_as_a_config_error_in_the_summary(pam_stack: PamStack, user: str) -> None:
+    pam_stack.daemon.stop()
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "enforce": "sometimes"}, end=True)
+    pam_stack.daemon.start()
+    assert pam_stack.login(user, "123456").auth == "PAM_AUTHINFO_UNAVAIL"
+    summary = pam_stack.daemon.status()["summary"]
+    assert summary["errors"] == {"config": 1}
+    assert summary["reloads"] == {"failed": 1}
+    assert summary["last_hour"] == {"unavailable": 1}
+    result = run_cli(pam_stack, "status", "--config", str(pam_stack.config_path))
+    assert result.returncode == 1 and "enforce" in result.stderr  # the command reads the same file
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9816", "10.1.2.3:9816", "[::]:9816", "localhost:9816",
+                                    "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "metrics.sock"])
+def test_config_refuses_what_is_not_loopback(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.listen"):
+        Config.from_mapping({"metrics": {"listen": listen}})
+
+
+def test_config_refuses_the_pam_socket_and_unknown_keys() -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.listen: must not be the PAM or the web socket"):
+        Config.from_mapping({"daemon": {"pam_socket": "/run/x/pam.sock"}, "metrics": {"listen": "/run/x/pam.sock"}})
+    with pytest.raises(ConfigError, match=r"unknown key in metrics"):
+        Config.from_mapping({"metrics": {"port": 9816}})
+    ok = Config.from_mapping({"metrics": {"listen": "[::1]:9816"}}).metrics
+    assert (ok.host, ok.port, ok.path) == ("::1", 9816, None)
+
+
+def test_real_linkusd_refuses_a_non_loopback_listener(pam_stack: PamStack) -> None:
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "metrics": {"listen": "0.0.0.0:9816"}}, end=True)
+    check = subprocess.run([DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--check", "--config",
+                            str(pam_stack.config_path)], capture_output=True, text=True, cwd=REPO, check=False,
+                           env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert check.returncode == 1
+    assert "metrics.listen: must be a loopback address" in check.stderr
+    # and a running linkusd keeps its last good config when asked to load it
+    status = pam_stack.daemon.reload()
+    assert "metrics.listen" in str(status["last_error"])
+
+
+def test_off_by_default_no_listener(pam_stack: PamStack) -> None:
+    pid = pam_stack.daemon.proc.pid if pam_stack.daemon.proc else 0
+    listening = subprocess.run(["ss", "-H", "-l", "-n", "-p", "-t", "-u", "-x"], capture_output=True, text=True,
+                               check=True).stdout
+    mine = [line.split() for line in listening.splitlines() if f"pid={pid}," in line]
+    assert not [line for line in mine if line[0] in ("tcp", "udp")], mine  # no TCP or UDP socket at all
+    streams = sorted(line[4] for line in mine if line[0] == "u_str" and line[1] == "LISTEN")
+    assert streams == [str(pam_stack.daemon.pam_socket), str(pam_stack.daemon.web_socket)], mine
+    assert "summary" in pam_stack.daemon.status()
+
+
+def test_slow_scrapers_block_no_login_and_no_other_scrape(pam_stack: PamStack, user: str) -> None:
+    port = _free_port()
+    with_metrics(pam_stack, f"127.0.0.1:{port}")
+    pam_stack.enroll_totp(user)
+    address = ("127.0.0.1", port)
+    silent = [socket.create_connection(address) for _ in range(3)]  # connected, sending nothing
+    try:
+        assert value(scrape(address), "linkus_connections_refused_total", socket="metrics", reason="cap") == 0
+        half = socket.create_connection(address)  # the fourth slot: half a request head, for now
+        silent.append(half)
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost")
+        extra = socket.create_connection(address)  # over the cap of 4: closed at once
+        extra.settimeout(3)
+        assert extra.recv(100) == b""
+        extra.close()
+        started = time.monotonic()
+        assert pam_stack.login(user, code_at(SECRET, time.time())).auth == "PAM_SUCCESS"
+        assert time.monotonic() - started < 3
+        half.sendall(b": linkusd\r\n\r\n")  # the slow one finishes its request: served
+        half.settimeout(5)
+        data = b""
+        while chunk := half.recv(65536):
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200 OK\r\n")
+        body = data.partition(b"\r\n\r\n")[2].decode()
+        assert f'linkus_logins_total{{method="totp",outcome="success",service="{pam_stack.service}"}} 1.0' in body
+        assert 'linkus_connections_refused_total{reason="cap",socket="metrics"} 1.0' in body
+        # a silent one is dropped once its request deadline (5 s) passes
+        silent[0].settimeout(10)
+        waited = time.monotonic()
+        assert silent[0].recv(100) == b""
+        assert time.monotonic() - waited < 6
+    finally:
+        for conn in silent:
+            conn.close()
+    status, _body = http_get(address, "/other")
+    assert status.startswith("HTTP/1.1 404")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_bounded_service_labels() -> None:
+    """A caller picks its own service name: past the cap, and for names no PAM file has, ``other``."""
+    stats = Stats(clock=lambda: 1000.0)
+    for n in range(SERVICE_CAP + 5):
+        stats.login({"outcome": "denied", "method": "totp", "service": f"svc{n}", "ms": 3})
+    stats.login({"outcome": "success", "method": "x" * 40, "service": "bad name\n", "ms": 3})
+    stats.login({"outcome": "locked", "method": "totp", "service": "sshd", "ms": 3})
+    stats.login({"outcome": "success", "method": "totp", "service": "linkus-gate", "ms": 3})
+    services = {service for _, _, service in stats.logins}
+    assert len(services) == SERVICE_CAP + 3 and "other" in services
+    assert stats.logins[("denied", "totp", "other")] == 5
+    assert stats.logins[("success", "other", "other")] == 1
+    assert stats.logins[("locked", "totp", "sshd")] == 1  # past the cap, a known service keeps its label
+    assert stats.logins[("success", "totp", "linkus-gate")] == 1
+    assert list(stats.locked) == []  # no account in those fields: nothing to list as locked
+    for n in range(LOCKED_CAP + 10):  # long names: the STATUS reply stays one frame
+        stats.login({"outcome": "locked", "method": "totp", "service": "sshd", "account": f"{n:04d}" + "\u00e9" * 200})
+    summary = stats.summary()
+    assert len(stats.locked) == LOCKED_CAP and summary["locked_seen_count"] == LOCKED_CAP
+    names = summary["locked_seen"]
+    assert isinstance(names, list) and 0 < len(names) < LOCKED_CAP
+    assert names[0].startswith(f"{LOCKED_CAP + 9:04d}")  # newest first
+    assert len(encode_json(Msg.STATUS_REPLY, {"summary": summary})) < 65536
