@@ -4,7 +4,7 @@ Why: a login that asks the directory pays its round trip (0.7 ms on loopback, 20
 and more for a directory across a WAN) and linkusd's CPU for the search; SSSD answers
 most lookups from a cache with a bounded age (``entry_cache_timeout``), and so do we.
 
-The rules, each a security trade-off the admin chooses (docs/guide.md, "LDAP cache"):
+The rules, each a security trade-off the admin chooses (docs/guide.md, "LDAP directory", its "Recent answers"):
 
 * An answer is kept from the moment the question was *asked*, not answered, so a
   change made in the directory while the search ran is seen within the age too.

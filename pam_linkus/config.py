@@ -301,6 +301,10 @@ class LdapConfig:
         # a kept "not enrolled" lets the password alone in under enforce: enrolled, hence its own age.
         self.cache_ttl = r.integer("cache_ttl", 60, minimum=0, maximum=86400)
         self.negative_cache_ttl = r.integer("negative_cache_ttl", 0, minimum=0, maximum=3600)
+        if self.negative_cache_ttl > self.cache_ttl:
+            # A "not here" answer (with the entry's groups) kept longer than an "enrolled" one would make
+            # a group joined or a 2FA switched on in the directory reach logins later than cache_ttl says.
+            raise r.fail("negative_cache_ttl", f"must not be longer than cache_ttl ({self.cache_ttl})")
         self.cache_size = r.integer("cache_size", 10000, minimum=0, maximum=1_000_000)
         self.writer_bind_dn = r.optional_string("writer_bind_dn")
         self.writer_password_file = r.optional_path("writer_password_file")

@@ -185,6 +185,18 @@ def check_sources(doc: Doctor, config: Config, user: str | None) -> bool:
             level, _, rest = line.partition(" ")
             what, _, detail = rest.strip().partition(": ")
             doc.report("FAIL" if level == "FAIL" else "ok", what, detail)
+        ldap = config.ldap
+        kept = (f"answers kept in memory: enrolled {ldap.cache_ttl} s, not here / 2FA off "
+                f"{ldap.negative_cache_ttl} s, at most {ldap.cache_size}; a change made in the directory itself "
+                f"reaches logins within {ldap.cache_ttl} s, one made through linkusd at once (on that host)")
+        doc.report("ok", "ldap cache", kept if ldap.cache_size and ldap.cache_ttl else "off: every login asks")
+        if ldap.negative_cache_ttl and ldap.cache_size:
+            doc.report("WARN", "ldap negative_cache_ttl",
+                       f"where enforce: enrolled applies, an extension enrolled in the directory itself logs in on its "
+                       f"password alone for up to {ldap.negative_cache_ttl} s")
+        if ldap.cache_max_age:
+            doc.report("ok", "ldap offline cache",
+                       f"while no server answers, settings read up to {ldap.cache_max_age} s ago answer logins")
         if not config.ldap.writer_bind_dn:
             doc.report("ok", "ldap writes", "read-only (no ldap.writer_bind_dn): linkus-2fa cannot enroll there")
         else:

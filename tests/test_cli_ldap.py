@@ -129,3 +129,15 @@ def test_kept_ldap_answers_serve_logins_and_a_linkus_2fa_change_is_seen_at_once(
     assert result.returncode == 0, result.stderr
     login = pam_stack.login(user, None)
     assert (login.auth, login.prompts) == ("PAM_SUCCESS", ["Password: "])  # 2FA off: seen at once
+
+
+def test_doctor_tells_the_ldap_cache_and_its_trade_offs(pam_stack: PamStack, slapd: Slapd, user: str) -> None:
+    """doctor says how long a directory change may take to reach logins, and warns when "not enrolled"
+    answers are kept (the password alone is enough for that long under enforce: enrolled)."""
+    base = slapd.tree({user: {"method": "totp", "secret": SECRET}})
+    use_ldap(pam_stack, slapd, base, cache_ttl=120, negative_cache_ttl=30, cache_max_age=3600)
+    result = run_cli(pam_stack, "doctor", user)
+    assert "ok   ldap cache: answers kept in memory: enrolled 120 s, not here / 2FA off 30 s" in result.stdout
+    assert "reaches logins within 120 s" in result.stdout
+    assert "WARN ldap negative_cache_ttl: where enforce: enrolled applies" in result.stdout
+    assert "ok   ldap offline cache: while no server answers, settings read up to 3600 s ago" in result.stdout

@@ -257,6 +257,8 @@ def test_config_defaults() -> None:
         ("profiles:\n  sshd:\n    grace: 5\n", r"unknown key in profiles.sshd \(known:", ":3:5"),
         ("sources: []\n", "at least one source", ":1:1"),
         ("sources: [ldap]\n", "ldap.uris is empty", ""),
+        ("ldap:\n  cache_ttl: 10\n  negative_cache_ttl: 11\n",
+         r"ldap.negative_cache_ttl: must not be longer than cache_ttl \(10\)", ":3:3"),
         ("state:\n  path: relative.db\n", "state.path: must be an absolute path", ":2:3"),
         ("totp: 5\n", "totp: must be a mapping", ":1:1"),
         ("- a\n- b\n", "must be a mapping", ""),

@@ -13,6 +13,7 @@ from typing import Any
 import pam_client
 import pytest
 from conftest import PamStack, code_at
+from fakes import Clock
 from plumbing import LogCatcher
 from web_site import logged
 
@@ -27,14 +28,6 @@ OWNER, ADMIN = "owner@example.com", "ops@example.net"
 CLIENT = "192.0.2.33"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def config(port: int, **notify: Any) -> Config:
     return Config.from_mapping({
         "smtp": {"host": "127.0.0.1", "port": port, "security": "none", "from": "pbx@example.com", "timeout": 5},
@@ -46,7 +39,7 @@ def config(port: int, **notify: Any) -> Config:
 def mail(smtp_server: Any, private_dir: Path, log_catcher: LogCatcher) -> Any:
     """A Notifier sending to a real plain SMTP server on loopback, its lines to the log catcher."""
     server = smtp_server(security="none")
-    clock = Clock()
+    clock = Clock(1_800_000_000.0)
     holder: dict[str, Any] = {"config": config(server.port, admin=ADMIN, interval=900, max_per_hour=60)}
     notifier = Notifier(SyslogSink(str(log_catcher.path), tag="linkusd"), current=lambda: holder["config"],
                         mailer=lambda c: SmtpMailer(c.smtp), lookup={"201": OWNER, "202": None}.get, clock=clock)
