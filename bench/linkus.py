@@ -83,6 +83,8 @@ class LinkusSetup:
         self.service_alone = ws.service(f"{name}-alone", self.auth_lines(unix=False))
         self.proc: subprocess.Popen[bytes] | None = None
         self._store: Any = None
+        #: linkusd's web socket, for set-ups that run linkus-web (bench/gate.py); None: ``--no-web``.
+        self.web_socket: Path | None = None
 
     @property
     def module_line(self) -> str:
@@ -101,7 +103,8 @@ class LinkusSetup:
         started = time.monotonic()
         with open(self.dir / "linkusd.stderr", "ab") as err:
             self.proc = subprocess.Popen(
-                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--quiet", "--no-web",
+                [DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--foreground", "--quiet",
+                 *(["--web-socket", str(self.web_socket)] if self.web_socket else ["--no-web"]),
                  "--config", str(self.config_path), "--pam-socket", str(self.pam_socket),
                  "--log-socket", str(self.log.path)],
                 stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=self.code,  # -m looks in cwd first

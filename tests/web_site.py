@@ -220,7 +220,8 @@ def browser_without_js(tmp_path: Path) -> Iterator[Any]:
     driver.quit()
 
 
-def start_browser(profile: Path, *, javascript: bool = True) -> Any:
+def start_browser(profile: Path, *, javascript: bool = True, flags: tuple[str, ...] = ()) -> Any:
+    """Headless Chromium; ``flags`` are added to its command line (e.g. a test's own TLS trust)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -230,7 +231,7 @@ def start_browser(profile: Path, *, javascript: bool = True) -> Any:
     options.binary_location = "/usr/bin/chromium"
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1100,900"):
+                 f"--user-data-dir={profile}", "--window-size=1100,900", *flags):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     driver.set_page_load_timeout(30)
