@@ -512,8 +512,8 @@ class SelfService:
             raise
         except BaseException as exc:
             self._forget_session(token)
-            if isinstance(exc, Locked):  # a line like a wrong code's, so fail2ban counts it (docs/fail2ban.md)
-                self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], result="locked")
+            if isinstance(exc, Locked):
+                self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], **_lock_result(exc))
                 self.engine.login_failed(sess.ext, exc, service=SERVICE, client=f["client"])
             raise
         return self._login_step(token, sess, gen, kind, payload, infos, f["client"])
@@ -695,7 +695,7 @@ class SelfService:
             raise WebError("denied", tries_left=max(left, 0)) from None
         except Locked as exc:
             sess.pending = None
-            self._audit("enroll", ext, client, method=method, result="locked")
+            self._audit("enroll", ext, client, method=method, **_lock_result(exc))
             self.engine.login_failed(ext, exc, service=SERVICE, client=client)
             raise
         sess.pending = None
@@ -768,6 +768,14 @@ def _ext_key(account: str) -> str:
 def _name_key(name: str) -> str:
     """The failure key of a typed name that is no extension this page serves."""
     return "name:" + name.casefold()
+
+
+def _lock_result(exc: Locked) -> dict[str, str]:
+    """The log fields of a refusal by the lockout. The wrong code that set the lock is a wrong code
+    of this client (``result="wrong-code" lock="set"``: fail2ban counts it); a try while the
+    extension is locked is ``result="locked"``, which fail2ban does not count: someone else may
+    have set the lock, and the owner's own tries must not get the owner banned (docs/fail2ban.md)."""
+    return {"result": "wrong-code", "lock": "set"} if exc.newly else {"result": "locked"}
 
 
 def _client_key(client: str) -> str | None:
