@@ -157,6 +157,9 @@ def test_a_throttle_or_a_lock_someone_else_caused_never_counts_against_the_owner
         assert api("sign_in", ext=user, password=PASSWORD, client=BYSTANDER)["error"] == "locked"
     lines = [line for line in s.log.take() if 'via="web"' in line]
     assert sum(f'client="{BYSTANDER}" result="throttled"' in line for line in lines) == 6, lines
+    # a sign-in to a locked extension has its line too (the right password: self-check, step sign-in)
+    assert sum(f'action="self-check" via="web" ext="{user}" client="{BYSTANDER}" result="locked" step="sign-in"'
+               in line for line in lines) == 6, lines
     found = matches([as_auth_log(line) for line in lines], tmp_path)
     half = MAX_FAILURES_PER_EXT // 2
     assert collections.Counter(found) == {ATTACKER: half + len(answers), ATTACKER2: half}, (found, lines)

@@ -466,8 +466,12 @@ class SelfService:
         gen = self._start_login(ext)
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
-        except BaseException:
+        except BaseException as exc:
             self._forget_session(token)  # the generator has ended, or a worker still runs it: just drop it
+            if isinstance(exc, Locked):
+                # the right password, but the extension is locked: every refusal has its line. Not
+                # counted by fail2ban: the lock may be someone else's doing (docs/fail2ban.md)
+                self._log(LOG_WARNING, "self-check", ext=ext, client=client, result="locked", step="sign-in")
             raise
         return self._login_step(token, sess, gen, kind, payload, infos, client)
 
