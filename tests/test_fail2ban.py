@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import configparser
+import grp
 import re
+import secrets
 import shutil
 import subprocess
 import time
@@ -22,7 +24,7 @@ from typing import Any
 
 import pam_client
 import pytest
-from conftest import PASSWORD, REPO, PamStack, code_at
+from conftest import DAEMON_PYTHON, PASSWORD, REPO, PamStack, code_at
 from web_site import Api
 
 from pam_linkus.daemon.selfservice import FAILURE_WINDOW, MAX_FAILURES_PER_EXT
@@ -187,6 +189,44 @@ def test_pam_tries_while_locked_and_replayed_codes_never_count(pam_stack: PamSta
     for form in (as_auth_log, as_journal):
         found = matches([form(line) for line in lines], tmp_path)
         assert collections.Counter(found) == {ATTACKER: 2}, (form.__name__, found)
+
+
+def test_an_untrusted_callers_rhost_never_counts_nor_is_mailed_as_the_client(
+        pam_stack: PamStack, smtp_server: Any, tmp_path: Path) -> None:
+    """Any local process allowed to ask linkusd can put any address in PAM_RHOST: only a root or
+    trusted_groups caller's rhost is the client's (DESIGN). The line says so; fail2ban and the lock
+    mail take only a trusted one."""
+    require_fail2ban()
+    server = smtp_server(security="none")
+    group = f"lkf{secrets.token_hex(3)}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        pam_stack.set_linkus_only()
+        pam_stack.write_config(
+            daemon={"allowed_groups": [group]}, lockout={"max_failures": 2, "duration": 900},
+            smtp={"host": "127.0.0.1", "port": server.port, "security": "none", "from": "pbx@example.com"},
+            notify={"admin": "ops@example.net"})
+        pam_stack.write_extensions({ext: {"method": "totp", "secret": SECRET, "email": f"{ext}@example.com"}
+                                    for ext in ("alice", "bob")})
+        wrong = "000000" if code_at(SECRET, time.time()) != "000000" else "111111"
+        pam_stack.log.take()
+        probe = (f"import daemon_client as dc; print([dc.converse({str(pam_stack.daemon.pam_socket)!r}, 'alice', "
+                 f"[{wrong!r}], rhost={FORGED!r}).outcome for _ in range(2)])")
+        untrusted = subprocess.run([DAEMON_PYTHON, "-c", probe], env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"},
+                                   user=65534, group=65534, extra_groups=[grp.getgrnam(group).gr_gid],
+                                   capture_output=True, text=True, timeout=30, check=False)
+        assert untrusted.stdout.strip() == "['denied', 'locked']", untrusted
+        assert pam_login(pam_stack, "bob", wrong, ATTACKER) == "PAM_AUTH_ERR"  # root (as sshd): trusted
+        lines = linkusd_lines(pam_stack)
+        assert sum(f'rhost="{FORGED}"' in line and line.endswith(" rhost_trusted=no") for line in lines) == 2, lines
+        assert sum(f'rhost="{ATTACKER}"' in line and line.endswith(" rhost_trusted=yes") for line in lines) == 1
+        for form in (as_auth_log, as_journal):
+            assert matches([form(line) for line in lines], tmp_path) == [ATTACKER], form.__name__
+        for nth in (1, 2):  # the owner's mail and the admin's: the claimed address is not the client's
+            body = server.wait_for_subject("Extension alice locked", nth)["message"].get_content()
+            assert FORGED not in body and "Extension alice" in body, body
+    finally:
+        subprocess.run(["groupdel", group], check=False)
 
 
 def test_the_shipped_jail_is_disabled_and_reads_linkusd(tmp_path: Path) -> None:
