@@ -14,6 +14,8 @@ from __future__ import annotations
 import collections
 import configparser
 import grp
+import ipaddress
+import random
 import re
 import secrets
 import shutil
@@ -227,6 +229,43 @@ def test_an_untrusted_callers_rhost_never_counts_nor_is_mailed_as_the_client(
             assert FORGED not in body and "Extension alice" in body, body
     finally:
         subprocess.run(["groupdel", group], check=False)
+
+
+#: Addresses fail2ban's own <ADDR> takes but that are not as ipaddress writes them: leading zeros
+#: (octal to inet_aton: 127.000.000.001 is loopback, 198.051.100.010 is 198.41.100.8), IPv4 inside
+#: IPv6 (mapped, translated ::ffff:0:), upper case, zeros written out, brackets. None may ever be matched.
+NOT_CANONICAL = ["::ffff:0:1:2", "198.051.100.010", "127.000.000.001", "010.0.0.1", "::ffff:127.0.0.1", "::ffff:7f00:1",
+                 "::ffff:192.0.2.1", "0:0:0:0:0:0:0:1", "2001:DB8::1", "2001:db8::01", "2001:db8:0:0:1:0:0:1",
+                 "[2001:db8::1]", "2001:db8::1::1", "2001:db8::0:1", "1:2:3:4:5:6:7::8", "::192.0.2.1",
+                 "1.2.3.4.5", "256.1.1.1"]
+
+
+def test_only_addresses_as_ipaddress_writes_them_are_matched(pam_stack: PamStack, tmp_path: Path) -> None:
+    require_fail2ban()
+    pam_stack.set_linkus_only()
+    pam_stack.write_config(lockout={"max_failures": 100, "duration": 900})
+    pam_stack.write_extensions({"alice": {"method": "totp", "secret": SECRET}})
+    wrong = "000000" if code_at(SECRET, time.time()) != "000000" else "111111"
+    pam_stack.log.take()
+    for rhost in [*NOT_CANONICAL, ATTACKER]:
+        assert pam_login(pam_stack, "alice", wrong, rhost) == "PAM_AUTH_ERR"
+    lines = linkusd_lines(pam_stack)
+    assert len(lines) == len(NOT_CANONICAL) + 1 and all(f'rhost="{r}"' in "".join(lines) for r in NOT_CANONICAL)
+    assert matches([as_auth_log(line) for line in lines], tmp_path) == [ATTACKER]
+    # every address as ipaddress writes it matches, and gives itself: a real line, its rhost replaced
+    rng = random.Random(7)
+    canonical = ["0.0.0.0", "255.255.255.255", "10.0.0.1", "::1", "::", "2001:db8::", "fe80::1",
+                 "2001:db8:0:1:0:1:0:1", "1:0:0:2::3", "::5", "::26:0"]
+    canonical.extend(str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(100))
+    for _ in range(200):  # IPv6 with zero groups in runs of every length
+        groups = [rng.choice([0, 0, 0, rng.getrandbits(rng.choice([4, 8, 16]))]) for _ in range(8)]
+        address = ipaddress.IPv6Address(":".join(f"{g:x}" for g in groups))
+        if address.ipv4_mapped is None and not str(address).startswith("::ffff:"):
+            canonical.append(str(address))
+    template = as_auth_log(lines[-1])
+    found = matches([template.replace(f'rhost="{ATTACKER}"', f'rhost="{a}"') for a in canonical], tmp_path)
+    # (fail2ban writes ::26:0, an IPv6 address, as ::0.38.0.0: compared as addresses)
+    assert [ipaddress.ip_address(a) for a in found] == [ipaddress.ip_address(a) for a in canonical], found
 
 
 def test_the_shipped_jail_is_disabled_and_reads_linkusd(tmp_path: Path) -> None:

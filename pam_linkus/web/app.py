@@ -19,6 +19,7 @@ import argparse
 import grp
 import html
 import io
+import ipaddress
 import logging
 import os
 import secrets
@@ -167,14 +168,22 @@ class _Pages:
         return reply
 
     def client(self, request: Request) -> str:
+        """The address linkusd logs and limits by: the peer's, or a trusted proxy's X-Forwarded-For.
+
+        Always an address as Python's ipaddress writes it (or the peer as the socket gave it, e.g.
+        "unix"): a forwarded value ipaddress does not take -- ``127.000.000.001`` (leading zeros,
+        octal to inet_aton), a host name, a scope -- leaves the client unknown (the proxy's own
+        address, which fail2ban never bans and no per-address limit counts), never a value that
+        fail2ban or a firewall could read as another address.
+        """
         peer = request.client.host if request.client is not None and request.client.host else "unix"
         trusted = ("unix", "127.0.0.1", "::1") if self.conf.trust_proxy_tcp else ("unix",)
         if self.conf.trust_proxy and peer in trusted:
             forwarded = request.headers.get("x-forwarded-for", "")
-            last = forwarded.rsplit(",", 1)[-1].strip()
-            if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
+            last = canonical_address(forwarded.rsplit(",", 1)[-1].strip())
+            if last is not None:
                 return last
-        return peer[:64]
+        return canonical_address(peer) or peer[:64]
 
     def render(self, name: str, status: int = 200, **context: Any) -> Response:
         text = self.env.get_template(name).render(t=strings, **context)
@@ -509,6 +518,23 @@ class _Pages:
             return self.redirect("/settings?done=unchanged")
 
         return await self.guarded(request, run)
+
+
+def canonical_address(text: str) -> str | None:
+    """``text`` as ipaddress writes it if it is an IP address (an IPv4-mapped IPv6 one as IPv4), else None.
+
+    ipaddress refuses IPv4 with leading zeros; a scope (``%eth0``) is refused here too: it is no
+    client's address anyone could ban or look up.
+    """
+    if not text or len(text) > 64 or "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 class _Refused(Exception):
