@@ -67,12 +67,21 @@ def client_text(address: str | None) -> str:
         return "an address that is not an IP address"
 
 
+def same_address(one: str, other: str) -> bool:
+    """Whether two addresses are one mailbox for our purpose (case aside: domains ignore it, and a
+    mail server that told local parts apart by case would be rare): a change mails each once."""
+    return one.strip().casefold() == other.strip().casefold()
+
+
 @dataclass(frozen=True)
 class Event:
     """Something that happened to ``ext``; ``address`` None: the one on file is looked up when sent.
 
     ``by``: who did it, in words of ours ("you, on the Security Settings page", "the
     administrator (alice)", "a login"); ``client``: the address it came from, when known.
+    ``previous``: this copy goes to the address on file before the change (an enrolment that
+    moved the codes elsewhere): whoever did it may own only the new address, so the old one
+    must hear of it too, as a disable tells the address it had.
     """
 
     kind: str
@@ -83,6 +92,7 @@ class Event:
     client: str | None = None
     method: str | None = None
     service: str | None = None
+    previous: bool = False
 
 
 def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
@@ -111,7 +121,9 @@ def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
         subject = f"New two-factor method for {ext}"
         body = (f"Two-factor authentication for extension {ext} on {host} was set up with {method} "
                 f"at {when} by {event.by}{where}.\n\n"
-                "Codes from an earlier app or address no longer work.\n" + end)
+                "Codes from an earlier app or address no longer work.\n"
+                + ("This mail goes to the address on file before this change; the codes now go elsewhere.\n"
+                   if event.previous else "") + end)
     elif event.kind == "recovery-codes":
         subject = f"New recovery codes for {ext}"
         body = (f"New recovery codes for extension {ext} on {host} were made at {when} by {event.by}{where}.\n\n"
@@ -299,7 +311,8 @@ class Notifier:
                 self._log(LOG_WARNING, item.kind, item.ext, result="failed", reason=exc.reason)
                 address = None
         if address:
-            self._send(config, item.kind, item.ext, address, subject, body, now, f"{item.kind}:{item.ext}")
+            key = f"{item.kind}:{item.ext}" + (":previous" if item.previous else "")
+            self._send(config, item.kind, item.ext, address, subject, body, now, key)
         if item.kind == "locked" and cfg.admin:
             subject, body = compose(item, host, admin=True)
             self._send(config, item.kind, item.ext, cfg.admin, subject, body, now, f"admin:locked:{item.ext}",

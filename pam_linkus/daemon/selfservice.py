@@ -90,7 +90,7 @@ from pam_linkus import password as pam_password  # by module: tests count its ch
 from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 from pam_linkus.mailtext import check_address, mask_address
-from pam_linkus.notify import Event
+from pam_linkus.notify import Event, same_address
 from pam_linkus.outcome import Outcome
 from pam_linkus.recovery import display
 from pam_linkus.state.base import FOREVER, LockStatus
@@ -418,10 +418,10 @@ class SelfService:
         self._give_back(reservation)
 
     def _notify(self, kind: str, ext: str, client: str, *, address: str | None = None,
-                method: str | None = None) -> None:
+                method: str | None = None, previous: bool = False) -> None:
         """Tell the owner (queued: the page never waits for SMTP; pam_linkus.notify)."""
         self.engine.notifier.submit(Event(kind, ext, self.engine.clock(), address=address, by=BY_OWNER,
-                                          client=client, method=method))
+                                          client=client, method=method, previous=previous))
 
     async def _changed(self, what: str) -> None:
         """Reload after a write, so the page and the next login see it now, not at the next file poll."""
@@ -653,6 +653,8 @@ class SelfService:
         snapshot = self.engine.snapshot()
         config, store, ext, client = snapshot.config, snapshot.store, sess.ext, f["client"]
         method, secret, address = pend.method, pend.secret, pend.address
+        before = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+        previous = before.email if before is not None else None  # told too when the codes move away
         lock_after: list[LockStatus | None] = [None]  # the lockout after a wrong code, for tries_left
 
         def confirm() -> str:
@@ -705,7 +707,9 @@ class SelfService:
         sess.pending = None
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
         await self._changed("enrollment")
-        self._notify("enrolled", ext, client, method=method)
+        self._notify("enrolled", ext, client, method=method, address=address)
+        if previous and not same_address(previous, address or previous):
+            self._notify("enrolled", ext, client, method=method, address=previous, previous=True)
         return {"method": method}
 
     async def _op_enroll_cancel(self, f: dict[str, str]) -> dict[str, object]:
