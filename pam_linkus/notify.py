@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -73,6 +75,29 @@ def same_address(one: str, other: str) -> bool:
     return one.strip().casefold() == other.strip().casefold()
 
 
+#: Our own services, in our words.
+SERVICE_WORDS = {"linkus-web": "the Security Settings page", "linkus-gate": "the web gate"}
+#: Where the PAM services this host has are configured (the admin's names, not a client's).
+PAM_DIR = "/etc/pam.d"
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def service_text(service: str | None, pam_dir: str = PAM_DIR) -> str | None:
+    """The PAM service for a mail, in a bounded form that carries nothing a client chose.
+
+    The service name is whatever the calling program passed to pam_start, so it is repeated
+    only when it names a service configured on this host (a file in /etc/pam.d: the admin's
+    word, e.g. "sshd"); our own services get our words; anything else is "a login".
+    """
+    if not service:
+        return None
+    if service in SERVICE_WORDS:
+        return SERVICE_WORDS[service]
+    if _SERVICE_NAME.fullmatch(service) and os.path.isfile(os.path.join(pam_dir, service)):
+        return f"PAM service {service}"
+    return "a login"
+
+
 @dataclass(frozen=True)
 class Event:
     """Something that happened to ``ext``; ``address`` None: the one on file is looked up when sent.
@@ -100,7 +125,8 @@ def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
     ext = safe(event.ext, 64)
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(event.when))
     where = f" from {client_text(event.client)}" if event.client is not None else ""
-    service = f" ({safe(event.service, 64)})" if event.service else ""
+    said = service_text(event.service)
+    service = f" ({said})" if said else ""
     end = ("\nHave the password changed and check the account (docs/fail2ban.md says how).\n" if admin else
            "\nIf this was not you, change your password now and tell your administrator.\n")
     if event.kind == "locked":
