@@ -122,13 +122,14 @@ class Admin:
             print(f"linkus-2fa: warning: linkusd did not load the new settings: {status['last_error']}",
                   file=sys.stderr, flush=True)
 
-    def notify(self, kind: str, ext: str, address: str | None, *, method: str | None = None) -> None:
+    def notify(self, kind: str, ext: str, address: str | None, *, method: str | None = None,
+               previous: bool = False) -> None:
         """Mail the owner's address on file about this change (pam_linkus.notify), right away: one
         command, one mail. A mail that cannot be sent is said and logged; the change stands."""
         if not address or not self.config.notify.enabled:
             return
         by = "you, with linkus-2fa self" if self.via == "self" else f"the administrator ({self.actor})"
-        event = notify.Event(kind, ext, time.time(), by=by, method=method)
+        event = notify.Event(kind, ext, time.time(), by=by, method=method, previous=previous)
         try:
             notify.send_now(self.config, SmtpMailer(self.config.smtp), event, address)
         except LinkusError as exc:
@@ -292,6 +293,9 @@ def enroll_email(adm: Admin, ext: str, *, address: str | None) -> int:
     adm.reload_daemon()
     adm.audit("enroll", ext, method="email", source=source, confirmed="yes")
     adm.notify("enrolled", ext, target, method="email")
+    before = current.email if current is not None else None
+    if before and not notify.same_address(before, target):  # whoever did it may own only the new address
+        adm.notify("enrolled", ext, before, method="email", previous=True)
     print(SAVED)
     return 0
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -67,12 +69,44 @@ def client_text(address: str | None) -> str:
         return "an address that is not an IP address"
 
 
+def same_address(one: str, other: str) -> bool:
+    """Whether two addresses are one mailbox for our purpose (case aside: domains ignore it, and a
+    mail server that told local parts apart by case would be rare): a change mails each once."""
+    return one.strip().casefold() == other.strip().casefold()
+
+
+#: Our own services, in our words.
+SERVICE_WORDS = {"linkus-web": "the Security Settings page", "linkus-gate": "the web gate"}
+#: Where the PAM services this host has are configured (the admin's names, not a client's).
+PAM_DIR = "/etc/pam.d"
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+
+
+def service_text(service: str | None, pam_dir: str = PAM_DIR) -> str | None:
+    """The PAM service for a mail, in a bounded form that carries nothing a client chose.
+
+    The service name is whatever the calling program passed to pam_start, so it is repeated
+    only when it names a service configured on this host (a file in /etc/pam.d: the admin's
+    word, e.g. "sshd"); our own services get our words; anything else is "a login".
+    """
+    if not service:
+        return None
+    if service in SERVICE_WORDS:
+        return SERVICE_WORDS[service]
+    if _SERVICE_NAME.fullmatch(service) and os.path.isfile(os.path.join(pam_dir, service)):
+        return f"PAM service {service}"
+    return "a login"
+
+
 @dataclass(frozen=True)
 class Event:
     """Something that happened to ``ext``; ``address`` None: the one on file is looked up when sent.
 
     ``by``: who did it, in words of ours ("you, on the Security Settings page", "the
     administrator (alice)", "a login"); ``client``: the address it came from, when known.
+    ``previous``: this copy goes to the address on file before the change (an enrolment that
+    moved the codes elsewhere): whoever did it may own only the new address, so the old one
+    must hear of it too, as a disable tells the address it had.
     """
 
     kind: str
@@ -83,6 +117,7 @@ class Event:
     client: str | None = None
     method: str | None = None
     service: str | None = None
+    previous: bool = False
 
 
 def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
@@ -90,7 +125,8 @@ def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
     ext = safe(event.ext, 64)
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(event.when))
     where = f" from {client_text(event.client)}" if event.client is not None else ""
-    service = f" ({safe(event.service, 64)})" if event.service else ""
+    said = service_text(event.service)
+    service = f" ({said})" if said else ""
     end = ("\nHave the password changed and check the account (docs/fail2ban.md says how).\n" if admin else
            "\nIf this was not you, change your password now and tell your administrator.\n")
     if event.kind == "locked":
@@ -111,7 +147,9 @@ def compose(event: Event, host: str, *, admin: bool = False) -> tuple[str, str]:
         subject = f"New two-factor method for {ext}"
         body = (f"Two-factor authentication for extension {ext} on {host} was set up with {method} "
                 f"at {when} by {event.by}{where}.\n\n"
-                "Codes from an earlier app or address no longer work.\n" + end)
+                "Codes from an earlier app or address no longer work.\n"
+                + ("This mail goes to the address on file before this change; the codes now go elsewhere.\n"
+                   if event.previous else "") + end)
     elif event.kind == "recovery-codes":
         subject = f"New recovery codes for {ext}"
         body = (f"New recovery codes for extension {ext} on {host} were made at {when} by {event.by}{where}.\n\n"
@@ -299,7 +337,8 @@ class Notifier:
                 self._log(LOG_WARNING, item.kind, item.ext, result="failed", reason=exc.reason)
                 address = None
         if address:
-            self._send(config, item.kind, item.ext, address, subject, body, now, f"{item.kind}:{item.ext}")
+            key = f"{item.kind}:{item.ext}" + (":previous" if item.previous else "")
+            self._send(config, item.kind, item.ext, address, subject, body, now, key)
         if item.kind == "locked" and cfg.admin:
             subject, body = compose(item, host, admin=True)
             self._send(config, item.kind, item.ext, cfg.admin, subject, body, now, f"admin:locked:{item.ext}",

@@ -78,6 +78,11 @@ def test_changing_the_address_switches_email_2fa_off_until_confirmed(pam_stack: 
     child.expect("Edited successfully.")
     assert finish(child)[0] == 0
     assert entry(pam_stack, user) == {"method": "email", "email": "new@example.com"}
+    # the new address is told, and so is the one on file before (whoever did it may own only the new one)
+    notices = [server.wait_for_subject("New two-factor method", n) for n in (1, 2)]
+    assert sorted(n["to"][0] for n in notices) == ["new@example.com", "old@example.com"]
+    old_notice = next(n for n in notices if n["to"] == ["old@example.com"])["message"].get_content()
+    assert "address on file before this change" in old_notice and code_in(mail) not in old_notice
     assert 'result=email-2fa-off-until-confirmed' in pam_stack.log.wait_for('action=email-address-changed')
 
 

@@ -17,11 +17,12 @@ from fakes import Clock
 from plumbing import LogCatcher
 from web_site import logged
 
+from pam_linkus import notify
 from pam_linkus.config import Config
 from pam_linkus.errors import ConfigError
 from pam_linkus.logline import SyslogSink
 from pam_linkus.mail import SmtpMailer
-from pam_linkus.notify import Event, Notifier
+from pam_linkus.notify import Event, Notifier, compose
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
 OWNER, ADMIN = "owner@example.com", "ops@example.net"
@@ -74,6 +75,20 @@ def test_each_event_mails_the_owner_once_with_its_own_text(mail: Any) -> None:
     # no address on file: nothing sent, nothing queued for nobody
     assert notifier.submit(Event("disabled", "202", clock()))
     assert notifier.flush() and len(server.messages) == 5
+
+
+def test_the_lock_mail_names_a_service_only_in_a_bounded_form(tmp_path: Path) -> None:
+    """The PAM service is whatever the caller passed to pam_start: repeated only when it is one this
+    host configures, else in our words."""
+    (tmp_path / "sshd").write_text("")
+    said = {service: notify.service_text(service, str(tmp_path)) for service in (
+        "sshd", "linkus-gate", "linkus-web", "Call 0800-123 now", "nosuchservice", "../sshd", "sshd\n", "", None)}
+    assert said == {"sshd": "PAM service sshd", "linkus-gate": "the web gate",
+                    "linkus-web": "the Security Settings page", "Call 0800-123 now": "a login",
+                    "nosuchservice": "a login", "../sshd": "a login", "sshd\n": "a login", "": None, None: None}
+    _subject, body = compose(Event("locked", "201", 1_800_000_000.0, client=CLIENT,
+                                   service="pay-at-evil.example-to-unlock"), "pbx")
+    assert "evil" not in body and f"from {CLIENT} (a login)." in body
 
 
 def test_throttled_per_extension_and_kind_and_in_all(mail: Any) -> None:
@@ -181,7 +196,7 @@ def test_through_pam_a_lock_and_a_spray_mail_owner_and_admin(pam_stack: PamStack
     owner = server.wait_for_subject("Extension 501 locked", 1)
     admin = server.wait_for_subject("Extension 501 locked", 2)
     assert (owner["to"], admin["to"], spray["to"]) == (["501@example.com"], [ADMIN], [ADMIN])
-    assert "from 192.0.2.33 (" in owner["message"].get_content()
+    assert f"from 192.0.2.33 (PAM service {pam_stack.service})." in owner["message"].get_content()
     assert len(server.messages) == 3, [m["message"]["Subject"] for m in server.messages]
     assert pam_stack.daemon.status()["notifications"] == {"sent": 3, "dropped": 0}
 

@@ -142,11 +142,16 @@ def test_email_enrollment_disable_and_recovery_codes(api: Api, site: tuple[Site,
     enrolled = smtp.wait_for_message(2)  # the owner is told (pam_linkus.notify), at the new address
     assert enrolled["to"] == ["new@example.org"] and "New two-factor method" in enrolled["message"]["Subject"]
     assert code_in(mail) not in enrolled["message"].get_content()
+    # and at the address on file before: whoever moved the codes may own only the new one
+    told_before = smtp.wait_for_message(3)
+    assert told_before["to"] == ["owner@example.com"] and "New two-factor method" in told_before["message"]["Subject"]
+    assert "address on file before this change" in told_before["message"].get_content()
+    assert code_in(mail) not in told_before["message"].get_content()
 
     assert api("recovery_codes", password="wrong", **me)["error"] == "denied"
     codes = api("recovery_codes", password=PASSWORD, **me)["codes"]
     assert len(codes) == 10 and api.store().recovery_codes_left(user) == 10
-    renewed = smtp.wait_for_message(3)
+    renewed = smtp.wait_for_message(4)
     assert renewed["to"] == ["new@example.org"] and "New recovery codes" in renewed["message"]["Subject"]
     assert not any(c.replace("-", "") in renewed["message"].get_content().replace("-", "") for c in codes)
 
@@ -154,7 +159,7 @@ def test_email_enrollment_disable_and_recovery_codes(api: Api, site: tuple[Site,
     assert s.entry(user).get("enabled", True) is True
     assert api("disable", password=PASSWORD, **me) == {"ok": True}
     assert s.entry(user) == {"method": "email", "email": "new@example.org", "enabled": False}
-    notice = smtp.wait_for_message(4)
+    notice = smtp.wait_for_message(5)
     assert notice["to"] == ["new@example.org"] and "switched off" in notice["message"]["Subject"]
     assert api.store().recovery_codes_left(user) == 0
     assert logged(s.log, action="disable")["ext"] == user

@@ -180,3 +180,45 @@ def test_the_unix_socket_is_the_proxy_groups_only_and_its_forwarded_for_counts(
         assert logged(site_.log, action="self-check", result="wrong-password")["client"] == "198.51.100.23"
     finally:
         unix.stop()
+
+
+def test_a_forwarded_address_counts_only_as_ipaddress_writes_it(web: tuple[Any, Any, Any], user: str,
+                                                                tmp_path: Path) -> None:
+    """X-Forwarded-For reaches the log (and fail2ban) only as ipaddress writes it: leading zeros
+    (octal to inet_aton, invalid to fail2ban) or a scope leave the client unknown (the proxy's address)."""
+    import http.client
+    import urllib.parse
+    from concurrent.futures import ThreadPoolExecutor
+
+    from web_site import WebServer, fields
+
+    site_, _daemon, _plain = web
+    site_.add(user)
+    proxied = WebServer(site_, tmp_path)
+    cases = {"198.051.100.010": "127.0.0.1", "127.000.000.001": "127.0.0.1", "fe80::1%eth0": "127.0.0.1",
+             "::ffff:198.51.100.23": "198.51.100.23", "2001:DB8:0::1": "2001:db8::1"}
+
+    def sign_in(forwarded: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", proxied.port, timeout=20)
+        try:
+            conn.request("GET", "/sign-in")
+            response = conn.getresponse()
+            page = response.read().decode()
+            pre = response.getheader("Set-Cookie", "").split(";")[0]
+            csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+            body = urllib.parse.urlencode({"csrf": csrf, "ext": user, "password": "wrong"})
+            conn.request("POST", "/sign-in", body=body, headers={
+                "Cookie": pre, "Content-Type": "application/x-www-form-urlencoded", "X-Forwarded-For": forwarded})
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    try:
+        proxied.start("--trust-proxy", "--trust-proxy-tcp")
+        site_.log.take()
+        with ThreadPoolExecutor(len(cases)) as pool:  # each wrong password answers after 2 s: at once
+            assert list(pool.map(sign_in, cases)) == [401] * len(cases)
+        got = sorted(fields(line)["client"] for line in site_.log.take() if 'result="wrong-password"' in line)
+        assert got == sorted(cases.values()), got
+    finally:
+        proxied.stop()

@@ -91,7 +91,7 @@ from pam_linkus import password as pam_password  # by module: tests count its ch
 from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 from pam_linkus.mailtext import check_address, mask_address
-from pam_linkus.notify import Event
+from pam_linkus.notify import Event, same_address
 from pam_linkus.outcome import Outcome
 from pam_linkus.recovery import display
 from pam_linkus.state.base import FOREVER, LockStatus
@@ -438,10 +438,10 @@ class SelfService:
         self._give_back(reservation)
 
     def _notify(self, kind: str, ext: str, client: str, *, address: str | None = None,
-                method: str | None = None) -> None:
+                method: str | None = None, previous: bool = False) -> None:
         """Tell the owner (queued: the page never waits for SMTP; pam_linkus.notify)."""
         self.engine.notifier.submit(Event(kind, ext, self.engine.clock(), address=address, by=BY_OWNER,
-                                          client=client, method=method))
+                                          client=client, method=method, previous=previous))
 
     async def _changed(self, what: str) -> None:
         """Reload after a write, so the page and the next login see it now, not at the next file poll."""
@@ -486,8 +486,12 @@ class SelfService:
         gen = self._start_login(ext)
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
-        except BaseException:
+        except BaseException as exc:
             self._forget_session(token)  # the generator has ended, or a worker still runs it: just drop it
+            if isinstance(exc, Locked):
+                # the right password, but the extension is locked: every refusal has its line. Not
+                # counted by fail2ban: the lock may be someone else's doing (docs/fail2ban.md)
+                self._log(LOG_WARNING, "self-check", ext=ext, client=client, result="locked", step="sign-in")
             raise
         return self._login_step(token, sess, gen, kind, payload, infos, client)
 
@@ -549,11 +553,11 @@ class SelfService:
             raise
         except BaseException as exc:
             self._forget_session(token)
-            if isinstance(exc, Locked):  # a line like a wrong code's, so fail2ban counts it (docs/fail2ban.md)
+            if isinstance(exc, Locked):  # docs/fail2ban.md: only the code that set the lock counts
                 if on_fail is not None:
                     on_fail(sess, exc)
                 else:
-                    self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], result="locked")
+                    self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], **_lock_result(exc))
                 self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
             raise
         return sess, gen, kind, payload, infos
@@ -689,6 +693,8 @@ class SelfService:
         snapshot = self.engine.snapshot()
         config, store, ext, client = snapshot.config, snapshot.store, sess.ext, f["client"]
         method, secret, address = pend.method, pend.secret, pend.address
+        before = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+        previous = before.email if before is not None else None  # told too when the codes move away
         lock_after: list[LockStatus | None] = [None]  # the lockout after a wrong code, for tries_left
 
         def confirm() -> str:
@@ -735,13 +741,15 @@ class SelfService:
             raise WebError("denied", tries_left=max(left, 0)) from None
         except Locked as exc:
             sess.pending = None
-            self._audit("enroll", ext, client, method=method, result="locked")
+            self._audit("enroll", ext, client, method=method, **_lock_result(exc))
             self.engine.login_failed(ext, exc, service=SERVICE, client=client)
             raise
         sess.pending = None
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
         await self._changed("enrollment")
-        self._notify("enrolled", ext, client, method=method)
+        self._notify("enrolled", ext, client, method=method, address=address)
+        if previous and not same_address(previous, address or previous):
+            self._notify("enrolled", ext, client, method=method, address=previous, previous=True)
         return {"method": method}
 
     async def _op_enroll_cancel(self, f: dict[str, str]) -> dict[str, object]:
@@ -808,6 +816,14 @@ def _ext_key(account: str) -> str:
 def _name_key(name: str) -> str:
     """The failure key of a typed name that is no extension this page serves."""
     return "name:" + name.casefold()
+
+
+def _lock_result(exc: Locked) -> dict[str, str]:
+    """The log fields of a refusal by the lockout. The wrong code that set the lock is a wrong code
+    of this client (``result="wrong-code" lock="set"``: fail2ban counts it); a try while the
+    extension is locked is ``result="locked"``, which fail2ban does not count: someone else may
+    have set the lock, and the owner's own tries must not get the owner banned (docs/fail2ban.md)."""
+    return {"result": "wrong-code", "lock": "set"} if exc.newly else {"result": "locked"}
 
 
 def _client_key(client: str) -> str | None:

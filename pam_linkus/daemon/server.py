@@ -495,7 +495,9 @@ class PamLogin:
             outcome, reason = await self._converse(self.steps)
         except LinkusError as exc:
             outcome, reason = exc.outcome, exc.reason
-            engine.login_failed(ctx.account, exc, service=req.service, client=req.rhost)
+            # an rhost the caller may not vouch for is only logged: the lock mail never names it
+            engine.login_failed(ctx.account, exc, service=req.service,
+                                client=req.rhost if req.rhost_trusted else None)
             engine.count_failure(exc, snap.config)
         except (ConnectionError, ProtocolError) as exc:
             outcome, reason = Outcome.CONVERSATION, f"client hung up ({type(exc).__name__})"
@@ -695,6 +697,10 @@ def _field_map(conn: PamLogin, outcome: str, reason: str) -> dict[str, object]:
         "outcome": outcome,
         "reason": reason,
         "ms": int((time.monotonic() - conn.began) * 1000),
+        # Last, so readers of the earlier fields are undisturbed: whether ``rhost`` is an address
+        # linkusd takes as the client's (a root or trusted_groups caller, cleanly encoded). Any
+        # other caller's rhost is only what a local process claimed: fail2ban ignores it.
+        "rhost_trusted": req.rhost_trusted,
     }
 
 

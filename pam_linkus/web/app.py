@@ -20,6 +20,7 @@ import asyncio
 import grp
 import html
 import io
+import ipaddress
 import logging
 import os
 import secrets
@@ -195,13 +196,21 @@ class _Pages:
         return self.conf.trust_proxy and peer in trusted
 
     def client(self, request: Request) -> str:
+        """The address linkusd logs and limits by: the peer's, or a trusted proxy's X-Forwarded-For.
+
+        Always an address as Python's ipaddress writes it (or the peer as the socket gave it, e.g.
+        "unix"): a forwarded value ipaddress does not take -- ``127.000.000.001`` (leading zeros,
+        octal to inet_aton), a host name, a scope -- leaves the client unknown (the proxy's own
+        address, which fail2ban never bans and no per-address limit counts), never a value that
+        fail2ban or a firewall could read as another address.
+        """
         peer = request.client.host if request.client is not None and request.client.host else "unix"
         if self.trusted_proxy(request):
             forwarded = request.headers.get("x-forwarded-for", "")
-            last = forwarded.rsplit(",", 1)[-1].strip()
-            if last and len(last) <= 64 and all(c in "0123456789abcdefABCDEF.:" for c in last):
+            last = canonical_address(forwarded.rsplit(",", 1)[-1].strip())
+            if last is not None:
                 return last
-        return peer[:64]
+        return canonical_address(peer) or peer[:64]
 
     def render(self, name: str, status: int = 200, **context: Any) -> Response:
         text = self.env.get_template(name).render(t=strings, **context)
@@ -555,6 +564,23 @@ async def call_web(socket_path: str, request: dict[str, object], *, timeout: flo
             return protocol.decode_body(body, {protocol.Msg.WEB_REPLY}).json()
         finally:
             writer.close()
+
+
+def canonical_address(text: str) -> str | None:
+    """``text`` as ipaddress writes it if it is an IP address (an IPv4-mapped IPv6 one as IPv4), else None.
+
+    ipaddress refuses IPv4 with leading zeros; a scope (``%eth0``) is refused here too: it is no
+    client's address anyone could ban or look up.
+    """
+    if not text or len(text) > 64 or "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def _seconds(value: object) -> int:
