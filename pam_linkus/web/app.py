@@ -133,6 +133,15 @@ class _Headers:
     def __init__(self, app: Any, settings: Settings):
         self.app = app
         self.settings = settings
+        # encoded once: this wrapper runs for every gate check (one per request nginx proxies)
+        extra = [("content-security-policy", CSP), ("x-frame-options", "DENY"),
+                 ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
+                 ("cross-origin-opener-policy", "same-origin"),
+                 ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
+        if settings.secure_cookies:
+            extra.append(("strict-transport-security", "max-age=31536000"))
+        self.static_headers = [(k.encode(), v.encode()) for k, v in extra]
+        self.page_headers = [*self.static_headers, (b"cache-control", b"no-store")]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -144,16 +153,8 @@ class _Headers:
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                headers = list(message.get("headers", []))
-                extra = [("content-security-policy", CSP), ("x-frame-options", "DENY"),
-                         ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
-                         ("cross-origin-opener-policy", "same-origin"),
-                         ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
-                if not path.startswith(("/static/", PREFIX + "/static/")):
-                    extra.append(("cache-control", "no-store"))
-                if self.settings.secure_cookies:
-                    extra.append(("strict-transport-security", "max-age=31536000"))
-                headers += [(k.encode(), v.encode()) for k, v in extra]
+                static = path.startswith(("/static/", PREFIX + "/static/"))
+                headers = [*message.get("headers", ()), *(self.static_headers if static else self.page_headers)]
                 message = {**message, "headers": headers}
             await send(message)
 
