@@ -114,8 +114,8 @@ def on_cpu_seconds(pid: int) -> float:
 def strip_check(block: str) -> str:
     """The example block without the gate: the auth_request and the error_page lines of ``location /``."""
     text, count = re.subn(r"^\s*(auth_request|auth_request_set|error_page)\b.*\n", "", block, flags=re.M)
-    if count != 6:
-        raise SystemExit(f"bench/gate.py: expected 6 gate lines in the example block, found {count}")
+    if count != 7:
+        raise SystemExit(f"bench/gate.py: expected 7 gate lines in the example block, found {count}")
     return text
 
 

@@ -44,7 +44,7 @@ from pam_linkus.state import open_store
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from pam_linkus.config import Config, GroupRule, Profile
+    from pam_linkus.config import Config, GateConfig, GateSite, GroupRule, Profile
 
     Report = Callable[[str, str, str], None]
 
@@ -109,6 +109,7 @@ def run(config_path: str, *, user: str | None, pam_dir: str, smtp: bool, now: fl
     doc.add(check_time_sync())
     uses_email = check_sources(doc, config, user)
     check_group_rules(doc, config)
+    check_gate(doc, config)
     if user:
         check_policy(doc, config, user)
     check_state(doc, config, now)
@@ -253,6 +254,65 @@ def check_group_rules(doc: Doctor, config: Config) -> None:
                    "and every login a rule naming ldap_groups could apply to is unavailable")
     else:
         doc.report("ok", "ldap group_attribute", f"{attribute} is defined in the directory's schema")
+
+
+#: An exempt network wider than this (IPv4 /24, IPv6 /64) is a WARN: the phones' VLAN is rarely
+#: larger, and every address in it passes the site naming nobody.
+WIDE_EXEMPT = {4: 24, 6: 64}
+
+
+def describe_site(gate: GateConfig, site: GateSite) -> str:
+    """One gate site on one line: where, who may pass, enforce, exempt networks, lifetimes."""
+    where = site.host or ("any of return_hosts (" + ", ".join(gate.return_hosts) + ")" if gate.return_hosts
+                          else "no host (return_hosts is empty)")
+    who = [f"{label} {', '.join(values)}" for label, values in (("Unix groups", site.allow_groups),
+                                                                 ("LDAP groups", site.allow_ldap_groups),
+                                                                 ("extensions", site.allow_extensions)) if values]
+    enforce = "enrolled" if site.enforce == "enrolled" and gate.enforce == "enrolled" else "all"
+    exempt = ", ".join(str(n) for n in site.exempt_networks) or "none"
+    return (f"{where} {site.path}; who may pass: {' or '.join(who) if who else 'any extension'}; "
+            f"enforce {enforce}; exempt networks {exempt}; session {site.session_lifetime} s, "
+            f"idle {site.idle_timeout} s")
+
+
+def check_gate(doc: Doctor, config: Config) -> None:
+    """The web gate's sites as linkusd will apply them, and what is risky in them (WARN): a site any
+    extension may pass on its password alone (enforce: enrolled in the gate and the site, no allow
+    list), an exempt network wider than WIDE_EXEMPT (everyone in it passes naming nobody), an empty
+    return_hosts while a site has no host (that site matches no request: all 403), a Unix group in
+    allow_groups this host does not have. Nothing is said when no site is configured."""
+    gate = config.gate
+    if not gate.sites:
+        doc.report("ok", "gate", "no sites (the web gate lets nothing through: every protected path is 403)")
+        return
+    doc.report("ok", "gate", f"{len(gate.sites)} site{'' if len(gate.sites) == 1 else 's'}; enforce "
+               f"{gate.enforce}, not_enrolled {gate.not_enrolled}, return_hosts "
+               f"{', '.join(gate.return_hosts) or 'none'}, default_return {gate.default_return}")
+    if not gate.return_hosts:
+        hostless = [site.name for site in gate.sites if site.host is None]
+        detail = "a return URL naming a host always goes to default_return"
+        if hostless:
+            detail = (f"site{'' if len(hostless) == 1 else 's'} {', '.join(hostless)} name no host, so they match "
+                      f"no request (every one is refused 403); and {detail}")
+        doc.report("WARN", "gate return_hosts", "empty: " + detail)
+    for site in gate.sites:
+        what = f"gate site {site.name}"
+        doc.report("ok", what, describe_site(gate, site))
+        if (site.enforce == "enrolled" and gate.enforce == "enrolled"
+                and not (site.allow_groups or site.allow_ldap_groups or site.allow_extensions)):
+            doc.report("WARN", what, "any extension may pass, and one without 2FA on its password alone "
+                       "(enforce: enrolled in the gate and the site, no allow_groups/allow_ldap_groups/"
+                       "allow_extensions)")
+        for network in site.exempt_networks:
+            if network.prefixlen < WIDE_EXEMPT[network.version]:
+                doc.report("WARN", what, f"exempt network {network} is wide ({network.num_addresses} addresses): "
+                           "every address in it passes naming nobody, with no sign-in")
+        for group in site.allow_groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                doc.report("WARN", what, f"Unix group {group!r} does not exist on this host (nobody passes "
+                           "through it)")
 
 
 def check_policy(doc: Doctor, config: Config, user: str) -> None:

@@ -106,3 +106,39 @@ def test_doctor_smtp_ok_against_a_real_server(pam_stack: PamStack) -> None:
         assert f"ok   smtp: 127.0.0.1:{port} (none)" in result.stdout, result.stdout
     finally:
         controller.stop()
+
+
+def test_doctor_shows_the_gates_sites_and_warns_on_risky_ones(pam_stack: PamStack) -> None:
+    """Each site on a line (host, path, who, enforce, exempt networks, lifetimes); WARN for a site any
+    extension passes on its password alone, a wide exempt network, an empty return_hosts, a missing group."""
+    risky = {"enforce": "enrolled", "idle_timeout": 600, "sites": [
+        {"name": "phones", "path": "/provisioning/", "allow_extensions": ["201"],
+         "exempt_networks": ["10.0.0.0/8", "192.168.7.0/24", "fd00::/48"]},
+        {"name": "open", "host": "pbx.example.com", "path": "/ucp/", "enforce": "enrolled",
+         "session_lifetime": 3600}]}
+    pam_stack.write_config(gate=risky)
+    out = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root)).stdout
+    gate_lines = [line for line in out.splitlines() if " gate" in line]
+    assert ("ok   gate site open: pbx.example.com /ucp/; who may pass: any extension; enforce enrolled; exempt "
+            "networks none; session 3600 s, idle 600 s") in gate_lines, out
+    assert ("ok   gate site phones: no host (return_hosts is empty) /provisioning/; who may pass: extensions 201; "
+            "enforce enrolled; exempt networks 10.0.0.0/8, 192.168.7.0/24, fd00::/48; session 43200 s, idle 600 s"
+            ) in gate_lines, out
+    warns = [line for line in gate_lines if line.startswith("WARN")]
+    assert len(warns) == 4, out
+    assert "WARN gate return_hosts: empty: site phones name no host, so they match no request" in warns[0]
+    assert warns[1].startswith("WARN gate site phones: exempt network 10.0.0.0/8 is wide (16777216 addresses)")
+    assert warns[2].startswith("WARN gate site phones: exempt network fd00::/48 is wide")
+    assert warns[3].startswith("WARN gate site open: any extension may pass, and one without 2FA on its password")
+
+    safe = {"enforce": "all", "return_hosts": ["pbx.example.com"], "sites": [
+        {"name": "admin", "path": "/admin/", "allow_groups": ["root"], "exempt_networks": ["192.168.7.0/24"]},
+        {"name": "open", "path": "/ucp/", "enforce": "enrolled"},
+        {"name": "typo", "path": "/x/", "allow_groups": ["no-such-group-linkus"]}]}
+    pam_stack.write_config(gate=safe)
+    out = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root)).stdout
+    gate_lines = [line for line in out.splitlines() if " gate" in line]
+    assert "ok   gate site admin: any of return_hosts (pbx.example.com) /admin/; who may pass: Unix groups root" \
+           in "\n".join(gate_lines), out
+    assert [line for line in gate_lines if line.startswith("WARN")] == [
+        "WARN gate site typo: Unix group 'no-such-group-linkus' does not exist on this host (nobody passes through it)"]

@@ -159,7 +159,8 @@ def test_control_fields(deb: Path) -> None:
     # Redis state, the self-service pages and the metrics listener are optional parts.
     assert {d.strip() for d in field("Recommends").split(",")} == {"python3-redis", "python3-starlette",
                                                                    "python3-uvicorn", "python3-jinja2",
-                                                                   "python3-prometheus-client"}
+                                                                   "python3-prometheus-client",
+                                                                   "python3-httptools", "python3-uvloop"}
     # The pam_python version is gone for good: nothing may pull it in again.
     assert "libpam-python" not in field("Depends") + field("Recommends") + field("Suggests")
     assert field("Architecture") == run(["dpkg", "--print-architecture"]).stdout.strip()

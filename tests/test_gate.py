@@ -23,6 +23,7 @@ from web_site import Api, Site, WebServer, logged
 
 from pam_linkus.config import Config
 from pam_linkus.daemon.gate import check_return, match_site, normal_path
+from pam_linkus.web.gate import sign_in_url
 
 CLIENT = "192.0.2.10"
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
@@ -547,6 +548,13 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     s, _daemon, path = gate_web
     b = Browser(path)
     assert b.auth()[0] == 401  # no session
+    # the 401 names the sign-in page with the whole return URL encoded (nginx cannot encode it)
+    status, head = b.auth("/admin/?a=1&b=x%26y&c=\u00e9")
+    # (nginx's raw bytes: a non-ASCII byte stays that byte, %E9; linkusd's return check refuses it)
+    assert status == 401 and head["x-linkus-sign-in"] == ("/linkus-gate/sign-in"
+                                                          "?rd=/admin/%3Fa%3D1%26b%3Dx%2526y%26c%3D%E9")
+    assert b.auth("/admin/" + "a" * 2100)[1]["x-linkus-sign-in"] == "/linkus-gate/sign-in"  # longer than rd
+    assert sign_in_url("//evil.example/") == "/linkus-gate/sign-in"  # not a local path
     status, head, page = b.request("GET", "/linkus-gate/sign-in?rd=//evil.example/")
     csrf = form_value(page, "csrf")
     status, head, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,

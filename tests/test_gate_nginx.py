@@ -46,6 +46,7 @@ from smtp_server import code_in
 from web_site import Site, WebServer, logged, start_browser
 
 from pam_linkus.web import strings
+from pam_linkus.web.gate import SIGN_IN_HEADER, sign_in_url
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,6 +75,8 @@ CHECK_ANSWERS: dict[str, tuple[int, dict[str, str]]] = {
     "linkus_gate=other-site": (403, {}),
     "linkus_gate=phones": (204, {"X-Linkus-User": "", "X-Linkus-Method": "exempt"}),
     "linkus_gate=broken": (500, {}),
+    "linkus_gate=no-sign-in": (401, {}),  # a 401 without X-Linkus-Sign-In: the bare sign-in page
+    "linkus_gate=elsewhere": (401, {SIGN_IN_HEADER: "https://evil.example/"}),  # not the gate's page: ditto
 }
 
 
@@ -82,7 +85,10 @@ def stand_in_check(record: dict[str, Any]) -> tuple[int, dict[str, str]]:
     pairs = [p.strip().partition("=") for c in header_values(record, "Cookie") for p in c.split(";")]
     session = [value for name, _eq, value in pairs if name in SESSION_COOKIES]
     if record["path"].startswith("/linkus-gate/auth"):
-        return CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "", (401, {}))
+        # no session: the gate's own 401, naming the sign-in page with the whole request URI encoded
+        (uri,) = header_values(record, "X-Original-URI")
+        return CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "",
+                                 (401, {SIGN_IN_HEADER: sign_in_url(uri)}))
     return 200, {}  # the gate's own pages
 
 
@@ -119,11 +125,25 @@ def test_without_a_session_nothing_reaches_the_gui_and_the_browser_goes_to_sign_
                        body=b"x=1" if method == "POST" else None)
         assert reply.status == 302, (method, reply.status, reply.body[:200])
         assert reply.header("Location") == (f"https://127.0.0.1:{client.port}/linkus-gate/sign-in"
-                                            "?rd=/admin/config.php?display=extensions")
+                                            "?rd=/admin/config.php%3Fdisplay%3Dextensions")
     assert gui.count() == 0
     asked = [r for r in check.seen if r["path"] == "/linkus-gate/auth"]
     assert [r["method"] for r in asked] == ["GET", "GET", "GET"]  # the check is a GET without a body
     assert [header_values(r, "X-Original-Method") for r in asked] == [["GET"], ["POST"], ["HEAD"]]
+
+
+def test_the_return_url_comes_back_whole_and_a_401_without_the_address_goes_to_the_bare_sign_in(
+        wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream]) -> None:
+    client, gui, _check = wiring
+    uri = "/admin/config.php?display=extensions&extdisplay=201&tech=pjsip&q=a%26b%2Bc"
+    where = urllib.parse.urlsplit(client(uri).header("Location") or "")
+    assert where.path == "/linkus-gate/sign-in"
+    assert urllib.parse.parse_qs(where.query) == {"rd": [uri]}  # every parameter, the %-escapes too
+    for cookie in ("linkus_gate=no-sign-in", "linkus_gate=elsewhere"):
+        reply = client(uri, headers=[("Cookie", cookie)])
+        assert reply.status == 302 and reply.header("Location") == (
+            f"https://127.0.0.1:{client.port}/linkus-gate/sign-in"), (cookie, reply.header("Location"))
+    assert gui.count() == 0
 
 
 def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
@@ -413,8 +433,12 @@ def test_policy_revocation_and_the_exempt_network(gate: Gate, make_user: Any) ->
     clients = {}
     for name in (admin, member):
         client = clients[name] = gate.client()
-        done = gate_sign_in(client, name, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/inbox?x=1")
-        assert done.status in (302, 303) and urllib.parse.urlsplit(done.header("Location")).path == "/ucp/inbox"
+        # the sign-in address as the gate's 401 gives it: the return URL with all its parameters
+        asked = urllib.parse.urlsplit(client("/ucp/inbox?x=1&folder=INBOX&page=2").header("Location") or "")
+        assert asked.path == "/linkus-gate/sign-in" and asked.query.startswith("rd="), asked
+        done = gate_sign_in(client, name, PASSWORD, code_at(SECRET, time.time()), rd=asked.query[3:])
+        back = urllib.parse.urlsplit(done.header("Location"))
+        assert done.status in (302, 303) and (back.path, back.query) == ("/ucp/inbox", "x=1&folder=INBOX&page=2")
         assert gate.session(client)
     # per-site policy: only the admins group passes /admin/; a path no site names is refused
     assert clients[admin]("/admin/").status == 200

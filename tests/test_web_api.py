@@ -565,3 +565,48 @@ def test_ops_of_a_session_waiting_for_its_code_answer_code(api: Api, site: tuple
     assert api("enroll_start", password=PASSWORD, **half)["error"] == "code"
     assert api("status", session=half["session"])["error"] == "code"
     assert api("disable", password=PASSWORD, **half)["error"] == "code"
+
+
+def test_one_web_connection_carries_calls_in_turn_and_linkus_web_keeps_it(site: tuple[Site, Any]) -> None:
+    """linkusd answers WEB_CALLs one after another on one connection (linkus-web keeps one open for its
+    gate checks); a frame that breaks the protocol ends it. linkus-web's kept connection survives a
+    linkusd restart (the check is sent again on a new one) and fails closed while linkusd is down."""
+    import asyncio
+
+    from daemon_client import connect
+
+    from pam_linkus import protocol
+    from pam_linkus.protocol import F, Msg
+    from pam_linkus.web.app import KeptConnections
+
+    s, _smtp = site
+    s.stack.daemon.start()
+    expired = {"ok": False, "error": "expired"}
+    with connect(str(s.web_socket)) as sock:
+        for body in (b'{"op":"status","session":"' + b"x" * 43 + b'"}', b"[]", b'{"op":"status","session":"y"}'):
+            sock.sendall(protocol.encode(Msg.WEB_CALL, {F.JSON: body}, max_body=protocol.WEB_MAX_BODY))
+            reply = protocol.recv_message(sock, {Msg.WEB_REPLY}, deadline=time_limit(),
+                                          max_body=protocol.WEB_MAX_BODY).json()
+            assert reply == (expired if body != b"[]" else {"ok": False, "error": "bad-request"}), (body, reply)
+        sock.sendall(protocol.encode(Msg.STATUS, {}))  # not a web message: the connection ends
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+
+    check = {"op": "gate_check", "token": "", "client": "127.0.0.1", "host": "nowhere.invalid", "uri": "/"}
+
+    async def calls() -> list[object]:
+        kept = KeptConnections(str(s.web_socket))
+        answers: list[object] = [await kept.call(check, timeout=5) for _ in range(3)]
+        answers.append(len(kept.idle))  # one connection carried all three
+        s.stack.daemon.stop()
+        try:
+            await kept.call(check, timeout=5)
+        except OSError as exc:  # linkusd down: the caller answers 502, nobody passes
+            answers.append(("down", isinstance(exc, ConnectionError | FileNotFoundError)))
+        s.stack.daemon.start()
+        answers.append(await kept.call(check, timeout=5))
+        kept.close()
+        return answers
+
+    forbidden = {"ok": False, "error": "forbidden"}  # a host no gate site covers
+    assert asyncio.run(calls()) == [forbidden, forbidden, forbidden, 1, ("down", True), forbidden]

@@ -54,7 +54,7 @@ from pam_linkus.errors import ConversationFailed, LinkusError, Unavailable
 from pam_linkus.flow import Ask, Context, Info, LoginRequest, Offload, login, split_digits
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING
 from pam_linkus.outcome import Decision, Outcome
-from pam_linkus.protocol import F, Msg, ProtocolError
+from pam_linkus.protocol import F, Msg, PeerClosed, ProtocolError
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine, Snapshot
@@ -150,6 +150,13 @@ def _real_uid(pid: int, euid: int) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return -1 if euid == 0 else euid
+
+
+#: A web connection kept open between two calls closes after this many idle seconds (linkus-web drops
+#: its idle ones sooner, WEB_KEEP_IDLE in pam_linkus/web/app.py).
+WEB_IDLE = 10.0
+#: Calls on one web connection at most; then it closes (linkus-web opens another).
+WEB_CALLS_PER_CONNECTION = 10000
 
 
 def web_cap(max_connections: int) -> int:
@@ -359,25 +366,42 @@ class Server:
         return self.handle_web(Channel(conn, protocol.WEB_MAX_BODY), peer, limits)
 
     async def handle_web(self, ch: Channel, peer: Peer, limits: Limits) -> None:
-        """One web connection that ``admit_web`` let in: one WEB_CALL whole within the work deadline
-        (else dropped and counted), one WEB_REPLY, the close."""
+        """One web connection that ``admit_web`` let in: WEB_CALLs in turn, each answered before the
+        next is read, then the close.
+
+        The first WEB_CALL must be whole within the work deadline (else dropped and counted). Later
+        ones let linkus-web keep a connection open for its gate checks (one per proxied request: a
+        connect, SO_PEERCRED and a /proc read each cost more than the check): each must start within
+        WEB_IDLE seconds of the last reply (else the connection is closed, quietly: that is how an
+        idle one ends), at most WEB_CALLS_PER_CONNECTION on one connection, and only while the peer
+        is still root or in daemon.web_group (a reload that takes the group away ends it). An open
+        connection counts against the same caps as a call (per uid, ``web_cap``) for its whole life.
+        """
         try:
-            try:
-                call = await ch.read(protocol.WEB_OPENERS, limits.work_timeout)
-            except (ProtocolError, TimeoutError) as exc:
-                self.dropped(peer, exc)
-                return
-            try:
-                request = call.json()
-            except protocol.BadJSON as exc:
-                # a whole frame with a body we will not decode (too deep, not JSON): answered, not dropped,
-                # and counted with the refusals (a loop of them must not be a line each)
-                self.refusals.add(peer.ruid, f"a web call: {exc}", "answered bad-request to")
-                reply: dict[str, object] = {"ok": False, "error": "bad-request"}
-            else:
-                reply = await self._web_call(request, peer, limits.answer_timeout)
-            with contextlib.suppress(ConnectionError, TimeoutError):
-                await ch.send(protocol.encode_json(Msg.WEB_REPLY, reply))
+            timeout = limits.work_timeout
+            for n in range(WEB_CALLS_PER_CONNECTION):
+                try:
+                    call = await ch.read(protocol.WEB_OPENERS, timeout)
+                except (ProtocolError, TimeoutError) as exc:
+                    if n == 0 or not isinstance(exc, (PeerClosed, TimeoutError)):
+                        self.dropped(peer, exc)
+                    return
+                if n and not self._web_peer_allowed(peer):
+                    return
+                try:
+                    request = call.json()
+                except protocol.BadJSON as exc:
+                    # a whole frame with a body we will not decode (too deep, not JSON): answered, not
+                    # dropped, and counted with the refusals (a loop of them must not be a line each)
+                    self.refusals.add(peer.ruid, f"a web call: {exc}", "answered bad-request to")
+                    reply: dict[str, object] = {"ok": False, "error": "bad-request"}
+                else:
+                    reply = await self._web_call(request, peer, limits.answer_timeout)
+                try:
+                    await ch.send(protocol.encode_json(Msg.WEB_REPLY, reply))
+                except (ConnectionError, TimeoutError):
+                    return
+                timeout = WEB_IDLE
         finally:
             ch.close()
             self.web_connections -= 1
@@ -385,6 +409,11 @@ class Server:
             if not self.web_per_caller[peer.ruid]:
                 del self.web_per_caller[peer.ruid]
             self.engine.active["web"] -= 1
+
+    def _web_peer_allowed(self, peer: Peer) -> bool:
+        """The web socket's admission rule again, for a later call on an open connection."""
+        snap = self.engine.current
+        return peer.uid == 0 or (snap is not None and snap.web_gid is not None and snap.web_gid in peer.groups)
 
     async def _web_call(self, request: dict[str, object], peer: Peer, timeout: float) -> dict[str, object]:
         if self._web_service is None:

@@ -54,8 +54,12 @@ DEFAULT_SOCKET = "/run/linkusd/web.sock"
 MAX_BODY = 8192
 #: protocol's frame header: the body's length, big-endian u32.
 FRAME_HEADER = 4
-#: Calls to linkusd at once (below linkusd's default daemon.max_per_caller of 16).
+#: Calls to linkusd at once (below linkusd's default daemon.max_per_caller of 16); also the most
+#: connections to linkusd this process holds, busy and idle together (``KeptConnections``).
 MAX_CALLS = 12
+#: A kept-open connection to linkusd idle this long is closed instead of used (linkusd closes its
+#: side after 10 s idle, pam_linkus.daemon.server.WEB_IDLE).
+WEB_KEEP_IDLE = 4.0
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
 CODE_CSRF_COOKIE = "linkus_code_csrf"
@@ -130,6 +134,15 @@ class _Headers:
     def __init__(self, app: Any, settings: Settings):
         self.app = app
         self.settings = settings
+        # encoded once: this wrapper runs for every gate check (one per request nginx proxies)
+        extra = [("content-security-policy", CSP), ("x-frame-options", "DENY"),
+                 ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
+                 ("cross-origin-opener-policy", "same-origin"),
+                 ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
+        if settings.secure_cookies:
+            extra.append(("strict-transport-security", "max-age=31536000"))
+        self.static_headers = [(k.encode(), v.encode()) for k, v in extra]
+        self.page_headers = [*self.static_headers, (b"cache-control", b"no-store")]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -141,16 +154,8 @@ class _Headers:
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                headers = list(message.get("headers", []))
-                extra = [("content-security-policy", CSP), ("x-frame-options", "DENY"),
-                         ("x-content-type-options", "nosniff"), ("referrer-policy", "no-referrer"),
-                         ("cross-origin-opener-policy", "same-origin"),
-                         ("permissions-policy", "camera=(), microphone=(), geolocation=()")]
-                if not path.startswith(("/static/", PREFIX + "/static/")):
-                    extra.append(("cache-control", "no-store"))
-                if self.settings.secure_cookies:
-                    extra.append(("strict-transport-security", "max-age=31536000"))
-                headers += [(k.encode(), v.encode()) for k, v in extra]
+                static = path.startswith(("/static/", PREFIX + "/static/"))
+                headers = [*message.get("headers", ()), *(self.static_headers if static else self.page_headers)]
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -172,6 +177,7 @@ class _Pages:
         self.conf = settings
         self.env = env
         self.calls = asyncio.Semaphore(MAX_CALLS)
+        self.kept = KeptConnections(settings.socket_path)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -181,7 +187,10 @@ class _Pages:
             # (daemon.max_per_caller, 16 by default) and refuses the ones over it -- a burst of
             # gate checks queues here instead of failing as "unavailable"
             async with self.calls:
-                reply = await call_web(self.conf.socket_path, request, timeout=self.conf.timeout)
+                if request.get("op") == "gate_check":
+                    reply = await self.kept.call(request, timeout=self.conf.timeout)
+                else:
+                    reply = await call_web(self.conf.socket_path, request, timeout=self.conf.timeout)
         except (OSError, protocol.ProtocolError, ValueError, TimeoutError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
             raise Unreachable from None
@@ -581,6 +590,95 @@ def canonical_address(text: str) -> str | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+class _Stale(Exception):
+    """A kept connection linkusd had closed (idle, restarted) before this call reached it."""
+
+
+class KeptConnections:
+    """Connections to linkusd's web socket kept open for the gate's checks, one call at a time each.
+
+    A check runs once per request nginx proxies; a new connection per check cost linkusd an accept,
+    SO_PEERCRED, a /proc read and its admission, about as much as the check itself. Only gate_check
+    goes this way: it changes nothing but a session's last-seen time, so a check whose kept
+    connection turns out closed before any reply byte (linkusd's idle timeout, a restart) is simply
+    sent again on a new connection; every other call keeps its own connection (a sign-in must never
+    be sent twice). Bounds: callers hold ``_Pages.calls`` (MAX_CALLS) while they use one, and a new
+    connection is made only when none is idle, so busy + idle <= MAX_CALLS; one idle longer than
+    WEB_KEEP_IDLE is closed. A connection is kept only after a whole reply: a timeout, a
+    cancellation or an error closes it. Nothing here caches an answer: each check asks linkusd.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.idle: list[tuple[socket.socket, float]] = []
+
+    async def call(self, request: dict[str, object], *, timeout: float) -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        frame = protocol.encode_json(protocol.Msg.WEB_CALL, request)
+        async with asyncio.timeout(timeout):
+            while True:  # bounded: each _Stale uses up one idle connection, and a new one never raises it
+                sock, reused = await self._take(loop)
+                try:
+                    reply = await _exchange(loop, sock, frame, reused)
+                except _Stale:
+                    sock.close()
+                    continue
+                except BaseException:
+                    sock.close()
+                    raise
+                self.idle.append((sock, loop.time()))
+                return reply
+
+    async def _take(self, loop: asyncio.AbstractEventLoop) -> tuple[socket.socket, bool]:
+        now = loop.time()
+        while self.idle:
+            sock, since = self.idle.pop()
+            if now - since < WEB_KEEP_IDLE:
+                return sock, True
+            sock.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, False
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop()[0].close()
+
+
+async def _exchange(loop: asyncio.AbstractEventLoop, sock: socket.socket, frame: bytes,
+                    reused: bool) -> dict[str, object]:
+    """One WEB_CALL and its WEB_REPLY on ``sock``; raises _Stale when a ``reused`` connection was
+    closed (or reset) before any byte of the reply, PeerClosed when the reply breaks off."""
+    try:
+        await loop.sock_sendall(sock, frame)
+    except (BrokenPipeError, ConnectionResetError):
+        if reused:
+            raise _Stale from None
+        raise
+    buf = bytearray()
+    need = FRAME_HEADER
+    while len(buf) < need:
+        try:
+            data = await loop.sock_recv(sock, max(need - len(buf), 4096))
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            if reused and not buf:
+                raise _Stale
+            raise protocol.PeerClosed("linkusd closed the connection")
+        buf += data
+        if need == FRAME_HEADER and len(buf) >= FRAME_HEADER:
+            need = FRAME_HEADER + protocol.body_length(bytes(buf[:FRAME_HEADER]), protocol.WEB_MAX_BODY)
+    if len(buf) != need:
+        raise protocol.ProtocolError("linkusd sent more than one reply")
+    return protocol.decode_body(bytes(buf[FRAME_HEADER:]), {protocol.Msg.WEB_REPLY}).json()
 
 
 def _seconds(value: object) -> int:

@@ -58,6 +58,10 @@ PRE = "linkus_gate_pre"  # the form token of the sign-in and sign-out forms
 MAX_TOKEN, MAX_RD = 64, 2048
 #: Identity headers of the auth answer (nginx: auth_request_set $user $upstream_http_x_linkus_user).
 USER_HEADER, METHOD_HEADER = "X-Linkus-User", "X-Linkus-Method"
+#: On a 401 of the auth answer: where nginx sends the browser (``return 302 $linkus_sign_in``), the
+#: sign-in page with the original URI percent-encoded as ``rd`` -- nginx cannot encode it itself, and
+#: ``?rd=$request_uri`` loses every parameter after the first ``&``.
+SIGN_IN_HEADER = "X-Linkus-Sign-In"
 
 
 class GatePages:
@@ -119,7 +123,7 @@ class GatePages:
         if word == "forbidden":
             return Response(status_code=403)
         if word in ("expired", "bad-request", "denied"):
-            return Response(status_code=401)
+            return Response(status_code=401, headers={SIGN_IN_HEADER: sign_in_url(str(fields["uri"]))})
         return Response(status_code=502)
 
     async def sign_in_form(self, request: Request, error: str | None = None, status: int = 200,
@@ -260,6 +264,20 @@ class GatePages:
         if word == "step":
             return self.message(409, strings.TITLE, strings.STEP, "step", again=True)
         return self.unavailable()
+
+
+def sign_in_url(uri: str) -> str:
+    """The sign-in page that comes back to ``uri`` (X-Original-URI, nginx's $request_uri): all of it,
+    percent-encoded into one ``rd`` value. Only a local path is kept (linkusd checks ``rd`` again at the
+    sign-in); one longer than the form keeps (MAX_RD) or not a path gives the bare sign-in page, which
+    returns to gate.default_return. Header values reach us as latin-1, i.e. nginx's raw bytes."""
+    if not uri.startswith("/") or uri.startswith("//"):
+        return PREFIX + "/sign-in"
+    raw = uri.encode("latin-1", "replace")
+    rd = urllib.parse.quote(raw, safe="/")
+    if len(rd) > MAX_RD:
+        return PREFIX + "/sign-in"
+    return PREFIX + "/sign-in?rd=" + rd
 
 
 def _header_safe(value: str) -> bool:
