@@ -196,6 +196,33 @@ def test_each_gate_failure_is_counted_once_by_fail2ban(gate_api: GateApi, user: 
     found = matches([as_auth_log(line) for line in lines], tmp_path)
     assert collections.Counter(found) == {attacker: 3}, (found, lines)
     assert all("caller_uid=-" not in line for line in lines)
+    assert sum('service="linkus-gate"' in line and line.endswith("rhost_trusted=yes") for line in lines) == 4
+
+
+def test_gate_lines_count_the_lock_once_and_never_an_address_linkus_web_cannot_vouch_for(
+        gate_api: GateApi, user: str, tmp_path: Path) -> None:
+    """As PAM logins (docs/fail2ban.md): the code that set the lock counts, a try while locked does not,
+    and a client that is no canonical IP address ("unix", leading zeros, mapped) is rhost_trusted=no."""
+    import collections
+
+    from test_fail2ban import as_auth_log, matches, require_fail2ban
+
+    require_fail2ban()
+    gate_api.site.log.take()
+    attacker = "2001:db8::66"
+    for client in ["unix", "198.051.100.066", "::ffff:198.51.100.67", attacker, attacker]:
+        gate_api.clock.now += 30
+        first = gate_api("gate_sign_in", ext=user, password=PASSWORD, client=client)
+        assert first["ok"], (client, first)
+        assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=client,
+                        code="000000")["error"] in ("denied", "locked")
+    gate_api.clock.now += 30
+    assert gate_api("gate_sign_in", ext=user, password=PASSWORD, client=attacker)["error"] == "locked"
+    lines = [line for line in gate_api.site.log.take() if 'service="linkus-gate"' in line]
+    assert sum('outcome="locked"' in line for line in lines) == 2, lines  # set, then a try while locked
+    assert sum(line.endswith("rhost_trusted=no") for line in lines) == 3, lines
+    found = matches([as_auth_log(line) for line in lines], tmp_path)
+    assert collections.Counter(found) == {attacker: 2}, (found, lines)  # a wrong code + the 5th, that locked
 
 
 def test_an_unknown_name_answers_as_a_wrong_password(gate_api: GateApi) -> None:

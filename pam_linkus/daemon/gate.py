@@ -228,6 +228,37 @@ def _in_networks(client: str, site: GateSite) -> bool:
     return any(address in network for network in site.exempt_networks)
 
 
+def client_vouched(client: str) -> bool:
+    """Whether the ``client`` linkus-web reported is an address fail2ban may ban (``rhost_trusted``).
+
+    Only linkus-web (root or ``daemon.web_group``: the web socket's mode) can send gate ops, and it
+    reports either its TCP peer's address -- the connection really came from there -- or, only from
+    the proxy it was told to trust (``--trust-proxy``), that proxy's X-Forwarded-For, always written
+    as Python's ipaddress writes it; anything it cannot vouch for it reports as the peer ("unix",
+    the proxy's loopback address). So an address counts exactly when it is an IP address in that
+    canonical form (no scope, no IPv4-mapped form, no leading zeros, lower case): "unix", "-", a
+    host name or any other spelling is never trusted, as a PAM login's unclean rhost is not.
+    """
+    if not client or len(client) > 64 or "%" in client:
+        return False
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return False
+    return str(address) == client
+
+
+def _locked_reason(exc: Locked) -> str:
+    """The reason of a gate login's ``outcome="locked"`` line, as a PAM login's: the code's own
+    failure ("wrong code; locked after ...") only when this login's code set the lock
+    (``exc.newly``, as selfservice._lock_result); a try while locked never names a code failure."""
+    if exc.newly or not exc.reason.startswith(("wrong code", "malformed code", "expired code")):
+        return exc.reason
+    return "extension is locked"
+
+
 def gate_key(config: Config) -> bytes:
     """The HMAC key for session tokens, derived from the email key file (one file for all hosts)."""
     base = emailcode.load_key(config.email.key_file)
@@ -304,13 +335,21 @@ class GateService(SelfService):
 
     def _login_line(self, outcome: str, user: str, account: str, client: str, method: str, reason: str,
                     started: float) -> None:
-        """The gate sign-in's one line, in the format of a PAM login's (service ``linkus-gate``)."""
+        """The gate sign-in's one line, in the format of a PAM login's (service ``linkus-gate``).
+
+        The same fields in the same order as server.py's ``_field_map``, ending ``rhost_trusted``,
+        so fail2ban counts a gate login by exactly the rules of a PAM login (docs/fail2ban.md):
+        the address counts only when it is one linkus-web vouches for (``client_vouched``), and an
+        ``outcome="locked"`` only with the reason of the code that set the lock ("wrong code; locked
+        ..."), never "locked after ..." of a try while locked (see ``_locked_reason``).
+        """
         severity = {Outcome.SUCCESS: LOG_INFO, Outcome.SKIP: LOG_INFO, Outcome.DENIED: LOG_NOTICE}.get(
             outcome, LOG_WARNING)
         self.engine.sink.attempt(severity, {
-            "service": SERVICE, "user": user, "account": account, "rhost": client, "tty": "-", "ruser": "-",
-            "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome, "reason": reason,
-            "ms": int((time.monotonic() - started) * 1000)})
+            "service": SERVICE, "user": user, "account": account, "rhost": client or "-", "tty": "-",
+            "ruser": "-", "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome,
+            "reason": reason, "ms": int((time.monotonic() - started) * 1000),
+            "rhost_trusted": client_vouched(client)})
 
     def _refusal(self, why: str) -> None:
         """Count a refused auth check; one summary line per REFUSAL_SUMMARY s at most."""
@@ -378,7 +417,8 @@ class GateService(SelfService):
         except (Denied, Locked) as exc:
             self._forget_session(token)
             self._login_line(Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED, name, ext, client,
-                             settings.method, exc.reason, started)
+                             settings.method, _locked_reason(exc) if isinstance(exc, Locked) else exc.reason,
+                             started)
             raise
         except BaseException:
             self._forget_session(token)
@@ -438,8 +478,10 @@ class GateService(SelfService):
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
 
         def failed(sess: _Session, exc: LinkusError) -> None:
-            outcome = Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED
-            self._login_line(outcome, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
+            if isinstance(exc, Locked):
+                self._login_line(Outcome.LOCKED, sess.ext, sess.ext, f["client"], "-", _locked_reason(exc), started)
+            else:
+                self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
 
         sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_fail=failed)
         return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,
