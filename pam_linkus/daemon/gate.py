@@ -52,6 +52,7 @@ import math
 import posixpath
 import secrets
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -155,23 +156,45 @@ def normal_path(uri: str) -> str | None:
 
     nginx gives ``$request_uri`` as the client sent it; the upstream decodes it. A site is
     matched on the decoded path with "." and ".." resolved and repeated "/" merged, so
-    ``/%61dmin/`` or ``/x/../admin/`` cannot slip past the rules of ``/admin/``. Encoded "/"
-    or "\\", backslashes, control characters, invalid UTF-8 and ".." above the root are refused.
+    ``/%61dmin/`` or ``/x/../admin/`` cannot slip past the rules of ``/admin/``.
+
+    Refused (None, so 403) is every form some common upstream reads differently than this
+    match does -- a browser never sends any of them (it percent-encodes and resolves first):
+
+    - ``;`` anywhere in the path, also encoded (Tomcat/Jetty/Spring drop ``;params`` from a
+      segment, so ``/ucp/..;/admin/`` is ``/admin/`` to them but under ``/ucp/`` here);
+    - a ``%`` left after one decoding (``%25``, ``%u002e``): an upstream that decodes twice
+      sees ``/ucp/%252e%252e/admin/`` as ``/admin/``;
+    - a raw ``#`` anywhere, and an encoded ``#`` or ``?``: an upstream may end the path there;
+    - an encoded dot segment (``%2e%2e``, ``.%2e``): an upstream that resolves before it
+      decodes keeps it as a name, one that decodes first resolves it;
+    - encoded "/" or "\\", backslashes, control characters, raw non-ASCII, invalid UTF-8,
+      characters that Unicode compatibility normalisation (NFKC) changes (a fullwidth
+      ``\uff0e`` is "." to some), and ".." above the root.
+
+    The letter case is kept; ``match_site`` matches lower-cased and refuses a path whose site
+    would depend on case.
     """
-    path = uri.split("?", 1)[0].split("#", 1)[0]
-    if not path.startswith("/") or len(path) > 8192:
+    if "#" in uri:
+        return None
+    path = uri.split("?", 1)[0]
+    if not path.startswith("/") or len(path) > 8192 or not path.isascii() or ";" in path:
         return None
     lowered = path.lower()
-    if "%2f" in lowered or "%5c" in lowered:
+    if any(bad in lowered for bad in ("%2f", "%5c", "%25", "%3b", "%23", "%3f")):
         return None
     try:
         decoded = urllib.parse.unquote(path, errors="strict")
     except UnicodeDecodeError:
         return None
-    if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in decoded):
+    if any(ord(c) < 32 or ord(c) == 127 or c in "\\%;#?" for c in decoded):
+        return None
+    if unicodedata.normalize("NFKC", decoded) != decoded:
         return None
     depth = 0
-    for part in decoded.split("/"):
+    for raw, part in zip(path.split("/"), decoded.split("/"), strict=True):
+        if part in (".", "..") and raw != part:
+            return None  # an encoded dot segment
         if part == "..":
             depth -= 1
             if depth < 0:
@@ -194,19 +217,35 @@ def path_matches(prefix: str, path: str) -> bool:
 
 
 def match_site(gate: GateConfig, host: str, path: str) -> GateSite | None:
-    """The site for ``host`` and ``path``: among sites whose host matches, the longest path prefix;
-    a site without ``host`` matches the hosts of ``return_hosts`` (any port)."""
+    """The site for ``host`` and ``path`` (a ``normal_path``), or None (refused).
+
+    Among the sites whose host matches (a site without ``host`` matches the hosts of
+    ``return_hosts``, any port), the one with the longest path prefix wins, whatever the order
+    of the list; at equal paths (one with ``host``, one without: two with the same host and path
+    are a config error) the site naming the host wins. An upstream may ignore letter case or not,
+    so the path is matched both as sent and lower-cased (site paths are lower case: config), and
+    both must give the same site, else None: ``/ADMIN/`` must not escape ``/admin/`` into ``/``,
+    and ``/admin/PUBLIC/x`` (sites ``/admin/`` and ``/admin/public/``) is ``/admin/`` to a
+    case-sensitive upstream but ``/admin/public/`` to one that ignores case.
+    """
+    folded = _longest_site(gate, host, path.lower())
+    return folded if folded is _longest_site(gate, host, path) else None
+
+
+def _longest_site(gate: GateConfig, host: str, path: str) -> GateSite | None:
     host = host.lower()
     bare = _bare_host(host)
     best: GateSite | None = None
+    best_rank = (-1, False)
     for site in gate.sites:
         if site.host is not None:
             if site.host not in (host, bare) and _bare_host(site.host) != host:
                 continue
         elif host not in gate.return_hosts and bare not in {_bare_host(h) for h in gate.return_hosts}:
             continue
-        if path_matches(site.path, path) and (best is None or len(site.path.rstrip("/")) > len(best.path.rstrip("/"))):
-            best = site
+        rank = (len(site.path.rstrip("/")), site.host is not None)
+        if path_matches(site.path, path) and rank > best_rank:
+            best, best_rank = site, rank
     return best
 
 
