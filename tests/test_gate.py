@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import re
 import shutil
 import socket
 import subprocess
@@ -307,6 +308,12 @@ def test_cli_lists_and_revokes_by_account_and_all(gate_api: GateApi, site: tuple
     listed = run_cli(site[0].stack, "gate-sessions")
     assert listed.returncode == 0 and user in listed.stdout and other in listed.stdout, listed
     assert mine not in listed.stdout and theirs not in listed.stdout  # ids, never the cookie
+    rows = [re.split(r" {2,}", line) for line in listed.stdout.splitlines()]
+    assert rows[0] == ["ID", "ACCOUNT", "METHOD", "CREATED", "LAST SEEN", "CLIENT"], listed.stdout
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+"
+    for row in rows[1:]:  # every column apart, whatever the width of the time zone's name
+        assert len(row) == 6 and re.fullmatch(stamp, row[3]) and re.fullmatch(stamp, row[4]), listed.stdout
+        assert row[1] in (user, other) and row[2] == "totp" and row[5] == CLIENT, listed.stdout
     unknown = run_cli(site[0].stack, "gate-revoke", "0123456789abcdef")
     assert unknown.returncode == 1 and "0 gate sessions ended" in unknown.stdout
     assert run_cli(site[0].stack, "gate-revoke", "--account", user).returncode == 0
