@@ -364,7 +364,7 @@ def gate_sessions(adm: Admin, ext: str | None) -> int:
     if not found:
         print("no gate sessions" + (f" of {ext}" if ext else ""))
         return 0
-    rows = [("ID", "ACCOUNT", "METHOD", "CREATED", "LAST SEEN", "CLIENT")]
+    rows: list[tuple[str, ...]] = [("ID", "ACCOUNT", "METHOD", "CREATED", "LAST SEEN", "CLIENT")]
     rows += [(sess.id, sess.account, sess.method, _when(sess.created), _when(sess.seen), sess.client or "-")
              for sess in found]
     for line in _columns(rows):
