@@ -656,8 +656,9 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     # sign-out needs its form token, then ends the session everywhere
     status, _, page = b.request("GET", "/linkus-gate/sign-out")
     token = b.cookies["linkus_gate"]
-    status, _, _ = b.request("POST", "/linkus-gate/sign-out", {"csrf": "forged"})
+    status, _, refused = b.request("POST", "/linkus-gate/sign-out", {"csrf": "forged"})
     assert status == 400 and b.auth()[0] == 204
+    assert 'href="/linkus-gate/sign-in"' in refused and 'href="/"' not in refused and "Back to Security" not in refused
     status, _, _ = b.request("POST", "/linkus-gate/sign-out", {"csrf": form_value(page, "csrf")})
     assert status == 200 and "linkus_gate" not in b.cookies
     b.cookies["linkus_gate"] = token  # a copy of the old cookie is worth nothing
@@ -707,6 +708,22 @@ def test_linkusd_warns_at_load_of_a_gate_that_refuses_everyone(site: tuple[Site,
     assert "'whell-linkus-test' (allow_groups) does not exist" in s.log.wait_for("allow_groups")
 
 
+def test_the_gate_s_error_pages_lead_back_to_the_gate_s_sign_in(gate_web: tuple[Site, Any, Path], user: str) -> None:
+    """A stale form (400), a lock (403): the way back is the gate's sign-in with the return URL, never
+    the Security Settings page; a return URL that cannot be kept is left out, never written raw."""
+    _s, _daemon, path = gate_web
+    b = Browser(path)
+    rd = "https://pbx.example.com/admin/?a=1&b=<x>"
+    status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
+                                                                 "csrf": "stale", "rd": rd})
+    back = 'href="/linkus-gate/sign-in?rd=' + urllib.parse.quote(rd, safe="") + '"'
+    assert status == 400 and 'data-kind="bad-request"' in page and back in page, page
+    assert 'href="/"' not in page and "Back to Security" not in page and "/linkus-gate/static/" in page
+    status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
+                                                                 "csrf": "stale", "rd": "/x\n" + "y" * 3000})
+    assert status == 400 and 'href="/linkus-gate/sign-in"' in page and "yyy" not in page
+
+
 def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: str) -> None:
     s, _daemon, path = gate_web
     b = Browser(path)
@@ -721,6 +738,7 @@ def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: s
     status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
                                                                  "csrf": form_value(page, "csrf")})
     assert status == 403 and 'data-kind="locked"' in page
+    assert 'href="/linkus-gate/sign-in"' in page and "Back to Security" not in page
 
 
 
