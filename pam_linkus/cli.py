@@ -364,11 +364,23 @@ def gate_sessions(adm: Admin, ext: str | None) -> int:
     if not found:
         print("no gate sessions" + (f" of {ext}" if ext else ""))
         return 0
-    print(f"{'ID':<17}{'ACCOUNT':<16}{'METHOD':<9}{'CREATED':<18}{'LAST SEEN':<18}CLIENT")
-    for sess in found:
-        print(f"{sess.id:<17}{sess.account[:15]:<16}{sess.method[:8]:<9}{_when(sess.created):<18}"
-              f"{_when(sess.seen):<18}{sess.client}")
+    rows: list[tuple[str, ...]] = [("ID", "ACCOUNT", "METHOD", "CREATED", "LAST SEEN", "CLIENT")]
+    rows += [(sess.id, sess.account, sess.method, _when(sess.created), _when(sess.seen), sess.client or "-")
+             for sess in found]
+    for line in _columns(rows):
+        print(line)
     return 0
+
+
+def _columns(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as a table: each column as wide as its widest cell, two spaces between columns.
+
+    Widths come from the data, not fixed: a time stamp with its zone ("2026-12-06 04:33:44 CEST")
+    or a long account name never runs into the next column, and nothing is cut (an account name
+    is what ``gate-revoke --account`` is given)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def gate_revoke(adm: Admin, session_id: str | None, account: str | None, everyone: bool) -> int:

@@ -978,10 +978,14 @@ class GateSite:
         host = r.optional_string("host", max_len=255)
         self.host = _gate_host(r, "host", host) if host is not None else None
         self.path = r.string("path", None, max_len=1024)
-        if (not self.path.startswith("/") or self.path.startswith("//") or any(c in self.path for c in "?#\\%")
+        if (not self.path.startswith("/") or self.path.startswith("//") or any(c in self.path for c in "?#\\%;")
                 or any(ord(c) <= 32 or ord(c) == 127 for c in self.path)
                 or any(part in (".", "..") for part in self.path.split("/"))):
-            raise r.fail("path", "must be a plain path prefix starting with one '/' (no query, %, \\, dot segments)")
+            raise r.fail("path", "must be a plain path prefix starting with one '/' (no query, %, ;, \\, dot segments)")
+        if self.path != self.path.lower():
+            # the auth check matches the request path lower-cased (an upstream may ignore case), so a
+            # site written with capitals would never be what it looks like: say so at load
+            raise r.fail("path", "must be in lower case (request paths are matched lower-cased)")
         self.allow_groups = r.string_list("allow_groups", [])
         for number, name in enumerate(self.allow_groups, start=1):
             if not _is_group_name(name):
@@ -1012,6 +1016,39 @@ def _gate_host(r: Reader, key: str, value: str) -> str:
     return host
 
 
+def site_path_key(path: str) -> str:
+    """A site path as the auth check compares it: lower case, without trailing "/" ("/Admin/" and
+    "/admin" are one site: the longer one would never apply)."""
+    return path.lower().rstrip("/")
+
+
+def gate_warnings(gate: GateConfig) -> list[str]:
+    """What makes the gate refuse more than its config seems to say, found at load (said once in
+    syslog, as group_policy's missing Unix groups): not errors -- the config may be written for
+    another host or before its sites -- but each one locks people out of a GUI.
+
+    No sites (every proxied request is refused), host-less sites while ``return_hosts`` is empty
+    (such a site matches no host), and ``allow_groups`` naming a Unix group this host lacks."""
+    found: list[str] = []
+    if not gate.configured:
+        return found
+    if not gate.sites:
+        found.append("gate: no sites: every request the gate is asked about is refused (403)")
+    if not gate.return_hosts:
+        hostless = [site.name for site in gate.sites if site.host is None]
+        if hostless:
+            found.append(f"gate: return_hosts is empty, so the sites without host ({', '.join(hostless)}) "
+                         "match no request (403)")
+    for site in gate.sites:
+        for group in site.allow_groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                found.append(f"gate: site {site.name!r}: Unix group {group!r} (allow_groups) does not exist "
+                             "on this host")
+    return found
+
+
 class GateConfig:
     """``gate``: the web gate in front of a PBX's own web GUIs (docs/gate.md).
 
@@ -1028,9 +1065,11 @@ class GateConfig:
 
     __slots__ = ("enforce", "not_enrolled", "session_lifetime", "idle_timeout", "return_hosts", "default_return",
                  "sites", "max_sessions_per_account", "max_sessions", "touch_interval", "account_check_interval",
-                 "check_timeout")
+                 "check_timeout", "configured")
 
     def __init__(self, r: Reader):
+        #: The file has a ``gate`` section with settings (a host without one uses no gate: no warnings).
+        self.configured = bool(r._data)
         self.enforce = r.string("enforce", "all", choices=("all", "enrolled"))
         self.not_enrolled = r.string("not_enrolled", "enroll", choices=("enroll", "refuse"))
         self.session_lifetime = r.integer("session_lifetime", 43200, minimum=60, maximum=30 * 86400)
@@ -1058,5 +1097,10 @@ class GateConfig:
                 site = GateSite(Reader(item, r._file, f"{r._prefix}sites[{number}]."), self)
                 if any(s.name == site.name for s in self.sites):
                     raise r.fail("sites", f"entry {number}: the name {site.name!r} is used twice")
+                for other in self.sites:
+                    if other.host == site.host and site_path_key(other.path) == site_path_key(site.path):
+                        # one of the two would never apply (e.g. /admin and /admin/): refused, never silent
+                        raise r.fail("sites", f"entry {number} ({site.name!r}): the same host and path as "
+                                     f"{other.name!r} ({other.path!r}); one of them would never apply")
                 self.sites.append(site)
         r.done()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import re
 import shutil
 import socket
 import subprocess
@@ -66,9 +67,41 @@ def test_a_hostile_return_url_goes_to_the_default(url: str) -> None:
     ("/%61dmin/", "/admin/"), ("/x/../admin/", "/admin/"), ("//admin//x", "/admin/x"), ("/./admin/.", "/admin/"),
     ("/ucp/%7Euser", "/ucp/~user"), ("/..", None), ("/a/../../admin", None), ("/adm%2fin", None),
     ("/adm%5Cin", None), ("/admin\\x", None), ("/%0a", None), ("/%ff", None), ("admin", None), ("", None),
+    ("/ucp/x.php?a=b;c#", None), ("/ucp/a%20b", "/ucp/a b"), ("/ADMIN/", "/ADMIN/"),
 ])
 def test_the_request_path_is_matched_as_the_upstream_will_see_it(uri: str, path: str | None) -> None:
     assert normal_path(uri) == path
+
+
+@pytest.mark.parametrize("uri", [
+    "/ucp/..;/admin/", "/provisioning/..;/admin/", "/ucp/;jsessionid=1/../admin/", "/admin;x/", "/ucp/%3b/",
+    "/ucp/%252e%252e/admin/", "/ucp/%25/", "/ucp/%u002e%u002e/admin/", "/ucp/%zz/",
+    "/ucp/#/../admin/", "/ucp/x#", "/ucp/%23/../admin/", "/ucp/%3f/../admin/",
+    "/ucp/%2e%2e/admin/", "/ucp/.%2e/admin/", "/ucp/%2E/admin/",
+    "/ucp/\uff0e\uff0e/admin/", "/ucp/%ef%bc%8e%ef%bc%8e/admin/", "/ucp/caf\u00e9", "/ucp/%c0%ae%c0%ae/admin/",
+])
+def test_a_path_some_upstream_reads_differently_is_refused(uri: str) -> None:
+    """Tomcat's "..;", double decoding, a raw '#', encoded dot segments, NFKC look-alikes: 403."""
+    assert normal_path(uri) is None
+
+
+@pytest.mark.parametrize(("path", "site"), [
+    ("/ADMIN/x", None), ("/Admin", None), ("/admin/public/x", "public"), ("/admin/PUBLIC/x", None),
+    ("/Admin/public/", None), ("/Administrator", "all"), ("/x/Y", "all"), ("/admin/Config.php", "admin"),
+])
+def test_a_path_whose_site_depends_on_letter_case_is_refused(path: str, site: str | None) -> None:
+    """An upstream may or may not ignore case: both readings must give the same site, else 403."""
+    sites = [{"name": "all", "path": "/"}, {"name": "admin", "path": "/admin/", "allow_groups": ["root"]},
+             {"name": "public", "path": "/admin/public/"}]
+    found = match_site(gate_config(sites=sites).gate, "pbx.example.com", path)
+    assert (found.name if found else None) == site
+
+
+def test_a_site_naming_the_host_wins_over_one_without_whatever_the_order() -> None:
+    sites = [{"name": "any", "path": "/admin/"}, {"name": "named", "host": "pbx.example.com", "path": "/admin"}]
+    for order in (sites, sites[::-1]):
+        found = match_site(gate_config(sites=order).gate, "pbx.example.com", "/admin/x")
+        assert found is not None and found.name == "named"
 
 
 def gate_config(**gate: Any) -> Config:
@@ -100,12 +133,31 @@ def test_sites_match_by_host_then_longest_path(host: str, path: str, site: str |
     ({"return_hosts": ["https://pbx"]}, "return_hosts"), ({"surprise": 1}, "unknown key in gate"),
     ({"sites": [{"name": "a", "path": "/", "colour": "red"}]}, "unknown key in gate.sites[1]"),
     ({"sites": [{"name": "a", "path": "/"}, {"name": "a", "path": "/b"}]}, "used twice"),
+    ({"sites": [{"name": "open", "path": "/admin"}, {"name": "admins", "path": "/admin/", "allow_groups": ["x"]}]},
+     "sites.*entry 2 .'admins'.: the same host and path as 'open'"),
+    ({"sites": [{"name": "a", "host": "pbx.example.com", "path": "/x/"}, {"name": "b", "host": "PBX.example.com",
+                                                                        "path": "/x"}]}, "the same host and path"),
+    ({"sites": [{"name": "a", "path": "/Admin/"}]}, "sites[1].path.*lower case"),
+    ({"sites": [{"name": "a", "path": "/admin;x/"}]}, "sites[1].path"),
 ])
 def test_gate_config_is_strict(gate: dict[str, Any], problem: str) -> None:
     from pam_linkus.errors import ConfigError
 
     with pytest.raises(ConfigError, match=problem.replace("[", r"\[").replace("]", r"\]")):
         gate_config(**gate)
+
+
+def test_gate_configs_that_lock_everyone_out_are_warned_at_load() -> None:
+    from pam_linkus.config import gate_warnings
+
+    assert gate_warnings(gate_config().gate) == []
+    assert gate_warnings(Config.from_mapping({}).gate) == []  # no gate section: no gate, nothing to say
+    assert gate_warnings(gate_config(sites=[]).gate) == [
+        "gate: no sites: every request the gate is asked about is refused (403)"]
+    hostless = gate_warnings(gate_config(return_hosts=[]).gate)
+    assert len(hostless) == 1 and "return_hosts is empty" in hostless[0] and "all, admin, phones" in hostless[0]
+    missing = gate_warnings(gate_config(sites=[{"name": "a", "path": "/", "allow_groups": ["whell-linkus-x"]}]).gate)
+    assert missing == ["gate: site 'a': Unix group 'whell-linkus-x' (allow_groups) does not exist on this host"]
 
 
 # -- linkusd's gate ops, in process --------------------------------------------------------
@@ -197,6 +249,33 @@ def test_each_gate_failure_is_counted_once_by_fail2ban(gate_api: GateApi, user: 
     found = matches([as_auth_log(line) for line in lines], tmp_path)
     assert collections.Counter(found) == {attacker: 3}, (found, lines)
     assert all("caller_uid=-" not in line for line in lines)
+    assert sum('service="linkus-gate"' in line and line.endswith("rhost_trusted=yes") for line in lines) == 4
+
+
+def test_gate_lines_count_the_lock_once_and_never_an_address_linkus_web_cannot_vouch_for(
+        gate_api: GateApi, user: str, tmp_path: Path) -> None:
+    """As PAM logins (docs/fail2ban.md): the code that set the lock counts, a try while locked does not,
+    and a client that is no canonical IP address ("unix", leading zeros, mapped) is rhost_trusted=no."""
+    import collections
+
+    from test_fail2ban import as_auth_log, matches, require_fail2ban
+
+    require_fail2ban()
+    gate_api.site.log.take()
+    attacker = "2001:db8::66"
+    for client in ["unix", "198.051.100.066", "::ffff:198.51.100.67", attacker, attacker]:
+        gate_api.clock.now += 30
+        first = gate_api("gate_sign_in", ext=user, password=PASSWORD, client=client)
+        assert first["ok"], (client, first)
+        assert gate_api("gate_code", session=first["session"], csrf=first["csrf"], client=client,
+                        code="000000")["error"] in ("denied", "locked")
+    gate_api.clock.now += 30
+    assert gate_api("gate_sign_in", ext=user, password=PASSWORD, client=attacker)["error"] == "locked"
+    lines = [line for line in gate_api.site.log.take() if 'service="linkus-gate"' in line]
+    assert sum('outcome="locked"' in line for line in lines) == 2, lines  # set, then a try while locked
+    assert sum(line.endswith("rhost_trusted=no") for line in lines) == 3, lines
+    found = matches([as_auth_log(line) for line in lines], tmp_path)
+    assert collections.Counter(found) == {attacker: 2}, (found, lines)  # a wrong code + the 5th, that locked
 
 
 def test_an_unknown_name_answers_as_a_wrong_password(gate_api: GateApi) -> None:
@@ -230,6 +309,12 @@ def test_cli_lists_and_revokes_by_account_and_all(gate_api: GateApi, site: tuple
     listed = run_cli(site[0].stack, "gate-sessions")
     assert listed.returncode == 0 and user in listed.stdout and other in listed.stdout, listed
     assert mine not in listed.stdout and theirs not in listed.stdout  # ids, never the cookie
+    rows = [re.split(r" {2,}", line) for line in listed.stdout.splitlines()]
+    assert rows[0] == ["ID", "ACCOUNT", "METHOD", "CREATED", "LAST SEEN", "CLIENT"], listed.stdout
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+"
+    for row in rows[1:]:  # every column apart, whatever the width of the time zone's name
+        assert len(row) == 6 and re.fullmatch(stamp, row[3]) and re.fullmatch(stamp, row[4]), listed.stdout
+        assert row[1] in (user, other) and row[2] == "totp" and row[5] == CLIENT, listed.stdout
     unknown = run_cli(site[0].stack, "gate-revoke", "0123456789abcdef")
     assert unknown.returncode == 1 and "0 gate sessions ended" in unknown.stdout
     assert run_cli(site[0].stack, "gate-revoke", "--account", user).returncode == 0
@@ -380,6 +465,8 @@ def test_exempt_networks_pass_without_a_session(site: tuple[Site, Any], user: st
         assert api.check("", uri="/provisioning/x.cfg", client="198.51.100.9") == {
             "ok": True, "user": "", "method": "exempt", "site": "phones"}
         assert api.check("", uri="/provisioning/x.cfg", client="192.0.2.1")["error"] == "expired"
+        for detour in ("/provisioning/..;/admin/", "/provisioning/%252e%252e/admin/", "/provisioning/#/../admin/"):
+            assert api.check("", uri=detour, client="198.51.100.9")["error"] == "forbidden", detour
     finally:
         api.close()
 
@@ -571,11 +658,15 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     status, head = b.auth()
     assert status == 204 and head["x-linkus-user"] == user and head["x-linkus-method"] == "totp"
     assert logged(s.log, service="linkus-gate", outcome="success")["account"] == user
+    for detour in ("/admin/..;/elsewhere/", "/admin/%252e%252e/elsewhere/", "/admin/#/../elsewhere/",
+                   "/admin/%2e%2e/elsewhere/"):
+        assert b.auth(detour)[0] == 403, detour  # under /admin/ here, elsewhere to some upstream: refused
     # sign-out needs its form token, then ends the session everywhere
     status, _, page = b.request("GET", "/linkus-gate/sign-out")
     token = b.cookies["linkus_gate"]
-    status, _, _ = b.request("POST", "/linkus-gate/sign-out", {"csrf": "forged"})
+    status, _, refused = b.request("POST", "/linkus-gate/sign-out", {"csrf": "forged"})
     assert status == 400 and b.auth()[0] == 204
+    assert 'href="/linkus-gate/sign-in"' in refused and 'href="/"' not in refused and "Back to Security" not in refused
     status, _, _ = b.request("POST", "/linkus-gate/sign-out", {"csrf": form_value(page, "csrf")})
     assert status == 200 and "linkus_gate" not in b.cookies
     b.cookies["linkus_gate"] = token  # a copy of the old cookie is worth nothing
@@ -616,6 +707,31 @@ def test_https_cookies_revocation_by_cli_and_linkusd_down(gate_web: tuple[Site, 
     assert status == 503 and 'data-kind="unavailable"' in page
 
 
+def test_linkusd_warns_at_load_of_a_gate_that_refuses_everyone(site: tuple[Site, Any]) -> None:
+    s = site[0]
+    configure(s, return_hosts=[], sites=[{"name": "gui", "path": "/", "allow_groups": ["whell-linkus-test"]}])
+    s.stack.daemon.start()
+    line = s.log.wait_for("return_hosts is empty")
+    assert "pam_linkus(linkusd)" in line and "(gui)" in line
+    assert "'whell-linkus-test' (allow_groups) does not exist" in s.log.wait_for("allow_groups")
+
+
+def test_the_gate_s_error_pages_lead_back_to_the_gate_s_sign_in(gate_web: tuple[Site, Any, Path], user: str) -> None:
+    """A stale form (400), a lock (403): the way back is the gate's sign-in with the return URL, never
+    the Security Settings page; a return URL that cannot be kept is left out, never written raw."""
+    _s, _daemon, path = gate_web
+    b = Browser(path)
+    rd = "https://pbx.example.com/admin/?a=1&b=<x>"
+    status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
+                                                                 "csrf": "stale", "rd": rd})
+    back = 'href="/linkus-gate/sign-in?rd=' + urllib.parse.quote(rd, safe="") + '"'
+    assert status == 400 and 'data-kind="bad-request"' in page and back in page, page
+    assert 'href="/"' not in page and "Back to Security" not in page and "/linkus-gate/static/" in page
+    status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
+                                                                 "csrf": "stale", "rd": "/x\n" + "y" * 3000})
+    assert status == 400 and 'href="/linkus-gate/sign-in"' in page and "yyy" not in page
+
+
 def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: str) -> None:
     s, _daemon, path = gate_web
     b = Browser(path)
@@ -630,6 +746,7 @@ def test_gate_failures_lock_pam_logins(gate_web: tuple[Site, Any, Path], user: s
     status, _, page = b.request("POST", "/linkus-gate/sign-in", {"ext": user, "password": PASSWORD,
                                                                  "csrf": form_value(page, "csrf")})
     assert status == 403 and 'data-kind="locked"' in page
+    assert 'href="/linkus-gate/sign-in"' in page and "Back to Security" not in page
 
 
 

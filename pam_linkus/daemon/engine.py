@@ -29,7 +29,7 @@ from typing import TypeVar
 
 from nss_config.chain import SourceChain, build_chain
 from pam_linkus import __version__
-from pam_linkus.config import Config, load_config, missing_unix_groups
+from pam_linkus.config import Config, gate_warnings, load_config, missing_unix_groups
 from pam_linkus.daemon.metrics import Stats
 from pam_linkus.errors import (
     CodeRejected,
@@ -117,7 +117,7 @@ def build_snapshot(config_path: str, clock: Callable[[], float]) -> Snapshot:
         store.close()
         raise
     inline = config.state.backend == "sqlite"
-    warnings = group_policy_warnings(config, chain)
+    warnings = group_policy_warnings(config, chain) + tuple(gate_warnings(config.gate))
     return Snapshot(config, chain, store, clock(), files, allowed, trusted, web_gid, inline, warnings)
 
 

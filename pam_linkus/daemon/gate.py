@@ -52,6 +52,7 @@ import math
 import posixpath
 import secrets
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -155,23 +156,45 @@ def normal_path(uri: str) -> str | None:
 
     nginx gives ``$request_uri`` as the client sent it; the upstream decodes it. A site is
     matched on the decoded path with "." and ".." resolved and repeated "/" merged, so
-    ``/%61dmin/`` or ``/x/../admin/`` cannot slip past the rules of ``/admin/``. Encoded "/"
-    or "\\", backslashes, control characters, invalid UTF-8 and ".." above the root are refused.
+    ``/%61dmin/`` or ``/x/../admin/`` cannot slip past the rules of ``/admin/``.
+
+    Refused (None, so 403) is every form some common upstream reads differently than this
+    match does -- a browser never sends any of them (it percent-encodes and resolves first):
+
+    - ``;`` anywhere in the path, also encoded (Tomcat/Jetty/Spring drop ``;params`` from a
+      segment, so ``/ucp/..;/admin/`` is ``/admin/`` to them but under ``/ucp/`` here);
+    - a ``%`` left after one decoding (``%25``, ``%u002e``): an upstream that decodes twice
+      sees ``/ucp/%252e%252e/admin/`` as ``/admin/``;
+    - a raw ``#`` anywhere, and an encoded ``#`` or ``?``: an upstream may end the path there;
+    - an encoded dot segment (``%2e%2e``, ``.%2e``): an upstream that resolves before it
+      decodes keeps it as a name, one that decodes first resolves it;
+    - encoded "/" or "\\", backslashes, control characters, raw non-ASCII, invalid UTF-8,
+      characters that Unicode compatibility normalisation (NFKC) changes (a fullwidth
+      ``\uff0e`` is "." to some), and ".." above the root.
+
+    The letter case is kept; ``match_site`` matches lower-cased and refuses a path whose site
+    would depend on case.
     """
-    path = uri.split("?", 1)[0].split("#", 1)[0]
-    if not path.startswith("/") or len(path) > 8192:
+    if "#" in uri:
+        return None
+    path = uri.split("?", 1)[0]
+    if not path.startswith("/") or len(path) > 8192 or not path.isascii() or ";" in path:
         return None
     lowered = path.lower()
-    if "%2f" in lowered or "%5c" in lowered:
+    if any(bad in lowered for bad in ("%2f", "%5c", "%25", "%3b", "%23", "%3f")):
         return None
     try:
         decoded = urllib.parse.unquote(path, errors="strict")
     except UnicodeDecodeError:
         return None
-    if any(ord(c) < 32 or ord(c) == 127 or c == "\\" for c in decoded):
+    if any(ord(c) < 32 or ord(c) == 127 or c in "\\%;#?" for c in decoded):
+        return None
+    if unicodedata.normalize("NFKC", decoded) != decoded:
         return None
     depth = 0
-    for part in decoded.split("/"):
+    for raw, part in zip(path.split("/"), decoded.split("/"), strict=True):
+        if part in (".", "..") and raw != part:
+            return None  # an encoded dot segment
         if part == "..":
             depth -= 1
             if depth < 0:
@@ -194,19 +217,35 @@ def path_matches(prefix: str, path: str) -> bool:
 
 
 def match_site(gate: GateConfig, host: str, path: str) -> GateSite | None:
-    """The site for ``host`` and ``path``: among sites whose host matches, the longest path prefix;
-    a site without ``host`` matches the hosts of ``return_hosts`` (any port)."""
+    """The site for ``host`` and ``path`` (a ``normal_path``), or None (refused).
+
+    Among the sites whose host matches (a site without ``host`` matches the hosts of
+    ``return_hosts``, any port), the one with the longest path prefix wins, whatever the order
+    of the list; at equal paths (one with ``host``, one without: two with the same host and path
+    are a config error) the site naming the host wins. An upstream may ignore letter case or not,
+    so the path is matched both as sent and lower-cased (site paths are lower case: config), and
+    both must give the same site, else None: ``/ADMIN/`` must not escape ``/admin/`` into ``/``,
+    and ``/admin/PUBLIC/x`` (sites ``/admin/`` and ``/admin/public/``) is ``/admin/`` to a
+    case-sensitive upstream but ``/admin/public/`` to one that ignores case.
+    """
+    folded = _longest_site(gate, host, path.lower())
+    return folded if folded is _longest_site(gate, host, path) else None
+
+
+def _longest_site(gate: GateConfig, host: str, path: str) -> GateSite | None:
     host = host.lower()
     bare = _bare_host(host)
     best: GateSite | None = None
+    best_rank = (-1, False)
     for site in gate.sites:
         if site.host is not None:
             if site.host not in (host, bare) and _bare_host(site.host) != host:
                 continue
         elif host not in gate.return_hosts and bare not in {_bare_host(h) for h in gate.return_hosts}:
             continue
-        if path_matches(site.path, path) and (best is None or len(site.path.rstrip("/")) > len(best.path.rstrip("/"))):
-            best = site
+        rank = (len(site.path.rstrip("/")), site.host is not None)
+        if path_matches(site.path, path) and rank > best_rank:
+            best, best_rank = site, rank
     return best
 
 
@@ -226,6 +265,37 @@ def _in_networks(client: str, site: GateSite) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in site.exempt_networks)
+
+
+def client_vouched(client: str) -> bool:
+    """Whether the ``client`` linkus-web reported is an address fail2ban may ban (``rhost_trusted``).
+
+    Only linkus-web (root or ``daemon.web_group``: the web socket's mode) can send gate ops, and it
+    reports either its TCP peer's address -- the connection really came from there -- or, only from
+    the proxy it was told to trust (``--trust-proxy``), that proxy's X-Forwarded-For, always written
+    as Python's ipaddress writes it; anything it cannot vouch for it reports as the peer ("unix",
+    the proxy's loopback address). So an address counts exactly when it is an IP address in that
+    canonical form (no scope, no IPv4-mapped form, no leading zeros, lower case): "unix", "-", a
+    host name or any other spelling is never trusted, as a PAM login's unclean rhost is not.
+    """
+    if not client or len(client) > 64 or "%" in client:
+        return False
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return False
+    return str(address) == client
+
+
+def _locked_reason(exc: Locked) -> str:
+    """The reason of a gate login's ``outcome="locked"`` line, as a PAM login's: the code's own
+    failure ("wrong code; locked after ...") only when this login's code set the lock
+    (``exc.newly``, as selfservice._lock_result); a try while locked never names a code failure."""
+    if exc.newly or not exc.reason.startswith(("wrong code", "malformed code", "expired code")):
+        return exc.reason
+    return "extension is locked"
 
 
 def gate_key(config: Config) -> bytes:
@@ -304,13 +374,21 @@ class GateService(SelfService):
 
     def _login_line(self, outcome: str, user: str, account: str, client: str, method: str, reason: str,
                     started: float) -> None:
-        """The gate sign-in's one line, in the format of a PAM login's (service ``linkus-gate``)."""
+        """The gate sign-in's one line, in the format of a PAM login's (service ``linkus-gate``).
+
+        The same fields in the same order as server.py's ``_field_map``, ending ``rhost_trusted``,
+        so fail2ban counts a gate login by exactly the rules of a PAM login (docs/fail2ban.md):
+        the address counts only when it is one linkus-web vouches for (``client_vouched``), and an
+        ``outcome="locked"`` only with the reason of the code that set the lock ("wrong code; locked
+        ..."), never "locked after ..." of a try while locked (see ``_locked_reason``).
+        """
         severity = {Outcome.SUCCESS: LOG_INFO, Outcome.SKIP: LOG_INFO, Outcome.DENIED: LOG_NOTICE}.get(
             outcome, LOG_WARNING)
         self.engine.sink.attempt(severity, {
-            "service": SERVICE, "user": user, "account": account, "rhost": client, "tty": "-", "ruser": "-",
-            "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome, "reason": reason,
-            "ms": int((time.monotonic() - started) * 1000)})
+            "service": SERVICE, "user": user, "account": account, "rhost": client or "-", "tty": "-",
+            "ruser": "-", "caller_uid": _PEER_UID.get(), "method": method, "source": "-", "outcome": outcome,
+            "reason": reason, "ms": int((time.monotonic() - started) * 1000),
+            "rhost_trusted": client_vouched(client)})
 
     def _refusal(self, why: str) -> None:
         """Count a refused auth check; one summary line per REFUSAL_SUMMARY s at most."""
@@ -378,7 +456,8 @@ class GateService(SelfService):
         except (Denied, Locked) as exc:
             self._forget_session(token)
             self._login_line(Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED, name, ext, client,
-                             settings.method, exc.reason, started)
+                             settings.method, _locked_reason(exc) if isinstance(exc, Locked) else exc.reason,
+                             started)
             raise
         except BaseException:
             self._forget_session(token)
@@ -438,8 +517,10 @@ class GateService(SelfService):
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
 
         def failed(sess: _Session, exc: LinkusError) -> None:
-            outcome = Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED
-            self._login_line(outcome, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
+            if isinstance(exc, Locked):
+                self._login_line(Outcome.LOCKED, sess.ext, sess.ext, f["client"], "-", _locked_reason(exc), started)
+            else:
+                self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
 
         sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_fail=failed)
         return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,

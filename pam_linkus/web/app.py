@@ -258,8 +258,9 @@ class _Pages:
                 found[key] = value
         return found
 
-    def error_page(self, reply: dict[str, Any]) -> Response:
-        """The page for an error that ends the current step."""
+    def error_page(self, reply: dict[str, Any], template: str = "message.html", **context: Any) -> Response:
+        """The page for an error that ends the current step (the gate's pages give their own
+        ``template`` and its ``context``: a way back to the gate's sign-in, not to this page's)."""
         word = reply.get("error")
         if word == "expired":
             return self.redirect("/sign-in?expired=1", clear=True)
@@ -267,22 +268,22 @@ class _Pages:
             until = reply.get("until")
             text = (strings.LOCKED.format(until=time.strftime("%H:%M", time.localtime(until)))
                     if isinstance(until, (int, float)) else strings.LOCKED_ADMIN)
-            return self.render("message.html", 403, title=strings.LOCKED_TITLE, text=text, kind="locked")
+            return self.render(template, 403, title=strings.LOCKED_TITLE, text=text, kind="locked", **context)
         if word == "throttled" and reply.get("reason") == "email-code":
-            return self.render("message.html", 429, title=strings.TITLE, kind="throttled",
-                               text=strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after"))))
+            return self.render(template, 429, title=strings.TITLE, kind="throttled",
+                               text=strings.EMAIL_WAIT.format(seconds=_seconds(reply.get("retry_after"))), **context)
         if word == "throttled":
             minutes = max(1, int(reply.get("retry_after", 60)) // 60 + 1)
-            return self.render("message.html", 429, title=strings.TITLE,
-                               text=strings.THROTTLED.format(minutes=minutes), kind="throttled")
+            return self.render(template, 429, title=strings.TITLE,
+                               text=strings.THROTTLED.format(minutes=minutes), kind="throttled", **context)
         if word == "code":
             # signed in with the password, the code not given yet: that step is where every page leads
             return self.redirect("/sign-in/code")
         if word == "step":
-            return self.render("message.html", 409, title=strings.TITLE, text=strings.STEP, kind="step")
+            return self.render(template, 409, title=strings.TITLE, text=strings.STEP, kind="step", **context)
         if word == "bad-request":
-            return self.render("message.html", 400, title=strings.TITLE, text=strings.BAD_REQUEST,
-                               kind="bad-request")
+            return self.render(template, 400, title=strings.TITLE, text=strings.BAD_REQUEST,
+                               kind="bad-request", **context)
         return self.unavailable()
 
     def unavailable(self) -> Response:

@@ -45,7 +45,7 @@ class Pages(Protocol):
     def render(self, name: str, status: int = 200, **context: Any) -> Response: ...
     def redirect(self, path: str, *, clear: bool = False) -> Response: ...
     async def form(self, request: Request, *names: str) -> dict[str, str]: ...
-    def error_page(self, reply: dict[str, Any]) -> Response: ...
+    def error_page(self, reply: dict[str, Any], template: str = ..., **context: Any) -> Response: ...
     def set_cookie(self, response: Response, name: str, value: str) -> None: ...
 
 
@@ -97,11 +97,12 @@ class GatePages:
 
     # -- pages ----------------------------------------------------------------------------
 
-    def message(self, status: int, title: str, text: str, kind: str, *, again: bool = False) -> Response:
-        return self.pages.render("gate_message.html", status, title=title, text=text, kind=kind, again=again)
+    def message(self, status: int, title: str, text: str, kind: str, *, rd: str = "") -> Response:
+        """A gate page with a way back to the gate's sign-in (keeping ``rd`` where ``_back`` allows)."""
+        return self.pages.render("gate_message.html", status, title=title, text=text, kind=kind, back=_back(rd))
 
-    def unavailable(self) -> Response:
-        return self.message(503, strings.UNAVAILABLE_TITLE, strings.GATE_UNAVAILABLE, "unavailable", again=True)
+    def unavailable(self, rd: str = "") -> Response:
+        return self.message(503, strings.UNAVAILABLE_TITLE, strings.GATE_UNAVAILABLE, "unavailable", rd=rd)
 
     async def auth(self, request: Request) -> Response:
         """nginx's auth subrequest: 204 + identity, 401, 403 or 502; never a body, never a cookie."""
@@ -141,6 +142,7 @@ class GatePages:
     async def sign_in(self, request: Request) -> Response:
         async def run() -> Response:
             f = await self.pages.form(request, "ext", "password", "csrf", "rd")
+            request.state.gate_rd = f.get("rd", "")
             self._check_form_token(request, f.get("csrf", ""))
             ext, rd = f.get("ext", "").strip(), f.get("rd", "")[:MAX_RD]
             reply = await self.pages.call({"op": "gate_sign_in", "ext": ext, "password": f.get("password", ""),
@@ -151,8 +153,8 @@ class GatePages:
                     request.scope["query_string"] = b"rd=" + _quote(rd).encode()
                     return await self.sign_in_form(request, strings.WRONG_SIGN_IN, 401, ext=ext)
                 if word == "not-enrolled":
-                    return self._not_enrolled(request, reply)
-                return self._error(reply)
+                    return self._not_enrolled(request, reply, rd)
+                return self._error(reply, rd)
             if reply.get("state") == "in":
                 return self._signed_in(request, str(reply["token"]), str(reply["return"]))
             infos = [str(i) for i in reply.get("info", []) if isinstance(i, str)][:4]
@@ -163,7 +165,7 @@ class GatePages:
             self.clear(request, response, PRE)
             return response
 
-        return await self.guarded(run)
+        return await self.guarded(request, run)
 
     async def code_form(self, request: Request) -> Response:
         csrf = self.cookie(request, CODE_CSRF)
@@ -175,6 +177,7 @@ class GatePages:
     async def code(self, request: Request) -> Response:
         async def run() -> Response:
             f = await self.pages.form(request, "code", "csrf", "rd")
+            request.state.gate_rd = f.get("rd", "")
             step, rd = self.cookie(request, STEP), f.get("rd", "")[:MAX_RD]
             if not step:
                 return self.pages.redirect(PREFIX + "/sign-in?rd=" + _quote(rd))
@@ -187,12 +190,12 @@ class GatePages:
                     response = self.pages.redirect(PREFIX + "/sign-in?wrong=code&rd=" + _quote(rd))
                     self.clear(request, response, STEP, CODE_CSRF)
                     return response
-                return self._error(reply)
+                return self._error(reply, rd)
             response = self._signed_in(request, str(reply["token"]), str(reply["return"]))
             self.clear(request, response, STEP, CODE_CSRF)
             return response
 
-        return await self.guarded(run)
+        return await self.guarded(request, run)
 
     async def sign_out_form(self, request: Request) -> Response:
         pre = secrets.token_urlsafe(24)
@@ -210,14 +213,13 @@ class GatePages:
                 if token:
                     await self.pages.call({"op": "gate_sign_out", "token": token,
                                            "client": self.pages.client(request)})
-                response = self.message(200, strings.GATE_SIGNED_OUT_TITLE, strings.GATE_SIGNED_OUT, "signed-out",
-                                        again=True)
+                response = self.message(200, strings.GATE_SIGNED_OUT_TITLE, strings.GATE_SIGNED_OUT, "signed-out")
             except Unreachable:
                 response = self.message(503, strings.UNAVAILABLE_TITLE, strings.GATE_NOT_SIGNED_OUT, "unavailable")
             self.clear(request, response, SESSION, PRE, STEP, CODE_CSRF)
             return response
 
-        return await self.guarded(run)
+        return await self.guarded(request, run)
 
     async def forbidden(self, request: Request) -> Response:
         return self.message(403, strings.GATE_FORBIDDEN_TITLE, strings.GATE_FORBIDDEN, "forbidden")
@@ -227,14 +229,18 @@ class GatePages:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def guarded(self, run: Any) -> Response:
+    async def guarded(self, request: Request, run: Any) -> Response:
+        """``run``'s page; an outage or a refusal (a stale form token: 400) as a gate page whose way
+        back keeps the form's ``rd`` (``request.state.gate_rd``, set once the form is read)."""
         try:
             response: Response = await run()
             return response
         except Unreachable:
-            return self.unavailable()
+            rd = str(getattr(request.state, "gate_rd", ""))
+            return self.unavailable(rd)
         except Refused as refused:
-            return self._error({"error": refused.word})
+            rd = str(getattr(request.state, "gate_rd", ""))
+            return self._error({"error": refused.word}, rd)
 
     def _check_form_token(self, request: Request, given: str) -> None:
         expected = self.cookie(request, PRE)
@@ -248,22 +254,33 @@ class GatePages:
         self.clear(request, response, PRE)
         return response
 
-    def _not_enrolled(self, request: Request, reply: dict[str, Any]) -> Response:
+    def _not_enrolled(self, request: Request, reply: dict[str, Any], rd: str) -> Response:
         if reply.get("enroll") and isinstance(reply.get("session"), str):
             # the password was right: straight into Security Settings to turn 2FA on
             response = self.pages.redirect("/settings")
             self.pages.set_cookie(response, self.settings_cookie, str(reply["session"]))
             self.clear(request, response, PRE)
             return response
-        return self.message(403, strings.GATE_FORBIDDEN_TITLE, strings.GATE_REFUSED, "not-enrolled")
+        return self.message(403, strings.GATE_FORBIDDEN_TITLE, strings.GATE_REFUSED, "not-enrolled", rd=rd)
 
-    def _error(self, reply: dict[str, Any]) -> Response:
+    def _error(self, reply: dict[str, Any], rd: str = "") -> Response:
+        """The gate's page for an error that ends this step: the Security Settings page's texts, in
+        the gate's template, whose way back is the gate's sign-in (never Security Settings)."""
         word = reply.get("error")
         if word in ("locked", "throttled", "bad-request"):
-            return self.pages.error_page(reply)
+            return self.pages.error_page(reply, "gate_message.html", back=_back(rd))
         if word == "step":
-            return self.message(409, strings.TITLE, strings.STEP, "step", again=True)
-        return self.unavailable()
+            return self.message(409, strings.TITLE, strings.STEP, "step", rd=rd)
+        return self.unavailable(rd)
+
+
+def _back(rd: str) -> str:
+    """The gate's sign-in, with ``rd`` kept when it can be: at most MAX_RD printable ASCII characters,
+    percent-encoded whole into the query (never a link of its own); linkusd checks it at the sign-in
+    (return_hosts / default_return), as any ``rd``."""
+    if rd and len(rd) <= MAX_RD and all(32 < ord(c) < 127 for c in rd):
+        return PREFIX + "/sign-in?rd=" + _quote(rd)
+    return PREFIX + "/sign-in"
 
 
 def sign_in_url(uri: str) -> str:
