@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 from cli_helpers import run_cli
-from conftest import DAEMON_PYTHON, REPO, SECRET, PamStack, code_at, write_yaml
+from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, PamStack, code_at, write_yaml
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_server import closed_port
 from test_pam_email import enroll_email, login, mailed_code, setup_email
 
-from pam_linkus import __version__
+from pam_linkus import __version__, protocol
 from pam_linkus.config import Config
 from pam_linkus.daemon.engine import error_kind
 from pam_linkus.daemon.metrics import LOCKED_CAP, SERVICE_CAP, Stats
@@ -319,3 +319,52 @@ def test_bounded_service_labels() -> None:
     assert isinstance(names, list) and 0 < len(names) < LOCKED_CAP
     assert names[0].startswith(f"{LOCKED_CAP + 9:04d}")  # newest first
     assert len(encode_json(Msg.STATUS_REPLY, {"summary": summary})) < 65536
+
+
+def test_web_page_and_gate_second_factors_counted_once(site: tuple[Any, Any], make_user: Any) -> None:
+    """Security Settings (linkus-web) and the web gate (linkus-gate) through a real linkusd's web
+    socket: each second-factor outcome is one count, locks included, and the locked show in status."""
+    s = site[0]
+    address = str(s.stack.daemon.run_dir / "metrics.sock")
+    s.stack.config.update({"metrics": {"listen": address}, "lockout": {"max_failures": 2, "duration": 600},
+                           "gate": {"return_hosts": ["pbx.example.com"], "sites": [{"name": "all", "path": "/"}]}})
+    s.stack.write_config(daemon={"web_group": s.group})  # the sockets' paths too: the CLI asks this linkusd
+    page_user, gate_user = make_user(), make_user()
+    s.add(page_user, method="totp", secret=SECRET)
+    s.add(gate_user, method="totp", secret=SECRET)
+    s.stack.daemon.start()
+    web = str(s.web_socket)
+    client = "192.0.2.10"
+
+    def call(op: str, **fields: str) -> dict[str, Any]:
+        return dict(protocol.call_web(web, {"op": op, "client": client, **fields}))
+
+    def with_code(prefix: str, user: str, code: str) -> dict[str, Any]:
+        started = call(prefix + "sign_in", ext=user, password=PASSWORD)
+        assert started.get("state") == "code", started
+        return call(prefix + ("code" if prefix else "sign_in_code"), session=started["session"],
+                    csrf=started["csrf"], code=code)
+
+    before = scrape(address)
+    good = code_at(SECRET, time.time())
+    wrong = "000000" if good != "000000" else "111111"
+    for prefix, user in (("", page_user), ("gate_", gate_user)):
+        assert with_code(prefix, user, good)["ok"] is True
+        assert with_code(prefix, user, wrong)["error"] == "denied"
+        assert with_code(prefix, user, wrong)["error"] == "locked"  # the second failure sets the lock
+        locked = call(prefix + "sign_in", ext=user, password=PASSWORD)  # the right password, locked
+        assert locked["error"] == "locked", locked
+    after = scrape(address)
+    for service in ("linkus-web", "linkus-gate"):
+        def delta(outcome: str, method: str, service: str = service) -> float:
+            labels = {"outcome": outcome, "method": method, "service": service}
+            return value(after, "linkus_logins_total", **labels) - value(before, "linkus_logins_total", **labels)
+
+        assert delta("success", "totp") == 1, service
+        assert delta("denied", "-") == 1, service
+        assert delta("locked", "-") + delta("locked", "totp") == 2, service
+    assert value(after, "linkus_login_duration_seconds_count") - value(
+        before, "linkus_login_duration_seconds_count") == 8
+    out = run_cli(s.stack, "status").stdout
+    assert "success 2" in out and "denied 2" in out and "locked 4" in out, out
+    assert "locked now:   2: " in out and page_user in out and gate_user in out, out

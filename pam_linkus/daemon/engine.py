@@ -160,6 +160,9 @@ class Engine:
                  workers: int = 8, web_workers: int = 2) -> None:
         self.config_path = config_path
         self.sink = sink
+        # every login line, whoever writes it (server.py through log_login, the web gate's own
+        # line), is counted where it is written: once, and never forgotten by a new caller
+        sink.on_attempt = self.count_login
         self.clock = clock
         self.health = Health()
         self.stats = Stats(clock)
@@ -392,14 +395,19 @@ class Engine:
     def log_login(self, severity: int, fields: Mapping[str, object]) -> None:
         """A login's one log line (PAM, and the web gate with service "linkus-gate"), and its count.
 
-        The one place a login ends for the metrics, the STATUS summary and syslog alike, so
-        each login counts exactly once, whatever path it took.
+        The sink's ``attempt`` counts it (``count_login``, hooked in ``__init__``): the one place a
+        login line is written is the one place it is counted, for the metrics, the STATUS summary
+        and syslog alike, so each login counts exactly once, whatever path wrote it.
         """
+        self.sink.attempt(severity, fields)
+
+    def count_login(self, fields: Mapping[str, object]) -> None:
+        """Count one login's end (its log line's field map) without writing a line: for the
+        Security Settings page's sign-in, whose own lines are not in the login format."""
         outcome = fields.get("outcome")
         if isinstance(outcome, str):
             self.health.outcomes[outcome] = self.health.outcomes.get(outcome, 0) + 1
         self.stats.login(fields)
-        self.sink.attempt(severity, fields)
 
     def count_failure(self, exc: LinkusError, config: Config | None) -> None:
         """Count what ended a login or web call: an outside component that could not be asked

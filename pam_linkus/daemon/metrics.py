@@ -94,7 +94,8 @@ class Stats:
     def login(self, fields: Mapping[str, object]) -> None:
         """One login ended; ``fields`` is its log line's field map (outcome, method, service, ms, account).
 
-        Called where that one line is written (``Engine.log_login``), so each login counts once.
+        Called where that one line is written (``Engine.count_login``, hooked to the sink), so each
+        login counts once; the Security Settings sign-in, which writes no such line, calls it too.
         """
         outcome = str(fields.get("outcome"))
         if outcome not in OUTCOMES:
