@@ -82,8 +82,11 @@ class LinkusCollector(Collector):
         waiting.add_metric([], engine.active.get("parked", 0))
         yield waiting
         refused = CounterMetricFamily("linkus_connections_refused", "Connections turned away at accept: a peer "
-                                      "that may not ask (peer) or over a cap (cap)", labels=["socket", "reason"])
-        for sock, reason in (("pam", "peer"), ("pam", "cap"), ("web", "peer"), ("web", "cap"), ("metrics", "cap")):
+                                      "that may not ask (peer), over a cap (cap), a login over daemon.max_per_account "
+                                      "(account-cap), a uid over its cap on the metrics unix socket (uid-cap)",
+                                      labels=["socket", "reason"])
+        for sock, reason in (("pam", "peer"), ("pam", "cap"), ("pam", "account-cap"), ("web", "peer"), ("web", "cap"),
+                             ("metrics", "peer"), ("metrics", "cap"), ("metrics", "uid-cap")):
             refused.add_metric([sock, reason], stats.refused.get((sock, reason), 0))
         yield refused
         yield CounterMetricFamily("linkus_web_signins_throttled", "Web sign-ins and password checks refused as "

@@ -139,7 +139,8 @@ class Stats:
             self.email_codes[result] += 1
 
     def refusal(self, socket: str, reason: str) -> None:
-        """A connection on ``socket`` (pam, web) turned away at accept: ``peer`` or ``cap``."""
+        """A connection on ``socket`` (pam, web, metrics) turned away: ``peer``, ``cap``, ``uid-cap`` (metrics),
+        or ``account-cap`` (pam: a login over daemon.max_per_account, refused once its START names the account)."""
         self.refused[(socket, reason)] += 1
 
     def reload(self, ok: bool, seconds: float) -> None:
