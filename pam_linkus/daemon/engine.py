@@ -151,6 +151,8 @@ class Health:
     over_capacity: int = 0
     #: Set by linkusd's SocketWatch: a socket file it listens on was removed or replaced.
     socket_problem: str | None = None
+    #: Set by linkusd's MetricsRunner: the /metrics listener's state (listen, serving, why not, tries).
+    metrics: dict[str, object] | None = None
 
 
 class Engine:
@@ -436,6 +438,7 @@ class Engine:
             "log_lines_dropped": getattr(self.sink, "dropped", 0),
             "notifications": {"sent": self.notifier.sent, "dropped": self.notifier.dropped},
             "socket_problem": self.health.socket_problem,
+            "metrics": self.health.metrics,
             "summary": self.stats.summary(),
         }
 
