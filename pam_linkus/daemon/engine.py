@@ -282,8 +282,12 @@ class Engine:
                            f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
             for warning in snap.warnings:
                 self.sink.send(LOG_WARNING, f"linkusd: {warning}")
-            if old is not None and old.config.metrics.listen != snap.config.metrics.listen:
-                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen changed; it takes effect when linkusd restarts")
+            serving = self.health.metrics is not None and bool(self.health.metrics.get("serving"))
+            if serving and old is not None and (old.config.metrics.listen, old.config.metrics.group) != (
+                    snap.config.metrics.listen, snap.config.metrics.group):
+                # a listener not serving yet takes the new setting at its next try (MetricsRunner)
+                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen or metrics.group changed; it takes effect "
+                                           "when linkusd restarts")
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
