@@ -479,6 +479,7 @@ def summary(adm: Admin) -> int:
     print(f"notices:      {_counts(reply.get('notifications'), ('sent', 'dropped'))} (mails to owners and the "
           "admin, since start)")
     print(f"refused:      {_counts(stats.get('refused'))} (connections turned away at accept, since start)")
+    print(f"metrics:      {_metrics_state(reply.get('metrics'))}")
     seen = stats.get("locked_seen")
     store = adm.store()
     locked = []
@@ -493,6 +494,16 @@ def summary(adm: Admin) -> int:
     print(f"locked now:   {len(locked)}" + (": " + ", ".join(locked) if locked else "")
           + f" (of the locks linkusd has seen since it started{unchecked})")
     return 0
+
+
+def _metrics_state(state: object) -> str:
+    """The /metrics listener as linkusd reports it: off, serving, or not serving and why."""
+    if not isinstance(state, dict):
+        return "off (metrics.listen not set)"
+    if state.get("serving"):
+        return f"serving on {state.get('listen')}"
+    return (f"NOT serving on {state.get('listen')}: {state.get('why')} (tried {state.get('tries')} times; "
+            f"again every {state.get('retry_seconds')} s)")
 
 
 #: The order outcomes are printed in.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import grp
 import ipaddress
+import posixpath
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any
@@ -687,22 +688,34 @@ class MetricsConfig:
     unix socket. Only loopback: the counters tell an outsider when logins fail and how many
     extensions use which method, and linkusd has no business accepting connections from the
     network. Host names are refused too (``localhost`` may resolve to anything /etc/hosts says).
+
+    ``group`` (unix socket only): the scraper's group; the socket is 0660 root:GROUP and a peer
+    outside it is turned away (SO_PEERCRED). Without it the socket is 0600, root only. The
+    recommended form: any local user can squat or connect to a loopback TCP port, never to a
+    socket in a root-owned directory that only the group may open.
     """
 
-    __slots__ = ("listen", "host", "port", "path")
+    __slots__ = ("listen", "host", "port", "path", "group")
 
     def __init__(self, r: Reader, daemon: DaemonConfig):
         self.listen = r.optional_string("listen", max_len=256)
+        self.group = r.optional_string("group", max_len=32)
         self.host: str | None = None
         self.port = 0
         self.path: str | None = None
+        if self.group is not None and not _is_group_name(self.group):
+            raise r.fail("group", "is not a group name")
         if self.listen is not None:
             if self.listen.startswith("/"):
                 if self.listen in (daemon.pam_socket, daemon.web_socket):
                     raise r.fail("listen", "must not be the PAM or the web socket")
+                if posixpath.normpath(self.listen) != self.listen or self.listen.endswith("/"):
+                    raise r.fail("listen", "must be a normalized absolute path")
                 self.path = self.listen
             else:
                 self.host, self.port = _loopback_address(r, self.listen)
+        if self.group is not None and self.path is None:
+            raise r.fail("group", "needs listen to be a unix socket path (a TCP port has no group)")
         r.done()
 
 
@@ -711,6 +724,10 @@ def _loopback_address(r: Reader, text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:  # ::1:9816 -- is 9816 the port or the address's last group?
+        raise r.fail("listen", "an IPv6 address needs brackets: [::1]:PORT")
+    if "%" in host:  # a scope (fe80::1%eth0, ::1%lo) binds nowhere on loopback
+        raise r.fail("listen", "must not name a scope (%...): use [::1]:PORT")
     try:
         address = ipaddress.ip_address(host)
     except ValueError:

@@ -22,7 +22,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TextIO
 
 LOG_AUTHPRIV = 10 << 3
@@ -113,6 +113,9 @@ class SyslogSink:
     def __init__(self, socket_path: str = "/dev/log", *, tag: str | None = None):
         self.socket_path = socket_path
         self.tag = tag
+        #: Called with each ``attempt`` line's fields before it is sent: linkusd's Engine counts
+        #: logins here, so a login line written by any caller (PAM, the web gate) is counted once.
+        self.on_attempt: Callable[[Mapping[str, object]], None] | None = None
         self._stamp = ""
         self._stamp_second = -1
 
@@ -132,6 +135,8 @@ class SyslogSink:
 
     def attempt(self, severity: int, fields: Mapping[str, object]) -> bool:
         """One structured line (``format_fields``); True if syslog took it."""
+        if self.on_attempt is not None:
+            self.on_attempt(fields)
         return self.send(severity, format_fields(fields))
 
     def datagram(self, severity: int, message: str) -> bytes:

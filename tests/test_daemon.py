@@ -24,6 +24,7 @@ from typing import Any
 
 import daemon_client as dc
 import pytest
+from cli_helpers import run_cli
 from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, LogCatcher, PamStack, code_at, require_root, stop_process
 from plumbing import FLOOD_SCRIPT
 
@@ -887,6 +888,9 @@ def test_a_login_refused_by_the_account_cap_has_its_line(stack: PamStack, user: 
     for part in (f"service={stack.service} ", f"user={user} ", "outcome=unavailable",
                  "reason=too many logins at once for this account"):
         assert part in line.replace('"', ""), line
+    assert stack.daemon.status()["summary"]["refused"] == {"pam/account-cap": 1}  # counted, and shown by status
+    status = run_cli(stack, "status")
+    assert "refused:      pam/account-cap 1 " in status.stdout, status.stdout
 
 
 def test_a_login_whose_client_left_before_its_result_still_has_its_line(stack: PamStack, user: str) -> None:

@@ -6,19 +6,23 @@ the test's private directory (no port to race for) except where TCP itself is th
 
 from __future__ import annotations
 
+import grp
+import os
+import secrets
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_helpers import run_cli
-from conftest import DAEMON_PYTHON, REPO, SECRET, PamStack, code_at, write_yaml
+from conftest import DAEMON_PYTHON, PASSWORD, REPO, SECRET, PamStack, code_at, write_yaml
 from prometheus_client.parser import text_string_to_metric_families
 from smtp_server import closed_port
 from test_pam_email import enroll_email, login, mailed_code, setup_email
 
-from pam_linkus import __version__
+from pam_linkus import __version__, protocol
 from pam_linkus.config import Config
 from pam_linkus.daemon.engine import error_kind
 from pam_linkus.daemon.metrics import LOCKED_CAP, SERVICE_CAP, Stats
@@ -166,7 +170,7 @@ def test_reloads_good_and_bad_show(metrics_stack: tuple[PamStack, str]) -> None:
         before, "linkus_config_reloads_total", result="ok") + 1
     assert value(good, "linkus_config_last_reload_success") == 1
     stack.write_config(metrics={"listen": "127.0.0.1:9816"})  # read at start only: said, and not served
-    stack.log.wait_for("metrics.listen changed; it takes effect when linkusd restarts")
+    stack.log.wait_for("metrics.listen or metrics.group changed; it takes effect when linkusd restarts")
     assert value(scrape(address), "linkus_config_reloads_total", result="ok") == value(
         good, "linkus_config_reloads_total", result="ok") + 1
     assert value(good, "linkus_config_last_reload_timestamp_seconds") >= value(
@@ -319,3 +323,199 @@ def test_bounded_service_labels() -> None:
     assert isinstance(names, list) and 0 < len(names) < LOCKED_CAP
     assert names[0].startswith(f"{LOCKED_CAP + 9:04d}")  # newest first
     assert len(encode_json(Msg.STATUS_REPLY, {"summary": summary})) < 65536
+
+
+def test_web_page_and_gate_second_factors_counted_once(site: tuple[Any, Any], make_user: Any) -> None:
+    """Security Settings (linkus-web) and the web gate (linkus-gate) through a real linkusd's web
+    socket: each second-factor outcome is one count, locks included, and the locked show in status."""
+    s = site[0]
+    address = str(s.stack.daemon.run_dir / "metrics.sock")
+    s.stack.config.update({"metrics": {"listen": address}, "lockout": {"max_failures": 2, "duration": 600},
+                           "gate": {"return_hosts": ["pbx.example.com"], "sites": [{"name": "all", "path": "/"}]}})
+    s.stack.write_config(daemon={"web_group": s.group})  # the sockets' paths too: the CLI asks this linkusd
+    page_user, gate_user = make_user(), make_user()
+    s.add(page_user, method="totp", secret=SECRET)
+    s.add(gate_user, method="totp", secret=SECRET)
+    s.stack.daemon.start()
+    web = str(s.web_socket)
+    client = "192.0.2.10"
+
+    def call(op: str, **fields: str) -> dict[str, Any]:
+        return dict(protocol.call_web(web, {"op": op, "client": client, **fields}))
+
+    def with_code(prefix: str, user: str, code: str) -> dict[str, Any]:
+        started = call(prefix + "sign_in", ext=user, password=PASSWORD)
+        assert started.get("state") == "code", started
+        return call(prefix + ("code" if prefix else "sign_in_code"), session=started["session"],
+                    csrf=started["csrf"], code=code)
+
+    before = scrape(address)
+    good = code_at(SECRET, time.time())
+    wrong = "000000" if good != "000000" else "111111"
+    for prefix, user in (("", page_user), ("gate_", gate_user)):
+        assert with_code(prefix, user, good)["ok"] is True
+        assert with_code(prefix, user, wrong)["error"] == "denied"
+        assert with_code(prefix, user, wrong)["error"] == "locked"  # the second failure sets the lock
+        locked = call(prefix + "sign_in", ext=user, password=PASSWORD)  # the right password, locked
+        assert locked["error"] == "locked", locked
+    after = scrape(address)
+    for service in ("linkus-web", "linkus-gate"):
+        def delta(outcome: str, method: str, service: str = service) -> float:
+            labels = {"outcome": outcome, "method": method, "service": service}
+            return value(after, "linkus_logins_total", **labels) - value(before, "linkus_logins_total", **labels)
+
+        assert delta("success", "totp") == 1, service
+        assert delta("denied", "-") == 1, service
+        assert delta("locked", "-") + delta("locked", "totp") == 2, service
+    assert value(after, "linkus_login_duration_seconds_count") - value(
+        before, "linkus_login_duration_seconds_count") == 8
+    out = run_cli(s.stack, "status").stdout
+    assert "success 2" in out and "denied 2" in out and "locked 4" in out, out
+    assert "locked now:   2: " in out and page_user in out and gate_user in out, out
+
+
+@pytest.mark.parametrize(("listen", "problem"), [
+    ("[::1%lo]:9816", "must not name a scope"), ("[fe80::1%eth0]:9816", "must not name a scope"),
+    ("::1:9816", "needs brackets"), ("/run/linkusd/../x/metrics.sock", "normalized")])
+def test_config_refuses_addresses_that_cannot_bind_or_are_ambiguous(listen: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=rf"metrics\.listen: .*{problem}"):
+        Config.from_mapping({"metrics": {"listen": listen}})
+
+
+def test_config_group_is_for_a_unix_socket_only() -> None:
+    with pytest.raises(ConfigError, match=r"metrics\.group: needs listen to be a unix socket path"):
+        Config.from_mapping({"metrics": {"listen": "127.0.0.1:9816", "group": "prometheus"}})
+    with pytest.raises(ConfigError, match=r"metrics\.group: is not a group name"):
+        Config.from_mapping({"metrics": {"listen": "/run/linkusd/metrics.sock", "group": "a b"}})
+    ok = Config.from_mapping({"metrics": {"listen": "/run/linkusd/metrics.sock", "group": "prometheus"}}).metrics
+    assert (ok.path, ok.group) == ("/run/linkusd/metrics.sock", "prometheus")
+
+
+def _check(stack: PamStack) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DAEMON_PYTHON, "-m", "pam_linkus.daemon", "--check", "--config", str(stack.config_path)],
+                          capture_output=True, text=True, cwd=REPO, check=False,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+def test_check_refuses_a_metrics_socket_in_a_directory_others_can_write(pam_stack: PamStack) -> None:
+    open_dir = pam_stack.root / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o1777)
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "metrics": {"listen": str(open_dir / "m.sock")}},
+               end=True)
+    check = _check(pam_stack)
+    assert check.returncode == 1 and f"{open_dir} must be a directory owned by root" in check.stderr, check
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "metrics": {
+        "listen": str(pam_stack.daemon.run_dir / "metrics" / "m.sock")}}, end=True)
+    check = _check(pam_stack)  # absent under a safe parent: linkusd makes it at start
+    assert check.returncode == 0, check
+
+
+def _status(stack: PamStack) -> str:
+    result = run_cli(stack, "status")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _wait(what: str, check: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_a_squatted_port_is_tried_again_said_once_and_shown(pam_stack: PamStack) -> None:
+    squatter = socket.create_server(("127.0.0.1", 0))  # any local user can take a free loopback port first
+    port = squatter.getsockname()[1]
+    listen = f"127.0.0.1:{port}"
+    try:
+        with_metrics(pam_stack, listen)
+        _wait("two tries", lambda: (pam_stack.daemon.status().get("metrics") or {}).get("tries", 0) >= 2)
+        out = _status(pam_stack)
+        assert f"metrics:      NOT serving on {listen}: Address already in use (tried " in out, out
+    finally:
+        squatter.close()
+    _wait("serving", lambda: (pam_stack.daemon.status().get("metrics") or {}).get("serving"))
+    assert value(scrape(("127.0.0.1", port)), "linkus_config_loaded") == 1
+    assert f"metrics:      serving on {listen}" in _status(pam_stack)
+    lines = pam_stack.log.lines
+    assert sum(f"cannot serve metrics on {listen}: Address already in use" in line for line in lines) == 1, lines
+    assert sum(f"serving metrics on {listen}" in line for line in lines) == 1, lines
+
+
+def test_a_config_broken_at_start_serves_metrics_once_fixed(pam_stack: PamStack) -> None:
+    address = str(pam_stack.daemon.run_dir / "metrics.sock")
+    pam_stack.daemon.stop()
+    pam_stack.config["metrics"] = {"listen": address}
+    write_yaml(pam_stack.config_path, {**pam_stack.config, "enforce": "sometimes"}, end=True)
+    pam_stack.daemon.start()
+    status = pam_stack.daemon.status()
+    assert not status["loaded"] and status["metrics"] is None  # nothing to serve yet (the CLI cannot load it)
+    pam_stack.write_config()  # fixed: loads at the reload, and the listener starts with it
+    _wait("serving", lambda: (pam_stack.daemon.status().get("metrics") or {}).get("serving"))
+    pam_stack.log.wait_for(f"serving metrics on {address}")
+    samples = scrape(address)
+    assert value(samples, "linkus_config_reloads_total", result="failed") == 1  # the start's failed load
+    assert value(samples, "linkus_config_reloads_total", result="ok") == 1
+    assert value(samples, "linkus_config_loaded") == 1
+    assert oct(Path(address).stat().st_mode & 0o777) == "0o600"  # no metrics.group: root only
+    pam_stack.daemon.stop()
+    assert not Path(address).exists()  # removed on stop
+
+
+_HOLD = """
+import socket, sys
+path = sys.argv[1]
+held = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+for conn in held:
+    conn.connect(path)
+extra = socket.socket(socket.AF_UNIX)
+extra.connect(path)
+extra.settimeout(5)
+print("third:", extra.recv(10) == b"", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_unix_socket_group_and_per_uid_cap(pam_stack: PamStack, make_user: Any) -> None:
+    """Only the group (and root) can connect; a member holding slow connections blinds nobody else."""
+    group = f"lkmg{secrets.token_hex(3)}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        member, outsider = make_user(), make_user()
+        subprocess.run(["usermod", "-aG", group, member], check=True)
+        address = str(pam_stack.daemon.run_dir / "metrics.sock")
+        with_metrics(pam_stack, address)
+        pam_stack.write_config(metrics={"listen": address, "group": group})  # group: read at the next start
+        pam_stack.daemon.stop()
+        pam_stack.daemon.start()
+        st = Path(address).stat()
+        assert (oct(st.st_mode & 0o777), st.st_uid, grp.getgrgid(st.st_gid).gr_name) == ("0o660", 0, group)
+        probe = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1]); " \
+                "s.sendall(b'GET /metrics HTTP/1.1\\r\\n\\r\\n'); print(s.recv(12))"
+        denied = subprocess.run([DAEMON_PYTHON, "-c", probe, address], user=outsider, capture_output=True,
+                                text=True, check=False, timeout=30)
+        assert "PermissionError" in denied.stderr, denied  # the file mode: no connect at all
+        allowed = subprocess.run([DAEMON_PYTHON, "-c", probe, address], user=member, extra_groups=[group],
+                                 capture_output=True, text=True, check=False, timeout=30)
+        assert allowed.stdout.strip() == "b'HTTP/1.1 200'", allowed
+        holder = subprocess.Popen([DAEMON_PYTHON, "-c", _HOLD, address], user=member, extra_groups=[group],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "third: True"  # its third one closed at once
+            samples = scrape(address)  # root still scrapes while the member holds its two
+            assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="uid-cap") == 1
+        finally:
+            holder.communicate("", timeout=10)
+        os.chmod(address, 0o666)  # were the mode ever wider, SO_PEERCRED still turns the outsider away
+        wider = subprocess.run([DAEMON_PYTHON, "-c", probe, address], user=outsider, capture_output=True,
+                               text=True, check=False, timeout=30)
+        # connected (the mode let it), then closed before any answer: reset, broken pipe or EOF
+        assert "HTTP" not in wider.stdout and "PermissionError" not in wider.stderr, wider
+        samples = scrape(address)
+        assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="peer") == 1
+        assert "metrics/uid-cap 1" in _status(pam_stack)
+    finally:
+        pam_stack.daemon.stop()
+        subprocess.run(["groupdel", group], check=False, capture_output=True)

@@ -151,6 +151,8 @@ class Health:
     over_capacity: int = 0
     #: Set by linkusd's SocketWatch: a socket file it listens on was removed or replaced.
     socket_problem: str | None = None
+    #: Set by linkusd's MetricsRunner: the /metrics listener's state (listen, serving, why not, tries).
+    metrics: dict[str, object] | None = None
 
 
 class Engine:
@@ -160,6 +162,9 @@ class Engine:
                  workers: int = 8, web_workers: int = 2) -> None:
         self.config_path = config_path
         self.sink = sink
+        # every login line, whoever writes it (server.py through log_login, the web gate's own
+        # line), is counted where it is written: once, and never forgotten by a new caller
+        sink.on_attempt = self.count_login
         self.clock = clock
         self.health = Health()
         self.stats = Stats(clock)
@@ -277,8 +282,12 @@ class Engine:
                            f"in {int((time.monotonic() - started) * 1000)} ms" + (f", {counts}" if counts else ""))
             for warning in snap.warnings:
                 self.sink.send(LOG_WARNING, f"linkusd: {warning}")
-            if old is not None and old.config.metrics.listen != snap.config.metrics.listen:
-                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen changed; it takes effect when linkusd restarts")
+            serving = self.health.metrics is not None and bool(self.health.metrics.get("serving"))
+            if serving and old is not None and (old.config.metrics.listen, old.config.metrics.group) != (
+                    snap.config.metrics.listen, snap.config.metrics.group):
+                # a listener not serving yet takes the new setting at its next try (MetricsRunner)
+                self.sink.send(LOG_NOTICE, "linkusd: metrics.listen or metrics.group changed; it takes effect "
+                                           "when linkusd restarts")
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
@@ -392,14 +401,19 @@ class Engine:
     def log_login(self, severity: int, fields: Mapping[str, object]) -> None:
         """A login's one log line (PAM, and the web gate with service "linkus-gate"), and its count.
 
-        The one place a login ends for the metrics, the STATUS summary and syslog alike, so
-        each login counts exactly once, whatever path it took.
+        The sink's ``attempt`` counts it (``count_login``, hooked in ``__init__``): the one place a
+        login line is written is the one place it is counted, for the metrics, the STATUS summary
+        and syslog alike, so each login counts exactly once, whatever path wrote it.
         """
+        self.sink.attempt(severity, fields)
+
+    def count_login(self, fields: Mapping[str, object]) -> None:
+        """Count one login's end (its log line's field map) without writing a line: for the
+        Security Settings page's sign-in, whose own lines are not in the login format."""
         outcome = fields.get("outcome")
         if isinstance(outcome, str):
             self.health.outcomes[outcome] = self.health.outcomes.get(outcome, 0) + 1
         self.stats.login(fields)
-        self.sink.attempt(severity, fields)
 
     def count_failure(self, exc: LinkusError, config: Config | None) -> None:
         """Count what ended a login or web call: an outside component that could not be asked
@@ -428,6 +442,7 @@ class Engine:
             "log_lines_dropped": getattr(self.sink, "dropped", 0),
             "notifications": {"sent": self.notifier.sent, "dropped": self.notifier.dropped},
             "socket_problem": self.health.socket_problem,
+            "metrics": self.health.metrics,
             "summary": self.stats.summary(),
         }
 

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -38,12 +39,17 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from pam_linkus import __version__
 from pam_linkus.daemon.metrics import BUCKETS, ERROR_KINDS
+from pam_linkus.daemon.server import _credentials as peer_credentials
 
 if TYPE_CHECKING:
     from pam_linkus.daemon.engine import Engine
 
-#: Scrape connections at once; more are closed at accept (Prometheus makes one at a time).
+#: Scrape connections at once; more are closed at accept (Prometheus makes one at a time). On TCP
+#: any local user can take all of them (slow connections): the unix socket with ``metrics.group``
+#: lets only the group connect, and caps each uid at ``MAX_PER_UID``.
 MAX_CLIENTS = 4
+#: Connections at once per peer uid on the unix socket (SO_PEERCRED).
+MAX_PER_UID = 2
 #: Largest request head (request line and headers) read.
 MAX_HEAD = 8192
 REQUEST_TIMEOUT = 5.0
@@ -82,8 +88,11 @@ class LinkusCollector(Collector):
         waiting.add_metric([], engine.active.get("parked", 0))
         yield waiting
         refused = CounterMetricFamily("linkus_connections_refused", "Connections turned away at accept: a peer "
-                                      "that may not ask (peer) or over a cap (cap)", labels=["socket", "reason"])
-        for sock, reason in (("pam", "peer"), ("pam", "cap"), ("web", "peer"), ("web", "cap"), ("metrics", "cap")):
+                                      "that may not ask (peer), over a cap (cap), a login over daemon.max_per_account "
+                                      "(account-cap), a uid over its cap on the metrics unix socket (uid-cap)",
+                                      labels=["socket", "reason"])
+        for sock, reason in (("pam", "peer"), ("pam", "cap"), ("pam", "account-cap"), ("web", "peer"), ("web", "cap"),
+                             ("metrics", "peer"), ("metrics", "cap"), ("metrics", "uid-cap")):
             refused.add_metric([sock, reason], stats.refused.get((sock, reason), 0))
         yield refused
         yield CounterMetricFamily("linkus_web_signins_throttled", "Web sign-ins and password checks refused as "
@@ -147,11 +156,13 @@ def registry_for(engine: Engine) -> CollectorRegistry:
 class MetricsListener:
     """Serves GET /metrics on one listening socket (TCP on loopback, or unix) on the event loop."""
 
-    def __init__(self, engine: Engine, sock: socket.socket) -> None:
+    def __init__(self, engine: Engine, sock: socket.socket, gid: int | None = None) -> None:
         self.registry = registry_for(engine)
         self.stats = engine.stats
         self.sock = sock
+        self.gid = gid  # unix socket: the group whose members (and root) may scrape
         self.clients = 0
+        self.per_uid: Counter[int] = Counter()
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -164,12 +175,27 @@ class MetricsListener:
         if self.server is not None:
             self.server.close()
 
+    def _peer_uid(self, writer: asyncio.StreamWriter) -> int | None:
+        """The unix peer's uid if it may scrape (root, or in ``gid``; anyone when no group is set,
+        as the 0600 socket lets only root connect); None: turned away. -1 on TCP (no peer uid)."""
+        if self.sock.family != socket.AF_UNIX:
+            return -1
+        try:
+            _pid, uid, _gid, groups = peer_credentials(writer.get_extra_info("socket"))
+        except OSError:
+            return None
+        return uid if uid == 0 or self.gid is None or self.gid in groups else None
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.clients >= MAX_CLIENTS:
-            self.stats.refusal("metrics", "cap")
+        uid = self._peer_uid(writer)
+        refusal = ("peer" if uid is None else "cap" if self.clients >= MAX_CLIENTS
+                   else "uid-cap" if uid >= 0 and self.per_uid[uid] >= MAX_PER_UID else None)
+        if refusal is not None or uid is None:
+            self.stats.refusal("metrics", refusal or "peer")
             writer.transport.abort()
             return
         self.clients += 1
+        self.per_uid[uid] += 1
         try:
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -185,6 +211,9 @@ class MetricsListener:
                     await writer.drain()
         finally:
             self.clients -= 1
+            self.per_uid[uid] -= 1
+            if not self.per_uid[uid]:
+                del self.per_uid[uid]
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()  # a reader that stopped taking the reply: no lingering close
             else:

@@ -79,6 +79,10 @@ def check_config(config_path: str) -> int:
         return 1
     snap.chain.close()
     snap.store.close()
+    path = snap.config.metrics.path
+    if path is not None and (problem := metrics_dir_problem(path)) is not None:
+        print(f"linkusd: configuration not loadable: {config_path}: {problem}", file=sys.stderr)
+        return 1
     print(f"linkusd: configuration ok: {config_path}")
     return 0
 
@@ -219,45 +223,141 @@ def instance_lock(pam_socket: str) -> int:
 
 
 def _start_config(args: argparse.Namespace) -> Config | None:
-    """The config as it is at start, for what is fixed until a restart (sockets, pools, the metrics
-    listener); None if the file does not load: then the defaults serve (metrics off), and every
-    login is refused until a good config loads."""
+    """The config as it is at start, for what is fixed until a restart (sockets, pools); None if the
+    file does not load: then the defaults serve, and every login is refused until a good config
+    loads (the metrics listener starts with the first config that names it, ``MetricsRunner``)."""
     try:
         return load_config(args.config)
     except LinkusError:
         return None
 
 
-def metrics_socket(metrics: MetricsConfig) -> socket.socket:
+def metrics_socket(metrics: MetricsConfig, gid: int | None) -> socket.socket:
     """The metrics listener's socket: TCP on a loopback address (the config refuses any other), or a
-    unix socket, 0666 like the PAM socket (what it serves is what loopback TCP serves to any local user)."""
+    unix socket in a root-owned directory, 0660 root:``metrics.group`` (0600 without a group). The
+    unix socket is the recommended form: any local user may bind a free loopback port first and serve
+    made-up numbers, or connect to it; nobody but root and the group can do either with the socket."""
     if metrics.path is not None:
-        return bind_socket(metrics.path, 0o666)
+        return bind_socket(metrics.path, 0o660 if gid is not None else 0o600, gid)
     assert metrics.host is not None
     family = socket.AF_INET6 if ":" in metrics.host else socket.AF_INET
     return socket.create_server((metrics.host, metrics.port), family=family, backlog=16)
 
 
-async def start_metrics(metrics: MetricsConfig, engine: Engine, sink: QueuedSyslogSink) -> Any:
-    """Start serving /metrics when the config asks for it; a listener that cannot start is said in
-    syslog and leaves logins untouched (metrics are for watching, never a reason to refuse a login)."""
-    if metrics.listen is None:
+def metrics_dir_problem(path: str) -> str | None:
+    """What ``--check`` says about a unix metrics socket's directory (None: fine), by the rule a start
+    applies (``_safe_socket_dir``): root-owned and writable by nobody else, or absent under such a
+    parent (linkusd makes it, root 0755)."""
+    directory = os.path.dirname(path)
+    for where in (directory, os.path.dirname(directory)):
+        try:
+            st = os.lstat(where)
+        except FileNotFoundError:
+            if where == directory:
+                continue  # made at start, if its parent is safe
+            return f"metrics.listen: neither {directory} nor {where} exists"
+        except OSError as exc:
+            return f"metrics.listen: {where}: {exc.strerror}"
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
+            return f"metrics.listen: {where} must be a directory owned by root, not writable by others"
         return None
-    try:
-        from pam_linkus.daemon import exposition  # needs python3-prometheus-client: only when metrics are on
-    except ImportError:
-        sink.send(LOG_ERR, "linkusd: metrics.listen is set but python3-prometheus-client is not installed; "
-                           "not serving metrics")
-        return None
-    try:
-        listener = exposition.MetricsListener(engine, metrics_socket(metrics))
-        await listener.start()
-    except (OSError, SystemExit) as exc:
-        why = exc.strerror if isinstance(exc, OSError) else str(exc)
-        sink.send(LOG_ERR, f"linkusd: cannot serve metrics on {metrics.listen}: {why}")
-        return None
-    sink.send(LOG_INFO, f"linkusd: serving metrics on {metrics.listen}")
-    return listener
+    return None
+
+
+def _why(exc: OSError | SystemExit) -> str:
+    """A bind's failure in a few words (``EADDRINUSE``'s text, not create_server's long form)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
+    return str(exc)
+
+
+#: Seconds between tries of a metrics listener that could not start (a squatted port, a group that
+#: does not exist yet): one bind per try, the state change said once in syslog.
+METRICS_RETRY = 2.0
+#: Seconds between looks for a newly loaded config that names metrics.listen.
+METRICS_LOOK = 1.0
+
+
+class MetricsRunner:
+    """The /metrics listener's life. Started when a config that names ``metrics.listen`` first loads
+    (at start, or at a later reload after a start with a broken config), tried again every
+    ``METRICS_RETRY`` s while it cannot start, one log line per change of state; once serving, fixed
+    until a restart. Its state is in the STATUS reply (``engine.health.metrics``) for
+    ``linkus-2fa status``. Metrics never decide a login: nothing here can refuse or delay one."""
+
+    def __init__(self, engine: Engine, sink: QueuedSyslogSink) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.listener: Any = None
+        self.listen: str | None = None
+        self.tries = 0
+        self._said: str | None = None
+        self._next_try = 0.0
+        self._socket_file: tuple[str, tuple[int, int] | None] | None = None
+
+    async def check(self) -> None:
+        if self.listener is not None:
+            return
+        snap = self.engine.current
+        metrics = snap.config.metrics if snap is not None else None
+        if metrics is None or metrics.listen is None:
+            return
+        now = time.monotonic()
+        if metrics.listen == self.listen and now < self._next_try:
+            return
+        if metrics.listen != self.listen:
+            self.tries = 0
+        self.listen, self._next_try = metrics.listen, now + METRICS_RETRY
+        self.tries += 1
+        try:
+            from pam_linkus.daemon import exposition  # needs python3-prometheus-client: only when metrics are on
+        except ImportError:
+            self._state(False, "python3-prometheus-client is not installed")
+            return
+        gid = None
+        if metrics.group is not None and (gid := _group_id(metrics.group)) is None:
+            self._state(False, f"group {metrics.group} does not exist")  # never a wider socket instead
+            return
+        try:
+            sock = metrics_socket(metrics, gid)
+        except (OSError, SystemExit) as exc:
+            self._state(False, _why(exc))
+            return
+        listener = exposition.MetricsListener(self.engine, sock, gid)
+        try:
+            await listener.start()
+        except OSError as exc:
+            sock.close()
+            self._state(False, _why(exc))
+            return
+        self.listener = listener
+        if metrics.path is not None:
+            self._socket_file = (metrics.path, _identity(metrics.path))
+        self._state(True, None)
+
+    def _state(self, serving: bool, why: str | None) -> None:
+        self.engine.health.metrics = {"listen": self.listen, "serving": serving, "why": why, "tries": self.tries,
+                                      "retry_seconds": METRICS_RETRY}
+        said = f"serving metrics on {self.listen}" if serving else (
+            f"cannot serve metrics on {self.listen}: {why}; trying again every {METRICS_RETRY:g} s")
+        if said != self._said:
+            self._said = said
+            self.sink.send(LOG_INFO if serving else LOG_ERR, f"linkusd: {said}")
+
+    async def run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(METRICS_LOOK)
+
+    def close(self) -> None:
+        """Stop serving; remove the unix socket file if it is still the one this linkusd made."""
+        if self.listener is not None:
+            self.listener.close()
+        if self._socket_file is not None:
+            path, identity = self._socket_file
+            if identity is not None and _identity(path) == identity:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
 
 
 def _group_id(name: str) -> int | None:
@@ -317,7 +417,8 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
             sink.send(LOG_INFO, "linkusd: its sockets are in place again")
             notify("STATUS=serving")
 
-    metrics_listener = await start_metrics(start_config.metrics, engine, sink) if start_config else None
+    metrics = MetricsRunner(engine, sink)
+    await metrics.check()  # now, if the config loaded at start names metrics.listen
     watch = SocketWatch([pam_path] + ([web_path] if web_sock else []), socket_report)
 
     def pausing(which: str) -> Callable[[OSError], object]:
@@ -347,7 +448,8 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
 
     reloads: set[asyncio.Task[None]] = set()
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    tasks = [loop.create_task(engine.watch()), loop.create_task(watch.run(SOCKET_CHECK_EVERY))]
+    tasks = [loop.create_task(engine.watch()), loop.create_task(watch.run(SOCKET_CHECK_EVERY)),
+             loop.create_task(metrics.run())]
     if notify.watchdog:
         tasks.append(loop.create_task(_watchdog(notify, notify.watchdog)))
     state = "serving" if engine.current else "refusing every login: no valid configuration"
@@ -362,8 +464,7 @@ async def serve(args: argparse.Namespace, sink: QueuedSyslogSink, notify: Notifi
     for task in tasks:
         task.cancel()
     pam_server.close()
-    if metrics_listener is not None:
-        metrics_listener.close()
+    metrics.close()
     server.close()
     if web_server:
         web_server.close()

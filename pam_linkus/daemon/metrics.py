@@ -94,7 +94,8 @@ class Stats:
     def login(self, fields: Mapping[str, object]) -> None:
         """One login ended; ``fields`` is its log line's field map (outcome, method, service, ms, account).
 
-        Called where that one line is written (``Engine.log_login``), so each login counts once.
+        Called where that one line is written (``Engine.count_login``, hooked to the sink), so each
+        login counts once; the Security Settings sign-in, which writes no such line, calls it too.
         """
         outcome = str(fields.get("outcome"))
         if outcome not in OUTCOMES:
@@ -138,7 +139,8 @@ class Stats:
             self.email_codes[result] += 1
 
     def refusal(self, socket: str, reason: str) -> None:
-        """A connection on ``socket`` (pam, web) turned away at accept: ``peer`` or ``cap``."""
+        """A connection on ``socket`` (pam, web, metrics) turned away: ``peer``, ``cap``, ``uid-cap`` (metrics),
+        or ``account-cap`` (pam: a login over daemon.max_per_account, refused once its START names the account)."""
         self.refused[(socket, reason)] += 1
 
     def reload(self, ok: bool, seconds: float) -> None:

@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING, Any
 from nss_config.base import check_user_name
 from pam_linkus import emailcode, enrollment, flow
 from pam_linkus import password as pam_password  # by module: tests count its checks
-from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked
+from pam_linkus.errors import CodeRejected, CodeThrottled, ConfigError, Denied, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_NOTICE, LOG_WARNING, format_fields
 from pam_linkus.mailtext import check_address, mask_address
 from pam_linkus.notify import Event, same_address
@@ -284,6 +284,12 @@ class SelfService:
         """One line per change, like the CLI's (``action ext by via``); never a secret, code or password."""
         line = {"action": action, "ext": ext, "by": ext, "via": "web", "client": client, **fields}
         self.engine.sink.send(LOG_NOTICE, format_fields(line))
+
+    def _counted(self, sess: _Session, outcome: str, method: str = "-") -> None:
+        """This page's sign-in ended (service linkus-web): counted like a PAM login's end, once,
+        with no line in the login format (the page writes its own)."""
+        self.engine.count_login({"service": SERVICE, "account": sess.ext, "method": method, "outcome": outcome,
+                                 "ms": max(0, int((self.engine.clock() - sess.created) * 1000))})
 
     def _session(self, fields: dict[str, str], *, csrf: bool = True, state: str = "in",
                  purpose: str = "web") -> _Session:
@@ -488,6 +494,8 @@ class SelfService:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
         except BaseException as exc:
             self._forget_session(token)  # the generator has ended, or a worker still runs it: just drop it
+            if (outcome := _outcome_of(exc)) is not None:
+                self._counted(sess, outcome)
             if isinstance(exc, Locked):
                 # the right password, but the extension is locked: every refusal has its line. Not
                 # counted by fail2ban: the lock may be someone else's doing (docs/fail2ban.md)
@@ -509,10 +517,13 @@ class SelfService:
         if kind == "ask":
             sess.login = gen  # parked until the next call brings the answer; no worker is held
             return {"state": "code", "session": token, "csrf": sess.csrf, "prompt": payload, "info": infos}
+        method = str(getattr(payload, "method", "-") or "-")
         if getattr(payload, "outcome", None) != Outcome.SUCCESS:
             # a policy skip (exempt network, grace) is not proof: the page wants a code it has seen
             self._forget_session(token)
+            self._counted(sess, Outcome.DENIED, method)
             raise WebError("denied")
+        self._counted(sess, Outcome.SUCCESS, method)
         self._make_room(sess.ext, "in", keep=sess)
         sess.state = "in"
         self._audit("web-sign-in", sess.ext, client, factor="code")
@@ -544,6 +555,8 @@ class SelfService:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, f["code"]), pool="web")
         except Denied as exc:
             self._forget_session(token)
+            if on_fail is None:  # the gate's on_fail writes its login line, and that line is counted
+                self._counted(sess, Outcome.DENIED)
             self._count(sess.ext, f["client"])
             self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
             if on_fail is not None:
@@ -553,6 +566,9 @@ class SelfService:
             raise
         except BaseException as exc:
             self._forget_session(token)
+            outcome = _outcome_of(exc)
+            if outcome is not None and (on_fail is None or outcome == Outcome.UNAVAILABLE):
+                self._counted(sess, outcome)  # the gate writes (and so counts) a line for a lock only
             if isinstance(exc, Locked):  # docs/fail2ban.md: only the code that set the lock counts
                 if on_fail is not None:
                     on_fail(sess, exc)
@@ -939,3 +955,14 @@ def _flow_context(snapshot: Snapshot, engine: Engine) -> flow.Context:
     return flow.Context(config=config, clock=engine.clock, chain=snapshot.chain, store=snapshot.store,
                         mailer_factory=lambda: engine.mailer(config), echo_code=True)
 
+
+def _outcome_of(exc: BaseException) -> str | None:
+    """The login outcome a second-factor step that raised ``exc`` ended in; None: no outcome
+    (a refusal of the request itself, or a cancelled call)."""
+    if isinstance(exc, Locked):
+        return Outcome.LOCKED
+    if isinstance(exc, Denied):
+        return Outcome.DENIED
+    if isinstance(exc, Unavailable):
+        return Outcome.UNAVAILABLE
+    return None

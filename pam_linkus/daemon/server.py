@@ -481,6 +481,7 @@ class PamLogin:
         account_key = req.user.casefold()
         if server.per_account[account_key] >= self.limits.max_per_account:
             engine.health.over_capacity += 1
+            engine.stats.refusal("pam", "account-cap")  # linkus_connections_refused_total, status's refused line
             await self._end(Outcome.UNAVAILABLE, "too many logins at once for this account")
             return
         server.per_account[account_key] += 1
