@@ -45,7 +45,7 @@ class Site:
         self.web_socket = stack.daemon.web_socket
         stack.config.update({
             "self_service": {"pam_service": self.service},
-            "daemon": {"web_group": self.group},
+            "daemon": {**stack.socket_settings(), "web_group": self.group},  # the CLI must reach this linkusd
             "smtp": {"host": "127.0.0.1", "port": smtp_port, "security": "none", "from": "pbx@example.com",
                      "timeout": 5},
             "email": {**stack.config["email"], "send_interval": 0},
