@@ -497,6 +497,42 @@ def test_not_enrolled_is_never_let_through_under_enforce_all(site: tuple[Site, A
         api.close()
 
 
+def test_group_rules_make_the_gate_stricter(site: tuple[Site, Any], make_user: Any, make_group: Any) -> None:
+    """An unenrolled member of an ``enforce: all`` group never passes on its password, even where the
+    gate and the site say ``enrolled``; a group rule's ``methods`` restrict the gate as a PAM login."""
+    s = site[0]
+    member, other, totp_user = make_user(), make_user(), make_user()
+    group, totp_group = make_group(member), make_group(totp_user)
+    s.stack.config["group_policy"] = [{"name": "admins", "unix_groups": [group], "enforce": "all"}]
+    configure(s, enforce="enrolled", not_enrolled="refuse")
+    s.add(member)
+    s.add(other)
+    s.add(totp_user, method="totp", secret=SECRET)
+    api = GateApi(s)
+    try:
+        refused = api.sign_in(member)
+        assert (refused["ok"], refused["error"], refused["enroll"]) == (False, "not-enrolled", False)
+        assert api.store().gate_sessions(member, api.clock.now) == []
+        passed = api.sign_in(other)  # not in the group: the password alone, as enforce: enrolled says
+        assert passed["ok"] and passed["state"] == "in"
+        assert api.check(passed["token"])["method"] == "password"
+        totp_token = api.sign_in(totp_user)["token"]
+        assert api.check(totp_token)["method"] == "totp"
+        # the rules change: other joins an enforce: all rule, totp_user's group now allows email only
+        s.stack.config["group_policy"] = [
+            {"name": "admins", "unix_groups": [group], "enforce": "all"},
+            {"name": "others", "unix_groups": [make_group(other)], "enforce": "all"},
+            {"name": "mail-only", "unix_groups": [totp_group], "methods": ["email"]}]
+        configure(s, enforce="enrolled", not_enrolled="refuse")
+        api.reload()
+        assert api.check(passed["token"])["error"] == "expired"
+        assert api.check(totp_token)["error"] == "expired"
+        api.clock.now += 30
+        assert api.sign_in(totp_user)["ok"] is False  # the flow refuses a method the rules do not allow
+    finally:
+        api.close()
+
+
 def test_per_account_sessions_are_bounded(site: tuple[Site, Any], user: str) -> None:
     configure(site[0], max_sessions_per_account=2)
     site[0].add(user, method="totp", secret=SECRET)
