@@ -46,7 +46,7 @@ from smtp_server import code_in
 from web_site import Site, WebServer, logged, start_browser
 
 from pam_linkus.web import strings
-from pam_linkus.web.gate import SIGN_IN_HEADER, sign_in_url
+from pam_linkus.web.gate import COOKIE_HEADER, SIGN_IN_HEADER, sign_in_url, upstream_cookies
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,14 +81,18 @@ CHECK_ANSWERS: dict[str, tuple[int, dict[str, str]]] = {
 
 
 def stand_in_check(record: dict[str, Any]) -> tuple[int, dict[str, str]]:
-    """Answers by the session cookie (either name), as the gate reads it."""
+    """Answers by the session cookie (either name), as the gate reads it; a pass carries the
+    gate's own X-Linkus-Cookie (``upstream_cookies``, the function linkus-web answers it with)."""
     pairs = [p.strip().partition("=") for c in header_values(record, "Cookie") for p in c.split(";")]
     session = [value for name, _eq, value in pairs if name in SESSION_COOKIES]
     if record["path"].startswith("/linkus-gate/auth"):
         # no session: the gate's own 401, naming the sign-in page with the whole request URI encoded
         (uri,) = header_values(record, "X-Original-URI")
-        return CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "",
-                                 (401, {SIGN_IN_HEADER: sign_in_url(uri)}))
+        status, headers = CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "",
+                                            (401, {SIGN_IN_HEADER: sign_in_url(uri)}))
+        if status == 204:
+            headers = {**headers, COOKIE_HEADER: upstream_cookies(header_values(record, "Cookie"))}
+        return status, headers
     return 200, {}  # the gate's own pages
 
 
@@ -180,6 +184,13 @@ def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
      " __Host-linkus_gate_code=c", ["PHPSESSID=abc; x=1"]),
     ("linkus_gate=good", []),
     ("xlinkus_gate=keep; linkus_gate=good", ["xlinkus_gate=keep"]),
+    # any number of dummies (other ports or pages of this host name can plant them), odd spacing,
+    # duplicates, every name linkus-web sets: the live session never passes
+    ("; ".join(f"linkus_gate_d{i}=x" for i in range(10)) + ";PHPSESSID=abc;  linkus_gate=good;;"
+     "\tlang=en ;linkus_gate=good; __Host-linkus_gate=good;LINKUS_GATE=good; linkus_session=s;"
+     " __Host-linkus_session=s; linkus_pre=p; linkus_code_csrf=c; linkus_ext=e; linkus_gate_x = good",
+     ["PHPSESSID=abc; lang=en"]),
+    ("linkus_gate=good; linkus_session=s", []),
 ])
 def test_the_gui_never_gets_the_gates_cookies(wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream],
                                               sent: str, gui_gets: list[str]) -> None:
@@ -188,6 +199,7 @@ def test_the_gui_never_gets_the_gates_cookies(wiring: tuple[HttpsClient, EchoUps
     (asked,) = [r for r in check.seen if r["path"] == "/linkus-gate/auth"]
     assert header_values(asked, "Cookie") == [sent]  # the check reads them all
     assert header_values(gui.seen[0], "Cookie") == gui_gets
+    assert not [v for _k, v in gui.seen[0]["headers"] if "=good" in v or "=good" in v.replace(" ", "")]
 
 
 def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
@@ -402,11 +414,14 @@ def test_browser_signs_in_with_both_factors_and_signs_out(gate: Gate, make_user:
 
         # the same session, many requests and paths, forged headers every time: the gate's word only
         full = gate.client()
-        full.cookies = {cookie["name"]: cookie["value"]}
+        # with dummies planted before it (five and more): the GUI still gets only its own cookie
+        full.cookies = {**{f"linkus_gate_d{i}": "x" for i in range(6)}, "PHPSESSID": "abc",
+                        cookie["name"]: cookie["value"]}
         for path in ("/admin/", "/admin/config.php?display=x&y=1", "/ucp/", "/ucp/index.php"):
             reply = full(path, headers=FORGED_HEADERS)
             assert reply.status == 200, (path, reply.status)
             assert header_values(echoed(reply), "X-Linkus-User") == [user]
+            assert header_values(echoed(reply), "Cookie") == ["PHPSESSID=abc"]
         assert all(FORGED not in [v for _k, v in r["headers"]] for r in gate.gui.seen)
         assert not [r for r in gate.gui.seen if "linkus_gate" in json.dumps(r) or cookie["value"] in json.dumps(r)]
 
