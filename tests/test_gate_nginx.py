@@ -21,6 +21,7 @@ import hashlib
 import json
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -46,6 +47,7 @@ from smtp_server import code_in
 from web_site import Site, WebServer, logged, start_browser
 
 from pam_linkus.web import strings
+from pam_linkus.web.app import CHECK_DEADLINE
 from pam_linkus.web.gate import COOKIE_HEADER, SIGN_IN_HEADER, sign_in_url, upstream_cookies
 
 pytestmark = pytest.mark.timeout(180)
@@ -518,6 +520,19 @@ def test_a_locked_account_and_linkusd_down_let_nobody_in(gate: Gate, make_user: 
     gate_sign_in(signed_in, fine, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
     assert signed_in("/ucp/").status == 200
     before = gate.gui.count()
+    # linkusd frozen: the check's own short deadline (web.app.CHECK_DEADLINE), not the pages' 20 s
+    daemon = gate.stack.daemon.proc
+    assert daemon is not None
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        frozen = signed_in("/ucp/", headers=FORGED_HEADERS)
+        took = time.monotonic() - started
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    assert frozen.status == 503 and "Sign-in is unavailable" in frozen.text
+    assert took < CHECK_DEADLINE + 2, took
+    assert gate.gui.count() == before
     gate.stack.daemon.stop()
     down = signed_in("/ucp/", headers=FORGED_HEADERS)
     assert down.status == 503 and "Sign-in is unavailable" in down.text

@@ -60,6 +60,10 @@ MAX_CALLS = 12
 #: A kept-open connection to linkusd idle this long is closed instead of used (linkusd closes its
 #: side after 10 s idle, pam_linkus.daemon.server.WEB_IDLE).
 WEB_KEEP_IDLE = 4.0
+#: The auth check's deadline for linkusd's answer (its own store read has gate.check_timeout, 1 s by
+#: default): a frozen linkusd costs each proxied request this, then a 502 (nobody passes), never the
+#: pages' ``--timeout`` (a PAM password check may take that long; a gate check never should).
+CHECK_DEADLINE = 2.0
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
 CODE_CSRF_COOKIE = "linkus_code_csrf"
@@ -186,10 +190,13 @@ class _Pages:
             # at most MAX_CALLS connections to linkusd at once: it caps web calls per uid
             # (daemon.max_per_caller, 16 by default) and refuses the ones over it -- a burst of
             # gate checks queues here instead of failing as "unavailable"
-            async with self.calls:
-                if request.get("op") == "gate_check":
-                    reply = await self.kept.call(request, timeout=self.conf.timeout)
-                else:
+            if request.get("op") == "gate_check":
+                # the wait for a free connection counts too: a frozen linkusd must not queue checks
+                deadline = min(CHECK_DEADLINE, self.conf.timeout)
+                async with asyncio.timeout(deadline), self.calls:
+                    reply = await self.kept.call(request, timeout=deadline)
+            else:
+                async with self.calls:
                     reply = await call_web(self.conf.socket_path, request, timeout=self.conf.timeout)
         except (OSError, protocol.ProtocolError, ValueError, TimeoutError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
