@@ -693,7 +693,19 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     assert {"httponly", "path=/", "samesite=lax"} <= attributes and "secure" not in attributes
     status, head = b.auth()
     assert status == 204 and head["x-linkus-user"] == user and head["x-linkus-method"] == "totp"
+    assert head["x-linkus-cookie"] == ""  # the session cookie is the gate's: nothing for the GUI
+    b.cookies = {"a": "1", **b.cookies, "linkus_session": "s", "z": "2"}
+    status, head = b.auth()
+    assert status == 204 and head["x-linkus-cookie"] == "a=1; z=2"
+    b.cookies = {k: v for k, v in b.cookies.items() if k.startswith("linkus_gate")}
     assert logged(s.log, service="linkus-gate", outcome="success")["account"] == user
+    # the Security Settings pages also live under /linkus-gate/account/ (not_enrolled: enroll sends
+    # people there), with their own links; the gate's check is never reachable through that prefix
+    status, _head, page = b.request("GET", "/linkus-gate/account/sign-in")
+    assert status == 200 and 'action="/linkus-gate/account/sign-in"' in page and 'action="/sign-in"' not in page
+    assert b.request("GET", "/linkus-gate/account/")[1]["location"] == "/linkus-gate/account/sign-in"
+    for hidden in ("/linkus-gate/account/linkus-gate/auth", "/linkus-gate/account/linkus-gate"):
+        assert b.request("GET", hidden)[0] == 404, hidden
     for detour in ("/admin/..;/elsewhere/", "/admin/%252e%252e/elsewhere/", "/admin/#/../elsewhere/",
                    "/admin/%2e%2e/elsewhere/"):
         assert b.auth(detour)[0] == 403, detour  # under /admin/ here, elsewhere to some upstream: refused

@@ -559,3 +559,71 @@ def test_an_emailed_code_opens_the_gate(gate: Gate, site: tuple[Site, Any], make
     seen = echoed(client.follow(done))
     assert header_values(seen, "X-Linkus-User") == [user]
     assert header_values(seen, "X-Linkus-Method") == ["email"]
+
+
+def test_an_account_without_2fa_enrolls_under_the_gates_prefix_then_passes_with_both_factors(
+        gate: Gate, make_user: Any, tmp_path: Path) -> None:
+    """gate enforce: all, not_enrolled: enroll, the documented block: the password lands on the
+    Security Settings page under /linkus-gate/account/ (the GUI's /settings is behind the gate), TOTP
+    is turned on there, then the gate opens with both factors; no linkus-web cookie reaches the GUI."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gate.stack.config["gate"]["not_enrolled"] = "enroll"
+    gate.stack.write_config()
+    user = make_user()
+    gate.site.add(user)  # 2FA off
+    pin = f"--ignore-certificate-errors-spki-list={spki_pin(gate.cert)}"
+    driver = start_browser(tmp_path / "chromium", flags=(pin,))
+    account = "/linkus-gate/account"
+    try:
+        def at(path: str) -> None:
+            WebDriverWait(driver, 20).until(lambda d: urllib.parse.urlsplit(d.current_url).path == path)
+
+        def fill_in(css: str, value: str) -> None:
+            box = driver.find_element(By.CSS_SELECTOR, css)
+            box.clear()
+            box.send_keys(value)
+
+        def sign_in_at_the_gate() -> None:
+            driver.get(gate.base + "/ucp/index.php?x=1")
+            at("/linkus-gate/sign-in")
+            fill_in("#ext", user)
+            fill_in("#password", PASSWORD)
+            driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+
+        sign_in_at_the_gate()
+        at(account + "/settings")
+        assert driver.find_element(By.CSS_SELECTOR, "#status-2fa").text == "Off"
+        # a Security Settings session, no gate session: the GUI still refuses
+        names = {c["name"] for c in driver.get_cookies()}
+        assert "linkus_session" in names and not names & set(SESSION_COOKIES)
+        driver.find_element(By.CSS_SELECTOR, "#enabled").click()
+        at(account + "/settings/password")
+        fill_in("#password", PASSWORD)
+        driver.find_element(By.CSS_SELECTOR, "#confirm").click()
+        at(account + "/settings/method")
+        driver.find_element(By.CSS_SELECTOR, "label[for=m-totp]").click()
+        driver.find_element(By.CSS_SELECTOR, "#next").click()
+        at(account + "/settings/authenticator")
+        driver.find_element(By.CSS_SELECTOR, "#cant-scan summary").click()
+        WebDriverWait(driver, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, "#secret").text.strip())
+        secret = driver.find_element(By.CSS_SELECTOR, "#secret").text.replace(" ", "")
+        fill_in("#code", code_at(secret, time.time()))
+        driver.find_element(By.CSS_SELECTOR, "#save").click()
+        at(account + "/settings")
+        assert driver.find_element(By.CSS_SELECTOR, "#status-2fa").text == "On"
+        assert gate.gui.count() == 0
+
+        sign_in_at_the_gate()  # now the code is asked (the next time step: the last one is spent)
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#code"))
+        fill_in("#code", code_at(secret, time.time() + 30))
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        at("/ucp/index.php")
+        seen = echoed(driver.find_element(By.TAG_NAME, "body").text)
+        assert header_values(seen, "X-Linkus-User") == [user]
+        assert header_values(seen, "X-Linkus-Method") == ["totp"]
+        assert "linkus_session" in {c["name"] for c in driver.get_cookies()}  # the browser still holds it
+        assert not [r for r in gate.gui.seen if "linkus_" in json.dumps(r)]  # the GUI never got one
+    finally:
+        driver.quit()

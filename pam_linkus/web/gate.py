@@ -51,6 +51,11 @@ class Pages(Protocol):
 
 
 PREFIX = "/linkus-gate"
+#: The Security Settings pages again, under the gate's prefix (pam_linkus.web.app serves them at /
+#: and here): nginx's example block passes /linkus-gate/ to linkus-web and gates everything else, so
+#: an account sent to turn 2FA on at a gate sign-in (not_enrolled: enroll) goes here, never to
+#: /settings (the GUI's path behind the gate).
+ACCOUNT_PREFIX = PREFIX + "/account"
 SESSION = "linkus_gate"
 STEP = "linkus_gate_step"  # the sign-in waiting for its code (linkusd's session of that step)
 CODE_CSRF = "linkus_gate_code"
@@ -271,7 +276,7 @@ class GatePages:
     def _not_enrolled(self, request: Request, reply: dict[str, Any], rd: str) -> Response:
         if reply.get("enroll") and isinstance(reply.get("session"), str):
             # the password was right: straight into Security Settings to turn 2FA on
-            response = self.pages.redirect("/settings")
+            response = self.pages.redirect(ACCOUNT_PREFIX + "/settings")
             self.pages.set_cookie(response, self.settings_cookie, str(reply["session"]))
             self.clear(request, response, PRE)
             return response
