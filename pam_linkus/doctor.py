@@ -723,6 +723,13 @@ def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
         level = "WARN" if absent else "FAIL"
         findings.append(Finding(level, "self-service PAM service",
                                 f"{exc}; the web page and `linkus-2fa self` cannot check passwords"))
+    lockers = sorted(_stack_modules(service, pam_dir) & LOCKING_MODULES)
+    if lockers:
+        findings.append(Finding("WARN", "self-service PAM service", (
+            f"{service} uses {', '.join(lockers)}: anyone who knows an extension number can lock its "
+            "password with wrong passwords at the web page or the gate, and the owner's right password is "
+            "then refused and logged as a wrong password from the owner's own address (fail2ban counts "
+            "it); linkusd's own throttles and lockout already bound the tries (docs/web.md)")))
     if group is None:
         findings.append(Finding("ok", "web group", f"{name} does not exist: the web page is not installed, "
                                                    "linkusd's web socket serves root only"))
@@ -739,6 +746,34 @@ def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
     else:
         findings.append(Finding("ok", "web group", f"{name}: {', '.join(sorted(members)) or 'no members'}"))
     return findings
+
+
+#: PAM modules that lock a password after failures: in the self-service stack, a stranger's wrong
+#: passwords lock the owner out and make the owner's right password look wrong (docs/web.md).
+LOCKING_MODULES = frozenset({"pam_faillock", "pam_tally", "pam_tally2"})
+
+
+def _stack_modules(service: str, pam_dir: str, depth: int = 0, seen: set[str] | None = None) -> set[str]:
+    """The module names (``pam_unix``) of a PAM service, its @include, include and substack files
+    followed (at most 10 deep, each file once); an unreadable file adds nothing (check_service says so)."""
+    seen = set() if seen is None else seen
+    if depth > 10 or service in seen or "/" in service or service in ("", ".", ".."):
+        return set()
+    seen.add(service)
+    try:
+        with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        return set()
+    found: set[str] = set()
+    for rule in parse_rules(text):
+        if rule.include is not None:
+            found |= _stack_modules(rule.include, pam_dir, depth + 1, seen)
+        elif rule.control in ("include", "substack"):
+            found |= _stack_modules(rule.module, pam_dir, depth + 1, seen)
+        else:
+            found.add(rule.module_name)
+    return found
 
 
 def _uid(name: str) -> int | None:

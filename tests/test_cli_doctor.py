@@ -142,3 +142,24 @@ def test_doctor_shows_the_gates_sites_and_warns_on_risky_ones(pam_stack: PamStac
            in "\n".join(gate_lines), out
     assert [line for line in gate_lines if line.startswith("WARN")] == [
         "WARN gate site typo: Unix group 'no-such-group-linkus' does not exist on this host (nobody passes through it)"]
+
+
+def test_doctor_warns_when_the_self_service_stack_locks_passwords(pam_stack: PamStack) -> None:
+    """pam_faillock/pam_tally2 in self_service.pam_service (also through an include): a stranger's wrong
+    passwords at the page or the gate would lock the owner's password and get the owner's right password
+    logged as wrong from the owner's address (docs/web.md): a WARN naming the module."""
+    pam_dir = pam_stack.root / "pam.d"
+    pam_dir.mkdir()
+    pam_stack.write_config(self_service={"pam_service": "linkus-self"})
+    (pam_dir / "linkus-self").write_text("auth required pam_unix.so\naccount required pam_unix.so\n")
+    lines = doctor(pam_stack.config_path, "--pam-dir", str(pam_dir)).stdout.splitlines()
+    assert not [line for line in lines if "self-service PAM service" in line and line.startswith("WARN")], lines
+    (pam_dir / "common-auth").write_text("auth required pam_faillock.so preauth\nauth required pam_unix.so\n"
+                                         "auth [default=die] pam_faillock.so authfail\n")
+    for stack in ("@include common-auth\n", "auth include common-auth\n",
+                  "AUTH\trequired\t/lib/x86_64-linux-gnu/security/pam_tally2.so deny=3\nauth required pam_unix.so\n"):
+        (pam_dir / "linkus-self").write_text(stack)
+        out = doctor(pam_stack.config_path, "--pam-dir", str(pam_dir)).stdout
+        (warn,) = [line for line in out.splitlines() if line.startswith("WARN self-service PAM service")]
+        assert "pam_faillock" in warn or "pam_tally2" in warn, warn
+        assert "linkus-self uses" in warn and "fail2ban" in warn
