@@ -35,7 +35,7 @@ from nss_config.chain import build_chain
 from nss_config.yaml_reader import MAX_EXTENSIONS_BYTES, open_checked, read_secret_file
 from nss_config.yaml_source import read_extensions
 from pam_linkus import groups, policy, protocol
-from pam_linkus.config import load_config, missing_unix_groups
+from pam_linkus.config import gate_warnings, load_config, missing_unix_groups
 from pam_linkus.errors import LinkusError
 from pam_linkus.pamconf import PamRule, parse_rules
 from pam_linkus.password import PAM_DIR, ServiceRefused, check_service
@@ -282,19 +282,21 @@ def check_gate(doc: Doctor, config: Config) -> None:
     return_hosts while a site has no host (that site matches no request: all 403), a Unix group in
     allow_groups this host does not have. Nothing is said when no site is configured."""
     gate = config.gate
+    # what linkusd itself warns about at load (config.gate_warnings: no sites, host-less sites with
+    # an empty return_hosts, a missing Unix group), word for word, so doctor and syslog agree
+    warnings = gate_warnings(gate)
     if not gate.sites:
         doc.report("ok", "gate", "no sites (the web gate lets nothing through: every protected path is 403)")
+        for warning in warnings:
+            doc.report("WARN", "gate", warning.removeprefix("gate: "))
         return
     doc.report("ok", "gate", f"{len(gate.sites)} site{'' if len(gate.sites) == 1 else 's'}; enforce "
                f"{gate.enforce}, not_enrolled {gate.not_enrolled}, return_hosts "
                f"{', '.join(gate.return_hosts) or 'none'}, default_return {gate.default_return}")
+    for warning in warnings:
+        doc.report("WARN", "gate", warning.removeprefix("gate: "))
     if not gate.return_hosts:
-        hostless = [site.name for site in gate.sites if site.host is None]
-        detail = "a return URL naming a host always goes to default_return"
-        if hostless:
-            detail = (f"site{'' if len(hostless) == 1 else 's'} {', '.join(hostless)} name no host, so they match "
-                      f"no request (every one is refused 403); and {detail}")
-        doc.report("WARN", "gate return_hosts", "empty: " + detail)
+        doc.report("WARN", "gate return_hosts", "empty: a return URL naming a host always goes to default_return")
     for site in gate.sites:
         what = f"gate site {site.name}"
         doc.report("ok", what, describe_site(gate, site))
@@ -307,12 +309,6 @@ def check_gate(doc: Doctor, config: Config) -> None:
             if network.prefixlen < WIDE_EXEMPT[network.version]:
                 doc.report("WARN", what, f"exempt network {network} is wide ({network.num_addresses} addresses): "
                            "every address in it passes naming nobody, with no sign-in")
-        for group in site.allow_groups:
-            try:
-                grp.getgrnam(group)
-            except KeyError:
-                doc.report("WARN", what, f"Unix group {group!r} does not exist on this host (nobody passes "
-                           "through it)")
 
 
 def check_policy(doc: Doctor, config: Config, user: str) -> None:
@@ -723,6 +719,13 @@ def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
         level = "WARN" if absent else "FAIL"
         findings.append(Finding(level, "self-service PAM service",
                                 f"{exc}; the web page and `linkus-2fa self` cannot check passwords"))
+    lockers = sorted(_stack_modules(service, pam_dir) & LOCKING_MODULES)
+    if lockers:
+        findings.append(Finding("WARN", "self-service PAM service", (
+            f"{service} uses {', '.join(lockers)}: anyone who knows an extension number can lock its "
+            "password with wrong passwords at the web page or the gate, and the owner's right password is "
+            "then refused and logged as a wrong password from the owner's own address (fail2ban counts "
+            "it); linkusd's own throttles and lockout already bound the tries (docs/web.md)")))
     if group is None:
         findings.append(Finding("ok", "web group", f"{name} does not exist: the web page is not installed, "
                                                    "linkusd's web socket serves root only"))
@@ -739,6 +742,34 @@ def check_web(config: Config, pam_dir: str = PAM_DIR) -> list[Finding]:
     else:
         findings.append(Finding("ok", "web group", f"{name}: {', '.join(sorted(members)) or 'no members'}"))
     return findings
+
+
+#: PAM modules that lock a password after failures: in the self-service stack, a stranger's wrong
+#: passwords lock the owner out and make the owner's right password look wrong (docs/web.md).
+LOCKING_MODULES = frozenset({"pam_faillock", "pam_tally", "pam_tally2"})
+
+
+def _stack_modules(service: str, pam_dir: str, depth: int = 0, seen: set[str] | None = None) -> set[str]:
+    """The module names (``pam_unix``) of a PAM service, its @include, include and substack files
+    followed (at most 10 deep, each file once); an unreadable file adds nothing (check_service says so)."""
+    seen = set() if seen is None else seen
+    if depth > 10 or service in seen or "/" in service or service in ("", ".", ".."):
+        return set()
+    seen.add(service)
+    try:
+        with open(os.path.join(pam_dir, service), encoding="utf-8", errors="replace") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        return set()
+    found: set[str] = set()
+    for rule in parse_rules(text):
+        if rule.include is not None:
+            found |= _stack_modules(rule.include, pam_dir, depth + 1, seen)
+        elif rule.control in ("include", "substack"):
+            found |= _stack_modules(rule.module, pam_dir, depth + 1, seen)
+        else:
+            found.add(rule.module_name)
+    return found
 
 
 def _uid(name: str) -> int | None:

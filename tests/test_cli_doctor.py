@@ -125,11 +125,13 @@ def test_doctor_shows_the_gates_sites_and_warns_on_risky_ones(pam_stack: PamStac
             "enforce enrolled; exempt networks 10.0.0.0/8, 192.168.7.0/24, fd00::/48; session 43200 s, idle 600 s"
             ) in gate_lines, out
     warns = [line for line in gate_lines if line.startswith("WARN")]
-    assert len(warns) == 4, out
-    assert "WARN gate return_hosts: empty: site phones name no host, so they match no request" in warns[0]
-    assert warns[1].startswith("WARN gate site phones: exempt network 10.0.0.0/8 is wide (16777216 addresses)")
-    assert warns[2].startswith("WARN gate site phones: exempt network fd00::/48 is wide")
-    assert warns[3].startswith("WARN gate site open: any extension may pass, and one without 2FA on its password")
+    assert len(warns) == 5, out
+    # linkusd's own load-time warning (config.gate_warnings), word for word
+    assert warns[0] == "WARN gate: return_hosts is empty, so the sites without host (phones) match no request (403)"
+    assert "WARN gate return_hosts: empty: a return URL naming a host always goes to default_return" in warns[1]
+    assert warns[2].startswith("WARN gate site phones: exempt network 10.0.0.0/8 is wide (16777216 addresses)")
+    assert warns[3].startswith("WARN gate site phones: exempt network fd00::/48 is wide")
+    assert warns[4].startswith("WARN gate site open: any extension may pass, and one without 2FA on its password")
 
     safe = {"enforce": "all", "return_hosts": ["pbx.example.com"], "sites": [
         {"name": "admin", "path": "/admin/", "allow_groups": ["root"], "exempt_networks": ["192.168.7.0/24"]},
@@ -141,4 +143,28 @@ def test_doctor_shows_the_gates_sites_and_warns_on_risky_ones(pam_stack: PamStac
     assert "ok   gate site admin: any of return_hosts (pbx.example.com) /admin/; who may pass: Unix groups root" \
            in "\n".join(gate_lines), out
     assert [line for line in gate_lines if line.startswith("WARN")] == [
-        "WARN gate site typo: Unix group 'no-such-group-linkus' does not exist on this host (nobody passes through it)"]
+        "WARN gate: site 'typo': Unix group 'no-such-group-linkus' (allow_groups) does not exist on this host"]
+    pam_stack.write_config(gate={"return_hosts": ["pbx.example.com"], "sites": []})
+    out = doctor(pam_stack.config_path, "--pam-dir", str(pam_stack.root)).stdout
+    assert "WARN gate: no sites: every request the gate is asked about is refused (403)" in out.splitlines(), out
+
+
+def test_doctor_warns_when_the_self_service_stack_locks_passwords(pam_stack: PamStack) -> None:
+    """pam_faillock/pam_tally2 in self_service.pam_service (also through an include): a stranger's wrong
+    passwords at the page or the gate would lock the owner's password and get the owner's right password
+    logged as wrong from the owner's address (docs/web.md): a WARN naming the module."""
+    pam_dir = pam_stack.root / "pam.d"
+    pam_dir.mkdir()
+    pam_stack.write_config(self_service={"pam_service": "linkus-self"})
+    (pam_dir / "linkus-self").write_text("auth required pam_unix.so\naccount required pam_unix.so\n")
+    lines = doctor(pam_stack.config_path, "--pam-dir", str(pam_dir)).stdout.splitlines()
+    assert not [line for line in lines if "self-service PAM service" in line and line.startswith("WARN")], lines
+    (pam_dir / "common-auth").write_text("auth required pam_faillock.so preauth\nauth required pam_unix.so\n"
+                                         "auth [default=die] pam_faillock.so authfail\n")
+    for stack in ("@include common-auth\n", "auth include common-auth\n",
+                  "AUTH\trequired\t/lib/x86_64-linux-gnu/security/pam_tally2.so deny=3\nauth required pam_unix.so\n"):
+        (pam_dir / "linkus-self").write_text(stack)
+        out = doctor(pam_stack.config_path, "--pam-dir", str(pam_dir)).stdout
+        (warn,) = [line for line in out.splitlines() if line.startswith("WARN self-service PAM service")]
+        assert "pam_faillock" in warn or "pam_tally2" in warn, warn
+        assert "linkus-self uses" in warn and "fail2ban" in warn

@@ -169,6 +169,35 @@ def test_a_throttle_or_a_lock_someone_else_caused_never_counts_against_the_owner
     assert collections.Counter(found) == {ATTACKER: half + len(answers), ATTACKER2: half}, (found, lines)
 
 
+def test_a_replayed_code_on_the_page_and_at_the_gate_never_counts(api: Api, site: tuple[Any, Any], user: str,
+                                                                  tmp_path: Path) -> None:
+    """A right code used a second time (the owner's other tab, a double click) is refused and counts
+    towards the lockout, as at a PAM login, but it is no wrong code of this client: the page logs
+    result="replayed-code" and the gate reason="replayed code", which fail2ban never matches."""
+    from pam_linkus.daemon.gate import GateService
+
+    require_fail2ban()
+    s, _smtp = site
+    s.add(user, method="totp", secret=SECRET)
+    s.stack.config["gate"] = {"return_hosts": ["pbx.example.com"], "sites": [{"name": "all", "path": "/"}]}
+    s.stack.write_config()
+    api.reload()
+    api.service = GateService(api.engine, fail_delay=0.0)
+    code = code_at(SECRET, api.clock.now)
+    s.log.take()
+    for op, code_op, in (("sign_in", "sign_in_code"), ("sign_in", "sign_in_code"),
+                         ("gate_sign_in", "gate_code")):
+        first = api(op, ext=user, password=PASSWORD, client=BYSTANDER)
+        api(code_op, code=code, session=first["session"], csrf=first["csrf"], client=BYSTANDER)
+    lines = s.log.take()
+    page = [line for line in lines if 'via="web"' in line and "result=" in line]
+    assert sum('result="replayed-code"' in line for line in page) == 1, lines
+    assert not [line for line in page if 'result="wrong-code"' in line], page
+    assert sum('service="linkus-gate"' in line and 'reason="replayed code' in line for line in lines) == 1, lines
+    assert api.store().lock_status(user, api.clock.now).failures == 2  # the lockout counted both replays
+    assert matches([as_auth_log(line) for line in lines], tmp_path) == []
+
+
 def test_pam_tries_while_locked_and_replayed_codes_never_count(pam_stack: PamStack, tmp_path: Path) -> None:
     """A code someone else used first (replayed) and a try while someone else's lock holds are what
     the owner meets after another person's actions: they are logged, never counted."""

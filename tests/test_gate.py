@@ -497,6 +497,42 @@ def test_not_enrolled_is_never_let_through_under_enforce_all(site: tuple[Site, A
         api.close()
 
 
+def test_group_rules_make_the_gate_stricter(site: tuple[Site, Any], make_user: Any, make_group: Any) -> None:
+    """An unenrolled member of an ``enforce: all`` group never passes on its password, even where the
+    gate and the site say ``enrolled``; a group rule's ``methods`` restrict the gate as a PAM login."""
+    s = site[0]
+    member, other, totp_user = make_user(), make_user(), make_user()
+    group, totp_group = make_group(member), make_group(totp_user)
+    s.stack.config["group_policy"] = [{"name": "admins", "unix_groups": [group], "enforce": "all"}]
+    configure(s, enforce="enrolled", not_enrolled="refuse")
+    s.add(member)
+    s.add(other)
+    s.add(totp_user, method="totp", secret=SECRET)
+    api = GateApi(s)
+    try:
+        refused = api.sign_in(member)
+        assert (refused["ok"], refused["error"], refused["enroll"]) == (False, "not-enrolled", False)
+        assert api.store().gate_sessions(member, api.clock.now) == []
+        passed = api.sign_in(other)  # not in the group: the password alone, as enforce: enrolled says
+        assert passed["ok"] and passed["state"] == "in"
+        assert api.check(passed["token"])["method"] == "password"
+        totp_token = api.sign_in(totp_user)["token"]
+        assert api.check(totp_token)["method"] == "totp"
+        # the rules change: other joins an enforce: all rule, totp_user's group now allows email only
+        s.stack.config["group_policy"] = [
+            {"name": "admins", "unix_groups": [group], "enforce": "all"},
+            {"name": "others", "unix_groups": [make_group(other)], "enforce": "all"},
+            {"name": "mail-only", "unix_groups": [totp_group], "methods": ["email"]}]
+        configure(s, enforce="enrolled", not_enrolled="refuse")
+        api.reload()
+        assert api.check(passed["token"])["error"] == "expired"
+        assert api.check(totp_token)["error"] == "expired"
+        api.clock.now += 30
+        assert api.sign_in(totp_user)["ok"] is False  # the flow refuses a method the rules do not allow
+    finally:
+        api.close()
+
+
 def test_per_account_sessions_are_bounded(site: tuple[Site, Any], user: str) -> None:
     configure(site[0], max_sessions_per_account=2)
     site[0].add(user, method="totp", secret=SECRET)
@@ -657,7 +693,19 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     assert {"httponly", "path=/", "samesite=lax"} <= attributes and "secure" not in attributes
     status, head = b.auth()
     assert status == 204 and head["x-linkus-user"] == user and head["x-linkus-method"] == "totp"
+    assert head["x-linkus-cookie"] == ""  # the session cookie is the gate's: nothing for the GUI
+    b.cookies = {"a": "1", **b.cookies, "linkus_session": "s", "z": "2"}
+    status, head = b.auth()
+    assert status == 204 and head["x-linkus-cookie"] == "a=1; z=2"
+    b.cookies = {k: v for k, v in b.cookies.items() if k.startswith("linkus_gate")}
     assert logged(s.log, service="linkus-gate", outcome="success")["account"] == user
+    # the Security Settings pages also live under /linkus-gate/account/ (not_enrolled: enroll sends
+    # people there), with their own links; the gate's check is never reachable through that prefix
+    status, _head, page = b.request("GET", "/linkus-gate/account/sign-in")
+    assert status == 200 and 'action="/linkus-gate/account/sign-in"' in page and 'action="/sign-in"' not in page
+    assert b.request("GET", "/linkus-gate/account/")[1]["location"] == "/linkus-gate/account/sign-in"
+    for hidden in ("/linkus-gate/account/linkus-gate/auth", "/linkus-gate/account/linkus-gate"):
+        assert b.request("GET", hidden)[0] == 404, hidden
     for detour in ("/admin/..;/elsewhere/", "/admin/%252e%252e/elsewhere/", "/admin/#/../elsewhere/",
                    "/admin/%2e%2e/elsewhere/"):
         assert b.auth(detour)[0] == 403, detour  # under /admin/ here, elsewhere to some upstream: refused

@@ -21,6 +21,7 @@ import hashlib
 import json
 import secrets
 import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -46,7 +47,8 @@ from smtp_server import code_in
 from web_site import Site, WebServer, logged, start_browser
 
 from pam_linkus.web import strings
-from pam_linkus.web.gate import SIGN_IN_HEADER, sign_in_url
+from pam_linkus.web.app import CHECK_DEADLINE
+from pam_linkus.web.gate import COOKIE_HEADER, SIGN_IN_HEADER, sign_in_url, upstream_cookies
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -81,14 +83,18 @@ CHECK_ANSWERS: dict[str, tuple[int, dict[str, str]]] = {
 
 
 def stand_in_check(record: dict[str, Any]) -> tuple[int, dict[str, str]]:
-    """Answers by the session cookie (either name), as the gate reads it."""
+    """Answers by the session cookie (either name), as the gate reads it; a pass carries the
+    gate's own X-Linkus-Cookie (``upstream_cookies``, the function linkus-web answers it with)."""
     pairs = [p.strip().partition("=") for c in header_values(record, "Cookie") for p in c.split(";")]
     session = [value for name, _eq, value in pairs if name in SESSION_COOKIES]
     if record["path"].startswith("/linkus-gate/auth"):
         # no session: the gate's own 401, naming the sign-in page with the whole request URI encoded
         (uri,) = header_values(record, "X-Original-URI")
-        return CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "",
-                                 (401, {SIGN_IN_HEADER: sign_in_url(uri)}))
+        status, headers = CHECK_ANSWERS.get(f"linkus_gate={session[0]}" if session else "",
+                                            (401, {SIGN_IN_HEADER: sign_in_url(uri)}))
+        if status == 204:
+            headers = {**headers, COOKIE_HEADER: upstream_cookies(header_values(record, "Cookie"))}
+        return status, headers
     return 200, {}  # the gate's own pages
 
 
@@ -180,6 +186,13 @@ def test_the_check_is_told_the_request_and_never_the_clients_identity_header(
      " __Host-linkus_gate_code=c", ["PHPSESSID=abc; x=1"]),
     ("linkus_gate=good", []),
     ("xlinkus_gate=keep; linkus_gate=good", ["xlinkus_gate=keep"]),
+    # any number of dummies (other ports or pages of this host name can plant them), odd spacing,
+    # duplicates, every name linkus-web sets: the live session never passes
+    ("; ".join(f"linkus_gate_d{i}=x" for i in range(10)) + ";PHPSESSID=abc;  linkus_gate=good;;"
+     "\tlang=en ;linkus_gate=good; __Host-linkus_gate=good;LINKUS_GATE=good; linkus_session=s;"
+     " __Host-linkus_session=s; linkus_pre=p; linkus_code_csrf=c; linkus_ext=e; linkus_gate_x = good",
+     ["PHPSESSID=abc; lang=en"]),
+    ("linkus_gate=good; linkus_session=s", []),
 ])
 def test_the_gui_never_gets_the_gates_cookies(wiring: tuple[HttpsClient, EchoUpstream, EchoUpstream],
                                               sent: str, gui_gets: list[str]) -> None:
@@ -188,6 +201,7 @@ def test_the_gui_never_gets_the_gates_cookies(wiring: tuple[HttpsClient, EchoUps
     (asked,) = [r for r in check.seen if r["path"] == "/linkus-gate/auth"]
     assert header_values(asked, "Cookie") == [sent]  # the check reads them all
     assert header_values(gui.seen[0], "Cookie") == gui_gets
+    assert not [v for _k, v in gui.seen[0]["headers"] if "=good" in v or "=good" in v.replace(" ", "")]
 
 
 def test_a_forged_identity_header_never_reaches_the_gui_in_any_spelling(
@@ -402,11 +416,14 @@ def test_browser_signs_in_with_both_factors_and_signs_out(gate: Gate, make_user:
 
         # the same session, many requests and paths, forged headers every time: the gate's word only
         full = gate.client()
-        full.cookies = {cookie["name"]: cookie["value"]}
+        # with dummies planted before it (five and more): the GUI still gets only its own cookie
+        full.cookies = {**{f"linkus_gate_d{i}": "x" for i in range(6)}, "PHPSESSID": "abc",
+                        cookie["name"]: cookie["value"]}
         for path in ("/admin/", "/admin/config.php?display=x&y=1", "/ucp/", "/ucp/index.php"):
             reply = full(path, headers=FORGED_HEADERS)
             assert reply.status == 200, (path, reply.status)
             assert header_values(echoed(reply), "X-Linkus-User") == [user]
+            assert header_values(echoed(reply), "Cookie") == ["PHPSESSID=abc"]
         assert all(FORGED not in [v for _k, v in r["headers"]] for r in gate.gui.seen)
         assert not [r for r in gate.gui.seen if "linkus_gate" in json.dumps(r) or cookie["value"] in json.dumps(r)]
 
@@ -503,6 +520,19 @@ def test_a_locked_account_and_linkusd_down_let_nobody_in(gate: Gate, make_user: 
     gate_sign_in(signed_in, fine, PASSWORD, code_at(SECRET, time.time()), rd="/ucp/")
     assert signed_in("/ucp/").status == 200
     before = gate.gui.count()
+    # linkusd frozen: the check's own short deadline (web.app.CHECK_DEADLINE), not the pages' 20 s
+    daemon = gate.stack.daemon.proc
+    assert daemon is not None
+    daemon.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        frozen = signed_in("/ucp/", headers=FORGED_HEADERS)
+        took = time.monotonic() - started
+    finally:
+        daemon.send_signal(signal.SIGCONT)
+    assert frozen.status == 503 and "Sign-in is unavailable" in frozen.text
+    assert took < CHECK_DEADLINE + 2, took
+    assert gate.gui.count() == before
     gate.stack.daemon.stop()
     down = signed_in("/ucp/", headers=FORGED_HEADERS)
     assert down.status == 503 and "Sign-in is unavailable" in down.text
@@ -529,3 +559,71 @@ def test_an_emailed_code_opens_the_gate(gate: Gate, site: tuple[Site, Any], make
     seen = echoed(client.follow(done))
     assert header_values(seen, "X-Linkus-User") == [user]
     assert header_values(seen, "X-Linkus-Method") == ["email"]
+
+
+def test_an_account_without_2fa_enrolls_under_the_gates_prefix_then_passes_with_both_factors(
+        gate: Gate, make_user: Any, tmp_path: Path) -> None:
+    """gate enforce: all, not_enrolled: enroll, the documented block: the password lands on the
+    Security Settings page under /linkus-gate/account/ (the GUI's /settings is behind the gate), TOTP
+    is turned on there, then the gate opens with both factors; no linkus-web cookie reaches the GUI."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    gate.stack.config["gate"]["not_enrolled"] = "enroll"
+    gate.stack.write_config()
+    user = make_user()
+    gate.site.add(user)  # 2FA off
+    pin = f"--ignore-certificate-errors-spki-list={spki_pin(gate.cert)}"
+    driver = start_browser(tmp_path / "chromium", flags=(pin,))
+    account = "/linkus-gate/account"
+    try:
+        def at(path: str) -> None:
+            WebDriverWait(driver, 20).until(lambda d: urllib.parse.urlsplit(d.current_url).path == path)
+
+        def fill_in(css: str, value: str) -> None:
+            box = driver.find_element(By.CSS_SELECTOR, css)
+            box.clear()
+            box.send_keys(value)
+
+        def sign_in_at_the_gate() -> None:
+            driver.get(gate.base + "/ucp/index.php?x=1")
+            at("/linkus-gate/sign-in")
+            fill_in("#ext", user)
+            fill_in("#password", PASSWORD)
+            driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+
+        sign_in_at_the_gate()
+        at(account + "/settings")
+        assert driver.find_element(By.CSS_SELECTOR, "#status-2fa").text == "Off"
+        # a Security Settings session, no gate session: the GUI still refuses
+        names = {c["name"] for c in driver.get_cookies()}
+        assert "linkus_session" in names and not names & set(SESSION_COOKIES)
+        driver.find_element(By.CSS_SELECTOR, "#enabled").click()
+        at(account + "/settings/password")
+        fill_in("#password", PASSWORD)
+        driver.find_element(By.CSS_SELECTOR, "#confirm").click()
+        at(account + "/settings/method")
+        driver.find_element(By.CSS_SELECTOR, "label[for=m-totp]").click()
+        driver.find_element(By.CSS_SELECTOR, "#next").click()
+        at(account + "/settings/authenticator")
+        driver.find_element(By.CSS_SELECTOR, "#cant-scan summary").click()
+        WebDriverWait(driver, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, "#secret").text.strip())
+        secret = driver.find_element(By.CSS_SELECTOR, "#secret").text.replace(" ", "")
+        fill_in("#code", code_at(secret, time.time()))
+        driver.find_element(By.CSS_SELECTOR, "#save").click()
+        at(account + "/settings")
+        assert driver.find_element(By.CSS_SELECTOR, "#status-2fa").text == "On"
+        assert gate.gui.count() == 0
+
+        sign_in_at_the_gate()  # now the code is asked (the next time step: the last one is spent)
+        WebDriverWait(driver, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#code"))
+        fill_in("#code", code_at(secret, time.time() + 30))
+        driver.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+        at("/ucp/index.php")
+        seen = echoed(driver.find_element(By.TAG_NAME, "body").text)
+        assert header_values(seen, "X-Linkus-User") == [user]
+        assert header_values(seen, "X-Linkus-Method") == ["totp"]
+        assert "linkus_session" in {c["name"] for c in driver.get_cookies()}  # the browser still holds it
+        assert not [r for r in gate.gui.seen if "linkus_" in json.dumps(r)]  # the GUI never got one
+    finally:
+        driver.quit()

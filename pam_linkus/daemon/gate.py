@@ -58,7 +58,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pam_linkus import emailcode, groups
+from pam_linkus import emailcode, groups, policy
 from pam_linkus.daemon.selfservice import (
     _OPS,
     _TEXT_LIMITS,
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from collections.abc import Generator
 
     from nss_config.base import ExtensionSettings
-    from pam_linkus.config import Config, GateConfig, GateSite
+    from pam_linkus.config import Config, GateConfig, GateSite, GroupRule
     from pam_linkus.daemon.engine import Engine
     from pam_linkus.daemon.selfservice import _Session
     from pam_linkus.state.base import GateSession
@@ -324,6 +324,38 @@ def allowed(site: GateSite, account: str, directory_groups: frozenset[str] | Non
         raise Unavailable("the account's LDAP groups are not known (site allow_ldap_groups)") from None
 
 
+def group_rules(config: Config, account: str, directory_groups: frozenset[str] | None) -> list[GroupRule]:
+    """The ``group_policy`` rules ``account`` matches (``policy.matching_rules``), as a PAM login
+    of that account would use them (flow.group_profile). A rule naming an LDAP group while the
+    directory's answer is unknown is "unavailable" (nobody passes): a guess could pick a weaker
+    policy."""
+    rules = config.group_policy
+    if not rules:
+        return []
+    member = groups.membership(account, directory_groups)
+    try:
+        return policy.matching_rules(rules, member)
+    except groups.MembershipUnknown:
+        raise Unavailable("group_policy: the account's LDAP groups are not known") from None
+
+
+def strictest_enforce(gate: GateConfig, site: GateSite | None, rules: list[GroupRule]) -> str:
+    """The enforce of a gate sign-in: ``all`` when the gate, the site or any of the account's
+    group rules says so (as policy.combine makes a PAM login's); ``enrolled`` only when all agree."""
+    if gate.enforce == "all" or (site is not None and site.enforce == "all"):
+        return "all"
+    return "all" if any(rule.enforce == "all" for rule in rules) else "enrolled"
+
+
+def methods_allowed(method: str, rules: list[GroupRule]) -> bool:
+    """Whether a session's ``method`` (totp, email, recovery code, ...) is one every matching group
+    rule that sets ``methods`` allows -- the restriction a PAM login of the account gets. A
+    password-only session is judged by ``strictest_enforce``, not here."""
+    if method == "password":
+        return True
+    return all(rule.methods is None or method in rule.methods for rule in rules)
+
+
 class _Verdict:
     __slots__ = ("at", "ok", "reason", "generation")
 
@@ -419,10 +451,9 @@ class GateService(SelfService):
         gate = self.engine.snapshot().config.gate
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
         site = self._site_for_return(gate, back)
-        enforce = site.enforce if site is not None else gate.enforce
         _check_name(name)
         self._refuse_if_full(_limits(None, client), name, client, "gate-sign-in")
-        settings = await self._lookup(name)
+        settings, directory_groups = await self._lookup_groups(name)
         refusal = None
         if settings is None:
             ext, key, refusal = name, _name_key(name), "not an extension"
@@ -446,6 +477,9 @@ class GateService(SelfService):
             raise
         now = self.engine.clock()
         if not settings.enrolled:
+            # the strictest of gate, site and the account's group rules (fail closed: groups unknown)
+            enforce = strictest_enforce(gate, site, group_rules(self.engine.snapshot().config, ext,
+                                                                directory_groups))
             return await self._not_enrolled(gate, enforce, name, ext, client, back, now, started)
         token, sess = self._new_session(ext, now, "code")
         sess.purpose = "gate"
@@ -467,18 +501,31 @@ class GateService(SelfService):
     async def _not_enrolled(self, gate: GateConfig, enforce: str, name: str, ext: str, client: str, back: str,
                             now: float, started: float) -> dict[str, object]:
         """An account without 2FA: passes on its password only where enforce is ``enrolled``
-        (the gate's and the site's); else sent to enroll (a Security Settings session) or refused."""
-        if enforce == "enrolled" and gate.enforce == "enrolled":
+        (the gate's, the site's and the account's group rules': ``strictest_enforce``); else sent to
+        enroll (a Security Settings session) or refused."""
+        if enforce == "enrolled":
             token = await self._create(ext, "password", client, now)
             self._login_line(Outcome.SKIP, name, ext, client, "-", "not enrolled, enforce: enrolled", started)
             return {"state": "in", "token": token, "return": back}
-        self._login_line(Outcome.DENIED, name, ext, client, "-", "not enrolled (gate: enforce all, "
+        self._login_line(Outcome.DENIED, name, ext, client, "-", "not enrolled (enforce: all, "
                          f"not_enrolled: {gate.not_enrolled})", started)
         if gate.not_enrolled == "enroll":
             web_token, web = self._new_session(ext, now, "in")
             self._audit("web-sign-in", ext, client, factor="password", via_gate="enroll")
             raise WebError("not-enrolled", enroll=True, session=web_token, csrf=web.csrf)
         raise WebError("not-enrolled", enroll=False)
+
+    async def _lookup_groups(self, name: str) -> tuple[ExtensionSettings | None, frozenset[str] | None]:
+        """The settings of a checked name and, when a group rule names an LDAP group, its directory
+        groups (as flow._lookup_account asks them)."""
+        snapshot = self.engine.snapshot()
+        rules = snapshot.config.group_policy
+        if not rules:
+            return await self._lookup(name), None
+        want = any(rule.ldap_groups for rule in rules)
+        found: tuple[ExtensionSettings | None, frozenset[str] | None] = await self.engine.run(
+            lambda: snapshot.chain.lookup_account(name, want_groups=want), pool="web")
+        return found
 
     async def _create(self, account: str, method: str, client: str, now: float) -> str:
         """A new gate session in the store; its token (shown once, to the browser)."""
@@ -611,14 +658,17 @@ class GateService(SelfService):
 
         def decide() -> tuple[bool, str]:
             settings: ExtensionSettings | None
-            settings, directory_groups = snapshot.chain.lookup_account(
-                sess.account, want_groups=bool(site.allow_ldap_groups))
+            want = bool(site.allow_ldap_groups) or any(rule.ldap_groups for rule in config.group_policy)
+            settings, directory_groups = snapshot.chain.lookup_account(sess.account, want_groups=want)
             if settings is None:
                 return False, "not-an-extension"
             if settings.enrolled and sess.method == "password":
                 return False, "enrolled-since"  # signed in on the password alone: now the code is due
-            if not settings.enrolled and (site.enforce == "all" or gate.enforce == "all"):
+            rules = group_rules(config, sess.account, directory_groups)
+            if not settings.enrolled and strictest_enforce(gate, site, rules) == "all":
                 return False, "not-enrolled"
+            if not methods_allowed(sess.method, rules):
+                return False, "method-not-allowed"  # a group rule now restricts the methods
             if not allowed(site, sess.account, directory_groups):
                 return False, "not-allowed"
             return True, "ok"

@@ -558,11 +558,16 @@ class SelfService:
             if on_fail is None:  # the gate's on_fail writes its login line, and that line is counted
                 self._counted(sess, Outcome.DENIED)
             self._count(sess.ext, f["client"])
-            self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
+            # a replayed code (a right code someone, maybe the owner in another tab, used first) counts
+            # towards the lockout as at a PAM login (the flow did that), but it is no wrong code of this
+            # client: fail2ban and the spraying watch never see it (docs/fail2ban.md)
+            replayed = exc.reason.startswith("replayed code")
+            if not replayed:
+                self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
             if on_fail is not None:
                 on_fail(sess, exc)
             await self._fail("denied", sess.ext, f["client"], "web-sign-in", deadline, log=on_fail is None,
-                             result="wrong-code")
+                             result="replayed-code" if replayed else "wrong-code")
             raise
         except BaseException as exc:
             self._forget_session(token)

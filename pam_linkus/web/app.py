@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import grp
 import html
 import io
@@ -47,7 +48,7 @@ from pam_linkus.nodump import forbid_core_dumps
 from pam_linkus.web import strings
 from pam_linkus.web.errors import Refused as _Refused
 from pam_linkus.web.errors import Unreachable
-from pam_linkus.web.gate import PREFIX, GatePages
+from pam_linkus.web.gate import ACCOUNT_PREFIX, PREFIX, GatePages
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SOCKET = "/run/linkusd/web.sock"
@@ -60,6 +61,12 @@ MAX_CALLS = 12
 #: A kept-open connection to linkusd idle this long is closed instead of used (linkusd closes its
 #: side after 10 s idle, pam_linkus.daemon.server.WEB_IDLE).
 WEB_KEEP_IDLE = 4.0
+#: The auth check's deadline for linkusd's answer (its own store read has gate.check_timeout, 1 s by
+#: default): a frozen linkusd costs each proxied request this, then a 502 (nobody passes), never the
+#: pages' ``--timeout`` (a PAM password check may take that long; a gate check never should).
+CHECK_DEADLINE = 2.0
+#: The path prefix of the page being answered ("" or ACCOUNT_PREFIX); links, forms and redirects use it.
+_BASE: contextvars.ContextVar[str] = contextvars.ContextVar("linkus_web_base", default="")
 SESSION_COOKIE = "linkus_session"
 PRE_COOKIE = "linkus_pre"
 CODE_CSRF_COOKIE = "linkus_code_csrf"
@@ -125,7 +132,31 @@ def create_app(settings: Settings) -> Any:
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     app = Starlette(routes=routes, exception_handlers={404: pages.not_found, 405: pages.not_found})
-    return _Headers(app, settings)
+    return _Headers(_Account(app), settings)
+
+
+class _Account:
+    """The Security Settings pages under ACCOUNT_PREFIX as well as at /: the prefix is taken off the
+    path and kept in ``_BASE`` (links, forms, redirects and cookie paths put it back). Only those
+    pages: a path under the prefix that names the gate's own (``/linkus-gate/...``) is left as it is,
+    so it matches nothing (404): ``/linkus-gate/auth`` is never reachable through this prefix."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == ACCOUNT_PREFIX or path.startswith(ACCOUNT_PREFIX + "/"):
+            inner = path[len(ACCOUNT_PREFIX):] or "/"
+            if not inner.startswith(PREFIX + "/") and inner != PREFIX:
+                scope = {**scope, "path": inner, "raw_path": inner.encode("latin-1", "replace")}
+                token = _BASE.set(ACCOUNT_PREFIX)
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    _BASE.reset(token)
+                return
+        await self.app(scope, receive, send)
 
 
 class _Headers:
@@ -186,10 +217,13 @@ class _Pages:
             # at most MAX_CALLS connections to linkusd at once: it caps web calls per uid
             # (daemon.max_per_caller, 16 by default) and refuses the ones over it -- a burst of
             # gate checks queues here instead of failing as "unavailable"
-            async with self.calls:
-                if request.get("op") == "gate_check":
-                    reply = await self.kept.call(request, timeout=self.conf.timeout)
-                else:
+            if request.get("op") == "gate_check":
+                # the wait for a free connection counts too: a frozen linkusd must not queue checks
+                deadline = min(CHECK_DEADLINE, self.conf.timeout)
+                async with asyncio.timeout(deadline), self.calls:
+                    reply = await self.kept.call(request, timeout=deadline)
+            else:
+                async with self.calls:
                     reply = await call_web(self.conf.socket_path, request, timeout=self.conf.timeout)
         except (OSError, protocol.ProtocolError, ValueError, TimeoutError) as exc:
             log.warning("linkusd unreachable: %s", type(exc).__name__)
@@ -222,11 +256,13 @@ class _Pages:
         return canonical_address(peer) or peer[:64]
 
     def render(self, name: str, status: int = 200, **context: Any) -> Response:
-        text = self.env.get_template(name).render(t=strings, **context)
+        text = self.env.get_template(name).render(t=strings, base=_BASE.get(), **context)
         return HTMLResponse(text, status_code=status)
 
     def redirect(self, path: str, *, clear: bool = False) -> Response:
         # relative paths only: never built from request.url (CVE-2026-54282 class of bugs)
+        if path.startswith("/") and not path.startswith(PREFIX + "/"):
+            path = _BASE.get() + path  # this page's own prefix (ACCOUNT_PREFIX or none)
         response = RedirectResponse(path, status_code=303)
         if clear:
             response.delete_cookie(SESSION_COOKIE, path="/")
@@ -334,7 +370,7 @@ class _Pages:
         # after a wrong sign-in the extension stays typed (only the password is asked again)
         response = self.render("sign_in.html", status, csrf=pre, error=error, notice=notice, ext=ext[:64])
         self.set_cookie(response, PRE_COOKIE, pre)
-        response.delete_cookie(EXT_COOKIE, path="/sign-in")
+        response.delete_cookie(EXT_COOKIE, path=_BASE.get() + "/sign-in")
         return response
 
     async def sign_in(self, request: Request) -> Response:
@@ -360,8 +396,8 @@ class _Pages:
             response.delete_cookie(PRE_COOKIE, path="/")
             if reply["state"] == "code":
                 self.set_cookie(response, CODE_CSRF_COOKIE, str(reply["csrf"]))
-                response.set_cookie(EXT_COOKIE, ext[:64], path="/sign-in", httponly=True, samesite="strict",
-                                    secure=self.conf.secure_cookies)
+                response.set_cookie(EXT_COOKIE, ext[:64], path=_BASE.get() + "/sign-in", httponly=True,
+                                    samesite="strict", secure=self.conf.secure_cookies)
             return response
 
         return await self.guarded(request, run)
@@ -386,7 +422,7 @@ class _Pages:
                 return self.error_page(reply)
             response = self.redirect("/settings")
             response.delete_cookie(CODE_CSRF_COOKIE, path="/")
-            response.delete_cookie(EXT_COOKIE, path="/sign-in")
+            response.delete_cookie(EXT_COOKIE, path=_BASE.get() + "/sign-in")
             return response
 
         return await self.guarded(request, run)

@@ -5,9 +5,10 @@ check is one call to linkusd (pam_linkus.daemon.gate lists the ops and says why 
 check is cheap). This module turns them into pages, cookies, redirects and status
 codes (docs/gate.md, /work/briefs/gate-interface.md):
 
-- ``/linkus-gate/auth`` (nginx ``auth_request``): 204 with ``X-Linkus-User`` and
-  ``X-Linkus-Method`` (pass), 401 (no valid session), 403 (not for this account, or
-  a path no site covers), 502 (linkusd cannot be asked: nobody passes). No body.
+- ``/linkus-gate/auth`` (nginx ``auth_request``): 204 with ``X-Linkus-User``,
+  ``X-Linkus-Method`` and ``X-Linkus-Cookie`` (the client's cookies minus linkus-web's) (pass),
+  401 (no valid session), 403 (not for this account, or a path no site covers),
+  502 (linkusd cannot be asked: nobody passes). No body.
 - ``/linkus-gate/sign-in``, ``/code``, ``/sign-out``: the pages; ``/forbidden`` and
   ``/unavailable`` are pages nginx can show for a 403 or an error (``error_page``).
 
@@ -50,6 +51,11 @@ class Pages(Protocol):
 
 
 PREFIX = "/linkus-gate"
+#: The Security Settings pages again, under the gate's prefix (pam_linkus.web.app serves them at /
+#: and here): nginx's example block passes /linkus-gate/ to linkus-web and gates everything else, so
+#: an account sent to turn 2FA on at a gate sign-in (not_enrolled: enroll) goes here, never to
+#: /settings (the GUI's path behind the gate).
+ACCOUNT_PREFIX = PREFIX + "/account"
 SESSION = "linkus_gate"
 STEP = "linkus_gate_step"  # the sign-in waiting for its code (linkusd's session of that step)
 CODE_CSRF = "linkus_gate_code"
@@ -62,6 +68,17 @@ USER_HEADER, METHOD_HEADER = "X-Linkus-User", "X-Linkus-Method"
 #: sign-in page with the original URI percent-encoded as ``rd`` -- nginx cannot encode it itself, and
 #: ``?rd=$request_uri`` loses every parameter after the first ``&``.
 SIGN_IN_HEADER = "X-Linkus-Sign-In"
+#: On a 204 of the auth answer: the request's Cookie header without any cookie of linkus-web's
+#: (``upstream_cookies``); nginx sends it upstream as the Cookie header (``auth_request_set
+#: $linkus_cookie $upstream_http_x_linkus_cookie; proxy_set_header Cookie $linkus_cookie;``).
+COOKIE_HEADER = "X-Linkus-Cookie"
+#: The longest Cookie header handed on (nginx's default large_client_header_buffers line is 8k):
+#: cookies past it are left out, whole, never cut.
+MAX_COOKIE = 8192
+#: Every cookie linkus-web sets is named linkus_* (the gate's linkus_gate*, Security Settings'
+#: linkus_session, linkus_pre, linkus_code_csrf, linkus_ext), plain or with a ``__Host-`` or
+#: ``__Secure-`` prefix; none of them is ever handed to the GUI.
+OWN_COOKIE_PREFIXES = ("linkus_", "__host-linkus_", "__secure-linkus_")
 
 
 class GatePages:
@@ -119,7 +136,9 @@ class GatePages:
             user, method = str(reply.get("user", "")), str(reply.get("method", ""))
             if not _header_safe(user) or not _header_safe(method):
                 return Response(status_code=502)
-            return Response(status_code=204, headers={USER_HEADER: user, METHOD_HEADER: method})
+            cookies = upstream_cookies(headers.getlist("cookie"))
+            return Response(status_code=204, headers={USER_HEADER: user, METHOD_HEADER: method,
+                                                      COOKIE_HEADER: cookies})
         word = reply.get("error")
         if word == "forbidden":
             return Response(status_code=403)
@@ -257,7 +276,7 @@ class GatePages:
     def _not_enrolled(self, request: Request, reply: dict[str, Any], rd: str) -> Response:
         if reply.get("enroll") and isinstance(reply.get("session"), str):
             # the password was right: straight into Security Settings to turn 2FA on
-            response = self.pages.redirect("/settings")
+            response = self.pages.redirect(ACCOUNT_PREFIX + "/settings")
             self.pages.set_cookie(response, self.settings_cookie, str(reply["session"]))
             self.clear(request, response, PRE)
             return response
@@ -295,6 +314,32 @@ def sign_in_url(uri: str) -> str:
     if len(rd) > MAX_RD:
         return PREFIX + "/sign-in"
     return PREFIX + "/sign-in?rd=" + rd
+
+
+def upstream_cookies(headers: list[str]) -> str:
+    """The Cookie header the GUI gets: the client's own cookies (``headers``, the request's Cookie
+    header lines) minus every cookie of linkus-web's (``OWN_COOKIE_PREFIXES``, any letter case, any
+    spacing, every copy), in the client's order, joined by "; ", at most MAX_COOKIE characters.
+
+    One pass over the cookies, however many there are (a fixed number of regex passes in nginx is
+    not enough: any page on this host name can plant more ``linkus_gate*`` dummies). Nothing but
+    the client's own cookie pairs is ever written; a pair with a control character is dropped.
+    """
+    kept: list[str] = []
+    size = 0
+    for line in headers:
+        for piece in line.split(";"):
+            pair = piece.strip(" \t")
+            if not pair or any(ord(c) < 32 or ord(c) == 127 for c in pair):
+                continue
+            name = pair.partition("=")[0].strip(" \t").lower()
+            if name.startswith(OWN_COOKIE_PREFIXES):
+                continue
+            size += len(pair) + (2 if kept else 0)
+            if size > MAX_COOKIE:
+                return "; ".join(kept)
+            kept.append(pair)
+    return "; ".join(kept)
 
 
 def _header_safe(value: str) -> bool:
