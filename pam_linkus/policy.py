@@ -56,6 +56,20 @@ def client_address(rhost: str | None) -> IPv4Address | IPv6Address | None:
     return address
 
 
+def canonical_address(text: str | None) -> str | None:
+    """``text`` as Python's ipaddress writes it if it is an IP address (an IPv4-mapped IPv6 one as
+    IPv4), else None: the one spelling an address is logged, limited and banned under.
+
+    ipaddress refuses IPv4 with leading zeros (``127.000.000.001``, octal to inet_aton); a scope
+    (``%eth0``) and anything over 64 characters are refused here too: no client's address anyone
+    could ban or look up. linkus-web reports clients in this form; the gate trusts exactly this form.
+    """
+    if not text or len(text) > 64 or "%" in text:
+        return None
+    address = client_address(text)
+    return None if address is None else str(address)
+
+
 def exempt_network(rhost: str | None, profile: Profile) -> Decision | None:
     """A skip when ``rhost`` lies in one of ``exempt_networks``, else None."""
     if not profile.exempt_networks:

@@ -47,7 +47,6 @@ import collections
 import contextvars
 import hashlib
 import hmac
-import ipaddress
 import math
 import posixpath
 import secrets
@@ -258,13 +257,10 @@ def _bare_host(host: str) -> str:
 def _in_networks(client: str, site: GateSite) -> bool:
     if not site.exempt_networks:
         return False
-    try:
-        address = ipaddress.ip_address(client.split("%", 1)[0])
-    except ValueError:
+    address = policy.client_address(client.split("%", 1)[0])
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in site.exempt_networks)
+    return any(address.version == network.version and address in network for network in site.exempt_networks)
 
 
 def client_vouched(client: str) -> bool:
@@ -278,15 +274,7 @@ def client_vouched(client: str) -> bool:
     canonical form (no scope, no IPv4-mapped form, no leading zeros, lower case): "unix", "-", a
     host name or any other spelling is never trusted, as a PAM login's unclean rhost is not.
     """
-    if not client or len(client) > 64 or "%" in client:
-        return False
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return False
-    return str(address) == client
+    return policy.canonical_address(client) == client
 
 
 def _locked_reason(exc: Locked) -> str:

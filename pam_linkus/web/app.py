@@ -21,7 +21,6 @@ import contextvars
 import grp
 import html
 import io
-import ipaddress
 import logging
 import os
 import secrets
@@ -45,6 +44,7 @@ from starlette.staticfiles import StaticFiles
 
 from pam_linkus import protocol
 from pam_linkus.nodump import forbid_core_dumps
+from pam_linkus.policy import canonical_address
 from pam_linkus.web import strings
 from pam_linkus.web.errors import Refused as _Refused
 from pam_linkus.web.errors import Unreachable
@@ -610,23 +610,6 @@ async def call_web(socket_path: str, request: dict[str, object], *, timeout: flo
             return protocol.decode_body(body, {protocol.Msg.WEB_REPLY}).json()
         finally:
             writer.close()
-
-
-def canonical_address(text: str) -> str | None:
-    """``text`` as ipaddress writes it if it is an IP address (an IPv4-mapped IPv6 one as IPv4), else None.
-
-    ipaddress refuses IPv4 with leading zeros; a scope (``%eth0``) is refused here too: it is no
-    client's address anyone could ban or look up.
-    """
-    if not text or len(text) > 64 or "%" in text:
-        return None
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class _Stale(Exception):
