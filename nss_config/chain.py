@@ -35,20 +35,8 @@ class SourceChain:
         self.waits_for_servers = any(getattr(source, "waits_for_servers", True) for source in self.sources)
 
     def lookup(self, user: str) -> ExtensionSettings | None:
-        first_error: SourceUnavailable | None = None
-        for source in self.sources:
-            try:
-                found = source.lookup(user)
-            except SourceUnavailable as exc:
-                if not self.skip_unavailable:
-                    raise
-                first_error = first_error or exc
-                continue
-            if found is not None:
-                return found
-        if first_error is not None:
-            raise first_error
-        return None
+        """The first source's answer that is not "not here" (see the class docstring)."""
+        return self.lookup_account(user, want_groups=False)[0]
 
     def lookup_account(self, user: str, *, want_groups: bool = True
                        ) -> tuple[ExtensionSettings | None, frozenset[str] | None]:
