@@ -610,3 +610,28 @@ def test_one_web_connection_carries_calls_in_turn_and_linkus_web_keeps_it(site: 
 
     forbidden = {"ok": False, "error": "forbidden"}  # a host no gate site covers
     assert asyncio.run(calls()) == [forbidden, forbidden, forbidden, 1, ("down", True), forbidden]
+
+
+def test_a_password_only_session_ends_once_a_second_factor_is_enrolled_elsewhere(
+        api: Api, site: tuple[Site, Any], user: str) -> None:
+    """A session signed in on the password alone (no 2FA then) must not outlive the extension's new second
+    factor: whoever holds it proved only the password, so no recovery codes, no switch-off, no second
+    authenticator. The session that enrolled the factor itself proved it and goes on."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    thief, owner = sess(signed_in(api, user)), sess(signed_in(api, user))
+    assert api("enroll_start", password=PASSWORD, **owner) == {"ok": True}
+    secret = api("enroll_method", method="totp", session=owner["session"], csrf=owner["csrf"])["secret"]
+    assert api("enroll_confirm", code=code_at(secret, api.clock.now), **owner) == {"ok": True, "method": "totp"}
+    assert api("status", session=owner["session"])["enabled"]  # the enrolling session goes on
+    assert api("recovery_codes", password=PASSWORD, **thief) == {"ok": False, "error": "expired"}
+    assert api("status", session=thief["session"]) == {"ok": False, "error": "expired"}  # ended for good
+    assert logged(s.log, action="session-ended")["ext"] == user
+    # enrolled outside the page (linkus-2fa, the directory): the same for a session signed in before it
+    s.add(user)  # 2FA off again (method none)
+    api.reload()
+    late = sess(signed_in(api, user))
+    s.add(user, method="totp", secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+    api.reload()
+    assert api("disable", password=PASSWORD, **late) == {"ok": False, "error": "expired"}

@@ -184,7 +184,7 @@ class _Session:
     "gate" -- a web gate sign-in waiting for its code (only that step lives here; a gate
     session itself lives in the state store, see pam_linkus.daemon.gate)."""
 
-    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending", "purpose", "site")
+    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending", "purpose", "site", "factor")
 
     def __init__(self, ext: str, now: float):
         self.ext = ext
@@ -196,6 +196,9 @@ class _Session:
         self.pending: _Pending | None = None
         self.purpose = "web"
         self.site: str | None = None  # gate: the site the sign-in returns to (its policy applies)
+        #: "code": the sign-in (or this session's own enrollment) proved a second factor; "password":
+        #: signed in on the password alone because the extension had none (see ``_signed_in``)
+        self.factor = "code"
 
     def drop_login(self) -> None:
         if self.login is not None:
@@ -309,6 +312,29 @@ class SelfService:
         if sess.state != state:
             raise WebError("step")
         sess.seen = now
+        return sess
+
+    async def _signed_in(self, fields: dict[str, str], *, csrf: bool = True) -> _Session:
+        """``_session`` for a signed-in op, ended when it no longer proves enough.
+
+        A session signed in on the password alone (the extension had no second factor) is worth
+        only that while the extension stays without one: once a second factor is enrolled --
+        from another session, linkus-2fa or the directory -- whoever holds this session has
+        proved only the password, and must not get recovery codes, switch 2FA off or enroll
+        another authenticator with it. So every op re-reads the settings for such a session
+        and ends it (``expired``: sign in again, now with a code). This session's own
+        enrollment (``enroll_confirm``) proves the new factor and makes it a "code" session.
+        """
+        sess = self._session(fields, csrf=csrf)
+        if sess.factor == "password":
+            ext = sess.ext
+            snapshot = self.engine.snapshot()
+            settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+            if settings is not None and settings.enrolled:
+                self._forget_session(fields["session"])
+                self._audit("session-ended", ext, fields.get("client"),
+                            reason="a second factor was enrolled since this password-only sign-in")
+                raise WebError("expired")
         return sess
 
     def _expire(self, now: float) -> None:
@@ -486,6 +512,7 @@ class SelfService:
         now = self.engine.clock()
         if not settings.enrolled:
             token, sess = self._new_session(ext, now, "in")
+            sess.factor = "password"
             self._audit("web-sign-in", ext, client, factor="password")
             return {"state": "in", "session": token, "csrf": sess.csrf}
         token, sess = self._new_session(ext, now, "code")
@@ -597,7 +624,7 @@ class SelfService:
     # -- status -----------------------------------------------------------------------
 
     async def _op_status(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f, csrf=False)
+        sess = await self._signed_in(f, csrf=False)
         snapshot = self.engine.snapshot()
         now = self.engine.clock()
 
@@ -652,13 +679,13 @@ class SelfService:
         return pend
 
     async def _op_enroll_start(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         await self._password(sess.ext, f["password"], f["client"], "enroll")
         sess.pending = _Pending(self.engine.clock())
         return {}
 
     async def _op_enroll_method(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         pend = self._pending(sess)
         if f["method"] not in ("totp", "email"):
             raise WebError("bad-request", "method")
@@ -673,7 +700,7 @@ class SelfService:
         return {"email": _masked(settings.email) if settings is not None else None}
 
     async def _op_email_send(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         pend = self._pending(sess, "email")
         snapshot = self.engine.snapshot()
         config = snapshot.config
@@ -707,7 +734,7 @@ class SelfService:
 
     async def _op_enroll_confirm(self, f: dict[str, str]) -> dict[str, object]:
         deadline = self._deadline()
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         pend = self._pending(sess)
         if pend.method is None or (pend.method == "email" and pend.address is None):
             raise WebError("step", "nothing to confirm yet")
@@ -766,6 +793,7 @@ class SelfService:
             self.engine.login_failed(ext, exc, service=SERVICE, client=client)
             raise
         sess.pending = None
+        sess.factor = "code"  # the right code of the new factor: this session has proved it
         self._audit("enroll", ext, client, method=method, source=source, confirmed="yes")
         await self._changed("enrollment")
         self._notify("enrolled", ext, client, method=method, address=address)
@@ -774,14 +802,14 @@ class SelfService:
         return {"method": method}
 
     async def _op_enroll_cancel(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         sess.pending = None
         return {}
 
     # -- other changes ----------------------------------------------------------------
 
     async def _op_disable(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         await self._password(sess.ext, f["password"], f["client"], "disable")
         snapshot = self.engine.snapshot()
         config, store, ext = snapshot.config, snapshot.store, sess.ext
@@ -795,7 +823,7 @@ class SelfService:
         return {}
 
     async def _op_recovery_codes(self, f: dict[str, str]) -> dict[str, object]:
-        sess = self._session(f)
+        sess = await self._signed_in(f)
         await self._password(sess.ext, f["password"], f["client"], "recovery-codes")
         snapshot = self.engine.snapshot()
         store, ext = snapshot.store, sess.ext
