@@ -1073,3 +1073,33 @@ def test_a_login_with_an_item_that_is_not_utf8_ends_with_its_line(stack: PamStac
     assert len(_attempt_lines(stack, "user=someone ")) == 1
     assert "service=sshd " in line.replace('"', "") and "outcome=skip" in line.replace('"', ""), line
     assert not [ln for ln in stack.log.lines if "not UTF-8" in ln or "dropped a connection" in ln]
+
+
+def test_a_socket_below_a_directory_another_user_may_write_is_refused(tmp_path: Path) -> None:
+    """Every directory above a socket is root-owned and writable by root alone (DESIGN.md), not only
+    its own: else a user who owns one above renames the socket's directory away and serves their own
+    socket in its place. The socket's mode comes from the umask at bind, never a chmod by path."""
+    from pam_linkus.daemon.main import bind_socket, metrics_dir_problem
+
+    base = Path("/run") / f"linkus-tests-dirs-{os.getpid()}"
+    base.mkdir(mode=0o755)
+    try:
+        home = base / "home"
+        home.mkdir(mode=0o755)
+        os.chown(home, 65534, 65534)  # nobody's
+        inner = home / "sock"
+        inner.mkdir(mode=0o755)
+        with pytest.raises(SystemExit, match=f"{home}.* must be owned by root"):
+            bind_socket(str(inner / "pam.sock"), 0o666)
+        assert not (inner / "pam.sock").exists()
+        assert "must be owned by root" in (metrics_dir_problem(str(inner / "metrics.sock")) or "")
+        os.chown(home, 0, 0)
+        assert metrics_dir_problem(str(inner / "metrics.sock")) is None
+        sock = bind_socket(str(inner / "pam.sock"), 0o660, group=0)
+        try:
+            st = os.lstat(inner / "pam.sock")
+            assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o660, 0, 0)
+        finally:
+            sock.close()
+    finally:
+        shutil.rmtree(base)

@@ -60,9 +60,16 @@ def test_group_writable_config_or_parent_refuses(pam_stack: PamStack, user: str)
     restart_broken(pam_stack, lambda: os.chmod(pam_stack.config_path, 0o664))
     assert pam_stack.login(user, None).auth == "PAM_AUTHINFO_UNAVAIL"
     os.chmod(pam_stack.config_path, 0o600)
-    restart_broken(pam_stack, lambda: os.chmod(pam_stack.root, 0o1777))
-    assert pam_stack.login(user, None).auth == "PAM_AUTHINFO_UNAVAIL"
-    os.chmod(pam_stack.root, 0o711)
+    # The same directory holds the sockets' directory: linkusd does not even listen below it (another
+    # user could put their own socket there), and the login, reaching nobody, is refused all the same.
+    pam_stack.daemon.stop()
+    os.chmod(pam_stack.root, 0o1777)
+    try:
+        with pytest.raises(AssertionError, match=f"the directory {pam_stack.root} is writable by group or others"):
+            pam_stack.daemon.start()
+        assert pam_stack.login(user, None).auth == "PAM_AUTHINFO_UNAVAIL"
+    finally:
+        os.chmod(pam_stack.root, 0o711)
 
 
 def test_missing_config_refuses(pam_stack: PamStack, user: str) -> None:

@@ -29,11 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nss_config.yaml_reader import check_parent_dirs
 from pam_linkus.config import Config, MetricsConfig, load_config
 from pam_linkus.daemon.engine import Engine, build_snapshot
 from pam_linkus.daemon.server import Server, web_cap
 from pam_linkus.daemon.transport import ACCEPT_PAUSE, Listener
-from pam_linkus.errors import LinkusError
+from pam_linkus.errors import ConfigError, LinkusError
 from pam_linkus.logline import LOG_ERR, LOG_INFO, LOG_WARNING, QueuedSyslogSink
 from pam_linkus.nodump import forbid_core_dumps
 
@@ -136,6 +137,12 @@ def _safe_socket_dir(path: str) -> None:
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
         raise SystemExit(f"linkusd: {directory} must be a directory owned by root, not writable by others")
+    try:
+        # every directory above it too: one that another user may write lets them rename the socket's
+        # directory away and put their own (and their own socket) in its place
+        check_parent_dirs(path)
+    except ConfigError as exc:
+        raise SystemExit(f"linkusd: {exc.reason}") from None
 
 
 def _served(path: str) -> bool:
@@ -161,14 +168,15 @@ def bind_socket(path: str, mode: int, group: int | None = None) -> socket.socket
             raise SystemExit(f"linkusd: another process serves {path}; not taking it over")
         os.unlink(path)  # stale, from a linkusd that is gone
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o177)
+    # The socket file gets its mode from the umask at bind (no chmod by path afterwards, which would
+    # follow a symlink put in its place), and its group through lchown, which never follows one.
+    old = os.umask(0o777 & ~mode)
     try:
         sock.bind(path)
     finally:
         os.umask(old)
     if group is not None:
-        os.chown(path, 0, group)
-    os.chmod(path, mode)
+        os.chown(path, 0, group, follow_symlinks=False)
     sock.listen(128)
     return sock
 
@@ -260,6 +268,10 @@ def metrics_dir_problem(path: str) -> str | None:
             return f"metrics.listen: {where}: {exc.strerror}"
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
             return f"metrics.listen: {where} must be a directory owned by root, not writable by others"
+        try:
+            check_parent_dirs(os.path.join(where, "x"))
+        except ConfigError as exc:
+            return f"metrics.listen: {exc.reason}"
         return None
     return None
 
