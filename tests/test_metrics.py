@@ -482,8 +482,9 @@ def test_unix_socket_group_and_per_uid_cap(pam_stack: PamStack, make_user: Any) 
     group = f"lkmg{secrets.token_hex(3)}"
     subprocess.run(["groupadd", group], check=True)
     try:
-        member, outsider = make_user(), make_user()
-        subprocess.run(["usermod", "-aG", group, member], check=True)
+        member, second, outsider = make_user(), make_user(), make_user()
+        for user in (member, second):
+            subprocess.run(["usermod", "-aG", group, user], check=True)
         address = str(pam_stack.daemon.run_dir / "metrics.sock")
         with_metrics(pam_stack, address)
         pam_stack.write_config(metrics={"listen": address, "group": group})  # group: read at the next start
@@ -499,15 +500,19 @@ def test_unix_socket_group_and_per_uid_cap(pam_stack: PamStack, make_user: Any) 
         allowed = subprocess.run([DAEMON_PYTHON, "-c", probe, address], user=member, extra_groups=[group],
                                  capture_output=True, text=True, check=False, timeout=30)
         assert allowed.stdout.strip() == "b'HTTP/1.1 200'", allowed
-        holder = subprocess.Popen([DAEMON_PYTHON, "-c", _HOLD, address], user=member, extra_groups=[group],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holders = [subprocess.Popen([DAEMON_PYTHON, "-c", _HOLD, address], user=who, extra_groups=[group],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                   for who in (member, second)]
         try:
-            assert holder.stdout is not None
-            assert holder.stdout.readline().strip() == "third: True"  # its third one closed at once
-            samples = scrape(address)  # root still scrapes while the member holds its two
-            assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="uid-cap") == 1
+            for holder in holders:
+                assert holder.stdout is not None
+                assert holder.stdout.readline().strip() == "third: True"  # its third one closed at once
+            # two members hold all 4 shared slots: root's scrape has slots of its own
+            samples = scrape(address)
+            assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="uid-cap") == 2
         finally:
-            holder.communicate("", timeout=10)
+            for holder in holders:
+                holder.communicate("", timeout=10)
         os.chmod(address, 0o666)  # were the mode ever wider, SO_PEERCRED still turns the outsider away
         wider = subprocess.run([DAEMON_PYTHON, "-c", probe, address], user=outsider, capture_output=True,
                                text=True, check=False, timeout=30)
@@ -515,7 +520,7 @@ def test_unix_socket_group_and_per_uid_cap(pam_stack: PamStack, make_user: Any) 
         assert "HTTP" not in wider.stdout and "PermissionError" not in wider.stderr, wider
         samples = scrape(address)
         assert value(samples, "linkus_connections_refused_total", socket="metrics", reason="peer") == 1
-        assert "metrics/uid-cap 1" in _status(pam_stack)
+        assert "metrics/uid-cap 2" in _status(pam_stack)
     finally:
         pam_stack.daemon.stop()
         subprocess.run(["groupdel", group], check=False, capture_output=True)

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 #: Scrape connections at once; more are closed at accept (Prometheus makes one at a time). On TCP
 #: any local user can take all of them (slow connections): the unix socket with ``metrics.group``
-#: lets only the group connect, and caps each uid at ``MAX_PER_UID``.
+#: lets only the group connect, caps each uid at ``MAX_PER_UID`` and keeps root's own slots apart.
 MAX_CLIENTS = 4
 #: Connections at once per peer uid on the unix socket (SO_PEERCRED).
 MAX_PER_UID = 2
@@ -188,8 +188,13 @@ class MetricsListener:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = self._peer_uid(writer)
-        refusal = ("peer" if uid is None else "cap" if self.clients >= MAX_CLIENTS
-                   else "uid-cap" if uid >= 0 and self.per_uid[uid] >= MAX_PER_UID else None)
+        # A uid over its own cap is said as such before the shared cap; root's connections (its own
+        # MAX_PER_UID) do not count towards the others' MAX_CLIENTS, so group members holding every
+        # slot cannot keep root's scrape out (docs/operations.md).
+        others = self.clients - self.per_uid[0]
+        refusal = ("peer" if uid is None
+                   else "uid-cap" if uid >= 0 and self.per_uid[uid] >= MAX_PER_UID
+                   else "cap" if uid != 0 and others >= MAX_CLIENTS else None)
         if refusal is not None or uid is None:
             self.stats.refusal("metrics", refusal or "peer")
             writer.transport.abort()
