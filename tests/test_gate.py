@@ -547,6 +547,54 @@ def test_per_account_sessions_are_bounded(site: tuple[Site, Any], user: str) -> 
         api.close()
 
 
+def test_every_gate_second_factor_end_is_one_linkus_gate_count_with_its_line(site: tuple[Site, Any],
+                                                                              user: str) -> None:
+    """A store outage at the sign-in (right password) or between sign-in and code, and a full session
+    table after a right code: each is one login line of service linkus-gate, counted once there (never
+    as linkus-web); the code step's lines carry the account's method."""
+    configure(site[0], max_sessions=1)
+    site[0].add(user, method="totp", secret=SECRET)
+    api = GateApi(site[0])
+    try:
+        logins = api.engine.stats.logins
+        first = api("gate_sign_in", ext=user, password=PASSWORD, client=CLIENT)
+        wrong = "000000" if code_at(SECRET, api.clock.now) != "000000" else "111111"
+        assert api("gate_code", session=first["session"], csrf=first["csrf"], client=CLIENT, code=wrong)["ok"] is False
+        assert logged(api.site.log, service="linkus-gate", outcome="denied")["method"] == "totp"
+        first = api("gate_sign_in", ext=user, password=PASSWORD, client=CLIENT)
+        api.engine.snapshot().store.close()  # the store fails between sign-in and code
+        assert api("gate_code", session=first["session"], csrf=first["csrf"], client=CLIENT,
+                   code=code_at(SECRET, api.clock.now)) == {"ok": False, "error": "unavailable"}
+        assert logins[("unavailable", "totp", "linkus-gate")] == 1 and not any(
+            service == "linkus-web" for _, _, service in logins), logins
+        assert logged(api.site.log, service="linkus-gate", outcome="unavailable")["account"] == user
+        # the store fails at the sign-in itself, after the right password
+        assert api("gate_sign_in", ext=user, password=PASSWORD, client=CLIENT)["error"] == "unavailable"
+        assert logins[("unavailable", "totp", "linkus-gate")] == 2, logins
+        api.reload()
+        api.clock.now += 30
+        assert api.sign_in(user)["ok"]  # the one session max_sessions allows
+        api.clock.now += 30
+        assert api.sign_in(user) == {"ok": False, "error": "throttled", "retry_after": 60}
+        line = logged(api.site.log, service="linkus-gate", reason="too many gate sessions (throttled)")
+        assert (line["outcome"], line["method"], line["account"]) == ("denied", "totp", user)
+        assert logins[("success", "totp", "linkus-gate")] == 1 and logins[("denied", "totp", "linkus-gate")] == 2
+    finally:
+        api.close()
+
+
+def test_a_recovery_code_at_the_gate_reaches_the_gui_as_recovery(gate_api: GateApi, user: str) -> None:
+    from pam_linkus.recovery import digest, new_salt
+
+    salt = new_salt()
+    gate_api.store().set_recovery_codes(user, salt, [digest("abcdefghij", salt)])
+    done = gate_api.sign_in(user, secret=None)
+    done = gate_api("gate_code", session=done["session"], csrf=done["csrf"], client=CLIENT, code="abcdefghij")
+    assert done["ok"] and gate_api.check(done["token"])["method"] == "recovery"
+    line = logged(gate_api.site.log, service="linkus-gate", outcome="success")
+    assert (line["method"], line["reason"]) == ("totp", "recovery code accepted")  # the metrics' label
+
+
 def test_a_revocation_on_one_host_is_seen_by_another_sharing_redis(site: tuple[Site, Any], user: str,
                                                                     redis_server: Any) -> None:
     s = site[0]
@@ -697,6 +745,17 @@ def test_the_gate_through_real_linkusd_and_linkus_web(gate_web: tuple[Site, Any,
     b.cookies = {"a": "1", **b.cookies, "linkus_session": "s", "z": "2"}
     status, head = b.auth()
     assert status == 204 and head["x-linkus-cookie"] == "a=1; z=2"
+    # a name the session parser (Starlette: str.strip()) reads after a no-break space or \x85 is linkus-web's
+    # too: the check passes on it, so it never reaches the GUI
+    saved, b.cookies = b.cookies, {}
+    token = saved["linkus_gate"]
+    status, head = b.auth(Cookie=f"a=1;\xa0linkus_gate={token};\x85linkus_session=s; z=2")
+    assert status == 204 and head["x-linkus-cookie"] == "a=1; z=2", head
+    # a \x0b (no header character): refused cleanly before any page runs, never a pass or a 5xx
+    status, _head, _body = b.request("GET", "/linkus-gate/auth", headers={
+        "X-Original-URI": "/admin/", "X-Original-Host": "pbx.example.com", "Cookie": f"a=1;\x0blinkus_gate={token}"})
+    assert status == 400, status
+    b.cookies = saved
     b.cookies = {k: v for k, v in b.cookies.items() if k.startswith("linkus_gate")}
     assert logged(s.log, service="linkus-gate", outcome="success")["account"] == user
     # the Security Settings pages also live under /linkus-gate/account/ (not_enrolled: enroll sends

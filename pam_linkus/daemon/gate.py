@@ -71,6 +71,7 @@ from pam_linkus.daemon.selfservice import (
     _is_system_account,
     _limits,
     _name_key,
+    _outcome_of,
 )
 from pam_linkus.errors import Denied, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_INFO, LOG_NOTICE, LOG_WARNING
@@ -472,14 +473,15 @@ class GateService(SelfService):
         token, sess = self._new_session(ext, now, "code")
         sess.purpose = "gate"
         sess.site = site.name if site is not None else None
+        sess.method = settings.method
         gen = self._start_login(ext, SERVICE)
         try:
             kind, payload, infos = await self.engine.run(lambda: _advance(gen, None), pool="web")
-        except (Denied, Locked) as exc:
+        except (Denied, Locked, Unavailable) as exc:
+            # every end of the second factor has its login line (service linkus-gate), its one count
             self._forget_session(token)
-            self._login_line(Outcome.LOCKED if isinstance(exc, Locked) else Outcome.DENIED, name, ext, client,
-                             settings.method, _locked_reason(exc) if isinstance(exc, Locked) else exc.reason,
-                             started)
+            self._login_line(_outcome_of(exc) or Outcome.UNAVAILABLE, name, ext, client, settings.method,
+                             _locked_reason(exc) if isinstance(exc, Locked) else exc.reason, started)
             raise
         except BaseException:
             self._forget_session(token)
@@ -492,7 +494,7 @@ class GateService(SelfService):
         (the gate's, the site's and the account's group rules': ``strictest_enforce``); else sent to
         enroll (a Security Settings session) or refused."""
         if enforce == "enrolled":
-            token = await self._create(ext, "password", client, now)
+            token = await self._create_logged(ext, "password", client, now, name, "-", started)
             self._login_line(Outcome.SKIP, name, ext, client, "-", "not enrolled, enforce: enrolled", started)
             return {"state": "in", "token": token, "return": back}
         self._login_line(Outcome.DENIED, name, ext, client, "-", "not enrolled (enforce: all, "
@@ -529,6 +531,21 @@ class GateService(SelfService):
             raise WebError("throttled", "too many gate sessions", retry_after=60)
         return token
 
+    async def _create_logged(self, account: str, method: str, client: str, now: float, name: str,
+                             line_method: str, started: float) -> str:
+        """``_create``, and when it refuses (too many gate sessions) or the store fails, the login's
+        line (and so its one count): the factors were right but nobody gets in. ``denied`` for the
+        limit (its reason names no code, so fail2ban never counts it), ``unavailable`` for an outage."""
+        try:
+            return await self._create(account, method, client, now)
+        except WebError as exc:
+            self._login_line(Outcome.DENIED, name, account, client, line_method,
+                             f"too many gate sessions ({exc.word})", started)
+            raise
+        except Unavailable as exc:
+            self._login_line(Outcome.UNAVAILABLE, name, account, client, line_method, exc.reason, started)
+            raise
+
     async def _gate_step(self, token: str, sess: _Session, gen: Generator[Any, str | None, Any], kind: str,
                          payload: Any, infos: list[str], client: str, back: str, name: str,
                          started: float) -> dict[str, object]:
@@ -542,8 +559,13 @@ class GateService(SelfService):
             # a policy skip (exempt network, grace) is no proof of a second factor here
             self._login_line(Outcome.DENIED, name, sess.ext, client, method, "no second factor given", started)
             raise WebError("denied")
-        gate_token = await self._create(sess.ext, method, client, self.engine.clock())
-        self._login_line(Outcome.SUCCESS, name, sess.ext, client, method, "code accepted", started)
+        # a recovery code reaches the GUI as X-Linkus-Method: recovery; the login line keeps the
+        # account's method (as a PAM login's: the metrics' method label) and says so in its reason
+        reason = str(getattr(payload, "reason", "") or "code accepted")
+        session_method = "recovery" if reason.startswith("recovery code") else method
+        gate_token = await self._create_logged(sess.ext, session_method, client, self.engine.clock(), name, method,
+                                               started)
+        self._login_line(Outcome.SUCCESS, name, sess.ext, client, method, reason, started)
         return {"state": "in", "token": gate_token, "return": back}
 
     async def _op_gate_code(self, f: dict[str, str]) -> dict[str, object]:
@@ -552,10 +574,13 @@ class GateService(SelfService):
         back = check_return(f.get("rd", ""), gate.return_hosts, gate.default_return)
 
         def failed(sess: _Session, exc: LinkusError) -> None:
+            # the account's method, known since the sign-in (as a PAM login's line gives it)
             if isinstance(exc, Locked):
-                self._login_line(Outcome.LOCKED, sess.ext, sess.ext, f["client"], "-", _locked_reason(exc), started)
+                self._login_line(Outcome.LOCKED, sess.ext, sess.ext, f["client"], sess.method, _locked_reason(exc),
+                                 started)
             else:
-                self._login_line(Outcome.DENIED, sess.ext, sess.ext, f["client"], "-", exc.reason, started)
+                self._login_line(_outcome_of(exc) or Outcome.DENIED, sess.ext, sess.ext, f["client"], sess.method,
+                                 exc.reason, started)
 
         sess, gen, kind, payload, infos = await self._code_step(f, "gate", on_fail=failed)
         return await self._gate_step(f["session"], sess, gen, kind, payload, infos, f["client"], back, sess.ext,
@@ -655,7 +680,8 @@ class GateService(SelfService):
             rules = group_rules(config, sess.account, directory_groups)
             if not settings.enrolled and strictest_enforce(gate, site, rules) == "all":
                 return False, "not-enrolled"
-            if not methods_allowed(sess.method, rules):
+            # a recovery code stands in for the account's method (as at a PAM login)
+            if not methods_allowed(settings.method if sess.method == "recovery" else sess.method, rules):
                 return False, "method-not-allowed"  # a group rule now restricts the methods
             if not allowed(site, sess.account, directory_groups):
                 return False, "not-allowed"

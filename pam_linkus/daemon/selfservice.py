@@ -184,7 +184,8 @@ class _Session:
     "gate" -- a web gate sign-in waiting for its code (only that step lives here; a gate
     session itself lives in the state store, see pam_linkus.daemon.gate)."""
 
-    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending", "purpose", "site", "factor")
+    __slots__ = ("ext", "csrf", "created", "seen", "state", "login", "pending", "purpose", "site", "factor",
+                 "method")
 
     def __init__(self, ext: str, now: float):
         self.ext = ext
@@ -199,6 +200,8 @@ class _Session:
         #: "code": the sign-in (or this session's own enrollment) proved a second factor; "password":
         #: signed in on the password alone because the extension had none (see ``_signed_in``)
         self.factor = "code"
+        #: gate: the account's second-factor method, for the login lines of the code step ("-": unknown)
+        self.method = "-"
 
     def drop_login(self) -> None:
         if self.login is not None:
@@ -567,8 +570,9 @@ class SelfService:
 
         Shared by the Security Settings sign-in and the web gate (``purpose``): the same replay,
         lockout and throttles as a PAM login, a wrong code answered at the fixed deadline.
-        ``on_fail`` (the gate): called for a wrong code or a lock instead of this page's own log
-        line; the gate writes one in the PAM login format (one line per outcome for fail2ban).
+        ``on_fail`` (the gate): called for a wrong code, a lock or an outage (Unavailable) instead of
+        this page's own log line and count; the gate writes one line in the PAM login format (one
+        line per outcome for fail2ban), and that line is the outcome's one count (service linkus-gate).
         """
         service = SERVICE if purpose == "web" else GATE_SERVICE
         deadline = self._deadline()
@@ -599,12 +603,13 @@ class SelfService:
         except BaseException as exc:
             self._forget_session(token)
             outcome = _outcome_of(exc)
-            if outcome is not None and (on_fail is None or outcome == Outcome.UNAVAILABLE):
-                self._counted(sess, outcome)  # the gate writes (and so counts) a line for a lock only
+            if on_fail is None:
+                if outcome is not None:
+                    self._counted(sess, outcome)
+            elif isinstance(exc, (Locked, Unavailable)):
+                on_fail(sess, exc)  # the gate writes its login line (service linkus-gate), and it counts
             if isinstance(exc, Locked):  # docs/fail2ban.md: only the code that set the lock counts
-                if on_fail is not None:
-                    on_fail(sess, exc)
-                else:
+                if on_fail is None:
                     self._log(LOG_WARNING, "web-sign-in", ext=sess.ext, client=f["client"], **_lock_result(exc))
                 self.engine.login_failed(sess.ext, exc, service=service, client=f["client"])
             raise

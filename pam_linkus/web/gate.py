@@ -332,7 +332,9 @@ def upstream_cookies(headers: list[str]) -> str:
             pair = piece.strip(" \t")
             if not pair or any(ord(c) < 32 or ord(c) == 127 for c in pair):
                 continue
-            name = pair.partition("=")[0].strip(" \t").lower()
+            # the name as linkus-web's own cookie parser reads it (Starlette: str.strip(), so a
+            # no-break space or \x85 before a name is no disguise): what the check read is never handed on
+            name = pair.partition("=")[0].strip().lower()
             if name.startswith(OWN_COOKIE_PREFIXES):
                 continue
             size += len(pair) + (2 if kept else 0)
