@@ -112,7 +112,8 @@ def on_cpu_seconds(pid: int) -> float:
 
 
 def strip_check(block: str) -> str:
-    """The example block without the gate: the auth_request, auth_request_set and error_page lines of ``location /`` (8)."""
+    """The example block without the gate: the 8 auth_request, auth_request_set and error_page lines of
+    ``location /``."""
     text, count = re.subn(r"^\s*(auth_request|auth_request_set|error_page)\b.*\n", "", block, flags=re.M)
     if count != 8:
         raise SystemExit(f"bench/gate.py: expected 8 gate lines in the example block, found {count}")

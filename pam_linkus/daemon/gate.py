@@ -64,14 +64,11 @@ from pam_linkus.daemon.selfservice import (
     GATE_SERVICE,
     SelfService,
     WebError,
-    _account,
     _advance,
     _check_name,
-    _ext_key,
-    _is_system_account,
     _limits,
-    _name_key,
     _outcome_of,
+    _who,
 )
 from pam_linkus.errors import Denied, LinkusError, Locked, Unavailable
 from pam_linkus.logline import LOG_INFO, LOG_NOTICE, LOG_WARNING
@@ -443,20 +440,12 @@ class GateService(SelfService):
         _check_name(name)
         self._refuse_if_full(_limits(None, client), name, client, "gate-sign-in")
         settings, directory_groups = await self._lookup_groups(name)
-        refusal = None
-        if settings is None:
-            ext, key, refusal = name, _name_key(name), "not an extension"
-        else:
-            ext = _account(settings)
-            key = _ext_key(ext)
-            if _is_system_account(ext):
-                refusal = "system account"
+        ext, key, refusal = _who(name, settings)
         reservation = self._reserve(_limits(key, client), ext, client, "gate-sign-in")
         if refusal is not None:
             # the page's own line (via=gate) is what fail2ban counts for a name or password failure
-            self._login_line(Outcome.DENIED, name, "-", client, "-", refusal, started)
-            await self._fail("denied", name, client, "web-refused", deadline, via="gate",
-                             result=refusal.replace(" ", "-"))
+            self._login_line(Outcome.DENIED, name, "-", client, "-", refusal.replace("-", " "), started)
+            await self._fail("denied", name, client, "web-refused", deadline, via="gate", result=refusal)
         assert settings is not None
         try:
             await self._password(ext, f["password"], client, "gate-sign-in", deadline=deadline,

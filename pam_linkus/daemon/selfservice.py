@@ -498,14 +498,7 @@ class SelfService:
         # Keyed on the canonical account once the name is known to be an extension, else on the
         # typed name as the sources compare it (casefolded), in its own namespace: an unknown
         # name throttles only itself, never a real extension and never everyone.
-        refusal = None
-        if settings is None:
-            ext, key, refusal = name, _name_key(name), "not-an-extension"
-        else:
-            ext = _account(settings)
-            key = _ext_key(ext)
-            if _is_system_account(ext):
-                refusal = "system-account"
+        ext, key, refusal = _who(name, settings)
         reservation = self._reserve(_limits(key, client), ext, client, "sign-in")
         if refusal is not None:
             # no password check to run: the answer comes at the same deadline as a wrong password's
@@ -852,6 +845,16 @@ def _tries_left(pend: _Pending, lock: LockStatus, now: float, max_failures: int)
     if lock.locked(now):
         return 0
     return max(0, min(CONFIRM_TRIES - pend.tries, max(1, max_failures - lock.failures)))
+
+
+def _who(name: str, settings: ExtensionSettings | None) -> tuple[str, str, str | None]:
+    """(extension, throttle key, refusal) of a sign-in by ``name``: the canonical account and its key
+    when the sources know it, else the typed name in its own namespace; the refusal
+    ("not-an-extension", "system-account") or None. Shared by the page and the gate."""
+    if settings is None:
+        return name, _name_key(name), "not-an-extension"
+    ext = _account(settings)
+    return ext, _ext_key(ext), "system-account" if _is_system_account(ext) else None
 
 
 def _check_name(name: str) -> None:
