@@ -260,6 +260,7 @@ class HostLinkusd:
             pass  # no config, or a bad one: linkusd then uses the defaults too
         self.socket, self.state = socket or self.socket, state or self.state
         self.pid = self._pid()
+        self.last_reload = self._last_reload()
         self.socket_id = self._identity(self.socket)
         self.state_id = self._identity(self.state)
         self.state_was_open = self.pid is not None and self._state_open()
@@ -272,6 +273,16 @@ class HostLinkusd:
         except (OSError, ProtocolError):
             return None
         return pid if isinstance(pid, int) else None
+
+    def _last_reload(self) -> object:
+        """When the host's linkusd last loaded its config: a RELOAD from a test (a linkus-2fa run whose
+        config names no socket of its own asks /run/linkusd/pam.sock) changes it."""
+        from pam_linkus.protocol import ProtocolError, call_control
+
+        try:
+            return call_control(self.socket, timeout=5).get("last_reload")
+        except (OSError, ProtocolError):
+            return None
 
     @staticmethod
     def _identity(path: str) -> tuple[int, int] | None:
@@ -299,6 +310,9 @@ class HostLinkusd:
         found = []
         if self._pid() != self.pid:
             found.append(f"linkusd pid {self.pid} no longer answers STATUS on {self.socket} (now: {self._pid()})")
+        elif self.last_reload is not None and self._last_reload() != self.last_reload:
+            found.append(f"linkusd pid {self.pid} reloaded its config during the run: a test asked it (RELOAD on "
+                         f"{self.socket}), or its files changed")
         if self._identity(self.socket) != self.socket_id:
             found.append(f"{self.socket} was removed or replaced")
         if self.state_id is not None and self._identity(self.state) != self.state_id:

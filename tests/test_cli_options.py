@@ -21,8 +21,11 @@ class Setup:
         self.config = root / "pam_linkus.yaml"
         self.extensions = root / "extensions.yaml"
         (root / "state").mkdir(mode=0o700)
+        # Sockets of its own (no linkusd listens there): enroll's RELOAD must never reach the host's linkusd.
         self.config.write_text(yaml.safe_dump({"yaml": {"path": str(self.extensions)},
-                                               "state": {"path": str(root / "state" / "state.db")}},
+                                               "state": {"path": str(root / "state" / "state.db")},
+                                               "daemon": {"pam_socket": str(root / "run" / "pam.sock"),
+                                                          "web_socket": str(root / "run" / "web.sock")}},
                                               explicit_end=True))
         os.chmod(self.config, 0o600)
         self.write_extensions({"1001": {"method": "totp", "secret": SECRET}})
