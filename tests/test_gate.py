@@ -493,6 +493,14 @@ def test_not_enrolled_is_never_let_through_under_enforce_all(site: tuple[Site, A
         if policy == "enroll":  # a Security Settings session to turn 2FA on, and nothing for the gate
             assert api("status", session=reply["session"])["enabled"] is False
         assert api.store().gate_sessions(user, api.clock.now) == []
+        if policy == "enroll":
+            # that session proved the password only: once a second factor exists (enrolled elsewhere),
+            # it can neither read the settings nor get recovery codes nor switch 2FA off
+            site[0].add(user, method="totp", secret=SECRET)
+            api.reload()
+            me = {"session": reply["session"], "csrf": reply["csrf"], "client": "192.0.2.10"}
+            assert api("recovery_codes", password=PASSWORD, **me) == {"ok": False, "error": "expired"}
+            assert api("status", session=reply["session"]) == {"ok": False, "error": "expired"}
     finally:
         api.close()
 

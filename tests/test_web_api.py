@@ -635,3 +635,25 @@ def test_a_password_only_session_ends_once_a_second_factor_is_enrolled_elsewhere
     s.add(user, method="totp", secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
     api.reload()
     assert api("disable", password=PASSWORD, **late) == {"ok": False, "error": "expired"}
+
+
+@pytest.mark.parametrize("op", ["disable", "recovery_codes"])
+def test_an_enrollment_during_a_password_only_sessions_change_stops_the_change(
+        api: Api, site: tuple[Site, Any], user: str, op: str) -> None:
+    """The op's password check takes a while: a second factor enrolled meanwhile (here: another session,
+    linkus-2fa, an edit -- then a reload) must stop a password-only session's switch-off or new recovery
+    codes, which are re-checked under the extension's change lock right before they write."""
+    s, _smtp = site
+    s.add(user)
+    api.reload()
+    thief = sess(signed_in(api, user))
+    checked = api.service._password
+
+    async def password_then_enrolled(*args: Any, **kwargs: Any) -> None:
+        await checked(*args, **kwargs)
+        s.add(user, method="totp", secret="JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP")
+        assert await api.engine.reload("test")
+
+    api.service._password = password_then_enrolled  # type: ignore[method-assign]
+    assert api(op, password=PASSWORD, **thief) == {"ok": False, "error": "expired"}
+    assert s.entry(user)["method"] == "totp"  # still on: nothing was switched off

@@ -490,6 +490,7 @@ class GateService(SelfService):
                          f"not_enrolled: {gate.not_enrolled})", started)
         if gate.not_enrolled == "enroll":
             web_token, web = self._new_session(ext, now, "in")
+            web.factor = "password"  # it proved the password only: ends once a second factor exists
             self._audit("web-sign-in", ext, client, factor="password", via_gate="enroll")
             raise WebError("not-enrolled", enroll=True, session=web_token, csrf=web.csrf)
         raise WebError("not-enrolled", enroll=False)

@@ -82,6 +82,7 @@ import ipaddress
 import pwd
 import secrets
 import socket
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -226,6 +227,8 @@ class SelfService:
         # keyed by sha256(token): a timing leak of the dict lookup tells nothing about a token
         self._sessions: dict[str, _Session] = {}
         self._failures = _FailureTable(MAX_FAILURE_KEYS)
+        # one lock per extension around the ops that change its second factor (see _change_lock)
+        self._changing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- entry ------------------------------------------------------------------------
 
@@ -329,16 +332,35 @@ class SelfService:
         enrollment (``enroll_confirm``) proves the new factor and makes it a "code" session.
         """
         sess = self._session(fields, csrf=csrf)
-        if sess.factor == "password":
-            ext = sess.ext
-            snapshot = self.engine.snapshot()
-            settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
-            if settings is not None and settings.enrolled:
-                self._forget_session(fields["session"])
-                self._audit("session-ended", ext, fields.get("client"),
-                            reason="a second factor was enrolled since this password-only sign-in")
-                raise WebError("expired")
+        await self._recheck(sess, fields)
         return sess
+
+    async def _recheck(self, sess: _Session, fields: dict[str, str]) -> None:
+        """End a password-only session whose extension has a second factor now (``_signed_in``).
+
+        Said again under ``_change_lock`` right before an op writes: the op's password check takes
+        a while, and an enrollment that completed meanwhile must stop it."""
+        if sess.factor != "password":
+            return
+        ext = sess.ext
+        snapshot = self.engine.snapshot()
+        settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+        if settings is not None and settings.enrolled:
+            self._forget_session(fields["session"])
+            self._audit("session-ended", ext, fields.get("client"),
+                        reason="a second factor was enrolled since this password-only sign-in")
+            raise WebError("expired")
+
+    def _change_lock(self, ext: str) -> asyncio.Lock:
+        """The lock the ops that change ``ext``'s second factor (enroll_confirm, disable, recovery_codes)
+        hold from their last ``_recheck`` to the reload after their write: an enrollment and a
+        password-only session's switch-off or new recovery codes never interleave on this linkusd
+        (changes made elsewhere -- linkus-2fa, another host -- are seen at the next op)."""
+        lock = self._changing.get(ext)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._changing[ext] = lock
+        return lock
 
     def _expire(self, now: float) -> None:
         for key, sess in list(self._sessions.items()):
@@ -736,6 +758,13 @@ class SelfService:
         pend = self._pending(sess)
         if pend.method is None or (pend.method == "email" and pend.address is None):
             raise WebError("step", "nothing to confirm yet")
+        async with self._change_lock(sess.ext):
+            await self._recheck(sess, f)
+            return await self._confirm(f, sess, pend, deadline)
+
+    async def _confirm(self, f: dict[str, str], sess: _Session, pend: _Pending, deadline: float
+                       ) -> dict[str, object]:
+        """enroll_confirm's check and write, under the extension's ``_change_lock``."""
         snapshot = self.engine.snapshot()
         config, store, ext, client = snapshot.config, snapshot.store, sess.ext, f["client"]
         method, secret, address = pend.method, pend.secret, pend.address
@@ -809,13 +838,15 @@ class SelfService:
     async def _op_disable(self, f: dict[str, str]) -> dict[str, object]:
         sess = await self._signed_in(f)
         await self._password(sess.ext, f["password"], f["client"], "disable")
-        snapshot = self.engine.snapshot()
-        config, store, ext = snapshot.config, snapshot.store, sess.ext
-        source, before = await self.engine.run(lambda: enrollment.switch_off(config, store, ext), pool="web")
-        address = before.email if before is not None and before.enrolled else None
-        sess.pending = None
-        self._audit("disable", ext, f["client"], source=source)
-        await self._changed("disable")
+        async with self._change_lock(sess.ext):
+            await self._recheck(sess, f)
+            snapshot = self.engine.snapshot()
+            config, store, ext = snapshot.config, snapshot.store, sess.ext
+            source, before = await self.engine.run(lambda: enrollment.switch_off(config, store, ext), pool="web")
+            address = before.email if before is not None and before.enrolled else None
+            sess.pending = None
+            self._audit("disable", ext, f["client"], source=source)
+            await self._changed("disable")
         if address:  # the address it had while 2FA was on (its entry keeps it, but say so explicitly)
             self._notify("disabled", ext, f["client"], address=address)
         return {}
@@ -823,13 +854,15 @@ class SelfService:
     async def _op_recovery_codes(self, f: dict[str, str]) -> dict[str, object]:
         sess = await self._signed_in(f)
         await self._password(sess.ext, f["password"], f["client"], "recovery-codes")
-        snapshot = self.engine.snapshot()
-        store, ext = snapshot.store, sess.ext
-        count = getattr(snapshot.config, "recovery_codes", RECOVERY_DEFAULT) or RECOVERY_DEFAULT
-        settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
-        if settings is None or not settings.enrolled:
-            raise WebError("step", "2FA is off")
-        codes = await self.engine.run(lambda: enrollment.new_recovery_codes(store, ext, count), pool="web")
+        async with self._change_lock(sess.ext):
+            await self._recheck(sess, f)
+            snapshot = self.engine.snapshot()
+            store, ext = snapshot.store, sess.ext
+            count = getattr(snapshot.config, "recovery_codes", RECOVERY_DEFAULT) or RECOVERY_DEFAULT
+            settings = await self.engine.run(lambda: snapshot.chain.lookup(ext), pool="web")
+            if settings is None or not settings.enrolled:
+                raise WebError("step", "2FA is off")
+            codes = await self.engine.run(lambda: enrollment.new_recovery_codes(store, ext, count), pool="web")
         self._audit("recovery-codes", ext, f["client"], count=count)
         self._notify("recovery-codes", ext, f["client"])
         return {"codes": [display(c) for c in codes]}
