@@ -87,16 +87,22 @@ def test_each_thread_gets_its_own_connection_and_close_closes_all(private_dir: P
         threading.Thread(target=lambda: store.lock_status("1001", 1.0)).run()
 
 
-def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
-    path = str(private_dir / "state.db")
+def old_state_db(path: str, version: int, *rows: str) -> None:
+    """A state file as schema ``version`` left it (its migrations only), with ``rows`` inserted."""
     db = sqlite3.connect(path)
-    for script in MIGRATIONS[:5]:
+    for script in MIGRATIONS[:version]:
         db.executescript(script)
-    db.execute("PRAGMA user_version = 5")
-    db.execute("INSERT INTO failures VALUES ('1001', 5, 100.0, 50.0)")
+    db.execute(f"PRAGMA user_version = {version}")
+    for row in rows:
+        db.execute(row)
     db.commit()
     db.close()
     os.chmod(path, 0o600)
+
+
+def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
+    path = str(private_dir / "state.db")
+    old_state_db(path, 5, "INSERT INTO failures VALUES ('1001', 5, 100.0, 50.0)")
     store = SqliteStore(path)
     try:
         # the lock set at count 5 has expired: exactly one attempt is free again
@@ -110,14 +116,7 @@ def test_an_old_schema_is_migrated_with_locks_kept(private_dir: Path) -> None:
 def test_a_grace_row_from_before_starts_were_kept_never_counts(private_dir: Path) -> None:
     """Migration 7 gives old grace rows no start: one more code, never a skip (fail closed)."""
     path = str(private_dir / "state.db")
-    db = sqlite3.connect(path)
-    for script in MIGRATIONS[:6]:
-        db.executescript(script)
-    db.execute("PRAGMA user_version = 6")
-    db.execute("INSERT INTO grace VALUES ('1001', '192.0.2.7', 5000.0)")
-    db.commit()
-    db.close()
-    os.chmod(path, 0o600)
+    old_state_db(path, 6, "INSERT INTO grace VALUES ('1001', '192.0.2.7', 5000.0)")
     store = SqliteStore(path)
     try:
         assert store.grace_active("1001", "192.0.2.7", 1000.0, 86400) is False
